@@ -1,0 +1,67 @@
+# stepline developer front door. Every target is idempotent.
+#   make test   - what CI runs: setup + services + lint + typecheck + pytest
+#   make run    - start the demo against local PostgreSQL + RabbitMQ
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+VENV ?= .venv
+BIN  := $(VENV)/bin
+PY   := $(BIN)/python
+
+# Local service settings (override on the command line or in the environment).
+STEPLINE_DB_NAME ?= stepline
+STEPLINE_VHOST   ?= stepline
+STEPLINE_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/$(STEPLINE_DB_NAME)
+STEPLINE_AMQP_URL     ?= amqp://guest:guest@127.0.0.1:5672/$(STEPLINE_VHOST)
+export STEPLINE_DB_NAME STEPLINE_VHOST
+
+PYTEST_ARGS ?=
+
+.PHONY: help setup services lint format typecheck test run bench clean distclean
+
+help: ## Show this help
+	@echo "stepline make targets:"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables: PYTEST_ARGS='...' STEPLINE_DATABASE_URL=... STEPLINE_AMQP_URL=..."
+
+setup: ## Create .venv and install stepline + dev deps (when pyproject.toml changed)
+	@VENV='$(VENV)' bash scripts/setup.sh
+
+services: ## Start PostgreSQL + RabbitMQ if needed; create database and vhost
+	@bash scripts/services.sh
+
+lint: setup ## ruff check + ruff format --check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup ## Apply ruff formatting and autofixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: setup ## mypy (configured in pyproject.toml)
+	$(BIN)/mypy
+
+test: setup services lint typecheck ## Everything CI runs: lint, typecheck, full pytest suite
+	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \
+		$(BIN)/pytest $(PYTEST_ARGS)
+
+run: setup services ## Run the demo (examples/demo.py) against local services
+	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \
+		$(PY) -m examples.demo
+
+bench: setup services ## Run the benchmarks (python -m benchmarks)
+	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \
+		$(PY) -m benchmarks
+
+clean: ## Remove caches (.pytest_cache, .mypy_cache, .ruff_cache, __pycache__); keeps .venv
+	rm -rf .pytest_cache .mypy_cache .ruff_cache
+	find . -path './$(VENV)' -prune -o -path ./.git -prune -o -type d -name __pycache__ -print0 | \
+		xargs -0 rm -rf
+
+distclean: clean ## clean + remove the virtualenv
+	rm -rf '$(VENV)'
