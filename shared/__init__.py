@@ -1,0 +1,1 @@
+"""Code every Stepline process shares: settings, messages, storage, broker, telemetry, errors."""

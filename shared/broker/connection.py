@@ -1,0 +1,233 @@
+"""One robust AMQP connection: topology, confirmed mandatory publishing, consuming, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from shared.errors import BrokerError, UnroutableError
+from shared.topology import (
+    dead_letter_exchange_name,
+    dead_letter_queue_name,
+    exchange_name,
+    workflow_queue_name,
+    workflow_routing_keys,
+)
+
+log = logging.getLogger("stepline.broker")
+
+REASON_HEADER = "x-stepline-reason"
+ORIGINAL_ROUTING_KEY_HEADER = "x-stepline-routing-key"
+
+
+def mask_amqp_url(url: str) -> str:
+    """The URL with its password replaced by ``***``, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class Publisher(Protocol):
+    """What the outbox relay needs from a broker: a confirmed, routed publish."""
+
+    async def publish(self, routing_key: str, body: bytes, headers: Mapping[str, str] | None) -> None:
+        """Publish and wait for the broker's confirm.
+
+        Raises:
+            UnroutableError: no queue is bound for the routing key.
+            BrokerError: the broker refused the message or the connection failed.
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A consumed message, independent of the AMQP library."""
+
+    body: bytes
+    routing_key: str
+    headers: dict[str, str]
+    redelivered: bool
+    _message: AbstractIncomingMessage
+
+    async def ack(self) -> None:
+        """Tell the broker the message is done with; call only after the commit."""
+        await self._message.ack()
+
+    async def requeue(self) -> None:
+        """Give the message back to the broker for another consumer."""
+        await self._message.nack(requeue=True)
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class AmqpBroker:
+    """A robust connection to RabbitMQ with Stepline's durable topology.
+
+    Publishing uses a channel with publisher confirms and ``mandatory=True``:
+    a message the broker cannot route raises instead of vanishing.
+    """
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self._url = url
+        self.namespace = namespace
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._dead_letter_exchange: AbstractExchange | None = None
+        self._consume_channel: AbstractChannel | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._declared_workflows: set[str] = set()
+        self._declare_lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        """Connect and declare the base topology (idempotent, as every process does)."""
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self._url, client_properties={"connection_name": f"stepline:{self.namespace}"}
+            )
+            self._publish_channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            self._exchange = await self._publish_channel.declare_exchange(
+                exchange_name(self.namespace), aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            self._dead_letter_exchange = await self._publish_channel.declare_exchange(
+                dead_letter_exchange_name(self.namespace), aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            dead = await self._publish_channel.declare_queue(
+                dead_letter_queue_name(self.namespace), durable=True
+            )
+            await dead.bind(self._dead_letter_exchange)
+        except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
+            await self.close()
+            raise BrokerError(f"cannot connect to RabbitMQ at {mask_amqp_url(self._url)}: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close the connection and its channels."""
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = None
+
+    async def __aenter__(self) -> AmqpBroker:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def _channel(self) -> AbstractChannel:
+        if self._publish_channel is None:
+            raise BrokerError("the broker is not connected")
+        return self._publish_channel
+
+    async def declare_workflow_queue(self, workflow: str) -> AbstractQueue:
+        """Declare a workflow's durable queue and its bindings; poison dead-letters."""
+        queue = await self._channel.declare_queue(
+            workflow_queue_name(self.namespace, workflow),
+            durable=True,
+            arguments={"x-dead-letter-exchange": dead_letter_exchange_name(self.namespace)},
+        )
+        assert self._exchange is not None
+        for key in workflow_routing_keys(workflow):
+            await queue.bind(self._exchange, key)
+        self._declared_workflows.add(workflow)
+        return queue
+
+    async def ensure_workflow_queue(self, workflow: str) -> None:
+        """Declare a workflow's queue once per connection, so a start waits for a worker."""
+        if workflow in self._declared_workflows:
+            return
+        async with self._declare_lock:
+            if workflow not in self._declared_workflows:
+                await self.declare_workflow_queue(workflow)
+
+    async def publish(self, routing_key: str, body: bytes, headers: Mapping[str, str] | None) -> None:
+        """Publish a persistent message with a confirm; raise if it was not routed or not taken."""
+        if self._exchange is None:
+            raise BrokerError("the broker is not connected")
+        message = aio_pika.Message(
+            body,
+            headers=dict(headers or {}),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await self._exchange.publish(message, routing_key, mandatory=True)
+        except aio_pika.exceptions.PublishError as exc:
+            raise UnroutableError(routing_key) from exc
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, OSError, RuntimeError) as exc:
+            raise BrokerError(f"publish to {routing_key!r} failed: {exc!r}") from exc
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Copy a message to the dead-letter queue with its reason (confirmed)."""
+        if self._dead_letter_exchange is None:
+            raise BrokerError("the broker is not connected")
+        headers: dict[str, Any] = dict(delivery.headers)
+        headers[REASON_HEADER] = reason[:4000]
+        headers[ORIGINAL_ROUTING_KEY_HEADER] = delivery.routing_key
+        message = aio_pika.Message(
+            delivery.body, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        try:
+            await self._dead_letter_exchange.publish(message, "", mandatory=True)
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, OSError, RuntimeError) as exc:
+            raise BrokerError(f"dead-lettering failed: {exc!r}") from exc
+
+    async def consume(self, workflows: list[str], handler: Handler, *, prefetch: int) -> None:
+        """Consume every given workflow's queue on one channel, calling ``handler`` per message.
+
+        The robust connection restores the channel, its QoS and its consumers
+        after a broker restart.
+        """
+        if self._connection is None:
+            raise BrokerError("the broker is not connected")
+        for workflow in workflows:
+            await self.ensure_workflow_queue(workflow)
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        self._consume_channel = channel
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            headers = {key: str(value) for key, value in (message.headers or {}).items()}
+            await handler(
+                Delivery(
+                    body=message.body,
+                    routing_key=message.routing_key or "",
+                    headers=headers,
+                    redelivered=bool(message.redelivered),
+                    _message=message,
+                )
+            )
+
+        for workflow in workflows:
+            queue = await channel.get_queue(workflow_queue_name(self.namespace, workflow))
+            tag = await queue.consume(on_message, no_ack=False)
+            self._consumers.append((queue, tag))
+
+    async def stop_consuming(self) -> None:
+        """Cancel the consumers: no new deliveries, while in-flight ones may still be acked."""
+        consumers, self._consumers = self._consumers, []
+        for queue, tag in consumers:
+            try:
+                await queue.cancel(tag)
+            except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, OSError, RuntimeError):
+                log.warning("could not cancel consumer", extra={"event": "consumer_cancel_failed"})

@@ -1,0 +1,1 @@
+"""Database schema, migrations, engine construction and named queries."""

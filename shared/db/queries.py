@@ -1,0 +1,430 @@
+"""Every query Stepline runs, by name; no SQL lives anywhere else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared.codec import JSON
+from shared.db.schema import instances, outbox, step_attempts, steps, timers
+from shared.history import History, StepKey, StepRecord
+from shared.states import InstanceStatus, StepKind, StepStatus
+
+# ---------------------------------------------------------------- instances
+
+
+async def insert_instance(
+    conn: AsyncConnection,
+    *,
+    instance_id: str,
+    workflow: str,
+    params: JSON,
+    trace_context: dict[str, str] | None,
+    status: InstanceStatus = InstanceStatus.RUNNING,
+) -> bool:
+    """Insert an instance unless one has that id; True if this call created it."""
+    statement = (
+        pg_insert(instances)
+        .values(
+            id=instance_id,
+            workflow=workflow,
+            status=status,
+            params=params,
+            trace_context=trace_context,
+        )
+        .on_conflict_do_nothing(index_elements=["id"])
+        .returning(instances.c.id)
+    )
+    return (await conn.execute(statement)).first() is not None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceLock:
+    """What a locked instance row says, read under ``FOR UPDATE``."""
+
+    status: InstanceStatus
+    version: int
+
+
+async def lock_instance(conn: AsyncConnection, instance_id: str) -> InstanceLock | None:
+    """Lock an instance row for this transaction; None if there is no such instance."""
+    row = (
+        await conn.execute(
+            sa.select(instances.c.status, instances.c.version)
+            .where(instances.c.id == instance_id)
+            .with_for_update()
+        )
+    ).first()
+    return None if row is None else InstanceLock(InstanceStatus(row.status), row.version)
+
+
+async def update_instance(
+    conn: AsyncConnection,
+    instance_id: str,
+    *,
+    status: InstanceStatus,
+    bump_version: bool = True,
+    output: JSON = None,
+    error: JSON = None,
+) -> None:
+    """Set an instance's status (and output or error when it finishes)."""
+    values: dict[str, Any] = {"status": status, "updated_at": sa.func.now()}
+    if bump_version:
+        values["version"] = instances.c.version + 1
+    if status.is_finished:
+        values.update(output=output, error=error, finished_at=sa.func.now())
+    await conn.execute(instances.update().where(instances.c.id == instance_id).values(values))
+
+
+def _history_query(instance_id: str) -> sa.Select[Any]:
+    step_object = sa.func.json_build_object(
+        "name", steps.c.name,
+        "occurrence", steps.c.occurrence,
+        "position", steps.c.position,
+        "kind", steps.c.kind,
+        "status", steps.c.status,
+        "attempt", steps.c.attempt,
+        "result", steps.c.result,
+        "error", steps.c.error,
+        "fire_at", steps.c.fire_at,
+    )  # fmt: skip
+    step_list = (
+        sa.select(sa.func.json_agg(aggregate_order_by(step_object, steps.c.position)))
+        .where(steps.c.instance_id == instances.c.id)
+        .scalar_subquery()
+    )
+    return sa.select(
+        instances.c.id,
+        instances.c.workflow,
+        instances.c.status,
+        instances.c.params,
+        instances.c.version,
+        instances.c.trace_context,
+        step_list.label("steps"),
+    ).where(instances.c.id == instance_id)
+
+
+async def load_history(conn: AsyncConnection, instance_id: str) -> History | None:
+    """An instance and all its steps, in one query; None if there is no such instance."""
+    row = (await conn.execute(_history_query(instance_id))).first()
+    if row is None:
+        return None
+    records: dict[StepKey, StepRecord] = {}
+    for item in row.steps or ():
+        fire_at = item["fire_at"]
+        record = StepRecord(
+            name=item["name"],
+            occurrence=item["occurrence"],
+            position=item["position"],
+            kind=StepKind(item["kind"]),
+            status=StepStatus(item["status"]),
+            attempt=item["attempt"],
+            result=item["result"],
+            error=item["error"],
+            fire_at=datetime.fromisoformat(fire_at) if fire_at else None,
+        )
+        records[record.key] = record
+    return History(
+        instance_id=row.id,
+        workflow=row.workflow,
+        status=InstanceStatus(row.status),
+        params=row.params,
+        version=row.version,
+        trace_context=row.trace_context,
+        steps=records,
+    )
+
+
+async def get_instance_row(conn: AsyncConnection, instance_id: str) -> sa.Row[Any] | None:
+    """The whole instance row, for clients."""
+    return (await conn.execute(sa.select(instances).where(instances.c.id == instance_id))).first()
+
+
+async def list_instance_rows(
+    conn: AsyncConnection,
+    *,
+    workflow: str | None = None,
+    status: str | None = None,
+    limit: int = 50,
+    before: datetime | None = None,
+) -> Sequence[sa.Row[Any]]:
+    """Instances, newest first, optionally filtered."""
+    query = sa.select(instances).order_by(instances.c.created_at.desc(), instances.c.id).limit(limit)
+    if workflow is not None:
+        query = query.where(instances.c.workflow == workflow)
+    if status is not None:
+        query = query.where(instances.c.status == status)
+    if before is not None:
+        query = query.where(instances.c.created_at < before)
+    return (await conn.execute(query)).all()
+
+
+async def get_step_rows(conn: AsyncConnection, instance_id: str) -> Sequence[sa.Row[Any]]:
+    """The user-visible steps of an instance (recorded values excluded), in plan order."""
+    query = (
+        sa.select(steps)
+        .where(steps.c.instance_id == instance_id, steps.c.kind != StepKind.VALUE)
+        .order_by(steps.c.position)
+    )
+    return (await conn.execute(query)).all()
+
+
+async def get_attempt_rows(conn: AsyncConnection, instance_id: str) -> Sequence[sa.Row[Any]]:
+    """Every recorded step attempt of an instance, oldest first."""
+    query = (
+        sa.select(step_attempts)
+        .where(step_attempts.c.instance_id == instance_id)
+        .order_by(step_attempts.c.started_at, step_attempts.c.attempt)
+    )
+    return (await conn.execute(query)).all()
+
+
+# ---------------------------------------------------------------- steps
+
+
+@dataclass(frozen=True, slots=True)
+class NewStep:
+    """A history entry to insert."""
+
+    key: StepKey
+    position: int
+    kind: StepKind
+    status: StepStatus
+    result: JSON = None
+    fire_at: datetime | None = None
+    delay: timedelta | None = None
+    """For sleeps given as a duration: fire_at is the database clock plus this."""
+
+
+async def insert_steps(
+    conn: AsyncConnection, instance_id: str, new: Iterable[NewStep]
+) -> dict[StepKey, datetime | None]:
+    """Insert history entries; returns the fire time of each sleep, computed by the database."""
+    fire_times: dict[StepKey, datetime | None] = {}
+    for entry in new:
+        fire_at: Any = entry.fire_at
+        if entry.delay is not None:
+            fire_at = sa.func.now() + entry.delay
+        finished = sa.func.now() if entry.status.is_settled else None
+        row = (
+            await conn.execute(
+                steps.insert()
+                .values(
+                    instance_id=instance_id,
+                    name=entry.key[0],
+                    occurrence=entry.key[1],
+                    position=entry.position,
+                    kind=entry.kind,
+                    status=entry.status,
+                    attempt=1,
+                    result=entry.result,
+                    fire_at=fire_at,
+                    started_at=sa.func.now() if entry.kind != StepKind.STEP else None,
+                    finished_at=finished,
+                )
+                .returning(steps.c.fire_at)
+            )
+        ).one()
+        fire_times[entry.key] = row.fire_at
+    return fire_times
+
+
+async def settle_step(
+    conn: AsyncConnection,
+    instance_id: str,
+    key: StepKey,
+    *,
+    status: StepStatus,
+    result: JSON = None,
+    error: JSON = None,
+    started_at: datetime | None = None,
+    attempt: int | None = None,
+) -> None:
+    """Record a step's new status: its result, its error, or its next attempt."""
+    values: dict[str, Any] = {"status": status, "updated_at": sa.func.now(), "error": error}
+    if status.is_settled:
+        values.update(result=result, finished_at=sa.func.now())
+    if attempt is not None:
+        values["attempt"] = attempt
+    if started_at is not None:
+        values["started_at"] = sa.func.coalesce(steps.c.started_at, started_at)
+    await conn.execute(
+        steps.update()
+        .where(steps.c.instance_id == instance_id, steps.c.name == key[0], steps.c.occurrence == key[1])
+        .values(values)
+    )
+
+
+async def insert_attempt(
+    conn: AsyncConnection,
+    instance_id: str,
+    key: StepKey,
+    *,
+    attempt: int,
+    worker: str,
+    outcome: str,
+    error: JSON,
+    started_at: datetime,
+    finished_at: datetime,
+) -> None:
+    """Record one finished step attempt."""
+    await conn.execute(
+        pg_insert(step_attempts)
+        .values(
+            instance_id=instance_id,
+            name=key[0],
+            occurrence=key[1],
+            attempt=attempt,
+            worker=worker,
+            outcome=outcome,
+            error=error,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+# ---------------------------------------------------------------- outbox
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A message waiting to be published."""
+
+    id: int
+    routing_key: str
+    body: bytes
+    headers: dict[str, str] | None
+
+
+async def insert_outbox(
+    conn: AsyncConnection, messages: Sequence[tuple[str, bytes, dict[str, str] | None]]
+) -> list[OutboxRow]:
+    """Queue messages for publishing in the caller's transaction."""
+    if not messages:
+        return []
+    rows = (
+        await conn.execute(
+            outbox.insert().returning(outbox.c.id, outbox.c.routing_key, outbox.c.body, outbox.c.headers),
+            [{"routing_key": key, "body": body, "headers": headers} for key, body, headers in messages],
+        )
+    ).all()
+    return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
+
+
+async def claim_stale_outbox(conn: AsyncConnection, *, older_than: timedelta, limit: int) -> list[OutboxRow]:
+    """Lock unsent rows older than ``older_than`` that no other sweeper holds.
+
+    Selecting every unsent row (not "ids above the last seen") is what keeps a
+    row whose transaction committed late from being skipped forever.
+    """
+    rows = (
+        await conn.execute(
+            sa.select(outbox.c.id, outbox.c.routing_key, outbox.c.body, outbox.c.headers)
+            .where(outbox.c.created_at < sa.func.now() - older_than)
+            .order_by(outbox.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    ).all()
+    return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
+
+
+async def delete_outbox(conn: AsyncConnection, ids: Sequence[int]) -> None:
+    """Forget rows whose messages the broker confirmed."""
+    if ids:
+        await conn.execute(outbox.delete().where(outbox.c.id.in_(ids)))
+
+
+async def count_outbox(conn: AsyncConnection) -> int:
+    """How many messages wait to be published."""
+    return int((await conn.execute(sa.select(sa.func.count()).select_from(outbox))).scalar_one())
+
+
+# ---------------------------------------------------------------- timers
+
+
+@dataclass(frozen=True, slots=True)
+class NewTimer:
+    """A timer to arm: at ``fire_at`` (or the database clock plus ``delay``) send the message."""
+
+    key: StepKey
+    attempt: int
+    kind: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, str] | None
+    fire_at: datetime | None = None
+    delay: timedelta | None = None
+
+
+async def insert_timers(conn: AsyncConnection, instance_id: str, new: Sequence[NewTimer]) -> None:
+    """Arm timers; arming the same step attempt twice keeps the first."""
+    for timer in new:
+        fire_at: Any = timer.fire_at if timer.delay is None else sa.func.now() + timer.delay
+        await conn.execute(
+            pg_insert(timers)
+            .values(
+                instance_id=instance_id,
+                step=timer.key[0],
+                occurrence=timer.key[1],
+                attempt=timer.attempt,
+                kind=timer.kind,
+                fire_at=fire_at,
+                routing_key=timer.routing_key,
+                body=timer.body,
+                headers=timer.headers,
+            )
+            .on_conflict_do_nothing()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DueTimer:
+    """A claimed timer whose message is now due."""
+
+    id: int
+    fire_at: datetime
+    routing_key: str
+    body: bytes
+    headers: dict[str, str] | None
+
+
+async def claim_due_timers(conn: AsyncConnection, *, limit: int) -> list[DueTimer]:
+    """Lock due, unfired timers that no other scheduler holds, oldest first."""
+    rows = (
+        await conn.execute(
+            sa.select(timers.c.id, timers.c.fire_at, timers.c.routing_key, timers.c.body, timers.c.headers)
+            .where(timers.c.fired_at.is_(None), timers.c.fire_at <= sa.func.now())
+            .order_by(timers.c.fire_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    ).all()
+    return [DueTimer(row.id, row.fire_at, row.routing_key, row.body, row.headers) for row in rows]
+
+
+async def mark_timers_fired(conn: AsyncConnection, ids: Sequence[int]) -> None:
+    """Mark claimed timers fired, in the transaction that queues their messages."""
+    if ids:
+        await conn.execute(timers.update().where(timers.c.id.in_(ids)).values(fired_at=sa.func.now()))
+
+
+async def seconds_until_next_timer(conn: AsyncConnection) -> float | None:
+    """Seconds until the earliest unfired timer is due (negative if overdue); None if none."""
+    value = (
+        await conn.execute(
+            sa.select(sa.func.extract("epoch", sa.func.min(timers.c.fire_at) - sa.func.now())).where(
+                timers.c.fired_at.is_(None)
+            )
+        )
+    ).scalar_one()
+    return None if value is None else float(value)

@@ -1,0 +1,107 @@
+"""Every table Stepline keeps, declared once; migrations must produce exactly this."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = sa.MetaData()
+
+Json = sa.JSON().with_variant(JSONB(), "postgresql")
+Timestamp = sa.DateTime(timezone=True)
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("workflow", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("params", Json),
+    sa.Column("output", Json),
+    sa.Column("error", Json),
+    sa.Column("trace_context", Json),
+    # Bumped by every transaction that changes the history; a worker that replayed
+    # an older version must reload before it plans what comes next.
+    sa.Column("version", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", Timestamp, nullable=False, server_default=sa.func.now()),
+    sa.Column("finished_at", Timestamp),
+    sa.Index("ix_instances_workflow_status_created", "workflow", "status", "created_at"),
+    sa.Index("ix_instances_status_created", "status", "created_at"),
+    sa.Index("ix_instances_created", "created_at"),
+)
+
+steps = sa.Table(
+    "steps",
+    metadata,
+    sa.Column("instance_id", sa.Text, sa.ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("occurrence", sa.Integer, primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    # The fencing token: only a message carrying the current attempt may commit.
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("result", Json),
+    sa.Column("error", Json),
+    sa.Column("fire_at", Timestamp),
+    sa.Column("started_at", Timestamp),
+    sa.Column("finished_at", Timestamp),
+    sa.Column("updated_at", Timestamp, nullable=False, server_default=sa.func.now()),
+)
+
+step_attempts = sa.Table(
+    "step_attempts",
+    metadata,
+    sa.Column("instance_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("occurrence", sa.Integer, primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True),
+    sa.Column("worker", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("error", Json),
+    sa.Column("started_at", Timestamp, nullable=False),
+    sa.Column("finished_at", Timestamp, nullable=False),
+    sa.ForeignKeyConstraint(
+        ["instance_id", "name", "occurrence"],
+        ["steps.instance_id", "steps.name", "steps.occurrence"],
+        ondelete="CASCADE",
+    ),
+)
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("routing_key", sa.Text, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("headers", Json),
+    sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.now()),
+)
+
+timers = sa.Table(
+    "timers",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("instance_id", sa.Text, sa.ForeignKey("instances.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("step", sa.Text, nullable=False),
+    sa.Column("occurrence", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("fire_at", Timestamp, nullable=False),
+    # The wake-up message, built by the worker that armed the timer: the scheduler
+    # moves it to the outbox without knowing what it means.
+    sa.Column("routing_key", sa.Text, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("headers", Json),
+    sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.now()),
+    sa.Column("fired_at", Timestamp),
+    # One timer per step attempt: a timer can never fire twice into a step.
+    sa.UniqueConstraint("instance_id", "step", "occurrence", "attempt", "kind"),
+    sa.Index(
+        "ix_timers_due",
+        "fire_at",
+        postgresql_where=sa.text("fired_at IS NULL"),
+        sqlite_where=sa.text("fired_at IS NULL"),
+    ),
+)

@@ -1,0 +1,127 @@
+"""The one error hierarchy of Stepline: every error we raise descends from SteplineError."""
+
+from __future__ import annotations
+
+
+class SteplineError(Exception):
+    """Root of every error Stepline raises."""
+
+
+class ConfigError(SteplineError):
+    """A setting is missing or malformed; raised once at process start."""
+
+
+class BadPayloadError(SteplineError):
+    """A message cannot be accepted: its text is the dead-letter reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PayloadTooLargeError(BadPayloadError):
+    """A payload is over the configured size limit."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(f"{what} is {size} bytes, over the {limit}-byte limit (STEPLINE_MAX_PAYLOAD_BYTES)")
+        self.size = size
+        self.limit = limit
+
+
+class UnknownWorkflowError(BadPayloadError):
+    """A message names a workflow this process does not know."""
+
+    def __init__(self, workflow: str, known: list[str]) -> None:
+        known_text = ", ".join(sorted(known)) or "none"
+        super().__init__(f"unknown workflow {workflow!r} (this worker knows: {known_text})")
+        self.workflow = workflow
+
+
+class InvalidParamsError(BadPayloadError):
+    """Workflow params failed validation; nothing was stored."""
+
+    def __init__(self, workflow: str, detail: str) -> None:
+        super().__init__(f"invalid params for workflow {workflow!r}: {detail}")
+        self.workflow = workflow
+        self.detail = detail
+
+
+class StorageError(SteplineError):
+    """The database failed or refused an operation."""
+
+
+class BrokerError(SteplineError):
+    """The broker failed or refused an operation."""
+
+
+class UnroutableError(BrokerError):
+    """The broker returned a mandatory message: no queue is bound to its routing key."""
+
+    def __init__(self, routing_key: str) -> None:
+        super().__init__(f"no queue is bound for routing key {routing_key!r}; message not sent")
+        self.routing_key = routing_key
+
+
+class NonDeterminismError(SteplineError):
+    """A replay asked for different steps than the stored history holds."""
+
+    def __init__(self, instance_id: str, expected: str, found: str) -> None:
+        super().__init__(
+            f"non-determinism in instance {instance_id!r}: "
+            f"the history holds {expected}, but the code asked for {found}"
+        )
+        self.instance_id = instance_id
+        self.expected = expected
+        self.found = found
+
+
+class WorkflowDefinitionError(SteplineError):
+    """A workflow or step was declared or called in a way Stepline cannot run."""
+
+
+class NonRetryableError(SteplineError):
+    """Raise from step code to fail the step at once, without retries."""
+
+
+class StepFailedError(SteplineError):
+    """Raised inside the workflow when a step failed for good (retries exhausted or non-retryable).
+
+    The workflow may catch it; uncaught, the instance is marked ``errored`` with its text.
+    """
+
+    def __init__(self, step: str, attempts: int, error_type: str, message: str) -> None:
+        plural = "s" if attempts != 1 else ""
+        super().__init__(f"step {step!r} failed after {attempts} attempt{plural}: {error_type}: {message}")
+        self.step = step
+        self.attempts = attempts
+        self.error_type = error_type
+        self.error_message = message
+
+
+class StepTimeoutError(SteplineError):
+    """A step attempt ran past its timeout; it counts as a failed, retryable attempt."""
+
+    def __init__(self, step: str, timeout_s: float) -> None:
+        super().__init__(f"step {step!r} exceeded its timeout of {timeout_s:g}s")
+        self.step = step
+        self.timeout_s = timeout_s
+
+
+class InstanceNotFoundError(SteplineError):
+    """No instance has the given id."""
+
+    def __init__(self, instance_id: str) -> None:
+        super().__init__(f"no instance with id {instance_id!r}")
+        self.instance_id = instance_id
+
+
+class WaitTimeoutError(SteplineError):
+    """``Client.wait`` gave up before the instance finished."""
+
+    def __init__(self, instance_id: str, timeout_s: float, status: str | None) -> None:
+        super().__init__(
+            f"instance {instance_id!r} did not finish within {timeout_s:g}s "
+            f"(status: {status or 'not yet created'})"
+        )
+        self.instance_id = instance_id
+        self.status = status

@@ -1,0 +1,60 @@
+"""An instance's history as loaded for replay: plain frozen data, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from shared.codec import JSON
+from shared.states import InstanceStatus, StepKind, StepStatus
+
+StepKey = tuple[str, int]
+"""A step's identity: its name and its occurrence (from 1)."""
+
+
+def format_key(key: StepKey) -> str:
+    """``'charge'`` for the first occurrence, ``'charge#3'`` for the third."""
+    name, occurrence = key
+    return name if occurrence == 1 else f"{name}#{occurrence}"
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One history entry: a step, a sleep, or a recorded value."""
+
+    name: str
+    occurrence: int
+    position: int
+    kind: StepKind
+    status: StepStatus
+    attempt: int
+    result: JSON = None
+    error: JSON = None
+    fire_at: datetime | None = None
+
+    @property
+    def key(self) -> StepKey:
+        """The step's identity."""
+        return (self.name, self.occurrence)
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """An instance row and its steps, in the order they were first planned."""
+
+    instance_id: str
+    workflow: str
+    status: InstanceStatus
+    params: JSON
+    version: int
+    trace_context: dict[str, str] | None
+    steps: dict[StepKey, StepRecord] = field(default_factory=dict)
+
+    @property
+    def next_position(self) -> int:
+        """The position the next new entry takes."""
+        return len(self.steps) + 1
+
+    def step(self, key: StepKey) -> StepRecord | None:
+        """The entry for ``key``, if the history has one."""
+        return self.steps.get(key)

@@ -1,0 +1,47 @@
+"""Logging setup: one line per event, with its ids; JSON when STEPLINE_LOG_FORMAT=json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+
+FIELDS = ("event", "instance_id", "step", "attempt", "routing_key", "workflow", "worker")
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = [f"{name}={getattr(record, name)}" for name in FIELDS if hasattr(record, name)]
+        return f"{line} {' '.join(extras)}" if extras else line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({name: getattr(record, name) for name in FIELDS if hasattr(record, name)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(role: str, level: str | None = None) -> None:
+    """Send log lines to stderr, text by default, JSON if ``STEPLINE_LOG_FORMAT=json``."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("STEPLINE_LOG_FORMAT", "text").lower() == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_TextFormatter(f"%(asctime)s %(levelname)s {role}: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel((level or os.environ.get("STEPLINE_LOG_LEVEL", "INFO")).upper())
+    # aio-pika and aiormq narrate every reconnect attempt; we log outages ourselves.
+    for noisy in ("aio_pika", "aiormq"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -1,0 +1,124 @@
+"""Wire messages (schema version 1): what travels over RabbitMQ, as JSON any language can write.
+
+Every message is a JSON object with ``"v": 1`` and a ``"kind"``; it is published to
+the topic exchange with routing key ``<kind>.<workflow>``. Start events carry W3C
+``traceparent``/``tracestate`` in the AMQP headers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from shared import codec
+from shared.codec import JSON
+from shared.errors import BadPayloadError
+from shared.topology import MessageKind, routing_key
+
+SCHEMA_VERSION = 1
+MAX_INSTANCE_ID_LENGTH = 512
+WORKFLOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$"
+_WORKFLOW_NAME = re.compile(WORKFLOW_NAME_PATTERN)
+
+WorkflowName = Annotated[str, Field(pattern=WORKFLOW_NAME_PATTERN)]
+InstanceId = Annotated[str, Field(min_length=1, max_length=MAX_INSTANCE_ID_LENGTH)]
+
+
+def check_workflow_name(name: str) -> str:
+    """Return ``name`` if it can be a workflow name (letters, digits, ``_.-``; 200 at most)."""
+    if not _WORKFLOW_NAME.match(name):
+        raise ValueError(
+            f"invalid workflow name {name!r}: use letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit, at most 200 characters)"
+        )
+    return name
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = 1
+    workflow: WorkflowName
+    instance_id: InstanceId
+
+    @property
+    def routing_key(self) -> str:
+        """Where the message is published."""
+        return routing_key(self.kind, self.workflow)  # type: ignore[attr-defined]
+
+
+class StartMessage(_Message):
+    """Start (or re-report) the instance ``instance_id`` of ``workflow`` with ``params``."""
+
+    kind: Literal["start"] = "start"
+    params: JSON = None
+
+
+class StepMessage(_Message):
+    """Run attempt ``attempt`` of the step ``step``/``occurrence``."""
+
+    kind: Literal["step"] = "step"
+    step: str
+    occurrence: int = Field(ge=1)
+    attempt: int = Field(ge=1)
+
+
+class WakeMessage(_Message):
+    """A timer fired: complete the waiting step ``step``/``occurrence``."""
+
+    kind: Literal["wake"] = "wake"
+    step: str
+    occurrence: int = Field(ge=1)
+    attempt: int = Field(ge=1)
+
+
+Message = Annotated[StartMessage | StepMessage | WakeMessage, Field(discriminator="kind")]
+_MESSAGE_ADAPTER: TypeAdapter[StartMessage | StepMessage | WakeMessage] = TypeAdapter(Message)
+
+
+def parse_message(body: bytes, *, limit: int) -> StartMessage | StepMessage | WakeMessage:
+    """Decode and validate a message body.
+
+    Raises:
+        BadPayloadError: the body is too large, not JSON, of another schema
+            version, or does not fit the schema; the text says which.
+    """
+    data = codec.decode(body, limit=limit)
+    if not isinstance(data, dict):
+        raise BadPayloadError(f"message must be a JSON object, got {type(data).__name__}")
+    version = data.get("v")
+    if version != SCHEMA_VERSION:
+        raise BadPayloadError(
+            f"unsupported schema version {version!r} (this worker reads v={SCHEMA_VERSION})"
+        )
+    kind = data.get("kind")
+    if kind not in ("start", "step", "wake"):
+        raise BadPayloadError(f"unknown message kind {kind!r} (expected start, step or wake)")
+    try:
+        return _MESSAGE_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise BadPayloadError(f"message breaks the v1 {kind} schema: {_short(exc)}") from exc
+
+
+def encode_message(message: _Message, *, limit: int) -> bytes:
+    """Encode a message as its JSON body, enforcing the size limit."""
+    return codec.encode(message.model_dump(mode="json"), limit=limit, what=f"{kind_of(message)} message")
+
+
+def kind_of(message: _Message) -> MessageKind:
+    """The ``kind`` of a message."""
+    kind: MessageKind = message.kind  # type: ignore[attr-defined]
+    return kind
+
+
+def _short(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False):
+        location = ".".join(str(item) for item in error["loc"]) or "(root)"
+        parts.append(f"{location}: {error['msg']}")
+    return "; ".join(parts)
+
+
+format_validation_error = _short

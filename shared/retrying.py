@@ -1,0 +1,49 @@
+"""Wait for a service at start-up: retry with back-off and jitter, log once per outage."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from shared.errors import SteplineError
+
+T = TypeVar("T")
+log = logging.getLogger("stepline")
+
+
+async def retry_until(
+    action: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    deadline_s: float,
+    retry_on: tuple[type[BaseException], ...],
+) -> T:
+    """Run ``action`` until it succeeds or ``deadline_s`` passes, backing off with jitter.
+
+    Raises:
+        The last error once the deadline has passed.
+    """
+    started = time.monotonic()
+    delay, logged = 0.2, False
+    while True:
+        try:
+            result = await action()
+        except retry_on as exc:
+            if time.monotonic() - started + delay > deadline_s:
+                raise
+            if not logged:
+                log.warning("waiting for %s: %s", what, exc, extra={"event": "waiting_for_service"})
+                logged = True
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 5.0)
+        else:
+            if logged:
+                log.info("%s is reachable", what, extra={"event": "service_reachable"})
+            return result
+
+
+__all__ = ["SteplineError", "retry_until"]

@@ -1,0 +1,188 @@
+"""One validated settings tree, read from STEPLINE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+from shared.durations import parse_duration
+from shared.errors import ConfigError
+
+DurationSetting = Annotated[timedelta, BeforeValidator(parse_duration)]
+"""A duration setting: ``"250ms"``, ``"30s"``, ``"5 minutes"`` or a number of seconds."""
+
+
+class WorkerSettings(BaseModel):
+    """``STEPLINE_WORKER__*``: the step-running processes."""
+
+    concurrency: int = Field(default=16, ge=1, le=1024, description="Steps run at once per worker.")
+    prefetch: int | None = Field(
+        default=None, ge=1, description="Unacked deliveries per queue (default: 2 x concurrency)."
+    )
+    default_step_timeout: DurationSetting = Field(
+        default=timedelta(minutes=10),
+        description="Timeout of a step that names none; keep it below RabbitMQ's consumer_timeout.",
+    )
+    shutdown_grace: DurationSetting = Field(
+        default=timedelta(seconds=30), description="How long SIGTERM waits for in-flight steps."
+    )
+    workflows: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Modules that define workflows (comma-separated)."
+    )
+
+    @field_validator("workflows", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+
+class SchedulerSettings(BaseModel):
+    """``STEPLINE_SCHEDULER__*``: the timer-firing processes."""
+
+    poll_interval: DurationSetting = Field(
+        default=timedelta(milliseconds=500), description="Longest wait between timer scans."
+    )
+    batch_size: int = Field(default=500, ge=1, description="Timers fired per transaction.")
+
+
+class OutboxSettings(BaseModel):
+    """``STEPLINE_OUTBOX__*``: the relay that republishes rows a crash left behind."""
+
+    sweep_interval: DurationSetting = Field(
+        default=timedelta(seconds=2), description="How often the sweeper looks for old rows."
+    )
+    sweep_after: DurationSetting = Field(
+        default=timedelta(seconds=5),
+        description="Age at which an unsent row is taken over from the fast path.",
+    )
+    batch_size: int = Field(default=200, ge=1, description="Rows republished per sweep.")
+
+
+class Settings(BaseSettings):
+    """Every setting of every Stepline process.
+
+    ``STEPLINE_DATABASE_URL`` is a plain ``postgresql://`` URL (the psycopg
+    driver is implied); ``STEPLINE_AMQP_URL`` an ``amqp://`` or ``amqps://``
+    URL, with the vhost as its path.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="STEPLINE_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    database_url: SecretStr | None = Field(
+        default=None, description="PostgreSQL URL, postgresql://user:pw@host/db (required)"
+    )
+    amqp_url: SecretStr | None = Field(
+        default=None, description="RabbitMQ URL, amqp://user:pw@host:5672/vhost (required)"
+    )
+    namespace: str = Field(
+        default="stepline",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$",
+        description="Prefix of every exchange and queue name.",
+    )
+    max_payload_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest params, result or message accepted.",
+    )
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        text = value.get_secret_value()
+        scheme = text.split("://", 1)[0] if "://" in text else ""
+        if scheme not in ("postgresql", "postgres", "postgresql+psycopg"):
+            raise ValueError("must start with postgresql:// (e.g. postgresql://user@host:5432/db)")
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        text = value.get_secret_value()
+        if not text.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps:// (e.g. amqp://guest:guest@host/vhost)")
+        return value
+
+    @property
+    def database(self) -> str:
+        """The database URL (load with ``require=("database_url",)`` to be sure it is set)."""
+        if self.database_url is None:
+            raise ConfigError("configuration error: STEPLINE_DATABASE_URL is not set")
+        return self.database_url.get_secret_value()
+
+    @property
+    def amqp(self) -> str:
+        """The broker URL (load with ``require=("amqp_url",)`` to be sure it is set)."""
+        if self.amqp_url is None:
+            raise ConfigError("configuration error: STEPLINE_AMQP_URL is not set")
+        return self.amqp_url.get_secret_value()
+
+
+BOTH_URLS = ("database_url", "amqp_url")
+
+
+def load_settings(*, require: tuple[str, ...] = BOTH_URLS, **overrides: Any) -> Settings:
+    """Read and validate the settings once, reporting every problem in one message.
+
+    Args:
+        require: top-level settings this process cannot run without.
+        overrides: values given on the command line; they win over the environment.
+
+    Raises:
+        ConfigError: a variable is missing or malformed; the text names each one.
+    """
+    problems: list[str] = []
+    settings: Settings | None = None
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems.extend(describe_problems(exc))
+    except SettingsError as exc:
+        problems.append(str(exc))
+    for name in require:
+        variable = f"STEPLINE_{name.upper()}"
+        missing = getattr(settings, name) is None if settings else not os.environ.get(variable)
+        if missing and name not in overrides:
+            problems.append(f"{variable} is not set")
+    if problems or settings is None:
+        raise ConfigError("configuration error: " + "; ".join(problems))
+    return settings
+
+
+def describe_problems(exc: ValidationError) -> list[str]:
+    """Name each bad or missing environment variable; values are never shown."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        variable = "STEPLINE_" + "__".join(str(part) for part in error["loc"]).upper()
+        if error["type"] == "missing":
+            problems.append(f"{variable} is not set")
+        else:
+            problems.append(f"{variable} is invalid: {error['msg']}")
+    return problems
+
+
+__all__ = [
+    "DurationSetting",
+    "OutboxSettings",
+    "SchedulerSettings",
+    "Settings",
+    "WorkerSettings",
+    "describe_problems",
+    "load_settings",
+]

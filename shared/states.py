@@ -1,0 +1,49 @@
+"""The status words of instances and steps, and the kinds of history entries."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class InstanceStatus(StrEnum):
+    """Where an instance is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    PAUSED = "paused"
+    COMPLETE = "complete"
+    ERRORED = "errored"
+    TERMINATED = "terminated"
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the instance will never run another step."""
+        return self in FINISHED_STATUSES
+
+
+FINISHED_STATUSES = frozenset({InstanceStatus.COMPLETE, InstanceStatus.ERRORED, InstanceStatus.TERMINATED})
+
+
+class StepStatus(StrEnum):
+    """Where one step (or sleep) is."""
+
+    RUNNING = "running"
+    WAITING = "waiting"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def is_settled(self) -> bool:
+        """Whether the step has its final result or error."""
+        return self in (StepStatus.SUCCEEDED, StepStatus.FAILED)
+
+
+class StepKind(StrEnum):
+    """What a history entry records."""
+
+    STEP = "step"
+    SLEEP = "sleep"
+    VALUE = "value"
+    """A recorded ``ctx.now()``, ``ctx.random()`` or ``ctx.uuid()``; hidden from users."""
