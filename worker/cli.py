@@ -1,0 +1,53 @@
+"""``stepline-worker``: import the named workflow modules and run their steps."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from shared.errors import ConfigError
+from shared.logs import configure_logging
+from shared.process import fail, run_until_signalled
+from shared.settings import load_settings
+from worker.registry import load_workflows
+from worker.runner import run_worker
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--workflows",
+    "modules",
+    multiple=True,
+    metavar="MODULE",
+    help="Module defining workflows (repeatable). Env: STEPLINE_WORKER__WORKFLOWS (comma-separated).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Steps run at once. Env: STEPLINE_WORKER__CONCURRENCY (default 16).",
+)
+@click.option("--worker-id", default=None, help="Name recorded on step attempts (default host:pid).")
+def main(modules: tuple[str, ...], concurrency: int | None, worker_id: str | None) -> None:
+    """Run workflow steps from RabbitMQ, committing to PostgreSQL.
+
+    Needs STEPLINE_DATABASE_URL and STEPLINE_AMQP_URL. Stops cleanly on SIGTERM.
+    """
+    configure_logging("worker")
+    worker_overrides: dict[str, Any] = {}
+    if modules:
+        worker_overrides["workflows"] = list(modules)
+    if concurrency is not None:
+        worker_overrides["concurrency"] = concurrency
+    try:
+        settings = load_settings(worker=worker_overrides) if worker_overrides else load_settings()
+        if "" not in sys.path:
+            sys.path.insert(0, "")  # modules are named relative to the working directory
+        workflows = load_workflows(settings.worker.workflows)
+    except ConfigError as exc:
+        fail("stepline-worker", str(exc))
+    run_until_signalled(
+        "stepline-worker", lambda stopping: run_worker(settings, workflows, stopping, worker_id=worker_id)
+    )

@@ -1,0 +1,102 @@
+"""Run one step attempt: its code, its timeout, and turning the result into storable JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from shared import codec
+from shared.codec import JSON
+from shared.errors import NonRetryableError, PayloadTooLargeError, StepTimeoutError
+from shared.history import format_key
+from worker.context import StepCall
+from worker.replay.engine import error_info
+from worker.step_info import StepInfo, reset_step_info, set_step_info
+
+
+@dataclass(frozen=True, slots=True)
+class StepSucceeded:
+    """The attempt returned a storable result."""
+
+    result: JSON
+    started_at: datetime
+    finished_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StepAttemptFailed:
+    """The attempt raised, timed out, or returned something that cannot be stored."""
+
+    error: dict[str, Any]
+    is_retryable: bool
+    outcome: str
+    started_at: datetime
+    finished_at: datetime
+
+
+StepResult = StepSucceeded | StepAttemptFailed
+
+
+class StepExecutor:
+    """Runs step code: coroutine functions on the loop, plain functions in a thread pool."""
+
+    def __init__(self, *, threads: int, default_timeout: timedelta, payload_limit: int) -> None:
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stepline-step")
+        self._default_timeout = default_timeout
+        self._payload_limit = payload_limit
+
+    def shutdown(self) -> None:
+        """Stop the thread pool without waiting for abandoned (timed-out) threads."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, call: StepCall, info: StepInfo) -> StepResult:
+        """Run one attempt of ``call``; never raises for what the step code does."""
+        name = format_key(call.key)
+        timeout = call.timeout or self._default_timeout
+        started_at = datetime.now(UTC)
+        token = set_step_info(info)
+        try:
+            value = await asyncio.wait_for(self._invoke(call), timeout.total_seconds())
+        except TimeoutError:
+            return self._failed(
+                StepTimeoutError(name, timeout.total_seconds()), True, "timed_out", started_at
+            )
+        except NonRetryableError as exc:
+            return self._failed(exc, False, "failed", started_at)
+        except Exception as exc:
+            return self._failed(exc, True, "failed", started_at)
+        finally:
+            reset_step_info(token)
+        try:
+            result = codec.scrub_nul(codec.to_jsonable(value))
+            codec.encode(result, limit=self._payload_limit, what=f"the result of step {name!r}")
+        except PayloadTooLargeError as exc:
+            return self._failed(NonRetryableError(str(exc)), False, "failed", started_at)
+        except (TypeError, ValueError) as exc:
+            error = NonRetryableError(f"step {name!r} returned a value that is not JSON-serialisable: {exc}")
+            return self._failed(error, False, "failed", started_at)
+        return StepSucceeded(result, started_at, datetime.now(UTC))
+
+    async def _invoke(self, call: StepCall) -> Any:
+        if inspect.iscoroutinefunction(call.fn):
+            return await call.fn(*call.args, **call.kwargs)
+        context = contextvars.copy_context()
+        function = functools.partial(call.fn, *call.args, **call.kwargs)
+        result = await asyncio.get_running_loop().run_in_executor(self._threads, context.run, function)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    @staticmethod
+    def _failed(
+        error: BaseException, is_retryable: bool, outcome: str, started_at: datetime
+    ) -> StepAttemptFailed:
+        return StepAttemptFailed(
+            codec.scrub_nul(error_info(error)), is_retryable, outcome, started_at, datetime.now(UTC)
+        )

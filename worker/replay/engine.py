@@ -1,0 +1,238 @@
+"""Replay a workflow over its history: stored results return at once, new requests are collected."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import traceback
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+from shared.codec import JSON
+from shared.errors import NonDeterminismError, StepFailedError, SteplineError
+from shared.history import History, StepKey, StepRecord, format_key
+from shared.states import StepKind, StepStatus
+from worker.context import Context, StepCall
+from worker.replay.loop import ReplayLoop
+
+if TYPE_CHECKING:
+    from worker.workflow import Workflow
+
+OutcomeKind = Literal["blocked", "returned", "raised", "diverged"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    """Something the code asked for that the history does not hold yet."""
+
+    key: StepKey
+    kind: StepKind
+    result: JSON = None
+    delay: timedelta | None = None
+    fire_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Where a replay stopped."""
+
+    kind: OutcomeKind
+    output: JSON = None
+    error: BaseException | None = None
+    is_running: bool = False
+    """When blocked: whether some awaited entry is a step (else only sleeps/waits)."""
+
+
+def describe(kind: StepKind, key: StepKey) -> str:
+    """How a history entry is named in messages."""
+    if kind == StepKind.VALUE:
+        return f"ctx.{key[0][1:]}() call #{key[1]}"
+    return f"{kind} {format_key(key)!r}"
+
+
+def error_info(error: BaseException, *, step: str | None = None) -> dict[str, Any]:
+    """An exception as stored JSON: type, message, traceback (and the step, if any)."""
+    info: dict[str, Any] = {
+        "type": type(error).__name__,
+        "message": str(error),
+        "traceback": "".join(traceback.format_exception(error)),
+    }
+    if step is not None:
+        info["step"] = step
+    return info
+
+
+def step_failed_error(key: StepKey, attempts: int, error: JSON) -> StepFailedError:
+    """The exception a workflow sees for a step that failed for good."""
+    error = error or {}
+    return StepFailedError(
+        format_key(key), attempts, str(error.get("type", "Error")), str(error.get("message", ""))
+    )
+
+
+class Replay:
+    """One run of a workflow function over a history, driven on a private loop.
+
+    ``start()`` runs the code until it blocks on entries without a result;
+    ``resolve``/``fail`` feed one result in and run on. Entries the code asks for
+    that the history lacks accumulate in ``new_entries``; ``calls`` holds the
+    function and arguments of every step the code asked for.
+    """
+
+    def __init__(
+        self,
+        workflow: Workflow[Any, Any],
+        history: History,
+        *,
+        carried_values: Mapping[StepKey, JSON] | None = None,
+    ) -> None:
+        self.workflow = workflow
+        self.history = history
+        self.calls: dict[StepKey, StepCall] = {}
+        self.new_entries: list[NewEntry] = []
+        self._carried = dict(carried_values or {})
+        self._loop = ReplayLoop()  # type: ignore[abstract]  # I/O methods deliberately unimplemented
+        self._requested: dict[StepKey, StepKind] = {}
+        self._pending: dict[StepKey, asyncio.Future[Any]] = {}
+        self._value_counts: Counter[str] = Counter()
+        self._divergence: NonDeterminismError | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    # -- driving
+
+    def start(self) -> Outcome:
+        """Run the workflow from the beginning until it finishes or blocks."""
+        params = self.workflow.validate_params(self.history.params)
+        context = Context(self, self.history.instance_id, self.workflow.name)
+        self._task = self._loop.create_task(self.workflow.fn(context, params))
+        return self._run()
+
+    def resolve(self, key: StepKey, result: JSON) -> Outcome:
+        """Give a pending entry its result and run on."""
+        self._take_pending(key).set_result(result)
+        return self._run()
+
+    def fail(self, key: StepKey, error: BaseException) -> Outcome:
+        """Raise ``error`` from a pending entry and run on."""
+        self._take_pending(key).set_exception(error)
+        return self._run()
+
+    def close(self) -> None:
+        """Unwind the suspended workflow code so nothing is left pending."""
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+        with contextlib.suppress(SteplineError):
+            self._loop.run_until_idle()
+        for task in asyncio.all_tasks(self._loop):
+            task._log_destroy_pending = False  # type: ignore[attr-defined]
+
+    def is_pending(self, key: StepKey) -> bool:
+        """Whether the code awaits ``key`` and it has no result yet."""
+        return key in self._pending
+
+    @property
+    def values(self) -> dict[StepKey, JSON]:
+        """Values recorded by this replay, to carry into a replay of a newer history."""
+        return {entry.key: entry.result for entry in self.new_entries if entry.kind == StepKind.VALUE}
+
+    # -- what Context calls
+
+    def request(
+        self,
+        key: StepKey,
+        kind: StepKind,
+        *,
+        call: StepCall | None = None,
+        delay: timedelta | None = None,
+        fire_at: datetime | None = None,
+    ) -> asyncio.Future[Any]:
+        """The future of a step or sleep: done if the history settled it, else pending."""
+        future: asyncio.Future[Any] = self._loop.create_future()
+        if self._divergence is not None:
+            return future
+        record = self.history.step(key)
+        if not self._check_kind(key, kind, record):
+            return future
+        self._requested[key] = kind
+        if call is not None:
+            self.calls[key] = call
+        if record is None:
+            self.new_entries.append(NewEntry(key, kind, delay=delay, fire_at=fire_at))
+            self._pending[key] = future
+        elif record.status == StepStatus.SUCCEEDED:
+            future.set_result(record.result)
+        elif record.status == StepStatus.FAILED:
+            future.set_exception(step_failed_error(key, record.attempt, record.error))
+        else:
+            self._pending[key] = future
+        return future
+
+    def value(self, name: str, make: Callable[[], JSON]) -> Any:
+        """A recorded value: from the history if there, else made now and recorded."""
+        self._value_counts[name] += 1
+        key = (name, self._value_counts[name])
+        record = self.history.step(key)
+        if not self._check_kind(key, StepKind.VALUE, record):
+            return make()
+        self._requested[key] = StepKind.VALUE
+        if record is not None:
+            return record.result
+        value = self._carried[key] if key in self._carried else make()
+        self.new_entries.append(NewEntry(key, StepKind.VALUE, result=value))
+        return value
+
+    # -- internals
+
+    def _check_kind(self, key: StepKey, kind: StepKind, record: StepRecord | None) -> bool:
+        if record is not None and record.kind != kind:
+            self._diverge(describe(record.kind, key), describe(kind, key))
+            return False
+        return True
+
+    def _diverge(self, expected: str, found: str) -> None:
+        if self._divergence is None:
+            self._divergence = NonDeterminismError(self.history.instance_id, expected, found)
+
+    def _take_pending(self, key: StepKey) -> asyncio.Future[Any]:
+        future = self._pending.pop(key, None)
+        if future is None:
+            raise SteplineError(f"{format_key(key)!r} is not pending in this replay")
+        return future
+
+    def _run(self) -> Outcome:
+        assert self._task is not None, "start() first"
+        self._loop.run_until_idle()
+        if self._divergence is None:
+            self._check_history_covered()
+        if self._divergence is not None:
+            return Outcome("diverged", error=self._divergence)
+        if not self._task.done():
+            is_running = any(self._requested.get(key) == StepKind.STEP for key in self._pending)
+            return Outcome("blocked", is_running=is_running)
+        if self._task.cancelled():
+            return Outcome("raised", error=asyncio.CancelledError("the workflow was cancelled"))
+        error = self._task.exception()
+        if error is not None:
+            return Outcome("raised", error=error)
+        try:
+            return Outcome("returned", output=self.workflow.dump_output(self._task.result()))
+        except SteplineError as exc:
+            return Outcome("raised", error=exc)
+
+    def _check_history_covered(self) -> None:
+        """Every history entry must have been asked for again; else the code changed."""
+        assert self._task is not None
+        for record in self.history.steps.values():
+            if record.key not in self._requested:
+                if self.new_entries:
+                    first = self.new_entries[0]
+                    found = describe(first.kind, first.key)
+                elif self._task.done():
+                    found = "nothing more (the workflow finished)"
+                else:
+                    found = "nothing in its place"
+                self._diverge(f"{describe(record.kind, record.key)} at position {record.position}", found)
+                return

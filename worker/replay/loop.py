@@ -1,0 +1,97 @@
+"""A private, manually stepped event loop that runs workflow code deterministically.
+
+Workflow code is ordinary async Python (``await``, ``asyncio.gather``), but a
+replay must be synchronous and reproducible: this loop only runs ready
+callbacks in FIFO order and refuses timers, so ``run_until_idle`` returns once
+the workflow is blocked on steps that have no result yet. The worker's real
+event loop is swapped out only for the duration of that call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from shared.errors import WorkflowDefinitionError
+
+T = TypeVar("T")
+
+_TIMERS_FORBIDDEN = (
+    "workflow code cannot use asyncio timers (asyncio.sleep, wait_for, timeout): "
+    "use ctx.sleep() and step timeouts instead"
+)
+
+
+class ReplayLoop(asyncio.AbstractEventLoop):
+    """Just enough of an event loop for futures, tasks and gather, and nothing that waits.
+
+    Every other AbstractEventLoop method keeps its base behaviour (raising
+    NotImplementedError): workflow code has no business doing I/O.
+    """
+
+    def __init__(self) -> None:
+        self._ready: deque[asyncio.Handle] = deque()
+        self.errors: list[dict[str, Any]] = []
+
+    # -- what tasks and futures use
+    def call_soon(  # type: ignore[override]
+        self,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        handle = asyncio.Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
+    def call_later(self, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:  # type: ignore[override]
+        raise WorkflowDefinitionError(_TIMERS_FORBIDDEN)
+
+    def call_at(self, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:  # type: ignore[override]
+        raise WorkflowDefinitionError(_TIMERS_FORBIDDEN)
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.Future(loop=self)
+
+    def create_task(  # type: ignore[override]
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        name: str | None = None,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Task[T]:
+        return asyncio.Task(coro, loop=self, name=name, context=context)
+
+    def get_debug(self) -> bool:
+        return False
+
+    def is_running(self) -> bool:
+        return True
+
+    def is_closed(self) -> bool:
+        return False
+
+    def time(self) -> float:
+        return 0.0
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        self.errors.append(context)
+
+    def default_exception_handler(self, context: dict[str, Any]) -> None:
+        self.errors.append(context)
+
+    # -- driving it
+    def run_until_idle(self) -> None:
+        """Run ready callbacks until none is left; the caller's loop is restored after."""
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            while self._ready:
+                handle = self._ready.popleft()
+                if not handle.cancelled():
+                    handle._run()
+        finally:
+            asyncio.events._set_running_loop(previous)

@@ -1,0 +1,63 @@
+"""Retry policies and back-off: pure logic, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+from shared.durations import Duration, parse_duration
+
+Backoff = Literal["constant", "linear", "exponential"]
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class RetryPolicy:
+    """How a failing step is retried.
+
+    Args:
+        limit: retries after the first attempt (``0``: run once; a step runs at
+            most ``limit + 1`` times).
+        delay: wait before the first retry (``"2s"``, ``"5 minutes"``, a timedelta).
+        backoff: how the wait grows: ``constant`` (delay), ``linear``
+            (delay x n) or ``exponential`` (delay x 2^(n-1)) before retry n.
+        max_delay: the longest wait between two attempts.
+    """
+
+    limit: int
+    delay: timedelta
+    backoff: Backoff
+    max_delay: timedelta = field(default=timedelta(hours=1))
+
+    def __init__(
+        self,
+        limit: int = 3,
+        delay: Duration = "1s",
+        backoff: Backoff = "exponential",
+        max_delay: Duration = "1 hour",
+    ) -> None:
+        if limit < 0:
+            raise ValueError(f"RetryPolicy.limit must be 0 or more, got {limit}")
+        if backoff not in ("constant", "linear", "exponential"):
+            raise ValueError(f"RetryPolicy.backoff must be constant, linear or exponential, got {backoff!r}")
+        object.__setattr__(self, "limit", limit)
+        object.__setattr__(self, "delay", parse_duration(delay))
+        object.__setattr__(self, "backoff", backoff)
+        object.__setattr__(self, "max_delay", parse_duration(max_delay))
+
+    def allows_retry_after(self, attempt: int) -> bool:
+        """Whether attempt ``attempt`` (from 1) may be followed by another."""
+        return attempt <= self.limit
+
+    def delay_after(self, attempt: int) -> timedelta:
+        """How long to wait after failed attempt ``attempt`` (from 1) before the next."""
+        if self.backoff == "constant":
+            wait = self.delay
+        elif self.backoff == "linear":
+            wait = self.delay * attempt
+        else:
+            wait = self.delay * (2 ** min(attempt - 1, 40))
+        return min(wait, self.max_delay)
+
+
+DEFAULT_RETRY_POLICY = RetryPolicy()

@@ -1,0 +1,121 @@
+"""The worker process: consume, run steps with bounded concurrency, stop gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from shared.broker import AmqpBroker, Delivery
+from shared.db.engine import create_engine
+from shared.errors import BrokerError
+from shared.outbox import OutboxRelay
+from shared.retrying import retry_until
+from shared.settings import Settings
+from worker.executor import StepExecutor
+from worker.handlers import MessageHandler
+from worker.workflow import Workflow
+
+log = logging.getLogger("stepline.worker")
+
+
+def default_worker_id() -> str:
+    """``host:pid``: recorded on every step attempt this process runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def run_worker(
+    settings: Settings,
+    workflows: Mapping[str, Workflow[Any, Any]],
+    stopping: asyncio.Event,
+    *,
+    worker_id: str | None = None,
+    startup_timeout_s: float = 60.0,
+) -> None:
+    """Consume and run steps until ``stopping`` is set, then drain within the grace period."""
+    worker_id = worker_id or default_worker_id()
+    concurrency = settings.worker.concurrency
+    engine = create_engine(settings.database, pool_size=concurrency + 2)
+    broker = AmqpBroker(settings.amqp, settings.namespace)
+    executor = StepExecutor(
+        threads=concurrency,
+        default_timeout=settings.worker.default_step_timeout,
+        payload_limit=settings.max_payload_bytes,
+    )
+    in_flight: set[asyncio.Task[Any]] = set()
+    try:
+        await retry_until(
+            broker.connect, what="RabbitMQ", deadline_s=startup_timeout_s, retry_on=(BrokerError,)
+        )
+        relay = OutboxRelay(engine, broker, settings.outbox)
+        handler = MessageHandler(
+            engine=engine,
+            relay=relay,
+            dead_letter=broker.dead_letter,
+            executor=executor,
+            workflows=workflows,
+            payload_limit=settings.max_payload_bytes,
+            worker_id=worker_id,
+        )
+        slots = asyncio.Semaphore(concurrency)
+
+        async def on_delivery(delivery: Delivery) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            in_flight.add(task)
+            try:
+                async with slots:
+                    await handler.handle(delivery)
+            finally:
+                in_flight.discard(task)
+
+        await retry_until(
+            _check_database(engine),
+            what="PostgreSQL",
+            deadline_s=startup_timeout_s,
+            retry_on=(SQLAlchemyError, OSError),
+        )
+        await broker.consume(
+            sorted(workflows), on_delivery, prefetch=settings.worker.prefetch or 2 * concurrency
+        )
+        sweeper = asyncio.create_task(relay.run_sweeper(stopping))
+        log.info(
+            "worker consuming %s with concurrency %d",
+            ", ".join(sorted(workflows)),
+            concurrency,
+            extra={"event": "worker_started", "worker": worker_id},
+        )
+        await stopping.wait()
+        log.info("stopping: no new work; finishing in-flight steps", extra={"event": "worker_stopping"})
+        await broker.stop_consuming()
+        if in_flight:
+            _, pending = await asyncio.wait(
+                set(in_flight), timeout=settings.worker.shutdown_grace.total_seconds()
+            )
+            if pending:
+                log.warning(
+                    "%d steps did not finish within the grace period; they will be redelivered",
+                    len(pending),
+                    extra={"event": "worker_grace_expired"},
+                )
+                for task in pending:
+                    task.cancel()
+        await sweeper
+    finally:
+        await broker.close()
+        executor.shutdown()
+        await engine.dispose()
+        log.info("worker stopped", extra={"event": "worker_stopped", "worker": worker_id})
+
+
+def _check_database(engine: Any) -> Any:
+    async def check() -> None:
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+
+    return check

@@ -1,0 +1,109 @@
+"""The ``@workflow`` decorator and the Workflow it makes: a name, a function, typed params."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
+
+from shared import codec
+from shared.codec import JSON
+from shared.errors import InvalidParamsError, WorkflowDefinitionError
+from shared.messages import check_workflow_name, format_validation_error
+
+if TYPE_CHECKING:
+    from worker.context import Context
+
+ParamsT = TypeVar("ParamsT")
+OutputT = TypeVar("OutputT")
+
+_ANY_ADAPTER: TypeAdapter[Any] = TypeAdapter(Any)
+
+
+class Workflow(Generic[ParamsT, OutputT]):
+    """A registered workflow: what ``@workflow(name)`` returns.
+
+    Pass it to ``Producer.start`` to have params validated before they are
+    published; give its module to ``stepline-worker --workflows`` to run it.
+    """
+
+    def __init__(self, name: str, fn: Callable[[Context, ParamsT], Awaitable[OutputT]]) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise WorkflowDefinitionError(f"workflow {name!r} must be an async function")
+        parameters = list(inspect.signature(fn).parameters.values())
+        if len(parameters) != 2:
+            raise WorkflowDefinitionError(
+                f"workflow {name!r} must take exactly (ctx, params), it takes {len(parameters)} parameters"
+            )
+        self.name = check_workflow_name(name)
+        self.fn = fn
+        hints = get_type_hints(fn)
+        self._params_adapter: TypeAdapter[Any] = TypeAdapter(hints.get(parameters[1].name, Any))
+        self._output_adapter: TypeAdapter[Any] = TypeAdapter(hints.get("return", Any))
+        self._result_adapters: dict[Callable[..., Any], TypeAdapter[Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Workflow {self.name!r} {self.fn.__module__}.{self.fn.__qualname__}>"
+
+    def validate_params(self, raw: JSON) -> ParamsT:
+        """Params as the workflow function receives them.
+
+        Raises:
+            InvalidParamsError: the params do not fit the function's annotation.
+        """
+        try:
+            params: ParamsT = self._params_adapter.validate_python(raw)
+        except ValidationError as exc:
+            raise InvalidParamsError(self.name, format_validation_error(exc)) from None
+        return params
+
+    def encode_params(self, params: object) -> JSON:
+        """Params as JSON for a start event, validated first.
+
+        Raises:
+            InvalidParamsError: not JSON-serialisable, or not valid for this workflow.
+        """
+        try:
+            raw = codec.to_jsonable(params)
+        except (TypeError, ValueError) as exc:
+            raise InvalidParamsError(self.name, f"not JSON-serialisable: {exc}") from None
+        self.validate_params(raw)
+        return raw
+
+    def dump_output(self, value: object) -> JSON:
+        """The workflow's return value as JSON."""
+        try:
+            return codec.to_jsonable(self._output_adapter.dump_python(value, mode="json"))
+        except (TypeError, ValueError) as exc:
+            raise WorkflowDefinitionError(
+                f"workflow {self.name!r} returned a value that is not JSON-serialisable: {exc}"
+            ) from None
+
+    def result_adapter(self, fn: Callable[..., Any]) -> TypeAdapter[Any]:
+        """Rebuilds a step's stored JSON result as the type its function declares."""
+        adapter = self._result_adapters.get(fn)
+        if adapter is None:
+            try:
+                hint = get_type_hints(fn).get("return", Any)
+            except (NameError, TypeError):
+                hint = Any
+            adapter = _ANY_ADAPTER if hint in (Any, None, type(None)) else TypeAdapter(hint)
+            self._result_adapters[fn] = adapter
+        return adapter
+
+
+def workflow(
+    name: str,
+) -> Callable[[Callable[[Context, ParamsT], Awaitable[OutputT]]], Workflow[ParamsT, OutputT]]:
+    """Declare an async function ``(ctx, params) -> output`` as the workflow ``name``.
+
+    The params annotation (a pydantic model, or any type pydantic knows) is
+    validated at start; the return value must be JSON-serialisable.
+    """
+
+    def decorate(fn: Callable[[Context, ParamsT], Awaitable[OutputT]]) -> Workflow[ParamsT, OutputT]:
+        return Workflow(name, fn)
+
+    return decorate
