@@ -1,0 +1,1 @@
+"""Example workflows that ship with Stepline."""

@@ -1,0 +1,69 @@
+"""What the client returns: instances and their steps, as pydantic models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.codec import JSON
+
+
+class StepInfo(BaseModel):
+    """One step, sleep or wait of an instance."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    occurrence: int
+    kind: str
+    status: str
+    attempts: int
+    result: JSON = None
+    error: dict[str, Any] | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class InstanceInfo(BaseModel):
+    """An instance as stored: its status, params, output or error, and its steps."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    workflow: str
+    status: str
+    params: JSON = None
+    output: JSON = None
+    error: dict[str, Any] | None = None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    trace_context: dict[str, str] | None = None
+    steps: list[StepInfo] = []
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the instance is complete, errored or terminated."""
+        return self.status in ("complete", "errored", "terminated")
+
+
+class AttemptInfo(BaseModel):
+    """One recorded attempt of a step: who ran it, when, and how it ended."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: str
+    occurrence: int
+    attempt: int
+    worker: str
+    outcome: str
+    error: dict[str, Any] | None = None
+    started_at: datetime
+    finished_at: datetime
+
+    @property
+    def duration_s(self) -> float:
+        """How long the attempt ran, in seconds."""
+        return (self.finished_at - self.started_at).total_seconds()

@@ -1,0 +1,109 @@
+"""``Producer``: publish start events that no outage can lose."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from pydantic import ValidationError
+
+from shared import codec
+from shared.broker import AmqpBroker
+from shared.codec import JSON
+from shared.errors import BadPayloadError, InvalidParamsError
+from shared.messages import StartMessage, check_workflow_name, encode_message, format_validation_error
+from shared.telemetry import current_trace_headers
+
+
+class WorkflowRef(Protocol):
+    """A workflow object (what ``@workflow`` returns): its name and its params check."""
+
+    @property
+    def name(self) -> str: ...
+
+    def encode_params(self, params: object) -> JSON: ...
+
+
+class Producer:
+    """Publishes start events to RabbitMQ with publisher confirms.
+
+    Use as ``async with Producer(amqp_url) as p: await p.start("order-fulfilment", params)``.
+    It declares the durable topology it publishes into, so a start published
+    while no worker runs waits in its queue; a publish the broker cannot route
+    raises ``UnroutableError``.
+    """
+
+    def __init__(
+        self, amqp_url: str, *, namespace: str = "stepline", max_payload_bytes: int = 1024 * 1024
+    ) -> None:
+        self._broker = AmqpBroker(amqp_url, namespace)
+        self._limit = max_payload_bytes
+
+    async def __aenter__(self) -> Producer:
+        await self._broker.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._broker.close()
+
+    async def start(
+        self, workflow: str | WorkflowRef, params: object = None, *, instance_id: str | None = None
+    ) -> str:
+        """Publish a start event; returns the instance id (a new UUID unless given).
+
+        Starting an id that exists creates nothing new. Given the workflow
+        object rather than its name, params are validated before publishing.
+
+        Raises:
+            InvalidParamsError: params are not JSON or not valid for the workflow.
+            PayloadTooLargeError: the event is over the payload limit.
+            UnroutableError, BrokerError: the broker did not take the event.
+        """
+        message = self._start_message(workflow, params, instance_id)
+        body = encode_message(message, limit=self._limit)
+        await self._broker.ensure_workflow_queue(message.workflow)
+        await self._broker.publish(message.routing_key, body, current_trace_headers())
+        return message.instance_id
+
+    async def start_batch(
+        self,
+        workflow: str | WorkflowRef,
+        params: Iterable[object],
+        *,
+        instance_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Publish many start events at once (confirms awaited together); returns their ids."""
+        items = list(params)
+        if instance_ids is not None and len(instance_ids) != len(items):
+            raise ValueError(f"{len(items)} params but {len(instance_ids)} instance ids")
+        ids = list(instance_ids) if instance_ids is not None else [None] * len(items)
+        return list(
+            await asyncio.gather(
+                *(
+                    self.start(workflow, item, instance_id=given)
+                    for item, given in zip(items, ids, strict=True)
+                )
+            )
+        )
+
+    def _start_message(
+        self, workflow: str | WorkflowRef, params: object, instance_id: str | None
+    ) -> StartMessage:
+        name = workflow if isinstance(workflow, str) else workflow.name
+        try:
+            check_workflow_name(name)
+        except ValueError as exc:
+            raise BadPayloadError(str(exc)) from None
+        if isinstance(workflow, str):
+            try:
+                raw = codec.to_jsonable(params)
+            except (TypeError, ValueError) as exc:
+                raise InvalidParamsError(name, f"not JSON-serialisable: {exc}") from None
+        else:
+            raw = workflow.encode_params(params)
+        try:
+            return StartMessage(workflow=name, instance_id=instance_id or str(uuid.uuid4()), params=raw)
+        except ValidationError as exc:
+            raise BadPayloadError(f"invalid start event: {format_validation_error(exc)}") from None

@@ -1,0 +1,33 @@
+"""``stepline-scheduler``: fire sleeps and retry back-offs when they fall due."""
+
+from __future__ import annotations
+
+import click
+
+from scheduler.runner import run_scheduler
+from shared.errors import ConfigError
+from shared.logs import configure_logging
+from shared.process import fail, run_until_signalled
+from shared.settings import load_settings
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--poll-interval",
+    default=None,
+    help="Longest wait between timer scans, e.g. 500ms. Env: STEPLINE_SCHEDULER__POLL_INTERVAL.",
+)
+def main(poll_interval: str | None) -> None:
+    """Fire durable timers (sleeps, retry back-offs) from PostgreSQL into RabbitMQ.
+
+    Several schedulers may run at once. Needs STEPLINE_DATABASE_URL and
+    STEPLINE_AMQP_URL. Stops cleanly on SIGTERM.
+    """
+    configure_logging("scheduler")
+    try:
+        settings = (
+            load_settings(scheduler={"poll_interval": poll_interval}) if poll_interval else load_settings()
+        )
+    except ConfigError as exc:
+        fail("stepline-scheduler", str(exc))
+    run_until_signalled("stepline-scheduler", lambda stopping: run_scheduler(settings, stopping))

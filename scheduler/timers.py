@@ -1,0 +1,31 @@
+"""Fire due timers: mark them fired and queue their messages in one transaction."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.db import queries
+from shared.db.queries import OutboxRow
+
+
+async def fire_due_timers(engine: AsyncEngine, *, batch_size: int) -> list[OutboxRow]:
+    """Fire up to ``batch_size`` due timers; returns the outbox rows to publish.
+
+    ``FOR UPDATE SKIP LOCKED`` lets several schedulers share the work, and a
+    timer is marked fired in the same transaction that queues its message, so
+    it fires exactly once into the outbox, even if this process dies right after.
+    """
+    async with engine.begin() as conn:
+        due = await queries.claim_due_timers(conn, limit=batch_size)
+        if not due:
+            return []
+        await queries.mark_timers_fired(conn, [timer.id for timer in due])
+        return await queries.insert_outbox(
+            conn, [(timer.routing_key, timer.body, timer.headers) for timer in due]
+        )
+
+
+async def seconds_until_next(engine: AsyncEngine) -> float | None:
+    """Seconds until the next timer is due, or None when no timer is armed."""
+    async with engine.connect() as conn:
+        return await queries.seconds_until_next_timer(conn)
