@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_type_hints
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from shared import codec
 from shared.codec import JSON
@@ -85,13 +85,24 @@ class Workflow(Generic[ParamsT, OutputT]):
         """Rebuilds a step's stored JSON result as the type its function declares."""
         adapter = self._result_adapters.get(fn)
         if adapter is None:
-            try:
-                hint = get_type_hints(fn).get("return", Any)
-            except (NameError, TypeError):
-                hint = Any
-            adapter = _ANY_ADAPTER if hint in (Any, None, type(None)) else TypeAdapter(hint)
+            adapter = _adapter_for_return(fn)
             self._result_adapters[fn] = adapter
         return adapter
+
+
+def _adapter_for_return(fn: Callable[..., Any]) -> TypeAdapter[Any]:
+    """Plain JSON when the return type is absent or not something pydantic can rebuild.
+
+    A type pydantic cannot describe still runs; the executor then reports the
+    result as not JSON-serialisable, naming the step.
+    """
+    try:
+        hint = get_type_hints(fn).get("return", Any)
+        if hint in (Any, None, type(None)):
+            return _ANY_ADAPTER
+        return TypeAdapter(hint)
+    except (NameError, TypeError, PydanticSchemaGenerationError):
+        return _ANY_ADAPTER
 
 
 def workflow(

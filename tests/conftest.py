@@ -1,0 +1,107 @@
+"""Fixtures: each run gets its own vhost and template database; each test its own database and namespace."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tests.workflows as test_workflows
+from producer import Client, Producer
+from shared.settings import Settings
+from tests.support import services
+from tests.support.fleet import Fleet, ProcessFleet, process_env
+from worker.registry import load_workflows
+from worker.workflow import Workflow
+
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def vhost() -> Iterator[str]:
+    """A RabbitMQ vhost for this test run, deleted at the end."""
+    name = f"stepline-test-{RUN_ID}"
+    services.create_vhost(name)
+    yield name
+    services.delete_vhost(name)
+
+
+@pytest.fixture(scope="session")
+def template_database() -> Iterator[str]:
+    """A migrated database that each test clones."""
+    name = f"sl_test_{RUN_ID}"
+    services.create_template(name)
+    yield name
+    services.drop_database(name)
+
+
+@pytest.fixture
+def database_url(template_database: str) -> Iterator[str]:
+    """A database of this test's own, migrated, dropped after."""
+    name = services.clone_database(template_database)
+    yield services.database_url(name)
+    services.drop_database(name)
+
+
+@pytest.fixture
+def namespace() -> str:
+    """Exchange and queue names of this test's own."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(database_url: str, vhost: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings for this test: its database, the run's vhost, its namespace, quick timers."""
+    # Step code in tests/workflows.py records side effects through this variable.
+    monkeypatch.setenv("STEPLINE_DATABASE_URL", database_url)
+    return Settings(
+        database_url=database_url,
+        amqp_url=services.amqp_url(vhost),
+        namespace=namespace,
+        worker={"concurrency": 8, "shutdown_grace": "5s"},
+        scheduler={"poll_interval": "100ms"},
+        outbox={"sweep_interval": "300ms", "sweep_after": "1s"},
+    )
+
+
+@pytest.fixture(scope="session")
+def workflows() -> dict[str, Workflow[Any, Any]]:
+    """Every workflow in tests/workflows.py, by name."""
+    return load_workflows([test_workflows.__name__])
+
+
+@pytest.fixture
+async def fleet(settings: Settings, workflows: dict[str, Workflow[Any, Any]]) -> AsyncIterator[Fleet]:
+    """Start in-process workers and schedulers; all stopped at teardown."""
+    running = Fleet(settings, workflows)
+    try:
+        yield running
+    finally:
+        await running.stop_all()
+
+
+@pytest.fixture
+def process_fleet(settings: Settings, tmp_path: Path) -> Iterator[ProcessFleet]:
+    """Start real worker and scheduler processes; each is ended by its pid, even on failure."""
+    running = ProcessFleet(process_env(settings), tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop_all()
+
+
+@pytest.fixture
+async def producer(settings: Settings) -> AsyncIterator[Producer]:
+    """A connected producer in this test's namespace."""
+    async with Producer(settings.amqp, namespace=settings.namespace) as connected:
+        yield connected
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    """A client on this test's database."""
+    async with Client(settings.database, settings.amqp, namespace=settings.namespace) as connected:
+        yield connected

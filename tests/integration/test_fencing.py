@@ -1,0 +1,118 @@
+"""The attempt number is the fencing token: stale, duplicate and racing messages commit nothing twice."""
+
+from __future__ import annotations
+
+from producer import Client, Producer
+from shared.broker import AmqpBroker
+from shared.messages import StepMessage, WakeMessage, encode_message
+from shared.settings import Settings
+from tests.support import db
+from tests.support.fleet import Fleet
+from tests.support.polling import eventually
+
+
+async def _publish(settings: Settings, message: StepMessage | WakeMessage) -> None:
+    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+        await broker.publish(
+            message.routing_key, encode_message(message, limit=settings.max_payload_bytes), None
+        )
+
+
+async def _drain(producer: Producer, client: Client) -> None:
+    """With one worker slot, a start published now completes only after what was queued before it."""
+    marker = await producer.start("sequence", {"a": 0, "b": 0})
+    assert (await client.wait(marker, timeout=30)).status == "complete"
+
+
+async def test_a_redelivered_step_of_a_finished_instance_is_dropped(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    fleet.start_worker(
+        settings=settings.model_copy(update={"worker": settings.worker.model_copy(update={"concurrency": 1})})
+    )
+    instance_id = await producer.start("sequence", {"a": 1, "b": 1})
+    assert (await client.wait(instance_id, timeout=30)).status == "complete"
+
+    await _publish(
+        settings,
+        StepMessage(workflow="sequence", instance_id=instance_id, step="add", occurrence=1, attempt=1),
+    )
+    await _drain(producer, client)
+    assert await db.side_effects(settings.database, instance_id, "add") == 1
+    assert (
+        await db.scalar(
+            settings.database, "SELECT count(*) FROM step_attempts WHERE instance_id = %s", instance_id
+        )
+        == 3
+    )
+
+
+async def test_a_stale_attempt_does_not_run(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    fleet.start_worker(
+        settings=settings.model_copy(update={"worker": settings.worker.model_copy(update={"concurrency": 1})})
+    )
+    fleet.start_scheduler()
+    instance_id = await producer.start("flaky", {"fail_times": 10, "limit": 2})
+    info = await client.wait(instance_id, timeout=30)
+    assert info.status == "errored"
+    runs = await db.side_effects(settings.database, instance_id, "call")
+
+    # Attempt 2 already failed; its message arriving again must not run the step.
+    await _publish(
+        settings, StepMessage(workflow="flaky", instance_id=instance_id, step="call", occurrence=1, attempt=2)
+    )
+    await _drain(producer, client)
+    assert await db.side_effects(settings.database, instance_id, "call") == runs == 3
+
+
+async def test_a_duplicate_wake_completes_the_sleep_once(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    fleet.start_worker(
+        settings=settings.model_copy(update={"worker": settings.worker.model_copy(update={"concurrency": 1})})
+    )
+    fleet.start_scheduler()
+    instance_id = await producer.start("sleeper", {"duration": "100ms"})
+    assert (await client.wait(instance_id, timeout=30)).status == "complete"
+
+    wake = WakeMessage(workflow="sleeper", instance_id=instance_id, step="nap", occurrence=1, attempt=1)
+    await _publish(settings, wake)
+    await _publish(settings, wake)
+    await _drain(producer, client)
+    assert await db.side_effects(settings.database, instance_id, "after") == 1
+
+
+async def test_two_workers_running_one_attempt_at_once_commit_it_once(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    fleet.start_worker(worker_id="w1")
+    fleet.start_worker(worker_id="w2")
+    instance_id = await producer.start("slow-pair", None)
+
+    async def slow_runs() -> int:
+        return await db.side_effects(settings.database, instance_id, "slow")
+
+    await eventually(slow_runs, check=lambda runs: runs == 1, what="the slow step to start")
+    # A duplicate of the running attempt's message, as a redelivery after a network split would make.
+    await _publish(
+        settings,
+        StepMessage(workflow="slow-pair", instance_id=instance_id, step="slow", occurrence=1, attempt=1),
+    )
+    await eventually(slow_runs, check=lambda runs: runs == 2, what="the duplicate to run too")
+
+    info = await client.wait(instance_id, timeout=30)
+    assert (info.status, info.output) == ("complete", "slow done/N")
+    # Step code ran twice (at least once), but one result was committed and what follows ran once.
+    attempts = await client.attempts(instance_id)
+    assert [(a.step, a.attempt) for a in attempts] == [("slow", 1), ("next", 1)]
+    await _drain_quietly(client, settings, instance_id)
+    assert await db.side_effects(settings.database, instance_id, "next") == 1
+
+
+async def _drain_quietly(client: Client, settings: Settings, instance_id: str) -> None:
+    async def outbox_and_queue_settled() -> int:
+        return int(await db.scalar(settings.database, "SELECT count(*) FROM outbox"))
+
+    await eventually(outbox_and_queue_settled, check=lambda count: count == 0, what="the outbox to empty")

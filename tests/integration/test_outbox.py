@@ -1,0 +1,52 @@
+"""The outbox: a row is deleted only after the broker confirmed it; a sweeper republishes leftovers."""
+
+from __future__ import annotations
+
+from producer import Client, Producer
+from shared.broker import AmqpBroker
+from shared.db import queries
+from shared.db.engine import create_engine
+from shared.messages import WakeMessage, encode_message
+from shared.outbox import OutboxRelay
+from shared.settings import Settings
+from tests.support import db
+from tests.support.fleet import Fleet
+from tests.support.polling import eventually
+
+
+async def test_a_row_left_behind_by_a_crash_is_republished_by_the_sweeper(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    fleet.start_worker()
+    instance_id = await producer.start("sleeper", {"duration": "1 day"})
+
+    async def status() -> str | None:
+        info = await client.get(instance_id)
+        return info.status if info else None
+
+    await eventually(status, check=lambda value: value == "waiting", what="the instance to sleep")
+    # A scheduler fired the timer, committed the outbox row, and died before publishing it.
+    wake = WakeMessage(workflow="sleeper", instance_id=instance_id, step="nap", occurrence=1, attempt=1)
+    await db.rows(settings.database, "UPDATE timers SET fired_at = now()")
+    await db.rows(
+        settings.database,
+        "INSERT INTO outbox (routing_key, body, created_at) VALUES (%s, %s, now() - interval '1 minute')",
+        wake.routing_key,
+        encode_message(wake, limit=settings.max_payload_bytes),
+    )
+    info = await client.wait(instance_id, timeout=30)
+    assert info.status == "complete"
+    assert await db.scalar(settings.database, "SELECT count(*) FROM outbox") == 0
+
+
+async def test_an_unroutable_row_stays_in_the_outbox(settings: Settings) -> None:
+    engine = create_engine(settings.database, pool_size=1)
+    try:
+        async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+            async with engine.begin() as conn:
+                rows = await queries.insert_outbox(conn, [("step.no-queue-bound", b"{}", None)])
+            await OutboxRelay(engine, broker, settings.outbox).publish_committed(rows)
+    finally:
+        await engine.dispose()
+    # The broker returned it (no queue is bound), so it was not sent and must not be forgotten.
+    assert await db.scalar(settings.database, "SELECT routing_key FROM outbox") == "step.no-queue-bound"

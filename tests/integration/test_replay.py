@@ -1,0 +1,66 @@
+"""Replay: committed steps never run again, and code that changed under a running instance is caught."""
+
+from __future__ import annotations
+
+import asyncio
+
+from producer import Client, Producer
+from shared.settings import Settings
+from tests.support import db
+from tests.support.fleet import Fleet
+from tests.support.polling import eventually
+from tests.workflows import branch
+from worker import Context, Workflow
+
+
+async def test_every_step_replays_the_history_without_rerunning_committed_steps(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    fleet.start_worker()
+    fleet.start_scheduler()
+    # Each of the three steps after the first is run after a full replay of the stored history.
+    ids = [await producer.start("sequence", {"a": n, "b": n}) for n in range(5)]
+    for instance_id in ids:
+        info = await client.wait(instance_id, timeout=30)
+        assert info.status == "complete"
+        assert await db.side_effects(settings.database, instance_id, "add") == 1
+        assert await db.side_effects(settings.database, instance_id, "describe") == 1
+
+
+async def _evolving_v2(ctx: Context, params: None) -> str:
+    first = await ctx.step("a", branch, "a")
+    # The deploy replaced the sleep with a new step.
+    return first + await ctx.step("c", branch, "c")
+
+
+async def test_changed_code_errors_the_instance_naming_history_and_code(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    old_worker = fleet.start_worker()
+    fleet.start_scheduler()
+    instance_id = await producer.start("evolving", None)
+
+    async def status() -> str | None:
+        info = await client.get(instance_id)
+        return info.status if info else None
+
+    await eventually(status, check=lambda value: value == "waiting", what="the instance to sleep")
+    await fleet.stop(old_worker)
+
+    # Deploy: the same workflow name now runs different code.
+    fleet.start_worker(workflows={"evolving": Workflow("evolving", _evolving_v2)})
+    await db.rows(settings.database, "UPDATE timers SET fire_at = now()")
+    info = await client.wait(instance_id, timeout=30)
+
+    assert info.status == "errored"
+    assert info.error is not None
+    assert info.error["type"] == "NonDeterminismError"
+    assert info.error["message"] == (
+        f"non-determinism in instance {instance_id!r}: the history holds sleep 'pause' at position 2, "
+        "but the code asked for step 'c'"
+    )
+    # Nothing was silently re-run or run anew.
+    assert await db.side_effects(settings.database, instance_id, "a") == 1
+    assert await db.side_effects(settings.database, instance_id, "c") == 0
+    await asyncio.sleep(0.3)
+    assert await db.side_effects(settings.database, instance_id, "c") == 0

@@ -1,0 +1,106 @@
+"""Durable sleeps: short ones fire on time, long ones are rows that survive anything."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from producer import Client, Producer
+from shared.settings import Settings
+from tests.support import db
+from tests.support.fleet import Fleet
+from tests.support.polling import eventually
+
+
+async def _waiting(client: Client, instance_id: str) -> None:
+    async def status() -> str | None:
+        info = await client.get(instance_id)
+        return info.status if info else None
+
+    await eventually(status, check=lambda value: value == "waiting", what="the instance to wait")
+
+
+async def test_short_sleep_completes(fleet: Fleet, producer: Producer, client: Client) -> None:
+    fleet.start_worker()
+    fleet.start_scheduler()
+    instance_id = await producer.start("sleeper", {"duration": "300ms"})
+    info = await client.wait(instance_id, timeout=30)
+    assert info.status == "complete"
+    nap = next(step for step in info.steps if step.name == "nap")
+    assert (nap.kind, nap.status) == ("sleep", "succeeded")
+    assert nap.started_at is not None and nap.finished_at is not None
+    assert nap.finished_at - nap.started_at >= timedelta(milliseconds=300)
+
+
+async def test_sleep_of_days_is_a_timer_row_that_fires_when_due(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    fleet.start_worker()
+    fleet.start_scheduler()
+    instance_id = await producer.start("sleeper", {"duration": "3 days"})
+    await _waiting(client, instance_id)
+    (timer,) = await db.rows(
+        settings.database,
+        "SELECT kind, fire_at - created_at AS delay, fired_at FROM timers WHERE instance_id = %s",
+        instance_id,
+    )
+    assert timer["kind"] == "sleep"
+    assert timedelta(days=3) - timedelta(seconds=5) <= timer["delay"] <= timedelta(days=3)
+    assert timer["fired_at"] is None
+    info = await client.get(instance_id)
+    assert info is not None and [s.status for s in info.steps] == ["waiting"]
+
+    # Three days pass.
+    await db.rows(settings.database, "UPDATE timers SET fire_at = now() - interval '1 second'")
+    info = await client.wait(instance_id, timeout=30)
+    assert info.status == "complete"
+    assert info.output is not None and info.output["woke"] == "awake"
+    assert await db.side_effects(settings.database, instance_id, "after") == 1
+    fired = await db.scalar(settings.database, "SELECT count(*) FROM timers WHERE fired_at IS NOT NULL")
+    assert fired == 1
+
+
+async def test_sleep_until_a_date_fires_then(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    fleet.start_worker()
+    fleet.start_scheduler()
+    wake_at = datetime.now(UTC) + timedelta(days=30)
+    instance_id = await producer.start("sleep-until", {"wake_at": wake_at.isoformat()})
+    await _waiting(client, instance_id)
+    fire_at = await db.scalar(
+        settings.database, "SELECT fire_at FROM timers WHERE instance_id = %s", instance_id
+    )
+    assert abs(fire_at - wake_at) < timedelta(milliseconds=1)
+
+    await db.rows(settings.database, "UPDATE timers SET fire_at = now()")
+    info = await client.wait(instance_id, timeout=30)
+    assert (info.status, info.output) == ("complete", "awake")
+
+
+async def test_sleep_until_a_past_date_fires_at_once(
+    fleet: Fleet, producer: Producer, client: Client
+) -> None:
+    fleet.start_worker()
+    fleet.start_scheduler()
+    wake_at = datetime.now(UTC) - timedelta(hours=1)
+    instance_id = await producer.start("sleep-until", {"wake_at": wake_at.isoformat()})
+    info = await client.wait(instance_id, timeout=30)
+    assert (info.status, info.output) == ("complete", "awake")
+
+
+async def test_a_sleeping_instance_survives_a_restart_of_the_whole_fleet(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    worker = fleet.start_worker()
+    scheduler = fleet.start_scheduler()
+    instance_id = await producer.start("sleeper", {"duration": "2 hours"})
+    await _waiting(client, instance_id)
+    await fleet.stop(worker)
+    await fleet.stop(scheduler)
+
+    await db.rows(settings.database, "UPDATE timers SET fire_at = now()")
+    fleet.start_worker()
+    fleet.start_scheduler()
+    info = await client.wait(instance_id, timeout=30)
+    assert info.status == "complete"
+    assert await db.side_effects(settings.database, instance_id, "after") == 1

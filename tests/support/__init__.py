@@ -1,0 +1,1 @@
+"""Helpers the tests share: isolated services, fleets of workers, polling."""

@@ -1,0 +1,144 @@
+"""Run workers and schedulers for a test: in-process tasks, or real processes stopped by pid."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scheduler.runner import run_scheduler
+from shared.settings import Settings
+from worker.runner import run_worker
+from worker.workflow import Workflow
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class _Running:
+    name: str
+    task: asyncio.Task[None]
+    stopping: asyncio.Event
+
+
+@dataclass
+class Fleet:
+    """In-process workers and schedulers on the test's event loop, stopped at teardown."""
+
+    settings: Settings
+    workflows: Mapping[str, Workflow[Any, Any]]
+    _running: list[_Running] = field(default_factory=list)
+
+    def start_worker(
+        self,
+        *,
+        workflows: Mapping[str, Workflow[Any, Any]] | None = None,
+        worker_id: str | None = None,
+        settings: Settings | None = None,
+    ) -> _Running:
+        """Start a worker consuming the given (default: all test) workflows."""
+        name = worker_id or f"test-worker-{len(self._running) + 1}"
+        stopping = asyncio.Event()
+        task = asyncio.create_task(
+            run_worker(
+                settings or self.settings,
+                workflows if workflows is not None else self.workflows,
+                stopping,
+                worker_id=name,
+                startup_timeout_s=10,
+            )
+        )
+        running = _Running(name, task, stopping)
+        self._running.append(running)
+        return running
+
+    def start_scheduler(self) -> _Running:
+        """Start a scheduler."""
+        stopping = asyncio.Event()
+        task = asyncio.create_task(run_scheduler(self.settings, stopping, startup_timeout_s=10))
+        running = _Running(f"test-scheduler-{len(self._running) + 1}", task, stopping)
+        self._running.append(running)
+        return running
+
+    async def stop(self, running: _Running) -> None:
+        """Stop one process gracefully and re-raise anything it died of."""
+        running.stopping.set()
+        await asyncio.wait_for(running.task, timeout=30)
+
+    async def stop_all(self) -> None:
+        """Stop everything that was started; raise the first crash seen."""
+        for running in self._running:
+            running.stopping.set()
+        results = await asyncio.gather(
+            *(asyncio.wait_for(running.task, timeout=30) for running in self._running), return_exceptions=True
+        )
+        self._running.clear()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+
+@dataclass
+class ProcessFleet:
+    """Real ``stepline-worker``/``stepline-scheduler`` processes, each ended by its pid."""
+
+    env: dict[str, str]
+    log_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start a console script (``stepline-worker`` ...) with the test's environment."""
+        log = (self.log_dir / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        """What a process printed so far."""
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process, as a crash would."""
+        process = self.processes[name]
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        """SIGTERM everything still running, then SIGKILL what did not exit."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def process_env(settings: Settings) -> dict[str, str]:
+    """The environment a worker process of this test needs."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("STEPLINE_")}
+    env.update(
+        STEPLINE_DATABASE_URL=settings.database,
+        STEPLINE_AMQP_URL=settings.amqp,
+        STEPLINE_NAMESPACE=settings.namespace,
+        STEPLINE_SCHEDULER__POLL_INTERVAL="100ms",
+        STEPLINE_OUTBOX__SWEEP_INTERVAL="500ms",
+        STEPLINE_OUTBOX__SWEEP_AFTER="1s",
+        STEPLINE_WORKER__SHUTDOWN_GRACE="5s",
+        PYTHONPATH=str(ROOT),
+    )
+    return env

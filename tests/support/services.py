@@ -1,0 +1,77 @@
+"""Isolation on the real services: a vhost per run, a database per test cloned from a template."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from urllib.parse import quote
+
+import psycopg
+
+from shared.db import migrate
+
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+AMQP_ROOT = "amqp://guest:guest@127.0.0.1:5672"
+
+SIDE_EFFECTS_DDL = """
+CREATE TABLE side_effects (
+    id bigserial PRIMARY KEY,
+    instance_id text NOT NULL,
+    step text NOT NULL,
+    attempt int NOT NULL,
+    worker_pid int NOT NULL,
+    note text NOT NULL DEFAULT '',
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+def database_url(name: str) -> str:
+    """The URL of a database on the local server."""
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def amqp_url(vhost: str) -> str:
+    """The URL of a vhost on the local broker."""
+    return f"{AMQP_ROOT}/{quote(vhost, safe='')}"
+
+
+def _admin(sql: str) -> None:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def create_template(name: str) -> None:
+    """A migrated database (plus the tests' side-effect table) to clone per test."""
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _admin(f'CREATE DATABASE "{name}"')
+    migrate.upgrade(database_url(name))
+    with psycopg.connect(database_url(name), autocommit=True) as conn:
+        conn.execute(SIDE_EFFECTS_DDL)
+
+
+def clone_database(template: str) -> str:
+    """A fresh database cloned from ``template``; returns its name."""
+    name = f"{template}_{uuid.uuid4().hex[:8]}"
+    _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return name
+
+
+def drop_database(name: str) -> None:
+    """Drop a database, closing any connection still open to it."""
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def create_vhost(name: str) -> None:
+    """A RabbitMQ vhost that guest may use fully."""
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+        check=True,
+        capture_output=True,
+    )
+
+
+def delete_vhost(name: str) -> None:
+    """Delete a vhost and every queue in it."""
+    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=False, capture_output=True)

@@ -1,0 +1,252 @@
+"""Workflows the tests run; every step records each real execution in ``side_effects``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from pydantic import BaseModel
+
+from worker import Context, NonRetryableError, RetryPolicy, step_info, workflow
+
+FAST_RETRY = RetryPolicy(limit=3, delay="100ms", backoff="constant")
+
+
+async def record(note: str = "") -> int:
+    """Record one execution of the running step; returns how many times it ran before."""
+    info = step_info()
+    step = info.name if info.occurrence == 1 else f"{info.name}#{info.occurrence}"
+    async with await psycopg.AsyncConnection.connect(
+        os.environ["STEPLINE_DATABASE_URL"], autocommit=True
+    ) as conn:
+        cursor = await conn.execute(
+            "SELECT count(*) FROM side_effects WHERE instance_id = %s AND step = %s",
+            (info.instance_id, step),
+        )
+        row = await cursor.fetchone()
+        await conn.execute(
+            "INSERT INTO side_effects (instance_id, step, attempt, worker_pid, note)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (info.instance_id, step, info.attempt, os.getpid(), note),
+        )
+    return int(row[0]) if row else 0
+
+
+# ---------------------------------------------------------------- sequence
+
+
+class Numbers(BaseModel):
+    a: int
+    b: int
+
+
+class Total(BaseModel):
+    value: int
+
+
+async def add(a: int, b: int) -> Total:
+    await record()
+    return Total(value=a + b)
+
+
+def multiply(total: Total, factor: int) -> int:
+    # A plain function: it runs in a thread, and step_info() still works there.
+    assert step_info().name == "multiply"
+    return total.value * factor
+
+
+async def describe(value: int) -> str:
+    await record()
+    return f"result={value}"
+
+
+@workflow("sequence")
+async def sequence(ctx: Context, params: Numbers) -> dict[str, Any]:
+    total = await ctx.step("add", add, params.a, params.b)
+    product = await ctx.step("multiply", multiply, total, 10)
+    text = await ctx.step("describe", describe, product)
+    return {"total": total.value, "product": product, "text": text}
+
+
+# ---------------------------------------------------------------- retries and failures
+
+
+class Flaky(BaseModel):
+    fail_times: int
+    limit: int = 3
+
+
+async def flaky_call(fail_times: int) -> str:
+    await record()
+    attempt = step_info().attempt
+    if attempt <= fail_times:
+        raise ConnectionError(f"transient failure on attempt {attempt}")
+    return f"ok on attempt {attempt}"
+
+
+@workflow("flaky")
+async def flaky(ctx: Context, params: Flaky) -> str:
+    return await ctx.step(
+        "call",
+        flaky_call,
+        params.fail_times,
+        retry=RetryPolicy(limit=params.limit, delay="50ms", backoff="constant"),
+    )
+
+
+async def refuse() -> str:
+    await record()
+    raise NonRetryableError("card declined")
+
+
+@workflow("non-retryable")
+async def non_retryable(ctx: Context, params: None) -> str:
+    return await ctx.step("charge", refuse, retry=FAST_RETRY)
+
+
+async def refuse_then_recover() -> str:
+    await record()
+    raise NonRetryableError("card declined")
+
+
+async def compensate() -> str:
+    await record()
+    return "refunded"
+
+
+@workflow("catches-failure")
+async def catches_failure(ctx: Context, params: None) -> str:
+    from worker import StepFailedError
+
+    try:
+        await ctx.step("charge", refuse_then_recover)
+    except StepFailedError as exc:
+        return await ctx.step("compensate", compensate) + f" after: {exc.error_message}"
+    return "charged"
+
+
+async def slow_first(seconds: float) -> str:
+    await record()
+    if step_info().attempt == 1:
+        await asyncio.sleep(seconds)
+    return f"finished on attempt {step_info().attempt}"
+
+
+@workflow("times-out")
+async def times_out(ctx: Context, params: None) -> str:
+    return await ctx.step("slow", slow_first, 5.0, timeout="300ms", retry=FAST_RETRY)
+
+
+class Opaque:
+    """Not JSON-serialisable."""
+
+
+async def returns_opaque() -> Opaque:
+    await record()
+    return Opaque()
+
+
+@workflow("unserialisable")
+async def unserialisable(ctx: Context, params: None) -> str:
+    await ctx.step("make-opaque", returns_opaque)
+    return "unreachable"
+
+
+async def nul_text() -> str:
+    await record()
+    return "before\x00after"
+
+
+@workflow("nul-result")
+async def nul_result(ctx: Context, params: None) -> str:
+    return await ctx.step("nul", nul_text)
+
+
+# ---------------------------------------------------------------- sleeps
+
+
+class Nap(BaseModel):
+    duration: str
+
+
+async def after_nap() -> str:
+    await record()
+    return "awake"
+
+
+@workflow("sleeper")
+async def sleeper(ctx: Context, params: Nap) -> dict[str, str]:
+    before = ctx.now()
+    await ctx.sleep("nap", params.duration)
+    woke = await ctx.step("after", after_nap)
+    return {"before": before.isoformat(), "woke": woke}
+
+
+class Alarm(BaseModel):
+    wake_at: datetime
+
+
+@workflow("sleep-until")
+async def sleep_until(ctx: Context, params: Alarm) -> str:
+    await ctx.sleep_until("alarm", params.wake_at)
+    return await ctx.step("after", after_nap)
+
+
+# ---------------------------------------------------------------- parallel
+
+
+async def branch(label: str) -> str:
+    await record()
+    return label.upper()
+
+
+@workflow("parallel")
+async def parallel(ctx: Context, params: None) -> list[str]:
+    left, right = await asyncio.gather(ctx.step("left", branch, "l"), ctx.step("right", branch, "r"))
+    return [left, right, await ctx.step("join", branch, left + right)]
+
+
+# ---------------------------------------------------------------- crash
+
+
+async def block_first_time() -> str:
+    """Blocks forever on its first execution (the test kills the worker); returns after."""
+    runs_before = await record()
+    if runs_before == 0:
+        await asyncio.sleep(3600)
+    return "done"
+
+
+@workflow("crash")
+async def crash(ctx: Context, params: None) -> str:
+    first = await ctx.step("before", branch, "x")
+    blocked = await ctx.step("blocking", block_first_time)
+    last = await ctx.step("after", branch, "y")
+    return first + blocked + last
+
+
+# ---------------------------------------------------------------- races and deploys
+
+
+async def slow_step(seconds: float) -> str:
+    await record()
+    await asyncio.sleep(seconds)
+    return "slow done"
+
+
+@workflow("slow-pair")
+async def slow_pair(ctx: Context, params: None) -> str:
+    first = await ctx.step("slow", slow_step, 1.0)
+    second = await ctx.step("next", branch, "n")
+    return f"{first}/{second}"
+
+
+@workflow("evolving")
+async def evolving(ctx: Context, params: None) -> str:
+    """Version 1; tests deploy a changed version under the same name while it sleeps."""
+    first = await ctx.step("a", branch, "a")
+    await ctx.sleep("pause", "1 day")
+    return first + await ctx.step("b", branch, "b")
