@@ -183,7 +183,7 @@ def upgrade() -> None:
     settings = _settings("database_url")
     try:
         migrate.upgrade(settings.database)
-    except Exception as exc:
+    except Exception as exc:  # CLI edge: one clear line instead of a traceback
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise click.ClickException(
             f"migration failed on {mask_url(settings.database)}: {type(exc).__name__}: {first_line}"

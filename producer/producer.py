@@ -104,6 +104,7 @@ class Producer:
         else:
             raw = workflow.encode_params(params)
         try:
-            return StartMessage(workflow=name, instance_id=instance_id or str(uuid.uuid4()), params=raw)
+            given = str(uuid.uuid4()) if instance_id is None else instance_id
+            return StartMessage(workflow=name, instance_id=given, params=raw)
         except ValidationError as exc:
             raise BadPayloadError(f"invalid start event: {format_validation_error(exc)}") from None

@@ -11,6 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from scheduler.timers import fire_due_timers, seconds_until_next
 from shared.broker import AmqpBroker
 from shared.db.engine import create_engine
+from shared.db.migrate import check_schema
 from shared.errors import BrokerError
 from shared.outbox import OutboxRelay
 from shared.retrying import retry_until
@@ -29,6 +30,12 @@ async def run_scheduler(
     try:
         await retry_until(
             broker.connect, what="RabbitMQ", deadline_s=startup_timeout_s, retry_on=(BrokerError,)
+        )
+        await retry_until(
+            lambda: check_schema(engine),
+            what="PostgreSQL",
+            deadline_s=startup_timeout_s,
+            retry_on=(SQLAlchemyError, OSError),
         )
         relay = OutboxRelay(engine, broker, settings.outbox)
         sweeper = asyncio.create_task(relay.run_sweeper(stopping))

@@ -69,7 +69,7 @@ class StepExecutor:
             )
         except NonRetryableError as exc:
             return self._failed(exc, False, "failed", started_at)
-        except Exception as exc:
+        except Exception as exc:  # step code may raise anything: it is recorded, not fatal
             return self._failed(exc, True, "failed", started_at)
         finally:
             reset_step_info(token)

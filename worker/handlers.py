@@ -87,14 +87,17 @@ class MessageHandler:
             await asyncio.sleep(self._retry_delay)
             await _quietly(delivery.requeue())
             return
-        except Exception as exc:
+        except Exception as exc:  # process edge: record, dead-letter, keep consuming
             log.exception("internal error handling a message", extra={"event": "handle_crashed"})
             await self._reject(delivery, f"internal error: {type(exc).__name__}: {exc}")
             return
         # Ack only after the commit: a crash before this line redelivers the
         # message, and the attempt check turns the redelivery into a no-op.
         await _quietly(delivery.ack())
-        await self._relay.publish_committed(rows)
+        try:
+            await self._relay.publish_committed(rows)
+        except Exception:  # the rows are committed: the sweeper publishes them
+            log.exception("fast-path publish failed", extra={"event": "fast_path_failed"})
 
     async def _reject(self, delivery: Delivery, reason: str) -> None:
         log.warning(
@@ -362,7 +365,7 @@ async def _quietly(action: Awaitable[None]) -> None:
     """Ack or requeue; if the channel is gone the broker redelivers, which is safe."""
     try:
         await action
-    except Exception:
+    except Exception:  # a lost channel means redelivery, which fencing makes harmless
         log.debug("ack/requeue failed; the message will be redelivered", extra={"event": "ack_failed"})
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from shared.broker import AmqpBroker, Delivery
 from shared.db.engine import create_engine
+from shared.db.migrate import check_schema
 from shared.errors import BrokerError
 from shared.outbox import OutboxRelay
 from shared.retrying import retry_until
@@ -75,7 +76,7 @@ async def run_worker(
                 in_flight.discard(task)
 
         await retry_until(
-            _check_database(engine),
+            lambda: check_schema(engine),
             what="PostgreSQL",
             deadline_s=startup_timeout_s,
             retry_on=(SQLAlchemyError, OSError),
@@ -111,11 +112,3 @@ async def run_worker(
         executor.shutdown()
         await engine.dispose()
         log.info("worker stopped", extra={"event": "worker_stopped", "worker": worker_id})
-
-
-def _check_database(engine: Any) -> Any:
-    async def check() -> None:
-        async with engine.connect() as conn:
-            await conn.exec_driver_sql("SELECT 1")
-
-    return check

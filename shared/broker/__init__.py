@@ -1,5 +1,6 @@
-"""Broker wiring: all aio-pika code (connections, topology, confirms, dead letters) lives here."""
+"""Broker wiring: the seam (``Broker``, ``Delivery``) and its RabbitMQ implementation."""
 
-from shared.broker.connection import AmqpBroker, Delivery, Publisher, mask_amqp_url
+from shared.broker.base import Broker, Delivery, Handler, Publisher
+from shared.broker.connection import AmqpBroker, mask_amqp_url
 
-__all__ = ["AmqpBroker", "Delivery", "Publisher", "mask_amqp_url"]
+__all__ = ["AmqpBroker", "Broker", "Delivery", "Handler", "Publisher", "mask_amqp_url"]

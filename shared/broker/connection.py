@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -19,6 +18,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from shared.broker.base import Delivery, Handler
 from shared.errors import BrokerError, UnroutableError
 from shared.topology import (
     dead_letter_exchange_name,
@@ -30,8 +30,22 @@ from shared.topology import (
 
 log = logging.getLogger("stepline.broker")
 
+# A publish can hang through a broker outage even on a robust connection; past
+# this it counts as failed and the outbox row stays for the sweeper.
+PUBLISH_TIMEOUT_S = 10.0
+
 REASON_HEADER = "x-stepline-reason"
 ORIGINAL_ROUTING_KEY_HEADER = "x-stepline-routing-key"
+
+
+# What aio-pika and aiormq raise when the broker or the connection fails.
+_AMQP_FAILURES: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    aio_pika.exceptions.AMQPException,
+    OSError,
+    RuntimeError,
+)
+_AMQP_FAILURES_OR_TIMEOUT: tuple[type[BaseException], ...] = (*_AMQP_FAILURES, TimeoutError)
 
 
 def mask_amqp_url(url: str) -> str:
@@ -44,42 +58,8 @@ def mask_amqp_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-class Publisher(Protocol):
-    """What the outbox relay needs from a broker: a confirmed, routed publish."""
-
-    async def publish(self, routing_key: str, body: bytes, headers: Mapping[str, str] | None) -> None:
-        """Publish and wait for the broker's confirm.
-
-        Raises:
-            UnroutableError: no queue is bound for the routing key.
-            BrokerError: the broker refused the message or the connection failed.
-        """
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A consumed message, independent of the AMQP library."""
-
-    body: bytes
-    routing_key: str
-    headers: dict[str, str]
-    redelivered: bool
-    _message: AbstractIncomingMessage
-
-    async def ack(self) -> None:
-        """Tell the broker the message is done with; call only after the commit."""
-        await self._message.ack()
-
-    async def requeue(self) -> None:
-        """Give the message back to the broker for another consumer."""
-        await self._message.nack(requeue=True)
-
-
-Handler = Callable[[Delivery], Awaitable[None]]
-
-
 class AmqpBroker:
-    """A robust connection to RabbitMQ with Stepline's durable topology.
+    """The RabbitMQ ``Broker``: a robust connection with Stepline's durable topology.
 
     Publishing uses a channel with publisher confirms and ``mandatory=True``:
     a message the broker cannot route raises instead of vanishing.
@@ -116,7 +96,7 @@ class AmqpBroker:
                 dead_letter_queue_name(self.namespace), durable=True
             )
             await dead.bind(self._dead_letter_exchange)
-        except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
+        except _AMQP_FAILURES_OR_TIMEOUT as exc:
             await self.close()
             raise BrokerError(f"cannot connect to RabbitMQ at {mask_amqp_url(self._url)}: {exc}") from exc
 
@@ -171,10 +151,10 @@ class AmqpBroker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         try:
-            await self._exchange.publish(message, routing_key, mandatory=True)
+            await self._exchange.publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
         except aio_pika.exceptions.PublishError as exc:
             raise UnroutableError(routing_key) from exc
-        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, OSError, RuntimeError) as exc:
+        except _AMQP_FAILURES_OR_TIMEOUT as exc:
             raise BrokerError(f"publish to {routing_key!r} failed: {exc!r}") from exc
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
@@ -188,8 +168,8 @@ class AmqpBroker:
             delivery.body, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
         )
         try:
-            await self._dead_letter_exchange.publish(message, "", mandatory=True)
-        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, OSError, RuntimeError) as exc:
+            await self._dead_letter_exchange.publish(message, "", mandatory=True, timeout=PUBLISH_TIMEOUT_S)
+        except _AMQP_FAILURES_OR_TIMEOUT as exc:
             raise BrokerError(f"dead-lettering failed: {exc!r}") from exc
 
     async def consume(self, workflows: list[str], handler: Handler, *, prefetch: int) -> None:
@@ -214,7 +194,8 @@ class AmqpBroker:
                     routing_key=message.routing_key or "",
                     headers=headers,
                     redelivered=bool(message.redelivered),
-                    _message=message,
+                    _ack=message.ack,
+                    _requeue=lambda: message.nack(requeue=True),
                 )
             )
 
@@ -229,5 +210,5 @@ class AmqpBroker:
         for queue, tag in consumers:
             try:
                 await queue.cancel(tag)
-            except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, OSError, RuntimeError):
+            except _AMQP_FAILURES:
                 log.warning("could not cancel consumer", extra={"event": "consumer_cancel_failed"})

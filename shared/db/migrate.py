@@ -8,9 +8,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db.engine import driver_url
+from shared.errors import StorageError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -41,3 +44,23 @@ def current_revision(database_url: str) -> str | None:
 def head_revision() -> str | None:
     """The newest revision shipped with this code."""
     return ScriptDirectory.from_config(alembic_config("postgresql://unused/")).get_current_head()
+
+
+async def check_schema(engine: AsyncEngine) -> None:
+    """Make sure the database is migrated to the revision this code needs.
+
+    Raises:
+        StorageError: it is not, with the command that fixes it.
+        SQLAlchemyError, OSError: the database cannot be reached (callers retry).
+    """
+    needed = head_revision()
+    async with engine.connect() as conn:
+        try:
+            found = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+        except ProgrammingError:
+            found = None
+    if found != needed:
+        raise StorageError(
+            f"the database schema is at revision {found or 'none'}, this code needs {needed}: "
+            "run `stepline db upgrade`"
+        )

@@ -1,0 +1,68 @@
+"""The broker seam: what the engine needs from a message broker, whatever the transport."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A consumed message, independent of the transport that brought it."""
+
+    body: bytes
+    routing_key: str
+    headers: dict[str, str]
+    redelivered: bool
+    _ack: Callable[[], Awaitable[None]]
+    _requeue: Callable[[], Awaitable[None]]
+
+    async def ack(self) -> None:
+        """Tell the broker the message is done with; call only after the commit."""
+        await self._ack()
+
+    async def requeue(self) -> None:
+        """Give the message back to the broker for another consumer."""
+        await self._requeue()
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class Publisher(Protocol):
+    """What the outbox relay needs from a broker: a confirmed, routed publish."""
+
+    async def publish(self, routing_key: str, body: bytes, headers: Mapping[str, str] | None) -> None:
+        """Publish and wait for the broker's confirm.
+
+        Raises:
+            UnroutableError: no queue is bound for the routing key.
+            BrokerError: the broker refused the message or the connection failed.
+        """
+
+
+class Broker(Publisher, Protocol):
+    """Everything a Stepline process does with its broker.
+
+    ``AmqpBroker`` is the RabbitMQ implementation; an in-process one for the
+    embedded mode implements the same methods.
+    """
+
+    async def connect(self) -> None:
+        """Connect and declare the base topology (idempotent)."""
+
+    async def close(self) -> None:
+        """Disconnect; unacked deliveries go back to their queues."""
+
+    async def ensure_workflow_queue(self, workflow: str) -> None:
+        """Make sure messages for ``workflow`` have a durable queue to wait in."""
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Keep a message that cannot be processed, with its reason, for inspection."""
+
+    async def consume(self, workflows: list[str], handler: Handler, *, prefetch: int) -> None:
+        """Deliver messages of the given workflows to ``handler``, at most ``prefetch`` unacked."""
+
+    async def stop_consuming(self) -> None:
+        """Stop new deliveries; in-flight ones may still be acked."""

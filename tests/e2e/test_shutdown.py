@@ -1,0 +1,41 @@
+"""SIGTERM: the worker stops taking work, lets the running step commit, and exits 0."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from producer import Client, Producer
+from shared.settings import Settings
+from tests.support import db
+from tests.support.fleet import ProcessFleet
+from tests.support.polling import eventually
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_sigterm_lets_the_running_step_commit_then_exits_zero(
+    process_fleet: ProcessFleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    worker = process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w1")
+    instance_id = await producer.start("slow-pair", None)
+
+    async def slow_runs() -> int:
+        return await db.side_effects(settings.database, instance_id, "slow")
+
+    await eventually(slow_runs, check=lambda runs: runs == 1, timeout=60, what="the slow step to start")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0, process_fleet.log("w1")
+
+    # The one-second step finished and committed during the grace period...
+    attempts = await client.attempts(instance_id)
+    assert [(a.step, a.worker, a.outcome) for a in attempts] == [("slow", "w1", "succeeded")]
+    # ...and the step after it, queued after the worker stopped consuming, waits for the next worker.
+    info = await client.get(instance_id)
+    assert info is not None and info.status == "running"
+    process_fleet.start("w2", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w2")
+    info = await client.wait(instance_id, timeout=60)
+    assert (info.status, info.output) == ("complete", "slow done/N")
+    assert await db.side_effects(settings.database, instance_id, "slow") == 1
+    assert "worker stopped" in process_fleet.log("w1")
