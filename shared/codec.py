@@ -19,9 +19,8 @@ def to_jsonable(value: object) -> JSON:
     Raises:
         TypeError: ``value`` holds something JSON cannot represent.
     """
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    # A round trip both validates and normalises (tuples become lists, nested models dump).
+    # A round trip both validates and normalises (tuples become lists, models dump,
+    # NaN and infinities are refused as JSON has no such numbers).
     return json.loads(json.dumps(value, default=_default, allow_nan=False))
 
 
@@ -59,6 +58,13 @@ def decode(body: bytes, *, limit: int, what: str = "message") -> JSON:
     if len(body) > limit:
         raise PayloadTooLargeError(what, len(body), limit)
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadPayloadError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise BadPayloadError(f"{what} is nested too deeply") from None
+
+
+def _refuse_constant(name: str) -> JSON:
+    # NaN and Infinity are not JSON, and PostgreSQL jsonb would refuse them later.
+    raise ValueError(f"{name} is not a JSON number")

@@ -60,18 +60,18 @@ class StepMessage(_Message):
     """Run attempt ``attempt`` of the step ``step``/``occurrence``."""
 
     kind: Literal["step"] = "step"
-    step: str
-    occurrence: int = Field(ge=1)
-    attempt: int = Field(ge=1)
+    step: str = Field(min_length=1, max_length=200)
+    occurrence: int = Field(ge=1, strict=True)
+    attempt: int = Field(ge=1, strict=True)
 
 
 class WakeMessage(_Message):
     """A timer fired: complete the waiting step ``step``/``occurrence``."""
 
     kind: Literal["wake"] = "wake"
-    step: str
-    occurrence: int = Field(ge=1)
-    attempt: int = Field(ge=1)
+    step: str = Field(min_length=1, max_length=200)
+    occurrence: int = Field(ge=1, strict=True)
+    attempt: int = Field(ge=1, strict=True)
 
 
 Message = Annotated[StartMessage | StepMessage | WakeMessage, Field(discriminator="kind")]
@@ -89,7 +89,7 @@ def parse_message(body: bytes, *, limit: int) -> StartMessage | StepMessage | Wa
     if not isinstance(data, dict):
         raise BadPayloadError(f"message must be a JSON object, got {type(data).__name__}")
     version = data.get("v")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise BadPayloadError(
             f"unsupported schema version {version!r} (this worker reads v={SCHEMA_VERSION})"
         )

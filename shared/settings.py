@@ -74,7 +74,11 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="STEPLINE_", env_nested_delimiter="__", extra="ignore", frozen=True
+        env_prefix="STEPLINE_",
+        env_nested_delimiter="__",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
     )
 
     database_url: SecretStr | None = Field(

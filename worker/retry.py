@@ -36,8 +36,8 @@ class RetryPolicy:
         backoff: Backoff = "exponential",
         max_delay: Duration = "1 hour",
     ) -> None:
-        if limit < 0:
-            raise ValueError(f"RetryPolicy.limit must be 0 or more, got {limit}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"RetryPolicy.limit must be a whole number, 0 or more; got {limit!r}")
         if backoff not in ("constant", "linear", "exponential"):
             raise ValueError(f"RetryPolicy.backoff must be constant, linear or exponential, got {backoff!r}")
         object.__setattr__(self, "limit", limit)
@@ -51,13 +51,16 @@ class RetryPolicy:
 
     def delay_after(self, attempt: int) -> timedelta:
         """How long to wait after failed attempt ``attempt`` (from 1) before the next."""
+        # In float seconds, capped before it becomes a timedelta: a long delay
+        # doubled a few dozen times would overflow timedelta long before max_delay.
+        base = self.delay.total_seconds()
         if self.backoff == "constant":
-            wait = self.delay
+            seconds = base
         elif self.backoff == "linear":
-            wait = self.delay * attempt
+            seconds = base * attempt
         else:
-            wait = self.delay * (2 ** min(attempt - 1, 40))
-        return min(wait, self.max_delay)
+            seconds = base * 2.0 ** min(attempt - 1, 1000)
+        return timedelta(seconds=min(seconds, self.max_delay.total_seconds()))
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()

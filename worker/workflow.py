@@ -37,9 +37,18 @@ class Workflow(Generic[ParamsT, OutputT]):
             raise WorkflowDefinitionError(
                 f"workflow {name!r} must take exactly (ctx, params), it takes {len(parameters)} parameters"
             )
-        self.name = check_workflow_name(name)
+        try:
+            self.name = check_workflow_name(name)
+        except ValueError as exc:
+            raise WorkflowDefinitionError(str(exc)) from None
         self.fn = fn
-        hints = get_type_hints(fn)
+        try:
+            hints = get_type_hints(fn)
+        except NameError as exc:
+            raise WorkflowDefinitionError(
+                f"workflow {name!r}: cannot resolve its type annotations ({exc}); "
+                "define the params and output types at module level"
+            ) from None
         self._params_adapter: TypeAdapter[Any] = TypeAdapter(hints.get(parameters[1].name, Any))
         self._output_adapter: TypeAdapter[Any] = TypeAdapter(hints.get("return", Any))
         self._result_adapters: dict[Callable[..., Any], TypeAdapter[Any]] = {}

@@ -1,0 +1,98 @@
+"""Type-checked, never run: proves the public API reads well to mypy (``mypy --strict``).
+
+``tests/unit/test_typing_usage.py`` runs mypy on this file and on a broken copy of a call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import assert_type
+
+from pydantic import BaseModel
+
+from producer import Client, InstanceInfo, Producer
+from worker import Context, RetryPolicy, Workflow, step_info, workflow
+
+
+class Order(BaseModel):
+    sku: str
+    qty: int
+
+
+class Stock(BaseModel):
+    sku: str
+    reserved: int
+
+
+class Receipt(BaseModel):
+    sku: str
+    total: int
+    email_id: str
+    invoice_id: str
+
+
+async def reserve(sku: str, qty: int) -> Stock:
+    """A typed async step."""
+    assert_type(step_info().idempotency_key, str)
+    return Stock(sku=sku, reserved=qty)
+
+
+def price(qty: int, unit_cents: int) -> int:
+    """A typed sync step (run in a thread)."""
+    return qty * unit_cents
+
+
+async def send_email(sku: str) -> str:
+    return f"mail-{sku}"
+
+
+async def make_invoice(total: int) -> str:
+    return f"inv-{total}"
+
+
+@workflow("order-fulfilment")
+async def order_fulfilment(ctx: Context, params: Order) -> Receipt:
+    assert_type(params, Order)
+    assert_type(ctx.instance_id, str)
+    stock = await ctx.step(
+        "reserve-stock",
+        reserve,
+        params.sku,
+        params.qty,
+        retry=RetryPolicy(limit=5, delay="2s", backoff="exponential", max_delay="1 minute"),
+        timeout="30s",
+    )
+    assert_type(stock, Stock)
+    total = await ctx.step("price", price, stock.reserved, 250)
+    assert_type(total, int)
+    await ctx.sleep("cool-off", "10s")
+    await ctx.sleep_until("tomorrow", datetime(2030, 1, 1, tzinfo=UTC))
+    email_id, invoice_id = await asyncio.gather(
+        ctx.step("email", send_email, stock.sku),
+        ctx.step("invoice", make_invoice, total),
+    )
+    assert_type(email_id, str)
+    assert_type(invoice_id, str)
+    assert_type(ctx.now(), datetime)
+    assert_type(ctx.random(), float)
+    return Receipt(sku=stock.sku, total=total, email_id=email_id, invoice_id=invoice_id)
+
+
+assert_type(order_fulfilment, Workflow[Order, Receipt])
+
+
+async def start_and_follow(amqp_url: str, database_url: str) -> InstanceInfo | None:
+    async with Producer(amqp_url) as producer:
+        instance_id = await producer.start(order_fulfilment, Order(sku="A-1", qty=2))
+        assert_type(instance_id, str)
+        by_name = await producer.start("order-fulfilment", {"sku": "A-1", "qty": 2}, instance_id="o-1")
+        assert_type(by_name, str)
+        ids = await producer.start_batch(order_fulfilment, [Order(sku="B", qty=1)])
+        assert_type(ids, list[str])
+    async with Client(database_url, amqp_url) as client:
+        info = await client.get(instance_id)
+        assert_type(info, InstanceInfo | None)
+        if info is not None:
+            assert_type(info.status, str)
+        return info
