@@ -250,3 +250,16 @@ async def evolving(ctx: Context, params: None) -> str:
     first = await ctx.step("a", branch, "a")
     await ctx.sleep("pause", "1 day")
     return first + await ctx.step("b", branch, "b")
+
+
+async def gateway_timeout() -> str:
+    """Raises its own TimeoutError (a client library's), which is not a step timeout."""
+    await record()
+    if step_info().attempt == 1:
+        raise TimeoutError("payment gateway did not answer in time")
+    return "paid"
+
+
+@workflow("own-timeout")
+async def own_timeout(ctx: Context, params: None) -> str:
+    return await ctx.step("charge", gateway_timeout, retry=FAST_RETRY, timeout="30s")

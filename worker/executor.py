@@ -61,12 +61,16 @@ class StepExecutor:
         timeout = call.timeout or self._default_timeout
         started_at = datetime.now(UTC)
         token = set_step_info(info)
+        deadline = asyncio.timeout(timeout.total_seconds())
         try:
-            value = await asyncio.wait_for(self._invoke(call), timeout.total_seconds())
-        except TimeoutError:
-            return self._failed(
-                StepTimeoutError(name, timeout.total_seconds()), True, "timed_out", started_at
-            )
+            async with deadline:
+                value = await self._invoke(call)
+        except TimeoutError as raised:
+            # Only our deadline makes a step timeout: step code may raise TimeoutError itself.
+            if not deadline.expired():
+                return self._failed(raised, True, "failed", started_at)
+            expired = StepTimeoutError(name, timeout.total_seconds())
+            return self._failed(expired, True, "timed_out", started_at)
         except NonRetryableError as exc:
             return self._failed(exc, False, "failed", started_at)
         except Exception as exc:  # step code may raise anything: it is recorded, not fatal

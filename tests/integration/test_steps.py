@@ -137,3 +137,20 @@ async def test_parallel_steps_both_run_and_the_workflow_joins_them(
     assert info.output == ["L", "R", "LR"]
     assert {step.name for step in info.steps} == {"left", "right", "join"}
     assert await db.side_effects(settings.database, instance_id) == 3
+
+
+async def test_a_timeout_error_raised_by_step_code_is_recorded_as_itself(
+    fleet: Fleet, producer: Producer, client: Client
+) -> None:
+    fleet.start_worker()
+    fleet.start_scheduler()
+    instance_id = await producer.start("own-timeout", None)
+    assert (await client.wait(instance_id, timeout=30)).output == "paid"
+    first, second = await client.attempts(instance_id)
+    assert first.outcome == "failed"
+    assert first.error is not None
+    assert (first.error["type"], first.error["message"]) == (
+        "TimeoutError",
+        "payment gateway did not answer in time",
+    )
+    assert second.outcome == "succeeded"
