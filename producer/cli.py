@@ -6,17 +6,20 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from producer.client import Client
-from producer.models import AttemptInfo, InstanceInfo
+from producer.models import AttemptInfo, EventInfo, InstanceInfo
 from producer.producer import Producer
 from shared.db import migrate
 from shared.db.engine import mask_url
+from shared.durations import parse_duration
 from shared.errors import ConfigError, SteplineError
 from shared.history import format_key
 from shared.logs import configure_logging
@@ -45,9 +48,14 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def _with_client(settings: Settings, use: Callable[[Client], Awaitable[T]]) -> T:
+def _with_client(settings: Settings, use: Callable[[Client], Awaitable[T]], *, publishes: bool = False) -> T:
     async def body() -> T:
-        async with Client(settings.database, namespace=settings.namespace) as client:
+        async with Client(
+            settings.database,
+            settings.amqp if publishes else None,
+            namespace=settings.namespace,
+            max_payload_bytes=settings.max_payload_bytes,
+        ) as client:
             return await use(client)
 
     return _run(body())
@@ -118,20 +126,112 @@ def status(instance_id: str, as_json: bool) -> None:
     default=None,
     help="Only this status.",
 )
-@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--since", type=click.DateTime(), default=None, help="Created at or after (UTC).")
+@click.option("--until", type=click.DateTime(), default=None, help="Created before (UTC).")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True, help="Page size.")
+@click.option("--page", type=click.IntRange(1), default=1, show_default=True, help="Page number.")
 @JSON_OPTION
-def list_(workflow: str | None, status_: str | None, limit: int, as_json: bool) -> None:
-    """List instances, newest first."""
+def list_(
+    workflow: str | None,
+    status_: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    page: int,
+    as_json: bool,
+) -> None:
+    """List instances, newest first, a page at a time."""
     infos = _with_client(
-        _settings("database_url"), lambda client: client.list(workflow=workflow, status=status_, limit=limit)
+        _settings("database_url"),
+        lambda client: client.list(
+            workflow=workflow,
+            status=status_,
+            limit=limit,
+            offset=(page - 1) * limit,
+            created_after=_utc(since),
+            created_before=_utc(until),
+        ),
     )
     if as_json:
         _print_json([info.model_dump(mode="json", exclude={"steps"}) for info in infos])
         return
-    table = Table("id", "workflow", "status", "created", "finished")
+    table = Table("id", "workflow", "status", "created", "finished", title=f"page {page}")
     for info in infos:
         table.add_row(info.id, info.workflow, info.status, _time(info.created_at), _time(info.finished_at))
     Console().print(table)
+
+
+def _control_command(name: str, summary: str) -> None:
+    """Register ``stepline NAME ID``: one control action, printing the new status."""
+
+    @main.command(name=name, help=summary)
+    @click.argument("instance_id")
+    @JSON_OPTION
+    def command(instance_id: str, as_json: bool) -> None:
+        publishes = name != "pause"
+        settings = _settings("database_url", "amqp_url") if publishes else _settings("database_url")
+        info = _with_client(settings, lambda client: getattr(client, name)(instance_id), publishes=publishes)
+        if as_json:
+            _print_json(info.model_dump(mode="json", exclude={"steps"}))
+        else:
+            click.echo(f"{info.id}: {info.status}")
+
+
+_control_command("pause", "Pause an instance: no new step starts; a running step still commits.")
+_control_command("resume", "Resume a paused instance.")
+_control_command("terminate", "Terminate an instance and its children; nothing runs again.")
+_control_command("restart", "Clear an instance's history and run it again from the start, same id.")
+
+
+@main.command(name="send-event")
+@click.argument("instance_id")
+@click.argument("event_type")
+@click.option("--payload", default="null", help="Payload as JSON.")
+@click.option("--event-id", default=None, help="Event id (default: a new UUID); resending it is harmless.")
+@JSON_OPTION
+def send_event(instance_id: str, event_type: str, payload: str, event_id: str | None, as_json: bool) -> None:
+    """Send an event of EVENT_TYPE to an instance; its earliest matching wait takes it."""
+    try:
+        parsed = json.loads(payload)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
+    sent = _with_client(
+        _settings("database_url", "amqp_url"),
+        lambda client: client.send_event(instance_id, event_type, parsed, event_id=event_id),
+        publishes=True,
+    )
+    if as_json:
+        _print_json({"instance_id": instance_id, "event_type": event_type, "event_id": sent})
+    else:
+        click.echo(sent)
+
+
+@main.command()
+@click.option("--older-than", required=True, help="Age of finished instances to delete, e.g. 30d.")
+@click.option("--batch-size", type=click.IntRange(1, 100000), default=500, show_default=True)
+@JSON_OPTION
+def prune(older_than: str, batch_size: int, as_json: bool) -> None:
+    """Delete instances finished longer ago than --older-than, with all their rows, in batches."""
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), console=Console(stderr=True), disable=as_json
+    ) as progress:
+        task = progress.add_task("pruning", total=None)
+
+        def report(total: int) -> None:
+            progress.update(task, description=f"deleted {total} instances")
+
+        deleted = _with_client(
+            _settings("database_url"),
+            lambda client: client.prune(age, batch_size=batch_size, progress=report),
+        )
+    if as_json:
+        _print_json({"deleted": deleted, "older_than_s": age.total_seconds()})
+    else:
+        click.echo(f"deleted {deleted} instances finished more than {older_than} ago")
 
 
 @main.command()
@@ -140,10 +240,14 @@ def list_(workflow: str | None, status_: str | None, limit: int, as_json: bool) 
 def history(instance_id: str, as_json: bool) -> None:
     """Show an instance's step timeline: every attempt, its worker, timing and outcome."""
 
-    async def use(client: Client) -> tuple[InstanceInfo | None, list[AttemptInfo]]:
-        return await client.get(instance_id), await client.attempts(instance_id)
+    async def use(client: Client) -> tuple[InstanceInfo | None, list[AttemptInfo], list[EventInfo]]:
+        return (
+            await client.get(instance_id),
+            await client.attempts(instance_id),
+            await client.events(instance_id),
+        )
 
-    info, attempts = _with_client(_settings("database_url"), use)
+    info, attempts, events = _with_client(_settings("database_url"), use)
     if info is None:
         raise click.ClickException(f"no instance with id {instance_id!r}")
     if as_json:
@@ -151,6 +255,7 @@ def history(instance_id: str, as_json: bool) -> None:
             {
                 "instance": info.model_dump(mode="json"),
                 "attempts": [attempt.model_dump(mode="json") for attempt in attempts],
+                "events": [event.model_dump(mode="json") for event in events],
             }
         )
         return
@@ -170,6 +275,13 @@ def history(instance_id: str, as_json: bool) -> None:
     console.print(f"[bold]{info.id}[/bold]  {info.workflow}  [bold]{info.status}[/bold]")
     console.print(_steps_table(info))
     console.print(table)
+    if events:
+        event_table = Table("event", "type", "received", "taken by", title="events")
+        for event in events:
+            event_table.add_row(
+                event.event_id, event.event_type, _time(event.created_at), event.consumed_by or "(kept)"
+            )
+        console.print(event_table)
 
 
 @main.group()
@@ -209,6 +321,13 @@ def _steps_table(info: InstanceInfo) -> Table:
             detail if len(detail) < 80 else detail[:77] + "...",
         )
     return table
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """Command-line times are UTC unless they say otherwise."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _time(value: Any) -> str:

@@ -1,54 +1,87 @@
-"""``Client``: read instances, their steps and attempts; wait for them to finish."""
+"""``Client``: read, wait for and control instances; send them events; prune old ones."""
 
 from __future__ import annotations
 
 import asyncio
 import builtins
 import time
-from typing import Any
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from producer.models import AttemptInfo, InstanceInfo, StepInfo
+from producer import control
+from producer.models import AttemptInfo, EventInfo, InstanceInfo, StepInfo
+from shared import codec
+from shared.broker import AmqpBroker
 from shared.db import queries
-from shared.db.engine import create_engine
+from shared.db.engine import create_engine, mask_url
+from shared.db.queries import OutboxRow
 from shared.durations import Duration, parse_duration
-from shared.errors import WaitTimeoutError
+from shared.errors import (
+    ConfigError,
+    InstanceNotFoundError,
+    InvalidParamsError,
+    InvalidStateError,
+    StorageError,
+    WaitTimeoutError,
+)
+from shared.messages import EventMessage, encode_message
+from shared.outbox import OutboxRelay
+from shared.settings import OutboxSettings
 from shared.states import InstanceStatus
+
+T = TypeVar("T")
 
 
 class Client:
     """Reads and controls instances.
 
     Use as ``async with Client(database_url, amqp_url) as c: info = await c.get(id)``.
+    Reading needs only the database; ``send_event``, ``resume``, ``terminate``
+    and ``restart`` also publish, so they need ``amqp_url``.
     """
 
     def __init__(
-        self, database_url: str, amqp_url: str | None = None, *, namespace: str = "stepline"
+        self,
+        database_url: str,
+        amqp_url: str | None = None,
+        *,
+        namespace: str = "stepline",
+        max_payload_bytes: int = 1024 * 1024,
     ) -> None:
         self._database_url = database_url
         self._amqp_url = amqp_url
         self._namespace = namespace
+        self._limit = max_payload_bytes
         self._engine: AsyncEngine | None = None
+        self._broker: AmqpBroker | None = None
+        self._relay: OutboxRelay | None = None
 
     async def __aenter__(self) -> Client:
         self._engine = create_engine(self._database_url, pool_size=4)
+        if self._amqp_url is not None:
+            self._broker = AmqpBroker(self._amqp_url, self._namespace)
+            await self._broker.connect()
+            self._relay = OutboxRelay(self._engine, self._broker, OutboxSettings())
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self._broker is not None:
+            await self._broker.close()
         if self._engine is not None:
             await self._engine.dispose()
-        self._engine = None
+        self._engine = self._broker = self._relay = None
 
-    @property
-    def _db(self) -> AsyncEngine:
-        if self._engine is None:
-            raise RuntimeError("use the Client as 'async with Client(...) as client'")
-        return self._engine
+    # ------------------------------------------------------------ reading
 
     async def get(self, instance_id: str) -> InstanceInfo | None:
         """The instance with its steps, or None if no instance has that id."""
-        async with self._db.connect() as conn:
+        async with self._connection() as conn:
             row = await queries.get_instance_row(conn, instance_id)
             if row is None:
                 return None
@@ -56,18 +89,33 @@ class Client:
         return _instance(row, [_step(step) for step in step_rows])
 
     async def list(
-        self, *, workflow: str | None = None, status: str | None = None, limit: int = 50
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> builtins.list[InstanceInfo]:
-        """Instances, newest first (without their steps)."""
+        """Instances, newest first (without their steps), one page at a time."""
         if status is not None:
             InstanceStatus(status)  # a clear ValueError for a status that does not exist
-        async with self._db.connect() as conn:
-            rows = await queries.list_instance_rows(conn, workflow=workflow, status=status, limit=limit)
+        async with self._connection() as conn:
+            rows = await queries.list_instance_rows(
+                conn,
+                workflow=workflow,
+                status=status,
+                limit=limit,
+                offset=offset,
+                created_after=created_after,
+                created_before=created_before,
+            )
         return [_instance(row, []) for row in rows]
 
     async def attempts(self, instance_id: str) -> builtins.list[AttemptInfo]:
         """Every finished step attempt of an instance, oldest first."""
-        async with self._db.connect() as conn:
+        async with self._connection() as conn:
             rows = await queries.get_attempt_rows(conn, instance_id)
         return [
             AttemptInfo(
@@ -83,6 +131,22 @@ class Client:
             for row in rows
         ]
 
+    async def events(self, instance_id: str) -> builtins.list[EventInfo]:
+        """Every event an instance received, oldest first, and which wait took it."""
+        async with self._connection() as conn:
+            rows = await queries.get_event_rows(conn, instance_id)
+        return [
+            EventInfo(
+                event_id=row.event_id,
+                event_type=row.event_type,
+                payload=row.payload,
+                created_at=row.created_at,
+                consumed_by=row.consumed_step,
+                consumed_at=row.consumed_at,
+            )
+            for row in rows
+        ]
+
     # DESIGN.md names the parameter: wait(id, timeout) polls with its own deadline.
     async def wait(self, instance_id: str, timeout: Duration = 60) -> InstanceInfo:  # noqa: ASYNC109
         """Poll until the instance is complete, errored or terminated, and return it.
@@ -90,21 +154,151 @@ class Client:
         Raises:
             WaitTimeoutError: it did not finish within ``timeout``.
         """
-        deadline = time.monotonic() + parse_duration(timeout).total_seconds()
+        limit_s = parse_duration(timeout).total_seconds()
+        deadline = time.monotonic() + limit_s
         delay = 0.02
         while True:
             info = await self.get(instance_id)
             if info is not None and info.is_finished:
                 return info
             if time.monotonic() >= deadline:
-                raise WaitTimeoutError(
-                    instance_id, parse_duration(timeout).total_seconds(), info.status if info else None
-                )
+                raise WaitTimeoutError(instance_id, limit_s, info.status if info else None)
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 0.5)
 
+    # ------------------------------------------------------------ control
 
-def _instance(row: Any, steps: list[StepInfo]) -> InstanceInfo:
+    async def pause(self, instance_id: str) -> InstanceInfo:
+        """No new step of the instance starts until ``resume``; a running step still commits.
+
+        Raises:
+            InstanceNotFoundError, InvalidStateError: unknown, or not running or waiting.
+        """
+        await self._control(lambda conn: _no_rows(control.pause(conn, instance_id)))
+        return await self._must_get(instance_id)
+
+    async def resume(self, instance_id: str) -> InstanceInfo:
+        """Let a paused instance go on. Raises ``InvalidStateError`` unless it is paused."""
+        await self._control(lambda conn: control.resume(conn, instance_id, limit=self._limit), publishes=True)
+        return await self._must_get(instance_id)
+
+    async def terminate(self, instance_id: str) -> InstanceInfo:
+        """Stop the instance and its children for good; raises ``InvalidStateError`` if finished."""
+        await self._control(
+            lambda conn: control.terminate(conn, instance_id, limit=self._limit), publishes=True
+        )
+        return await self._must_get(instance_id)
+
+    async def restart(self, instance_id: str) -> InstanceInfo:
+        """Clear the instance's history and run it again from the beginning, under the same id."""
+        await self._control(
+            lambda conn: control.restart(conn, instance_id, limit=self._limit), publishes=True
+        )
+        return await self._must_get(instance_id)
+
+    async def send_event(
+        self, instance_id: str, event_type: str, payload: object = None, *, event_id: str | None = None
+    ) -> str:
+        """Send an event; the instance's earliest wait for ``event_type`` takes it, or keeps it.
+
+        Returns the event id (a new UUID unless given; resending the same id is harmless).
+
+        Raises:
+            InstanceNotFoundError: no such instance.
+            InvalidStateError: the instance is finished.
+            InvalidParamsError: the payload is not JSON.
+        """
+        async with self._connection() as conn:
+            row = await queries.get_instance_row(conn, instance_id)
+        if row is None:
+            raise InstanceNotFoundError(instance_id)
+        if InstanceStatus(row.status).is_finished:
+            raise InvalidStateError(instance_id, "send an event to", row.status, "not yet finished")
+        try:
+            data = codec.to_jsonable(payload)
+        except (TypeError, ValueError) as exc:
+            raise InvalidParamsError(row.workflow, f"event payload is not JSON: {exc}") from None
+        message = EventMessage(
+            workflow=row.workflow,
+            instance_id=instance_id,
+            event_id=event_id if event_id is not None else str(uuid.uuid4()),
+            event_type=event_type,
+            payload=data,
+        )
+        await self._broker_needed("send_event").publish(
+            message.routing_key, encode_message(message, limit=self._limit), row.trace_context
+        )
+        return message.event_id
+
+    async def prune(
+        self, older_than: Duration, *, batch_size: int = 500, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Delete instances finished longer than ``older_than`` ago, with all their rows.
+
+        Works in batches of ``batch_size`` (each its own short transaction, so
+        running work is never blocked for long); ``progress`` is told the running
+        total after each batch. Returns how many instances were deleted.
+        """
+        age = parse_duration(older_than)
+        total = 0
+        while True:
+            async with self._connection(begin=True) as conn:
+                deleted = await queries.prune_finished(conn, older_than=age, limit=batch_size)
+            total += deleted
+            if progress is not None:
+                progress(total)
+            if deleted < batch_size:
+                return total
+
+    # ------------------------------------------------------------ internals
+
+    async def _control(
+        self,
+        action: Callable[[AsyncConnection], Awaitable[builtins.list[OutboxRow]]],
+        *,
+        publishes: bool = False,
+    ) -> None:
+        relay = self._relay
+        if publishes and relay is None:
+            self._broker_needed("this action")
+        async with self._connection(begin=True) as conn:
+            rows = await action(conn)
+        if relay is not None:
+            await relay.publish_committed(rows)  # workers' sweepers cover a failure here
+
+    async def _must_get(self, instance_id: str) -> InstanceInfo:
+        info = await self.get(instance_id)
+        if info is None:
+            raise InstanceNotFoundError(instance_id)
+        return info
+
+    def _broker_needed(self, what: str) -> AmqpBroker:
+        if self._broker is None:
+            raise ConfigError(f"{what} publishes to RabbitMQ: create the Client with amqp_url")
+        return self._broker
+
+    @asynccontextmanager
+    async def _connection(self, *, begin: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A connection; driver errors become one clear StorageError, password hidden."""
+        if self._engine is None:
+            raise RuntimeError("use the Client as 'async with Client(...) as client'")
+        try:
+            async with self._engine.begin() if begin else self._engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            cause = lines[0] if lines else type(exc).__name__
+            raise StorageError(f"database error on {mask_url(self._database_url)}: {cause}") from exc
+        except OSError as exc:
+            raise StorageError(f"database unreachable at {mask_url(self._database_url)}: {exc}") from exc
+
+
+async def _no_rows(action: Awaitable[None]) -> list[OutboxRow]:
+    await action
+    return []
+
+
+def _instance(row: Any, steps: builtins.list[StepInfo]) -> InstanceInfo:
     return InstanceInfo(
         id=row.id,
         workflow=row.workflow,
@@ -116,6 +310,7 @@ def _instance(row: Any, steps: list[StepInfo]) -> InstanceInfo:
         updated_at=row.updated_at,
         finished_at=row.finished_at,
         trace_context=row.trace_context,
+        parent_id=row.parent_id,
         steps=steps,
     )
 
@@ -132,3 +327,6 @@ def _step(row: Any) -> StepInfo:
         started_at=row.started_at,
         finished_at=row.finished_at,
     )
+
+
+__all__ = ["Client"]

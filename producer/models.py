@@ -41,6 +41,7 @@ class InstanceInfo(BaseModel):
     updated_at: datetime
     finished_at: datetime | None = None
     trace_context: dict[str, str] | None = None
+    parent_id: str | None = None
     steps: list[StepInfo] = []
 
     @property
@@ -67,3 +68,16 @@ class AttemptInfo(BaseModel):
     def duration_s(self) -> float:
         """How long the attempt ran, in seconds."""
         return (self.finished_at - self.started_at).total_seconds()
+
+
+class EventInfo(BaseModel):
+    """An event an instance received, and the wait that took it (None while it is kept)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str
+    event_type: str
+    payload: JSON = None
+    created_at: datetime
+    consumed_by: str | None = None
+    consumed_at: datetime | None = None

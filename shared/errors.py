@@ -125,3 +125,23 @@ class WaitTimeoutError(SteplineError):
         )
         self.instance_id = instance_id
         self.status = status
+
+
+class InvalidStateError(SteplineError):
+    """A control action does not make sense in the instance's current state."""
+
+    def __init__(self, instance_id: str, action: str, status: str, expected: str) -> None:
+        super().__init__(f"cannot {action} instance {instance_id!r}: it is {status} (expected {expected})")
+        self.instance_id = instance_id
+        self.action = action
+        self.status = status
+
+
+class EventTimeoutError(SteplineError):
+    """Raised inside the workflow when ``wait_for_event`` times out; the workflow may catch it."""
+
+    def __init__(self, name: str, event_type: str, timeout_s: float) -> None:
+        super().__init__(f"no {event_type!r} event arrived for wait {name!r} within {timeout_s:g}s")
+        self.name = name
+        self.event_type = event_type
+        self.timeout_s = timeout_s

@@ -31,11 +31,22 @@ class StepRecord:
     result: JSON = None
     error: JSON = None
     fire_at: datetime | None = None
+    detail: JSON = None
 
     @property
     def key(self) -> StepKey:
         """The step's identity."""
         return (self.name, self.occurrence)
+
+
+@dataclass(frozen=True, slots=True)
+class ParentLink:
+    """The parent step a child instance reports to when it finishes."""
+
+    instance_id: str
+    workflow: str
+    step: str
+    occurrence: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +60,7 @@ class History:
     version: int
     trace_context: dict[str, str] | None
     steps: dict[StepKey, StepRecord] = field(default_factory=dict)
+    parent: ParentLink | None = None
 
     @property
     def next_position(self) -> int:

@@ -49,11 +49,23 @@ class _Message(BaseModel):
         return routing_key(self.kind, self.workflow)  # type: ignore[attr-defined]
 
 
+class ParentRef(BaseModel):
+    """The parent step that waits for a child workflow."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    instance_id: InstanceId
+    workflow: WorkflowName
+    step: str = Field(min_length=1, max_length=200)
+    occurrence: int = Field(ge=1, strict=True)
+
+
 class StartMessage(_Message):
     """Start (or re-report) the instance ``instance_id`` of ``workflow`` with ``params``."""
 
     kind: Literal["start"] = "start"
     params: JSON = None
+    parent: ParentRef | None = None
 
 
 class StepMessage(_Message):
@@ -74,11 +86,29 @@ class WakeMessage(_Message):
     attempt: int = Field(ge=1, strict=True)
 
 
-Message = Annotated[StartMessage | StepMessage | WakeMessage, Field(discriminator="kind")]
-_MESSAGE_ADAPTER: TypeAdapter[StartMessage | StepMessage | WakeMessage] = TypeAdapter(Message)
+class EventMessage(_Message):
+    """Deliver an event to ``instance_id``; ``event_id`` makes a redelivery harmless."""
+
+    kind: Literal["event"] = "event"
+    event_id: str = Field(min_length=1, max_length=200)
+    event_type: str = Field(min_length=1, max_length=200)
+    payload: JSON = None
 
 
-def parse_message(body: bytes, *, limit: int) -> StartMessage | StepMessage | WakeMessage:
+class AdvanceMessage(_Message):
+    """Replay the instance and send what it waits for (after a resume or a restart)."""
+
+    kind: Literal["advance"] = "advance"
+    reason: str = Field(default="", max_length=200)
+
+
+AnyMessage = StartMessage | StepMessage | WakeMessage | EventMessage | AdvanceMessage
+Message = Annotated[AnyMessage, Field(discriminator="kind")]
+_MESSAGE_ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(Message)
+_KINDS = ("start", "step", "wake", "event", "advance")
+
+
+def parse_message(body: bytes, *, limit: int) -> AnyMessage:
     """Decode and validate a message body.
 
     Raises:
@@ -94,8 +124,8 @@ def parse_message(body: bytes, *, limit: int) -> StartMessage | StepMessage | Wa
             f"unsupported schema version {version!r} (this worker reads v={SCHEMA_VERSION})"
         )
     kind = data.get("kind")
-    if kind not in ("start", "step", "wake"):
-        raise BadPayloadError(f"unknown message kind {kind!r} (expected start, step or wake)")
+    if kind not in _KINDS:
+        raise BadPayloadError(f"unknown message kind {kind!r} (expected one of {', '.join(_KINDS)})")
     try:
         return _MESSAGE_ADAPTER.validate_python(data)
     except ValidationError as exc:

@@ -45,5 +45,9 @@ class StepKind(StrEnum):
 
     STEP = "step"
     SLEEP = "sleep"
+    EVENT = "event"
+    """A ``ctx.wait_for_event``: settled by a matching event or its time-out."""
+    CHILD = "child"
+    """A ``ctx.child``: settled when the child instance finishes."""
     VALUE = "value"
     """A recorded ``ctx.now()``, ``ctx.random()`` or ``ctx.uuid()``; hidden from users."""

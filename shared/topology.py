@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-MessageKind = Literal["start", "step", "wake"]
-MESSAGE_KINDS: tuple[MessageKind, ...] = ("start", "step", "wake")
+MessageKind = Literal["start", "step", "wake", "event", "advance"]
+MESSAGE_KINDS: tuple[MessageKind, ...] = ("start", "step", "wake", "event", "advance")
 
 
 def exchange_name(namespace: str) -> str:
@@ -36,3 +36,9 @@ def routing_key(kind: MessageKind, workflow: str) -> str:
 def workflow_routing_keys(workflow: str) -> list[str]:
     """Every routing key bound to a workflow's queue."""
     return [routing_key(kind, workflow) for kind in MESSAGE_KINDS]
+
+
+def parse_routing_key(key: str) -> tuple[str, str]:
+    """``(kind, workflow)`` of a routing key made by ``routing_key``."""
+    kind, _, workflow = key.partition(".")
+    return kind, workflow

@@ -12,16 +12,23 @@ from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, Unpack, overload
 
 from pydantic import TypeAdapter
 
+from shared import codec
+from shared.codec import JSON
 from shared.durations import Duration, parse_duration
-from shared.history import StepKey
+from shared.history import StepKey, format_key
+from shared.messages import check_workflow_name
 from shared.states import StepKind
 from worker.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from worker.replay.engine import Replay
+    from worker.workflow import Workflow
 
 Ts = TypeVarTuple("Ts")
 T = TypeVar("T")
+ParamsT = TypeVar("ParamsT")
+OutputT = TypeVar("OutputT")
+_ANY: TypeAdapter[Any] = TypeAdapter(Any)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +138,73 @@ class Context:
             raise ValueError("sleep_until needs a timezone-aware datetime (e.g. datetime.now(UTC))")
         key = self._next_key(name)
         return self._replay.request(key, StepKind.SLEEP, fire_at=when)
+
+    def wait_for_event(
+        self, name: str, *, event_type: str, timeout: Duration | None = None
+    ) -> Awaitable[JSON]:
+        """Wait durably for an event of ``event_type`` sent to this instance; returns its payload.
+
+        An event sent before the wait is kept for it. Past ``timeout`` the wait
+        raises ``EventTimeoutError``, which the workflow may catch.
+        """
+        if not event_type or len(event_type) > 200:
+            raise ValueError(f"invalid event type {event_type!r}: 1-200 characters")
+        key = self._next_key(name)
+        limit = None if timeout is None else parse_duration(timeout)
+        return self._replay.request(
+            key,
+            StepKind.EVENT,
+            detail={"event_type": event_type, "timeout_s": None if limit is None else limit.total_seconds()},
+            timeout=limit,
+        )
+
+    @overload
+    def child(
+        self,
+        name: str,
+        workflow: Workflow[ParamsT, OutputT],
+        params: ParamsT,
+        *,
+        instance_id: str | None = None,
+    ) -> Awaitable[OutputT]: ...
+
+    @overload
+    def child(
+        self, name: str, workflow: str, params: object = None, *, instance_id: str | None = None
+    ) -> Awaitable[JSON]: ...
+
+    def child(
+        self,
+        name: str,
+        workflow: Workflow[Any, Any] | str,
+        params: object = None,
+        *,
+        instance_id: str | None = None,
+    ) -> Awaitable[Any]:
+        """Start a child workflow and wait for its output; its error is raised here.
+
+        The child's id defaults to ``<this instance id>/<name>`` (with ``#n`` for
+        a repeated name), so a replay never starts it twice. Terminating this
+        instance terminates its children.
+        """
+        key = self._next_key(name)
+        if isinstance(workflow, str):
+            workflow_name, raw, adapter = workflow, codec.to_jsonable(params), _ANY
+        else:
+            workflow_name, raw, adapter = (
+                workflow.name,
+                workflow.encode_params(params),
+                workflow.output_adapter,
+            )
+        check_workflow_name(workflow_name)
+        child_id = instance_id or f"{self.instance_id}/{format_key(key)}"
+        future = self._replay.request(
+            key,
+            StepKind.CHILD,
+            detail={"child_id": child_id, "workflow": workflow_name},
+            child_params=raw,
+        )
+        return _convert(future, adapter)
 
     def now(self) -> datetime:
         """The current time (UTC), recorded the first time and replayed after."""

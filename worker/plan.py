@@ -1,4 +1,4 @@
-"""Write what a replay decided (new steps, sleeps, the outcome) in the caller's transaction."""
+"""Write what a replay decided (new entries, messages, timers, the outcome) in the caller's transaction."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared import codec
+from shared.codec import JSON
 from shared.db import queries
 from shared.db.queries import NewStep, NewTimer, OutboxRow
 from shared.errors import PayloadTooLargeError, StepFailedError
-from shared.history import History, StepKey
-from shared.messages import StepMessage, WakeMessage, encode_message
+from shared.history import History, ParentLink, StepKey
+from shared.messages import ParentRef, StartMessage, StepMessage, WakeMessage, encode_message
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.replay.engine import NewEntry, Outcome, Replay, error_info
+
+Message = tuple[str, bytes, dict[str, str] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +26,10 @@ class Planner:
 
     payload_limit: int
 
-    def step_message(self, history: History, key: StepKey, attempt: int) -> tuple[str, bytes]:
-        """Routing key and body of the message that runs ``attempt`` of a step."""
+    # ------------------------------------------------------------ messages
+
+    def step_message(self, history: History, key: StepKey, attempt: int) -> Message:
+        """The message that runs ``attempt`` of a step."""
         message = StepMessage(
             workflow=history.workflow,
             instance_id=history.instance_id,
@@ -32,85 +37,164 @@ class Planner:
             occurrence=key[1],
             attempt=attempt,
         )
-        return message.routing_key, encode_message(message, limit=self.payload_limit)
+        return message.routing_key, self._encode(message), history.trace_context
 
-    def wake_message(self, history: History, key: StepKey) -> tuple[str, bytes]:
-        """Routing key and body of the message a sleep's timer sends."""
+    def wake_message(self, workflow: str, instance_id: str, key: StepKey) -> tuple[str, bytes]:
+        """The message that settles a waiting entry (a sleep, an event time-out, a child)."""
         message = WakeMessage(
-            workflow=history.workflow,
-            instance_id=history.instance_id,
-            step=key[0],
-            occurrence=key[1],
-            attempt=1,
+            workflow=workflow, instance_id=instance_id, step=key[0], occurrence=key[1], attempt=1
         )
-        return message.routing_key, encode_message(message, limit=self.payload_limit)
+        return message.routing_key, self._encode(message)
+
+    def _encode(self, message: StepMessage | WakeMessage | StartMessage) -> bytes:
+        return encode_message(message, limit=self.payload_limit)
+
+    # ------------------------------------------------------------ applying
 
     async def apply(
         self, conn: AsyncConnection, history: History, replay: Replay, outcome: Outcome
     ) -> list[OutboxRow]:
         """Record the replay's new entries and outcome; returns the outbox rows to publish."""
-        instance_id = history.instance_id
+        outcome, matched = await self._hand_stored_events(conn, history, replay, outcome)
         entries = replay.new_entries
         if outcome.kind in ("diverged", "raised"):
             # Only recorded values are kept; nothing new starts after an error.
             entries = [entry for entry in entries if entry.kind == StepKind.VALUE]
         fire_times = await queries.insert_steps(
             conn,
-            instance_id,
-            [self._new_step(entry, history.next_position + index) for index, entry in enumerate(entries)],
+            history.instance_id,
+            [_new_step(entry, history.next_position + index, matched) for index, entry in enumerate(entries)],
         )
+        if outcome.kind != "blocked":
+            return await self._finish(conn, history, outcome)
+
+        paused = history.status == InstanceStatus.PAUSED
+        messages: list[Message] = []
+        timers: list[NewTimer] = []
+        for entry in entries:
+            if entry.kind == StepKind.STEP and not paused:
+                messages.append(self.step_message(history, entry.key, 1))
+            elif entry.kind == StepKind.SLEEP:
+                fire_at = fire_times[entry.key]
+                assert fire_at is not None
+                timers.append(self._wake_timer(history, entry.key, "sleep", fire_at=fire_at))
+            elif entry.kind == StepKind.EVENT and entry.key not in matched and entry.timeout is not None:
+                timers.append(self._wake_timer(history, entry.key, "event-timeout", entry=entry))
+            elif entry.kind == StepKind.CHILD:
+                messages.append(self._child_start(history, entry))
+        await queries.insert_timers(conn, history.instance_id, timers)
+        if paused:
+            status = InstanceStatus.PAUSED  # a resume sends what it holds back
+        else:
+            status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
+        await queries.update_instance(conn, history.instance_id, status=status)
+        return await queries.insert_outbox(conn, messages)
+
+    async def _hand_stored_events(
+        self, conn: AsyncConnection, history: History, replay: Replay, outcome: Outcome
+    ) -> tuple[Outcome, dict[StepKey, JSON]]:
+        """A new wait takes an event sent before it, at once; the replay then runs on."""
+        matched: dict[StepKey, JSON] = {}
+        checked: set[StepKey] = set()
+        while outcome.kind == "blocked":
+            waits = [
+                entry
+                for entry in replay.new_entries
+                if entry.kind == StepKind.EVENT and entry.key not in checked
+            ]
+            if not waits:
+                break
+            entry = waits[0]
+            checked.add(entry.key)
+            found, payload = await queries.claim_event(
+                conn, history.instance_id, _event_type(entry.detail), entry.key
+            )
+            if found:
+                matched[entry.key] = payload
+                outcome = replay.resolve(entry.key, payload)
+        return outcome, matched
+
+    async def _finish(self, conn: AsyncConnection, history: History, outcome: Outcome) -> list[OutboxRow]:
+        instance_id = history.instance_id
+        output, error, status = None, None, InstanceStatus.COMPLETE
         if outcome.kind == "returned":
             try:
                 codec.encode(outcome.output, limit=self.payload_limit, what="the workflow's output")
+                output = codec.scrub_nul(outcome.output)
             except PayloadTooLargeError as exc:
-                await queries.update_instance(
-                    conn, instance_id, status=InstanceStatus.ERRORED, error=instance_error(exc)
-                )
-                return []
-            output = codec.scrub_nul(outcome.output)
-            await queries.update_instance(conn, instance_id, status=InstanceStatus.COMPLETE, output=output)
-            return []
-        if outcome.kind in ("diverged", "raised"):
-            assert outcome.error is not None
-            await queries.update_instance(
-                conn, instance_id, status=InstanceStatus.ERRORED, error=instance_error(outcome.error)
-            )
-            return []
-        messages = []
-        timers = []
-        for entry in entries:
-            if entry.kind == StepKind.STEP:
-                routing_key, body = self.step_message(history, entry.key, 1)
-                messages.append((routing_key, body, history.trace_context))
-            elif entry.kind == StepKind.SLEEP:
-                routing_key, body = self.wake_message(history, entry.key)
-                fire_at = fire_times[entry.key]
-                assert fire_at is not None
-                timers.append(
-                    NewTimer(entry.key, 1, "sleep", routing_key, body, history.trace_context, fire_at=fire_at)
-                )
-        await queries.insert_timers(conn, instance_id, timers)
-        status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
-        await queries.update_instance(conn, instance_id, status=status)
-        return await queries.insert_outbox(conn, messages)
-
-    @staticmethod
-    def _new_step(entry: NewEntry, position: int) -> NewStep:
-        if entry.kind == StepKind.VALUE:
-            status = StepStatus.SUCCEEDED
-        elif entry.kind == StepKind.SLEEP:
-            status = StepStatus.WAITING
+                error, status = instance_error(exc), InstanceStatus.ERRORED
         else:
-            status = StepStatus.RUNNING
-        return NewStep(
-            key=entry.key,
-            position=position,
-            kind=entry.kind,
-            status=status,
-            result=codec.scrub_nul(entry.result),
-            fire_at=entry.fire_at,
-            delay=entry.delay,
+            assert outcome.error is not None
+            error, status = instance_error(outcome.error), InstanceStatus.ERRORED
+        await queries.update_instance(conn, instance_id, status=status, output=output, error=error)
+        await queries.cancel_timers(conn, instance_id)
+        return await queries.insert_outbox(conn, self.parent_wake(history.parent))
+
+    def parent_wake(self, parent: ParentLink | None) -> list[Message]:
+        """The message telling a parent step that its child finished (none without a parent)."""
+        if parent is None:
+            return []
+        routing_key, body = self.wake_message(
+            parent.workflow, parent.instance_id, (parent.step, parent.occurrence)
         )
+        return [(routing_key, body, None)]
+
+    def _wake_timer(
+        self,
+        history: History,
+        key: StepKey,
+        kind: str,
+        *,
+        fire_at: Any = None,
+        entry: NewEntry | None = None,
+    ) -> NewTimer:
+        routing_key, body = self.wake_message(history.workflow, history.instance_id, key)
+        delay = entry.timeout if entry is not None else None
+        return NewTimer(key, 1, kind, routing_key, body, history.trace_context, fire_at=fire_at, delay=delay)
+
+    def _child_start(self, history: History, entry: NewEntry) -> Message:
+        detail = entry.detail or {}
+        message = StartMessage(
+            workflow=detail["workflow"],
+            instance_id=detail["child_id"],
+            params=entry.child_params,
+            parent=ParentRef(
+                instance_id=history.instance_id,
+                workflow=history.workflow,
+                step=entry.key[0],
+                occurrence=entry.key[1],
+            ),
+        )
+        return message.routing_key, self._encode(message), history.trace_context
+
+
+def _event_type(detail: JSON) -> str:
+    return str((detail or {}).get("event_type", ""))
+
+
+_INITIAL_STATUS = {
+    StepKind.STEP: StepStatus.RUNNING,
+    StepKind.CHILD: StepStatus.RUNNING,
+    StepKind.SLEEP: StepStatus.WAITING,
+    StepKind.EVENT: StepStatus.WAITING,
+    StepKind.VALUE: StepStatus.SUCCEEDED,
+}
+
+
+def _new_step(entry: NewEntry, position: int, matched: dict[StepKey, JSON]) -> NewStep:
+    status, result = _INITIAL_STATUS[entry.kind], entry.result
+    if entry.key in matched:
+        status, result = StepStatus.SUCCEEDED, matched[entry.key]
+    return NewStep(
+        key=entry.key,
+        position=position,
+        kind=entry.kind,
+        status=status,
+        result=codec.scrub_nul(result),
+        fire_at=entry.fire_at,
+        delay=entry.delay,
+        detail=entry.detail,
+    )
 
 
 def instance_error(error: BaseException) -> dict[str, Any]:

@@ -90,6 +90,11 @@ class Workflow(Generic[ParamsT, OutputT]):
                 f"workflow {self.name!r} returned a value that is not JSON-serialisable: {exc}"
             ) from None
 
+    @property
+    def output_adapter(self) -> TypeAdapter[Any]:
+        """Rebuilds the workflow's stored output as its declared return type."""
+        return self._output_adapter
+
     def result_adapter(self, fn: Callable[..., Any]) -> TypeAdapter[Any]:
         """Rebuilds a step's stored JSON result as the type its function declares."""
         adapter = self._result_adapters.get(fn)

@@ -24,6 +24,7 @@ from shared.topology import (
     dead_letter_exchange_name,
     dead_letter_queue_name,
     exchange_name,
+    parse_routing_key,
     workflow_queue_name,
     workflow_routing_keys,
 )
@@ -144,6 +145,10 @@ class AmqpBroker:
         """Publish a persistent message with a confirm; raise if it was not routed or not taken."""
         if self._exchange is None:
             raise BrokerError("the broker is not connected")
+        kind, workflow = parse_routing_key(routing_key)
+        if kind == "start" and workflow:
+            # A start (a child's, say) must find a queue even if no worker of its workflow ever ran.
+            await self.ensure_workflow_queue(workflow)
         message = aio_pika.Message(
             body,
             headers=dict(headers or {}),

@@ -13,9 +13,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.codec import JSON
-from shared.db.schema import instances, outbox, step_attempts, steps, timers
-from shared.history import History, StepKey, StepRecord
-from shared.states import InstanceStatus, StepKind, StepStatus
+from shared.db.schema import events, instances, outbox, step_attempts, steps, timers
+from shared.history import History, ParentLink, StepKey, StepRecord
+from shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
 # ---------------------------------------------------------------- instances
 
@@ -28,6 +28,7 @@ async def insert_instance(
     params: JSON,
     trace_context: dict[str, str] | None,
     status: InstanceStatus = InstanceStatus.RUNNING,
+    parent: ParentLink | None = None,
 ) -> bool:
     """Insert an instance unless one has that id; True if this call created it."""
     statement = (
@@ -38,6 +39,10 @@ async def insert_instance(
             status=status,
             params=params,
             trace_context=trace_context,
+            parent_id=parent.instance_id if parent else None,
+            parent_workflow=parent.workflow if parent else None,
+            parent_step=parent.step if parent else None,
+            parent_occurrence=parent.occurrence if parent else None,
         )
         .on_conflict_do_nothing(index_elements=["id"])
         .returning(instances.c.id)
@@ -94,6 +99,7 @@ def _history_query(instance_id: str) -> sa.Select[Any]:
         "result", steps.c.result,
         "error", steps.c.error,
         "fire_at", steps.c.fire_at,
+        "detail", steps.c.detail,
     )  # fmt: skip
     step_list = (
         sa.select(sa.func.json_agg(aggregate_order_by(step_object, steps.c.position)))
@@ -107,6 +113,10 @@ def _history_query(instance_id: str) -> sa.Select[Any]:
         instances.c.params,
         instances.c.version,
         instances.c.trace_context,
+        instances.c.parent_id,
+        instances.c.parent_workflow,
+        instances.c.parent_step,
+        instances.c.parent_occurrence,
         step_list.label("steps"),
     ).where(instances.c.id == instance_id)
 
@@ -129,6 +139,7 @@ async def load_history(conn: AsyncConnection, instance_id: str) -> History | Non
             result=item["result"],
             error=item["error"],
             fire_at=datetime.fromisoformat(fire_at) if fire_at else None,
+            detail=item["detail"],
         )
         records[record.key] = record
     return History(
@@ -139,6 +150,9 @@ async def load_history(conn: AsyncConnection, instance_id: str) -> History | Non
         version=row.version,
         trace_context=row.trace_context,
         steps=records,
+        parent=ParentLink(row.parent_id, row.parent_workflow, row.parent_step, row.parent_occurrence)
+        if row.parent_id
+        else None,
     )
 
 
@@ -153,17 +167,99 @@ async def list_instance_rows(
     workflow: str | None = None,
     status: str | None = None,
     limit: int = 50,
-    before: datetime | None = None,
+    offset: int = 0,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
 ) -> Sequence[sa.Row[Any]]:
-    """Instances, newest first, optionally filtered."""
-    query = sa.select(instances).order_by(instances.c.created_at.desc(), instances.c.id).limit(limit)
+    """Instances, newest first, optionally filtered, one page at a time."""
+    query = (
+        sa.select(instances)
+        .order_by(instances.c.created_at.desc(), instances.c.id)
+        .limit(limit)
+        .offset(offset)
+    )
     if workflow is not None:
         query = query.where(instances.c.workflow == workflow)
     if status is not None:
         query = query.where(instances.c.status == status)
-    if before is not None:
-        query = query.where(instances.c.created_at < before)
+    if created_after is not None:
+        query = query.where(instances.c.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(instances.c.created_at < created_before)
     return (await conn.execute(query)).all()
+
+
+async def set_parent_if_unset(conn: AsyncConnection, instance_id: str, parent: ParentLink) -> None:
+    """Let an instance started before its parent asked for it report to that parent."""
+    await conn.execute(
+        instances.update()
+        .where(instances.c.id == instance_id, instances.c.parent_id.is_(None))
+        .values(
+            parent_id=parent.instance_id,
+            parent_workflow=parent.workflow,
+            parent_step=parent.step,
+            parent_occurrence=parent.occurrence,
+        )
+    )
+
+
+async def unfinished_children(conn: AsyncConnection, instance_id: str) -> list[str]:
+    """Ids of the children of an instance that are still going."""
+    rows = await conn.execute(
+        sa.select(instances.c.id).where(
+            instances.c.parent_id == instance_id,
+            instances.c.status.not_in([status.value for status in FINISHED_STATUSES]),
+        )
+    )
+    return [row.id for row in rows]
+
+
+async def children(conn: AsyncConnection, instance_id: str) -> list[str]:
+    """Ids of every child of an instance."""
+    rows = await conn.execute(sa.select(instances.c.id).where(instances.c.parent_id == instance_id))
+    return [row.id for row in rows]
+
+
+async def delete_instance(conn: AsyncConnection, instance_id: str) -> None:
+    """Delete an instance and, by cascade, everything that belongs to it."""
+    await conn.execute(instances.delete().where(instances.c.id == instance_id))
+
+
+async def reset_instance(conn: AsyncConnection, instance_id: str) -> None:
+    """Clear an instance's history so it runs again from the beginning, under the same id."""
+    await conn.execute(steps.delete().where(steps.c.instance_id == instance_id))
+    await conn.execute(timers.delete().where(timers.c.instance_id == instance_id))
+    await conn.execute(
+        events.delete().where(events.c.instance_id == instance_id, events.c.consumed_at.is_not(None))
+    )
+    await conn.execute(
+        instances.update()
+        .where(instances.c.id == instance_id)
+        .values(
+            status=InstanceStatus.RUNNING,
+            output=None,
+            error=None,
+            finished_at=None,
+            updated_at=sa.func.now(),
+            version=instances.c.version + 1,
+        )
+    )
+
+
+async def prune_finished(conn: AsyncConnection, *, older_than: timedelta, limit: int) -> int:
+    """Delete up to ``limit`` instances finished more than ``older_than`` ago; returns how many."""
+    doomed = (
+        sa.select(instances.c.id)
+        .where(
+            instances.c.status.in_([status.value for status in FINISHED_STATUSES]),
+            instances.c.finished_at < sa.func.now() - older_than,
+        )
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    result = await conn.execute(instances.delete().where(instances.c.id.in_(doomed)))
+    return int(result.rowcount or 0)
 
 
 async def get_step_rows(conn: AsyncConnection, instance_id: str) -> Sequence[sa.Row[Any]]:
@@ -201,6 +297,7 @@ class NewStep:
     fire_at: datetime | None = None
     delay: timedelta | None = None
     """For sleeps given as a duration: fire_at is the database clock plus this."""
+    detail: JSON = None
 
 
 async def insert_steps(
@@ -226,6 +323,7 @@ async def insert_steps(
                     attempt=1,
                     result=entry.result,
                     fire_at=fire_at,
+                    detail=entry.detail,
                     started_at=sa.func.now() if entry.kind != StepKind.STEP else None,
                     finished_at=finished,
                 )
@@ -428,3 +526,80 @@ async def seconds_until_next_timer(conn: AsyncConnection) -> float | None:
         )
     ).scalar_one()
     return None if value is None else float(value)
+
+
+async def cancel_timers(conn: AsyncConnection, instance_id: str, key: StepKey | None = None) -> None:
+    """Disarm an instance's unfired timers (only those of one step, if ``key`` is given)."""
+    statement = timers.delete().where(timers.c.instance_id == instance_id, timers.c.fired_at.is_(None))
+    if key is not None:
+        statement = statement.where(timers.c.step == key[0], timers.c.occurrence == key[1])
+    await conn.execute(statement)
+
+
+async def timer_pending(conn: AsyncConnection, instance_id: str, key: StepKey, attempt: int) -> bool:
+    """Whether a step attempt's timer is armed and has not fired yet."""
+    row = (
+        await conn.execute(
+            sa.select(timers.c.id).where(
+                timers.c.instance_id == instance_id,
+                timers.c.step == key[0],
+                timers.c.occurrence == key[1],
+                timers.c.attempt == attempt,
+                timers.c.fired_at.is_(None),
+            )
+        )
+    ).first()
+    return row is not None
+
+
+# ---------------------------------------------------------------- events
+
+
+async def insert_event(
+    conn: AsyncConnection, instance_id: str, *, event_id: str, event_type: str, payload: JSON
+) -> bool:
+    """Store an event; False if one with this id was stored before (a redelivery)."""
+    statement = (
+        pg_insert(events)
+        .values(instance_id=instance_id, event_id=event_id, event_type=event_type, payload=payload)
+        .on_conflict_do_nothing(index_elements=["instance_id", "event_id"])
+        .returning(events.c.id)
+    )
+    return (await conn.execute(statement)).first() is not None
+
+
+async def claim_event(
+    conn: AsyncConnection, instance_id: str, event_type: str, key: StepKey
+) -> tuple[bool, JSON]:
+    """Give the oldest unconsumed event of ``event_type`` to the wait ``key``.
+
+    Returns ``(found, payload)``. The caller holds the instance lock, so two
+    waits cannot take the same event.
+    """
+    oldest = (
+        sa.select(events.c.id)
+        .where(
+            events.c.instance_id == instance_id,
+            events.c.event_type == event_type,
+            events.c.consumed_at.is_(None),
+        )
+        .order_by(events.c.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    row = (
+        await conn.execute(
+            events.update()
+            .where(events.c.id == oldest)
+            .values(consumed_step=key[0], consumed_occurrence=key[1], consumed_at=sa.func.now())
+            .returning(events.c.payload)
+        )
+    ).first()
+    return (False, None) if row is None else (True, row.payload)
+
+
+async def get_event_rows(conn: AsyncConnection, instance_id: str) -> Sequence[sa.Row[Any]]:
+    """Every event an instance received, oldest first."""
+    return (
+        await conn.execute(sa.select(events).where(events.c.instance_id == instance_id).order_by(events.c.id))
+    ).all()

@@ -26,9 +26,16 @@ instances = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.now()),
     sa.Column("updated_at", Timestamp, nullable=False, server_default=sa.func.now()),
     sa.Column("finished_at", Timestamp),
+    # A child workflow knows the parent step that waits for it.
+    sa.Column("parent_id", sa.Text),
+    sa.Column("parent_workflow", sa.Text),
+    sa.Column("parent_step", sa.Text),
+    sa.Column("parent_occurrence", sa.Integer),
     sa.Index("ix_instances_workflow_status_created", "workflow", "status", "created_at"),
     sa.Index("ix_instances_status_created", "status", "created_at"),
     sa.Index("ix_instances_created", "created_at"),
+    sa.Index("ix_instances_parent", "parent_id"),
+    sa.Index("ix_instances_finished", "finished_at"),
 )
 
 steps = sa.Table(
@@ -45,6 +52,8 @@ steps = sa.Table(
     sa.Column("result", Json),
     sa.Column("error", Json),
     sa.Column("fire_at", Timestamp),
+    # What a wait waits for: {"event_type": ...} or {"child_id": ..., "workflow": ...}.
+    sa.Column("detail", Json),
     sa.Column("started_at", Timestamp),
     sa.Column("finished_at", Timestamp),
     sa.Column("updated_at", Timestamp, nullable=False, server_default=sa.func.now()),
@@ -103,5 +112,29 @@ timers = sa.Table(
         "fire_at",
         postgresql_where=sa.text("fired_at IS NULL"),
         sqlite_where=sa.text("fired_at IS NULL"),
+    ),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("instance_id", sa.Text, sa.ForeignKey("instances.id", ondelete="CASCADE"), nullable=False),
+    # Given by the sender (or a new UUID): a redelivered event is stored once.
+    sa.Column("event_id", sa.Text, nullable=False),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("payload", Json),
+    sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.now()),
+    sa.Column("consumed_step", sa.Text),
+    sa.Column("consumed_occurrence", sa.Integer),
+    sa.Column("consumed_at", Timestamp),
+    sa.UniqueConstraint("instance_id", "event_id"),
+    sa.Index(
+        "ix_events_waiting",
+        "instance_id",
+        "event_type",
+        "id",
+        postgresql_where=sa.text("consumed_at IS NULL"),
+        sqlite_where=sa.text("consumed_at IS NULL"),
     ),
 )

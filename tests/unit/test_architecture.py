@@ -175,7 +175,7 @@ EXPECTED_ALL = {
         "step_info",
         "workflow",
     ],
-    "producer": ["AttemptInfo", "Client", "InstanceInfo", "Producer", "StepInfo", "WorkflowRef"],
+    "producer": ["AttemptInfo", "Client", "EventInfo", "InstanceInfo", "Producer", "StepInfo", "WorkflowRef"],
     "scheduler": ["fire_due_timers", "run_scheduler"],
 }
 

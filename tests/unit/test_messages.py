@@ -107,12 +107,15 @@ def test_missing_schema_version_is_refused() -> None:
 def test_missing_kind_is_refused() -> None:
     fields = _start()
     del fields["kind"]
-    assert _reason_of(_body(**fields)) == "unknown message kind None (expected start, step or wake)"
+    assert (
+        _reason_of(_body(**fields))
+        == "unknown message kind None (expected one of start, step, wake, event, advance)"
+    )
 
 
 def test_unknown_kind_is_refused() -> None:
     reason = _reason_of(_body(**_start(kind="stop")))
-    assert reason == "unknown message kind 'stop' (expected start, step or wake)"
+    assert reason == "unknown message kind 'stop' (expected one of start, step, wake, event, advance)"
 
 
 def test_extra_fields_are_refused_and_named() -> None:

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from shared.codec import JSON
-from shared.errors import NonDeterminismError, StepFailedError, SteplineError
+from shared.errors import EventTimeoutError, NonDeterminismError, StepFailedError, SteplineError
 from shared.history import History, StepKey, StepRecord, format_key
 from shared.states import StepKind, StepStatus
 from worker.context import Context, StepCall
@@ -33,6 +33,9 @@ class NewEntry:
     result: JSON = None
     delay: timedelta | None = None
     fire_at: datetime | None = None
+    detail: JSON = None
+    timeout: timedelta | None = None
+    child_params: JSON = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,17 @@ def step_failed_error(key: StepKey, attempts: int, error: JSON) -> StepFailedErr
     return StepFailedError(
         format_key(key), attempts, str(error.get("type", "Error")), str(error.get("message", ""))
     )
+
+
+def failure_of(record: StepRecord) -> BaseException:
+    """What a settled-as-failed entry raises in the workflow."""
+    error = record.error or {}
+    if record.kind == StepKind.EVENT and error.get("type") == "EventTimeoutError":
+        detail = record.detail or {}
+        return EventTimeoutError(
+            format_key(record.key), str(detail.get("event_type", "")), float(error.get("timeout_s", 0))
+        )
+    return step_failed_error(record.key, record.attempt, record.error)
 
 
 class Replay:
@@ -148,6 +162,9 @@ class Replay:
         call: StepCall | None = None,
         delay: timedelta | None = None,
         fire_at: datetime | None = None,
+        detail: JSON = None,
+        timeout: timedelta | None = None,
+        child_params: JSON = None,
     ) -> asyncio.Future[Any]:
         """The future of a step or sleep: done if the history settled it, else pending."""
         future: asyncio.Future[Any] = self._loop.create_future()
@@ -160,12 +177,22 @@ class Replay:
         if call is not None:
             self.calls[key] = call
         if record is None:
-            self.new_entries.append(NewEntry(key, kind, delay=delay, fire_at=fire_at))
+            self.new_entries.append(
+                NewEntry(
+                    key,
+                    kind,
+                    delay=delay,
+                    fire_at=fire_at,
+                    detail=detail,
+                    timeout=timeout,
+                    child_params=child_params,
+                )
+            )
             self._pending[key] = future
         elif record.status == StepStatus.SUCCEEDED:
             future.set_result(record.result)
         elif record.status == StepStatus.FAILED:
-            future.set_exception(step_failed_error(key, record.attempt, record.error))
+            future.set_exception(failure_of(record))
         else:
             self._pending[key] = future
         return future
@@ -210,7 +237,9 @@ class Replay:
         if self._divergence is not None:
             return Outcome("diverged", error=self._divergence)
         if not self._task.done():
-            is_running = any(self._requested.get(key) == StepKind.STEP for key in self._pending)
+            # A parent awaiting a child counts as running: work is under way.
+            running_kinds = (StepKind.STEP, StepKind.CHILD)
+            is_running = any(self._requested.get(key) in running_kinds for key in self._pending)
             return Outcome("blocked", is_running=is_running)
         if self._task.cancelled():
             return Outcome("raised", error=asyncio.CancelledError("the workflow was cancelled"))

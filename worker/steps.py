@@ -1,0 +1,205 @@
+"""Run one step attempt and commit its outcome, fenced by the attempt number."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from shared.db import queries
+from shared.db.queries import NewTimer, OutboxRow
+from shared.errors import NonDeterminismError
+from shared.history import History, StepKey, format_key
+from shared.messages import StepMessage
+from shared.states import InstanceStatus, StepKind, StepStatus
+from worker.executor import StepAttemptFailed, StepExecutor, StepResult, StepSucceeded
+from worker.plan import Planner, instance_error
+from worker.replay.engine import Replay, step_failed_error
+from worker.retry import DEFAULT_RETRY_POLICY
+from worker.step_info import StepInfo
+from worker.workflow import Workflow
+
+log = logging.getLogger("stepline.worker")
+
+
+class StepRunner:
+    """Replays an instance up to a step, runs the step's code, and commits the attempt."""
+
+    def __init__(
+        self, *, engine: AsyncEngine, planner: Planner, executor: StepExecutor, worker_id: str
+    ) -> None:
+        self._engine = engine
+        self._planner = planner
+        self._executor = executor
+        self._worker_id = worker_id
+
+    async def run(self, workflow: Workflow[Any, Any], message: StepMessage) -> list[OutboxRow]:
+        """Run the attempt the message names, if it is still the current one; commit it."""
+        key: StepKey = (message.step, message.occurrence)
+        async with self._engine.connect() as conn:
+            history = await queries.load_history(conn, message.instance_id)
+        if history is None or not is_current(history, key, message):
+            return []
+        replay = Replay(workflow, history)
+        try:
+            outcome = replay.start()
+            call = replay.calls.get(key)
+            if outcome.kind == "diverged" or call is None:
+                return await self._commit_error(history, outcome.error or missing_step(history, key))
+            info = StepInfo(history.instance_id, workflow.name, key[0], key[1], message.attempt)
+            result = await self._executor.run(call, info)
+            log.info(
+                "step attempt %s",
+                "succeeded" if isinstance(result, StepSucceeded) else result.outcome,
+                extra={
+                    "event": "step_attempt_finished",
+                    "instance_id": history.instance_id,
+                    "step": format_key(key),
+                    "attempt": message.attempt,
+                },
+            )
+            async with self._engine.begin() as conn:
+                lock = await queries.lock_instance(conn, history.instance_id)
+                if lock is None or lock.status.is_finished:
+                    return []
+                if lock.version != history.version:
+                    # The history changed meanwhile (a parallel step committed, a pause):
+                    # replay the newer one before planning what comes next.
+                    fresh = await queries.load_history(conn, history.instance_id)
+                    assert fresh is not None
+                    if not is_current(fresh, key, message, running_in_paused=True):
+                        return []
+                    values = replay.values
+                    replay.close()
+                    history, replay = fresh, Replay(workflow, fresh, carried_values=values)
+                    outcome = replay.start()
+                    if outcome.kind == "diverged" or key not in replay.calls:
+                        error = outcome.error or missing_step(history, key)
+                        await queries.update_instance(
+                            conn,
+                            history.instance_id,
+                            status=InstanceStatus.ERRORED,
+                            error=instance_error(error),
+                        )
+                        return []
+                return await self._commit_attempt(conn, history, replay, key, message.attempt, result)
+        finally:
+            replay.close()
+
+    async def _commit_attempt(
+        self,
+        conn: AsyncConnection,
+        history: History,
+        replay: Replay,
+        key: StepKey,
+        attempt: int,
+        result: StepResult,
+    ) -> list[OutboxRow]:
+        instance_id = history.instance_id
+        error = result.error if isinstance(result, StepAttemptFailed) else None
+        await queries.insert_attempt(
+            conn,
+            instance_id,
+            key,
+            attempt=attempt,
+            worker=self._worker_id,
+            outcome="succeeded" if isinstance(result, StepSucceeded) else result.outcome,
+            error=error,
+            started_at=result.started_at,
+            finished_at=result.finished_at,
+        )
+        if isinstance(result, StepSucceeded):
+            await queries.settle_step(
+                conn,
+                instance_id,
+                key,
+                status=StepStatus.SUCCEEDED,
+                result=result.result,
+                started_at=result.started_at,
+            )
+            return await self._planner.apply(conn, history, replay, replay.resolve(key, result.result))
+        policy = replay.calls[key].retry or DEFAULT_RETRY_POLICY
+        if result.is_retryable and policy.allows_retry_after(attempt):
+            await queries.settle_step(
+                conn,
+                instance_id,
+                key,
+                status=StepStatus.RETRYING,
+                error=result.error,
+                attempt=attempt + 1,
+                started_at=result.started_at,
+            )
+            routing_key, body, headers = self._planner.step_message(history, key, attempt + 1)
+            timer = NewTimer(
+                key, attempt + 1, "retry", routing_key, body, headers, delay=policy.delay_after(attempt)
+            )
+            await queries.insert_timers(conn, instance_id, [timer])
+            await queries.update_instance(conn, instance_id, status=_status_after_retry(history))
+            return []
+        await queries.settle_step(
+            conn, instance_id, key, status=StepStatus.FAILED, error=result.error, started_at=result.started_at
+        )
+        outcome = replay.fail(key, step_failed_error(key, attempt, result.error))
+        return await self._planner.apply(conn, history, replay, outcome)
+
+    async def _commit_error(self, history: History, error: BaseException) -> list[OutboxRow]:
+        async with self._engine.begin() as conn:
+            lock = await queries.lock_instance(conn, history.instance_id)
+            if lock is None or lock.status.is_finished:
+                return []
+            await queries.update_instance(
+                conn, history.instance_id, status=InstanceStatus.ERRORED, error=instance_error(error)
+            )
+            rows = await queries.insert_outbox(conn, self._planner.parent_wake(history.parent))
+        log.warning(
+            "instance errored: %s",
+            error,
+            extra={"event": "instance_errored", "instance_id": history.instance_id},
+        )
+        return rows
+
+
+def is_current(
+    history: History, key: StepKey, message: StepMessage, *, running_in_paused: bool = False
+) -> bool:
+    """Only the current attempt of a running step may run and commit (the fencing token).
+
+    A paused instance starts no step, but a step already running may still commit.
+    """
+    if history.status.is_finished:
+        _log_stale(message, f"the instance is {history.status}")
+        return False
+    if history.status == InstanceStatus.PAUSED and not running_in_paused:
+        _log_stale(message, "the instance is paused; resume sends it again")
+        return False
+    record = history.step(key)
+    if record is None or record.kind != StepKind.STEP:
+        _log_stale(message, "the history has no such step")
+        return False
+    if record.status not in (StepStatus.RUNNING, StepStatus.RETRYING) or record.attempt != message.attempt:
+        _log_stale(message, f"the step is {record.status} at attempt {record.attempt}")
+        return False
+    return True
+
+
+def missing_step(history: History, key: StepKey) -> BaseException:
+    """The divergence of a history whose step the code no longer asks for."""
+    return NonDeterminismError(history.instance_id, f"step {format_key(key)!r}", "nothing in its place")
+
+
+def _status_after_retry(history: History) -> InstanceStatus:
+    return InstanceStatus.PAUSED if history.status == InstanceStatus.PAUSED else InstanceStatus.RUNNING
+
+
+def _log_stale(message: StepMessage, why: str) -> None:
+    log.info(
+        "stale or duplicate message dropped: %s",
+        why,
+        extra={
+            "event": "stale_message",
+            "instance_id": message.instance_id,
+            "step": format_key((message.step, message.occurrence)),
+            "attempt": message.attempt,
+        },
+    )

@@ -1,0 +1,165 @@
+"""Settle what an instance waits for: sleeps, events and their time-outs, children; and advance it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared.db import queries
+from shared.db.queries import OutboxRow
+from shared.errors import BadPayloadError, EventTimeoutError
+from shared.history import History, StepKey, StepRecord, format_key
+from shared.messages import EventMessage
+from shared.states import InstanceStatus, StepKind, StepStatus
+from worker.plan import Message, Planner
+from worker.replay.engine import Replay, error_info, step_failed_error
+from worker.workflow import Workflow
+
+log = logging.getLogger("stepline.worker")
+
+
+async def settle_wake(
+    conn: AsyncConnection, planner: Planner, workflow: Workflow[Any, Any], history: History, key: StepKey
+) -> list[OutboxRow]:
+    """A timer fired or a child finished: settle the waiting entry and run on."""
+    record = history.step(key)
+    if record is None or record.status.is_settled:
+        log.info("wake for a settled or unknown entry dropped", extra=_ids(history, key))
+        return []
+    if record.kind == StepKind.SLEEP:
+        await queries.settle_step(conn, history.instance_id, key, status=StepStatus.SUCCEEDED)
+        return await _run_on(conn, planner, workflow, history, key, result=None)
+    if record.kind == StepKind.EVENT:
+        timeout_s = _timeout_of(record)
+        error = EventTimeoutError(format_key(key), str((record.detail or {}).get("event_type")), timeout_s)
+        stored = {**error_info(error), "timeout_s": timeout_s}
+        await queries.settle_step(conn, history.instance_id, key, status=StepStatus.FAILED, error=stored)
+        return await _run_on(conn, planner, workflow, history, key, error=error)
+    if record.kind == StepKind.CHILD:
+        return await _settle_child(conn, planner, workflow, history, record)
+    log.info("wake for a %s entry dropped", record.kind, extra=_ids(history, key))
+    return []
+
+
+async def _settle_child(
+    conn: AsyncConnection,
+    planner: Planner,
+    workflow: Workflow[Any, Any],
+    history: History,
+    record: StepRecord,
+) -> list[OutboxRow]:
+    detail = record.detail or {}
+    child = await queries.get_instance_row(conn, str(detail.get("child_id")))
+    if child is None or not InstanceStatus(child.status).is_finished:
+        return []  # not finished yet: its own finish wakes us again
+    key = record.key
+    if child.status == InstanceStatus.COMPLETE:
+        await queries.settle_step(
+            conn, history.instance_id, key, status=StepStatus.SUCCEEDED, result=child.output
+        )
+        return await _run_on(conn, planner, workflow, history, key, result=child.output)
+    cause = child.error or {}
+    reason = f"{cause.get('type')}: {cause.get('message')}" if cause else "no error recorded"
+    error = {
+        "type": "ChildWorkflowError",
+        "message": f"child workflow {child.workflow!r} ({child.id!r}) {child.status}: {reason}",
+    }
+    await queries.settle_step(conn, history.instance_id, key, status=StepStatus.FAILED, error=error)
+    return await _run_on(conn, planner, workflow, history, key, error=step_failed_error(key, 1, error))
+
+
+async def deliver_event(
+    conn: AsyncConnection,
+    planner: Planner,
+    workflow: Workflow[Any, Any],
+    history: History,
+    message: EventMessage,
+) -> list[OutboxRow]:
+    """Store an event; the earliest wait for its type takes it at once, else it is kept."""
+    if history.status.is_finished:
+        raise BadPayloadError(
+            f"instance {history.instance_id!r} is {history.status}; it takes no more events"
+        )
+    stored = await queries.insert_event(
+        conn,
+        history.instance_id,
+        event_id=message.event_id,
+        event_type=message.event_type,
+        payload=message.payload,
+    )
+    if not stored:
+        log.info(
+            "duplicate event dropped", extra={"event": "duplicate_event", "instance_id": history.instance_id}
+        )
+        return []
+    waits = [
+        record
+        for record in history.steps.values()
+        if record.kind == StepKind.EVENT
+        and record.status == StepStatus.WAITING
+        and (record.detail or {}).get("event_type") == message.event_type
+    ]
+    if not waits:
+        return []  # kept for the first wait that asks for it
+    key = min(waits, key=lambda record: record.position).key
+    found, payload = await queries.claim_event(conn, history.instance_id, message.event_type, key)
+    assert found, "the event was stored in this transaction"
+    await queries.settle_step(conn, history.instance_id, key, status=StepStatus.SUCCEEDED, result=payload)
+    await queries.cancel_timers(conn, history.instance_id, key)
+    return await _run_on(conn, planner, workflow, history, key, result=payload)
+
+
+async def advance(
+    conn: AsyncConnection, planner: Planner, workflow: Workflow[Any, Any], history: History
+) -> list[OutboxRow]:
+    """Replay and send everything the instance waits on: after a resume, or from scratch after a restart."""
+    if history.status.is_finished or history.status == InstanceStatus.PAUSED:
+        return []
+    replay = Replay(workflow, history)
+    try:
+        outcome = replay.start()
+        resent: list[Message] = []
+        for record in history.steps.values():
+            if record.kind != StepKind.STEP or not replay.is_pending(record.key):
+                continue
+            held_back = record.status == StepStatus.RUNNING
+            # A retry whose back-off timer is still armed will be sent by that timer.
+            due_retry = record.status == StepStatus.RETRYING and not await queries.timer_pending(
+                conn, history.instance_id, record.key, record.attempt
+            )
+            if held_back or due_retry:
+                resent.append(planner.step_message(history, record.key, record.attempt))
+        rows = await planner.apply(conn, history, replay, outcome)
+        return rows + await queries.insert_outbox(conn, resent)
+    finally:
+        replay.close()
+
+
+async def _run_on(
+    conn: AsyncConnection,
+    planner: Planner,
+    workflow: Workflow[Any, Any],
+    history: History,
+    key: StepKey,
+    *,
+    result: Any = None,
+    error: BaseException | None = None,
+) -> list[OutboxRow]:
+    replay = Replay(workflow, history)
+    try:
+        outcome = replay.start()
+        if replay.is_pending(key):
+            outcome = replay.fail(key, error) if error is not None else replay.resolve(key, result)
+        return await planner.apply(conn, history, replay, outcome)
+    finally:
+        replay.close()
+
+
+def _timeout_of(record: StepRecord) -> float:
+    return float((record.detail or {}).get("timeout_s") or 0.0)
+
+
+def _ids(history: History, key: StepKey) -> dict[str, Any]:
+    return {"event": "stale_message", "instance_id": history.instance_id, "step": format_key(key)}
