@@ -263,3 +263,89 @@ async def gateway_timeout() -> str:
 @workflow("own-timeout")
 async def own_timeout(ctx: Context, params: None) -> str:
     return await ctx.step("charge", gateway_timeout, retry=FAST_RETRY, timeout="30s")
+
+
+# ---------------------------------------------------------------- events
+
+
+class Approval(BaseModel):
+    timeout: str | None = None
+
+
+@workflow("approval")
+async def approval(ctx: Context, params: Approval) -> dict[str, Any]:
+    await ctx.step("submit", branch, "submitted")
+    decision = await ctx.wait_for_event("decision", event_type="approved", timeout=params.timeout)
+    after = await ctx.step("act", branch, str(decision))
+    return {"decision": decision, "after": after}
+
+
+@workflow("approval-or-timeout")
+async def approval_or_timeout(ctx: Context, params: Approval) -> str:
+    from shared.errors import EventTimeoutError
+
+    try:
+        decision = await ctx.wait_for_event("decision", event_type="approved", timeout=params.timeout)
+    except EventTimeoutError as exc:
+        return await ctx.step("escalate", branch, "escalated") + f" ({exc})"
+    return f"approved: {decision}"
+
+
+@workflow("two-approvals")
+async def two_approvals(ctx: Context, params: None) -> list[Any]:
+    first = await ctx.wait_for_event("first", event_type="approved")
+    second = await ctx.wait_for_event("second", event_type="approved")
+    return [first, second]
+
+
+# ---------------------------------------------------------------- parallel branches
+
+
+@workflow("two-slow-branches")
+async def two_slow_branches(ctx: Context, params: None) -> list[str]:
+    left, right = await asyncio.gather(ctx.step("left", slow_step, 1.0), ctx.step("right", slow_step, 1.0))
+    return [left, right]
+
+
+@workflow("failing-branch")
+async def failing_branch(ctx: Context, params: Flaky) -> list[str]:
+    retried, refused = await asyncio.gather(
+        ctx.step("flaky", flaky_call, params.fail_times, retry=FAST_RETRY),
+        ctx.step("refused", refuse),
+    )
+    return [retried, refused]
+
+
+@workflow("retried-branch")
+async def retried_branch(ctx: Context, params: Flaky) -> list[str]:
+    return list(
+        await asyncio.gather(
+            ctx.step("flaky", flaky_call, params.fail_times, retry=FAST_RETRY),
+            ctx.step("steady", branch, "steady"),
+        )
+    )
+
+
+# ---------------------------------------------------------------- children
+
+
+@workflow("parent")
+async def parent(ctx: Context, params: Numbers) -> dict[str, Any]:
+    child_output = await ctx.child("compute", sequence, params)
+    return {"child": child_output, "after": await ctx.step("after", branch, "p")}
+
+
+@workflow("parent-of-failure")
+async def parent_of_failure(ctx: Context, params: None) -> str:
+    from worker import StepFailedError
+
+    try:
+        await ctx.child("charge", "non-retryable", None)
+    except StepFailedError as exc:
+        return f"caught: {exc.error_message}"
+    return "child succeeded"
+
+
+@workflow("parent-of-sleeper")
+async def parent_of_sleeper(ctx: Context, params: None) -> Any:
+    return await ctx.child("nap", sleeper, Nap(duration="1 day"))

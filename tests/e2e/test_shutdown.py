@@ -18,7 +18,9 @@ pytestmark = pytest.mark.e2e
 async def test_sigterm_lets_the_running_step_commit_then_exits_zero(
     process_fleet: ProcessFleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    worker = process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w1")
+    worker = process_fleet.start(
+        "w1", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w1"
+    )
     instance_id = await producer.start("slow-pair", None)
 
     async def slow_runs() -> int:

@@ -154,3 +154,28 @@ async def test_a_timeout_error_raised_by_step_code_is_recorded_as_itself(
         "payment gateway did not answer in time",
     )
     assert second.outcome == "succeeded"
+
+
+async def test_a_failed_branch_fails_the_gather_as_asyncio_would(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    fleet.start_worker()
+    fleet.start_scheduler()
+    instance_id = await producer.start("failing-branch", {"fail_times": 1})
+    info = await client.wait(instance_id, timeout=30)
+    assert info.status == "errored"
+    assert info.error is not None
+    assert info.error["step"] == "refused"
+    assert "card declined" in info.error["message"]
+
+
+async def test_a_failing_branch_follows_its_own_retry_policy(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    fleet.start_worker()
+    fleet.start_scheduler()
+    instance_id = await producer.start("retried-branch", {"fail_times": 2})
+    info = await client.wait(instance_id, timeout=30)
+    assert (info.status, info.output) == ("complete", ["ok on attempt 3", "STEADY"])
+    steps = {step.name: step.attempts for step in info.steps}
+    assert steps == {"flaky": 3, "steady": 1}
