@@ -1,0 +1,167 @@
+"""The ``stepline`` and ``stepline-worker`` commands, run as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from producer import Client
+from shared.db import migrate
+from shared.settings import Settings
+from tests.support import cli, services
+from tests.support.fleet import ProcessFleet, process_env
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def env(settings: Settings) -> dict[str, str]:
+    """The environment a user of this test's database and namespace would set."""
+    return process_env(settings)
+
+
+@pytest.fixture
+def empty_database() -> Iterator[str]:
+    """A database with nothing in it, dropped after."""
+    name = services.clone_database("template0")
+    yield services.database_url(name)
+    services.drop_database(name)
+
+
+async def test_db_upgrade_migrates_and_prints_the_revision(env: dict[str, str], empty_database: str) -> None:
+    head = migrate.head_revision()
+    assert head is not None
+    fresh = {**env, "STEPLINE_DATABASE_URL": empty_database}
+
+    first = await cli.run(fresh, "stepline", "db", "upgrade")
+    again = await cli.run(fresh, "stepline", "db", "upgrade")
+
+    assert first.returncode == 0, first
+    assert head in first.stdout
+    assert migrate.current_revision(empty_database) == head
+    assert again.returncode == 0, again
+    assert head in again.stdout
+
+
+async def test_db_upgrade_of_the_test_database_is_a_no_op(env: dict[str, str]) -> None:
+    result = await cli.run(env, "stepline", "db", "upgrade")
+    assert result.returncode == 0, result
+    assert f"database at revision {migrate.head_revision()}" in result.stdout
+
+
+async def test_start_run_and_inspect_an_instance(
+    env: dict[str, str], process_fleet: ProcessFleet, client: Client
+) -> None:
+    # Started first, so that its start-up overlaps the command's.
+    process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w-cli")
+    started = await cli.run(
+        env, "stepline", "start", "sequence", "--params", '{"a":1,"b":2}', "--id", "cli-1", "--json"
+    )
+    assert started.json() == {"instance_id": "cli-1", "workflow": "sequence"}
+
+    # Polled through the client library: each command run costs a second of interpreter start-up.
+    await client.wait("cli-1", timeout=30)
+    status, listed, history = await asyncio.gather(
+        cli.run(env, "stepline", "status", "cli-1", "--json"),
+        cli.run(env, "stepline", "list", "--json"),
+        cli.run(env, "stepline", "history", "cli-1", "--json"),
+    )
+
+    info = status.json()
+    assert info["status"] == "complete", info
+    assert info["id"] == "cli-1"
+    assert info["workflow"] == "sequence"
+    assert info["params"] == {"a": 1, "b": 2}
+    assert info["output"] == {"total": 3, "product": 30, "text": "result=30"}
+    assert [(step["name"], step["status"]) for step in info["steps"]] == [
+        ("add", "succeeded"),
+        ("multiply", "succeeded"),
+        ("describe", "succeeded"),
+    ]
+
+    assert [(item["id"], item["status"]) for item in listed.json()] == [("cli-1", "complete")]
+    assert history.json()["instance"]["id"] == "cli-1"
+    assert [(a["step"], a["attempt"], a["worker"], a["outcome"]) for a in history.json()["attempts"]] == [
+        ("add", 1, "w-cli", "succeeded"),
+        ("multiply", 1, "w-cli", "succeeded"),
+        ("describe", 1, "w-cli", "succeeded"),
+    ]
+
+
+async def test_status_of_an_unknown_id_fails_naming_it(env: dict[str, str]) -> None:
+    result, history = await asyncio.gather(
+        cli.run(env, "stepline", "status", "nope"), cli.run(env, "stepline", "history", "nope", "--json")
+    )
+    assert result.returncode != 0
+    assert "no instance with id 'nope'" in result.output
+    assert history.returncode != 0
+    assert "no instance with id 'nope'" in history.output
+
+
+async def test_start_with_params_that_are_not_json_is_a_usage_error(env: dict[str, str]) -> None:
+    result = await cli.run(env, "stepline", "start", "sequence", "--params", "{a: 1")
+    assert result.returncode == 2, result
+    assert "--params" in result.stderr
+    assert "not JSON" in result.stderr
+
+
+async def test_start_with_invalid_instance_id_fails_cleanly(env: dict[str, str]) -> None:
+    result = await cli.run(env, "stepline", "start", "sequence", "--params", "{}", "--id", "x" * 600)
+    assert result.returncode != 0
+    assert "instance_id" in result.stderr
+    assert "Traceback" not in result.output
+
+
+async def test_worker_with_bad_settings_exits_2_naming_every_variable(env: dict[str, str]) -> None:
+    bad = {key: value for key, value in env.items() if key != "STEPLINE_DATABASE_URL"}
+    bad["STEPLINE_AMQP_URL"] = "http://x"
+
+    result = await cli.run(bad, "stepline-worker", "--workflows", "tests.workflows")
+
+    assert result.returncode == 2, result
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "STEPLINE_DATABASE_URL" in lines[0]
+    assert "STEPLINE_AMQP_URL" in lines[0]
+    assert "http://x" not in lines[0]
+
+
+async def test_amqp_password_never_appears_in_output(env: dict[str, str]) -> None:
+    secret = {**env, "STEPLINE_AMQP_URL": "amqp://guest:s3cr3t-pw@127.0.0.1:1/nope"}
+
+    result = await cli.run(secret, "stepline", "start", "sequence", "--params", '{"a":1,"b":2}')
+
+    assert result.returncode != 0
+    assert "s3cr3t-pw" not in result.output
+    assert "cannot connect to RabbitMQ" in result.output
+    assert "Traceback" not in result.output
+
+
+async def test_database_password_never_appears_in_output(env: dict[str, str]) -> None:
+    secret = {**env, "STEPLINE_DATABASE_URL": "postgresql://postgres:s3cr3t-db@127.0.0.1:1/nope"}
+
+    status, upgrade = await asyncio.gather(
+        cli.run(secret, "stepline", "status", "anything"), cli.run(secret, "stepline", "db", "upgrade")
+    )
+
+    for result in (status, upgrade):
+        assert result.returncode != 0, result
+        assert "s3cr3t-db" not in result.output
+    assert "postgresql://postgres:***@127.0.0.1:1/nope" in upgrade.stderr
+
+
+@pytest.mark.parametrize("command", [("status", "x"), ("history", "x"), ("list",)], ids=lambda c: c[0])
+async def test_unreachable_database_is_one_clear_error_not_a_traceback(
+    env: dict[str, str], command: tuple[str, ...]
+) -> None:
+    down = {**env, "STEPLINE_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nope"}
+
+    result = await cli.run(down, "stepline", *command)
+
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "127.0.0.1" in lines[0]

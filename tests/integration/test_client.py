@@ -1,0 +1,105 @@
+"""The read side of the client: get, list, wait and attempts, as a user of it checks them."""
+
+from __future__ import annotations
+
+import pytest
+
+from producer import Client, Producer
+from shared.errors import WaitTimeoutError
+from tests.support.fleet import Fleet
+from tests.support.polling import eventually
+
+
+async def test_get_of_an_unknown_id_is_none(client: Client) -> None:
+    assert await client.get("no-such-instance") is None
+
+
+async def test_list_filters_by_workflow_and_status_newest_first(
+    fleet: Fleet, producer: Producer, client: Client
+) -> None:
+    fleet.start_worker()
+    started: list[tuple[str, str, object]] = [
+        ("seq-1", "sequence", {"a": 1, "b": 1}),
+        ("refused", "non-retryable", None),
+        ("seq-2", "sequence", {"a": 2, "b": 2}),
+        ("seq-3", "sequence", {"a": 3, "b": 3}),
+    ]
+    for instance_id, workflow, params in started:
+        # One at a time, so that creation order is the order above.
+        await producer.start(workflow, params, instance_id=instance_id)
+        await client.wait(instance_id, timeout=30)
+
+    everything = await client.list()
+    sequences = await client.list(workflow="sequence")
+    errored = await client.list(status="errored")
+    complete_sequences = await client.list(workflow="sequence", status="complete")
+    newest_two = await client.list(limit=2)
+
+    assert [info.id for info in everything] == ["seq-3", "seq-2", "refused", "seq-1"]
+    assert [info.id for info in sequences] == ["seq-3", "seq-2", "seq-1"]
+    assert [(info.id, info.status) for info in errored] == [("refused", "errored")]
+    assert [info.id for info in complete_sequences] == ["seq-3", "seq-2", "seq-1"]
+    assert [info.id for info in newest_two] == ["seq-3", "seq-2"]
+    assert await client.list(workflow="non-retryable", status="complete") == []
+    assert await client.list(workflow="no-such-workflow") == []
+    assert everything[0].output == {"total": 6, "product": 60, "text": "result=60"}
+    created = [info.created_at for info in everything]
+    assert created == sorted(created, reverse=True)
+
+
+async def test_list_with_a_status_that_does_not_exist_raises(client: Client) -> None:
+    with pytest.raises(ValueError, match="finished"):
+        await client.list(status="finished")
+
+
+async def test_wait_for_an_id_that_never_starts_times_out(client: Client) -> None:
+    with pytest.raises(WaitTimeoutError, match="not yet created") as raised:
+        await client.wait("never-started", timeout=0.5)
+    assert raised.value.instance_id == "never-started"
+    assert raised.value.status is None
+    assert "'never-started'" in str(raised.value)
+
+
+async def test_wait_timeout_names_the_current_status(
+    fleet: Fleet, producer: Producer, client: Client
+) -> None:
+    fleet.start_worker()
+    instance_id = await producer.start("sleeper", {"duration": "1 hour"}, instance_id="napping")
+    await eventually(
+        lambda: client.get(instance_id),
+        check=lambda info: info is not None and info.status == "waiting",
+        what="the instance to sleep",
+    )
+
+    with pytest.raises(WaitTimeoutError, match=r"\(status: waiting\)"):
+        await client.wait(instance_id, timeout="300ms")
+
+
+async def test_attempts_name_the_worker_and_the_outcome(
+    fleet: Fleet, producer: Producer, client: Client
+) -> None:
+    fleet.start_worker(worker_id="w-a")
+    fleet.start_scheduler()  # fires the retry back-off of the flaky step
+    await producer.start("sequence", {"a": 1, "b": 2}, instance_id="seq")
+    await producer.start("flaky", {"fail_times": 1}, instance_id="flaky")
+    assert (await client.wait("seq", timeout=30)).status == "complete"
+    assert (await client.wait("flaky", timeout=30)).status == "complete"
+
+    sequence_attempts = await client.attempts("seq")
+    flaky_attempts = await client.attempts("flaky")
+
+    assert [(a.step, a.occurrence, a.attempt, a.worker, a.outcome) for a in sequence_attempts] == [
+        ("add", 1, 1, "w-a", "succeeded"),
+        ("multiply", 1, 1, "w-a", "succeeded"),
+        ("describe", 1, 1, "w-a", "succeeded"),
+    ]
+    assert all(a.error is None and a.finished_at >= a.started_at for a in sequence_attempts)
+    assert [(a.step, a.attempt, a.worker, a.outcome) for a in flaky_attempts] == [
+        ("call", 1, "w-a", "failed"),
+        ("call", 2, "w-a", "succeeded"),
+    ]
+    failed = flaky_attempts[0].error
+    assert failed is not None
+    assert failed["type"] == "ConnectionError"
+    assert failed["message"] == "transient failure on attempt 1"
+    assert await client.attempts("no-such-instance") == []

@@ -1,0 +1,229 @@
+"""Starting instances: idempotent ids, params checked before publishing, no start lost, trace context kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+import tests.workflows as test_workflows
+from producer import Client, Producer
+from shared.broker import AmqpBroker
+from shared.errors import BadPayloadError, InvalidParamsError, UnroutableError
+from shared.messages import MAX_INSTANCE_ID_LENGTH
+from shared.settings import Settings
+from tests.support import rows
+from tests.support.amqp import declare_workflow_queue, ready_messages
+from tests.support.fleet import Fleet
+
+SEQUENCE_EFFECTS = {"add": 1, "describe": 1}
+"""What one run of ``sequence`` leaves in ``side_effects`` (``multiply`` records nothing)."""
+
+
+async def test_duplicate_starts_make_one_instance_and_run_each_step_once(
+    fleet: Fleet, settings: Settings, producer: Producer, client: Client
+) -> None:
+    fleet.start_worker()
+    first = await producer.start("sequence", {"a": 1, "b": 2}, instance_id="order-1")
+    second = await producer.start("sequence", {"a": 100, "b": 200}, instance_id="order-1")
+    assert first == second == "order-1"
+    done = await client.wait("order-1", timeout=30)
+    assert done.status == "complete", done.error
+
+    await producer.start("sequence", {"a": 7, "b": 7}, instance_id="order-1")
+    # A later start of another instance is consumed after the duplicate: once it completes,
+    # the duplicate was handled too.
+    await producer.start("sequence", {"a": 0, "b": 0}, instance_id="sentinel")
+    assert (await client.wait("sentinel", timeout=30)).status == "complete"
+
+    again = await client.get("order-1")
+    assert again is not None
+    assert again.params == {"a": 1, "b": 2}
+    assert again.output == {"total": 3, "product": 30, "text": "result=30"}
+    assert again.finished_at == done.finished_at
+    assert [(step.name, step.attempts) for step in again.steps] == [
+        ("add", 1),
+        ("multiply", 1),
+        ("describe", 1),
+    ]
+    assert await rows.instance_rows(settings.database, "order-1") == 1
+    assert await rows.side_effects(settings.database, "order-1") == SEQUENCE_EFFECTS
+
+
+async def test_bad_params_for_a_workflow_object_raise_before_publishing(
+    fleet: Fleet, settings: Settings, producer: Producer, client: Client
+) -> None:
+    await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
+
+    with pytest.raises(InvalidParamsError) as raised:
+        await producer.start(test_workflows.sequence, {"a": "x", "b": 2}, instance_id="bad-a")
+    with pytest.raises(InvalidParamsError) as missing:
+        await producer.start(test_workflows.sequence, {"a": 1}, instance_id="no-b")
+
+    assert raised.value.workflow == "sequence"
+    assert raised.value.detail.startswith("a: "), raised.value.detail
+    assert "invalid params for workflow 'sequence'" in str(raised.value)
+    assert missing.value.detail.startswith("b: "), missing.value.detail
+    assert "Field required" in str(missing.value)
+    # No worker runs yet, so anything published would still be waiting here.
+    assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 0
+
+    fleet.start_worker()
+    await producer.start(test_workflows.sequence, {"a": 1, "b": 1}, instance_id="good")
+    assert (await client.wait("good", timeout=30)).status == "complete"
+    assert await rows.instance_ids(settings.database) == ["good"]
+
+
+@pytest.mark.parametrize("workflow", ["sequence", test_workflows.sequence], ids=["by-name", "by-object"])
+async def test_params_that_are_not_json_are_refused(
+    settings: Settings, producer: Producer, workflow: object
+) -> None:
+    await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
+    with pytest.raises(InvalidParamsError, match="not JSON-serialisable"):
+        await producer.start(workflow, {"a": object(), "b": 2})  # type: ignore[arg-type]
+    assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 0
+
+
+async def test_instance_id_over_the_limit_is_refused(settings: Settings, producer: Producer) -> None:
+    await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
+    too_long = "x" * (MAX_INSTANCE_ID_LENGTH + 1)
+    with pytest.raises(BadPayloadError, match="instance_id") as raised:
+        await producer.start("sequence", {"a": 1, "b": 2}, instance_id=too_long)
+    assert not isinstance(raised.value, InvalidParamsError)
+    assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 0
+
+
+async def test_empty_instance_id_is_refused(settings: Settings, producer: Producer) -> None:
+    await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
+    with pytest.raises(BadPayloadError, match="instance_id"):
+        # An empty id must not silently become a random one.
+        await producer.start("sequence", {"a": 1, "b": 2}, instance_id="")
+    assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 0
+
+
+@pytest.mark.parametrize(
+    "instance_id",
+    [
+        "o'; DROP TABLE instances;--",
+        "заказ-№1 🚚",
+        'quote " and back\\slash',
+        "  spaces around  ",
+        "y" * MAX_INSTANCE_ID_LENGTH,
+    ],
+    ids=["sql", "unicode", "quotes", "spaces", "longest"],
+)
+async def test_unusual_instance_ids_are_stored_verbatim_and_complete(
+    fleet: Fleet, settings: Settings, producer: Producer, client: Client, instance_id: str
+) -> None:
+    fleet.start_worker()
+    started = await producer.start("sequence", {"a": 2, "b": 2}, instance_id=instance_id)
+    assert started == instance_id
+
+    info = await client.wait(instance_id, timeout=30)
+
+    assert info.id == instance_id
+    assert info.status == "complete", info.error
+    assert info.output == {"total": 4, "product": 40, "text": "result=40"}
+    assert await rows.instance_ids(settings.database) == [instance_id]
+    assert await rows.side_effects(settings.database, instance_id) == SEQUENCE_EFFECTS
+
+
+async def test_start_batch_returns_ids_in_order_and_all_complete(
+    fleet: Fleet, producer: Producer, client: Client
+) -> None:
+    fleet.start_worker()
+    params = [{"a": n, "b": 1} for n in range(8)]
+
+    generated = await producer.start_batch("sequence", params)
+    given = await producer.start_batch(
+        test_workflows.sequence, params[:3], instance_ids=["batch-c", "batch-a", "batch-b"]
+    )
+
+    assert given == ["batch-c", "batch-a", "batch-b"]
+    assert len(set(generated)) == len(params)
+    for instance_id, item in zip(generated + given, params + params[:3], strict=True):
+        info = await client.wait(instance_id, timeout=30)
+        assert info.status == "complete", info.error
+        assert info.params == item
+        assert info.output["total"] == item["a"] + item["b"]
+
+
+async def test_start_batch_with_mismatched_ids_publishes_nothing(
+    settings: Settings, producer: Producer
+) -> None:
+    await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
+    with pytest.raises(ValueError, match="2 params but 1 instance ids"):
+        await producer.start_batch("sequence", [{"a": 1, "b": 1}, {"a": 2, "b": 2}], instance_ids=["only"])
+    assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 0
+
+
+async def test_start_published_while_no_worker_runs_waits_and_completes(
+    fleet: Fleet, settings: Settings, producer: Producer, client: Client
+) -> None:
+    # The producer alone declares the queue: no worker ever ran in this namespace.
+    instance_id = await producer.start("sequence", {"a": 3, "b": 4}, instance_id="early")
+
+    assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 1
+    assert await client.get(instance_id) is None
+
+    fleet.start_worker()
+    info = await client.wait(instance_id, timeout=30)
+    assert info.status == "complete", info.error
+    assert info.output == {"total": 7, "product": 70, "text": "result=70"}
+
+
+async def test_publish_that_no_queue_takes_raises_unroutable(settings: Settings) -> None:
+    body = json.dumps(
+        {
+            "v": 1,
+            "kind": "step",
+            "workflow": "no-such-queue",
+            "instance_id": "lost",
+            "step": "s",
+            "occurrence": 1,
+            "attempt": 1,
+        }
+    ).encode()
+    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+        with pytest.raises(UnroutableError) as raised:
+            await broker.publish("step.no-such-queue", body, None)
+        # The channel is still usable after a returned message.
+        await broker.ensure_workflow_queue("sequence")
+        await broker.publish("step.sequence", body, None)
+    assert raised.value.routing_key == "step.no-such-queue"
+    assert "'step.no-such-queue'" in str(raised.value)
+    assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 1
+
+
+async def test_a_start_for_a_workflow_no_worker_ever_ran_waits_in_a_new_queue(settings: Settings) -> None:
+    body = json.dumps(
+        {"v": 1, "kind": "start", "workflow": "not-deployed-yet", "instance_id": "kept", "params": None}
+    ).encode()
+    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+        await broker.publish("start.not-deployed-yet", body, None)
+    assert await ready_messages(settings.amqp, settings.namespace, "not-deployed-yet") == 1
+
+
+async def test_start_under_a_span_stores_its_trace_context(
+    fleet: Fleet, producer: Producer, client: Client
+) -> None:
+    provider = TracerProvider()
+    tracer = provider.get_tracer("tests.integration.test_starts")
+    fleet.start_worker()
+    try:
+        with tracer.start_as_current_span("place-order") as span:
+            instance_id = await producer.start("sequence", {"a": 1, "b": 1})
+        context = span.get_span_context()
+    finally:
+        provider.shutdown()
+
+    info = await client.wait(instance_id, timeout=30)
+
+    assert info.status == "complete", info.error
+    assert info.trace_context is not None
+    version, trace_id, parent_id, flags = info.trace_context["traceparent"].split("-")
+    assert version == "00"
+    assert trace_id == f"{context.trace_id:032x}"
+    assert len(parent_id) == 16
+    assert int(flags, 16) & 0x01, "the sampled flag of the span is kept"

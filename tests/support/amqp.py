@@ -1,0 +1,106 @@
+"""Look at the broker as a user would: publish raw bodies, read the dead-letter queue, count messages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel
+
+from shared.broker import AmqpBroker
+from shared.broker.connection import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
+from shared.topology import dead_letter_queue_name, exchange_name, workflow_queue_name
+from tests.support.polling import eventually
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message found in the dead-letter queue."""
+
+    body: bytes
+    reason: str
+    routing_key: str
+    headers: dict[str, str]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def declare_workflow_queue(amqp_url: str, namespace: str, workflow: str) -> None:
+    """Declare the topology and a workflow's queue, as any Stepline process does."""
+    async with AmqpBroker(amqp_url, namespace) as broker:
+        await broker.ensure_workflow_queue(workflow)
+
+
+@asynccontextmanager
+async def raw_channel(amqp_url: str) -> AsyncIterator[AbstractChannel]:
+    """A plain aio-pika channel with publisher confirms, closed after use."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        yield await connection.channel(publisher_confirms=True, on_return_raises=True)
+    finally:
+        await connection.close()
+
+
+async def publish_raw(
+    amqp_url: str,
+    namespace: str,
+    routing_key: str,
+    body: bytes,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Publish ``body`` as is to the namespace's exchange (confirmed, mandatory)."""
+    async with raw_channel(amqp_url) as channel:
+        exchange = await channel.get_exchange(exchange_name(namespace), ensure=True)
+        message = aio_pika.Message(body, headers=dict(headers or {}), content_type="application/json")
+        await exchange.publish(message, routing_key, mandatory=True)
+
+
+async def ready_messages(amqp_url: str, namespace: str, workflow: str) -> int:
+    """How many messages wait in a workflow's queue (a passive declare)."""
+    async with raw_channel(amqp_url) as channel:
+        queue = await channel.declare_queue(workflow_queue_name(namespace, workflow), passive=True)
+        count = queue.declaration_result.message_count
+        assert count is not None
+        return count
+
+
+async def take_dead_letters(
+    amqp_url: str, namespace: str, count: int, *, timeout: float = 15.0
+) -> list[DeadLetter]:
+    """Take ``count`` messages from the dead-letter queue, waiting up to ``timeout`` for them."""
+    taken: list[DeadLetter] = []
+    async with raw_channel(amqp_url) as channel:
+        queue = await channel.get_queue(dead_letter_queue_name(namespace), ensure=True)
+
+        async def take() -> int:
+            while len(taken) < count:
+                message = await queue.get(no_ack=True, fail=False)
+                if message is None:
+                    break
+                headers = {key: _text(value) for key, value in (message.headers or {}).items()}
+                taken.append(
+                    DeadLetter(
+                        body=message.body,
+                        reason=headers.get(REASON_HEADER, ""),
+                        routing_key=headers.get(ORIGINAL_ROUTING_KEY_HEADER, ""),
+                        headers=headers,
+                    )
+                )
+            return len(taken)
+
+        await eventually(take, check=lambda n: n >= count, timeout=timeout, what=f"{count} dead letters")
+    return taken
+
+
+async def dead_letter_count(amqp_url: str, namespace: str) -> int:
+    """How many messages wait in the dead-letter queue."""
+    async with raw_channel(amqp_url) as channel:
+        queue = await channel.declare_queue(dead_letter_queue_name(namespace), passive=True)
+        count = queue.declaration_result.message_count
+        assert count is not None
+        return count
