@@ -107,7 +107,7 @@ def status(instance_id: str, as_json: bool) -> None:
     if as_json:
         _print_json(info.model_dump(mode="json"))
         return
-    console = Console()
+    console = _console()
     console.print(f"[bold]{info.id}[/bold]  {info.workflow}  [bold]{info.status}[/bold]")
     console.print(f"created {info.created_at:%Y-%m-%d %H:%M:%S}  finished {_time(info.finished_at)}")
     if info.output is not None:
@@ -158,7 +158,7 @@ def list_(
     table = Table("id", "workflow", "status", "created", "finished", title=f"page {page}")
     for info in infos:
         table.add_row(info.id, info.workflow, info.status, _time(info.created_at), _time(info.finished_at))
-    Console().print(table)
+    _console().print(table)
 
 
 def _control_command(name: str, summary: str) -> None:
@@ -259,19 +259,19 @@ def history(instance_id: str, as_json: bool) -> None:
             }
         )
         return
-    table = Table("step", "attempt", "worker", "started", "duration", "outcome", "error")
+    table = Table("step", "attempt", "worker", "started", "took", "outcome", "error", title="attempts")
     for attempt in attempts:
         error = attempt.error or {}
         table.add_row(
             format_key((attempt.step, attempt.occurrence)),
             str(attempt.attempt),
             attempt.worker,
-            _time(attempt.started_at),
+            _clock(attempt.started_at),
             f"{attempt.duration_s * 1000:.0f} ms",
             attempt.outcome,
             f"{error.get('type', '')}: {error.get('message', '')}" if error else "",
         )
-    console = Console()
+    console = _console()
     console.print(f"[bold]{info.id}[/bold]  {info.workflow}  [bold]{info.status}[/bold]")
     console.print(_steps_table(info))
     console.print(table)
@@ -303,24 +303,41 @@ def upgrade() -> None:
     click.echo(f"database at revision {migrate.current_revision(settings.database)} (head)")
 
 
+def _console() -> Console:
+    """A console that keeps table rows on one line when output goes to a file or a pipe."""
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 140)
+    return console
+
+
 def _steps_table(info: InstanceInfo) -> Table:
-    table = Table("step", "kind", "status", "attempts", "started", "finished", "result / error")
+    table = Table("step", "kind", "status", "attempts", "started", "took", "result / error", title="steps")
     for step in info.steps:
         detail = (
             json.dumps(step.result)
             if step.error is None
             else f"{step.error.get('type')}: {step.error.get('message')}"
         )
+        took = (
+            f"{(step.finished_at - step.started_at).total_seconds() * 1000:.0f} ms"
+            if step.started_at and step.finished_at
+            else "-"
+        )
         table.add_row(
             format_key((step.name, step.occurrence)),
             step.kind,
             step.status,
             str(step.attempts),
-            _time(step.started_at),
-            _time(step.finished_at),
-            detail if len(detail) < 80 else detail[:77] + "...",
+            _clock(step.started_at),
+            took,
+            detail if len(detail) < 60 else detail[:57] + "...",
         )
     return table
+
+
+def _clock(value: datetime | None) -> str:
+    return "-" if value is None else f"{value:%H:%M:%S.%f}"[:-3]
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
+from psycopg.errors import UndefinedColumn, UndefinedTable
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -288,6 +289,8 @@ class Client:
         except SQLAlchemyError as exc:
             lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             cause = lines[0] if lines else type(exc).__name__
+            if isinstance(getattr(exc, "orig", None), UndefinedTable | UndefinedColumn):
+                cause += " (the schema is older than this code: run `stepline db upgrade`)"
             raise StorageError(f"database error on {mask_url(self._database_url)}: {cause}") from exc
         except OSError as exc:
             raise StorageError(f"database unreachable at {mask_url(self._database_url)}: {exc}") from exc
