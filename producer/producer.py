@@ -13,8 +13,9 @@ from shared import codec
 from shared.broker import AmqpBroker
 from shared.codec import JSON
 from shared.errors import BadPayloadError, InvalidParamsError
+from shared.hooks import Hooks
 from shared.messages import StartMessage, check_workflow_name, encode_message, format_validation_error
-from shared.telemetry import current_trace_headers
+from shared.telemetry import Telemetry
 
 
 class WorkflowRef(Protocol):
@@ -36,10 +37,17 @@ class Producer:
     """
 
     def __init__(
-        self, amqp_url: str, *, namespace: str = "stepline", max_payload_bytes: int = 1024 * 1024
+        self,
+        amqp_url: str,
+        *,
+        namespace: str = "stepline",
+        max_payload_bytes: int = 1024 * 1024,
+        hooks: Hooks | None = None,
     ) -> None:
         self._broker = AmqpBroker(amqp_url, namespace)
         self._limit = max_payload_bytes
+        # The service's own OpenTelemetry setup, if any, is where these spans go.
+        self._hooks = hooks or Telemetry()
 
     async def __aenter__(self) -> Producer:
         await self._broker.connect()
@@ -64,7 +72,8 @@ class Producer:
         message = self._start_message(workflow, params, instance_id)
         body = encode_message(message, limit=self._limit)
         await self._broker.ensure_workflow_queue(message.workflow)
-        await self._broker.publish(message.routing_key, body, current_trace_headers())
+        with self._hooks.publish(message.workflow, message.routing_key, message.instance_id) as headers:
+            await self._broker.publish(message.routing_key, body, headers)
         return message.instance_id
 
     async def start_batch(

@@ -9,6 +9,7 @@ from shared.errors import ConfigError
 from shared.logs import configure_logging
 from shared.process import fail, run_until_signalled
 from shared.settings import load_settings
+from shared.telemetry import configure_telemetry, shutdown_telemetry
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,4 +31,10 @@ def main(poll_interval: str | None) -> None:
         )
     except ConfigError as exc:
         fail("stepline-scheduler", str(exc))
-    run_until_signalled("stepline-scheduler", lambda stopping: run_scheduler(settings, stopping))
+    hooks = configure_telemetry("scheduler")
+    try:
+        run_until_signalled(
+            "stepline-scheduler", lambda stopping: run_scheduler(settings, stopping, hooks=hooks)
+        )
+    finally:
+        shutdown_telemetry()

@@ -13,6 +13,7 @@ from shared.broker import AmqpBroker
 from shared.db.engine import create_engine
 from shared.db.migrate import check_schema
 from shared.errors import BrokerError
+from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
 from shared.retrying import retry_until
 from shared.settings import Settings
@@ -21,7 +22,11 @@ log = logging.getLogger("stepline.scheduler")
 
 
 async def run_scheduler(
-    settings: Settings, stopping: asyncio.Event, *, startup_timeout_s: float = 60.0
+    settings: Settings,
+    stopping: asyncio.Event,
+    *,
+    startup_timeout_s: float = 60.0,
+    hooks: Hooks | None = None,
 ) -> None:
     """Fire timers as they fall due until ``stopping`` is set."""
     engine = create_engine(settings.database, pool_size=3)
@@ -37,14 +42,14 @@ async def run_scheduler(
             deadline_s=startup_timeout_s,
             retry_on=(SQLAlchemyError, OSError),
         )
-        relay = OutboxRelay(engine, broker, settings.outbox)
+        relay = OutboxRelay(engine, broker, settings.outbox, hooks=hooks)
         sweeper = asyncio.create_task(relay.run_sweeper(stopping))
         log.info("scheduler started", extra={"event": "scheduler_started"})
         failing = False
         while not stopping.is_set():
             wait = poll
             try:
-                rows = await fire_due_timers(engine, batch_size=settings.scheduler.batch_size)
+                rows = await fire_due_timers(engine, batch_size=settings.scheduler.batch_size, hooks=hooks)
                 if rows:
                     log.info("fired %d timers", len(rows), extra={"event": "timers_fired"})
                     await relay.publish_committed(rows)

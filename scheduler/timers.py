@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import queries
 from shared.db.queries import OutboxRow
+from shared.hooks import Hooks
 
 
-async def fire_due_timers(engine: AsyncEngine, *, batch_size: int) -> list[OutboxRow]:
+async def fire_due_timers(
+    engine: AsyncEngine, *, batch_size: int, hooks: Hooks | None = None
+) -> list[OutboxRow]:
     """Fire up to ``batch_size`` due timers; returns the outbox rows to publish.
 
     ``FOR UPDATE SKIP LOCKED`` lets several schedulers share the work, and a
@@ -20,9 +25,14 @@ async def fire_due_timers(engine: AsyncEngine, *, batch_size: int) -> list[Outbo
         if not due:
             return []
         await queries.mark_timers_fired(conn, [timer.id for timer in due])
-        return await queries.insert_outbox(
+        rows = await queries.insert_outbox(
             conn, [(timer.routing_key, timer.body, timer.headers) for timer in due]
         )
+    if hooks is not None:
+        fired_at = datetime.now(UTC)
+        for timer in due:
+            hooks.timer_fired(timer.kind, timer.fire_at, fired_at)
+    return rows
 
 
 async def seconds_until_next(engine: AsyncEngine) -> float | None:

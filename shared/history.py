@@ -32,6 +32,7 @@ class StepRecord:
     error: JSON = None
     fire_at: datetime | None = None
     detail: JSON = None
+    started_at: datetime | None = None
 
     @property
     def key(self) -> StepKey:
@@ -61,6 +62,7 @@ class History:
     trace_context: dict[str, str] | None
     steps: dict[StepKey, StepRecord] = field(default_factory=dict)
     parent: ParentLink | None = None
+    created_at: datetime | None = None
 
     @property
     def next_position(self) -> int:

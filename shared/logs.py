@@ -8,7 +8,30 @@ import os
 import sys
 from datetime import UTC, datetime
 
-FIELDS = ("event", "instance_id", "step", "attempt", "routing_key", "workflow", "worker")
+from opentelemetry import trace
+
+FIELDS = (
+    "event",
+    "instance_id",
+    "step",
+    "attempt",
+    "routing_key",
+    "workflow",
+    "worker",
+    "trace_id",
+    "span_id",
+)
+
+
+class _TraceIds(logging.Filter):
+    """Stamp each record with the current span's trace and span ids, when there is one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+        return True
 
 
 class _TextFormatter(logging.Formatter):
@@ -39,6 +62,7 @@ def configure_logging(role: str, level: str | None = None) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter(f"%(asctime)s %(levelname)s {role}: %(message)s"))
+    handler.addFilter(_TraceIds())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel((level or os.environ.get("STEPLINE_LOG_LEVEL", "INFO")).upper())

@@ -14,6 +14,7 @@ from shared.broker import Publisher
 from shared.db import queries
 from shared.db.queries import OutboxRow
 from shared.errors import BrokerError
+from shared.hooks import Hooks, NoHooks
 from shared.settings import OutboxSettings
 
 log = logging.getLogger("stepline.outbox")
@@ -27,7 +28,15 @@ class OutboxRelay:
     zero times: every consumer is idempotent.
     """
 
-    def __init__(self, engine: AsyncEngine, publisher: Publisher, settings: OutboxSettings) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        publisher: Publisher,
+        settings: OutboxSettings,
+        *,
+        hooks: Hooks | None = None,
+    ) -> None:
+        self._hooks = hooks or NoHooks()
         self._engine = engine
         self._publisher = publisher
         self._settings = settings
@@ -48,6 +57,7 @@ class OutboxRelay:
     async def sweep_once(self) -> int:
         """Republish rows older than the fast path's grace; returns how many were sent."""
         async with self._engine.begin() as conn:
+            self._hooks.outbox_backlog(await queries.count_outbox(conn))
             rows = await queries.claim_stale_outbox(
                 conn, older_than=self._settings.sweep_after, limit=self._settings.batch_size
             )

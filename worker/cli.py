@@ -11,8 +11,9 @@ from shared.errors import ConfigError
 from shared.logs import configure_logging
 from shared.process import fail, run_until_signalled
 from shared.settings import load_settings
+from shared.telemetry import configure_telemetry, shutdown_telemetry
 from worker.registry import load_workflows
-from worker.runner import run_worker
+from worker.runner import default_worker_id, run_worker
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,6 +49,12 @@ def main(modules: tuple[str, ...], concurrency: int | None, worker_id: str | Non
         workflows = load_workflows(settings.worker.workflows)
     except ConfigError as exc:
         fail("stepline-worker", str(exc))
-    run_until_signalled(
-        "stepline-worker", lambda stopping: run_worker(settings, workflows, stopping, worker_id=worker_id)
-    )
+    identity = worker_id or default_worker_id()
+    hooks = configure_telemetry("worker", worker_id=identity)
+    try:
+        run_until_signalled(
+            "stepline-worker",
+            lambda stopping: run_worker(settings, workflows, stopping, worker_id=identity, hooks=hooks),
+        )
+    finally:
+        shutdown_telemetry()

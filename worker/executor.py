@@ -38,6 +38,7 @@ class StepAttemptFailed:
     outcome: str
     started_at: datetime
     finished_at: datetime
+    exception: BaseException | None = None
 
 
 StepResult = StepSucceeded | StepAttemptFailed
@@ -102,5 +103,5 @@ class StepExecutor:
         error: BaseException, is_retryable: bool, outcome: str, started_at: datetime
     ) -> StepAttemptFailed:
         return StepAttemptFailed(
-            codec.scrub_nul(error_info(error)), is_retryable, outcome, started_at, datetime.now(UTC)
+            codec.scrub_nul(error_info(error)), is_retryable, outcome, started_at, datetime.now(UTC), error
         )

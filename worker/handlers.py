@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -15,6 +16,7 @@ from shared.db import queries
 from shared.db.queries import OutboxRow
 from shared.errors import BadPayloadError, BrokerError, InvalidParamsError, UnknownWorkflowError
 from shared.history import History, ParentLink
+from shared.hooks import Hooks, NoHooks
 from shared.messages import (
     AdvanceMessage,
     EventMessage,
@@ -25,7 +27,6 @@ from shared.messages import (
 )
 from shared.outbox import OutboxRelay
 from shared.states import InstanceStatus
-from shared.telemetry import trace_headers
 from worker import waits
 from worker.executor import StepExecutor
 from worker.plan import Planner
@@ -60,14 +61,16 @@ class MessageHandler:
         workflows: Mapping[str, Workflow[Any, Any]],
         payload_limit: int,
         worker_id: str,
+        hooks: Hooks | None = None,
         retry_delay: float = 1.0,
     ) -> None:
+        self._hooks = hooks or NoHooks()
         self._engine = engine
         self._relay = relay
         self._dead_letter = dead_letter
         self._workflows = workflows
         self._payload_limit = payload_limit
-        self._planner = Planner(payload_limit)
+        self._planner = Planner(payload_limit, self._hooks)
         self._steps = StepRunner(engine=engine, planner=self._planner, executor=executor, worker_id=worker_id)
         self._retry_delay = retry_delay
 
@@ -105,6 +108,7 @@ class MessageHandler:
             reason,
             extra={"event": "dead_lettered", "routing_key": delivery.routing_key},
         )
+        self._hooks.dead_lettered(delivery.routing_key, reason)
         try:
             await self._dead_letter(delivery, reason)
         except BrokerError as exc:
@@ -166,7 +170,7 @@ class MessageHandler:
             else None
         )
         async with self._engine.begin() as conn:
-            trace_context = trace_headers(headers)
+            trace_context = self._hooks.instance_started(workflow.name, message.instance_id, headers)
             created = await queries.insert_instance(
                 conn,
                 instance_id=message.instance_id,
@@ -185,6 +189,7 @@ class MessageHandler:
                 version=0,
                 trace_context=trace_context,
                 parent=parent,
+                created_at=datetime.now(UTC),
             )
             replay = Replay(workflow, history)
             try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -13,6 +13,7 @@ from shared.db import queries
 from shared.db.queries import NewStep, NewTimer, OutboxRow
 from shared.errors import PayloadTooLargeError, StepFailedError
 from shared.history import History, ParentLink, StepKey
+from shared.hooks import Hooks, NoHooks
 from shared.messages import ParentRef, StartMessage, StepMessage, WakeMessage, encode_message
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.replay.engine import NewEntry, Outcome, Replay, error_info
@@ -22,9 +23,10 @@ Message = tuple[str, bytes, dict[str, str] | None]
 
 @dataclass(frozen=True, slots=True)
 class Planner:
-    """Turns replay outcomes into rows; knows the payload limit."""
+    """Turns replay outcomes into rows; knows the payload limit and who to tell."""
 
     payload_limit: int
+    hooks: Hooks = field(default_factory=NoHooks)
 
     # ------------------------------------------------------------ messages
 
@@ -128,6 +130,14 @@ class Planner:
             error, status = instance_error(outcome.error), InstanceStatus.ERRORED
         await queries.update_instance(conn, instance_id, status=status, output=output, error=error)
         await queries.cancel_timers(conn, instance_id)
+        self.hooks.instance_finished(
+            history.workflow,
+            instance_id,
+            history.trace_context,
+            status,
+            history.created_at,
+            outcome.error if status == InstanceStatus.ERRORED else None,
+        )
         return await queries.insert_outbox(conn, self.parent_wake(history.parent))
 
     def parent_wake(self, parent: ParentLink | None) -> list[Message]:

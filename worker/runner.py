@@ -15,6 +15,7 @@ from shared.broker import AmqpBroker, Delivery
 from shared.db.engine import create_engine
 from shared.db.migrate import check_schema
 from shared.errors import BrokerError
+from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
 from shared.retrying import retry_until
 from shared.settings import Settings
@@ -37,6 +38,7 @@ async def run_worker(
     *,
     worker_id: str | None = None,
     startup_timeout_s: float = 60.0,
+    hooks: Hooks | None = None,
 ) -> None:
     """Consume and run steps until ``stopping`` is set, then drain within the grace period."""
     worker_id = worker_id or default_worker_id()
@@ -53,7 +55,7 @@ async def run_worker(
         await retry_until(
             broker.connect, what="RabbitMQ", deadline_s=startup_timeout_s, retry_on=(BrokerError,)
         )
-        relay = OutboxRelay(engine, broker, settings.outbox)
+        relay = OutboxRelay(engine, broker, settings.outbox, hooks=hooks)
         handler = MessageHandler(
             engine=engine,
             relay=relay,
@@ -62,6 +64,7 @@ async def run_worker(
             workflows=workflows,
             payload_limit=settings.max_payload_bytes,
             worker_id=worker_id,
+            hooks=hooks,
         )
         slots = asyncio.Semaphore(concurrency)
 

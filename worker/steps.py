@@ -11,6 +11,7 @@ from shared.db import queries
 from shared.db.queries import NewTimer, OutboxRow
 from shared.errors import NonDeterminismError
 from shared.history import History, StepKey, format_key
+from shared.hooks import AttemptEnd
 from shared.messages import StepMessage
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.executor import StepAttemptFailed, StepExecutor, StepResult, StepSucceeded
@@ -48,17 +49,26 @@ class StepRunner:
             if outcome.kind == "diverged" or call is None:
                 return await self._commit_error(history, outcome.error or missing_step(history, key))
             info = StepInfo(history.instance_id, workflow.name, key[0], key[1], message.attempt)
-            result = await self._executor.run(call, info)
-            log.info(
-                "step attempt %s",
-                "succeeded" if isinstance(result, StepSucceeded) else result.outcome,
-                extra={
-                    "event": "step_attempt_finished",
-                    "instance_id": history.instance_id,
-                    "step": format_key(key),
-                    "attempt": message.attempt,
-                },
-            )
+            with self._planner.hooks.step_attempt(
+                workflow.name,
+                history.instance_id,
+                history.trace_context,
+                format_key(key),
+                message.attempt,
+                self._worker_id,
+            ) as scope:
+                result = await self._executor.run(call, info)
+                scope.finish(_attempt_end(result))
+                log.info(
+                    "step attempt %s",
+                    "succeeded" if isinstance(result, StepSucceeded) else result.outcome,
+                    extra={
+                        "event": "step_attempt_finished",
+                        "instance_id": history.instance_id,
+                        "step": format_key(key),
+                        "attempt": message.attempt,
+                    },
+                )
             async with self._engine.begin() as conn:
                 lock = await queries.lock_instance(conn, history.instance_id)
                 if lock is None or lock.status.is_finished:
@@ -152,12 +162,21 @@ class StepRunner:
                 conn, history.instance_id, status=InstanceStatus.ERRORED, error=instance_error(error)
             )
             rows = await queries.insert_outbox(conn, self._planner.parent_wake(history.parent))
+        self._planner.hooks.instance_finished(
+            history.workflow, history.instance_id, history.trace_context, "errored", history.created_at, error
+        )
         log.warning(
             "instance errored: %s",
             error,
             extra={"event": "instance_errored", "instance_id": history.instance_id},
         )
         return rows
+
+
+def _attempt_end(result: StepResult) -> AttemptEnd:
+    if isinstance(result, StepSucceeded):
+        return AttemptEnd("succeeded")
+    return AttemptEnd(result.outcome, result.exception)
 
 
 def is_current(

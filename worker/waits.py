@@ -30,8 +30,10 @@ async def settle_wake(
         return []
     if record.kind == StepKind.SLEEP:
         await queries.settle_step(conn, history.instance_id, key, status=StepStatus.SUCCEEDED)
+        _report(planner, history, record, "succeeded")
         return await _run_on(conn, planner, workflow, history, key, result=None)
     if record.kind == StepKind.EVENT:
+        _report(planner, history, record, "timed_out")
         timeout_s = _timeout_of(record)
         error = EventTimeoutError(format_key(key), str((record.detail or {}).get("event_type")), timeout_s)
         stored = {**error_info(error), "timeout_s": timeout_s}
@@ -55,6 +57,7 @@ async def _settle_child(
     if child is None or not InstanceStatus(child.status).is_finished:
         return []  # not finished yet: its own finish wakes us again
     key = record.key
+    _report(planner, history, record, "succeeded" if child.status == InstanceStatus.COMPLETE else "failed")
     if child.status == InstanceStatus.COMPLETE:
         await queries.settle_step(
             conn, history.instance_id, key, status=StepStatus.SUCCEEDED, result=child.output
@@ -103,7 +106,9 @@ async def deliver_event(
     ]
     if not waits:
         return []  # kept for the first wait that asks for it
-    key = min(waits, key=lambda record: record.position).key
+    wait = min(waits, key=lambda record: record.position)
+    key = wait.key
+    _report(planner, history, wait, "succeeded")
     found, payload = await queries.claim_event(conn, history.instance_id, message.event_type, key)
     assert found, "the event was stored in this transaction"
     await queries.settle_step(conn, history.instance_id, key, status=StepStatus.SUCCEEDED, result=payload)
@@ -155,6 +160,18 @@ async def _run_on(
         return await planner.apply(conn, history, replay, outcome)
     finally:
         replay.close()
+
+
+def _report(planner: Planner, history: History, record: StepRecord, outcome: str) -> None:
+    planner.hooks.wait_settled(
+        history.workflow,
+        history.instance_id,
+        history.trace_context,
+        format_key(record.key),
+        str(record.kind),
+        record.started_at,
+        outcome,
+    )
 
 
 def _timeout_of(record: StepRecord) -> float:

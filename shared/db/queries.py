@@ -100,6 +100,7 @@ def _history_query(instance_id: str) -> sa.Select[Any]:
         "error", steps.c.error,
         "fire_at", steps.c.fire_at,
         "detail", steps.c.detail,
+        "started_at", steps.c.started_at,
     )  # fmt: skip
     step_list = (
         sa.select(sa.func.json_agg(aggregate_order_by(step_object, steps.c.position)))
@@ -117,6 +118,7 @@ def _history_query(instance_id: str) -> sa.Select[Any]:
         instances.c.parent_workflow,
         instances.c.parent_step,
         instances.c.parent_occurrence,
+        instances.c.created_at,
         step_list.label("steps"),
     ).where(instances.c.id == instance_id)
 
@@ -140,6 +142,7 @@ async def load_history(conn: AsyncConnection, instance_id: str) -> History | Non
             error=item["error"],
             fire_at=datetime.fromisoformat(fire_at) if fire_at else None,
             detail=item["detail"],
+            started_at=datetime.fromisoformat(item["started_at"]) if item["started_at"] else None,
         )
         records[record.key] = record
     return History(
@@ -153,6 +156,7 @@ async def load_history(conn: AsyncConnection, instance_id: str) -> History | Non
         parent=ParentLink(row.parent_id, row.parent_workflow, row.parent_step, row.parent_occurrence)
         if row.parent_id
         else None,
+        created_at=row.created_at,
     )
 
 
@@ -490,6 +494,7 @@ class DueTimer:
     """A claimed timer whose message is now due."""
 
     id: int
+    kind: str
     fire_at: datetime
     routing_key: str
     body: bytes
@@ -500,14 +505,21 @@ async def claim_due_timers(conn: AsyncConnection, *, limit: int) -> list[DueTime
     """Lock due, unfired timers that no other scheduler holds, oldest first."""
     rows = (
         await conn.execute(
-            sa.select(timers.c.id, timers.c.fire_at, timers.c.routing_key, timers.c.body, timers.c.headers)
+            sa.select(
+                timers.c.id,
+                timers.c.kind,
+                timers.c.fire_at,
+                timers.c.routing_key,
+                timers.c.body,
+                timers.c.headers,
+            )
             .where(timers.c.fired_at.is_(None), timers.c.fire_at <= sa.func.now())
             .order_by(timers.c.fire_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
     ).all()
-    return [DueTimer(row.id, row.fire_at, row.routing_key, row.body, row.headers) for row in rows]
+    return [DueTimer(row.id, row.kind, row.fire_at, row.routing_key, row.body, row.headers) for row in rows]
 
 
 async def mark_timers_fired(conn: AsyncConnection, ids: Sequence[int]) -> None:
