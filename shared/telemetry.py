@@ -101,9 +101,15 @@ class _Attempt:
 class Telemetry:
     """The OpenTelemetry implementation of ``shared.hooks.Hooks``."""
 
-    def __init__(self) -> None:
-        self.tracer = trace.get_tracer("stepline")
-        meter = metrics.get_meter("stepline")
+    def __init__(
+        self,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        """Use the given providers, or the process's global ones (no-ops unless configured)."""
+        self.tracer = trace.get_tracer("stepline", tracer_provider=tracer_provider)
+        meter = metrics.get_meter("stepline", meter_provider=meter_provider)
         self.steps_started = meter.create_counter(
             "stepline.steps.started", "{attempt}", "Step attempts started"
         )

@@ -349,3 +349,14 @@ async def parent_of_failure(ctx: Context, params: None) -> str:
 @workflow("parent-of-sleeper")
 async def parent_of_sleeper(ctx: Context, params: None) -> Any:
     return await ctx.child("nap", sleeper, Nap(duration="1 day"))
+
+
+# ---------------------------------------------------------------- telemetry
+
+
+@workflow("traced")
+async def traced(ctx: Context, params: None) -> list[str]:
+    first = await ctx.step("flaky", flaky_call, 1, retry=FAST_RETRY)
+    await ctx.sleep("nap", "300ms")
+    left, right = await asyncio.gather(ctx.step("left", slow_step, 0.5), ctx.step("right", slow_step, 0.5))
+    return [first, left, right]
