@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -55,6 +56,7 @@ def _with_client(settings: Settings, use: Callable[[Client], Awaitable[T]], *, p
             settings.amqp if publishes else None,
             namespace=settings.namespace,
             max_payload_bytes=settings.max_payload_bytes,
+            broker=settings.broker,
         ) as client:
             return await use(client)
 
@@ -85,7 +87,10 @@ def start(workflow: str, params: str, instance_id: str | None, as_json: bool) ->
 
     async def body() -> str:
         async with Producer(
-            settings.amqp, namespace=settings.namespace, max_payload_bytes=settings.max_payload_bytes
+            settings.amqp,
+            namespace=settings.namespace,
+            max_payload_bytes=settings.max_payload_bytes,
+            broker=settings.broker,
         ) as producer:
             return await producer.start(workflow, parsed, instance_id=instance_id)
 
@@ -100,15 +105,21 @@ def start(workflow: str, params: str, instance_id: str | None, as_json: bool) ->
 @click.argument("instance_id")
 @JSON_OPTION
 def status(instance_id: str, as_json: bool) -> None:
-    """Show an instance: status, output or error, and its steps."""
-    info = _with_client(_settings("database_url"), lambda client: client.get(instance_id))
+    """Show an instance: status, output or error, its steps and its trace id.
+
+    With STEPLINE_JAEGER_URL set, also a link to the instance's trace in Jaeger.
+    """
+    settings = _settings("database_url")
+    info = _with_client(settings, lambda client: client.get(instance_id))
     if info is None:
         raise click.ClickException(f"no instance with id {instance_id!r}")
+    trace_id, trace_url = _trace_link(info, settings)
     if as_json:
-        _print_json(info.model_dump(mode="json"))
+        _print_json({**info.model_dump(mode="json"), "trace_id": trace_id, "trace_url": trace_url})
         return
     console = _console()
     console.print(f"[bold]{info.id}[/bold]  {info.workflow}  [bold]{info.status}[/bold]")
+    _print_trace(console, trace_id, trace_url)
     console.print(f"created {info.created_at:%Y-%m-%d %H:%M:%S}  finished {_time(info.finished_at)}")
     if info.output is not None:
         console.print(f"output: {json.dumps(info.output)}")
@@ -238,7 +249,10 @@ def prune(older_than: str, batch_size: int, as_json: bool) -> None:
 @click.argument("instance_id")
 @JSON_OPTION
 def history(instance_id: str, as_json: bool) -> None:
-    """Show an instance's step timeline: every attempt, its worker, timing and outcome."""
+    """Show an instance's step timeline: every attempt, its worker, timing and outcome.
+
+    Also prints the instance's trace id, and with STEPLINE_JAEGER_URL set a link to the trace in Jaeger.
+    """
 
     async def use(client: Client) -> tuple[InstanceInfo | None, list[AttemptInfo], list[EventInfo]]:
         return (
@@ -247,13 +261,17 @@ def history(instance_id: str, as_json: bool) -> None:
             await client.events(instance_id),
         )
 
-    info, attempts, events = _with_client(_settings("database_url"), use)
+    settings = _settings("database_url")
+    info, attempts, events = _with_client(settings, use)
     if info is None:
         raise click.ClickException(f"no instance with id {instance_id!r}")
+    trace_id, trace_url = _trace_link(info, settings)
     if as_json:
         _print_json(
             {
                 "instance": info.model_dump(mode="json"),
+                "trace_id": trace_id,
+                "trace_url": trace_url,
                 "attempts": [attempt.model_dump(mode="json") for attempt in attempts],
                 "events": [event.model_dump(mode="json") for event in events],
             }
@@ -273,6 +291,7 @@ def history(instance_id: str, as_json: bool) -> None:
         )
     console = _console()
     console.print(f"[bold]{info.id}[/bold]  {info.workflow}  [bold]{info.status}[/bold]")
+    _print_trace(console, trace_id, trace_url)
     console.print(_steps_table(info))
     console.print(table)
     if events:
@@ -301,6 +320,46 @@ def upgrade() -> None:
             f"migration failed on {mask_url(settings.database)}: {type(exc).__name__}: {first_line}"
         ) from None
     click.echo(f"database at revision {migrate.current_revision(settings.database)} (head)")
+
+
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+_SPAN_ID = re.compile(r"[0-9a-f]{16}")
+_HEX_BYTE = re.compile(r"[0-9a-f]{2}")
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` (``00-<32 hex trace id>-<16 hex span id>-<2 hex flags>``).
+
+    None when there is none or it is malformed (including the all-zero ids the spec calls invalid).
+    """
+    if not traceparent:
+        return None
+    parts = traceparent.strip().lower().split("-")
+    if len(parts) < 4:
+        return None
+    version, trace_id, span_id, flags = parts[:4]
+    if not _HEX_BYTE.fullmatch(version) or version == "ff" or (version == "00" and len(parts) != 4):
+        return None
+    if not (_TRACE_ID.fullmatch(trace_id) and _SPAN_ID.fullmatch(span_id) and _HEX_BYTE.fullmatch(flags)):
+        return None
+    if trace_id == "0" * 32 or span_id == "0" * 16:
+        return None
+    return trace_id
+
+
+def _trace_link(info: InstanceInfo, settings: Settings) -> tuple[str | None, str | None]:
+    """The instance's trace id, and its Jaeger URL when STEPLINE_JAEGER_URL is set."""
+    trace_id = trace_id_of((info.trace_context or {}).get("traceparent"))
+    if trace_id is None or settings.jaeger_url is None:
+        return trace_id, None
+    return trace_id, f"{settings.jaeger_url}/trace/{trace_id}"
+
+
+def _print_trace(console: Console, trace_id: str | None, trace_url: str | None) -> None:
+    if trace_id is None:
+        return
+    link = f"  [link={trace_url}]{trace_url}[/link]" if trace_url else ""
+    console.print(f"trace {trace_id}{link}", soft_wrap=True)
 
 
 def _console() -> Console:

@@ -33,7 +33,7 @@ from shared.errors import (
 )
 from shared.messages import EventMessage, encode_message
 from shared.outbox import OutboxRelay
-from shared.settings import OutboxSettings
+from shared.settings import BrokerSettings, OutboxSettings
 from shared.states import InstanceStatus
 
 T = TypeVar("T")
@@ -54,7 +54,9 @@ class Client:
         *,
         namespace: str = "stepline",
         max_payload_bytes: int = 1024 * 1024,
+        broker: BrokerSettings | None = None,
     ) -> None:
+        self._broker_settings = broker
         self._database_url = database_url
         self._amqp_url = amqp_url
         self._namespace = namespace
@@ -66,7 +68,7 @@ class Client:
     async def __aenter__(self) -> Client:
         self._engine = create_engine(self._database_url, pool_size=4)
         if self._amqp_url is not None:
-            self._broker = AmqpBroker(self._amqp_url, self._namespace)
+            self._broker = AmqpBroker(self._amqp_url, self._namespace, self._broker_settings)
             await self._broker.connect()
             self._relay = OutboxRelay(self._engine, self._broker, OutboxSettings())
         return self

@@ -15,6 +15,7 @@ from shared.codec import JSON
 from shared.errors import BadPayloadError, InvalidParamsError
 from shared.hooks import Hooks
 from shared.messages import StartMessage, check_workflow_name, encode_message, format_validation_error
+from shared.settings import BrokerSettings
 from shared.telemetry import Telemetry
 
 
@@ -43,8 +44,10 @@ class Producer:
         namespace: str = "stepline",
         max_payload_bytes: int = 1024 * 1024,
         hooks: Hooks | None = None,
+        broker: BrokerSettings | None = None,
     ) -> None:
-        self._broker = AmqpBroker(amqp_url, namespace)
+        # The queue type must match the workers': whoever declares a queue first fixes it.
+        self._broker = AmqpBroker(amqp_url, namespace, broker)
         self._limit = max_payload_bytes
         # The service's own OpenTelemetry setup, if any, is where these spans go.
         self._hooks = hooks or Telemetry()

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -15,6 +24,26 @@ from shared.errors import ConfigError
 
 DurationSetting = Annotated[timedelta, BeforeValidator(parse_duration)]
 """A duration setting: ``"250ms"``, ``"30s"``, ``"5 minutes"`` or a number of seconds."""
+
+
+class BrokerSettings(BaseModel):
+    """``STEPLINE_BROKER__*``: queues and the AMQP connection."""
+
+    queue_type: Literal["classic", "quorum"] = Field(
+        default="classic",
+        description="Workflow queue type; quorum for a clustered RabbitMQ (and a delivery limit).",
+    )
+    delivery_limit: int = Field(
+        default=20,
+        ge=1,
+        description="Quorum queues: deliveries of one message before it is dead-lettered.",
+    )
+    heartbeat_s: int = Field(
+        default=30,
+        ge=0,
+        le=600,
+        description="AMQP heartbeat; a dead peer is noticed within about twice this.",
+    )
 
 
 class WorkerSettings(BaseModel):
@@ -27,6 +56,10 @@ class WorkerSettings(BaseModel):
     default_step_timeout: DurationSetting = Field(
         default=timedelta(minutes=10),
         description="Timeout of a step that names none; keep it below RabbitMQ's consumer_timeout.",
+    )
+    max_step_timeout: DurationSetting = Field(
+        default=timedelta(minutes=25),
+        description="Longest step timeout allowed; keep it below RabbitMQ's consumer_timeout (30 min).",
     )
     shutdown_grace: DurationSetting = Field(
         default=timedelta(seconds=30), description="How long SIGTERM waits for in-flight steps."
@@ -41,6 +74,14 @@ class WorkerSettings(BaseModel):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> WorkerSettings:
+        if self.default_step_timeout > self.max_step_timeout:
+            raise ValueError(
+                "STEPLINE_WORKER__DEFAULT_STEP_TIMEOUT must not exceed STEPLINE_WORKER__MAX_STEP_TIMEOUT"
+            )
+        return self
 
 
 class SchedulerSettings(BaseModel):
@@ -98,6 +139,11 @@ class Settings(BaseSettings):
         le=64 * 1024 * 1024,
         description="Largest params, result or message accepted.",
     )
+    jaeger_url: str | None = Field(
+        default=None,
+        description="Jaeger UI base URL; `stepline history` then links each instance's trace",
+    )
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
@@ -122,6 +168,18 @@ class Settings(BaseSettings):
         if not text.startswith(("amqp://", "amqps://")):
             raise ValueError("must start with amqp:// or amqps:// (e.g. amqp://guest:guest@host/vhost)")
         return value
+
+    @field_validator("jaeger_url")
+    @classmethod
+    def _check_jaeger_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        base = value.strip().rstrip("/")
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", base):
+            raise ValueError(
+                "must start with http:// or https:// and name a host (e.g. http://localhost:16686)"
+            )
+        return base
 
     @property
     def database(self) -> str:

@@ -360,3 +360,39 @@ async def traced(ctx: Context, params: None) -> list[str]:
     await ctx.sleep("nap", "300ms")
     left, right = await asyncio.gather(ctx.step("left", slow_step, 0.5), ctx.step("right", slow_step, 0.5))
     return [first, left, right]
+
+
+# ---------------------------------------------------------------- hostile input
+
+
+class Decision(BaseModel):
+    approved: bool
+    by: str
+
+
+@workflow("typed-approval")
+async def typed_approval(ctx: Context, params: None) -> str:
+    decision = await ctx.wait_for_event("decision", event_type="decided", payload_type=Decision)
+    return f"{decision.by}: {'yes' if decision.approved else 'no'}"
+
+
+@workflow("typed-approval-late")
+async def typed_approval_late(ctx: Context, params: None) -> str:
+    await ctx.step("prepare", slow_step, 0.5)
+    decision = await ctx.wait_for_event("decision", event_type="decided", payload_type=Decision)
+    return f"{decision.by}: {'yes' if decision.approved else 'no'}"
+
+
+async def huge_result(size: int) -> str:
+    await record()
+    return "x" * size
+
+
+@workflow("huge-result")
+async def huge_result_workflow(ctx: Context, params: int) -> str:
+    return await ctx.step("make-huge", huge_result, params)
+
+
+@workflow("long-timeout")
+async def long_timeout(ctx: Context, params: None) -> str:
+    return await ctx.step("forever", branch, "x", timeout="2 hours")

@@ -139,24 +139,45 @@ class Context:
         key = self._next_key(name)
         return self._replay.request(key, StepKind.SLEEP, fire_at=when)
 
+    @overload
     def wait_for_event(
-        self, name: str, *, event_type: str, timeout: Duration | None = None
-    ) -> Awaitable[JSON]:
+        self, name: str, *, event_type: str, timeout: Duration | None = None, payload_type: None = None
+    ) -> Awaitable[JSON]: ...
+
+    @overload
+    def wait_for_event(
+        self, name: str, *, event_type: str, timeout: Duration | None = None, payload_type: type[T]
+    ) -> Awaitable[T]: ...
+
+    def wait_for_event(
+        self,
+        name: str,
+        *,
+        event_type: str,
+        timeout: Duration | None = None,
+        payload_type: type[Any] | None = None,
+    ) -> Awaitable[Any]:
         """Wait durably for an event of ``event_type`` sent to this instance; returns its payload.
 
         An event sent before the wait is kept for it. Past ``timeout`` the wait
-        raises ``EventTimeoutError``, which the workflow may catch.
+        raises ``EventTimeoutError``, which the workflow may catch. With
+        ``payload_type`` (a pydantic model or any type pydantic knows) the
+        payload is validated on arrival: an event that does not fit is
+        dead-lettered with the reason and the wait goes on waiting.
         """
         if not event_type or len(event_type) > 200:
             raise ValueError(f"invalid event type {event_type!r}: 1-200 characters")
         key = self._next_key(name)
         limit = None if timeout is None else parse_duration(timeout)
-        return self._replay.request(
+        adapter = _ANY if payload_type is None else TypeAdapter(payload_type)
+        future = self._replay.request(
             key,
             StepKind.EVENT,
             detail={"event_type": event_type, "timeout_s": None if limit is None else limit.total_seconds()},
             timeout=limit,
+            payload_adapter=adapter,
         )
+        return _convert(future, adapter)
 
     @overload
     def child(

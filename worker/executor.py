@@ -47,9 +47,17 @@ StepResult = StepSucceeded | StepAttemptFailed
 class StepExecutor:
     """Runs step code: coroutine functions on the loop, plain functions in a thread pool."""
 
-    def __init__(self, *, threads: int, default_timeout: timedelta, payload_limit: int) -> None:
+    def __init__(
+        self,
+        *,
+        threads: int,
+        default_timeout: timedelta,
+        payload_limit: int,
+        max_timeout: timedelta = timedelta(minutes=25),
+    ) -> None:
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stepline-step")
         self._default_timeout = default_timeout
+        self._max_timeout = max_timeout
         self._payload_limit = payload_limit
 
     def shutdown(self) -> None:
@@ -61,6 +69,14 @@ class StepExecutor:
         name = format_key(call.key)
         timeout = call.timeout or self._default_timeout
         started_at = datetime.now(UTC)
+        if timeout > self._max_timeout:
+            # A delivery held past RabbitMQ's consumer_timeout closes the whole channel.
+            refused = NonRetryableError(
+                f"step {name!r} asks for a timeout of {timeout}, over this worker's limit of "
+                f"{self._max_timeout} (STEPLINE_WORKER__MAX_STEP_TIMEOUT, kept below RabbitMQ's "
+                "consumer_timeout); split the step or raise both limits"
+            )
+            return self._failed(refused, False, "failed", started_at)
         token = set_step_info(info)
         deadline = asyncio.timeout(timeout.total_seconds())
         try:

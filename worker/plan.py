@@ -16,7 +16,7 @@ from shared.history import History, ParentLink, StepKey
 from shared.hooks import Hooks, NoHooks
 from shared.messages import ParentRef, StartMessage, StepMessage, WakeMessage, encode_message
 from shared.states import InstanceStatus, StepKind, StepStatus
-from worker.replay.engine import NewEntry, Outcome, Replay, error_info
+from worker.replay.engine import NewEntry, Outcome, Replay, error_info, payload_problem
 
 Message = tuple[str, bytes, dict[str, str] | None]
 
@@ -107,13 +107,18 @@ class Planner:
             if not waits:
                 break
             entry = waits[0]
-            checked.add(entry.key)
-            found, payload = await queries.claim_event(
+            claimed = await queries.claim_event(
                 conn, history.instance_id, _event_type(entry.detail), entry.key
             )
-            if found:
-                matched[entry.key] = payload
-                outcome = replay.resolve(entry.key, payload)
+            if claimed is None:
+                checked.add(entry.key)
+            elif payload_problem(replay, entry.key, claimed.payload) is not None:
+                # Kept before the wait existed, and it does not fit: set it aside, try the next one.
+                await queries.reject_event(conn, claimed.id)
+            else:
+                checked.add(entry.key)
+                matched[entry.key] = claimed.payload
+                outcome = replay.resolve(entry.key, claimed.payload)
         return outcome, matched
 
     async def _finish(self, conn: AsyncConnection, history: History, outcome: Outcome) -> list[OutboxRow]:

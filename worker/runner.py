@@ -44,10 +44,11 @@ async def run_worker(
     worker_id = worker_id or default_worker_id()
     concurrency = settings.worker.concurrency
     engine = create_engine(settings.database, pool_size=concurrency + 2)
-    broker = AmqpBroker(settings.amqp, settings.namespace)
+    broker = AmqpBroker(settings.amqp, settings.namespace, settings.broker)
     executor = StepExecutor(
         threads=concurrency,
         default_timeout=settings.worker.default_step_timeout,
+        max_timeout=settings.worker.max_step_timeout,
         payload_limit=settings.max_payload_bytes,
     )
     in_flight: set[asyncio.Task[Any]] = set()

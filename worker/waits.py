@@ -14,7 +14,7 @@ from shared.history import History, StepKey, StepRecord, format_key
 from shared.messages import EventMessage
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.plan import Message, Planner
-from worker.replay.engine import Replay, error_info, step_failed_error
+from worker.replay.engine import Replay, error_info, payload_problem, step_failed_error
 from worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -108,12 +108,28 @@ async def deliver_event(
         return []  # kept for the first wait that asks for it
     wait = min(waits, key=lambda record: record.position)
     key = wait.key
-    _report(planner, history, wait, "succeeded")
-    found, payload = await queries.claim_event(conn, history.instance_id, message.event_type, key)
-    assert found, "the event was stored in this transaction"
-    await queries.settle_step(conn, history.instance_id, key, status=StepStatus.SUCCEEDED, result=payload)
-    await queries.cancel_timers(conn, history.instance_id, key)
-    return await _run_on(conn, planner, workflow, history, key, result=payload)
+    replay = Replay(workflow, history)
+    try:
+        outcome = replay.start()
+        problem = payload_problem(replay, key, message.payload)
+        if problem is not None:
+            # Raised inside the transaction: the stored event is rolled back and dead-lettered.
+            raise BadPayloadError(
+                f"event {message.event_id!r} ({message.event_type}) does not fit wait "
+                f"{format_key(key)!r} of instance {history.instance_id!r}: {problem}"
+            )
+        _report(planner, history, wait, "succeeded")
+        claimed = await queries.claim_event(conn, history.instance_id, message.event_type, key)
+        assert claimed is not None, "the event was stored in this transaction"
+        await queries.settle_step(
+            conn, history.instance_id, key, status=StepStatus.SUCCEEDED, result=claimed.payload
+        )
+        await queries.cancel_timers(conn, history.instance_id, key)
+        if replay.is_pending(key):
+            outcome = replay.resolve(key, claimed.payload)
+        return await planner.apply(conn, history, replay, outcome)
+    finally:
+        replay.close()
 
 
 async def advance(

@@ -20,6 +20,7 @@ from aio_pika.abc import (
 
 from shared.broker.base import Delivery, Handler
 from shared.errors import BrokerError, UnroutableError
+from shared.settings import BrokerSettings
 from shared.topology import (
     dead_letter_exchange_name,
     dead_letter_queue_name,
@@ -49,6 +50,15 @@ _AMQP_FAILURES: tuple[type[BaseException], ...] = (
 _AMQP_FAILURES_OR_TIMEOUT: tuple[type[BaseException], ...] = (*_AMQP_FAILURES, TimeoutError)
 
 
+def _with_heartbeat(url: str, heartbeat_s: int) -> str:
+    """The URL with ``heartbeat`` set, unless it already sets one (aio-pika reads it from the URL)."""
+    parts = urlsplit(url)
+    if "heartbeat=" in parts.query:
+        return url
+    query = f"{parts.query}&heartbeat={heartbeat_s}" if parts.query else f"heartbeat={heartbeat_s}"
+    return urlunsplit(parts._replace(query=query))
+
+
 def mask_amqp_url(url: str) -> str:
     """The URL with its password replaced by ``***``, for logs and errors."""
     parts = urlsplit(url)
@@ -66,8 +76,9 @@ class AmqpBroker:
     a message the broker cannot route raises instead of vanishing.
     """
 
-    def __init__(self, url: str, namespace: str) -> None:
-        self._url = url
+    def __init__(self, url: str, namespace: str, settings: BrokerSettings | None = None) -> None:
+        self._settings = settings or BrokerSettings()
+        self._url = _with_heartbeat(url, self._settings.heartbeat_s)
         self.namespace = namespace
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -94,12 +105,15 @@ class AmqpBroker:
                 dead_letter_exchange_name(self.namespace), aio_pika.ExchangeType.FANOUT, durable=True
             )
             dead = await self._publish_channel.declare_queue(
-                dead_letter_queue_name(self.namespace), durable=True
+                dead_letter_queue_name(self.namespace), durable=True, arguments=self._queue_type()
             )
             await dead.bind(self._dead_letter_exchange)
         except _AMQP_FAILURES_OR_TIMEOUT as exc:
             await self.close()
             raise BrokerError(f"cannot connect to RabbitMQ at {mask_amqp_url(self._url)}: {exc}") from exc
+
+    def _queue_type(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum"} if self._settings.queue_type == "quorum" else {}
 
     async def close(self) -> None:
         """Close the connection and its channels."""
@@ -122,10 +136,16 @@ class AmqpBroker:
 
     async def declare_workflow_queue(self, workflow: str) -> AbstractQueue:
         """Declare a workflow's durable queue and its bindings; poison dead-letters."""
+        arguments: dict[str, Any] = {
+            "x-dead-letter-exchange": dead_letter_exchange_name(self.namespace),
+            **self._queue_type(),
+        }
+        if self._settings.queue_type == "quorum":
+            # Quorum queues count deliveries: a message that keeps killing workers is
+            # dead-lettered after this many, instead of looping forever.
+            arguments["x-delivery-limit"] = self._settings.delivery_limit
         queue = await self._channel.declare_queue(
-            workflow_queue_name(self.namespace, workflow),
-            durable=True,
-            arguments={"x-dead-letter-exchange": dead_letter_exchange_name(self.namespace)},
+            workflow_queue_name(self.namespace, workflow), durable=True, arguments=arguments
         )
         assert self._exchange is not None
         for key in workflow_routing_keys(workflow):

@@ -580,13 +580,21 @@ async def insert_event(
     return (await conn.execute(statement)).first() is not None
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimedEvent:
+    """An event given to a wait."""
+
+    id: int
+    event_id: str
+    payload: JSON
+
+
 async def claim_event(
     conn: AsyncConnection, instance_id: str, event_type: str, key: StepKey
-) -> tuple[bool, JSON]:
-    """Give the oldest unconsumed event of ``event_type`` to the wait ``key``.
+) -> ClaimedEvent | None:
+    """Give the oldest unconsumed event of ``event_type`` to the wait ``key`` (None if none is kept).
 
-    Returns ``(found, payload)``. The caller holds the instance lock, so two
-    waits cannot take the same event.
+    The caller holds the instance lock, so two waits cannot take the same event.
     """
     oldest = (
         sa.select(events.c.id)
@@ -604,10 +612,22 @@ async def claim_event(
             events.update()
             .where(events.c.id == oldest)
             .values(consumed_step=key[0], consumed_occurrence=key[1], consumed_at=sa.func.now())
-            .returning(events.c.payload)
+            .returning(events.c.id, events.c.event_id, events.c.payload)
         )
     ).first()
-    return (False, None) if row is None else (True, row.payload)
+    return None if row is None else ClaimedEvent(row.id, row.event_id, row.payload)
+
+
+REJECTED = "(rejected: payload did not fit the wait)"
+
+
+async def reject_event(conn: AsyncConnection, event_row_id: int) -> None:
+    """Set aside a kept event whose payload does not fit the wait that would have taken it."""
+    await conn.execute(
+        events.update()
+        .where(events.c.id == event_row_id)
+        .values(consumed_step=REJECTED, consumed_occurrence=None, consumed_at=sa.func.now())
+    )
 
 
 async def get_event_rows(conn: AsyncConnection, instance_id: str) -> Sequence[sa.Row[Any]]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import TypeAdapter, ValidationError
+
 from shared.codec import JSON
 from shared.errors import EventTimeoutError, NonDeterminismError, StepFailedError, SteplineError
 from shared.history import History, StepKey, StepRecord, format_key
@@ -87,6 +89,21 @@ def failure_of(record: StepRecord) -> BaseException:
     return step_failed_error(record.key, record.attempt, record.error)
 
 
+def payload_problem(replay: Replay, key: StepKey, payload: JSON) -> str | None:
+    """Why ``payload`` does not fit the event wait ``key`` (None if it fits or is untyped)."""
+    adapter = replay.payload_adapters.get(key)
+    if adapter is None:
+        return None
+    try:
+        adapter.validate_python(payload)
+    except ValidationError as exc:
+        return "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or '(payload)'}: {error['msg']}"
+            for error in exc.errors(include_url=False)
+        )
+    return None
+
+
 class Replay:
     """One run of a workflow function over a history, driven on a private loop.
 
@@ -106,6 +123,8 @@ class Replay:
         self.workflow = workflow
         self.history = history
         self.calls: dict[StepKey, StepCall] = {}
+        self.payload_adapters: dict[StepKey, TypeAdapter[Any]] = {}
+        """How each event wait the code asked for checks its payload."""
         self.new_entries: list[NewEntry] = []
         self._carried = dict(carried_values or {})
         self._loop = ReplayLoop()  # type: ignore[abstract]  # I/O methods deliberately unimplemented
@@ -165,6 +184,7 @@ class Replay:
         detail: JSON = None,
         timeout: timedelta | None = None,
         child_params: JSON = None,
+        payload_adapter: TypeAdapter[Any] | None = None,
     ) -> asyncio.Future[Any]:
         """The future of a step or sleep: done if the history settled it, else pending."""
         future: asyncio.Future[Any] = self._loop.create_future()
@@ -176,6 +196,8 @@ class Replay:
         self._requested[key] = kind
         if call is not None:
             self.calls[key] = call
+        if payload_adapter is not None:
+            self.payload_adapters[key] = payload_adapter
         if record is None:
             self.new_entries.append(
                 NewEntry(
