@@ -20,7 +20,7 @@ export STEPLINE_DB_NAME STEPLINE_VHOST
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup services lint format typecheck test run bench clean distclean
+.PHONY: help setup services lint format typecheck test run chaos bench clean distclean
 
 help: ## Show this help
 	@echo "stepline make targets:"
@@ -53,6 +53,10 @@ test: setup services lint typecheck ## Everything CI runs: lint, typecheck, full
 run: setup services ## Run the demo (examples/demo.py) against local services
 	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \
 		$(PY) -m examples.demo
+
+CHAOS_DURATION ?= 600
+chaos: setup services ## Long chaos run: faults for CHAOS_DURATION seconds (default 600), then checks
+	$(PY) -m tests.chaos.run --duration $(CHAOS_DURATION)
 
 bench: setup services ## Run the benchmarks (python -m benchmarks)
 	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \

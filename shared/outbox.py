@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared import faults
 from shared.broker import Publisher
 from shared.db import queries
 from shared.db.queries import OutboxRow
 from shared.errors import BrokerError
 from shared.hooks import Hooks, NoHooks
+from shared.retrying import Outage
 from shared.settings import OutboxSettings
 
 log = logging.getLogger("stepline.outbox")
@@ -40,6 +42,7 @@ class OutboxRelay:
         self._engine = engine
         self._publisher = publisher
         self._settings = settings
+        self._outage = Outage("publishing outbox rows", log)
 
     async def publish_committed(self, rows: Sequence[OutboxRow]) -> None:
         """Fast path: publish rows right after their commit; failures are left for the sweeper."""
@@ -78,13 +81,13 @@ class OutboxRelay:
                 while await self.sweep_once() == self._settings.batch_size:
                     pass
             except (SQLAlchemyError, BrokerError, OSError) as exc:
-                log.warning("outbox sweep failed: %s", exc, extra={"event": "outbox_sweep_failed"})
+                self._outage.failed(f"sweep: {exc}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=interval)
 
     async def _publish(self, rows: Sequence[OutboxRow]) -> list[int]:
         results = await asyncio.gather(
-            *(self._publisher.publish(row.routing_key, row.body, row.headers) for row in rows),
+            *(self._publish_one(row) for row in rows),
             return_exceptions=True,
         )
         sent = []
@@ -92,12 +95,14 @@ class OutboxRelay:
             if isinstance(result, BaseException):
                 if not isinstance(result, BrokerError | OSError):
                     raise result
-                log.warning(
-                    "outbox publish failed for %s: %s",
-                    row.routing_key,
-                    result,
-                    extra={"event": "outbox_publish_failed", "outbox_id": row.id},
-                )
+                self._outage.failed(f"{row.routing_key}: {result}")
             else:
                 sent.append(row.id)
+        if sent and len(sent) == len(rows):
+            self._outage.recovered()
         return sent
+
+    async def _publish_one(self, row: OutboxRow) -> None:
+        await self._publisher.publish(row.routing_key, row.body, row.headers)
+        if faults.strikes(faults.DUPLICATE_PUBLISH):
+            await self._publisher.publish(row.routing_key, row.body, row.headers)

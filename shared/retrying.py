@@ -46,4 +46,31 @@ async def retry_until(
             return result
 
 
-__all__ = ["SteplineError", "retry_until"]
+class Outage:
+    """Logs an outage once when it starts and once when it ends, not once per failure."""
+
+    def __init__(self, what: str, logger: logging.Logger) -> None:
+        self._what = what
+        self._log = logger
+        self._since: float | None = None
+
+    def failed(self, detail: str) -> None:
+        """A call failed; the first failure of an outage is logged."""
+        if self._since is None:
+            self._since = time.monotonic()
+            self._log.warning(
+                "%s is failing, retrying with back-off: %s",
+                self._what,
+                detail,
+                extra={"event": "outage_started"},
+            )
+
+    def recovered(self) -> None:
+        """A call succeeded; ends the outage, if there was one."""
+        if self._since is not None:
+            lasted = time.monotonic() - self._since
+            self._since = None
+            self._log.info("%s is back after %.1fs", self._what, lasted, extra={"event": "outage_ended"})
+
+
+__all__ = ["Outage", "SteplineError", "retry_until"]

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared import faults
 from shared.broker import Delivery
 from shared.db import queries
 from shared.db.queries import OutboxRow
@@ -26,6 +27,7 @@ from shared.messages import (
     parse_message,
 )
 from shared.outbox import OutboxRelay
+from shared.retrying import Outage
 from shared.states import InstanceStatus
 from worker import waits
 from worker.executor import StepExecutor
@@ -73,6 +75,7 @@ class MessageHandler:
         self._planner = Planner(payload_limit, self._hooks)
         self._steps = StepRunner(engine=engine, planner=self._planner, executor=executor, worker_id=worker_id)
         self._retry_delay = retry_delay
+        self._outage = Outage("the database or the broker", log)
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery to the end: acked, dead-lettered, or given back."""
@@ -82,11 +85,7 @@ class MessageHandler:
             await self._reject(delivery, exc.reason)
             return
         except INFRASTRUCTURE_ERRORS as exc:
-            log.warning(
-                "message handling failed, giving it back: %s",
-                _brief(exc),
-                extra={"event": "handle_failed", "routing_key": delivery.routing_key},
-            )
+            self._outage.failed(_brief(exc))
             await asyncio.sleep(self._retry_delay)
             await _quietly(delivery.requeue())
             return
@@ -94,8 +93,10 @@ class MessageHandler:
             log.exception("internal error handling a message", extra={"event": "handle_crashed"})
             await self._reject(delivery, f"internal error: {type(exc).__name__}: {exc}")
             return
+        self._outage.recovered()
         # Ack only after the commit: a crash before this line redelivers the
         # message, and the attempt check turns the redelivery into a no-op.
+        faults.crash_here(faults.CRASH_AFTER_COMMIT)
         await _quietly(delivery.ack())
         try:
             await self._relay.publish_committed(rows)

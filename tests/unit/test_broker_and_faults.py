@@ -1,0 +1,57 @@
+"""Pure helpers of the broker seam, the fault points and outage logging."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from shared import faults
+from shared.broker.connection import _with_heartbeat, mask_amqp_url
+from shared.retrying import Outage
+
+
+def test_heartbeat_is_added_to_a_url_that_sets_none() -> None:
+    assert _with_heartbeat("amqp://u:p@h:5672/v", 30) == "amqp://u:p@h:5672/v?heartbeat=30"
+    assert _with_heartbeat("amqps://u:p@h/v?ssl=1", 15) == "amqps://u:p@h/v?ssl=1&heartbeat=15"
+
+
+def test_a_heartbeat_the_url_sets_is_kept() -> None:
+    assert _with_heartbeat("amqp://h/v?heartbeat=5", 30) == "amqp://h/v?heartbeat=5"
+
+
+def test_passwords_are_masked_in_broker_urls() -> None:
+    assert mask_amqp_url("amqp://guest:s3cr3t@h:5672/v") == "amqp://guest:***@h:5672/v"
+    assert "s3cr3t" not in mask_amqp_url("amqps://user:s3cr3t@host/vhost?heartbeat=30")
+    assert mask_amqp_url("amqp://h/v") == "amqp://h/v"
+
+
+def test_fault_points_are_parsed_and_inert_unless_named() -> None:
+    assert faults._parse("crash_after_commit=0.02, duplicate_publish=1") == {
+        "crash_after_commit": 0.02,
+        "duplicate_publish": 1.0,
+    }
+    assert faults._parse("") == {}
+    assert not faults.strikes("no_such_point")
+
+
+def test_fault_point_with_chance_one_always_strikes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(faults, "_CHANCES", {"always": 1.0, "never": 0.0})
+    assert faults.strikes("always")
+    assert not faults.strikes("never")
+
+
+def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    outage = Outage("the database", logging.getLogger("test.outage"))
+    with caplog.at_level(logging.INFO, logger="test.outage"):
+        outage.recovered()  # no outage yet: nothing to say
+        for _ in range(50):
+            outage.failed("connection refused")
+        outage.recovered()
+        outage.recovered()
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert messages[0] == "the database is failing, retrying with back-off: connection refused"
+    assert messages[1].startswith("the database is back after ")
