@@ -24,8 +24,8 @@ def main(poll_interval: str | None) -> None:
     Several schedulers may run at once. Needs STEPLINE_DATABASE_URL and
     STEPLINE_AMQP_URL. Stops cleanly on SIGTERM.
     """
-    configure_logging("scheduler")
     try:
+        configure_logging("scheduler")
         settings = (
             load_settings(scheduler={"poll_interval": poll_interval}) if poll_interval else load_settings()
         )

@@ -73,6 +73,9 @@ class Hooks(Protocol):
     def outbox_backlog(self, rows: int) -> None:
         """How many outbox rows wait to be published, as last seen."""
 
+    def queue_depth(self, queue: str, messages: int) -> None:
+        """How many messages wait in a workflow's queue, as last seen."""
+
     def publish(
         self, workflow: str, routing_key: str, instance_id: str
     ) -> AbstractContextManager[dict[str, str]]:
@@ -132,6 +135,9 @@ class NoHooks:
         pass
 
     def outbox_backlog(self, rows: int) -> None:
+        pass
+
+    def queue_depth(self, queue: str, messages: int) -> None:
         pass
 
     @contextmanager

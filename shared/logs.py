@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 
 from opentelemetry import trace
 
+from shared.errors import ConfigError
+
 FIELDS = (
     "event",
     "instance_id",
@@ -55,17 +57,33 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def configure_logging(role: str, level: str | None = None) -> None:
-    """Send log lines to stderr, text by default, JSON if ``STEPLINE_LOG_FORMAT=json``."""
+    """Send log lines to stderr, text by default, JSON if ``STEPLINE_LOG_FORMAT=json``.
+
+    Raises:
+        ConfigError: ``STEPLINE_LOG_FORMAT`` or ``STEPLINE_LOG_LEVEL`` is not one of its values.
+    """
+    log_format = os.environ.get("STEPLINE_LOG_FORMAT", "text").lower()
+    chosen = (level or os.environ.get("STEPLINE_LOG_LEVEL") or "INFO").upper()
+    problems = []
+    if log_format not in ("text", "json"):
+        problems.append(f"STEPLINE_LOG_FORMAT is invalid: expected text or json, got {log_format!r}")
+    if chosen not in LEVELS:
+        problems.append(f"STEPLINE_LOG_LEVEL is invalid: expected one of {', '.join(LEVELS)}, got {chosen!r}")
+    if problems:
+        raise ConfigError("configuration error: " + "; ".join(problems))
     handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("STEPLINE_LOG_FORMAT", "text").lower() == "json":
+    if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter(f"%(asctime)s %(levelname)s {role}: %(message)s"))
     handler.addFilter(_TraceIds())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel((level or os.environ.get("STEPLINE_LOG_LEVEL", "INFO")).upper())
+    root.setLevel(chosen)
     # aio-pika and aiormq narrate every reconnect attempt; we log outages ourselves.
     for noisy in ("aio_pika", "aiormq"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -143,7 +143,19 @@ class Settings(BaseSettings):
         default=None,
         description="Jaeger UI base URL; `stepline history` then links each instance's trace",
     )
+    log_format: Literal["text", "json"] = Field(default="text", description="Log lines as text or JSON.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Log level of workers and schedulers."
+    )
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _case(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, str):
+            return value.lower() if info.field_name == "log_format" else value.upper()
+        return value
+
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)

@@ -130,6 +130,18 @@ class Telemetry:
             "stepline.messages.dead_lettered", "{message}", "Messages sent to the dead-letter queue"
         )
         self._backlog = 0
+        self._depths: dict[str, int] = {}
+        meter.create_observable_gauge(
+            "stepline.queue.depth",
+            callbacks=[
+                lambda options: [
+                    metrics.Observation(depth, {"queue": queue})
+                    for queue, depth in list(self._depths.items())
+                ]
+            ],
+            unit="{message}",
+            description="Messages waiting in each workflow queue",
+        )
         meter.create_observable_gauge(
             "stepline.outbox.backlog",
             callbacks=[lambda options: [metrics.Observation(self._backlog)]],
@@ -272,6 +284,9 @@ class Telemetry:
     def outbox_backlog(self, rows: int) -> None:
         self._backlog = rows
 
+    def queue_depth(self, queue: str, messages: int) -> None:
+        self._depths[queue] = messages
+
     @contextmanager
     def publish(self, workflow: str, routing_key: str, instance_id: str) -> Iterator[dict[str, str]]:
         with self.tracer.start_as_current_span(
@@ -333,8 +348,10 @@ def configure_telemetry(role: str, *, worker_id: str | None = None) -> Telemetry
     return Telemetry()
 
 
-def _protocol() -> str:
-    return os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf").lower()
+def _protocol(signal: str) -> str:
+    """The signal's own OTEL_EXPORTER_OTLP_<SIGNAL>_PROTOCOL, else the general one, else http/protobuf."""
+    specific = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
+    return (specific or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")).lower()
 
 
 def _configure_tracing(resource: Any) -> None:
@@ -344,7 +361,7 @@ def _configure_tracing(resource: Any) -> None:
     exporter: SpanExporter
     if os.environ.get("OTEL_TRACES_EXPORTER", "").lower() == "console":
         exporter = ConsoleSpanExporter()
-    elif _protocol() == "grpc":
+    elif _protocol("traces") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 
         exporter = GrpcSpanExporter()
@@ -362,7 +379,11 @@ def _configure_metrics(resource: Any) -> None:
     from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
 
     exporter: MetricExporter
-    if _protocol() == "grpc":
+    if os.environ.get("OTEL_METRICS_EXPORTER", "").lower() == "console":
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+        exporter = ConsoleMetricExporter()
+    elif _protocol("metrics") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
             OTLPMetricExporter as GrpcMetricExporter,
         )

@@ -36,13 +36,13 @@ def main(modules: tuple[str, ...], concurrency: int | None, worker_id: str | Non
 
     Needs STEPLINE_DATABASE_URL and STEPLINE_AMQP_URL. Stops cleanly on SIGTERM.
     """
-    configure_logging("worker")
     worker_overrides: dict[str, Any] = {}
     if modules:
         worker_overrides["workflows"] = list(modules)
     if concurrency is not None:
         worker_overrides["concurrency"] = concurrency
     try:
+        configure_logging("worker")
         settings = load_settings(worker=worker_overrides) if worker_overrides else load_settings()
         if "" not in sys.path:
             sys.path.insert(0, "")  # modules are named relative to the working directory

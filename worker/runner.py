@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -89,6 +90,7 @@ async def run_worker(
             sorted(workflows), on_delivery, prefetch=settings.worker.prefetch or 2 * concurrency
         )
         sweeper = asyncio.create_task(relay.run_sweeper(stopping))
+        sampler = asyncio.create_task(_sample_queue_depths(broker, sorted(workflows), hooks, stopping))
         log.info(
             "worker consuming %s with concurrency %d",
             ", ".join(sorted(workflows)),
@@ -111,8 +113,29 @@ async def run_worker(
                 for task in pending:
                     task.cancel()
         await sweeper
+        await sampler
     finally:
         await broker.close()
         executor.shutdown()
         await engine.dispose()
         log.info("worker stopped", extra={"event": "worker_stopped", "worker": worker_id})
+
+
+async def _sample_queue_depths(
+    broker: AmqpBroker,
+    workflows: list[str],
+    hooks: Hooks | None,
+    stopping: asyncio.Event,
+    every_s: float = 15.0,
+) -> None:
+    """Report how many messages wait in each consumed queue, for the queue-depth gauge."""
+    if hooks is None:
+        return
+    while not stopping.is_set():
+        try:
+            for queue, depth in (await broker.queue_depths(workflows)).items():
+                hooks.queue_depth(queue, depth)
+        except BrokerError:
+            pass  # an outage: the relay and the handler report it
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=every_s)

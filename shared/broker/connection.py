@@ -229,6 +229,18 @@ class AmqpBroker:
             tag = await queue.consume(on_message, no_ack=False)
             self._consumers.append((queue, tag))
 
+    async def queue_depths(self, workflows: list[str]) -> dict[str, int]:
+        """Messages waiting in each workflow's queue (a passive declare each)."""
+        depths = {}
+        try:
+            for workflow in workflows:
+                name = workflow_queue_name(self.namespace, workflow)
+                queue = await self._channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
+                depths[name] = int(queue.declaration_result.message_count or 0)
+        except _AMQP_FAILURES_OR_TIMEOUT as exc:
+            raise BrokerError(f"cannot read queue depths: {exc!r}") from exc
+        return depths
+
     async def stop_consuming(self) -> None:
         """Cancel the consumers: no new deliveries, while in-flight ones may still be acked."""
         consumers, self._consumers = self._consumers, []

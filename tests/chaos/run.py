@@ -142,17 +142,18 @@ class Chaos:
     async def send_event_later(self, instance_id: str, n: int) -> None:
         """Send the instance its event, sometimes before it waits, mostly after."""
         await asyncio.sleep(self.random.uniform(0.2, 4.0))
-        async with Client(
-            self.settings.database, self.settings.amqp, namespace=self.settings.namespace
-        ) as client:
-            while True:
-                try:
+        while True:
+            try:
+                # Connecting is part of what an outage can break: it is inside the retry too.
+                async with Client(
+                    self.settings.database, self.settings.amqp, namespace=self.settings.namespace
+                ) as client:
                     await client.send_event(instance_id, "go", {"n": n}, event_id=f"go-{instance_id}")
-                    return
-                except InstanceNotFoundError:
-                    await asyncio.sleep(0.5)  # its start has not been consumed yet
-                except (StorageError, BrokerError, OSError):
-                    await asyncio.sleep(1.0)  # an outage: try again
+                return
+            except InstanceNotFoundError:
+                await asyncio.sleep(0.5)  # its start has not been consumed yet
+            except (StorageError, BrokerError, OSError):
+                await asyncio.sleep(1.0)  # an outage: try again
 
     # -------------------------------------------------------------- faults
 

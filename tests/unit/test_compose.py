@@ -1,0 +1,200 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine.
+
+The compose file must start in order (every dependency waits on a condition),
+watch every long-running service's health, configure Stepline only with
+settings that exist, run commands that the distribution really installs, and
+send telemetry to the Jaeger it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+SCRIPTS = frozenset(PYPROJECT["project"]["scripts"])
+ONE_SHOT = frozenset({"migrate"})
+APP_SERVICES = sorted(name for name, service in SERVICES.items() if "build" in service)
+CONDITIONS = frozenset({"service_started", "service_healthy", "service_completed_successfully"})
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment, in either of compose's two spellings."""
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in raw)
+    return {str(key): "" if value is None else str(value) for key, value in raw.items()}
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    raw = service["command"]
+    return shlex.split(raw) if isinstance(raw, str) else [str(part) for part in raw]
+
+
+def _known_variables() -> set[str]:
+    """``STEPLINE_<FIELD>`` for each setting, ``STEPLINE_<GROUP>__<FIELD>`` inside the groups."""
+    names: set[str] = set()
+    for name, field in Settings.model_fields.items():
+        group = field.annotation
+        if isinstance(group, type) and issubclass(group, BaseModel):
+            names.update(f"STEPLINE_{name}__{inner}".upper() for inner in group.model_fields)
+        else:
+            names.add(f"STEPLINE_{name}".upper())
+    return names
+
+
+def test_the_file_has_the_services_the_readme_names() -> None:
+    assert {"postgres", "rabbitmq", "jaeger", "migrate", "worker", "scheduler"} <= set(SERVICES)
+    assert {"migrate", "worker", "scheduler"} <= set(APP_SERVICES)
+    assert SERVICES["worker"]["deploy"]["replicas"] == 2
+
+
+def test_known_variables_cover_top_level_and_nested_settings() -> None:
+    known = _known_variables()
+    assert {"STEPLINE_DATABASE_URL", "STEPLINE_JAEGER_URL", "STEPLINE_WORKER__CONCURRENCY"} <= known
+    assert {"STEPLINE_OUTBOX__SWEEP_AFTER", "STEPLINE_SCHEDULER__POLL_INTERVAL"} <= known
+    assert "STEPLINE_WORKER" not in known
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_every_long_running_service_has_a_healthcheck(name: str) -> None:
+    healthcheck = SERVICES[name].get("healthcheck")
+    if name in ONE_SHOT:
+        assert healthcheck is None, f"{name} runs once and exits: a healthcheck would never pass"
+        assert SERVICES[name].get("restart", "no") == "no", f"{name} must not be restarted after it succeeds"
+        return
+    assert healthcheck, f"service {name} has no healthcheck"
+    assert not healthcheck.get("disable", False), f"service {name} disables its healthcheck"
+    test = healthcheck["test"]
+    assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, test
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_every_dependency_waits_on_a_condition_the_target_can_meet(name: str) -> None:
+    depends_on = SERVICES[name].get("depends_on", {})
+    assert isinstance(depends_on, dict), f"{name}: depends_on must be a mapping with conditions"
+    for target, spec in depends_on.items():
+        assert target in SERVICES, f"{name} depends on unknown service {target}"
+        condition = (spec or {}).get("condition")
+        assert condition in CONDITIONS, f"{name} -> {target}: condition is {condition!r}"
+        if condition == "service_healthy":
+            assert SERVICES[target].get("healthcheck"), f"{name} waits for {target} to be healthy"
+        if condition == "service_completed_successfully":
+            assert target in ONE_SHOT, f"{name} waits for {target} to exit, but it runs forever"
+
+
+@pytest.mark.parametrize("name", [name for name in APP_SERVICES if name not in ONE_SHOT])
+def test_processes_start_after_the_migration_and_the_broker(name: str) -> None:
+    depends_on = SERVICES[name]["depends_on"]
+    assert depends_on["migrate"]["condition"] == "service_completed_successfully"
+    assert depends_on["rabbitmq"]["condition"] == "service_healthy"
+    assert SERVICES["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_set_only_known_settings(name: str) -> None:
+    known = _known_variables()
+    stepline = {key for key in _environment(SERVICES[name]) if key.startswith("STEPLINE_")}
+    assert stepline, f"{name} is not configured"
+    assert stepline <= known, f"{name} sets unknown settings: {sorted(stepline - known)}"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_settings_are_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("STEPLINE_"):
+            monkeypatch.delenv(key)
+    for key, value in _environment(SERVICES[name]).items():
+        if key.startswith("STEPLINE_"):
+            monkeypatch.setenv(key, value)
+    Settings()  # raises, naming the variable, if a value is malformed
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_run_an_installed_command_that_exists(name: str) -> None:
+    service = SERVICES[name]
+    assert service["build"] in (".", {"context": "."}), f"{name} is not built from the repository"
+    command = _command(service)
+    assert command[0] in SCRIPTS, f"{name} runs {command[0]!r}, not one of {sorted(SCRIPTS)}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("STEPLINE_", "OTEL_"))}
+    result = subprocess.run(
+        [str(BIN / command[0]), *command[1:], "--help"],
+        env={**env, **_environment(service)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"{command} --help failed: {result.stdout}{result.stderr}"
+    assert "Usage:" in result.stdout
+
+
+def test_the_worker_serves_the_example_workflow() -> None:
+    command = _command(SERVICES["worker"])
+    assert command[0] == "stepline-worker"
+    modules = [command[i + 1] for i, part in enumerate(command) if part == "--workflows"]
+    assert modules, "the worker names no --workflows"
+    for module in modules:
+        assert (ROOT / Path(*module.split("."))).with_suffix(".py").is_file(), module
+    assert _command(SERVICES["scheduler"])[0] == "stepline-scheduler"
+    assert _command(SERVICES["migrate"]) == ["stepline", "db", "upgrade"]
+
+
+@pytest.mark.parametrize("name", [name for name in APP_SERVICES if name not in ONE_SHOT])
+def test_telemetry_goes_to_the_jaeger_service(name: str) -> None:
+    env = _environment(SERVICES[name])
+    endpoint = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert endpoint.hostname == "jaeger"
+    assert "jaeger" in SERVICES
+    assert env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf") == "http/protobuf"
+    assert endpoint.port == 4318, "OTLP over HTTP is port 4318 (4317 is gRPC)"
+    assert env["OTEL_SERVICE_NAME"] == f"stepline-{name}"
+    assert env["STEPLINE_JAEGER_URL"] == "http://localhost:16686"
+    jaeger = SERVICES["jaeger"]
+    published = {str(port).split(":")[-1] for port in jaeger["ports"]}
+    assert {"16686", "4317", "4318"} <= published
+    assert _environment(jaeger).get("COLLECTOR_OTLP_ENABLED") == "true"
+
+
+@pytest.mark.parametrize("name", [name for name in APP_SERVICES if name not in ONE_SHOT])
+def test_app_urls_name_compose_services_and_the_healthcheck_watches_their_ports(name: str) -> None:
+    env = _environment(SERVICES[name])
+    database, broker = urlsplit(env["STEPLINE_DATABASE_URL"]), urlsplit(env["STEPLINE_AMQP_URL"])
+    assert database.hostname == "postgres" and broker.hostname == "rabbitmq"
+    assert (database.port, broker.port) == (5432, 5672)
+    # The healthcheck: an established connection to each of these ports.
+    script = " ".join(SERVICES[name]["healthcheck"]["test"])
+    assert "{5432, 5672}" in script
+
+
+def test_the_image_installs_the_distribution_and_the_examples() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    instructions = [line.strip() for line in dockerfile.splitlines() if line.strip() and line[0] != "#"]
+    copies = " ".join(line for line in instructions if line.startswith("COPY "))
+    for package in PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]:
+        assert re.search(rf"COPY {package} ", copies), f"the image does not copy {package}/"
+    assert "COPY examples " in copies
+    installs = [line for line in instructions if "pip install" in line]
+    assert installs and all(" -e " not in line and "--editable" not in line for line in installs)
+    assert any(line.startswith("USER ") and line.split()[1] not in ("root", "0") for line in instructions)
+    assert instructions[0].startswith("FROM python:3.11")
+    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
+    assert {".git", ".venv", "tests"} <= set(ignored)
