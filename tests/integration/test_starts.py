@@ -14,7 +14,7 @@ from shared.errors import BadPayloadError, InvalidParamsError, UnroutableError
 from shared.messages import MAX_INSTANCE_ID_LENGTH
 from shared.settings import Settings
 from tests.support import rows
-from tests.support.amqp import declare_workflow_queue, ready_messages
+from tests.support.amqp import declare_workflow_queue, ready_messages, take_dead_letters
 from tests.support.fleet import Fleet
 
 SEQUENCE_EFFECTS = {"add": 1, "describe": 1}
@@ -227,3 +227,20 @@ async def test_start_under_a_span_stores_its_trace_context(
     assert trace_id == f"{context.trace_id:032x}"
     assert len(parent_id) == 16
     assert int(flags, 16) & 0x01, "the sampled flag of the span is kept"
+
+
+async def test_a_10_kb_instance_id_is_refused_by_the_producer_and_dead_lettered_raw(
+    settings: Settings, producer: Producer, fleet: Fleet
+) -> None:
+    ten_kb = "é" * 5000
+    with pytest.raises(BadPayloadError, match="instance_id"):
+        await producer.start("sequence", {"a": 1, "b": 2}, instance_id=ten_kb)
+    fleet.start_worker()
+    await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
+    body = json.dumps(
+        {"v": 1, "kind": "start", "workflow": "sequence", "instance_id": ten_kb, "params": {"a": 1, "b": 2}}
+    ).encode()
+    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+        await broker.publish("start.sequence", body, None)
+    (dead,) = await take_dead_letters(settings.amqp, settings.namespace, 1)
+    assert "instance_id: String should have at most 512 characters" in dead.reason
