@@ -22,5 +22,6 @@ COPY --from=build /opt/stepline /opt/stepline
 # Workflow modules are named relative to the working directory: `--workflows examples.order_fulfilment`.
 WORKDIR /app
 COPY examples ./examples
-USER stepline
+# Numeric, so a runtime that cannot read /etc/passwd still runs it unprivileged.
+USER 10001:10001
 CMD ["stepline", "--help"]

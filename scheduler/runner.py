@@ -11,8 +11,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from scheduler.timers import fire_due_timers, seconds_until_next
 from shared.broker import AmqpBroker
 from shared.db.engine import create_engine
-from shared.db.migrate import check_schema
+from shared.db.migrate import check_schema, database_answers
 from shared.errors import BrokerError
+from shared.health import HealthServer
 from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
 from shared.retrying import retry_until
@@ -43,6 +44,13 @@ async def run_scheduler(
             retry_on=(SQLAlchemyError, OSError),
         )
         relay = OutboxRelay(engine, broker, settings.outbox, hooks=hooks)
+        health = None
+        if settings.health_port is not None:
+            health = HealthServer(
+                settings.health_port,
+                {"database": lambda: database_answers(engine), "broker": broker.is_connected},
+            )
+            await health.start()
         sweeper = asyncio.create_task(relay.run_sweeper(stopping))
         log.info("scheduler started", extra={"event": "scheduler_started"})
         failing = False
@@ -68,6 +76,8 @@ async def run_scheduler(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=wait)
         await sweeper
+        if health is not None:
+            await health.stop()
     finally:
         await broker.close()
         await engine.dispose()

@@ -143,6 +143,12 @@ class Settings(BaseSettings):
         default=None,
         description="Jaeger UI base URL; `stepline history` then links each instance's trace",
     )
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve /livez and /readyz on this port (workers and schedulers); unset: off.",
+    )
     log_format: Literal["text", "json"] = Field(default="text", description="Log lines as text or JSON.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="INFO", description="Log level of workers and schedulers."

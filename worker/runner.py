@@ -14,8 +14,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from shared.broker import AmqpBroker, Delivery
 from shared.db.engine import create_engine
-from shared.db.migrate import check_schema
+from shared.db.migrate import check_schema, database_answers
 from shared.errors import BrokerError
+from shared.health import HealthServer
 from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
 from shared.retrying import retry_until
@@ -89,6 +90,7 @@ async def run_worker(
         await broker.consume(
             sorted(workflows), on_delivery, prefetch=settings.worker.prefetch or 2 * concurrency
         )
+        health = await _start_health(settings, engine, broker)
         sweeper = asyncio.create_task(relay.run_sweeper(stopping))
         sampler = asyncio.create_task(_sample_queue_depths(broker, sorted(workflows), hooks, stopping))
         log.info(
@@ -114,6 +116,8 @@ async def run_worker(
                     task.cancel()
         await sweeper
         await sampler
+        if health is not None:
+            await health.stop()
     finally:
         await broker.close()
         executor.shutdown()
@@ -139,3 +143,18 @@ async def _sample_queue_depths(
             pass  # an outage: the relay and the handler report it
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=every_s)
+
+
+async def _start_health(settings: Settings, engine: Any, broker: AmqpBroker) -> HealthServer | None:
+    if settings.health_port is None:
+        return None
+    health = HealthServer(
+        settings.health_port,
+        {
+            "database": lambda: database_answers(engine),
+            "broker": broker.is_connected,
+            "consuming": broker.is_consuming,
+        },
+    )
+    await health.start()
+    return health

@@ -229,6 +229,17 @@ class AmqpBroker:
             tag = await queue.consume(on_message, no_ack=False)
             self._consumers.append((queue, tag))
 
+    async def is_connected(self) -> bool:
+        """Whether the connection is open now (not closed, not between reconnects)."""
+        connection = self._connection
+        # `connected` is cleared while a robust connection is between reconnects.
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    async def is_consuming(self) -> bool:
+        """Whether consumers are registered and their channel is open."""
+        channel = self._consume_channel
+        return bool(self._consumers) and channel is not None and not channel.is_closed
+
     async def queue_depths(self, workflows: list[str]) -> dict[str, int]:
         """Messages waiting in each workflow's queue (a passive declare each)."""
         depths = {}

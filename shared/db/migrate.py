@@ -46,6 +46,13 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("postgresql://unused/")).get_current_head()
 
 
+async def database_answers(engine: AsyncEngine) -> bool:
+    """Whether the database answers a trivial query now."""
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+    return True
+
+
 async def check_schema(engine: AsyncEngine) -> None:
     """Make sure the database is migrated to the revision this code needs.
 
