@@ -49,7 +49,7 @@ MIN_FLAKY_ORDERS = 4
 """At least this many orders are picked so that their first charge attempt fails."""
 DEADLINE_S = 120.0
 POLL_INTERVAL_S = 0.25
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 20.0
 LOG_TAIL_LINES = 15
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,27 +157,30 @@ def start_service(name: str, argv: Sequence[str], env: dict[str, str], log_dir: 
 
 
 def start_fleet(console: Console, env: dict[str, str], log_dir: Path, started: list[Service]) -> None:
-    """Start the workers and the scheduler, appending each to ``started`` as soon as it runs.
+    """Start ``stepline fleet`` (the workers and the scheduler, supervised), appended to ``started``.
 
-    Appending one by one lets the caller stop whatever did start if a later start fails.
+    The fleet restarts a member that crashes and stops them all on SIGTERM; each
+    member logs to ``log_dir/fleet/NAME.log``.
     """
     bin_dir = Path(sys.executable).parent
-    commands: dict[str, list[str]] = {}
-    for number in range(1, WORKER_COUNT + 1):
-        commands[f"worker-{number}"] = [
-            str(bin_dir / "stepline-worker"),
-            "--workflows",
-            "examples.order_fulfilment",
-            "--concurrency",
-            str(WORKER_CONCURRENCY),
-            "--worker-id",
-            f"demo-worker-{number}",
-        ]
-    commands["scheduler"] = [str(bin_dir / "stepline-scheduler")]
-    for name, argv in commands.items():
-        service = start_service(name, argv, env, log_dir)
-        started.append(service)
-        console.print(f"  started {name:<10} pid {service.process.pid}")
+    argv = [
+        str(bin_dir / "stepline"),
+        "fleet",
+        "--workers",
+        str(WORKER_COUNT),
+        "--schedulers",
+        "1",
+        "--workflows",
+        "examples.order_fulfilment",
+        "--concurrency",
+        str(WORKER_CONCURRENCY),
+        "--log-dir",
+        str(log_dir / "fleet"),
+    ]
+    service = start_service("fleet", argv, env, log_dir)
+    started.append(service)
+    pid = service.process.pid
+    console.print(f"  started stepline fleet, pid {pid}: {WORKER_COUNT} workers and a scheduler")
 
 
 def stop_fleet(console: Console, services: Sequence[Service]) -> None:
@@ -188,7 +191,7 @@ def stop_fleet(console: Console, services: Sequence[Service]) -> None:
     running = [service for service in services if service.is_running]
     if not running:
         return
-    console.print(f"stopping {len(running)} processes (SIGTERM, up to {STOP_GRACE_S:g} s)...")
+    console.print(f"stopping {len(running)} process(es) (SIGTERM, up to {STOP_GRACE_S:g} s)...")
     for service in running:
         service.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S

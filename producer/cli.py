@@ -8,6 +8,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -16,6 +17,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from producer.client import Client
+from producer.fleet import Fleet, run_fleet
 from producer.models import AttemptInfo, EventInfo, InstanceInfo
 from producer.producer import Producer
 from shared.db import migrate
@@ -24,6 +26,7 @@ from shared.durations import parse_duration
 from shared.errors import ConfigError, SteplineError
 from shared.history import format_key
 from shared.logs import configure_logging
+from shared.process import run_until_signalled
 from shared.settings import Settings, load_settings
 from shared.states import InstanceStatus
 
@@ -301,6 +304,51 @@ def history(instance_id: str, as_json: bool) -> None:
                 event.event_id, event.event_type, _time(event.created_at), event.consumed_by or "(kept)"
             )
         console.print(event_table)
+
+
+@main.command()
+@click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True, help="Worker processes.")
+@click.option(
+    "--schedulers", type=click.IntRange(0, 16), default=1, show_default=True, help="Scheduler processes."
+)
+@click.option(
+    "--workflows",
+    "modules",
+    multiple=True,
+    metavar="MODULE",
+    help="Module defining workflows, for the workers (repeatable). Env: STEPLINE_WORKER__WORKFLOWS.",
+)
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=None, help="Steps at once per worker.")
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write each process's log to DIR/NAME.log (default: this terminal).",
+)
+def fleet(
+    workers: int, schedulers: int, modules: tuple[str, ...], concurrency: int | None, log_dir: Path | None
+) -> None:
+    """Run workers and schedulers as local processes; restart any that crash; stop all on SIGTERM.
+
+    The same topology as docker-compose, without Docker. Needs STEPLINE_DATABASE_URL and STEPLINE_AMQP_URL.
+    """
+    configure_logging("fleet", level="INFO")
+    settings = _settings("database_url", "amqp_url")
+    workflows = list(modules) or settings.worker.workflows
+    if workers and not workflows:
+        raise click.UsageError("workers need --workflows MODULE (or STEPLINE_WORKER__WORKFLOWS)")
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    supervised = Fleet(
+        workers=workers,
+        schedulers=schedulers,
+        workflows=workflows,
+        concurrency=concurrency,
+        log_dir=log_dir,
+        say=lambda line: click.echo(line, err=False),
+    )
+    grace = settings.worker.shutdown_grace.total_seconds() + 5
+    run_until_signalled("stepline fleet", lambda stopping: run_fleet(supervised, stopping, grace_s=grace))
 
 
 @main.group()
