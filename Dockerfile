@@ -1,5 +1,7 @@
 # One image for every Stepline process: stepline, stepline-worker, stepline-scheduler.
 # Configured only by environment variables (STEPLINE_*, OTEL_*); see docker-compose.yml.
+# Your own workflows: build FROM this image, COPY your modules into /app (or mount them
+# there), and run `stepline-worker --workflows your.module`.
 
 # --- build: install the stepline distribution (not editable) into a virtualenv
 FROM python:3.11-slim AS build
