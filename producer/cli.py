@@ -257,15 +257,18 @@ def history(instance_id: str, as_json: bool) -> None:
     Also prints the instance's trace id, and with STEPLINE_JAEGER_URL set a link to the trace in Jaeger.
     """
 
-    async def use(client: Client) -> tuple[InstanceInfo | None, list[AttemptInfo], list[EventInfo]]:
+    async def use(
+        client: Client,
+    ) -> tuple[InstanceInfo | None, list[AttemptInfo], list[EventInfo], list[dict[str, Any]]]:
         return (
             await client.get(instance_id),
             await client.attempts(instance_id),
             await client.events(instance_id),
+            await client.recorded_values(instance_id),
         )
 
     settings = _settings("database_url")
-    info, attempts, events = _with_client(settings, use)
+    info, attempts, events, values = _with_client(settings, use)
     if info is None:
         raise click.ClickException(f"no instance with id {instance_id!r}")
     trace_id, trace_url = _trace_link(info, settings)
@@ -277,6 +280,8 @@ def history(instance_id: str, as_json: bool) -> None:
                 "trace_url": trace_url,
                 "attempts": [attempt.model_dump(mode="json") for attempt in attempts],
                 "events": [event.model_dump(mode="json") for event in events],
+                # ctx.now()/random()/uuid() as recorded: worker.testing.check_replay needs them.
+                "recorded_values": values,
             }
         )
         return

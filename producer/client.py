@@ -134,6 +134,22 @@ class Client:
             for row in rows
         ]
 
+    async def recorded_values(self, instance_id: str) -> builtins.list[dict[str, Any]]:
+        """The values ``ctx.now()``, ``ctx.random()`` and ``ctx.uuid()`` recorded, for replay checks."""
+        async with self._connection() as conn:
+            rows = await queries.get_value_rows(conn, instance_id)
+        return [
+            {
+                "name": row.name,
+                "occurrence": row.occurrence,
+                "position": row.position,
+                "kind": "value",
+                "status": "succeeded",
+                "result": row.result,
+            }
+            for row in rows
+        ]
+
     async def events(self, instance_id: str) -> builtins.list[EventInfo]:
         """Every event an instance received, oldest first, and which wait took it."""
         async with self._connection() as conn:

@@ -7,7 +7,7 @@ import uuid as _uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, Unpack, overload
 
 from pydantic import TypeAdapter
@@ -229,7 +229,7 @@ class Context:
 
     def now(self) -> datetime:
         """The current time (UTC), recorded the first time and replayed after."""
-        text = self._replay.value("$now", lambda: datetime.now(UTC).isoformat())
+        text = self._replay.value("$now", lambda: self._replay.clock().isoformat())
         return datetime.fromisoformat(text)
 
     def random(self) -> float:

@@ -276,6 +276,16 @@ async def get_step_rows(conn: AsyncConnection, instance_id: str) -> Sequence[sa.
     return (await conn.execute(query)).all()
 
 
+async def get_value_rows(conn: AsyncConnection, instance_id: str) -> Sequence[sa.Row[Any]]:
+    """The recorded ctx.now()/random()/uuid() values of an instance, in plan order."""
+    query = (
+        sa.select(steps)
+        .where(steps.c.instance_id == instance_id, steps.c.kind == StepKind.VALUE)
+        .order_by(steps.c.position)
+    )
+    return (await conn.execute(query)).all()
+
+
 async def get_attempt_rows(conn: AsyncConnection, instance_id: str) -> Sequence[sa.Row[Any]]:
     """Every recorded step attempt of an instance, oldest first."""
     query = (

@@ -8,7 +8,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
@@ -89,6 +89,10 @@ def failure_of(record: StepRecord) -> BaseException:
     return step_failed_error(record.key, record.attempt, record.error)
 
 
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 def payload_problem(replay: Replay, key: StepKey, payload: JSON) -> str | None:
     """Why ``payload`` does not fit the event wait ``key`` (None if it fits or is untyped)."""
     adapter = replay.payload_adapters.get(key)
@@ -119,9 +123,12 @@ class Replay:
         history: History,
         *,
         carried_values: Mapping[StepKey, JSON] | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.workflow = workflow
         self.history = history
+        self.clock = clock or _utc_now
+        """What ``ctx.now()`` reads the first time (the testing kit's virtual clock)."""
         self.calls: dict[StepKey, StepCall] = {}
         self.payload_adapters: dict[StepKey, TypeAdapter[Any]] = {}
         """How each event wait the code asked for checks its payload."""
