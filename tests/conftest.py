@@ -101,6 +101,13 @@ async def producer(settings: Settings) -> AsyncIterator[Producer]:
 
 
 @pytest.fixture
+async def control(settings: Settings) -> AsyncIterator[Client]:
+    """A client that can also publish: events, resume, terminate, restart."""
+    async with Client(settings.database, settings.amqp, namespace=settings.namespace) as connected:
+        yield connected
+
+
+@pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[Client]:
     """A client on this test's database."""
     async with Client(settings.database, settings.amqp, namespace=settings.namespace) as connected:

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from producer import Client, Producer
 from shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
-from tests.support.polling import eventually
-
-
-@pytest.fixture
-async def control(settings: Settings) -> AsyncIterator[Client]:
-    async with Client(settings.database, settings.amqp, namespace=settings.namespace) as connected:
-        yield connected
+from tests.support.polling import until_status
 
 
 async def test_a_child_workflow_returns_its_output_to_the_parent(
@@ -57,11 +47,7 @@ async def test_terminating_a_parent_terminates_its_children(
     parent_id = await producer.start("parent-of-sleeper", None)
     child_id = f"{parent_id}/nap"
 
-    async def child_status() -> str | None:
-        child = await control.get(child_id)
-        return child.status if child else None
-
-    await eventually(child_status, check=lambda status: status == "waiting", what="the child to sleep")
+    await until_status(control, child_id, "waiting")
     await control.terminate(parent_id)
     child = await control.get(child_id)
     assert child is not None and child.status == "terminated"
@@ -78,11 +64,7 @@ async def test_terminating_a_child_fails_the_parent_step(
     parent_id = await producer.start("parent-of-sleeper", None)
     child_id = f"{parent_id}/nap"
 
-    async def child_status() -> str | None:
-        child = await control.get(child_id)
-        return child.status if child else None
-
-    await eventually(child_status, check=lambda status: status == "waiting", what="the child to sleep")
+    await until_status(control, child_id, "waiting")
     await control.terminate(child_id)
     parent = await control.wait(parent_id, timeout=30)
     assert parent.status == "errored"

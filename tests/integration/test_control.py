@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from producer import Client, Producer
@@ -13,22 +11,7 @@ from shared.messages import WakeMessage, encode_message
 from shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
-from tests.support.polling import eventually
-
-
-@pytest.fixture
-async def control(settings: Settings) -> AsyncIterator[Client]:
-    """A client that can also publish (resume, terminate, restart)."""
-    async with Client(settings.database, settings.amqp, namespace=settings.namespace) as connected:
-        yield connected
-
-
-async def _until_status(client: Client, instance_id: str, status: str) -> None:
-    async def current() -> str | None:
-        info = await client.get(instance_id)
-        return info.status if info else None
-
-    await eventually(current, check=lambda value: value == status, what=f"{instance_id} to be {status}")
+from tests.support.polling import eventually, until_status
 
 
 async def test_pause_lets_the_running_step_commit_and_starts_nothing_new_until_resume(
@@ -94,7 +77,7 @@ async def test_terminate_during_a_sleep_disarms_the_timer_and_nothing_runs_after
     fleet.start_worker(settings=one_at_a_time)
     fleet.start_scheduler()
     instance_id = await producer.start("sleeper", {"duration": "1 hour"})
-    await _until_status(control, instance_id, "waiting")
+    await until_status(control, instance_id, "waiting")
 
     info = await control.terminate(instance_id)
     assert info.status == "terminated"
@@ -158,7 +141,7 @@ async def test_resume_of_an_instance_that_is_not_paused_is_refused(
     fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("sleeper", {"duration": "1 hour"})
-    await _until_status(control, instance_id, "waiting")
+    await until_status(control, instance_id, "waiting")
     with pytest.raises(
         InvalidStateError, match=r"cannot resume instance .* it is waiting \(expected paused\)"
     ):
@@ -174,7 +157,7 @@ async def test_prune_deletes_old_finished_instances_and_leaves_running_ones(
     for instance_id in done:
         await control.wait(instance_id, timeout=30)
     sleeping = await producer.start("sleeper", {"duration": "1 hour"})
-    await _until_status(control, sleeping, "waiting")
+    await until_status(control, sleeping, "waiting")
     recent = await producer.start("sequence", {"a": 9, "b": 9})
     await control.wait(recent, timeout=30)
     # Age everything but the most recent finished one by 40 days, the running one included.

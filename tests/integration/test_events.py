@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,26 +12,7 @@ from shared.errors import InstanceNotFoundError, InvalidStateError
 from shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
-from tests.support.polling import eventually
-
-
-@pytest.fixture
-async def control(settings: Settings) -> AsyncIterator[Client]:
-    """A client that can also publish (events, resume, terminate, restart)."""
-    async with Client(settings.database, settings.amqp, namespace=settings.namespace) as connected:
-        yield connected
-
-
-async def _status(client: Client, instance_id: str) -> str | None:
-    info = await client.get(instance_id)
-    return info.status if info else None
-
-
-async def _waiting(client: Client, instance_id: str) -> None:
-    async def status() -> str | None:
-        return await _status(client, instance_id)
-
-    await eventually(status, check=lambda value: value == "waiting", what=f"{instance_id} to wait")
+from tests.support.polling import eventually, until_status
 
 
 async def test_event_sent_while_waiting_completes_the_wait(
@@ -40,7 +20,7 @@ async def test_event_sent_while_waiting_completes_the_wait(
 ) -> None:
     fleet.start_worker()
     instance_id = await producer.start("approval", {})
-    await _waiting(control, instance_id)
+    await until_status(control, instance_id, "waiting")
 
     event_id = await control.send_event(instance_id, "approved", {"by": "ada"})
     info = await control.wait(instance_id, timeout=30)
@@ -72,7 +52,7 @@ async def test_events_are_taken_in_order_by_successive_waits(
 ) -> None:
     fleet.start_worker()
     instance_id = await producer.start("two-approvals", None)
-    await _waiting(control, instance_id)
+    await until_status(control, instance_id, "waiting")
     await control.send_event(instance_id, "approved", 1)
     await control.send_event(instance_id, "approved", 2)
     info = await control.wait(instance_id, timeout=30)
@@ -84,7 +64,7 @@ async def test_the_same_event_sent_twice_is_stored_once(
 ) -> None:
     fleet.start_worker()
     instance_id = await producer.start("two-approvals", None)
-    await _waiting(control, instance_id)
+    await until_status(control, instance_id, "waiting")
     await control.send_event(instance_id, "approved", "once", event_id="evt-1")
     await control.send_event(instance_id, "approved", "once", event_id="evt-1")
     await eventually(lambda: control.events(instance_id), check=lambda events: len(events) == 1)
@@ -114,7 +94,7 @@ async def test_an_event_that_arrives_in_time_disarms_the_time_out(
     fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("approval-or-timeout", {"timeout": "1 hour"})
-    await _waiting(control, instance_id)
+    await until_status(control, instance_id, "waiting")
     assert await db.scalar(settings.database, "SELECT count(*) FROM timers WHERE fired_at IS NULL") == 1
     await control.send_event(instance_id, "approved", "yes")
     info = await control.wait(instance_id, timeout=30)
@@ -142,7 +122,7 @@ async def test_an_event_as_a_raw_amqp_message_from_another_language(
 ) -> None:
     fleet.start_worker()
     instance_id = await producer.start("approval", {})
-    await _waiting(control, instance_id)
+    await until_status(control, instance_id, "waiting")
     body = json.dumps(
         {
             "v": 1,

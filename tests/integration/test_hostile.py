@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -15,20 +14,9 @@ from shared.settings import Settings
 from tests.support import db
 from tests.support.amqp import declare_workflow_queue, ready_messages, take_dead_letters
 from tests.support.fleet import Fleet
-from tests.support.polling import eventually
+from tests.support.polling import eventually, until_status
 
 FIFTY_MB = 50 * 1024 * 1024
-
-
-@pytest.fixture
-async def control(settings: Settings) -> AsyncIterator[Client]:
-    async with Client(settings.database, settings.amqp, namespace=settings.namespace) as connected:
-        yield connected
-
-
-async def _status(client: Client, instance_id: str) -> str | None:
-    info = await client.get(instance_id)
-    return info.status if info else None
 
 
 async def test_an_event_whose_payload_does_not_fit_is_dead_lettered_and_the_wait_goes_on(
@@ -36,7 +24,7 @@ async def test_an_event_whose_payload_does_not_fit_is_dead_lettered_and_the_wait
 ) -> None:
     fleet.start_worker()
     instance_id = await producer.start("typed-approval", None)
-    await eventually(lambda: _status(control, instance_id), check=lambda s: s == "waiting", what="the wait")
+    await until_status(control, instance_id, "waiting")
 
     await control.send_event(instance_id, "decided", {"approved": "maybe"}, event_id="bad-1")
     (dead,) = await take_dead_letters(settings.amqp, settings.namespace, 1)

@@ -8,15 +8,7 @@ from producer import Client, Producer
 from shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
-from tests.support.polling import eventually
-
-
-async def _waiting(client: Client, instance_id: str) -> None:
-    async def status() -> str | None:
-        info = await client.get(instance_id)
-        return info.status if info else None
-
-    await eventually(status, check=lambda value: value == "waiting", what="the instance to wait")
+from tests.support.polling import until_status
 
 
 async def test_short_sleep_completes(fleet: Fleet, producer: Producer, client: Client) -> None:
@@ -37,7 +29,7 @@ async def test_sleep_of_days_is_a_timer_row_that_fires_when_due(
     fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("sleeper", {"duration": "3 days"})
-    await _waiting(client, instance_id)
+    await until_status(client, instance_id, "waiting")
     (timer,) = await db.rows(
         settings.database,
         "SELECT kind, fire_at - created_at AS delay, fired_at FROM timers WHERE instance_id = %s",
@@ -66,7 +58,7 @@ async def test_sleep_until_a_date_fires_then(
     fleet.start_scheduler()
     wake_at = datetime.now(UTC) + timedelta(days=30)
     instance_id = await producer.start("sleep-until", {"wake_at": wake_at.isoformat()})
-    await _waiting(client, instance_id)
+    await until_status(client, instance_id, "waiting")
     fire_at = await db.scalar(
         settings.database, "SELECT fire_at FROM timers WHERE instance_id = %s", instance_id
     )
@@ -94,7 +86,7 @@ async def test_a_sleeping_instance_survives_a_restart_of_the_whole_fleet(
     worker = fleet.start_worker()
     scheduler = fleet.start_scheduler()
     instance_id = await producer.start("sleeper", {"duration": "2 hours"})
-    await _waiting(client, instance_id)
+    await until_status(client, instance_id, "waiting")
     await fleet.stop(worker)
     await fleet.stop(scheduler)
 

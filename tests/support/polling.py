@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -28,3 +28,15 @@ async def eventually(
                 f"timed out after {timeout}s waiting for {what or 'condition'}; last value: {value!r}"
             )
         await asyncio.sleep(0.05)
+
+
+async def until_status(client: Any, instance_id: str, status: str, *, timeout: float = 30.0) -> None:
+    """Wait until the instance has ``status`` (a ``producer.Client`` reads it)."""
+
+    async def current() -> str | None:
+        info = await client.get(instance_id)
+        return None if info is None else str(info.status)
+
+    await eventually(
+        current, check=lambda value: value == status, timeout=timeout, what=f"{instance_id} {status}"
+    )
