@@ -1,0 +1,742 @@
+"""The benchmark's sections: each starts its processes, drives load, and reads the outcome by SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import Progress, TaskID
+
+from benchmarks import naive
+from benchmarks.isolation import Isolation
+from benchmarks.procs import (
+    BIN,
+    NAIVE_READY,
+    SCHEDULER_READY,
+    WORKER_READY,
+    Fleet,
+    Proc,
+    cpu_seconds,
+    machine_busy_seconds,
+    rss_kib,
+)
+from benchmarks.stats import summary_ms
+from benchmarks.workflows import TEN, Alarm, Chain, Job, bench_chain, bench_sleep, bench_ten, expected_count
+from producer import Producer
+from worker.workflow import Workflow
+
+ENGINE_TABLES = "instances, steps, step_attempts, outbox, timers, events"
+STALL_TIMEOUT_S = 90.0
+"""A run that makes no progress for this long is stopped and reported as incomplete."""
+NAIVE_CONCURRENCY = 16
+NAIVE_PREFETCH = 32
+"""The naive loop gets what a worker gets by default: 16 steps at once, prefetch 2 x 16."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each section does."""
+
+    instances: int
+    """Instances of the 10-step workflow per throughput run (and per naive run)."""
+    worker_counts: tuple[int, ...]
+    latency_s: float
+    """Seconds of open-loop arrivals in the latency section."""
+    timers: int
+    """Sleeps due in the same instant."""
+    long_steps: int
+    long_instances: int
+    """1,000-step instances run at once in the long-workflow section (and 10-step ones kept in flight)."""
+    short_steps: int
+    rawtx_s: float
+    rawtx_clients: int
+
+
+QUICK = Sizes(
+    instances=120,
+    worker_counts=(1, 2, 4),
+    latency_s=12,
+    timers=1_000,
+    long_steps=1_000,
+    long_instances=1,
+    short_steps=10,
+    rawtx_s=5,
+    rawtx_clients=8,
+)
+FULL = Sizes(
+    instances=600,
+    worker_counts=(1, 2, 4),
+    latency_s=60,
+    timers=10_000,
+    long_steps=1_000,
+    long_instances=2,
+    short_steps=10,
+    rawtx_s=10,
+    rawtx_clients=8,
+)
+
+
+@dataclass
+class Check:
+    """What the correctness check found for one run."""
+
+    expected: int = 0
+    complete: int = 0
+    missing: int = 0
+    wrong_status: dict[str, int] = field(default_factory=dict)
+    wrong_output: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.complete == self.expected and self.missing == 0 and self.wrong_output == 0
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"all {self.expected} complete, right output"
+        parts = [f"{self.complete}/{self.expected} complete"]
+        if self.missing:
+            parts.append(f"{self.missing} never created")
+        parts.extend(f"{count} {status}" for status, count in sorted(self.wrong_status.items()))
+        if self.wrong_output:
+            parts.append(f"{self.wrong_output} wrong output")
+        if self.examples:
+            parts.append("e.g. " + ", ".join(self.examples[:5]))
+        return "; ".join(parts)
+
+
+@dataclass
+class EngineRun:
+    """One run of the engine over a batch of instances."""
+
+    label: str
+    workflow: str
+    workers: int
+    instances: int
+    steps_per_instance: int
+    in_flight: int | None
+    elapsed_s: float = math.nan
+    steps: int = 0
+    steps_per_s: float = math.nan
+    workflows_per_s: float = math.nan
+    worker_cpu_ms_per_step: float = math.nan
+    db_per_step: dict[str, float] = field(default_factory=dict)
+    """Transactions and rows per step, from ``pg_stat_database``."""
+    machine_cpu_ms_per_step: float = math.nan
+    rss_start_kib: list[int] = field(default_factory=list)
+    rss_end_kib: list[int] = field(default_factory=list)
+    check: Check = field(default_factory=Check)
+
+    @property
+    def rss_growth_pct(self) -> float:
+        growths = [
+            100.0 * (end - start) / start
+            for start, end in zip(self.rss_start_kib, self.rss_end_kib, strict=True)
+            if start
+        ]
+        return max(growths) if growths else math.nan
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rss_growth_pct"] = self.rss_growth_pct
+        data["check"]["ok"] = self.check.ok
+        return data
+
+
+@dataclass
+class NaiveRun:
+    """One run of the naive step loop."""
+
+    processes: int
+    instances: int
+    steps_per_instance: int
+    elapsed_s: float = math.nan
+    steps: int = 0
+    steps_per_s: float = math.nan
+    complete: int = 0
+    machine_cpu_ms_per_step: float = math.nan
+    db_per_step: dict[str, float] = field(default_factory=dict)
+
+
+DB_COUNTERS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted")
+
+
+def per_step(before: dict[str, int], after: dict[str, int], steps: int) -> dict[str, float]:
+    """PostgreSQL's own counters for this database, per step (includes the driver's few polls)."""
+    if not steps or not before or not after:
+        return {}
+    return {name: (after[name] - before[name]) / steps for name in DB_COUNTERS}
+
+
+class Bench:
+    """Runs the sections on one isolated database and vhost, collecting results as plain data."""
+
+    def __init__(
+        self, iso: Isolation, sizes: Sizes, fleet: Fleet, console: Console, progress: Progress
+    ) -> None:
+        self.iso = iso
+        self.sizes = sizes
+        self.fleet = fleet
+        self.console = console
+        self.progress = progress
+        self.results: dict[str, Any] = {}
+        self.throughput: dict[int, EngineRun] = {}
+        self.naive: dict[int, NaiveRun] = {}
+        self.problems: list[str] = []
+
+    # ------------------------------------------------------------ database helpers
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
+        conn = await psycopg.AsyncConnection.connect(
+            self.iso.database_url, autocommit=True, row_factory=dict_row
+        )
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    async def rows(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        async with self.connection() as conn:
+            cursor = await conn.execute(sql, params)
+            return list(await cursor.fetchall()) if cursor.description else []
+
+    async def scalar(self, sql: str, *params: Any) -> Any:
+        found = await self.rows(sql, *params)
+        return next(iter(found[0].values())) if found else None
+
+    async def db_stats(self) -> dict[str, int]:
+        """This database's counters; backends that just exited get half a second to report theirs."""
+        await asyncio.sleep(0.5)
+        row = (
+            await self.rows(
+                f"SELECT {', '.join(DB_COUNTERS)} FROM pg_stat_database WHERE datname = current_database()"
+            )
+        )[0]
+        return {name: int(row[name]) for name in DB_COUNTERS}
+
+    async def setup(self) -> None:
+        async with self.connection() as conn:
+            await conn.execute(naive.DDL)
+
+    async def reset(self) -> None:
+        """Empty every table between runs (no process is running then), so runs do not see each other."""
+        async with self.connection() as conn:
+            await conn.execute(f"TRUNCATE {ENGINE_TABLES} CASCADE")
+            await conn.execute(naive.TRUNCATE)
+            await conn.execute("VACUUM ANALYZE")
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(text)
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+        self.progress.console.print(f"[bold red]problem:[/] {text}")
+
+    # ------------------------------------------------------------ processes
+
+    async def start_workers(self, label: str, count: int) -> list[Proc]:
+        procs = [self.fleet.worker(f"{label}-w{n + 1}") for n in range(count)]
+        await self.fleet.wait_ready(procs, WORKER_READY)
+        return procs
+
+    async def start_schedulers(self, label: str, count: int) -> list[Proc]:
+        procs = [self.fleet.scheduler(f"{label}-s{n + 1}") for n in range(count)]
+        await self.fleet.wait_ready(procs, SCHEDULER_READY)
+        return procs
+
+    def check_alive(self, procs: Sequence[Proc]) -> None:
+        for proc in procs:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} died with {proc.popen.returncode}:\n{proc.tail()}")
+
+    # ------------------------------------------------------------ waiting with progress
+
+    async def wait_finished(
+        self,
+        prefix: str,
+        total: int,
+        task: TaskID,
+        procs: Sequence[Proc],
+        *,
+        poll_s: float = 0.2,
+        on_progress: Callable[[int], Any] | None = None,
+        table: str = "instances",
+    ) -> int:
+        """Poll until ``total`` instances under ``prefix`` have finished, or progress stalls.
+
+        Progress is finished instances, or (checked every few seconds, as it costs
+        more) committed steps, so one long instance is not taken for a stall.
+        """
+        sql = f"SELECT count(*) AS n FROM {table} WHERE id LIKE %s AND finished_at IS NOT NULL"
+        results = "naive_results" if table == "naive_instances" else "step_attempts"
+        steps_sql = f"SELECT count(*) AS n FROM {results} WHERE instance_id LIKE %s"
+        last: tuple[int, int] = (-1, -1)
+        last_change = next_look = time.monotonic()
+        async with self.connection() as conn:
+            while True:
+                cursor = await conn.execute(sql, (prefix + "%",))
+                row = await cursor.fetchone()
+                finished = int(row["n"]) if row else 0
+                self.progress.update(task, completed=finished)
+                if on_progress is not None:
+                    await on_progress(finished)
+                if finished >= total:
+                    return finished
+                now = time.monotonic()
+                if now >= next_look:
+                    next_look = now + 2.0
+                    cursor = await conn.execute(steps_sql, (prefix + "%",))
+                    row = await cursor.fetchone()
+                    seen = (finished, int(row["n"]) if row else 0)
+                    if seen != last:
+                        last, last_change = seen, now
+                    elif now - last_change > STALL_TIMEOUT_S:
+                        self.problem(
+                            f"{prefix}: no progress for {STALL_TIMEOUT_S:.0f}s at {finished}/{total} finished"
+                        )
+                        return finished
+                    self.check_alive(procs)
+                await asyncio.sleep(poll_s)
+
+    # ------------------------------------------------------------ engine runs
+
+    async def check_instances(
+        self, prefix: str, ids: Sequence[str], expected: Callable[[int], dict[str, Any]]
+    ) -> Check:
+        """Every started instance must be complete with the output its params imply."""
+        found = {
+            row["id"]: row
+            for row in await self.rows(
+                "SELECT id, status, output FROM instances WHERE id LIKE %s", prefix + "%"
+            )
+        }
+        check = Check(expected=len(ids))
+        for index, instance_id in enumerate(ids):
+            row = found.get(instance_id)
+            if row is None:
+                check.missing += 1
+                check.examples.append(f"{instance_id} (missing)")
+            elif row["status"] != "complete":
+                check.wrong_status[row["status"]] = check.wrong_status.get(row["status"], 0) + 1
+                check.examples.append(f"{instance_id} ({row['status']})")
+            elif row["output"] != expected(index):
+                check.wrong_output += 1
+                check.examples.append(f"{instance_id} (output {row['output']!r})")
+            else:
+                check.complete += 1
+        return check
+
+    async def engine_run(
+        self,
+        *,
+        label: str,
+        workers: int,
+        workflow: Workflow[Any, Any],
+        params: Callable[[int], BaseModel],
+        expected: Callable[[int], dict[str, Any]],
+        count: int,
+        steps_per_instance: int,
+        in_flight: int | None = None,
+        description: str,
+    ) -> EngineRun:
+        """Start ``count`` instances (all at once, or ``in_flight`` at a time) on fresh workers; measure."""
+        await self.reset()
+        run = EngineRun(label, workflow.name, workers, count, steps_per_instance, in_flight)
+        prefix = f"{label}-"
+        ids = [f"{prefix}{index:06d}" for index in range(count)]
+        procs = await self.start_workers(label, workers)
+        task = self.progress.add_task(description, total=count)
+        try:
+            stats_before = await self.db_stats()
+            run.rss_start_kib = [rss_kib(proc.pid) for proc in procs]
+            cpu_before = [cpu_seconds(proc.pid) for proc in procs]
+            machine_before = machine_busy_seconds()
+            async with Producer(self.iso.amqp_url) as producer:
+                began = time.time()
+                if in_flight is None:
+                    await start_all(producer, workflow, [params(i) for i in range(count)], ids)
+                    await self.wait_finished(prefix, count, task, procs)
+                else:
+                    started = 0
+
+                    async def top_up(finished: int) -> None:
+                        nonlocal started
+                        while started < count and started - finished < in_flight:
+                            await producer.start(workflow, params(started), instance_id=ids[started])
+                            started += 1
+
+                    await self.wait_finished(prefix, count, task, procs, poll_s=0.005, on_progress=top_up)
+            run.rss_end_kib = [rss_kib(proc.pid) for proc in procs]
+            worker_cpu = sum(cpu_seconds(proc.pid) for proc in procs) - sum(cpu_before)
+            machine_cpu = machine_busy_seconds() - machine_before
+        finally:
+            self.fleet.stop(procs)
+            self.progress.remove_task(task)
+        stats_after = await self.db_stats()
+        row = (
+            await self.rows(
+                "SELECT max(finished_at) AS last FROM instances WHERE id LIKE %s AND finished_at IS NOT NULL",
+                prefix + "%",
+            )
+        )[0]
+        run.steps = int(
+            await self.scalar(
+                "SELECT count(*) FROM step_attempts WHERE instance_id LIKE %s AND outcome = 'succeeded'",
+                prefix + "%",
+            )
+        )
+        run.check = await self.check_instances(prefix, ids, expected)
+        if row["last"] is not None:
+            run.elapsed_s = row["last"].timestamp() - began
+            run.steps_per_s = run.steps / run.elapsed_s
+            run.workflows_per_s = run.check.complete / run.elapsed_s
+        run.db_per_step = per_step(stats_before, stats_after, run.steps)
+        if run.steps:
+            run.worker_cpu_ms_per_step = 1000.0 * worker_cpu / run.steps
+            run.machine_cpu_ms_per_step = 1000.0 * machine_cpu / run.steps
+        if not run.check.ok:
+            self.problem(f"{description}: {run.check.describe()}")
+        return run
+
+    # ------------------------------------------------------------ 1. throughput (and 6. memory)
+
+    async def throughput_run(self, workers: int, label: str | None = None) -> EngineRun:
+        count = self.sizes.instances
+        run = await self.engine_run(
+            label=label or f"tp{workers}",
+            workers=workers,
+            workflow=bench_ten,
+            params=lambda i: Job(n=i),
+            expected=lambda i: expected_count(i, TEN),
+            count=count,
+            steps_per_instance=TEN,
+            description=f"throughput, {workers} worker{'s' if workers > 1 else ''}",
+        )
+        self.note(
+            f"throughput {workers} worker(s): {run.steps_per_s:.0f} steps/s, "
+            f"{run.workflows_per_s:.1f} workflows/s, RSS growth {run.rss_growth_pct:.1f}%"
+        )
+        return run
+
+    # ------------------------------------------------------------ 5. references
+
+    async def naive_run(self, processes: int) -> NaiveRun:
+        await self.reset()
+        count, steps = self.sizes.instances, TEN
+        run = NaiveRun(processes, count, steps)
+        queue = f"naive-{processes}"
+        prefix = f"nv{processes}-"
+        ids = [f"{prefix}{index:06d}" for index in range(count)]
+        procs = [
+            self.fleet.start(
+                f"naive{processes}-p{n + 1}",
+                [
+                    str(BIN / "python"),
+                    "-m",
+                    "benchmarks.naive",
+                    "--database-url",
+                    self.iso.database_url,
+                    "--amqp-url",
+                    self.iso.amqp_url,
+                    "--queue",
+                    queue,
+                    "--concurrency",
+                    str(NAIVE_CONCURRENCY),
+                    "--prefetch",
+                    str(NAIVE_PREFETCH),
+                ],
+            )
+            for n in range(processes)
+        ]
+        task = self.progress.add_task(f"naive loop, {processes} process(es)", total=count)
+        try:
+            await self.fleet.wait_ready(procs, NAIVE_READY)
+            await naive.insert_instances(self.iso.database_url, ids, steps)
+            stats_before = await self.db_stats()
+            machine_before = machine_busy_seconds()
+            began = await naive.publish_first(self.iso.amqp_url, queue, ids, steps)
+            run.complete = await self.wait_finished(prefix, count, task, procs, table="naive_instances")
+            machine_cpu = machine_busy_seconds() - machine_before
+        finally:
+            self.fleet.stop(procs)
+            self.progress.remove_task(task)
+        stats_after = await self.db_stats()
+        last = await self.scalar(
+            "SELECT max(finished_at) FROM naive_instances WHERE id LIKE %s", prefix + "%"
+        )
+        run.steps = int(
+            await self.scalar("SELECT count(*) FROM naive_results WHERE instance_id LIKE %s", prefix + "%")
+        )
+        if last is not None:
+            run.elapsed_s = last.timestamp() - began
+            run.steps_per_s = run.steps / run.elapsed_s
+        run.db_per_step = per_step(stats_before, stats_after, run.steps)
+        if run.steps:
+            run.machine_cpu_ms_per_step = 1000.0 * machine_cpu / run.steps
+        if run.complete != count:
+            self.problem(f"naive loop, {processes} process(es): {run.complete}/{count} instances finished")
+        self.note(f"naive loop {processes} process(es): {run.steps_per_s:.0f} steps/s")
+        return run
+
+    async def rawtx(self) -> dict[str, Any]:
+        await self.reset()
+        clients, seconds = self.sizes.rawtx_clients, self.sizes.rawtx_s
+        result: dict[str, Any] = {"clients": clients}
+        for key, one_statement in (("statements", False), ("one_statement", True)):
+            task = self.progress.add_task(f"raw transaction ({key}), {clients} clients", total=None)
+            try:
+                began = time.monotonic()
+                count = await naive.raw_transactions(
+                    self.iso.database_url, clients=clients, seconds=seconds, one_statement=one_statement
+                )
+                elapsed = time.monotonic() - began
+            finally:
+                self.progress.remove_task(task)
+            result[key] = {"seconds": elapsed, "transactions": count, "tx_per_s": count / elapsed}
+        result["tx_per_s"] = result["statements"]["tx_per_s"]
+        self.note(
+            f"raw transaction: {result['tx_per_s']:.0f} tx/s as the naive loop sends it,"
+            f" {result['one_statement']['tx_per_s']:.0f} tx/s as one statement ({clients} clients)"
+        )
+        return result
+
+    # ------------------------------------------------------------ 2. latency
+
+    async def latency(self) -> dict[str, Any]:
+        workers = 2
+        reference = self.throughput.get(workers)
+        if reference is None or not math.isfinite(reference.workflows_per_s):
+            self.note("latency: measuring the 2-worker maximum first")
+            reference = await self.throughput_run(workers, label="cal")
+        rate = 0.5 * reference.workflows_per_s
+        total = max(1, int(rate * self.sizes.latency_s))
+        await self.reset()
+        prefix = "lat-"
+        ids = [f"{prefix}{index:06d}" for index in range(total)]
+        published: dict[str, float] = {}
+        procs = await self.start_workers("lat", workers)
+        task = self.progress.add_task(f"latency at {rate:.1f} workflows/s", total=total)
+        lag: list[float] = []
+        try:
+            async with Producer(self.iso.amqp_url) as producer:
+
+                async def publish(index: int) -> None:
+                    published[ids[index]] = time.time()
+                    await producer.start(bench_ten, Job(n=index), instance_id=ids[index])
+
+                async def arrivals() -> None:
+                    sends: list[asyncio.Task[None]] = []
+                    origin = time.monotonic()
+                    for index in range(total):
+                        delay = origin + index / rate - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                        lag.append(max(0.0, -delay))
+                        sends.append(asyncio.create_task(publish(index)))
+                    await asyncio.gather(*sends)
+
+                sender = asyncio.create_task(arrivals())
+                await self.wait_finished(prefix, total, task, procs)
+                await sender
+        finally:
+            self.fleet.stop(procs)
+            self.progress.remove_task(task)
+        check = await self.check_instances(prefix, ids, lambda i: expected_count(i, TEN))
+        if not check.ok:
+            self.problem(f"latency: {check.describe()}")
+        attempts = await self.rows(
+            "SELECT instance_id, occurrence, started_at, finished_at FROM step_attempts"
+            " WHERE instance_id LIKE %s AND outcome = 'succeeded' ORDER BY instance_id, occurrence",
+            prefix + "%",
+        )
+        finished = {
+            row["id"]: row["finished_at"]
+            for row in await self.rows(
+                "SELECT id, finished_at FROM instances WHERE id LIKE %s AND finished_at IS NOT NULL",
+                prefix + "%",
+            )
+        }
+        first_step: list[float] = []
+        next_step: list[float] = []
+        previous: dict[str, Any] | None = None
+        for row in attempts:
+            if previous is None or previous["instance_id"] != row["instance_id"]:
+                first_step.append(row["started_at"].timestamp() - published[row["instance_id"]])
+            else:
+                next_step.append((row["started_at"] - previous["finished_at"]).total_seconds())
+            previous = row
+        complete = [finished[i].timestamp() - published[i] for i in ids if i in finished]
+        result: dict[str, Any] = {
+            "workers": workers,
+            "rate_workflows_per_s": rate,
+            "rate_steps_per_s": rate * TEN,
+            "reference_workflows_per_s": reference.workflows_per_s,
+            "seconds": self.sizes.latency_s,
+            "instances": total,
+            "publisher_lag_p99_ms": summary_ms(lag)["p99_ms"],
+            "start_to_first_step": summary_ms(first_step),
+            "step_to_next_step": summary_ms(next_step),
+            "start_to_complete": summary_ms(complete),
+            "check": {**asdict(check), "ok": check.ok},
+        }
+        self.note(
+            f"latency at {rate:.1f} workflows/s: step-to-next"
+            f" p50 {result['step_to_next_step']['p50_ms']:.1f} ms,"
+            f" p99 {result['step_to_next_step']['p99_ms']:.1f} ms"
+        )
+        return result
+
+    # ------------------------------------------------------------ 3. timers
+
+    async def timers(self) -> dict[str, Any]:
+        count = self.sizes.timers
+        reference = self.throughput.get(2)
+        # How fast 2 workers take starts (measured: about twice their step rate); unknown: a slow 100/s.
+        arm_rate = (
+            1.5 * reference.steps_per_s if reference and math.isfinite(reference.steps_per_s) else 100.0
+        )
+        margin_s = count / max(arm_rate, 20.0) + 5.0
+        await self.reset()
+        prefix = "tm-"
+        ids = [f"{prefix}{index:06d}" for index in range(count)]
+        workers = await self.start_workers("tm", 2)
+        schedulers = await self.start_schedulers("tm", 2)
+        procs = workers + schedulers
+        published = time.time()
+        due = datetime.now(UTC) + timedelta(seconds=margin_s)
+        arming = self.progress.add_task(f"timers: arming {count} sleeps due in {margin_s:.0f}s", total=count)
+        resuming = self.progress.add_task("timers: resumed", total=count)
+        try:
+            async with Producer(self.iso.amqp_url) as producer:
+                await start_all(producer, bench_sleep, [Alarm(n=i, due=due) for i in range(count)], ids)
+            async with self.connection() as conn:
+                while datetime.now(UTC) < due:
+                    cursor = await conn.execute(
+                        "SELECT count(*) AS n FROM timers WHERE instance_id LIKE %s", (prefix + "%",)
+                    )
+                    row = await cursor.fetchone()
+                    self.progress.update(arming, completed=int(row["n"]) if row else 0)
+                    self.check_alive(procs)
+                    await asyncio.sleep(0.25)
+            await self.wait_finished(prefix, count, resuming, procs)
+        finally:
+            self.fleet.stop(procs)
+            self.progress.remove_task(arming)
+            self.progress.remove_task(resuming)
+        check = await self.check_instances(prefix, ids, lambda i: {"n": i})
+        if not check.ok:
+            self.problem(f"timers: {check.describe()}")
+        timer_rows = await self.rows(
+            "SELECT extract(epoch FROM fired_at - fire_at)::float8 AS late,"
+            " extract(epoch FROM created_at - fire_at)::float8 AS armed_after,"
+            " extract(epoch FROM created_at)::float8 AS armed_at"
+            " FROM timers WHERE instance_id LIKE %s AND kind = 'sleep'",
+            prefix + "%",
+        )
+        fired = [row["late"] for row in timer_rows if row["late"] is not None]
+        armed_late = sum(1 for row in timer_rows if row["armed_after"] > 0)
+        resumed = [
+            row["late"]
+            for row in await self.rows(
+                "SELECT extract(epoch FROM finished_at - fire_at)::float8 AS late FROM steps"
+                " WHERE instance_id LIKE %s AND kind = 'sleep' AND finished_at IS NOT NULL",
+                prefix + "%",
+            )
+        ]
+        result: dict[str, Any] = {
+            "timers": count,
+            "workers": 2,
+            "schedulers": 2,
+            "armed": len(timer_rows),
+            "armed_after_due": armed_late,
+            "due_in_s": margin_s,
+            "arming_s": max((row["armed_at"] for row in timer_rows), default=published) - published,
+            "fired": len(fired),
+            "fire_lateness": summary_ms(fired),
+            "all_fired_after_s": max(fired) if fired else math.nan,
+            "resume_lateness": summary_ms(resumed),
+            "all_resumed_after_s": max(resumed) if resumed else math.nan,
+            "check": {**asdict(check), "ok": check.ok},
+        }
+        if armed_late:
+            self.problem(f"timers: {armed_late} sleeps were armed after they were due (lateness inflated)")
+        self.note(
+            f"timers: fire lateness p50 {result['fire_lateness']['p50_ms']:.0f} ms,"
+            f" p99 {result['fire_lateness']['p99_ms']:.0f} ms;"
+            f" all fired after {result['all_fired_after_s']:.2f}s"
+        )
+        return result
+
+    # ------------------------------------------------------------ 4. long workflows
+
+    async def long(self) -> dict[str, Any]:
+        k, long_steps, short_steps = self.sizes.long_instances, self.sizes.long_steps, self.sizes.short_steps
+        short_count = k * long_steps // short_steps
+        runs = {}
+        for name, steps, count in (("long", long_steps, k), ("short", short_steps, short_count)):
+            runs[name] = await self.engine_run(
+                label=f"lw{name[0]}",
+                workers=1,
+                workflow=bench_chain,
+                params=_chain_params(steps),
+                expected=_chain_output(steps),
+                count=count,
+                steps_per_instance=steps,
+                in_flight=k,
+                description=f"long workflows: {count} x {steps} steps, {k} in flight",
+            )
+        long_run, short_run = runs["long"], runs["short"]
+        wall_long = 1000.0 * long_run.elapsed_s / max(long_run.steps, 1)
+        wall_short = 1000.0 * short_run.elapsed_s / max(short_run.steps, 1)
+        result = {
+            "in_flight": k,
+            "workers": 1,
+            "long": long_run.as_json(),
+            "short": short_run.as_json(),
+            "wall_ms_per_step": {"long": wall_long, "short": wall_short, "ratio": wall_long / wall_short},
+            "worker_cpu_ms_per_step": {
+                "long": long_run.worker_cpu_ms_per_step,
+                "short": short_run.worker_cpu_ms_per_step,
+                "ratio": long_run.worker_cpu_ms_per_step / short_run.worker_cpu_ms_per_step,
+            },
+            "machine_cpu_ms_per_step": {
+                "long": long_run.machine_cpu_ms_per_step,
+                "short": short_run.machine_cpu_ms_per_step,
+                "ratio": long_run.machine_cpu_ms_per_step / short_run.machine_cpu_ms_per_step,
+            },
+        }
+        self.note(
+            f"long workflows: {wall_long:.1f} ms/step ({long_steps}-step) vs {wall_short:.1f} ms/step"
+            f" ({short_steps}-step), ratio {wall_long / wall_short:.2f}"
+        )
+        return result
+
+
+def _chain_params(steps: int) -> Callable[[int], BaseModel]:
+    return lambda index: Chain(n=index, steps=steps)
+
+
+def _chain_output(steps: int) -> Callable[[int], dict[str, Any]]:
+    return lambda index: expected_count(index, steps)
+
+
+async def start_all(
+    producer: Producer, workflow: Workflow[Any, Any], params: Sequence[BaseModel], ids: Sequence[str]
+) -> None:
+    """Publish start events through the public API, a thousand confirms in flight at a time."""
+    chunk = 1000
+    for first in range(0, len(ids), chunk):
+        await producer.start_batch(
+            workflow, params[first : first + chunk], instance_ids=ids[first : first + chunk]
+        )
