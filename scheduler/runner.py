@@ -30,7 +30,7 @@ async def run_scheduler(
     hooks: Hooks | None = None,
 ) -> None:
     """Fire timers as they fall due until ``stopping`` is set."""
-    engine = create_engine(settings.database, pool_size=3)
+    engine = create_engine(settings.database, pool_size=3, pre_ping=False)
     broker = AmqpBroker(settings.amqp, settings.namespace, settings.broker)
     poll = settings.scheduler.poll_interval.total_seconds()
     try:

@@ -45,7 +45,7 @@ async def run_worker(
     """Consume and run steps until ``stopping`` is set, then drain within the grace period."""
     worker_id = worker_id or default_worker_id()
     concurrency = settings.worker.concurrency
-    engine = create_engine(settings.database, pool_size=concurrency + 2)
+    engine = create_engine(settings.database, pool_size=concurrency + 2, pre_ping=False)
     broker = AmqpBroker(settings.amqp, settings.namespace, settings.broker)
     executor = StepExecutor(
         threads=concurrency,
