@@ -19,9 +19,21 @@ from tests.support.polling import eventually
 pytestmark = pytest.mark.e2e
 
 
+def _pids(text: str, verb: str) -> dict[str, int]:
+    return {name: int(pid) for name, pid in re.findall(rf"fleet: {verb} (\S+) pid (\d+)", text)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 @pytest.fixture
 def fleet_process(settings: Settings, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """A running ``stepline fleet``; killed by pid (with its group) if the test fails."""
+    """A running ``stepline fleet``; it and every member it started are ended by pid, even on failure."""
     output = tmp_path / "fleet.out"
     with output.open("wb") as out:
         process = subprocess.Popen(
@@ -52,18 +64,11 @@ def fleet_process(settings: Settings, tmp_path: Path) -> Iterator[tuple[subproce
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def _pids(text: str, verb: str) -> dict[str, int]:
-    return {name: int(pid) for name, pid in re.findall(rf"fleet: {verb} (\S+) pid (\d+)", text)}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+        # Members run in their own sessions: a fleet that had to be killed leaves them behind.
+        text = output.read_text()
+        for pid in [*_pids(text, "started").values(), *_pids(text, "restarted").values()]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_the_fleet_runs_work_restarts_a_killed_worker_and_stops_cleanly(

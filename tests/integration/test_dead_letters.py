@@ -9,7 +9,7 @@ import pytest
 from producer import Client, Producer
 from shared.settings import Settings
 from shared.topology import routing_key
-from tests.support import rows
+from tests.support import db
 from tests.support.amqp import declare_workflow_queue, publish_raw, ready_messages, take_dead_letters
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
@@ -93,7 +93,7 @@ async def test_bad_message_is_dead_lettered_with_reason(
     # Acked, not left to loop: the workflow queue is empty and nothing was stored.
     assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 0
     assert await client.get("dl-1") is None
-    assert await rows.instance_ids(settings.database) == []
+    assert await db.instance_ids(settings.database) == []
 
 
 async def test_invalid_params_store_no_instance_and_run_no_step(
@@ -109,8 +109,8 @@ async def test_invalid_params_store_no_instance_and_run_no_step(
     assert dead.reason.startswith("invalid params for workflow 'sequence': a: "), dead.reason
     assert json.loads(dead.body)["instance_id"] == "bad-params"
     assert await client.get("bad-params") is None
-    assert await rows.instance_rows(settings.database, "bad-params") == 0
-    assert await rows.side_effects(settings.database, "bad-params") == {}
+    assert await db.instance_count(settings.database, "bad-params") == 0
+    assert await db.side_effects_by_step(settings.database, "bad-params") == {}
 
 
 async def test_body_over_the_size_limit_is_dead_lettered_naming_the_limit(
@@ -148,7 +148,7 @@ async def test_worker_keeps_consuming_after_bad_messages(
     dead = await take_dead_letters(settings.amqp, settings.namespace, len(bad))
     assert sorted(letter.body for letter in dead) == sorted(body for body in bad if isinstance(body, bytes))
     assert all(letter.reason for letter in dead)
-    assert await rows.instance_ids(settings.database) == ["after-the-poison"]
+    assert await db.instance_ids(settings.database) == ["after-the-poison"]
     await eventually(
         lambda: ready_messages(settings.amqp, settings.namespace, "sequence"),
         check=lambda n: n == 0,

@@ -13,7 +13,7 @@ from shared.broker import AmqpBroker
 from shared.errors import BadPayloadError, InvalidParamsError, UnroutableError
 from shared.messages import MAX_INSTANCE_ID_LENGTH
 from shared.settings import Settings
-from tests.support import rows
+from tests.support import db
 from tests.support.amqp import declare_workflow_queue, ready_messages, take_dead_letters
 from tests.support.fleet import Fleet
 
@@ -47,8 +47,8 @@ async def test_duplicate_starts_make_one_instance_and_run_each_step_once(
         ("multiply", 1),
         ("describe", 1),
     ]
-    assert await rows.instance_rows(settings.database, "order-1") == 1
-    assert await rows.side_effects(settings.database, "order-1") == SEQUENCE_EFFECTS
+    assert await db.instance_count(settings.database, "order-1") == 1
+    assert await db.side_effects_by_step(settings.database, "order-1") == SEQUENCE_EFFECTS
 
 
 async def test_bad_params_for_a_workflow_object_raise_before_publishing(
@@ -72,7 +72,7 @@ async def test_bad_params_for_a_workflow_object_raise_before_publishing(
     fleet.start_worker()
     await producer.start(test_workflows.sequence, {"a": 1, "b": 1}, instance_id="good")
     assert (await client.wait("good", timeout=30)).status == "complete"
-    assert await rows.instance_ids(settings.database) == ["good"]
+    assert await db.instance_ids(settings.database) == ["good"]
 
 
 @pytest.mark.parametrize("workflow", ["sequence", test_workflows.sequence], ids=["by-name", "by-object"])
@@ -125,8 +125,8 @@ async def test_unusual_instance_ids_are_stored_verbatim_and_complete(
     assert info.id == instance_id
     assert info.status == "complete", info.error
     assert info.output == {"total": 4, "product": 40, "text": "result=40"}
-    assert await rows.instance_ids(settings.database) == [instance_id]
-    assert await rows.side_effects(settings.database, instance_id) == SEQUENCE_EFFECTS
+    assert await db.instance_ids(settings.database) == [instance_id]
+    assert await db.side_effects_by_step(settings.database, instance_id) == SEQUENCE_EFFECTS
 
 
 async def test_start_batch_returns_ids_in_order_and_all_complete(

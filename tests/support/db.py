@@ -39,3 +39,23 @@ async def side_effects(database_url: str, instance_id: str, step: str | None = N
             step,
         )
     )
+
+
+async def instance_count(database_url: str, instance_id: str) -> int:
+    """How many instance rows have this id."""
+    return int(await scalar(database_url, "SELECT count(*) FROM instances WHERE id = %s", instance_id))
+
+
+async def side_effects_by_step(database_url: str, instance_id: str) -> dict[str, int]:
+    """How many times each step of an instance really ran."""
+    found = await rows(
+        database_url,
+        "SELECT step, count(*) AS n FROM side_effects WHERE instance_id = %s GROUP BY step ORDER BY step",
+        instance_id,
+    )
+    return {str(row["step"]): int(row["n"]) for row in found}
+
+
+async def instance_ids(database_url: str) -> list[str]:
+    """Every instance id stored, sorted."""
+    return [str(row["id"]) for row in await rows(database_url, "SELECT id FROM instances ORDER BY id")]
