@@ -235,12 +235,7 @@ def print_log_tails(console: Console, services: Sequence[Service]) -> None:
 
 async def publish_orders(settings: Settings, orders: Sequence[Order], instance_ids: Sequence[str]) -> None:
     """Publish one start event per order (params validated against the workflow first)."""
-    async with Producer(
-        settings.amqp,
-        namespace=settings.namespace,
-        max_payload_bytes=settings.max_payload_bytes,
-        broker=settings.broker,
-    ) as producer:
+    async with Producer.from_settings(settings) as producer:
         await producer.start_batch(order_fulfilment, orders, instance_ids=instance_ids)
 
 

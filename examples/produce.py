@@ -31,12 +31,7 @@ def orders(count: int) -> list[Order]:
 async def publish(count: int) -> list[str]:
     """Start ``count`` order-fulfilment instances; returns their ids."""
     settings = load_settings(require=("amqp_url",))
-    async with Producer(
-        settings.amqp,
-        namespace=settings.namespace,
-        max_payload_bytes=settings.max_payload_bytes,
-        broker=settings.broker,
-    ) as producer:
+    async with Producer.from_settings(settings) as producer:
         return await producer.start_batch(order_fulfilment, orders(count))
 
 

@@ -89,12 +89,7 @@ def start(workflow: str, params: str, instance_id: str | None, as_json: bool) ->
     settings = _settings("amqp_url")
 
     async def body() -> str:
-        async with Producer(
-            settings.amqp,
-            namespace=settings.namespace,
-            max_payload_bytes=settings.max_payload_bytes,
-            broker=settings.broker,
-        ) as producer:
+        async with Producer.from_settings(settings) as producer:
             return await producer.start(workflow, parsed, instance_id=instance_id)
 
     started = _run(body())

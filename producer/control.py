@@ -8,7 +8,7 @@ from shared.db import queries
 from shared.db.queries import OutboxRow
 from shared.errors import InstanceNotFoundError, InvalidStateError
 from shared.history import ParentLink
-from shared.messages import AdvanceMessage, WakeMessage, encode_message
+from shared.messages import AdvanceMessage, encode_message, parent_wake
 from shared.states import InstanceStatus
 
 _ACTIVE = (InstanceStatus.QUEUED, InstanceStatus.RUNNING, InstanceStatus.WAITING)
@@ -87,11 +87,5 @@ async def _advance(conn: AsyncConnection, instance_id: str, reason: str, *, limi
 
 
 def _parent_wake(parent: ParentLink, *, limit: int) -> tuple[str, bytes, None]:
-    message = WakeMessage(
-        workflow=parent.workflow,
-        instance_id=parent.instance_id,
-        step=parent.step,
-        occurrence=parent.occurrence,
-        attempt=1,
-    )
+    message = parent_wake(parent)
     return message.routing_key, encode_message(message, limit=limit), None

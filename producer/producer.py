@@ -15,7 +15,7 @@ from shared.codec import JSON
 from shared.errors import BadPayloadError, InvalidParamsError
 from shared.hooks import Hooks
 from shared.messages import StartMessage, check_workflow_name, encode_message, format_validation_error
-from shared.settings import BrokerSettings
+from shared.settings import BrokerSettings, Settings
 from shared.telemetry import Telemetry
 
 
@@ -51,6 +51,17 @@ class Producer:
         self._limit = max_payload_bytes
         # The service's own OpenTelemetry setup, if any, is where these spans go.
         self._hooks = hooks or Telemetry()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, hooks: Hooks | None = None) -> Producer:
+        """A producer configured as the workers are: same namespace, payload limit and queue type."""
+        return cls(
+            settings.amqp,
+            namespace=settings.namespace,
+            max_payload_bytes=settings.max_payload_bytes,
+            hooks=hooks,
+            broker=settings.broker,
+        )
 
     async def __aenter__(self) -> Producer:
         await self._broker.connect()

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from shared import codec
 from shared.codec import JSON
 from shared.errors import BadPayloadError
+from shared.history import ParentLink
 from shared.topology import MessageKind, routing_key
 
 SCHEMA_VERSION = 1
@@ -84,6 +85,17 @@ class WakeMessage(_Message):
     step: str = Field(min_length=1, max_length=200)
     occurrence: int = Field(ge=1, strict=True)
     attempt: int = Field(ge=1, strict=True)
+
+
+def parent_wake(parent: ParentLink) -> WakeMessage:
+    """The wake that tells a parent step its child finished (the parent reads the outcome)."""
+    return WakeMessage(
+        workflow=parent.workflow,
+        instance_id=parent.instance_id,
+        step=parent.step,
+        occurrence=parent.occurrence,
+        attempt=1,
+    )
 
 
 class EventMessage(_Message):

@@ -9,8 +9,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from shared.errors import SteplineError
-
 T = TypeVar("T")
 log = logging.getLogger("stepline")
 
@@ -73,4 +71,4 @@ class Outage:
             self._log.info("%s is back after %.1fs", self._what, lasted, extra={"event": "outage_ended"})
 
 
-__all__ = ["Outage", "SteplineError", "retry_until"]
+__all__ = ["Outage", "retry_until"]

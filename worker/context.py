@@ -169,7 +169,7 @@ class Context:
             raise ValueError(f"invalid event type {event_type!r}: 1-200 characters")
         key = self._next_key(name)
         limit = None if timeout is None else parse_duration(timeout)
-        adapter = _ANY if payload_type is None else TypeAdapter(payload_type)
+        adapter = _ANY if payload_type is None else self._replay.workflow.type_adapter(payload_type)
         future = self._replay.request(
             key,
             StepKind.EVENT,

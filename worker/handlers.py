@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared import faults
 from shared.broker import Delivery
@@ -201,7 +201,7 @@ class MessageHandler:
         return rows
 
     async def _duplicate_start(
-        self, conn: Any, message: StartMessage, parent: ParentLink | None
+        self, conn: AsyncConnection, message: StartMessage, parent: ParentLink | None
     ) -> list[OutboxRow]:
         log.info(
             "instance exists; duplicate start ignored",

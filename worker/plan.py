@@ -14,7 +14,7 @@ from shared.db.queries import NewStep, NewTimer, OutboxRow
 from shared.errors import PayloadTooLargeError, StepFailedError
 from shared.history import History, ParentLink, StepKey
 from shared.hooks import Hooks, NoHooks
-from shared.messages import ParentRef, StartMessage, StepMessage, WakeMessage, encode_message
+from shared.messages import ParentRef, StartMessage, StepMessage, WakeMessage, encode_message, parent_wake
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.replay.engine import NewEntry, Outcome, Replay, error_info, payload_problem
 
@@ -149,10 +149,8 @@ class Planner:
         """The message telling a parent step that its child finished (none without a parent)."""
         if parent is None:
             return []
-        routing_key, body = self.wake_message(
-            parent.workflow, parent.instance_id, (parent.step, parent.occurrence)
-        )
-        return [(routing_key, body, None)]
+        message = parent_wake(parent)
+        return [(message.routing_key, self._encode(message), None)]
 
     def _wake_timer(
         self,

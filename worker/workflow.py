@@ -52,6 +52,7 @@ class Workflow(Generic[ParamsT, OutputT]):
         self._params_adapter: TypeAdapter[Any] = TypeAdapter(hints.get(parameters[1].name, Any))
         self._output_adapter: TypeAdapter[Any] = TypeAdapter(hints.get("return", Any))
         self._result_adapters: dict[Callable[..., Any], TypeAdapter[Any]] = {}
+        self._type_adapters: dict[Any, TypeAdapter[Any]] = {}
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name!r} {self.fn.__module__}.{self.fn.__qualname__}>"
@@ -94,6 +95,13 @@ class Workflow(Generic[ParamsT, OutputT]):
     def output_adapter(self) -> TypeAdapter[Any]:
         """Rebuilds the workflow's stored output as its declared return type."""
         return self._output_adapter
+
+    def type_adapter(self, hint: Any) -> TypeAdapter[Any]:
+        """A cached adapter for ``hint`` (an event payload type); building one costs more than a replay."""
+        adapter = self._type_adapters.get(hint)
+        if adapter is None:
+            adapter = self._type_adapters[hint] = TypeAdapter(hint)
+        return adapter
 
     def result_adapter(self, fn: Callable[..., Any]) -> TypeAdapter[Any]:
         """Rebuilds a step's stored JSON result as the type its function declares."""
