@@ -4,18 +4,36 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import aggregate_order_by
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.codec import JSON
-from shared.db.schema import events, instances, outbox, step_attempts, steps, timers
+from shared.db.schema import events, instances, outbox, step_attempts, steps, timers, utc_now
 from shared.history import History, ParentLink, StepKey, StepRecord
 from shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
+
+# ---------------------------------------------------------------- dialects
+#
+# PostgreSQL is the engine's database; SQLite (the embedded mode) runs the same
+# queries. Where the two differ, the difference is kept to the helpers below and
+# to a branch in the two queries that need one (load_history, seconds_until_next_timer).
+
+
+def _insert(conn: AsyncConnection, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT that can say ON CONFLICT DO NOTHING, in the connection's dialect."""
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    return postgresql.insert(table)
+
+
+def _is_sqlite(conn: AsyncConnection) -> bool:
+    return conn.dialect.name == "sqlite"
+
 
 # ---------------------------------------------------------------- instances
 
@@ -32,7 +50,7 @@ async def insert_instance(
 ) -> bool:
     """Insert an instance unless one has that id; True if this call created it."""
     statement = (
-        pg_insert(instances)
+        _insert(conn, instances)
         .values(
             id=instance_id,
             workflow=workflow,
@@ -80,57 +98,72 @@ async def update_instance(
     error: JSON = None,
 ) -> None:
     """Set an instance's status (and output or error when it finishes)."""
-    values: dict[str, Any] = {"status": status, "updated_at": sa.func.now()}
+    values: dict[str, Any] = {"status": status, "updated_at": utc_now()}
     if bump_version:
         values["version"] = instances.c.version + 1
     if status.is_finished:
-        values.update(output=output, error=error, finished_at=sa.func.now())
+        values.update(output=output, error=error, finished_at=utc_now())
     await conn.execute(instances.update().where(instances.c.id == instance_id).values(values))
 
 
+_STEP_FIELDS = (
+    "name", "occurrence", "position", "kind", "status", "attempt",
+    "result", "error", "fire_at", "detail", "started_at",
+)  # fmt: skip
+
+_INSTANCE_FIELDS = (
+    instances.c.id,
+    instances.c.workflow,
+    instances.c.status,
+    instances.c.params,
+    instances.c.version,
+    instances.c.trace_context,
+    instances.c.parent_id,
+    instances.c.parent_workflow,
+    instances.c.parent_step,
+    instances.c.parent_occurrence,
+    instances.c.created_at,
+)
+
+
 def _history_query(instance_id: str) -> sa.Select[Any]:
+    """PostgreSQL: the instance and its steps as one JSON array, in one round trip."""
     step_object = sa.func.json_build_object(
-        "name", steps.c.name,
-        "occurrence", steps.c.occurrence,
-        "position", steps.c.position,
-        "kind", steps.c.kind,
-        "status", steps.c.status,
-        "attempt", steps.c.attempt,
-        "result", steps.c.result,
-        "error", steps.c.error,
-        "fire_at", steps.c.fire_at,
-        "detail", steps.c.detail,
-        "started_at", steps.c.started_at,
-    )  # fmt: skip
+        *(part for name in _STEP_FIELDS for part in (name, steps.c[name]))
+    )
     step_list = (
         sa.select(sa.func.json_agg(aggregate_order_by(step_object, steps.c.position)))
         .where(steps.c.instance_id == instances.c.id)
         .scalar_subquery()
     )
-    return sa.select(
-        instances.c.id,
-        instances.c.workflow,
-        instances.c.status,
-        instances.c.params,
-        instances.c.version,
-        instances.c.trace_context,
-        instances.c.parent_id,
-        instances.c.parent_workflow,
-        instances.c.parent_step,
-        instances.c.parent_occurrence,
-        instances.c.created_at,
-        step_list.label("steps"),
-    ).where(instances.c.id == instance_id)
+    return sa.select(*_INSTANCE_FIELDS, step_list.label("steps")).where(instances.c.id == instance_id)
+
+
+def _timestamp(value: datetime | str | None) -> datetime | None:
+    """A timestamp as json_agg spells it (ISO text) or as a column gives it (a datetime)."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
 async def load_history(conn: AsyncConnection, instance_id: str) -> History | None:
-    """An instance and all its steps, in one query; None if there is no such instance."""
-    row = (await conn.execute(_history_query(instance_id))).first()
-    if row is None:
-        return None
+    """An instance and all its steps; None if there is no such instance."""
+    items: Iterable[Any]
+    if _is_sqlite(conn):
+        row = (await conn.execute(sa.select(*_INSTANCE_FIELDS).where(instances.c.id == instance_id))).first()
+        if row is None:
+            return None
+        step_rows = await conn.execute(
+            sa.select(*(steps.c[name] for name in _STEP_FIELDS))
+            .where(steps.c.instance_id == instance_id)
+            .order_by(steps.c.position)
+        )
+        items = (step._mapping for step in step_rows)
+    else:
+        row = (await conn.execute(_history_query(instance_id))).first()
+        if row is None:
+            return None
+        items = row.steps or ()
     records: dict[StepKey, StepRecord] = {}
-    for item in row.steps or ():
-        fire_at = item["fire_at"]
+    for item in items:
         record = StepRecord(
             name=item["name"],
             occurrence=item["occurrence"],
@@ -140,9 +173,9 @@ async def load_history(conn: AsyncConnection, instance_id: str) -> History | Non
             attempt=item["attempt"],
             result=item["result"],
             error=item["error"],
-            fire_at=datetime.fromisoformat(fire_at) if fire_at else None,
+            fire_at=_timestamp(item["fire_at"]),
             detail=item["detail"],
-            started_at=datetime.fromisoformat(item["started_at"]) if item["started_at"] else None,
+            started_at=_timestamp(item["started_at"]),
         )
         records[record.key] = record
     return History(
@@ -244,7 +277,7 @@ async def reset_instance(conn: AsyncConnection, instance_id: str) -> None:
             output=None,
             error=None,
             finished_at=None,
-            updated_at=sa.func.now(),
+            updated_at=utc_now(),
             version=instances.c.version + 1,
         )
     )
@@ -256,7 +289,7 @@ async def prune_finished(conn: AsyncConnection, *, older_than: timedelta, limit:
         sa.select(instances.c.id)
         .where(
             instances.c.status.in_([status.value for status in FINISHED_STATUSES]),
-            instances.c.finished_at < sa.func.now() - older_than,
+            instances.c.finished_at < utc_now(-older_than),
         )
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -322,8 +355,8 @@ async def insert_steps(
     for entry in new:
         fire_at: Any = entry.fire_at
         if entry.delay is not None:
-            fire_at = sa.func.now() + entry.delay
-        finished = sa.func.now() if entry.status.is_settled else None
+            fire_at = utc_now(entry.delay)
+        finished = utc_now() if entry.status.is_settled else None
         row = (
             await conn.execute(
                 steps.insert()
@@ -338,7 +371,7 @@ async def insert_steps(
                     result=entry.result,
                     fire_at=fire_at,
                     detail=entry.detail,
-                    started_at=sa.func.now() if entry.kind != StepKind.STEP else None,
+                    started_at=utc_now() if entry.kind != StepKind.STEP else None,
                     finished_at=finished,
                 )
                 .returning(steps.c.fire_at)
@@ -360,9 +393,9 @@ async def settle_step(
     attempt: int | None = None,
 ) -> None:
     """Record a step's new status: its result, its error, or its next attempt."""
-    values: dict[str, Any] = {"status": status, "updated_at": sa.func.now(), "error": error}
+    values: dict[str, Any] = {"status": status, "updated_at": utc_now(), "error": error}
     if status.is_settled:
-        values.update(result=result, finished_at=sa.func.now())
+        values.update(result=result, finished_at=utc_now())
     if attempt is not None:
         values["attempt"] = attempt
     if started_at is not None:
@@ -388,7 +421,7 @@ async def insert_attempt(
 ) -> None:
     """Record one finished step attempt."""
     await conn.execute(
-        pg_insert(step_attempts)
+        _insert(conn, step_attempts)
         .values(
             instance_id=instance_id,
             name=key[0],
@@ -441,7 +474,7 @@ async def claim_stale_outbox(conn: AsyncConnection, *, older_than: timedelta, li
     rows = (
         await conn.execute(
             sa.select(outbox.c.id, outbox.c.routing_key, outbox.c.body, outbox.c.headers)
-            .where(outbox.c.created_at < sa.func.now() - older_than)
+            .where(outbox.c.created_at < utc_now(-older_than))
             .order_by(outbox.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -481,9 +514,9 @@ class NewTimer:
 async def insert_timers(conn: AsyncConnection, instance_id: str, new: Sequence[NewTimer]) -> None:
     """Arm timers; arming the same step attempt twice keeps the first."""
     for timer in new:
-        fire_at: Any = timer.fire_at if timer.delay is None else sa.func.now() + timer.delay
+        fire_at: Any = timer.fire_at if timer.delay is None else utc_now(timer.delay)
         await conn.execute(
-            pg_insert(timers)
+            _insert(conn, timers)
             .values(
                 instance_id=instance_id,
                 step=timer.key[0],
@@ -523,7 +556,7 @@ async def claim_due_timers(conn: AsyncConnection, *, limit: int) -> list[DueTime
                 timers.c.body,
                 timers.c.headers,
             )
-            .where(timers.c.fired_at.is_(None), timers.c.fire_at <= sa.func.now())
+            .where(timers.c.fired_at.is_(None), timers.c.fire_at <= utc_now())
             .order_by(timers.c.fire_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -535,14 +568,19 @@ async def claim_due_timers(conn: AsyncConnection, *, limit: int) -> list[DueTime
 async def mark_timers_fired(conn: AsyncConnection, ids: Sequence[int]) -> None:
     """Mark claimed timers fired, in the transaction that queues their messages."""
     if ids:
-        await conn.execute(timers.update().where(timers.c.id.in_(ids)).values(fired_at=sa.func.now()))
+        await conn.execute(timers.update().where(timers.c.id.in_(ids)).values(fired_at=utc_now()))
 
 
 async def seconds_until_next_timer(conn: AsyncConnection) -> float | None:
     """Seconds until the earliest unfired timer is due (negative if overdue); None if none."""
+    if _is_sqlite(conn):
+        earliest = (
+            await conn.execute(sa.select(sa.func.min(timers.c.fire_at)).where(timers.c.fired_at.is_(None)))
+        ).scalar_one()
+        return None if earliest is None else (earliest - datetime.now(UTC)).total_seconds()
     value = (
         await conn.execute(
-            sa.select(sa.func.extract("epoch", sa.func.min(timers.c.fire_at) - sa.func.now())).where(
+            sa.select(sa.func.extract("epoch", sa.func.min(timers.c.fire_at) - utc_now())).where(
                 timers.c.fired_at.is_(None)
             )
         )
@@ -582,7 +620,7 @@ async def insert_event(
 ) -> bool:
     """Store an event; False if one with this id was stored before (a redelivery)."""
     statement = (
-        pg_insert(events)
+        _insert(conn, events)
         .values(instance_id=instance_id, event_id=event_id, event_type=event_type, payload=payload)
         .on_conflict_do_nothing(index_elements=["instance_id", "event_id"])
         .returning(events.c.id)
@@ -621,7 +659,7 @@ async def claim_event(
         await conn.execute(
             events.update()
             .where(events.c.id == oldest)
-            .values(consumed_step=key[0], consumed_occurrence=key[1], consumed_at=sa.func.now())
+            .values(consumed_step=key[0], consumed_occurrence=key[1], consumed_at=utc_now())
             .returning(events.c.id, events.c.event_id, events.c.payload)
         )
     ).first()
@@ -636,7 +674,7 @@ async def reject_event(conn: AsyncConnection, event_row_id: int) -> None:
     await conn.execute(
         events.update()
         .where(events.c.id == event_row_id)
-        .values(consumed_step=REJECTED, consumed_occurrence=None, consumed_at=sa.func.now())
+        .values(consumed_step=REJECTED, consumed_occurrence=None, consumed_at=utc_now())
     )
 
 

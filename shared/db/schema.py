@@ -2,13 +2,94 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 metadata = sa.MetaData()
 
 Json = sa.JSON().with_variant(JSONB(), "postgresql")
-Timestamp = sa.DateTime(timezone=True)
+
+
+class Timestamp(sa.TypeDecorator[datetime]):
+    """A point in time, always handed back as an aware UTC datetime.
+
+    PostgreSQL keeps ``timestamptz``; SQLite (the embedded mode) has no time
+    zones, so values are stored as naive UTC and made aware again on the way out.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None or dialect.name != "sqlite":
+            return value
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous: give a time zone")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value  # type: ignore[no-any-return]
+
+
+# SQLite numbers rows itself only in an INTEGER PRIMARY KEY column.
+Serial = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class _Now(FunctionElement[datetime]):
+    type = Timestamp()
+    inherit_cache = True
+    name = "utc_now"
+
+
+class _NowPlus(FunctionElement[datetime]):
+    type = Timestamp()
+    inherit_cache = True
+    name = "utc_now_plus"
+
+
+def utc_now(offset: timedelta | None = None) -> FunctionElement[datetime]:
+    """The database's clock, optionally shifted: ``utc_now()``, ``utc_now(timedelta(seconds=30))``.
+
+    Timers and time-outs use the database's clock, never a worker's, so clock
+    skew between machines cannot fire a timer early. PostgreSQL's ``now()``
+    is the transaction's start; SQLite's clock is read to the millisecond, in
+    the text form SQLAlchemy stores datetimes in, so the two compare correctly.
+    """
+    if offset is None:
+        return _Now()
+    return _NowPlus(sa.literal(offset.total_seconds(), sa.Float()))
+
+
+_SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now'"
+
+
+@compiles(_Now)
+def _now_postgresql(element: _Now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(_Now, "sqlite")
+def _now_sqlite(element: _Now, compiler: SQLCompiler, **kw: Any) -> str:
+    return _SQLITE_NOW + ")"
+
+
+@compiles(_NowPlus)
+def _now_plus_postgresql(element: _NowPlus, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"(now() + make_interval(secs => {compiler.process(element.clauses, **kw)}))"
+
+
+@compiles(_NowPlus, "sqlite")
+def _now_plus_sqlite(element: _NowPlus, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"{_SQLITE_NOW}, {compiler.process(element.clauses, **kw)} || ' seconds')"
+
 
 instances = sa.Table(
     "instances",
@@ -23,9 +104,9 @@ instances = sa.Table(
     # Bumped by every transaction that changes the history; a worker that replayed
     # an older version must reload before it plans what comes next.
     sa.Column("version", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.now()),
-    sa.Column("updated_at", Timestamp, nullable=False, server_default=sa.func.now()),
-    sa.Column("finished_at", Timestamp),
+    sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_now()),
+    sa.Column("updated_at", Timestamp(), nullable=False, server_default=utc_now()),
+    sa.Column("finished_at", Timestamp()),
     # A child workflow knows the parent step that waits for it.
     sa.Column("parent_id", sa.Text),
     sa.Column("parent_workflow", sa.Text),
@@ -51,12 +132,12 @@ steps = sa.Table(
     sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
     sa.Column("result", Json),
     sa.Column("error", Json),
-    sa.Column("fire_at", Timestamp),
+    sa.Column("fire_at", Timestamp()),
     # What a wait waits for: {"event_type": ...} or {"child_id": ..., "workflow": ...}.
     sa.Column("detail", Json),
-    sa.Column("started_at", Timestamp),
-    sa.Column("finished_at", Timestamp),
-    sa.Column("updated_at", Timestamp, nullable=False, server_default=sa.func.now()),
+    sa.Column("started_at", Timestamp()),
+    sa.Column("finished_at", Timestamp()),
+    sa.Column("updated_at", Timestamp(), nullable=False, server_default=utc_now()),
 )
 
 step_attempts = sa.Table(
@@ -69,8 +150,8 @@ step_attempts = sa.Table(
     sa.Column("worker", sa.Text, nullable=False),
     sa.Column("outcome", sa.Text, nullable=False),
     sa.Column("error", Json),
-    sa.Column("started_at", Timestamp, nullable=False),
-    sa.Column("finished_at", Timestamp, nullable=False),
+    sa.Column("started_at", Timestamp(), nullable=False),
+    sa.Column("finished_at", Timestamp(), nullable=False),
     sa.ForeignKeyConstraint(
         ["instance_id", "name", "occurrence"],
         ["steps.instance_id", "steps.name", "steps.occurrence"],
@@ -81,30 +162,30 @@ step_attempts = sa.Table(
 outbox = sa.Table(
     "outbox",
     metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("id", Serial, sa.Identity(), primary_key=True),
     sa.Column("routing_key", sa.Text, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("headers", Json),
-    sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.now()),
+    sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_now()),
 )
 
 timers = sa.Table(
     "timers",
     metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("id", Serial, sa.Identity(), primary_key=True),
     sa.Column("instance_id", sa.Text, sa.ForeignKey("instances.id", ondelete="CASCADE"), nullable=False),
     sa.Column("step", sa.Text, nullable=False),
     sa.Column("occurrence", sa.Integer, nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("kind", sa.Text, nullable=False),
-    sa.Column("fire_at", Timestamp, nullable=False),
+    sa.Column("fire_at", Timestamp(), nullable=False),
     # The wake-up message, built by the worker that armed the timer: the scheduler
     # moves it to the outbox without knowing what it means.
     sa.Column("routing_key", sa.Text, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("headers", Json),
-    sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.now()),
-    sa.Column("fired_at", Timestamp),
+    sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_now()),
+    sa.Column("fired_at", Timestamp()),
     # One timer per step attempt: a timer can never fire twice into a step.
     sa.UniqueConstraint("instance_id", "step", "occurrence", "attempt", "kind"),
     sa.Index(
@@ -118,16 +199,16 @@ timers = sa.Table(
 events = sa.Table(
     "events",
     metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("id", Serial, sa.Identity(), primary_key=True),
     sa.Column("instance_id", sa.Text, sa.ForeignKey("instances.id", ondelete="CASCADE"), nullable=False),
     # Given by the sender (or a new UUID): a redelivered event is stored once.
     sa.Column("event_id", sa.Text, nullable=False),
     sa.Column("event_type", sa.Text, nullable=False),
     sa.Column("payload", Json),
-    sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.now()),
+    sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_now()),
     sa.Column("consumed_step", sa.Text),
     sa.Column("consumed_occurrence", sa.Integer),
-    sa.Column("consumed_at", Timestamp),
+    sa.Column("consumed_at", Timestamp()),
     sa.UniqueConstraint("instance_id", "event_id"),
     sa.Index(
         "ix_events_waiting",
