@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from producer import control
 from producer.models import AttemptInfo, EventInfo, InstanceInfo, StepInfo
 from shared import codec
-from shared.broker import AmqpBroker
+from shared.broker import Broker, create_broker
 from shared.db import queries
 from shared.db.engine import create_engine, mask_url
 from shared.db.queries import OutboxRow
@@ -62,13 +62,13 @@ class Client:
         self._namespace = namespace
         self._limit = max_payload_bytes
         self._engine: AsyncEngine | None = None
-        self._broker: AmqpBroker | None = None
+        self._broker: Broker | None = None
         self._relay: OutboxRelay | None = None
 
     async def __aenter__(self) -> Client:
         self._engine = create_engine(self._database_url, pool_size=4)
         if self._amqp_url is not None:
-            self._broker = AmqpBroker(self._amqp_url, self._namespace, self._broker_settings)
+            self._broker = create_broker(self._amqp_url, self._namespace, self._broker_settings)
             await self._broker.connect()
             self._relay = OutboxRelay(self._engine, self._broker, OutboxSettings())
         return self
@@ -291,7 +291,7 @@ class Client:
             raise InstanceNotFoundError(instance_id)
         return info
 
-    def _broker_needed(self, what: str) -> AmqpBroker:
+    def _broker_needed(self, what: str) -> Broker:
         if self._broker is None:
             raise ConfigError(f"{what} publishes to RabbitMQ: create the Client with amqp_url")
         return self._broker

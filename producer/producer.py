@@ -10,7 +10,7 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from shared import codec
-from shared.broker import AmqpBroker
+from shared.broker import Broker, create_broker
 from shared.codec import JSON
 from shared.errors import BadPayloadError, InvalidParamsError
 from shared.hooks import Hooks
@@ -47,7 +47,7 @@ class Producer:
         broker: BrokerSettings | None = None,
     ) -> None:
         # The queue type must match the workers': whoever declares a queue first fixes it.
-        self._broker = AmqpBroker(amqp_url, namespace, broker)
+        self._broker: Broker = create_broker(amqp_url, namespace, broker)
         self._limit = max_payload_bytes
         # The service's own OpenTelemetry setup, if any, is where these spans go.
         self._hooks = hooks or Telemetry()

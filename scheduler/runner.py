@@ -9,7 +9,7 @@ import logging
 from sqlalchemy.exc import SQLAlchemyError
 
 from scheduler.timers import fire_due_timers, seconds_until_next
-from shared.broker import AmqpBroker
+from shared.broker import create_broker
 from shared.db.engine import create_engine
 from shared.db.migrate import check_schema, database_answers
 from shared.errors import BrokerError
@@ -31,7 +31,7 @@ async def run_scheduler(
 ) -> None:
     """Fire timers as they fall due until ``stopping`` is set."""
     engine = create_engine(settings.database, pool_size=3, pre_ping=False)
-    broker = AmqpBroker(settings.amqp, settings.namespace, settings.broker)
+    broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     poll = settings.scheduler.poll_interval.total_seconds()
     try:
         await retry_until(

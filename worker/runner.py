@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from shared.broker import AmqpBroker, Delivery
+from shared.broker import Broker, Delivery, create_broker
 from shared.db.engine import create_engine
 from shared.db.migrate import check_schema, database_answers
 from shared.errors import BrokerError
@@ -46,7 +46,7 @@ async def run_worker(
     worker_id = worker_id or default_worker_id()
     concurrency = settings.worker.concurrency
     engine = create_engine(settings.database, pool_size=concurrency + 2, pre_ping=False)
-    broker = AmqpBroker(settings.amqp, settings.namespace, settings.broker)
+    broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     executor = StepExecutor(
         threads=concurrency,
         default_timeout=settings.worker.default_step_timeout,
@@ -126,7 +126,7 @@ async def run_worker(
 
 
 async def _sample_queue_depths(
-    broker: AmqpBroker,
+    broker: Broker,
     workflows: list[str],
     hooks: Hooks | None,
     stopping: asyncio.Event,
@@ -145,7 +145,7 @@ async def _sample_queue_depths(
             await asyncio.wait_for(stopping.wait(), timeout=every_s)
 
 
-async def _start_health(settings: Settings, engine: Any, broker: AmqpBroker) -> HealthServer | None:
+async def _start_health(settings: Settings, engine: Any, broker: Broker) -> HealthServer | None:
     if settings.health_port is None:
         return None
     health = HealthServer(

@@ -1,6 +1,17 @@
-"""Broker wiring: the seam (``Broker``, ``Delivery``) and its RabbitMQ implementation."""
+"""Broker wiring: the seam (``Broker``, ``Delivery``), RabbitMQ, and the embedded mode's SQLite queue."""
 
 from shared.broker.base import Broker, Delivery, Handler, Publisher
 from shared.broker.connection import AmqpBroker, mask_amqp_url
+from shared.broker.embedded import EmbeddedBroker
+from shared.broker.factory import create_broker
 
-__all__ = ["AmqpBroker", "Broker", "Delivery", "Handler", "Publisher", "mask_amqp_url"]
+__all__ = [
+    "AmqpBroker",
+    "Broker",
+    "Delivery",
+    "EmbeddedBroker",
+    "Handler",
+    "Publisher",
+    "create_broker",
+    "mask_amqp_url",
+]

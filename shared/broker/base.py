@@ -66,3 +66,12 @@ class Broker(Publisher, Protocol):
 
     async def stop_consuming(self) -> None:
         """Stop new deliveries; in-flight ones may still be acked."""
+
+    async def is_connected(self) -> bool:
+        """Whether the broker can take messages now (for readiness checks)."""
+
+    async def is_consuming(self) -> bool:
+        """Whether this process's consumers are registered and live."""
+
+    async def queue_depths(self, workflows: list[str]) -> dict[str, int]:
+        """Messages waiting in each workflow's queue, by queue name."""
