@@ -1,6 +1,7 @@
 # stepline developer front door. Every target is idempotent.
 #   make test   - what CI runs: setup + services + lint + typecheck + pytest
-#   make run    - start the demo against local PostgreSQL + RabbitMQ
+#   make run    - the main job: the example workflows end to end, embedded (no services needed)
+#   make run-stack - the same on PostgreSQL + RabbitMQ
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -16,11 +17,12 @@ STEPLINE_DB_NAME ?= stepline
 STEPLINE_VHOST   ?= stepline
 STEPLINE_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/$(STEPLINE_DB_NAME)
 STEPLINE_AMQP_URL     ?= amqp://guest:guest@127.0.0.1:5672/$(STEPLINE_VHOST)
+STEPLINE_EMBEDDED     ?= .stepline/demo
 export STEPLINE_DB_NAME STEPLINE_VHOST
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup services lint format typecheck test run chaos bench clean distclean
+.PHONY: help setup services lint format typecheck test run run-stack chaos bench clean distclean
 
 help: ## Show this help
 	@echo "stepline make targets:"
@@ -47,11 +49,14 @@ typecheck: setup ## mypy (configured in pyproject.toml)
 	$(BIN)/mypy
 
 test: setup services lint typecheck ## Everything CI runs: lint, typecheck, full pytest suite
-	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \
+	STEPLINE_EMBEDDED= STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \
 		$(BIN)/pytest $(PYTEST_ARGS)
 
-run: setup services ## Run the demo (examples/demo.py) against local services
-	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \
+run: setup ## The main job: the example workflows end to end, embedded (SQLite files, no services)
+	STEPLINE_EMBEDDED='$(STEPLINE_EMBEDDED)' $(PY) -m examples.demo
+
+run-stack: setup services ## The same demo on PostgreSQL + RabbitMQ (started if down)
+	STEPLINE_EMBEDDED= STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \
 		$(PY) -m examples.demo
 
 CHAOS_DURATION ?= 600

@@ -1,10 +1,11 @@
-"""The demo behind ``make run``: 20 orders through two workers and a scheduler, end to end.
+"""The demo behind ``make run``: 20 orders through workers and a scheduler, end to end.
 
-Run it with ``python -m examples.demo`` (``make run`` sets the two URLs). It
-migrates the database, starts ``stepline-worker`` twice and ``stepline-scheduler``
-once as child processes, publishes 20 ``order-fulfilment``
-start events, shows their progress, prints how each one ended, and always stops
-the processes it started.
+Run it with ``python -m examples.demo``. ``make run`` sets ``STEPLINE_EMBEDDED``:
+the embedded mode, on SQLite files, with no service to install; ``make run-stack``
+sets the two URLs of PostgreSQL and RabbitMQ instead. It migrates the database,
+starts ``stepline dev`` (or ``stepline fleet``) as a child process, publishes 20
+``order-fulfilment`` start events, shows their progress, prints how each one
+ended, and always stops the processes it started.
 """
 
 from __future__ import annotations
@@ -156,31 +157,28 @@ def start_service(name: str, argv: Sequence[str], env: dict[str, str], log_dir: 
     return Service(name, process, log_path)
 
 
-def start_fleet(console: Console, env: dict[str, str], log_dir: Path, started: list[Service]) -> None:
-    """Start ``stepline fleet`` (the workers and the scheduler, supervised), appended to ``started``.
+def start_fleet(
+    console: Console, settings: Settings, env: dict[str, str], log_dir: Path, started: list[Service]
+) -> None:
+    """Start the workers and the scheduler, supervised, appended to ``started``.
 
-    The fleet restarts a member that crashes and stops them all on SIGTERM; each
-    member logs to ``log_dir/fleet/NAME.log``.
+    On PostgreSQL and RabbitMQ that is ``stepline fleet`` (each member logs to
+    ``log_dir/fleet/NAME.log``); in the embedded mode ``stepline dev``, a worker
+    and a scheduler over the SQLite files. Either restarts a member that crashes
+    and stops them all on SIGTERM.
     """
-    bin_dir = Path(sys.executable).parent
-    argv = [
-        str(bin_dir / "stepline"),
-        "fleet",
-        "--workers",
-        str(WORKER_COUNT),
-        "--schedulers",
-        "1",
-        "--workflows",
-        "examples.order_fulfilment",
-        "--concurrency",
-        str(WORKER_CONCURRENCY),
-        "--log-dir",
-        str(log_dir / "fleet"),
-    ]
+    command = [str(Path(sys.executable).parent / "stepline")]
+    common = ["--workflows", "examples.order_fulfilment", "--concurrency", str(WORKER_CONCURRENCY)]
+    if settings.embedded is not None:
+        argv = [*command, "dev", *common, "--state", str(settings.embedded)]
+        what = f"stepline dev: a worker and a scheduler on the SQLite files in {settings.embedded}"
+    else:
+        argv = [*command, "fleet", "--workers", str(WORKER_COUNT), "--schedulers", "1", *common]
+        argv += ["--log-dir", str(log_dir / "fleet")]
+        what = f"stepline fleet: {WORKER_COUNT} workers and a scheduler"
     service = start_service("fleet", argv, env, log_dir)
     started.append(service)
-    pid = service.process.pid
-    console.print(f"  started stepline fleet, pid {pid}: {WORKER_COUNT} workers and a scheduler")
+    console.print(f"  started {what}, pid {service.process.pid}")
 
 
 def stop_fleet(console: Console, services: Sequence[Service]) -> None:
@@ -380,7 +378,7 @@ def run_demo(console: Console, settings: Settings, run_id: str, log_dir: Path) -
     instance_ids = [f"{run_id}-{order.order_id.lower()}" for order in orders]
     services: list[Service] = []
     try:
-        start_fleet(console, demo_environment(settings.namespace), log_dir, services)
+        start_fleet(console, settings, demo_environment(settings.namespace), log_dir, services)
 
         def fleet_alive() -> bool:
             return all(service.is_running for service in services)
@@ -431,6 +429,8 @@ def main() -> int:
         first_line = next(iter(str(exc).splitlines()), "")
         print(f"demo: migration failed: {type(exc).__name__}: {first_line}", file=sys.stderr)
         return 1
+    if settings.embedded is not None:
+        console.print(f"embedded mode: state in {settings.embedded.resolve()} (no PostgreSQL, no RabbitMQ)")
     console.print("database migrated to head")
     log_dir = Path(tempfile.mkdtemp(prefix=f"stepline-{run_id}-"))
     console.print(f"process logs: {log_dir}")

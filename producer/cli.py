@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
@@ -70,7 +71,8 @@ def _with_client(settings: Settings, use: Callable[[Client], Awaitable[T]], *, p
 def main() -> None:
     """Stepline: durable workflows on PostgreSQL and RabbitMQ.
 
-    Reads STEPLINE_DATABASE_URL and STEPLINE_AMQP_URL.
+    Reads STEPLINE_DATABASE_URL and STEPLINE_AMQP_URL; or STEPLINE_EMBEDDED,
+    the directory of `stepline dev`'s local state, instead of both.
     """
     configure_logging("stepline", level="WARNING")
 
@@ -351,6 +353,53 @@ def fleet(
     run_until_signalled("stepline fleet", lambda stopping: run_fleet(supervised, stopping, grace_s=grace))
 
 
+@main.command()
+@click.option(
+    "--workflows",
+    "modules",
+    multiple=True,
+    metavar="MODULE",
+    help="Module defining workflows (repeatable). Env: STEPLINE_WORKER__WORKFLOWS.",
+)
+@click.option(
+    "--state",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".stepline"),
+    show_default=True,
+    envvar="STEPLINE_EMBEDDED",
+    help="Directory of the state and the queue (SQLite files). Env: STEPLINE_EMBEDDED.",
+)
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=None, help="Steps at once.")
+def dev(modules: tuple[str, ...], state: Path, concurrency: int | None) -> None:
+    """Run Stepline on local files, with no PostgreSQL and no RabbitMQ.
+
+    Starts a worker and a scheduler over SQLite files in --state, restarts them
+    if they crash, and stops them on Ctrl-C. Workflows survive a restart: run
+    it again and they go on from their last committed step. Point the other
+    commands at the same state with STEPLINE_EMBEDDED=DIR.
+    """
+    configure_logging("dev", level="INFO")
+    state = state.resolve()
+    os.environ["STEPLINE_EMBEDDED"] = str(state)  # the worker and scheduler inherit it
+    settings = _settings()
+    workflows = list(modules) or settings.worker.workflows
+    if not workflows:
+        raise click.UsageError("give --workflows MODULE (or STEPLINE_WORKER__WORKFLOWS)")
+    _upgrade(settings)
+    click.echo(
+        f"stepline dev: state in {state}\n  other commands use it with: export STEPLINE_EMBEDDED={state}"
+    )
+    supervised = Fleet(
+        workers=1,  # one process consumes an embedded queue
+        schedulers=1,
+        workflows=workflows,
+        concurrency=concurrency,
+        say=lambda line: click.echo(line, err=False),
+    )
+    grace = settings.worker.shutdown_grace.total_seconds() + 5
+    run_until_signalled("stepline dev", lambda stopping: run_fleet(supervised, stopping, grace_s=grace))
+
+
 @main.group()
 def db() -> None:
     """Database schema commands."""
@@ -360,6 +409,11 @@ def db() -> None:
 def upgrade() -> None:
     """Apply every migration to the database (safe to repeat)."""
     settings = _settings("database_url")
+    _upgrade(settings)
+    click.echo(f"database at revision {migrate.current_revision(settings.database)} (head)")
+
+
+def _upgrade(settings: Settings) -> None:
     try:
         migrate.upgrade(settings.database)
     except Exception as exc:  # CLI edge: one clear line instead of a traceback
@@ -367,7 +421,6 @@ def upgrade() -> None:
         raise click.ClickException(
             f"migration failed on {mask_url(settings.database)}: {type(exc).__name__}: {first_line}"
         ) from None
-    click.echo(f"database at revision {migrate.current_revision(settings.database)} (head)")
 
 
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")

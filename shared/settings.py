@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -111,7 +112,8 @@ class Settings(BaseSettings):
 
     ``STEPLINE_DATABASE_URL`` is a plain ``postgresql://`` URL (the psycopg
     driver is implied); ``STEPLINE_AMQP_URL`` an ``amqp://`` or ``amqps://``
-    URL, with the vhost as its path.
+    URL, with the vhost as its path. ``STEPLINE_EMBEDDED`` names a directory
+    instead, for the embedded mode: SQLite files in place of both services.
     """
 
     model_config = SettingsConfigDict(
@@ -127,6 +129,11 @@ class Settings(BaseSettings):
     )
     amqp_url: SecretStr | None = Field(
         default=None, description="RabbitMQ URL, amqp://user:pw@host:5672/vhost (required)"
+    )
+    embedded: Path | None = Field(
+        default=None,
+        description="Embedded mode: keep state and queue in SQLite files in this directory "
+        "instead of PostgreSQL and RabbitMQ (the two URLs are then ignored).",
     )
     namespace: str = Field(
         default="stepline",
@@ -202,6 +209,8 @@ class Settings(BaseSettings):
     @property
     def database(self) -> str:
         """The database URL (load with ``require=("database_url",)`` to be sure it is set)."""
+        if self.embedded is not None:
+            return f"sqlite:///{(self.embedded / EMBEDDED_DATABASE).resolve()}"
         if self.database_url is None:
             raise ConfigError("configuration error: STEPLINE_DATABASE_URL is not set")
         return self.database_url.get_secret_value()
@@ -209,12 +218,18 @@ class Settings(BaseSettings):
     @property
     def amqp(self) -> str:
         """The broker URL (load with ``require=("amqp_url",)`` to be sure it is set)."""
+        if self.embedded is not None:
+            return f"sqlite:///{(self.embedded / EMBEDDED_QUEUE).resolve()}"
         if self.amqp_url is None:
             raise ConfigError("configuration error: STEPLINE_AMQP_URL is not set")
         return self.amqp_url.get_secret_value()
 
 
 BOTH_URLS = ("database_url", "amqp_url")
+EMBEDDED_DATABASE = "stepline.db"
+"""The embedded mode's state (instances, steps, timers, outbox), inside ``STEPLINE_EMBEDDED``."""
+EMBEDDED_QUEUE = "queue.db"
+"""The embedded mode's message queue, inside ``STEPLINE_EMBEDDED``."""
 
 
 def load_settings(*, require: tuple[str, ...] = BOTH_URLS, **overrides: Any) -> Settings:
@@ -238,6 +253,8 @@ def load_settings(*, require: tuple[str, ...] = BOTH_URLS, **overrides: Any) -> 
     for name in require:
         variable = f"STEPLINE_{name.upper()}"
         missing = getattr(settings, name) is None if settings else not os.environ.get(variable)
+        if name in BOTH_URLS and settings is not None and settings.embedded is not None:
+            missing = False  # the embedded mode's files stand in for both services
         if missing and name not in overrides:
             problems.append(f"{variable} is not set")
     if problems or settings is None:

@@ -11,7 +11,7 @@ import pytest
 
 import tests.workflows as test_workflows
 from producer import Client, Producer
-from shared.settings import Settings
+from shared.settings import EMBEDDED_DATABASE, Settings
 from tests.support import services
 from tests.support.fleet import Fleet, ProcessFleet, process_env
 from worker.registry import load_workflows
@@ -38,6 +38,36 @@ def template_database() -> Iterator[str]:
     services.drop_database(name)
 
 
+BACKENDS = ("postgres", "sqlite")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "both_backends: run the test on PostgreSQL + RabbitMQ and on the embedded mode (SQLite files)",
+    )
+    config.addinivalue_line(
+        "markers", "postgres_only(why): in a both_backends module, a test of PostgreSQL or RabbitMQ alone"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``both_backends`` run once per backend; every other test on PostgreSQL + RabbitMQ."""
+    marked = metafunc.definition.get_closest_marker("both_backends")
+    if (
+        "backend" in metafunc.fixturenames
+        and marked
+        and not metafunc.definition.get_closest_marker("postgres_only")
+    ):
+        metafunc.parametrize("backend", BACKENDS)
+
+
+@pytest.fixture
+def backend() -> str:
+    """Which backend the test runs on: ``postgres`` (with RabbitMQ) or ``sqlite`` (the embedded mode)."""
+    return "postgres"
+
+
 @pytest.fixture
 def database_url(template_database: str) -> Iterator[str]:
     """A database of this test's own, migrated, dropped after."""
@@ -53,18 +83,30 @@ def namespace() -> str:
 
 
 @pytest.fixture
-def settings(database_url: str, vhost: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Settings for this test: its database, the run's vhost, its namespace, quick timers."""
+def settings(
+    backend: str,
+    namespace: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Settings:
+    """Settings for this test: its database and broker namespace (or embedded files), quick timers."""
+    quick: dict[str, Any] = {
+        "namespace": namespace,
+        "worker": {"concurrency": 8, "shutdown_grace": "5s"},
+        "scheduler": {"poll_interval": "100ms"},
+        "outbox": {"sweep_interval": "300ms", "sweep_after": "1s"},
+    }
+    if backend == "sqlite":
+        settings = Settings(embedded=tmp_path / "embedded", **quick)
+        services.create_embedded_state(settings.database, tmp_path / "embedded" / EMBEDDED_DATABASE)
+    else:
+        database_url = request.getfixturevalue("database_url")
+        vhost = request.getfixturevalue("vhost")
+        settings = Settings(database_url=database_url, amqp_url=services.amqp_url(vhost), **quick)
     # Step code in tests/workflows.py records side effects through this variable.
-    monkeypatch.setenv("STEPLINE_DATABASE_URL", database_url)
-    return Settings(
-        database_url=database_url,
-        amqp_url=services.amqp_url(vhost),
-        namespace=namespace,
-        worker={"concurrency": 8, "shutdown_grace": "5s"},
-        scheduler={"poll_interval": "100ms"},
-        outbox={"sweep_interval": "300ms", "sweep_after": "1s"},
-    )
+    monkeypatch.setenv(test_workflows.SIDE_EFFECTS_URL, settings.database)
+    return settings
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,15 @@ import os
 from datetime import datetime
 from typing import Any
 
+import aiosqlite
 import psycopg
 from pydantic import BaseModel
 
+from shared.db.engine import is_sqlite, sqlite_path
 from worker import Context, NonRetryableError, RetryPolicy, step_info, workflow
+
+SIDE_EFFECTS_URL = "STEPLINE_TEST_SIDE_EFFECTS_URL"
+"""Where step code records its runs; the workers' own database (STEPLINE_DATABASE_URL) when unset."""
 
 FAST_RETRY = RetryPolicy(limit=3, delay="100ms", backoff="constant")
 
@@ -19,9 +24,10 @@ async def record(note: str = "") -> int:
     """Record one execution of the running step; returns how many times it ran before."""
     info = step_info()
     step = info.name if info.occurrence == 1 else f"{info.name}#{info.occurrence}"
-    async with await psycopg.AsyncConnection.connect(
-        os.environ["STEPLINE_DATABASE_URL"], autocommit=True
-    ) as conn:
+    url = os.environ.get(SIDE_EFFECTS_URL) or os.environ["STEPLINE_DATABASE_URL"]
+    if is_sqlite(url):
+        return await _record_sqlite(url, info.instance_id, step, info.attempt, note)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         cursor = await conn.execute(
             "SELECT count(*) FROM side_effects WHERE instance_id = %s AND step = %s",
             (info.instance_id, step),
@@ -32,6 +38,20 @@ async def record(note: str = "") -> int:
             " VALUES (%s, %s, %s, %s, %s)",
             (info.instance_id, step, info.attempt, os.getpid(), note),
         )
+    return int(row[0]) if row else 0
+
+
+async def _record_sqlite(url: str, instance_id: str, step: str, attempt: int, note: str) -> int:
+    async with aiosqlite.connect(sqlite_path(url), timeout=30) as conn:
+        cursor = await conn.execute(
+            "SELECT count(*) FROM side_effects WHERE instance_id = ? AND step = ?", (instance_id, step)
+        )
+        row = await cursor.fetchone()
+        await conn.execute(
+            "INSERT INTO side_effects (instance_id, step, attempt, worker_pid, note) VALUES (?, ?, ?, ?, ?)",
+            (instance_id, step, attempt, os.getpid(), note),
+        )
+        await conn.commit()
     return int(row[0]) if row else 0
 
 
@@ -77,6 +97,7 @@ async def sequence(ctx: Context, params: Numbers) -> dict[str, Any]:
 class Flaky(BaseModel):
     fail_times: int
     limit: int = 3
+    delay: str = "50ms"
 
 
 async def flaky_call(fail_times: int) -> str:
@@ -93,7 +114,7 @@ async def flaky(ctx: Context, params: Flaky) -> str:
         "call",
         flaky_call,
         params.fail_times,
-        retry=RetryPolicy(limit=params.limit, delay="50ms", backoff="constant"),
+        retry=RetryPolicy(limit=params.limit, delay=params.delay, backoff="constant"),
     )
 
 

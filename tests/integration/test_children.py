@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from producer import Client, Producer
 from shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import until_status
+
+pytestmark = pytest.mark.both_backends
 
 
 async def test_a_child_workflow_returns_its_output_to_the_parent(

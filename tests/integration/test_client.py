@@ -9,6 +9,8 @@ from shared.errors import WaitTimeoutError
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
 
+pytestmark = pytest.mark.both_backends
+
 
 async def test_get_of_an_unknown_id_is_none(client: Client) -> None:
     assert await client.get("no-such-instance") is None

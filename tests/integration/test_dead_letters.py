@@ -14,6 +14,8 @@ from tests.support.amqp import declare_workflow_queue, publish_raw, ready_messag
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
 
+pytestmark = pytest.mark.both_backends
+
 START_SEQUENCE = routing_key("start", "sequence")
 
 

@@ -7,12 +7,14 @@ import json
 import pytest
 
 from producer import Client, Producer
-from shared.broker import AmqpBroker
 from shared.errors import InstanceNotFoundError, InvalidStateError
 from shared.settings import Settings
 from tests.support import db
+from tests.support.amqp import connected_broker, take_dead_letters
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually, until_status
+
+pytestmark = pytest.mark.both_backends
 
 
 async def test_event_sent_while_waiting_completes_the_wait(
@@ -134,7 +136,7 @@ async def test_an_event_as_a_raw_amqp_message_from_another_language(
             "payload": {"by": "billing"},
         }
     ).encode()
-    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
         await broker.publish("event.approval", body, None)
     info = await control.wait(instance_id, timeout=30)
     assert info.output is not None and info.output["decision"] == {"by": "billing"}
@@ -143,8 +145,6 @@ async def test_an_event_as_a_raw_amqp_message_from_another_language(
 async def test_a_raw_event_for_an_unknown_instance_is_dead_lettered(
     fleet: Fleet, producer: Producer, settings: Settings
 ) -> None:
-    from tests.support.amqp import take_dead_letters
-
     fleet.start_worker()
     await producer.start("approval", {})  # the approval queue exists and is consumed
     body = json.dumps(
@@ -158,7 +158,7 @@ async def test_a_raw_event_for_an_unknown_instance_is_dead_lettered(
             "payload": None,
         }
     ).encode()
-    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
         await broker.publish("event.approval", body, None)
     (dead,) = await take_dead_letters(settings.amqp, settings.namespace, 1)
     assert dead.reason == "no instance with id 'ghost' to send the event to"

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
+
 from producer import Client, Producer
-from shared.broker import AmqpBroker
 from shared.messages import StepMessage, WakeMessage, encode_message
 from shared.settings import Settings
 from tests.support import db
+from tests.support.amqp import connected_broker
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
 
+pytestmark = pytest.mark.both_backends
+
 
 async def _publish(settings: Settings, message: StepMessage | WakeMessage) -> None:
-    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
         await broker.publish(
             message.routing_key, encode_message(message, limit=settings.max_payload_bytes), None
         )

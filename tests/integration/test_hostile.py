@@ -8,13 +8,14 @@ import json
 import pytest
 
 from producer import Client, Producer
-from shared.broker import AmqpBroker
 from shared.errors import PayloadTooLargeError
 from shared.settings import Settings
 from tests.support import db
-from tests.support.amqp import declare_workflow_queue, ready_messages, take_dead_letters
+from tests.support.amqp import connected_broker, declare_workflow_queue, ready_messages, take_dead_letters
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually, until_status
+
+pytestmark = pytest.mark.both_backends
 
 FIFTY_MB = 50 * 1024 * 1024
 
@@ -81,7 +82,7 @@ async def test_a_50_mb_start_published_raw_is_dead_lettered_naming_the_limit(
             "params": {"pad": "x" * FIFTY_MB},
         }
     ).encode()
-    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
         await broker.publish("start.sequence", body, None)
     (dead,) = await take_dead_letters(settings.amqp, settings.namespace, 1, timeout=60)
     assert (
@@ -124,6 +125,7 @@ async def test_a_step_timeout_beyond_the_consumer_timeout_is_refused_clearly(
     assert "STEPLINE_WORKER__MAX_STEP_TIMEOUT" in info.error["message"]
 
 
+@pytest.mark.postgres_only("quorum queues are RabbitMQ's")
 async def test_quorum_queues_with_a_delivery_limit(fleet: Fleet, settings: Settings, vhost: str) -> None:
     quorum = settings.model_copy(
         update={"broker": settings.broker.model_copy(update={"queue_type": "quorum", "delivery_limit": 5})}

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+import pytest
+
 from producer import Client, Producer
-from shared.broker import AmqpBroker
 from shared.db import queries
 from shared.db.engine import create_engine
+from shared.db.schema import outbox, timers, utc_now
 from shared.messages import WakeMessage, encode_message
 from shared.outbox import OutboxRelay
 from shared.settings import Settings
 from tests.support import db
+from tests.support.amqp import connected_broker
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
+
+pytestmark = pytest.mark.both_backends
 
 
 async def test_a_row_left_behind_by_a_crash_is_republished_by_the_sweeper(
@@ -27,12 +34,14 @@ async def test_a_row_left_behind_by_a_crash_is_republished_by_the_sweeper(
     await eventually(status, check=lambda value: value == "waiting", what="the instance to sleep")
     # A scheduler fired the timer, committed the outbox row, and died before publishing it.
     wake = WakeMessage(workflow="sleeper", instance_id=instance_id, step="nap", occurrence=1, attempt=1)
-    await db.rows(settings.database, "UPDATE timers SET fired_at = now()")
-    await db.rows(
+    await db.execute(settings.database, timers.update().values(fired_at=utc_now()))
+    await db.execute(
         settings.database,
-        "INSERT INTO outbox (routing_key, body, created_at) VALUES (%s, %s, now() - interval '1 minute')",
-        wake.routing_key,
-        encode_message(wake, limit=settings.max_payload_bytes),
+        outbox.insert().values(
+            routing_key=wake.routing_key,
+            body=encode_message(wake, limit=settings.max_payload_bytes),
+            created_at=utc_now(timedelta(minutes=-1)),
+        ),
     )
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete"
@@ -42,7 +51,7 @@ async def test_a_row_left_behind_by_a_crash_is_republished_by_the_sweeper(
 async def test_an_unroutable_row_stays_in_the_outbox(settings: Settings) -> None:
     engine = create_engine(settings.database, pool_size=1)
     try:
-        async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+        async with connected_broker(settings.amqp, settings.namespace) as broker:
             async with engine.begin() as conn:
                 rows = await queries.insert_outbox(conn, [("step.no-queue-bound", b"{}", None)])
             await OutboxRelay(engine, broker, settings.outbox).publish_committed(rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from producer import Client, Producer
 from shared.settings import Settings
 from tests.support import db
@@ -9,6 +11,8 @@ from tests.support.fleet import Fleet
 from tests.support.polling import eventually
 from tests.workflows import branch
 from worker import Context, Workflow
+
+pytestmark = pytest.mark.both_backends
 
 
 async def test_every_step_replays_the_history_without_rerunning_committed_steps(
@@ -47,7 +51,7 @@ async def test_changed_code_errors_the_instance_naming_history_and_code(
 
     # Deploy: the same workflow name now runs different code.
     fleet.start_worker(workflows={"evolving": Workflow("evolving", _evolving_v2)})
-    await db.rows(settings.database, "UPDATE timers SET fire_at = now()")
+    await db.time_passes(settings.database)
     info = await client.wait(instance_id, timeout=30)
 
     assert info.status == "errored"

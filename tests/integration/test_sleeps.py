@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+import sqlalchemy as sa
+
 from producer import Client, Producer
+from shared.db.schema import timers
 from shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import until_status
+
+pytestmark = pytest.mark.both_backends
 
 
 async def test_short_sleep_completes(fleet: Fleet, producer: Producer, client: Client) -> None:
@@ -30,19 +36,21 @@ async def test_sleep_of_days_is_a_timer_row_that_fires_when_due(
     fleet.start_scheduler()
     instance_id = await producer.start("sleeper", {"duration": "3 days"})
     await until_status(client, instance_id, "waiting")
-    (timer,) = await db.rows(
+    (timer,) = await db.execute(
         settings.database,
-        "SELECT kind, fire_at - created_at AS delay, fired_at FROM timers WHERE instance_id = %s",
-        instance_id,
+        sa.select(timers.c.kind, timers.c.fire_at, timers.c.created_at, timers.c.fired_at).where(
+            timers.c.instance_id == instance_id
+        ),
     )
     assert timer["kind"] == "sleep"
-    assert timedelta(days=3) - timedelta(seconds=5) <= timer["delay"] <= timedelta(days=3)
+    delay = timer["fire_at"] - timer["created_at"]
+    assert timedelta(days=3) - timedelta(seconds=5) <= delay <= timedelta(days=3)
     assert timer["fired_at"] is None
     info = await client.get(instance_id)
     assert info is not None and [s.status for s in info.steps] == ["waiting"]
 
     # Three days pass.
-    await db.rows(settings.database, "UPDATE timers SET fire_at = now() - interval '1 second'")
+    await db.time_passes(settings.database)
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete"
     assert info.output is not None and info.output["woke"] == "awake"
@@ -59,12 +67,12 @@ async def test_sleep_until_a_date_fires_then(
     wake_at = datetime.now(UTC) + timedelta(days=30)
     instance_id = await producer.start("sleep-until", {"wake_at": wake_at.isoformat()})
     await until_status(client, instance_id, "waiting")
-    fire_at = await db.scalar(
-        settings.database, "SELECT fire_at FROM timers WHERE instance_id = %s", instance_id
+    (timer,) = await db.execute(
+        settings.database, sa.select(timers.c.fire_at).where(timers.c.instance_id == instance_id)
     )
-    assert abs(fire_at - wake_at) < timedelta(milliseconds=1)
+    assert abs(timer["fire_at"] - wake_at) < timedelta(milliseconds=1)
 
-    await db.rows(settings.database, "UPDATE timers SET fire_at = now()")
+    await db.time_passes(settings.database)
     info = await client.wait(instance_id, timeout=30)
     assert (info.status, info.output) == ("complete", "awake")
 
@@ -90,7 +98,7 @@ async def test_a_sleeping_instance_survives_a_restart_of_the_whole_fleet(
     await fleet.stop(worker)
     await fleet.stop(scheduler)
 
-    await db.rows(settings.database, "UPDATE timers SET fire_at = now()")
+    await db.time_passes(settings.database)
     fleet.start_worker()
     fleet.start_scheduler()
     info = await client.wait(instance_id, timeout=30)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from producer import Client, Producer
 from tests.support.fleet import Fleet
+
+pytestmark = pytest.mark.both_backends
 
 
 async def test_sequential_steps_complete_with_result(

@@ -9,13 +9,14 @@ from opentelemetry.sdk.trace import TracerProvider
 
 import tests.workflows as test_workflows
 from producer import Client, Producer
-from shared.broker import AmqpBroker
 from shared.errors import BadPayloadError, InvalidParamsError, UnroutableError
 from shared.messages import MAX_INSTANCE_ID_LENGTH
 from shared.settings import Settings
 from tests.support import db
-from tests.support.amqp import declare_workflow_queue, ready_messages, take_dead_letters
+from tests.support.amqp import connected_broker, declare_workflow_queue, ready_messages, take_dead_letters
 from tests.support.fleet import Fleet
+
+pytestmark = pytest.mark.both_backends
 
 SEQUENCE_EFFECTS = {"add": 1, "describe": 1}
 """What one run of ``sequence`` leaves in ``side_effects`` (``multiply`` records nothing)."""
@@ -185,7 +186,7 @@ async def test_publish_that_no_queue_takes_raises_unroutable(settings: Settings)
             "attempt": 1,
         }
     ).encode()
-    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
         with pytest.raises(UnroutableError) as raised:
             await broker.publish("step.no-such-queue", body, None)
         # The channel is still usable after a returned message.
@@ -200,7 +201,7 @@ async def test_a_start_for_a_workflow_no_worker_ever_ran_waits_in_a_new_queue(se
     body = json.dumps(
         {"v": 1, "kind": "start", "workflow": "not-deployed-yet", "instance_id": "kept", "params": None}
     ).encode()
-    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
         await broker.publish("start.not-deployed-yet", body, None)
     assert await ready_messages(settings.amqp, settings.namespace, "not-deployed-yet") == 1
 
@@ -240,7 +241,7 @@ async def test_a_10_kb_instance_id_is_refused_by_the_producer_and_dead_lettered_
     body = json.dumps(
         {"v": 1, "kind": "start", "workflow": "sequence", "instance_id": ten_kb, "params": {"a": 1, "b": 2}}
     ).encode()
-    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
         await broker.publish("start.sequence", body, None)
     (dead,) = await take_dead_letters(settings.amqp, settings.namespace, 1)
     assert "instance_id: String should have at most 512 characters" in dead.reason

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from producer import Client, Producer
 from shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
+
+pytestmark = pytest.mark.both_backends
 
 
 async def test_step_code_runs_once_per_step_and_results_are_stored(

@@ -1,4 +1,8 @@
-"""Look at the broker as a user would: publish raw bodies, read the dead-letter queue, count messages."""
+"""Look at the broker as a user would: publish raw bodies, read the dead-letter queue, count messages.
+
+Each helper takes the broker URL a test's settings give: RabbitMQ's, or the
+embedded mode's queue file, read through ``EmbeddedBroker``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel
 
-from shared.broker import AmqpBroker
+from shared.broker import Broker, EmbeddedBroker, create_broker
 from shared.broker.connection import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
 from shared.topology import dead_letter_queue_name, exchange_name, workflow_queue_name
 from tests.support.polling import eventually
@@ -26,14 +30,48 @@ class DeadLetter:
     headers: dict[str, str]
 
 
+def _dead_letter(body: bytes, headers: dict[str, str]) -> DeadLetter:
+    return DeadLetter(
+        body=body,
+        reason=headers.get(REASON_HEADER, ""),
+        routing_key=headers.get(ORIGINAL_ROUTING_KEY_HEADER, ""),
+        headers=headers,
+    )
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def declare_workflow_queue(amqp_url: str, namespace: str, workflow: str) -> None:
     """Declare the topology and a workflow's queue, as any Stepline process does."""
-    async with AmqpBroker(amqp_url, namespace) as broker:
+    async with connected_broker(amqp_url, namespace) as broker:
         await broker.ensure_workflow_queue(workflow)
+
+
+@asynccontextmanager
+async def connected_broker(amqp_url: str, namespace: str) -> AsyncIterator[Broker]:
+    """The broker the URL names (RabbitMQ or the embedded queue), connected, closed after use."""
+    broker = create_broker(amqp_url, namespace)
+    await broker.connect()
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+@asynccontextmanager
+async def embedded(amqp_url: str, namespace: str) -> AsyncIterator[EmbeddedBroker | None]:
+    """The embedded broker the URL names, connected; None for RabbitMQ."""
+    broker = create_broker(amqp_url, namespace)
+    if not isinstance(broker, EmbeddedBroker):
+        yield None
+        return
+    await broker.connect()
+    try:
+        yield broker
+    finally:
+        await broker.close()
 
 
 @asynccontextmanager
@@ -54,6 +92,10 @@ async def publish_raw(
     headers: Mapping[str, str] | None = None,
 ) -> None:
     """Publish ``body`` as is to the namespace's exchange (confirmed, mandatory)."""
+    async with embedded(amqp_url, namespace) as local:
+        if local is not None:
+            await local.publish(routing_key, body, headers)
+            return
     async with raw_channel(amqp_url) as channel:
         exchange = await channel.get_exchange(exchange_name(namespace), ensure=True)
         message = aio_pika.Message(body, headers=dict(headers or {}), content_type="application/json")
@@ -62,6 +104,9 @@ async def publish_raw(
 
 async def ready_messages(amqp_url: str, namespace: str, workflow: str) -> int:
     """How many messages wait in a workflow's queue (a passive declare)."""
+    async with embedded(amqp_url, namespace) as local:
+        if local is not None:
+            return (await local.queue_depths([workflow]))[workflow_queue_name(namespace, workflow)]
     async with raw_channel(amqp_url) as channel:
         queue = await channel.declare_queue(workflow_queue_name(namespace, workflow), passive=True)
         count = queue.declaration_result.message_count
@@ -74,6 +119,15 @@ async def take_dead_letters(
 ) -> list[DeadLetter]:
     """Take ``count`` messages from the dead-letter queue, waiting up to ``timeout`` for them."""
     taken: list[DeadLetter] = []
+    async with embedded(amqp_url, namespace) as local:
+        if local is not None:
+            kept = await eventually(
+                local.dead_letters,
+                check=lambda found: len(found) >= count,
+                timeout=timeout,
+                what=f"{count} dead letters",
+            )
+            return [_dead_letter(delivery.body, delivery.headers) for delivery in kept[:count]]
     async with raw_channel(amqp_url) as channel:
         queue = await channel.get_queue(dead_letter_queue_name(namespace), ensure=True)
 
@@ -83,14 +137,7 @@ async def take_dead_letters(
                 if message is None:
                     break
                 headers = {key: _text(value) for key, value in (message.headers or {}).items()}
-                taken.append(
-                    DeadLetter(
-                        body=message.body,
-                        reason=headers.get(REASON_HEADER, ""),
-                        routing_key=headers.get(ORIGINAL_ROUTING_KEY_HEADER, ""),
-                        headers=headers,
-                    )
-                )
+                taken.append(_dead_letter(message.body, headers))
             return len(taken)
 
         await eventually(take, check=lambda n: n >= count, timeout=timeout, what=f"{count} dead letters")
@@ -99,6 +146,9 @@ async def take_dead_letters(
 
 async def dead_letter_count(amqp_url: str, namespace: str) -> int:
     """How many messages wait in the dead-letter queue."""
+    async with embedded(amqp_url, namespace) as local:
+        if local is not None:
+            return len(await local.dead_letters())
     async with raw_channel(amqp_url) as channel:
         queue = await channel.declare_queue(dead_letter_queue_name(namespace), passive=True)
         count = queue.declaration_result.message_count

@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+import aiosqlite
 import psycopg
+import sqlalchemy as sa
 from psycopg.rows import dict_row
+
+from shared.db.engine import create_engine, is_sqlite, sqlite_path
+from shared.db.schema import timers, utc_now
+
+
+async def execute(database_url: str, statement: sa.Executable) -> list[sa.RowMapping]:
+    """Run a SQLAlchemy statement in its own transaction, on either backend, with typed values."""
+    engine = create_engine(database_url, pool_size=1, pre_ping=False)
+    try:
+        async with engine.begin() as conn:
+            result = await conn.execute(statement)
+            return list(result.mappings()) if result.returns_rows else []
+    finally:
+        await engine.dispose()
+
+
+async def time_passes(database_url: str, *, instance_id: str | None = None) -> None:
+    """Make every unfired timer (of one instance, if given) due a second ago, as if its time had come."""
+    statement = (
+        timers.update().where(timers.c.fired_at.is_(None)).values(fire_at=utc_now(timedelta(seconds=-1)))
+    )
+    if instance_id is not None:
+        statement = statement.where(timers.c.instance_id == instance_id)
+    await execute(database_url, statement)
 
 
 async def rows(database_url: str, sql: str, *params: Any) -> list[dict[str, Any]]:
-    """Run a query and return its rows as dicts."""
+    """Run a query and return its rows as dicts (on SQLite too, with ``%s`` placeholders)."""
+    if is_sqlite(database_url):
+        async with aiosqlite.connect(sqlite_path(database_url), timeout=30) as conn:
+            conn.row_factory = aiosqlite.Row
+            lite = await conn.execute(sql.replace("%s", "?"), params)
+            found = [dict(row) for row in await lite.fetchall()]
+            await conn.commit()
+            return found
     async with await psycopg.AsyncConnection.connect(
         database_url, autocommit=True, row_factory=dict_row
     ) as conn:

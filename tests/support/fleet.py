@@ -131,9 +131,12 @@ class ProcessFleet:
 def process_env(settings: Settings) -> dict[str, str]:
     """The environment a worker process of this test needs."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("STEPLINE_")}
+    if settings.embedded is not None:
+        env.update(STEPLINE_EMBEDDED=str(settings.embedded))
+    else:
+        env.update(STEPLINE_DATABASE_URL=settings.database, STEPLINE_AMQP_URL=settings.amqp)
     env.update(
-        STEPLINE_DATABASE_URL=settings.database,
-        STEPLINE_AMQP_URL=settings.amqp,
+        STEPLINE_TEST_SIDE_EFFECTS_URL=settings.database,
         STEPLINE_NAMESPACE=settings.namespace,
         STEPLINE_SCHEDULER__POLL_INTERVAL="100ms",
         STEPLINE_OUTBOX__SWEEP_INTERVAL="500ms",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import uuid
+from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
@@ -24,6 +26,26 @@ CREATE TABLE side_effects (
     at timestamptz NOT NULL DEFAULT clock_timestamp()
 )
 """
+
+
+SQLITE_SIDE_EFFECTS_DDL = """
+CREATE TABLE side_effects (
+    id INTEGER PRIMARY KEY,
+    instance_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker_pid INTEGER NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))
+)
+"""
+
+
+def create_embedded_state(database_url: str, path: Path) -> None:
+    """The embedded mode's state for one test: its tables, and the side-effect log."""
+    migrate.upgrade(database_url)
+    with sqlite3.connect(path) as conn:
+        conn.execute(SQLITE_SIDE_EFFECTS_DDL)
 
 
 def database_url(name: str) -> str:

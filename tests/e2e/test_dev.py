@@ -1,0 +1,165 @@
+"""``stepline dev``: workflows on local files that survive a SIGKILL, and the commands work against them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from shared.settings import Settings
+from tests.support import db
+from tests.support.cli import run
+from tests.support.fleet import BIN, ROOT, process_env
+from tests.support.polling import eventually
+
+pytestmark = pytest.mark.e2e
+
+# Addresses where nothing listens: the embedded mode must not need either service.
+NO_POSTGRES = "postgresql://postgres@127.0.0.1:1/nothing"
+NO_RABBITMQ = "amqp://guest:guest@127.0.0.1:1/nothing"
+
+
+@pytest.fixture
+def backend() -> str:
+    return "sqlite"
+
+
+@pytest.fixture
+def env(settings: Settings) -> dict[str, str]:
+    """The environment of `stepline dev` and of the commands: the state directory, dead service URLs."""
+    return {
+        **process_env(settings),
+        "STEPLINE_DATABASE_URL": NO_POSTGRES,
+        "STEPLINE_AMQP_URL": NO_RABBITMQ,
+    }
+
+
+@dataclass
+class Dev:
+    """``stepline dev`` runs; every process each run started is ended by its pid."""
+
+    env: dict[str, str]
+    state: Path
+    log: Path
+    runs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as out:
+            process = subprocess.Popen(
+                [str(BIN / "stepline"), "dev", "--workflows", "tests.workflows", "--state", str(self.state)],
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.runs.append(process)
+        return process
+
+    def member_pids(self) -> list[int]:
+        text = self.log.read_text()
+        return [int(pid) for pid in re.findall(r"fleet: (?:re)?started \S+ pid (\d+)", text)]
+
+    def crash(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the command and the worker and scheduler it started, as a power cut would."""
+        for pid in [process.pid, *self.member_pids()]:
+            _kill(pid)
+        process.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for process in self.runs:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for pid in self.member_pids():  # members run in their own sessions
+            _kill(pid)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def dev(settings: Settings, env: dict[str, str], tmp_path: Path) -> Iterator[Dev]:
+    assert settings.embedded is not None
+    running = Dev(env, settings.embedded, tmp_path / "dev.out")
+    try:
+        yield running
+    finally:
+        running.stop_all()
+
+
+async def _status(env: dict[str, str], instance_id: str) -> str:
+    result = await run(env, "stepline", "status", instance_id, "--json")
+    return str(result.json()["status"])
+
+
+async def test_dev_runs_workflows_that_survive_a_sigkill_and_serves_the_commands(
+    dev: Dev, env: dict[str, str], settings: Settings
+) -> None:
+    first = dev.start()
+    started = await run(env, "stepline", "start", "sleeper", "--params", '{"duration": "3s"}', "--json")
+    sleeper = started.json()["instance_id"]
+    waiting = await run(env, "stepline", "start", "approval", "--params", "{}", "--id", "needs-approval")
+    assert waiting.returncode == 0, waiting.output
+    await eventually(lambda: _status(env, sleeper), check=lambda s: s == "waiting", what="the sleep")
+    await eventually(lambda: _status(env, "needs-approval"), check=lambda s: s == "waiting", what="the wait")
+
+    # Kill everything mid-sleep and mid-wait, then start again on the same files.
+    dev.crash(first)
+    second = dev.start()
+    sent = await run(
+        env, "stepline", "send-event", "needs-approval", "approved", "--payload", '{"by": "ada"}'
+    )
+    assert sent.returncode == 0, sent.output
+
+    await eventually(
+        lambda: _status(env, sleeper), check=lambda s: s == "complete", timeout=60, what="sleeper"
+    )
+    await eventually(
+        lambda: _status(env, "needs-approval"), check=lambda s: s == "complete", timeout=60, what="approval"
+    )
+    history = (await run(env, "stepline", "history", "needs-approval", "--json")).json()
+    instance = history["instance"]
+    assert [step["name"] for step in instance["steps"]] == ["submit", "decision", "act"]
+    assert instance["output"]["decision"] == {"by": "ada"}
+    # The steps committed before the crash did not run again.
+    assert await db.side_effects(settings.database, "needs-approval", "submit") == 1
+    assert await db.side_effects(settings.database, sleeper, "after") == 1
+    listed = (await run(env, "stepline", "list", "--json")).json()
+    assert {item["id"] for item in listed} == {sleeper, "needs-approval"}
+
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=60) == 0, dev.log.read_text()
+    assert "stepline dev: state in" in dev.log.read_text()
+
+
+async def test_a_second_dev_on_the_same_state_is_refused_while_the_first_runs(
+    dev: Dev, env: dict[str, str]
+) -> None:
+    dev.start()
+    await eventually(lambda: _count_workers(dev), check=lambda n: n >= 1, what="the first worker")
+    ready = await run(
+        env, "stepline", "start", "sequence", "--params", json.dumps({"a": 1, "b": 2}), "--json"
+    )
+    instance_id = ready.json()["instance_id"]
+    await eventually(lambda: _status(env, instance_id), check=lambda s: s == "complete", what="a first run")
+    worker = await run(env, "stepline-worker", "--workflows", "tests.workflows", timeout=60)
+    assert worker.returncode != 0
+    assert "another process (pid" in worker.output and "is consuming" in worker.output
+
+
+async def _count_workers(dev: Dev) -> int:
+    return len(dev.member_pids())
