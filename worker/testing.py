@@ -5,6 +5,7 @@ executor over an in-memory history: steps run (or their stubs do), retries
 follow their policies, and time is virtual, so ``ctx.sleep("30 days")`` and
 retry back-offs complete at once. Time never skips past a pending event wait
 by itself: a test sends the event, or calls ``run.advance()`` to time it out.
+Child workflows run as runs of their own (``run.children``) on the same clock.
 
 ``check_replay`` replays a history recorded in production (``stepline history
 --json``) against the current code, so a deploy that would break running
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +33,7 @@ from worker.executor import StepAttemptFailed, StepExecutor, StepSucceeded
 from worker.replay.engine import Outcome, Replay, error_info, payload_problem
 from worker.retry import DEFAULT_RETRY_POLICY
 from worker.step_info import StepInfo
+from worker.waits import child_failure
 from worker.workflow import Workflow
 
 __all__ = ["HistoryEntry", "WorkflowEnvironment", "WorkflowRun", "check_replay"]
@@ -54,9 +56,15 @@ class WorkflowRun:
     """One workflow instance run by a ``WorkflowEnvironment``."""
 
     def __init__(
-        self, env: WorkflowEnvironment, workflow: Workflow[Any, Any], instance_id: str, params: JSON
+        self,
+        env: WorkflowEnvironment,
+        workflow: Workflow[Any, Any],
+        instance_id: str,
+        params: JSON,
+        parent: WorkflowRun | None = None,
     ) -> None:
         self._env = env
+        self._parent = parent
         self.workflow = workflow
         self.instance_id = instance_id
         self.params = params
@@ -66,6 +74,9 @@ class WorkflowRun:
         self.error: dict[str, Any] | None = None
         self.runs: Counter[str] = Counter()
         """How many times each step's code (or stub) ran, by step name."""
+        self.children: dict[str, WorkflowRun] = {}
+        """The child workflows this run started, by instance id (``<parent id>/<name>``)."""
+        self._started_children: list[WorkflowRun] = []
         self._records: dict[StepKey, StepRecord] = {}
         self._timers: dict[StepKey, datetime] = {}
         self._events: list[tuple[str, JSON]] = []
@@ -110,7 +121,18 @@ class WorkflowRun:
             self._settle(waiting.key, StepStatus.SUCCEEDED, result=payload)
         else:
             self._events.append((event_type, payload))
+        await self._run_on()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run completed or errored."""
+        return self.status in ("complete", "errored")
+
+    async def _run_on(self) -> None:
+        """Run this instance as far as it goes, then its parent, which may wait for it."""
         await self._advance()
+        if self._parent is not None:
+            await self._parent._run_on()
 
     # ------------------------------------------------------------ the loop
 
@@ -135,8 +157,12 @@ class WorkflowRun:
                 settled = self._record_new(replay)
             finally:
                 replay.close()
+            for child in self._started_children:
+                await child._advance()
+            self._started_children.clear()
+            settled = self._settle_finished_children() or settled
             if settled:
-                continue  # an event kept for a new wait was taken: replay again
+                continue  # an event kept for a new wait was taken, or a child ended: replay again
             if self._finish(outcome):
                 return
             running = [
@@ -173,7 +199,7 @@ class WorkflowRun:
         else:
             return
         self._skip_to(target)
-        await self._advance()
+        await self._run_on()
 
     def _record_new(self, replay: Replay) -> bool:
         settled = False
@@ -196,7 +222,8 @@ class WorkflowRun:
                 elif entry.timeout is not None:
                     self._timers[entry.key] = self._env.now + entry.timeout
             elif entry.kind == StepKind.CHILD:
-                raise NotImplementedError("ctx.child is not supported by WorkflowEnvironment yet")
+                status = StepStatus.WAITING
+                self._start_child(entry.detail or {}, entry.child_params)
             self._records[entry.key] = StepRecord(
                 entry.key[0],
                 entry.key[1],
@@ -209,6 +236,36 @@ class WorkflowRun:
                 fire_at,
                 entry.detail,
             )
+        return settled
+
+    def _start_child(self, detail: Mapping[str, Any], params: JSON) -> None:
+        name, child_id = str(detail.get("workflow")), str(detail.get("child_id"))
+        if child_id in self.children:
+            return  # a child with this id exists: as in the engine, it is not started twice
+        workflow = self._env.workflows.get(name)
+        if workflow is None:
+            raise LookupError(
+                f"{self.workflow.name!r} starts child workflow {name!r}: "
+                "pass it to WorkflowEnvironment(workflows=[...])"
+            )
+        child = WorkflowRun(self._env, workflow, child_id, params, parent=self)
+        self.children[child_id] = child
+        self._started_children.append(child)
+
+    def _settle_finished_children(self) -> bool:
+        settled = False
+        for record in list(self._records.values()):
+            if record.kind != StepKind.CHILD or record.status != StepStatus.WAITING:
+                continue
+            child = self.children[str((record.detail or {}).get("child_id"))]
+            if child.status == "complete":
+                self._settle(record.key, StepStatus.SUCCEEDED, result=child.output)
+            elif child.status == "errored":
+                error = child_failure(child.workflow.name, child.instance_id, child.status, child.error)
+                self._settle(record.key, StepStatus.FAILED, error=error)
+            else:
+                continue
+            settled = True
         return settled
 
     def _take_kept_event(self, replay: Replay, key: StepKey, event_type: str) -> tuple[str, JSON] | None:
@@ -283,6 +340,7 @@ class WorkflowEnvironment:
     Args:
         stubs: step name -> function to run instead of the step's own (same arguments).
         start_time: where the virtual clock starts (default: now).
+        workflows: the workflows that ``ctx.child`` may start, found by name.
     """
 
     def __init__(
@@ -291,8 +349,10 @@ class WorkflowEnvironment:
         stubs: Mapping[str, Callable[..., Any]] | None = None,
         start_time: datetime | None = None,
         payload_limit: int = 1024 * 1024,
+        workflows: Iterable[Workflow[Any, Any]] = (),
     ) -> None:
         self.stubs = dict(stubs or {})
+        self.workflows = {workflow.name: workflow for workflow in workflows}
         self.now = start_time or datetime.now(UTC)
         self.executor = StepExecutor(
             threads=4, default_timeout=timedelta(minutes=10), payload_limit=payload_limit

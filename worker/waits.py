@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from shared.codec import JSON
 from shared.db import queries
 from shared.db.queries import OutboxRow
 from shared.errors import BadPayloadError, EventTimeoutError
@@ -63,14 +64,20 @@ async def _settle_child(
             conn, history.instance_id, key, status=StepStatus.SUCCEEDED, result=child.output
         )
         return await _run_on(conn, planner, workflow, history, key, result=child.output)
-    cause = child.error or {}
-    reason = f"{cause.get('type')}: {cause.get('message')}" if cause else "no error recorded"
-    error = {
-        "type": "ChildWorkflowError",
-        "message": f"child workflow {child.workflow!r} ({child.id!r}) {child.status}: {reason}",
-    }
+    error = child_failure(child.workflow, child.id, str(child.status), child.error)
     await queries.settle_step(conn, history.instance_id, key, status=StepStatus.FAILED, error=error)
     return await _run_on(conn, planner, workflow, history, key, error=step_failed_error(key, 1, error))
+
+
+def child_failure(workflow: str, child_id: str, status: str, cause: JSON) -> dict[str, Any]:
+    """The error a parent's child entry records when the child ends without completing."""
+    reason = "no error recorded"
+    if isinstance(cause, dict) and cause:
+        reason = f"{cause.get('type')}: {cause.get('message')}"
+    return {
+        "type": "ChildWorkflowError",
+        "message": f"child workflow {workflow!r} ({child_id!r}) {status}: {reason}",
+    }
 
 
 async def deliver_event(

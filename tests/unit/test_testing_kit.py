@@ -237,3 +237,82 @@ def test_failed_steps_in_a_recorded_history_raise_in_the_workflow_as_they_did() 
 
     failed = [dict(RECORDED_STEPS[0], status="failed", result=None, error={"type": "E", "message": "m"})]
     check_replay(catches, _recorded(failed))
+
+
+# ---------------------------------------------------------------- children
+
+
+async def double(n: int) -> int:
+    return 2 * n
+
+
+async def refuse_card() -> str:
+    raise NonRetryableError("card declined")
+
+
+@workflow("kit-child")
+async def kit_child(ctx: Context, params: int) -> int:
+    await ctx.sleep("settle", "1 day")
+    return await ctx.step("double", double, params)
+
+
+@workflow("kit-child-approval")
+async def kit_child_approval(ctx: Context, params: None) -> str:
+    decision = await ctx.wait_for_event("sign-off", event_type="signed", payload_type=Decision)
+    return "signed" if decision.approved else "refused"
+
+
+@workflow("kit-child-failure")
+async def kit_child_failure(ctx: Context, params: None) -> str:
+    return await ctx.step("charge", refuse_card)
+
+
+@workflow("kit-parent")
+async def kit_parent(ctx: Context, params: int) -> dict[str, Any]:
+    doubled = await ctx.child("compute", kit_child, params)
+    signed = await ctx.child("approve", kit_child_approval, None)
+    try:
+        await ctx.child("charge", "kit-child-failure", None)
+    except StepFailedError as exc:
+        charge = exc.error_message
+    return {"doubled": doubled, "signed": signed, "charge": charge}
+
+
+async def test_children_run_on_the_same_clock_and_their_output_or_error_reaches_the_parent() -> None:
+    env = WorkflowEnvironment(workflows=[kit_child, kit_child_approval, kit_child_failure])
+    try:
+        run = await env.start(kit_parent, 21, instance_id="order-7")
+        assert run.status == "waiting"
+        assert list(run.children) == ["order-7/compute", "order-7/approve"]
+        assert run.children["order-7/compute"].status == "complete"
+        assert run.entry("compute").result == 42
+        approve = run.children["order-7/approve"]
+        assert approve.status == "waiting"
+
+        await approve.send_event("signed", {"approved": True})
+
+        assert run.status == "complete", run.error
+        assert run.output == {
+            "doubled": 42,
+            "signed": "signed",
+            "charge": (
+                "child workflow 'kit-child-failure' ('order-7/charge') errored: "
+                "StepFailedError: step 'charge' failed after 1 attempt: NonRetryableError: card declined"
+            ),
+        }
+        assert [(entry.name, entry.kind, entry.status) for entry in run.history] == [
+            ("compute", "child", "succeeded"),
+            ("approve", "child", "succeeded"),
+            ("charge", "child", "failed"),
+        ]
+    finally:
+        env.close()
+
+
+async def test_a_child_workflow_the_environment_does_not_know_is_named() -> None:
+    env = WorkflowEnvironment()
+    try:
+        with pytest.raises(LookupError, match=r"starts child workflow 'kit-child': pass it to"):
+            await env.start(kit_parent, 1)
+    finally:
+        env.close()
