@@ -17,7 +17,7 @@ import pytest
 from shared.settings import Settings
 from tests.support import db
 from tests.support.cli import run
-from tests.support.fleet import BIN, ROOT, process_env
+from tests.support.fleet import BIN, ROOT, process_env, terminate
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.e2e
@@ -75,13 +75,7 @@ class Dev:
 
     def stop_all(self) -> None:
         for process in self.runs:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            terminate(process)
         for pid in self.member_pids():  # members run in their own sessions
             _kill(pid)
 

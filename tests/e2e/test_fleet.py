@@ -13,7 +13,7 @@ import pytest
 
 from producer import Client, Producer
 from shared.settings import Settings
-from tests.support.fleet import BIN, ROOT, process_env
+from tests.support.fleet import BIN, ROOT, process_env, terminate
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.e2e
@@ -57,13 +57,7 @@ def fleet_process(settings: Settings, tmp_path: Path) -> Iterator[tuple[subproce
     try:
         yield process, output
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process)
         # Members run in their own sessions: a fleet that had to be killed leaves them behind.
         text = output.read_text()
         for pid in [*_pids(text, "started").values(), *_pids(text, "restarted").values()]:

@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractChannel
 
 from shared.broker import Broker, EmbeddedBroker, create_broker
 from shared.broker.connection import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
+from shared.db.engine import is_sqlite
 from shared.topology import dead_letter_queue_name, exchange_name, workflow_queue_name
 from tests.support.polling import eventually
 
@@ -63,15 +64,12 @@ async def connected_broker(amqp_url: str, namespace: str) -> AsyncIterator[Broke
 @asynccontextmanager
 async def embedded(amqp_url: str, namespace: str) -> AsyncIterator[EmbeddedBroker | None]:
     """The embedded broker the URL names, connected; None for RabbitMQ."""
-    broker = create_broker(amqp_url, namespace)
-    if not isinstance(broker, EmbeddedBroker):
+    if not is_sqlite(amqp_url):
         yield None
         return
-    await broker.connect()
-    try:
+    async with connected_broker(amqp_url, namespace) as broker:
+        assert isinstance(broker, EmbeddedBroker)
         yield broker
-    finally:
-        await broker.close()
 
 
 @asynccontextmanager

@@ -128,6 +128,18 @@ class ProcessFleet:
                 process.wait(timeout=10)
 
 
+def terminate(process: subprocess.Popen[bytes], *, grace_s: float = 30.0) -> None:
+    """SIGTERM a process if it still runs; SIGKILL it if it has not exited after ``grace_s``."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def process_env(settings: Settings) -> dict[str, str]:
     """The environment a worker process of this test needs."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("STEPLINE_")}
