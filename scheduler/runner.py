@@ -7,7 +7,9 @@ import contextlib
 import logging
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from scheduler.publisher import BackgroundPublisher
 from scheduler.timers import fire_due_timers, seconds_until_next
 from shared.broker import create_broker
 from shared.db.engine import create_engine
@@ -17,9 +19,51 @@ from shared.health import HealthServer
 from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
 from shared.retrying import retry_until
-from shared.settings import Settings
+from shared.settings import SchedulerSettings, Settings
 
 log = logging.getLogger("stepline.scheduler")
+
+
+async def fire_timers_until_stopped(
+    engine: AsyncEngine,
+    publisher: BackgroundPublisher,
+    settings: SchedulerSettings,
+    stopping: asyncio.Event,
+    *,
+    hooks: Hooks | None = None,
+) -> None:
+    """Claim due timers at the database's pace and hand their rows to ``publisher``.
+
+    A full batch means more are due: claim again at once. Otherwise sleep until
+    the next timer is due, at most ``poll_interval`` (another process may arm
+    an earlier one meanwhile).
+    """
+    poll = settings.poll_interval.total_seconds()
+    failing = False
+    while not stopping.is_set():
+        wait = poll
+        try:
+            rows = await fire_due_timers(engine, batch_size=settings.batch_size, hooks=hooks)
+            if failing:
+                log.info("database reachable again", extra={"event": "scheduler_recovered"})
+                failing = False
+            more_due = len(rows) == settings.batch_size
+            publisher.backlog(more_due)
+            if rows:
+                log.info("fired %d timers", len(rows), extra={"event": "timers_fired"})
+                await publisher.put(rows)
+            if more_due:
+                continue  # no pause
+            next_due = await seconds_until_next(engine)
+            if next_due is not None:
+                wait = max(0.0, min(poll, next_due))
+        except (SQLAlchemyError, OSError) as exc:
+            publisher.backlog(False)
+            if not failing:
+                log.warning("timer scan failed, retrying: %s", exc, extra={"event": "scheduler_db_error"})
+                failing = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=wait)
 
 
 async def run_scheduler(
@@ -32,7 +76,6 @@ async def run_scheduler(
     """Fire timers as they fall due until ``stopping`` is set."""
     engine = create_engine(settings.database, pool_size=3, pre_ping=False)
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
-    poll = settings.scheduler.poll_interval.total_seconds()
     try:
         await retry_until(
             broker.connect, what="RabbitMQ", deadline_s=startup_timeout_s, retry_on=(BrokerError,)
@@ -52,29 +95,16 @@ async def run_scheduler(
             )
             await health.start()
         sweeper = asyncio.create_task(relay.run_sweeper(stopping))
+        # Rows older than most of the sweeper's grace are left to it, not published twice.
+        publisher = BackgroundPublisher(
+            relay, stale_after_s=0.8 * settings.outbox.sweep_after.total_seconds()
+        )
+        publisher.start()
         log.info("scheduler started", extra={"event": "scheduler_started"})
-        failing = False
-        while not stopping.is_set():
-            wait = poll
-            try:
-                rows = await fire_due_timers(engine, batch_size=settings.scheduler.batch_size, hooks=hooks)
-                if rows:
-                    log.info("fired %d timers", len(rows), extra={"event": "timers_fired"})
-                    await relay.publish_committed(rows)
-                if len(rows) == settings.scheduler.batch_size:
-                    continue  # more are due: no pause
-                next_due = await seconds_until_next(engine)
-                if next_due is not None:
-                    wait = max(0.0, min(poll, next_due))
-                if failing:
-                    log.info("database reachable again", extra={"event": "scheduler_recovered"})
-                    failing = False
-            except (SQLAlchemyError, OSError) as exc:
-                if not failing:
-                    log.warning("timer scan failed, retrying: %s", exc, extra={"event": "scheduler_db_error"})
-                    failing = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=wait)
+        try:
+            await fire_timers_until_stopped(engine, publisher, settings.scheduler, stopping, hooks=hooks)
+        finally:
+            await publisher.close()
         await sweeper
         if health is not None:
             await health.stop()

@@ -19,7 +19,16 @@ async def fire_due_timers(
     ``FOR UPDATE SKIP LOCKED`` lets several schedulers share the work, and a
     timer is marked fired in the same transaction that queues its message, so
     it fires exactly once into the outbox, even if this process dies right after.
+    On PostgreSQL the claim, the update and the insert are one statement (one
+    round trip); other databases run them as three.
     """
+    if engine.dialect.name == "postgresql":
+        async with engine.begin() as conn:
+            fired = await queries.fire_due_timers_at_once(conn, limit=batch_size)
+        if hooks is not None:
+            for one in fired:
+                hooks.timer_fired(one.kind, one.fire_at, one.fired_at)
+        return [one.message for one in fired]
     async with engine.begin() as conn:
         due = await queries.claim_due_timers(conn, limit=batch_size)
         if not due:

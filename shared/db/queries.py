@@ -571,6 +571,87 @@ async def mark_timers_fired(conn: AsyncConnection, ids: Sequence[int]) -> None:
         await conn.execute(timers.update().where(timers.c.id.in_(ids)).values(fired_at=utc_now()))
 
 
+@dataclass(frozen=True, slots=True)
+class FiredTimer:
+    """A timer that ``fire_due_timers_at_once`` fired: what it was, when, and its queued message."""
+
+    kind: str
+    fire_at: datetime
+    fired_at: datetime
+    message: OutboxRow
+
+
+async def fire_due_timers_at_once(conn: AsyncConnection, *, limit: int) -> list[FiredTimer]:
+    """Claim, mark fired and queue up to ``limit`` due timers in one statement (PostgreSQL only).
+
+    The work of ``claim_due_timers``, ``mark_timers_fired`` and ``insert_outbox``
+    in one round trip: the due ids are locked (``SKIP LOCKED``, so schedulers
+    share them), marked fired, and each gets one outbox row. The outbox ids are
+    drawn from the outbox's own sequence in the ``UPDATE``, so each row comes
+    back with the kind and due time of its timer. PostgreSQL runs a data-modifying
+    CTE to completion even though the final ``SELECT`` does not read it.
+
+    ``fired_at`` is ``clock_timestamp()``, the moment each row is updated, not
+    ``now()``: that is the transaction's start, which would date a big batch's
+    last timers earlier than they were fired and flatter the lateness figures.
+    """
+    due = (
+        sa.select(timers.c.id)
+        .where(timers.c.fired_at.is_(None), timers.c.fire_at <= sa.func.now())
+        .order_by(timers.c.fire_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("due")
+    )
+    # Looked up once per statement (a scalar subquery), not once per row.
+    sequence = sa.select(sa.func.pg_get_serial_sequence(outbox.name, outbox.c.id.name)).scalar_subquery()
+    fired = (
+        timers.update()
+        .where(timers.c.id == due.c.id)
+        .values(fired_at=sa.func.clock_timestamp())
+        .returning(
+            sa.func.nextval(sequence).label("outbox_id"),
+            timers.c.kind,
+            timers.c.fire_at,
+            timers.c.fired_at,
+            timers.c.routing_key,
+            timers.c.body,
+            timers.c.headers,
+        )
+        .cte("fired")
+    )
+    queued = (
+        sa.insert(outbox)
+        .from_select(
+            ["id", "routing_key", "body", "headers"],
+            sa.select(fired.c.outbox_id, fired.c.routing_key, fired.c.body, fired.c.headers),
+        )
+        .cte("queued")
+    )
+    rows = (
+        await conn.execute(
+            sa.select(
+                fired.c.outbox_id,
+                fired.c.kind,
+                fired.c.fire_at,
+                fired.c.fired_at,
+                fired.c.routing_key,
+                fired.c.body,
+                fired.c.headers,
+            ).add_cte(queued)
+        )
+    ).all()
+    return [
+        FiredTimer(
+            row.kind,
+            row.fire_at,
+            row.fired_at,
+            OutboxRow(row.outbox_id, row.routing_key, row.body, row.headers),
+        )
+        for row in rows
+    ]
+
+
 async def seconds_until_next_timer(conn: AsyncConnection) -> float | None:
     """Seconds until the earliest unfired timer is due (negative if overdue); None if none."""
     if _is_sqlite(conn):

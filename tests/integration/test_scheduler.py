@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping
+from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from scheduler.publisher import BackgroundPublisher
+from scheduler.runner import fire_timers_until_stopped
 from scheduler.timers import fire_due_timers
+from shared.db import queries
 from shared.db.engine import create_engine
-from shared.settings import Settings
+from shared.errors import BrokerError
+from shared.outbox import OutboxRelay
+from shared.settings import OutboxSettings, SchedulerSettings, Settings
 from tests.support import db
+from tests.support.polling import eventually
 
 
 async def _arm_due_timers(database_url: str, count: int) -> None:
@@ -64,3 +72,172 @@ async def test_timers_not_yet_due_are_left_alone(settings: Settings) -> None:
         await engine.dispose()
     assert sorted(row.body for row in rows) == [b"1", b"3"]
     assert await db.scalar(settings.database, "SELECT count(*) FROM timers WHERE fired_at IS NULL") == 1
+
+
+async def _fire_at_once_until_none_left(engine: AsyncEngine, fired: list[queries.FiredTimer]) -> None:
+    while True:
+        async with engine.begin() as conn:
+            batch = await queries.fire_due_timers_at_once(conn, limit=11)
+        if not batch:
+            return
+        fired.extend(batch)
+        await asyncio.sleep(0)
+
+
+async def test_the_single_statement_fires_each_timer_once_into_one_outbox_row(settings: Settings) -> None:
+    await _arm_due_timers(settings.database, 400)
+    engines = [create_engine(settings.database, pool_size=2) for _ in range(2)]
+    fired: list[list[queries.FiredTimer]] = [[], []]
+    try:
+        await asyncio.gather(
+            *(_fire_at_once_until_none_left(engine, out) for engine, out in zip(engines, fired, strict=True))
+        )
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+    everything = fired[0] + fired[1]
+    assert fired[0] and fired[1], "both schedulers should have taken a share"
+    assert sorted(int(timer.message.body) for timer in everything) == list(range(1, 401))
+    assert all(timer.kind == "sleep" and timer.fired_at >= timer.fire_at for timer in everything)
+    assert await db.scalar(settings.database, "SELECT count(*) FROM timers WHERE fired_at IS NULL") == 0
+    # One outbox row per timer, with the id, routing key and body the statement handed back.
+    queued = await db.rows(settings.database, "SELECT id, routing_key, body FROM outbox")
+    assert sorted((row["id"], row["routing_key"], bytes(row["body"])) for row in queued) == sorted(
+        (timer.message.id, timer.message.routing_key, timer.message.body) for timer in everything
+    )
+
+
+class _Broker:
+    """A publisher whose publishes hang until ``release`` is set, or fail, or succeed at once."""
+
+    def __init__(self, *, hang: bool = False, fail: bool = False) -> None:
+        self.release = asyncio.Event()
+        if not hang:
+            self.release.set()
+        self.fail = fail
+        self.sent: list[bytes] = []
+
+    async def publish(self, routing_key: str, body: bytes, headers: Mapping[str, str] | None) -> None:
+        await self.release.wait()
+        if self.fail:
+            raise BrokerError("the broker is down")
+        self.sent.append(body)
+
+
+async def _fire_with(
+    engine: AsyncEngine,
+    publisher: BackgroundPublisher,
+    settings: Settings,
+    *,
+    on_stop: Callable[[], None] = lambda: None,
+    drain_s: float = 0.5,
+) -> None:
+    """Run the claim loop until every timer is fired, then stop it and the publisher."""
+    stopping = asyncio.Event()
+    loop = asyncio.create_task(
+        fire_timers_until_stopped(
+            engine,
+            publisher,
+            SchedulerSettings(batch_size=10, poll_interval=timedelta(milliseconds=50)),
+            stopping,
+        )
+    )
+    try:
+        await eventually(
+            lambda: db.scalar(settings.database, "SELECT count(*) FROM timers WHERE fired_at IS NULL"),
+            check=lambda left: left == 0,
+            what="every timer to fire",
+        )
+    finally:
+        stopping.set()
+        await loop
+        on_stop()
+        await publisher.close(timeout_s=drain_s)
+
+
+async def _sweep_everything(engine: AsyncEngine) -> list[bytes]:
+    broker = _Broker()
+    relay = OutboxRelay(engine, broker, OutboxSettings(sweep_after=timedelta(0)))
+    while await relay.sweep_once():
+        pass
+    return broker.sent
+
+
+async def test_the_scheduler_keeps_firing_while_the_broker_hangs_and_the_sweeper_gets_the_rest(
+    settings: Settings,
+) -> None:
+    await _arm_due_timers(settings.database, 200)
+    engine = create_engine(settings.database, pool_size=3)
+    broker = _Broker(hang=True)
+    publisher = BackgroundPublisher(
+        OutboxRelay(engine, broker, settings.outbox), stale_after_s=60, max_rows=30, room_wait_s=0.05
+    )
+    publisher.start()
+    try:
+        # Publishing inline, the first batch would wait for the broker forever: all 200 fire anyway.
+        await _fire_with(engine, publisher, settings)
+        assert broker.sent == []
+        assert await db.scalar(settings.database, "SELECT count(*) FROM outbox") == 200
+        swept = await _sweep_everything(engine)
+    finally:
+        broker.release.set()
+        await engine.dispose()
+    # Nothing was lost: the sweeper published every message the hanging broker never took.
+    assert sorted(int(body) for body in swept) == list(range(1, 201))
+
+
+async def test_messages_a_failing_broker_refused_stay_in_the_outbox(settings: Settings) -> None:
+    await _arm_due_timers(settings.database, 100)
+    engine = create_engine(settings.database, pool_size=3)
+    publisher = BackgroundPublisher(
+        OutboxRelay(engine, _Broker(fail=True), settings.outbox), stale_after_s=60
+    )
+    publisher.start()
+    try:
+        await _fire_with(engine, publisher, settings)
+        assert publisher.waiting == 0
+        swept = await _sweep_everything(engine)
+    finally:
+        await engine.dispose()
+    assert sorted(int(body) for body in swept) == list(range(1, 101))
+
+
+async def test_a_stopping_scheduler_publishes_what_it_fired(settings: Settings) -> None:
+    await _arm_due_timers(settings.database, 150)
+    engine = create_engine(settings.database, pool_size=3)
+    broker = _Broker(hang=True)
+    publisher = BackgroundPublisher(OutboxRelay(engine, broker, settings.outbox), stale_after_s=60)
+    publisher.start()
+    try:
+        # Everything is fired while the broker hangs; it answers once the scheduler is stopping.
+        await _fire_with(engine, publisher, settings, on_stop=broker.release.set, drain_s=30)
+        left = await db.scalar(settings.database, "SELECT count(*) FROM outbox")
+    finally:
+        await engine.dispose()
+    assert sorted(int(body) for body in broker.sent) == list(range(1, 151))
+    assert left == 0
+
+
+async def test_rows_are_not_held_back_past_the_sweepers_grace_during_a_long_backlog(
+    settings: Settings,
+) -> None:
+    engine = create_engine(settings.database, pool_size=2)
+    broker = _Broker()
+    # A short grace: rows may wait 0.4s, less than the publisher holds back for a burst (1s).
+    publisher = BackgroundPublisher(OutboxRelay(engine, broker, settings.outbox), stale_after_s=0.8)
+    publisher.start()
+    accepted = []
+    try:
+        publisher.backlog(True)  # the claim loop keeps finding full batches
+        for n in range(30):
+            batch = [
+                queries.OutboxRow(-(10 * n + i), "wake.wf", b"%d" % (10 * n + i), None) for i in range(10)
+            ]
+            accepted.append(await publisher.put(batch))
+            await asyncio.sleep(0.05)
+        await publisher.close(timeout_s=30)
+    finally:
+        await engine.dispose()
+    assert all(accepted), "no batch should have been left to the sweeper"
+    assert sorted(int(body) for body in broker.sent) == list(range(300))
