@@ -21,6 +21,9 @@ from shared.settings import OutboxSettings
 
 log = logging.getLogger("stepline.outbox")
 
+DELETE_DELAY_S = 0.005
+"""How long confirmed rows gather before one statement deletes them (capped at sweep_after / 10)."""
+
 
 class OutboxRelay:
     """Moves outbox rows to the broker; a row is deleted only after its publish is confirmed.
@@ -43,19 +46,69 @@ class OutboxRelay:
         self._publisher = publisher
         self._settings = settings
         self._outage = Outage("publishing outbox rows", log)
+        # Confirmed rows wait here to be deleted in batches (see start_batching_deletes).
+        self._confirmed: list[int] = []
+        self._confirmed_added = asyncio.Event()
+        self._deleter: asyncio.Task[None] | None = None
+        self._delete_delay_s = min(DELETE_DELAY_S, settings.sweep_after.total_seconds() / 10)
 
     async def publish_committed(self, rows: Sequence[OutboxRow]) -> None:
         """Fast path: publish rows right after their commit; failures are left for the sweeper."""
         if not rows:
             return
         sent = await self._publish(rows)
-        if sent:
+        if not sent:
+            return
+        if self._deleter is not None:
+            self._confirmed.extend(sent)
+            self._confirmed_added.set()
+            return
+        await self._delete_sent(sent)
+
+    def start_batching_deletes(self) -> None:
+        """Delete the fast path's confirmed rows from a background task, many in one statement.
+
+        ``publish_committed`` then returns once the broker confirmed, and one
+        transaction every few milliseconds forgets all the rows confirmed
+        meanwhile, instead of one transaction per call. A row whose delete is
+        still pending (or lost in a crash) is only republished by the sweeper
+        once it is ``sweep_after`` old, far longer than the wait; consumers are
+        idempotent either way. ``stop_batching_deletes`` deletes what is left.
+        """
+        if self._deleter is None:
+            self._deleter = asyncio.create_task(self._delete_in_batches())
+
+    async def stop_batching_deletes(self) -> None:
+        """Delete the rows confirmed so far and stop the background task (deletes are direct again)."""
+        deleter, self._deleter = self._deleter, None
+        if deleter is None:
+            return
+        self._confirmed_added.set()
+        await deleter
+
+    async def _delete_in_batches(self) -> None:
+        while True:
+            await self._confirmed_added.wait()
+            if self._deleter is not None:
+                await asyncio.sleep(self._delete_delay_s)  # let the rows of concurrent steps gather
+            self._confirmed_added.clear()
+            sent, self._confirmed = self._confirmed, []
             try:
-                async with self._engine.begin() as conn:
-                    await queries.delete_outbox(conn, sent)
-            except SQLAlchemyError as exc:
-                # Published but not deleted: the sweeper will publish them again, harmlessly.
-                log.warning("outbox delete failed: %s", exc, extra={"event": "outbox_delete_failed"})
+                await self._delete_sent(sent)
+            except Exception:  # a background loop's edge: the sweeper covers undeleted rows
+                log.exception("outbox delete crashed", extra={"event": "outbox_delete_failed"})
+            if self._deleter is None and not self._confirmed:
+                return
+
+    async def _delete_sent(self, sent: list[int]) -> None:
+        if not sent:
+            return
+        try:
+            async with self._engine.begin() as conn:
+                await queries.delete_outbox(conn, sent)
+        except (SQLAlchemyError, OSError) as exc:
+            # Published but not deleted: the sweeper will publish them again, harmlessly.
+            log.warning("outbox delete failed: %s", exc, extra={"event": "outbox_delete_failed"})
 
     async def sweep_once(self) -> int:
         """Republish rows older than the fast path's grace; returns how many were sent."""

@@ -54,11 +54,13 @@ async def run_worker(
         payload_limit=settings.max_payload_bytes,
     )
     in_flight: set[asyncio.Task[Any]] = set()
+    relay: OutboxRelay | None = None
     try:
         await retry_until(
             broker.connect, what="RabbitMQ", deadline_s=startup_timeout_s, retry_on=(BrokerError,)
         )
         relay = OutboxRelay(engine, broker, settings.outbox, hooks=hooks)
+        relay.start_batching_deletes()
         handler = MessageHandler(
             engine=engine,
             relay=relay,
@@ -119,6 +121,8 @@ async def run_worker(
         if health is not None:
             await health.stop()
     finally:
+        if relay is not None:
+            await relay.stop_batching_deletes()  # forget what in-flight steps published
         await broker.close()
         executor.shutdown()
         await engine.dispose()
