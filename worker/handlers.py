@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from shared import faults
 from shared.broker import Delivery
 from shared.db import queries
+from shared.db.engine import single_statement_engine
 from shared.db.queries import OutboxRow
 from shared.errors import BadPayloadError, BrokerError, InvalidParamsError, UnknownWorkflowError
 from shared.history import History, ParentLink
@@ -68,6 +69,7 @@ class MessageHandler:
     ) -> None:
         self._hooks = hooks or NoHooks()
         self._engine = engine
+        self._single_statements = single_statement_engine(engine)
         self._relay = relay
         self._dead_letter = dead_letter
         self._workflows = workflows
@@ -170,33 +172,58 @@ class MessageHandler:
             if message.parent
             else None
         )
-        async with self._engine.begin() as conn:
-            trace_context = self._hooks.instance_started(workflow.name, message.instance_id, headers)
-            created = await queries.insert_instance(
-                conn,
-                instance_id=message.instance_id,
-                workflow=workflow.name,
-                params=message.params,
-                trace_context=trace_context,
-                parent=parent,
-            )
-            if not created:
-                return await self._duplicate_start(conn, message, parent)
-            history = History(
-                instance_id=message.instance_id,
-                workflow=workflow.name,
-                status=InstanceStatus.RUNNING,
-                params=message.params,
-                version=0,
-                trace_context=trace_context,
-                parent=parent,
-                created_at=datetime.now(UTC),
-            )
-            replay = Replay(workflow, history)
-            try:
-                rows = await self._planner.apply(conn, history, replay, replay.start())
-            finally:
-                replay.close()
+        trace_context = self._hooks.instance_started(workflow.name, message.instance_id, headers)
+        history = History(
+            instance_id=message.instance_id,
+            workflow=workflow.name,
+            status=InstanceStatus.RUNNING,
+            params=message.params,
+            version=0,
+            trace_context=trace_context,
+            parent=parent,
+            created_at=datetime.now(UTC),
+        )
+        replay = Replay(workflow, history)
+        try:
+            outcome = replay.start()
+            transition = self._planner.plan_unlocked(history, replay, outcome)
+            if transition is not None:
+                # The usual start: one statement, no transaction around it (see queries.start_instance).
+                async with self._single_statements.begin() as conn:
+                    started = await queries.start_instance(
+                        conn,
+                        instance_id=message.instance_id,
+                        workflow=workflow.name,
+                        params=message.params,
+                        trace_context=trace_context,
+                        parent=parent,
+                        new_steps=transition.new_steps,
+                        status=transition.status,
+                        output=transition.output,
+                        error=transition.error,
+                        messages=transition.messages,
+                    )
+                if started is None:
+                    async with self._engine.begin() as conn:
+                        return await self._duplicate_start(conn, message, parent)
+                rows = started
+                if transition.status.is_finished:
+                    self._planner.report_finished(history, outcome, transition.status)
+            else:
+                async with self._engine.begin() as conn:
+                    created = await queries.insert_instance(
+                        conn,
+                        instance_id=message.instance_id,
+                        workflow=workflow.name,
+                        params=message.params,
+                        trace_context=trace_context,
+                        parent=parent,
+                    )
+                    if not created:
+                        return await self._duplicate_start(conn, message, parent)
+                    rows = await self._planner.apply(conn, history, replay, outcome)
+        finally:
+            replay.close()
         log.info("instance started", extra={"event": "instance_started", "instance_id": message.instance_id})
         return rows
 

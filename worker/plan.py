@@ -22,6 +22,17 @@ Message = tuple[str, bytes, dict[str, str] | None]
 
 
 @dataclass(frozen=True, slots=True)
+class Transition:
+    """Everything an outcome writes, when none of it depends on a read under the instance lock."""
+
+    new_steps: list[NewStep]
+    status: InstanceStatus
+    messages: list[Message]
+    output: JSON = None
+    error: JSON = None
+
+
+@dataclass(frozen=True, slots=True)
 class Planner:
     """Turns replay outcomes into rows; knows the payload limit and who to tell."""
 
@@ -53,6 +64,46 @@ class Planner:
 
     # ------------------------------------------------------------ applying
 
+    def plan_unlocked(self, history: History, replay: Replay, outcome: Outcome) -> Transition | None:
+        """What ``apply`` would write for ``outcome``, if that needs no read under the lock; else None.
+
+        New steps, recorded values, child starts and a returned output qualify.
+        Sleeps (their timers take the fire time the database gives the entry),
+        event waits (which may take a stored event), errors and paused instances
+        go through ``apply``.
+        """
+        if outcome.kind not in ("blocked", "returned") or history.status == InstanceStatus.PAUSED:
+            return None
+        entries = replay.new_entries
+        if any(entry.kind in (StepKind.SLEEP, StepKind.EVENT) for entry in entries):
+            return None
+        new_steps = [
+            _new_step(entry, history.next_position + index, {}) for index, entry in enumerate(entries)
+        ]
+        if outcome.kind == "returned":
+            status, output, error = self._ending(outcome)
+            return Transition(new_steps, status, self.parent_wake(history.parent), output, error)
+        messages = [
+            self.step_message(history, entry.key, 1)
+            if entry.kind == StepKind.STEP
+            else self._child_start(history, entry)
+            for entry in entries
+            if entry.kind in (StepKind.STEP, StepKind.CHILD)
+        ]
+        status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
+        return Transition(new_steps, status, messages)
+
+    def report_finished(self, history: History, outcome: Outcome, status: InstanceStatus) -> None:
+        """Tell the hooks an instance ended (once its transaction has the final status)."""
+        self.hooks.instance_finished(
+            history.workflow,
+            history.instance_id,
+            history.trace_context,
+            status,
+            history.created_at,
+            outcome.error if status == InstanceStatus.ERRORED else None,
+        )
+
     async def apply(
         self, conn: AsyncConnection, history: History, replay: Replay, outcome: Outcome
     ) -> list[OutboxRow]:
@@ -62,14 +113,17 @@ class Planner:
         if outcome.kind in ("diverged", "raised"):
             # Only recorded values are kept; nothing new starts after an error.
             entries = [entry for entry in entries if entry.kind == StepKind.VALUE]
-        fire_times = await queries.insert_steps(
-            conn,
-            history.instance_id,
-            [_new_step(entry, history.next_position + index, matched) for index, entry in enumerate(entries)],
-        )
+        new_steps = [
+            _new_step(entry, history.next_position + index, matched) for index, entry in enumerate(entries)
+        ]
         if outcome.kind != "blocked":
-            return await self._finish(conn, history, outcome)
+            return await self._finish(conn, history, outcome, new_steps)
 
+        # A sleep's timer fires when its entry says: only then are the entries inserted on their own.
+        fire_times: dict[StepKey, Any] = {}
+        if any(entry.kind == StepKind.SLEEP for entry in entries):
+            fire_times = await queries.insert_steps(conn, history.instance_id, new_steps)
+            new_steps = []
         paused = history.status == InstanceStatus.PAUSED
         messages: list[Message] = []
         timers: list[NewTimer] = []
@@ -89,8 +143,9 @@ class Planner:
             status = InstanceStatus.PAUSED  # a resume sends what it holds back
         else:
             status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
-        await queries.update_instance(conn, history.instance_id, status=status)
-        return await queries.insert_outbox(conn, messages)
+        return await queries.write_transition(
+            conn, history.instance_id, new_steps=new_steps, status=status, messages=messages
+        )
 
     async def _hand_stored_events(
         self, conn: AsyncConnection, history: History, replay: Replay, outcome: Outcome
@@ -121,29 +176,34 @@ class Planner:
                 outcome = replay.resolve(entry.key, claimed.payload)
         return outcome, matched
 
-    async def _finish(self, conn: AsyncConnection, history: History, outcome: Outcome) -> list[OutboxRow]:
+    async def _finish(
+        self, conn: AsyncConnection, history: History, outcome: Outcome, new_steps: list[NewStep]
+    ) -> list[OutboxRow]:
         instance_id = history.instance_id
-        output, error, status = None, None, InstanceStatus.COMPLETE
+        status, output, error = self._ending(outcome)
+        await queries.cancel_timers(conn, instance_id)
+        rows = await queries.write_transition(
+            conn,
+            instance_id,
+            new_steps=new_steps,
+            status=status,
+            output=output,
+            error=error,
+            messages=self.parent_wake(history.parent),
+        )
+        self.report_finished(history, outcome, status)
+        return rows
+
+    def _ending(self, outcome: Outcome) -> tuple[InstanceStatus, JSON, JSON]:
+        """The final status, output and error of a returned or failed replay."""
         if outcome.kind == "returned":
             try:
                 codec.encode(outcome.output, limit=self.payload_limit, what="the workflow's output")
-                output = codec.scrub_nul(outcome.output)
             except PayloadTooLargeError as exc:
-                error, status = instance_error(exc), InstanceStatus.ERRORED
-        else:
-            assert outcome.error is not None
-            error, status = instance_error(outcome.error), InstanceStatus.ERRORED
-        await queries.update_instance(conn, instance_id, status=status, output=output, error=error)
-        await queries.cancel_timers(conn, instance_id)
-        self.hooks.instance_finished(
-            history.workflow,
-            instance_id,
-            history.trace_context,
-            status,
-            history.created_at,
-            outcome.error if status == InstanceStatus.ERRORED else None,
-        )
-        return await queries.insert_outbox(conn, self.parent_wake(history.parent))
+                return InstanceStatus.ERRORED, None, instance_error(exc)
+            return InstanceStatus.COMPLETE, codec.scrub_nul(outcome.output), None
+        assert outcome.error is not None
+        return InstanceStatus.ERRORED, None, instance_error(outcome.error)
 
     def parent_wake(self, parent: ParentLink | None) -> list[Message]:
         """The message telling a parent step that its child finished (none without a parent)."""

@@ -8,15 +8,16 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.db import queries
+from shared.db.engine import single_statement_engine
 from shared.db.queries import NewTimer, OutboxRow
 from shared.errors import NonDeterminismError
 from shared.history import History, StepKey, format_key
 from shared.hooks import AttemptEnd
 from shared.messages import StepMessage
 from shared.states import InstanceStatus, StepKind, StepStatus
-from worker.executor import StepAttemptFailed, StepExecutor, StepResult, StepSucceeded
-from worker.plan import Planner, instance_error
-from worker.replay.engine import Replay, step_failed_error
+from worker.executor import StepExecutor, StepResult, StepSucceeded
+from worker.plan import Planner, Transition, instance_error
+from worker.replay.engine import Outcome, Replay, step_failed_error
 from worker.retry import DEFAULT_RETRY_POLICY
 from worker.step_info import StepInfo
 from worker.workflow import Workflow
@@ -31,6 +32,7 @@ class StepRunner:
         self, *, engine: AsyncEngine, planner: Planner, executor: StepExecutor, worker_id: str
     ) -> None:
         self._engine = engine
+        self._reader = single_statement_engine(engine)
         self._planner = planner
         self._executor = executor
         self._worker_id = worker_id
@@ -38,7 +40,7 @@ class StepRunner:
     async def run(self, workflow: Workflow[Any, Any], message: StepMessage) -> list[OutboxRow]:
         """Run the attempt the message names, if it is still the current one; commit it."""
         key: StepKey = (message.step, message.occurrence)
-        async with self._engine.connect() as conn:
+        async with self._reader.connect() as conn:  # one statement: no transaction needed
             history = await queries.load_history(conn, message.instance_id)
         if history is None or not is_current(history, key, message):
             return []
@@ -69,18 +71,30 @@ class StepRunner:
                         "attempt": message.attempt,
                     },
                 )
+            values = replay.values  # recorded before the step ran: a newer replay keeps them
+            resolved: Outcome | None = None
+            stale = False
+            if isinstance(result, StepSucceeded):
+                resolved = replay.resolve(key, result.result)
+                transition = self._planner.plan_unlocked(history, replay, resolved)
+                if transition is not None:
+                    rows = await self._commit_at_version(history, key, message.attempt, result, transition)
+                    if rows is not None:
+                        if transition.status.is_finished:
+                            self._planner.report_finished(history, resolved, transition.status)
+                        return rows
+                    stale = True  # the history moved on: the newer one is replayed under the lock below
             async with self._engine.begin() as conn:
                 lock = await queries.lock_instance(conn, history.instance_id)
                 if lock is None or lock.status.is_finished:
                     return []
-                if lock.version != history.version:
+                if lock.version != history.version or stale:
                     # The history changed meanwhile (a parallel step committed, a pause):
                     # replay the newer one before planning what comes next.
                     fresh = await queries.load_history(conn, history.instance_id)
                     assert fresh is not None
                     if not is_current(fresh, key, message, running_in_paused=True):
                         return []
-                    values = replay.values
                     replay.close()
                     history, replay = fresh, Replay(workflow, fresh, carried_values=values)
                     outcome = replay.start()
@@ -93,9 +107,38 @@ class StepRunner:
                             error=instance_error(error),
                         )
                         return []
-                return await self._commit_attempt(conn, history, replay, key, message.attempt, result)
+                    resolved = None
+                return await self._commit_attempt(
+                    conn, history, replay, key, message.attempt, result, resolved
+                )
         finally:
             replay.close()
+
+    async def _commit_at_version(
+        self, history: History, key: StepKey, attempt: int, result: StepSucceeded, transition: Transition
+    ) -> list[OutboxRow] | None:
+        """The whole commit of a succeeded attempt without a lock round trip; None if the history moved on.
+
+        On PostgreSQL one statement, outside any transaction: it writes only if the
+        instance is still at the version this worker replayed (see commit_succeeded_step).
+        """
+        async with self._reader.begin() as conn:
+            return await queries.commit_succeeded_step(
+                conn,
+                history.instance_id,
+                key,
+                version=history.version,
+                attempt=attempt,
+                worker=self._worker_id,
+                result=result.result,
+                started_at=result.started_at,
+                finished_at=result.finished_at,
+                new_steps=transition.new_steps,
+                status=transition.status,
+                output=transition.output,
+                error=transition.error,
+                messages=transition.messages,
+            )
 
     async def _commit_attempt(
         self,
@@ -105,41 +148,17 @@ class StepRunner:
         key: StepKey,
         attempt: int,
         result: StepResult,
+        resolved: Outcome | None = None,
     ) -> list[OutboxRow]:
+        """Record the attempt and plan what follows; ``resolved`` is what the replay did with a success."""
         instance_id = history.instance_id
-        error = result.error if isinstance(result, StepAttemptFailed) else None
-        await queries.insert_attempt(
-            conn,
-            instance_id,
-            key,
-            attempt=attempt,
-            worker=self._worker_id,
-            outcome="succeeded" if isinstance(result, StepSucceeded) else result.outcome,
-            error=error,
-            started_at=result.started_at,
-            finished_at=result.finished_at,
-        )
         if isinstance(result, StepSucceeded):
-            await queries.settle_step(
-                conn,
-                instance_id,
-                key,
-                status=StepStatus.SUCCEEDED,
-                result=result.result,
-                started_at=result.started_at,
-            )
-            return await self._planner.apply(conn, history, replay, replay.resolve(key, result.result))
+            await self._record(conn, instance_id, key, attempt, result, StepStatus.SUCCEEDED)
+            outcome = resolved if resolved is not None else replay.resolve(key, result.result)
+            return await self._planner.apply(conn, history, replay, outcome)
         policy = replay.calls[key].retry or DEFAULT_RETRY_POLICY
         if result.is_retryable and policy.allows_retry_after(attempt):
-            await queries.settle_step(
-                conn,
-                instance_id,
-                key,
-                status=StepStatus.RETRYING,
-                error=result.error,
-                attempt=attempt + 1,
-                started_at=result.started_at,
-            )
+            await self._record(conn, instance_id, key, attempt, result, StepStatus.RETRYING, retry=True)
             routing_key, body, headers = self._planner.step_message(history, key, attempt + 1)
             timer = NewTimer(
                 key, attempt + 1, "retry", routing_key, body, headers, delay=policy.delay_after(attempt)
@@ -147,11 +166,36 @@ class StepRunner:
             await queries.insert_timers(conn, instance_id, [timer])
             await queries.update_instance(conn, instance_id, status=_status_after_retry(history))
             return []
-        await queries.settle_step(
-            conn, instance_id, key, status=StepStatus.FAILED, error=result.error, started_at=result.started_at
-        )
+        await self._record(conn, instance_id, key, attempt, result, StepStatus.FAILED)
         outcome = replay.fail(key, step_failed_error(key, attempt, result.error))
         return await self._planner.apply(conn, history, replay, outcome)
+
+    async def _record(
+        self,
+        conn: AsyncConnection,
+        instance_id: str,
+        key: StepKey,
+        attempt: int,
+        result: StepResult,
+        status: StepStatus,
+        *,
+        retry: bool = False,
+    ) -> None:
+        """Store the attempt and the step's new status (with the next attempt number for a retry)."""
+        await queries.record_attempt(
+            conn,
+            instance_id,
+            key,
+            attempt=attempt,
+            worker=self._worker_id,
+            outcome="succeeded" if isinstance(result, StepSucceeded) else result.outcome,
+            started_at=result.started_at,
+            finished_at=result.finished_at,
+            status=status,
+            result=result.result if isinstance(result, StepSucceeded) else None,
+            error=None if isinstance(result, StepSucceeded) else result.error,
+            next_attempt=attempt + 1 if retry else None,
+        )
 
     async def _commit_error(self, history: History, error: BaseException) -> list[OutboxRow]:
         async with self._engine.begin() as conn:

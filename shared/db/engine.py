@@ -94,3 +94,15 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 def _on_sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def single_statement_engine(engine: AsyncEngine) -> AsyncEngine:
+    """The same pool, for reads of one statement: on PostgreSQL in autocommit mode.
+
+    One statement is atomic on its own, so it needs no transaction: autocommit
+    spares the ``BEGIN`` and ``ROLLBACK`` round trips around it. SQLite keeps
+    the engine as it is (its connection's transactions are set up above).
+    """
+    if engine.dialect.name == "sqlite":
+        return engine
+    return engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -78,14 +79,16 @@ class InstanceLock:
 
 async def lock_instance(conn: AsyncConnection, instance_id: str) -> InstanceLock | None:
     """Lock an instance row for this transaction; None if there is no such instance."""
-    row = (
-        await conn.execute(
-            sa.select(instances.c.status, instances.c.version)
-            .where(instances.c.id == instance_id)
-            .with_for_update()
-        )
-    ).first()
+    row = (await conn.execute(_LOCK_INSTANCE, {"instance_id": instance_id})).first()
     return None if row is None else InstanceLock(InstanceStatus(row.status), row.version)
+
+
+# Built once: a hot statement's cache key and compiled form are then reused, not rebuilt per call.
+_LOCK_INSTANCE = (
+    sa.select(instances.c.status, instances.c.version)
+    .where(instances.c.id == sa.bindparam("instance_id"))
+    .with_for_update()
+)
 
 
 async def update_instance(
@@ -98,12 +101,419 @@ async def update_instance(
     error: JSON = None,
 ) -> None:
     """Set an instance's status (and output or error when it finishes)."""
+    await conn.execute(_instance_update(instance_id, status, bump_version, output, error))
+
+
+def _instance_update(
+    instance_id: str, status: InstanceStatus, bump_version: bool, output: JSON, error: JSON
+) -> sa.Update:
     values: dict[str, Any] = {"status": status, "updated_at": utc_now()}
     if bump_version:
         values["version"] = instances.c.version + 1
     if status.is_finished:
         values.update(output=output, error=error, finished_at=utc_now())
-    await conn.execute(instances.update().where(instances.c.id == instance_id).values(values))
+    return instances.update().where(instances.c.id == instance_id).values(values)
+
+
+# ---------------------------------------------------------------- transitions in one statement
+#
+# The worker's hot path: what a transaction of several statements would write,
+# as one PostgreSQL statement of data-modifying WITH parts (one round trip, no
+# BEGIN/COMMIT). SQLite has no such statements: there each function runs the
+# plain queries one by one, in the caller's transaction.
+
+
+async def write_transition(
+    conn: AsyncConnection,
+    instance_id: str,
+    *,
+    new_steps: Sequence[NewStep] = (),
+    status: InstanceStatus,
+    output: JSON = None,
+    error: JSON = None,
+    messages: Sequence[tuple[str, bytes, dict[str, str] | None]] = (),
+) -> list[OutboxRow]:
+    """``insert_steps`` + ``update_instance`` + ``insert_outbox``, in one statement on PostgreSQL.
+
+    For the caller's transaction, under the instance lock. The new entries' fire
+    times are not returned: a caller that arms a sleep's timer uses ``insert_steps``.
+    """
+    if _is_sqlite(conn):  # no data-modifying WITH: the same work, one statement at a time
+        await insert_steps(conn, instance_id, new_steps)
+        await update_instance(conn, instance_id, status=status, output=output, error=error)
+        return await insert_outbox(conn, messages)
+    change = _instance_update(instance_id, status, True, output, error)
+    ctes = [_steps_insert(instance_id, new_steps).cte("new_steps")] if new_steps else []
+    if not messages:
+        await conn.execute(change.add_cte(*ctes))
+        return []
+    ctes.append(change.cte("changed_instance"))
+    rows = (await conn.execute(_outbox_insert(messages).add_cte(*ctes))).all()
+    return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
+
+
+async def commit_succeeded_step(
+    conn: AsyncConnection,
+    instance_id: str,
+    key: StepKey,
+    *,
+    version: int,
+    attempt: int,
+    worker: str,
+    result: JSON,
+    started_at: datetime,
+    finished_at: datetime,
+    new_steps: Sequence[NewStep],
+    status: InstanceStatus,
+    output: JSON = None,
+    error: JSON = None,
+    messages: Sequence[tuple[str, bytes, dict[str, str] | None]] = (),
+) -> list[OutboxRow] | None:
+    """A succeeded attempt and what follows it, written only if the instance is still at ``version``.
+
+    The work of ``lock_instance`` + ``record_attempt`` + ``write_transition``
+    (+ ``cancel_timers`` when ``status`` finishes the instance). Returns None,
+    having written nothing, if the instance is gone, finished or at another
+    version: the caller then takes the lock and replays the newer history.
+
+    On PostgreSQL it is one statement, atomic without a transaction around it:
+    the UPDATE of the instance row locks it and checks the version (re-checked
+    on the newest row if it had to wait for the lock), and every other part
+    writes only the rows it returned. SQLite runs the parts one by one, in the
+    caller's transaction (which holds the database's write lock).
+    """
+    if _is_sqlite(conn):
+        lock = await lock_instance(conn, instance_id)
+        if lock is None or lock.version != version or lock.status.is_finished:
+            return None
+        await record_attempt(
+            conn,
+            instance_id,
+            key,
+            attempt=attempt,
+            worker=worker,
+            outcome="succeeded",
+            started_at=started_at,
+            finished_at=finished_at,
+            status=StepStatus.SUCCEEDED,
+            result=result,
+        )
+        if status.is_finished:
+            await cancel_timers(conn, instance_id)
+        return await write_transition(
+            conn,
+            instance_id,
+            new_steps=new_steps,
+            status=status,
+            output=output,
+            error=error,
+            messages=messages,
+        )
+    params: dict[str, Any] = {
+        "p_instance_id": instance_id,
+        "p_version": version,
+        "p_status": status,
+        "p_output": output,
+        "p_error": error,
+        "p_step_name": key[0],
+        "p_step_occurrence": key[1],
+        "p_attempt": attempt,
+        "p_worker": worker,
+        "p_result": result,
+        "p_started_at": started_at,
+        "p_finished_at": finished_at,
+    }
+    statement = _succeeded_step_statement(_shapes(new_steps), len(messages), status.is_finished)
+    return await _execute_with_followers(conn, statement, params, new_steps, messages)
+
+
+async def start_instance(
+    conn: AsyncConnection,
+    *,
+    instance_id: str,
+    workflow: str,
+    params: JSON,
+    trace_context: dict[str, str] | None,
+    parent: ParentLink | None,
+    new_steps: Sequence[NewStep],
+    status: InstanceStatus,
+    output: JSON = None,
+    error: JSON = None,
+    messages: Sequence[tuple[str, bytes, dict[str, str] | None]] = (),
+) -> list[OutboxRow] | None:
+    """A new instance with its first entries and messages; None, having written nothing, if one has that id.
+
+    The work of ``insert_instance`` + ``write_transition`` for a start that needs
+    nothing read first: one statement on PostgreSQL, in which the entries and
+    messages are written only if the instance row was.
+    """
+    if _is_sqlite(conn):
+        created = await insert_instance(
+            conn,
+            instance_id=instance_id,
+            workflow=workflow,
+            params=params,
+            trace_context=trace_context,
+            parent=parent,
+        )
+        if not created:
+            return None
+        return await write_transition(
+            conn,
+            instance_id,
+            new_steps=new_steps,
+            status=status,
+            output=output,
+            error=error,
+            messages=messages,
+        )
+    values = {
+        "p_instance_id": instance_id,
+        "p_workflow": workflow,
+        "p_status": status,
+        "p_params": params,
+        "p_trace_context": trace_context,
+        "p_parent_id": parent.instance_id if parent else None,
+        "p_parent_workflow": parent.workflow if parent else None,
+        "p_parent_step": parent.step if parent else None,
+        "p_parent_occurrence": parent.occurrence if parent else None,
+        "p_output": output,
+        "p_error": error,
+    }
+    statement = _start_statement(_shapes(new_steps), len(messages), status.is_finished)
+    return await _execute_with_followers(conn, statement, values, new_steps, messages)
+
+
+def _shapes(new_steps: Sequence[NewStep]) -> tuple[tuple[bool, bool, bool], ...]:
+    """Per new entry: started now (not a step), settled, fire time a delay after now."""
+    return tuple(
+        (entry.kind != StepKind.STEP, entry.status.is_settled, entry.delay is not None) for entry in new_steps
+    )
+
+
+async def _execute_with_followers(
+    conn: AsyncConnection,
+    statement: sa.Select[Any],
+    params: dict[str, Any],
+    new_steps: Sequence[NewStep],
+    messages: Sequence[tuple[str, bytes, dict[str, str] | None]],
+) -> list[OutboxRow] | None:
+    """Run a statement built by ``_with_followers``: its outbox rows, or None if its anchor wrote nothing."""
+    for index, entry in enumerate(new_steps):
+        params.update(
+            {
+                f"s{index}_name": entry.key[0],
+                f"s{index}_occurrence": entry.key[1],
+                f"s{index}_position": entry.position,
+                f"s{index}_kind": entry.kind,
+                f"s{index}_status": entry.status,
+                f"s{index}_result": entry.result,
+                f"s{index}_fire_at": entry.fire_at if entry.delay is None else entry.delay,
+                f"s{index}_detail": entry.detail,
+            }
+        )
+    for index, (routing_key, body, headers) in enumerate(messages):
+        params.update(
+            {f"m{index}_routing_key": routing_key, f"m{index}_body": body, f"m{index}_headers": headers}
+        )
+    rows = (await conn.execute(statement, params)).all()
+    if not rows:
+        return None
+    if not messages:
+        return []
+    return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
+
+
+def _param(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
+    # Prefixed names: a column's own name is reserved for the SET and VALUES clauses.
+    return sa.bindparam(name, type_=column.type)
+
+
+@functools.lru_cache(maxsize=256)
+def _start_statement(
+    step_shapes: tuple[tuple[bool, bool, bool], ...], message_count: int, finishing: bool
+) -> sa.Select[Any]:
+    """The one statement of ``start_instance`` for entries and messages of these shapes (built once each)."""
+    columns = [
+        "id", "workflow", "status", "params", "trace_context",
+        "parent_id", "parent_workflow", "parent_step", "parent_occurrence",
+    ]  # fmt: skip
+    if finishing:
+        columns += ["output", "error"]
+    values: list[Any] = [
+        _param(f"p_{'instance_id' if name == 'id' else name}", instances.c[name]) for name in columns
+    ]
+    if finishing:
+        columns.append("finished_at")
+        values.append(utc_now())
+    columns.append("version")
+    values.append(sa.literal(1, type_=instances.c.version.type))  # as if planned in the transaction after
+    inserted = (
+        postgresql.insert(instances)
+        .from_select(columns, sa.select(*values))
+        .on_conflict_do_nothing(index_elements=["id"])
+        .returning(instances.c.id)
+        .cte("new_instance")
+    )
+    return _with_followers(inserted, [], step_shapes, message_count)
+
+
+_ATTEMPT_COLUMNS = (
+    "instance_id", "name", "occurrence", "attempt", "worker", "outcome", "error", "started_at", "finished_at",
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def _succeeded_step_statement(
+    step_shapes: tuple[tuple[bool, bool, bool], ...], message_count: int, finishing: bool
+) -> sa.Select[Any]:
+    """The one statement of ``commit_succeeded_step`` for entries and messages of these shapes.
+
+    Built once per shape, with named parameters: SQLAlchemy then reuses its cache
+    key and compiled form instead of rebuilding the statement for every step.
+    ``step_shapes`` holds, per new entry: started now (not a step), settled, fire
+    time a delay after now.
+    """
+
+    instance_id = _param("p_instance_id", instances.c.id)
+    step_name, step_occurrence = (
+        _param("p_step_name", steps.c.name),
+        _param("p_step_occurrence", steps.c.occurrence),
+    )
+    started_at = _param("p_started_at", step_attempts.c.started_at)
+    instance_values: dict[str, Any] = {
+        "status": _param("p_status", instances.c.status),
+        "version": instances.c.version + 1,
+        "updated_at": utc_now(),
+    }
+    if finishing:
+        instance_values.update(
+            output=_param("p_output", instances.c.output),
+            error=_param("p_error", instances.c.error),
+            finished_at=utc_now(),
+        )
+    changed = (
+        instances.update()
+        .where(
+            instances.c.id == instance_id,
+            instances.c.version == _param("p_version", instances.c.version),
+            *(instances.c.status != finished.value for finished in FINISHED_STATUSES),
+        )
+        .values(instance_values)
+        .returning(instances.c.id)
+        .cte("changed_instance")
+    )
+    locked_id = sa.select(changed.c.id).scalar_subquery()  # NULL, so matching nothing, if it did not match
+    ctes: list[sa.CTE] = [
+        postgresql.insert(step_attempts)
+        .from_select(
+            list(_ATTEMPT_COLUMNS),
+            sa.select(
+                changed.c.id,
+                step_name,
+                step_occurrence,
+                _param("p_attempt", step_attempts.c.attempt),
+                _param("p_worker", step_attempts.c.worker),
+                sa.literal("succeeded", type_=step_attempts.c.outcome.type),
+                sa.literal(None, type_=step_attempts.c.error.type),
+                started_at,
+                _param("p_finished_at", step_attempts.c.finished_at),
+            ),
+        )
+        .on_conflict_do_nothing()
+        .cte("recorded_attempt"),
+        steps.update()
+        .where(
+            steps.c.instance_id == locked_id, steps.c.name == step_name, steps.c.occurrence == step_occurrence
+        )
+        .values(
+            status=StepStatus.SUCCEEDED,
+            updated_at=utc_now(),
+            error=None,
+            result=_param("p_result", steps.c.result),
+            finished_at=utc_now(),
+            started_at=sa.func.coalesce(steps.c.started_at, started_at),
+        )
+        .cte("settled_step"),
+    ]
+    if finishing:
+        ctes.append(
+            timers.delete()
+            .where(timers.c.instance_id == locked_id, timers.c.fired_at.is_(None))
+            .cte("cancelled_timers")
+        )
+    return _with_followers(changed, ctes, step_shapes, message_count)
+
+
+def _with_followers(
+    anchor: sa.CTE, ctes: list[sa.CTE], step_shapes: tuple[tuple[bool, bool, bool], ...], message_count: int
+) -> sa.Select[Any]:
+    """``anchor`` (returning an instance id, or nothing) with new entries and messages written only after it.
+
+    Selects one row per outbox row (id, routing_key, body, headers), or one row
+    of the instance id without messages; no row when the anchor wrote nothing.
+    """
+    ctes = list(ctes)
+    if step_shapes:
+        columns = ["name", "occurrence", "position", "kind", "status", "result", "fire_at", "detail"]
+        selects = []
+        for index, (stamped, settled, delayed) in enumerate(step_shapes):
+            values: list[Any] = [_param(f"s{index}_{name}", steps.c[name]) for name in columns]
+            if delayed:
+                values[columns.index("fire_at")] = utc_now() + sa.bindparam(
+                    f"s{index}_fire_at", type_=sa.Interval()
+                )
+            never = sa.literal(None, type_=steps.c.started_at.type)
+            selects.append(
+                sa.select(
+                    anchor.c.id,
+                    *values,
+                    sa.literal(1, type_=steps.c.attempt.type),
+                    utc_now() if stamped else never,
+                    utc_now() if settled else never,
+                )
+            )
+        ctes.append(
+            steps.insert()
+            .from_select(["instance_id", *columns, "attempt", "started_at", "finished_at"], _union(selects))
+            .cte("new_steps")
+        )
+    if not message_count:
+        return sa.select(anchor.c.id.label("instance_id")).add_cte(*ctes)
+    queued = (
+        outbox.insert()
+        .from_select(
+            ["routing_key", "body", "headers"],
+            _union(
+                [
+                    sa.select(
+                        *(
+                            _param(f"m{index}_{name}", outbox.c[name])
+                            for name in ("routing_key", "body", "headers")
+                        )
+                    ).select_from(anchor)
+                    for index in range(message_count)
+                ]
+            ),
+        )
+        .returning(outbox.c.id, outbox.c.routing_key, outbox.c.body, outbox.c.headers)
+        .cte("queued")
+    )
+    return (
+        sa.select(
+            anchor.c.id.label("instance_id"),
+            queued.c.id,
+            queued.c.routing_key,
+            queued.c.body,
+            queued.c.headers,
+        )
+        .select_from(anchor.outerjoin(queued, sa.true()))
+        .add_cte(*ctes)
+    )
+
+
+def _union(selects: list[sa.Select[Any]]) -> sa.Select[Any] | sa.CompoundSelect[Any]:
+    return selects[0] if len(selects) == 1 else sa.union_all(*selects)
 
 
 _STEP_FIELDS = (
@@ -126,7 +536,7 @@ _INSTANCE_FIELDS = (
 )
 
 
-def _history_query(instance_id: str) -> sa.Select[Any]:
+def _history_query() -> sa.Select[Any]:
     """PostgreSQL: the instance and its steps as one JSON array, in one round trip."""
     step_object = sa.func.json_build_object(
         *(part for name in _STEP_FIELDS for part in (name, steps.c[name]))
@@ -136,7 +546,12 @@ def _history_query(instance_id: str) -> sa.Select[Any]:
         .where(steps.c.instance_id == instances.c.id)
         .scalar_subquery()
     )
-    return sa.select(*_INSTANCE_FIELDS, step_list.label("steps")).where(instances.c.id == instance_id)
+    return sa.select(*_INSTANCE_FIELDS, step_list.label("steps")).where(
+        instances.c.id == sa.bindparam("instance_id")
+    )
+
+
+_HISTORY = _history_query()  # built once, as _LOCK_INSTANCE
 
 
 def _timestamp(value: datetime | str | None) -> datetime | None:
@@ -158,7 +573,7 @@ async def load_history(conn: AsyncConnection, instance_id: str) -> History | Non
         )
         items = (step._mapping for step in step_rows)
     else:
-        row = (await conn.execute(_history_query(instance_id))).first()
+        row = (await conn.execute(_HISTORY, {"instance_id": instance_id})).first()
         if row is None:
             return None
         items = row.steps or ()
@@ -350,35 +765,37 @@ class NewStep:
 async def insert_steps(
     conn: AsyncConnection, instance_id: str, new: Iterable[NewStep]
 ) -> dict[StepKey, datetime | None]:
-    """Insert history entries; returns the fire time of each sleep, computed by the database."""
-    fire_times: dict[StepKey, datetime | None] = {}
-    for entry in new:
-        fire_at: Any = entry.fire_at
-        if entry.delay is not None:
-            fire_at = utc_now(entry.delay)
-        finished = utc_now() if entry.status.is_settled else None
-        row = (
-            await conn.execute(
-                steps.insert()
-                .values(
-                    instance_id=instance_id,
-                    name=entry.key[0],
-                    occurrence=entry.key[1],
-                    position=entry.position,
-                    kind=entry.kind,
-                    status=entry.status,
-                    attempt=1,
-                    result=entry.result,
-                    fire_at=fire_at,
-                    detail=entry.detail,
-                    started_at=utc_now() if entry.kind != StepKind.STEP else None,
-                    finished_at=finished,
-                )
-                .returning(steps.c.fire_at)
-            )
-        ).one()
-        fire_times[entry.key] = row.fire_at
-    return fire_times
+    """Insert history entries in one statement; returns each one's fire time, computed by the database."""
+    new = list(new)
+    if not new:
+        return {}
+    rows = await conn.execute(
+        _steps_insert(instance_id, new).returning(steps.c.name, steps.c.occurrence, steps.c.fire_at)
+    )
+    return {(row.name, row.occurrence): row.fire_at for row in rows}
+
+
+def _steps_insert(instance_id: str, new: Sequence[NewStep]) -> sa.Insert:
+    """One INSERT of every entry; a sleep given as a duration gets the database's clock plus it, per row."""
+    rows = [
+        {
+            "instance_id": instance_id,
+            "name": entry.key[0],
+            "occurrence": entry.key[1],
+            "position": entry.position,
+            "kind": entry.kind,
+            "status": entry.status,
+            "attempt": 1,
+            "result": entry.result,
+            "fire_at": entry.fire_at if entry.delay is None else utc_now(entry.delay),
+            "detail": entry.detail,
+            "started_at": utc_now() if entry.kind != StepKind.STEP else None,
+            "finished_at": utc_now() if entry.status.is_settled else None,
+        }
+        for entry in new
+    ]
+    # SQLAlchemy compiles a multi-row VALUES anew each time; one row is compiled once and cached.
+    return steps.insert().values(rows[0] if len(rows) == 1 else rows)
 
 
 async def settle_step(
@@ -393,6 +810,18 @@ async def settle_step(
     attempt: int | None = None,
 ) -> None:
     """Record a step's new status: its result, its error, or its next attempt."""
+    await conn.execute(_step_update(instance_id, key, status, result, error, started_at, attempt))
+
+
+def _step_update(
+    instance_id: str,
+    key: StepKey,
+    status: StepStatus,
+    result: JSON,
+    error: JSON,
+    started_at: datetime | None,
+    attempt: int | None,
+) -> sa.Update:
     values: dict[str, Any] = {"status": status, "updated_at": utc_now(), "error": error}
     if status.is_settled:
         values.update(result=result, finished_at=utc_now())
@@ -400,7 +829,7 @@ async def settle_step(
         values["attempt"] = attempt
     if started_at is not None:
         values["started_at"] = sa.func.coalesce(steps.c.started_at, started_at)
-    await conn.execute(
+    return (
         steps.update()
         .where(steps.c.instance_id == instance_id, steps.c.name == key[0], steps.c.occurrence == key[1])
         .values(values)
@@ -437,6 +866,66 @@ async def insert_attempt(
     )
 
 
+async def record_attempt(
+    conn: AsyncConnection,
+    instance_id: str,
+    key: StepKey,
+    *,
+    attempt: int,
+    worker: str,
+    outcome: str,
+    started_at: datetime,
+    finished_at: datetime,
+    status: StepStatus,
+    result: JSON = None,
+    error: JSON = None,
+    next_attempt: int | None = None,
+) -> None:
+    """A finished attempt and its step's new status: ``insert_attempt`` + ``settle_step``, one statement."""
+    if _is_sqlite(conn):  # no data-modifying WITH: the same work, one statement at a time
+        await insert_attempt(
+            conn,
+            instance_id,
+            key,
+            attempt=attempt,
+            worker=worker,
+            outcome=outcome,
+            error=error,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+        await settle_step(
+            conn,
+            instance_id,
+            key,
+            status=status,
+            result=result,
+            error=error,
+            started_at=started_at,
+            attempt=next_attempt,
+        )
+        return
+    recorded = (
+        postgresql.insert(step_attempts)
+        .values(
+            instance_id=instance_id,
+            name=key[0],
+            occurrence=key[1],
+            attempt=attempt,
+            worker=worker,
+            outcome=outcome,
+            error=error,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+        .on_conflict_do_nothing()
+        .cte("recorded_attempt")
+    )
+    await conn.execute(
+        _step_update(instance_id, key, status, result, error, started_at, next_attempt).add_cte(recorded)
+    )
+
+
 # ---------------------------------------------------------------- outbox
 
 
@@ -463,6 +952,16 @@ async def insert_outbox(
         )
     ).all()
     return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
+
+
+def _outbox_insert(messages: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> sa.Insert:
+    """``insert_outbox`` as one statement that can sit in a WITH (no executemany)."""
+    rows = [{"routing_key": key, "body": body, "headers": headers} for key, body, headers in messages]
+    return (
+        outbox.insert()
+        .values(rows[0] if len(rows) == 1 else rows)  # one row: compiled once (see _steps_insert)
+        .returning(outbox.c.id, outbox.c.routing_key, outbox.c.body, outbox.c.headers)
+    )
 
 
 async def claim_stale_outbox(conn: AsyncConnection, *, older_than: timedelta, limit: int) -> list[OutboxRow]:
