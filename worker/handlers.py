@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared import faults
 from shared.broker import Delivery
-from shared.db import queries
+from shared.db import queries, transitions
 from shared.db.engine import single_statement_engine
 from shared.db.queries import OutboxRow
 from shared.errors import BadPayloadError, BrokerError, InvalidParamsError, UnknownWorkflowError
@@ -183,20 +183,23 @@ class MessageHandler:
             parent=parent,
             created_at=datetime.now(UTC),
         )
+        instance = {
+            "instance_id": message.instance_id,
+            "workflow": workflow.name,
+            "params": message.params,
+            "trace_context": trace_context,
+            "parent": parent,
+        }
         replay = Replay(workflow, history)
         try:
             outcome = replay.start()
             transition = self._planner.plan_unlocked(history, replay, outcome)
             if transition is not None:
-                # The usual start: one statement, no transaction around it (see queries.start_instance).
+                # The usual start: one statement, no transaction around it (see transitions.start_instance).
                 async with self._single_statements.begin() as conn:
-                    started = await queries.start_instance(
+                    started = await transitions.start_instance(
                         conn,
-                        instance_id=message.instance_id,
-                        workflow=workflow.name,
-                        params=message.params,
-                        trace_context=trace_context,
-                        parent=parent,
+                        **instance,
                         new_steps=transition.new_steps,
                         status=transition.status,
                         output=transition.output,
@@ -211,14 +214,7 @@ class MessageHandler:
                     self._planner.report_finished(history, outcome, transition.status)
             else:
                 async with self._engine.begin() as conn:
-                    created = await queries.insert_instance(
-                        conn,
-                        instance_id=message.instance_id,
-                        workflow=workflow.name,
-                        params=message.params,
-                        trace_context=trace_context,
-                        parent=parent,
-                    )
+                    created = await queries.insert_instance(conn, **instance)
                     if not created:
                         return await self._duplicate_start(conn, message, parent)
                     rows = await self._planner.apply(conn, history, replay, outcome)

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared import codec
 from shared.codec import JSON
-from shared.db import queries
+from shared.db import queries, transitions
 from shared.db.queries import NewStep, NewTimer, OutboxRow
 from shared.errors import PayloadTooLargeError, StepFailedError
 from shared.history import History, ParentLink, StepKey
@@ -143,7 +143,7 @@ class Planner:
             status = InstanceStatus.PAUSED  # a resume sends what it holds back
         else:
             status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
-        return await queries.write_transition(
+        return await transitions.write_transition(
             conn, history.instance_id, new_steps=new_steps, status=status, messages=messages
         )
 
@@ -182,7 +182,7 @@ class Planner:
         instance_id = history.instance_id
         status, output, error = self._ending(outcome)
         await queries.cancel_timers(conn, instance_id)
-        rows = await queries.write_transition(
+        rows = await transitions.write_transition(
             conn,
             instance_id,
             new_steps=new_steps,

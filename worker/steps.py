@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.db import queries
+from shared.db import queries, transitions
 from shared.db.engine import single_statement_engine
 from shared.db.queries import NewTimer, OutboxRow
 from shared.errors import NonDeterminismError
@@ -123,7 +123,7 @@ class StepRunner:
         instance is still at the version this worker replayed (see commit_succeeded_step).
         """
         async with self._reader.begin() as conn:
-            return await queries.commit_succeeded_step(
+            return await transitions.commit_succeeded_step(
                 conn,
                 history.instance_id,
                 key,
