@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import queries
@@ -20,28 +18,14 @@ async def fire_due_timers(
     timer is marked fired in the same transaction that queues its message, so
     it fires exactly once into the outbox, even if this process dies right after.
     On PostgreSQL the claim, the update and the insert are one statement (one
-    round trip); other databases run them as three.
+    round trip).
     """
-    if engine.dialect.name == "postgresql":
-        async with engine.begin() as conn:
-            fired = await queries.fire_due_timers_at_once(conn, limit=batch_size)
-        if hooks is not None:
-            for one in fired:
-                hooks.timer_fired(one.kind, one.fire_at, one.fired_at)
-        return [one.message for one in fired]
     async with engine.begin() as conn:
-        due = await queries.claim_due_timers(conn, limit=batch_size)
-        if not due:
-            return []
-        await queries.mark_timers_fired(conn, [timer.id for timer in due])
-        rows = await queries.insert_outbox(
-            conn, [(timer.routing_key, timer.body, timer.headers) for timer in due]
-        )
+        fired = await queries.fire_due_timers(conn, limit=batch_size)
     if hooks is not None:
-        fired_at = datetime.now(UTC)
-        for timer in due:
-            hooks.timer_fired(timer.kind, timer.fire_at, fired_at)
-    return rows
+        for one in fired:
+            hooks.timer_fired(one.kind, one.fire_at, one.fired_at)
+    return [one.message for one in fired]
 
 
 async def seconds_until_next(engine: AsyncEngine) -> float | None:

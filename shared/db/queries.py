@@ -690,7 +690,7 @@ async def mark_timers_fired(conn: AsyncConnection, ids: Sequence[int]) -> None:
 
 @dataclass(frozen=True, slots=True)
 class FiredTimer:
-    """A timer that ``fire_due_timers_at_once`` fired: what it was, when, and its queued message."""
+    """A timer that ``fire_due_timers`` fired: what it was, when, and its queued message."""
 
     kind: str
     fire_at: datetime
@@ -698,8 +698,8 @@ class FiredTimer:
     message: OutboxRow
 
 
-async def fire_due_timers_at_once(conn: AsyncConnection, *, limit: int) -> list[FiredTimer]:
-    """Claim, mark fired and queue up to ``limit`` due timers in one statement (PostgreSQL only).
+async def fire_due_timers(conn: AsyncConnection, *, limit: int) -> list[FiredTimer]:
+    """Claim, mark fired and queue up to ``limit`` due timers; on PostgreSQL in one statement.
 
     The work of ``claim_due_timers``, ``mark_timers_fired`` and ``insert_outbox``
     in one round trip: the due ids are locked (``SKIP LOCKED``, so schedulers
@@ -711,7 +711,19 @@ async def fire_due_timers_at_once(conn: AsyncConnection, *, limit: int) -> list[
     ``fired_at`` is ``clock_timestamp()``, the moment each row is updated, not
     ``now()``: that is the transaction's start, which would date a big batch's
     last timers earlier than they were fired and flatter the lateness figures.
+    SQLite runs the three queries in the caller's transaction.
     """
+    if _is_sqlite(conn):
+        claimed = await claim_due_timers(conn, limit=limit)
+        await mark_timers_fired(conn, [timer.id for timer in claimed])
+        messages = await insert_outbox(
+            conn, [(timer.routing_key, timer.body, timer.headers) for timer in claimed]
+        )
+        now = datetime.now(UTC)
+        return [
+            FiredTimer(timer.kind, timer.fire_at, now, message)
+            for timer, message in zip(claimed, messages, strict=True)
+        ]
     due = (
         sa.select(timers.c.id)
         .where(timers.c.fired_at.is_(None), timers.c.fire_at <= sa.func.now())

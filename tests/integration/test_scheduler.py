@@ -77,7 +77,7 @@ async def test_timers_not_yet_due_are_left_alone(settings: Settings) -> None:
 async def _fire_at_once_until_none_left(engine: AsyncEngine, fired: list[queries.FiredTimer]) -> None:
     while True:
         async with engine.begin() as conn:
-            batch = await queries.fire_due_timers_at_once(conn, limit=11)
+            batch = await queries.fire_due_timers(conn, limit=11)
         if not batch:
             return
         fired.extend(batch)
