@@ -8,9 +8,9 @@ next consumer, after a requeue, a close, a crash or a restart.
 
 The parts:
 
-- ``_Store`` is the file: plain SQL over one ``aiosqlite`` connection in
+- ``Store`` is the file: plain SQL over one ``aiosqlite`` connection in
   autocommit mode, every failure turned into a ``BrokerError``.
-- ``_ConsumerLock`` is the ``flock`` that makes one process the file's only
+- ``ConsumerLock`` is the ``flock`` that makes one process the file's only
   consumer (publishers need no lock).
 - ``_Hub`` is what one process shares for one file: the store, the messages
   loaded into memory for the queues consumed here, the consumers, and the
@@ -22,22 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import heapq
 import itertools
-import json
 import logging
 import os
-import sqlite3
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiosqlite
-
 from shared.broker.base import Delivery, Handler
 from shared.broker.connection import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
+from shared.broker.embedded_store import ConsumerLock, Message, Store
 from shared.errors import BrokerError, UnroutableError
 from shared.topology import MESSAGE_KINDS, dead_letter_queue_name, parse_routing_key, workflow_queue_name
 
@@ -45,271 +40,12 @@ log = logging.getLogger("stepline.broker")
 
 # How often the consuming process looks for rows that other processes inserted.
 POLL_INTERVAL_S = 0.1
-# Other processes (a CLI publishing a start) write to the same file; wait this long for them.
-BUSY_TIMEOUT_S = 30.0
 # At most this many ready messages per queue are held in memory; the rest wait in the file.
 READY_LIMIT = 1000
 # Dead-letter reasons are cut to this many characters, as AmqpBroker does.
 REASON_LIMIT = 4000
 
-# AUTOINCREMENT matters: ids are never reused, and as SQLite has one writer at a
-# time, a row committed later always has a larger id, so "id > last seen" finds
-# every row another process added.
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS queues (
-    namespace   TEXT NOT NULL,
-    workflow    TEXT NOT NULL,
-    name        TEXT NOT NULL,
-    declared_at REAL NOT NULL,
-    PRIMARY KEY (namespace, workflow)
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    namespace    TEXT NOT NULL,
-    queue        TEXT NOT NULL,
-    routing_key  TEXT NOT NULL,
-    body         BLOB NOT NULL,
-    headers      TEXT NOT NULL,
-    published_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_queue ON messages (queue, id);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    namespace        TEXT NOT NULL,
-    routing_key      TEXT NOT NULL,
-    body             BLOB NOT NULL,
-    headers          TEXT NOT NULL,
-    reason           TEXT NOT NULL,
-    dead_lettered_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS dead_letters_by_namespace ON dead_letters (namespace, id);
-"""
-
 NOT_CONNECTED = "the broker is not connected"
-
-
-@dataclass(order=True, slots=True)
-class _Message:
-    """A row of ``messages`` held in memory; ordered by id, which is publish order."""
-
-    id: int
-    queue: str = field(compare=False)
-    routing_key: str = field(compare=False)
-    body: bytes = field(compare=False)
-    headers: dict[str, str] = field(compare=False)
-    redelivered: bool = field(default=False, compare=False)
-
-
-def _headers_from_json(text: str) -> dict[str, str]:
-    loaded = json.loads(text) if text else {}
-    return {str(key): str(value) for key, value in loaded.items()} if isinstance(loaded, dict) else {}
-
-
-def _open_sqlite(path: str) -> sqlite3.Connection:
-    """A connection in autocommit mode, to be used by aiosqlite's thread only."""
-    return sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-
-
-class _Store:
-    """The SQLite file, one connection in autocommit mode.
-
-    Every statement is its own transaction, so a write that returned is committed:
-    with WAL and ``synchronous=NORMAL`` it survives the process being killed.
-    """
-
-    def __init__(self, path: str, connection: aiosqlite.Connection) -> None:
-        self._path = path
-        self._connection = connection
-
-    @classmethod
-    async def open(cls, path: str) -> _Store:
-        """Open (creating if needed) the file and its tables."""
-        # The file is opened in a thread of ours and the open connection handed to
-        # aiosqlite: a failed ``aiosqlite.connect`` cleans up in its own thread later,
-        # without anything to await, and fails if the event loop is closed by then.
-        try:
-            opened = await asyncio.to_thread(_open_sqlite, path)
-        except (sqlite3.Error, OSError) as exc:
-            raise BrokerError(f"cannot open the embedded broker file {path}: {exc}") from exc
-        connection = await aiosqlite.Connection(lambda: opened, iter_chunk_size=64)
-        store = cls(path, connection)
-        try:
-            with store._failing("setting up the file"):
-                await connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-                await connection.execute("PRAGMA journal_mode = WAL")
-                await connection.execute("PRAGMA synchronous = NORMAL")
-                await connection.executescript(_SCHEMA)
-        except BrokerError:
-            await store.close()
-            raise
-        return store
-
-    async def close(self) -> None:
-        """Close the connection (and its thread); errors are only logged, nothing is pending."""
-        try:
-            await self._connection.close()
-        except (sqlite3.Error, ValueError) as exc:
-            log.warning("closing the embedded broker file %s failed: %s", self._path, exc)
-
-    def abandon(self) -> None:
-        """Stop the connection's thread without awaiting it (its event loop is gone)."""
-        self._connection.stop()
-
-    @contextlib.contextmanager
-    def _failing(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except (sqlite3.Error, ValueError) as exc:  # aiosqlite raises ValueError once closed
-            raise BrokerError(f"embedded broker {self._path}: {what} failed: {exc}") from exc
-
-    async def declare(self, namespace: str, workflow: str, queue: str) -> None:
-        """Record a workflow's queue, so that any process may route to it."""
-        with self._failing(f"declaring queue {queue!r}"):
-            await self._connection.execute(
-                "INSERT OR IGNORE INTO queues (namespace, workflow, name, declared_at) VALUES (?, ?, ?, ?)",
-                (namespace, workflow, queue, time.time()),
-            )
-
-    async def insert_message(
-        self, namespace: str, workflow: str, routing_key: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, str] | None:
-        """Insert a message into its workflow's queue: ``(id, queue)``, or None if none is declared.
-
-        The routing check and the insert are one statement, so they cannot be torn apart.
-        """
-        with self._failing(f"publishing to {routing_key!r}"):
-            async with self._connection.execute(
-                "INSERT INTO messages (namespace, queue, routing_key, body, headers, published_at) "
-                "SELECT ?, name, ?, ?, ?, ? FROM queues WHERE namespace = ? AND workflow = ?",
-                (namespace, routing_key, body, json.dumps(headers), time.time(), namespace, workflow),
-            ) as cursor:
-                if cursor.rowcount != 1 or cursor.lastrowid is None:
-                    return None
-                message_id = cursor.lastrowid
-        return message_id, workflow_queue_name(namespace, workflow)
-
-    async def delete_message(self, message_id: int) -> None:
-        """Remove an acked message for good."""
-        with self._failing("acking a message"):
-            await self._connection.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-
-    async def last_message_id(self, queue: str) -> int:
-        """The largest id in ``queue`` now (0 if it is empty)."""
-        with self._failing(f"reading queue {queue!r}"):
-            rows = await self._connection.execute_fetchall(
-                "SELECT coalesce(max(id), 0) FROM messages WHERE queue = ?", (queue,)
-            )
-        return int(next(iter(rows))[0])
-
-    async def messages_after(self, queue: str, after_id: int, limit: int) -> list[_Message]:
-        """Up to ``limit`` messages of ``queue`` with an id above ``after_id``, oldest first."""
-        with self._failing(f"reading queue {queue!r}"):
-            rows = await self._connection.execute_fetchall(
-                "SELECT id, queue, routing_key, body, headers FROM messages "
-                "WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",
-                (queue, after_id, limit),
-            )
-        return [
-            _Message(int(row[0]), str(row[1]), str(row[2]), bytes(row[3]), _headers_from_json(str(row[4])))
-            for row in rows
-        ]
-
-    async def queue_depth(self, namespace: str, workflow: str) -> tuple[str, int] | None:
-        """``(queue name, messages in it)``, or None if the workflow has no declared queue."""
-        with self._failing(f"counting the messages of {workflow!r}"):
-            declared = list(
-                await self._connection.execute_fetchall(
-                    "SELECT name FROM queues WHERE namespace = ? AND workflow = ?", (namespace, workflow)
-                )
-            )
-            if not declared:
-                return None
-            queue = str(declared[0][0])
-            rows = await self._connection.execute_fetchall(
-                "SELECT count(*) FROM messages WHERE queue = ?", (queue,)
-            )
-        return queue, int(next(iter(rows))[0])
-
-    async def insert_dead_letter(
-        self, namespace: str, routing_key: str, body: bytes, headers: dict[str, str], reason: str
-    ) -> None:
-        """Keep a message that could not be processed, with its reason."""
-        with self._failing("dead-lettering"):
-            await self._connection.execute(
-                "INSERT INTO dead_letters (namespace, routing_key, body, headers, reason, dead_lettered_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (namespace, routing_key, body, json.dumps(headers), reason, time.time()),
-            )
-
-    async def dead_letters(self, namespace: str) -> list[tuple[str, bytes, dict[str, str]]]:
-        """The namespace's dead letters, oldest first: ``(routing key, body, headers)``."""
-        with self._failing("reading dead letters"):
-            rows = await self._connection.execute_fetchall(
-                "SELECT routing_key, body, headers FROM dead_letters WHERE namespace = ? ORDER BY id",
-                (namespace,),
-            )
-        return [(str(row[0]), bytes(row[1]), _headers_from_json(str(row[2]))) for row in rows]
-
-    async def count_dead_letters(self, namespace: str) -> int:
-        """How many dead letters the namespace keeps."""
-        with self._failing("counting dead letters"):
-            rows = await self._connection.execute_fetchall(
-                "SELECT count(*) FROM dead_letters WHERE namespace = ?", (namespace,)
-            )
-        return int(next(iter(rows))[0])
-
-
-class _ConsumerLock:
-    """An exclusive ``flock`` on ``<file>.lock``: this process is the file's only consumer.
-
-    Two consuming processes would each deliver every row (neither knows what the
-    other holds), so a second one is refused, told the holder's pid. The kernel
-    drops the lock when its holder dies, even by SIGKILL, so a crash never leaves
-    the file locked.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    @classmethod
-    def take(cls, database: str) -> _ConsumerLock:
-        """Lock the file for this process, or raise ``BrokerError`` naming the process that has it."""
-        lock_path = f"{database}.lock"
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise BrokerError(f"cannot open the consumer lock {lock_path}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if holder == str(os.getpid()):
-                who = f"this process (pid {holder}), from another event loop,"
-            else:
-                who = f"another process (pid {holder})"
-            raise BrokerError(
-                f"{who} is consuming {database}; only one process may consume an embedded broker file"
-            ) from None
-        except OSError as exc:
-            os.close(fd)
-            raise BrokerError(f"cannot lock {lock_path}: {exc}") from exc
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:
-            os.close(fd)
-            raise BrokerError(f"cannot write to {lock_path}: {exc}") from exc
-        return cls(fd)
-
-    def release(self) -> None:
-        """Unlock (closing the descriptor drops the flock); idempotent."""
-        fd, self._fd = self._fd, -1
-        if fd < 0:
-            return
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-        os.close(fd)
 
 
 @dataclass(eq=False)
@@ -331,7 +67,7 @@ class _Consumer:
 class _Held:
     """A delivered, not yet settled message; ``tag`` tells this delivery from later ones."""
 
-    message: _Message
+    message: Message
     consumer: _Consumer
     tag: int
 
@@ -344,7 +80,7 @@ class _Queue:
     # Rows up to this id were in the file when consuming began: they may have been
     # delivered before a crash or a restart, so they go out as redelivered.
     redelivered_up_to: int
-    ready: list[_Message] = field(default_factory=list)  # a heap, by id
+    ready: list[Message] = field(default_factory=list)  # a heap, by id
     read_up_to: int = 0
     # The file may hold rows past ``read_up_to`` that memory has no room for yet.
     more_in_file: bool = True
@@ -364,7 +100,7 @@ class _Hub:
     is never delivered twice at once, whichever of the publisher and the poller
     saw it first.
 
-    The hub consumes only while it holds the ``_ConsumerLock``: it is taken with
+    The hub consumes only while it holds the ``ConsumerLock``: it is taken with
     the first consumer and dropped, with everything in memory, when no consumer
     and no unsettled delivery is left, since another process may consume next.
     """
@@ -373,11 +109,11 @@ class _Hub:
         self.path = path
         self.loop = loop
         self._refs = 0
-        self._store: _Store | None = None
+        self._store: Store | None = None
         self._opening = asyncio.Lock()
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._consumer_lock: _ConsumerLock | None = None
+        self._consumer_lock: ConsumerLock | None = None
         self._poller: asyncio.Task[None] | None = None
         self._queues: dict[str, _Queue] = {}
         self._consumers: list[_Consumer] = []
@@ -409,7 +145,7 @@ class _Hub:
         try:
             async with hub._opening:
                 if hub._store is None:
-                    hub._store = await _Store.open(path)
+                    hub._store = await Store.open(path)
         except BaseException:
             await hub.release()
             raise
@@ -447,7 +183,7 @@ class _Hub:
         return self._store is not None
 
     @property
-    def store(self) -> _Store:
+    def store(self) -> Store:
         """The store, or ``BrokerError`` once the hub is closed."""
         if self._store is None:
             raise BrokerError(NOT_CONNECTED)
@@ -480,7 +216,7 @@ class _Hub:
                 queue.more_in_file = True
                 self._wake.set()
                 return
-            self._push(queue, _Message(message_id, queue_name, routing_key, body, header_values))
+            self._push(queue, Message(message_id, queue_name, routing_key, body, header_values))
             self._dispatch()
 
     async def dead_letter(self, namespace: str, delivery: Delivery, reason: str) -> None:
@@ -508,7 +244,7 @@ class _Hub:
         async with self._lock:
             store = self.store
             if self._consumer_lock is None:
-                self._consumer_lock = _ConsumerLock.take(self.path)
+                self._consumer_lock = ConsumerLock.take(self.path)
             added: list[_Queue] = []
             try:
                 for name in sorted(consumer.queues - self._queues.keys()):
@@ -576,7 +312,7 @@ class _Hub:
         del self._held[held.message.id]
         held.consumer.unacked -= 1
 
-    def _give_back(self, message: _Message) -> None:
+    def _give_back(self, message: Message) -> None:
         """Make a settled message ready again, or leave it to the file if its queue is not consumed."""
         message.redelivered = True
         queue = self._queues.get(message.queue)
@@ -635,7 +371,7 @@ class _Hub:
             message.redelivered = message.id <= queue.redelivered_up_to
             self._push(queue, message)
 
-    def _push(self, queue: _Queue, message: _Message) -> None:
+    def _push(self, queue: _Queue, message: Message) -> None:
         heapq.heappush(queue.ready, message)
         self._known.add(message.id)
 
@@ -665,7 +401,7 @@ class _Hub:
                 return consumer
         return None
 
-    def _deliver(self, consumer: _Consumer, message: _Message) -> None:
+    def _deliver(self, consumer: _Consumer, message: Message) -> None:
         tag = next(self._tags)
         self._held[message.id] = _Held(message, consumer, tag)
         consumer.unacked += 1
