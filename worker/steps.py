@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -36,9 +37,26 @@ class StepRunner:
         self._planner = planner
         self._executor = executor
         self._worker_id = worker_id
+        # Attempts this worker is running now. A second delivery of one of them
+        # (a resume re-sending a retry whose timer message was still on its way,
+        # a sweeper republishing a row the fast path also sent) waits for the
+        # first to finish and is then checked against the history it left, so
+        # one worker never runs the same attempt twice at once.
+        self._running: dict[tuple[str, str, int, int], asyncio.Event] = {}
 
     async def run(self, workflow: Workflow[Any, Any], message: StepMessage) -> list[OutboxRow]:
         """Run the attempt the message names, if it is still the current one; commit it."""
+        attempt_id = (message.instance_id, message.step, message.occurrence, message.attempt)
+        while (earlier := self._running.get(attempt_id)) is not None:
+            await earlier.wait()
+        done = self._running[attempt_id] = asyncio.Event()
+        try:
+            return await self._run(workflow, message)
+        finally:
+            del self._running[attempt_id]
+            done.set()
+
+    async def _run(self, workflow: Workflow[Any, Any], message: StepMessage) -> list[OutboxRow]:
         key: StepKey = (message.step, message.occurrence)
         async with self._reader.connect() as conn:  # one statement: no transaction needed
             history = await queries.load_history(conn, message.instance_id)

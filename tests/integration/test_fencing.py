@@ -91,8 +91,13 @@ async def test_a_duplicate_wake_completes_the_sleep_once(
 async def test_two_workers_running_one_attempt_at_once_commit_it_once(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker(worker_id="w1")
-    fleet.start_worker(worker_id="w2")
+    # One slot each: while one worker runs the slow step, the broker can only hand the
+    # duplicate to the other (a worker runs a duplicate of its own running attempt once).
+    one_slot = settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"concurrency": 1, "prefetch": 1})}
+    )
+    fleet.start_worker(worker_id="w1", settings=one_slot)
+    fleet.start_worker(worker_id="w2", settings=one_slot)
     instance_id = await producer.start("slow-pair", None)
 
     async def slow_runs() -> int:
@@ -112,6 +117,28 @@ async def test_two_workers_running_one_attempt_at_once_commit_it_once(
     attempts = await client.attempts(instance_id)
     assert [(a.step, a.attempt) for a in attempts] == [("slow", 1), ("next", 1)]
     await _drain_quietly(client, settings, instance_id)
+    assert await db.side_effects(settings.database, instance_id, "next") == 1
+
+
+async def test_one_worker_runs_a_duplicate_of_its_running_attempt_once(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    fleet.start_worker(worker_id="w1")
+    instance_id = await producer.start("slow-pair", None)
+
+    async def slow_runs() -> int:
+        return await db.side_effects(settings.database, instance_id, "slow")
+
+    await eventually(slow_runs, check=lambda runs: runs == 1, what="the slow step to start")
+    # The same attempt again while it runs, as a resume re-sending a held-back step makes.
+    await _publish(
+        settings,
+        StepMessage(workflow="slow-pair", instance_id=instance_id, step="slow", occurrence=1, attempt=1),
+    )
+    info = await client.wait(instance_id, timeout=30)
+    assert (info.status, info.output) == ("complete", "slow done/N")
+    await _drain_quietly(client, settings, instance_id)
+    assert await slow_runs() == 1
     assert await db.side_effects(settings.database, instance_id, "next") == 1
 
 
