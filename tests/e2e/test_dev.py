@@ -104,7 +104,8 @@ async def test_dev_runs_workflows_that_survive_a_sigkill_and_serves_the_commands
     dev: Dev, env: dict[str, str], settings: Settings
 ) -> None:
     first = dev.start()
-    started = await run(env, "stepline", "start", "sleeper", "--params", '{"duration": "3s"}', "--json")
+    # A sleep no slow machine can outlast before the crash; it is made due after the restart.
+    started = await run(env, "stepline", "start", "sleeper", "--params", '{"duration": "1 hour"}', "--json")
     sleeper = started.json()["instance_id"]
     waiting = await run(env, "stepline", "start", "approval", "--params", "{}", "--id", "needs-approval")
     assert waiting.returncode == 0, waiting.output
@@ -114,6 +115,7 @@ async def test_dev_runs_workflows_that_survive_a_sigkill_and_serves_the_commands
     # Kill everything mid-sleep and mid-wait, then start again on the same files.
     dev.crash(first)
     second = dev.start()
+    await db.time_passes(settings.database, instance_id=sleeper)
     sent = await run(
         env, "stepline", "send-event", "needs-approval", "approved", "--payload", '{"by": "ada"}'
     )
