@@ -133,6 +133,17 @@ def _interrupt(*_: object) -> NoReturn:
     raise KeyboardInterrupt
 
 
+def _setting(parser: argparse.ArgumentParser, item: str) -> tuple[str, str]:
+    name, equals, value = item.partition("=")
+    if (
+        not equals
+        or not name.startswith("STEPLINE_")
+        or name in ("STEPLINE_DATABASE_URL", "STEPLINE_AMQP_URL")
+    ):
+        parser.error(f"--set takes STEPLINE_NAME=VALUE (not the URLs, which the run sets), got {item!r}")
+    return name, value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -155,7 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not drop the database and vhost at the end (to look at the rows of the last run)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a STEPLINE_* setting for the workers and schedulers (repeatable), to measure a change "
+        "against the defaults, e.g. --set STEPLINE_WORKER__REPLAY_CACHE_SIZE=0",
+    )
     args = parser.parse_args(argv)
+    overrides = dict(_setting(parser, item) for item in args.set)
     sections = parse_sections(args.only)
     sizes: Sizes = QUICK if args.quick else FULL
     started = datetime.now(UTC)
@@ -165,13 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         console = Console(width=130)  # piped to a file: wide enough that the tables do not wrap
     iso = Isolation.new()
     log_dir = Path(tempfile.mkdtemp(prefix="stepline-bench-"))
-    fleet = Fleet(child_env(iso.database_url, iso.amqp_url), log_dir)
+    fleet = Fleet({**child_env(iso.database_url, iso.amqp_url), **overrides}, log_dir)
     results: dict[str, Any] = {
         "meta": {
             "started": started.isoformat(timespec="seconds"),
             "mode": "quick" if args.quick else "full",
             "sections": sorted(sections),
             "sizes": asdict(sizes),
+            "settings": overrides,
             **machine(),
             "postgresql": "unknown",
             "load_average": os.getloadavg(),

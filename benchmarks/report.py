@@ -121,6 +121,8 @@ def render(console: Console, results: dict[str, Any]) -> None:
         f"\n[bold]Stepline benchmark[/] ({meta['mode']} run) {meta['started']}  "
         f"{meta['cpus']} cores, {meta['cpu_model']}; PostgreSQL {meta['postgresql']}; commit {meta['commit']}"
     )
+    if meta.get("settings"):
+        console.print("settings: " + " ".join(f"{name}={value}" for name, value in meta["settings"].items()))
     if "background_cpu_cores" in meta:
         console.print(
             f"other work on the machine before the run: {meta['background_cpu_cores']:.2f} cores busy"
