@@ -51,19 +51,39 @@ class OutboxRelay:
         self._confirmed_added = asyncio.Event()
         self._deleter: asyncio.Task[None] | None = None
         self._delete_delay_s = min(DELETE_DELAY_S, settings.sweep_after.total_seconds() / 10)
+        self._held: set[int] = set()
 
     async def publish_committed(self, rows: Sequence[OutboxRow]) -> None:
         """Fast path: publish rows right after their commit; failures are left for the sweeper."""
         if not rows:
             return
         sent = await self._publish(rows)
-        if not sent:
+        await self.forget(sent)
+
+    async def forget(self, ids: Sequence[int]) -> None:
+        """Delete rows whose messages need no publishing any more (batched, when batching is on)."""
+        if not ids:
             return
         if self._deleter is not None:
-            self._confirmed.extend(sent)
+            self._confirmed.extend(ids)
             self._confirmed_added.set()
             return
-        await self._delete_sent(sent)
+        await self._delete_sent(list(ids))
+
+    def hold(self, row_id: int) -> None:
+        """Keep a row unsent while this process does its work itself: no sweeper takes it over.
+
+        Each sweep of this relay first marks its held rows as fresh, so they
+        never reach the age at which sweepers (this one or any other) republish
+        a row. A process that dies stops doing that, and its rows are taken over.
+        """
+        self._held.add(row_id)
+
+    async def release(self, row_id: int, *, is_done: bool) -> None:
+        """Stop holding a row: forget it if its work is done, else leave it for the sweepers."""
+        self._held.discard(row_id)
+        if is_done:
+            await self.forget([row_id])
 
     def start_batching_deletes(self) -> None:
         """Delete the fast path's confirmed rows from a background task, many in one statement.
@@ -113,6 +133,8 @@ class OutboxRelay:
     async def sweep_once(self) -> int:
         """Republish rows older than the fast path's grace; returns how many were sent."""
         async with self._engine.begin() as conn:
+            if self._held:
+                await queries.refresh_outbox(conn, sorted(self._held))
             self._hooks.outbox_backlog(await queries.count_outbox(conn))
             rows = await queries.claim_stale_outbox(
                 conn, older_than=self._settings.sweep_after, limit=self._settings.batch_size

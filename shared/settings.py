@@ -65,6 +65,11 @@ class WorkerSettings(BaseModel):
     shutdown_grace: DurationSetting = Field(
         default=timedelta(seconds=30), description="How long SIGTERM waits for in-flight steps."
     )
+    replay_cache_size: int = Field(
+        default=1024,
+        ge=0,
+        description="Instances whose suspended replay a worker keeps for their next step (0: none).",
+    )
     workflows: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules that define workflows (comma-separated)."
     )
@@ -105,6 +110,16 @@ class OutboxSettings(BaseModel):
         description="Age at which an unsent row is taken over from the fast path.",
     )
     batch_size: int = Field(default=200, ge=1, description="Rows republished per sweep.")
+
+    @model_validator(mode="after")
+    def _sweeps_within_the_age(self) -> OutboxSettings:
+        # Each sweep refreshes the rows its worker holds (see OutboxRelay.hold): sweeping
+        # less often than sweep_after would let other sweepers take them over.
+        if self.sweep_interval >= self.sweep_after:
+            raise ValueError(
+                "STEPLINE_OUTBOX__SWEEP_INTERVAL must be shorter than STEPLINE_OUTBOX__SWEEP_AFTER"
+            )
+        return self
 
 
 class Settings(BaseSettings):

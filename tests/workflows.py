@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 from datetime import datetime
 from typing import Any
 
@@ -89,6 +90,18 @@ async def sequence(ctx: Context, params: Numbers) -> dict[str, Any]:
     product = await ctx.step("multiply", multiply, total, 10)
     text = await ctx.step("describe", describe, product)
     return {"total": total.value, "product": product, "text": text}
+
+
+BODY_RUNS: Counter[str] = Counter()
+"""How often each instance's workflow function began to run in this process: its replays."""
+
+
+@workflow("counted")
+async def counted(ctx: Context, params: None) -> str:
+    BODY_RUNS[ctx.instance_id] += 1
+    first = await ctx.step("one", describe, 1)
+    second = await ctx.step("two", describe, 2)
+    return f"{first} {second} {await ctx.step('three', describe, 3)}"
 
 
 # ---------------------------------------------------------------- retries and failures
@@ -263,6 +276,14 @@ async def slow_pair(ctx: Context, params: None) -> str:
     first = await ctx.step("slow", slow_step, 1.0)
     second = await ctx.step("next", branch, "n")
     return f"{first}/{second}"
+
+
+@workflow("quick-then-slow")
+async def quick_then_slow(ctx: Context, params: None) -> str:
+    """The slow step outlasts the tests' sweep_after (1 s) while a worker runs it as a local step."""
+    first = await ctx.step("quick", branch, "q")
+    second = await ctx.step("slow", slow_step, 3.0)
+    return f"{first}/{second}/{await ctx.step('after', branch, 'a')}"
 
 
 @workflow("evolving")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -33,8 +34,9 @@ from shared.states import InstanceStatus
 from worker import waits
 from worker.executor import StepExecutor
 from worker.plan import Planner
+from worker.replay.cache import ReplayCache, committed_history
 from worker.replay.engine import Replay
-from worker.steps import StepRunner
+from worker.steps import Committed, StepRunner
 from worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -66,6 +68,8 @@ class MessageHandler:
         worker_id: str,
         hooks: Hooks | None = None,
         retry_delay: float = 1.0,
+        replay_cache: ReplayCache | None = None,
+        local_budget_s: float = 1.0,
     ) -> None:
         self._hooks = hooks or NoHooks()
         self._engine = engine
@@ -75,14 +79,22 @@ class MessageHandler:
         self._workflows = workflows
         self._payload_limit = payload_limit
         self._planner = Planner(payload_limit, self._hooks)
-        self._steps = StepRunner(engine=engine, planner=self._planner, executor=executor, worker_id=worker_id)
+        self._steps = StepRunner(
+            engine=engine, planner=self._planner, executor=executor, worker_id=worker_id, cache=replay_cache
+        )
         self._retry_delay = retry_delay
         self._outage = Outage("the database or the broker", log)
+        self._runs_local_steps = True
+        self._local_budget_s = local_budget_s
+
+    def stop_local_steps(self) -> None:
+        """Run no more steps locally (the worker is stopping): publish their messages instead."""
+        self._runs_local_steps = False
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery to the end: acked, dead-lettered, or given back."""
         try:
-            rows = await self._dispatch(delivery)
+            committed = await self._dispatch(delivery)
         except BadPayloadError as exc:
             await self._reject(delivery, exc.reason)
             return
@@ -100,10 +112,45 @@ class MessageHandler:
         # message, and the attempt check turns the redelivery into a no-op.
         faults.crash_here(faults.CRASH_AFTER_COMMIT)
         await _quietly(delivery.ack())
-        try:
-            await self._relay.publish_committed(rows)
-        except Exception:  # the rows are committed: the sweeper publishes them
-            log.exception("fast-path publish failed", extra={"event": "fast_path_failed"})
+        await self._follow(committed)
+
+    async def _follow(self, committed: Committed) -> None:
+        """Publish what a commit wrote; run the step it planned here, then the one after, within a budget.
+
+        A step run here skips the broker: its message stays an unsent outbox row
+        that the relay keeps fresh (so no sweeper takes it over) and deletes once
+        the step's own attempt has committed. If anything goes wrong, the row is
+        let go and the sweeper publishes it: the step then runs the usual way.
+        The budget returns the slot to queued deliveries now and then.
+        """
+        deadline = time.monotonic() + self._local_budget_s
+        while True:
+            local = committed.local
+            if local is not None and not (self._runs_local_steps and time.monotonic() < deadline):
+                local = None
+            rows = committed.rows
+            if local is not None:
+                rows = [row for row in rows if row.id != local.row.id]
+            try:
+                await self._relay.publish_committed(rows)
+            except Exception:  # the rows are committed: the sweeper publishes them
+                log.exception("fast-path publish failed", extra={"event": "fast_path_failed"})
+            if local is None:
+                return
+            self._relay.hold(local.row.id)
+            try:
+                committed = await self._steps.run(local.workflow, local.message, is_local=True)
+            except Exception as exc:  # the row is still committed: the sweeper publishes it
+                await self._relay.release(local.row.id, is_done=False)
+                log.warning(
+                    "local step failed; its message goes out the usual way: %s",
+                    _brief(exc),
+                    extra={"event": "local_step_failed", "instance_id": local.message.instance_id},
+                )
+                return
+            # Its attempt is committed: a crash before the row is forgotten only republishes it.
+            faults.crash_here(faults.CRASH_AFTER_COMMIT)
+            await self._relay.release(local.row.id, is_done=True)
 
     async def _reject(self, delivery: Delivery, reason: str) -> None:
         log.warning(
@@ -123,7 +170,7 @@ class MessageHandler:
             return
         await _quietly(delivery.ack())
 
-    async def _dispatch(self, delivery: Delivery) -> list[OutboxRow]:
+    async def _dispatch(self, delivery: Delivery) -> Committed:
         message = parse_message(delivery.body, limit=self._payload_limit)
         workflow = self._workflows.get(message.workflow)
         if workflow is None:
@@ -132,7 +179,7 @@ class MessageHandler:
             return await self._start(workflow, message, delivery.headers)
         if isinstance(message, StepMessage):
             return await self._steps.run(workflow, message)
-        return await self._settle(workflow, message)
+        return Committed(await self._settle(workflow, message))
 
     async def _settle(
         self, workflow: Workflow[Any, Any], message: WakeMessage | EventMessage | AdvanceMessage
@@ -157,7 +204,7 @@ class MessageHandler:
 
     async def _start(
         self, workflow: Workflow[Any, Any], message: StartMessage, headers: dict[str, str]
-    ) -> list[OutboxRow]:
+    ) -> Committed:
         try:
             workflow.validate_params(message.params)
         except InvalidParamsError as exc:
@@ -191,6 +238,8 @@ class MessageHandler:
             "parent": parent,
         }
         replay = Replay(workflow, history)
+        kept = False
+        local = None
         try:
             outcome = replay.start()
             transition = self._planner.plan_unlocked(history, replay, outcome)
@@ -208,20 +257,27 @@ class MessageHandler:
                     )
                 if started is None:
                     async with self._engine.begin() as conn:
-                        return await self._duplicate_start(conn, message, parent)
+                        return Committed(await self._duplicate_start(conn, message, parent))
                 rows = started
                 if transition.status.is_finished:
                     self._planner.report_finished(history, outcome, transition.status)
+                else:
+                    committed = committed_history(
+                        history, status=transition.status, new_steps=transition.new_steps
+                    )
+                    local = self._steps.keep(workflow, committed, replay, transition.new_steps, rows)
+                    kept = True
             else:
                 async with self._engine.begin() as conn:
                     created = await queries.insert_instance(conn, **instance)
                     if not created:
-                        return await self._duplicate_start(conn, message, parent)
+                        return Committed(await self._duplicate_start(conn, message, parent))
                     rows = await self._planner.apply(conn, history, replay, outcome)
         finally:
-            replay.close()
+            if not kept:
+                replay.close()
         log.info("instance started", extra={"event": "instance_started", "instance_id": message.instance_id})
-        return rows
+        return Committed(rows, local)
 
     async def _duplicate_start(
         self, conn: AsyncConnection, message: StartMessage, parent: ParentLink | None

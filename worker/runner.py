@@ -23,6 +23,7 @@ from shared.retrying import retry_until
 from shared.settings import Settings
 from worker.executor import StepExecutor
 from worker.handlers import MessageHandler
+from worker.replay.cache import ReplayCache
 from worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -53,6 +54,7 @@ async def run_worker(
         max_timeout=settings.worker.max_step_timeout,
         payload_limit=settings.max_payload_bytes,
     )
+    replay_cache = ReplayCache(settings.worker.replay_cache_size)
     in_flight: set[asyncio.Task[Any]] = set()
     relay: OutboxRelay | None = None
     try:
@@ -70,6 +72,7 @@ async def run_worker(
             payload_limit=settings.max_payload_bytes,
             worker_id=worker_id,
             hooks=hooks,
+            replay_cache=replay_cache,
         )
         slots = asyncio.Semaphore(concurrency)
 
@@ -93,7 +96,9 @@ async def run_worker(
             sorted(workflows), on_delivery, prefetch=settings.worker.prefetch or 2 * concurrency
         )
         health = await _start_health(settings, engine, broker)
-        sweeper = asyncio.create_task(relay.run_sweeper(stopping))
+        # The sweeper outlives the drain below: it keeps the rows of local steps still running fresh.
+        drained = asyncio.Event()
+        sweeper = asyncio.create_task(relay.run_sweeper(drained))
         sampler = asyncio.create_task(_sample_queue_depths(broker, sorted(workflows), hooks, stopping))
         log.info(
             "worker consuming %s with concurrency %d",
@@ -104,6 +109,7 @@ async def run_worker(
         await stopping.wait()
         log.info("stopping: no new work; finishing in-flight steps", extra={"event": "worker_stopping"})
         await broker.stop_consuming()
+        handler.stop_local_steps()
         if in_flight:
             _, pending = await asyncio.wait(
                 set(in_flight), timeout=settings.worker.shutdown_grace.total_seconds()
@@ -116,6 +122,7 @@ async def run_worker(
                 )
                 for task in pending:
                     task.cancel()
+        drained.set()
         await sweeper
         await sampler
         if health is not None:
@@ -124,6 +131,7 @@ async def run_worker(
         if relay is not None:
             await relay.stop_batching_deletes()  # forget what in-flight steps published
         await broker.close()
+        replay_cache.clear()
         executor.shutdown()
         await engine.dispose()
         log.info("worker stopped", extra={"event": "worker_stopped", "worker": worker_id})

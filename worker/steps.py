@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.db import queries, transitions
 from shared.db.engine import single_statement_engine
-from shared.db.queries import NewTimer, OutboxRow
+from shared.db.queries import NewStep, NewTimer, OutboxRow
 from shared.errors import NonDeterminismError
 from shared.history import History, StepKey, format_key
 from shared.hooks import AttemptEnd
@@ -18,6 +19,7 @@ from shared.messages import StepMessage
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.executor import StepExecutor, StepResult, StepSucceeded
 from worker.plan import Planner, Transition, instance_error
+from worker.replay.cache import ReplayCache, committed_history
 from worker.replay.engine import Outcome, Replay, step_failed_error
 from worker.retry import DEFAULT_RETRY_POLICY
 from worker.step_info import StepInfo
@@ -26,13 +28,42 @@ from worker.workflow import Workflow
 log = logging.getLogger("stepline.worker")
 
 
+@dataclass(frozen=True, slots=True)
+class LocalStep:
+    """A step planned by a commit of this worker, which it may run itself with the replay it kept.
+
+    Its message is committed in the outbox like any other (``row``); a worker
+    that runs it locally leaves that row unsent and deletes it once the step's
+    own attempt has committed, so a crash in between leaves the row for the sweeper.
+    """
+
+    workflow: Workflow[Any, Any]
+    message: StepMessage
+    row: OutboxRow
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What a handled message left to do: outbox rows to publish, and maybe a step to run here next."""
+
+    rows: list[OutboxRow]
+    local: LocalStep | None = None
+
+
 class StepRunner:
     """Replays an instance up to a step, runs the step's code, and commits the attempt."""
 
     def __init__(
-        self, *, engine: AsyncEngine, planner: Planner, executor: StepExecutor, worker_id: str
+        self,
+        *,
+        engine: AsyncEngine,
+        planner: Planner,
+        executor: StepExecutor,
+        worker_id: str,
+        cache: ReplayCache | None = None,
     ) -> None:
         self._engine = engine
+        self._cache = cache if cache is not None else ReplayCache(0)  # an empty cache is falsy
         self._reader = single_statement_engine(engine)
         self._planner = planner
         self._executor = executor
@@ -44,30 +75,105 @@ class StepRunner:
         # one worker never runs the same attempt twice at once.
         self._running: dict[tuple[str, str, int, int], asyncio.Event] = {}
 
-    async def run(self, workflow: Workflow[Any, Any], message: StepMessage) -> list[OutboxRow]:
-        """Run the attempt the message names, if it is still the current one; commit it."""
+    async def run(
+        self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool = False
+    ) -> Committed:
+        """Run the attempt the message names, if it is still the current one; commit it.
+
+        ``is_local``: the message is a ``LocalStep`` this worker's own commit
+        planned just now, so its cached replay needs no check against the
+        database first (the commit is fenced by the version all the same).
+        """
         attempt_id = (message.instance_id, message.step, message.occurrence, message.attempt)
         while (earlier := self._running.get(attempt_id)) is not None:
             await earlier.wait()
         done = self._running[attempt_id] = asyncio.Event()
         try:
-            return await self._run(workflow, message)
+            return await self._run(workflow, message, is_local=is_local)
         finally:
             del self._running[attempt_id]
             done.set()
 
-    async def _run(self, workflow: Workflow[Any, Any], message: StepMessage) -> list[OutboxRow]:
+    def keep(
+        self,
+        workflow: Workflow[Any, Any],
+        history: History,
+        replay: Replay,
+        new_steps: list[NewStep],
+        rows: list[OutboxRow],
+    ) -> LocalStep | None:
+        """Cache ``replay``, now standing on ``history`` (just committed); return a step it may run next.
+
+        That is the one new step the commit planned (``new_steps``), whose
+        message is among ``rows``. Parallel steps all go out as messages, so
+        that they run on different workers at once.
+        """
+        replay.rebase(history)
+        self._cache.put(history, replay)
+        if self._cache.capacity <= 0:
+            return None
+        planned = [new for new in new_steps if new.kind == StepKind.STEP]
+        if len(planned) != 1:
+            return None
+        step = planned[0]
+        _, body, _ = self._planner.step_message(history, step.key, 1)
+        row = next((row for row in rows if row.body == body), None)
+        if row is None:
+            return None
+        message = StepMessage(
+            workflow=history.workflow,
+            instance_id=history.instance_id,
+            step=step.key[0],
+            occurrence=step.key[1],
+            attempt=1,
+        )
+        return LocalStep(workflow, message, row)
+
+    async def _replay_to(
+        self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool
+    ) -> tuple[History, Replay, Outcome | None] | None:
+        """The history and a replay blocked at the message's step; None if the attempt is not current.
+
+        A cached replay serves when the instance is still at its version (one
+        small read); otherwise the history is loaded and replayed from the start.
+        The outcome is None for a cached replay, which is blocked by construction.
+        """
         key: StepKey = (message.step, message.occurrence)
+        cached = self._cache.take(message.instance_id)
+        if cached is not None and is_local and cached.replay.is_pending(key):
+            return cached.history, cached.replay, None
         async with self._reader.connect() as conn:  # one statement: no transaction needed
+            if cached is not None:
+                state = await queries.instance_state(conn, message.instance_id)
+                if state == queries.InstanceLock(cached.history.status, cached.history.version):
+                    if not is_current(cached.history, key, message):
+                        self._cache.put(cached.history, cached.replay)  # still good for the current attempt
+                        return None
+                    if cached.replay.is_pending(key):
+                        return cached.history, cached.replay, None
+                cached.replay.close()
             history = await queries.load_history(conn, message.instance_id)
         if history is None or not is_current(history, key, message):
-            return []
+            return None
         replay = Replay(workflow, history)
         try:
-            outcome = replay.start()
+            return history, replay, replay.start()
+        except BaseException:
+            replay.close()
+            raise
+
+    async def _run(self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool) -> Committed:
+        key: StepKey = (message.step, message.occurrence)
+        found = await self._replay_to(workflow, message, is_local=is_local)
+        if found is None:
+            return Committed([])
+        history, replay, outcome = found
+        kept = False
+        try:
             call = replay.calls.get(key)
-            if outcome.kind == "diverged" or call is None:
-                return await self._commit_error(history, outcome.error or missing_step(history, key))
+            if (outcome is not None and outcome.kind == "diverged") or call is None:
+                error = outcome.error if outcome is not None else None
+                return Committed(await self._commit_error(history, error or missing_step(history, key)))
             info = StepInfo(history.instance_id, workflow.name, key[0], key[1], message.attempt)
             with self._planner.hooks.step_attempt(
                 workflow.name,
@@ -100,19 +206,27 @@ class StepRunner:
                     if rows is not None:
                         if transition.status.is_finished:
                             self._planner.report_finished(history, resolved, transition.status)
-                        return rows
+                            return Committed(rows)
+                        settled = (key, message.attempt, result.result)
+                        committed = committed_history(
+                            history, status=transition.status, new_steps=transition.new_steps, settled=settled
+                        )
+                        kept = True
+                        return Committed(
+                            rows, self.keep(workflow, committed, replay, transition.new_steps, rows)
+                        )
                     stale = True  # the history moved on: the newer one is replayed under the lock below
             async with self._engine.begin() as conn:
                 lock = await queries.lock_instance(conn, history.instance_id)
                 if lock is None or lock.status.is_finished:
-                    return []
+                    return Committed([])
                 if lock.version != history.version or stale:
                     # The history changed meanwhile (a parallel step committed, a pause):
                     # replay the newer one before planning what comes next.
                     fresh = await queries.load_history(conn, history.instance_id)
                     assert fresh is not None
                     if not is_current(fresh, key, message, running_in_paused=True):
-                        return []
+                        return Committed([])
                     replay.close()
                     history, replay = fresh, Replay(workflow, fresh, carried_values=values)
                     outcome = replay.start()
@@ -124,13 +238,14 @@ class StepRunner:
                             status=InstanceStatus.ERRORED,
                             error=instance_error(error),
                         )
-                        return []
+                        return Committed([])
                     resolved = None
-                return await self._commit_attempt(
-                    conn, history, replay, key, message.attempt, result, resolved
+                return Committed(
+                    await self._commit_attempt(conn, history, replay, key, message.attempt, result, resolved)
                 )
         finally:
-            replay.close()
+            if not kept:
+                replay.close()
 
     async def _commit_at_version(
         self, history: History, key: StepKey, attempt: int, result: StepSucceeded, transition: Transition

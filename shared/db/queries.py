@@ -83,12 +83,17 @@ async def lock_instance(conn: AsyncConnection, instance_id: str) -> InstanceLock
     return None if row is None else InstanceLock(InstanceStatus(row.status), row.version)
 
 
+async def instance_state(conn: AsyncConnection, instance_id: str) -> InstanceLock | None:
+    """An instance's status and version, unlocked: whether a history read earlier is still current."""
+    row = (await conn.execute(_INSTANCE_STATE, {"instance_id": instance_id})).first()
+    return None if row is None else InstanceLock(InstanceStatus(row.status), row.version)
+
+
 # Built once: a hot statement's cache key and compiled form are then reused, not rebuilt per call.
-_LOCK_INSTANCE = (
-    sa.select(instances.c.status, instances.c.version)
-    .where(instances.c.id == sa.bindparam("instance_id"))
-    .with_for_update()
+_INSTANCE_STATE = sa.select(instances.c.status, instances.c.version).where(
+    instances.c.id == sa.bindparam("instance_id")
 )
+_LOCK_INSTANCE = _INSTANCE_STATE.with_for_update()
 
 
 async def update_instance(
@@ -598,6 +603,11 @@ async def claim_stale_outbox(conn: AsyncConnection, *, older_than: timedelta, li
         )
     ).all()
     return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
+
+
+async def refresh_outbox(conn: AsyncConnection, ids: Sequence[int]) -> None:
+    """Make rows young again, so that no sweeper counts them as left behind (see OutboxRelay.hold)."""
+    await conn.execute(outbox.update().where(outbox.c.id.in_(ids)).values(created_at=utc_now()))
 
 
 async def delete_outbox(conn: AsyncConnection, ids: Sequence[int]) -> None:

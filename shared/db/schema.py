@@ -166,6 +166,8 @@ outbox = sa.Table(
     sa.Column("routing_key", sa.Text, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("headers", Json),
+    # When the row was written, or last refreshed by a worker that holds it while it runs the
+    # step itself (OutboxRelay.hold): sweepers republish rows older than sweep_after.
     sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_now()),
 )
 

@@ -91,10 +91,15 @@ async def test_a_duplicate_wake_completes_the_sleep_once(
 async def test_two_workers_running_one_attempt_at_once_commit_it_once(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    # One slot each: while one worker runs the slow step, the broker can only hand the
+    # One slot each, and every step run from its delivery (no cached replays, so no local
+    # steps): while one worker runs the slow step unacked, the broker can only hand the
     # duplicate to the other (a worker runs a duplicate of its own running attempt once).
     one_slot = settings.model_copy(
-        update={"worker": settings.worker.model_copy(update={"concurrency": 1, "prefetch": 1})}
+        update={
+            "worker": settings.worker.model_copy(
+                update={"concurrency": 1, "prefetch": 1, "replay_cache_size": 0}
+            )
+        }
     )
     fleet.start_worker(worker_id="w1", settings=one_slot)
     fleet.start_worker(worker_id="w2", settings=one_slot)

@@ -9,7 +9,7 @@ from shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
-from tests.workflows import branch
+from tests.workflows import BODY_RUNS, branch
 from worker import Context, Workflow
 
 pytestmark = pytest.mark.both_backends
@@ -18,15 +18,36 @@ pytestmark = pytest.mark.both_backends
 async def test_every_step_replays_the_history_without_rerunning_committed_steps(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    # No cached replays: each step after the first runs after a full replay of the stored history.
+    fleet.start_worker(settings=_with_replay_cache(settings, 0))
     fleet.start_scheduler()
-    # Each of the three steps after the first is run after a full replay of the stored history.
     ids = [await producer.start("sequence", {"a": n, "b": n}) for n in range(5)]
     for instance_id in ids:
         info = await client.wait(instance_id, timeout=30)
         assert info.status == "complete"
         assert await db.side_effects(settings.database, instance_id, "add") == 1
         assert await db.side_effects(settings.database, instance_id, "describe") == 1
+
+
+@pytest.mark.parametrize(("cache_size", "replays"), [(0, 4), (64, 1)])
+async def test_a_worker_replays_from_the_start_only_what_it_has_no_suspended_replay_of(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings, cache_size: int, replays: int
+) -> None:
+    fleet.start_worker(settings=_with_replay_cache(settings, cache_size))
+    instance_id = await producer.start("counted", None)
+    info = await client.wait(instance_id, timeout=30)
+    assert (info.status, info.output) == ("complete", "result=1 result=2 result=3")
+    # Without a cache: the start and each of the three steps replay from the beginning.
+    # With one: the start's replay stays suspended in the worker and drives all three steps.
+    assert BODY_RUNS[instance_id] == replays
+    for step in ("one", "two", "three"):
+        assert await db.side_effects(settings.database, instance_id, step) == 1
+
+
+def _with_replay_cache(settings: Settings, size: int) -> Settings:
+    return settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"replay_cache_size": size})}
+    )
 
 
 async def _evolving_v2(ctx: Context, params: None) -> str:

@@ -158,7 +158,10 @@ async def _fire_with(
 
 async def _sweep_everything(engine: AsyncEngine) -> list[bytes]:
     broker = _Broker()
-    relay = OutboxRelay(engine, broker, OutboxSettings(sweep_after=timedelta(0)))
+    # Every row counts as left behind at once (a sweep interval is needed only by a sweeper loop).
+    relay = OutboxRelay(
+        engine, broker, OutboxSettings(sweep_interval=timedelta(0), sweep_after=timedelta(microseconds=1))
+    )
     while await relay.sweep_once():
         pass
     return broker.sent

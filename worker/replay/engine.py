@@ -140,6 +140,8 @@ class Replay:
         self._value_counts: Counter[str] = Counter()
         self._divergence: NonDeterminismError | None = None
         self._task: asyncio.Task[Any] | None = None
+        self._covered = False
+        """Whether every history entry has been asked for again (checked once; it stays true)."""
 
     # -- driving
 
@@ -168,6 +170,15 @@ class Replay:
             self._loop.run_until_idle()
         for task in asyncio.all_tasks(self._loop):
             task._log_destroy_pending = False  # type: ignore[attr-defined]
+
+    def rebase(self, history: History) -> None:
+        """Stand on ``history``, which now holds the entries this replay had collected as new.
+
+        After a commit that wrote exactly those entries, the replay is what a
+        fresh one over ``history`` would be, so it can drive the next step.
+        """
+        self.history = history
+        self.new_entries = []
 
     def is_pending(self, key: StepKey) -> bool:
         """Whether the code awaits ``key`` and it has no result yet."""
@@ -261,7 +272,7 @@ class Replay:
     def _run(self) -> Outcome:
         assert self._task is not None, "start() first"
         self._loop.run_until_idle()
-        if self._divergence is None:
+        if self._divergence is None and not self._covered:
             self._check_history_covered()
         if self._divergence is not None:
             return Outcome("diverged", error=self._divergence)
@@ -294,3 +305,4 @@ class Replay:
                     found = "nothing in its place"
                 self._diverge(f"{describe(record.kind, record.key)} at position {record.position}", found)
                 return
+        self._covered = True

@@ -1,0 +1,98 @@
+"""Suspended replays kept between steps, so a worker need not reload and replay a history it just wrote."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from shared.codec import JSON
+from shared.db.queries import NewStep
+from shared.history import History, StepKey, StepRecord
+from shared.states import InstanceStatus, StepStatus
+from worker.replay.engine import Replay
+
+
+@dataclass(frozen=True, slots=True)
+class CachedReplay:
+    """A replay blocked on its pending entries, and the history (at ``history.version``) it stands on."""
+
+    history: History
+    replay: Replay
+
+
+class ReplayCache:
+    """The replays this worker committed last, one per instance, least recently used evicted first.
+
+    An entry is valid only while the instance is still at its history's
+    version: every change to a history bumps the version, so a caller that
+    reads the instance's (status, version) and finds them equal may use the
+    entry as if it had loaded and replayed the history itself. An entry is
+    taken out while in use, so two deliveries never drive one replay.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, CachedReplay] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, instance_id: str) -> CachedReplay | None:
+        """Remove and return the instance's entry, if there is one."""
+        return self._entries.pop(instance_id, None)
+
+    def put(self, history: History, replay: Replay) -> None:
+        """Keep ``replay`` for the instance, closing whatever it replaces or pushes out."""
+        if self.capacity <= 0:
+            replay.close()
+            return
+        earlier = self._entries.pop(history.instance_id, None)
+        if earlier is not None:
+            earlier.replay.close()
+        self._entries[history.instance_id] = CachedReplay(history, replay)
+        while len(self._entries) > self.capacity:
+            _, evicted = self._entries.popitem(last=False)
+            evicted.replay.close()
+
+    def clear(self) -> None:
+        """Close every entry (the worker is stopping)."""
+        while self._entries:
+            _, entry = self._entries.popitem()
+            entry.replay.close()
+
+
+def committed_history(
+    history: History,
+    *,
+    status: InstanceStatus,
+    new_steps: list[NewStep],
+    settled: tuple[StepKey, int, JSON] | None = None,
+) -> History:
+    """The history a one-statement commit wrote: one version on, ``settled`` succeeded, ``new_steps`` added.
+
+    ``settled`` is the succeeded step's key, attempt and result. The steps'
+    mapping is extended in place: the caller hands over ``history``, which
+    nothing else reads afterwards, so a long history costs nothing to extend.
+    """
+    records = history.steps
+    if settled is not None:
+        key, attempt, result = settled
+        records[key] = replace(
+            records[key], status=StepStatus.SUCCEEDED, attempt=attempt, result=result, error=None
+        )
+    for step in new_steps:
+        records[step.key] = StepRecord(
+            name=step.key[0],
+            occurrence=step.key[1],
+            position=step.position,
+            kind=step.kind,
+            status=step.status,
+            attempt=1,
+            result=step.result,
+            fire_at=step.fire_at,
+            detail=step.detail,
+        )
+    return replace(history, status=status, version=history.version + 1, steps=records)
+
+
+__all__ = ["CachedReplay", "ReplayCache", "committed_history"]
