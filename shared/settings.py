@@ -96,7 +96,7 @@ class SchedulerSettings(BaseModel):
     poll_interval: DurationSetting = Field(
         default=timedelta(milliseconds=500), description="Longest wait between timer scans."
     )
-    batch_size: int = Field(default=500, ge=1, description="Timers fired per transaction.")
+    batch_size: int = Field(default=2500, ge=1, description="Timers fired per transaction.")
 
 
 class OutboxSettings(BaseModel):
