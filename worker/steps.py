@@ -116,10 +116,6 @@ class StepRunner:
         if len(planned) != 1:
             return None
         step = planned[0]
-        _, body, _ = self._planner.step_message(history, step.key, 1)
-        row = next((row for row in rows if row.body == body), None)
-        if row is None:
-            return None
         message = StepMessage(
             workflow=history.workflow,
             instance_id=history.instance_id,
@@ -127,7 +123,9 @@ class StepRunner:
             occurrence=step.key[1],
             attempt=1,
         )
-        return LocalStep(workflow, message, row)
+        # The commit's only step message is this one: the other rows start children or wake a parent.
+        row = next((row for row in rows if row.routing_key == message.routing_key), None)
+        return None if row is None else LocalStep(workflow, message, row)
 
     async def _replay_to(
         self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool
