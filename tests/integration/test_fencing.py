@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 
 from producer import Client, Producer
@@ -104,16 +106,8 @@ async def test_two_workers_running_one_attempt_at_once_commit_it_once(
     fleet.start_worker(worker_id="w1", settings=one_slot)
     fleet.start_worker(worker_id="w2", settings=one_slot)
     instance_id = await producer.start("slow-pair", None)
-
-    async def slow_runs() -> int:
-        return await db.side_effects(settings.database, instance_id, "slow")
-
-    await eventually(slow_runs, check=lambda runs: runs == 1, what="the slow step to start")
     # A duplicate of the running attempt's message, as a redelivery after a network split would make.
-    await _publish(
-        settings,
-        StepMessage(workflow="slow-pair", instance_id=instance_id, step="slow", occurrence=1, attempt=1),
-    )
+    slow_runs = await _duplicate_the_running_slow_step(settings, instance_id)
     await eventually(slow_runs, check=lambda runs: runs == 2, what="the duplicate to run too")
 
     info = await client.wait(instance_id, timeout=30)
@@ -130,21 +124,29 @@ async def test_one_worker_runs_a_duplicate_of_its_running_attempt_once(
 ) -> None:
     fleet.start_worker(worker_id="w1")
     instance_id = await producer.start("slow-pair", None)
-
-    async def slow_runs() -> int:
-        return await db.side_effects(settings.database, instance_id, "slow")
-
-    await eventually(slow_runs, check=lambda runs: runs == 1, what="the slow step to start")
     # The same attempt again while it runs, as a resume re-sending a held-back step makes.
-    await _publish(
-        settings,
-        StepMessage(workflow="slow-pair", instance_id=instance_id, step="slow", occurrence=1, attempt=1),
-    )
+    slow_runs = await _duplicate_the_running_slow_step(settings, instance_id)
     info = await client.wait(instance_id, timeout=30)
     assert (info.status, info.output) == ("complete", "slow done/N")
     await _drain_quietly(client, settings, instance_id)
     assert await slow_runs() == 1
     assert await db.side_effects(settings.database, instance_id, "next") == 1
+
+
+async def _duplicate_the_running_slow_step(
+    settings: Settings, instance_id: str
+) -> Callable[[], Awaitable[int]]:
+    """Once slow-pair's slow step runs, publish its message again; returns how to count its runs."""
+
+    async def slow_runs() -> int:
+        return await db.side_effects(settings.database, instance_id, "slow")
+
+    await eventually(slow_runs, check=lambda runs: runs == 1, what="the slow step to start")
+    await _publish(
+        settings,
+        StepMessage(workflow="slow-pair", instance_id=instance_id, step="slow", occurrence=1, attempt=1),
+    )
+    return slow_runs
 
 
 async def _drain_quietly(client: Client, settings: Settings, instance_id: str) -> None:
