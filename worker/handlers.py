@@ -34,7 +34,7 @@ from shared.states import InstanceStatus
 from worker import waits
 from worker.executor import StepExecutor
 from worker.plan import Planner
-from worker.replay.cache import ReplayCache, committed_history
+from worker.replay.cache import ReplayCache
 from worker.replay.engine import Replay
 from worker.steps import Committed, StepRunner
 from worker.workflow import Workflow
@@ -262,10 +262,7 @@ class MessageHandler:
                 if transition.status.is_finished:
                     self._planner.report_finished(history, outcome, transition.status)
                 else:
-                    committed = committed_history(
-                        history, status=transition.status, new_steps=transition.new_steps
-                    )
-                    local = self._steps.keep(workflow, committed, replay, transition.new_steps, rows)
+                    local = self._steps.keep(workflow, history, replay, transition, rows)
                     kept = True
             else:
                 async with self._engine.begin() as conn:

@@ -9,9 +9,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from shared.codec import JSON
 from shared.db import queries, transitions
 from shared.db.engine import single_statement_engine
-from shared.db.queries import NewStep, NewTimer, OutboxRow
+from shared.db.queries import NewTimer, OutboxRow
 from shared.errors import NonDeterminismError
 from shared.history import History, StepKey, format_key
 from shared.hooks import AttemptEnd
@@ -99,20 +100,26 @@ class StepRunner:
         workflow: Workflow[Any, Any],
         history: History,
         replay: Replay,
-        new_steps: list[NewStep],
+        transition: Transition,
         rows: list[OutboxRow],
+        *,
+        settled: tuple[StepKey, int, JSON] | None = None,
     ) -> LocalStep | None:
-        """Cache ``replay``, now standing on ``history`` (just committed); return a step it may run next.
+        """Cache ``replay`` on the history ``transition`` just committed; return a step it may run next.
 
-        That is the one new step the commit planned (``new_steps``), whose
+        ``history`` is the one the replay ran on, handed over (it is extended in
+        place); ``settled`` the succeeded step's key, attempt and result, if any.
+        The step to run next is the one new step the commit planned, whose
         message is among ``rows``. Parallel steps all go out as messages, so
         that they run on different workers at once.
         """
+        history = committed_history(
+            history, status=transition.status, new_steps=transition.new_steps, settled=settled
+        )
         replay.rebase(history)
-        self._cache.put(history, replay)
-        if self._cache.capacity <= 0:
+        if not self._cache.put(history, replay):
             return None
-        planned = [new for new in new_steps if new.kind == StepKind.STEP]
+        planned = [new for new in transition.new_steps if new.kind == StepKind.STEP]
         if len(planned) != 1:
             return None
         step = planned[0]
@@ -205,14 +212,10 @@ class StepRunner:
                         if transition.status.is_finished:
                             self._planner.report_finished(history, resolved, transition.status)
                             return Committed(rows)
-                        settled = (key, message.attempt, result.result)
-                        committed = committed_history(
-                            history, status=transition.status, new_steps=transition.new_steps, settled=settled
-                        )
                         kept = True
-                        return Committed(
-                            rows, self.keep(workflow, committed, replay, transition.new_steps, rows)
-                        )
+                        settled = (key, message.attempt, result.result)
+                        local = self.keep(workflow, history, replay, transition, rows, settled=settled)
+                        return Committed(rows, local)
                     stale = True  # the history moved on: the newer one is replayed under the lock below
             async with self._engine.begin() as conn:
                 lock = await queries.lock_instance(conn, history.instance_id)

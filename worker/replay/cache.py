@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from shared.codec import JSON
@@ -41,11 +42,11 @@ class ReplayCache:
         """Remove and return the instance's entry, if there is one."""
         return self._entries.pop(instance_id, None)
 
-    def put(self, history: History, replay: Replay) -> None:
-        """Keep ``replay`` for the instance, closing whatever it replaces or pushes out."""
+    def put(self, history: History, replay: Replay) -> bool:
+        """Keep ``replay`` for the instance, closing what it replaces or pushes out; False if none kept."""
         if self.capacity <= 0:
             replay.close()
-            return
+            return False
         earlier = self._entries.pop(history.instance_id, None)
         if earlier is not None:
             earlier.replay.close()
@@ -53,6 +54,7 @@ class ReplayCache:
         while len(self._entries) > self.capacity:
             _, evicted = self._entries.popitem(last=False)
             evicted.replay.close()
+        return True
 
     def clear(self) -> None:
         """Close every entry (the worker is stopping)."""
@@ -65,7 +67,7 @@ def committed_history(
     history: History,
     *,
     status: InstanceStatus,
-    new_steps: list[NewStep],
+    new_steps: Sequence[NewStep],
     settled: tuple[StepKey, int, JSON] | None = None,
 ) -> History:
     """The history a one-statement commit wrote: one version on, ``settled`` succeeded, ``new_steps`` added.
