@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from shared.db import queries
+from shared.db import queries, timer_queries
 from shared.db.queries import OutboxRow
 from shared.errors import InstanceNotFoundError, InvalidStateError
 from shared.history import ParentLink
@@ -66,7 +66,7 @@ async def _terminate_tree(conn: AsyncConnection, instance_id: str) -> None:
         status=InstanceStatus.TERMINATED,
         error={"type": "Terminated", "message": "terminated on request"},
     )
-    await queries.cancel_timers(conn, instance_id)
+    await timer_queries.cancel_timers(conn, instance_id)
     for child in await queries.unfinished_children(conn, instance_id):
         await _lock(conn, child)
         await _terminate_tree(conn, child)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import queries
+from shared.db import timer_queries
 from shared.db.queries import OutboxRow
 from shared.hooks import Hooks
 
@@ -21,7 +21,7 @@ async def fire_due_timers(
     round trip).
     """
     async with engine.begin() as conn:
-        fired = await queries.fire_due_timers(conn, limit=batch_size)
+        fired = await timer_queries.fire_due_timers(conn, limit=batch_size)
     if hooks is not None:
         for one in fired:
             hooks.timer_fired(one.kind, one.fire_at, one.fired_at)
@@ -31,4 +31,4 @@ async def fire_due_timers(
 async def seconds_until_next(engine: AsyncEngine) -> float | None:
     """Seconds until the next timer is due, or None when no timer is armed."""
     async with engine.connect() as conn:
-        return await queries.seconds_until_next_timer(conn)
+        return await timer_queries.seconds_until_next_timer(conn)

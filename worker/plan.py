@@ -9,8 +9,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared import codec
 from shared.codec import JSON
-from shared.db import queries, transitions
-from shared.db.queries import NewStep, NewTimer, OutboxRow
+from shared.db import queries, timer_queries, transitions
+from shared.db.queries import NewStep, OutboxRow
+from shared.db.timer_queries import NewTimer
 from shared.errors import PayloadTooLargeError, StepFailedError
 from shared.history import History, ParentLink, StepKey
 from shared.hooks import Hooks, NoHooks
@@ -138,7 +139,7 @@ class Planner:
                 timers.append(self._wake_timer(history, entry.key, "event-timeout", entry=entry))
             elif entry.kind == StepKind.CHILD:
                 messages.append(self._child_start(history, entry))
-        await queries.insert_timers(conn, history.instance_id, timers)
+        await timer_queries.insert_timers(conn, history.instance_id, timers)
         if paused:
             status = InstanceStatus.PAUSED  # a resume sends what it holds back
         else:
@@ -181,7 +182,7 @@ class Planner:
     ) -> list[OutboxRow]:
         instance_id = history.instance_id
         status, output, error = self._ending(outcome)
-        await queries.cancel_timers(conn, instance_id)
+        await timer_queries.cancel_timers(conn, instance_id)
         rows = await transitions.write_transition(
             conn,
             instance_id,

@@ -10,9 +10,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.codec import JSON
-from shared.db import queries, transitions
+from shared.db import queries, timer_queries, transitions
 from shared.db.engine import single_statement_engine
-from shared.db.queries import NewTimer, OutboxRow
+from shared.db.queries import OutboxRow
+from shared.db.timer_queries import NewTimer
 from shared.errors import NonDeterminismError
 from shared.history import History, StepKey, format_key
 from shared.hooks import AttemptEnd
@@ -297,7 +298,7 @@ class StepRunner:
             timer = NewTimer(
                 key, attempt + 1, "retry", routing_key, body, headers, delay=policy.delay_after(attempt)
             )
-            await queries.insert_timers(conn, instance_id, [timer])
+            await timer_queries.insert_timers(conn, instance_id, [timer])
             await queries.update_instance(conn, instance_id, status=_status_after_retry(history))
             return []
         await self._record(conn, instance_id, key, attempt, result, StepStatus.FAILED)

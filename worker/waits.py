@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.codec import JSON
-from shared.db import queries
+from shared.db import queries, timer_queries
 from shared.db.queries import OutboxRow
 from shared.errors import BadPayloadError, EventTimeoutError
 from shared.history import History, StepKey, StepRecord, format_key
@@ -131,7 +131,7 @@ async def deliver_event(
         await queries.settle_step(
             conn, history.instance_id, key, status=StepStatus.SUCCEEDED, result=claimed.payload
         )
-        await queries.cancel_timers(conn, history.instance_id, key)
+        await timer_queries.cancel_timers(conn, history.instance_id, key)
         if replay.is_pending(key):
             outcome = replay.resolve(key, claimed.payload)
         return await planner.apply(conn, history, replay, outcome)
@@ -154,7 +154,7 @@ async def advance(
                 continue
             held_back = record.status == StepStatus.RUNNING
             # A retry whose back-off timer is still armed will be sent by that timer.
-            due_retry = record.status == StepStatus.RETRYING and not await queries.timer_pending(
+            due_retry = record.status == StepStatus.RETRYING and not await timer_queries.timer_pending(
                 conn, history.instance_id, record.key, record.attempt
             )
             if held_back or due_retry:

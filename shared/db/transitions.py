@@ -25,7 +25,6 @@ from shared.db.queries import (
     _is_sqlite,
     _outbox_insert,
     _steps_insert,
-    cancel_timers,
     insert_instance,
     insert_outbox,
     insert_steps,
@@ -34,6 +33,7 @@ from shared.db.queries import (
     update_instance,
 )
 from shared.db.schema import instances, outbox, step_attempts, steps, timers, utc_now
+from shared.db.timer_queries import cancel_timers
 from shared.history import ParentLink, StepKey
 from shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from scheduler.publisher import BackgroundPublisher
 from scheduler.runner import fire_timers_until_stopped
 from scheduler.timers import fire_due_timers
-from shared.db import queries
+from shared.db import queries, timer_queries
 from shared.db.engine import create_engine
 from shared.errors import BrokerError
 from shared.outbox import OutboxRelay
@@ -74,10 +74,10 @@ async def test_timers_not_yet_due_are_left_alone(settings: Settings) -> None:
     assert await db.scalar(settings.database, "SELECT count(*) FROM timers WHERE fired_at IS NULL") == 1
 
 
-async def _fire_at_once_until_none_left(engine: AsyncEngine, fired: list[queries.FiredTimer]) -> None:
+async def _fire_at_once_until_none_left(engine: AsyncEngine, fired: list[timer_queries.FiredTimer]) -> None:
     while True:
         async with engine.begin() as conn:
-            batch = await queries.fire_due_timers(conn, limit=11)
+            batch = await timer_queries.fire_due_timers(conn, limit=11)
         if not batch:
             return
         fired.extend(batch)
@@ -87,7 +87,7 @@ async def _fire_at_once_until_none_left(engine: AsyncEngine, fired: list[queries
 async def test_the_single_statement_fires_each_timer_once_into_one_outbox_row(settings: Settings) -> None:
     await _arm_due_timers(settings.database, 400)
     engines = [create_engine(settings.database, pool_size=2) for _ in range(2)]
-    fired: list[list[queries.FiredTimer]] = [[], []]
+    fired: list[list[timer_queries.FiredTimer]] = [[], []]
     try:
         await asyncio.gather(
             *(_fire_at_once_until_none_left(engine, out) for engine, out in zip(engines, fired, strict=True))

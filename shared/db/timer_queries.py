@@ -1,0 +1,227 @@
+"""The queries of durable timers, by name: arm, fire, find the next one due, disarm.
+
+They share ``shared.db.queries``'s dialect helpers; a fired timer's message goes
+into the outbox through ``queries.insert_outbox``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from shared.db.queries import OutboxRow, _insert, _is_sqlite, insert_outbox
+from shared.db.schema import outbox, timers, utc_now
+from shared.history import StepKey
+
+
+@dataclass(frozen=True, slots=True)
+class NewTimer:
+    """A timer to arm: at ``fire_at`` (or the database clock plus ``delay``) send the message."""
+
+    key: StepKey
+    attempt: int
+    kind: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, str] | None
+    fire_at: datetime | None = None
+    delay: timedelta | None = None
+
+
+async def insert_timers(conn: AsyncConnection, instance_id: str, new: Sequence[NewTimer]) -> None:
+    """Arm timers; arming the same step attempt twice keeps the first."""
+    for timer in new:
+        fire_at: Any = timer.fire_at if timer.delay is None else utc_now(timer.delay)
+        await conn.execute(
+            _insert(conn, timers)
+            .values(
+                instance_id=instance_id,
+                step=timer.key[0],
+                occurrence=timer.key[1],
+                attempt=timer.attempt,
+                kind=timer.kind,
+                fire_at=fire_at,
+                routing_key=timer.routing_key,
+                body=timer.body,
+                headers=timer.headers,
+            )
+            .on_conflict_do_nothing()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DueTimer:
+    """A claimed timer whose message is now due."""
+
+    id: int
+    kind: str
+    fire_at: datetime
+    routing_key: str
+    body: bytes
+    headers: dict[str, str] | None
+
+
+async def claim_due_timers(conn: AsyncConnection, *, limit: int) -> list[DueTimer]:
+    """Lock due, unfired timers that no other scheduler holds, oldest first."""
+    rows = (
+        await conn.execute(
+            sa.select(
+                timers.c.id,
+                timers.c.kind,
+                timers.c.fire_at,
+                timers.c.routing_key,
+                timers.c.body,
+                timers.c.headers,
+            )
+            .where(timers.c.fired_at.is_(None), timers.c.fire_at <= utc_now())
+            .order_by(timers.c.fire_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    ).all()
+    return [DueTimer(row.id, row.kind, row.fire_at, row.routing_key, row.body, row.headers) for row in rows]
+
+
+async def mark_timers_fired(conn: AsyncConnection, ids: Sequence[int]) -> None:
+    """Mark claimed timers fired, in the transaction that queues their messages."""
+    if ids:
+        await conn.execute(timers.update().where(timers.c.id.in_(ids)).values(fired_at=utc_now()))
+
+
+@dataclass(frozen=True, slots=True)
+class FiredTimer:
+    """A timer that ``fire_due_timers`` fired: what it was, when, and its queued message."""
+
+    kind: str
+    fire_at: datetime
+    fired_at: datetime
+    message: OutboxRow
+
+
+async def fire_due_timers(conn: AsyncConnection, *, limit: int) -> list[FiredTimer]:
+    """Claim, mark fired and queue up to ``limit`` due timers; on PostgreSQL in one statement.
+
+    The work of ``claim_due_timers``, ``mark_timers_fired`` and ``insert_outbox``
+    in one round trip: the due ids are locked (``SKIP LOCKED``, so schedulers
+    share them), marked fired, and each gets one outbox row. The outbox ids are
+    drawn from the outbox's own sequence in the ``UPDATE``, so each row comes
+    back with the kind and due time of its timer. PostgreSQL runs a data-modifying
+    CTE to completion even though the final ``SELECT`` does not read it.
+
+    ``fired_at`` is ``clock_timestamp()``, the moment each row is updated, not
+    ``now()``: that is the transaction's start, which would date a big batch's
+    last timers earlier than they were fired and flatter the lateness figures.
+    SQLite runs the three queries in the caller's transaction.
+    """
+    if _is_sqlite(conn):
+        claimed = await claim_due_timers(conn, limit=limit)
+        await mark_timers_fired(conn, [timer.id for timer in claimed])
+        messages = await insert_outbox(
+            conn, [(timer.routing_key, timer.body, timer.headers) for timer in claimed]
+        )
+        now = datetime.now(UTC)
+        return [
+            FiredTimer(timer.kind, timer.fire_at, now, message)
+            for timer, message in zip(claimed, messages, strict=True)
+        ]
+    due = (
+        sa.select(timers.c.id)
+        .where(timers.c.fired_at.is_(None), timers.c.fire_at <= sa.func.now())
+        .order_by(timers.c.fire_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("due")
+    )
+    # Looked up once per statement (a scalar subquery), not once per row.
+    sequence = sa.select(sa.func.pg_get_serial_sequence(outbox.name, outbox.c.id.name)).scalar_subquery()
+    fired = (
+        timers.update()
+        .where(timers.c.id == due.c.id)
+        .values(fired_at=sa.func.clock_timestamp())
+        .returning(
+            sa.func.nextval(sequence).label("outbox_id"),
+            timers.c.kind,
+            timers.c.fire_at,
+            timers.c.fired_at,
+            timers.c.routing_key,
+            timers.c.body,
+            timers.c.headers,
+        )
+        .cte("fired")
+    )
+    queued = (
+        sa.insert(outbox)
+        .from_select(
+            ["id", "routing_key", "body", "headers"],
+            sa.select(fired.c.outbox_id, fired.c.routing_key, fired.c.body, fired.c.headers),
+        )
+        .cte("queued")
+    )
+    rows = (
+        await conn.execute(
+            sa.select(
+                fired.c.outbox_id,
+                fired.c.kind,
+                fired.c.fire_at,
+                fired.c.fired_at,
+                fired.c.routing_key,
+                fired.c.body,
+                fired.c.headers,
+            ).add_cte(queued)
+        )
+    ).all()
+    return [
+        FiredTimer(
+            row.kind,
+            row.fire_at,
+            row.fired_at,
+            OutboxRow(row.outbox_id, row.routing_key, row.body, row.headers),
+        )
+        for row in rows
+    ]
+
+
+async def seconds_until_next_timer(conn: AsyncConnection) -> float | None:
+    """Seconds until the earliest unfired timer is due (negative if overdue); None if none."""
+    if _is_sqlite(conn):
+        earliest = (
+            await conn.execute(sa.select(sa.func.min(timers.c.fire_at)).where(timers.c.fired_at.is_(None)))
+        ).scalar_one()
+        return None if earliest is None else (earliest - datetime.now(UTC)).total_seconds()
+    value = (
+        await conn.execute(
+            sa.select(sa.func.extract("epoch", sa.func.min(timers.c.fire_at) - utc_now())).where(
+                timers.c.fired_at.is_(None)
+            )
+        )
+    ).scalar_one()
+    return None if value is None else float(value)
+
+
+async def cancel_timers(conn: AsyncConnection, instance_id: str, key: StepKey | None = None) -> None:
+    """Disarm an instance's unfired timers (only those of one step, if ``key`` is given)."""
+    statement = timers.delete().where(timers.c.instance_id == instance_id, timers.c.fired_at.is_(None))
+    if key is not None:
+        statement = statement.where(timers.c.step == key[0], timers.c.occurrence == key[1])
+    await conn.execute(statement)
+
+
+async def timer_pending(conn: AsyncConnection, instance_id: str, key: StepKey, attempt: int) -> bool:
+    """Whether a step attempt's timer is armed and has not fired yet."""
+    row = (
+        await conn.execute(
+            sa.select(timers.c.id).where(
+                timers.c.instance_id == instance_id,
+                timers.c.step == key[0],
+                timers.c.occurrence == key[1],
+                timers.c.attempt == attempt,
+                timers.c.fired_at.is_(None),
+            )
+        )
+    ).first()
+    return row is not None
