@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.codec import JSON
+from shared.db import raw
 from shared.db.queries import (
     NewStep,
     OutboxRow,
@@ -231,12 +232,12 @@ async def _execute_with_followers(
         params.update(
             {f"m{index}_routing_key": routing_key, f"m{index}_body": body, f"m{index}_headers": headers}
         )
-    rows = (await conn.execute(statement, params)).all()
+    rows = await raw.fetch_all(conn, statement, params)  # columns: instance_id, then the outbox row's
     if not rows:
         return None
     if not messages:
         return []
-    return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
+    return [OutboxRow(*row[1:]) for row in rows]
 
 
 def _param(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
