@@ -191,7 +191,10 @@ class StepRunner:
             ) as scope:
                 result = await self._executor.run(call, info)
                 scope.finish(_attempt_end(result))
-                log.info(
+                # A line per success would be most of a busy worker's log (and ~6% of its CPU):
+                # DEBUG; an attempt that failed or timed out is news.
+                log.log(
+                    logging.DEBUG if isinstance(result, StepSucceeded) else logging.INFO,
                     "step attempt %s",
                     "succeeded" if isinstance(result, StepSucceeded) else result.outcome,
                     extra={
