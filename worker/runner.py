@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -92,6 +93,10 @@ async def run_worker(
             deadline_s=startup_timeout_s,
             retry_on=(SQLAlchemyError, OSError),
         )
+        # What start-up made (modules, workflow code, schema, models) lives as long as the
+        # process: out of the collector's sight, a full collection no longer walks it. One
+        # took ~110 ms mid-run in the latency benchmark; the step-to-next maximum with it.
+        gc.freeze()
         await broker.consume(
             sorted(workflows), on_delivery, prefetch=settings.worker.prefetch or 2 * concurrency
         )
