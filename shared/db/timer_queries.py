@@ -6,6 +6,7 @@ into the outbox through ``queries.insert_outbox``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from shared.db import raw
 from shared.db.queries import OutboxRow, _insert, _is_sqlite, insert_outbox
 from shared.db.schema import outbox, timers, utc_now
 from shared.history import StepKey
@@ -129,11 +131,25 @@ async def fire_due_timers(conn: AsyncConnection, *, limit: int) -> list[FiredTim
             FiredTimer(timer.kind, timer.fire_at, now, message)
             for timer, message in zip(claimed, messages, strict=True)
         ]
+    rows = await raw.fetch_all(conn, _fire_statement(), {"limit": limit})
+    return [
+        FiredTimer(kind, fire_at, fired_at, OutboxRow(outbox_id, routing_key, body, headers))
+        for outbox_id, kind, fire_at, fired_at, routing_key, body, headers in rows
+    ]
+
+
+@functools.cache
+def _fire_statement() -> sa.Select[Any]:
+    """The one statement of ``fire_due_timers`` on PostgreSQL, built once (its limit is a parameter).
+
+    Run with ``raw.fetch_all``: a batch of thousands of rows then costs psycopg's
+    own row making, not SQLAlchemy's result processing on top of it.
+    """
     due = (
         sa.select(timers.c.id)
         .where(timers.c.fired_at.is_(None), timers.c.fire_at <= sa.func.now())
         .order_by(timers.c.fire_at)
-        .limit(limit)
+        .limit(sa.bindparam("limit", type_=sa.Integer()))
         .with_for_update(skip_locked=True)
         .cte("due")
     )
@@ -162,28 +178,15 @@ async def fire_due_timers(conn: AsyncConnection, *, limit: int) -> list[FiredTim
         )
         .cte("queued")
     )
-    rows = (
-        await conn.execute(
-            sa.select(
-                fired.c.outbox_id,
-                fired.c.kind,
-                fired.c.fire_at,
-                fired.c.fired_at,
-                fired.c.routing_key,
-                fired.c.body,
-                fired.c.headers,
-            ).add_cte(queued)
-        )
-    ).all()
-    return [
-        FiredTimer(
-            row.kind,
-            row.fire_at,
-            row.fired_at,
-            OutboxRow(row.outbox_id, row.routing_key, row.body, row.headers),
-        )
-        for row in rows
-    ]
+    return sa.select(
+        fired.c.outbox_id,
+        fired.c.kind,
+        fired.c.fire_at,
+        fired.c.fired_at,
+        fired.c.routing_key,
+        fired.c.body,
+        fired.c.headers,
+    ).add_cte(queued)
 
 
 async def seconds_until_next_timer(conn: AsyncConnection) -> float | None:
