@@ -1,0 +1,72 @@
+"""``shared.db.raw``: a statement run on psycopg directly writes and fails as ``conn.execute`` would."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from shared.db import raw
+from shared.db.engine import create_engine, single_statement_engine
+from shared.db.schema import instances
+
+INSERT = (
+    sa.insert(instances)
+    .values(
+        id=sa.bindparam("id", type_=instances.c.id.type),
+        workflow=sa.literal("w", type_=instances.c.workflow.type),  # a literal: compiled with its value
+        status=sa.bindparam("status", type_=instances.c.status.type),
+        params=sa.bindparam("params", type_=instances.c.params.type),
+    )
+    .returning(instances.c.id, instances.c.params)
+)
+
+
+async def test_the_values_and_rows_are_those_of_conn_execute(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        async with single_statement_engine(engine).connect() as conn:
+            rows = await raw.fetch_all(
+                conn, INSERT, {"id": "a", "status": "running", "params": {"x": [1, "é"]}}
+            )
+            via_sqlalchemy = (await conn.execute(sa.select(instances.c.workflow, instances.c.params))).all()
+        assert rows == [("a", {"x": [1, "é"]})]
+        assert [tuple(row) for row in via_sqlalchemy] == [("w", {"x": [1, "é"]})]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_failed_statement_raises_sqlalchemys_error_and_writes_nothing(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await raw.fetch_all(conn, INSERT, {"id": "a", "status": "running", "params": None})
+        with pytest.raises(IntegrityError, match="duplicate key value"):
+            async with engine.begin() as conn:
+                await raw.fetch_all(conn, INSERT, {"id": "b", "status": "running", "params": None})
+                await raw.fetch_all(conn, INSERT, {"id": "a", "status": "running", "params": None})
+        async with engine.connect() as conn:
+            assert (await conn.execute(sa.select(instances.c.id))).scalars().all() == ["a"]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connection_the_server_closed_is_not_handed_out_again(database_url: str) -> None:
+    engine = create_engine(database_url, pool_size=1, pre_ping=False)
+    try:
+        async with engine.connect() as conn:
+            pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        admin = create_engine(database_url)
+        try:
+            async with admin.begin() as conn:
+                await conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        finally:
+            await admin.dispose()
+        with pytest.raises(OperationalError):
+            async with single_statement_engine(engine).connect() as conn:
+                await raw.fetch_all(conn, INSERT, {"id": "a", "status": "running", "params": None})
+        async with single_statement_engine(engine).connect() as conn:  # a new connection, which works
+            assert await raw.fetch_all(conn, INSERT, {"id": "a", "status": "running", "params": None})
+            assert (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one() != pid
+    finally:
+        await engine.dispose()
