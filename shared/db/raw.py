@@ -12,6 +12,7 @@ same transaction or autocommit mode, and the same SQL and parameter values as
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,25 +21,27 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 
 
 @dataclass(frozen=True)
 class _Compiled:
-    statement: sa.Executable  # kept alive, so that its id() is not reused while cached
     sql: str
     defaults: dict[str, Any]  # the values of the statement's own literals
     processors: tuple[tuple[str, Callable[[Any], Any]], ...]
 
 
-_compiled: dict[tuple[int, str], _Compiled] = {}
+# Per statement object, for as long as it lives (statements compare and hash by identity).
+_compiled: weakref.WeakKeyDictionary[ClauseElement, _Compiled] = weakref.WeakKeyDictionary()
 
 
-def _compile(statement: sa.Executable, dialect: sa.Dialect) -> _Compiled:
-    key = (id(statement), dialect.name)
-    found = _compiled.get(key)
-    if found is not None and found.statement is statement:
+def _compile(statement: ClauseElement, dialect: sa.Dialect) -> _Compiled:
+    found = _compiled.get(statement)
+    if found is not None:
         return found
-    compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+    compiled = statement.compile(dialect=dialect)
+    assert isinstance(compiled, SQLCompiler)  # a statement, not DDL
     if compiled.positional:
         raise ValueError("raw execution needs a dialect with named parameters")
     processors = []
@@ -46,23 +49,22 @@ def _compile(statement: sa.Executable, dialect: sa.Dialect) -> _Compiled:
         processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
         if processor is not None:
             processors.append((name, processor))
-    found = _Compiled(
-        statement,
+    found = _compiled[statement] = _Compiled(
         compiled.string,
         {name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required},
         tuple(processors),
     )
-    _compiled[key] = found
     return found
 
 
 async def fetch_all(
-    conn: AsyncConnection, statement: sa.Executable, params: Mapping[str, Any]
+    conn: AsyncConnection, statement: ClauseElement, params: Mapping[str, Any]
 ) -> list[tuple[Any, ...]]:
     """``(await conn.execute(statement, params)).all()`` as plain tuples, on PostgreSQL (psycopg).
 
     Meant for statements built once and reused (``functools.lru_cache``): the
-    compiled form is kept per statement object. Driver errors come out as
+    compiled form is kept while the statement object lives, and one
+    dialect serves a process (the engine's). Driver errors come out as
     SQLAlchemy's, as from ``conn.execute``, and a connection the error broke is
     invalidated, so the pool does not hand it out again.
     """

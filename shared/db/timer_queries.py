@@ -1,7 +1,8 @@
 """The queries of durable timers, by name: arm, fire, find the next one due, disarm.
 
-They share ``shared.db.queries``'s dialect helpers; a fired timer's message goes
-into the outbox through ``queries.insert_outbox``.
+They share ``shared.db.queries``'s dialect helpers. A fired timer's message goes
+into the outbox in the fire statement itself on PostgreSQL, through
+``queries.insert_outbox`` on SQLite.
 """
 
 from __future__ import annotations
