@@ -1,4 +1,4 @@
-"""Fire due timers: mark them fired and queue their messages in one transaction."""
+"""Fire due timers: take them out of the timers table and queue their messages in one transaction."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ async def fire_due_timers(
     """Fire up to ``batch_size`` due timers; returns the outbox rows to publish.
 
     ``FOR UPDATE SKIP LOCKED`` lets several schedulers share the work, and a
-    timer is marked fired in the same transaction that queues its message, so
+    timer's row is deleted in the same transaction that queues its message, so
     it fires exactly once into the outbox, even if this process dies right after.
-    On PostgreSQL the claim, the update and the insert are one statement (one
+    On PostgreSQL the claim, the delete and the insert are one statement (one
     round trip).
     """
     async with engine.begin() as conn:

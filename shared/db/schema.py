@@ -171,6 +171,9 @@ outbox = sa.Table(
     sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_now()),
 )
 
+# Armed timers only: firing one deletes its row in the statement that queues its
+# message in the outbox (timer_queries.fire_due_timers), so the due index holds
+# just what is still to fire, and a fire writes no new row version of the timer.
 timers = sa.Table(
     "timers",
     metadata,
@@ -187,15 +190,9 @@ timers = sa.Table(
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("headers", Json),
     sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_now()),
-    sa.Column("fired_at", Timestamp()),
-    # One timer per step attempt: a timer can never fire twice into a step.
+    # One armed timer per step attempt: arming it again keeps the first.
     sa.UniqueConstraint("instance_id", "step", "occurrence", "attempt", "kind"),
-    sa.Index(
-        "ix_timers_due",
-        "fire_at",
-        postgresql_where=sa.text("fired_at IS NULL"),
-        sqlite_where=sa.text("fired_at IS NULL"),
-    ),
+    sa.Index("ix_timers_due", "fire_at"),
 )
 
 events = sa.Table(

@@ -353,11 +353,7 @@ def _succeeded_step_statement(
         .cte("settled_step"),
     ]
     if finishing:
-        ctes.append(
-            timers.delete()
-            .where(timers.c.instance_id == locked_id, timers.c.fired_at.is_(None))
-            .cte("cancelled_timers")
-        )
+        ctes.append(timers.delete().where(timers.c.instance_id == locked_id).cte("cancelled_timers"))
     return _with_followers(changed, ctes, step_shapes, message_count)
 
 

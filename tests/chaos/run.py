@@ -255,7 +255,7 @@ class Chaos:
             )
         )
         s.unsent_outbox_rows = int(await db.scalar(url, "SELECT count(*) FROM outbox"))
-        s.unfired_timers = int(await db.scalar(url, "SELECT count(*) FROM timers WHERE fired_at IS NULL"))
+        s.unfired_timers = int(await db.scalar(url, "SELECT count(*) FROM timers"))
         finishes = [
             row["finished_at"].timestamp()
             for row in await db.rows(url, "SELECT finished_at FROM step_attempts ORDER BY finished_at")

@@ -117,3 +117,30 @@ def test_two_processes_upgrading_at_once_both_succeed(empty_database: str) -> No
 
 def test_the_test_template_is_at_head(database_url: str) -> None:
     assert migrate.current_revision(database_url) == migrate.head_revision()
+
+
+def test_upgrading_past_0003_drops_fired_timers_and_keeps_armed_ones(empty_database: str) -> None:
+    # Before 0003 a fired timer stayed, marked with fired_at; its message was already in the outbox.
+    migrate.upgrade(empty_database, "0002")
+    engine = create_engine(driver_url(empty_database))
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text("INSERT INTO instances (id, workflow, status) VALUES ('i1', 'sleeper', 'waiting')")
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO timers (instance_id, step, occurrence, attempt, kind, fire_at,"
+                    " routing_key, body, fired_at) VALUES"
+                    " ('i1', 'nap', 1, 1, 'sleep', now() - interval '1 hour', 'wake', 'fired', now()),"
+                    " ('i1', 'nap', 2, 1, 'sleep', now() + interval '1 day', 'wake', 'armed', NULL)"
+                )
+            )
+        migrate.upgrade(empty_database)
+        with engine.connect() as connection:
+            left = connection.execute(text("SELECT occurrence, body FROM timers")).all()
+    finally:
+        engine.dispose()
+
+    assert [(occurrence, bytes(body)) for occurrence, body in left] == [(2, b"armed")]
+    assert schema_differences(empty_database) == []

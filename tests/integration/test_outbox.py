@@ -34,7 +34,7 @@ async def test_a_row_left_behind_by_a_crash_is_republished_by_the_sweeper(
     await eventually(status, check=lambda value: value == "waiting", what="the instance to sleep")
     # A scheduler fired the timer, committed the outbox row, and died before publishing it.
     wake = WakeMessage(workflow="sleeper", instance_id=instance_id, step="nap", occurrence=1, attempt=1)
-    await db.execute(settings.database, timers.update().values(fired_at=utc_now()))
+    await db.execute(settings.database, timers.delete())
     await db.execute(
         settings.database,
         outbox.insert().values(

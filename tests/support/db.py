@@ -26,10 +26,8 @@ async def execute(database_url: str, statement: sa.Executable) -> list[sa.RowMap
 
 
 async def time_passes(database_url: str, *, instance_id: str | None = None) -> None:
-    """Make every unfired timer (of one instance, if given) due a second ago, as if its time had come."""
-    statement = (
-        timers.update().where(timers.c.fired_at.is_(None)).values(fire_at=utc_now(timedelta(seconds=-1)))
-    )
+    """Make every armed timer (of one instance, if given) due a second ago, as if its time had come."""
+    statement = timers.update().values(fire_at=utc_now(timedelta(seconds=-1)))
     if instance_id is not None:
         statement = statement.where(timers.c.instance_id == instance_id)
     await execute(database_url, statement)
