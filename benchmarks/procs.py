@@ -117,6 +117,14 @@ class Fleet:
         """A ``stepline-scheduler`` (default settings)."""
         return self.start(name, [str(BIN / "stepline-scheduler")])
 
+    def noting_scheduler(self, name: str) -> tuple[Proc, Path]:
+        """A scheduler that also notes when each timer fired (``benchmarks.timer_probe``); and its notes file.
+
+        The file is written when the process stops cleanly.
+        """
+        notes = self.log_dir / f"{name}.fired.jsonl"
+        return self.start(name, [str(BIN / "python"), "-m", "benchmarks.timer_probe", str(notes)]), notes
+
     async def wait_ready(self, procs: list[Proc], marker: str, timeout_s: float = 60.0) -> None:
         """Wait until every process has logged ``marker``; raise with its log if one died or hung."""
         deadline = time.monotonic() + timeout_s
