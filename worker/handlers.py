@@ -179,6 +179,10 @@ class MessageHandler:
             return await self._start(workflow, message, delivery.headers)
         if isinstance(message, StepMessage):
             return await self._steps.run(workflow, message)
+        if isinstance(message, WakeMessage):
+            woken = await self._steps.wake_sleep(workflow, message)
+            if woken is not None:
+                return woken
         return Committed(await self._settle(workflow, message))
 
     async def _settle(

@@ -17,7 +17,7 @@ from shared.db.timer_queries import NewTimer
 from shared.errors import NonDeterminismError
 from shared.history import History, StepKey, format_key
 from shared.hooks import AttemptEnd
-from shared.messages import StepMessage
+from shared.messages import StepMessage, WakeMessage
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.executor import StepExecutor, StepResult, StepSucceeded
 from worker.plan import Planner, Transition, instance_error
@@ -25,6 +25,7 @@ from worker.replay.cache import ReplayCache, committed_history
 from worker.replay.engine import Outcome, Replay, step_failed_error
 from worker.retry import DEFAULT_RETRY_POLICY
 from worker.step_info import StepInfo
+from worker.waits import report_settled
 from worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -134,6 +135,61 @@ class StepRunner:
         # The commit's only step message is this one: the other rows start children or wake a parent.
         row = next((row for row in rows if row.routing_key == message.routing_key), None)
         return None if row is None else LocalStep(workflow, message, row)
+
+    async def wake_sleep(self, workflow: Workflow[Any, Any], message: WakeMessage) -> Committed | None:
+        """End a sleep whose timer fired without taking the lock; None if it needs the locking path.
+
+        The history is read in one statement, the replay resolves the sleep, and
+        ``commit_woken_sleep`` writes it all in another, only if the instance is
+        still at the version read. Anything else (a paused instance, an entry
+        that is not a waiting sleep, an outcome ``plan_unlocked`` does not take,
+        a history that moved on meanwhile) is left to ``waits.settle_wake``
+        under the lock, which also drops the wake-ups that are stale. Like a
+        step's commit, it keeps the replay, and the next step may run here.
+        """
+        key: StepKey = (message.step, message.occurrence)
+        async with self._reader.connect() as conn:  # one statement: no transaction needed
+            history = await queries.load_history(conn, message.instance_id)
+        if history is None or history.status not in (InstanceStatus.RUNNING, InstanceStatus.WAITING):
+            return None
+        record = history.step(key)
+        if record is None or record.kind != StepKind.SLEEP or record.status != StepStatus.WAITING:
+            return None
+        replay = Replay(workflow, history)
+        kept = False
+        try:
+            outcome = replay.start()
+            if outcome.kind == "diverged" or not replay.is_pending(key):
+                return None
+            resolved = replay.resolve(key, None)
+            transition = self._planner.plan_unlocked(history, replay, resolved)
+            if transition is None:
+                return None
+            async with self._reader.begin() as conn:
+                rows = await transitions.commit_woken_sleep(
+                    conn,
+                    history.instance_id,
+                    key,
+                    version=history.version,
+                    new_steps=transition.new_steps,
+                    status=transition.status,
+                    output=transition.output,
+                    error=transition.error,
+                    messages=transition.messages,
+                )
+            if rows is None:
+                return None
+            report_settled(self._planner, history, record, "succeeded")
+            if transition.status.is_finished:
+                self._planner.report_finished(history, resolved, transition.status)
+                return Committed(rows)
+            kept = True
+            settled = (key, record.attempt, None)
+            local = self.keep(workflow, history, replay, transition, rows, settled=settled)
+            return Committed(rows, local)
+        finally:
+            if not kept:
+                replay.close()
 
     async def _replay_to(
         self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool

@@ -31,10 +31,10 @@ async def settle_wake(
         return []
     if record.kind == StepKind.SLEEP:
         await queries.settle_step(conn, history.instance_id, key, status=StepStatus.SUCCEEDED)
-        _report(planner, history, record, "succeeded")
+        report_settled(planner, history, record, "succeeded")
         return await _run_on(conn, planner, workflow, history, key, result=None)
     if record.kind == StepKind.EVENT:
-        _report(planner, history, record, "timed_out")
+        report_settled(planner, history, record, "timed_out")
         timeout_s = _timeout_of(record)
         error = EventTimeoutError(format_key(key), str((record.detail or {}).get("event_type")), timeout_s)
         stored = {**error_info(error), "timeout_s": timeout_s}
@@ -58,7 +58,8 @@ async def _settle_child(
     if child is None or not InstanceStatus(child.status).is_finished:
         return []  # not finished yet: its own finish wakes us again
     key = record.key
-    _report(planner, history, record, "succeeded" if child.status == InstanceStatus.COMPLETE else "failed")
+    outcome = "succeeded" if child.status == InstanceStatus.COMPLETE else "failed"
+    report_settled(planner, history, record, outcome)
     if child.status == InstanceStatus.COMPLETE:
         await queries.settle_step(
             conn, history.instance_id, key, status=StepStatus.SUCCEEDED, result=child.output
@@ -125,7 +126,7 @@ async def deliver_event(
                 f"event {message.event_id!r} ({message.event_type}) does not fit wait "
                 f"{format_key(key)!r} of instance {history.instance_id!r}: {problem}"
             )
-        _report(planner, history, wait, "succeeded")
+        report_settled(planner, history, wait, "succeeded")
         claimed = await queries.claim_event(conn, history.instance_id, message.event_type, key)
         assert claimed is not None, "the event was stored in this transaction"
         await queries.settle_step(
@@ -185,7 +186,8 @@ async def _run_on(
         replay.close()
 
 
-def _report(planner: Planner, history: History, record: StepRecord, outcome: str) -> None:
+def report_settled(planner: Planner, history: History, record: StepRecord, outcome: str) -> None:
+    """Tell the hooks a wait (sleep, event, child) ended with ``outcome``."""
     planner.hooks.wait_settled(
         history.workflow,
         history.instance_id,

@@ -31,6 +31,7 @@ from shared.db.queries import (
     insert_steps,
     lock_instance,
     record_attempt,
+    settle_step,
     update_instance,
 )
 from shared.db.schema import instances, outbox, step_attempts, steps, timers, utc_now
@@ -139,7 +140,61 @@ async def commit_succeeded_step(
         "p_started_at": started_at,
         "p_finished_at": finished_at,
     }
-    statement = _succeeded_step_statement(_shapes(new_steps), len(messages), status.is_finished)
+    statement = _settled_step_statement(
+        _shapes(new_steps), len(messages), status.is_finished, records_attempt=True
+    )
+    return await _execute_with_followers(conn, statement, params, new_steps, messages)
+
+
+async def commit_woken_sleep(
+    conn: AsyncConnection,
+    instance_id: str,
+    key: StepKey,
+    *,
+    version: int,
+    new_steps: Sequence[NewStep],
+    status: InstanceStatus,
+    output: JSON = None,
+    error: JSON = None,
+    messages: Sequence[tuple[str, bytes, dict[str, str] | None]] = (),
+) -> list[OutboxRow] | None:
+    """A sleep that ended and what follows it, written only if the instance is still at ``version``.
+
+    ``commit_succeeded_step`` without the attempt: the work of ``lock_instance``
+    + ``settle_step`` + ``write_transition`` (+ ``cancel_timers`` when ``status``
+    finishes the instance). None, having written nothing, if the instance is
+    gone, finished or at another version. One statement on PostgreSQL.
+    """
+    if _is_sqlite(conn):
+        lock = await lock_instance(conn, instance_id)
+        if lock is None or lock.version != version or lock.status.is_finished:
+            return None
+        await settle_step(conn, instance_id, key, status=StepStatus.SUCCEEDED)
+        if status.is_finished:
+            await cancel_timers(conn, instance_id)
+        return await write_transition(
+            conn,
+            instance_id,
+            new_steps=new_steps,
+            status=status,
+            output=output,
+            error=error,
+            messages=messages,
+        )
+    params: dict[str, Any] = {
+        "p_instance_id": instance_id,
+        "p_version": version,
+        "p_status": status,
+        "p_output": output,
+        "p_error": error,
+        "p_step_name": key[0],
+        "p_step_occurrence": key[1],
+        "p_result": None,
+        "p_started_at": None,
+    }
+    statement = _settled_step_statement(
+        _shapes(new_steps), len(messages), status.is_finished, records_attempt=False
+    )
     return await _execute_with_followers(conn, statement, params, new_steps, messages)
 
 
@@ -280,10 +335,16 @@ _ATTEMPT_COLUMNS = (
 
 
 @functools.lru_cache(maxsize=256)
-def _succeeded_step_statement(
-    step_shapes: tuple[tuple[bool, bool, bool], ...], message_count: int, finishing: bool
+def _settled_step_statement(
+    step_shapes: tuple[tuple[bool, bool, bool], ...],
+    message_count: int,
+    finishing: bool,
+    *,
+    records_attempt: bool,
 ) -> sa.Select[Any]:
-    """The one statement of ``commit_succeeded_step`` for entries and messages of these shapes.
+    """The one statement of ``commit_succeeded_step`` (``records_attempt``) or ``commit_woken_sleep``.
+
+    For entries and messages of these shapes.
 
     Built once per shape, with named parameters: SQLAlchemy then reuses its cache
     key and compiled form instead of rebuilding the statement for every step.
@@ -320,24 +381,28 @@ def _succeeded_step_statement(
         .cte("changed_instance")
     )
     locked_id = sa.select(changed.c.id).scalar_subquery()  # NULL, so matching nothing, if it did not match
-    ctes: list[sa.CTE] = [
-        postgresql.insert(step_attempts)
-        .from_select(
-            list(_ATTEMPT_COLUMNS),
-            sa.select(
-                changed.c.id,
-                step_name,
-                step_occurrence,
-                _param("p_attempt", step_attempts.c.attempt),
-                _param("p_worker", step_attempts.c.worker),
-                sa.literal("succeeded", type_=step_attempts.c.outcome.type),
-                sa.literal(None, type_=step_attempts.c.error.type),
-                started_at,
-                _param("p_finished_at", step_attempts.c.finished_at),
-            ),
+    ctes: list[sa.CTE] = []
+    if records_attempt:
+        ctes.append(
+            postgresql.insert(step_attempts)
+            .from_select(
+                list(_ATTEMPT_COLUMNS),
+                sa.select(
+                    changed.c.id,
+                    step_name,
+                    step_occurrence,
+                    _param("p_attempt", step_attempts.c.attempt),
+                    _param("p_worker", step_attempts.c.worker),
+                    sa.literal("succeeded", type_=step_attempts.c.outcome.type),
+                    sa.literal(None, type_=step_attempts.c.error.type),
+                    started_at,
+                    _param("p_finished_at", step_attempts.c.finished_at),
+                ),
+            )
+            .on_conflict_do_nothing()
+            .cte("recorded_attempt")
         )
-        .on_conflict_do_nothing()
-        .cte("recorded_attempt"),
+    ctes.append(
         steps.update()
         .where(
             steps.c.instance_id == locked_id, steps.c.name == step_name, steps.c.occurrence == step_occurrence
@@ -350,8 +415,8 @@ def _succeeded_step_statement(
             finished_at=utc_now(),
             started_at=sa.func.coalesce(steps.c.started_at, started_at),
         )
-        .cte("settled_step"),
-    ]
+        .cte("settled_step")
+    )
     if finishing:
         ctes.append(timers.delete().where(timers.c.instance_id == locked_id).cte("cancelled_timers"))
     return _with_followers(changed, ctes, step_shapes, message_count)

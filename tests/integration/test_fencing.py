@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -12,7 +13,7 @@ from shared.settings import Settings
 from tests.support import db
 from tests.support.amqp import connected_broker
 from tests.support.fleet import Fleet
-from tests.support.polling import eventually
+from tests.support.polling import eventually, until_status
 
 pytestmark = pytest.mark.both_backends
 
@@ -88,6 +89,25 @@ async def test_a_duplicate_wake_completes_the_sleep_once(
     await _publish(settings, wake)
     await _drain(producer, client)
     assert await db.side_effects(settings.database, instance_id, "after") == 1
+
+
+async def test_a_wake_delivered_twice_to_two_workers_ends_the_sleep_once(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    # Both copies may read the sleeping history at once; one commit finds the version moved on.
+    fleet.start_worker(worker_id="w1")
+    fleet.start_worker(worker_id="w2")
+    instance_id = await producer.start("sleeper", {"duration": "1 day"})
+    await until_status(client, instance_id, "waiting")
+
+    wake = WakeMessage(workflow="sleeper", instance_id=instance_id, step="nap", occurrence=1, attempt=1)
+    await asyncio.gather(_publish(settings, wake), _publish(settings, wake))
+    info = await client.wait(instance_id, timeout=30)
+    assert info.status == "complete"
+    assert [(step.name, step.status) for step in info.steps] == [("nap", "succeeded"), ("after", "succeeded")]
+    assert await db.side_effects(settings.database, instance_id, "after") == 1
+    # The day-long timer that did not fire was disarmed when the instance finished.
+    assert await db.scalar(settings.database, "SELECT count(*) FROM timers") == 0
 
 
 async def test_two_workers_running_one_attempt_at_once_commit_it_once(
