@@ -3,6 +3,7 @@ are in ``timer_queries``, and ``transitions`` merges these same writes into one 
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -14,6 +15,7 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.codec import JSON
+from shared.db import raw
 from shared.db.schema import events, instances, outbox, step_attempts, steps, timers, utc_now
 from shared.history import History, ParentLink, StepKey, StepRecord
 from shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
@@ -156,6 +158,8 @@ def _history_query() -> sa.Select[Any]:
 
 
 _HISTORY = _history_query()  # built once, as _LOCK_INSTANCE
+# Its row as raw.fetch_all gives it (a tuple), with the names SQLAlchemy's rows have.
+_HistoryRow = namedtuple("_HistoryRow", list(_HISTORY.selected_columns.keys()))  # type: ignore[misc]
 
 
 def _timestamp(value: datetime | str | None) -> datetime | None:
@@ -166,6 +170,7 @@ def _timestamp(value: datetime | str | None) -> datetime | None:
 async def load_history(conn: AsyncConnection, instance_id: str) -> History | None:
     """An instance and all its steps; None if there is no such instance."""
     items: Iterable[Any]
+    row: Any  # a SQLAlchemy row or a _HistoryRow: read by the same names
     if _is_sqlite(conn):
         row = (await conn.execute(sa.select(*_INSTANCE_FIELDS).where(instances.c.id == instance_id))).first()
         if row is None:
@@ -177,9 +182,11 @@ async def load_history(conn: AsyncConnection, instance_id: str) -> History | Non
         )
         items = (step._mapping for step in step_rows)
     else:
-        row = (await conn.execute(_HISTORY, {"instance_id": instance_id})).first()
-        if row is None:
+        # The read of every wake-up and uncached step: on psycopg directly (see shared.db.raw).
+        found = await raw.fetch_all(conn, _HISTORY, {"instance_id": instance_id})
+        if not found:
             return None
+        row = _HistoryRow(*found[0])
         items = row.steps or ()
     records: dict[StepKey, StepRecord] = {}
     for item in items:
