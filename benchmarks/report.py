@@ -220,8 +220,14 @@ def render(console: Console, results: dict[str, Any]) -> None:
         table.add_column("lateness after due")
         for name in ("p50", "p99", "max (all done)"):
             table.add_column(name, justify="right")
-        for key, label in (("fire_lateness", "timer fired"), ("resume_lateness", "workflow resumed")):
-            figures = run[key]
+        for key, label in (
+            ("fire_lateness", "timer fired"),
+            ("commit_lateness", "fire committed"),
+            ("resume_lateness", "workflow resumed"),
+        ):
+            figures = run.get(key)
+            if figures is None:  # a result file from before the figure existed
+                continue
             table.add_row(label, _f(figures["p50_ms"], 0, " ms"), _f(figures["p99_ms"], 0, " ms"),
                           _f(figures["max_ms"] / 1000.0, 2, " s"))  # fmt: skip
         console.print(table)

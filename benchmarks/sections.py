@@ -661,7 +661,7 @@ class Bench:
         check = await self.check_instances(prefix, ids, lambda i: {"n": i})
         if not check.ok:
             self.problem(f"timers: {check.describe()}")
-        fired = fire_lateness(notes)
+        fired, committed = fire_lateness(notes)
         left = int(await self.scalar("SELECT count(*) FROM timers WHERE instance_id LIKE %s", prefix + "%"))
         if len(fired) + left != armed:
             self.problem(f"timers: {armed} armed, {len(fired)} fired, {left} left: one fired twice or never")
@@ -683,6 +683,7 @@ class Bench:
             "arming_s": last_armed - published,
             "fired": len(fired),
             "fire_lateness": summary_ms(fired),
+            "commit_lateness": summary_ms(committed),
             "all_fired_after_s": max(fired) if fired else math.nan,
             "resume_lateness": summary_ms(resumed),
             "all_resumed_after_s": max(resumed) if resumed else math.nan,
@@ -740,17 +741,18 @@ class Bench:
         return result
 
 
-def fire_lateness(notes: Sequence[Path]) -> list[float]:
-    """Seconds each sleep fired after it was due, from the files of ``benchmarks.timer_probe``."""
-    late = []
+def fire_lateness(notes: Sequence[Path]) -> tuple[list[float], list[float]]:
+    """Seconds each sleep fired, and was committed, after it was due (``benchmarks.timer_probe``)."""
+    fired_late, committed_late = [], []
     for path in notes:
         if not path.exists():  # the scheduler did not stop cleanly: its timers count as never fired
             continue
         for line in path.read_text().splitlines():
-            kind, due, fired = json.loads(line)
+            kind, due, fired, committed = json.loads(line)
             if kind == "sleep":
-                late.append(fired - due)
-    return late
+                fired_late.append(fired - due)
+                committed_late.append(committed - due)
+    return fired_late, committed_late
 
 
 def _chain_params(steps: int) -> Callable[[int], BaseModel]:

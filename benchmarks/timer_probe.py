@@ -6,7 +6,10 @@ what the scheduler reports through ``Hooks.timer_fired`` (the
 ``stepline.timer.lateness`` histogram). This runs the scheduler's own loop,
 with the hooks the command would use, plus a note of each fire; on a clean stop
 it writes them to the file named on its command line, one JSON array
-``[kind, due_epoch_s, fired_epoch_s]`` per line.
+``[kind, due_epoch_s, fired_epoch_s, committed_epoch_s]`` per line. *Fired* is
+the database's moment for the row (what the histogram records); *committed* is
+this process's clock when the hook ran, just after the fire's transaction
+committed: from then on the wake-up is durable.
 
 Run as ``python -m benchmarks.timer_probe OUT``, with the settings of
 ``stepline-scheduler`` in the environment.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -27,15 +31,15 @@ from shared.telemetry import Telemetry, configure_telemetry, shutdown_telemetry
 
 
 class FireNotes(Telemetry):
-    """The scheduler's telemetry hooks, plus a list of (kind, due, fired) for every timer fired."""
+    """The scheduler's telemetry hooks, plus (kind, due, fired, committed) for every timer fired."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fired: list[tuple[str, float, float]] = []
+        self.fired: list[tuple[str, float, float, float]] = []
 
     def timer_fired(self, kind: str, due_at: datetime, fired_at: datetime) -> None:
         super().timer_fired(kind, due_at, fired_at)
-        self.fired.append((kind, due_at.timestamp(), fired_at.timestamp()))
+        self.fired.append((kind, due_at.timestamp(), fired_at.timestamp(), time.time()))
 
 
 def main(out: Path) -> None:
