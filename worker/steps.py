@@ -1,4 +1,4 @@
-"""Run one step attempt and commit its outcome, fenced by the attempt number."""
+"""Run one step attempt and commit its outcome, fenced by the attempt number; end sleeps the same way."""
 
 from __future__ import annotations
 
@@ -54,7 +54,11 @@ class Committed:
 
 
 class StepRunner:
-    """Replays an instance up to a step, runs the step's code, and commits the attempt."""
+    """Replays an instance up to a step, runs the step's code, and commits the attempt.
+
+    It also ends a sleep whose timer fired (``wake_sleep``) with the same
+    unlocked, version-fenced commit and kept replay.
+    """
 
     def __init__(
         self,
