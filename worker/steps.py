@@ -14,6 +14,7 @@ from shared.db import queries, timer_queries, transitions
 from shared.db.engine import single_statement_engine
 from shared.db.queries import OutboxRow
 from shared.db.timer_queries import NewTimer
+from shared.db.transitions import SucceededAttempt
 from shared.errors import NonDeterminismError
 from shared.history import History, StepKey, format_key
 from shared.hooks import AttemptEnd
@@ -144,7 +145,7 @@ class StepRunner:
         """End a sleep whose timer fired without taking the lock; None if it needs the locking path.
 
         The history is read in one statement, the replay resolves the sleep, and
-        ``commit_woken_sleep`` writes it all in another, only if the instance is
+        ``commit_settled_step`` writes it all in another, only if the instance is
         still at the version read. Anything else (a paused instance, an entry
         that is not a waiting sleep, an outcome ``plan_unlocked`` does not take,
         a history that moved on meanwhile) is left to ``waits.settle_wake``
@@ -169,18 +170,7 @@ class StepRunner:
             transition = self._planner.plan_unlocked(history, replay, resolved)
             if transition is None:
                 return None
-            async with self._reader.begin() as conn:
-                rows = await transitions.commit_woken_sleep(
-                    conn,
-                    history.instance_id,
-                    key,
-                    version=history.version,
-                    new_steps=transition.new_steps,
-                    status=transition.status,
-                    output=transition.output,
-                    error=transition.error,
-                    messages=transition.messages,
-                )
+            rows = await self._commit_at_version(history, key, transition, attempt=None)
             if rows is None:
                 return None
             report_settled(self._planner, history, record, "succeeded")
@@ -271,7 +261,10 @@ class StepRunner:
                 resolved = replay.resolve(key, result.result)
                 transition = self._planner.plan_unlocked(history, replay, resolved)
                 if transition is not None:
-                    rows = await self._commit_at_version(history, key, message.attempt, result, transition)
+                    attempt = SucceededAttempt(
+                        message.attempt, self._worker_id, result.started_at, result.finished_at
+                    )
+                    rows = await self._commit_at_version(history, key, transition, attempt, result.result)
                     if rows is not None:
                         if transition.status.is_finished:
                             self._planner.report_finished(history, resolved, transition.status)
@@ -313,24 +306,26 @@ class StepRunner:
                 replay.close()
 
     async def _commit_at_version(
-        self, history: History, key: StepKey, attempt: int, result: StepSucceeded, transition: Transition
+        self,
+        history: History,
+        key: StepKey,
+        transition: Transition,
+        attempt: SucceededAttempt | None,
+        result: JSON = None,
     ) -> list[OutboxRow] | None:
-        """The whole commit of a succeeded attempt without a lock round trip; None if the history moved on.
+        """The whole commit of a succeeded step without a lock round trip; None if the history moved on.
 
         On PostgreSQL one statement, outside any transaction: it writes only if the
-        instance is still at the version this worker replayed (see commit_succeeded_step).
+        instance is still at the version this worker replayed (see commit_settled_step).
         """
         async with self._reader.begin() as conn:
-            return await transitions.commit_succeeded_step(
+            return await transitions.commit_settled_step(
                 conn,
                 history.instance_id,
                 key,
                 version=history.version,
                 attempt=attempt,
-                worker=self._worker_id,
-                result=result.result,
-                started_at=result.started_at,
-                finished_at=result.finished_at,
+                result=result,
                 new_steps=transition.new_steps,
                 status=transition.status,
                 output=transition.output,

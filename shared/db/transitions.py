@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -69,29 +70,38 @@ async def write_transition(
     return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
 
 
-async def commit_succeeded_step(
+@dataclass(frozen=True, slots=True)
+class SucceededAttempt:
+    """The attempt whose success settles a step (a sleep that ended has none)."""
+
+    number: int
+    worker: str
+    started_at: datetime
+    finished_at: datetime
+
+
+async def commit_settled_step(
     conn: AsyncConnection,
     instance_id: str,
     key: StepKey,
     *,
     version: int,
-    attempt: int,
-    worker: str,
+    attempt: SucceededAttempt | None,
     result: JSON,
-    started_at: datetime,
-    finished_at: datetime,
     new_steps: Sequence[NewStep],
     status: InstanceStatus,
     output: JSON = None,
     error: JSON = None,
     messages: Sequence[tuple[str, bytes, dict[str, str] | None]] = (),
 ) -> list[OutboxRow] | None:
-    """A succeeded attempt and what follows it, written only if the instance is still at ``version``.
+    """A step that succeeded and what follows it, written only if the instance is still at ``version``.
 
-    The work of ``lock_instance`` + ``record_attempt`` + ``write_transition``
-    (+ ``cancel_timers`` when ``status`` finishes the instance). Returns None,
-    having written nothing, if the instance is gone, finished or at another
-    version: the caller then takes the lock and replays the newer history.
+    The step is a succeeded ``attempt``, or a sleep that ended (``attempt`` None).
+    The work of ``lock_instance`` + ``record_attempt`` (or ``settle_step``) +
+    ``write_transition`` (+ ``cancel_timers`` when ``status`` finishes the
+    instance). Returns None, having written nothing, if the instance is gone,
+    finished or at another version: the caller then takes the lock and replays
+    the newer history.
 
     On PostgreSQL it is one statement, atomic without a transaction around it:
     the UPDATE of the instance row locks it and checks the version (re-checked
@@ -103,18 +113,21 @@ async def commit_succeeded_step(
         lock = await lock_instance(conn, instance_id)
         if lock is None or lock.version != version or lock.status.is_finished:
             return None
-        await record_attempt(
-            conn,
-            instance_id,
-            key,
-            attempt=attempt,
-            worker=worker,
-            outcome="succeeded",
-            started_at=started_at,
-            finished_at=finished_at,
-            status=StepStatus.SUCCEEDED,
-            result=result,
-        )
+        if attempt is None:
+            await settle_step(conn, instance_id, key, status=StepStatus.SUCCEEDED, result=result)
+        else:
+            await record_attempt(
+                conn,
+                instance_id,
+                key,
+                attempt=attempt.number,
+                worker=attempt.worker,
+                outcome="succeeded",
+                started_at=attempt.started_at,
+                finished_at=attempt.finished_at,
+                status=StepStatus.SUCCEEDED,
+                result=result,
+            )
         if status.is_finished:
             await cancel_timers(conn, instance_id)
         return await write_transition(
@@ -134,66 +147,13 @@ async def commit_succeeded_step(
         "p_error": error,
         "p_step_name": key[0],
         "p_step_occurrence": key[1],
-        "p_attempt": attempt,
-        "p_worker": worker,
         "p_result": result,
-        "p_started_at": started_at,
-        "p_finished_at": finished_at,
+        "p_started_at": None if attempt is None else attempt.started_at,
     }
+    if attempt is not None:
+        params.update(p_attempt=attempt.number, p_worker=attempt.worker, p_finished_at=attempt.finished_at)
     statement = _settled_step_statement(
-        _shapes(new_steps), len(messages), status.is_finished, records_attempt=True
-    )
-    return await _execute_with_followers(conn, statement, params, new_steps, messages)
-
-
-async def commit_woken_sleep(
-    conn: AsyncConnection,
-    instance_id: str,
-    key: StepKey,
-    *,
-    version: int,
-    new_steps: Sequence[NewStep],
-    status: InstanceStatus,
-    output: JSON = None,
-    error: JSON = None,
-    messages: Sequence[tuple[str, bytes, dict[str, str] | None]] = (),
-) -> list[OutboxRow] | None:
-    """A sleep that ended and what follows it, written only if the instance is still at ``version``.
-
-    ``commit_succeeded_step`` without the attempt: the work of ``lock_instance``
-    + ``settle_step`` + ``write_transition`` (+ ``cancel_timers`` when ``status``
-    finishes the instance). None, having written nothing, if the instance is
-    gone, finished or at another version. One statement on PostgreSQL.
-    """
-    if _is_sqlite(conn):
-        lock = await lock_instance(conn, instance_id)
-        if lock is None or lock.version != version or lock.status.is_finished:
-            return None
-        await settle_step(conn, instance_id, key, status=StepStatus.SUCCEEDED)
-        if status.is_finished:
-            await cancel_timers(conn, instance_id)
-        return await write_transition(
-            conn,
-            instance_id,
-            new_steps=new_steps,
-            status=status,
-            output=output,
-            error=error,
-            messages=messages,
-        )
-    params: dict[str, Any] = {
-        "p_instance_id": instance_id,
-        "p_version": version,
-        "p_status": status,
-        "p_output": output,
-        "p_error": error,
-        "p_step_name": key[0],
-        "p_step_occurrence": key[1],
-        "p_result": None,
-        "p_started_at": None,
-    }
-    statement = _settled_step_statement(
-        _shapes(new_steps), len(messages), status.is_finished, records_attempt=False
+        _shapes(new_steps), len(messages), status.is_finished, records_attempt=attempt is not None
     )
     return await _execute_with_followers(conn, statement, params, new_steps, messages)
 
@@ -342,7 +302,7 @@ def _settled_step_statement(
     *,
     records_attempt: bool,
 ) -> sa.Select[Any]:
-    """The one statement of ``commit_succeeded_step`` (``records_attempt``) or ``commit_woken_sleep``.
+    """The one statement of ``commit_settled_step`` (``records_attempt``: the step had an attempt).
 
     For entries and messages of these shapes.
 

@@ -24,11 +24,13 @@ async def _woken(settings: Settings, *, version: int) -> list[queries.OutboxRow]
     engine = create_engine(settings.database)
     try:
         async with engine.begin() as conn:
-            return await transitions.commit_woken_sleep(
+            return await transitions.commit_settled_step(
                 conn,
                 "i1",
                 NAP,
                 version=version,
+                attempt=None,
+                result=None,
                 new_steps=[NewStep(("after", 1), 1, StepKind.STEP, StepStatus.RUNNING)],
                 status=InstanceStatus.RUNNING,
                 messages=[("step.sleeper", b"after", None)],
