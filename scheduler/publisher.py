@@ -1,4 +1,4 @@
-"""Publish the outbox rows the scheduler fired, off its claim loop, with bounded memory and delay."""
+"""Publish fired timers' messages off the scheduler's claim loop, with bounded memory and delay."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from shared.db.queries import OutboxRow
+from shared.db.timer_queries import FiredTimer
 from shared.outbox import OutboxRelay
 from shared.retrying import Outage
 
@@ -60,7 +61,7 @@ class BackgroundPublisher:
         self._group_rows = group_rows
         self._hold_s = hold_s
         self._room_wait_s = stale_after_s / 2 if room_wait_s is None else room_wait_s
-        self._batches: deque[tuple[float, Sequence[OutboxRow]]] = deque()
+        self._batches: deque[tuple[float, Sequence[FiredTimer]]] = deque()
         self._waiting = 0  # rows queued or being published
         self._backlog = False
         self._closing = False
@@ -86,8 +87,8 @@ class BackgroundPublisher:
         self._backlog = more_due
         self._changed()
 
-    async def put(self, rows: Sequence[OutboxRow]) -> bool:
-        """Queue committed rows for publishing; False if they were left to the sweeper."""
+    async def put(self, rows: Sequence[FiredTimer]) -> bool:
+        """Queue fired timers (their rows are committed) for publishing; False if left to the sweeper."""
         if not rows:
             return True
         if not self._has_room(len(rows)):
@@ -170,7 +171,7 @@ class BackgroundPublisher:
                 queued_at, batch = self._batches.popleft()
                 taken += len(batch)
                 if queued_at >= fresh_since:
-                    rows.extend(batch)
+                    rows.extend(timer.message() for timer in batch)
             try:
                 await self._relay.publish_committed(rows)
             except Exception as exc:  # the rows stay in the outbox, for the sweeper

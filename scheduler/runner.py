@@ -32,7 +32,7 @@ async def fire_timers_until_stopped(
     *,
     hooks: Hooks | None = None,
 ) -> None:
-    """Claim due timers at the database's pace and hand their rows to ``publisher``.
+    """Fire due timers at the database's pace and hand them to ``publisher``.
 
     A full batch means more are due: claim again at once. Otherwise sleep until
     the next timer is due, at most ``poll_interval`` (another process may arm
@@ -43,15 +43,15 @@ async def fire_timers_until_stopped(
     while not stopping.is_set():
         wait = poll
         try:
-            rows = await fire_due_timers(engine, batch_size=settings.batch_size, hooks=hooks)
+            fired = await fire_due_timers(engine, batch_size=settings.batch_size, hooks=hooks)
             if failing:
                 log.info("database reachable again", extra={"event": "scheduler_recovered"})
                 failing = False
-            more_due = len(rows) == settings.batch_size
+            more_due = len(fired) == settings.batch_size
             publisher.backlog(more_due)
-            if rows:
-                log.info("fired %d timers", len(rows), extra={"event": "timers_fired"})
-                await publisher.put(rows)
+            if fired:
+                log.info("fired %d timers", len(fired), extra={"event": "timers_fired"})
+                await publisher.put(fired)
             if more_due:
                 continue  # no pause
             next_due = await seconds_until_next(engine)

@@ -5,27 +5,28 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import timer_queries
-from shared.db.queries import OutboxRow
+from shared.db.engine import single_statement_engine
+from shared.db.timer_queries import FiredTimer
 from shared.hooks import Hooks
 
 
 async def fire_due_timers(
     engine: AsyncEngine, *, batch_size: int, hooks: Hooks | None = None
-) -> list[OutboxRow]:
-    """Fire up to ``batch_size`` due timers; returns the outbox rows to publish.
+) -> list[FiredTimer]:
+    """Fire up to ``batch_size`` due timers; returns them, with the outbox rows to publish.
 
     ``FOR UPDATE SKIP LOCKED`` lets several schedulers share the work, and a
     timer's row is deleted in the same transaction that queues its message, so
     it fires exactly once into the outbox, even if this process dies right after.
-    On PostgreSQL the claim, the delete and the insert are one statement (one
-    round trip).
+    On PostgreSQL the claim, the delete and the insert are one statement, run
+    in autocommit mode: one round trip, no ``BEGIN`` and ``COMMIT`` around it.
     """
-    async with engine.begin() as conn:
+    async with single_statement_engine(engine).begin() as conn:
         fired = await timer_queries.fire_due_timers(conn, limit=batch_size)
     if hooks is not None:
         for one in fired:
             hooks.timer_fired(one.kind, one.fire_at, one.fired_at)
-    return [one.message for one in fired]
+    return fired
 
 
 async def seconds_until_next(engine: AsyncEngine) -> float | None:

@@ -9,6 +9,7 @@ on PostgreSQL, through ``queries.insert_outbox`` on SQLite. They share
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -99,12 +100,26 @@ async def remove_fired_timers(conn: AsyncConnection, ids: Sequence[int]) -> None
 
 @dataclass(frozen=True, slots=True)
 class FiredTimer:
-    """A timer that ``fire_due_timers`` fired: what it was, when, and its queued message."""
+    """A timer that ``fire_due_timers`` fired: what it was, when, and its queued outbox row.
+
+    The row's headers stay JSON text until ``message()`` is called: decoding them
+    was the biggest part of a batch's time on the client (about 6 µs a row, a
+    sixth of a batch of 2,500), and the scheduler publishes a burst only after
+    it has fired it.
+    """
 
     kind: str
     fire_at: datetime
     fired_at: datetime
-    message: OutboxRow
+    outbox_id: int
+    routing_key: str
+    body: bytes
+    headers_json: str | None
+
+    def message(self) -> OutboxRow:
+        """The queued outbox row, to publish."""
+        headers = None if self.headers_json is None else json.loads(self.headers_json)
+        return OutboxRow(self.outbox_id, self.routing_key, self.body, headers)
 
 
 async def fire_due_timers(conn: AsyncConnection, *, limit: int) -> list[FiredTimer]:
@@ -133,14 +148,19 @@ async def fire_due_timers(conn: AsyncConnection, *, limit: int) -> list[FiredTim
         )
         now = datetime.now(UTC)
         return [
-            FiredTimer(timer.kind, timer.fire_at, now, message)
+            FiredTimer(
+                timer.kind,
+                timer.fire_at,
+                now,
+                message.id,
+                message.routing_key,
+                message.body,
+                None if message.headers is None else json.dumps(message.headers),
+            )
             for timer, message in zip(claimed, messages, strict=True)
         ]
     rows = await raw.fetch_all(conn, _fire_statement(), {"limit": limit})
-    return [
-        FiredTimer(kind, fire_at, fired_at, OutboxRow(outbox_id, routing_key, body, headers))
-        for outbox_id, kind, fire_at, fired_at, routing_key, body, headers in rows
-    ]
+    return [FiredTimer(*row) for row in rows]
 
 
 @functools.cache
@@ -182,14 +202,15 @@ def _fire_statement() -> sa.Select[Any]:
         )
         .cte("queued")
     )
+    # In FiredTimer's order; the headers as text, which psycopg hands over undecoded.
     return sa.select(
-        fired.c.outbox_id,
         fired.c.kind,
         fired.c.fire_at,
         fired.c.fired_at,
+        fired.c.outbox_id,
         fired.c.routing_key,
         fired.c.body,
-        fired.c.headers,
+        sa.cast(fired.c.headers, sa.Text),
     ).add_cte(queued)
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scheduler.publisher import BackgroundPublisher
 from scheduler.runner import fire_timers_until_stopped
 from scheduler.timers import fire_due_timers
-from shared.db import queries, timer_queries
+from shared.db import timer_queries
 from shared.db.engine import create_engine
 from shared.errors import BrokerError
 from shared.outbox import OutboxRelay
@@ -31,6 +31,12 @@ async def _arm_due_timers(database_url: str, count: int) -> None:
         """,
         count,
     )
+
+
+def _fired(outbox_id: int, body: bytes) -> timer_queries.FiredTimer:
+    """A fired timer as ``fire_due_timers`` returns it, for the publisher alone."""
+    now = datetime.now(UTC)
+    return timer_queries.FiredTimer("sleep", now, now, outbox_id, "wake.wf", body, None)
 
 
 async def _fire_until_none_left(engine: AsyncEngine, fired: list[bytes]) -> None:
@@ -98,14 +104,39 @@ async def test_the_single_statement_fires_each_timer_once_into_one_outbox_row(se
 
     everything = fired[0] + fired[1]
     assert fired[0] and fired[1], "both schedulers should have taken a share"
-    assert sorted(int(timer.message.body) for timer in everything) == list(range(1, 401))
+    assert sorted(int(timer.body) for timer in everything) == list(range(1, 401))
     assert all(timer.kind == "sleep" and timer.fired_at >= timer.fire_at for timer in everything)
     assert await db.scalar(settings.database, "SELECT count(*) FROM timers") == 0
     # One outbox row per timer, with the id, routing key and body the statement handed back.
     queued = await db.rows(settings.database, "SELECT id, routing_key, body FROM outbox")
     assert sorted((row["id"], row["routing_key"], bytes(row["body"])) for row in queued) == sorted(
-        (timer.message.id, timer.message.routing_key, timer.message.body) for timer in everything
+        (timer.outbox_id, timer.routing_key, timer.body) for timer in everything
     )
+
+
+async def test_a_fired_timer_is_published_with_the_headers_it_was_armed_with(settings: Settings) -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    instance = "INSERT INTO instances (id, workflow, status) VALUES ('i', 'wf', 'waiting')"
+    await db.rows(settings.database, instance)
+    await db.rows(
+        settings.database,
+        """
+        INSERT INTO timers (instance_id, step, occurrence, attempt, kind, fire_at, routing_key, body, headers)
+        VALUES ('i', 'nap', 1, 1, 'sleep', now(), 'wake.wf', 'with', %s::jsonb),
+               ('i', 'nap', 2, 1, 'sleep', now(), 'wake.wf', 'without', NULL)
+        """,
+        f'{{"traceparent": "{traceparent}"}}',
+    )
+    engine = create_engine(settings.database, pool_size=2)
+    broker = _Broker()
+    publisher = BackgroundPublisher(OutboxRelay(engine, broker, settings.outbox), stale_after_s=60)
+    publisher.start()
+    try:
+        await _fire_with(engine, publisher, settings)
+    finally:
+        await engine.dispose()
+    published = dict(zip(broker.sent, broker.headers, strict=True))
+    assert published == {b"with": {"traceparent": traceparent}, b"without": None}
 
 
 class _Broker:
@@ -117,12 +148,14 @@ class _Broker:
             self.release.set()
         self.fail = fail
         self.sent: list[bytes] = []
+        self.headers: list[Mapping[str, str] | None] = []
 
     async def publish(self, routing_key: str, body: bytes, headers: Mapping[str, str] | None) -> None:
         await self.release.wait()
         if self.fail:
             raise BrokerError("the broker is down")
         self.sent.append(body)
+        self.headers.append(headers)
 
 
 async def _fire_with(
@@ -234,9 +267,7 @@ async def test_rows_are_not_held_back_past_the_sweepers_grace_during_a_long_back
     try:
         publisher.backlog(True)  # the claim loop keeps finding full batches
         for n in range(30):
-            batch = [
-                queries.OutboxRow(-(10 * n + i), "wake.wf", b"%d" % (10 * n + i), None) for i in range(10)
-            ]
+            batch = [_fired(-(10 * n + i), b"%d" % (10 * n + i)) for i in range(10)]
             accepted.append(await publisher.put(batch))
             await asyncio.sleep(0.05)
         await publisher.close(timeout_s=30)
