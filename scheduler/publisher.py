@@ -18,8 +18,13 @@ log = logging.getLogger("stepline.scheduler")
 
 PUBLISH_BUFFER_ROWS = 20_000
 """Fired rows held in memory for the background publisher; beyond that the claim loop waits."""
-PUBLISH_GROUP_ROWS = 2_000
-"""Rows published together (confirms in flight at once) before their outbox rows are deleted."""
+PUBLISH_GROUP_ROWS = 200
+"""Rows published together (confirms in flight at once) before their outbox rows are deleted.
+
+Each row in flight is a task on the scheduler's one event loop. With 2,000 at
+once, the claim loop waited behind them for its turn, and timers due meanwhile
+fired late; 200 keep the broker busy all the same.
+"""
 PUBLISH_HOLD_S = 1.0
 """How long fired rows may wait for the rest of a burst to be fired before they are published."""
 DRAIN_ON_STOP_S = 5.0
