@@ -13,10 +13,14 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import aio_pika
 import psycopg
+from aio_pika.exceptions import ChannelClosed
 from sqlalchemy.engine import make_url
 
 from shared.db import migrate
+from shared.settings import Settings
+from shared.topology import workflow_queue_name
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/stepline"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/stepline"
@@ -67,6 +71,26 @@ class Isolation:
             _delete_vhost(self.amqp_url, self.vhost)
         except (OSError, subprocess.SubprocessError, urllib.error.URLError) as exc:
             print(f"benchmarks: could not delete vhost {self.vhost}: {exc}")
+
+
+async def purge_queues(amqp_url: str, workflows: list[str]) -> int:
+    """Empty the workflows' queues on the vhost (those that exist); returns how many messages they held."""
+    namespace = Settings.model_fields["namespace"].default
+    purged = 0
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        for workflow in workflows:
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(workflow_queue_name(namespace, workflow), passive=True)
+            except ChannelClosed:  # no worker declared it yet
+                continue
+            purged += queue.declaration_result.message_count or 0
+            await queue.purge()
+            await channel.close()
+    finally:
+        await connection.close()
+    return purged
 
 
 def _local(amqp_url: str) -> bool:

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from benchmarks import naive
-from benchmarks.isolation import Isolation
+from benchmarks.isolation import Isolation, purge_queues
 from benchmarks.procs import (
     BIN,
     NAIVE_READY,
@@ -197,6 +197,9 @@ class Bench:
         self.throughput: dict[int, EngineRun] = {}
         self.naive: dict[int, NaiveRun] = {}
         self.problems: list[str] = []
+        # Messages a run left in the queues (each a duplicate: every instance had finished), by run.
+        self.left_in_queues: dict[str, int] = {}
+        self._last_run = ""
 
     # ------------------------------------------------------------ database helpers
 
@@ -233,12 +236,24 @@ class Bench:
         async with self.connection() as conn:
             await conn.execute(naive.DDL)
 
-    async def reset(self) -> None:
-        """Empty every table between runs (no process is running then), so runs do not see each other."""
+    async def reset(self, run: str = "") -> None:
+        """Empty every table and workflow queue between runs (no process is running then).
+
+        Runs must not see each other: a message the last run left in a queue (a
+        wake-up or step published twice, which the workers would have dropped)
+        would cost the next run's workers a history read and a lock each. What
+        was left is counted, as a figure of the run that left it.
+        """
         async with self.connection() as conn:
             await conn.execute(f"TRUNCATE {ENGINE_TABLES} CASCADE")
             await conn.execute(naive.TRUNCATE)
             await conn.execute("VACUUM ANALYZE")
+        left = await purge_queues(self.iso.amqp_url, [bench_ten.name, bench_chain.name, bench_sleep.name])
+        if self._last_run:
+            self.left_in_queues[self._last_run] = left
+            if left:
+                self.note(f"{self._last_run}: {left} duplicate messages left in the queues (purged)")
+        self._last_run = run
 
     def note(self, text: str) -> None:
         self.progress.console.print(text)
@@ -357,7 +372,7 @@ class Bench:
         description: str,
     ) -> EngineRun:
         """Start ``count`` instances (all at once, or ``in_flight`` at a time) on fresh workers; measure."""
-        await self.reset()
+        await self.reset(description)
         run = EngineRun(label, workflow.name, workers, count, steps_per_instance, in_flight)
         prefix = f"{label}-"
         ids = [f"{prefix}{index:06d}" for index in range(count)]
@@ -438,7 +453,7 @@ class Bench:
     # ------------------------------------------------------------ 5. references
 
     async def naive_run(self, processes: int) -> NaiveRun:
-        await self.reset()
+        await self.reset(f"naive loop, {processes} process(es)")
         count, steps = self.sizes.instances, TEN
         run = NaiveRun(processes, count, steps)
         queue = f"naive-{processes}"
@@ -496,7 +511,7 @@ class Bench:
         return run
 
     async def rawtx(self) -> dict[str, Any]:
-        await self.reset()
+        await self.reset("raw transaction")
         clients, seconds = self.sizes.rawtx_clients, self.sizes.rawtx_s
         result: dict[str, Any] = {"clients": clients}
         for key, one_statement in (("statements", False), ("one_statement", True)):
@@ -527,7 +542,7 @@ class Bench:
             reference = await self.throughput_run(workers, label="cal")
         rate = 0.5 * reference.workflows_per_s
         total = max(1, int(rate * self.sizes.latency_s))
-        await self.reset()
+        await self.reset("latency")
         prefix = "lat-"
         ids = [f"{prefix}{index:06d}" for index in range(total)]
         published: dict[str, float] = {}
@@ -614,7 +629,7 @@ class Bench:
     async def _timers_due(self, prefix: str, *, spread_s: float) -> dict[str, Any]:
         count = self.sizes.timers
         variant = "at one instant" if spread_s == 0 else f"within {spread_s:g}s"
-        await self.reset()
+        await self.reset(f"timers due {variant}")
         ids = [f"{prefix}{index:06d}" for index in range(count)]
         workers = await self.start_workers(prefix.rstrip("-"), 2)
         schedulers, notes = await self.start_noting_schedulers(prefix.rstrip("-"), 2)
