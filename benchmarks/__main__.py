@@ -127,7 +127,7 @@ async def run_sections(bench: Bench, sections: set[str], results: dict[str, Any]
             outcome = await guarded(name, getattr(bench, name))
             if outcome is not None:
                 results[name] = outcome
-    await guarded("purging the queues", bench.reset)  # counts what the last run left
+    await guarded("purging the queues", bench.purge_queues)  # counts what the last run left
     results["left_in_queues"] = bench.left_in_queues
 
 

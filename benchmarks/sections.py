@@ -236,24 +236,28 @@ class Bench:
         async with self.connection() as conn:
             await conn.execute(naive.DDL)
 
-    async def reset(self, run: str = "") -> None:
-        """Empty every table and workflow queue between runs (no process is running then).
-
-        Runs must not see each other: a message the last run left in a queue (a
-        wake-up or step published twice, which the workers would have dropped)
-        would cost the next run's workers a history read and a lock each. What
-        was left is counted, as a figure of the run that left it.
-        """
+    async def reset(self, run: str) -> None:
+        """Empty every table and workflow queue before ``run`` (no process is running then)."""
+        await self.purge_queues()
         async with self.connection() as conn:
             await conn.execute(f"TRUNCATE {ENGINE_TABLES} CASCADE")
             await conn.execute(naive.TRUNCATE)
             await conn.execute("VACUUM ANALYZE")
+        self._last_run = run
+
+    async def purge_queues(self) -> None:
+        """Empty the workflows' queues; count what the last run left there, as a figure of that run.
+
+        Runs must not see each other: a message the last run left in a queue (a
+        wake-up or step published twice, which the workers would have dropped)
+        would cost the next run's workers a history read and a lock each.
+        """
         left = await purge_queues(self.iso.amqp_url, [bench_ten.name, bench_chain.name, bench_sleep.name])
         if self._last_run:
             self.left_in_queues[self._last_run] = left
             if left:
                 self.note(f"{self._last_run}: {left} duplicate messages left in the queues (purged)")
-        self._last_run = run
+        self._last_run = ""
 
     def note(self, text: str) -> None:
         self.progress.console.print(text)
