@@ -18,7 +18,7 @@ from shared.errors import BrokerError
 from shared.health import HealthServer
 from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
-from shared.retrying import retry_until
+from shared.retrying import StopRequested, retry_until
 from shared.settings import SchedulerSettings, Settings
 
 log = logging.getLogger("stepline.scheduler")
@@ -78,13 +78,18 @@ async def run_scheduler(
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     try:
         await retry_until(
-            broker.connect, what="RabbitMQ", deadline_s=startup_timeout_s, retry_on=(BrokerError,)
+            broker.connect,
+            what="RabbitMQ",
+            deadline_s=startup_timeout_s,
+            retry_on=(BrokerError,),
+            stopping=stopping,
         )
         await retry_until(
             lambda: check_schema(engine),
             what="PostgreSQL",
             deadline_s=startup_timeout_s,
             retry_on=(SQLAlchemyError, OSError),
+            stopping=stopping,
         )
         relay = OutboxRelay(engine, broker, settings.outbox, hooks=hooks)
         health = None
@@ -108,6 +113,8 @@ async def run_scheduler(
         await sweeper
         if health is not None:
             await health.stop()
+    except StopRequested as stopped:
+        log.info("stopping before start-up finished: %s", stopped, extra={"event": "scheduler_stopping"})
     finally:
         await broker.close()
         await engine.dispose()

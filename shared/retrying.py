@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -13,35 +14,79 @@ T = TypeVar("T")
 log = logging.getLogger("stepline")
 
 
+class StopRequested(Exception):
+    """The process was asked to stop while it was still waiting for a service at start-up."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"asked to stop while waiting for {what}")
+        self.what = what
+
+
 async def retry_until(
     action: Callable[[], Awaitable[T]],
     *,
     what: str,
     deadline_s: float,
     retry_on: tuple[type[BaseException], ...],
+    stopping: asyncio.Event | None = None,
 ) -> T:
     """Run ``action`` until it succeeds or ``deadline_s`` passes, backing off with jitter.
 
+    With ``stopping``, setting it ends the wait at once, also in the middle of
+    an attempt (which is cancelled): a process that cannot reach its broker
+    still stops when it is told to.
+
     Raises:
-        The last error once the deadline has passed.
+        The last error once the deadline has passed; ``StopRequested`` once
+        ``stopping`` is set.
     """
     started = time.monotonic()
     delay, logged = 0.2, False
     while True:
         try:
-            result = await action()
+            result = await _unless_stopping(action, stopping, what)
         except retry_on as exc:
             if time.monotonic() - started + delay > deadline_s:
                 raise
             if not logged:
                 log.warning("waiting for %s: %s", what, exc, extra={"event": "waiting_for_service"})
                 logged = True
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            pause = delay * random.uniform(0.5, 1.5)
+            if stopping is None:
+                await asyncio.sleep(pause)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), pause)
+                if stopping.is_set():
+                    raise StopRequested(what) from None
             delay = min(delay * 2, 5.0)
         else:
             if logged:
                 log.info("%s is reachable", what, extra={"event": "service_reachable"})
             return result
+
+
+async def _unless_stopping(
+    action: Callable[[], Awaitable[T]], stopping: asyncio.Event | None, what: str
+) -> T:
+    """``action()``, cancelled if ``stopping`` is set first."""
+    if stopping is None:
+        return await action()
+    if stopping.is_set():
+        raise StopRequested(what)
+    attempt = asyncio.ensure_future(action())
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({attempt, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            with contextlib.suppress(BaseException):
+                await attempt
+    if attempt.cancelled():
+        raise StopRequested(what)
+    return attempt.result()
 
 
 class Outage:
@@ -71,4 +116,4 @@ class Outage:
             self._log.info("%s is back after %.1fs", self._what, lasted, extra={"event": "outage_ended"})
 
 
-__all__ = ["Outage", "retry_until"]
+__all__ = ["Outage", "StopRequested", "retry_until"]

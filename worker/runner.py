@@ -20,7 +20,7 @@ from shared.errors import BrokerError
 from shared.health import HealthServer
 from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
-from shared.retrying import retry_until
+from shared.retrying import StopRequested, retry_until
 from shared.settings import Settings
 from worker.executor import StepExecutor
 from worker.handlers import MessageHandler
@@ -60,7 +60,11 @@ async def run_worker(
     relay: OutboxRelay | None = None
     try:
         await retry_until(
-            broker.connect, what="RabbitMQ", deadline_s=startup_timeout_s, retry_on=(BrokerError,)
+            broker.connect,
+            what="RabbitMQ",
+            deadline_s=startup_timeout_s,
+            retry_on=(BrokerError,),
+            stopping=stopping,
         )
         relay = OutboxRelay(engine, broker, settings.outbox, hooks=hooks)
         relay.start_batching_deletes()
@@ -92,6 +96,7 @@ async def run_worker(
             what="PostgreSQL",
             deadline_s=startup_timeout_s,
             retry_on=(SQLAlchemyError, OSError),
+            stopping=stopping,
         )
         # What start-up made (modules, workflow code, schema, models) lives as long as the
         # process: out of the collector's sight, a full collection no longer walks it. One
@@ -132,6 +137,8 @@ async def run_worker(
         await sampler
         if health is not None:
             await health.stop()
+    except StopRequested as stopped:
+        log.info("stopping before start-up finished: %s", stopped, extra={"event": "worker_stopping"})
     finally:
         if relay is not None:
             await relay.stop_batching_deletes()  # forget what in-flight steps published
