@@ -40,6 +40,7 @@ async def retry_until(
         The last error once the deadline has passed; ``StopRequested`` once
         ``stopping`` is set.
     """
+    stopping = stopping or asyncio.Event()  # never set: wait out the deadline
     started = time.monotonic()
     delay, logged = 0.2, False
     while True:
@@ -51,14 +52,10 @@ async def retry_until(
             if not logged:
                 log.warning("waiting for %s: %s", what, exc, extra={"event": "waiting_for_service"})
                 logged = True
-            pause = delay * random.uniform(0.5, 1.5)
-            if stopping is None:
-                await asyncio.sleep(pause)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), pause)
-                if stopping.is_set():
-                    raise StopRequested(what) from None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay * random.uniform(0.5, 1.5))
+            if stopping.is_set():
+                raise StopRequested(what) from None
             delay = min(delay * 2, 5.0)
         else:
             if logged:
@@ -66,12 +63,8 @@ async def retry_until(
             return result
 
 
-async def _unless_stopping(
-    action: Callable[[], Awaitable[T]], stopping: asyncio.Event | None, what: str
-) -> T:
+async def _unless_stopping(action: Callable[[], Awaitable[T]], stopping: asyncio.Event, what: str) -> T:
     """``action()``, cancelled if ``stopping`` is set first."""
-    if stopping is None:
-        return await action()
     if stopping.is_set():
         raise StopRequested(what)
     attempt = asyncio.ensure_future(action())
@@ -82,8 +75,7 @@ async def _unless_stopping(
         stop.cancel()
         if not attempt.done():
             attempt.cancel()
-            with contextlib.suppress(BaseException):
-                await attempt
+            await asyncio.wait({attempt})  # its end, without raising it (a cancel of ours still does)
     if attempt.cancelled():
         raise StopRequested(what)
     return attempt.result()

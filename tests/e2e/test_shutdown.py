@@ -46,22 +46,25 @@ async def test_sigterm_lets_the_running_step_commit_then_exits_zero(
 @pytest.mark.parametrize(
     ("command", "unreachable", "service"),
     [
-        ("stepline-worker", {"STEPLINE_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"}, "RabbitMQ"),
         (
-            "stepline-scheduler",
+            ("stepline-worker", "--workflows", "tests.workflows"),
+            {"STEPLINE_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"},
+            "RabbitMQ",
+        ),
+        (
+            ("stepline-scheduler",),
             {"STEPLINE_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"},
             "PostgreSQL",
         ),
     ],
 )
 async def test_sigterm_while_waiting_for_a_service_at_start_up_exits_zero(
-    process_fleet: ProcessFleet, command: str, unreachable: dict[str, str], service: str
+    process_fleet: ProcessFleet, command: tuple[str, ...], unreachable: dict[str, str], service: str
 ) -> None:
     # A deploy or a scale-down may stop a process that never reached its broker or database:
     # it must not sit out its start-up deadline (60 s) and then exit with an error.
     process_fleet.env.update(unreachable)
-    args = ("--workflows", "tests.workflows") if command == "stepline-worker" else ()
-    process = process_fleet.start("p1", command, *args)
+    process = process_fleet.start("p1", *command)
 
     async def log() -> str:
         return process_fleet.log("p1")
