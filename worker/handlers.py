@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from shared import faults
 from shared.broker import Delivery
 from shared.db import queries, transitions
-from shared.db.engine import single_statement_engine
+from shared.db.held import HeldConnections
 from shared.db.queries import OutboxRow
 from shared.errors import BadPayloadError, BrokerError, InvalidParamsError, UnknownWorkflowError
 from shared.history import History, ParentLink
@@ -60,6 +60,7 @@ class MessageHandler:
         self,
         *,
         engine: AsyncEngine,
+        held: HeldConnections,
         relay: OutboxRelay,
         dead_letter: DeadLetter,
         executor: StepExecutor,
@@ -73,14 +74,19 @@ class MessageHandler:
     ) -> None:
         self._hooks = hooks or NoHooks()
         self._engine = engine
-        self._single_statements = single_statement_engine(engine)
+        self._held = held
         self._relay = relay
         self._dead_letter = dead_letter
         self._workflows = workflows
         self._payload_limit = payload_limit
         self._planner = Planner(payload_limit, self._hooks)
         self._steps = StepRunner(
-            engine=engine, planner=self._planner, executor=executor, worker_id=worker_id, cache=replay_cache
+            engine=engine,
+            held=held,
+            planner=self._planner,
+            executor=executor,
+            worker_id=worker_id,
+            cache=replay_cache,
         )
         self._retry_delay = retry_delay
         self._outage = Outage("the database or the broker", log)
@@ -249,7 +255,7 @@ class MessageHandler:
             transition = self._planner.plan_unlocked(history, replay, outcome)
             if transition is not None:
                 # The usual start: one statement, no transaction around it (see transitions.start_instance).
-                async with self._single_statements.begin() as conn:
+                async with self._held.connection() as conn:
                     started = await transitions.start_instance(
                         conn,
                         **instance,

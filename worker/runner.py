@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from shared.broker import Broker, Delivery, create_broker
 from shared.db.engine import create_engine
+from shared.db.held import HeldConnections
 from shared.db.migrate import check_schema, database_answers
 from shared.errors import BrokerError
 from shared.health import HealthServer
@@ -48,6 +49,7 @@ async def run_worker(
     worker_id = worker_id or default_worker_id()
     concurrency = settings.worker.concurrency
     engine = create_engine(settings.database, pool_size=concurrency + 2, pre_ping=False)
+    held = HeldConnections(engine, keep=concurrency)  # each step's statements
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     executor = StepExecutor(
         threads=concurrency,
@@ -70,6 +72,7 @@ async def run_worker(
         relay.start_batching_deletes()
         handler = MessageHandler(
             engine=engine,
+            held=held,
             relay=relay,
             dead_letter=broker.dead_letter,
             executor=executor,
@@ -145,6 +148,7 @@ async def run_worker(
         await broker.close()
         replay_cache.clear()
         executor.shutdown()
+        await held.close()
         await engine.dispose()
         log.info("worker stopped", extra={"event": "worker_stopped", "worker": worker_id})
 

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.codec import JSON
 from shared.db import queries, timer_queries, transitions
-from shared.db.engine import single_statement_engine
+from shared.db.held import HeldConnections
 from shared.db.queries import OutboxRow
 from shared.db.timer_queries import NewTimer
 from shared.db.transitions import SucceededAttempt
@@ -65,6 +65,7 @@ class StepRunner:
         self,
         *,
         engine: AsyncEngine,
+        held: HeldConnections,
         planner: Planner,
         executor: StepExecutor,
         worker_id: str,
@@ -72,7 +73,7 @@ class StepRunner:
     ) -> None:
         self._engine = engine
         self._cache = cache if cache is not None else ReplayCache(0)  # an empty cache is falsy
-        self._reader = single_statement_engine(engine)
+        self._held = held
         self._planner = planner
         self._executor = executor
         self._worker_id = worker_id
@@ -153,7 +154,7 @@ class StepRunner:
         step's commit, it keeps the replay, and the next step may run here.
         """
         key: StepKey = (message.step, message.occurrence)
-        async with self._reader.connect() as conn:  # one statement: no transaction needed
+        async with self._held.connection() as conn:  # one statement: no transaction needed
             history = await queries.load_history(conn, message.instance_id)
         if history is None or history.status not in (InstanceStatus.RUNNING, InstanceStatus.WAITING):
             return None
@@ -198,7 +199,7 @@ class StepRunner:
         cached = self._cache.take(message.instance_id)
         if cached is not None and is_local and cached.replay.is_pending(key):
             return cached.history, cached.replay, None
-        async with self._reader.connect() as conn:  # one statement: no transaction needed
+        async with self._held.connection() as conn:  # single statements: no transaction needed
             if cached is not None:
                 state = await queries.instance_state(conn, message.instance_id)
                 if state == queries.InstanceLock(cached.history.status, cached.history.version):
@@ -318,7 +319,7 @@ class StepRunner:
         On PostgreSQL one statement, outside any transaction: it writes only if the
         instance is still at the version this worker replayed (see commit_settled_step).
         """
-        async with self._reader.begin() as conn:
+        async with self._held.connection() as conn:
             return await transitions.commit_settled_step(
                 conn,
                 history.instance_id,

@@ -72,8 +72,10 @@ async def fetch_all(
     values = {**compiled.defaults, **params}
     for name, processor in compiled.processors:
         values[name] = processor(values[name])
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert isinstance(driver, psycopg.AsyncConnection)
+    driver = live_driver(conn)
+    if driver is None:  # not connected yet, or invalidated: SQLAlchemy (re)connects it
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert isinstance(driver, psycopg.AsyncConnection)
     try:
         cursor = await driver.execute(compiled.sql, values)
         return await cursor.fetchall()
@@ -84,3 +86,16 @@ async def fetch_all(
         raise DBAPIError.instance(
             compiled.sql, values, exc, psycopg.Error, connection_invalidated=broken
         ) from exc
+
+
+def live_driver(conn: AsyncConnection) -> psycopg.AsyncConnection[Any] | None:
+    """The psycopg connection under ``conn`` if it has a live one, without I/O; else None.
+
+    ``get_raw_connection`` is a hop through SQLAlchemy's greenlet bridge on
+    every call; a live connection's driver is one attribute away.
+    """
+    sync = conn.sync_connection
+    if sync is None or sync.closed or sync.invalidated:
+        return None
+    driver = sync.connection.driver_connection
+    return driver if isinstance(driver, psycopg.AsyncConnection) else None

@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from shared.db import raw
 from shared.db.engine import create_engine, single_statement_engine
 from shared.db.schema import instances
+from tests.support.db import terminate_backend
 
 INSERT = (
     sa.insert(instances)
@@ -56,12 +57,7 @@ async def test_a_connection_the_server_closed_is_not_handed_out_again(database_u
     try:
         async with engine.connect() as conn:
             pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
-        admin = create_engine(database_url)
-        try:
-            async with admin.begin() as conn:
-                await conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-        finally:
-            await admin.dispose()
+        await terminate_backend(database_url, pid)
         with pytest.raises(OperationalError):
             async with single_statement_engine(engine).connect() as conn:
                 await raw.fetch_all(conn, INSERT, {"id": "a", "status": "running", "params": None})

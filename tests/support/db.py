@@ -25,6 +25,11 @@ async def execute(database_url: str, statement: sa.Executable) -> list[sa.RowMap
         await engine.dispose()
 
 
+async def terminate_backend(database_url: str, pid: int) -> None:
+    """Have PostgreSQL end one server connection, as a restart or an administrator would."""
+    await execute(database_url, sa.select(sa.func.pg_terminate_backend(pid)))
+
+
 async def time_passes(database_url: str, *, instance_id: str | None = None) -> None:
     """Make every armed timer (of one instance, if given) due a second ago, as if its time had come."""
     statement = timers.update().values(fire_at=utc_now(timedelta(seconds=-1)))
