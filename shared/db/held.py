@@ -40,6 +40,7 @@ class HeldConnections:
         self._autocommit = single_statement_engine(engine)
         self._keep = keep
         self._idle: list[AsyncConnection] = []
+        self._closed = False
         self._is_sqlite = engine.dialect.name == "sqlite"
 
     @contextlib.asynccontextmanager
@@ -64,17 +65,21 @@ class HeldConnections:
         )
         if healthy and conn.in_transaction():
             await conn.commit()  # SQLAlchemy's own begin on an execute: in autocommit, nothing is sent
-        if healthy and len(self._idle) < self._keep:  # checked after the await above
+        if healthy and not self._closed and len(self._idle) < self._keep:  # checked after the await above
             self._idle.append(conn)
             return
         if not healthy:
             if driver is None or driver.broken or driver.closed:
-                await self.close()  # the server is gone: the idle ones would fail too
+                await self._drop_idle()  # the server is gone: the idle ones would fail too
             await conn.invalidate()
         await conn.close()
 
     async def close(self) -> None:
-        """Return the idle connections to the pool (the ones lent out go back when their use ends)."""
+        """Return the idle connections to the pool; the ones lent out go back to it when their use ends."""
+        self._closed = True
+        await self._drop_idle()
+
+    async def _drop_idle(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.close()

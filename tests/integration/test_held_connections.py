@@ -133,6 +133,15 @@ async def test_more_users_than_kept_get_connections_that_go_back_to_the_pool(eng
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
+async def test_a_connection_lent_when_closing_goes_back_to_the_pool(engine: AsyncEngine) -> None:
+    held = HeldConnections(engine, keep=2)
+    await backend_pid(held)  # one idle
+    async with held.connection() as conn:  # that one, lent out while the worker stops
+        await held.close()
+        await conn.execute(sa.text("SELECT 1"))
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
 async def test_on_sqlite_each_use_is_a_committed_transaction(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'state.db'}"
     engine = create_engine(url)
