@@ -58,19 +58,17 @@ class HeldConnections:
 
     async def _give_back(self, conn: AsyncConnection) -> None:
         driver = live_driver(conn)
-        healthy = (
-            driver is not None
-            and not driver.broken
-            and driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        )
+        lost = driver is None or driver.broken or driver.closed
+        idle = driver is not None and driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        healthy = idle and not lost
         if healthy and conn.in_transaction():
             await conn.commit()  # SQLAlchemy's own begin on an execute: in autocommit, nothing is sent
         if healthy and not self._closed and len(self._idle) < self._keep:  # checked after the await above
             self._idle.append(conn)
             return
+        if lost:
+            await self._drop_idle()  # the server is gone: the idle ones would fail too
         if not healthy:
-            if driver is None or driver.broken or driver.closed:
-                await self._drop_idle()  # the server is gone: the idle ones would fail too
             await conn.invalidate()
         await conn.close()
 

@@ -87,18 +87,17 @@ async def test_after_the_server_closed_its_connections_the_next_use_fails_and_th
 ) -> None:
     held = HeldConnections(engine, keep=2)
     try:
-        gate = asyncio.Event()
+        all_lent = asyncio.Barrier(3)
 
         async def hold_one() -> int:
             async with held.connection() as conn:
                 pid = int((await conn.execute(BACKEND_PID)).scalar_one())
-                await gate.wait()
+                await all_lent.wait()
                 return pid
 
         # Two lent at once, so two are idle afterwards.
         tasks = [asyncio.create_task(hold_one()) for _ in range(2)]
-        await asyncio.sleep(0.2)
-        gate.set()
+        await all_lent.wait()
         pids = sorted(await asyncio.gather(*tasks))
         assert len(set(pids)) == 2
         for pid in pids:
@@ -115,17 +114,19 @@ async def test_after_the_server_closed_its_connections_the_next_use_fails_and_th
 async def test_more_users_than_kept_get_connections_that_go_back_to_the_pool(engine: AsyncEngine) -> None:
     held = HeldConnections(engine, keep=1)
     try:
-        gate = asyncio.Event()
+        all_lent = asyncio.Barrier(4)
+        checked = asyncio.Event()
 
         async def use() -> None:
             async with held.connection() as conn:
                 await conn.execute(sa.text("SELECT 1"))
-                await gate.wait()
+                await all_lent.wait()
+                await checked.wait()
 
         tasks = [asyncio.create_task(use()) for _ in range(3)]
-        await asyncio.sleep(0.2)
+        await all_lent.wait()
         assert engine.pool.checkedout() == 3  # type: ignore[attr-defined]
-        gate.set()
+        checked.set()
         await asyncio.gather(*tasks)
         assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]  # the one kept
     finally:
