@@ -37,6 +37,23 @@ class UnknownWorkflowError(BadPayloadError):
         self.workflow = workflow
 
 
+class MisaddressedMessageError(BadPayloadError):
+    """A message names an instance of another workflow: refused, the instance is left untouched.
+
+    Replaying an instance with another workflow's code would end it for good
+    (a non-determinism error), so such a message is dead-lettered instead.
+    """
+
+    def __init__(self, kind: str, instance_id: str, message_workflow: str, instance_workflow: str) -> None:
+        super().__init__(
+            f"{kind} message for workflow {message_workflow!r} names instance {instance_id!r}, "
+            f"which belongs to workflow {instance_workflow!r}; the instance was not touched"
+        )
+        self.instance_id = instance_id
+        self.message_workflow = message_workflow
+        self.instance_workflow = instance_workflow
+
+
 class InvalidParamsError(BadPayloadError):
     """Workflow params failed validation; nothing was stored."""
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from shared import codec
 from shared.codec import JSON
-from shared.errors import BadPayloadError
+from shared.errors import BadPayloadError, MisaddressedMessageError
 from shared.history import ParentLink
 from shared.topology import MessageKind, routing_key
 
@@ -142,6 +142,18 @@ def parse_message(body: bytes, *, limit: int) -> AnyMessage:
         return _MESSAGE_ADAPTER.validate_python(data)
     except ValidationError as exc:
         raise BadPayloadError(f"message breaks the v1 {kind} schema: {_short(exc)}") from exc
+
+
+def check_addressed(message: AnyMessage, instance_workflow: str) -> None:
+    """Refuse a message whose workflow is not the one its instance belongs to.
+
+    Raises:
+        MisaddressedMessageError: the two differ; the caller touches nothing and dead-letters it.
+    """
+    if message.workflow != instance_workflow:
+        raise MisaddressedMessageError(
+            kind_of(message), message.instance_id, message.workflow, instance_workflow
+        )
 
 
 def encode_message(message: _Message, *, limit: int) -> bytes:

@@ -26,6 +26,7 @@ from shared.messages import (
     StartMessage,
     StepMessage,
     WakeMessage,
+    check_addressed,
     parse_message,
 )
 from shared.outbox import OutboxRelay
@@ -202,6 +203,7 @@ class MessageHandler:
                 if isinstance(message, EventMessage):
                     raise BadPayloadError(f"no instance with id {message.instance_id!r} to send the event to")
                 return []
+            check_addressed(message, history.workflow)
             if isinstance(message, EventMessage):
                 return await waits.deliver_event(conn, self._planner, workflow, history, message)
             if history.status.is_finished:
@@ -289,6 +291,9 @@ class MessageHandler:
     async def _duplicate_start(
         self, conn: AsyncConnection, message: StartMessage, parent: ParentLink | None
     ) -> list[OutboxRow]:
+        existing = await queries.get_instance_row(conn, message.instance_id)
+        if existing is not None:
+            check_addressed(message, existing.workflow)
         log.info(
             "instance exists; duplicate start ignored",
             extra={"event": "duplicate_start", "instance_id": message.instance_id},
@@ -297,7 +302,6 @@ class MessageHandler:
             return []
         # A child started before its parent asked (or asked again): make sure the parent hears of its end.
         await queries.set_parent_if_unset(conn, message.instance_id, parent)
-        existing = await queries.get_instance_row(conn, message.instance_id)
         if existing is not None and InstanceStatus(existing.status).is_finished:
             return await queries.insert_outbox(conn, self._planner.parent_wake(parent))
         return []

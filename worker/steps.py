@@ -15,10 +15,10 @@ from shared.db.held import HeldConnections
 from shared.db.queries import OutboxRow
 from shared.db.timer_queries import NewTimer
 from shared.db.transitions import SucceededAttempt
-from shared.errors import NonDeterminismError
+from shared.errors import MisaddressedMessageError, NonDeterminismError
 from shared.history import History, StepKey, format_key
 from shared.hooks import AttemptEnd
-from shared.messages import StepMessage, WakeMessage
+from shared.messages import StepMessage, WakeMessage, check_addressed
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.executor import StepExecutor, StepResult, StepSucceeded
 from worker.plan import Planner, Transition, instance_error
@@ -156,7 +156,10 @@ class StepRunner:
         key: StepKey = (message.step, message.occurrence)
         async with self._held.connection() as conn:  # one statement: no transaction needed
             history = await queries.load_history(conn, message.instance_id)
-        if history is None or history.status not in (InstanceStatus.RUNNING, InstanceStatus.WAITING):
+        if history is None:
+            return None
+        check_addressed(message, history.workflow)
+        if history.status not in (InstanceStatus.RUNNING, InstanceStatus.WAITING):
             return None
         record = history.step(key)
         if record is None or record.kind != StepKind.SLEEP or record.status != StepStatus.WAITING:
@@ -197,6 +200,12 @@ class StepRunner:
         """
         key: StepKey = (message.step, message.occurrence)
         cached = self._cache.take(message.instance_id)
+        if cached is not None:
+            try:
+                check_addressed(message, cached.history.workflow)
+            except MisaddressedMessageError:
+                self._cache.put(cached.history, cached.replay)  # still good for its own instance
+                raise
         if cached is not None and is_local and cached.replay.is_pending(key):
             return cached.history, cached.replay, None
         async with self._held.connection() as conn:  # single statements: no transaction needed
@@ -210,6 +219,8 @@ class StepRunner:
                         return cached.history, cached.replay, None
                 cached.replay.close()
             history = await queries.load_history(conn, message.instance_id)
+        if history is not None:
+            check_addressed(message, history.workflow)
         if history is None or not is_current(history, key, message):
             return None
         replay = Replay(workflow, history)
