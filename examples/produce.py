@@ -8,9 +8,7 @@ import sys
 import uuid
 
 from examples.order_fulfilment import Order, order_fulfilment
-from producer import Producer
-from shared.errors import ConfigError, SteplineError
-from shared.settings import load_settings
+from producer import ConfigError, Producer, SteplineError, load_settings
 
 
 def orders(count: int) -> list[Order]:

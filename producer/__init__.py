@@ -3,6 +3,19 @@
 from producer.client import Client
 from producer.models import AttemptInfo, EventInfo, InstanceInfo, StepInfo
 from producer.producer import Producer, WorkflowRef
+from shared.errors import (
+    BrokerError,
+    ConfigError,
+    InstanceNotFoundError,
+    InvalidParamsError,
+    InvalidStateError,
+    PayloadTooLargeError,
+    SteplineError,
+    StorageError,
+    UnroutableError,
+    WaitTimeoutError,
+)
+from shared.settings import Settings, load_settings
 
 __all__ = [
     "AttemptInfo",
@@ -12,4 +25,18 @@ __all__ = [
     "Producer",
     "StepInfo",
     "WorkflowRef",
+    # Settings, read as the workers read them (Producer.from_settings).
+    "Settings",
+    "load_settings",
+    # The errors the client raises.
+    "BrokerError",
+    "ConfigError",
+    "InstanceNotFoundError",
+    "InvalidParamsError",
+    "InvalidStateError",
+    "PayloadTooLargeError",
+    "SteplineError",
+    "StorageError",
+    "UnroutableError",
+    "WaitTimeoutError",
 ]

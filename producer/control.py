@@ -6,7 +6,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.db import queries, timer_queries
 from shared.db.queries import OutboxRow
-from shared.errors import InstanceNotFoundError, InvalidStateError
+from shared.errors import InstanceNotFoundError, InvalidStateError, TerminatedError
+from shared.failures import failure_record
 from shared.history import ParentLink
 from shared.messages import AdvanceMessage, encode_message, parent_wake
 from shared.states import InstanceStatus
@@ -64,7 +65,7 @@ async def _terminate_tree(conn: AsyncConnection, instance_id: str) -> None:
         conn,
         instance_id,
         status=InstanceStatus.TERMINATED,
-        error={"type": "Terminated", "message": "terminated on request"},
+        error=failure_record(TerminatedError("terminated on request")),
     )
     await timer_queries.cancel_timers(conn, instance_id)
     for child in await queries.unfinished_children(conn, instance_id):

@@ -162,3 +162,25 @@ class EventTimeoutError(SteplineError):
         self.name = name
         self.event_type = event_type
         self.timeout_s = timeout_s
+
+
+class ChildWorkflowError(SteplineError):
+    """A child workflow ended without completing; its parent's wait for it fails with this.
+
+    The parent's code sees a ``StepFailedError`` of type ``ChildWorkflowError``.
+    """
+
+    def __init__(self, workflow: str, child_id: str, status: str, cause: str) -> None:
+        super().__init__(f"child workflow {workflow!r} ({child_id!r}) {status}: {cause}")
+        self.workflow = workflow
+        self.child_id = child_id
+        self.status = status
+        self.cause = cause
+
+
+class TerminatedError(SteplineError):
+    """The error a terminated instance records: it was stopped for good, and why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -324,7 +324,7 @@ async def approval(ctx: Context, params: Approval) -> dict[str, Any]:
 
 @workflow("approval-or-timeout")
 async def approval_or_timeout(ctx: Context, params: Approval) -> str:
-    from shared.errors import EventTimeoutError
+    from worker import EventTimeoutError
 
     try:
         decision = await ctx.wait_for_event("decision", event_type="approved", timeout=params.timeout)

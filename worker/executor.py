@@ -14,10 +14,10 @@ from typing import Any
 from shared import codec
 from shared.codec import JSON
 from shared.errors import NonRetryableError, PayloadTooLargeError, StepTimeoutError
+from shared.failures import failure_record
 from shared.history import format_key
 from worker.context import StepCall
-from worker.replay.engine import error_info
-from worker.step_info import StepInfo, reset_step_info, set_step_info
+from worker.step_info import RunningStep, reset_step_info, set_step_info
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class StepExecutor:
         """Stop the thread pool without waiting for abandoned (timed-out) threads."""
         self._threads.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self, call: StepCall, info: StepInfo) -> StepResult:
+    async def run(self, call: StepCall, info: RunningStep) -> StepResult:
         """Run one attempt of ``call``; never raises for what the step code does."""
         name = format_key(call.key)
         timeout = call.timeout or self._default_timeout
@@ -119,5 +119,5 @@ class StepExecutor:
         error: BaseException, is_retryable: bool, outcome: str, started_at: datetime
     ) -> StepAttemptFailed:
         return StepAttemptFailed(
-            codec.scrub_nul(error_info(error)), is_retryable, outcome, started_at, datetime.now(UTC), error
+            failure_record(error), is_retryable, outcome, started_at, datetime.now(UTC), error
         )

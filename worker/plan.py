@@ -12,12 +12,13 @@ from shared.codec import JSON
 from shared.db import queries, timer_queries, transitions
 from shared.db.queries import NewStep, OutboxRow
 from shared.db.timer_queries import NewTimer
-from shared.errors import PayloadTooLargeError, StepFailedError
+from shared.errors import PayloadTooLargeError
+from shared.failures import failure_record
 from shared.history import History, ParentLink, StepKey
 from shared.hooks import Hooks, NoHooks
 from shared.messages import ParentRef, StartMessage, StepMessage, WakeMessage, encode_message, parent_wake
 from shared.states import InstanceStatus, StepKind, StepStatus
-from worker.replay.engine import NewEntry, Outcome, Replay, error_info, payload_problem
+from worker.replay.engine import NewEntry, Outcome, Replay, payload_problem
 
 Message = tuple[str, bytes, dict[str, str] | None]
 
@@ -272,7 +273,5 @@ def _new_step(entry: NewEntry, position: int, matched: dict[StepKey, JSON]) -> N
 
 
 def instance_error(error: BaseException) -> dict[str, Any]:
-    """How an instance's error is stored: a failed step names itself."""
-    step = error.step if isinstance(error, StepFailedError) else None
-    info: dict[str, Any] = codec.scrub_nul(error_info(error, step=step))
-    return info
+    """How an instance's error is stored: a failed step names itself (see shared.failures)."""
+    return failure_record(error)

@@ -10,7 +10,7 @@ from shared.errors import SteplineError
 
 
 @dataclass(frozen=True, slots=True)
-class StepInfo:
+class RunningStep:
     """The running step: its instance, name, attempt (from 1) and idempotency key."""
 
     instance_id: str
@@ -26,10 +26,10 @@ class StepInfo:
         return "sl-" + hashlib.sha256(identity).hexdigest()[:40]
 
 
-_current: ContextVar[StepInfo | None] = ContextVar("stepline_step_info", default=None)
+_current: ContextVar[RunningStep | None] = ContextVar("stepline_step_info", default=None)
 
 
-def step_info() -> StepInfo:
+def step_info() -> RunningStep:
     """The step whose code is running now.
 
     Raises:
@@ -41,7 +41,7 @@ def step_info() -> StepInfo:
     return info
 
 
-def set_step_info(info: StepInfo) -> object:
+def set_step_info(info: RunningStep) -> object:
     """Make ``info`` current; returns a token for ``reset_step_info``."""
     return _current.set(info)
 

@@ -16,6 +16,7 @@ from shared.db.queries import OutboxRow
 from shared.db.timer_queries import NewTimer
 from shared.db.transitions import SucceededAttempt
 from shared.errors import MisaddressedMessageError, NonDeterminismError
+from shared.failures import step_failure
 from shared.history import History, StepKey, format_key
 from shared.hooks import AttemptEnd
 from shared.messages import StepMessage, WakeMessage, check_addressed
@@ -23,9 +24,9 @@ from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.executor import StepExecutor, StepResult, StepSucceeded
 from worker.plan import Planner, Transition, instance_error
 from worker.replay.cache import ReplayCache, committed_history
-from worker.replay.engine import Outcome, Replay, step_failed_error
+from worker.replay.engine import Outcome, Replay
 from worker.retry import DEFAULT_RETRY_POLICY
-from worker.step_info import StepInfo
+from worker.step_info import RunningStep
 from worker.waits import report_settled
 from worker.workflow import Workflow
 
@@ -242,7 +243,7 @@ class StepRunner:
             if (outcome is not None and outcome.kind == "diverged") or call is None:
                 error = outcome.error if outcome is not None else None
                 return Committed(await self._commit_error(history, error or missing_step(history, key)))
-            info = StepInfo(history.instance_id, workflow.name, key[0], key[1], message.attempt)
+            info = RunningStep(history.instance_id, workflow.name, key[0], key[1], message.attempt)
             with self._planner.hooks.step_attempt(
                 workflow.name,
                 history.instance_id,
@@ -372,7 +373,7 @@ class StepRunner:
             await queries.update_instance(conn, instance_id, status=_status_after_retry(history))
             return []
         await self._record(conn, instance_id, key, attempt, result, StepStatus.FAILED)
-        outcome = replay.fail(key, step_failed_error(key, attempt, result.error))
+        outcome = replay.fail(key, step_failure(format_key(key), attempt, result.error))
         return await self._planner.apply(conn, history, replay, outcome)
 
     async def _record(

@@ -26,13 +26,14 @@ from typing import Any
 from shared.codec import JSON
 from shared.durations import Duration, parse_duration
 from shared.errors import BadPayloadError, EventTimeoutError, NonDeterminismError
+from shared.failures import failure_record
 from shared.history import History, StepKey, StepRecord, format_key
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.context import StepCall
 from worker.executor import StepAttemptFailed, StepExecutor, StepSucceeded
-from worker.replay.engine import Outcome, Replay, error_info, payload_problem
+from worker.replay.engine import Outcome, Replay, payload_problem
 from worker.retry import DEFAULT_RETRY_POLICY
-from worker.step_info import StepInfo
+from worker.step_info import RunningStep
 from worker.waits import child_failure
 from worker.workflow import Workflow
 
@@ -280,7 +281,7 @@ class WorkflowRun:
             return True
         if outcome.kind in ("raised", "diverged"):
             assert outcome.error is not None
-            self.status, self.error = "errored", error_info(outcome.error)
+            self.status, self.error = "errored", failure_record(outcome.error)
             return True
         self.status = "running"
         return False
@@ -289,7 +290,9 @@ class WorkflowRun:
         stub = self._env.stubs.get(record.name)
         if stub is not None:
             call = replace(call, fn=stub)
-        info = StepInfo(self.instance_id, self.workflow.name, record.name, record.occurrence, record.attempt)
+        info = RunningStep(
+            self.instance_id, self.workflow.name, record.name, record.occurrence, record.attempt
+        )
         self.runs[record.name] += 1
         result = await self._env.executor.run(call, info)
         if isinstance(result, StepSucceeded):
@@ -317,7 +320,7 @@ class WorkflowRun:
             error = EventTimeoutError(
                 format_key(key), str((record.detail or {}).get("event_type")), timeout_s
             )
-            self._settle(key, StepStatus.FAILED, error={**error_info(error), "timeout_s": timeout_s})
+            self._settle(key, StepStatus.FAILED, error=failure_record(error))
 
     def _settle(self, key: StepKey, status: StepStatus, *, result: JSON = None, error: JSON = None) -> None:
         self._records[key] = replace(self._records[key], status=status, result=result, error=error)

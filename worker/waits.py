@@ -10,12 +10,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from shared.codec import JSON
 from shared.db import queries, timer_queries
 from shared.db.queries import OutboxRow
-from shared.errors import BadPayloadError, EventTimeoutError
+from shared.errors import BadPayloadError, ChildWorkflowError, EventTimeoutError
+from shared.failures import describe, failure_record, step_failure
 from shared.history import History, StepKey, StepRecord, format_key
 from shared.messages import EventMessage
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.plan import Message, Planner
-from worker.replay.engine import Replay, error_info, payload_problem, step_failed_error
+from worker.replay.engine import Replay, payload_problem
 from worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -37,7 +38,7 @@ async def settle_wake(
         report_settled(planner, history, record, "timed_out")
         timeout_s = _timeout_of(record)
         error = EventTimeoutError(format_key(key), str((record.detail or {}).get("event_type")), timeout_s)
-        stored = {**error_info(error), "timeout_s": timeout_s}
+        stored = failure_record(error)
         await queries.settle_step(conn, history.instance_id, key, status=StepStatus.FAILED, error=stored)
         return await _run_on(conn, planner, workflow, history, key, error=error)
     if record.kind == StepKind.CHILD:
@@ -67,18 +68,15 @@ async def _settle_child(
         return await _run_on(conn, planner, workflow, history, key, result=child.output)
     error = child_failure(child.workflow, child.id, str(child.status), child.error)
     await queries.settle_step(conn, history.instance_id, key, status=StepStatus.FAILED, error=error)
-    return await _run_on(conn, planner, workflow, history, key, error=step_failed_error(key, 1, error))
+    failure = step_failure(format_key(key), 1, error)
+    return await _run_on(conn, planner, workflow, history, key, error=failure)
 
 
 def child_failure(workflow: str, child_id: str, status: str, cause: JSON) -> dict[str, Any]:
     """The error a parent's child entry records when the child ends without completing."""
-    reason = "no error recorded"
-    if isinstance(cause, dict) and cause:
-        reason = f"{cause.get('type')}: {cause.get('message')}"
-    return {
-        "type": "ChildWorkflowError",
-        "message": f"child workflow {workflow!r} ({child_id!r}) {status}: {reason}",
-    }
+    return failure_record(
+        ChildWorkflowError(workflow, child_id, status, describe(cause if isinstance(cause, dict) else None))
+    )
 
 
 async def deliver_event(

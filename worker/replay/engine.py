@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import traceback
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from shared.codec import JSON
-from shared.errors import EventTimeoutError, NonDeterminismError, StepFailedError, SteplineError
+from shared.errors import EventTimeoutError, NonDeterminismError, SteplineError
+from shared.failures import failure_error, step_failure
 from shared.history import History, StepKey, StepRecord, format_key
 from shared.states import StepKind, StepStatus
 from worker.context import Context, StepCall
@@ -58,35 +58,13 @@ def describe(kind: StepKind, key: StepKey) -> str:
     return f"{kind} {format_key(key)!r}"
 
 
-def error_info(error: BaseException, *, step: str | None = None) -> dict[str, Any]:
-    """An exception as stored JSON: type, message, traceback (and the step, if any)."""
-    info: dict[str, Any] = {
-        "type": type(error).__name__,
-        "message": str(error),
-        "traceback": "".join(traceback.format_exception(error)),
-    }
-    if step is not None:
-        info["step"] = step
-    return info
-
-
-def step_failed_error(key: StepKey, attempts: int, error: JSON) -> StepFailedError:
-    """The exception a workflow sees for a step that failed for good."""
-    error = error or {}
-    return StepFailedError(
-        format_key(key), attempts, str(error.get("type", "Error")), str(error.get("message", ""))
-    )
-
-
 def failure_of(record: StepRecord) -> BaseException:
-    """What a settled-as-failed entry raises in the workflow."""
-    error = record.error or {}
-    if record.kind == StepKind.EVENT and error.get("type") == "EventTimeoutError":
-        detail = record.detail or {}
-        return EventTimeoutError(
-            format_key(record.key), str(detail.get("event_type", "")), float(error.get("timeout_s", 0))
-        )
-    return step_failed_error(record.key, record.attempt, record.error)
+    """What a settled-as-failed entry raises in the workflow: an event time-out, or a failed step."""
+    if record.kind == StepKind.EVENT:
+        rebuilt = failure_error(record.error or {})
+        if isinstance(rebuilt, EventTimeoutError):
+            return rebuilt
+    return step_failure(format_key(record.key), record.attempt, record.error)
 
 
 def _utc_now() -> datetime:
