@@ -3,6 +3,6 @@
 It measures the engine on the local PostgreSQL and RabbitMQ, in a database and
 a vhost of its own that it creates and drops, against two references measured
 in the same run: the naive step loop (``benchmarks.naive``) and the raw rate of
-its transaction. See the "Benchmarks" section of the README for what each
+its transaction. See docs/benchmarks.md for what each
 figure means.
 """
