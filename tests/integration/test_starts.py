@@ -25,7 +25,7 @@ SEQUENCE_EFFECTS = {"add": 1, "describe": 1}
 async def test_duplicate_starts_make_one_instance_and_run_each_step_once(
     fleet: Fleet, settings: Settings, producer: Producer, client: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     first = await producer.start("sequence", {"a": 1, "b": 2}, instance_id="order-1")
     second = await producer.start("sequence", {"a": 100, "b": 200}, instance_id="order-1")
     assert first == second == "order-1"
@@ -70,7 +70,7 @@ async def test_bad_params_for_a_workflow_object_raise_before_publishing(
     # No worker runs yet, so anything published would still be waiting here.
     assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 0
 
-    fleet.start_worker()
+    await fleet.start_worker()
     await producer.start(test_workflows.sequence, {"a": 1, "b": 1}, instance_id="good")
     assert (await client.wait("good", timeout=30)).status == "complete"
     assert await db.instance_ids(settings.database) == ["good"]
@@ -117,7 +117,7 @@ async def test_empty_instance_id_is_refused(settings: Settings, producer: Produc
 async def test_unusual_instance_ids_are_stored_verbatim_and_complete(
     fleet: Fleet, settings: Settings, producer: Producer, client: Client, instance_id: str
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     started = await producer.start("sequence", {"a": 2, "b": 2}, instance_id=instance_id)
     assert started == instance_id
 
@@ -133,7 +133,7 @@ async def test_unusual_instance_ids_are_stored_verbatim_and_complete(
 async def test_start_batch_returns_ids_in_order_and_all_complete(
     fleet: Fleet, producer: Producer, client: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     params = [{"a": n, "b": 1} for n in range(8)]
 
     generated = await producer.start_batch("sequence", params)
@@ -168,7 +168,7 @@ async def test_start_published_while_no_worker_runs_waits_and_completes(
     assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 1
     assert await client.get(instance_id) is None
 
-    fleet.start_worker()
+    await fleet.start_worker()
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete", info.error
     assert info.output == {"total": 7, "product": 70, "text": "result=70"}
@@ -211,7 +211,7 @@ async def test_start_under_a_span_stores_its_trace_context(
 ) -> None:
     provider = TracerProvider()
     tracer = provider.get_tracer("tests.integration.test_starts")
-    fleet.start_worker()
+    await fleet.start_worker()
     try:
         with tracer.start_as_current_span("place-order") as span:
             instance_id = await producer.start("sequence", {"a": 1, "b": 1})
@@ -236,7 +236,7 @@ async def test_a_10_kb_instance_id_is_refused_by_the_producer_and_dead_lettered_
     ten_kb = "é" * 5000
     with pytest.raises(BadPayloadError, match="instance_id"):
         await producer.start("sequence", {"a": 1, "b": 2}, instance_id=ten_kb)
-    fleet.start_worker()
+    await fleet.start_worker()
     await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
     body = json.dumps(
         {"v": 1, "kind": "start", "workflow": "sequence", "instance_id": ten_kb, "params": {"a": 1, "b": 2}}
