@@ -49,6 +49,8 @@ WORKER_CONCURRENCY = 8
 MIN_FLAKY_ORDERS = 4
 """At least this many orders are picked so that their first charge attempt fails."""
 DEADLINE_S = 120.0
+READY_DEADLINE_S = 60.0
+"""How long the fleet's workers may take to start consuming."""
 POLL_INTERVAL_S = 0.25
 STOP_GRACE_S = 20.0
 LOG_TAIL_LINES = 15
@@ -231,10 +233,41 @@ def print_log_tails(console: Console, services: Sequence[Service]) -> None:
 # ---------------------------------------------------------------- publishing and tracking
 
 
-async def publish_orders(settings: Settings, orders: Sequence[Order], instance_ids: Sequence[str]) -> None:
+async def publish_orders(
+    console: Console,
+    settings: Settings,
+    orders: Sequence[Order],
+    instance_ids: Sequence[str],
+    fleet_alive: Callable[[], bool],
+) -> None:
     """Publish one start event per order (params validated against the workflow first)."""
     async with Producer.from_settings(settings) as producer:
+        await until_served(producer, fleet_alive)
+        console.print(f"a worker serves [bold]{order_fulfilment.name}[/bold]")
         await producer.start_batch(order_fulfilment, orders, instance_ids=instance_ids)
+
+
+async def until_served(producer: Producer, fleet_alive: Callable[[], bool]) -> None:
+    """Wait until a worker of the fleet serves ``order-fulfilment``.
+
+    The run's namespace is new, and a producer refuses to start a workflow that
+    no worker serving it has registered there (a mistyped name would otherwise
+    wait forever). A worker registers it by declaring its queue as it starts
+    consuming; where the broker can tell (RabbitMQ), wait until it consumes too.
+
+    Raises:
+        RuntimeError: the fleet exited, or no worker was ready within ``READY_DEADLINE_S``.
+    """
+    deadline = time.monotonic() + READY_DEADLINE_S
+    while True:
+        queue = await producer.workflow_queue(order_fulfilment.name)
+        if queue is not None and queue.consumers != 0:
+            return
+        if not fleet_alive():
+            raise RuntimeError("the fleet exited before a worker was ready")
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"no worker served {order_fulfilment.name!r} within {READY_DEADLINE_S:g} s")
+        await asyncio.sleep(POLL_INTERVAL_S)
 
 
 def describe_statuses(infos: dict[str, InstanceInfo | None]) -> str:
@@ -286,7 +319,7 @@ async def run_orders(
     fleet_alive: Callable[[], bool],
 ) -> dict[str, InstanceInfo | None]:
     """Publish the orders, then follow them to the end; returns each instance as last seen."""
-    await publish_orders(settings, orders, instance_ids)
+    await publish_orders(console, settings, orders, instance_ids, fleet_alive)
     console.print(f"published {len(orders)} start events of [bold]{order_fulfilment.name}[/bold]")
     async with Client(settings.database) as client:
         return await track(console, client, instance_ids, DEADLINE_S, fleet_alive)

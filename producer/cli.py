@@ -21,6 +21,7 @@ from producer.client import Client
 from producer.fleet import Fleet, run_fleet
 from producer.models import AttemptInfo, EventInfo, InstanceInfo
 from producer.producer import Producer
+from shared.broker import WorkflowQueue
 from shared.db import migrate
 from shared.db.engine import mask_url
 from shared.durations import parse_duration
@@ -81,20 +82,41 @@ def main() -> None:
 @click.argument("workflow")
 @click.option("--params", default="null", help='Params as JSON, e.g. \'{"sku": "A1"}\'.')
 @click.option("--id", "instance_id", default=None, help="Instance id (default: a new UUID).")
+@click.option(
+    "--allow-unregistered",
+    is_flag=True,
+    help="Queue the start even if no worker serving WORKFLOW has run yet; it waits until one runs.",
+)
 @JSON_OPTION
-def start(workflow: str, params: str, instance_id: str | None, as_json: bool) -> None:
-    """Publish a start event for WORKFLOW; prints the instance id. Needs STEPLINE_AMQP_URL."""
+def start(
+    workflow: str, params: str, instance_id: str | None, allow_unregistered: bool, as_json: bool
+) -> None:
+    """Publish a start event for WORKFLOW; prints the instance id. Needs STEPLINE_AMQP_URL.
+
+    WORKFLOW must be served by a worker that has run in the namespace, unless
+    --allow-unregistered is given: a mistyped name fails instead of waiting forever.
+    """
     try:
         parsed = json.loads(params)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--params") from None
     settings = _settings("amqp_url")
 
-    async def body() -> str:
+    async def body() -> tuple[str, WorkflowQueue | None]:
         async with Producer.from_settings(settings) as producer:
-            return await producer.start(workflow, parsed, instance_id=instance_id)
+            started = await producer.start(
+                workflow, parsed, instance_id=instance_id, allow_unregistered=allow_unregistered
+            )
+            return started, await producer.workflow_queue(workflow)
 
-    started = _run(body())
+    started, queue = _run(body())
+    if queue is not None and queue.consumers == 0:
+        # Not an error (a start published while no worker runs waits for one), but worth a word:
+        # nothing will happen until a worker serving the workflow runs.
+        click.echo(
+            f"note: no worker serving {workflow!r} runs now; the start waits in its queue until one does",
+            err=True,
+        )
     if as_json:
         _print_json({"instance_id": started, "workflow": workflow})
     else:
@@ -112,7 +134,7 @@ def status(instance_id: str, as_json: bool) -> None:
     settings = _settings("database_url")
     info = _with_client(settings, lambda client: client.get(instance_id))
     if info is None:
-        raise click.ClickException(f"no instance with id {instance_id!r}")
+        raise _not_yet_an_instance(instance_id)
     trace_id, trace_url = _trace_link(info, settings)
     if as_json:
         _print_json({**info.model_dump(mode="json"), "trace_id": trace_id, "trace_url": trace_url})
@@ -126,6 +148,18 @@ def status(instance_id: str, as_json: bool) -> None:
     if info.error:
         console.print(f"[red]error: {info.error.get('type')}: {info.error.get('message')}[/red]")
     console.print(_steps_table(info))
+
+
+def _not_yet_an_instance(instance_id: str) -> click.ClickException:
+    """The error for an id with no instance: its start may still wait for a worker.
+
+    The database cannot tell which workflow an unknown id was started for, so
+    the message covers both a wrong id and a start still queued.
+    """
+    return click.ClickException(
+        f"no instance has id {instance_id!r} yet; if a start with this id was published, "
+        "it is still queued until a worker serving its workflow takes it"
+    )
 
 
 @main.command(name="list")
@@ -267,7 +301,7 @@ def history(instance_id: str, as_json: bool) -> None:
     settings = _settings("database_url")
     info, attempts, events, values = _with_client(settings, use)
     if info is None:
-        raise click.ClickException(f"no instance with id {instance_id!r}")
+        raise _not_yet_an_instance(instance_id)
     trace_id, trace_url = _trace_link(info, settings)
     if as_json:
         _print_json(

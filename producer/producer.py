@@ -10,9 +10,9 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from shared import codec
-from shared.broker import Broker, create_broker
+from shared.broker import Broker, WorkflowQueue, create_broker
 from shared.codec import JSON
-from shared.errors import BadPayloadError, InvalidParamsError
+from shared.errors import BadPayloadError, InvalidParamsError, UnregisteredWorkflowError
 from shared.hooks import Hooks
 from shared.messages import StartMessage, check_workflow_name, encode_message, format_validation_error
 from shared.settings import BrokerSettings, Settings
@@ -32,9 +32,14 @@ class Producer:
     """Publishes start events to RabbitMQ with publisher confirms.
 
     Use as ``async with Producer(amqp_url) as p: await p.start("order-fulfilment", params)``.
-    It declares the durable topology it publishes into, so a start published
-    while no worker runs waits in its queue; a publish the broker cannot route
-    raises ``UnroutableError``.
+
+    A start is published only for a registered workflow: one whose queue exists
+    because a worker serving it has run in the namespace. Such a start waits in
+    its queue while no worker runs. A start for any other name raises
+    ``UnregisteredWorkflowError`` and publishes nothing, so a mistyped name
+    fails at once instead of waiting forever; ``allow_unregistered=True``
+    declares the queue and queues the start until a worker serving it runs.
+    A publish the broker cannot route raises ``UnroutableError``.
     """
 
     def __init__(
@@ -48,7 +53,11 @@ class Producer:
     ) -> None:
         # The queue type must match the workers': whoever declares a queue first fixes it.
         self._broker: Broker = create_broker(amqp_url, namespace, broker)
+        self._namespace = namespace
         self._limit = max_payload_bytes
+        # Workflows seen registered on this connection: a queue is not deleted in normal
+        # operation, so one look per workflow is enough (and a batch costs one round trip).
+        self._registered: set[str] = set()
         # The service's own OpenTelemetry setup, if any, is where these spans go.
         self._hooks = hooks or Telemetry()
 
@@ -71,21 +80,36 @@ class Producer:
         await self._broker.close()
 
     async def start(
-        self, workflow: str | WorkflowRef, params: object = None, *, instance_id: str | None = None
+        self,
+        workflow: str | WorkflowRef,
+        params: object = None,
+        *,
+        instance_id: str | None = None,
+        allow_unregistered: bool = False,
     ) -> str:
         """Publish a start event; returns the instance id (a new UUID unless given).
 
         Starting an id that exists creates nothing new. Given the workflow
         object rather than its name, params are validated before publishing.
 
+        Args:
+            workflow: the workflow's name, or the workflow object.
+            params: the workflow's params (JSON-serialisable, or a pydantic model).
+            instance_id: the instance's id; a new UUID if None.
+            allow_unregistered: publish even if no worker serving the workflow has
+                run in the namespace: the start waits in the queue this declares
+                until one runs (a deploy that starts producers before workers).
+
         Raises:
+            UnregisteredWorkflowError: the workflow is not registered (a mistyped
+                name, or no worker serving it ever ran); nothing was published.
             InvalidParamsError: params are not JSON or not valid for the workflow.
             PayloadTooLargeError: the event is over the payload limit.
             UnroutableError, BrokerError: the broker did not take the event.
         """
         message = self._start_message(workflow, params, instance_id)
         body = encode_message(message, limit=self._limit)
-        await self._broker.ensure_workflow_queue(message.workflow)
+        await self._check_registered(message.workflow, allow_unregistered=allow_unregistered)
         with self._hooks.publish(message.workflow, message.routing_key, message.instance_id) as headers:
             await self._broker.publish(message.routing_key, body, headers)
         return message.instance_id
@@ -96,29 +120,53 @@ class Producer:
         params: Iterable[object],
         *,
         instance_ids: Sequence[str] | None = None,
+        allow_unregistered: bool = False,
     ) -> list[str]:
-        """Publish many start events at once (confirms awaited together); returns their ids."""
+        """Publish many start events at once (confirms awaited together); returns their ids.
+
+        The workflow must be registered, as for ``start``; if it is not, nothing is published.
+        """
         items = list(params)
         if instance_ids is not None and len(instance_ids) != len(items):
             raise ValueError(f"{len(items)} params but {len(instance_ids)} instance ids")
         ids = list(instance_ids) if instance_ids is not None else [None] * len(items)
+        name = workflow if isinstance(workflow, str) else workflow.name
+        if items:
+            # Once, before the starts run at once: each then finds the workflow checked.
+            _check_name(name)
+            await self._check_registered(name, allow_unregistered=allow_unregistered)
         return list(
             await asyncio.gather(
                 *(
-                    self.start(workflow, item, instance_id=given)
+                    self.start(workflow, item, instance_id=given, allow_unregistered=allow_unregistered)
                     for item, given in zip(items, ids, strict=True)
                 )
             )
         )
 
+    async def workflow_queue(self, workflow: str) -> WorkflowQueue | None:
+        """How the broker sees the workflow's queue now; None if the workflow is not registered.
+
+        ``consumers`` tells whether a worker serving it runs now (None where the
+        broker cannot tell); a start published while none runs waits in the queue.
+        """
+        return await self._broker.workflow_queue(workflow)
+
+    async def _check_registered(self, workflow: str, *, allow_unregistered: bool) -> None:
+        """Raise unless a worker serving ``workflow`` has run here; declare its queue if allowed."""
+        if workflow in self._registered:
+            return
+        if allow_unregistered:
+            await self._broker.ensure_workflow_queue(workflow)
+        elif await self._broker.workflow_queue(workflow) is None:
+            raise UnregisteredWorkflowError(workflow, self._namespace)
+        self._registered.add(workflow)
+
     def _start_message(
         self, workflow: str | WorkflowRef, params: object, instance_id: str | None
     ) -> StartMessage:
         name = workflow if isinstance(workflow, str) else workflow.name
-        try:
-            check_workflow_name(name)
-        except ValueError as exc:
-            raise BadPayloadError(str(exc)) from None
+        _check_name(name)
         if isinstance(workflow, str):
             try:
                 raw = codec.to_jsonable(params)
@@ -131,3 +179,11 @@ class Producer:
             return StartMessage(workflow=name, instance_id=given, params=raw)
         except ValidationError as exc:
             raise BadPayloadError(f"invalid start event: {format_validation_error(exc)}") from None
+
+
+def _check_name(workflow: str) -> None:
+    """Raise ``BadPayloadError`` for a name no workflow may have (before asking the broker about it)."""
+    try:
+        check_workflow_name(workflow)
+    except ValueError as exc:
+        raise BadPayloadError(str(exc)) from None

@@ -79,6 +79,25 @@ class UnroutableError(BrokerError):
         self.routing_key = routing_key
 
 
+class UnregisteredWorkflowError(SteplineError):
+    """A start names a workflow that no worker serves in the namespace: nothing was published.
+
+    A workflow is registered once a worker serving it has run in the namespace
+    (it declares the workflow's queue). A mistyped name fails here instead of
+    queueing a start that nothing would ever consume.
+    """
+
+    def __init__(self, workflow: str, namespace: str) -> None:
+        super().__init__(
+            f"workflow {workflow!r} is not registered in namespace {namespace!r} "
+            "(no worker serving it has run there); nothing was published. Check the name, "
+            "or pass allow_unregistered=True (stepline start --allow-unregistered) "
+            "to queue the start until a worker serving it runs"
+        )
+        self.workflow = workflow
+        self.namespace = namespace
+
+
 class NonDeterminismError(SteplineError):
     """A replay asked for different steps than the stored history holds."""
 

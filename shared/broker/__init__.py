@@ -1,6 +1,6 @@
 """Broker wiring: the seam (``Broker``, ``Delivery``), RabbitMQ, and the embedded mode's SQLite queue."""
 
-from shared.broker.base import Broker, Delivery, Handler, Publisher
+from shared.broker.base import Broker, Delivery, Handler, Publisher, WorkflowQueue
 from shared.broker.connection import AmqpBroker, mask_amqp_url
 from shared.broker.embedded import EmbeddedBroker
 from shared.broker.factory import create_broker
@@ -12,6 +12,7 @@ __all__ = [
     "EmbeddedBroker",
     "Handler",
     "Publisher",
+    "WorkflowQueue",
     "create_broker",
     "mask_amqp_url",
 ]

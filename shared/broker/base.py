@@ -30,6 +30,22 @@ class Delivery:
 Handler = Callable[[Delivery], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class WorkflowQueue:
+    """A workflow's queue as the broker sees it now.
+
+    Attributes:
+        name: the queue's name.
+        messages: messages ready in it (not delivered, or given back).
+        consumers: consumers attached to it now, or None where the broker cannot
+            tell (the embedded broker, when another process consumes the file).
+    """
+
+    name: str
+    messages: int
+    consumers: int | None
+
+
 class Publisher(Protocol):
     """What the outbox relay needs from a broker: a confirmed, routed publish."""
 
@@ -57,6 +73,13 @@ class Broker(Publisher, Protocol):
 
     async def ensure_workflow_queue(self, workflow: str) -> None:
         """Make sure messages for ``workflow`` have a durable queue to wait in."""
+
+    async def workflow_queue(self, workflow: str) -> WorkflowQueue | None:
+        """The workflow's queue, or None if it has none: no worker serving it ever ran here.
+
+        Only looks: it never creates the queue (a worker declares it when it
+        starts consuming, so an existing queue means the workflow is registered).
+        """
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Keep a message that cannot be processed, with its reason, for inspection."""

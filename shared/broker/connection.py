@@ -17,8 +17,9 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.channel import Channel
 
-from shared.broker.base import Delivery, Handler
+from shared.broker.base import Delivery, Handler, WorkflowQueue
 from shared.errors import BrokerError, UnroutableError
 from shared.settings import BrokerSettings
 from shared.topology import (
@@ -160,6 +161,32 @@ class AmqpBroker:
         async with self._declare_lock:
             if workflow not in self._declared_workflows:
                 await self.declare_workflow_queue(workflow)
+
+    async def workflow_queue(self, workflow: str) -> WorkflowQueue | None:
+        """The workflow's queue with its ready messages and consumers, or None if it does not exist.
+
+        A passive declare on a short-lived channel of its own: for a missing queue
+        the broker closes the channel (404), which must not be the publish channel,
+        nor a robust one (aio-pika would reopen it, even after our close).
+        """
+        if self._connection is None:
+            raise BrokerError("the broker is not connected")
+        name = workflow_queue_name(self.namespace, workflow)
+        channel = Channel(self._connection, publisher_confirms=False)
+        try:
+            await channel.initialize(timeout=PUBLISH_TIMEOUT_S)
+            try:
+                declared = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
+            finally:
+                await channel.close()
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        except _AMQP_FAILURES_OR_TIMEOUT as exc:
+            raise BrokerError(f"cannot look up queue {name!r}: {exc!r}") from exc
+        result = declared.declaration_result
+        return WorkflowQueue(
+            name=name, messages=int(result.message_count or 0), consumers=int(result.consumer_count or 0)
+        )
 
     async def publish(self, routing_key: str, body: bytes, headers: Mapping[str, str] | None) -> None:
         """Publish a persistent message with a confirm; raise if it was not routed or not taken."""

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.broker.base import Delivery, Handler
+from shared.broker.base import Delivery, Handler, WorkflowQueue
 from shared.broker.connection import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
 from shared.broker.embedded_store import ConsumerLock, Message, Store
 from shared.errors import BrokerError, UnroutableError
@@ -236,6 +236,16 @@ class _Hub:
         queue, count = found
         unacked = sum(1 for held in self._held.values() if held.message.queue == queue)
         return queue, max(count - unacked, 0)
+
+    def consumers_of(self, queue: str) -> int | None:
+        """Active consumers of ``queue`` in this process; None if another process may consume the file.
+
+        Only the process holding the consumer lock knows who consumes; any other
+        one (a CLI publishing a start) cannot tell, short of taking the lock.
+        """
+        if self._consumer_lock is None:
+            return None
+        return sum(1 for consumer in self._consumers if consumer.active and queue in consumer.queues)
 
     # -- consuming ----------------------------------------------------------
 
@@ -541,6 +551,18 @@ class EmbeddedBroker:
             # A start (a child's, say) must find a queue even if no worker of its workflow ever ran.
             await self.ensure_workflow_queue(workflow)
         await hub.publish(self.namespace, routing_key, body, headers)
+
+    async def workflow_queue(self, workflow: str) -> WorkflowQueue | None:
+        """The workflow's declared queue with its ready messages, or None if none is declared.
+
+        Its consumers are known only in the process that consumes the file.
+        """
+        hub = self._connected
+        found = await hub.depth(self.namespace, workflow)
+        if found is None:
+            return None
+        queue, depth = found
+        return WorkflowQueue(name=queue, messages=depth, consumers=hub.consumers_of(queue))
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Keep a message with its reason (cut to 4000 characters); committed when this returns."""

@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from producer import Client, Producer
-from shared.errors import BrokerError, InstanceNotFoundError, SteplineError, StorageError
+from shared.errors import (
+    BrokerError,
+    InstanceNotFoundError,
+    SteplineError,
+    StorageError,
+    UnregisteredWorkflowError,
+)
 from shared.settings import Settings
 from tests.chaos.workflow import STEPS_PER_INSTANCE, expected_output
 from tests.support import db
@@ -130,6 +136,8 @@ class Chaos:
     async def publish(self, count: int, spread_s: float) -> None:
         """Start ``count`` instances evenly over ``spread_s`` seconds, whatever the broker does."""
         async with Producer(self.settings.amqp, namespace=self.settings.namespace) as producer:
+            # The namespace is new: a start is refused until a worker registered the workflow.
+            await _retry(_registered, producer, "chaos", self.settings.namespace)
             for n in range(count):
                 instance_id = f"{self.prefix}-{n}"
                 self.instance_ids.append(instance_id)
@@ -276,6 +284,12 @@ async def _retry(action: Callable[..., Awaitable[object]], *args: Any, **kwargs:
         except (BrokerError, StorageError, OSError, SteplineError):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 3.0)
+
+
+async def _registered(producer: Producer, workflow: str, namespace: str) -> None:
+    """Raise until a worker serving ``workflow`` declared its queue (ran in the namespace)."""
+    if await producer.workflow_queue(workflow) is None:
+        raise UnregisteredWorkflowError(workflow, namespace)
 
 
 def _wait_for(check: list[str], what: str, timeout_s: float = 120) -> None:

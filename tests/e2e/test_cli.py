@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 
@@ -11,7 +11,8 @@ from producer import Client
 from shared.db import migrate
 from shared.settings import Settings
 from tests.support import cli, services
-from tests.support.fleet import ProcessFleet, process_env
+from tests.support.amqp import connected_broker, dead_letter_count, ready_messages
+from tests.support.fleet import ProcessFleet, process_env, until_consuming
 
 pytestmark = pytest.mark.e2e
 
@@ -52,10 +53,14 @@ async def test_db_upgrade_of_the_test_database_is_a_no_op(env: dict[str, str]) -
 
 
 async def test_start_run_and_inspect_an_instance(
-    env: dict[str, str], process_fleet: ProcessFleet, client: Client
+    env: dict[str, str],
+    process_fleet: ProcessFleet,
+    client: Client,
+    settings: Settings,
+    workflows: Mapping[str, object],
 ) -> None:
-    # Started first, so that its start-up overlaps the command's.
     process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w-cli")
+    await until_consuming(settings, workflows)  # a start names a workflow a worker serves
     started = await cli.run(
         env, "stepline", "start", "sequence", "--params", '{"a":1,"b":2}', "--id", "cli-1", "--json"
     )
@@ -95,9 +100,48 @@ async def test_status_of_an_unknown_id_fails_naming_it(env: dict[str, str]) -> N
         cli.run(env, "stepline", "status", "nope"), cli.run(env, "stepline", "history", "nope", "--json")
     )
     assert result.returncode != 0
-    assert "no instance with id 'nope'" in result.output
+    assert "no instance has id 'nope' yet" in result.output
     assert history.returncode != 0
-    assert "no instance with id 'nope'" in history.output
+    assert "no instance has id 'nope' yet" in history.output
+
+
+@pytest.mark.both_backends
+async def test_a_start_no_worker_serves_is_refused_unless_allowed_and_status_says_it_may_be_queued(
+    env: dict[str, str], settings: Settings, backend: str
+) -> None:
+    refused = await cli.run(env, "stepline", "start", "no-such", "--params", "{}", "--id", "typo")
+
+    assert refused.returncode == 1, refused
+    assert refused.stdout == ""
+    assert refused.stderr.strip() == (
+        f"Error: workflow 'no-such' is not registered in namespace {settings.namespace!r} "
+        "(no worker serving it has run there); nothing was published. Check the name, "
+        "or pass allow_unregistered=True (stepline start --allow-unregistered) "
+        "to queue the start until a worker serving it runs"
+    )
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
+        assert await broker.workflow_queue("no-such") is None
+    assert await dead_letter_count(settings.amqp, settings.namespace) == 0
+
+    queued = await cli.run(
+        env, "stepline", "start", "no-such", "--params", "{}", "--id", "later", "--allow-unregistered"
+    )
+
+    assert queued.returncode == 0, queued
+    assert queued.stdout.strip() == "later"
+    if backend == "postgres":  # another process cannot count the embedded file's consumers: no note
+        assert queued.stderr.strip() == (
+            "note: no worker serving 'no-such' runs now; the start waits in its queue until one does"
+        )
+    assert await ready_messages(settings.amqp, settings.namespace, "no-such") == 1
+
+    status = await cli.run(env, "stepline", "status", "later")
+
+    assert status.returncode == 1, status
+    assert status.stderr.strip() == (
+        "Error: no instance has id 'later' yet; if a start with this id was published, "
+        "it is still queued until a worker serving its workflow takes it"
+    )
 
 
 async def test_start_with_params_that_are_not_json_is_a_usage_error(env: dict[str, str]) -> None:

@@ -26,7 +26,7 @@ async def _status(client: Client, instance_id: str) -> str | None:
 async def test_an_operator_drives_an_instance_from_the_command_line(
     env: dict[str, str], fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("approval", {}, instance_id="order-42")
     await eventually(lambda: _status(client, instance_id), check=lambda s: s == "waiting", what="the wait")
 
@@ -68,7 +68,7 @@ async def test_an_operator_drives_an_instance_from_the_command_line(
 async def test_list_pages_and_filters_and_prune_reports_what_it_deleted(
     env: dict[str, str], fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     ids = [await producer.start("sequence", {"a": n, "b": n}, instance_id=f"seq-{n}") for n in range(5)]
     for instance_id in ids:
         await client.wait(instance_id, timeout=30)

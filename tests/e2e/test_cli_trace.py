@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import pytest
@@ -13,7 +13,7 @@ from producer.cli import trace_id_of
 from shared.hooks import NoHooks
 from shared.settings import Settings
 from tests.support import cli
-from tests.support.fleet import ProcessFleet, process_env
+from tests.support.fleet import ProcessFleet, process_env, until_consuming
 
 pytestmark = pytest.mark.e2e
 
@@ -62,10 +62,15 @@ def test_trace_id_of_reads_w3c_traceparents(traceparent: str | None, expected: s
 
 
 async def test_history_and_status_show_the_trace_id_and_link_it_in_jaeger(
-    env: dict[str, str], process_fleet: ProcessFleet, client: Client, settings: Settings
+    env: dict[str, str],
+    process_fleet: ProcessFleet,
+    client: Client,
+    settings: Settings,
+    workflows: Mapping[str, object],
 ) -> None:
     # The real command, not the in-process fleet: its telemetry hooks give every instance a trace.
     process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows")
+    await until_consuming(settings, workflows)
     jaeger_env = {**env, "STEPLINE_JAEGER_URL": JAEGER + "/"}  # the trailing slash is dropped
     async with Producer(settings.amqp, namespace=settings.namespace, hooks=_TracedPublish()) as producer:
         await producer.start("sequence", {"a": 1, "b": 2}, instance_id="traced")

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 
 from producer import Client, Producer
 from shared.settings import Settings
 from tests.support import db
-from tests.support.fleet import ProcessFleet
+from tests.support.fleet import ProcessFleet, until_consuming
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
 
 async def test_sigkill_during_a_step_loses_nothing_and_commits_once(
-    process_fleet: ProcessFleet, producer: Producer, client: Client, settings: Settings
+    process_fleet: ProcessFleet,
+    producer: Producer,
+    client: Client,
+    settings: Settings,
+    workflows: Mapping[str, object],
 ) -> None:
     process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w1")
+    await until_consuming(settings, workflows)
     instance_id = await producer.start("crash", None)
 
     async def blocking_runs() -> int:

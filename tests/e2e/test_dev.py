@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import pytest
 from shared.settings import Settings
 from tests.support import db
 from tests.support.cli import run
-from tests.support.fleet import BIN, ROOT, process_env, terminate
+from tests.support.fleet import BIN, ROOT, process_env, terminate, until_consuming
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.e2e
@@ -101,9 +101,10 @@ async def _status(env: dict[str, str], instance_id: str) -> str:
 
 
 async def test_dev_runs_workflows_that_survive_a_sigkill_and_serves_the_commands(
-    dev: Dev, env: dict[str, str], settings: Settings
+    dev: Dev, env: dict[str, str], settings: Settings, workflows: Mapping[str, object]
 ) -> None:
     first = dev.start()
+    await until_consuming(settings, workflows)
     # A sleep no slow machine can outlast before the crash; it is made due after the restart.
     started = await run(env, "stepline", "start", "sleeper", "--params", '{"duration": "1 hour"}', "--json")
     sleeper = started.json()["instance_id"]
@@ -143,10 +144,11 @@ async def test_dev_runs_workflows_that_survive_a_sigkill_and_serves_the_commands
 
 
 async def test_a_second_dev_on_the_same_state_is_refused_while_the_first_runs(
-    dev: Dev, env: dict[str, str]
+    dev: Dev, env: dict[str, str], settings: Settings, workflows: Mapping[str, object]
 ) -> None:
     dev.start()
     await eventually(lambda: _count_workers(dev), check=lambda n: n >= 1, what="the first worker")
+    await until_consuming(settings, workflows)
     ready = await run(
         env, "stepline", "start", "sequence", "--params", json.dumps({"a": 1, "b": 2}), "--json"
     )

@@ -6,14 +6,14 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from producer import Client, Producer
 from shared.settings import Settings
-from tests.support.fleet import BIN, ROOT, process_env, terminate
+from tests.support.fleet import BIN, ROOT, process_env, terminate, until_consuming
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.e2e
@@ -66,7 +66,11 @@ def fleet_process(settings: Settings, tmp_path: Path) -> Iterator[tuple[subproce
 
 
 async def test_the_fleet_runs_work_restarts_a_killed_worker_and_stops_cleanly(
-    fleet_process: tuple[subprocess.Popen[bytes], Path], producer: Producer, client: Client
+    fleet_process: tuple[subprocess.Popen[bytes], Path],
+    producer: Producer,
+    client: Client,
+    settings: Settings,
+    workflows: Mapping[str, object],
 ) -> None:
     process, output = fleet_process
 
@@ -75,6 +79,7 @@ async def test_the_fleet_runs_work_restarts_a_killed_worker_and_stops_cleanly(
 
     members = await eventually(started, check=lambda pids: len(pids) == 5, what="five members")
     assert set(members) == {"worker-1", "worker-2", "worker-3", "scheduler-1", "scheduler-2"}
+    await until_consuming(settings, workflows)
 
     first = await producer.start("sleeper", {"duration": "200ms"})
     assert (await client.wait(first, timeout=60)).status == "complete"

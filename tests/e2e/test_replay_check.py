@@ -24,7 +24,7 @@ async def _sequence_v2(ctx: Context, params: object) -> object:
 async def test_an_exported_history_replays_and_a_breaking_change_is_caught(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("sequence", {"a": 1, "b": 2})
     await client.wait(instance_id, timeout=30)
     exported = (await cli.run(process_env(settings), "stepline", "history", instance_id, "--json")).stdout

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Mapping
 
 import pytest
 
 from producer import Client, Producer
 from shared.settings import Settings
 from tests.support import db
-from tests.support.fleet import ProcessFleet
+from tests.support.fleet import ProcessFleet, until_consuming
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
 
 async def test_sigterm_lets_the_running_step_commit_then_exits_zero(
-    process_fleet: ProcessFleet, producer: Producer, client: Client, settings: Settings
+    process_fleet: ProcessFleet,
+    producer: Producer,
+    client: Client,
+    settings: Settings,
+    workflows: Mapping[str, object],
 ) -> None:
     worker = process_fleet.start(
         "w1", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w1"
     )
+    await until_consuming(settings, workflows)
     instance_id = await producer.start("slow-pair", None)
 
     async def slow_runs() -> int:

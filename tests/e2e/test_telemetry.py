@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -16,7 +16,7 @@ from shared.settings import Settings
 from shared.telemetry import Telemetry
 from shared.topology import dead_letter_queue_name
 from tests.support.amqp import raw_channel
-from tests.support.fleet import ProcessFleet
+from tests.support.fleet import ProcessFleet, until_consuming
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.polling import eventually
 
@@ -55,7 +55,11 @@ def _span_tree(spans: list[ReceivedSpan]) -> str:
 
 
 async def test_one_trace_per_instance_across_workers_and_the_scheduler(
-    process_fleet: ProcessFleet, receiver: OtlpReceiver, settings: Settings, client: Client
+    process_fleet: ProcessFleet,
+    receiver: OtlpReceiver,
+    settings: Settings,
+    client: Client,
+    workflows: Mapping[str, object],
 ) -> None:
     process_fleet.env.update(
         OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
@@ -68,6 +72,7 @@ async def test_one_trace_per_instance_across_workers_and_the_scheduler(
     process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w1")
     process_fleet.start("w2", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w2")
     process_fleet.start("scheduler", "stepline-scheduler")
+    await until_consuming(settings, workflows, at_least=2)
 
     # The service that starts the workflow has its own tracing, exporting to the same place.
     provider = TracerProvider(resource=Resource.create({"service.name": "shop"}))

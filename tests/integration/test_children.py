@@ -16,7 +16,7 @@ pytestmark = pytest.mark.both_backends
 async def test_a_child_workflow_returns_its_output_to_the_parent(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     parent_id = await producer.start("parent", {"a": 3, "b": 4})
     info = await control.wait(parent_id, timeout=30)
     assert info.status == "complete", info.error
@@ -33,7 +33,7 @@ async def test_a_child_workflow_returns_its_output_to_the_parent(
 async def test_a_failing_child_raises_in_the_parent(
     fleet: Fleet, producer: Producer, control: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     parent_id = await producer.start("parent-of-failure", None)
     info = await control.wait(parent_id, timeout=30)
     assert info.status == "complete"
@@ -46,7 +46,7 @@ async def test_a_failing_child_raises_in_the_parent(
 async def test_terminating_a_parent_terminates_its_children(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     parent_id = await producer.start("parent-of-sleeper", None)
     child_id = f"{parent_id}/nap"
@@ -63,7 +63,7 @@ async def test_terminating_a_parent_terminates_its_children(
 async def test_terminating_a_child_fails_the_parent_step(
     fleet: Fleet, producer: Producer, control: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     parent_id = await producer.start("parent-of-sleeper", None)
     child_id = f"{parent_id}/nap"

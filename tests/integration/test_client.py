@@ -19,7 +19,7 @@ async def test_get_of_an_unknown_id_is_none(client: Client) -> None:
 async def test_list_filters_by_workflow_and_status_newest_first(
     fleet: Fleet, producer: Producer, client: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     started: list[tuple[str, str, object]] = [
         ("seq-1", "sequence", {"a": 1, "b": 1}),
         ("refused", "non-retryable", None),
@@ -65,7 +65,7 @@ async def test_wait_for_an_id_that_never_starts_times_out(client: Client) -> Non
 async def test_wait_timeout_names_the_current_status(
     fleet: Fleet, producer: Producer, client: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("sleeper", {"duration": "1 hour"}, instance_id="napping")
     await eventually(
         lambda: client.get(instance_id),
@@ -80,7 +80,7 @@ async def test_wait_timeout_names_the_current_status(
 async def test_attempts_name_the_worker_and_the_outcome(
     fleet: Fleet, producer: Producer, client: Client
 ) -> None:
-    fleet.start_worker(worker_id="w-a")
+    await fleet.start_worker(worker_id="w-a")
     fleet.start_scheduler()  # fires the retry back-off of the flaky step
     await producer.start("sequence", {"a": 1, "b": 2}, instance_id="seq")
     await producer.start("flaky", {"fail_times": 1}, instance_id="flaky")

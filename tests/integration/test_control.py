@@ -24,7 +24,7 @@ pytestmark = pytest.mark.both_backends
 async def test_pause_lets_the_running_step_commit_and_starts_nothing_new_until_resume(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("slow-pair", None)
     await eventually(lambda: db.side_effects(settings.database, instance_id, "slow"), what="slow to start")
 
@@ -62,7 +62,7 @@ async def test_pause_lets_the_running_step_commit_and_starts_nothing_new_until_r
 async def test_a_retry_due_while_paused_runs_after_resume(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     # The retry waits long enough for the pause to land before it is due, however slow the machine.
     instance_id = await producer.start("flaky", {"fail_times": 1, "limit": 3, "delay": "2s"})
@@ -95,7 +95,7 @@ async def test_terminate_during_a_sleep_disarms_the_timer_and_nothing_runs_after
     one_at_a_time = settings.model_copy(
         update={"worker": settings.worker.model_copy(update={"concurrency": 1, "prefetch": 1})}
     )
-    fleet.start_worker(settings=one_at_a_time)
+    await fleet.start_worker(settings=one_at_a_time)
     fleet.start_scheduler()
     instance_id = await producer.start("sleeper", {"duration": "1 hour"})
     await until_status(control, instance_id, "waiting")
@@ -123,7 +123,7 @@ async def test_terminate_during_a_sleep_disarms_the_timer_and_nothing_runs_after
 async def test_restart_of_a_finished_instance_runs_it_again_under_the_same_id(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("sequence", {"a": 2, "b": 2})
     first = await control.wait(instance_id, timeout=30)
     assert first.status == "complete"
@@ -146,7 +146,7 @@ async def test_restart_of_a_finished_instance_runs_it_again_under_the_same_id(
 async def test_control_actions_that_make_no_sense_are_refused_clearly(
     fleet: Fleet, producer: Producer, control: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("sequence", {"a": 1, "b": 1})
     await control.wait(instance_id, timeout=30)
     with pytest.raises(
@@ -164,7 +164,7 @@ async def test_control_actions_that_make_no_sense_are_refused_clearly(
 async def test_resume_of_an_instance_that_is_not_paused_is_refused(
     fleet: Fleet, producer: Producer, control: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("sleeper", {"duration": "1 hour"})
     await until_status(control, instance_id, "waiting")
@@ -177,7 +177,7 @@ async def test_resume_of_an_instance_that_is_not_paused_is_refused(
 async def test_prune_deletes_old_finished_instances_and_leaves_running_ones(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     done = [await producer.start("sequence", {"a": n, "b": n}) for n in range(3)]
     for instance_id in done:

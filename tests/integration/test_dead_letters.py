@@ -64,7 +64,7 @@ async def test_good_messages_are_not_dead_lettered(
 ) -> None:
     # Guards the tests below: what they find in the dead-letter queue was put there by them.
     await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
-    fleet.start_worker()
+    await fleet.start_worker()
     await publish_raw(settings.amqp, settings.namespace, START_SEQUENCE, start_body(instance_id="raw-ok"))
     instance_id = await producer.start("sequence", {"a": 1, "b": 1})
     assert (await client.wait(instance_id, timeout=30)).status == "complete"
@@ -82,7 +82,7 @@ async def test_bad_message_is_dead_lettered_with_reason(
     fleet: Fleet, settings: Settings, client: Client, body: bytes, reason_parts: list[str]
 ) -> None:
     await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
-    fleet.start_worker()
+    await fleet.start_worker()
     await publish_raw(settings.amqp, settings.namespace, START_SEQUENCE, body, {"x-sender": "test"})
 
     [dead] = await take_dead_letters(settings.amqp, settings.namespace, 1)
@@ -102,7 +102,7 @@ async def test_invalid_params_store_no_instance_and_run_no_step(
     fleet: Fleet, settings: Settings, client: Client
 ) -> None:
     await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
-    fleet.start_worker()
+    await fleet.start_worker()
     body = start_body(instance_id="bad-params", params={"a": "x", "b": 2})
     await publish_raw(settings.amqp, settings.namespace, START_SEQUENCE, body)
 
@@ -119,7 +119,7 @@ async def test_body_over_the_size_limit_is_dead_lettered_naming_the_limit(
     fleet: Fleet, settings: Settings, client: Client
 ) -> None:
     await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
-    fleet.start_worker(settings=settings.model_copy(update={"max_payload_bytes": 2048}))
+    await fleet.start_worker(settings=settings.model_copy(update={"max_payload_bytes": 2048}))
     body = start_body(instance_id="too-big", params={"a": 1, "b": 2, "padding": "x" * 4000})
     await publish_raw(settings.amqp, settings.namespace, START_SEQUENCE, body)
 
@@ -135,7 +135,7 @@ async def test_worker_keeps_consuming_after_bad_messages(
     fleet: Fleet, settings: Settings, client: Client, producer: Producer
 ) -> None:
     await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
-    fleet.start_worker(settings=settings.model_copy(update={"max_payload_bytes": 2048}))
+    await fleet.start_worker(settings=settings.model_copy(update={"max_payload_bytes": 2048}))
     bad = [param.values[0] for param in BAD_MESSAGES]
     bad.append(start_body(instance_id="too-big", params={"a": 1, "b": 2, "padding": "x" * 4000}))
     for body in bad:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.both_backends
 async def test_event_sent_while_waiting_completes_the_wait(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("approval", {})
     await until_status(control, instance_id, "waiting")
 
@@ -37,13 +37,13 @@ async def test_event_sent_while_waiting_completes_the_wait(
 async def test_event_sent_before_the_wait_is_kept_for_it(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    worker = fleet.start_worker()
+    worker = await fleet.start_worker()
     instance_id = await producer.start("approval", {})
     await eventually(lambda: db.side_effects(settings.database, instance_id, "submit"), what="submit to run")
     await fleet.stop(worker)  # the instance exists, but its wait may not be planned yet
 
     await control.send_event(instance_id, "approved", "early")
-    fleet.start_worker()
+    await fleet.start_worker()
     info = await control.wait(instance_id, timeout=30)
     assert info.status == "complete"
     assert info.output == {"decision": "early", "after": "EARLY"}
@@ -52,7 +52,7 @@ async def test_event_sent_before_the_wait_is_kept_for_it(
 async def test_events_are_taken_in_order_by_successive_waits(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("two-approvals", None)
     await until_status(control, instance_id, "waiting")
     await control.send_event(instance_id, "approved", 1)
@@ -64,7 +64,7 @@ async def test_events_are_taken_in_order_by_successive_waits(
 async def test_the_same_event_sent_twice_is_stored_once(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("two-approvals", None)
     await until_status(control, instance_id, "waiting")
     await control.send_event(instance_id, "approved", "once", event_id="evt-1")
@@ -79,7 +79,7 @@ async def test_the_same_event_sent_twice_is_stored_once(
 async def test_a_timed_out_wait_raises_in_the_workflow_which_may_catch_it(
     fleet: Fleet, producer: Producer, control: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("approval-or-timeout", {"timeout": "300ms"})
     info = await control.wait(instance_id, timeout=30)
@@ -93,7 +93,7 @@ async def test_a_timed_out_wait_raises_in_the_workflow_which_may_catch_it(
 async def test_an_event_that_arrives_in_time_disarms_the_time_out(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("approval-or-timeout", {"timeout": "1 hour"})
     await until_status(control, instance_id, "waiting")
@@ -112,7 +112,7 @@ async def test_an_event_for_an_unknown_instance_is_refused(control: Client) -> N
 async def test_an_event_for_a_finished_instance_is_refused(
     fleet: Fleet, producer: Producer, control: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("sequence", {"a": 1, "b": 1})
     await control.wait(instance_id, timeout=30)
     with pytest.raises(InvalidStateError, match=r"cannot send an event to instance .* it is complete"):
@@ -122,7 +122,7 @@ async def test_an_event_for_a_finished_instance_is_refused(
 async def test_an_event_as_a_raw_amqp_message_from_another_language(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("approval", {})
     await until_status(control, instance_id, "waiting")
     body = json.dumps(
@@ -145,7 +145,7 @@ async def test_an_event_as_a_raw_amqp_message_from_another_language(
 async def test_a_raw_event_for_an_unknown_instance_is_dead_lettered(
     fleet: Fleet, producer: Producer, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     await producer.start("approval", {})  # the approval queue exists and is consumed
     body = json.dumps(
         {

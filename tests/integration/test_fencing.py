@@ -34,7 +34,7 @@ async def _drain(producer: Producer, client: Client) -> None:
 async def test_a_redelivered_step_of_a_finished_instance_is_dropped(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker(
+    await fleet.start_worker(
         settings=settings.model_copy(update={"worker": settings.worker.model_copy(update={"concurrency": 1})})
     )
     instance_id = await producer.start("sequence", {"a": 1, "b": 1})
@@ -57,7 +57,7 @@ async def test_a_redelivered_step_of_a_finished_instance_is_dropped(
 async def test_a_stale_attempt_does_not_run(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker(
+    await fleet.start_worker(
         settings=settings.model_copy(update={"worker": settings.worker.model_copy(update={"concurrency": 1})})
     )
     fleet.start_scheduler()
@@ -77,7 +77,7 @@ async def test_a_stale_attempt_does_not_run(
 async def test_a_duplicate_wake_completes_the_sleep_once(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker(
+    await fleet.start_worker(
         settings=settings.model_copy(update={"worker": settings.worker.model_copy(update={"concurrency": 1})})
     )
     fleet.start_scheduler()
@@ -95,8 +95,8 @@ async def test_a_wake_delivered_twice_to_two_workers_ends_the_sleep_once(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
     # Both copies may read the sleeping history at once; one commit finds the version moved on.
-    fleet.start_worker(worker_id="w1")
-    fleet.start_worker(worker_id="w2")
+    await fleet.start_worker(worker_id="w1")
+    await fleet.start_worker(worker_id="w2")
     instance_id = await producer.start("sleeper", {"duration": "1 day"})
     await until_status(client, instance_id, "waiting")
 
@@ -123,8 +123,8 @@ async def test_two_workers_running_one_attempt_at_once_commit_it_once(
             )
         }
     )
-    fleet.start_worker(worker_id="w1", settings=one_slot)
-    fleet.start_worker(worker_id="w2", settings=one_slot)
+    await fleet.start_worker(worker_id="w1", settings=one_slot)
+    await fleet.start_worker(worker_id="w2", settings=one_slot)
     instance_id = await producer.start("slow-pair", None)
     # A duplicate of the running attempt's message, as a redelivery after a network split would make.
     slow_runs = await _duplicate_the_running_slow_step(settings, instance_id)
@@ -142,7 +142,7 @@ async def test_two_workers_running_one_attempt_at_once_commit_it_once(
 async def test_one_worker_runs_a_duplicate_of_its_running_attempt_once(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker(worker_id="w1")
+    await fleet.start_worker(worker_id="w1")
     instance_id = await producer.start("slow-pair", None)
     # The same attempt again while it runs, as a resume re-sending a held-back step makes.
     slow_runs = await _duplicate_the_running_slow_step(settings, instance_id)

@@ -30,7 +30,7 @@ async def _get(port: int, path: str) -> tuple[int, dict[str, object]]:
 
 async def test_a_running_worker_is_live_and_ready(fleet: Fleet, settings: Settings) -> None:
     port = _free_port()
-    fleet.start_worker(settings=settings.model_copy(update={"health_port": port}))
+    await fleet.start_worker(settings=settings.model_copy(update={"health_port": port}))
 
     async def readiness() -> tuple[int, dict[str, object]]:
         try:

@@ -23,7 +23,7 @@ FIFTY_MB = 50 * 1024 * 1024
 async def test_an_event_whose_payload_does_not_fit_is_dead_lettered_and_the_wait_goes_on(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("typed-approval", None)
     await until_status(control, instance_id, "waiting")
 
@@ -44,7 +44,7 @@ async def test_an_event_whose_payload_does_not_fit_is_dead_lettered_and_the_wait
 async def test_a_kept_event_that_does_not_fit_is_set_aside_for_the_next(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("typed-approval-late", None)
     await eventually(
         lambda: db.side_effects(settings.database, instance_id, "prepare"), what="prepare to start"
@@ -72,7 +72,7 @@ async def test_a_50_mb_start_is_refused_by_the_producer_before_publishing(
 async def test_a_50_mb_start_published_raw_is_dead_lettered_naming_the_limit(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     body = json.dumps(
         {
             "v": 1,
@@ -98,7 +98,7 @@ async def test_a_50_mb_start_published_raw_is_dead_lettered_naming_the_limit(
 async def test_a_step_result_over_the_limit_errors_the_instance_naming_the_step(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("huge-result", 2 * 1024 * 1024)
     info = await control.wait(instance_id, timeout=30)
     assert info.status == "errored"
@@ -113,7 +113,7 @@ async def test_a_step_result_over_the_limit_errors_the_instance_naming_the_step(
 async def test_a_step_timeout_beyond_the_consumer_timeout_is_refused_clearly(
     fleet: Fleet, producer: Producer, control: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("long-timeout", None)
     info = await control.wait(instance_id, timeout=30)
     assert info.status == "errored"
@@ -130,7 +130,7 @@ async def test_quorum_queues_with_a_delivery_limit(fleet: Fleet, settings: Setti
     quorum = settings.model_copy(
         update={"broker": settings.broker.model_copy(update={"queue_type": "quorum", "delivery_limit": 5})}
     )
-    fleet.start_worker(settings=quorum)
+    await fleet.start_worker(settings=quorum)
     async with (
         Producer(quorum.amqp, namespace=quorum.namespace, broker=quorum.broker) as producer,
         Client(quorum.database) as client,

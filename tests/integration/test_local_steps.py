@@ -24,8 +24,8 @@ async def test_a_local_step_outlasting_the_sweepers_grace_is_not_taken_over(
     # the worker running the 3-second step keeps its unsent row young meanwhile.
     # A row taken over would reach the other worker about every other time (the running one
     # waits for its own attempt): six instances make a missed refresh show as a second run.
-    fleet.start_worker(worker_id="w1")
-    fleet.start_worker(worker_id="w2")
+    await fleet.start_worker(worker_id="w1")
+    await fleet.start_worker(worker_id="w2")
     fleet.start_scheduler()
     ids = [await producer.start("quick-then-slow", None) for _ in range(6)]
     for instance_id in ids:
@@ -40,12 +40,12 @@ async def test_a_local_step_outlasting_the_sweepers_grace_is_not_taken_over(
 async def test_a_worker_stopping_mid_chain_finishes_its_step_and_hands_on_the_next(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    first = fleet.start_worker(worker_id="w1")
+    first = await fleet.start_worker(worker_id="w1")
     instance_id = await producer.start("quick-then-slow", None)
     await eventually(
         lambda: db.side_effects(settings.database, instance_id, "slow"), what="the slow step to start"
     )
-    fleet.start_worker(worker_id="w2")
+    await fleet.start_worker(worker_id="w2")
     await fleet.stop(first)  # graceful: the running step commits, the next one goes out as a message
 
     info = await client.wait(instance_id, timeout=30)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.both_backends
 async def test_a_row_left_behind_by_a_crash_is_republished_by_the_sweeper(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("sleeper", {"duration": "1 day"})
 
     async def status() -> str | None:

@@ -19,7 +19,7 @@ async def test_every_step_replays_the_history_without_rerunning_committed_steps(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
     # No cached replays: each step after the first runs after a full replay of the stored history.
-    fleet.start_worker(settings=_with_replay_cache(settings, 0))
+    await fleet.start_worker(settings=_with_replay_cache(settings, 0))
     fleet.start_scheduler()
     ids = [await producer.start("sequence", {"a": n, "b": n}) for n in range(5)]
     for instance_id in ids:
@@ -33,7 +33,7 @@ async def test_every_step_replays_the_history_without_rerunning_committed_steps(
 async def test_a_worker_replays_from_the_start_only_what_it_has_no_suspended_replay_of(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings, cache_size: int, replays: int
 ) -> None:
-    fleet.start_worker(settings=_with_replay_cache(settings, cache_size))
+    await fleet.start_worker(settings=_with_replay_cache(settings, cache_size))
     instance_id = await producer.start("counted", None)
     info = await client.wait(instance_id, timeout=30)
     assert (info.status, info.output) == ("complete", "result=1 result=2 result=3")
@@ -59,7 +59,7 @@ async def _evolving_v2(ctx: Context, params: None) -> str:
 async def test_changed_code_errors_the_instance_naming_history_and_code(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    old_worker = fleet.start_worker()
+    old_worker = await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("evolving", None)
 
@@ -71,7 +71,7 @@ async def test_changed_code_errors_the_instance_naming_history_and_code(
     await fleet.stop(old_worker)
 
     # Deploy: the same workflow name now runs different code.
-    fleet.start_worker(workflows={"evolving": Workflow("evolving", _evolving_v2)})
+    await fleet.start_worker(workflows={"evolving": Workflow("evolving", _evolving_v2)})
     await db.time_passes(settings.database)
     info = await client.wait(instance_id, timeout=30)
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.both_backends
 
 
 async def test_short_sleep_completes(fleet: Fleet, producer: Producer, client: Client) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("sleeper", {"duration": "300ms"})
     info = await client.wait(instance_id, timeout=30)
@@ -32,7 +32,7 @@ async def test_short_sleep_completes(fleet: Fleet, producer: Producer, client: C
 async def test_sleep_of_days_is_a_timer_row_that_fires_when_due(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("sleeper", {"duration": "3 days"})
     await until_status(client, instance_id, "waiting")
@@ -61,7 +61,7 @@ async def test_sleep_of_days_is_a_timer_row_that_fires_when_due(
 async def test_sleep_until_a_date_fires_then(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     wake_at = datetime.now(UTC) + timedelta(days=30)
     instance_id = await producer.start("sleep-until", {"wake_at": wake_at.isoformat()})
@@ -79,7 +79,7 @@ async def test_sleep_until_a_date_fires_then(
 async def test_sleep_until_a_past_date_fires_at_once(
     fleet: Fleet, producer: Producer, client: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     wake_at = datetime.now(UTC) - timedelta(hours=1)
     instance_id = await producer.start("sleep-until", {"wake_at": wake_at.isoformat()})
@@ -90,7 +90,7 @@ async def test_sleep_until_a_past_date_fires_at_once(
 async def test_a_sleeping_instance_survives_a_restart_of_the_whole_fleet(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    worker = fleet.start_worker()
+    worker = await fleet.start_worker()
     scheduler = fleet.start_scheduler()
     instance_id = await producer.start("sleeper", {"duration": "2 hours"})
     await until_status(client, instance_id, "waiting")
@@ -98,7 +98,7 @@ async def test_a_sleeping_instance_survives_a_restart_of_the_whole_fleet(
     await fleet.stop(scheduler)
 
     await db.time_passes(settings.database)
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.both_backends
 async def test_sequential_steps_complete_with_result(
     fleet: Fleet, producer: Producer, client: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("sequence", {"a": 2, "b": 3})
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete", info.error

@@ -9,11 +9,17 @@ from opentelemetry.sdk.trace import TracerProvider
 
 import tests.workflows as test_workflows
 from producer import Client, Producer
-from shared.errors import BadPayloadError, InvalidParamsError, UnroutableError
+from shared.errors import BadPayloadError, InvalidParamsError, UnregisteredWorkflowError, UnroutableError
 from shared.messages import MAX_INSTANCE_ID_LENGTH
 from shared.settings import Settings
 from tests.support import db
-from tests.support.amqp import connected_broker, declare_workflow_queue, ready_messages, take_dead_letters
+from tests.support.amqp import (
+    connected_broker,
+    dead_letter_count,
+    declare_workflow_queue,
+    ready_messages,
+    take_dead_letters,
+)
 from tests.support.fleet import Fleet
 
 pytestmark = pytest.mark.both_backends
@@ -25,7 +31,7 @@ SEQUENCE_EFFECTS = {"add": 1, "describe": 1}
 async def test_duplicate_starts_make_one_instance_and_run_each_step_once(
     fleet: Fleet, settings: Settings, producer: Producer, client: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     first = await producer.start("sequence", {"a": 1, "b": 2}, instance_id="order-1")
     second = await producer.start("sequence", {"a": 100, "b": 200}, instance_id="order-1")
     assert first == second == "order-1"
@@ -70,7 +76,7 @@ async def test_bad_params_for_a_workflow_object_raise_before_publishing(
     # No worker runs yet, so anything published would still be waiting here.
     assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 0
 
-    fleet.start_worker()
+    await fleet.start_worker()
     await producer.start(test_workflows.sequence, {"a": 1, "b": 1}, instance_id="good")
     assert (await client.wait("good", timeout=30)).status == "complete"
     assert await db.instance_ids(settings.database) == ["good"]
@@ -117,7 +123,7 @@ async def test_empty_instance_id_is_refused(settings: Settings, producer: Produc
 async def test_unusual_instance_ids_are_stored_verbatim_and_complete(
     fleet: Fleet, settings: Settings, producer: Producer, client: Client, instance_id: str
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     started = await producer.start("sequence", {"a": 2, "b": 2}, instance_id=instance_id)
     assert started == instance_id
 
@@ -133,7 +139,7 @@ async def test_unusual_instance_ids_are_stored_verbatim_and_complete(
 async def test_start_batch_returns_ids_in_order_and_all_complete(
     fleet: Fleet, producer: Producer, client: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     params = [{"a": n, "b": 1} for n in range(8)]
 
     generated = await producer.start_batch("sequence", params)
@@ -162,16 +168,68 @@ async def test_start_batch_with_mismatched_ids_publishes_nothing(
 async def test_start_published_while_no_worker_runs_waits_and_completes(
     fleet: Fleet, settings: Settings, producer: Producer, client: Client
 ) -> None:
-    # The producer alone declares the queue: no worker ever ran in this namespace.
+    # A worker serving the workflow ran once (it registered it), then stopped: a deploy, say.
+    await fleet.stop(await fleet.start_worker())
+
     instance_id = await producer.start("sequence", {"a": 3, "b": 4}, instance_id="early")
 
     assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 1
     assert await client.get(instance_id) is None
 
-    fleet.start_worker()
+    await fleet.start_worker()
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete", info.error
     assert info.output == {"total": 7, "product": 70, "text": "result=70"}
+
+
+async def test_a_start_of_a_workflow_no_worker_serves_is_refused_and_publishes_nothing(
+    fleet: Fleet, settings: Settings, producer: Producer
+) -> None:
+    # A worker runs, but serves other workflows: "no-such" is a typo, "sequence" not deployed here.
+    await fleet.start_worker(workflows={"parallel": test_workflows.parallel})
+
+    with pytest.raises(UnregisteredWorkflowError) as refused:
+        await producer.start("no-such", {"a": 1}, instance_id="typo")
+    with pytest.raises(UnregisteredWorkflowError) as batch:
+        await producer.start_batch(test_workflows.sequence, [{"a": 1, "b": 1}, {"a": 2, "b": 2}])
+
+    assert refused.value.workflow == "no-such"
+    assert str(refused.value) == (
+        f"workflow 'no-such' is not registered in namespace {settings.namespace!r} "
+        "(no worker serving it has run there); nothing was published. Check the name, "
+        "or pass allow_unregistered=True (stepline start --allow-unregistered) "
+        "to queue the start until a worker serving it runs"
+    )
+    assert batch.value.workflow == "sequence"
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
+        assert await broker.workflow_queue("no-such") is None
+        assert await broker.workflow_queue("sequence") is None
+        served = await broker.workflow_queue("parallel")
+    assert served is not None and served.messages == 0
+    assert await dead_letter_count(settings.amqp, settings.namespace) == 0
+    assert await db.instance_ids(settings.database) == []
+
+
+async def test_an_unregistered_start_allowed_waits_for_a_worker_serving_it(
+    fleet: Fleet, settings: Settings, producer: Producer, client: Client
+) -> None:
+    # The one case for the flag: a deploy that starts producers before any worker ran here.
+    instance_id = await producer.start(
+        "sequence", {"a": 3, "b": 4}, instance_id="early", allow_unregistered=True
+    )
+    batch = await producer.start_batch(
+        "sequence", [{"a": 1, "b": 1}], instance_ids=["early-batch"], allow_unregistered=True
+    )
+
+    assert batch == ["early-batch"]
+    assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 2
+    assert await client.get(instance_id) is None
+
+    await fleet.start_worker()
+    info = await client.wait(instance_id, timeout=30)
+    assert info.status == "complete", info.error
+    assert info.output == {"total": 7, "product": 70, "text": "result=70"}
+    assert (await client.wait("early-batch", timeout=30)).status == "complete"
 
 
 async def test_publish_that_no_queue_takes_raises_unroutable(settings: Settings) -> None:
@@ -211,7 +269,7 @@ async def test_start_under_a_span_stores_its_trace_context(
 ) -> None:
     provider = TracerProvider()
     tracer = provider.get_tracer("tests.integration.test_starts")
-    fleet.start_worker()
+    await fleet.start_worker()
     try:
         with tracer.start_as_current_span("place-order") as span:
             instance_id = await producer.start("sequence", {"a": 1, "b": 1})
@@ -236,7 +294,7 @@ async def test_a_10_kb_instance_id_is_refused_by_the_producer_and_dead_lettered_
     ten_kb = "é" * 5000
     with pytest.raises(BadPayloadError, match="instance_id"):
         await producer.start("sequence", {"a": 1, "b": 2}, instance_id=ten_kb)
-    fleet.start_worker()
+    await fleet.start_worker()
     await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
     body = json.dumps(
         {"v": 1, "kind": "start", "workflow": "sequence", "instance_id": ten_kb, "params": {"a": 1, "b": 2}}

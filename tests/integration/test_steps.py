@@ -15,7 +15,7 @@ pytestmark = pytest.mark.both_backends
 async def test_step_code_runs_once_per_step_and_results_are_stored(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("sequence", {"a": 4, "b": 5})
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete"
@@ -29,7 +29,7 @@ async def test_step_code_runs_once_per_step_and_results_are_stored(
 async def test_retry_then_success_stores_the_attempt_count(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("flaky", {"fail_times": 2, "limit": 3})
     info = await client.wait(instance_id, timeout=30)
@@ -49,7 +49,7 @@ async def test_retry_then_success_stores_the_attempt_count(
 async def test_exhausted_retries_error_the_instance_with_the_last_error(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("flaky", {"fail_times": 10, "limit": 2})
     info = await client.wait(instance_id, timeout=30)
@@ -68,7 +68,7 @@ async def test_exhausted_retries_error_the_instance_with_the_last_error(
 async def test_non_retryable_error_fails_the_step_at_once(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("non-retryable", None)
     info = await client.wait(instance_id, timeout=30)
@@ -82,7 +82,7 @@ async def test_non_retryable_error_fails_the_step_at_once(
 async def test_workflow_may_catch_a_failed_step_and_go_on(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("catches-failure", None)
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete"
@@ -96,7 +96,7 @@ async def test_workflow_may_catch_a_failed_step_and_go_on(
 async def test_step_past_its_timeout_is_retried(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("times-out", None)
     info = await client.wait(instance_id, timeout=30)
@@ -111,7 +111,7 @@ async def test_step_past_its_timeout_is_retried(
 async def test_unserialisable_result_errors_the_instance_naming_the_step(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("unserialisable", None)
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "errored"
@@ -124,7 +124,7 @@ async def test_unserialisable_result_errors_the_instance_naming_the_step(
 async def test_nul_character_in_a_result_is_stored_escaped(
     fleet: Fleet, producer: Producer, client: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("nul-result", None)
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete"
@@ -134,7 +134,7 @@ async def test_nul_character_in_a_result_is_stored_escaped(
 async def test_parallel_steps_both_run_and_the_workflow_joins_them(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("parallel", None)
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete"
@@ -146,7 +146,7 @@ async def test_parallel_steps_both_run_and_the_workflow_joins_them(
 async def test_a_timeout_error_raised_by_step_code_is_recorded_as_itself(
     fleet: Fleet, producer: Producer, client: Client
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("own-timeout", None)
     assert (await client.wait(instance_id, timeout=30)).output == "paid"
@@ -163,7 +163,7 @@ async def test_a_timeout_error_raised_by_step_code_is_recorded_as_itself(
 async def test_a_failed_branch_fails_the_gather_as_asyncio_would(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("failing-branch", {"fail_times": 1})
     info = await client.wait(instance_id, timeout=30)
@@ -176,7 +176,7 @@ async def test_a_failed_branch_fails_the_gather_as_asyncio_would(
 async def test_a_failing_branch_follows_its_own_retry_policy(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("retried-branch", {"fail_times": 2})
     info = await client.wait(instance_id, timeout=30)

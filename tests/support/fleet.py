@@ -8,13 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scheduler.runner import run_scheduler
+from shared.broker import create_broker
 from shared.settings import Settings
+from tests.support.polling import eventually
 from worker.runner import run_worker
 from worker.workflow import Workflow
 
@@ -37,27 +39,29 @@ class Fleet:
     workflows: Mapping[str, Workflow[Any, Any]]
     _running: list[_Running] = field(default_factory=list)
 
-    def start_worker(
+    async def start_worker(
         self,
         *,
         workflows: Mapping[str, Workflow[Any, Any]] | None = None,
         worker_id: str | None = None,
         settings: Settings | None = None,
+        consuming: bool = True,
     ) -> _Running:
-        """Start a worker consuming the given (default: all test) workflows."""
+        """Start a worker consuming the given (default: all test) workflows.
+
+        Returns once it consumes (unless ``consuming`` is False): its workflows
+        are then registered, so a producer may start them.
+        """
         name = worker_id or f"test-worker-{len(self._running) + 1}"
+        served = workflows if workflows is not None else self.workflows
         stopping = asyncio.Event()
         task = asyncio.create_task(
-            run_worker(
-                settings or self.settings,
-                workflows if workflows is not None else self.workflows,
-                stopping,
-                worker_id=name,
-                startup_timeout_s=10,
-            )
+            run_worker(settings or self.settings, served, stopping, worker_id=name, startup_timeout_s=10)
         )
         running = _Running(name, task, stopping)
         self._running.append(running)
+        if consuming and served:
+            await until_consuming(settings or self.settings, served, running.task)
         return running
 
     def start_scheduler(self) -> _Running:
@@ -157,3 +161,38 @@ def process_env(settings: Settings) -> dict[str, str]:
         PYTHONPATH=str(ROOT),
     )
     return env
+
+
+async def until_consuming(
+    settings: Settings, workflows: Iterable[str], task: asyncio.Task[None] | None = None, *, at_least: int = 1
+) -> None:
+    """Wait until a worker consumes the queues of ``workflows``: their starts are then accepted.
+
+    A worker declares all its queues, then consumes them in name order, so the
+    last name tells them all registered. ``task`` is an in-process worker, to
+    fail at once if it died; a worker process on the embedded broker is seen
+    only by the queue it declared (another process cannot count its consumers).
+    ``at_least`` waits for that many consumers (workers) on RabbitMQ.
+    """
+    workflow = max(workflows)
+
+    async def consumed() -> bool:
+        if task is not None and task.done():
+            task.result()  # re-raise what it died of
+            raise AssertionError(f"the worker stopped before it consumed {workflow!r}")
+        queue = await broker.workflow_queue(workflow)
+        if queue is None:
+            return False
+        if queue.consumers is None:
+            # The embedded file, and this process does not consume it: an in-process worker
+            # does not consume yet; a worker process may, and its declared queue is all we see.
+            return task is None
+        return queue.consumers >= at_least
+
+    # With the settings' queue type: connecting declares the dead-letter queue, which must match.
+    broker = create_broker(settings.amqp, settings.namespace, settings.broker)
+    await broker.connect()
+    try:
+        await eventually(consumed, timeout=60, what=f"{at_least} worker(s) consuming {workflow!r}")
+    finally:
+        await broker.close()
