@@ -52,7 +52,7 @@ async def _instance_rows(settings: Settings, instance_id: str) -> tuple[Any, ...
 async def test_a_message_for_another_workflow_is_dead_lettered_and_leaves_the_instance_alone(
     kind: str, fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    fleet.start_worker()
+    await fleet.start_worker()
     instance_id = await producer.start("approval-or-timeout", {})
     await until_status(control, instance_id, "waiting")
     before = await _instance_rows(settings, instance_id)
