@@ -14,7 +14,13 @@ from shared.broker import Broker, create_broker
 from shared.codec import JSON
 from shared.errors import BadPayloadError, InvalidParamsError
 from shared.hooks import Hooks
-from shared.messages import StartMessage, check_workflow_name, encode_message, format_validation_error
+from shared.messages import (
+    StartMessage,
+    check_instance_id,
+    check_workflow_name,
+    encode_message,
+    format_validation_error,
+)
 from shared.settings import BrokerSettings, Settings
 from shared.telemetry import Telemetry
 
@@ -79,6 +85,7 @@ class Producer:
         object rather than its name, params are validated before publishing.
 
         Raises:
+            InvalidIdError: ``instance_id`` is empty, too long or holds a control character.
             InvalidParamsError: params are not JSON or not valid for the workflow.
             PayloadTooLargeError: the event is over the payload limit.
             UnroutableError, BrokerError: the broker did not take the event.
@@ -101,7 +108,10 @@ class Producer:
         items = list(params)
         if instance_ids is not None and len(instance_ids) != len(items):
             raise ValueError(f"{len(items)} params but {len(instance_ids)} instance ids")
-        ids = list(instance_ids) if instance_ids is not None else [None] * len(items)
+        ids: list[str | None] = [None] * len(items)
+        if instance_ids is not None:
+            # Every given id is checked before anything is published: one bad id starts nothing.
+            ids = [check_instance_id(given) for given in instance_ids]
         return list(
             await asyncio.gather(
                 *(
@@ -119,6 +129,8 @@ class Producer:
             check_workflow_name(name)
         except ValueError as exc:
             raise BadPayloadError(str(exc)) from None
+        # Checked here, not only by the message model, so the error is the id's own one line.
+        given = str(uuid.uuid4()) if instance_id is None else check_instance_id(instance_id)
         if isinstance(workflow, str):
             try:
                 raw = codec.to_jsonable(params)
@@ -127,7 +139,6 @@ class Producer:
         else:
             raw = workflow.encode_params(params)
         try:
-            given = str(uuid.uuid4()) if instance_id is None else instance_id
             return StartMessage(workflow=name, instance_id=given, params=raw)
         except ValidationError as exc:
             raise BadPayloadError(f"invalid start event: {format_validation_error(exc)}") from None

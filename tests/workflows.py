@@ -438,3 +438,12 @@ async def huge_result_workflow(ctx: Context, params: int) -> str:
 @workflow("long-timeout")
 async def long_timeout(ctx: Context, params: None) -> str:
     return await ctx.step("forever", branch, "x", timeout="2 hours")
+
+
+# ---------------------------------------------------------------- text that must not break output
+
+
+@workflow("odd-child")
+async def odd_child(ctx: Context, params: str) -> Any:
+    """Starts a child under the id ``params``."""
+    return await ctx.child("compute", "sequence", {"a": 1, "b": 1}, instance_id=params)

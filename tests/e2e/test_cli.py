@@ -110,7 +110,8 @@ async def test_start_with_params_that_are_not_json_is_a_usage_error(env: dict[st
 async def test_start_with_invalid_instance_id_fails_cleanly(env: dict[str, str]) -> None:
     result = await cli.run(env, "stepline", "start", "sequence", "--params", "{}", "--id", "x" * 600)
     assert result.returncode != 0
-    assert "instance_id" in result.stderr
+    assert "instance id 'xxx" in result.stderr
+    assert "is 600 characters, over the limit of 512" in result.stderr
     assert "Traceback" not in result.output
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 
 from producer import Client, Producer
-from shared.errors import WaitTimeoutError
+from shared.errors import InvalidIdError, WaitTimeoutError
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
 
@@ -105,3 +107,28 @@ async def test_attempts_name_the_worker_and_the_outcome(
     assert failed["type"] == "ConnectionError"
     assert failed["message"] == "transient failure on attempt 1"
     assert await client.attempts("no-such-instance") == []
+
+
+BAD_ID = "a\nb"
+BAD_ID_ERROR = "instance id 'a\\nb' holds a control character (\\n at position 1): ids are printable text"
+
+
+async def test_every_method_taking_an_id_refuses_a_control_character(client: Client) -> None:
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "get": lambda: client.get(BAD_ID),
+        "attempts": lambda: client.attempts(BAD_ID),
+        "events": lambda: client.events(BAD_ID),
+        "recorded_values": lambda: client.recorded_values(BAD_ID),
+        "wait": lambda: client.wait(BAD_ID, timeout=5),
+        "pause": lambda: client.pause(BAD_ID),
+        "resume": lambda: client.resume(BAD_ID),
+        "terminate": lambda: client.terminate(BAD_ID),
+        "restart": lambda: client.restart(BAD_ID),
+        "send_event": lambda: client.send_event(BAD_ID, "paid"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(InvalidIdError) as raised:
+            await call()
+        assert str(raised.value) == BAD_ID_ERROR, name
+    with pytest.raises(InvalidIdError, match=r"^event id 'e\\x1b\[1m' holds a control character"):
+        await client.send_event("fine", "paid", event_id="e\x1b[1m")
