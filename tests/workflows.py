@@ -443,6 +443,16 @@ async def long_timeout(ctx: Context, params: None) -> str:
 # ---------------------------------------------------------------- text that must not break output
 
 
+async def fail_with(text: str) -> str:
+    raise NonRetryableError(text)
+
+
+@workflow("odd-text")
+async def odd_text(ctx: Context, params: str) -> str:
+    """Fails with ``params`` as its step's error message: text `stepline` must print on one line."""
+    return await ctx.step("say [bold]it[/bold]", fail_with, params)
+
+
 @workflow("odd-child")
 async def odd_child(ctx: Context, params: str) -> Any:
     """Starts a child under the id ``params``."""
