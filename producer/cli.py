@@ -28,7 +28,7 @@ from shared.durations import parse_duration
 from shared.errors import ConfigError, InvalidIdError, SteplineError
 from shared.history import format_key
 from shared.logs import configure_logging
-from shared.messages import check_event_id, check_instance_id
+from shared.messages import check_event_id, check_id_prefix, check_instance_id
 from shared.process import run_until_signalled
 from shared.settings import Settings, load_settings
 from shared.states import InstanceStatus
@@ -161,13 +161,21 @@ def status(instance_id: str, as_json: bool) -> None:
 
 
 @main.command(name="list")
-@click.option("--workflow", default=None, help="Only this workflow.")
+@click.option(
+    "--workflow", default=None, help="Only this workflow: its exact name (no wildcards; '%' is a character)."
+)
 @click.option(
     "--status",
     "status_",
     type=click.Choice([s.value for s in InstanceStatus]),
     default=None,
-    help="Only this status.",
+    help="Only this status, matched exactly.",
+)
+@click.option(
+    "--prefix",
+    default=None,
+    callback=_checked(check_id_prefix),
+    help="Only ids that start with this text: exact and case-sensitive ('%' and '_' are characters).",
 )
 @click.option("--since", type=click.DateTime(), default=None, help="Created at or after (UTC).")
 @click.option("--until", type=click.DateTime(), default=None, help="Created before (UTC).")
@@ -177,6 +185,7 @@ def status(instance_id: str, as_json: bool) -> None:
 def list_(
     workflow: str | None,
     status_: str | None,
+    prefix: str | None,
     since: datetime | None,
     until: datetime | None,
     limit: int,
@@ -189,6 +198,7 @@ def list_(
         lambda client: client.list(
             workflow=workflow,
             status=status_,
+            id_prefix=prefix,
             limit=limit,
             offset=(page - 1) * limit,
             created_after=_utc(since),

@@ -34,6 +34,7 @@ from shared.errors import (
 from shared.messages import (
     EventMessage,
     check_event_id,
+    check_id_prefix,
     check_instance_id,
     encode_message,
 )
@@ -110,10 +111,22 @@ class Client:
         offset: int = 0,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
+        id_prefix: str | None = None,
     ) -> builtins.list[InstanceInfo]:
-        """Instances, newest first (without their steps), one page at a time."""
+        """Instances, newest first (without their steps), one page at a time.
+
+        ``workflow`` and ``status`` match exactly (no wildcards). ``id_prefix`` keeps the
+        instances whose id starts with it, exactly: case-sensitive, and ``%`` or ``_`` are
+        characters like any other.
+
+        Raises:
+            ValueError: ``status`` is not a status.
+            InvalidIdError: ``id_prefix`` holds a character no id can hold.
+        """
         if status is not None:
             InstanceStatus(status)  # a clear ValueError for a status that does not exist
+        if id_prefix is not None:
+            check_id_prefix(id_prefix)
         async with self._connection() as conn:
             rows = await queries.list_instance_rows(
                 conn,
@@ -123,6 +136,7 @@ class Client:
                 offset=offset,
                 created_after=created_after,
                 created_before=created_before,
+                id_prefix=id_prefix,
             )
         return [_instance(row, []) for row in rows]
 

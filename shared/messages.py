@@ -73,6 +73,11 @@ def check_event_id(event_id: str) -> str:
     return _check_id(event_id, "event id", MAX_EVENT_ID_LENGTH)
 
 
+def check_id_prefix(prefix: str) -> str:
+    """Return ``prefix`` if ids could start with it: empty, or as an instance id."""
+    return _check_id(prefix, "id prefix", MAX_INSTANCE_ID_LENGTH) if prefix else prefix
+
+
 WorkflowName = Annotated[str, Field(pattern=WORKFLOW_NAME_PATTERN)]
 InstanceId = Annotated[
     str, Field(min_length=1, max_length=MAX_INSTANCE_ID_LENGTH), AfterValidator(check_instance_id)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from producer import Client
+from producer import Client, Producer
 from shared.db import migrate
 from shared.settings import Settings
 from tests.support import cli, services
@@ -186,8 +186,9 @@ ID_ERROR = "Error: instance id 'a\\nb' holds a control character (\\n at positio
             "Error: event id 'e\\x1b[2J' holds a control character (\\x1b at position 1): "
             "ids are printable text",
         ),
+        (("list", "--prefix", "a\u2028"), "Error: id prefix 'a\\u2028' holds a line separator"),
     ],
-    ids=["start", "status", "history", "pause", "terminate", "send-event", "event-id"],
+    ids=["start", "status", "history", "pause", "terminate", "send-event", "event-id", "list-prefix"],
 )
 async def test_an_id_with_a_control_character_is_one_line_of_error(
     env: dict[str, str], command: tuple[str, ...], error: str
@@ -236,3 +237,30 @@ async def test_what_a_workflow_wrote_is_printed_escaped_one_line_per_row(
         assert all(f"NonRetryableError: {ODD_SHOWN}" in row for row in step_rows), result.stdout
     assert "error: StepFailedError: step 'say [bold]it[/bold]' failed after 1 attempt" in status.stdout
     assert [line for line in listed.stdout.splitlines() if odd_id in line], listed.stdout
+
+
+async def test_list_filters_match_exactly(
+    env: dict[str, str], process_fleet: ProcessFleet, producer: Producer, client: Client
+) -> None:
+    process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows")
+    for instance_id in ("cli_1", "cli%2", "CLI-3", "clix4"):
+        await producer.start("sequence", {"a": 1, "b": 2}, instance_id=instance_id)
+    for instance_id in ("cli_1", "cli%2", "CLI-3", "clix4"):
+        await client.wait(instance_id, timeout=30)
+
+    wildcard, prefix, underscore, helped = await asyncio.gather(
+        cli.run(env, "stepline", "list", "--workflow", "%", "--json"),
+        cli.run(env, "stepline", "list", "--prefix", "cli", "--json"),
+        cli.run(env, "stepline", "list", "--prefix", "cli_", "--json"),
+        cli.run(env, "stepline", "list", "--help"),
+    )
+
+    assert wildcard.json() == []
+    assert {item["id"] for item in prefix.json()} == {"cli_1", "cli%2", "clix4"}
+    assert [item["id"] for item in underscore.json()] == ["cli_1"]
+    help_text = " ".join(helped.stdout.split())  # click wraps it
+    assert (
+        "--workflow TEXT Only this workflow: its exact name (no wildcards; '%' is a character)." in help_text
+    )
+    assert "Only this status, matched exactly." in help_text
+    assert "--prefix TEXT Only ids that start with this text: exact and case-sensitive" in help_text

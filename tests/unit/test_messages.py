@@ -15,6 +15,7 @@ from shared.messages import (
     StepMessage,
     WakeMessage,
     check_event_id,
+    check_id_prefix,
     check_instance_id,
     encode_message,
     parse_message,
@@ -202,6 +203,9 @@ def test_empty_and_overlong_ids_are_refused_by_the_check_too() -> None:
         check_instance_id("i" * 513)
     with pytest.raises(InvalidIdError, match=r"^event id .* is 201 characters, over the limit of 200$"):
         check_event_id("e" * 201)
+    assert check_id_prefix("") == ""
+    with pytest.raises(InvalidIdError, match=r"^id prefix 'a\\nb' holds a control character"):
+        check_id_prefix("a\nb")
 
 
 @pytest.mark.parametrize("kind", ["start", "step", "wake", "advance"])
