@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from producer.client import Client
 from producer.fleet import Fleet, run_fleet
@@ -25,9 +26,10 @@ from shared.broker import WorkflowQueue
 from shared.db import migrate
 from shared.db.engine import mask_url
 from shared.durations import parse_duration
-from shared.errors import ConfigError, SteplineError
+from shared.errors import ConfigError, InvalidIdError, SteplineError
 from shared.history import format_key
 from shared.logs import configure_logging
+from shared.messages import check_event_id, check_id_prefix, check_instance_id
 from shared.process import run_until_signalled
 from shared.settings import Settings, load_settings
 from shared.states import InstanceStatus
@@ -48,6 +50,30 @@ def _run(action: Awaitable[T]) -> T:
         return asyncio.run(action)  # type: ignore[arg-type]
     except SteplineError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+_IdCallback = Callable[[click.Context, click.Parameter, str | None], str | None]
+
+
+def _checked(check: Callable[[str], str]) -> _IdCallback:
+    """A click callback that refuses an id ``check`` refuses, with its one-line reason.
+
+    A ``ClickException`` rather than ``BadParameter``: the library's own sentence, on one line,
+    before any setting is read or any connection opened.
+    """
+
+    def callback(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except InvalidIdError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return callback
+
+
+INSTANCE_ID = click.argument("instance_id", callback=_checked(check_instance_id))
 
 
 def _print_json(data: Any) -> None:
@@ -81,7 +107,13 @@ def main() -> None:
 @main.command()
 @click.argument("workflow")
 @click.option("--params", default="null", help='Params as JSON, e.g. \'{"sku": "A1"}\'.')
-@click.option("--id", "instance_id", default=None, help="Instance id (default: a new UUID).")
+@click.option(
+    "--id",
+    "instance_id",
+    default=None,
+    callback=_checked(check_instance_id),
+    help="Instance id (default: a new UUID): printable text, no control characters, 512 at most.",
+)
 @click.option(
     "--allow-unregistered",
     is_flag=True,
@@ -124,7 +156,7 @@ def start(
 
 
 @main.command()
-@click.argument("instance_id")
+@INSTANCE_ID
 @JSON_OPTION
 def status(instance_id: str, as_json: bool) -> None:
     """Show an instance: status, output or error, its steps and its trace id.
@@ -140,13 +172,13 @@ def status(instance_id: str, as_json: bool) -> None:
         _print_json({**info.model_dump(mode="json"), "trace_id": trace_id, "trace_url": trace_url})
         return
     console = _console()
-    console.print(f"[bold]{info.id}[/bold]  {info.workflow}  [bold]{info.status}[/bold]")
+    console.print(_headline(info))
     _print_trace(console, trace_id, trace_url)
     console.print(f"created {info.created_at:%Y-%m-%d %H:%M:%S}  finished {_time(info.finished_at)}")
     if info.output is not None:
-        console.print(f"output: {json.dumps(info.output)}")
+        console.print(_plain(f"output: {json.dumps(info.output)}"))
     if info.error:
-        console.print(f"[red]error: {info.error.get('type')}: {info.error.get('message')}[/red]")
+        console.print(_plain(f"error: {info.error.get('type')}: {info.error.get('message')}", "red"))
     console.print(_steps_table(info))
 
 
@@ -163,13 +195,21 @@ def _not_yet_an_instance(instance_id: str) -> click.ClickException:
 
 
 @main.command(name="list")
-@click.option("--workflow", default=None, help="Only this workflow.")
+@click.option(
+    "--workflow", default=None, help="Only this workflow: its exact name (no wildcards; '%' is a character)."
+)
 @click.option(
     "--status",
     "status_",
     type=click.Choice([s.value for s in InstanceStatus]),
     default=None,
-    help="Only this status.",
+    help="Only this status, matched exactly.",
+)
+@click.option(
+    "--prefix",
+    default=None,
+    callback=_checked(check_id_prefix),
+    help="Only ids that start with this text: exact and case-sensitive ('%' and '_' are characters).",
 )
 @click.option("--since", type=click.DateTime(), default=None, help="Created at or after (UTC).")
 @click.option("--until", type=click.DateTime(), default=None, help="Created before (UTC).")
@@ -179,6 +219,7 @@ def _not_yet_an_instance(instance_id: str) -> click.ClickException:
 def list_(
     workflow: str | None,
     status_: str | None,
+    prefix: str | None,
     since: datetime | None,
     until: datetime | None,
     limit: int,
@@ -191,6 +232,7 @@ def list_(
         lambda client: client.list(
             workflow=workflow,
             status=status_,
+            id_prefix=prefix,
             limit=limit,
             offset=(page - 1) * limit,
             created_after=_utc(since),
@@ -202,7 +244,13 @@ def list_(
         return
     table = Table("id", "workflow", "status", "created", "finished", title=f"page {page}")
     for info in infos:
-        table.add_row(info.id, info.workflow, info.status, _time(info.created_at), _time(info.finished_at))
+        table.add_row(
+            _plain(info.id),
+            _plain(info.workflow),
+            _plain(info.status),
+            _time(info.created_at),
+            _time(info.finished_at),
+        )
     _console().print(table)
 
 
@@ -210,7 +258,7 @@ def _control_command(name: str, summary: str) -> None:
     """Register ``stepline NAME ID``: one control action, printing the new status."""
 
     @main.command(name=name, help=summary)
-    @click.argument("instance_id")
+    @INSTANCE_ID
     @JSON_OPTION
     def command(instance_id: str, as_json: bool) -> None:
         publishes = name != "pause"
@@ -229,10 +277,15 @@ _control_command("restart", "Clear an instance's history and run it again from t
 
 
 @main.command(name="send-event")
-@click.argument("instance_id")
+@INSTANCE_ID
 @click.argument("event_type")
 @click.option("--payload", default="null", help="Payload as JSON.")
-@click.option("--event-id", default=None, help="Event id (default: a new UUID); resending it is harmless.")
+@click.option(
+    "--event-id",
+    default=None,
+    callback=_checked(check_event_id),
+    help="Event id (default: a new UUID); resending it is harmless.",
+)
 @JSON_OPTION
 def send_event(instance_id: str, event_type: str, payload: str, event_id: str | None, as_json: bool) -> None:
     """Send an event of EVENT_TYPE to an instance; its earliest matching wait takes it."""
@@ -280,7 +333,7 @@ def prune(older_than: str, batch_size: int, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("instance_id")
+@INSTANCE_ID
 @JSON_OPTION
 def history(instance_id: str, as_json: bool) -> None:
     """Show an instance's step timeline: every attempt, its worker, timing and outcome.
@@ -320,16 +373,16 @@ def history(instance_id: str, as_json: bool) -> None:
     for attempt in attempts:
         error = attempt.error or {}
         table.add_row(
-            format_key((attempt.step, attempt.occurrence)),
+            _plain(format_key((attempt.step, attempt.occurrence))),
             str(attempt.attempt),
-            attempt.worker,
+            _plain(attempt.worker),
             _clock(attempt.started_at),
             f"{attempt.duration_s * 1000:.0f} ms",
-            attempt.outcome,
-            f"{error.get('type', '')}: {error.get('message', '')}" if error else "",
+            _plain(attempt.outcome),
+            _plain(f"{error.get('type', '')}: {error.get('message', '')}" if error else ""),
         )
     console = _console()
-    console.print(f"[bold]{info.id}[/bold]  {info.workflow}  [bold]{info.status}[/bold]")
+    console.print(_headline(info))
     _print_trace(console, trace_id, trace_url)
     console.print(_steps_table(info))
     console.print(table)
@@ -337,7 +390,10 @@ def history(instance_id: str, as_json: bool) -> None:
         event_table = Table("event", "type", "received", "taken by", title="events")
         for event in events:
             event_table.add_row(
-                event.event_id, event.event_type, _time(event.created_at), event.consumed_by or "(kept)"
+                _plain(event.event_id),
+                _plain(event.event_type),
+                _time(event.created_at),
+                _plain(event.consumed_by or "(kept)"),
             )
         console.print(event_table)
 
@@ -518,16 +574,44 @@ def _steps_table(info: InstanceInfo) -> Table:
             if step.started_at and step.finished_at
             else "-"
         )
+        detail = _printable(detail)  # escaped before it is cut, so a cut never splits an escape
         table.add_row(
-            format_key((step.name, step.occurrence)),
-            step.kind,
-            step.status,
+            _plain(format_key((step.name, step.occurrence))),
+            _plain(step.kind),
+            _plain(step.status),
             str(step.attempts),
             _clock(step.started_at),
             took,
-            detail if len(detail) < 60 else detail[:57] + "...",
+            _plain(detail if len(detail) < 60 else detail[:57] + "..."),
         )
     return table
+
+
+def _printable(text: str) -> str:
+    """``text`` with each character that is not printable shown as its escape, as ``repr`` shows it.
+
+    Line breaks, tabs, terminal escapes and the like become ``\\n``, ``\\t``, ``\\x1b``...,
+    so a value keeps to one line of output. (What ``str.isprintable`` calls printable stays.)
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
+def _plain(value: object, style: str = "") -> Text:
+    """A value a workflow (or anyone) wrote, as rich text that is never read as markup.
+
+    rich reads ``[red]`` in a plain string as a style and ``:x:`` as an emoji; a ``Text``
+    is shown as it is. With ``_printable`` nothing in it can break a table row either.
+    """
+    return Text(_printable(str(value)), style=style)
+
+
+def _headline(info: InstanceInfo) -> Text:
+    """``<id>  <workflow>  <status>``, the first line of ``status`` and ``history``."""
+    return Text.assemble(
+        _plain(info.id, "bold"), "  ", _plain(info.workflow), "  ", _plain(info.status, "bold")
+    )
 
 
 def _clock(value: datetime | None) -> str:

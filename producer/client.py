@@ -31,7 +31,13 @@ from shared.errors import (
     StorageError,
     WaitTimeoutError,
 )
-from shared.messages import EventMessage, encode_message
+from shared.messages import (
+    EventMessage,
+    check_event_id,
+    check_id_prefix,
+    check_instance_id,
+    encode_message,
+)
 from shared.outbox import OutboxRelay
 from shared.settings import BrokerSettings, OutboxSettings
 from shared.states import InstanceStatus
@@ -83,7 +89,12 @@ class Client:
     # ------------------------------------------------------------ reading
 
     async def get(self, instance_id: str) -> InstanceInfo | None:
-        """The instance with its steps, or None if no instance has that id."""
+        """The instance with its steps, or None if no instance has that id.
+
+        Raises:
+            InvalidIdError: ``instance_id`` could not be an id (as in every method taking one).
+        """
+        check_instance_id(instance_id)
         async with self._connection() as conn:
             row = await queries.get_instance_row(conn, instance_id)
             if row is None:
@@ -100,10 +111,22 @@ class Client:
         offset: int = 0,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
+        id_prefix: str | None = None,
     ) -> builtins.list[InstanceInfo]:
-        """Instances, newest first (without their steps), one page at a time."""
+        """Instances, newest first (without their steps), one page at a time.
+
+        ``workflow`` and ``status`` match exactly (no wildcards). ``id_prefix`` keeps the
+        instances whose id starts with it, exactly: case-sensitive, and ``%`` or ``_`` are
+        characters like any other.
+
+        Raises:
+            ValueError: ``status`` is not a status.
+            InvalidIdError: ``id_prefix`` holds a character no id can hold.
+        """
         if status is not None:
             InstanceStatus(status)  # a clear ValueError for a status that does not exist
+        if id_prefix is not None:
+            check_id_prefix(id_prefix)
         async with self._connection() as conn:
             rows = await queries.list_instance_rows(
                 conn,
@@ -113,11 +136,13 @@ class Client:
                 offset=offset,
                 created_after=created_after,
                 created_before=created_before,
+                id_prefix=id_prefix,
             )
         return [_instance(row, []) for row in rows]
 
     async def attempts(self, instance_id: str) -> builtins.list[AttemptInfo]:
         """Every finished step attempt of an instance, oldest first."""
+        check_instance_id(instance_id)
         async with self._connection() as conn:
             rows = await queries.get_attempt_rows(conn, instance_id)
         return [
@@ -136,6 +161,7 @@ class Client:
 
     async def recorded_values(self, instance_id: str) -> builtins.list[dict[str, Any]]:
         """The values ``ctx.now()``, ``ctx.random()`` and ``ctx.uuid()`` recorded, for replay checks."""
+        check_instance_id(instance_id)
         async with self._connection() as conn:
             rows = await queries.get_value_rows(conn, instance_id)
         return [
@@ -152,6 +178,7 @@ class Client:
 
     async def events(self, instance_id: str) -> builtins.list[EventInfo]:
         """Every event an instance received, oldest first, and which wait took it."""
+        check_instance_id(instance_id)
         async with self._connection() as conn:
             rows = await queries.get_event_rows(conn, instance_id)
         return [
@@ -173,6 +200,7 @@ class Client:
         Raises:
             WaitTimeoutError: it did not finish within ``timeout``.
         """
+        check_instance_id(instance_id)
         limit_s = parse_duration(timeout).total_seconds()
         deadline = time.monotonic() + limit_s
         delay = 0.02
@@ -193,16 +221,19 @@ class Client:
         Raises:
             InstanceNotFoundError, InvalidStateError: unknown, or not running or waiting.
         """
+        check_instance_id(instance_id)
         await self._control(lambda conn: _no_rows(control.pause(conn, instance_id)))
         return await self._must_get(instance_id)
 
     async def resume(self, instance_id: str) -> InstanceInfo:
         """Let a paused instance go on. Raises ``InvalidStateError`` unless it is paused."""
+        check_instance_id(instance_id)
         await self._control(lambda conn: control.resume(conn, instance_id, limit=self._limit), publishes=True)
         return await self._must_get(instance_id)
 
     async def terminate(self, instance_id: str) -> InstanceInfo:
         """Stop the instance and its children for good; raises ``InvalidStateError`` if finished."""
+        check_instance_id(instance_id)
         await self._control(
             lambda conn: control.terminate(conn, instance_id, limit=self._limit), publishes=True
         )
@@ -210,6 +241,7 @@ class Client:
 
     async def restart(self, instance_id: str) -> InstanceInfo:
         """Clear the instance's history and run it again from the beginning, under the same id."""
+        check_instance_id(instance_id)
         await self._control(
             lambda conn: control.restart(conn, instance_id, limit=self._limit), publishes=True
         )
@@ -226,7 +258,10 @@ class Client:
             InstanceNotFoundError: no such instance.
             InvalidStateError: the instance is finished.
             InvalidParamsError: the payload is not JSON.
+            InvalidIdError: the instance id or the event id could not be an id.
         """
+        check_instance_id(instance_id)
+        event_id = check_event_id(event_id) if event_id is not None else str(uuid.uuid4())
         async with self._connection() as conn:
             row = await queries.get_instance_row(conn, instance_id)
         if row is None:
@@ -240,7 +275,7 @@ class Client:
         message = EventMessage(
             workflow=row.workflow,
             instance_id=instance_id,
-            event_id=event_id if event_id is not None else str(uuid.uuid4()),
+            event_id=event_id,
             event_type=event_type,
             payload=data,
         )

@@ -14,7 +14,13 @@ from shared.broker import Broker, WorkflowQueue, create_broker
 from shared.codec import JSON
 from shared.errors import BadPayloadError, InvalidParamsError, UnregisteredWorkflowError
 from shared.hooks import Hooks
-from shared.messages import StartMessage, check_workflow_name, encode_message, format_validation_error
+from shared.messages import (
+    StartMessage,
+    check_instance_id,
+    check_workflow_name,
+    encode_message,
+    format_validation_error,
+)
 from shared.settings import BrokerSettings, Settings
 from shared.telemetry import Telemetry
 
@@ -103,6 +109,7 @@ class Producer:
         Raises:
             UnregisteredWorkflowError: the workflow is not registered (a mistyped
                 name, or no worker serving it ever ran); nothing was published.
+            InvalidIdError: ``instance_id`` is empty, too long or holds a control character.
             InvalidParamsError: params are not JSON or not valid for the workflow.
             PayloadTooLargeError: the event is over the payload limit.
             UnroutableError, BrokerError: the broker did not take the event.
@@ -129,7 +136,10 @@ class Producer:
         items = list(params)
         if instance_ids is not None and len(instance_ids) != len(items):
             raise ValueError(f"{len(items)} params but {len(instance_ids)} instance ids")
-        ids = list(instance_ids) if instance_ids is not None else [None] * len(items)
+        ids: list[str | None] = [None] * len(items)
+        if instance_ids is not None:
+            # Every given id is checked before anything is published: one bad id starts nothing.
+            ids = [check_instance_id(given) for given in instance_ids]
         name = workflow if isinstance(workflow, str) else workflow.name
         if items:
             # Once, before the starts run at once: each then finds the workflow checked.
@@ -167,6 +177,8 @@ class Producer:
     ) -> StartMessage:
         name = workflow if isinstance(workflow, str) else workflow.name
         _check_name(name)
+        # Checked here, not only by the message model, so the error is the id's own one line.
+        given = str(uuid.uuid4()) if instance_id is None else check_instance_id(instance_id)
         if isinstance(workflow, str):
             try:
                 raw = codec.to_jsonable(params)
@@ -175,7 +187,6 @@ class Producer:
         else:
             raw = workflow.encode_params(params)
         try:
-            given = str(uuid.uuid4()) if instance_id is None else instance_id
             return StartMessage(workflow=name, instance_id=given, params=raw)
         except ValidationError as exc:
             raise BadPayloadError(f"invalid start event: {format_validation_error(exc)}") from None

@@ -63,6 +63,20 @@ class InvalidParamsError(BadPayloadError):
         self.detail = detail
 
 
+class InvalidIdError(BadPayloadError, ValueError):
+    """An instance or event id is empty, too long, or holds a character ids may not hold.
+
+    Also a ``ValueError``, so pydantic reports it as a field error of a message, and
+    callers that already catch ``ValueError`` for bad input keep working.
+    """
+
+    def __init__(self, what: str, value: str, reason: str, *, position: int | None = None) -> None:
+        super().__init__(reason)
+        self.what = what
+        self.value = value
+        self.position = position
+
+
 class StorageError(SteplineError):
     """The database failed or refused an operation."""
 

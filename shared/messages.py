@@ -10,21 +10,79 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from shared import codec
 from shared.codec import JSON
-from shared.errors import BadPayloadError, MisaddressedMessageError
+from shared.errors import BadPayloadError, InvalidIdError, MisaddressedMessageError
 from shared.history import ParentLink
 from shared.topology import MessageKind, routing_key
 
 SCHEMA_VERSION = 1
 MAX_INSTANCE_ID_LENGTH = 512
+MAX_EVENT_ID_LENGTH = 200
 WORKFLOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$"
 _WORKFLOW_NAME = re.compile(WORKFLOW_NAME_PATTERN)
 
+# What an id may not hold: the C0 and C1 controls and DEL (line breaks, terminal escapes),
+# the Unicode line and paragraph separators (line breaks too), and lone surrogates (they
+# have no UTF-8 form, so no database could store the id). Every id is printed on one line
+# by `stepline` and logged, so a character that breaks a line or drives a terminal is
+# refused where the id enters. Fixed code point ranges, not a Unicode category lookup,
+# so the rule does not move with the Unicode version and reads the same in any language.
+_NOT_IN_IDS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_KIND_OF_CHARACTER = {"\u2028": "line separator", "\u2029": "paragraph separator"}
+
+
+def _check_id(value: str, what: str, max_length: int) -> str:
+    if not value:
+        raise InvalidIdError(what, value, f"{what} is empty")
+    shown = value if len(value) <= 60 else value[:57] + "..."
+    if len(value) > max_length:
+        raise InvalidIdError(
+            what, value, f"{what} {shown!r} is {len(value)} characters, over the limit of {max_length}"
+        )
+    found = _NOT_IN_IDS.search(value)
+    if found is not None:
+        char = found.group()
+        kind = _KIND_OF_CHARACTER.get(char) or ("lone surrogate" if char >= "\ud800" else "control character")
+        raise InvalidIdError(
+            what,
+            value,
+            f"{what} {shown!r} holds a {kind} ({ascii(char)[1:-1]} at position {found.start()}): "
+            "ids are printable text",
+            position=found.start(),
+        )
+    return value
+
+
+def check_instance_id(instance_id: str) -> str:
+    """Return ``instance_id`` if it can be an instance id: 1 to 512 characters of printable text.
+
+    Refused are the control characters (U+0000-U+001F, U+007F-U+009F), the line and
+    paragraph separators (U+2028, U+2029) and lone surrogates.
+
+    Raises:
+        InvalidIdError: (a ``ValueError`` too) naming the first offending character by its escape.
+    """
+    return _check_id(instance_id, "instance id", MAX_INSTANCE_ID_LENGTH)
+
+
+def check_event_id(event_id: str) -> str:
+    """Return ``event_id`` if it can be an event id: as an instance id, but 200 characters at most."""
+    return _check_id(event_id, "event id", MAX_EVENT_ID_LENGTH)
+
+
+def check_id_prefix(prefix: str) -> str:
+    """Return ``prefix`` if ids could start with it: empty, or as an instance id."""
+    return _check_id(prefix, "id prefix", MAX_INSTANCE_ID_LENGTH) if prefix else prefix
+
+
 WorkflowName = Annotated[str, Field(pattern=WORKFLOW_NAME_PATTERN)]
-InstanceId = Annotated[str, Field(min_length=1, max_length=MAX_INSTANCE_ID_LENGTH)]
+InstanceId = Annotated[
+    str, Field(min_length=1, max_length=MAX_INSTANCE_ID_LENGTH), AfterValidator(check_instance_id)
+]
+EventId = Annotated[str, Field(min_length=1, max_length=MAX_EVENT_ID_LENGTH), AfterValidator(check_event_id)]
 
 
 def check_workflow_name(name: str) -> str:
@@ -102,7 +160,7 @@ class EventMessage(_Message):
     """Deliver an event to ``instance_id``; ``event_id`` makes a redelivery harmless."""
 
     kind: Literal["event"] = "event"
-    event_id: str = Field(min_length=1, max_length=200)
+    event_id: EventId
     event_type: str = Field(min_length=1, max_length=200)
     payload: JSON = None
 

@@ -438,3 +438,22 @@ async def huge_result_workflow(ctx: Context, params: int) -> str:
 @workflow("long-timeout")
 async def long_timeout(ctx: Context, params: None) -> str:
     return await ctx.step("forever", branch, "x", timeout="2 hours")
+
+
+# ---------------------------------------------------------------- text that must not break output
+
+
+async def fail_with(text: str) -> str:
+    raise NonRetryableError(text)
+
+
+@workflow("odd-text")
+async def odd_text(ctx: Context, params: str) -> str:
+    """Fails with ``params`` as its step's error message: text `stepline` must print on one line."""
+    return await ctx.step("say [bold]it[/bold]", fail_with, params)
+
+
+@workflow("odd-child")
+async def odd_child(ctx: Context, params: str) -> Any:
+    """Starts a child under the id ``params``."""
+    return await ctx.child("compute", "sequence", {"a": 1, "b": 1}, instance_id=params)

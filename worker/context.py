@@ -16,7 +16,7 @@ from shared import codec
 from shared.codec import JSON
 from shared.durations import Duration, parse_duration
 from shared.history import StepKey, format_key
-from shared.messages import check_workflow_name
+from shared.messages import check_instance_id, check_workflow_name
 from shared.states import StepKind
 from worker.retry import RetryPolicy
 
@@ -207,6 +207,9 @@ class Context:
         The child's id defaults to ``<this instance id>/<name>`` (with ``#n`` for
         a repeated name), so a replay never starts it twice. Terminating this
         instance terminates its children.
+
+        Raises:
+            InvalidIdError: the child's id (given, or made from ``name``) could not be an id.
         """
         key = self._next_key(name)
         if isinstance(workflow, str):
@@ -218,7 +221,8 @@ class Context:
                 workflow.output_adapter,
             )
         check_workflow_name(workflow_name)
-        child_id = instance_id or f"{self.instance_id}/{format_key(key)}"
+        # Refused here, in the workflow, rather than when the worker builds the child's start.
+        child_id = check_instance_id(instance_id or f"{self.instance_id}/{format_key(key)}")
         future = self._replay.request(
             key,
             StepKind.CHILD,

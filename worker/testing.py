@@ -28,6 +28,7 @@ from shared.durations import Duration, parse_duration
 from shared.errors import BadPayloadError, EventTimeoutError, NonDeterminismError
 from shared.failures import failure_record
 from shared.history import History, StepKey, StepRecord, format_key
+from shared.messages import check_instance_id
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.context import StepCall
 from worker.executor import StepAttemptFailed, StepExecutor, StepSucceeded
@@ -368,7 +369,9 @@ class WorkflowEnvironment:
 
         Raises:
             InvalidParamsError: the params do not fit the workflow, as at a real start.
+            InvalidIdError: ``instance_id`` could not be an id, as at a real start.
         """
+        check_instance_id(instance_id)
         run = WorkflowRun(self, workflow, instance_id, workflow.encode_params(params))
         await run._advance()
         return run

@@ -233,14 +233,21 @@ async def list_instance_rows(
     offset: int = 0,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
+    id_prefix: str | None = None,
 ) -> Sequence[sa.Row[Any]]:
-    """Instances, newest first, optionally filtered, one page at a time."""
+    """Instances, newest first, optionally filtered, one page at a time.
+
+    ``workflow`` and ``status`` match exactly; ``id_prefix`` keeps the ids that start with
+    it, character for character (case-sensitive; ``%`` and ``_`` are plain characters).
+    """
     query = (
         sa.select(instances)
         .order_by(instances.c.created_at.desc(), instances.c.id)
         .limit(limit)
         .offset(offset)
     )
+    if id_prefix:
+        query = query.where(*await _id_starts_with(conn, id_prefix))
     if workflow is not None:
         query = query.where(instances.c.workflow == workflow)
     if status is not None:
@@ -250,6 +257,73 @@ async def list_instance_rows(
     if created_before is not None:
         query = query.where(instances.c.created_at < created_before)
     return (await conn.execute(query)).all()
+
+
+async def _id_starts_with(conn: AsyncConnection, prefix: str) -> list[sa.ColumnElement[bool]]:
+    """Conditions that keep the instances whose id starts with ``prefix``, exactly.
+
+    Not LIKE: SQLite's is case-insensitive, both read ``%`` and ``_``, and PostgreSQL
+    uses an index for it only under the "C" collation. The ids that start with ``prefix``
+    are one range of the primary key where ids sort by code point: SQLite always (its
+    BINARY collation compares UTF-8 bytes), PostgreSQL when the id column's collation is
+    C, POSIX or C.UTF-8. Under a language's collation (en_US.utf8, the postgres image's
+    default) a range would drop ids ("a9x" sorts after "a:" there) and keep others
+    ("A-b" between "a-" and "a."), so PostgreSQL then scans, with starts_with alone.
+    """
+    if not _is_sqlite(conn) and not await _ids_sort_by_code_point(conn):
+        return [sa.func.starts_with(instances.c.id, prefix)]
+    conditions: list[sa.ColumnElement[bool]] = [instances.c.id >= prefix]
+    bound = _after_prefix(prefix)
+    if bound is not None:
+        conditions.append(instances.c.id < bound)
+    if not _is_sqlite(conn):
+        # Exact by construction; kept as a filter so that a collation taken for code point
+        # order by mistake could only ever drop rows from the answer, never add wrong ones.
+        conditions.append(sa.func.starts_with(instances.c.id, prefix))
+    return conditions
+
+
+def _after_prefix(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix``, in code point order.
+
+    None when there is none (``prefix`` is all U+10FFFF). Surrogates are skipped: no
+    stored text holds one.
+    """
+    stem = prefix.rstrip("\U0010ffff")
+    if not stem:
+        return None
+    following = ord(stem[-1]) + 1
+    if 0xD800 <= following <= 0xDFFF:
+        following = 0xE000
+    return stem[:-1] + chr(following)
+
+
+# The provider and the locale of instances.id's collation ("default" is the database's).
+# datlocprovider is read through to_jsonb because it only exists from PostgreSQL 15 on;
+# before, every collation was libc's ('c').
+_ID_COLLATION = sa.text(
+    """
+    SELECT CASE WHEN c.collprovider = 'd' THEN coalesce(to_jsonb(d) ->> 'datlocprovider', 'c')
+                ELSE c.collprovider::text END AS provider,
+           CASE WHEN c.collprovider = 'd' THEN d.datcollate::text
+                ELSE c.collcollate::text END AS locale
+    FROM pg_attribute a
+    JOIN pg_collation c ON c.oid = a.attcollation
+    JOIN pg_database d ON d.datname = current_database()
+    WHERE a.attrelid = 'instances'::regclass AND a.attname = 'id'
+    """
+)
+# libc's C and POSIX compare bytes; glibc's C.UTF-8 (2.35 on, and Debian's before) compares
+# code points; PostgreSQL 17's builtin provider ('b') has only code point order locales.
+_CODE_POINT_LOCALES = frozenset({"c", "posix", "c.utf8", "c.utf-8"})
+
+
+async def _ids_sort_by_code_point(conn: AsyncConnection) -> bool:
+    """Whether PostgreSQL sorts instances.id by code point, so a prefix is one index range."""
+    row = (await conn.execute(_ID_COLLATION)).one()
+    if row.provider == "b":
+        return True
+    return row.provider == "c" and (row.locale or "").lower() in _CODE_POINT_LOCALES
 
 
 async def set_parent_if_unset(conn: AsyncConnection, instance_id: str, parent: ParentLink) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator, Mapping
 
 import pytest
 
-from producer import Client
+from producer import Client, Producer
 from shared.db import migrate
 from shared.settings import Settings
 from tests.support import cli, services
@@ -154,7 +155,8 @@ async def test_start_with_params_that_are_not_json_is_a_usage_error(env: dict[st
 async def test_start_with_invalid_instance_id_fails_cleanly(env: dict[str, str]) -> None:
     result = await cli.run(env, "stepline", "start", "sequence", "--params", "{}", "--id", "x" * 600)
     assert result.returncode != 0
-    assert "instance_id" in result.stderr
+    assert "instance id 'xxx" in result.stderr
+    assert "is 600 characters, over the limit of 512" in result.stderr
     assert "Traceback" not in result.output
 
 
@@ -209,3 +211,100 @@ async def test_unreachable_database_is_one_clear_error_not_a_traceback(
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert "127.0.0.1" in lines[0]
+
+
+ID_ERROR = "Error: instance id 'a\\nb' holds a control character (\\n at position 1): ids are printable text"
+
+
+@pytest.mark.parametrize(
+    ("command", "error"),
+    [
+        (("start", "sequence", "--id", "a\nb"), ID_ERROR),
+        (("status", "a\nb"), ID_ERROR),
+        (("history", "a\nb", "--json"), ID_ERROR),
+        (("pause", "a\nb"), ID_ERROR),
+        (("terminate", "a\nb"), ID_ERROR),
+        (("send-event", "a\nb", "paid"), ID_ERROR),
+        (
+            ("send-event", "ok", "paid", "--event-id", "e\x1b[2J"),
+            "Error: event id 'e\\x1b[2J' holds a control character (\\x1b at position 1): "
+            "ids are printable text",
+        ),
+        (("list", "--prefix", "a\u2028"), "Error: id prefix 'a\\u2028' holds a line separator"),
+    ],
+    ids=["start", "status", "history", "pause", "terminate", "send-event", "event-id", "list-prefix"],
+)
+async def test_an_id_with_a_control_character_is_one_line_of_error(
+    env: dict[str, str], command: tuple[str, ...], error: str
+) -> None:
+    result = await cli.run(env, "stepline", *command)
+
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.rstrip("\n")]  # one line
+    assert result.stderr.startswith(error), result.stderr
+
+
+ODD_TEXT = "frist\nsceond [red]x[/red] :x:"
+"""A step error message with a line break, rich markup and an emoji code: shown as written, escaped."""
+ODD_SHOWN = "frist\\nsceond [red]x[/red] :x:"
+
+
+@pytest.mark.both_backends
+async def test_what_a_workflow_wrote_is_printed_escaped_one_line_per_row(
+    env: dict[str, str], process_fleet: ProcessFleet, client: Client
+) -> None:
+    process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows")
+    odd_id = "odd [bold]1[/bold]"
+    started = await cli.run(
+        env, "stepline", "start", "odd-text", "--params", json.dumps(ODD_TEXT), "--id", odd_id
+    )
+    assert started.returncode == 0, started
+    assert (await client.wait(odd_id, timeout=30)).status == "errored"
+
+    status, history, listed = await asyncio.gather(
+        cli.run(env, "stepline", "status", odd_id),
+        cli.run(env, "stepline", "history", odd_id),
+        cli.run(env, "stepline", "list"),
+    )
+
+    for result in (status, history, listed):
+        assert result.returncode == 0, result
+        assert "Traceback" not in result.output
+        # Every line that shows part of the message shows all of it: no row was split.
+        parts = [line for line in result.stdout.splitlines() if "frist" in line or "sceond" in line]
+        assert all(ODD_SHOWN in line for line in parts), result.stdout
+    for result in (status, history):
+        assert result.stdout.splitlines()[0] == f"{odd_id}  odd-text  errored", result.stdout
+        step_rows = [line for line in result.stdout.splitlines() if line.startswith("│ say [bold]it[/bold] ")]
+        assert len(step_rows) == (1 if result is status else 2), result.stdout  # steps (+ attempts)
+        assert all(f"NonRetryableError: {ODD_SHOWN}" in row for row in step_rows), result.stdout
+    assert "error: StepFailedError: step 'say [bold]it[/bold]' failed after 1 attempt" in status.stdout
+    assert [line for line in listed.stdout.splitlines() if odd_id in line], listed.stdout
+
+
+async def test_list_filters_match_exactly(
+    env: dict[str, str], process_fleet: ProcessFleet, producer: Producer, client: Client
+) -> None:
+    process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows")
+    for instance_id in ("cli_1", "cli%2", "CLI-3", "clix4"):
+        await producer.start("sequence", {"a": 1, "b": 2}, instance_id=instance_id)
+    for instance_id in ("cli_1", "cli%2", "CLI-3", "clix4"):
+        await client.wait(instance_id, timeout=30)
+
+    wildcard, prefix, underscore, helped = await asyncio.gather(
+        cli.run(env, "stepline", "list", "--workflow", "%", "--json"),
+        cli.run(env, "stepline", "list", "--prefix", "cli", "--json"),
+        cli.run(env, "stepline", "list", "--prefix", "cli_", "--json"),
+        cli.run(env, "stepline", "list", "--help"),
+    )
+
+    assert wildcard.json() == []
+    assert {item["id"] for item in prefix.json()} == {"cli_1", "cli%2", "clix4"}
+    assert [item["id"] for item in underscore.json()] == ["cli_1"]
+    help_text = " ".join(helped.stdout.split())  # click wraps it
+    assert (
+        "--workflow TEXT Only this workflow: its exact name (no wildcards; '%' is a character)." in help_text
+    )
+    assert "Only this status, matched exactly." in help_text
+    assert "--prefix TEXT Only ids that start with this text: exact and case-sensitive" in help_text

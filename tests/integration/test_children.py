@@ -74,3 +74,19 @@ async def test_terminating_a_child_fails_the_parent_step(
     assert parent.status == "errored"
     assert parent.error is not None
     assert f"child workflow 'sleeper' ('{child_id}') terminated" in parent.error["message"]
+
+
+async def test_a_child_id_with_a_control_character_errors_the_parent_naming_it(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings
+) -> None:
+    await fleet.start_worker()
+    parent_id = await producer.start("odd-child", "kid\nx", instance_id="odd-parent")
+
+    info = await control.wait(parent_id, timeout=30)
+
+    assert info.status == "errored", info
+    assert info.error is not None
+    assert info.error["message"] == (
+        "instance id 'kid\\nx' holds a control character (\\n at position 3): ids are printable text"
+    )
+    assert await db.instance_ids(settings.database) == ["odd-parent"]

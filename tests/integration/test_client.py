@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 
 from producer import Client, Producer
-from shared.errors import WaitTimeoutError
+from shared.errors import InvalidIdError, WaitTimeoutError
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
 
@@ -105,3 +107,75 @@ async def test_attempts_name_the_worker_and_the_outcome(
     assert failed["type"] == "ConnectionError"
     assert failed["message"] == "transient failure on attempt 1"
     assert await client.attempts("no-such-instance") == []
+
+
+BAD_ID = "a\nb"
+BAD_ID_ERROR = "instance id 'a\\nb' holds a control character (\\n at position 1): ids are printable text"
+
+
+async def test_every_method_taking_an_id_refuses_a_control_character(client: Client) -> None:
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "get": lambda: client.get(BAD_ID),
+        "attempts": lambda: client.attempts(BAD_ID),
+        "events": lambda: client.events(BAD_ID),
+        "recorded_values": lambda: client.recorded_values(BAD_ID),
+        "wait": lambda: client.wait(BAD_ID, timeout=5),
+        "pause": lambda: client.pause(BAD_ID),
+        "resume": lambda: client.resume(BAD_ID),
+        "terminate": lambda: client.terminate(BAD_ID),
+        "restart": lambda: client.restart(BAD_ID),
+        "send_event": lambda: client.send_event(BAD_ID, "paid"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(InvalidIdError) as raised:
+            await call()
+        assert str(raised.value) == BAD_ID_ERROR, name
+    with pytest.raises(InvalidIdError, match=r"^event id 'e\\x1b\[1m' holds a control character"):
+        await client.send_event("fine", "paid", event_id="e\x1b[1m")
+    with pytest.raises(InvalidIdError, match=r"^id prefix 'a\\nb' holds a control character"):
+        await client.list(id_prefix=BAD_ID)
+
+
+# Ids that LIKE would confuse: '%' and '_' are wildcards to it, and SQLite's LIKE ignores case.
+PREFIX_IDS = ["job%1", "job%%", "job_1", "jobx1", "Job%1", "JOB_2", "jo", "a\U0010ffffz", "b"]
+
+
+async def test_list_by_id_prefix_is_exact_and_case_sensitive(
+    fleet: Fleet, producer: Producer, client: Client
+) -> None:
+    await fleet.start_worker()
+    for instance_id in PREFIX_IDS:
+        await producer.start("sequence", {"a": 1, "b": 1}, instance_id=instance_id)
+    await eventually(
+        lambda: client.list(limit=100),
+        check=lambda found: len(found) == len(PREFIX_IDS),
+        what="every instance to be created",
+    )
+
+    async def ids(prefix: str) -> set[str]:
+        return {info.id for info in await client.list(id_prefix=prefix, limit=100)}
+
+    assert await ids("job%") == {"job%1", "job%%"}
+    assert await ids("job_") == {"job_1"}
+    assert await ids("job") == {"job%1", "job%%", "job_1", "jobx1"}
+    assert await ids("Job") == {"Job%1"}
+    assert await ids("JOB") == {"JOB_2"}
+    assert await ids("jo") == {"jo", "job%1", "job%%", "job_1", "jobx1"}
+    assert await ids("job%%") == {"job%%"}
+    assert await ids("%") == set()
+    assert await ids("_") == set()
+    assert await ids("a\U0010ffff") == {"a\U0010ffffz"}  # no code point above it to bound the range
+    assert await ids("") == set(PREFIX_IDS)
+    page = [info.id for info in await client.list(id_prefix="job", limit=3)]
+    assert len(page) == 3 and set(page) <= await ids("job"), page  # the page is of the matching ids
+
+
+async def test_list_by_workflow_is_exact(fleet: Fleet, producer: Producer, client: Client) -> None:
+    await fleet.start_worker()
+    await producer.start("sequence", {"a": 1, "b": 1}, instance_id="one")
+    await client.wait("one", timeout=30)
+
+    assert [info.id for info in await client.list(workflow="sequence")] == ["one"]
+    assert await client.list(workflow="%") == []
+    assert await client.list(workflow="seq%") == []
+    assert await client.list(workflow="SEQUENCE") == []

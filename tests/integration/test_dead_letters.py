@@ -48,6 +48,11 @@ BAD_MESSAGES = [
         without("instance_id"), ["v1 start schema", "instance_id", "Field required"], id="missing-field"
     ),
     pytest.param(start_body(priority=5), ["v1 start schema", "priority", "Extra inputs"], id="extra-field"),
+    pytest.param(
+        start_body(instance_id="a\nb"),
+        ["v1 start schema", "start.instance_id", "'a\\nb' holds a control character (\\n at position 1)"],
+        id="newline-in-id",
+    ),
     pytest.param(start_body(kind="explode"), ["unknown message kind 'explode'"], id="unknown-kind"),
     pytest.param(start_body(workflow="nope"), ["unknown workflow 'nope'", "sequence"], id="unknown-workflow"),
     pytest.param(

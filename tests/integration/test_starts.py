@@ -9,7 +9,13 @@ from opentelemetry.sdk.trace import TracerProvider
 
 import tests.workflows as test_workflows
 from producer import Client, Producer
-from shared.errors import BadPayloadError, InvalidParamsError, UnregisteredWorkflowError, UnroutableError
+from shared.errors import (
+    BadPayloadError,
+    InvalidIdError,
+    InvalidParamsError,
+    UnregisteredWorkflowError,
+    UnroutableError,
+)
 from shared.messages import MAX_INSTANCE_ID_LENGTH
 from shared.settings import Settings
 from tests.support import db
@@ -95,7 +101,7 @@ async def test_params_that_are_not_json_are_refused(
 async def test_instance_id_over_the_limit_is_refused(settings: Settings, producer: Producer) -> None:
     await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
     too_long = "x" * (MAX_INSTANCE_ID_LENGTH + 1)
-    with pytest.raises(BadPayloadError, match="instance_id") as raised:
+    with pytest.raises(BadPayloadError, match="is 513 characters, over the limit of 512") as raised:
         await producer.start("sequence", {"a": 1, "b": 2}, instance_id=too_long)
     assert not isinstance(raised.value, InvalidParamsError)
     assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 0
@@ -103,9 +109,29 @@ async def test_instance_id_over_the_limit_is_refused(settings: Settings, produce
 
 async def test_empty_instance_id_is_refused(settings: Settings, producer: Producer) -> None:
     await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
-    with pytest.raises(BadPayloadError, match="instance_id"):
+    with pytest.raises(BadPayloadError, match=r"^instance id is empty$"):
         # An empty id must not silently become a random one.
         await producer.start("sequence", {"a": 1, "b": 2}, instance_id="")
+    assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 0
+
+
+async def test_instance_id_with_a_control_character_is_refused_before_publishing(
+    settings: Settings, producer: Producer
+) -> None:
+    await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")
+
+    with pytest.raises(InvalidIdError) as raised:
+        await producer.start("sequence", {"a": 1, "b": 2}, instance_id="a\nb")
+    with pytest.raises(InvalidIdError, match=r"\(\\x1b at position 2\)"):
+        # One bad id in a batch: none of the batch is published, not even the good ones.
+        await producer.start_batch(
+            "sequence", [{"a": 1, "b": 2}, {"a": 3, "b": 4}], instance_ids=["fine", "no\x1b[2J"]
+        )
+
+    assert str(raised.value) == (
+        "instance id 'a\\nb' holds a control character (\\n at position 1): ids are printable text"
+    )
+    assert isinstance(raised.value, BadPayloadError)
     assert await ready_messages(settings.amqp, settings.namespace, "sequence") == 0
 
 
@@ -292,7 +318,7 @@ async def test_a_10_kb_instance_id_is_refused_by_the_producer_and_dead_lettered_
     settings: Settings, producer: Producer, fleet: Fleet
 ) -> None:
     ten_kb = "é" * 5000
-    with pytest.raises(BadPayloadError, match="instance_id"):
+    with pytest.raises(BadPayloadError, match="is 5000 characters, over the limit of 512"):
         await producer.start("sequence", {"a": 1, "b": 2}, instance_id=ten_kb)
     await fleet.start_worker()
     await declare_workflow_queue(settings.amqp, settings.namespace, "sequence")

@@ -7,13 +7,16 @@ from typing import Any
 
 import pytest
 
-from shared.errors import BadPayloadError, PayloadTooLargeError
+from shared.errors import BadPayloadError, InvalidIdError, PayloadTooLargeError
 from shared.messages import (
     MAX_INSTANCE_ID_LENGTH,
     SCHEMA_VERSION,
     StartMessage,
     StepMessage,
     WakeMessage,
+    check_event_id,
+    check_id_prefix,
+    check_instance_id,
     encode_message,
     parse_message,
 )
@@ -148,6 +151,81 @@ def test_instance_id_over_512_characters_is_refused() -> None:
 
 def test_empty_instance_id_is_refused() -> None:
     assert "instance_id" in _reason_of(_body(**_start(instance_id="")))
+
+
+def test_an_id_with_a_newline_is_refused_naming_the_character_by_its_escape() -> None:
+    with pytest.raises(InvalidIdError) as raised:
+        check_instance_id("a\nb")
+    assert str(raised.value) == (
+        "instance id 'a\\nb' holds a control character (\\n at position 1): ids are printable text"
+    )
+    assert (raised.value.value, raised.value.position) == ("a\nb", 1)
+    assert isinstance(raised.value, ValueError)  # what callers validating input catch
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("\r", "control character (\\r at position 3)"),
+        ("\t", "control character (\\t at position 3)"),
+        ("\x00", "control character (\\x00 at position 3)"),
+        ("\x1b[2J", "control character (\\x1b at position 3)"),
+        ("\x7f", "control character (\\x7f at position 3)"),
+        ("\x85", "control character (\\x85 at position 3)"),
+        ("\x9b", "control character (\\x9b at position 3)"),
+        ("\u2028", "line separator (\\u2028 at position 3)"),
+        ("\u2029", "paragraph separator (\\u2029 at position 3)"),
+    ],
+    ids=["cr", "tab", "nul", "esc", "del", "nel", "csi", "line-sep", "para-sep"],
+)
+def test_ids_holding_a_character_that_breaks_a_line_or_drives_a_terminal_are_refused(
+    text: str, named: str
+) -> None:
+    for check, what in ((check_instance_id, "instance id"), (check_event_id, "event id")):
+        with pytest.raises(InvalidIdError) as raised:
+            check(f"id-{text}-x")
+        assert str(raised.value).startswith(f"{what} {f'id-{text}-x'!r} holds a {named}: "), raised.value
+
+
+@pytest.mark.parametrize(
+    "instance_id",
+    ["order-42", "заказ-№1 🚚", "  spaces  ", "a%b_c", "\u00a0nbsp", "x" * MAX_INSTANCE_ID_LENGTH],
+)
+def test_printable_ids_are_accepted(instance_id: str) -> None:
+    assert check_instance_id(instance_id) == instance_id
+    assert parse_message(_body(**_start(instance_id=instance_id)), limit=LIMIT).instance_id == instance_id
+
+
+def test_empty_and_overlong_ids_are_refused_by_the_check_too() -> None:
+    with pytest.raises(InvalidIdError, match=r"^instance id is empty$"):
+        check_instance_id("")
+    with pytest.raises(InvalidIdError, match=r"is 513 characters, over the limit of 512$"):
+        check_instance_id("i" * 513)
+    with pytest.raises(InvalidIdError, match=r"^event id .* is 201 characters, over the limit of 200$"):
+        check_event_id("e" * 201)
+    assert check_id_prefix("") == ""
+    with pytest.raises(InvalidIdError, match=r"^id prefix 'a\\nb' holds a control character"):
+        check_id_prefix("a\nb")
+
+
+@pytest.mark.parametrize("kind", ["start", "step", "wake", "advance"])
+def test_a_message_whose_instance_id_holds_a_newline_is_refused_naming_the_field(kind: str) -> None:
+    fields = _start(instance_id="a\nb") if kind == "start" else _step(kind, instance_id="a\nb")
+    if kind == "advance":
+        fields = {key: fields[key] for key in ("v", "kind", "workflow", "instance_id")}
+    reason = _reason_of(_body(**fields))
+    assert reason.startswith(f"message breaks the v1 {kind} schema: {kind}.instance_id: "), reason
+    assert "instance id 'a\\nb' holds a control character (\\n at position 1)" in reason
+    assert "\n" not in reason  # the reason is one line: it travels in a header and is logged
+
+
+def test_an_event_whose_event_id_holds_an_escape_is_refused_naming_the_field() -> None:
+    body = _body(
+        v=1, kind="event", workflow="w", instance_id="i", event_id="e\x1b[31m", event_type="t", payload=None
+    )
+    reason = _reason_of(body)
+    assert reason.startswith("message breaks the v1 event schema: event.event_id: "), reason
+    assert "event id 'e\\x1b[31m' holds a control character (\\x1b at position 1)" in reason
 
 
 @pytest.mark.parametrize("field", ["step", "occurrence", "attempt"])
