@@ -438,3 +438,14 @@ async def huge_result_workflow(ctx: Context, params: int) -> str:
 @workflow("long-timeout")
 async def long_timeout(ctx: Context, params: None) -> str:
     return await ctx.step("forever", branch, "x", timeout="2 hours")
+
+
+# ---------------------------------------------------------------- a fan-out planned by a long transaction
+
+
+@workflow("fan-out-on-event")
+async def fan_out_on_event(ctx: Context, params: int) -> int:
+    # The transaction that takes the event replays under the instance lock and plans every leaf at once.
+    await ctx.wait_for_event("go", event_type="go")
+    leaves = await asyncio.gather(*(ctx.step("leaf", branch, str(index)) for index in range(params)))
+    return len(leaves)
