@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 import psycopg
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from producer import Client, Producer
+from shared.broker import Publisher
 from shared.db import queries, transitions
 from shared.db.engine import create_engine
 from shared.db.schema import outbox, timers, utc_clock, utc_now
@@ -18,7 +22,7 @@ from shared.outbox import OutboxRelay
 from shared.settings import Settings
 from shared.states import InstanceStatus
 from tests.support import db
-from tests.support.amqp import connected_broker
+from tests.support.amqp import connected_broker, ready_messages
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
 
@@ -98,6 +102,11 @@ def _step_messages(workflow: str, instance_id: str, count: int, limit: int) -> l
     return messages
 
 
+async def _database_clock(engine: AsyncEngine) -> datetime:
+    async with engine.connect() as conn:
+        return (await conn.execute(sa.select(utc_clock()))).scalar_one()
+
+
 @pytest.mark.postgres_only("the test sees the worker wait for the lock in pg_stat_activity")
 async def test_a_fan_out_planned_after_a_lock_wait_is_not_republished_by_the_sweepers(
     fleet: Fleet,
@@ -175,3 +184,77 @@ async def test_rows_a_long_planning_transaction_wrote_are_young_at_its_commit(se
 
     assert taken == 0
     assert await db.scalar(settings.database, "SELECT count(*) FROM outbox") == 100
+
+
+class _StalledPublisher:
+    """The real broker, whose first ``count`` publishes wait until the test lets them through.
+
+    A fast path that the broker or a busy worker holds up for seconds, on purpose.
+    """
+
+    def __init__(self, broker: Publisher, count: int) -> None:
+        self._broker = broker
+        self._count = count
+        self._waiting = 0
+        self.released = asyncio.Event()
+
+    async def publish(self, routing_key: str, body: bytes, headers: Mapping[str, str] | None) -> None:
+        if self._count > 0:
+            self._count -= 1
+            self._waiting += 1
+            await self.released.wait()
+        await self._broker.publish(routing_key, body, headers)
+
+    async def count_waiting(self) -> int:
+        """How many publishes wait to be let through."""
+        return self._waiting
+
+
+async def test_rows_the_fast_path_is_still_publishing_are_not_taken_over(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The worker that committed the rows publishes them, slowly; it sweeps every 300 ms, and
+    # so does another worker, which looks once the rows are older than sweep_after (1 s).
+    caplog.set_level(logging.INFO, logger="stepline.outbox")
+    engine = create_engine(settings.database, pool_size=2)
+    others_engine = create_engine(settings.database, pool_size=2)
+    try:
+        async with connected_broker(settings.amqp, settings.namespace) as broker:
+            await broker.ensure_workflow_queue("w")
+            stalled = _StalledPublisher(broker, 100)
+            relay = OutboxRelay(engine, stalled, settings.outbox)
+            relay.start_batching_deletes()
+            async with engine.begin() as conn:
+                messages = _step_messages("w", "i", 100, settings.max_payload_bytes)
+                rows = await queries.insert_outbox(conn, messages)
+                born = (await conn.execute(sa.select(sa.func.max(outbox.c.created_at)))).scalar_one()
+            stopping = asyncio.Event()
+            sweeper = asyncio.create_task(relay.run_sweeper(stopping))
+            publishing = asyncio.create_task(relay.publish_committed(rows))
+            try:
+                await eventually(
+                    stalled.count_waiting,
+                    check=lambda waiting: waiting == 100,
+                    what="the fast path to be publishing every row",
+                )
+                await eventually(
+                    lambda: _database_clock(engine),
+                    check=lambda now: now - born > settings.outbox.sweep_after,
+                    what="the rows to be older than sweep_after",
+                )
+                taken = await OutboxRelay(others_engine, broker, settings.outbox).sweep_once()
+            finally:
+                stalled.released.set()
+                await publishing
+                stopping.set()
+                await sweeper
+                await relay.stop_batching_deletes()
+            delivered = await ready_messages(settings.amqp, settings.namespace, "w")
+    finally:
+        await engine.dispose()
+        await others_engine.dispose()
+
+    assert taken == 0
+    assert _swept(caplog) == 0
+    assert delivered == 100
+    assert await db.scalar(settings.database, "SELECT count(*) FROM outbox") == 0
