@@ -31,6 +31,13 @@ class OutboxRelay:
     The fast path publishes the rows a transaction just committed; the sweeper
     republishes rows a crash left behind. Both may publish a row twice, never
     zero times: every consumer is idempotent.
+
+    A row this relay still works on (being published, waiting for its delete,
+    or held for a local step) is kept young by each of its sweeps, so that no
+    sweeper takes it over however long the broker or the database takes (the
+    fast path of a 1,000-step fan-out took 8 s on a busy test machine).
+    Only a relay that stopped working on a row (it crashed, or the publish
+    failed) lets it age into the sweepers' hands.
     """
 
     def __init__(
@@ -51,19 +58,36 @@ class OutboxRelay:
         self._confirmed_added = asyncio.Event()
         self._deleter: asyncio.Task[None] | None = None
         self._delete_delay_s = min(DELETE_DELAY_S, settings.sweep_after.total_seconds() / 10)
+        # Rows this relay works on: each sweep makes them young again (see hold).
         self._held: set[int] = set()
 
     async def publish_committed(self, rows: Sequence[OutboxRow]) -> None:
-        """Fast path: publish rows right after their commit; failures are left for the sweeper."""
+        """Fast path: publish rows right after their commit; failures are left for the sweeper.
+
+        The rows are held from now until their delete commits: publishing many
+        with confirms, or a busy event loop, may take longer than ``sweep_after``.
+        """
         if not rows:
             return
-        sent = await self._publish(rows)
+        ids = [row.id for row in rows]
+        self._held.update(ids)
+        sent: list[int] = []
+        try:
+            sent = await self._publish(rows)
+        finally:
+            if len(sent) != len(ids):
+                # A row that did not go out is the sweepers' to publish, once it is old enough.
+                self._held.difference_update(set(ids).difference(sent))
         await self.forget(sent)
 
     async def forget(self, ids: Sequence[int]) -> None:
-        """Delete rows whose messages need no publishing any more (batched, when batching is on)."""
+        """Delete rows whose messages need no publishing any more (batched, when batching is on).
+
+        They stay held until the delete has committed, so no sweeper takes them meanwhile.
+        """
         if not ids:
             return
+        self._held.update(ids)
         if self._deleter is not None:
             self._confirmed.extend(ids)
             self._confirmed_added.set()
@@ -81,9 +105,10 @@ class OutboxRelay:
 
     async def release(self, row_id: int, *, is_done: bool) -> None:
         """Stop holding a row: forget it if its work is done, else leave it for the sweepers."""
-        self._held.discard(row_id)
         if is_done:
             await self.forget([row_id])
+        else:
+            self._held.discard(row_id)
 
     def start_batching_deletes(self) -> None:
         """Delete the fast path's confirmed rows from a background task, many in one statement.
@@ -91,9 +116,10 @@ class OutboxRelay:
         ``publish_committed`` then returns once the broker confirmed, and one
         transaction every few milliseconds forgets all the rows confirmed
         meanwhile, instead of one transaction per call. A row whose delete is
-        still pending (or lost in a crash) is only republished by the sweeper
-        once it is ``sweep_after`` old, far longer than the wait; consumers are
-        idempotent either way. ``stop_batching_deletes`` deletes what is left.
+        still pending stays held (kept young), so no sweeper republishes it
+        however long the delete takes; one whose delete failed or was lost in a
+        crash is republished once it is ``sweep_after`` old, and consumers are
+        idempotent. ``stop_batching_deletes`` deletes what is left.
         """
         if self._deleter is None:
             self._deleter = asyncio.create_task(self._delete_in_batches())
@@ -129,12 +155,17 @@ class OutboxRelay:
         except (SQLAlchemyError, OSError) as exc:
             # Published but not deleted: the sweeper will publish them again, harmlessly.
             log.warning("outbox delete failed: %s", exc, extra={"event": "outbox_delete_failed"})
+        finally:
+            self._held.difference_update(sent)
 
     async def sweep_once(self) -> int:
         """Republish rows older than the fast path's grace; returns how many were sent."""
+        if self._held:
+            # A transaction of its own: the refreshed rows' locks are not kept while the
+            # stale rows below are published, which would hold up the fast path's delete of them.
+            async with self._engine.begin() as conn:
+                await queries.refresh_outbox(conn, list(self._held))
         async with self._engine.begin() as conn:
-            if self._held:
-                await queries.refresh_outbox(conn, sorted(self._held))
             self._hooks.outbox_backlog(await queries.count_outbox(conn))
             rows = await queries.claim_stale_outbox(
                 conn, older_than=self._settings.sweep_after, limit=self._settings.batch_size

@@ -457,3 +457,14 @@ async def odd_text(ctx: Context, params: str) -> str:
 async def odd_child(ctx: Context, params: str) -> Any:
     """Starts a child under the id ``params``."""
     return await ctx.child("compute", "sequence", {"a": 1, "b": 1}, instance_id=params)
+
+
+# ---------------------------------------------------------------- a fan-out planned by a long transaction
+
+
+@workflow("fan-out-on-event")
+async def fan_out_on_event(ctx: Context, params: int) -> int:
+    # The transaction that takes the event replays under the instance lock and plans every leaf at once.
+    await ctx.wait_for_event("go", event_type="go")
+    leaves = await asyncio.gather(*(ctx.step("leaf", branch, str(index)) for index in range(params)))
+    return len(leaves)

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.codec import JSON
 from shared.db import raw
-from shared.db.schema import events, instances, outbox, step_attempts, steps, timers, utc_now
+from shared.db.schema import events, instances, outbox, step_attempts, steps, timers, utc_clock, utc_now
 from shared.history import History, ParentLink, StepKey, StepRecord
 from shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
@@ -687,8 +687,16 @@ async def claim_stale_outbox(conn: AsyncConnection, *, older_than: timedelta, li
 
 
 async def refresh_outbox(conn: AsyncConnection, ids: Sequence[int]) -> None:
-    """Make rows young again, so that no sweeper counts them as left behind (see OutboxRelay.hold)."""
-    await conn.execute(outbox.update().where(outbox.c.id.in_(ids)).values(created_at=utc_now()))
+    """Make rows young again, so that no sweeper counts them as left behind (see OutboxRelay.hold).
+
+    A row another transaction has locked is skipped, not waited for: the
+    relay's own delete is removing it, or a sweeper has already taken it.
+    Waiting could also deadlock with that delete, which locks the same rows.
+    """
+    free = sa.select(outbox.c.id).where(outbox.c.id.in_(ids)).with_for_update(skip_locked=True)
+    await conn.execute(
+        outbox.update().where(outbox.c.id.in_(free.scalar_subquery())).values(created_at=utc_clock())
+    )
 
 
 async def delete_outbox(conn: AsyncConnection, ids: Sequence[int]) -> None:

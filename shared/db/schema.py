@@ -49,6 +49,12 @@ class _Now(FunctionElement[datetime]):
     name = "utc_now"
 
 
+class _Clock(FunctionElement[datetime]):
+    type = Timestamp()
+    inherit_cache = True
+    name = "utc_clock"
+
+
 class _NowPlus(FunctionElement[datetime]):
     type = Timestamp()
     inherit_cache = True
@@ -68,6 +74,19 @@ def utc_now(offset: timedelta | None = None) -> FunctionElement[datetime]:
     return _NowPlus(sa.literal(offset.total_seconds(), sa.Float()))
 
 
+def utc_clock() -> FunctionElement[datetime]:
+    """The database's clock when the row is written, not when its transaction began.
+
+    For an age that must not start early: an outbox row written at the end of
+    a transaction that waited for a lock or replayed workflow code for seconds
+    would otherwise be born older than the sweepers' grace, and be republished
+    while the fast path still publishes it. PostgreSQL's ``clock_timestamp()``
+    (read per row; no extra round trip); SQLite reads its clock once per
+    statement, which is already the time of the write, so it is ``utc_now()`` there.
+    """
+    return _Clock()
+
+
 _SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now'"
 
 
@@ -78,6 +97,16 @@ def _now_postgresql(element: _Now, compiler: SQLCompiler, **kw: Any) -> str:
 
 @compiles(_Now, "sqlite")
 def _now_sqlite(element: _Now, compiler: SQLCompiler, **kw: Any) -> str:
+    return _SQLITE_NOW + ")"
+
+
+@compiles(_Clock)
+def _clock_postgresql(element: _Clock, compiler: SQLCompiler, **kw: Any) -> str:
+    return "clock_timestamp()"
+
+
+@compiles(_Clock, "sqlite")
+def _clock_sqlite(element: _Clock, compiler: SQLCompiler, **kw: Any) -> str:
     return _SQLITE_NOW + ")"
 
 
@@ -166,9 +195,10 @@ outbox = sa.Table(
     sa.Column("routing_key", sa.Text, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("headers", Json),
-    # When the row was written, or last refreshed by a worker that holds it while it runs the
-    # step itself (OutboxRelay.hold): sweepers republish rows older than sweep_after.
-    sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_now()),
+    # When the row was written, or last refreshed by a relay that holds it while it publishes it
+    # or runs its step itself (OutboxRelay.hold): sweepers republish rows older than sweep_after.
+    # The clock at the write, not the transaction's start (see utc_clock).
+    sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_clock()),
 )
 
 # Armed timers only: firing one deletes its row in the statement that queues its
