@@ -18,7 +18,7 @@ from shared.errors import BrokerError
 from shared.health import HealthServer
 from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
-from shared.retrying import StopRequested, retry_until
+from shared.retrying import Outage, StopRequested, first_line, retry_until
 from shared.settings import SchedulerSettings, Settings
 
 log = logging.getLogger("stepline.scheduler")
@@ -39,14 +39,13 @@ async def fire_timers_until_stopped(
     an earlier one meanwhile).
     """
     poll = settings.poll_interval.total_seconds()
-    failing = False
+    # The loop scans every poll interval, outage or not: the first scan that works ends it.
+    outage = Outage("scanning timers", log)
     while not stopping.is_set():
         wait = poll
         try:
             fired = await fire_due_timers(engine, batch_size=settings.batch_size, hooks=hooks)
-            if failing:
-                log.info("database reachable again", extra={"event": "scheduler_recovered"})
-                failing = False
+            outage.recovered()
             more_due = len(fired) == settings.batch_size
             publisher.backlog(more_due)
             if fired:
@@ -59,9 +58,7 @@ async def fire_timers_until_stopped(
                 wait = max(0.0, min(poll, next_due))
         except (SQLAlchemyError, OSError) as exc:
             publisher.backlog(False)
-            if not failing:
-                log.warning("timer scan failed, retrying: %s", exc, extra={"event": "scheduler_db_error"})
-                failing = True
+            outage.failed(first_line(exc))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=wait)
 
@@ -105,11 +102,14 @@ async def run_scheduler(
             relay, stale_after_s=0.8 * settings.outbox.sweep_after.total_seconds()
         )
         publisher.start()
+        outage_watch = asyncio.create_task(publisher.watch_outage(stopping))
         log.info("scheduler started", extra={"event": "scheduler_started"})
         try:
             await fire_timers_until_stopped(engine, publisher, settings.scheduler, stopping, hooks=hooks)
         finally:
             await publisher.close()
+            outage_watch.cancel()
+            await asyncio.wait({outage_watch})
         await sweeper
         if health is not None:
             await health.stop()

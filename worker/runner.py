@@ -112,6 +112,7 @@ async def run_worker(
         # The sweeper outlives the drain below: it keeps the rows of local steps still running fresh.
         drained = asyncio.Event()
         sweeper = asyncio.create_task(relay.run_sweeper(drained))
+        outage_watch = asyncio.create_task(handler.watch_outage(drained))
         sampler = asyncio.create_task(_sample_queue_depths(broker, sorted(workflows), hooks, stopping))
         log.info(
             "worker consuming %s with concurrency %d",
@@ -137,6 +138,8 @@ async def run_worker(
                     task.cancel()
         drained.set()
         await sweeper
+        outage_watch.cancel()  # a probe of a database that does not answer must not hold up the stop
+        await asyncio.wait({outage_watch})
         await sampler
         if health is not None:
             await health.stop()

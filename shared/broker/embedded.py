@@ -542,6 +542,11 @@ class EmbeddedBroker:
             await self.ensure_workflow_queue(workflow)
         await hub.publish(self.namespace, routing_key, body, headers)
 
+    async def probe(self) -> None:
+        """Raise ``BrokerError`` unless the queue file is open (a publish commits to it)."""
+        if not await self.is_connected():
+            raise BrokerError(NOT_CONNECTED)
+
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Keep a message with its reason (cut to 4000 characters); committed when this returns."""
         await self._connected.dead_letter(self.namespace, delivery, reason)
