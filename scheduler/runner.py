@@ -13,13 +13,13 @@ from scheduler.publisher import BackgroundPublisher
 from scheduler.timers import fire_due_timers, seconds_until_next
 from shared.broker import create_broker
 from shared.db.engine import create_engine
-from shared.db.migrate import check_schema, database_answers
-from shared.errors import BrokerError
+from shared.db.migrate import database_answers
 from shared.health import HealthServer
 from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
-from shared.retrying import Outage, StopRequested, first_line, retry_until
+from shared.retrying import Outage, StopRequested, first_line
 from shared.settings import SchedulerSettings, Settings
+from shared.startup import check_database, connect_broker
 
 log = logging.getLogger("stepline.scheduler")
 
@@ -67,27 +67,22 @@ async def run_scheduler(
     settings: Settings,
     stopping: asyncio.Event,
     *,
-    startup_timeout_s: float = 60.0,
+    startup_timeout_s: float | None = None,
     hooks: Hooks | None = None,
 ) -> None:
-    """Fire timers as they fall due until ``stopping`` is set."""
+    """Fire timers as they fall due until ``stopping`` is set.
+
+    Raises:
+        ServiceUnavailableError: PostgreSQL or RabbitMQ did not answer within
+            ``startup_timeout_s`` (default: the ``startup_timeout`` setting).
+    """
+    if startup_timeout_s is None:
+        startup_timeout_s = settings.startup_timeout.total_seconds()
     engine = create_engine(settings.database, pool_size=3, pre_ping=False)
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     try:
-        await retry_until(
-            broker.connect,
-            what="RabbitMQ",
-            deadline_s=startup_timeout_s,
-            retry_on=(BrokerError,),
-            stopping=stopping,
-        )
-        await retry_until(
-            lambda: check_schema(engine),
-            what="PostgreSQL",
-            deadline_s=startup_timeout_s,
-            retry_on=(SQLAlchemyError, OSError),
-            stopping=stopping,
-        )
+        await connect_broker(broker, settings.amqp, deadline_s=startup_timeout_s, stopping=stopping)
+        await check_database(engine, settings.database, deadline_s=startup_timeout_s, stopping=stopping)
         relay = OutboxRelay(engine, broker, settings.outbox, hooks=hooks)
         health = None
         if settings.health_port is not None:

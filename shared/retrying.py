@@ -50,7 +50,9 @@ async def retry_until(
             if time.monotonic() - started + delay > deadline_s:
                 raise
             if not logged:
-                log.warning("waiting for %s: %s", what, exc, extra={"event": "waiting_for_service"})
+                log.warning(
+                    "waiting for %s: %s", what, first_line(exc), extra={"event": "waiting_for_service"}
+                )
                 logged = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), delay * random.uniform(0.5, 1.5))
