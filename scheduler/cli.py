@@ -23,6 +23,11 @@ def main(poll_interval: str | None) -> None:
 
     Several schedulers may run at once. Needs STEPLINE_DATABASE_URL and
     STEPLINE_AMQP_URL. Stops cleanly on SIGTERM.
+
+    Exit status: 0 after a clean stop; 2 for a missing or malformed setting;
+    3 if PostgreSQL or RabbitMQ did not answer within STEPLINE_STARTUP_TIMEOUT
+    (default 60s) at start-up; 1 for any other error. Each failure is one line
+    on stderr.
     """
     try:
         configure_logging("scheduler")

@@ -76,12 +76,19 @@ class BackgroundPublisher:
         self._ready = asyncio.Event()
         self._go = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._outage = Outage("handing fired timers to the publisher", log)
+        self._outage = Outage("handing fired timers to the publisher", log, probe=self._has_room_now)
 
     @property
     def waiting(self) -> int:
         """Rows handed over and not yet published (or given up)."""
         return self._waiting
+
+    async def watch_outage(self, stopping: asyncio.Event) -> None:
+        """Until ``stopping``, end an open outage once there is room again, even if no timer fires."""
+        await self._outage.watch(stopping)
+
+    async def _has_room_now(self) -> bool:
+        return not self._stuck and self._has_room(1)
 
     def start(self) -> None:
         """Start publishing in the background."""

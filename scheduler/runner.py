@@ -13,13 +13,13 @@ from scheduler.publisher import BackgroundPublisher
 from scheduler.timers import fire_due_timers, seconds_until_next
 from shared.broker import create_broker
 from shared.db.engine import create_engine
-from shared.db.migrate import check_schema, database_answers
-from shared.errors import BrokerError
+from shared.db.migrate import database_answers
 from shared.health import HealthServer
 from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
-from shared.retrying import StopRequested, retry_until
+from shared.retrying import Outage, StopRequested, first_line
 from shared.settings import SchedulerSettings, Settings
+from shared.startup import check_database, connect_broker
 
 log = logging.getLogger("stepline.scheduler")
 
@@ -39,14 +39,13 @@ async def fire_timers_until_stopped(
     an earlier one meanwhile).
     """
     poll = settings.poll_interval.total_seconds()
-    failing = False
+    # The loop scans every poll interval, outage or not: the first scan that works ends it.
+    outage = Outage("scanning timers", log)
     while not stopping.is_set():
         wait = poll
         try:
             fired = await fire_due_timers(engine, batch_size=settings.batch_size, hooks=hooks)
-            if failing:
-                log.info("database reachable again", extra={"event": "scheduler_recovered"})
-                failing = False
+            outage.recovered()
             more_due = len(fired) == settings.batch_size
             publisher.backlog(more_due)
             if fired:
@@ -59,9 +58,7 @@ async def fire_timers_until_stopped(
                 wait = max(0.0, min(poll, next_due))
         except (SQLAlchemyError, OSError) as exc:
             publisher.backlog(False)
-            if not failing:
-                log.warning("timer scan failed, retrying: %s", exc, extra={"event": "scheduler_db_error"})
-                failing = True
+            outage.failed(first_line(exc))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=wait)
 
@@ -70,27 +67,22 @@ async def run_scheduler(
     settings: Settings,
     stopping: asyncio.Event,
     *,
-    startup_timeout_s: float = 60.0,
+    startup_timeout_s: float | None = None,
     hooks: Hooks | None = None,
 ) -> None:
-    """Fire timers as they fall due until ``stopping`` is set."""
+    """Fire timers as they fall due until ``stopping`` is set.
+
+    Raises:
+        ServiceUnavailableError: PostgreSQL or RabbitMQ did not answer within
+            ``startup_timeout_s`` (default: the ``startup_timeout`` setting).
+    """
+    if startup_timeout_s is None:
+        startup_timeout_s = settings.startup_timeout.total_seconds()
     engine = create_engine(settings.database, pool_size=3, pre_ping=False)
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     try:
-        await retry_until(
-            broker.connect,
-            what="RabbitMQ",
-            deadline_s=startup_timeout_s,
-            retry_on=(BrokerError,),
-            stopping=stopping,
-        )
-        await retry_until(
-            lambda: check_schema(engine),
-            what="PostgreSQL",
-            deadline_s=startup_timeout_s,
-            retry_on=(SQLAlchemyError, OSError),
-            stopping=stopping,
-        )
+        await connect_broker(broker, settings.amqp, deadline_s=startup_timeout_s, stopping=stopping)
+        await check_database(engine, settings.database, deadline_s=startup_timeout_s, stopping=stopping)
         relay = OutboxRelay(engine, broker, settings.outbox, hooks=hooks)
         health = None
         if settings.health_port is not None:
@@ -105,11 +97,14 @@ async def run_scheduler(
             relay, stale_after_s=0.8 * settings.outbox.sweep_after.total_seconds()
         )
         publisher.start()
+        outage_watch = asyncio.create_task(publisher.watch_outage(stopping))
         log.info("scheduler started", extra={"event": "scheduler_started"})
         try:
             await fire_timers_until_stopped(engine, publisher, settings.scheduler, stopping, hooks=hooks)
         finally:
             await publisher.close()
+            outage_watch.cancel()
+            await asyncio.wait({outage_watch})
         await sweeper
         if health is not None:
             await health.stop()

@@ -85,6 +85,24 @@ class BrokerError(SteplineError):
     """The broker failed or refused an operation."""
 
 
+class ServiceUnavailableError(SteplineError):
+    """PostgreSQL or RabbitMQ did not answer within the start-up wait; the process exits 3.
+
+    The text is one line: the service, its URL without the password, the
+    driver's cause and what to do about it.
+    """
+
+    def __init__(self, service: str, url: str, cause: str, hint: str, waited_s: float) -> None:
+        super().__init__(
+            f"cannot connect to {service} at {url} (gave up after {waited_s:g}s, "
+            f"STEPLINE_STARTUP_TIMEOUT): {cause} - {hint}"
+        )
+        self.service = service
+        self.url = url
+        self.cause = cause
+        self.hint = hint
+
+
 class UnroutableError(BrokerError):
     """The broker returned a mandatory message: no queue is bound to its routing key."""
 

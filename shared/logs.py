@@ -20,6 +20,7 @@ FIELDS = (
     "routing_key",
     "workflow",
     "worker",
+    "outage",
     "trace_id",
     "span_id",
 )

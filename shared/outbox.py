@@ -16,7 +16,7 @@ from shared.db import queries
 from shared.db.queries import OutboxRow
 from shared.errors import BrokerError
 from shared.hooks import Hooks, NoHooks
-from shared.retrying import Outage
+from shared.retrying import Outage, first_line
 from shared.settings import OutboxSettings
 
 log = logging.getLogger("stepline.outbox")
@@ -52,7 +52,10 @@ class OutboxRelay:
         self._engine = engine
         self._publisher = publisher
         self._settings = settings
-        self._outage = Outage("publishing outbox rows", log)
+        # Publishing can fail for want of the broker, sweeping and deleting for want of the
+        # database: two outages, each ended by its own proof that the thing works again.
+        self._outage = Outage("publishing outbox rows", log, probe=self._publishing_works)
+        self._database_outage = Outage("sweeping and deleting outbox rows", log)
         # Confirmed rows wait here to be deleted in batches (see start_batching_deletes).
         self._confirmed: list[int] = []
         self._confirmed_added = asyncio.Event()
@@ -154,7 +157,9 @@ class OutboxRelay:
                 await queries.delete_outbox(conn, sent)
         except (SQLAlchemyError, OSError) as exc:
             # Published but not deleted: the sweeper will publish them again, harmlessly.
-            log.warning("outbox delete failed: %s", exc, extra={"event": "outbox_delete_failed"})
+            self._database_outage.failed(f"delete: {first_line(exc)}")
+        else:
+            self._database_outage.recovered()
         finally:
             self._held.difference_update(sent)
 
@@ -180,16 +185,32 @@ class OutboxRelay:
         return len(sent)
 
     async def run_sweeper(self, stopping: asyncio.Event) -> None:
-        """Sweep every ``sweep_interval`` until ``stopping`` is set; errors are logged, not fatal."""
+        """Sweep every ``sweep_interval`` until ``stopping`` is set; errors are logged, not fatal.
+
+        Each outage this relay logged is also logged when it ends, even if no
+        more work comes to prove it: a sweep that completes (with rows to
+        publish or none) ends a database outage, and while publishing is failing
+        a probe publish tries the broker every second and ends the outage when
+        it is confirmed. Another process's sweeper may have republished every
+        row this one failed to send, so its own rows prove nothing.
+        """
         interval = self._settings.sweep_interval.total_seconds()
-        while not stopping.is_set():
-            try:
-                while await self.sweep_once() == self._settings.batch_size:
-                    pass
-            except (SQLAlchemyError, BrokerError, OSError) as exc:
-                self._outage.failed(f"sweep: {exc}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=interval)
+        # The probe runs apart from the sweeps: a blocked broker holds it up to the publish timeout.
+        watcher = asyncio.create_task(self._outage.watch(stopping), name="stepline-outbox-probe")
+        try:
+            while not stopping.is_set():
+                try:
+                    while await self.sweep_once() == self._settings.batch_size:
+                        pass
+                except (SQLAlchemyError, BrokerError, OSError) as exc:
+                    self._database_outage.failed(f"sweep: {first_line(exc)}")
+                else:
+                    self._database_outage.recovered()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), timeout=interval)
+        finally:
+            watcher.cancel()  # a probe hanging on a blocked broker must not hold up the stop
+            await asyncio.wait({watcher})  # its end, without raising its cancellation
 
     async def _publish(self, rows: Sequence[OutboxRow]) -> list[int]:
         results = await asyncio.gather(
@@ -207,6 +228,10 @@ class OutboxRelay:
         if sent and len(sent) == len(rows):
             self._outage.recovered()
         return sent
+
+    async def _publishing_works(self) -> bool:
+        await self._publisher.probe()
+        return True
 
     async def _publish_one(self, row: OutboxRow) -> None:
         await self._publisher.publish(row.routing_key, row.body, row.headers)

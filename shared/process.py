@@ -8,10 +8,17 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from shared.errors import ConfigError, SteplineError
+from shared.errors import ConfigError, ServiceUnavailableError, SteplineError
+
+EXIT_ERROR = 1
+"""Any other error Stepline raised, named in one line."""
+EXIT_CONFIG = 2
+"""A setting is missing or malformed."""
+EXIT_UNAVAILABLE = 3
+"""PostgreSQL or RabbitMQ did not answer within STEPLINE_STARTUP_TIMEOUT at start-up."""
 
 
-def fail(command: str, message: str, code: int = 2) -> NoReturn:
+def fail(command: str, message: str, code: int = EXIT_CONFIG) -> NoReturn:
     """Print one line naming the problem and exit."""
     print(f"{command}: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -20,8 +27,9 @@ def fail(command: str, message: str, code: int = 2) -> NoReturn:
 def run_until_signalled(command: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``main(stopping)``; SIGTERM or SIGINT sets ``stopping`` for a graceful exit.
 
-    A second signal exits at once. Configuration and service errors exit 2
-    with one line; a clean stop exits 0.
+    A second signal exits at once. A clean stop exits 0; every failure prints
+    one line and exits ``EXIT_CONFIG`` (2, a bad setting), ``EXIT_UNAVAILABLE``
+    (3, a service that did not answer at start-up) or ``EXIT_ERROR`` (1).
     """
 
     async def body() -> None:
@@ -44,5 +52,7 @@ def run_until_signalled(command: str, main: Callable[[asyncio.Event], Awaitable[
         asyncio.run(body())
     except ConfigError as exc:
         fail(command, str(exc))
+    except ServiceUnavailableError as exc:
+        fail(command, str(exc), code=EXIT_UNAVAILABLE)
     except SteplineError as exc:
-        fail(command, str(exc), code=1)
+        fail(command, str(exc), code=EXIT_ERROR)

@@ -50,7 +50,9 @@ async def retry_until(
             if time.monotonic() - started + delay > deadline_s:
                 raise
             if not logged:
-                log.warning("waiting for %s: %s", what, exc, extra={"event": "waiting_for_service"})
+                log.warning(
+                    "waiting for %s: %s", what, first_line(exc), extra={"event": "waiting_for_service"}
+                )
                 logged = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), delay * random.uniform(0.5, 1.5))
@@ -81,23 +83,46 @@ async def _unless_stopping(action: Callable[[], Awaitable[T]], stopping: asyncio
     return attempt.result()
 
 
-class Outage:
-    """Logs an outage once when it starts and once when it ends, not once per failure."""
+Probe = Callable[[], Awaitable[bool]]
+"""Asks whether a failing thing works again: True if it does (False or an error: not yet)."""
 
-    def __init__(self, what: str, logger: logging.Logger) -> None:
+PROBE_EVERY_S = 1.0
+"""How often ``Outage.watch`` probes while an outage is open."""
+PROBE_TIMEOUT_S = 10.0
+"""A probe that has not answered by then failed (a blocked peer may never answer)."""
+
+
+class Outage:
+    """Logs an outage once when it starts and once when it ends, not once per failure.
+
+    A success of the real work ends the outage (``recovered``). So does a
+    passing ``probe`` while ``watch`` runs: the end is logged even when no more
+    work comes along to prove it, as after a broker outage in which every row
+    was left for another process's sweeper.
+    """
+
+    def __init__(self, what: str, logger: logging.Logger, *, probe: Probe | None = None) -> None:
         self._what = what
         self._log = logger
+        self._probe = probe
         self._since: float | None = None
+        self._failures = 0
+
+    @property
+    def is_open(self) -> bool:
+        """Whether an outage started and has not ended yet."""
+        return self._since is not None
 
     def failed(self, detail: str) -> None:
         """A call failed; the first failure of an outage is logged."""
+        self._failures += 1
         if self._since is None:
             self._since = time.monotonic()
             self._log.warning(
                 "%s is failing, retrying with back-off: %s",
                 self._what,
                 detail,
-                extra={"event": "outage_started"},
+                extra={"event": "outage_started", "outage": self._what},
             )
 
     def recovered(self) -> None:
@@ -105,7 +130,38 @@ class Outage:
         if self._since is not None:
             lasted = time.monotonic() - self._since
             self._since = None
-            self._log.info("%s is back after %.1fs", self._what, lasted, extra={"event": "outage_ended"})
+            self._log.info(
+                "%s is back after %.1fs",
+                self._what,
+                lasted,
+                extra={"event": "outage_ended", "outage": self._what},
+            )
+
+    async def check(self) -> None:
+        """While an outage is open, ask the probe; if it passes and nothing failed meanwhile, end it."""
+        if self._since is None or self._probe is None:
+            return
+        failures = self._failures
+        try:
+            works = await asyncio.wait_for(self._probe(), PROBE_TIMEOUT_S)
+        except Exception as exc:  # any error of the probe means "not yet"; the outage is logged already
+            self._log.debug("%s still failing: %s", self._what, exc, extra={"event": "outage_probe_failed"})
+            return
+        if works and failures == self._failures:
+            self.recovered()
+
+    async def watch(self, stopping: asyncio.Event, *, every_s: float = PROBE_EVERY_S) -> None:
+        """Until ``stopping`` is set, probe every ``every_s`` while an outage is open (see ``check``)."""
+        while not stopping.is_set():
+            await self.check()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), every_s)
 
 
-__all__ = ["Outage", "StopRequested", "retry_until"]
+def first_line(exc: BaseException) -> str:
+    """An error's first line, for an outage's log line: SQLAlchemy adds the statement and a link below it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+__all__ = ["Outage", "Probe", "StopRequested", "first_line", "retry_until"]

@@ -171,6 +171,11 @@ class Settings(BaseSettings):
         le=65535,
         description="Serve /livez and /readyz on this port (workers and schedulers); unset: off.",
     )
+    startup_timeout: DurationSetting = Field(
+        default=timedelta(seconds=60),
+        description="How long workers and schedulers wait for PostgreSQL and RabbitMQ at start-up "
+        "before they exit 3.",
+    )
     log_format: Literal["text", "json"] = Field(default="text", description="Log lines as text or JSON.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="INFO", description="Log level of workers and schedulers."
@@ -187,6 +192,13 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+
+    @field_validator("startup_timeout")
+    @classmethod
+    def _positive_startup_timeout(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be longer than 0s (e.g. 60s)")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -38,6 +38,11 @@ def workflow_routing_keys(workflow: str) -> list[str]:
     return [routing_key(kind, workflow) for kind in MESSAGE_KINDS]
 
 
+def probe_routing_key() -> str:
+    """The routing key of a broker probe: no dot, so it matches no workflow's binding and is dropped."""
+    return "probe"
+
+
 def parse_routing_key(key: str) -> tuple[str, str]:
     """``(kind, workflow)`` of a routing key made by ``routing_key``."""
     kind, _, workflow = key.partition(".")

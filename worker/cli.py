@@ -35,6 +35,11 @@ def main(modules: tuple[str, ...], concurrency: int | None, worker_id: str | Non
     """Run workflow steps from RabbitMQ, committing to PostgreSQL.
 
     Needs STEPLINE_DATABASE_URL and STEPLINE_AMQP_URL. Stops cleanly on SIGTERM.
+
+    Exit status: 0 after a clean stop; 2 for a missing or malformed setting;
+    3 if PostgreSQL or RabbitMQ did not answer within STEPLINE_STARTUP_TIMEOUT
+    (default 60s) at start-up; 1 for any other error. Each failure is one line
+    on stderr.
     """
     worker_overrides: dict[str, Any] = {}
     if modules:

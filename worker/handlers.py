@@ -16,6 +16,7 @@ from shared import faults
 from shared.broker import Delivery
 from shared.db import queries, transitions
 from shared.db.held import HeldConnections
+from shared.db.migrate import database_answers
 from shared.db.queries import OutboxRow
 from shared.errors import BadPayloadError, BrokerError, InvalidParamsError, UnknownWorkflowError
 from shared.history import History, ParentLink
@@ -90,9 +91,15 @@ class MessageHandler:
             cache=replay_cache,
         )
         self._retry_delay = retry_delay
-        self._outage = Outage("the database or the broker", log)
+        # Handling fails for want of the database; a worker that no message reaches any
+        # more learns that it is back from the probe (see watch_outage).
+        self._outage = Outage("the database or the broker", log, probe=lambda: database_answers(engine))
         self._runs_local_steps = True
         self._local_budget_s = local_budget_s
+
+    async def watch_outage(self, stopping: asyncio.Event) -> None:
+        """Until ``stopping``, end an open outage once the database answers, even if no message comes."""
+        await self._outage.watch(stopping)
 
     def stop_local_steps(self) -> None:
         """Run no more steps locally (the worker is stopping): publish their messages instead."""

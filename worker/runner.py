@@ -11,18 +11,17 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from shared.broker import Broker, Delivery, create_broker
 from shared.db.engine import create_engine
 from shared.db.held import HeldConnections
-from shared.db.migrate import check_schema, database_answers
+from shared.db.migrate import database_answers
 from shared.errors import BrokerError
 from shared.health import HealthServer
 from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
-from shared.retrying import StopRequested, retry_until
+from shared.retrying import StopRequested
 from shared.settings import Settings
+from shared.startup import check_database, connect_broker
 from worker.executor import StepExecutor
 from worker.handlers import MessageHandler
 from worker.replay.cache import ReplayCache
@@ -42,11 +41,18 @@ async def run_worker(
     stopping: asyncio.Event,
     *,
     worker_id: str | None = None,
-    startup_timeout_s: float = 60.0,
+    startup_timeout_s: float | None = None,
     hooks: Hooks | None = None,
 ) -> None:
-    """Consume and run steps until ``stopping`` is set, then drain within the grace period."""
+    """Consume and run steps until ``stopping`` is set, then drain within the grace period.
+
+    Raises:
+        ServiceUnavailableError: PostgreSQL or RabbitMQ did not answer within
+            ``startup_timeout_s`` (default: the ``startup_timeout`` setting).
+    """
     worker_id = worker_id or default_worker_id()
+    if startup_timeout_s is None:
+        startup_timeout_s = settings.startup_timeout.total_seconds()
     concurrency = settings.worker.concurrency
     engine = create_engine(settings.database, pool_size=concurrency + 2, pre_ping=False)
     held = HeldConnections(engine, keep=concurrency)  # each step's statements
@@ -61,13 +67,7 @@ async def run_worker(
     in_flight: set[asyncio.Task[Any]] = set()
     relay: OutboxRelay | None = None
     try:
-        await retry_until(
-            broker.connect,
-            what="RabbitMQ",
-            deadline_s=startup_timeout_s,
-            retry_on=(BrokerError,),
-            stopping=stopping,
-        )
+        await connect_broker(broker, settings.amqp, deadline_s=startup_timeout_s, stopping=stopping)
         relay = OutboxRelay(engine, broker, settings.outbox, hooks=hooks)
         relay.start_batching_deletes()
         handler = MessageHandler(
@@ -94,13 +94,7 @@ async def run_worker(
             finally:
                 in_flight.discard(task)
 
-        await retry_until(
-            lambda: check_schema(engine),
-            what="PostgreSQL",
-            deadline_s=startup_timeout_s,
-            retry_on=(SQLAlchemyError, OSError),
-            stopping=stopping,
-        )
+        await check_database(engine, settings.database, deadline_s=startup_timeout_s, stopping=stopping)
         # What start-up made (modules, workflow code, schema, models) lives as long as the
         # process: out of the collector's sight, a full collection no longer walks it. One
         # took ~110 ms mid-run in the latency benchmark; the step-to-next maximum with it.
@@ -112,6 +106,7 @@ async def run_worker(
         # The sweeper outlives the drain below: it keeps the rows of local steps still running fresh.
         drained = asyncio.Event()
         sweeper = asyncio.create_task(relay.run_sweeper(drained))
+        outage_watch = asyncio.create_task(handler.watch_outage(drained))
         sampler = asyncio.create_task(_sample_queue_depths(broker, sorted(workflows), hooks, stopping))
         log.info(
             "worker consuming %s with concurrency %d",
@@ -137,6 +132,8 @@ async def run_worker(
                     task.cancel()
         drained.set()
         await sweeper
+        outage_watch.cancel()  # a probe of a database that does not answer must not hold up the stop
+        await asyncio.wait({outage_watch})
         await sampler
         if health is not None:
             await health.stop()

@@ -57,6 +57,13 @@ class Publisher(Protocol):
             BrokerError: the broker refused the message or the connection failed.
         """
 
+    async def probe(self) -> None:
+        """Publish a message no queue receives and wait for its confirm: does publishing work now?
+
+        Raises:
+            BrokerError: it does not (the connection is down, or publishes are blocked).
+        """
+
 
 class Broker(Publisher, Protocol):
     """Everything a Stepline process does with its broker.

@@ -27,6 +27,7 @@ from shared.topology import (
     dead_letter_queue_name,
     exchange_name,
     parse_routing_key,
+    probe_routing_key,
     workflow_queue_name,
     workflow_routing_keys,
 )
@@ -208,6 +209,24 @@ class AmqpBroker:
             raise UnroutableError(routing_key) from exc
         except _AMQP_FAILURES_OR_TIMEOUT as exc:
             raise BrokerError(f"publish to {routing_key!r} failed: {exc!r}") from exc
+
+    async def probe(self) -> None:
+        """Publish an empty message that no queue receives and wait for its confirm.
+
+        It goes the way every message goes (this connection, the publish
+        channel, the exchange), so it fails exactly when publishing fails: while
+        the connection is down, and while RabbitMQ blocks publishers (a memory or
+        disk alarm), when no confirm comes. Not mandatory: the broker drops it.
+        """
+        if self._exchange is None:
+            raise BrokerError("the broker is not connected")
+        message = aio_pika.Message(b"", delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
+        try:
+            await self._exchange.publish(
+                message, probe_routing_key(), mandatory=False, timeout=PUBLISH_TIMEOUT_S
+            )
+        except _AMQP_FAILURES_OR_TIMEOUT as exc:
+            raise BrokerError(f"probe publish failed: {exc!r}") from exc
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Copy a message to the dead-letter queue with its reason (confirmed)."""

@@ -564,6 +564,11 @@ class EmbeddedBroker:
         queue, depth = found
         return WorkflowQueue(name=queue, messages=depth, consumers=hub.consumers_of(queue))
 
+    async def probe(self) -> None:
+        """Raise ``BrokerError`` unless the queue file is open (a publish commits to it)."""
+        if not await self.is_connected():
+            raise BrokerError(NOT_CONNECTED)
+
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Keep a message with its reason (cut to 4000 characters); committed when this returns."""
         await self._connected.dead_letter(self.namespace, delivery, reason)

@@ -205,6 +205,9 @@ class _StalledPublisher:
             await self.released.wait()
         await self._broker.publish(routing_key, body, headers)
 
+    async def probe(self) -> None:
+        await self._broker.probe()
+
     async def count_waiting(self) -> int:
         """How many publishes wait to be let through."""
         return self._waiting

@@ -157,6 +157,10 @@ class _Broker:
         self.sent.append(body)
         self.headers.append(headers)
 
+    async def probe(self) -> None:
+        if self.fail:
+            raise BrokerError("the broker is down")
+
 
 async def _fire_with(
     engine: AsyncEngine,

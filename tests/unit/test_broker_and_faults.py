@@ -55,3 +55,39 @@ def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
     assert len(messages) == 2
     assert messages[0] == "the database is failing, retrying with back-off: connection refused"
     assert messages[1].startswith("the database is back after ")
+
+
+async def test_an_open_outage_ends_when_its_probe_passes_without_more_work(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    answers = [False, True]
+
+    async def probe() -> bool:
+        works = answers.pop(0)
+        if not works:
+            raise OSError("connection refused")
+        return works
+
+    outage = Outage("the database", logging.getLogger("test.outage"), probe=probe)
+    with caplog.at_level(logging.INFO, logger="test.outage"):
+        await outage.check()  # no outage: the probe is not even asked
+        outage.failed("connection refused")
+        await outage.check()  # still failing: nothing logged
+        await outage.check()
+    assert not outage.is_open
+    events = [record.__dict__["event"] for record in caplog.records if record.levelno >= logging.INFO]
+    assert events == ["outage_started", "outage_ended"]
+
+
+async def test_a_probe_does_not_end_an_outage_that_failed_again_meanwhile() -> None:
+    outages: list[Outage] = []
+
+    async def probe() -> bool:
+        outages[0].failed("publish timed out")  # the real work failed while the probe ran
+        return True
+
+    outage = Outage("the broker", logging.getLogger("test.outage"), probe=probe)
+    outages.append(outage)
+    outage.failed("publish timed out")
+    await outage.check()
+    assert outage.is_open

@@ -100,6 +100,14 @@ def test_bad_duration_in_env_names_the_variable(urls: None, monkeypatch: pytest.
     assert "not a duration" in message
 
 
+def test_the_start_up_wait_is_a_setting(urls: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().startup_timeout == timedelta(seconds=60)
+    monkeypatch.setenv("STEPLINE_STARTUP_TIMEOUT", "5s")
+    assert load_settings().startup_timeout == timedelta(seconds=5)
+    monkeypatch.setenv("STEPLINE_STARTUP_TIMEOUT", "0s")
+    assert "STEPLINE_STARTUP_TIMEOUT is invalid" in _config_error()
+
+
 def test_plain_number_of_seconds_in_env_is_a_duration(urls: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STEPLINE_WORKER__SHUTDOWN_GRACE", "30")
     assert load_settings().worker.shutdown_grace == timedelta(seconds=30)

@@ -1,0 +1,118 @@
+"""Wait for PostgreSQL and RabbitMQ at start-up; give up with one line that says what to do."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.broker import Broker, mask_amqp_url
+from shared.db.engine import is_sqlite, mask_url
+from shared.db.migrate import check_schema
+from shared.errors import BrokerError, ServiceUnavailableError
+from shared.retrying import retry_until
+
+# Both pools are sized in the runners: a worker's engine holds concurrency + 2 connections
+# and as many again in overflow, a scheduler's 3 and 3.
+TOO_MANY_CONNECTIONS_HINT = (
+    "the server has no connection left for this process: each stepline-worker opens up to "
+    "2 x (STEPLINE_WORKER__CONCURRENCY + 2) connections and each stepline-scheduler up to 6, so "
+    "lower STEPLINE_WORKER__CONCURRENCY or run fewer processes, or raise PostgreSQL's "
+    "max_connections (or the CONNECTION LIMIT of the role or database)"
+)
+TOO_MANY_CONNECTIONS = (
+    "too many clients already",
+    "too many connections for",
+    "remaining connection slots are reserved",
+)
+
+
+async def connect_broker(broker: Broker, url: str, *, deadline_s: float, stopping: asyncio.Event) -> None:
+    """Connect to the broker, retrying until ``deadline_s``.
+
+    Raises:
+        ServiceUnavailableError: it did not answer in time (one line: cause and remedy).
+        StopRequested: ``stopping`` was set first.
+    """
+    service = _broker_name(url)
+    try:
+        await retry_until(
+            broker.connect, what=service, deadline_s=deadline_s, retry_on=(BrokerError,), stopping=stopping
+        )
+    except BrokerError as exc:
+        cause = driver_cause(exc.__cause__ or exc)
+        raise ServiceUnavailableError(
+            service, mask_amqp_url(url), _scrub(cause, url), broker_hint(cause), deadline_s
+        ) from exc
+
+
+async def check_database(
+    engine: AsyncEngine, url: str, *, deadline_s: float, stopping: asyncio.Event
+) -> None:
+    """Make sure the database answers and is migrated, retrying until ``deadline_s``.
+
+    Raises:
+        ServiceUnavailableError: it did not answer in time (one line: cause and remedy).
+        StorageError: it answers but is not migrated (the text names the command).
+        StopRequested: ``stopping`` was set first.
+    """
+    service = "SQLite" if is_sqlite(url) else "PostgreSQL"
+    try:
+        await retry_until(
+            lambda: check_schema(engine),
+            what=service,
+            deadline_s=deadline_s,
+            retry_on=(SQLAlchemyError, OSError),
+            stopping=stopping,
+        )
+    except (SQLAlchemyError, OSError) as exc:
+        cause = driver_cause(exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc)
+        raise ServiceUnavailableError(
+            service, mask_url(url), _scrub(cause, url), database_hint(cause), deadline_s
+        ) from exc
+
+
+def driver_cause(exc: BaseException) -> str:
+    """The driver's error as one line (PostgreSQL's span several; the type stands in for no text)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def database_hint(cause: str) -> str:
+    """What to do about a database that refused or did not answer, going by the driver's words."""
+    lowered = cause.lower()
+    if any(words in lowered for words in TOO_MANY_CONNECTIONS):
+        return TOO_MANY_CONNECTIONS_HINT
+    if "password authentication failed" in lowered or "no pg_hba.conf entry" in lowered:
+        return "check the user and password in STEPLINE_DATABASE_URL and the server's pg_hba.conf"
+    if "does not exist" in lowered and "database" in lowered:
+        return (
+            "create the database and run `stepline db upgrade`, "
+            "or fix the database name in STEPLINE_DATABASE_URL"
+        )
+    return "check STEPLINE_DATABASE_URL, and that PostgreSQL runs and accepts connections from this host"
+
+
+def broker_hint(cause: str) -> str:
+    """What to do about a broker that refused or did not answer, going by the driver's words."""
+    if "ACCESS_REFUSED" in cause:
+        return "check the user and password in STEPLINE_AMQP_URL, and the user's permissions on the vhost"
+    return (
+        "check STEPLINE_AMQP_URL (host, port, vhost), and that RabbitMQ runs "
+        "and accepts connections from this host"
+    )
+
+
+def _broker_name(url: str) -> str:
+    return "the embedded queue" if url.startswith("sqlite:") else "RabbitMQ"
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` without the URL's password, should a driver ever quote it."""
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
+
+
+__all__ = ["broker_hint", "check_database", "connect_broker", "database_hint", "driver_cause"]
