@@ -468,3 +468,35 @@ async def fan_out_on_event(ctx: Context, params: int) -> int:
     await ctx.wait_for_event("go", event_type="go")
     leaves = await asyncio.gather(*(ctx.step("leaf", branch, str(index)) for index in range(params)))
     return len(leaves)
+
+
+# ---------------------------------------------------------------- kit and engine alike
+
+
+@workflow("parity-kept-events")
+async def parity_kept_events(ctx: Context, params: None) -> str:
+    await ctx.wait_for_event("go", event_type="go")
+    decision = await ctx.wait_for_event("decision", event_type="decided", payload_type=Decision)
+    extra = await ctx.wait_for_event("extra", event_type="decided")
+    return f"{decision.by} then {extra}"
+
+
+@workflow("parity-child")
+async def parity_child(ctx: Context, params: None) -> str:
+    return str(await ctx.wait_for_event("sign-off", event_type="signed"))
+
+
+@workflow("parity-parent")
+async def parity_parent(ctx: Context, params: None) -> str:
+    return await ctx.child("approve", parity_child, None)
+
+
+@workflow("parity-event-timeout")
+async def parity_event_timeout(ctx: Context, params: None) -> str:
+    from worker import EventTimeoutError
+
+    try:
+        await ctx.wait_for_event("decision", event_type="approved", timeout="1 hour")
+    except EventTimeoutError as exc:
+        return f"timed out: {exc}"
+    return "approved"

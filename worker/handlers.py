@@ -35,9 +35,8 @@ from shared.retrying import Outage
 from shared.states import InstanceStatus
 from worker import waits
 from worker.executor import StepExecutor
-from worker.plan import Planner
+from worker.plan import Planner, real_clock
 from worker.replay.cache import ReplayCache
-from worker.replay.engine import Replay
 from worker.steps import Committed, StepRunner
 from worker.workflow import Workflow
 
@@ -73,6 +72,7 @@ class MessageHandler:
         retry_delay: float = 1.0,
         replay_cache: ReplayCache | None = None,
         local_budget_s: float = 1.0,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._hooks = hooks or NoHooks()
         self._engine = engine
@@ -81,7 +81,7 @@ class MessageHandler:
         self._dead_letter = dead_letter
         self._workflows = workflows
         self._payload_limit = payload_limit
-        self._planner = Planner(payload_limit, self._hooks)
+        self._planner = Planner(payload_limit, self._hooks, clock or real_clock)
         self._steps = StepRunner(
             engine=engine,
             held=held,
@@ -256,7 +256,7 @@ class MessageHandler:
             "trace_context": trace_context,
             "parent": parent,
         }
-        replay = Replay(workflow, history)
+        replay = self._planner.replay(workflow, history)
         kept = False
         local = None
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -19,6 +21,7 @@ from shared.hooks import Hooks, NoHooks
 from shared.messages import ParentRef, StartMessage, StepMessage, WakeMessage, encode_message, parent_wake
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.replay.engine import NewEntry, Outcome, Replay, payload_problem
+from worker.workflow import Workflow
 
 Message = tuple[str, bytes, dict[str, str] | None]
 
@@ -34,12 +37,31 @@ class Transition:
     error: JSON = None
 
 
+def real_clock() -> datetime:
+    """The time now, in UTC: what ``ctx.now()`` records outside the testing kit."""
+    return datetime.now(UTC)
+
+
 @dataclass(frozen=True, slots=True)
 class Planner:
-    """Turns replay outcomes into rows; knows the payload limit and who to tell."""
+    """Turns replay outcomes into rows; knows the payload limit, who to tell, and the clock.
+
+    ``clock`` is what ``ctx.now()`` records: the real time, or the testing kit's virtual time.
+    """
 
     payload_limit: int
     hooks: Hooks = field(default_factory=NoHooks)
+    clock: Callable[[], datetime] = field(default=real_clock)
+
+    def replay(
+        self,
+        workflow: Workflow[Any, Any],
+        history: History,
+        *,
+        carried_values: Mapping[StepKey, JSON] | None = None,
+    ) -> Replay:
+        """A replay of ``history`` on this planner's clock."""
+        return Replay(workflow, history, carried_values=carried_values, clock=self.clock)
 
     # ------------------------------------------------------------ messages
 

@@ -165,7 +165,7 @@ class StepRunner:
         record = history.step(key)
         if record is None or record.kind != StepKind.SLEEP or record.status != StepStatus.WAITING:
             return None
-        replay = Replay(workflow, history)
+        replay = self._planner.replay(workflow, history)
         kept = False
         try:
             outcome = replay.start()
@@ -224,7 +224,7 @@ class StepRunner:
             check_addressed(message, history.workflow)
         if history is None or not is_current(history, key, message):
             return None
-        replay = Replay(workflow, history)
+        replay = self._planner.replay(workflow, history)
         try:
             return history, replay, replay.start()
         except BaseException:
@@ -299,7 +299,7 @@ class StepRunner:
                     if not is_current(fresh, key, message, running_in_paused=True):
                         return Committed([])
                     replay.close()
-                    history, replay = fresh, Replay(workflow, fresh, carried_values=values)
+                    history, replay = fresh, self._planner.replay(workflow, fresh, carried_values=values)
                     outcome = replay.start()
                     if outcome.kind == "diverged" or key not in replay.calls:
                         error = outcome.error or missing_step(history, key)

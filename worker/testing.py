@@ -1,11 +1,17 @@
-"""Test workflows in-process: no database, no broker, virtual time; and check recorded histories.
+"""Test workflows in-process on the real engine, on virtual time; and check recorded histories.
 
-``WorkflowEnvironment`` runs a workflow with the engine's own replay and step
-executor over an in-memory history: steps run (or their stubs do), retries
-follow their policies, and time is virtual, so ``ctx.sleep("30 days")`` and
-retry back-offs complete at once. Time never skips past a pending event wait
-by itself: a test sends the event, or calls ``run.advance()`` to time it out.
-Child workflows run as runs of their own (``run.children``) on the same clock.
+``WorkflowEnvironment`` runs the worker's own message handling and the
+scheduler's own timer firing over the embedded store (an SQLite file in a
+temporary directory), in the test's process and event loop. Its clock is
+virtual: the store's clock and ``ctx.now()`` read it, and when nothing is left
+to run the environment moves it to the next sleep or retry back-off, so
+``ctx.sleep("30 days")`` and hour-long back-offs complete at once. Time never
+skips past a pending event wait by itself: a test sends the event, or calls
+``run.advance()`` to time it out. Child workflows run as runs of their own
+(``run.children``) on the same clock.
+
+Nothing here plans, fires or settles anything itself: what a test sees is what
+the engine does, so a feature works in tests the day it works in the engine.
 
 ``check_replay`` replays a history recorded in production (``stepline history
 --json``) against the current code, so a deploy that would break running
@@ -16,29 +22,53 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+import shutil
+import tempfile
+import uuid
+import weakref
+from collections import Counter, defaultdict, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared import codec
+from shared.broker import Delivery
 from shared.codec import JSON
+from shared.db import migrate, queries, timer_queries
+from shared.db.engine import create_engine
+from shared.db.held import HeldConnections
 from shared.durations import Duration, parse_duration
-from shared.errors import BadPayloadError, EventTimeoutError, NonDeterminismError
-from shared.failures import failure_record
+from shared.errors import BadPayloadError, NonDeterminismError
 from shared.history import History, StepKey, StepRecord, format_key
-from shared.messages import check_instance_id
+from shared.messages import (
+    AnyMessage,
+    EventMessage,
+    StartMessage,
+    check_instance_id,
+    encode_message,
+    parse_message,
+)
+from shared.outbox import OutboxRelay
+from shared.settings import OutboxSettings
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.context import StepCall
-from worker.executor import StepAttemptFailed, StepExecutor, StepSucceeded
-from worker.replay.engine import Outcome, Replay, payload_problem
-from worker.retry import DEFAULT_RETRY_POLICY
+from worker.executor import StepExecutor, StepResult
+from worker.handlers import MessageHandler
+from worker.replay.engine import Replay
 from worker.step_info import RunningStep
-from worker.waits import child_failure
 from worker.workflow import Workflow
 
 __all__ = ["HistoryEntry", "WorkflowEnvironment", "WorkflowRun", "check_replay"]
+
+# Timers that move virtual time by themselves; an event's time-out waits for advance().
+_AUTOMATIC_TIMERS = ("sleep", "retry")
+# A delivery given back this often (the store failed each time) stops the run with the cause.
+_MAX_REQUEUES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,34 +84,55 @@ class HistoryEntry:
     error: dict[str, Any] | None
 
 
-class WorkflowRun:
-    """One workflow instance run by a ``WorkflowEnvironment``."""
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """An instance as the store held it when the environment last stopped."""
 
-    def __init__(
-        self,
-        env: WorkflowEnvironment,
-        workflow: Workflow[Any, Any],
-        instance_id: str,
-        params: JSON,
-        parent: WorkflowRun | None = None,
-    ) -> None:
+    status: str
+    output: JSON
+    error: dict[str, Any] | None
+    history: list[HistoryEntry]
+    children: list[str]
+    """The ids of the children it started, in the order its code started them."""
+
+
+@dataclass(frozen=True, slots=True)
+class _DeadLetter:
+    message: AnyMessage | None
+    reason: str
+
+
+class WorkflowRun:
+    """One workflow instance run by a ``WorkflowEnvironment``; what it shows is read from the store."""
+
+    def __init__(self, env: WorkflowEnvironment, workflow: Workflow[Any, Any], instance_id: str) -> None:
         self._env = env
-        self._parent = parent
         self.workflow = workflow
         self.instance_id = instance_id
-        self.params = params
-        self.status = "running"
-        """``running`` (work left), ``waiting`` (for an event), ``complete`` or ``errored``."""
-        self.output: JSON = None
-        self.error: dict[str, Any] | None = None
-        self.runs: Counter[str] = Counter()
-        """How many times each step's code (or stub) ran, by step name."""
-        self.children: dict[str, WorkflowRun] = {}
-        """The child workflows this run started, by instance id (``<parent id>/<name>``)."""
-        self._started_children: list[WorkflowRun] = []
-        self._records: dict[StepKey, StepRecord] = {}
-        self._timers: dict[StepKey, datetime] = {}
-        self._events: list[tuple[str, JSON]] = []
+
+    @property
+    def _snapshot(self) -> _Snapshot:
+        return self._env._snapshots[self.instance_id]
+
+    @property
+    def status(self) -> str:
+        """The instance's status: ``running``, ``waiting`` (for an event or a child), ``complete``, ...."""
+        return self._snapshot.status
+
+    @property
+    def output(self) -> JSON:
+        """What the workflow returned, once complete."""
+        return self._snapshot.output
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """The stored error, once errored (``type``, ``message``, ...)."""
+        return self._snapshot.error
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run completed, errored or was terminated."""
+        return InstanceStatus(self.status).is_finished
 
     @property
     def now(self) -> datetime:
@@ -89,13 +140,23 @@ class WorkflowRun:
         return self._env.now
 
     @property
+    def runs(self) -> Counter[str]:
+        """How many times each step's code (or stub) ran, by step name."""
+        return self._env._step_runs[self.instance_id]
+
+    @property
+    def children(self) -> dict[str, WorkflowRun]:
+        """The child workflows this run started, by instance id (``<parent id>/<name>``)."""
+        return {
+            child_id: self._env.run(child_id)
+            for child_id in self._snapshot.children
+            if child_id in self._env._snapshots
+        }
+
+    @property
     def history(self) -> list[HistoryEntry]:
         """Every step, sleep and wait so far, in the order they were planned."""
-        return [
-            HistoryEntry(r.name, r.occurrence, str(r.kind), str(r.status), r.attempt, r.result, r.error)
-            for r in sorted(self._records.values(), key=lambda record: record.position)
-            if r.kind != StepKind.VALUE
-        ]
+        return list(self._snapshot.history)
 
     def entry(self, name: str, occurrence: int = 1) -> HistoryEntry:
         """The history entry of one step (or sleep, or wait)."""
@@ -104,246 +165,115 @@ class WorkflowRun:
                 return item
         raise KeyError(f"no step {format_key((name, occurrence))!r} in the history")
 
-    async def send_event(self, event_type: str, payload: JSON = None) -> None:
+    async def send_event(self, event_type: str, payload: object = None) -> None:
         """Deliver an event as ``Client.send_event`` would, and run on.
 
         Raises:
-            BadPayloadError: the payload does not fit the waiting ``payload_type``.
+            BadPayloadError: the engine refused the event (the payload does not
+                fit the waiting ``payload_type``, or the instance is finished):
+                the dead-letter reason.
         """
-        waiting = self._waiting_for(event_type)
-        if waiting is not None:
-            replay = self._replay()
-            try:
-                replay.start()
-                problem = payload_problem(replay, waiting.key, payload)
-            finally:
-                replay.close()
-            if problem is not None:
-                raise BadPayloadError(f"event does not fit wait {format_key(waiting.key)!r}: {problem}")
-            self._settle(waiting.key, StepStatus.SUCCEEDED, result=payload)
-        else:
-            self._events.append((event_type, payload))
-        await self._run_on()
-
-    @property
-    def finished(self) -> bool:
-        """Whether the run completed or errored."""
-        return self.status in ("complete", "errored")
-
-    async def _run_on(self) -> None:
-        """Run this instance as far as it goes, then its parent, which may wait for it."""
-        await self._advance()
-        if self._parent is not None:
-            await self._parent._run_on()
-
-    # ------------------------------------------------------------ the loop
-
-    def _replay(self) -> Replay:
-        history = History(
-            instance_id=self.instance_id,
+        message = EventMessage(
             workflow=self.workflow.name,
-            status=InstanceStatus.RUNNING,
-            params=self.params,
-            version=0,
-            trace_context=None,
-            steps=dict(self._records),
+            instance_id=self.instance_id,
+            event_id=str(uuid.uuid4()),
+            event_type=event_type,
+            payload=codec.to_jsonable(payload),
         )
-        return Replay(self.workflow, history, clock=lambda: self._env.now)
-
-    async def _advance(self) -> None:
-        while True:
-            replay = self._replay()
-            try:
-                outcome = replay.start()
-                calls = dict(replay.calls)
-                settled = self._record_new(replay)
-            finally:
-                replay.close()
-            for child in self._started_children:
-                await child._advance()
-            self._started_children.clear()
-            settled = self._settle_finished_children() or settled
-            if settled:
-                continue  # an event kept for a new wait was taken, or a child ended: replay again
-            if self._finish(outcome):
-                return
-            running = [
-                r
-                for r in self._records.values()
-                if r.kind == StepKind.STEP and r.status == StepStatus.RUNNING
-            ]
-            if running:
-                await asyncio.gather(*(self._run_step(record, calls[record.key]) for record in running))
-                continue
-            # Sleeps and back-offs skip ahead by themselves; time never jumps past a
-            # pending event wait on its own, so the test can send the event first
-            # (or call advance() to let the wait time out).
-            automatic = [
-                due for key, due in self._timers.items() if self._records[key].kind != StepKind.EVENT
-            ]
-            if not automatic:
-                self.status = "waiting"
-                return
-            self._skip_to(min(automatic))
-
-    def _skip_to(self, moment: datetime) -> None:
-        self._env.now = max(self._env.now, moment)
-        due_now = sorted((due, key) for key, due in self._timers.items() if due <= self._env.now)
-        for _, key in due_now:
-            self._fire(key)
+        await self._env._run_with(message)
 
     async def advance(self, by: Duration | None = None) -> None:
-        """Move virtual time on by ``by`` (default: to the next timer), fire what falls due, run on."""
+        """Move virtual time on by ``by`` (default: to this run's next timer), fire what falls due, run on."""
         if by is not None:
-            target = self._env.now + parse_duration(by)
-        elif self._timers:
-            target = min(self._timers.values())
-        else:
+            await self._env._run_until(self._env.now + parse_duration(by))
             return
-        self._skip_to(target)
-        await self._run_on()
+        async with self._env._session() as session:
+            due = await session.next_timer(instance_id=self.instance_id)
+        if due is not None:
+            await self._env._run_until(due)
 
-    def _record_new(self, replay: Replay) -> bool:
-        settled = False
-        for entry in replay.new_entries:
-            position = len(self._records) + 1
-            status = StepStatus.RUNNING
-            result: JSON = entry.result
-            fire_at: datetime | None = None
-            if entry.kind == StepKind.VALUE:
-                status = StepStatus.SUCCEEDED
-            elif entry.kind == StepKind.SLEEP:
-                status = StepStatus.WAITING
-                fire_at = entry.fire_at or self._env.now + (entry.delay or timedelta(0))
-                self._timers[entry.key] = fire_at
-            elif entry.kind == StepKind.EVENT:
-                status = StepStatus.WAITING
-                kept = self._take_kept_event(replay, entry.key, str((entry.detail or {}).get("event_type")))
-                if kept is not None:
-                    status, result, settled = StepStatus.SUCCEEDED, kept[1], True
-                elif entry.timeout is not None:
-                    self._timers[entry.key] = self._env.now + entry.timeout
-            elif entry.kind == StepKind.CHILD:
-                status = StepStatus.WAITING
-                self._start_child(entry.detail or {}, entry.child_params)
-            self._records[entry.key] = StepRecord(
-                entry.key[0],
-                entry.key[1],
-                position,
-                entry.kind,
-                status,
-                1,
-                result,
-                None,
-                fire_at,
-                entry.detail,
-            )
-        return settled
 
-    def _start_child(self, detail: Mapping[str, Any], params: JSON) -> None:
-        name, child_id = str(detail.get("workflow")), str(detail.get("child_id"))
-        if child_id in self.children:
-            return  # a child with this id exists: as in the engine, it is not started twice
-        workflow = self._env.workflows.get(name)
-        if workflow is None:
-            raise LookupError(
-                f"{self.workflow.name!r} starts child workflow {name!r}: "
-                "pass it to WorkflowEnvironment(workflows=[...])"
-            )
-        child = WorkflowRun(self._env, workflow, child_id, params, parent=self)
-        self.children[child_id] = child
-        self._started_children.append(child)
+class _KitBroker:
+    """The environment's broker: published messages wait in memory until the environment delivers them."""
 
-    def _settle_finished_children(self) -> bool:
-        settled = False
-        for record in list(self._records.values()):
-            if record.kind != StepKind.CHILD or record.status != StepStatus.WAITING:
-                continue
-            child = self.children[str((record.detail or {}).get("child_id"))]
-            if child.status == "complete":
-                self._settle(record.key, StepStatus.SUCCEEDED, result=child.output)
-            elif child.status == "errored":
-                error = child_failure(child.workflow.name, child.instance_id, child.status, child.error)
-                self._settle(record.key, StepStatus.FAILED, error=error)
-            else:
-                continue
-            settled = True
-        return settled
+    def __init__(self) -> None:
+        self.ready: deque[Delivery] = deque()
+        self.dead: list[_DeadLetter] = []
+        self._requeues: Counter[int] = Counter()
 
-    def _take_kept_event(self, replay: Replay, key: StepKey, event_type: str) -> tuple[str, JSON] | None:
-        for index, (kept_type, payload) in enumerate(self._events):
-            if kept_type == event_type and payload_problem(replay, key, payload) is None:
-                return self._events.pop(index)
-        return None
+    async def publish(self, routing_key: str, body: bytes, headers: Mapping[str, str] | None) -> None:
+        """Queue a message (the relay's confirmed publish)."""
+        self.ready.append(self._delivery(routing_key, body, dict(headers or {})))
 
-    def _finish(self, outcome: Outcome) -> bool:
-        if outcome.kind == "returned":
-            self.status, self.output = "complete", outcome.output
-            return True
-        if outcome.kind in ("raised", "diverged"):
-            assert outcome.error is not None
-            self.status, self.error = "errored", failure_record(outcome.error)
-            return True
-        self.status = "running"
-        return False
+    async def probe(self) -> None:
+        """Always there: a queue in memory."""
 
-    async def _run_step(self, record: StepRecord, call: StepCall) -> None:
-        stub = self._env.stubs.get(record.name)
+    def _delivery(self, routing_key: str, body: bytes, headers: dict[str, str]) -> Delivery:
+        async def ack() -> None:
+            return None
+
+        async def requeue() -> None:
+            self._requeues[id(delivery)] += 1
+            if self._requeues[id(delivery)] > _MAX_REQUEUES:
+                raise RuntimeError(f"the engine gave {routing_key!r} back {_MAX_REQUEUES} times: see its log")
+            self.ready.append(delivery)
+
+        delivery = Delivery(body, routing_key, headers, False, ack, requeue)
+        return delivery
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Keep a refused message with its reason: the environment raises it to the test."""
+        try:
+            message: AnyMessage | None = parse_message(delivery.body, limit=len(delivery.body) + 1)
+        except BadPayloadError:
+            message = None
+        self.dead.append(_DeadLetter(message, reason))
+
+
+class _KitExecutor(StepExecutor):
+    """The worker's step executor, with stubs by step name, counting the runs of each step."""
+
+    def __init__(self, env: WorkflowEnvironment, *, payload_limit: int) -> None:
+        super().__init__(threads=4, default_timeout=timedelta(minutes=10), payload_limit=payload_limit)
+        self._env = env
+
+    async def run(self, call: StepCall, info: RunningStep) -> StepResult:
+        stub = self._env.stubs.get(info.name)
         if stub is not None:
             call = replace(call, fn=stub)
-        info = RunningStep(
-            self.instance_id, self.workflow.name, record.name, record.occurrence, record.attempt
-        )
-        self.runs[record.name] += 1
-        result = await self._env.executor.run(call, info)
-        if isinstance(result, StepSucceeded):
-            self._settle(record.key, StepStatus.SUCCEEDED, result=result.result)
-            return
-        assert isinstance(result, StepAttemptFailed)
-        policy = call.retry or DEFAULT_RETRY_POLICY
-        if result.is_retryable and policy.allows_retry_after(record.attempt):
-            self._records[record.key] = replace(
-                record, status=StepStatus.RETRYING, attempt=record.attempt + 1, error=result.error
+        self._env._step_runs[info.instance_id][info.name] += 1
+        return await super().run(call, info)
+
+
+@dataclass(frozen=True, slots=True)
+class _Session:
+    """The engine's parts for one call of the environment, over its store."""
+
+    handler: MessageHandler
+    relay: OutboxRelay
+    engine: AsyncEngine
+
+    async def next_timer(self, *, instance_id: str | None = None, automatic: bool = False) -> datetime | None:
+        async with self.engine.connect() as conn:
+            return await timer_queries.next_timer_due(
+                conn, instance_id=instance_id, kinds=_AUTOMATIC_TIMERS if automatic else None
             )
-            self._timers[record.key] = self._env.now + policy.delay_after(record.attempt)
-        else:
-            self._settle(record.key, StepStatus.FAILED, error=result.error)
 
-    def _fire(self, key: StepKey) -> None:
-        del self._timers[key]
-        record = self._records[key]
-        if record.kind == StepKind.SLEEP:
-            self._settle(key, StepStatus.SUCCEEDED)
-        elif record.kind == StepKind.STEP:
-            self._records[key] = replace(record, status=StepStatus.RUNNING)
-        elif record.kind == StepKind.EVENT:
-            timeout_s = float((record.detail or {}).get("timeout_s") or 0)
-            error = EventTimeoutError(
-                format_key(key), str((record.detail or {}).get("event_type")), timeout_s
-            )
-            self._settle(key, StepStatus.FAILED, error=failure_record(error))
-
-    def _settle(self, key: StepKey, status: StepStatus, *, result: JSON = None, error: JSON = None) -> None:
-        self._records[key] = replace(self._records[key], status=status, result=result, error=error)
-        self._timers.pop(key, None)
-
-    def _waiting_for(self, event_type: str) -> StepRecord | None:
-        waits = [
-            r
-            for r in self._records.values()
-            if r.kind == StepKind.EVENT
-            and r.status == StepStatus.WAITING
-            and (r.detail or {}).get("event_type") == event_type
-        ]
-        return min(waits, key=lambda record: record.position) if waits else None
+    async def fire_due_timers(self) -> bool:
+        """The scheduler's firing: due timers leave their table and queue their messages, then go out."""
+        async with self.engine.begin() as conn:
+            fired = await timer_queries.fire_due_timers(conn, limit=1000)
+        await self.relay.publish_committed([timer.message() for timer in fired])
+        return bool(fired)
 
 
 class WorkflowEnvironment:
-    """Runs workflows in-process for tests: no database, no broker, virtual time.
+    """Runs workflows in-process for tests, on the real engine over an embedded store, on virtual time.
 
     Args:
         stubs: step name -> function to run instead of the step's own (same arguments).
         start_time: where the virtual clock starts (default: now).
+        payload_limit: the largest params, result or message, as ``STEPLINE_MAX_PAYLOAD_BYTES``.
         workflows: the workflows that ``ctx.child`` may start, found by name.
     """
 
@@ -357,10 +287,20 @@ class WorkflowEnvironment:
     ) -> None:
         self.stubs = dict(stubs or {})
         self.workflows = {workflow.name: workflow for workflow in workflows}
-        self.now = start_time or datetime.now(UTC)
-        self.executor = StepExecutor(
-            threads=4, default_timeout=timedelta(minutes=10), payload_limit=payload_limit
-        )
+        # The store keeps time to the millisecond: so does the virtual clock, so that it lands on timers.
+        start = (start_time or datetime.now(UTC)).astimezone(UTC)
+        self.now = start.replace(microsecond=start.microsecond // 1000 * 1000)
+        self.payload_limit = payload_limit
+        self.executor = _KitExecutor(self, payload_limit=payload_limit)
+        directory = Path(tempfile.mkdtemp(prefix="stepline-testing-"))
+        self._database_url = f"sqlite:///{directory / 'state.db'}"
+        self._cleanup = weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
+        self._migrated = False
+        self._broker = _KitBroker()
+        self._step_runs: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._workflow_of: dict[str, str] = {}
+        self._runs: dict[str, WorkflowRun] = {}
 
     async def start(
         self, workflow: Workflow[Any, Any], params: object = None, *, instance_id: str = "test"
@@ -369,16 +309,133 @@ class WorkflowEnvironment:
 
         Raises:
             InvalidParamsError: the params do not fit the workflow, as at a real start.
-            InvalidIdError: ``instance_id`` could not be an id, as at a real start.
+            InvalidIdError: the id is empty, too long or holds a control character.
         """
-        check_instance_id(instance_id)
-        run = WorkflowRun(self, workflow, instance_id, workflow.encode_params(params))
-        await run._advance()
+        self.workflows.setdefault(workflow.name, workflow)
+        message = StartMessage(
+            workflow=workflow.name,
+            instance_id=check_instance_id(instance_id),  # the producer's one-line error, not pydantic's
+            params=workflow.encode_params(params),
+        )
+        await self._run_with(message)
+        return self.run(instance_id)
+
+    def run(self, instance_id: str) -> WorkflowRun:
+        """The run of an instance this environment started (a child's too)."""
+        if instance_id not in self._snapshots:
+            raise KeyError(f"no instance {instance_id!r} in this environment")
+        run = self._runs.get(instance_id)
+        if run is None:
+            workflow = self.workflows[self._workflow_of[instance_id]]
+            run = self._runs[instance_id] = WorkflowRun(self, workflow, instance_id)
         return run
 
     def close(self) -> None:
-        """Release the step threads."""
+        """Release the step threads and delete the store (also done when the environment is collected)."""
         self.executor.shutdown()
+        self._cleanup()
+
+    # ------------------------------------------------------------ the engine
+
+    async def _run_with(self, message: StartMessage | EventMessage) -> None:
+        """Deliver ``message`` and run until nothing moves by itself; raise what the engine refused."""
+        await self._broker.publish(
+            message.routing_key, encode_message(message, limit=self.payload_limit), None
+        )
+        await self._run_until(None)
+
+    async def _run_until(self, moment: datetime | None) -> None:
+        """Move the clock to ``moment`` (if later), then run: deliver, fire, skip to sleeps, repeat."""
+        if moment is not None:
+            self.now = max(self.now, moment)
+        async with self._session() as session:
+            while True:
+                await self._deliver_all(session.handler)
+                if await session.fire_due_timers():
+                    continue
+                due = await session.next_timer(automatic=True)
+                if due is None:
+                    break
+                if due <= self.now:  # the engine's clock and the store's disagree: a bug, not a hang
+                    raise RuntimeError(f"a timer due at {due} did not fire at {self.now}")
+                self.now = due
+            await self._take_snapshots(session.engine)
+        self._raise_dead_letters()
+
+    async def _deliver_all(self, handler: MessageHandler) -> None:
+        while self._broker.ready:
+            batch = list(self._broker.ready)
+            self._broker.ready.clear()
+            await asyncio.gather(*(handler.handle(delivery) for delivery in batch))
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[_Session]:
+        """The worker's parts over the store, for one call: nothing stays open between calls."""
+        if not self._migrated:
+            migrate.upgrade(self._database_url)
+            self._migrated = True
+        engine = create_engine(self._database_url, clock=lambda: self.now)
+        held = HeldConnections(engine, keep=1)
+        relay = OutboxRelay(engine, self._broker, OutboxSettings())
+        handler = MessageHandler(
+            engine=engine,
+            held=held,
+            relay=relay,
+            dead_letter=self._broker.dead_letter,
+            executor=self.executor,
+            workflows=self.workflows,
+            payload_limit=self.payload_limit,
+            worker_id="testing",
+            retry_delay=0.0,
+            clock=lambda: self.now,
+        )
+        try:
+            yield _Session(handler, relay, engine)
+        finally:
+            await held.close()
+            await engine.dispose()
+
+    async def _take_snapshots(self, engine: AsyncEngine) -> None:
+        snapshots: dict[str, _Snapshot] = {}
+        workflows: dict[str, str] = {}
+        async with engine.connect() as conn:
+            for row in await queries.list_instance_rows(conn, limit=1_000_000):
+                steps = await queries.get_step_rows(conn, row.id)
+                history = [
+                    HistoryEntry(
+                        step.name,
+                        step.occurrence,
+                        step.kind,
+                        step.status,
+                        step.attempt,
+                        step.result,
+                        step.error,
+                    )
+                    for step in steps
+                ]
+                children = [
+                    str((step.detail or {}).get("child_id")) for step in steps if step.kind == StepKind.CHILD
+                ]
+                snapshots[row.id] = _Snapshot(row.status, row.output, row.error, history, children)
+                workflows[row.id] = row.workflow
+        self._snapshots, self._workflow_of = snapshots, workflows
+
+    def _raise_dead_letters(self) -> None:
+        """What the engine refused is the test's to see: as the error it would raise, or the reason."""
+        dead, self._broker.dead = self._broker.dead, []
+        for letter in dead:
+            message = letter.message
+            if (
+                isinstance(message, StartMessage)
+                and message.parent is not None
+                and message.workflow not in self.workflows
+            ):
+                raise LookupError(
+                    f"{message.parent.workflow!r} starts child workflow {message.workflow!r}: "
+                    "pass it to WorkflowEnvironment(workflows=[...])"
+                )
+        if dead:
+            raise BadPayloadError(dead[0].reason)
 
 
 def check_replay(workflow: Workflow[Any, Any], recorded: Mapping[str, Any] | str | Path) -> None:

@@ -16,7 +16,7 @@ from shared.history import History, StepKey, StepRecord, format_key
 from shared.messages import EventMessage
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.plan import Message, Planner
-from worker.replay.engine import Replay, payload_problem
+from worker.replay.engine import payload_problem
 from worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -114,7 +114,7 @@ async def deliver_event(
         return []  # kept for the first wait that asks for it
     wait = min(waits, key=lambda record: record.position)
     key = wait.key
-    replay = Replay(workflow, history)
+    replay = planner.replay(workflow, history)
     try:
         outcome = replay.start()
         problem = payload_problem(replay, key, message.payload)
@@ -144,7 +144,7 @@ async def advance(
     """Replay and send everything the instance waits on: after a resume, or from scratch after a restart."""
     if history.status.is_finished or history.status == InstanceStatus.PAUSED:
         return []
-    replay = Replay(workflow, history)
+    replay = planner.replay(workflow, history)
     try:
         outcome = replay.start()
         resent: list[Message] = []
@@ -174,7 +174,7 @@ async def _run_on(
     result: Any = None,
     error: BaseException | None = None,
 ) -> list[OutboxRow]:
-    replay = Replay(workflow, history)
+    replay = planner.replay(workflow, history)
     try:
         outcome = replay.start()
         if replay.is_pending(key):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+SQLITE_CLOCK = "stepline_now"
+"""The SQL function that gives an SQLite database its clock (see shared.db.schema.utc_now)."""
+
+Clock = Callable[[], datetime]
 
 
 def driver_url(database_url: str, *, asynchronous: bool = True) -> URL:
@@ -41,16 +48,21 @@ def mask_url(database_url: str) -> str:
     return make_url(database_url).render_as_string(hide_password=True)
 
 
-def create_engine(database_url: str, *, pool_size: int = 10, pre_ping: bool = True) -> AsyncEngine:
+def create_engine(
+    database_url: str, *, pool_size: int = 10, pre_ping: bool = True, clock: Clock | None = None
+) -> AsyncEngine:
     """An async engine whose pooled connections survive a database restart.
 
     ``pre_ping`` tests each connection on checkout (a ``SELECT 1`` round trip).
     Workers and schedulers turn it off on their hot path: they already treat a
     failed statement as an outage and retry, and SQLAlchemy invalidates the
     pool's connections when one turns out to be dead.
+
+    ``clock`` is an SQLite database's clock (default: the real one): the
+    testing kit gives it virtual time. PostgreSQL's is always its own.
     """
     if is_sqlite(database_url):
-        return _create_sqlite_engine(database_url)
+        return _create_sqlite_engine(database_url, clock or _real_clock)
     return create_async_engine(
         driver_url(database_url),
         pool_size=pool_size,
@@ -59,7 +71,21 @@ def create_engine(database_url: str, *, pool_size: int = 10, pre_ping: bool = Tr
     )
 
 
-def _create_sqlite_engine(database_url: str) -> AsyncEngine:
+def _real_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _sqlite_clock_text(clock: Clock) -> str:
+    """The clock as text in the form SQLAlchemy stores datetimes in on SQLite, to the microsecond.
+
+    SQLite compares times as text: a time stored with six digits of fraction
+    (a bound datetime) must not compare later than the same moment read from
+    the clock, as it would against SQLite's own ``'now'``, which has three.
+    """
+    return clock().astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _create_sqlite_engine(database_url: str, clock: Clock) -> AsyncEngine:
     """One connection per engine, every transaction ``BEGIN IMMEDIATE``.
 
     SQLite has one writer at a time. Taking the write lock when a transaction
@@ -78,6 +104,7 @@ def _create_sqlite_engine(database_url: str) -> AsyncEngine:
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
     )
     event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+    event.listen(engine.sync_engine, "connect", functools.partial(_add_sqlite_clock, clock))
     event.listen(engine.sync_engine, "begin", _on_sqlite_begin)
     return engine
 
@@ -90,6 +117,10 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash, which is the promise
     cursor.execute("PRAGMA foreign_keys=ON")  # deleting an instance cascades, as in PostgreSQL
     cursor.close()
+
+
+def _add_sqlite_clock(clock: Clock, dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.create_function(SQLITE_CLOCK, 0, functools.partial(_sqlite_clock_text, clock))
 
 
 def _on_sqlite_begin(connection: Any) -> None:

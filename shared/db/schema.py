@@ -11,6 +11,8 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from shared.db.engine import SQLITE_CLOCK
+
 metadata = sa.MetaData()
 
 Json = sa.JSON().with_variant(JSONB(), "postgresql")
@@ -87,17 +89,32 @@ def utc_clock() -> FunctionElement[datetime]:
     return _Clock()
 
 
-_SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now'"
+class _DefaultNow(FunctionElement[datetime]):
+    type = Timestamp()
+    inherit_cache = True
+    name = "default_now"
+
+
+# A column default runs on any connection, including those that do not add the engine's
+# clock function: the real clock, in the same text form.
+_DEFAULT_NOW = _DefaultNow()
+_SQLITE_TEXT = "'%Y-%m-%d %H:%M:%f'"
 
 
 @compiles(_Now)
+@compiles(_DefaultNow)
 def _now_postgresql(element: _Now, compiler: SQLCompiler, **kw: Any) -> str:
     return "now()"
 
 
 @compiles(_Now, "sqlite")
 def _now_sqlite(element: _Now, compiler: SQLCompiler, **kw: Any) -> str:
-    return _SQLITE_NOW + ")"
+    return f"{SQLITE_CLOCK}()"  # the engine's clock (shared.db.engine): real, or the testing kit's
+
+
+@compiles(_DefaultNow, "sqlite")
+def _default_now_sqlite(element: _DefaultNow, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"strftime({_SQLITE_TEXT}, 'now')"
 
 
 @compiles(_Clock)
@@ -107,7 +124,7 @@ def _clock_postgresql(element: _Clock, compiler: SQLCompiler, **kw: Any) -> str:
 
 @compiles(_Clock, "sqlite")
 def _clock_sqlite(element: _Clock, compiler: SQLCompiler, **kw: Any) -> str:
-    return _SQLITE_NOW + ")"
+    return f"strftime({_SQLITE_TEXT}, 'now')"  # per statement already; a column default too
 
 
 @compiles(_NowPlus)
@@ -117,7 +134,9 @@ def _now_plus_postgresql(element: _NowPlus, compiler: SQLCompiler, **kw: Any) ->
 
 @compiles(_NowPlus, "sqlite")
 def _now_plus_sqlite(element: _NowPlus, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"{_SQLITE_NOW}, {compiler.process(element.clauses, **kw)} || ' seconds')"
+    return (
+        f"strftime({_SQLITE_TEXT}, {SQLITE_CLOCK}(), {compiler.process(element.clauses, **kw)} || ' seconds')"
+    )
 
 
 instances = sa.Table(
@@ -133,8 +152,8 @@ instances = sa.Table(
     # Bumped by every transaction that changes the history; a worker that replayed
     # an older version must reload before it plans what comes next.
     sa.Column("version", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_now()),
-    sa.Column("updated_at", Timestamp(), nullable=False, server_default=utc_now()),
+    sa.Column("created_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
+    sa.Column("updated_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
     sa.Column("finished_at", Timestamp()),
     # A child workflow knows the parent step that waits for it.
     sa.Column("parent_id", sa.Text),
@@ -166,7 +185,7 @@ steps = sa.Table(
     sa.Column("detail", Json),
     sa.Column("started_at", Timestamp()),
     sa.Column("finished_at", Timestamp()),
-    sa.Column("updated_at", Timestamp(), nullable=False, server_default=utc_now()),
+    sa.Column("updated_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
 )
 
 step_attempts = sa.Table(
@@ -219,7 +238,7 @@ timers = sa.Table(
     sa.Column("routing_key", sa.Text, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("headers", Json),
-    sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_now()),
+    sa.Column("created_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
     # One armed timer per step attempt: arming it again keeps the first.
     sa.UniqueConstraint("instance_id", "step", "occurrence", "attempt", "kind"),
     sa.Index("ix_timers_due", "fire_at"),
@@ -234,7 +253,7 @@ events = sa.Table(
     sa.Column("event_id", sa.Text, nullable=False),
     sa.Column("event_type", sa.Text, nullable=False),
     sa.Column("payload", Json),
-    sa.Column("created_at", Timestamp(), nullable=False, server_default=utc_now()),
+    sa.Column("created_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
     sa.Column("consumed_step", sa.Text),
     sa.Column("consumed_occurrence", sa.Integer),
     sa.Column("consumed_at", Timestamp()),

@@ -225,6 +225,19 @@ async def seconds_until_next_timer(conn: AsyncConnection) -> float | None:
     return None if value is None else float(value)
 
 
+async def next_timer_due(
+    conn: AsyncConnection, *, instance_id: str | None = None, kinds: Sequence[str] | None = None
+) -> datetime | None:
+    """When the earliest armed timer (of one instance, of these kinds) is due; None if none is."""
+    query = sa.select(sa.func.min(timers.c.fire_at))
+    if instance_id is not None:
+        query = query.where(timers.c.instance_id == instance_id)
+    if kinds is not None:
+        query = query.where(timers.c.kind.in_(list(kinds)))
+    due: datetime | None = (await conn.execute(query)).scalar_one()
+    return due
+
+
 async def cancel_timers(conn: AsyncConnection, instance_id: str, key: StepKey | None = None) -> None:
     """Disarm an instance's timers (only those of one step, if ``key`` is given)."""
     statement = timers.delete().where(timers.c.instance_id == instance_id)
