@@ -252,9 +252,14 @@ ODD_SHOWN = "frist\\nsceond [red]x[/red] :x:"
 
 @pytest.mark.both_backends
 async def test_what_a_workflow_wrote_is_printed_escaped_one_line_per_row(
-    env: dict[str, str], process_fleet: ProcessFleet, client: Client
+    env: dict[str, str],
+    process_fleet: ProcessFleet,
+    client: Client,
+    settings: Settings,
+    workflows: Mapping[str, object],
 ) -> None:
     process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows")
+    await until_consuming(settings, workflows)  # a start names a workflow a worker serves
     odd_id = "odd [bold]1[/bold]"
     started = await cli.run(
         env, "stepline", "start", "odd-text", "--params", json.dumps(ODD_TEXT), "--id", odd_id
@@ -284,9 +289,15 @@ async def test_what_a_workflow_wrote_is_printed_escaped_one_line_per_row(
 
 
 async def test_list_filters_match_exactly(
-    env: dict[str, str], process_fleet: ProcessFleet, producer: Producer, client: Client
+    env: dict[str, str],
+    process_fleet: ProcessFleet,
+    producer: Producer,
+    client: Client,
+    settings: Settings,
+    workflows: Mapping[str, object],
 ) -> None:
     process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows")
+    await until_consuming(settings, workflows)
     for instance_id in ("cli_1", "cli%2", "CLI-3", "clix4"):
         await producer.start("sequence", {"a": 1, "b": 2}, instance_id=instance_id)
     for instance_id in ("cli_1", "cli%2", "CLI-3", "clix4"):
