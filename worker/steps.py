@@ -116,7 +116,9 @@ class StepRunner:
         """Cache ``replay`` on the history ``transition`` just committed; return a step it may run next.
 
         ``history`` is the one the replay ran on, handed over (it is extended in
-        place); ``settled`` the succeeded step's key, attempt and result, if any.
+        place), and so is ``replay``: the cache owns it from here, so the
+        caller's ``with`` block ends without closing it. ``settled`` is the
+        succeeded step's key, attempt and result, if any.
         The step to run next is the one new step the commit planned, whose
         message is among ``rows``. Parallel steps all go out as messages, so
         that they run on different workers at once.
@@ -164,9 +166,7 @@ class StepRunner:
         record = history.step(key)
         if record is None or record.kind != StepKind.SLEEP or record.status != StepStatus.WAITING:
             return None
-        replay = Replay(workflow, history)
-        kept = False
-        try:
+        with Replay(workflow, history) as replay:
             outcome = replay.start()
             if outcome.kind == "diverged" or not replay.is_pending(key):
                 return None
@@ -181,13 +181,9 @@ class StepRunner:
             if transition.status.is_finished:
                 self._planner.report_finished(history, resolved, transition.status)
                 return Committed(rows)
-            kept = True
             settled = (key, record.attempt, None)
             local = self.keep(workflow, history, replay, transition, rows, settled=settled)
             return Committed(rows, local)
-        finally:
-            if not kept:
-                replay.close()
 
     async def _replay_to(
         self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool
@@ -223,12 +219,9 @@ class StepRunner:
             check_addressed(message, history.workflow)
         if history is None or not is_current(history, key, message):
             return None
-        replay = Replay(workflow, history)
-        try:
-            return history, replay, replay.start()
-        except BaseException:
-            replay.close()
-            raise
+        with Replay(workflow, history) as replay:
+            outcome = replay.start()
+            return history, replay.hand_off(), outcome  # the caller's own with block closes it
 
     async def _run(self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool) -> Committed:
         key: StepKey = (message.step, message.occurrence)
@@ -236,8 +229,7 @@ class StepRunner:
         if found is None:
             return Committed([])
         history, replay, outcome = found
-        kept = False
-        try:
+        with replay:
             call = replay.calls.get(key)
             if (outcome is not None and outcome.kind == "diverged") or call is None:
                 error = outcome.error if outcome is not None else None
@@ -281,7 +273,6 @@ class StepRunner:
                         if transition.status.is_finished:
                             self._planner.report_finished(history, resolved, transition.status)
                             return Committed(rows)
-                        kept = True
                         settled = (key, message.attempt, result.result)
                         local = self.keep(workflow, history, replay, transition, rows, settled=settled)
                         return Committed(rows, local)
@@ -297,25 +288,23 @@ class StepRunner:
                     assert fresh is not None
                     if not is_current(fresh, key, message, running_in_paused=True):
                         return Committed([])
-                    replay.close()
-                    history, replay = fresh, Replay(workflow, fresh, carried_values=values)
-                    outcome = replay.start()
-                    if outcome.kind == "diverged" or key not in replay.calls:
-                        error = outcome.error or missing_step(history, key)
-                        await queries.update_instance(
-                            conn,
-                            history.instance_id,
-                            status=InstanceStatus.ERRORED,
-                            error=instance_error(error),
+                    with Replay(workflow, fresh, carried_values=values) as newer:
+                        outcome = newer.start()
+                        if outcome.kind == "diverged" or key not in newer.calls:
+                            error = outcome.error or missing_step(fresh, key)
+                            await queries.update_instance(
+                                conn,
+                                fresh.instance_id,
+                                status=InstanceStatus.ERRORED,
+                                error=instance_error(error),
+                            )
+                            return Committed([])
+                        return Committed(
+                            await self._commit_attempt(conn, fresh, newer, key, message.attempt, result)
                         )
-                        return Committed([])
-                    resolved = None
                 return Committed(
                     await self._commit_attempt(conn, history, replay, key, message.attempt, result, resolved)
                 )
-        finally:
-            if not kept:
-                replay.close()
 
     async def _commit_at_version(
         self,

@@ -110,12 +110,9 @@ class WorkflowRun:
         """
         waiting = self._waiting_for(event_type)
         if waiting is not None:
-            replay = self._replay()
-            try:
+            with self._replay() as replay:
                 replay.start()
                 problem = payload_problem(replay, waiting.key, payload)
-            finally:
-                replay.close()
             if problem is not None:
                 raise BadPayloadError(f"event does not fit wait {format_key(waiting.key)!r}: {problem}")
             self._settle(waiting.key, StepStatus.SUCCEEDED, result=payload)
@@ -150,13 +147,10 @@ class WorkflowRun:
 
     async def _advance(self) -> None:
         while True:
-            replay = self._replay()
-            try:
+            with self._replay() as replay:
                 outcome = replay.start()
                 calls = dict(replay.calls)
                 settled = self._record_new(replay)
-            finally:
-                replay.close()
             for child in self._started_children:
                 await child._advance()
             self._started_children.clear()
@@ -417,11 +411,8 @@ def check_replay(workflow: Workflow[Any, Any], recorded: Mapping[str, Any] | str
         trace_context=None,
         steps=records,
     )
-    replay = Replay(workflow, history)
-    try:
+    with Replay(workflow, history) as replay:
         outcome = replay.start()
-    finally:
-        replay.close()
     if outcome.kind == "diverged":
         assert isinstance(outcome.error, NonDeterminismError)
         raise outcome.error

@@ -21,6 +21,7 @@ from shared.history import History, StepRecord
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker import Context, RetryPolicy, StepFailedError, workflow
 from worker.replay import NewEntry, Replay
+from worker.replay.cache import ReplayCache
 from worker.workflow import Workflow
 
 INSTANCE_ID = "inst-1"
@@ -175,6 +176,17 @@ async def asyncio_timeout_flow(ctx: Context, params: None) -> str:
 @workflow("unit-bad-step-name")
 async def bad_step_name_flow(ctx: Context, params: None) -> str:
     return await ctx.step("$now", write_note, "x")
+
+
+UNWOUND: list[str] = []
+
+
+@workflow("unit-unwinding")
+async def unwinding_flow(ctx: Context, params: None) -> str:
+    try:
+        return await ctx.step("a", write_note, "a")
+    finally:
+        UNWOUND.append(ctx.instance_id)  # runs when the replay is closed while the step is pending
 
 
 class Opaque:
@@ -617,3 +629,60 @@ def test_three_stored_occurrences_replay_in_order(make_replay: ReplayFactory) ->
     )
     outcome = make_replay(three_charges_flow, history).start()
     assert outcome.output == ["stored1", "stored2", "stored3"]
+
+
+# --------------------------------------------------------------------------- who closes a replay
+
+
+@pytest.fixture
+def unwound() -> Iterator[list[str]]:
+    UNWOUND.clear()
+    yield UNWOUND
+    UNWOUND.clear()
+
+
+def test_with_block_closes_the_replay(unwound: list[str]) -> None:
+    with Replay(unwinding_flow, _history(unwinding_flow)) as replay:
+        assert replay.start().kind == "blocked"
+        assert unwound == []
+    assert unwound == [INSTANCE_ID]
+
+
+def test_with_block_closes_the_replay_on_an_error(unwound: list[str]) -> None:
+    replay = Replay(unwinding_flow, _history(unwinding_flow))
+    with pytest.raises(RuntimeError, match="boom"), replay:
+        replay.start()
+        raise RuntimeError("boom")
+    assert unwound == [INSTANCE_ID]
+
+
+def test_a_replay_handed_off_is_left_open_until_its_new_owner_closes_it(unwound: list[str]) -> None:
+    with Replay(unwinding_flow, _history(unwinding_flow)) as replay:
+        replay.start()
+        kept = replay.hand_off()
+    assert unwound == []
+    with kept:  # the new owner's block: closes it, the hand-off notwithstanding
+        assert kept.is_pending(("a", 1))
+    assert unwound == [INSTANCE_ID]
+
+
+def test_the_cache_takes_a_replay_from_its_with_block(unwound: list[str]) -> None:
+    cache = ReplayCache(1)
+    history = _history(unwinding_flow)
+    with Replay(unwinding_flow, history) as replay:
+        replay.start()
+        assert cache.put(history, replay)
+    assert unwound == []
+    cached = cache.take(INSTANCE_ID)
+    assert cached is not None
+    with cached.replay:
+        assert cached.replay.is_pending(("a", 1))
+    assert unwound == [INSTANCE_ID]
+
+
+def test_a_cache_that_keeps_nothing_closes_what_it_is_given(unwound: list[str]) -> None:
+    with Replay(unwinding_flow, _history(unwinding_flow)) as replay:
+        replay.start()
+        assert not ReplayCache(0).put(replay.history, replay)
+        assert unwound == [INSTANCE_ID]
+    assert unwound == [INSTANCE_ID]
