@@ -142,7 +142,9 @@ class Replay:
         """How each event wait the code asked for checks its payload."""
         self.new_entries: list[NewEntry] = []
         self._carried = dict(carried_values or {})
-        self._loop = ReplayLoop()  # type: ignore[abstract]  # I/O methods deliberately unimplemented
+        self._loop = ReplayLoop(  # type: ignore[abstract]  # I/O methods deliberately unimplemented
+            instance_id=history.instance_id, workflow=workflow.name
+        )
         self._requested: dict[StepKey, StepKind] = {}
         self._pending: dict[StepKey, asyncio.Future[Any]] = {}
         self._value_counts: Counter[str] = Counter()
@@ -300,6 +302,8 @@ class Replay:
         if self._divergence is None and not self._covered:
             self._check_history_covered()
         if self._divergence is not None:
+            if self._task.done() and not self._task.cancelled():
+                self._task.exception()  # the divergence is the outcome: what the code raised is not lost
             return Outcome("diverged", error=self._divergence)
         if not self._task.done():
             # A parent awaiting a child counts as running: work is under way.
