@@ -127,7 +127,31 @@ def _all_checks(results: dict[str, Any]) -> list[tuple[str, bool]]:
 
 def render(console: Console, results: dict[str, Any]) -> None:
     """Print one table per section that ran, then the targets."""
-    meta = results["meta"]
+    naive = {run["processes"]: run for run in results.get("naive", {}).get("runs", [])}
+    throughput = results.get("throughput")
+    _render_meta(console, results["meta"])
+    if throughput:
+        _render_throughput(console, throughput, naive)
+    _render_references(console, naive, results.get("rawtx"))
+    if results.get("latency"):
+        _render_latency(console, results["latency"])
+    timers = results.get("timers")
+    for run in (timers, (timers or {}).get("spread")):
+        if run:
+            _render_timers(console, run)
+    if results.get("long"):
+        _render_long(console, results["long"])
+    if throughput:
+        _render_memory(console, throughput)
+    _render_db_work(console, throughput, naive)
+    if results.get("targets"):
+        _render_targets(console, results["targets"])
+    for problem in results.get("problems", []):
+        console.print(f"[bold red]problem:[/] {problem}")
+
+
+def _render_meta(console: Console, meta: dict[str, Any]) -> None:
+    """The run's heading: when, where, on what, with which settings."""
     console.print(
         f"\n[bold]Stepline benchmark[/] ({meta['mode']} run) {meta['started']}  "
         f"{meta['cpus']} cores, {meta['cpu_model']}; PostgreSQL {meta['postgresql']}; commit {meta['commit']}"
@@ -138,30 +162,36 @@ def render(console: Console, results: dict[str, Any]) -> None:
         console.print(
             f"other work on the machine before the run: {meta['background_cpu_cores']:.2f} cores busy"
         )
-    naive = {run["processes"]: run for run in results.get("naive", {}).get("runs", [])}
-    throughput = results.get("throughput")
-    if throughput:
-        table = _section(
-            console,
-            (f"1. Throughput: {throughput['instances']:,} instances x 10 trivial steps, all started at once"),
+
+
+def _render_throughput(console: Console, throughput: dict[str, Any], naive: dict[int, Any]) -> None:
+    table = _section(
+        console,
+        (f"1. Throughput: {throughput['instances']:,} instances x 10 trivial steps, all started at once"),
+    )
+    for name in ("workers", "steps/s", "workflows/s", "naive steps/s", "vs naive", "worker CPU ms/step",
+                 "machine CPU ms/step", "check"):  # fmt: skip
+        table.add_column(name, justify="right" if name != "check" else "left")
+    for run in throughput["runs"]:
+        reference = naive.get(run["workers"])
+        ratio = run["steps_per_s"] / reference["steps_per_s"] if reference else math.nan
+        table.add_row(
+            str(run["workers"]),
+            _f(run["steps_per_s"]),
+            _f(run["workflows_per_s"], 1),
+            _f(reference["steps_per_s"]) if reference else "-",
+            _f(ratio, 2, "x"),
+            _f(run["worker_cpu_ms_per_step"], 2),
+            _f(run["machine_cpu_ms_per_step"], 2),
+            "ok" if run["check"]["ok"] else "FAILED",
         )
-        for name in ("workers", "steps/s", "workflows/s", "naive steps/s", "vs naive", "worker CPU ms/step",
-                     "machine CPU ms/step", "check"):  # fmt: skip
-            table.add_column(name, justify="right" if name != "check" else "left")
-        for run in throughput["runs"]:
-            reference = naive.get(run["workers"])
-            ratio = run["steps_per_s"] / reference["steps_per_s"] if reference else math.nan
-            table.add_row(
-                str(run["workers"]),
-                _f(run["steps_per_s"]),
-                _f(run["workflows_per_s"], 1),
-                _f(reference["steps_per_s"]) if reference else "-",
-                _f(ratio, 2, "x"),
-                _f(run["worker_cpu_ms_per_step"], 2),
-                _f(run["machine_cpu_ms_per_step"], 2),
-                "ok" if run["check"]["ok"] else "FAILED",
-            )
-        console.print(table)
+    console.print(table)
+
+
+def _render_references(console: Console, naive: dict[int, Any], rawtx: dict[str, Any] | None) -> None:
+    """The naive loop and raw transaction figures the engine is compared with (if they ran)."""
+    if not naive and not rawtx:
+        return
     references = Table()
     references.add_column("reference")
     references.add_column("rate", justify="right")
@@ -173,7 +203,6 @@ def render(console: Console, results: dict[str, Any]) -> None:
             f"{_f(run['steps_per_s'])} steps/s",
             _f(run.get("machine_cpu_ms_per_step"), 2),
         )
-    rawtx = results.get("rawtx")
     if rawtx:
         references.add_row(
             f"naive step transaction alone, {rawtx['clients']} clients (BEGIN, 3 statements, COMMIT)",
@@ -183,115 +212,118 @@ def render(console: Console, results: dict[str, Any]) -> None:
             f"the same writes as one statement, {rawtx['clients']} clients (1 round trip)",
             f"{_f(rawtx['one_statement']['tx_per_s'])} tx/s",
         )
-    if naive or rawtx:
-        console.print("\n[bold]5. References, measured in the same run[/]")
-        console.print(references)
-    latency = results.get("latency")
-    if latency:
-        table = _section(
-            console,
-            (
-                f"2. Latency: 2 workers, open-loop {latency['rate_workflows_per_s']:.1f} workflows/s "
-                f"({latency['rate_steps_per_s']:.0f} steps/s, half of the max)"
-                f" for {latency['seconds']:.0f}s, "
-                f"{latency['instances']:,} instances"
-            ),
-        )
-        table.add_column("ms")
-        for name in ("p50", "p95", "p99", "max"):
-            table.add_column(name, justify="right")
-        for key, label in (
-            ("start_to_first_step", "start to first step"),
-            ("step_to_next_step", "step to next step"),
-            ("start_to_complete", "start to complete"),
-        ):
-            figures = latency[key]
-            table.add_row(label, *(_f(figures[f"{p}_ms"], 1) for p in ("p50", "p95", "p99", "max")))
-        console.print(table)
-    timers = results.get("timers")
-    for run in (timers, (timers or {}).get("spread")):
-        if not run:
+    console.print("\n[bold]5. References, measured in the same run[/]")
+    console.print(references)
+
+
+def _render_latency(console: Console, latency: dict[str, Any]) -> None:
+    table = _section(
+        console,
+        (
+            f"2. Latency: 2 workers, open-loop {latency['rate_workflows_per_s']:.1f} workflows/s "
+            f"({latency['rate_steps_per_s']:.0f} steps/s, half of the max)"
+            f" for {latency['seconds']:.0f}s, "
+            f"{latency['instances']:,} instances"
+        ),
+    )
+    table.add_column("ms")
+    for name in ("p50", "p95", "p99", "max"):
+        table.add_column(name, justify="right")
+    for key, label in (
+        ("start_to_first_step", "start to first step"),
+        ("step_to_next_step", "step to next step"),
+        ("start_to_complete", "start to complete"),
+    ):
+        figures = latency[key]
+        table.add_row(label, *(_f(figures[f"{p}_ms"], 1) for p in ("p50", "p95", "p99", "max")))
+    console.print(table)
+
+
+def _render_timers(console: Console, run: dict[str, Any]) -> None:
+    """One timers run: how late its sleeps fired, committed and resumed their workflows."""
+    table = _section(
+        console,
+        f"3. Timers: {run['timers']:,} sleeps due {_due(run)}, 2 schedulers, 2 workers"
+        f" (armed in {run['arming_s']:.1f}s, then made due {run.get('due_ahead_s', 0):g}s ahead)",
+    )
+    table.add_column("lateness after due")
+    for name in ("p50", "p99", "max (all done)"):
+        table.add_column(name, justify="right")
+    for key, label in (
+        ("fire_lateness", "timer fired"),
+        ("commit_lateness", "fire committed"),
+        ("resume_lateness", "workflow resumed"),
+    ):
+        figures = run.get(key)
+        if figures is None:  # a result file from before the figure existed
             continue
-        table = _section(
-            console,
-            f"3. Timers: {run['timers']:,} sleeps due {_due(run)}, 2 schedulers, 2 workers"
-            f" (armed in {run['arming_s']:.1f}s, then made due {run.get('due_ahead_s', 0):g}s ahead)",
-        )
-        table.add_column("lateness after due")
-        for name in ("p50", "p99", "max (all done)"):
-            table.add_column(name, justify="right")
-        for key, label in (
-            ("fire_lateness", "timer fired"),
-            ("commit_lateness", "fire committed"),
-            ("resume_lateness", "workflow resumed"),
-        ):
-            figures = run.get(key)
-            if figures is None:  # a result file from before the figure existed
-                continue
-            table.add_row(label, _f(figures["p50_ms"], 0, " ms"), _f(figures["p99_ms"], 0, " ms"),
-                          _f(figures["max_ms"] / 1000.0, 2, " s"))  # fmt: skip
-        console.print(table)
-    long = results.get("long")
-    if long:
-        table = _section(
-            console,
-            (
-                f"4. Long workflows: 1 worker, {long['in_flight']} instance(s) in flight, "
-                f"{long['long']['instances']} x {long['long']['steps_per_instance']:,} vs "
-                f"{long['short']['instances']:,} x {long['short']['steps_per_instance']} steps"
-            ),
-        )
-        table.add_column("per step")
-        long_name = f"{long['long']['steps_per_instance']:,}-step"
-        short_name = f"{long['short']['steps_per_instance']}-step"
-        for name in (long_name, short_name, "ratio"):
-            table.add_column(name, justify="right")
-        for key, label in (
-            ("wall_ms_per_step", "wall ms"),
-            ("worker_cpu_ms_per_step", "worker CPU ms"),
-            ("machine_cpu_ms_per_step", "machine CPU ms"),
-        ):
-            figures = long[key]
-            table.add_row(
-                label, _f(figures["long"], 2), _f(figures["short"], 2), _f(figures["ratio"], 2, "x")
-            )
-        console.print(table)
-    if throughput:
-        table = _section(console, "6. Memory: worker RSS (MiB, each worker) in the throughput runs")
-        for name in ("workers", "at start", "after the run", "growth (largest)"):
-            table.add_column(name, justify="right")
-        for run in throughput["runs"]:
-            table.add_row(
-                str(run["workers"]), _mib(run["rss_start_kib"]), _mib(run["rss_end_kib"]),
-                _f(run["rss_growth_pct"], 1, "%"),
-            )  # fmt: skip
-        console.print(table)
+        table.add_row(label, _f(figures["p50_ms"], 0, " ms"), _f(figures["p99_ms"], 0, " ms"),
+                      _f(figures["max_ms"] / 1000.0, 2, " s"))  # fmt: skip
+    console.print(table)
+
+
+def _render_long(console: Console, long: dict[str, Any]) -> None:
+    table = _section(
+        console,
+        (
+            f"4. Long workflows: 1 worker, {long['in_flight']} instance(s) in flight, "
+            f"{long['long']['instances']} x {long['long']['steps_per_instance']:,} vs "
+            f"{long['short']['instances']:,} x {long['short']['steps_per_instance']} steps"
+        ),
+    )
+    table.add_column("per step")
+    long_name = f"{long['long']['steps_per_instance']:,}-step"
+    short_name = f"{long['short']['steps_per_instance']}-step"
+    for name in (long_name, short_name, "ratio"):
+        table.add_column(name, justify="right")
+    for key, label in (
+        ("wall_ms_per_step", "wall ms"),
+        ("worker_cpu_ms_per_step", "worker CPU ms"),
+        ("machine_cpu_ms_per_step", "machine CPU ms"),
+    ):
+        figures = long[key]
+        table.add_row(label, _f(figures["long"], 2), _f(figures["short"], 2), _f(figures["ratio"], 2, "x"))
+    console.print(table)
+
+
+def _render_memory(console: Console, throughput: dict[str, Any]) -> None:
+    table = _section(console, "6. Memory: worker RSS (MiB, each worker) in the throughput runs")
+    for name in ("workers", "at start", "after the run", "growth (largest)"):
+        table.add_column(name, justify="right")
+    for run in throughput["runs"]:
+        table.add_row(
+            str(run["workers"]), _mib(run["rss_start_kib"]), _mib(run["rss_end_kib"]),
+            _f(run["rss_growth_pct"], 1, "%"),
+        )  # fmt: skip
+    console.print(table)
+
+
+def _render_db_work(console: Console, throughput: dict[str, Any] | None, naive: dict[int, Any]) -> None:
+    """PostgreSQL's counters per step, for the engine and naive runs that measured them."""
     work = [
         (f"engine, {run['workers']} worker(s)", run["db_per_step"])
         for run in (throughput or {}).get("runs", [])
         if run.get("db_per_step")
     ] + [(f"naive loop, {run['processes']} process(es)", run["db_per_step"]) for run in naive.values()]
     work = [(label, figures) for label, figures in work if figures]
-    if work:
-        table = _section(console, "PostgreSQL work per step (pg_stat_database counters / steps)")
-        for name in ("run", "commits", "rollbacks", "rows inserted", "updated", "deleted"):
-            table.add_column(name, justify="right" if name != "run" else "left")
-        for label, figures in work:
-            table.add_row(label, *(_f(figures[key], 2) for key in DB_COLUMNS))
-        console.print(table)
-    verdicts = results.get("targets", [])
-    if verdicts:
-        table = _section(console, "Targets (issue 6)")
-        table.add_column("target")
-        table.add_column("measured", justify="right")
-        table.add_column("", justify="center")
-        for row in verdicts:
-            table.add_row(
-                row["target"], row["measured"], "[green]met[/]" if row["met"] else "[red]not met[/]"
-            )
-        console.print(table)
-    for problem in results.get("problems", []):
-        console.print(f"[bold red]problem:[/] {problem}")
+    if not work:
+        return
+    table = _section(console, "PostgreSQL work per step (pg_stat_database counters / steps)")
+    for name in ("run", "commits", "rollbacks", "rows inserted", "updated", "deleted"):
+        table.add_column(name, justify="right" if name != "run" else "left")
+    for label, figures in work:
+        table.add_row(label, *(_f(figures[key], 2) for key in DB_COLUMNS))
+    console.print(table)
+
+
+def _render_targets(console: Console, verdicts: list[dict[str, Any]]) -> None:
+    table = _section(console, "Targets (issue 6)")
+    table.add_column("target")
+    table.add_column("measured", justify="right")
+    table.add_column("", justify="center")
+    for row in verdicts:
+        table.add_row(row["target"], row["measured"], "[green]met[/]" if row["met"] else "[red]not met[/]")
+    console.print(table)
 
 
 def write(results: dict[str, Any], stamp: str) -> Path:

@@ -256,10 +256,8 @@ class MessageHandler:
             "trace_context": trace_context,
             "parent": parent,
         }
-        replay = self._planner.replay(workflow, history)
-        kept = False
         local = None
-        try:
+        with self._planner.replay(workflow, history) as replay:
             outcome = replay.start()
             transition = self._planner.plan_unlocked(history, replay, outcome)
             if transition is not None:
@@ -281,17 +279,14 @@ class MessageHandler:
                 if transition.status.is_finished:
                     self._planner.report_finished(history, outcome, transition.status)
                 else:
+                    # The cache takes the replay: the with block leaves it open for the next step.
                     local = self._steps.keep(workflow, history, replay, transition, rows)
-                    kept = True
             else:
                 async with self._engine.begin() as conn:
                     created = await queries.insert_instance(conn, **instance)
                     if not created:
                         return Committed(await self._duplicate_start(conn, message, parent))
                     rows = await self._planner.apply(conn, history, replay, outcome)
-        finally:
-            if not kept:
-                replay.close()
         log.info("instance started", extra={"event": "instance_started", "instance_id": message.instance_id})
         return Committed(rows, local)
 

@@ -101,9 +101,7 @@ class Planner:
         entries = replay.new_entries
         if any(entry.kind in (StepKind.SLEEP, StepKind.EVENT) for entry in entries):
             return None
-        new_steps = [
-            _new_step(entry, history.next_position + index, {}) for index, entry in enumerate(entries)
-        ]
+        new_steps = _new_steps(history, entries, {})
         if outcome.kind == "returned":
             status, output, error = self._ending(outcome)
             return Transition(new_steps, status, self.parent_wake(history.parent), output, error)
@@ -133,43 +131,9 @@ class Planner:
     ) -> list[OutboxRow]:
         """Record the replay's new entries and outcome; returns the outbox rows to publish."""
         outcome, matched = await self._hand_stored_events(conn, history, replay, outcome)
-        entries = replay.new_entries
-        if outcome.kind in ("diverged", "raised"):
-            # Only recorded values are kept; nothing new starts after an error.
-            entries = [entry for entry in entries if entry.kind == StepKind.VALUE]
-        new_steps = [
-            _new_step(entry, history.next_position + index, matched) for index, entry in enumerate(entries)
-        ]
-        if outcome.kind != "blocked":
-            return await self._finish(conn, history, outcome, new_steps)
-
-        # A sleep's timer fires when its entry says: only then are the entries inserted on their own.
-        fire_times: dict[StepKey, Any] = {}
-        if any(entry.kind == StepKind.SLEEP for entry in entries):
-            fire_times = await queries.insert_steps(conn, history.instance_id, new_steps)
-            new_steps = []
-        paused = history.status == InstanceStatus.PAUSED
-        messages: list[Message] = []
-        timers: list[NewTimer] = []
-        for entry in entries:
-            if entry.kind == StepKind.STEP and not paused:
-                messages.append(self.step_message(history, entry.key, 1))
-            elif entry.kind == StepKind.SLEEP:
-                fire_at = fire_times[entry.key]
-                assert fire_at is not None
-                timers.append(self._wake_timer(history, entry.key, "sleep", fire_at=fire_at))
-            elif entry.kind == StepKind.EVENT and entry.key not in matched and entry.timeout is not None:
-                timers.append(self._wake_timer(history, entry.key, "event-timeout", entry=entry))
-            elif entry.kind == StepKind.CHILD:
-                messages.append(self._child_start(history, entry))
-        await timer_queries.insert_timers(conn, history.instance_id, timers)
-        if paused:
-            status = InstanceStatus.PAUSED  # a resume sends what it holds back
-        else:
-            status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
-        return await transitions.write_transition(
-            conn, history.instance_id, new_steps=new_steps, status=status, messages=messages
-        )
+        if outcome.kind == "blocked":
+            return await self._record_blocked(conn, history, replay.new_entries, outcome, matched)
+        return await self._finish(conn, history, replay.new_entries, outcome, matched)
 
     async def _hand_stored_events(
         self, conn: AsyncConnection, history: History, replay: Replay, outcome: Outcome
@@ -200,16 +164,80 @@ class Planner:
                 outcome = replay.resolve(entry.key, claimed.payload)
         return outcome, matched
 
-    async def _finish(
-        self, conn: AsyncConnection, history: History, outcome: Outcome, new_steps: list[NewStep]
+    async def _record_blocked(
+        self,
+        conn: AsyncConnection,
+        history: History,
+        entries: list[NewEntry],
+        outcome: Outcome,
+        matched: dict[StepKey, JSON],
     ) -> list[OutboxRow]:
+        """Record what a blocked replay waits on: steps go out as messages, sleeps and time-outs as timers."""
+        new_steps = _new_steps(history, entries, matched)
+        # A sleep's timer fires when its entry says: only then are the entries inserted on their own.
+        fire_times: dict[StepKey, Any] = {}
+        if any(entry.kind == StepKind.SLEEP for entry in entries):
+            fire_times = await queries.insert_steps(conn, history.instance_id, new_steps)
+            new_steps = []
+        paused = history.status == InstanceStatus.PAUSED
+        messages, timers = self._sends(history, entries, matched, fire_times, paused=paused)
+        await timer_queries.insert_timers(conn, history.instance_id, timers)
+        if paused:
+            status = InstanceStatus.PAUSED  # a resume sends what it holds back
+        else:
+            status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
+        return await transitions.write_transition(
+            conn, history.instance_id, new_steps=new_steps, status=status, messages=messages
+        )
+
+    def _sends(
+        self,
+        history: History,
+        entries: list[NewEntry],
+        matched: dict[StepKey, JSON],
+        fire_times: dict[StepKey, Any],
+        *,
+        paused: bool,
+    ) -> tuple[list[Message], list[NewTimer]]:
+        """The messages new entries send (steps, child starts) and the timers they arm (sleeps, time-outs).
+
+        A paused instance holds its new steps back; an event wait that took a
+        stored event needs no time-out.
+        """
+        messages: list[Message] = []
+        timers: list[NewTimer] = []
+        for entry in entries:
+            if entry.kind == StepKind.STEP and not paused:
+                messages.append(self.step_message(history, entry.key, 1))
+            elif entry.kind == StepKind.SLEEP:
+                fire_at = fire_times[entry.key]
+                assert fire_at is not None
+                timers.append(self._wake_timer(history, entry.key, "sleep", fire_at=fire_at))
+            elif entry.kind == StepKind.EVENT and entry.key not in matched and entry.timeout is not None:
+                timers.append(self._wake_timer(history, entry.key, "event-timeout", entry=entry))
+            elif entry.kind == StepKind.CHILD:
+                messages.append(self._child_start(history, entry))
+        return messages, timers
+
+    async def _finish(
+        self,
+        conn: AsyncConnection,
+        history: History,
+        entries: list[NewEntry],
+        outcome: Outcome,
+        matched: dict[StepKey, JSON],
+    ) -> list[OutboxRow]:
+        """Record a replay that returned or failed: its last entries, its end, its parent's wake-up."""
+        if outcome.kind in ("diverged", "raised"):
+            # Only recorded values are kept; nothing new starts after an error.
+            entries = [entry for entry in entries if entry.kind == StepKind.VALUE]
         instance_id = history.instance_id
         status, output, error = self._ending(outcome)
         await timer_queries.cancel_timers(conn, instance_id)
         rows = await transitions.write_transition(
             conn,
             instance_id,
-            new_steps=new_steps,
+            new_steps=_new_steps(history, entries, matched),
             status=status,
             output=output,
             error=error,
@@ -276,6 +304,11 @@ _INITIAL_STATUS = {
     StepKind.EVENT: StepStatus.WAITING,
     StepKind.VALUE: StepStatus.SUCCEEDED,
 }
+
+
+def _new_steps(history: History, entries: list[NewEntry], matched: dict[StepKey, JSON]) -> list[NewStep]:
+    """The rows of new entries, placed after the history's; an event wait in ``matched`` took its event."""
+    return [_new_step(entry, history.next_position + index, matched) for index, entry in enumerate(entries)]
 
 
 def _new_step(entry: NewEntry, position: int, matched: dict[StepKey, JSON]) -> NewStep:

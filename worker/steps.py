@@ -21,6 +21,7 @@ from shared.history import History, StepKey, format_key
 from shared.hooks import AttemptEnd
 from shared.messages import StepMessage, WakeMessage, check_addressed
 from shared.states import InstanceStatus, StepKind, StepStatus
+from worker.context import StepCall
 from worker.executor import StepExecutor, StepResult, StepSucceeded
 from worker.plan import Planner, Transition, instance_error
 from worker.replay.cache import ReplayCache, committed_history
@@ -117,7 +118,9 @@ class StepRunner:
         """Cache ``replay`` on the history ``transition`` just committed; return a step it may run next.
 
         ``history`` is the one the replay ran on, handed over (it is extended in
-        place); ``settled`` the succeeded step's key, attempt and result, if any.
+        place), and so is ``replay``: the cache owns it from here, so the
+        caller's ``with`` block ends without closing it. ``settled`` is the
+        succeeded step's key, attempt and result, if any.
         The step to run next is the one new step the commit planned, whose
         message is among ``rows``. Parallel steps all go out as messages, so
         that they run on different workers at once.
@@ -165,9 +168,7 @@ class StepRunner:
         record = history.step(key)
         if record is None or record.kind != StepKind.SLEEP or record.status != StepStatus.WAITING:
             return None
-        replay = self._planner.replay(workflow, history)
-        kept = False
-        try:
+        with self._planner.replay(workflow, history) as replay:
             outcome = replay.start()
             if outcome.kind == "diverged" or not replay.is_pending(key):
                 return None
@@ -179,16 +180,8 @@ class StepRunner:
             if rows is None:
                 return None
             report_settled(self._planner, history, record, "succeeded")
-            if transition.status.is_finished:
-                self._planner.report_finished(history, resolved, transition.status)
-                return Committed(rows)
-            kept = True
             settled = (key, record.attempt, None)
-            local = self.keep(workflow, history, replay, transition, rows, settled=settled)
-            return Committed(rows, local)
-        finally:
-            if not kept:
-                replay.close()
+            return self._after_unlocked_commit(workflow, history, replay, transition, rows, resolved, settled)
 
     async def _replay_to(
         self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool
@@ -224,99 +217,169 @@ class StepRunner:
             check_addressed(message, history.workflow)
         if history is None or not is_current(history, key, message):
             return None
-        replay = self._planner.replay(workflow, history)
-        try:
-            return history, replay, replay.start()
-        except BaseException:
-            replay.close()
-            raise
+        with self._planner.replay(workflow, history) as replay:
+            outcome = replay.start()
+            return history, replay.hand_off(), outcome  # the caller's own with block closes it
 
     async def _run(self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool) -> Committed:
-        key: StepKey = (message.step, message.occurrence)
+        """Replay up to the message's step, run its code once, and commit the attempt.
+
+        The usual success is committed in one statement without the lock
+        (``_commit_success``); a failure, a success followed by what only the
+        lock may plan, or a history that moved on meanwhile is committed under
+        the lock (``_commit_locked``).
+        """
+        key = _step_key(message)
         found = await self._replay_to(workflow, message, is_local=is_local)
         if found is None:
             return Committed([])
         history, replay, outcome = found
-        kept = False
-        try:
+        with replay:
             call = replay.calls.get(key)
             if (outcome is not None and outcome.kind == "diverged") or call is None:
                 error = outcome.error if outcome is not None else None
                 return Committed(await self._commit_error(history, error or missing_step(history, key)))
-            info = RunningStep(history.instance_id, workflow.name, key[0], key[1], message.attempt)
-            with self._planner.hooks.step_attempt(
-                workflow.name,
-                history.instance_id,
-                history.trace_context,
-                format_key(key),
-                message.attempt,
-                self._worker_id,
-            ) as scope:
-                result = await self._executor.run(call, info)
-                scope.finish(_attempt_end(result))
-                # A line per success would be most of a busy worker's log (and ~6% of its CPU):
-                # DEBUG; an attempt that failed or timed out is news.
-                log.log(
-                    logging.DEBUG if isinstance(result, StepSucceeded) else logging.INFO,
-                    "step attempt %s",
-                    "succeeded" if isinstance(result, StepSucceeded) else result.outcome,
-                    extra={
-                        "event": "step_attempt_finished",
-                        "instance_id": history.instance_id,
-                        "step": format_key(key),
-                        "attempt": message.attempt,
-                    },
-                )
+            result = await self._attempt(workflow, history, message, call)
             values = replay.values  # recorded before the step ran: a newer replay keeps them
-            resolved: Outcome | None = None
-            stale = False
-            if isinstance(result, StepSucceeded):
-                resolved = replay.resolve(key, result.result)
-                transition = self._planner.plan_unlocked(history, replay, resolved)
-                if transition is not None:
-                    attempt = SucceededAttempt(
-                        message.attempt, self._worker_id, result.started_at, result.finished_at
-                    )
-                    rows = await self._commit_at_version(history, key, transition, attempt, result.result)
-                    if rows is not None:
-                        if transition.status.is_finished:
-                            self._planner.report_finished(history, resolved, transition.status)
-                            return Committed(rows)
-                        kept = True
-                        settled = (key, message.attempt, result.result)
-                        local = self.keep(workflow, history, replay, transition, rows, settled=settled)
-                        return Committed(rows, local)
-                    stale = True  # the history moved on: the newer one is replayed under the lock below
-            async with self._engine.begin() as conn:
-                lock = await queries.lock_instance(conn, history.instance_id)
-                if lock is None or lock.status.is_finished:
-                    return Committed([])
-                if lock.version != history.version or stale:
-                    # The history changed meanwhile (a parallel step committed, a pause):
-                    # replay the newer one before planning what comes next.
-                    fresh = await queries.load_history(conn, history.instance_id)
-                    assert fresh is not None
-                    if not is_current(fresh, key, message, running_in_paused=True):
-                        return Committed([])
-                    replay.close()
-                    history, replay = fresh, self._planner.replay(workflow, fresh, carried_values=values)
-                    outcome = replay.start()
-                    if outcome.kind == "diverged" or key not in replay.calls:
-                        error = outcome.error or missing_step(history, key)
-                        await queries.update_instance(
-                            conn,
-                            history.instance_id,
-                            status=InstanceStatus.ERRORED,
-                            error=instance_error(error),
-                        )
-                        return Committed([])
-                    resolved = None
-                return Committed(
-                    await self._commit_attempt(conn, history, replay, key, message.attempt, result, resolved)
+            if not isinstance(result, StepSucceeded):
+                return await self._commit_locked(workflow, message, result, history, replay, values)
+            resolved = replay.resolve(key, result.result)
+            transition = self._planner.plan_unlocked(history, replay, resolved)
+            if transition is None:  # a sleep, an event wait, an error or a pause: planned under the lock
+                return await self._commit_locked(workflow, message, result, history, replay, values, resolved)
+            committed = await self._commit_success(
+                workflow, message, result, history, replay, transition, resolved
+            )
+            if committed is None:  # the history moved on: the newer one is replayed under the lock
+                return await self._commit_locked(
+                    workflow, message, result, history, replay, values, stale=True
                 )
-        finally:
-            if not kept:
-                replay.close()
+            return committed
+
+    async def _attempt(
+        self, workflow: Workflow[Any, Any], history: History, message: StepMessage, call: StepCall
+    ) -> StepResult:
+        """Run the step's code once, inside its attempt's telemetry scope, and log how it ended."""
+        key = _step_key(message)
+        info = RunningStep(history.instance_id, workflow.name, key[0], key[1], message.attempt)
+        with self._planner.hooks.step_attempt(
+            workflow.name,
+            history.instance_id,
+            history.trace_context,
+            format_key(key),
+            message.attempt,
+            self._worker_id,
+        ) as scope:
+            result = await self._executor.run(call, info)
+            scope.finish(_attempt_end(result))
+            # A line per success would be most of a busy worker's log (and ~6% of its CPU):
+            # DEBUG; an attempt that failed or timed out is news.
+            log.log(
+                logging.DEBUG if isinstance(result, StepSucceeded) else logging.INFO,
+                "step attempt %s",
+                "succeeded" if isinstance(result, StepSucceeded) else result.outcome,
+                extra={
+                    "event": "step_attempt_finished",
+                    "instance_id": history.instance_id,
+                    "step": format_key(key),
+                    "attempt": message.attempt,
+                },
+            )
+        return result
+
+    async def _commit_success(
+        self,
+        workflow: Workflow[Any, Any],
+        message: StepMessage,
+        result: StepSucceeded,
+        history: History,
+        replay: Replay,
+        transition: Transition,
+        resolved: Outcome,
+    ) -> Committed | None:
+        """Commit a success and what follows in one statement, without the lock; None if the history moved on.
+
+        ``resolved`` is what ``replay`` did with the result, ``transition`` what it
+        writes; both were planned on ``history``, whose version fences the commit.
+        """
+        key = _step_key(message)
+        attempt = SucceededAttempt(message.attempt, self._worker_id, result.started_at, result.finished_at)
+        rows = await self._commit_at_version(history, key, transition, attempt, result.result)
+        if rows is None:
+            return None
+        settled = (key, message.attempt, result.result)
+        return self._after_unlocked_commit(workflow, history, replay, transition, rows, resolved, settled)
+
+    def _after_unlocked_commit(
+        self,
+        workflow: Workflow[Any, Any],
+        history: History,
+        replay: Replay,
+        transition: Transition,
+        rows: list[OutboxRow],
+        resolved: Outcome,
+        settled: tuple[StepKey, int, JSON],
+    ) -> Committed:
+        """Report an instance the commit ended; else keep the replay, and maybe run the next step here."""
+        if transition.status.is_finished:
+            self._planner.report_finished(history, resolved, transition.status)
+            return Committed(rows)
+        return Committed(rows, self.keep(workflow, history, replay, transition, rows, settled=settled))
+
+    async def _commit_locked(
+        self,
+        workflow: Workflow[Any, Any],
+        message: StepMessage,
+        result: StepResult,
+        history: History,
+        replay: Replay,
+        values: dict[StepKey, JSON],
+        resolved: Outcome | None = None,
+        *,
+        stale: bool = False,
+    ) -> Committed:
+        """Commit the attempt under the instance lock, on the newest history.
+
+        ``replay`` stands on ``history``; ``resolved`` is what it already did with a
+        success, if anything. If the instance is no longer at ``history``'s version
+        (or ``stale`` says so already), the newer history is replayed instead.
+        """
+        async with self._engine.begin() as conn:
+            lock = await queries.lock_instance(conn, history.instance_id)
+            if lock is None or lock.status.is_finished:
+                return Committed([])
+            if lock.version != history.version or stale:
+                # The history changed meanwhile (a parallel step committed, a pause):
+                # replay the newer one before planning what comes next.
+                return Committed(await self._commit_on_newer(conn, workflow, message, result, values))
+            key = _step_key(message)
+            return Committed(
+                await self._commit_attempt(conn, history, replay, key, message.attempt, result, resolved)
+            )
+
+    async def _commit_on_newer(
+        self,
+        conn: AsyncConnection,
+        workflow: Workflow[Any, Any],
+        message: StepMessage,
+        result: StepResult,
+        values: dict[StepKey, JSON],
+    ) -> list[OutboxRow]:
+        """Under the lock: replay the newer history, then commit the attempt if it is still current."""
+        key = _step_key(message)
+        history = await queries.load_history(conn, message.instance_id)
+        assert history is not None
+        if not is_current(history, key, message, running_in_paused=True):
+            return []
+        with self._planner.replay(workflow, history, carried_values=values) as replay:
+            outcome = replay.start()
+            if outcome.kind == "diverged" or key not in replay.calls:
+                error = outcome.error or missing_step(history, key)
+                await queries.update_instance(
+                    conn, history.instance_id, status=InstanceStatus.ERRORED, error=instance_error(error)
+                )
+                return []
+            return await self._commit_attempt(conn, history, replay, key, message.attempt, result)
 
     async def _commit_at_version(
         self,
@@ -421,6 +484,10 @@ class StepRunner:
             extra={"event": "instance_errored", "instance_id": history.instance_id},
         )
         return rows
+
+
+def _step_key(message: StepMessage) -> StepKey:
+    return (message.step, message.occurrence)
 
 
 def _attempt_end(result: StepResult) -> AttemptEnd:

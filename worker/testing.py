@@ -480,11 +480,8 @@ def check_replay(workflow: Workflow[Any, Any], recorded: Mapping[str, Any] | str
         trace_context=None,
         steps=records,
     )
-    replay = Replay(workflow, history)
-    try:
+    with Replay(workflow, history) as replay:
         outcome = replay.start()
-    finally:
-        replay.close()
     if outcome.kind == "diverged":
         assert isinstance(outcome.error, NonDeterminismError)
         raise outcome.error

@@ -114,8 +114,7 @@ async def deliver_event(
         return []  # kept for the first wait that asks for it
     wait = min(waits, key=lambda record: record.position)
     key = wait.key
-    replay = planner.replay(workflow, history)
-    try:
+    with planner.replay(workflow, history) as replay:
         outcome = replay.start()
         problem = payload_problem(replay, key, message.payload)
         if problem is not None:
@@ -134,8 +133,6 @@ async def deliver_event(
         if replay.is_pending(key):
             outcome = replay.resolve(key, claimed.payload)
         return await planner.apply(conn, history, replay, outcome)
-    finally:
-        replay.close()
 
 
 async def advance(
@@ -144,8 +141,7 @@ async def advance(
     """Replay and send everything the instance waits on: after a resume, or from scratch after a restart."""
     if history.status.is_finished or history.status == InstanceStatus.PAUSED:
         return []
-    replay = planner.replay(workflow, history)
-    try:
+    with planner.replay(workflow, history) as replay:
         outcome = replay.start()
         resent: list[Message] = []
         for record in history.steps.values():
@@ -160,8 +156,6 @@ async def advance(
                 resent.append(planner.step_message(history, record.key, record.attempt))
         rows = await planner.apply(conn, history, replay, outcome)
         return rows + await queries.insert_outbox(conn, resent)
-    finally:
-        replay.close()
 
 
 async def _run_on(
@@ -174,14 +168,11 @@ async def _run_on(
     result: Any = None,
     error: BaseException | None = None,
 ) -> list[OutboxRow]:
-    replay = planner.replay(workflow, history)
-    try:
+    with planner.replay(workflow, history) as replay:
         outcome = replay.start()
         if replay.is_pending(key):
             outcome = replay.fail(key, error) if error is not None else replay.resolve(key, result)
         return await planner.apply(conn, history, replay, outcome)
-    finally:
-        replay.close()
 
 
 def report_settled(planner: Planner, history: History, record: StepRecord, outcome: str) -> None:

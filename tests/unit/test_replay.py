@@ -7,6 +7,8 @@ The step functions below record every call in ``CALLS``: replay must never run s
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +23,7 @@ from shared.history import History, StepRecord
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker import Context, RetryPolicy, StepFailedError, workflow
 from worker.replay import NewEntry, Replay
+from worker.replay.cache import ReplayCache
 from worker.workflow import Workflow
 
 INSTANCE_ID = "inst-1"
@@ -175,6 +178,39 @@ async def asyncio_timeout_flow(ctx: Context, params: None) -> str:
 @workflow("unit-bad-step-name")
 async def bad_step_name_flow(ctx: Context, params: None) -> str:
     return await ctx.step("$now", write_note, "x")
+
+
+UNWOUND: list[str] = []
+
+
+@workflow("unit-unwinding")
+async def unwinding_flow(ctx: Context, params: None) -> str:
+    try:
+        return await ctx.step("a", write_note, "a")
+    finally:
+        UNWOUND.append(ctx.instance_id)  # runs when the replay is closed while the step is pending
+
+
+async def fail_in_the_background() -> None:
+    raise ValueError("lost in a task")
+
+
+@workflow("unit-fire-and-forget")
+async def fire_and_forget_flow(ctx: Context, params: None) -> str:
+    asyncio.create_task(fail_in_the_background())  # noqa: RUF006  # the mistake under test
+    return await ctx.step("a", write_note, "a")
+
+
+@workflow("unit-a-then-raise")
+async def a_then_raise_flow(ctx: Context, params: None) -> str:
+    await ctx.step("a", write_note, "a")
+    raise ValueError("the new code raises")
+
+
+@workflow("unit-raising-callback")
+async def raising_callback_flow(ctx: Context, params: None) -> str:
+    asyncio.get_running_loop().call_soon(lambda: 1 / 0)
+    return await ctx.step("a", write_note, "a")
 
 
 class Opaque:
@@ -617,3 +653,118 @@ def test_three_stored_occurrences_replay_in_order(make_replay: ReplayFactory) ->
     )
     outcome = make_replay(three_charges_flow, history).start()
     assert outcome.output == ["stored1", "stored2", "stored3"]
+
+
+# --------------------------------------------------------------------------- who closes a replay
+
+
+@pytest.fixture
+def unwound() -> Iterator[list[str]]:
+    UNWOUND.clear()
+    yield UNWOUND
+    UNWOUND.clear()
+
+
+def test_with_block_closes_the_replay(unwound: list[str]) -> None:
+    with Replay(unwinding_flow, _history(unwinding_flow)) as replay:
+        assert replay.start().kind == "blocked"
+        assert unwound == []
+    assert unwound == [INSTANCE_ID]
+
+
+def test_with_block_closes_the_replay_on_an_error(unwound: list[str]) -> None:
+    replay = Replay(unwinding_flow, _history(unwinding_flow))
+    with pytest.raises(RuntimeError, match="boom"), replay:
+        replay.start()
+        raise RuntimeError("boom")
+    assert unwound == [INSTANCE_ID]
+
+
+def test_a_replay_handed_off_is_left_open_until_its_new_owner_closes_it(unwound: list[str]) -> None:
+    with Replay(unwinding_flow, _history(unwinding_flow)) as replay:
+        replay.start()
+        kept = replay.hand_off()
+    assert unwound == []
+    with kept:  # the new owner's block: closes it, the hand-off notwithstanding
+        assert kept.is_pending(("a", 1))
+    assert unwound == [INSTANCE_ID]
+
+
+def test_the_cache_takes_a_replay_from_its_with_block(unwound: list[str]) -> None:
+    cache = ReplayCache(1)
+    history = _history(unwinding_flow)
+    with Replay(unwinding_flow, history) as replay:
+        replay.start()
+        assert cache.put(history, replay)
+    assert unwound == []
+    cached = cache.take(INSTANCE_ID)
+    assert cached is not None
+    with cached.replay:
+        assert cached.replay.is_pending(("a", 1))
+    assert unwound == [INSTANCE_ID]
+
+
+def test_a_cache_that_keeps_nothing_closes_what_it_is_given(unwound: list[str]) -> None:
+    with Replay(unwinding_flow, _history(unwinding_flow)) as replay:
+        replay.start()
+        assert not ReplayCache(0).put(replay.history, replay)
+        assert unwound == [INSTANCE_ID]
+    assert unwound == [INSTANCE_ID]
+
+
+# --------------------------------------------------------------------------- errors nothing awaited
+
+
+def _unawaited(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        record for record in caplog.records if getattr(record, "event", None) == "workflow_error_unawaited"
+    ]
+
+
+def test_an_error_in_a_task_nothing_awaits_is_logged_with_the_instance(
+    make_replay: ReplayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="stepline.worker"):
+        outcome = make_replay(fire_and_forget_flow, _history(fire_and_forget_flow)).start()
+    assert outcome.kind == "blocked"  # the workflow itself goes on
+    [record] = _unawaited(caplog)
+    assert record.levelno == logging.WARNING
+    assert getattr(record, "instance_id", None) == INSTANCE_ID
+    assert getattr(record, "workflow", None) == "unit-fire-and-forget"
+    assert "Task exception was never retrieved" in record.getMessage()
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], ValueError)
+    assert str(record.exc_info[1]) == "lost in a task"
+
+
+def test_an_error_in_a_callback_is_logged_with_the_instance(
+    make_replay: ReplayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="stepline.worker"):
+        make_replay(raising_callback_flow, _history(raising_callback_flow)).start()
+    [record] = _unawaited(caplog)
+    assert getattr(record, "instance_id", None) == INSTANCE_ID
+    assert "Exception in callback" in record.getMessage()
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], ZeroDivisionError)
+
+
+def test_closing_a_suspended_replay_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="stepline.worker"):
+        with Replay(order_flow, _history(order_flow, params=ORDER)) as replay:
+            assert replay.start().kind == "blocked"
+        del replay
+        gc.collect()
+    assert _unawaited(caplog) == []
+
+
+def test_a_diverged_replay_whose_code_raised_reports_only_the_divergence(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    history = _history(a_then_raise_flow, _record("a", result="a"), _record("b", result="b"))
+    with caplog.at_level(logging.DEBUG, logger="stepline.worker"):
+        with Replay(a_then_raise_flow, history) as replay:
+            assert "step 'b' at position 2" in str(_divergence(replay))
+        del replay
+        gc.collect()
+    assert _unawaited(caplog) == []

@@ -39,11 +39,19 @@ class ReplayCache:
         return len(self._entries)
 
     def take(self, instance_id: str) -> CachedReplay | None:
-        """Remove and return the instance's entry, if there is one."""
+        """Remove and return the instance's entry, if there is one; the caller owns it then.
+
+        The caller closes its replay, in a ``with`` block or by hand, or ``put``s it back.
+        """
         return self._entries.pop(instance_id, None)
 
     def put(self, history: History, replay: Replay) -> bool:
-        """Keep ``replay`` for the instance, closing what it replaces or pushes out; False if none kept."""
+        """Keep ``replay`` for the instance, closing what it replaces or pushes out; False if none kept.
+
+        The cache owns ``replay`` from here (see ``Replay.hand_off``): kept or closed, the
+        caller's ``with`` block leaves it alone.
+        """
+        replay.hand_off()
         if self.capacity <= 0:
             replay.close()
             return False

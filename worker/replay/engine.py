@@ -93,6 +93,14 @@ class Replay:
     ``resolve``/``fail`` feed one result in and run on. Entries the code asks for
     that the history lacks accumulate in ``new_entries``; ``calls`` holds the
     function and arguments of every step the code asked for.
+
+    A replay holds suspended workflow code, so whoever owns it must close it.
+    Its owner is a ``with`` block: ``with Replay(workflow, history) as replay:``
+    closes it when the block ends, unless the block gave it away with
+    ``hand_off()`` (the replay cache takes it so, and a helper that returns a
+    started replay to its caller does). Entering a ``with`` block makes that
+    block the owner again, so a replay taken back out of the cache is used the
+    same way.
     """
 
     def __init__(
@@ -112,7 +120,9 @@ class Replay:
         """How each event wait the code asked for checks its payload."""
         self.new_entries: list[NewEntry] = []
         self._carried = dict(carried_values or {})
-        self._loop = ReplayLoop()  # type: ignore[abstract]  # I/O methods deliberately unimplemented
+        self._loop = ReplayLoop(  # type: ignore[abstract]  # I/O methods deliberately unimplemented
+            instance_id=history.instance_id, workflow=workflow.name
+        )
         self._requested: dict[StepKey, StepKind] = {}
         self._pending: dict[StepKey, asyncio.Future[Any]] = {}
         self._value_counts: Counter[str] = Counter()
@@ -120,6 +130,23 @@ class Replay:
         self._task: asyncio.Task[Any] | None = None
         self._covered = False
         """Whether every history entry has been asked for again (checked once; it stays true)."""
+        self._handed_off = False
+        """Whether the current owner gave the replay away, so its ``with`` block must not close it."""
+
+    # -- ownership
+
+    def __enter__(self) -> Replay:
+        self._handed_off = False
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._handed_off:
+            self.close()
+
+    def hand_off(self) -> Replay:
+        """Give the replay to a new owner: the ``with`` block it is in ends without closing it."""
+        self._handed_off = True
+        return self
 
     # -- driving
 
@@ -253,6 +280,8 @@ class Replay:
         if self._divergence is None and not self._covered:
             self._check_history_covered()
         if self._divergence is not None:
+            if self._task.done() and not self._task.cancelled():
+                self._task.exception()  # the divergence is the outcome: what the code raised is not lost
             return Outcome("diverged", error=self._divergence)
         if not self._task.done():
             # A parent awaiting a child counts as running: work is under way.

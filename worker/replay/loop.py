@@ -5,12 +5,17 @@ replay must be synchronous and reproducible: this loop only runs ready
 callbacks in FIFO order and refuses timers, so ``run_until_idle`` returns once
 the workflow is blocked on steps that have no result yet. The worker's real
 event loop is swapped out only for the duration of that call.
+
+An error that nothing awaits (a task the workflow started and never awaited,
+a callback that raised) cannot change the replay's outcome, but it is not
+dropped either: it is logged, as asyncio's own loop would, naming the instance.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -18,6 +23,8 @@ from typing import Any, TypeVar
 from shared.errors import WorkflowDefinitionError
 
 T = TypeVar("T")
+
+log = logging.getLogger("stepline.worker")
 
 _TIMERS_FORBIDDEN = (
     "workflow code cannot use asyncio timers (asyncio.sleep, wait_for, timeout): "
@@ -32,9 +39,10 @@ class ReplayLoop(asyncio.AbstractEventLoop):
     NotImplementedError): workflow code has no business doing I/O.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, instance_id: str, workflow: str) -> None:
         self._ready: deque[asyncio.Handle] = deque()
-        self.errors: list[dict[str, Any]] = []
+        self._instance_id = instance_id
+        self._workflow = workflow
 
     # -- what tasks and futures use
     def call_soon(  # type: ignore[override]
@@ -78,10 +86,24 @@ class ReplayLoop(asyncio.AbstractEventLoop):
         return 0.0
 
     def call_exception_handler(self, context: dict[str, Any]) -> None:
-        self.errors.append(context)
+        self.default_exception_handler(context)
 
     def default_exception_handler(self, context: dict[str, Any]) -> None:
-        self.errors.append(context)
+        # asyncio calls this for a task whose exception nobody retrieved (when the task
+        # is freed) and for a callback that raised. Neither reaches the workflow's
+        # outcome, and the moment a task is freed depends on the garbage collector,
+        # so failing the replay on it would not be deterministic: log it, each replay.
+        error = context.get("exception")
+        log.warning(
+            "workflow code raised where nothing awaits it: %s",
+            context.get("message") or "unhandled error in the replay loop",
+            exc_info=error if isinstance(error, BaseException) else None,
+            extra={
+                "event": "workflow_error_unawaited",
+                "instance_id": self._instance_id,
+                "workflow": self._workflow,
+            },
+        )
 
     # -- driving it
     def run_until_idle(self) -> None:
