@@ -6,6 +6,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+# Where every broker keeps a dead letter's reason and the routing key it came with.
+REASON_HEADER = "x-stepline-reason"
+ORIGINAL_ROUTING_KEY_HEADER = "x-stepline-routing-key"
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:

@@ -30,8 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.broker.base import Delivery, Handler, WorkflowQueue
-from shared.broker.connection import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
+from shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, Delivery, Handler, WorkflowQueue
 from shared.broker.embedded_store import ConsumerLock, Message, Store
 from shared.errors import BrokerError, UnroutableError
 from shared.topology import MESSAGE_KINDS, dead_letter_queue_name, parse_routing_key, workflow_queue_name

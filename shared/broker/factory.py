@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from shared.broker.amqp import AmqpBroker
 from shared.broker.base import Broker
-from shared.broker.connection import AmqpBroker
 from shared.broker.embedded import EmbeddedBroker
 from shared.db.engine import is_sqlite, sqlite_path
 from shared.settings import BrokerSettings

@@ -16,7 +16,7 @@ import pytest
 
 from shared.broker import Delivery, EmbeddedBroker, Handler
 from shared.broker import embedded as embedded_module
-from shared.broker.connection import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
+from shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
 from shared.errors import BrokerError, UnroutableError
 from shared.topology import dead_letter_queue_name, routing_key, workflow_queue_name
 from tests.support.polling import eventually

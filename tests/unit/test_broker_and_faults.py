@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from shared import faults
-from shared.broker.connection import _with_heartbeat, mask_amqp_url
+from shared.broker.amqp import _with_heartbeat, mask_amqp_url
 from shared.retrying import Outage
 
 

@@ -1,4 +1,4 @@
-"""One robust AMQP connection: topology, confirmed mandatory publishing, consuming, dead letters."""
+"""The RabbitMQ broker: a robust AMQP connection, topology, confirmed publishing, consuming, dead letters."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from aio_pika.abc import (
 )
 from aio_pika.channel import Channel
 
-from shared.broker.base import Delivery, Handler, WorkflowQueue
+from shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, Delivery, Handler, WorkflowQueue
 from shared.errors import BrokerError, UnroutableError
 from shared.settings import BrokerSettings
 from shared.topology import (
@@ -37,9 +37,6 @@ log = logging.getLogger("stepline.broker")
 # A publish can hang through a broker outage even on a robust connection; past
 # this it counts as failed and the outbox row stays for the sweeper.
 PUBLISH_TIMEOUT_S = 10.0
-
-REASON_HEADER = "x-stepline-reason"
-ORIGINAL_ROUTING_KEY_HEADER = "x-stepline-routing-key"
 
 
 # What aio-pika and aiormq raise when the broker or the connection fails.
