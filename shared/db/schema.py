@@ -221,7 +221,7 @@ outbox = sa.Table(
 )
 
 # Armed timers only: firing one deletes its row in the statement that queues its
-# message in the outbox (timer_queries.fire_due_timers), so the due index holds
+# message in the outbox (Transaction.fire_due_timers in shared.db.store), so the due index holds
 # just what is still to fire, and a fire writes no new row version of the timer.
 timers = sa.Table(
     "timers",
