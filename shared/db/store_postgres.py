@@ -352,7 +352,10 @@ def _param(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
 
 @functools.lru_cache(maxsize=256)
 def start_statement(step_shapes: tuple[Shape, ...], message_count: int, finishing: bool) -> sa.Select[Any]:
-    """The one statement of ``start_instance`` for entries and messages of these shapes (built once each)."""
+    """The one statement of ``start_instance`` for entries and messages of these shapes (built once each).
+
+    Read it whole in ``tests/golden/start_instance.*.sql``.
+    """
     columns = [
         "id", "workflow", "status", "params", "trace_context",
         "parent_id", "parent_workflow", "parent_step", "parent_occurrence",
@@ -397,7 +400,7 @@ def settled_step_statement(
     Built once per shape, with named parameters: SQLAlchemy then reuses its cache
     key and compiled form instead of rebuilding the statement for every step.
     ``step_shapes`` holds, per new entry: started now (not a step), settled, fire
-    time a delay after now.
+    time a delay after now. Read it whole in ``tests/golden/commit_settled_step.*.sql``.
     """
 
     instance_id = _param("p_instance_id", instances.c.id)
@@ -422,7 +425,8 @@ def settled_step_statement(
         .where(
             instances.c.id == instance_id,
             instances.c.version == _param("p_version", instances.c.version),
-            *(instances.c.status != finished.value for finished in FINISHED_STATUSES),
+            # Sorted: a frozenset's order changes from process to process, the statement's text must not.
+            *(instances.c.status != finished.value for finished in sorted(FINISHED_STATUSES)),
         )
         .values(instance_values)
         .returning(instances.c.id)
@@ -544,6 +548,8 @@ def _union(selects: list[sa.Select[Any]]) -> sa.Select[Any] | sa.CompoundSelect[
 @functools.cache
 def fire_statement() -> sa.Select[Any]:
     """The one statement of ``fire_due_timers`` on PostgreSQL, built once (its limit is a parameter).
+
+    Read it whole in ``tests/golden/fire_due_timers.sql``.
 
     Run with ``raw.fetch_all``: a batch of thousands of rows then costs psycopg's
     own row making, not SQLAlchemy's result processing on top of it.
