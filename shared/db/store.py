@@ -44,18 +44,21 @@ from shared.errors import StorageError
 from shared.history import History, ParentLink, StepKey, StepRecord
 from shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
+# ---------------------------------------------------------------- statement builders
+#
+# Shared by both stores: PostgreSQL's one-statement writes are made of these same parts.
+
 # Built once: a hot statement's cache key and compiled form are then reused, not rebuilt per call.
 _INSTANCE_STATE = sa.select(instances.c.status, instances.c.version).where(
     instances.c.id == sa.bindparam("instance_id")
 )
-
-
 _LOCK_INSTANCE = _INSTANCE_STATE.with_for_update()
 
 
 def instance_update(
     instance_id: str, status: InstanceStatus, bump_version: bool, output: JSON, error: JSON
 ) -> sa.Update:
+    """An instance's new status (and output or error when it finishes); one version on if ``bump_version``."""
     values: dict[str, Any] = {"status": status, "updated_at": utc_now()}
     if bump_version:
         values["version"] = instances.c.version + 1
@@ -140,6 +143,7 @@ def step_update(
     started_at: datetime | None,
     attempt: int | None,
 ) -> sa.Update:
+    """A step's new status: its result, its error, or its next attempt."""
     values: dict[str, Any] = {"status": status, "updated_at": utc_now(), "error": error}
     if status.is_settled:
         values.update(result=result, finished_at=utc_now())
@@ -193,9 +197,6 @@ def outbox_insert(messages: Sequence[tuple[str, bytes, dict[str, str] | None]]) 
     )
 
 
-# ---------------------------------------------------------------- events
-
-
 def history_from(row: Any, items: Iterable[Mapping[str, Any]] | Iterable[sa.RowMapping]) -> History:
     """A history from its instance row and its step rows (as mappings), read by the same names."""
     records: dict[StepKey, StepRecord] = {}
@@ -242,7 +243,7 @@ class Transaction:
 
     @property
     def connection(self) -> AsyncConnection:
-        """The connection the statements run on (for tests and migrations, not for callers' SQL)."""
+        """The connection the statements run on: for tests that look at rows as a user would."""
         return self._conn
 
     def _insert(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
@@ -656,6 +657,9 @@ class Transaction:
         ).all()
 
     # ---------------------------------------------------------------- timers
+    #
+    # The timers table holds armed timers only: firing one deletes its row in the
+    # transaction (or the statement) that queues its message in the outbox.
 
     async def insert_timers(self, instance_id: str, new: Sequence[NewTimer]) -> None:
         """Arm timers; arming the same step attempt twice keeps the first."""
