@@ -44,13 +44,18 @@ class HeldConnections:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
         """A connection for statements that each stand alone, in autocommit."""
-        conn = self._idle.pop() if self._idle else await self._autocommit.connect()
+        conn = await self.lend()
         try:
             yield conn
         finally:
-            await self._give_back(conn)
+            await self.give_back(conn)
 
-    async def _give_back(self, conn: AsyncConnection) -> None:
+    async def lend(self) -> AsyncConnection:
+        """An idle held connection, or a new one: each caller must ``give_back`` it, even on failure."""
+        return self._idle.pop() if self._idle else await self._autocommit.connect()
+
+    async def give_back(self, conn: AsyncConnection) -> None:
+        """Keep a lent connection for the next caller if it is idle and healthy; else let it go."""
         driver = live_driver(conn)
         lost = driver is None or driver.broken or driver.closed
         idle = driver is not None and driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import namedtuple
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -323,19 +323,30 @@ class PostgresStore(Store):
         super().__init__(engine)
         self._held = HeldConnections(engine, keep=held)
 
-    @contextlib.asynccontextmanager
-    async def _held_statements(self) -> AsyncIterator[Transaction]:
-        async with self._held.connection() as conn:
-            yield PostgresTransaction(conn)
-
     def statements(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
         """A held autocommit connection: one statement is atomic on its own, so no BEGIN or COMMIT."""
-        return self._held_statements()
+        return _HeldStatements(self._held)
 
     async def close(self) -> None:
         """Give the held connections back, then every other one."""
         await self._held.close()
         await super().close()
+
+
+class _HeldStatements(contextlib.AbstractAsyncContextManager[Transaction]):
+    """``PostgresStore.statements``: a class, not a generator, as it runs for every step (~1 µs less)."""
+
+    __slots__ = ("_conn", "_held")
+
+    def __init__(self, held: HeldConnections) -> None:
+        self._held = held
+
+    async def __aenter__(self) -> Transaction:
+        self._conn = await self._held.lend()
+        return PostgresTransaction(self._conn)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._held.give_back(self._conn)
 
 
 def shapes(new_steps: Sequence[NewStep]) -> tuple[Shape, ...]:
