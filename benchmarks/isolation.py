@@ -18,7 +18,7 @@ import psycopg
 from aio_pika.exceptions import ChannelClosed
 from sqlalchemy.engine import make_url
 
-from shared.db import migrate
+from shared.db import stores
 from shared.settings import Settings
 from shared.topology import workflow_queue_name
 
@@ -57,7 +57,7 @@ class Isolation:
         """Create and migrate the database, and create the vhost."""
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.database}"')
-        migrate.upgrade(self.database_url)
+        stores.upgrade(self.database_url)
         _create_vhost(self.amqp_url, self.vhost)
 
     def drop(self) -> None:

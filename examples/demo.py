@@ -39,7 +39,7 @@ from rich.table import Table
 
 from examples.order_fulfilment import Order, order_fulfilment
 from producer import Client, InstanceInfo, Producer
-from shared.db import migrate
+from shared.db import stores
 from shared.errors import ConfigError
 from shared.settings import Settings, load_settings
 
@@ -457,7 +457,7 @@ def main() -> int:
         console.width = max(console.width, 120)  # logs and CI: keep table rows on one line
     console.print(f"[bold]Stepline demo[/bold] run {run_id}")
     try:
-        migrate.upgrade(settings.database)
+        stores.upgrade(settings.database)
     except Exception as exc:  # the driver's errors vary; one line is what the user needs
         first_line = next(iter(str(exc).splitlines()), "")
         print(f"demo: migration failed: {type(exc).__name__}: {first_line}", file=sys.stderr)

@@ -23,7 +23,7 @@ from producer.fleet import Fleet, run_fleet
 from producer.models import AttemptInfo, EventInfo, InstanceInfo
 from producer.producer import Producer
 from shared.broker import WorkflowQueue
-from shared.db import migrate
+from shared.db import migrate, stores
 from shared.db.engine import mask_url
 from shared.durations import parse_duration
 from shared.errors import ConfigError, InvalidIdError, SteplineError
@@ -505,7 +505,7 @@ def upgrade() -> None:
 
 def _upgrade(settings: Settings) -> None:
     try:
-        migrate.upgrade(settings.database)
+        stores.upgrade(settings.database)
     except Exception as exc:  # CLI edge: one clear line instead of a traceback
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise click.ClickException(

@@ -13,15 +13,15 @@ from typing import Any, TypeVar
 
 from psycopg.errors import UndefinedColumn, UndefinedTable
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from producer import control
 from producer.models import AttemptInfo, EventInfo, InstanceInfo, StepInfo
 from shared import codec
 from shared.broker import Broker, create_broker
-from shared.db import queries
-from shared.db.engine import create_engine, mask_url
-from shared.db.queries import OutboxRow
+from shared.db.engine import mask_url
+from shared.db.records import OutboxRow
+from shared.db.store import Store, Transaction
+from shared.db.stores import create_store
 from shared.durations import Duration, parse_duration
 from shared.errors import (
     ConfigError,
@@ -67,24 +67,24 @@ class Client:
         self._amqp_url = amqp_url
         self._namespace = namespace
         self._limit = max_payload_bytes
-        self._engine: AsyncEngine | None = None
+        self._store: Store | None = None
         self._broker: Broker | None = None
         self._relay: OutboxRelay | None = None
 
     async def __aenter__(self) -> Client:
-        self._engine = create_engine(self._database_url, pool_size=4)
+        self._store = create_store(self._database_url, pool_size=4)
         if self._amqp_url is not None:
             self._broker = create_broker(self._amqp_url, self._namespace, self._broker_settings)
             await self._broker.connect()
-            self._relay = OutboxRelay(self._engine, self._broker, OutboxSettings())
+            self._relay = OutboxRelay(self._store, self._broker, OutboxSettings())
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._broker is not None:
             await self._broker.close()
-        if self._engine is not None:
-            await self._engine.dispose()
-        self._engine = self._broker = self._relay = None
+        if self._store is not None:
+            await self._store.close()
+        self._store = self._broker = self._relay = None
 
     # ------------------------------------------------------------ reading
 
@@ -95,11 +95,11 @@ class Client:
             InvalidIdError: ``instance_id`` could not be an id (as in every method taking one).
         """
         check_instance_id(instance_id)
-        async with self._connection() as conn:
-            row = await queries.get_instance_row(conn, instance_id)
+        async with self._connection() as tx:
+            row = await tx.get_instance_row(instance_id)
             if row is None:
                 return None
-            step_rows = await queries.get_step_rows(conn, instance_id)
+            step_rows = await tx.get_step_rows(instance_id)
         return _instance(row, [_step(step) for step in step_rows])
 
     async def list(
@@ -127,9 +127,8 @@ class Client:
             InstanceStatus(status)  # a clear ValueError for a status that does not exist
         if id_prefix is not None:
             check_id_prefix(id_prefix)
-        async with self._connection() as conn:
-            rows = await queries.list_instance_rows(
-                conn,
+        async with self._connection() as tx:
+            rows = await tx.list_instance_rows(
                 workflow=workflow,
                 status=status,
                 limit=limit,
@@ -143,8 +142,8 @@ class Client:
     async def attempts(self, instance_id: str) -> builtins.list[AttemptInfo]:
         """Every finished step attempt of an instance, oldest first."""
         check_instance_id(instance_id)
-        async with self._connection() as conn:
-            rows = await queries.get_attempt_rows(conn, instance_id)
+        async with self._connection() as tx:
+            rows = await tx.get_attempt_rows(instance_id)
         return [
             AttemptInfo(
                 step=row.name,
@@ -162,8 +161,8 @@ class Client:
     async def recorded_values(self, instance_id: str) -> builtins.list[dict[str, Any]]:
         """The values ``ctx.now()``, ``ctx.random()`` and ``ctx.uuid()`` recorded, for replay checks."""
         check_instance_id(instance_id)
-        async with self._connection() as conn:
-            rows = await queries.get_value_rows(conn, instance_id)
+        async with self._connection() as tx:
+            rows = await tx.get_value_rows(instance_id)
         return [
             {
                 "name": row.name,
@@ -179,8 +178,8 @@ class Client:
     async def events(self, instance_id: str) -> builtins.list[EventInfo]:
         """Every event an instance received, oldest first, and which wait took it."""
         check_instance_id(instance_id)
-        async with self._connection() as conn:
-            rows = await queries.get_event_rows(conn, instance_id)
+        async with self._connection() as tx:
+            rows = await tx.get_event_rows(instance_id)
         return [
             EventInfo(
                 event_id=row.event_id,
@@ -222,29 +221,25 @@ class Client:
             InstanceNotFoundError, InvalidStateError: unknown, or not running or waiting.
         """
         check_instance_id(instance_id)
-        await self._control(lambda conn: _no_rows(control.pause(conn, instance_id)))
+        await self._control(lambda tx: _no_rows(control.pause(tx, instance_id)))
         return await self._must_get(instance_id)
 
     async def resume(self, instance_id: str) -> InstanceInfo:
         """Let a paused instance go on. Raises ``InvalidStateError`` unless it is paused."""
         check_instance_id(instance_id)
-        await self._control(lambda conn: control.resume(conn, instance_id, limit=self._limit), publishes=True)
+        await self._control(lambda tx: control.resume(tx, instance_id, limit=self._limit), publishes=True)
         return await self._must_get(instance_id)
 
     async def terminate(self, instance_id: str) -> InstanceInfo:
         """Stop the instance and its children for good; raises ``InvalidStateError`` if finished."""
         check_instance_id(instance_id)
-        await self._control(
-            lambda conn: control.terminate(conn, instance_id, limit=self._limit), publishes=True
-        )
+        await self._control(lambda tx: control.terminate(tx, instance_id, limit=self._limit), publishes=True)
         return await self._must_get(instance_id)
 
     async def restart(self, instance_id: str) -> InstanceInfo:
         """Clear the instance's history and run it again from the beginning, under the same id."""
         check_instance_id(instance_id)
-        await self._control(
-            lambda conn: control.restart(conn, instance_id, limit=self._limit), publishes=True
-        )
+        await self._control(lambda tx: control.restart(tx, instance_id, limit=self._limit), publishes=True)
         return await self._must_get(instance_id)
 
     async def send_event(
@@ -262,8 +257,8 @@ class Client:
         """
         check_instance_id(instance_id)
         event_id = check_event_id(event_id) if event_id is not None else str(uuid.uuid4())
-        async with self._connection() as conn:
-            row = await queries.get_instance_row(conn, instance_id)
+        async with self._connection() as tx:
+            row = await tx.get_instance_row(instance_id)
         if row is None:
             raise InstanceNotFoundError(instance_id)
         if InstanceStatus(row.status).is_finished:
@@ -296,8 +291,8 @@ class Client:
         age = parse_duration(older_than)
         total = 0
         while True:
-            async with self._connection(begin=True) as conn:
-                deleted = await queries.prune_finished(conn, older_than=age, limit=batch_size)
+            async with self._connection(begin=True) as tx:
+                deleted = await tx.prune_finished(older_than=age, limit=batch_size)
             total += deleted
             if progress is not None:
                 progress(total)
@@ -308,15 +303,15 @@ class Client:
 
     async def _control(
         self,
-        action: Callable[[AsyncConnection], Awaitable[builtins.list[OutboxRow]]],
+        action: Callable[[Transaction], Awaitable[builtins.list[OutboxRow]]],
         *,
         publishes: bool = False,
     ) -> None:
         relay = self._relay
         if publishes and relay is None:
             self._broker_needed("this action")
-        async with self._connection(begin=True) as conn:
-            rows = await action(conn)
+        async with self._connection(begin=True) as tx:
+            rows = await action(tx)
         if relay is not None:
             await relay.publish_committed(rows)  # workers' sweepers cover a failure here
 
@@ -332,13 +327,14 @@ class Client:
         return self._broker
 
     @asynccontextmanager
-    async def _connection(self, *, begin: bool = False) -> AsyncIterator[AsyncConnection]:
-        """A connection; driver errors become one clear StorageError, password hidden."""
-        if self._engine is None:
+    async def _connection(self, *, begin: bool = False) -> AsyncIterator[Transaction]:
+        """The store's statements (in a transaction if ``begin``); driver errors become one clear
+        StorageError, password hidden."""
+        if self._store is None:
             raise RuntimeError("use the Client as 'async with Client(...) as client'")
         try:
-            async with self._engine.begin() if begin else self._engine.connect() as conn:
-                yield conn
+            async with self._store.transaction() if begin else self._store.reading() as tx:
+                yield tx
         except SQLAlchemyError as exc:
             lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             cause = lines[0] if lines else type(exc).__name__

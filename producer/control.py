@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from shared.db import queries, timer_queries
-from shared.db.queries import OutboxRow
+from shared.db.records import OutboxRow
+from shared.db.store import Transaction
 from shared.errors import InstanceNotFoundError, InvalidStateError, TerminatedError
 from shared.failures import failure_record
 from shared.history import ParentLink
@@ -15,76 +13,75 @@ from shared.states import InstanceStatus
 _ACTIVE = (InstanceStatus.QUEUED, InstanceStatus.RUNNING, InstanceStatus.WAITING)
 
 
-async def _lock(conn: AsyncConnection, instance_id: str) -> InstanceStatus:
-    lock = await queries.lock_instance(conn, instance_id)
+async def _lock(tx: Transaction, instance_id: str) -> InstanceStatus:
+    lock = await tx.lock_instance(instance_id)
     if lock is None:
         raise InstanceNotFoundError(instance_id)
     return lock.status
 
 
-async def pause(conn: AsyncConnection, instance_id: str) -> None:
+async def pause(tx: Transaction, instance_id: str) -> None:
     """No new step starts; a step already running still commits."""
-    status = await _lock(conn, instance_id)
+    status = await _lock(tx, instance_id)
     if status not in _ACTIVE:
         raise InvalidStateError(instance_id, "pause", status, "running or waiting")
-    await queries.update_instance(conn, instance_id, status=InstanceStatus.PAUSED)
+    await tx.update_instance(instance_id, status=InstanceStatus.PAUSED)
 
 
-async def resume(conn: AsyncConnection, instance_id: str, *, limit: int) -> list[OutboxRow]:
+async def resume(tx: Transaction, instance_id: str, *, limit: int) -> list[OutboxRow]:
     """Let a paused instance go on: a worker replays it and sends what was held back."""
-    status = await _lock(conn, instance_id)
+    status = await _lock(tx, instance_id)
     if status != InstanceStatus.PAUSED:
         raise InvalidStateError(instance_id, "resume", status, "paused")
-    await queries.update_instance(conn, instance_id, status=InstanceStatus.RUNNING)
-    return await _advance(conn, instance_id, "resume", limit=limit)
+    await tx.update_instance(instance_id, status=InstanceStatus.RUNNING)
+    return await _advance(tx, instance_id, "resume", limit=limit)
 
 
-async def terminate(conn: AsyncConnection, instance_id: str, *, limit: int) -> list[OutboxRow]:
+async def terminate(tx: Transaction, instance_id: str, *, limit: int) -> list[OutboxRow]:
     """Stop an instance for good: timers disarmed, no step starts again; its children too."""
-    status = await _lock(conn, instance_id)
+    status = await _lock(tx, instance_id)
     if status.is_finished:
         raise InvalidStateError(instance_id, "terminate", status, "not yet finished")
-    await _terminate_tree(conn, instance_id)
-    history = await queries.load_history(conn, instance_id)
+    await _terminate_tree(tx, instance_id)
+    history = await tx.load_history(instance_id)
     if history is None or history.parent is None:
         return []
-    return await queries.insert_outbox(conn, [_parent_wake(history.parent, limit=limit)])
+    return await tx.insert_outbox([_parent_wake(history.parent, limit=limit)])
 
 
-async def restart(conn: AsyncConnection, instance_id: str, *, limit: int) -> list[OutboxRow]:
+async def restart(tx: Transaction, instance_id: str, *, limit: int) -> list[OutboxRow]:
     """Clear the history (and the children it started) and run the same id from the beginning."""
-    await _lock(conn, instance_id)
-    for child in await queries.children(conn, instance_id):
-        await _delete_tree(conn, child)
-    await queries.reset_instance(conn, instance_id)
-    return await _advance(conn, instance_id, "restart", limit=limit)
+    await _lock(tx, instance_id)
+    for child in await tx.children(instance_id):
+        await _delete_tree(tx, child)
+    await tx.reset_instance(instance_id)
+    return await _advance(tx, instance_id, "restart", limit=limit)
 
 
-async def _terminate_tree(conn: AsyncConnection, instance_id: str) -> None:
-    await queries.update_instance(
-        conn,
+async def _terminate_tree(tx: Transaction, instance_id: str) -> None:
+    await tx.update_instance(
         instance_id,
         status=InstanceStatus.TERMINATED,
         error=failure_record(TerminatedError("terminated on request")),
     )
-    await timer_queries.cancel_timers(conn, instance_id)
-    for child in await queries.unfinished_children(conn, instance_id):
-        await _lock(conn, child)
-        await _terminate_tree(conn, child)
+    await tx.cancel_timers(instance_id)
+    for child in await tx.unfinished_children(instance_id):
+        await _lock(tx, child)
+        await _terminate_tree(tx, child)
 
 
-async def _delete_tree(conn: AsyncConnection, instance_id: str) -> None:
-    for child in await queries.children(conn, instance_id):
-        await _delete_tree(conn, child)
-    await queries.delete_instance(conn, instance_id)
+async def _delete_tree(tx: Transaction, instance_id: str) -> None:
+    for child in await tx.children(instance_id):
+        await _delete_tree(tx, child)
+    await tx.delete_instance(instance_id)
 
 
-async def _advance(conn: AsyncConnection, instance_id: str, reason: str, *, limit: int) -> list[OutboxRow]:
-    row = await queries.get_instance_row(conn, instance_id)
+async def _advance(tx: Transaction, instance_id: str, reason: str, *, limit: int) -> list[OutboxRow]:
+    row = await tx.get_instance_row(instance_id)
     assert row is not None
     message = AdvanceMessage(workflow=row.workflow, instance_id=instance_id, reason=reason)
     body = encode_message(message, limit=limit)
-    return await queries.insert_outbox(conn, [(message.routing_key, body, row.trace_context)])
+    return await tx.insert_outbox([(message.routing_key, body, row.trace_context)])
 
 
 def _parent_wake(parent: ParentLink, *, limit: int) -> tuple[str, bytes, None]:

@@ -9,8 +9,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from shared.db.queries import OutboxRow
-from shared.db.timer_queries import FiredTimer
+from shared.db.records import FiredTimer, OutboxRow
 from shared.outbox import OutboxRelay
 from shared.retrying import Outage
 

@@ -7,13 +7,12 @@ import contextlib
 import logging
 
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scheduler.publisher import BackgroundPublisher
 from scheduler.timers import fire_due_timers, seconds_until_next
 from shared.broker import create_broker
-from shared.db.engine import create_engine
-from shared.db.migrate import database_answers
+from shared.db.store import Store
+from shared.db.stores import create_store
 from shared.health import HealthServer
 from shared.hooks import Hooks
 from shared.outbox import OutboxRelay
@@ -25,7 +24,7 @@ log = logging.getLogger("stepline.scheduler")
 
 
 async def fire_timers_until_stopped(
-    engine: AsyncEngine,
+    store: Store,
     publisher: BackgroundPublisher,
     settings: SchedulerSettings,
     stopping: asyncio.Event,
@@ -44,7 +43,7 @@ async def fire_timers_until_stopped(
     while not stopping.is_set():
         wait = poll
         try:
-            fired = await fire_due_timers(engine, batch_size=settings.batch_size, hooks=hooks)
+            fired = await fire_due_timers(store, batch_size=settings.batch_size, hooks=hooks)
             outage.recovered()
             more_due = len(fired) == settings.batch_size
             publisher.backlog(more_due)
@@ -53,7 +52,7 @@ async def fire_timers_until_stopped(
                 await publisher.put(fired)
             if more_due:
                 continue  # no pause
-            next_due = await seconds_until_next(engine)
+            next_due = await seconds_until_next(store)
             if next_due is not None:
                 wait = max(0.0, min(poll, next_due))
         except (SQLAlchemyError, OSError) as exc:
@@ -78,17 +77,17 @@ async def run_scheduler(
     """
     if startup_timeout_s is None:
         startup_timeout_s = settings.startup_timeout.total_seconds()
-    engine = create_engine(settings.database, pool_size=3, pre_ping=False)
+    store = create_store(settings.database, pool_size=3, pre_ping=False, held=1)
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     try:
         await connect_broker(broker, settings.amqp, deadline_s=startup_timeout_s, stopping=stopping)
-        await check_database(engine, settings.database, deadline_s=startup_timeout_s, stopping=stopping)
-        relay = OutboxRelay(engine, broker, settings.outbox, hooks=hooks)
+        await check_database(store, settings.database, deadline_s=startup_timeout_s, stopping=stopping)
+        relay = OutboxRelay(store, broker, settings.outbox, hooks=hooks)
         health = None
         if settings.health_port is not None:
             health = HealthServer(
                 settings.health_port,
-                {"database": lambda: database_answers(engine), "broker": broker.is_connected},
+                {"database": store.answers, "broker": broker.is_connected},
             )
             await health.start()
         sweeper = asyncio.create_task(relay.run_sweeper(stopping))
@@ -100,7 +99,7 @@ async def run_scheduler(
         outage_watch = asyncio.create_task(publisher.watch_outage(stopping))
         log.info("scheduler started", extra={"event": "scheduler_started"})
         try:
-            await fire_timers_until_stopped(engine, publisher, settings.scheduler, stopping, hooks=hooks)
+            await fire_timers_until_stopped(store, publisher, settings.scheduler, stopping, hooks=hooks)
         finally:
             await publisher.close()
             outage_watch.cancel()
@@ -112,5 +111,5 @@ async def run_scheduler(
         log.info("stopping before start-up finished: %s", stopped, extra={"event": "scheduler_stopping"})
     finally:
         await broker.close()
-        await engine.dispose()
+        await store.close()
         log.info("scheduler stopped", extra={"event": "scheduler_stopped"})

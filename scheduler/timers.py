@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from shared.db import timer_queries
-from shared.db.engine import single_statement_engine
-from shared.db.timer_queries import FiredTimer
+from shared.db.records import FiredTimer
+from shared.db.store import Store
 from shared.hooks import Hooks
 
 
-async def fire_due_timers(
-    engine: AsyncEngine, *, batch_size: int, hooks: Hooks | None = None
-) -> list[FiredTimer]:
+async def fire_due_timers(store: Store, *, batch_size: int, hooks: Hooks | None = None) -> list[FiredTimer]:
     """Fire up to ``batch_size`` due timers; returns them, with the outbox rows to publish.
 
     ``FOR UPDATE SKIP LOCKED`` lets several schedulers share the work, and a
@@ -21,15 +16,13 @@ async def fire_due_timers(
     On PostgreSQL the claim, the delete and the insert are one statement, run
     in autocommit mode: one round trip, no ``BEGIN`` and ``COMMIT`` around it.
     """
-    async with single_statement_engine(engine).begin() as conn:
-        fired = await timer_queries.fire_due_timers(conn, limit=batch_size)
+    fired = await store.fire_due_timers(limit=batch_size)
     if hooks is not None:
         for one in fired:
             hooks.timer_fired(one.kind, one.fire_at, one.fired_at)
     return fired
 
 
-async def seconds_until_next(engine: AsyncEngine) -> float | None:
+async def seconds_until_next(store: Store) -> float | None:
     """Seconds until the next timer is due, or None when no timer is armed."""
-    async with engine.connect() as conn:
-        return await timer_queries.seconds_until_next_timer(conn)
+    return await store.seconds_until_next_timer()

@@ -8,12 +8,11 @@ import logging
 from collections.abc import Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import faults
 from shared.broker import Publisher
-from shared.db import queries
-from shared.db.queries import OutboxRow
+from shared.db.records import OutboxRow
+from shared.db.store import Store
 from shared.errors import BrokerError
 from shared.hooks import Hooks, NoHooks
 from shared.retrying import Outage, first_line
@@ -42,14 +41,14 @@ class OutboxRelay:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        store: Store,
         publisher: Publisher,
         settings: OutboxSettings,
         *,
         hooks: Hooks | None = None,
     ) -> None:
         self._hooks = hooks or NoHooks()
-        self._engine = engine
+        self._store = store
         self._publisher = publisher
         self._settings = settings
         # Publishing can fail for want of the broker, sweeping and deleting for want of the
@@ -153,8 +152,8 @@ class OutboxRelay:
         if not sent:
             return
         try:
-            async with self._engine.begin() as conn:
-                await queries.delete_outbox(conn, sent)
+            async with self._store.transaction() as tx:
+                await tx.delete_outbox(sent)
         except (SQLAlchemyError, OSError) as exc:
             # Published but not deleted: the sweeper will publish them again, harmlessly.
             self._database_outage.failed(f"delete: {first_line(exc)}")
@@ -168,18 +167,18 @@ class OutboxRelay:
         if self._held:
             # A transaction of its own: the refreshed rows' locks are not kept while the
             # stale rows below are published, which would hold up the fast path's delete of them.
-            async with self._engine.begin() as conn:
-                await queries.refresh_outbox(conn, list(self._held))
-        async with self._engine.begin() as conn:
-            self._hooks.outbox_backlog(await queries.count_outbox(conn))
-            rows = await queries.claim_stale_outbox(
-                conn, older_than=self._settings.sweep_after, limit=self._settings.batch_size
+            async with self._store.transaction() as tx:
+                await tx.refresh_outbox(list(self._held))
+        async with self._store.transaction() as tx:
+            self._hooks.outbox_backlog(await tx.count_outbox())
+            rows = await tx.claim_stale_outbox(
+                older_than=self._settings.sweep_after, limit=self._settings.batch_size
             )
             if not rows:
                 return 0
             # The rows stay locked while they are published, so two sweepers never race.
             sent = await self._publish(rows)
-            await queries.delete_outbox(conn, sent)
+            await tx.delete_outbox(sent)
         if sent:
             log.info("republished %d outbox rows", len(sent), extra={"event": "outbox_swept"})
         return len(sent)

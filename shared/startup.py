@@ -6,11 +6,10 @@ import asyncio
 from urllib.parse import urlsplit
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.broker import Broker, mask_amqp_url
-from shared.db.engine import is_sqlite, mask_url
-from shared.db.migrate import check_schema
+from shared.db.engine import mask_url
+from shared.db.store import Store
 from shared.errors import BrokerError, ServiceUnavailableError
 from shared.retrying import retry_until
 
@@ -48,9 +47,7 @@ async def connect_broker(broker: Broker, url: str, *, deadline_s: float, stoppin
         ) from exc
 
 
-async def check_database(
-    engine: AsyncEngine, url: str, *, deadline_s: float, stopping: asyncio.Event
-) -> None:
+async def check_database(store: Store, url: str, *, deadline_s: float, stopping: asyncio.Event) -> None:
     """Make sure the database answers and is migrated, retrying until ``deadline_s``.
 
     Raises:
@@ -58,10 +55,10 @@ async def check_database(
         StorageError: it answers but is not migrated (the text names the command).
         StopRequested: ``stopping`` was set first.
     """
-    service = "SQLite" if is_sqlite(url) else "PostgreSQL"
+    service = store.service
     try:
         await retry_until(
-            lambda: check_schema(engine),
+            store.check_schema,
             what=service,
             deadline_s=deadline_s,
             retry_on=(SQLAlchemyError, OSError),

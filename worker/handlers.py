@@ -10,14 +10,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared import faults
 from shared.broker import Delivery
-from shared.db import queries, transitions
-from shared.db.held import HeldConnections
-from shared.db.migrate import database_answers
-from shared.db.queries import OutboxRow
+from shared.db.records import OutboxRow
+from shared.db.store import Store, Transaction
 from shared.errors import BadPayloadError, BrokerError, InvalidParamsError, UnknownWorkflowError
 from shared.history import History, ParentLink
 from shared.hooks import Hooks, NoHooks
@@ -60,8 +57,7 @@ class MessageHandler:
     def __init__(
         self,
         *,
-        engine: AsyncEngine,
-        held: HeldConnections,
+        store: Store,
         relay: OutboxRelay,
         dead_letter: DeadLetter,
         executor: StepExecutor,
@@ -75,16 +71,14 @@ class MessageHandler:
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._hooks = hooks or NoHooks()
-        self._engine = engine
-        self._held = held
+        self._store = store
         self._relay = relay
         self._dead_letter = dead_letter
         self._workflows = workflows
         self._payload_limit = payload_limit
         self._planner = Planner(payload_limit, self._hooks, clock or real_clock)
         self._steps = StepRunner(
-            engine=engine,
-            held=held,
+            store=store,
             planner=self._planner,
             executor=executor,
             worker_id=worker_id,
@@ -93,7 +87,7 @@ class MessageHandler:
         self._retry_delay = retry_delay
         # Handling fails for want of the database; a worker that no message reaches any
         # more learns that it is back from the probe (see watch_outage).
-        self._outage = Outage("the database or the broker", log, probe=lambda: database_answers(engine))
+        self._outage = Outage("the database or the broker", log, probe=store.answers)
         self._runs_local_steps = True
         self._local_budget_s = local_budget_s
 
@@ -203,23 +197,23 @@ class MessageHandler:
         self, workflow: Workflow[Any, Any], message: WakeMessage | EventMessage | AdvanceMessage
     ) -> list[OutboxRow]:
         """Wakes, events and advances run no user code: all of it happens under the instance lock."""
-        async with self._engine.begin() as conn:
-            lock = await queries.lock_instance(conn, message.instance_id)
-            history = None if lock is None else await queries.load_history(conn, message.instance_id)
+        async with self._store.transaction() as tx:
+            lock = await tx.lock_instance(message.instance_id)
+            history = None if lock is None else await tx.load_history(message.instance_id)
             if history is None:
                 if isinstance(message, EventMessage):
                     raise BadPayloadError(f"no instance with id {message.instance_id!r} to send the event to")
                 return []
             check_addressed(message, history.workflow)
             if isinstance(message, EventMessage):
-                return await waits.deliver_event(conn, self._planner, workflow, history, message)
+                return await waits.deliver_event(tx, self._planner, workflow, history, message)
             if history.status.is_finished:
                 return []
             if isinstance(message, WakeMessage):
                 return await waits.settle_wake(
-                    conn, self._planner, workflow, history, (message.step, message.occurrence)
+                    tx, self._planner, workflow, history, (message.step, message.occurrence)
                 )
-            return await waits.advance(conn, self._planner, workflow, history)
+            return await waits.advance(tx, self._planner, workflow, history)
 
     async def _start(
         self, workflow: Workflow[Any, Any], message: StartMessage, headers: dict[str, str]
@@ -261,20 +255,18 @@ class MessageHandler:
             outcome = replay.start()
             transition = self._planner.plan_unlocked(history, replay, outcome)
             if transition is not None:
-                # The usual start: one statement, no transaction around it (see transitions.start_instance).
-                async with self._held.connection() as conn:
-                    started = await transitions.start_instance(
-                        conn,
-                        **instance,
-                        new_steps=transition.new_steps,
-                        status=transition.status,
-                        output=transition.output,
-                        error=transition.error,
-                        messages=transition.messages,
-                    )
+                # The usual start: one statement, no transaction around it (see Store.start_instance).
+                started = await self._store.start_instance(
+                    **instance,
+                    new_steps=transition.new_steps,
+                    status=transition.status,
+                    output=transition.output,
+                    error=transition.error,
+                    messages=transition.messages,
+                )
                 if started is None:
-                    async with self._engine.begin() as conn:
-                        return Committed(await self._duplicate_start(conn, message, parent))
+                    async with self._store.transaction() as tx:
+                        return Committed(await self._duplicate_start(tx, message, parent))
                 rows = started
                 if transition.status.is_finished:
                     self._planner.report_finished(history, outcome, transition.status)
@@ -282,18 +274,18 @@ class MessageHandler:
                     # The cache takes the replay: the with block leaves it open for the next step.
                     local = self._steps.keep(workflow, history, replay, transition, rows)
             else:
-                async with self._engine.begin() as conn:
-                    created = await queries.insert_instance(conn, **instance)
+                async with self._store.transaction() as tx:
+                    created = await tx.insert_instance(**instance)
                     if not created:
-                        return Committed(await self._duplicate_start(conn, message, parent))
-                    rows = await self._planner.apply(conn, history, replay, outcome)
+                        return Committed(await self._duplicate_start(tx, message, parent))
+                    rows = await self._planner.apply(tx, history, replay, outcome)
         log.info("instance started", extra={"event": "instance_started", "instance_id": message.instance_id})
         return Committed(rows, local)
 
     async def _duplicate_start(
-        self, conn: AsyncConnection, message: StartMessage, parent: ParentLink | None
+        self, tx: Transaction, message: StartMessage, parent: ParentLink | None
     ) -> list[OutboxRow]:
-        existing = await queries.get_instance_row(conn, message.instance_id)
+        existing = await tx.get_instance_row(message.instance_id)
         if existing is not None:
             check_addressed(message, existing.workflow)
         log.info(
@@ -303,9 +295,9 @@ class MessageHandler:
         if parent is None:
             return []
         # A child started before its parent asked (or asked again): make sure the parent hears of its end.
-        await queries.set_parent_if_unset(conn, message.instance_id, parent)
+        await tx.set_parent_if_unset(message.instance_id, parent)
         if existing is not None and InstanceStatus(existing.status).is_finished:
-            return await queries.insert_outbox(conn, self._planner.parent_wake(parent))
+            return await tx.insert_outbox(self._planner.parent_wake(parent))
         return []
 
 

@@ -7,13 +7,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from shared import codec
 from shared.codec import JSON
-from shared.db import queries, timer_queries, transitions
-from shared.db.queries import NewStep, OutboxRow
-from shared.db.timer_queries import NewTimer
+from shared.db.records import Message, NewStep, NewTimer, OutboxRow
+from shared.db.store import Transaction
 from shared.errors import PayloadTooLargeError
 from shared.failures import failure_record
 from shared.history import History, ParentLink, StepKey
@@ -22,8 +19,6 @@ from shared.messages import ParentRef, StartMessage, StepMessage, WakeMessage, e
 from shared.states import InstanceStatus, StepKind, StepStatus
 from worker.replay.engine import NewEntry, Outcome, Replay, payload_problem
 from worker.workflow import Workflow
-
-Message = tuple[str, bytes, dict[str, str] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,16 +122,16 @@ class Planner:
         )
 
     async def apply(
-        self, conn: AsyncConnection, history: History, replay: Replay, outcome: Outcome
+        self, tx: Transaction, history: History, replay: Replay, outcome: Outcome
     ) -> list[OutboxRow]:
         """Record the replay's new entries and outcome; returns the outbox rows to publish."""
-        outcome, matched = await self._hand_stored_events(conn, history, replay, outcome)
+        outcome, matched = await self._hand_stored_events(tx, history, replay, outcome)
         if outcome.kind == "blocked":
-            return await self._record_blocked(conn, history, replay.new_entries, outcome, matched)
-        return await self._finish(conn, history, replay.new_entries, outcome, matched)
+            return await self._record_blocked(tx, history, replay.new_entries, outcome, matched)
+        return await self._finish(tx, history, replay.new_entries, outcome, matched)
 
     async def _hand_stored_events(
-        self, conn: AsyncConnection, history: History, replay: Replay, outcome: Outcome
+        self, tx: Transaction, history: History, replay: Replay, outcome: Outcome
     ) -> tuple[Outcome, dict[StepKey, JSON]]:
         """A new wait takes an event sent before it, at once; the replay then runs on."""
         matched: dict[StepKey, JSON] = {}
@@ -150,14 +145,12 @@ class Planner:
             if not waits:
                 break
             entry = waits[0]
-            claimed = await queries.claim_event(
-                conn, history.instance_id, _event_type(entry.detail), entry.key
-            )
+            claimed = await tx.claim_event(history.instance_id, _event_type(entry.detail), entry.key)
             if claimed is None:
                 checked.add(entry.key)
             elif payload_problem(replay, entry.key, claimed.payload) is not None:
                 # Kept before the wait existed, and it does not fit: set it aside, try the next one.
-                await queries.reject_event(conn, claimed.id)
+                await tx.reject_event(claimed.id)
             else:
                 checked.add(entry.key)
                 matched[entry.key] = claimed.payload
@@ -166,7 +159,7 @@ class Planner:
 
     async def _record_blocked(
         self,
-        conn: AsyncConnection,
+        tx: Transaction,
         history: History,
         entries: list[NewEntry],
         outcome: Outcome,
@@ -177,17 +170,17 @@ class Planner:
         # A sleep's timer fires when its entry says: only then are the entries inserted on their own.
         fire_times: dict[StepKey, Any] = {}
         if any(entry.kind == StepKind.SLEEP for entry in entries):
-            fire_times = await queries.insert_steps(conn, history.instance_id, new_steps)
+            fire_times = await tx.insert_steps(history.instance_id, new_steps)
             new_steps = []
         paused = history.status == InstanceStatus.PAUSED
         messages, timers = self._sends(history, entries, matched, fire_times, paused=paused)
-        await timer_queries.insert_timers(conn, history.instance_id, timers)
+        await tx.insert_timers(history.instance_id, timers)
         if paused:
             status = InstanceStatus.PAUSED  # a resume sends what it holds back
         else:
             status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
-        return await transitions.write_transition(
-            conn, history.instance_id, new_steps=new_steps, status=status, messages=messages
+        return await tx.write_transition(
+            history.instance_id, new_steps=new_steps, status=status, messages=messages
         )
 
     def _sends(
@@ -221,7 +214,7 @@ class Planner:
 
     async def _finish(
         self,
-        conn: AsyncConnection,
+        tx: Transaction,
         history: History,
         entries: list[NewEntry],
         outcome: Outcome,
@@ -233,9 +226,8 @@ class Planner:
             entries = [entry for entry in entries if entry.kind == StepKind.VALUE]
         instance_id = history.instance_id
         status, output, error = self._ending(outcome)
-        await timer_queries.cancel_timers(conn, instance_id)
-        rows = await transitions.write_transition(
-            conn,
+        await tx.cancel_timers(instance_id)
+        rows = await tx.write_transition(
             instance_id,
             new_steps=_new_steps(history, entries, matched),
             status=status,

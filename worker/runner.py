@@ -12,9 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared.broker import Broker, Delivery, create_broker
-from shared.db.engine import create_engine
-from shared.db.held import HeldConnections
-from shared.db.migrate import database_answers
+from shared.db.store import Store
+from shared.db.stores import create_store
 from shared.errors import BrokerError
 from shared.health import HealthServer
 from shared.hooks import Hooks
@@ -54,8 +53,8 @@ async def run_worker(
     if startup_timeout_s is None:
         startup_timeout_s = settings.startup_timeout.total_seconds()
     concurrency = settings.worker.concurrency
-    engine = create_engine(settings.database, pool_size=concurrency + 2, pre_ping=False)
-    held = HeldConnections(engine, keep=concurrency)  # each step's statements
+    # A held connection per concurrent step, for its statements (see shared.db.held).
+    store = create_store(settings.database, pool_size=concurrency + 2, pre_ping=False, held=concurrency)
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     executor = StepExecutor(
         threads=concurrency,
@@ -68,11 +67,10 @@ async def run_worker(
     relay: OutboxRelay | None = None
     try:
         await connect_broker(broker, settings.amqp, deadline_s=startup_timeout_s, stopping=stopping)
-        relay = OutboxRelay(engine, broker, settings.outbox, hooks=hooks)
+        relay = OutboxRelay(store, broker, settings.outbox, hooks=hooks)
         relay.start_batching_deletes()
         handler = MessageHandler(
-            engine=engine,
-            held=held,
+            store=store,
             relay=relay,
             dead_letter=broker.dead_letter,
             executor=executor,
@@ -94,7 +92,7 @@ async def run_worker(
             finally:
                 in_flight.discard(task)
 
-        await check_database(engine, settings.database, deadline_s=startup_timeout_s, stopping=stopping)
+        await check_database(store, settings.database, deadline_s=startup_timeout_s, stopping=stopping)
         # What start-up made (modules, workflow code, schema, models) lives as long as the
         # process: out of the collector's sight, a full collection no longer walks it. One
         # took ~110 ms mid-run in the latency benchmark; the step-to-next maximum with it.
@@ -102,7 +100,7 @@ async def run_worker(
         await broker.consume(
             sorted(workflows), on_delivery, prefetch=settings.worker.prefetch or 2 * concurrency
         )
-        health = await _start_health(settings, engine, broker)
+        health = await _start_health(settings, store, broker)
         # The sweeper outlives the drain below: it keeps the rows of local steps still running fresh.
         drained = asyncio.Event()
         sweeper = asyncio.create_task(relay.run_sweeper(drained))
@@ -145,8 +143,7 @@ async def run_worker(
         await broker.close()
         replay_cache.clear()
         executor.shutdown()
-        await held.close()
-        await engine.dispose()
+        await store.close()
         log.info("worker stopped", extra={"event": "worker_stopped", "worker": worker_id})
 
 
@@ -170,13 +167,13 @@ async def _sample_queue_depths(
             await asyncio.wait_for(stopping.wait(), timeout=every_s)
 
 
-async def _start_health(settings: Settings, engine: Any, broker: Broker) -> HealthServer | None:
+async def _start_health(settings: Settings, store: Store, broker: Broker) -> HealthServer | None:
     if settings.health_port is None:
         return None
     health = HealthServer(
         settings.health_port,
         {
-            "database": lambda: database_answers(engine),
+            "database": store.answers,
             "broker": broker.is_connected,
             "consuming": broker.is_consuming,
         },

@@ -7,14 +7,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
 from shared.codec import JSON
-from shared.db import queries, timer_queries, transitions
-from shared.db.held import HeldConnections
-from shared.db.queries import OutboxRow
-from shared.db.timer_queries import NewTimer
-from shared.db.transitions import SucceededAttempt
+from shared.db.records import InstanceLock, NewTimer, OutboxRow, SucceededAttempt
+from shared.db.store import Store, Transaction
 from shared.errors import MisaddressedMessageError, NonDeterminismError
 from shared.failures import step_failure
 from shared.history import History, StepKey, format_key
@@ -66,16 +61,14 @@ class StepRunner:
     def __init__(
         self,
         *,
-        engine: AsyncEngine,
-        held: HeldConnections,
+        store: Store,
         planner: Planner,
         executor: StepExecutor,
         worker_id: str,
         cache: ReplayCache | None = None,
     ) -> None:
-        self._engine = engine
+        self._store = store
         self._cache = cache if cache is not None else ReplayCache(0)  # an empty cache is falsy
-        self._held = held
         self._planner = planner
         self._executor = executor
         self._worker_id = worker_id
@@ -158,8 +151,7 @@ class StepRunner:
         step's commit, it keeps the replay, and the next step may run here.
         """
         key: StepKey = (message.step, message.occurrence)
-        async with self._held.connection() as conn:  # one statement: no transaction needed
-            history = await queries.load_history(conn, message.instance_id)
+        history = await self._store.load_history(message.instance_id)  # one statement
         if history is None:
             return None
         check_addressed(message, history.workflow)
@@ -202,17 +194,17 @@ class StepRunner:
                 raise
         if cached is not None and is_local and cached.replay.is_pending(key):
             return cached.history, cached.replay, None
-        async with self._held.connection() as conn:  # single statements: no transaction needed
+        async with self._store.statements() as tx:  # single statements: no transaction needed
             if cached is not None:
-                state = await queries.instance_state(conn, message.instance_id)
-                if state == queries.InstanceLock(cached.history.status, cached.history.version):
+                state = await tx.instance_state(message.instance_id)
+                if state == InstanceLock(cached.history.status, cached.history.version):
                     if not is_current(cached.history, key, message):
                         self._cache.put(cached.history, cached.replay)  # still good for the current attempt
                         return None
                     if cached.replay.is_pending(key):
                         return cached.history, cached.replay, None
                 cached.replay.close()
-            history = await queries.load_history(conn, message.instance_id)
+            history = await tx.load_history(message.instance_id)
         if history is not None:
             check_addressed(message, history.workflow)
         if history is None or not is_current(history, key, message):
@@ -344,22 +336,22 @@ class StepRunner:
         success, if anything. If the instance is no longer at ``history``'s version
         (or ``stale`` says so already), the newer history is replayed instead.
         """
-        async with self._engine.begin() as conn:
-            lock = await queries.lock_instance(conn, history.instance_id)
+        async with self._store.transaction() as tx:
+            lock = await tx.lock_instance(history.instance_id)
             if lock is None or lock.status.is_finished:
                 return Committed([])
             if lock.version != history.version or stale:
                 # The history changed meanwhile (a parallel step committed, a pause):
                 # replay the newer one before planning what comes next.
-                return Committed(await self._commit_on_newer(conn, workflow, message, result, values))
+                return Committed(await self._commit_on_newer(tx, workflow, message, result, values))
             key = _step_key(message)
             return Committed(
-                await self._commit_attempt(conn, history, replay, key, message.attempt, result, resolved)
+                await self._commit_attempt(tx, history, replay, key, message.attempt, result, resolved)
             )
 
     async def _commit_on_newer(
         self,
-        conn: AsyncConnection,
+        tx: Transaction,
         workflow: Workflow[Any, Any],
         message: StepMessage,
         result: StepResult,
@@ -367,7 +359,7 @@ class StepRunner:
     ) -> list[OutboxRow]:
         """Under the lock: replay the newer history, then commit the attempt if it is still current."""
         key = _step_key(message)
-        history = await queries.load_history(conn, message.instance_id)
+        history = await tx.load_history(message.instance_id)
         assert history is not None
         if not is_current(history, key, message, running_in_paused=True):
             return []
@@ -375,11 +367,11 @@ class StepRunner:
             outcome = replay.start()
             if outcome.kind == "diverged" or key not in replay.calls:
                 error = outcome.error or missing_step(history, key)
-                await queries.update_instance(
-                    conn, history.instance_id, status=InstanceStatus.ERRORED, error=instance_error(error)
+                await tx.update_instance(
+                    history.instance_id, status=InstanceStatus.ERRORED, error=instance_error(error)
                 )
                 return []
-            return await self._commit_attempt(conn, history, replay, key, message.attempt, result)
+            return await self._commit_attempt(tx, history, replay, key, message.attempt, result)
 
     async def _commit_at_version(
         self,
@@ -394,24 +386,22 @@ class StepRunner:
         On PostgreSQL one statement, outside any transaction: it writes only if the
         instance is still at the version this worker replayed (see commit_settled_step).
         """
-        async with self._held.connection() as conn:
-            return await transitions.commit_settled_step(
-                conn,
-                history.instance_id,
-                key,
-                version=history.version,
-                attempt=attempt,
-                result=result,
-                new_steps=transition.new_steps,
-                status=transition.status,
-                output=transition.output,
-                error=transition.error,
-                messages=transition.messages,
-            )
+        return await self._store.commit_settled_step(
+            history.instance_id,
+            key,
+            version=history.version,
+            attempt=attempt,
+            result=result,
+            new_steps=transition.new_steps,
+            status=transition.status,
+            output=transition.output,
+            error=transition.error,
+            messages=transition.messages,
+        )
 
     async def _commit_attempt(
         self,
-        conn: AsyncConnection,
+        tx: Transaction,
         history: History,
         replay: Replay,
         key: StepKey,
@@ -422,26 +412,26 @@ class StepRunner:
         """Record the attempt and plan what follows; ``resolved`` is what the replay did with a success."""
         instance_id = history.instance_id
         if isinstance(result, StepSucceeded):
-            await self._record(conn, instance_id, key, attempt, result, StepStatus.SUCCEEDED)
+            await self._record(tx, instance_id, key, attempt, result, StepStatus.SUCCEEDED)
             outcome = resolved if resolved is not None else replay.resolve(key, result.result)
-            return await self._planner.apply(conn, history, replay, outcome)
+            return await self._planner.apply(tx, history, replay, outcome)
         policy = replay.calls[key].retry or DEFAULT_RETRY_POLICY
         if result.is_retryable and policy.allows_retry_after(attempt):
-            await self._record(conn, instance_id, key, attempt, result, StepStatus.RETRYING, retry=True)
+            await self._record(tx, instance_id, key, attempt, result, StepStatus.RETRYING, retry=True)
             routing_key, body, headers = self._planner.step_message(history, key, attempt + 1)
             timer = NewTimer(
                 key, attempt + 1, "retry", routing_key, body, headers, delay=policy.delay_after(attempt)
             )
-            await timer_queries.insert_timers(conn, instance_id, [timer])
-            await queries.update_instance(conn, instance_id, status=_status_after_retry(history))
+            await tx.insert_timers(instance_id, [timer])
+            await tx.update_instance(instance_id, status=_status_after_retry(history))
             return []
-        await self._record(conn, instance_id, key, attempt, result, StepStatus.FAILED)
+        await self._record(tx, instance_id, key, attempt, result, StepStatus.FAILED)
         outcome = replay.fail(key, step_failure(format_key(key), attempt, result.error))
-        return await self._planner.apply(conn, history, replay, outcome)
+        return await self._planner.apply(tx, history, replay, outcome)
 
     async def _record(
         self,
-        conn: AsyncConnection,
+        tx: Transaction,
         instance_id: str,
         key: StepKey,
         attempt: int,
@@ -451,8 +441,7 @@ class StepRunner:
         retry: bool = False,
     ) -> None:
         """Store the attempt and the step's new status (with the next attempt number for a retry)."""
-        await queries.record_attempt(
-            conn,
+        await tx.record_attempt(
             instance_id,
             key,
             attempt=attempt,
@@ -467,14 +456,14 @@ class StepRunner:
         )
 
     async def _commit_error(self, history: History, error: BaseException) -> list[OutboxRow]:
-        async with self._engine.begin() as conn:
-            lock = await queries.lock_instance(conn, history.instance_id)
+        async with self._store.transaction() as tx:
+            lock = await tx.lock_instance(history.instance_id)
             if lock is None or lock.status.is_finished:
                 return []
-            await queries.update_instance(
-                conn, history.instance_id, status=InstanceStatus.ERRORED, error=instance_error(error)
+            await tx.update_instance(
+                history.instance_id, status=InstanceStatus.ERRORED, error=instance_error(error)
             )
-            rows = await queries.insert_outbox(conn, self._planner.parent_wake(history.parent))
+            rows = await tx.insert_outbox(self._planner.parent_wake(history.parent))
         self._planner.hooks.instance_finished(
             history.workflow, history.instance_id, history.trace_context, "errored", history.created_at, error
         )

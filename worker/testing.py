@@ -34,14 +34,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from shared import codec
 from shared.broker import Delivery
 from shared.codec import JSON
-from shared.db import migrate, queries, timer_queries
-from shared.db.engine import create_engine
-from shared.db.held import HeldConnections
+from shared.db import stores
+from shared.db.store import Store
 from shared.durations import Duration, parse_duration
 from shared.errors import BadPayloadError, NonDeterminismError
 from shared.history import History, StepKey, StepRecord, format_key
@@ -251,18 +248,16 @@ class _Session:
 
     handler: MessageHandler
     relay: OutboxRelay
-    engine: AsyncEngine
+    store: Store
 
     async def next_timer(self, *, instance_id: str | None = None, automatic: bool = False) -> datetime | None:
-        async with self.engine.connect() as conn:
-            return await timer_queries.next_timer_due(
-                conn, instance_id=instance_id, kinds=_AUTOMATIC_TIMERS if automatic else None
-            )
+        return await self.store.next_timer_due(
+            instance_id=instance_id, kinds=_AUTOMATIC_TIMERS if automatic else None
+        )
 
     async def fire_due_timers(self) -> bool:
         """The scheduler's firing: due timers leave their table and queue their messages, then go out."""
-        async with self.engine.begin() as conn:
-            fired = await timer_queries.fire_due_timers(conn, limit=1000)
+        fired = await self.store.fire_due_timers(limit=1000)
         await self.relay.publish_committed([timer.message() for timer in fired])
         return bool(fired)
 
@@ -359,7 +354,7 @@ class WorkflowEnvironment:
                 if due <= self.now:  # the engine's clock and the store's disagree: a bug, not a hang
                     raise RuntimeError(f"a timer due at {due} did not fire at {self.now}")
                 self.now = due
-            await self._take_snapshots(session.engine)
+            await self._take_snapshots(session.store)
         self._raise_dead_letters()
 
     async def _deliver_all(self, handler: MessageHandler) -> None:
@@ -372,14 +367,12 @@ class WorkflowEnvironment:
     async def _session(self) -> AsyncIterator[_Session]:
         """The worker's parts over the store, for one call: nothing stays open between calls."""
         if not self._migrated:
-            migrate.upgrade(self._database_url)
+            stores.upgrade(self._database_url)
             self._migrated = True
-        engine = create_engine(self._database_url, clock=lambda: self.now)
-        held = HeldConnections(engine, keep=1)
-        relay = OutboxRelay(engine, self._broker, OutboxSettings())
+        store = stores.create_store(self._database_url, clock=lambda: self.now)
+        relay = OutboxRelay(store, self._broker, OutboxSettings())
         handler = MessageHandler(
-            engine=engine,
-            held=held,
+            store=store,
             relay=relay,
             dead_letter=self._broker.dead_letter,
             executor=self.executor,
@@ -390,17 +383,16 @@ class WorkflowEnvironment:
             clock=lambda: self.now,
         )
         try:
-            yield _Session(handler, relay, engine)
+            yield _Session(handler, relay, store)
         finally:
-            await held.close()
-            await engine.dispose()
+            await store.close()
 
-    async def _take_snapshots(self, engine: AsyncEngine) -> None:
+    async def _take_snapshots(self, store: Store) -> None:
         snapshots: dict[str, _Snapshot] = {}
         workflows: dict[str, str] = {}
-        async with engine.connect() as conn:
-            for row in await queries.list_instance_rows(conn, limit=1_000_000):
-                steps = await queries.get_step_rows(conn, row.id)
+        async with store.reading() as tx:
+            for row in await tx.list_instance_rows(limit=1_000_000):
+                steps = await tx.get_step_rows(row.id)
                 history = [
                     HistoryEntry(
                         step.name,

@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from shared.codec import JSON
-from shared.db import queries, timer_queries
-from shared.db.queries import OutboxRow
+from shared.db.records import Message, OutboxRow
+from shared.db.store import Transaction
 from shared.errors import BadPayloadError, ChildWorkflowError, EventTimeoutError
 from shared.failures import describe, failure_record, step_failure
 from shared.history import History, StepKey, StepRecord, format_key
 from shared.messages import EventMessage
 from shared.states import InstanceStatus, StepKind, StepStatus
-from worker.plan import Message, Planner
+from worker.plan import Planner
 from worker.replay.engine import payload_problem
 from worker.workflow import Workflow
 
@@ -23,7 +21,7 @@ log = logging.getLogger("stepline.worker")
 
 
 async def settle_wake(
-    conn: AsyncConnection, planner: Planner, workflow: Workflow[Any, Any], history: History, key: StepKey
+    tx: Transaction, planner: Planner, workflow: Workflow[Any, Any], history: History, key: StepKey
 ) -> list[OutboxRow]:
     """A timer fired or a child finished: settle the waiting entry and run on."""
     record = history.step(key)
@@ -31,45 +29,43 @@ async def settle_wake(
         log.info("wake for a settled or unknown entry dropped", extra=_ids(history, key))
         return []
     if record.kind == StepKind.SLEEP:
-        await queries.settle_step(conn, history.instance_id, key, status=StepStatus.SUCCEEDED)
+        await tx.settle_step(history.instance_id, key, status=StepStatus.SUCCEEDED)
         report_settled(planner, history, record, "succeeded")
-        return await _run_on(conn, planner, workflow, history, key, result=None)
+        return await _run_on(tx, planner, workflow, history, key, result=None)
     if record.kind == StepKind.EVENT:
         report_settled(planner, history, record, "timed_out")
         timeout_s = _timeout_of(record)
         error = EventTimeoutError(format_key(key), str((record.detail or {}).get("event_type")), timeout_s)
         stored = failure_record(error)
-        await queries.settle_step(conn, history.instance_id, key, status=StepStatus.FAILED, error=stored)
-        return await _run_on(conn, planner, workflow, history, key, error=error)
+        await tx.settle_step(history.instance_id, key, status=StepStatus.FAILED, error=stored)
+        return await _run_on(tx, planner, workflow, history, key, error=error)
     if record.kind == StepKind.CHILD:
-        return await _settle_child(conn, planner, workflow, history, record)
+        return await _settle_child(tx, planner, workflow, history, record)
     log.info("wake for a %s entry dropped", record.kind, extra=_ids(history, key))
     return []
 
 
 async def _settle_child(
-    conn: AsyncConnection,
+    tx: Transaction,
     planner: Planner,
     workflow: Workflow[Any, Any],
     history: History,
     record: StepRecord,
 ) -> list[OutboxRow]:
     detail = record.detail or {}
-    child = await queries.get_instance_row(conn, str(detail.get("child_id")))
+    child = await tx.get_instance_row(str(detail.get("child_id")))
     if child is None or not InstanceStatus(child.status).is_finished:
         return []  # not finished yet: its own finish wakes us again
     key = record.key
     outcome = "succeeded" if child.status == InstanceStatus.COMPLETE else "failed"
     report_settled(planner, history, record, outcome)
     if child.status == InstanceStatus.COMPLETE:
-        await queries.settle_step(
-            conn, history.instance_id, key, status=StepStatus.SUCCEEDED, result=child.output
-        )
-        return await _run_on(conn, planner, workflow, history, key, result=child.output)
+        await tx.settle_step(history.instance_id, key, status=StepStatus.SUCCEEDED, result=child.output)
+        return await _run_on(tx, planner, workflow, history, key, result=child.output)
     error = child_failure(child.workflow, child.id, str(child.status), child.error)
-    await queries.settle_step(conn, history.instance_id, key, status=StepStatus.FAILED, error=error)
+    await tx.settle_step(history.instance_id, key, status=StepStatus.FAILED, error=error)
     failure = step_failure(format_key(key), 1, error)
-    return await _run_on(conn, planner, workflow, history, key, error=failure)
+    return await _run_on(tx, planner, workflow, history, key, error=failure)
 
 
 def child_failure(workflow: str, child_id: str, status: str, cause: JSON) -> dict[str, Any]:
@@ -80,7 +76,7 @@ def child_failure(workflow: str, child_id: str, status: str, cause: JSON) -> dic
 
 
 async def deliver_event(
-    conn: AsyncConnection,
+    tx: Transaction,
     planner: Planner,
     workflow: Workflow[Any, Any],
     history: History,
@@ -91,8 +87,7 @@ async def deliver_event(
         raise BadPayloadError(
             f"instance {history.instance_id!r} is {history.status}; it takes no more events"
         )
-    stored = await queries.insert_event(
-        conn,
+    stored = await tx.insert_event(
         history.instance_id,
         event_id=message.event_id,
         event_type=message.event_type,
@@ -124,19 +119,17 @@ async def deliver_event(
                 f"{format_key(key)!r} of instance {history.instance_id!r}: {problem}"
             )
         report_settled(planner, history, wait, "succeeded")
-        claimed = await queries.claim_event(conn, history.instance_id, message.event_type, key)
+        claimed = await tx.claim_event(history.instance_id, message.event_type, key)
         assert claimed is not None, "the event was stored in this transaction"
-        await queries.settle_step(
-            conn, history.instance_id, key, status=StepStatus.SUCCEEDED, result=claimed.payload
-        )
-        await timer_queries.cancel_timers(conn, history.instance_id, key)
+        await tx.settle_step(history.instance_id, key, status=StepStatus.SUCCEEDED, result=claimed.payload)
+        await tx.cancel_timers(history.instance_id, key)
         if replay.is_pending(key):
             outcome = replay.resolve(key, claimed.payload)
-        return await planner.apply(conn, history, replay, outcome)
+        return await planner.apply(tx, history, replay, outcome)
 
 
 async def advance(
-    conn: AsyncConnection, planner: Planner, workflow: Workflow[Any, Any], history: History
+    tx: Transaction, planner: Planner, workflow: Workflow[Any, Any], history: History
 ) -> list[OutboxRow]:
     """Replay and send everything the instance waits on: after a resume, or from scratch after a restart."""
     if history.status.is_finished or history.status == InstanceStatus.PAUSED:
@@ -149,17 +142,17 @@ async def advance(
                 continue
             held_back = record.status == StepStatus.RUNNING
             # A retry whose back-off timer is still armed will be sent by that timer.
-            due_retry = record.status == StepStatus.RETRYING and not await timer_queries.timer_pending(
-                conn, history.instance_id, record.key, record.attempt
+            due_retry = record.status == StepStatus.RETRYING and not await tx.timer_pending(
+                history.instance_id, record.key, record.attempt
             )
             if held_back or due_retry:
                 resent.append(planner.step_message(history, record.key, record.attempt))
-        rows = await planner.apply(conn, history, replay, outcome)
-        return rows + await queries.insert_outbox(conn, resent)
+        rows = await planner.apply(tx, history, replay, outcome)
+        return rows + await tx.insert_outbox(resent)
 
 
 async def _run_on(
-    conn: AsyncConnection,
+    tx: Transaction,
     planner: Planner,
     workflow: Workflow[Any, Any],
     history: History,
@@ -172,7 +165,7 @@ async def _run_on(
         outcome = replay.start()
         if replay.is_pending(key):
             outcome = replay.fail(key, error) if error is not None else replay.resolve(key, result)
-        return await planner.apply(conn, history, replay, outcome)
+        return await planner.apply(tx, history, replay, outcome)
 
 
 def report_settled(planner: Planner, history: History, record: StepRecord, outcome: str) -> None:

@@ -1,1 +1,1 @@
-"""Database schema, migrations, engine construction and named queries."""
+"""Database schema, migrations, engines, and the stores that hold every statement."""

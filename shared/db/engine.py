@@ -128,12 +128,10 @@ def _on_sqlite_begin(connection: Any) -> None:
 
 
 def single_statement_engine(engine: AsyncEngine) -> AsyncEngine:
-    """The same pool, for reads of one statement: on PostgreSQL in autocommit mode.
+    """The same PostgreSQL pool, for statements that stand alone: in autocommit mode.
 
     One statement is atomic on its own, so it needs no transaction: autocommit
-    spares the ``BEGIN`` and ``ROLLBACK`` round trips around it. SQLite keeps
-    the engine as it is (its connection's transactions are set up above).
+    spares the ``BEGIN`` and ``ROLLBACK`` round trips around it. (SQLite's
+    connection keeps its transactions: see ``_create_sqlite_engine``.)
     """
-    if engine.dialect.name == "sqlite":
-        return engine
     return engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -1,6 +1,6 @@
 """Autocommit connections kept checked out of the pool, for the statements of every step.
 
-A worker commits each step with one statement (``shared.db.transitions``).
+A worker commits each step with one statement (``shared.db.store_postgres``).
 Taking a connection from SQLAlchemy's pool for it and giving it back (autocommit
 set and reset, the pool's events, a greenlet hop each way) cost about three
 times the CPU of the statement itself: 0.5 to 0.6 ms a step on a 2-core
@@ -12,8 +12,8 @@ after its use; one that failed mid-statement, was cancelled or lost its server
 is invalidated and closed instead. A lost server also drops the idle ones: they
 would fail the same way, one step each.
 
-SQLite keeps what it had: its one pooled connection is the writer lock, so
-each use is the engine's own transaction.
+PostgreSQL only (``shared.db.store_postgres``): SQLite's one pooled connection
+is the writer lock, so each use there is a transaction of its own.
 """
 
 from __future__ import annotations
@@ -36,27 +36,26 @@ class HeldConnections:
     """
 
     def __init__(self, engine: AsyncEngine, keep: int) -> None:
-        self._engine = engine
         self._autocommit = single_statement_engine(engine)
         self._keep = keep
         self._idle: list[AsyncConnection] = []
         self._closed = False
-        self._is_sqlite = engine.dialect.name == "sqlite"
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for statements that each stand alone (autocommit on PostgreSQL)."""
-        if self._is_sqlite:
-            async with self._engine.begin() as conn:
-                yield conn
-            return
-        conn = self._idle.pop() if self._idle else await self._autocommit.connect()
+        """A connection for statements that each stand alone, in autocommit."""
+        conn = await self.lend()
         try:
             yield conn
         finally:
-            await self._give_back(conn)
+            await self.give_back(conn)
 
-    async def _give_back(self, conn: AsyncConnection) -> None:
+    async def lend(self) -> AsyncConnection:
+        """An idle held connection, or a new one: each caller must ``give_back`` it, even on failure."""
+        return self._idle.pop() if self._idle else await self._autocommit.connect()
+
+    async def give_back(self, conn: AsyncConnection) -> None:
+        """Keep a lent connection for the next caller if it is idle and healthy; else let it go."""
         driver = live_driver(conn)
         lost = driver is None or driver.broken or driver.closed
         idle = driver is not None and driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE

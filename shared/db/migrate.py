@@ -8,11 +8,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError, ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import create_engine
 
-from shared.db.engine import driver_url, is_sqlite, sqlite_path
+from shared.db.engine import driver_url, sqlite_path
 from shared.db.schema import metadata
 from shared.errors import StorageError
 
@@ -27,15 +25,15 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the database to ``revision`` (default: the newest); safe to repeat."""
-    if is_sqlite(database_url):
-        _create_embedded(database_url)
-        return
+def upgrade_postgres(database_url: str, revision: str = "head") -> None:
+    """Bring a PostgreSQL database to ``revision`` (default: the newest); safe to repeat.
+
+    ``shared.db.stores.upgrade`` picks this or ``create_embedded`` by URL.
+    """
     command.upgrade(alembic_config(database_url), revision)
 
 
-def _create_embedded(database_url: str) -> None:
+def create_embedded(database_url: str) -> None:
     """Create the embedded mode's tables from the schema, stamped with the newest revision.
 
     The embedded state is for development: it is made whole at the newest
@@ -75,34 +73,3 @@ def current_revision(database_url: str) -> str | None:
 def head_revision() -> str | None:
     """The newest revision shipped with this code."""
     return ScriptDirectory.from_config(alembic_config("postgresql://unused/")).get_current_head()
-
-
-async def database_answers(engine: AsyncEngine) -> bool:
-    """Whether the database answers a trivial query now."""
-    async with engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
-    return True
-
-
-async def check_schema(engine: AsyncEngine) -> None:
-    """Make sure the database is migrated to the revision this code needs.
-
-    Raises:
-        StorageError: it is not, with the command that fixes it.
-        SQLAlchemyError, OSError: the database cannot be reached (callers retry).
-    """
-    needed = head_revision()
-    async with engine.connect() as conn:
-        try:
-            found = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-        except ProgrammingError:
-            found = None
-        except OperationalError:
-            if conn.dialect.name != "sqlite":  # SQLite's "no such table"; elsewhere, an outage
-                raise
-            found = None
-    if found != needed:
-        raise StorageError(
-            f"the database schema is at revision {found or 'none'}, this code needs {needed}: "
-            "run `stepline db upgrade`"
-        )

@@ -18,22 +18,36 @@ metadata = sa.MetaData()
 Json = sa.JSON().with_variant(JSONB(), "postgresql")
 
 
+class _NaiveUtc(sa.TypeDecorator[datetime]):
+    """SQLite's form of a timestamp: it has no time zones, so values are stored as naive UTC."""
+
+    impl = sa.DateTime()
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return value
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous: give a time zone")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+
+# PostgreSQL keeps timestamptz; SQLite (the embedded mode) the naive UTC above.
+_STORED_TIMESTAMP = sa.DateTime(timezone=True).with_variant(_NaiveUtc(), "sqlite")
+
+
 class Timestamp(sa.TypeDecorator[datetime]):
     """A point in time, always handed back as an aware UTC datetime.
 
-    PostgreSQL keeps ``timestamptz``; SQLite (the embedded mode) has no time
-    zones, so values are stored as naive UTC and made aware again on the way out.
+    Stored as ``_STORED_TIMESTAMP`` says for each database; a naive value read
+    back (SQLite's) is made aware again on the way out.
     """
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None or dialect.name != "sqlite":
-            return value
-        if value.tzinfo is None:
-            raise ValueError("naive datetimes are ambiguous: give a time zone")
-        return value.astimezone(UTC).replace(tzinfo=None)
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        return _STORED_TIMESTAMP  # the variant for the dialect is resolved by SQLAlchemy
 
     def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
         if isinstance(value, datetime) and value.tzinfo is None:
@@ -221,7 +235,7 @@ outbox = sa.Table(
 )
 
 # Armed timers only: firing one deletes its row in the statement that queues its
-# message in the outbox (timer_queries.fire_due_timers), so the due index holds
+# message in the outbox (Transaction.fire_due_timers in shared.db.store), so the due index holds
 # just what is still to fire, and a fire writes no new row version of the timer.
 timers = sa.Table(
     "timers",

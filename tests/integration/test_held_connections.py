@@ -1,4 +1,7 @@
-"""``shared.db.held``: one server connection serves statement after statement, and a bad one is let go."""
+"""``shared.db.held``: one server connection serves statement after statement, and a bad one is let go.
+
+The PostgreSQL store lends these; the SQLite store has none (its last test).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db.engine import create_engine
 from shared.db.held import HeldConnections
+from shared.db.stores import create_store
 from tests.support.db import terminate_backend
 
 BACKEND_PID = sa.text("SELECT pg_backend_pid()")
@@ -144,16 +148,14 @@ async def test_a_connection_lent_when_closing_goes_back_to_the_pool(engine: Asyn
 
 
 async def test_on_sqlite_each_use_is_a_committed_transaction(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'state.db'}"
-    engine = create_engine(url)
-    held = HeldConnections(engine, keep=4)
+    # The SQLite store holds no connection: its statements() is a transaction of its own.
+    store = create_store(f"sqlite:///{tmp_path / 'state.db'}")
     try:
-        async with held.connection() as conn:
-            await conn.execute(sa.text("CREATE TABLE held_probe (n int)"))
-            await conn.execute(sa.text("INSERT INTO held_probe VALUES (1)"))
-        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]  # the writer lock is free
-        async with engine.connect() as conn:
+        async with store.statements() as tx:
+            await tx.connection.execute(sa.text("CREATE TABLE held_probe (n int)"))
+            await tx.connection.execute(sa.text("INSERT INTO held_probe VALUES (1)"))
+        assert store.engine.pool.checkedout() == 0  # type: ignore[attr-defined]  # the writer lock is free
+        async with store.engine.connect() as conn:
             assert (await conn.execute(sa.text("SELECT n FROM held_probe"))).scalars().all() == [1]
     finally:
-        await held.close()
-        await engine.dispose()
+        await store.close()

@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 
-from shared.db import migrate
+from shared.db import migrate, stores
 from shared.db.engine import driver_url
 from shared.db.schema import metadata
 from tests.support import services
@@ -91,7 +91,7 @@ def test_empty_database_has_no_revision_and_is_not_the_schema(empty_database: st
 
 
 def test_migrating_an_empty_database_yields_the_declared_schema(empty_database: str) -> None:
-    migrate.upgrade(empty_database)
+    stores.upgrade(empty_database)
 
     assert schema_differences(empty_database) == []
     assert migrate.head_revision() is not None
@@ -101,16 +101,16 @@ def test_migrating_an_empty_database_yields_the_declared_schema(empty_database: 
 def test_migrating_yields_the_declared_defaults_too(empty_database: str, declared_database: str) -> None:
     # compare_metadata leaves server defaults out: a default changed in the schema without a
     # migration (the outbox's clock_timestamp(), say) would pass the test above.
-    migrate.upgrade(empty_database)
+    stores.upgrade(empty_database)
 
     assert schema_snapshot(empty_database) == schema_snapshot(declared_database)
 
 
 def test_upgrading_twice_changes_nothing(empty_database: str) -> None:
-    migrate.upgrade(empty_database)
+    stores.upgrade(empty_database)
     before = schema_snapshot(empty_database)
 
-    migrate.upgrade(empty_database)
+    stores.upgrade(empty_database)
 
     assert schema_snapshot(empty_database) == before
     assert before["versions"] == [(migrate.head_revision(),)]
@@ -119,7 +119,7 @@ def test_upgrading_twice_changes_nothing(empty_database: str) -> None:
 
 def test_two_processes_upgrading_at_once_both_succeed(empty_database: str) -> None:
     # Alembic keeps global state, so concurrent migrations are separate processes, as in a deploy.
-    code = "import sys; from shared.db import migrate; migrate.upgrade(sys.argv[1])"
+    code = "import sys; from shared.db import stores; stores.upgrade(sys.argv[1])"
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", code, empty_database],
@@ -148,7 +148,7 @@ def test_the_test_template_is_at_head(database_url: str) -> None:
 
 def test_upgrading_past_0003_drops_fired_timers_and_keeps_armed_ones(empty_database: str) -> None:
     # Before 0003 a fired timer stayed, marked with fired_at; its message was already in the outbox.
-    migrate.upgrade(empty_database, "0002")
+    stores.upgrade(empty_database, "0002")
     engine = create_engine(driver_url(empty_database))
     try:
         with engine.begin() as connection:
@@ -163,7 +163,7 @@ def test_upgrading_past_0003_drops_fired_timers_and_keeps_armed_ones(empty_datab
                     " ('i1', 'nap', 2, 1, 'sleep', now() + interval '1 day', 'wake', 'armed', NULL)"
                 )
             )
-        migrate.upgrade(empty_database)
+        stores.upgrade(empty_database)
         with engine.connect() as connection:
             left = connection.execute(text("SELECT occurrence, body FROM timers")).all()
     finally:

@@ -10,13 +10,12 @@ from datetime import datetime, timedelta
 import psycopg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from producer import Client, Producer
 from shared.broker import Publisher
-from shared.db import queries, transitions
-from shared.db.engine import create_engine
 from shared.db.schema import outbox, timers, utc_clock, utc_now
+from shared.db.store import Store
+from shared.db.stores import create_store
 from shared.messages import StepMessage, WakeMessage, encode_message
 from shared.outbox import OutboxRelay
 from shared.settings import Settings
@@ -64,14 +63,14 @@ async def test_a_row_left_behind_by_a_crash_is_republished_by_the_sweeper(
 
 
 async def test_an_unroutable_row_stays_in_the_outbox(settings: Settings) -> None:
-    engine = create_engine(settings.database, pool_size=1)
+    engine = create_store(settings.database, pool_size=1)
     try:
         async with connected_broker(settings.amqp, settings.namespace) as broker:
-            async with engine.begin() as conn:
-                rows = await queries.insert_outbox(conn, [("step.no-queue-bound", b"{}", None)])
+            async with engine.transaction() as tx:
+                rows = await tx.insert_outbox([("step.no-queue-bound", b"{}", None)])
             await OutboxRelay(engine, broker, settings.outbox).publish_committed(rows)
     finally:
-        await engine.dispose()
+        await engine.close()
     # The broker returned it (no queue is bound), so it was not sent and must not be forgotten.
     assert await db.scalar(settings.database, "SELECT routing_key FROM outbox") == "step.no-queue-bound"
 
@@ -102,8 +101,8 @@ def _step_messages(workflow: str, instance_id: str, count: int, limit: int) -> l
     return messages
 
 
-async def _database_clock(engine: AsyncEngine) -> datetime:
-    async with engine.connect() as conn:
+async def _database_clock(store: Store) -> datetime:
+    async with store.engine.connect() as conn:
         return (await conn.execute(sa.select(utc_clock()))).scalar_one()
 
 
@@ -154,20 +153,18 @@ async def test_a_fan_out_planned_after_a_lock_wait_is_not_republished_by_the_swe
 async def test_rows_a_long_planning_transaction_wrote_are_young_at_its_commit(settings: Settings) -> None:
     # A worker plans under the instance lock, maybe after waiting for it or replaying workflow
     # code for longer than sweep_after; only then does it write the next steps' messages.
-    engine = create_engine(settings.database, pool_size=2)
+    engine = create_store(settings.database, pool_size=2)
     try:
         async with connected_broker(settings.amqp, settings.namespace) as broker:
             await broker.ensure_workflow_queue("w")
-            async with engine.begin() as conn:
-                await queries.insert_instance(
-                    conn, instance_id="i", workflow="w", params=None, trace_context=None
-                )
-            async with engine.begin() as conn:
-                await queries.lock_instance(conn, "i")
-                began = (await conn.execute(sa.select(utc_now()))).scalar_one()
+            async with engine.transaction() as tx:
+                await tx.insert_instance(instance_id="i", workflow="w", params=None, trace_context=None)
+            async with engine.transaction() as tx:
+                await tx.lock_instance("i")
+                began = (await tx.connection.execute(sa.select(utc_now()))).scalar_one()
 
                 async def clock() -> datetime:
-                    return (await conn.execute(sa.select(utc_clock()))).scalar_one()
+                    return (await tx.connection.execute(sa.select(utc_clock()))).scalar_one()
 
                 await eventually(
                     clock,
@@ -175,12 +172,10 @@ async def test_rows_a_long_planning_transaction_wrote_are_young_at_its_commit(se
                     what="the planning transaction to outlast sweep_after",
                 )
                 messages = _step_messages("w", "i", 100, settings.max_payload_bytes)
-                await transitions.write_transition(
-                    conn, "i", status=InstanceStatus.RUNNING, messages=messages
-                )
+                await tx.write_transition("i", status=InstanceStatus.RUNNING, messages=messages)
             taken = await OutboxRelay(engine, broker, settings.outbox).sweep_once()
     finally:
-        await engine.dispose()
+        await engine.close()
 
     assert taken == 0
     assert await db.scalar(settings.database, "SELECT count(*) FROM outbox") == 100
@@ -219,18 +214,18 @@ async def test_rows_the_fast_path_is_still_publishing_are_not_taken_over(
     # The worker that committed the rows publishes them, slowly; it sweeps every 300 ms, and
     # so does another worker, which looks once the rows are older than sweep_after (1 s).
     caplog.set_level(logging.INFO, logger="stepline.outbox")
-    engine = create_engine(settings.database, pool_size=2)
-    others_engine = create_engine(settings.database, pool_size=2)
+    engine = create_store(settings.database, pool_size=2)
+    others_engine = create_store(settings.database, pool_size=2)
     try:
         async with connected_broker(settings.amqp, settings.namespace) as broker:
             await broker.ensure_workflow_queue("w")
             stalled = _StalledPublisher(broker, 100)
             relay = OutboxRelay(engine, stalled, settings.outbox)
             relay.start_batching_deletes()
-            async with engine.begin() as conn:
+            async with engine.transaction() as tx:
                 messages = _step_messages("w", "i", 100, settings.max_payload_bytes)
-                rows = await queries.insert_outbox(conn, messages)
-                born = (await conn.execute(sa.select(sa.func.max(outbox.c.created_at)))).scalar_one()
+                rows = await tx.insert_outbox(messages)
+                born = (await tx.connection.execute(sa.select(sa.func.max(outbox.c.created_at)))).scalar_one()
             stopping = asyncio.Event()
             sweeper = asyncio.create_task(relay.run_sweeper(stopping))
             publishing = asyncio.create_task(relay.publish_committed(rows))
@@ -254,8 +249,8 @@ async def test_rows_the_fast_path_is_still_publishing_are_not_taken_over(
                 await relay.stop_batching_deletes()
             delivered = await ready_messages(settings.amqp, settings.namespace, "w")
     finally:
-        await engine.dispose()
-        await others_engine.dispose()
+        await engine.close()
+        await others_engine.close()
 
     assert taken == 0
     assert _swept(caplog) == 0

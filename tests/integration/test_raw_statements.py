@@ -9,7 +9,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from shared.db import raw
 from shared.db.engine import create_engine, single_statement_engine
 from shared.db.schema import instances
+from shared.db.stores import create_store
 from tests.support.db import terminate_backend
+from tests.unit.test_golden_sql import GOLDEN, SHAPES
 
 INSERT = (
     sa.insert(instances)
@@ -66,3 +68,18 @@ async def test_a_connection_the_server_closed_is_not_handed_out_again(database_u
             assert (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one() != pid
     finally:
         await engine.dispose()
+
+
+async def test_the_golden_files_are_what_a_connected_engine_sends(database_url: str) -> None:
+    # The golden files are compiled with a fresh psycopg dialect; a live one knows the server.
+    store = create_store(database_url)
+    try:
+        async with store.statements() as tx:
+            dialect = tx.connection.dialect
+        for shape in SHAPES:
+            sent = str(shape.build().compile(dialect=dialect))
+            golden = (GOLDEN / f"{shape.name}.sql").read_text(encoding="utf-8")
+            body = "\n".join(line for line in golden.splitlines() if not line.startswith("--"))
+            assert " ".join(body.split()) == " ".join(sent.split()), shape.name
+    finally:
+        await store.close()

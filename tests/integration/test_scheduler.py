@@ -6,13 +6,12 @@ import asyncio
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from scheduler.publisher import BackgroundPublisher
 from scheduler.runner import fire_timers_until_stopped
 from scheduler.timers import fire_due_timers
-from shared.db import timer_queries
-from shared.db.engine import create_engine
+from shared.db.records import FiredTimer
+from shared.db.store import Store
+from shared.db.stores import create_store
 from shared.errors import BrokerError
 from shared.outbox import OutboxRelay
 from shared.settings import OutboxSettings, SchedulerSettings, Settings
@@ -33,13 +32,13 @@ async def _arm_due_timers(database_url: str, count: int) -> None:
     )
 
 
-def _fired(outbox_id: int, body: bytes) -> timer_queries.FiredTimer:
+def _fired(outbox_id: int, body: bytes) -> FiredTimer:
     """A fired timer as ``fire_due_timers`` returns it, for the publisher alone."""
     now = datetime.now(UTC)
-    return timer_queries.FiredTimer("sleep", now, now, outbox_id, "wake.wf", body, None)
+    return FiredTimer("sleep", now, now, outbox_id, "wake.wf", body, None)
 
 
-async def _fire_until_none_left(engine: AsyncEngine, fired: list[bytes]) -> None:
+async def _fire_until_none_left(engine: Store, fired: list[bytes]) -> None:
     while rows := await fire_due_timers(engine, batch_size=7):
         fired.extend(row.body for row in rows)
         await asyncio.sleep(0)
@@ -47,7 +46,7 @@ async def _fire_until_none_left(engine: AsyncEngine, fired: list[bytes]) -> None
 
 async def test_two_schedulers_fire_each_due_timer_exactly_once(settings: Settings) -> None:
     await _arm_due_timers(settings.database, 300)
-    engines = [create_engine(settings.database, pool_size=2) for _ in range(2)]
+    engines = [create_store(settings.database, pool_size=2) for _ in range(2)]
     fired: list[list[bytes]] = [[], []]
     try:
         await asyncio.gather(
@@ -55,7 +54,7 @@ async def test_two_schedulers_fire_each_due_timer_exactly_once(settings: Setting
         )
     finally:
         for engine in engines:
-            await engine.dispose()
+            await engine.close()
 
     everything = fired[0] + fired[1]
     assert len(everything) == 300
@@ -71,19 +70,19 @@ async def test_timers_not_yet_due_are_left_alone(settings: Settings) -> None:
     await db.rows(
         settings.database, "UPDATE timers SET fire_at = now() + interval '1 hour' WHERE occurrence = 2"
     )
-    engine = create_engine(settings.database, pool_size=1)
+    engine = create_store(settings.database, pool_size=1)
     try:
         rows = await fire_due_timers(engine, batch_size=100)
     finally:
-        await engine.dispose()
+        await engine.close()
     assert sorted(row.body for row in rows) == [b"1", b"3"]
     assert await db.scalar(settings.database, "SELECT count(*) FROM timers") == 1
 
 
-async def _fire_at_once_until_none_left(engine: AsyncEngine, fired: list[timer_queries.FiredTimer]) -> None:
+async def _fire_at_once_until_none_left(engine: Store, fired: list[FiredTimer]) -> None:
     while True:
-        async with engine.begin() as conn:
-            batch = await timer_queries.fire_due_timers(conn, limit=11)
+        async with engine.transaction() as tx:
+            batch = await tx.fire_due_timers(limit=11)
         if not batch:
             return
         fired.extend(batch)
@@ -92,15 +91,15 @@ async def _fire_at_once_until_none_left(engine: AsyncEngine, fired: list[timer_q
 
 async def test_the_single_statement_fires_each_timer_once_into_one_outbox_row(settings: Settings) -> None:
     await _arm_due_timers(settings.database, 400)
-    engines = [create_engine(settings.database, pool_size=2) for _ in range(2)]
-    fired: list[list[timer_queries.FiredTimer]] = [[], []]
+    engines = [create_store(settings.database, pool_size=2) for _ in range(2)]
+    fired: list[list[FiredTimer]] = [[], []]
     try:
         await asyncio.gather(
             *(_fire_at_once_until_none_left(engine, out) for engine, out in zip(engines, fired, strict=True))
         )
     finally:
         for engine in engines:
-            await engine.dispose()
+            await engine.close()
 
     everything = fired[0] + fired[1]
     assert fired[0] and fired[1], "both schedulers should have taken a share"
@@ -127,14 +126,14 @@ async def test_a_fired_timer_is_published_with_the_headers_it_was_armed_with(set
         """,
         f'{{"traceparent": "{traceparent}"}}',
     )
-    engine = create_engine(settings.database, pool_size=2)
+    engine = create_store(settings.database, pool_size=2)
     broker = _Broker()
     publisher = BackgroundPublisher(OutboxRelay(engine, broker, settings.outbox), stale_after_s=60)
     publisher.start()
     try:
         await _fire_with(engine, publisher, settings)
     finally:
-        await engine.dispose()
+        await engine.close()
     published = dict(zip(broker.sent, broker.headers, strict=True))
     assert published == {b"with": {"traceparent": traceparent}, b"without": None}
 
@@ -163,7 +162,7 @@ class _Broker:
 
 
 async def _fire_with(
-    engine: AsyncEngine,
+    engine: Store,
     publisher: BackgroundPublisher,
     settings: Settings,
     *,
@@ -193,7 +192,7 @@ async def _fire_with(
         await publisher.close(timeout_s=drain_s)
 
 
-async def _sweep_everything(engine: AsyncEngine) -> list[bytes]:
+async def _sweep_everything(engine: Store) -> list[bytes]:
     broker = _Broker()
     # Every row counts as left behind at once (a sweep interval is needed only by a sweeper loop).
     relay = OutboxRelay(
@@ -208,7 +207,7 @@ async def test_the_scheduler_keeps_firing_while_the_broker_hangs_and_the_sweeper
     settings: Settings,
 ) -> None:
     await _arm_due_timers(settings.database, 200)
-    engine = create_engine(settings.database, pool_size=3)
+    engine = create_store(settings.database, pool_size=3)
     broker = _Broker(hang=True)
     publisher = BackgroundPublisher(
         OutboxRelay(engine, broker, settings.outbox), stale_after_s=60, max_rows=30, room_wait_s=0.05
@@ -222,14 +221,14 @@ async def test_the_scheduler_keeps_firing_while_the_broker_hangs_and_the_sweeper
         swept = await _sweep_everything(engine)
     finally:
         broker.release.set()
-        await engine.dispose()
+        await engine.close()
     # Nothing was lost: the sweeper published every message the hanging broker never took.
     assert sorted(int(body) for body in swept) == list(range(1, 201))
 
 
 async def test_messages_a_failing_broker_refused_stay_in_the_outbox(settings: Settings) -> None:
     await _arm_due_timers(settings.database, 100)
-    engine = create_engine(settings.database, pool_size=3)
+    engine = create_store(settings.database, pool_size=3)
     publisher = BackgroundPublisher(
         OutboxRelay(engine, _Broker(fail=True), settings.outbox), stale_after_s=60
     )
@@ -239,13 +238,13 @@ async def test_messages_a_failing_broker_refused_stay_in_the_outbox(settings: Se
         assert publisher.waiting == 0
         swept = await _sweep_everything(engine)
     finally:
-        await engine.dispose()
+        await engine.close()
     assert sorted(int(body) for body in swept) == list(range(1, 101))
 
 
 async def test_a_stopping_scheduler_publishes_what_it_fired(settings: Settings) -> None:
     await _arm_due_timers(settings.database, 150)
-    engine = create_engine(settings.database, pool_size=3)
+    engine = create_store(settings.database, pool_size=3)
     broker = _Broker(hang=True)
     publisher = BackgroundPublisher(OutboxRelay(engine, broker, settings.outbox), stale_after_s=60)
     publisher.start()
@@ -254,7 +253,7 @@ async def test_a_stopping_scheduler_publishes_what_it_fired(settings: Settings) 
         await _fire_with(engine, publisher, settings, on_stop=broker.release.set, drain_s=30)
         left = await db.scalar(settings.database, "SELECT count(*) FROM outbox")
     finally:
-        await engine.dispose()
+        await engine.close()
     assert sorted(int(body) for body in broker.sent) == list(range(1, 151))
     assert left == 0
 
@@ -262,7 +261,7 @@ async def test_a_stopping_scheduler_publishes_what_it_fired(settings: Settings) 
 async def test_rows_are_not_held_back_past_the_sweepers_grace_during_a_long_backlog(
     settings: Settings,
 ) -> None:
-    engine = create_engine(settings.database, pool_size=2)
+    engine = create_store(settings.database, pool_size=2)
     broker = _Broker()
     # A short grace: rows may wait 0.4s, less than the publisher holds back for a burst (1s).
     publisher = BackgroundPublisher(OutboxRelay(engine, broker, settings.outbox), stale_after_s=0.8)
@@ -276,6 +275,6 @@ async def test_rows_are_not_held_back_past_the_sweepers_grace_during_a_long_back
             await asyncio.sleep(0.05)
         await publisher.close(timeout_s=30)
     finally:
-        await engine.dispose()
+        await engine.close()
     assert all(accepted), "no batch should have been left to the sweeper"
     assert sorted(int(body) for body in broker.sent) == list(range(300))

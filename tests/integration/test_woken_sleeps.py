@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from shared.db import queries, transitions
-from shared.db.engine import create_engine
-from shared.db.queries import NewStep
+from shared.db.records import NewStep, OutboxRow
+from shared.db.stores import create_store
 from shared.settings import Settings
 from shared.states import InstanceStatus, StepKind, StepStatus
 from tests.support import db
@@ -19,13 +18,12 @@ pytestmark = pytest.mark.both_backends
 NAP = ("nap", 1)
 
 
-async def _woken(settings: Settings, *, version: int) -> list[queries.OutboxRow] | None:
+async def _woken(settings: Settings, *, version: int) -> list[OutboxRow] | None:
     """Commit the end of the nap, the next step and its message, as read at ``version``."""
-    engine = create_engine(settings.database)
+    engine = create_store(settings.database)
     try:
-        async with engine.begin() as conn:
-            return await transitions.commit_settled_step(
-                conn,
+        async with engine.transaction() as tx:
+            return await tx.commit_settled_step(
                 "i1",
                 NAP,
                 version=version,
@@ -36,7 +34,7 @@ async def _woken(settings: Settings, *, version: int) -> list[queries.OutboxRow]
                 messages=[("step.sleeper", b"after", None)],
             )
     finally:
-        await engine.dispose()
+        await engine.close()
 
 
 async def _state(settings: Settings) -> tuple[list[tuple[Any, ...]], ...]:
@@ -55,18 +53,16 @@ async def _state(settings: Settings) -> tuple[list[tuple[Any, ...]], ...]:
 
 
 async def test_a_woken_sleep_commits_at_the_version_read_and_only_once(settings: Settings) -> None:
-    engine = create_engine(settings.database)
+    engine = create_store(settings.database)
     try:
-        async with engine.begin() as conn:
-            await queries.insert_instance(
-                conn, instance_id="i1", workflow="sleeper", params=None, trace_context=None
+        async with engine.transaction() as tx:
+            await tx.insert_instance(instance_id="i1", workflow="sleeper", params=None, trace_context=None)
+            await tx.insert_steps(
+                "i1", [NewStep(NAP, 0, StepKind.SLEEP, StepStatus.WAITING, fire_at=datetime.now(UTC))]
             )
-            await queries.insert_steps(
-                conn, "i1", [NewStep(NAP, 0, StepKind.SLEEP, StepStatus.WAITING, fire_at=datetime.now(UTC))]
-            )
-            await queries.update_instance(conn, "i1", status=InstanceStatus.WAITING)
+            await tx.update_instance("i1", status=InstanceStatus.WAITING)
     finally:
-        await engine.dispose()
+        await engine.close()
     before = await _state(settings)
     assert before == ([("waiting", 1)], [("nap", "waiting", False)], [])
 

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import psycopg
 
-from shared.db import migrate
+from shared.db import stores
 
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_ROOT = "amqp://guest:guest@127.0.0.1:5672"
@@ -43,7 +43,7 @@ CREATE TABLE side_effects (
 
 def create_embedded_state(database_url: str, path: Path) -> None:
     """The embedded mode's state for one test: its tables, and the side-effect log."""
-    migrate.upgrade(database_url)
+    stores.upgrade(database_url)
     with sqlite3.connect(path) as conn:
         conn.execute(SQLITE_SIDE_EFFECTS_DDL)
 
@@ -67,7 +67,7 @@ def create_template(name: str) -> None:
     """A migrated database (plus the tests' side-effect table) to clone per test."""
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     _admin(f'CREATE DATABASE "{name}"')
-    migrate.upgrade(database_url(name))
+    stores.upgrade(database_url(name))
     with psycopg.connect(database_url(name), autocommit=True) as conn:
         conn.execute(SIDE_EFFECTS_DDL)
 

@@ -3,6 +3,8 @@
 ``shared`` imports nothing of ours; ``producer``, ``worker`` and ``scheduler`` import
 only ``shared``. Each package's ``__all__`` is pinned so a change to the public API
 is a deliberate edit here. No module may use pickle, ``eval`` or ``exec``.
+Only the two stores and the factories that pick a store or a broker by URL may
+test which database they run on (``_is_sqlite``, ``dialect.name``, ``== "sqlite"``).
 """
 
 from __future__ import annotations
@@ -221,3 +223,92 @@ def test_design_names_are_importable() -> None:
     assert isinstance(Context, type)
     assert isinstance(RetryPolicy, type)
     assert issubclass(NonRetryableError, Exception)
+
+
+# Where a dialect test belongs: the stores themselves, and the factories that choose by URL.
+DIALECT_CHECKS_ALLOWED = frozenset(
+    {
+        "shared/db/store_postgres.py",
+        "shared/db/store_sqlite.py",
+        "shared/db/engine.py",  # create_engine: the driver and pool a URL needs
+        "shared/db/stores.py",  # create_store and upgrade: the store a URL needs
+        "shared/broker/factory.py",  # create_broker: RabbitMQ, or the embedded queue
+    }
+)
+_DIALECT_FUNCTIONS = frozenset({"is_sqlite", "_is_sqlite"})
+
+
+def _dialect_checks(path: Path) -> list[str]:
+    """Every test of which database the code runs on, in code (comments and docstrings aside).
+
+    A call of ``is_sqlite``/``_is_sqlite``, a read of ``<...>dialect.name``, and a
+    comparison with the string ``"sqlite"``.
+    """
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        what = ""
+        if isinstance(node, ast.Call) and _called_name(node.func) in _DIALECT_FUNCTIONS:
+            what = f"calls {_called_name(node.func)}()"
+        elif (
+            isinstance(node, ast.Attribute) and node.attr == "name" and _called_name(node.value) == "dialect"
+        ):
+            what = "reads dialect.name"
+        elif isinstance(node, ast.Compare) and any(
+            isinstance(part, ast.Constant) and part.value == "sqlite"
+            for part in [node.left, *node.comparators]
+        ):
+            what = 'compares with "sqlite"'
+        if what:
+            line = getattr(node, "lineno", 0)  # every node matched above is an expression: it has one
+            found.append(f"{_shown(path)}:{line} {what}")
+    return found
+
+
+def _called_name(func: ast.expr) -> str:
+    """``f`` for ``f``, ``x.f`` and ``x.y.f``; empty for anything else."""
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return ""
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_dialect_checks_live_only_in_the_stores_and_factories(package: str) -> None:
+    wrong = [
+        check
+        for path in _modules(package)
+        if _shown(path) not in DIALECT_CHECKS_ALLOWED
+        for check in _dialect_checks(path)
+    ]
+    assert wrong == [], (
+        "which database runs is the stores' business (shared/db/store_postgres.py, "
+        "shared/db/store_sqlite.py): add a Store method instead of a branch:\n" + "\n".join(wrong)
+    )
+
+
+def test_dialect_check_finder_can_fail(tmp_path: Path) -> None:
+    module = tmp_path / "planted.py"
+    module.write_text(
+        '"""A docstring may say dialect.name == "sqlite"."""\n'
+        "# so may a comment: _is_sqlite(conn)\n"
+        "def f(conn, url, engine):\n"
+        "    a = _is_sqlite(conn)\n"
+        "    b = is_sqlite(url)\n"
+        "    c = engine.sync_engine.dialect.name\n"
+        '    d = conn.dialect.name == "sqlite"\n'
+        '    e = "sqlite" != url\n'
+        "    return a, b, c, d, e\n",
+        encoding="utf-8",
+    )
+    lines = sorted(
+        (int(check.split(":")[1].split()[0]), check.split(" ", 1)[1]) for check in _dialect_checks(module)
+    )
+    assert lines == [
+        (4, "calls _is_sqlite()"),
+        (5, "calls is_sqlite()"),
+        (6, "reads dialect.name"),
+        (7, 'compares with "sqlite"'),
+        (7, "reads dialect.name"),
+        (8, 'compares with "sqlite"'),
+    ]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from shared.codec import JSON
-from shared.db.queries import NewStep
+from shared.db.records import NewStep
 from shared.history import History, StepKey, StepRecord
 from shared.states import InstanceStatus, StepStatus
 from worker.replay.engine import Replay

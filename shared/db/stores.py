@@ -1,0 +1,44 @@
+"""Pick the store (and the migration) a database URL calls for: PostgreSQL, or SQLite when embedded."""
+
+from __future__ import annotations
+
+from shared.db import migrate
+from shared.db.engine import Clock, create_engine, is_sqlite
+from shared.db.store import Store
+from shared.db.store_postgres import PostgresStore
+from shared.db.store_sqlite import SqliteStore
+
+
+def create_store(
+    database_url: str,
+    *,
+    pool_size: int = 10,
+    pre_ping: bool = True,
+    held: int = 0,
+    clock: Clock | None = None,
+) -> Store:
+    """The store of ``database_url``, owning an engine built by ``shared.db.engine.create_engine``.
+
+    ``held``: on PostgreSQL, how many autocommit connections to keep checked
+    out for the one-statement operations (a worker keeps one per concurrent
+    step); ``clock``: an SQLite database's clock (the testing kit's virtual time).
+    """
+    engine = create_engine(database_url, pool_size=pool_size, pre_ping=pre_ping, clock=clock)
+    if is_sqlite(database_url):
+        return SqliteStore(engine)
+    return PostgresStore(engine, held=held)
+
+
+def upgrade(database_url: str, revision: str = "head") -> None:
+    """Bring the database to ``revision`` (default: the newest); safe to repeat.
+
+    PostgreSQL is migrated by Alembic; the embedded SQLite file is created whole
+    at the newest revision (see ``migrate.create_embedded``).
+    """
+    if is_sqlite(database_url):
+        migrate.create_embedded(database_url)
+        return
+    migrate.upgrade_postgres(database_url, revision)
+
+
+__all__ = ["create_store", "upgrade"]
