@@ -18,9 +18,9 @@ import psycopg
 from aio_pika.exceptions import ChannelClosed
 from sqlalchemy.engine import make_url
 
-from shared.db import stores
-from shared.settings import Settings
-from shared.topology import workflow_queue_name
+from stepline.shared.db import stores
+from stepline.shared.settings import Settings
+from stepline.shared.topology import workflow_queue_name
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/stepline"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/stepline"

@@ -34,8 +34,8 @@ from benchmarks.procs import (
 )
 from benchmarks.stats import summary_ms
 from benchmarks.workflows import TEN, Alarm, Chain, Job, bench_chain, bench_sleep, bench_ten, expected_count
-from producer import Producer
-from worker.workflow import Workflow
+from stepline import Producer
+from stepline.worker.workflow import Workflow
 
 ENGINE_TABLES = "instances, steps, step_attempts, outbox, timers, events"
 DUE_AHEAD_S = 2.0

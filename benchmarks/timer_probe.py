@@ -23,11 +23,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from scheduler.runner import run_scheduler
-from shared.logs import configure_logging
-from shared.process import run_until_signalled
-from shared.settings import load_settings
-from shared.telemetry import Telemetry, configure_telemetry, shutdown_telemetry
+from stepline.scheduler.runner import run_scheduler
+from stepline.shared.logs import configure_logging
+from stepline.shared.process import run_until_signalled
+from stepline.shared.settings import load_settings
+from stepline.shared.telemetry import Telemetry, configure_telemetry, shutdown_telemetry
 
 
 class FireNotes(Telemetry):

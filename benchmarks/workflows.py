@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
-from worker import Context, workflow
+from stepline import Context, workflow
 
 TEN = 10
 """Steps of the ``bench-ten`` workflow (throughput and latency)."""

@@ -38,10 +38,8 @@ from rich.progress import (
 from rich.table import Table
 
 from examples.order_fulfilment import Order, order_fulfilment
-from producer import Client, InstanceInfo, Producer
-from shared.db import stores
-from shared.errors import ConfigError
-from shared.settings import Settings, load_settings
+from stepline import Client, ConfigError, InstanceInfo, Producer, Settings, load_settings
+from stepline.shared.db import stores
 
 ORDER_COUNT = 20
 WORKER_COUNT = 2

@@ -10,7 +10,7 @@ import hashlib
 
 from pydantic import BaseModel, Field
 
-from worker import Context, NonRetryableError, RetryPolicy, step_info, workflow
+from stepline import Context, NonRetryableError, RetryPolicy, step_info, workflow
 
 
 class Order(BaseModel):

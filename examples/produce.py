@@ -8,7 +8,7 @@ import sys
 import uuid
 
 from examples.order_fulfilment import Order, order_fulfilment
-from producer import ConfigError, Producer, SteplineError, load_settings
+from stepline import ConfigError, Producer, SteplineError, load_settings
 
 
 def orders(count: int) -> list[Order]:

@@ -1,9 +1,9 @@
 """Stepline's client side: start workflows, read and control their instances."""
 
-from producer.client import Client
-from producer.models import AttemptInfo, EventInfo, InstanceInfo, StepInfo
-from producer.producer import Producer, WorkflowRef
-from shared.errors import (
+from stepline.producer.client import Client
+from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, StepInfo
+from stepline.producer.producer import Producer, WorkflowRef
+from stepline.shared.errors import (
     BrokerError,
     ConfigError,
     InstanceNotFoundError,
@@ -17,7 +17,7 @@ from shared.errors import (
     UnroutableError,
     WaitTimeoutError,
 )
-from shared.settings import Settings, load_settings
+from stepline.shared.settings import Settings, load_settings
 
 __all__ = [
     "AttemptInfo",

@@ -18,21 +18,21 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from producer.client import Client
-from producer.fleet import Fleet, run_fleet
-from producer.models import AttemptInfo, EventInfo, InstanceInfo
-from producer.producer import Producer
-from shared.broker import WorkflowQueue
-from shared.db import migrate, stores
-from shared.db.engine import mask_url
-from shared.durations import parse_duration
-from shared.errors import ConfigError, InvalidIdError, SteplineError
-from shared.history import format_key
-from shared.logs import configure_logging
-from shared.messages import check_event_id, check_id_prefix, check_instance_id
-from shared.process import run_until_signalled
-from shared.settings import Settings, load_settings
-from shared.states import InstanceStatus
+from stepline.producer.client import Client
+from stepline.producer.fleet import Fleet, run_fleet
+from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo
+from stepline.producer.producer import Producer
+from stepline.shared.broker import WorkflowQueue
+from stepline.shared.db import migrate, stores
+from stepline.shared.db.engine import mask_url
+from stepline.shared.durations import parse_duration
+from stepline.shared.errors import ConfigError, InvalidIdError, SteplineError
+from stepline.shared.history import format_key
+from stepline.shared.logs import configure_logging
+from stepline.shared.messages import check_event_id, check_id_prefix, check_instance_id
+from stepline.shared.process import run_until_signalled
+from stepline.shared.settings import Settings, load_settings
+from stepline.shared.states import InstanceStatus
 
 T = TypeVar("T")
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -364,7 +364,7 @@ def history(instance_id: str, as_json: bool) -> None:
                 "trace_url": trace_url,
                 "attempts": [attempt.model_dump(mode="json") for attempt in attempts],
                 "events": [event.model_dump(mode="json") for event in events],
-                # ctx.now()/random()/uuid() as recorded: worker.testing.check_replay needs them.
+                # ctx.now()/random()/uuid() as recorded: stepline.worker.testing.check_replay needs them.
                 "recorded_values": values,
             }
         )

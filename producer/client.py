@@ -14,16 +14,16 @@ from typing import Any, TypeVar
 from psycopg.errors import UndefinedColumn, UndefinedTable
 from sqlalchemy.exc import SQLAlchemyError
 
-from producer import control
-from producer.models import AttemptInfo, EventInfo, InstanceInfo, StepInfo
-from shared import codec
-from shared.broker import Broker, create_broker
-from shared.db.engine import mask_url
-from shared.db.records import OutboxRow
-from shared.db.store import Store, Transaction
-from shared.db.stores import create_store
-from shared.durations import Duration, parse_duration
-from shared.errors import (
+from stepline.producer import control
+from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, StepInfo
+from stepline.shared import codec
+from stepline.shared.broker import Broker, create_broker
+from stepline.shared.db.engine import mask_url
+from stepline.shared.db.records import OutboxRow
+from stepline.shared.db.store import Store, Transaction
+from stepline.shared.db.stores import create_store
+from stepline.shared.durations import Duration, parse_duration
+from stepline.shared.errors import (
     ConfigError,
     InstanceNotFoundError,
     InvalidParamsError,
@@ -31,16 +31,16 @@ from shared.errors import (
     StorageError,
     WaitTimeoutError,
 )
-from shared.messages import (
+from stepline.shared.messages import (
     EventMessage,
     check_event_id,
     check_id_prefix,
     check_instance_id,
     encode_message,
 )
-from shared.outbox import OutboxRelay
-from shared.settings import BrokerSettings, OutboxSettings
-from shared.states import InstanceStatus
+from stepline.shared.outbox import OutboxRelay
+from stepline.shared.settings import BrokerSettings, OutboxSettings
+from stepline.shared.states import InstanceStatus
 
 T = TypeVar("T")
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from shared.db.records import OutboxRow
-from shared.db.store import Transaction
-from shared.errors import InstanceNotFoundError, InvalidStateError, TerminatedError
-from shared.failures import failure_record
-from shared.history import ParentLink
-from shared.messages import AdvanceMessage, encode_message, parent_wake
-from shared.states import InstanceStatus
+from stepline.shared.db.records import OutboxRow
+from stepline.shared.db.store import Transaction
+from stepline.shared.errors import InstanceNotFoundError, InvalidStateError, TerminatedError
+from stepline.shared.failures import failure_record
+from stepline.shared.history import ParentLink
+from stepline.shared.messages import AdvanceMessage, encode_message, parent_wake
+from stepline.shared.states import InstanceStatus
 
 _ACTIVE = (InstanceStatus.QUEUED, InstanceStatus.RUNNING, InstanceStatus.WAITING)
 

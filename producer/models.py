@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.codec import JSON
+from stepline.shared.codec import JSON
 
 
 class StepInfo(BaseModel):

@@ -9,20 +9,20 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from shared import codec
-from shared.broker import Broker, WorkflowQueue, create_broker
-from shared.codec import JSON
-from shared.errors import BadPayloadError, InvalidParamsError, UnregisteredWorkflowError
-from shared.hooks import Hooks
-from shared.messages import (
+from stepline.shared import codec
+from stepline.shared.broker import Broker, WorkflowQueue, create_broker
+from stepline.shared.codec import JSON
+from stepline.shared.errors import BadPayloadError, InvalidParamsError, UnregisteredWorkflowError
+from stepline.shared.hooks import Hooks
+from stepline.shared.messages import (
     StartMessage,
     check_instance_id,
     check_workflow_name,
     encode_message,
     format_validation_error,
 )
-from shared.settings import BrokerSettings, Settings
-from shared.telemetry import Telemetry
+from stepline.shared.settings import BrokerSettings, Settings
+from stepline.shared.telemetry import Telemetry
 
 
 class WorkflowRef(Protocol):

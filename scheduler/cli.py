@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from scheduler.runner import run_scheduler
-from shared.errors import ConfigError
-from shared.logs import configure_logging
-from shared.process import fail, run_until_signalled
-from shared.settings import load_settings
-from shared.telemetry import configure_telemetry, shutdown_telemetry
+from stepline.scheduler.runner import run_scheduler
+from stepline.shared.errors import ConfigError
+from stepline.shared.logs import configure_logging
+from stepline.shared.process import fail, run_until_signalled
+from stepline.shared.settings import load_settings
+from stepline.shared.telemetry import configure_telemetry, shutdown_telemetry
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,9 +9,9 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from shared.db.records import FiredTimer, OutboxRow
-from shared.outbox import OutboxRelay
-from shared.retrying import Outage
+from stepline.shared.db.records import FiredTimer, OutboxRow
+from stepline.shared.outbox import OutboxRelay
+from stepline.shared.retrying import Outage
 
 log = logging.getLogger("stepline.scheduler")
 

@@ -8,17 +8,17 @@ import logging
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from scheduler.publisher import BackgroundPublisher
-from scheduler.timers import fire_due_timers, seconds_until_next
-from shared.broker import create_broker
-from shared.db.store import Store
-from shared.db.stores import create_store
-from shared.health import HealthServer
-from shared.hooks import Hooks
-from shared.outbox import OutboxRelay
-from shared.retrying import Outage, StopRequested, first_line
-from shared.settings import SchedulerSettings, Settings
-from shared.startup import check_database, connect_broker
+from stepline.scheduler.publisher import BackgroundPublisher
+from stepline.scheduler.timers import fire_due_timers, seconds_until_next
+from stepline.shared.broker import create_broker
+from stepline.shared.db.store import Store
+from stepline.shared.db.stores import create_store
+from stepline.shared.health import HealthServer
+from stepline.shared.hooks import Hooks
+from stepline.shared.outbox import OutboxRelay
+from stepline.shared.retrying import Outage, StopRequested, first_line
+from stepline.shared.settings import SchedulerSettings, Settings
+from stepline.shared.startup import check_database, connect_broker
 
 log = logging.getLogger("stepline.scheduler")
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from shared.db.records import FiredTimer
-from shared.db.store import Store
-from shared.hooks import Hooks
+from stepline.shared.db.records import FiredTimer
+from stepline.shared.db.store import Store
+from stepline.shared.hooks import Hooks
 
 
 async def fire_due_timers(store: Store, *, batch_size: int, hooks: Hooks | None = None) -> list[FiredTimer]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from shared.errors import BadPayloadError, PayloadTooLargeError
+from stepline.shared.errors import BadPayloadError, PayloadTooLargeError
 
 JSON = Any
 """Untyped JSON data: the one alias behind which ``Any`` lives."""

@@ -14,8 +14,8 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from shared import codec
-from shared.errors import (
+from stepline.shared import codec
+from stepline.shared.errors import (
     ChildWorkflowError,
     EventTimeoutError,
     StepFailedError,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from shared.codec import JSON
-from shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.shared.codec import JSON
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 
 StepKey = tuple[str, int]
 """A step's identity: its name and its occurrence (from 1)."""

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from opentelemetry import trace
 
-from shared.errors import ConfigError
+from stepline.shared.errors import ConfigError
 
 FIELDS = (
     "event",

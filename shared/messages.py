@@ -12,11 +12,11 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from shared import codec
-from shared.codec import JSON
-from shared.errors import BadPayloadError, InvalidIdError, MisaddressedMessageError
-from shared.history import ParentLink
-from shared.topology import MessageKind, routing_key
+from stepline.shared import codec
+from stepline.shared.codec import JSON
+from stepline.shared.errors import BadPayloadError, InvalidIdError, MisaddressedMessageError
+from stepline.shared.history import ParentLink
+from stepline.shared.topology import MessageKind, routing_key
 
 SCHEMA_VERSION = 1
 MAX_INSTANCE_ID_LENGTH = 512

@@ -9,14 +9,14 @@ from collections.abc import Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from shared import faults
-from shared.broker import Publisher
-from shared.db.records import OutboxRow
-from shared.db.store import Store
-from shared.errors import BrokerError
-from shared.hooks import Hooks, NoHooks
-from shared.retrying import Outage, first_line
-from shared.settings import OutboxSettings
+from stepline.shared import faults
+from stepline.shared.broker import Publisher
+from stepline.shared.db.records import OutboxRow
+from stepline.shared.db.store import Store
+from stepline.shared.errors import BrokerError
+from stepline.shared.hooks import Hooks, NoHooks
+from stepline.shared.retrying import Outage, first_line
+from stepline.shared.settings import OutboxSettings
 
 log = logging.getLogger("stepline.outbox")
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from shared.errors import ConfigError, ServiceUnavailableError, SteplineError
+from stepline.shared.errors import ConfigError, ServiceUnavailableError, SteplineError
 
 EXIT_ERROR = 1
 """Any other error Stepline raised, named in one line."""

@@ -20,8 +20,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from shared.durations import parse_duration
-from shared.errors import ConfigError
+from stepline.shared.durations import parse_duration
+from stepline.shared.errors import ConfigError
 
 DurationSetting = Annotated[timedelta, BeforeValidator(parse_duration)]
 """A duration setting: ``"250ms"``, ``"30s"``, ``"5 minutes"`` or a number of seconds."""

@@ -7,11 +7,11 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from shared.broker import Broker, mask_amqp_url
-from shared.db.engine import mask_url
-from shared.db.store import Store
-from shared.errors import BrokerError, ServiceUnavailableError
-from shared.retrying import retry_until
+from stepline.shared.broker import Broker, mask_amqp_url
+from stepline.shared.db.engine import mask_url
+from stepline.shared.db.store import Store
+from stepline.shared.errors import BrokerError, ServiceUnavailableError
+from stepline.shared.retrying import retry_until
 
 # Both pools are sized in the runners: a worker's engine holds concurrency + 2 connections
 # and as many again in overflow, a scheduler's 3 and 3.

@@ -34,7 +34,7 @@ from opentelemetry.trace import (
     TraceFlags,
 )
 
-from shared.hooks import AttemptEnd, AttemptScope
+from stepline.shared.hooks import AttemptEnd, AttemptScope
 
 log = logging.getLogger("stepline.telemetry")
 
@@ -99,7 +99,7 @@ class _Attempt:
 
 
 class Telemetry:
-    """The OpenTelemetry implementation of ``shared.hooks.Hooks``."""
+    """The OpenTelemetry implementation of ``stepline.shared.hooks.Hooks``."""
 
     def __init__(
         self,

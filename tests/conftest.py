@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 import tests.workflows as test_workflows
-from producer import Client, Producer
-from shared.settings import EMBEDDED_DATABASE, Settings
+from stepline import Client, Producer
+from stepline.shared.settings import EMBEDDED_DATABASE, Settings
+from stepline.worker.registry import load_workflows
+from stepline.worker.workflow import Workflow
 from tests.support import services
 from tests.support.fleet import Fleet, ProcessFleet, process_env
-from worker.registry import load_workflows
-from worker.workflow import Workflow
 
 RUN_ID = uuid.uuid4().hex[:8]
 

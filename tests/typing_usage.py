@@ -11,8 +11,8 @@ from typing import assert_type
 
 from pydantic import BaseModel
 
-from producer import Client, InstanceInfo, Producer
-from worker import Context, RetryPolicy, Workflow, step_info, workflow
+from stepline import Client, InstanceInfo, Producer
+from stepline.worker import Context, RetryPolicy, Workflow, step_info, workflow
 
 
 class Order(BaseModel):

@@ -12,8 +12,8 @@ import aiosqlite
 import psycopg
 from pydantic import BaseModel
 
-from shared.db.engine import is_sqlite, sqlite_path
-from worker import Context, NonRetryableError, RetryPolicy, step_info, workflow
+from stepline import Context, NonRetryableError, RetryPolicy, step_info, workflow
+from stepline.shared.db.engine import is_sqlite, sqlite_path
 
 SIDE_EFFECTS_URL = "STEPLINE_TEST_SIDE_EFFECTS_URL"
 """Where step code records its runs; the workers' own database (STEPLINE_DATABASE_URL) when unset."""
@@ -153,7 +153,7 @@ async def compensate() -> str:
 
 @workflow("catches-failure")
 async def catches_failure(ctx: Context, params: None) -> str:
-    from worker import StepFailedError
+    from stepline import StepFailedError
 
     try:
         await ctx.step("charge", refuse_then_recover)
@@ -324,7 +324,7 @@ async def approval(ctx: Context, params: Approval) -> dict[str, Any]:
 
 @workflow("approval-or-timeout")
 async def approval_or_timeout(ctx: Context, params: Approval) -> str:
-    from worker import EventTimeoutError
+    from stepline import EventTimeoutError
 
     try:
         decision = await ctx.wait_for_event("decision", event_type="approved", timeout=params.timeout)
@@ -379,7 +379,7 @@ async def parent(ctx: Context, params: Numbers) -> dict[str, Any]:
 
 @workflow("parent-of-failure")
 async def parent_of_failure(ctx: Context, params: None) -> str:
-    from worker import StepFailedError
+    from stepline import StepFailedError
 
     try:
         await ctx.child("charge", "non-retryable", None)
@@ -493,7 +493,7 @@ async def parity_parent(ctx: Context, params: None) -> str:
 
 @workflow("parity-event-timeout")
 async def parity_event_timeout(ctx: Context, params: None) -> str:
-    from worker import EventTimeoutError
+    from stepline import EventTimeoutError
 
     try:
         await ctx.wait_for_event("decision", event_type="approved", timeout="1 hour")

@@ -1,6 +1,6 @@
 """Stepline's authoring API and worker: write workflows as async Python, run them durably."""
 
-from shared.errors import (
+from stepline.shared.errors import (
     EventTimeoutError,
     NonDeterminismError,
     NonRetryableError,
@@ -8,10 +8,10 @@ from shared.errors import (
     SteplineError,
     StepTimeoutError,
 )
-from worker.context import Context
-from worker.retry import RetryPolicy
-from worker.step_info import RunningStep, step_info
-from worker.workflow import Workflow, workflow
+from stepline.worker.context import Context
+from stepline.worker.retry import RetryPolicy
+from stepline.worker.step_info import RunningStep, step_info
+from stepline.worker.workflow import Workflow, workflow
 
 __all__ = [
     "Context",

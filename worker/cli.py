@@ -7,13 +7,13 @@ from typing import Any
 
 import click
 
-from shared.errors import ConfigError
-from shared.logs import configure_logging
-from shared.process import fail, run_until_signalled
-from shared.settings import load_settings
-from shared.telemetry import configure_telemetry, shutdown_telemetry
-from worker.registry import load_workflows
-from worker.runner import default_worker_id, run_worker
+from stepline.shared.errors import ConfigError
+from stepline.shared.logs import configure_logging
+from stepline.shared.process import fail, run_until_signalled
+from stepline.shared.settings import load_settings
+from stepline.shared.telemetry import configure_telemetry, shutdown_telemetry
+from stepline.worker.registry import load_workflows
+from stepline.worker.runner import default_worker_id, run_worker
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

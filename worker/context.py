@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, Unpack, overload
 
 from pydantic import TypeAdapter
 
-from shared import codec
-from shared.codec import JSON
-from shared.durations import Duration, parse_duration
-from shared.history import StepKey, format_key
-from shared.messages import check_instance_id, check_workflow_name
-from shared.states import StepKind
-from worker.retry import RetryPolicy
+from stepline.shared import codec
+from stepline.shared.codec import JSON
+from stepline.shared.durations import Duration, parse_duration
+from stepline.shared.history import StepKey, format_key
+from stepline.shared.messages import check_instance_id, check_workflow_name
+from stepline.shared.states import StepKind
+from stepline.worker.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from worker.replay.engine import Replay
-    from worker.workflow import Workflow
+    from stepline.worker.replay.engine import Replay
+    from stepline.worker.workflow import Workflow
 
 Ts = TypeVarTuple("Ts")
 T = TypeVar("T")

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from shared import codec
-from shared.codec import JSON
-from shared.errors import NonRetryableError, PayloadTooLargeError, StepTimeoutError
-from shared.failures import failure_record
-from shared.history import format_key
-from worker.context import StepCall
-from worker.step_info import RunningStep, reset_step_info, set_step_info
+from stepline.shared import codec
+from stepline.shared.codec import JSON
+from stepline.shared.errors import NonRetryableError, PayloadTooLargeError, StepTimeoutError
+from stepline.shared.failures import failure_record
+from stepline.shared.history import format_key
+from stepline.worker.context import StepCall
+from stepline.worker.step_info import RunningStep, reset_step_info, set_step_info
 
 
 @dataclass(frozen=True, slots=True)

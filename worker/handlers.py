@@ -11,14 +11,14 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from shared import faults
-from shared.broker import Delivery
-from shared.db.records import OutboxRow
-from shared.db.store import Store, Transaction
-from shared.errors import BadPayloadError, BrokerError, InvalidParamsError, UnknownWorkflowError
-from shared.history import History, ParentLink
-from shared.hooks import Hooks, NoHooks
-from shared.messages import (
+from stepline.shared import faults
+from stepline.shared.broker import Delivery
+from stepline.shared.db.records import OutboxRow
+from stepline.shared.db.store import Store, Transaction
+from stepline.shared.errors import BadPayloadError, BrokerError, InvalidParamsError, UnknownWorkflowError
+from stepline.shared.history import History, ParentLink
+from stepline.shared.hooks import Hooks, NoHooks
+from stepline.shared.messages import (
     AdvanceMessage,
     EventMessage,
     StartMessage,
@@ -27,15 +27,15 @@ from shared.messages import (
     check_addressed,
     parse_message,
 )
-from shared.outbox import OutboxRelay
-from shared.retrying import Outage
-from shared.states import InstanceStatus
-from worker import waits
-from worker.executor import StepExecutor
-from worker.plan import Planner, real_clock
-from worker.replay.cache import ReplayCache
-from worker.steps import Committed, StepRunner
-from worker.workflow import Workflow
+from stepline.shared.outbox import OutboxRelay
+from stepline.shared.retrying import Outage
+from stepline.shared.states import InstanceStatus
+from stepline.worker import waits
+from stepline.worker.executor import StepExecutor
+from stepline.worker.plan import Planner, real_clock
+from stepline.worker.replay.cache import ReplayCache
+from stepline.worker.steps import Committed, StepRunner
+from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
 

@@ -7,18 +7,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from shared import codec
-from shared.codec import JSON
-from shared.db.records import Message, NewStep, NewTimer, OutboxRow
-from shared.db.store import Transaction
-from shared.errors import PayloadTooLargeError
-from shared.failures import failure_record
-from shared.history import History, ParentLink, StepKey
-from shared.hooks import Hooks, NoHooks
-from shared.messages import ParentRef, StartMessage, StepMessage, WakeMessage, encode_message, parent_wake
-from shared.states import InstanceStatus, StepKind, StepStatus
-from worker.replay.engine import NewEntry, Outcome, Replay, payload_problem
-from worker.workflow import Workflow
+from stepline.shared import codec
+from stepline.shared.codec import JSON
+from stepline.shared.db.records import Message, NewStep, NewTimer, OutboxRow
+from stepline.shared.db.store import Transaction
+from stepline.shared.errors import PayloadTooLargeError
+from stepline.shared.failures import failure_record
+from stepline.shared.history import History, ParentLink, StepKey
+from stepline.shared.hooks import Hooks, NoHooks
+from stepline.shared.messages import (
+    ParentRef,
+    StartMessage,
+    StepMessage,
+    WakeMessage,
+    encode_message,
+    parent_wake,
+)
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.worker.replay.engine import NewEntry, Outcome, Replay, payload_problem
+from stepline.worker.workflow import Workflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,5 +327,5 @@ def _new_step(entry: NewEntry, position: int, matched: dict[StepKey, JSON]) -> N
 
 
 def instance_error(error: BaseException) -> dict[str, Any]:
-    """How an instance's error is stored: a failed step names itself (see shared.failures)."""
+    """How an instance's error is stored: a failed step names itself (see stepline.shared.failures)."""
     return failure_record(error)

@@ -6,8 +6,8 @@ import importlib
 from collections.abc import Iterable
 from typing import Any
 
-from shared.errors import ConfigError
-from worker.workflow import Workflow
+from stepline.shared.errors import ConfigError
+from stepline.worker.workflow import Workflow
 
 
 def load_workflows(modules: Iterable[str]) -> dict[str, Workflow[Any, Any]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
-from shared.durations import Duration, parse_duration
+from stepline.shared.durations import Duration, parse_duration
 
 Backoff = Literal["constant", "linear", "exponential"]
 

@@ -11,20 +11,20 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from shared.broker import Broker, Delivery, create_broker
-from shared.db.store import Store
-from shared.db.stores import create_store
-from shared.errors import BrokerError
-from shared.health import HealthServer
-from shared.hooks import Hooks
-from shared.outbox import OutboxRelay
-from shared.retrying import StopRequested
-from shared.settings import Settings
-from shared.startup import check_database, connect_broker
-from worker.executor import StepExecutor
-from worker.handlers import MessageHandler
-from worker.replay.cache import ReplayCache
-from worker.workflow import Workflow
+from stepline.shared.broker import Broker, Delivery, create_broker
+from stepline.shared.db.store import Store
+from stepline.shared.db.stores import create_store
+from stepline.shared.errors import BrokerError
+from stepline.shared.health import HealthServer
+from stepline.shared.hooks import Hooks
+from stepline.shared.outbox import OutboxRelay
+from stepline.shared.retrying import StopRequested
+from stepline.shared.settings import Settings
+from stepline.shared.startup import check_database, connect_broker
+from stepline.worker.executor import StepExecutor
+from stepline.worker.handlers import MessageHandler
+from stepline.worker.replay.cache import ReplayCache
+from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
 
@@ -53,7 +53,7 @@ async def run_worker(
     if startup_timeout_s is None:
         startup_timeout_s = settings.startup_timeout.total_seconds()
     concurrency = settings.worker.concurrency
-    # A held connection per concurrent step, for its statements (see shared.db.held).
+    # A held connection per concurrent step, for its statements (see stepline.shared.db.held).
     store = create_store(settings.database, pool_size=concurrency + 2, pre_ping=False, held=concurrency)
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     executor = StepExecutor(

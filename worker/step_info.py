@@ -6,7 +6,7 @@ import hashlib
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from shared.errors import SteplineError
+from stepline.shared.errors import SteplineError
 
 
 @dataclass(frozen=True, slots=True)

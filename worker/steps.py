@@ -7,24 +7,24 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from shared.codec import JSON
-from shared.db.records import InstanceLock, NewTimer, OutboxRow, SucceededAttempt
-from shared.db.store import Store, Transaction
-from shared.errors import MisaddressedMessageError, NonDeterminismError
-from shared.failures import step_failure
-from shared.history import History, StepKey, format_key
-from shared.hooks import AttemptEnd
-from shared.messages import StepMessage, WakeMessage, check_addressed
-from shared.states import InstanceStatus, StepKind, StepStatus
-from worker.context import StepCall
-from worker.executor import StepExecutor, StepResult, StepSucceeded
-from worker.plan import Planner, Transition, instance_error
-from worker.replay.cache import ReplayCache, committed_history
-from worker.replay.engine import Outcome, Replay
-from worker.retry import DEFAULT_RETRY_POLICY
-from worker.step_info import RunningStep
-from worker.waits import report_settled
-from worker.workflow import Workflow
+from stepline.shared.codec import JSON
+from stepline.shared.db.records import InstanceLock, NewTimer, OutboxRow, SucceededAttempt
+from stepline.shared.db.store import Store, Transaction
+from stepline.shared.errors import MisaddressedMessageError, NonDeterminismError
+from stepline.shared.failures import step_failure
+from stepline.shared.history import History, StepKey, format_key
+from stepline.shared.hooks import AttemptEnd
+from stepline.shared.messages import StepMessage, WakeMessage, check_addressed
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.worker.context import StepCall
+from stepline.worker.executor import StepExecutor, StepResult, StepSucceeded
+from stepline.worker.plan import Planner, Transition, instance_error
+from stepline.worker.replay.cache import ReplayCache, committed_history
+from stepline.worker.replay.engine import Outcome, Replay
+from stepline.worker.retry import DEFAULT_RETRY_POLICY
+from stepline.worker.step_info import RunningStep
+from stepline.worker.waits import report_settled
+from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
 

@@ -34,15 +34,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from shared import codec
-from shared.broker import Delivery
-from shared.codec import JSON
-from shared.db import stores
-from shared.db.store import Store
-from shared.durations import Duration, parse_duration
-from shared.errors import BadPayloadError, NonDeterminismError
-from shared.history import History, StepKey, StepRecord, format_key
-from shared.messages import (
+from stepline.shared import codec
+from stepline.shared.broker import Delivery
+from stepline.shared.codec import JSON
+from stepline.shared.db import stores
+from stepline.shared.db.store import Store
+from stepline.shared.durations import Duration, parse_duration
+from stepline.shared.errors import BadPayloadError, NonDeterminismError
+from stepline.shared.history import History, StepKey, StepRecord, format_key
+from stepline.shared.messages import (
     AnyMessage,
     EventMessage,
     StartMessage,
@@ -50,15 +50,15 @@ from shared.messages import (
     encode_message,
     parse_message,
 )
-from shared.outbox import OutboxRelay
-from shared.settings import OutboxSettings
-from shared.states import InstanceStatus, StepKind, StepStatus
-from worker.context import StepCall
-from worker.executor import StepExecutor, StepResult
-from worker.handlers import MessageHandler
-from worker.replay.engine import Replay
-from worker.step_info import RunningStep
-from worker.workflow import Workflow
+from stepline.shared.outbox import OutboxRelay
+from stepline.shared.settings import OutboxSettings
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.worker.context import StepCall
+from stepline.worker.executor import StepExecutor, StepResult
+from stepline.worker.handlers import MessageHandler
+from stepline.worker.replay.engine import Replay
+from stepline.worker.step_info import RunningStep
+from stepline.worker.workflow import Workflow
 
 __all__ = ["HistoryEntry", "WorkflowEnvironment", "WorkflowRun", "check_replay"]
 

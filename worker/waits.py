@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from shared.codec import JSON
-from shared.db.records import Message, OutboxRow
-from shared.db.store import Transaction
-from shared.errors import BadPayloadError, ChildWorkflowError, EventTimeoutError
-from shared.failures import describe, failure_record, step_failure
-from shared.history import History, StepKey, StepRecord, format_key
-from shared.messages import EventMessage
-from shared.states import InstanceStatus, StepKind, StepStatus
-from worker.plan import Planner
-from worker.replay.engine import payload_problem
-from worker.workflow import Workflow
+from stepline.shared.codec import JSON
+from stepline.shared.db.records import Message, OutboxRow
+from stepline.shared.db.store import Transaction
+from stepline.shared.errors import BadPayloadError, ChildWorkflowError, EventTimeoutError
+from stepline.shared.failures import describe, failure_record, step_failure
+from stepline.shared.history import History, StepKey, StepRecord, format_key
+from stepline.shared.messages import EventMessage
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.worker.plan import Planner
+from stepline.worker.replay.engine import payload_problem
+from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
 

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_type_hints
 
 from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
-from shared import codec
-from shared.codec import JSON
-from shared.errors import InvalidParamsError, WorkflowDefinitionError
-from shared.messages import check_workflow_name, format_validation_error
+from stepline.shared import codec
+from stepline.shared.codec import JSON
+from stepline.shared.errors import InvalidParamsError, WorkflowDefinitionError
+from stepline.shared.messages import check_workflow_name, format_validation_error
 
 if TYPE_CHECKING:
-    from worker.context import Context
+    from stepline.worker.context import Context
 
 ParamsT = TypeVar("ParamsT")
 OutputT = TypeVar("OutputT")

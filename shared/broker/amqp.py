@@ -19,10 +19,16 @@ from aio_pika.abc import (
 )
 from aio_pika.channel import Channel
 
-from shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, Delivery, Handler, WorkflowQueue
-from shared.errors import BrokerError, UnroutableError
-from shared.settings import BrokerSettings
-from shared.topology import (
+from stepline.shared.broker.base import (
+    ORIGINAL_ROUTING_KEY_HEADER,
+    REASON_HEADER,
+    Delivery,
+    Handler,
+    WorkflowQueue,
+)
+from stepline.shared.errors import BrokerError, UnroutableError
+from stepline.shared.settings import BrokerSettings
+from stepline.shared.topology import (
     dead_letter_exchange_name,
     dead_letter_queue_name,
     exchange_name,

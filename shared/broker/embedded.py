@@ -30,10 +30,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, Delivery, Handler, WorkflowQueue
-from shared.broker.embedded_store import ConsumerLock, Message, Store
-from shared.errors import BrokerError, UnroutableError
-from shared.topology import MESSAGE_KINDS, dead_letter_queue_name, parse_routing_key, workflow_queue_name
+from stepline.shared.broker.base import (
+    ORIGINAL_ROUTING_KEY_HEADER,
+    REASON_HEADER,
+    Delivery,
+    Handler,
+    WorkflowQueue,
+)
+from stepline.shared.broker.embedded_store import ConsumerLock, Message, Store
+from stepline.shared.errors import BrokerError, UnroutableError
+from stepline.shared.topology import (
+    MESSAGE_KINDS,
+    dead_letter_queue_name,
+    parse_routing_key,
+    workflow_queue_name,
+)
 
 log = logging.getLogger("stepline.broker")
 

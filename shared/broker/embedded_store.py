@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import aiosqlite
 
-from shared.errors import BrokerError
-from shared.topology import workflow_queue_name
+from stepline.shared.errors import BrokerError
+from stepline.shared.topology import workflow_queue_name
 
 log = logging.getLogger("stepline.broker")
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from shared.broker.amqp import AmqpBroker
-from shared.broker.base import Broker
-from shared.broker.embedded import EmbeddedBroker
-from shared.db.engine import is_sqlite, sqlite_path
-from shared.settings import BrokerSettings
+from stepline.shared.broker.amqp import AmqpBroker
+from stepline.shared.broker.base import Broker
+from stepline.shared.broker.embedded import EmbeddedBroker
+from stepline.shared.db.engine import is_sqlite, sqlite_path
+from stepline.shared.settings import BrokerSettings
 
 
 def create_broker(url: str, namespace: str, settings: BrokerSettings | None = None) -> Broker:

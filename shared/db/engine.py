@@ -15,7 +15,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 SQLITE_CLOCK = "stepline_now"
-"""The SQL function that gives an SQLite database its clock (see shared.db.schema.utc_now)."""
+"""The SQL function that gives an SQLite database its clock (see stepline.shared.db.schema.utc_now)."""
 
 Clock = Callable[[], datetime]
 

@@ -1,6 +1,6 @@
 """Autocommit connections kept checked out of the pool, for the statements of every step.
 
-A worker commits each step with one statement (``shared.db.store_postgres``).
+A worker commits each step with one statement (``stepline.shared.db.store_postgres``).
 Taking a connection from SQLAlchemy's pool for it and giving it back (autocommit
 set and reset, the pool's events, a greenlet hop each way) cost about three
 times the CPU of the statement itself: 0.5 to 0.6 ms a step on a 2-core
@@ -12,7 +12,7 @@ after its use; one that failed mid-statement, was cancelled or lost its server
 is invalidated and closed instead. A lost server also drops the idle ones: they
 would fail the same way, one step each.
 
-PostgreSQL only (``shared.db.store_postgres``): SQLite's one pooled connection
+PostgreSQL only (``stepline.shared.db.store_postgres``): SQLite's one pooled connection
 is the writer lock, so each use there is a transaction of its own.
 """
 
@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator
 import psycopg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.db.engine import single_statement_engine
-from shared.db.raw import live_driver
+from stepline.shared.db.engine import single_statement_engine
+from stepline.shared.db.raw import live_driver
 
 
 class HeldConnections:

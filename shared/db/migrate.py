@@ -10,9 +10,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
-from shared.db.engine import driver_url, sqlite_path
-from shared.db.schema import metadata
-from shared.errors import StorageError
+from stepline.shared.db.engine import driver_url, sqlite_path
+from stepline.shared.db.schema import metadata
+from stepline.shared.errors import StorageError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -28,7 +28,7 @@ def alembic_config(database_url: str) -> Config:
 def upgrade_postgres(database_url: str, revision: str = "head") -> None:
     """Bring a PostgreSQL database to ``revision`` (default: the newest); safe to repeat.
 
-    ``shared.db.stores.upgrade`` picks this or ``create_embedded`` by URL.
+    ``stepline.shared.db.stores.upgrade`` picks this or ``create_embedded`` by URL.
     """
     command.upgrade(alembic_config(database_url), revision)
 

@@ -1,6 +1,6 @@
 """Run a hot statement on the driver's connection, past SQLAlchemy's execution layer.
 
-The worker commits every step with one statement (``shared.db.store_postgres``).
+The worker commits every step with one statement (``stepline.shared.db.store_postgres``).
 SQLAlchemy's per-execution work around it (execution context, compiled-cache
 lookup, parameter and result processing, its greenlet bridge) cost the worker
 as much CPU as psycopg's own. Here the statement is compiled once, with the

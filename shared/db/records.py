@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from shared.codec import JSON
-from shared.history import StepKey
-from shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.shared.codec import JSON
+from stepline.shared.history import StepKey
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 
 Message = tuple[str, bytes, dict[str, str] | None]
 """An outbox message to queue: routing key, body, headers."""

@@ -11,7 +11,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from shared.db.engine import SQLITE_CLOCK
+from stepline.shared.db.engine import SQLITE_CLOCK
 
 metadata = sa.MetaData()
 
@@ -123,7 +123,7 @@ def _now_postgresql(element: _Now, compiler: SQLCompiler, **kw: Any) -> str:
 
 @compiles(_Now, "sqlite")
 def _now_sqlite(element: _Now, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"{SQLITE_CLOCK}()"  # the engine's clock (shared.db.engine): real, or the testing kit's
+    return f"{SQLITE_CLOCK}()"  # the engine's clock (stepline.shared.db.engine): real, or the testing kit's
 
 
 @compiles(_DefaultNow, "sqlite")
@@ -235,7 +235,7 @@ outbox = sa.Table(
 )
 
 # Armed timers only: firing one deletes its row in the statement that queues its
-# message in the outbox (Transaction.fire_due_timers in shared.db.store), so the due index holds
+# message in the outbox (Transaction.fire_due_timers in stepline.shared.db.store), so the due index holds
 # just what is still to fire, and a fire writes no new row version of the timer.
 timers = sa.Table(
     "timers",

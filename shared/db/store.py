@@ -6,10 +6,10 @@
 ``commit_settled_step``, ``start_instance``, ``record_attempt``,
 ``fire_due_timers``) are written here as the plain statements they are made
 of, run one after another in the caller's transaction: that is what SQLite
-runs, and what PostgreSQL's single statements (``shared.db.store_postgres``)
+runs, and what PostgreSQL's single statements (``stepline.shared.db.store_postgres``)
 must write. Only what differs between the two databases is overridden in
-``store_postgres`` and ``store_sqlite``; ``shared.db.stores.create_store``
-picks one by URL. No SQL lives outside ``shared.db``.
+``store_postgres`` and ``store_sqlite``; ``stepline.shared.db.stores.create_store``
+picks one by URL. No SQL lives outside ``stepline.shared.db``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.codec import JSON
-from shared.db.migrate import head_revision
-from shared.db.records import (
+from stepline.shared.codec import JSON
+from stepline.shared.db.migrate import head_revision
+from stepline.shared.db.records import (
     REJECTED,
     ClaimedEvent,
     DueTimer,
@@ -39,10 +39,19 @@ from shared.db.records import (
     OutboxRow,
     SucceededAttempt,
 )
-from shared.db.schema import events, instances, outbox, step_attempts, steps, timers, utc_clock, utc_now
-from shared.errors import StorageError
-from shared.history import History, ParentLink, StepKey, StepRecord
-from shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
+from stepline.shared.db.schema import (
+    events,
+    instances,
+    outbox,
+    step_attempts,
+    steps,
+    timers,
+    utc_clock,
+    utc_now,
+)
+from stepline.shared.errors import StorageError
+from stepline.shared.history import History, ParentLink, StepKey, StepRecord
+from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
 # ---------------------------------------------------------------- statement builders
 #

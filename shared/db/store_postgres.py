@@ -7,8 +7,8 @@ UPDATE (or INSERT) of the instance row locks it and checks it, and every other
 part writes only the rows it returned. The shapes these statements take are
 compiled in full under ``tests/golden/`` (see tests/unit/test_golden_sql.py).
 
-The hot ones run on psycopg directly (``shared.db.raw``), on connections held
-out of the pool in autocommit (``shared.db.held``): see docs/benchmarks.md for
+The hot ones run on psycopg directly (``stepline.shared.db.raw``), on connections held
+out of the pool in autocommit (``stepline.shared.db.held``): see docs/benchmarks.md for
 what each of these saves.
 """
 
@@ -25,12 +25,12 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.codec import JSON
-from shared.db import raw
-from shared.db.held import HeldConnections
-from shared.db.records import FiredTimer, Message, NewStep, OutboxRow, SucceededAttempt
-from shared.db.schema import instances, outbox, step_attempts, steps, timers, utc_now
-from shared.db.store import (
+from stepline.shared.codec import JSON
+from stepline.shared.db import raw
+from stepline.shared.db.held import HeldConnections
+from stepline.shared.db.records import FiredTimer, Message, NewStep, OutboxRow, SucceededAttempt
+from stepline.shared.db.schema import instances, outbox, step_attempts, steps, timers, utc_now
+from stepline.shared.db.store import (
     INSTANCE_FIELDS,
     STEP_FIELDS,
     Store,
@@ -42,8 +42,8 @@ from shared.db.store import (
     step_update,
     steps_insert,
 )
-from shared.history import History, ParentLink, StepKey
-from shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
+from stepline.shared.history import History, ParentLink, StepKey
+from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
 Shape = tuple[bool, bool, bool]
 """Per new entry: started now (not a step), settled, fire time a delay after now."""
@@ -99,7 +99,7 @@ class PostgresTransaction(Transaction):
         return postgresql.insert(table)
 
     async def load_history(self, instance_id: str) -> History | None:
-        """An instance and all its steps in one round trip, on psycopg directly (see shared.db.raw).
+        """An instance and all its steps in one round trip, on psycopg directly (see stepline.shared.db.raw).
 
         The read of every wake-up and uncached step.
         """

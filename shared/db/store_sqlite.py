@@ -1,9 +1,9 @@
 """The SQLite store (the embedded mode): the plain statements, one transaction per use.
 
 SQLite has no data-modifying WITH parts, so the composite writes run as the
-statements ``shared.db.store.Transaction`` makes them of, in the caller's
+statements ``stepline.shared.db.store.Transaction`` makes them of, in the caller's
 transaction. Its engine has one connection, every transaction ``BEGIN
-IMMEDIATE`` (``shared.db.engine``): that connection is the writer lock, so
+IMMEDIATE`` (``stepline.shared.db.engine``): that connection is the writer lock, so
 even a single statement runs in a transaction of its own.
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from shared.db.store import Store, Transaction
+from stepline.shared.db.store import Store, Transaction
 
 
 class SqliteTransaction(Transaction):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from shared.db import migrate
-from shared.db.engine import Clock, create_engine, is_sqlite
-from shared.db.store import Store
-from shared.db.store_postgres import PostgresStore
-from shared.db.store_sqlite import SqliteStore
+from stepline.shared.db import migrate
+from stepline.shared.db.engine import Clock, create_engine, is_sqlite
+from stepline.shared.db.store import Store
+from stepline.shared.db.store_postgres import PostgresStore
+from stepline.shared.db.store_sqlite import SqliteStore
 
 
 def create_store(
@@ -17,7 +17,7 @@ def create_store(
     held: int = 0,
     clock: Clock | None = None,
 ) -> Store:
-    """The store of ``database_url``, owning an engine built by ``shared.db.engine.create_engine``.
+    """The store of ``database_url``, owning an engine built by ``stepline.shared.db.engine.create_engine``.
 
     ``held``: on PostgreSQL, how many autocommit connections to keep checked
     out for the one-statement operations (a worker keeps one per concurrent

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from producer import Client, Producer
-from shared.errors import (
+from stepline import Client, Producer
+from stepline.shared.errors import (
     BrokerError,
     InstanceNotFoundError,
     SteplineError,
     StorageError,
     UnregisteredWorkflowError,
 )
-from shared.settings import Settings
+from stepline.shared.settings import Settings
 from tests.chaos.workflow import STEPS_PER_INSTANCE, expected_output
 from tests.support import db
 from tests.support.fleet import ProcessFleet, process_env

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import Settings
+from stepline.shared.settings import Settings
 from tests.chaos.run import Chaos
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

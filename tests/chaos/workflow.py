@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from stepline import Context, RetryPolicy, step_info, workflow
 from tests.workflows import record
-from worker import Context, RetryPolicy, step_info, workflow
 
 # Patient enough to ride out a database restart in the middle of a step.
 PATIENT = RetryPolicy(limit=20, delay="250ms", backoff="exponential", max_delay="3s")

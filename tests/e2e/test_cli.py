@@ -8,9 +8,9 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
-from producer import Client, Producer
-from shared.db import migrate
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.db import migrate
+from stepline.shared.settings import Settings
 from tests.support import cli, services
 from tests.support.amqp import connected_broker, dead_letter_count, ready_messages
 from tests.support.fleet import ProcessFleet, process_env, until_consuming

@@ -8,10 +8,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from producer import Client, Producer
-from producer.cli import trace_id_of
-from shared.hooks import NoHooks
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.producer.cli import trace_id_of
+from stepline.shared.hooks import NoHooks
+from stepline.shared.settings import Settings
 from tests.support import cli
 from tests.support.fleet import ProcessFleet, process_env, until_consuming
 

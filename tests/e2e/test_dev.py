@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import Settings
+from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.cli import run
 from tests.support.fleet import BIN, ROOT, process_env, terminate, until_consuming

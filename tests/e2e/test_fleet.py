@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from producer import Client, Producer
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.settings import Settings
 from tests.support.fleet import BIN, ROOT, process_env, terminate, until_consuming
 from tests.support.polling import eventually
 

@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from producer import Client, Producer
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.settings import Settings
 from tests.support.db import scalar
 from tests.support.fleet import ProcessFleet
 from tests.support.polling import eventually

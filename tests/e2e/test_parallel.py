@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import pytest
 
-from producer import Client, Producer
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.settings import Settings
 from tests.support.fleet import ProcessFleet, until_consuming
 
 pytestmark = pytest.mark.e2e

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from producer import Client, Producer
-from shared.errors import NonDeterminismError
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.errors import NonDeterminismError
+from stepline.shared.settings import Settings
+from stepline.worker import Context, Workflow
+from stepline.worker.testing import check_replay
 from tests.support import cli
 from tests.support.fleet import Fleet, process_env
 from tests.workflows import add, describe, sequence
-from worker import Context, Workflow
-from worker.testing import check_replay
 
 pytestmark = pytest.mark.e2e
 

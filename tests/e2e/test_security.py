@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from producer import Client
-from shared.errors import StorageError
-from shared.settings import Settings
+from stepline import Client
+from stepline.shared.errors import StorageError
+from stepline.shared.settings import Settings
 from tests.support.fleet import ProcessFleet
 from tests.support.polling import eventually
 

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 
 import pytest
 
-from producer import Client, Producer
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import ProcessFleet, until_consuming
 from tests.support.polling import eventually

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from shared.settings import Settings
+from stepline.shared.settings import Settings
 from tests.support import services
 from tests.support.fleet import ProcessFleet
 from tests.support.polling import eventually

@@ -10,11 +10,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from producer import Client, Producer
-from shared.broker import AmqpBroker
-from shared.settings import Settings
-from shared.telemetry import Telemetry
-from shared.topology import dead_letter_queue_name
+from stepline import Client, Producer
+from stepline.shared.broker import AmqpBroker
+from stepline.shared.settings import Settings
+from stepline.shared.telemetry import Telemetry
+from stepline.shared.topology import dead_letter_queue_name
 from tests.support.amqp import raw_channel
 from tests.support.fleet import ProcessFleet, until_consuming
 from tests.support.otlp import OtlpReceiver, ReceivedSpan

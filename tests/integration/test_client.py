@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from producer import Client, Producer
-from shared.errors import InvalidIdError, WaitTimeoutError
+from stepline import Client, Producer
+from stepline.shared.errors import InvalidIdError, WaitTimeoutError
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
 

@@ -8,11 +8,11 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from producer import Client, Producer
-from shared.db.schema import instances, utc_now
-from shared.errors import InstanceNotFoundError, InvalidStateError
-from shared.messages import WakeMessage, encode_message
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.db.schema import instances, utc_now
+from stepline.shared.errors import InstanceNotFoundError, InvalidStateError
+from stepline.shared.messages import WakeMessage, encode_message
+from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.amqp import connected_broker
 from tests.support.fleet import Fleet

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from producer import Client, Producer
-from shared.settings import Settings
-from shared.topology import routing_key
+from stepline import Client, Producer
+from stepline.shared.settings import Settings
+from stepline.shared.topology import routing_key
 from tests.support import db
 from tests.support.amqp import declare_workflow_queue, publish_raw, ready_messages, take_dead_letters
 from tests.support.fleet import Fleet

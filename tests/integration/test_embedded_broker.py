@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from shared.broker import Delivery, EmbeddedBroker, Handler
-from shared.broker import embedded as embedded_module
-from shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
-from shared.errors import BrokerError, UnroutableError
-from shared.topology import dead_letter_queue_name, routing_key, workflow_queue_name
+from stepline.shared.broker import Delivery, EmbeddedBroker, Handler
+from stepline.shared.broker import embedded as embedded_module
+from stepline.shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
+from stepline.shared.errors import BrokerError, UnroutableError
+from stepline.shared.topology import dead_letter_queue_name, routing_key, workflow_queue_name
 from tests.support.polling import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ QUEUE = workflow_queue_name(NAMESPACE, WORKFLOW)
 
 PUBLISH_SCRIPT = """
 import asyncio, sys
-from shared.broker import EmbeddedBroker
+from stepline.shared.broker import EmbeddedBroker
 
 async def main():
     async with EmbeddedBroker(sys.argv[1], sys.argv[2]) as broker:
@@ -40,7 +40,7 @@ asyncio.run(main())
 
 CONSUME_SCRIPT = """
 import asyncio, sys
-from shared.broker import EmbeddedBroker
+from stepline.shared.broker import EmbeddedBroker
 
 async def main():
     broker = EmbeddedBroker(sys.argv[1], sys.argv[2])

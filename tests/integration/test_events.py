@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from producer import Client, Producer
-from shared.errors import InstanceNotFoundError, InvalidStateError
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.errors import InstanceNotFoundError, InvalidStateError
+from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.amqp import connected_broker, take_dead_letters
 from tests.support.fleet import Fleet

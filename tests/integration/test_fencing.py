@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from producer import Client, Producer
-from shared.messages import StepMessage, WakeMessage, encode_message
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.messages import StepMessage, WakeMessage, encode_message
+from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.amqp import connected_broker
 from tests.support.fleet import Fleet

@@ -6,8 +6,8 @@ import asyncio
 import json
 import socket
 
-from shared.health import HealthServer
-from shared.settings import Settings
+from stepline.shared.health import HealthServer
+from stepline.shared.settings import Settings
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
 

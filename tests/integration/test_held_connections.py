@@ -1,4 +1,4 @@
-"""``shared.db.held``: one server connection serves statement after statement, and a bad one is let go.
+"""``stepline.shared.db.held``: one server connection serves many statements; a bad one goes.
 
 The PostgreSQL store lends these; the SQLite store has none (its last test).
 """
@@ -14,9 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db.engine import create_engine
-from shared.db.held import HeldConnections
-from shared.db.stores import create_store
+from stepline.shared.db.engine import create_engine
+from stepline.shared.db.held import HeldConnections
+from stepline.shared.db.stores import create_store
 from tests.support.db import terminate_backend
 
 BACKEND_PID = sa.text("SELECT pg_backend_pid()")

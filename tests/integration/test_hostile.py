@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from producer import Client, Producer
-from shared.errors import PayloadTooLargeError
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.errors import PayloadTooLargeError
+from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.amqp import connected_broker, declare_workflow_queue, ready_messages, take_dead_letters
 from tests.support.fleet import Fleet

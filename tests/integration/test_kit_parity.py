@@ -1,6 +1,6 @@
 """The testing kit and the engine agree: the same workflow, driven the same way, ends the same way.
 
-Each scenario runs twice: through ``worker.testing.WorkflowEnvironment``, and
+Each scenario runs twice: through ``stepline.worker.testing.WorkflowEnvironment``, and
 through real workers and a scheduler (on PostgreSQL + RabbitMQ, and in the
 embedded mode). These are the behaviours the kit once had its own copy of,
 and in which the copy drifted from the engine.
@@ -14,13 +14,13 @@ from typing import Any, Protocol
 import pytest
 
 import tests.workflows as flows
-from producer import Client, Producer
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.settings import Settings
+from stepline.worker.testing import WorkflowEnvironment, WorkflowRun
+from stepline.worker.workflow import Workflow
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
-from worker.testing import WorkflowEnvironment, WorkflowRun
-from worker.workflow import Workflow
 
 pytestmark = pytest.mark.both_backends
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from producer import Client, Producer
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually

@@ -13,9 +13,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 
-from shared.db import migrate, stores
-from shared.db.engine import driver_url
-from shared.db.schema import metadata
+from stepline.shared.db import migrate, stores
+from stepline.shared.db.engine import driver_url
+from stepline.shared.db.schema import metadata
 from tests.support import services
 from tests.support.fleet import ROOT
 
@@ -29,7 +29,7 @@ def empty_database() -> Iterator[str]:
 
 
 def schema_differences(database_url: str) -> list[Any]:
-    """What Alembic would have to change to make the database match ``shared.db.schema``."""
+    """What Alembic would have to change to make the database match ``stepline.shared.db.schema``."""
     engine = create_engine(driver_url(database_url))
     try:
         with engine.connect() as connection:
@@ -67,7 +67,7 @@ def schema_snapshot(database_url: str) -> dict[str, list[tuple[Any, ...]]]:
 
 @pytest.fixture
 def declared_database() -> Iterator[str]:
-    """A database made from ``shared.db.schema`` directly and stamped at head, as the embedded mode is."""
+    """A database made from ``stepline.shared.db.schema``, stamped at head (the embedded way)."""
     name = services.clone_database("template0")
     url = services.database_url(name)
     engine = create_engine(driver_url(url))
@@ -119,7 +119,7 @@ def test_upgrading_twice_changes_nothing(empty_database: str) -> None:
 
 def test_two_processes_upgrading_at_once_both_succeed(empty_database: str) -> None:
     # Alembic keeps global state, so concurrent migrations are separate processes, as in a deploy.
-    code = "import sys; from shared.db import stores; stores.upgrade(sys.argv[1])"
+    code = "import sys; from stepline.shared.db import stores; stores.upgrade(sys.argv[1])"
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", code, empty_database],

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from producer import Client, Producer
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.amqp import publish_raw, take_dead_letters
 from tests.support.fleet import Fleet

@@ -11,15 +11,15 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from producer import Client, Producer
-from shared.broker import Publisher
-from shared.db.schema import outbox, timers, utc_clock, utc_now
-from shared.db.store import Store
-from shared.db.stores import create_store
-from shared.messages import StepMessage, WakeMessage, encode_message
-from shared.outbox import OutboxRelay
-from shared.settings import Settings
-from shared.states import InstanceStatus
+from stepline import Client, Producer
+from stepline.shared.broker import Publisher
+from stepline.shared.db.schema import outbox, timers, utc_clock, utc_now
+from stepline.shared.db.store import Store
+from stepline.shared.db.stores import create_store
+from stepline.shared.messages import StepMessage, WakeMessage, encode_message
+from stepline.shared.outbox import OutboxRelay
+from stepline.shared.settings import Settings
+from stepline.shared.states import InstanceStatus
 from tests.support import db
 from tests.support.amqp import connected_broker, ready_messages
 from tests.support.fleet import Fleet

@@ -1,4 +1,4 @@
-"""``shared.db.raw``: a statement run on psycopg directly writes and fails as ``conn.execute`` would."""
+"""``stepline.shared.db.raw``: a statement run on psycopg directly acts as conn.execute would."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from shared.db import raw
-from shared.db.engine import create_engine, single_statement_engine
-from shared.db.schema import instances
-from shared.db.stores import create_store
+from stepline.shared.db import raw
+from stepline.shared.db.engine import create_engine, single_statement_engine
+from stepline.shared.db.schema import instances
+from stepline.shared.db.stores import create_store
 from tests.support.db import terminate_backend
 from tests.unit.test_golden_sql import GOLDEN, SHAPES
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from producer import Client, Producer
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.settings import Settings
+from stepline.worker import Context, Workflow
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
 from tests.workflows import BODY_RUNS, branch
-from worker import Context, Workflow
 
 pytestmark = pytest.mark.both_backends
 

@@ -6,15 +6,15 @@ import asyncio
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
-from scheduler.publisher import BackgroundPublisher
-from scheduler.runner import fire_timers_until_stopped
-from scheduler.timers import fire_due_timers
-from shared.db.records import FiredTimer
-from shared.db.store import Store
-from shared.db.stores import create_store
-from shared.errors import BrokerError
-from shared.outbox import OutboxRelay
-from shared.settings import OutboxSettings, SchedulerSettings, Settings
+from stepline.scheduler.publisher import BackgroundPublisher
+from stepline.scheduler.runner import fire_timers_until_stopped
+from stepline.scheduler.timers import fire_due_timers
+from stepline.shared.db.records import FiredTimer
+from stepline.shared.db.store import Store
+from stepline.shared.db.stores import create_store
+from stepline.shared.errors import BrokerError
+from stepline.shared.outbox import OutboxRelay
+from stepline.shared.settings import OutboxSettings, SchedulerSettings, Settings
 from tests.support import db
 from tests.support.polling import eventually
 

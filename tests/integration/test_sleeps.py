@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from producer import Client, Producer
-from shared.db.schema import timers
-from shared.settings import Settings
+from stepline import Client, Producer
+from stepline.shared.db.schema import timers
+from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import until_status

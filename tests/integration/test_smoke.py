@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer import Client, Producer
+from stepline import Client, Producer
 from tests.support.fleet import Fleet
 
 pytestmark = pytest.mark.both_backends

@@ -8,16 +8,16 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 import tests.workflows as test_workflows
-from producer import Client, Producer
-from shared.errors import (
+from stepline import Client, Producer
+from stepline.shared.errors import (
     BadPayloadError,
     InvalidIdError,
     InvalidParamsError,
     UnregisteredWorkflowError,
     UnroutableError,
 )
-from shared.messages import MAX_INSTANCE_ID_LENGTH
-from shared.settings import Settings
+from stepline.shared.messages import MAX_INSTANCE_ID_LENGTH
+from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.amqp import (
     connected_broker,

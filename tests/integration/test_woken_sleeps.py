@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from shared.db.records import NewStep, OutboxRow
-from shared.db.stores import create_store
-from shared.settings import Settings
-from shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.shared.db.records import NewStep, OutboxRow
+from stepline.shared.db.stores import create_store
+from stepline.shared.settings import Settings
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from tests.support import db
 
 pytestmark = pytest.mark.both_backends

@@ -14,10 +14,10 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel
 
-from shared.broker import Broker, EmbeddedBroker, create_broker
-from shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
-from shared.db.engine import is_sqlite
-from shared.topology import dead_letter_queue_name, exchange_name, workflow_queue_name
+from stepline.shared.broker import Broker, EmbeddedBroker, create_broker
+from stepline.shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
+from stepline.shared.db.engine import is_sqlite
+from stepline.shared.topology import dead_letter_queue_name, exchange_name, workflow_queue_name
 from tests.support.polling import eventually
 
 

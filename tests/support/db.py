@@ -10,8 +10,8 @@ import psycopg
 import sqlalchemy as sa
 from psycopg.rows import dict_row
 
-from shared.db.engine import create_engine, is_sqlite, sqlite_path
-from shared.db.schema import timers, utc_now
+from stepline.shared.db.engine import create_engine, is_sqlite, sqlite_path
+from stepline.shared.db.schema import timers, utc_now
 
 
 async def execute(database_url: str, statement: sa.Executable) -> list[sa.RowMapping]:

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scheduler.runner import run_scheduler
-from shared.broker import create_broker
-from shared.settings import Settings
+from stepline.scheduler.runner import run_scheduler
+from stepline.shared.broker import create_broker
+from stepline.shared.settings import Settings
+from stepline.worker.runner import run_worker
+from stepline.worker.workflow import Workflow
 from tests.support.polling import eventually
-from worker.runner import run_worker
-from worker.workflow import Workflow
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

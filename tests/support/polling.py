@@ -31,7 +31,7 @@ async def eventually(
 
 
 async def until_status(client: Any, instance_id: str, status: str, *, timeout: float = 30.0) -> None:
-    """Wait until the instance has ``status`` (a ``producer.Client`` reads it)."""
+    """Wait until the instance has ``status`` (a ``stepline.Client`` reads it)."""
 
     async def current() -> str | None:
         info = await client.get(instance_id)

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import psycopg
 
-from shared.db import stores
+from stepline.shared.db import stores
 
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_ROOT = "amqp://guest:guest@127.0.0.1:5672"

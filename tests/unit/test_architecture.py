@@ -1,8 +1,10 @@
 """The dependency arrows and public names of the four packages, pinned.
 
-``shared`` imports nothing of ours; ``producer``, ``worker`` and ``scheduler`` import
-only ``shared``. Each package's ``__all__`` is pinned so a change to the public API
-is a deliberate edit here. No module may use pickle, ``eval`` or ``exec``.
+``stepline.shared`` imports nothing of ours; ``stepline.producer``, ``stepline.worker`` and
+``stepline.scheduler`` import only ``stepline.shared`` (and never ``stepline`` itself, whose
+``__init__`` imports worker and producer). The old top-level names (``worker``, ``shared``,
+...) are gone: nothing may import them. Each package's ``__all__`` is pinned so a change to
+the public API is a deliberate edit here. No module may use pickle, ``eval`` or ``exec``.
 Only the two stores and the factories that pick a store or a broker by URL may
 test which database they run on (``_is_sqlite``, ``dialect.name``, ``== "sqlite"``).
 """
@@ -17,7 +19,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("shared", "worker", "scheduler", "producer")
+PACKAGES = ("shared", "worker", "scheduler", "producer")  # folders, imported as stepline.<name>
+# Where code lives that must use the new names only (the folders above and these).
+OTHER_CODE = ("examples", "tests", "benchmarks")
 ALLOWED: dict[str, frozenset[str]] = {
     "shared": frozenset({"shared"}),
     "worker": frozenset({"shared", "worker"}),
@@ -36,7 +40,14 @@ class Import:
 
     @property
     def top(self) -> str:
-        return self.module.split(".")[0]
+        """The part of Stepline imported (``worker`` for ``stepline.worker.x``), ``stepline``
+        for the package itself, else the top-level module (``worker`` too: the old name)."""
+        parts = self.module.split(".")
+        return parts[1] if parts[0] == "stepline" and len(parts) > 1 else parts[0]
+
+    @property
+    def is_ours(self) -> bool:
+        return self.module.split(".")[0] == "stepline"
 
     def __str__(self) -> str:
         return f"{_shown(self.path)}:{self.line} imports {self.module}"
@@ -52,6 +63,8 @@ def _modules(package: str) -> list[Path]:
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] in PACKAGES:
+        parts.insert(0, "stepline")
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -91,35 +104,39 @@ def test_import_walker_sees_relative_and_nested_imports(tmp_path: Path) -> None:
     module = tmp_path / "fake.py"
     module.write_text(
         "from typing import TYPE_CHECKING\n"
-        "import scheduler.timers\n"
+        "import stepline.scheduler.timers\n"
         "from . import context\n"
         "from .. import plan\n"
         "if TYPE_CHECKING:\n"
-        "    from producer import Client\n"
+        "    from stepline.producer import Client\n"
         "def f() -> None:\n"
-        "    import shared.codec\n",
+        "    import stepline.shared.codec\n",
         encoding="utf-8",
     )
-    found = {item.module for item in _imports(module, "worker.replay.fake")}
-    assert {"scheduler.timers", "worker.replay.context", "worker.plan", "producer.Client"} <= found
-    assert "shared.codec" in found
-    tops = {item.top for item in _imports(module, "worker.replay.fake")}
-    assert tops - ALLOWED["worker"] == {"scheduler", "producer", "typing"}
+    found = {item.module for item in _imports(module, "stepline.worker.replay.fake")}
+    assert {
+        "stepline.scheduler.timers",
+        "stepline.worker.replay.context",
+        "stepline.worker.plan",
+        "stepline.producer.Client",
+    } <= found
+    assert "stepline.shared.codec" in found
+    tops = {item.top for item in _imports(module, "stepline.worker.replay.fake") if item.is_ours}
+    assert tops - ALLOWED["worker"] == {"scheduler", "producer"}
 
 
 def test_import_walker_resolves_relative_imports_in_packages() -> None:
     names = {item.module for item in _imports(ROOT / "worker" / "replay" / "__init__.py")}
-    assert "worker.replay.engine" in names
+    assert "stepline.worker.replay.engine" in names
 
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_imports_point_only_at_allowed_packages(package: str) -> None:
-    ours = set(PACKAGES)
     wrong = [
         str(item)
         for path in _modules(package)
         for item in _imports(path)
-        if item.top in ours and item.top not in ALLOWED[package]
+        if item.is_ours and item.top not in ALLOWED[package]
     ]
     assert wrong == [], f"{package} may import only {sorted(ALLOWED[package])}:\n" + "\n".join(wrong)
 
@@ -203,12 +220,44 @@ EXPECTED_ALL = {
         "load_settings",
     ],
     "scheduler": ["fire_due_timers", "run_scheduler"],
+    "stepline": [
+        "AttemptInfo",
+        "BrokerError",
+        "Client",
+        "ConfigError",
+        "Context",
+        "EventInfo",
+        "EventTimeoutError",
+        "InstanceInfo",
+        "InstanceNotFoundError",
+        "InvalidIdError",
+        "InvalidParamsError",
+        "InvalidStateError",
+        "NonDeterminismError",
+        "NonRetryableError",
+        "PayloadTooLargeError",
+        "Producer",
+        "RetryPolicy",
+        "RunningStep",
+        "Settings",
+        "StepFailedError",
+        "StepInfo",
+        "StepTimeoutError",
+        "SteplineError",
+        "StorageError",
+        "UnregisteredWorkflowError",
+        "UnroutableError",
+        "WaitTimeoutError",
+        "load_settings",
+        "step_info",
+        "workflow",
+    ],
 }
 
 
 @pytest.mark.parametrize("package", sorted(EXPECTED_ALL))
 def test_public_names_are_pinned(package: str) -> None:
-    module = importlib.import_module(package)
+    module = importlib.import_module(package if package == "stepline" else f"stepline.{package}")
     exported: list[str] = list(module.__all__)
     assert sorted(exported) == EXPECTED_ALL[package]
     assert len(set(exported)) == len(exported), f"{package}.__all__ lists a name twice"
@@ -217,7 +266,7 @@ def test_public_names_are_pinned(package: str) -> None:
 
 
 def test_design_names_are_importable() -> None:
-    from worker import Context, NonRetryableError, RetryPolicy, workflow
+    from stepline import Context, NonRetryableError, RetryPolicy, workflow
 
     assert callable(workflow)
     assert isinstance(Context, type)
@@ -312,3 +361,54 @@ def test_dialect_check_finder_can_fail(tmp_path: Path) -> None:
         (7, "reads dialect.name"),
         (8, 'compares with "sqlite"'),
     ]
+
+
+OLD_NAMES = frozenset(PACKAGES)
+
+
+def _old_name_imports(path: Path, module_name: str | None = None) -> list[str]:
+    """The imports in a module that name a package by its old top-level name (``from worker import``)."""
+    return [str(item) for item in _imports(path, module_name) if item.module.split(".")[0] in OLD_NAMES]
+
+
+@pytest.mark.parametrize("folder", PACKAGES + OTHER_CODE)
+def test_nothing_imports_the_old_top_level_names(folder: str) -> None:
+    # A checkout has its root on sys.path, so ``import worker`` would still work here and load
+    # a second copy of every module; an installed Stepline has no ``worker`` at all.
+    wrong = [found for path in _modules(folder) for found in _old_name_imports(path)]
+    assert wrong == [], "import stepline.<package>, never the folder's name:\n" + "\n".join(wrong)
+
+
+def test_old_name_finder_can_fail(tmp_path: Path) -> None:
+    module = tmp_path / "old.py"
+    module.write_text(
+        "import worker\n"
+        "from shared.errors import SteplineError\n"  # the old name, on purpose
+        "from stepline.worker import workflow\n"
+        "from stepline import Client\n"
+        "import sharedlib\n",
+        encoding="utf-8",
+    )
+    found = _old_name_imports(module, "tests.old")
+    modules = [line.split(" imports ")[1] for line in found]
+    old = "shared.errors"  # the old name, on purpose
+    assert modules == ["worker", old, f"{old}.SteplineError"]
+
+
+def test_stepline_resolves_to_the_folders() -> None:
+    import stepline.shared
+    import stepline.worker
+
+    assert Path(stepline.worker.__file__).resolve() == ROOT / "worker" / "__init__.py"
+    assert Path(stepline.shared.__file__).resolve() == ROOT / "shared" / "__init__.py"
+    assert (ROOT / "stepline" / "py.typed").is_file()
+
+
+def test_stepline_reexports_the_packages_own_objects() -> None:
+    import stepline
+    import stepline.producer
+    import stepline.worker
+
+    for name in stepline.__all__:
+        source = stepline.worker if name in stepline.worker.__all__ else stepline.producer
+        assert getattr(stepline, name) is getattr(source, name), name

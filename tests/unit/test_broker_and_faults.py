@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from shared import faults
-from shared.broker.amqp import _with_heartbeat, mask_amqp_url
-from shared.retrying import Outage
+from stepline.shared import faults
+from stepline.shared.broker.amqp import _with_heartbeat, mask_amqp_url
+from stepline.shared.retrying import Outage
 
 
 def test_heartbeat_is_added_to_a_url_that_sets_none() -> None:

@@ -7,8 +7,8 @@ import json
 import pytest
 from pydantic import BaseModel
 
-from shared import codec
-from shared.errors import BadPayloadError, PayloadTooLargeError
+from stepline.shared import codec
+from stepline.shared.errors import BadPayloadError, PayloadTooLargeError
 
 
 class Address(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from shared.durations import parse_duration
+from stepline.shared.durations import parse_duration
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from shared.errors import ChildWorkflowError, EventTimeoutError, StepFailedError, TerminatedError
-from shared.failures import describe, failure_error, failure_record, step_failure
+from stepline.shared.errors import ChildWorkflowError, EventTimeoutError, StepFailedError, TerminatedError
+from stepline.shared.failures import describe, failure_error, failure_record, step_failure
 
 
 @pytest.mark.parametrize(

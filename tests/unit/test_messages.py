@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from shared.errors import BadPayloadError, InvalidIdError, PayloadTooLargeError
-from shared.messages import (
+from stepline.shared.errors import BadPayloadError, InvalidIdError, PayloadTooLargeError
+from stepline.shared.messages import (
     MAX_INSTANCE_ID_LENGTH,
     SCHEMA_VERSION,
     StartMessage,

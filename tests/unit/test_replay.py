@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from shared.codec import JSON
-from shared.errors import NonDeterminismError, SteplineError, WorkflowDefinitionError
-from shared.history import History, StepRecord
-from shared.states import InstanceStatus, StepKind, StepStatus
-from worker import Context, RetryPolicy, StepFailedError, workflow
-from worker.replay import NewEntry, Replay
-from worker.replay.cache import ReplayCache
-from worker.workflow import Workflow
+from stepline import Context, RetryPolicy, StepFailedError, workflow
+from stepline.shared.codec import JSON
+from stepline.shared.errors import NonDeterminismError, SteplineError, WorkflowDefinitionError
+from stepline.shared.history import History, StepRecord
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.worker.replay import NewEntry, Replay
+from stepline.worker.replay.cache import ReplayCache
+from stepline.worker.workflow import Workflow
 
 INSTANCE_ID = "inst-1"
 CALLS: list[str] = []

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from worker import RetryPolicy
-from worker.retry import DEFAULT_RETRY_POLICY
+from stepline import RetryPolicy
+from stepline.worker.retry import DEFAULT_RETRY_POLICY
 
 
 def _delays(policy: RetryPolicy, attempts: range = range(1, 6)) -> list[timedelta]:

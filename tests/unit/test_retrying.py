@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared.retrying import StopRequested, retry_until
+from stepline.shared.retrying import StopRequested, retry_until
 
 
 async def test_an_attempt_that_hangs_is_cancelled_when_the_process_is_asked_to_stop() -> None:

@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import pytest
 
-from shared.errors import ConfigError
-from shared.settings import Settings, load_settings
+from stepline.shared.errors import ConfigError
+from stepline.shared.settings import Settings, load_settings
 
 DB_PASSWORD = "db-s3cret-pw"
 AMQP_PASSWORD = "amqp-s3cret-pw"

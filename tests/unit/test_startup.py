@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.startup import broker_hint, database_hint, driver_cause
+from stepline.shared.startup import broker_hint, database_hint, driver_cause
 
 
 def test_the_hint_for_a_full_server_names_the_pools_and_the_limit() -> None:

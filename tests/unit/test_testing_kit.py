@@ -1,4 +1,4 @@
-"""worker.testing: workflows run in-process with virtual time, stubs, events; recorded histories checked."""
+"""``stepline.worker.testing``: workflows run in-process on virtual time; replay checks."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from pydantic import BaseModel
 
 from examples.order_fulfilment import Order, order_fulfilment
-from shared.errors import BadPayloadError, EventTimeoutError, InvalidParamsError, NonDeterminismError
-from worker import Context, NonRetryableError, RetryPolicy, StepFailedError, step_info, workflow
-from worker.testing import WorkflowEnvironment, check_replay
+from stepline import Context, NonRetryableError, RetryPolicy, StepFailedError, step_info, workflow
+from stepline.shared.errors import BadPayloadError, EventTimeoutError, InvalidParamsError, NonDeterminismError
+from stepline.worker.testing import WorkflowEnvironment, check_replay
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ BAD_USAGE = textwrap.dedent(
 
     from typing import assert_type
 
-    from worker import Context, workflow
+    from stepline import Context, workflow
 
 
     async def typed_async_step(count: int) -> list[int]:

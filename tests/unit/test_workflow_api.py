@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from shared.errors import BadPayloadError, InvalidParamsError, WorkflowDefinitionError
-from worker import Context, Workflow, workflow
+from stepline.shared.errors import BadPayloadError, InvalidParamsError, WorkflowDefinitionError
+from stepline.worker import Context, Workflow, workflow
 
 
 class Order(BaseModel):

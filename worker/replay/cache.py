@@ -6,11 +6,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from shared.codec import JSON
-from shared.db.records import NewStep
-from shared.history import History, StepKey, StepRecord
-from shared.states import InstanceStatus, StepStatus
-from worker.replay.engine import Replay
+from stepline.shared.codec import JSON
+from stepline.shared.db.records import NewStep
+from stepline.shared.history import History, StepKey, StepRecord
+from stepline.shared.states import InstanceStatus, StepStatus
+from stepline.worker.replay.engine import Replay
 
 
 @dataclass(frozen=True, slots=True)

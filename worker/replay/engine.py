@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
-from shared.codec import JSON
-from shared.errors import EventTimeoutError, NonDeterminismError, SteplineError
-from shared.failures import failure_error, step_failure
-from shared.history import History, StepKey, StepRecord, format_key
-from shared.states import StepKind, StepStatus
-from worker.context import Context, StepCall
-from worker.replay.loop import ReplayLoop
+from stepline.shared.codec import JSON
+from stepline.shared.errors import EventTimeoutError, NonDeterminismError, SteplineError
+from stepline.shared.failures import failure_error, step_failure
+from stepline.shared.history import History, StepKey, StepRecord, format_key
+from stepline.shared.states import StepKind, StepStatus
+from stepline.worker.context import Context, StepCall
+from stepline.worker.replay.loop import ReplayLoop
 
 if TYPE_CHECKING:
-    from worker.workflow import Workflow
+    from stepline.worker.workflow import Workflow
 
 OutcomeKind = Literal["blocked", "returned", "raised", "diverged"]
 

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from shared.errors import WorkflowDefinitionError
+from stepline.shared.errors import WorkflowDefinitionError
 
 T = TypeVar("T")
 

@@ -1,11 +1,11 @@
-"""Alembic environment: runs migrations on the URL that shared.db.migrate passes in."""
+"""Alembic environment: runs migrations on the URL that stepline.shared.db.migrate passes in."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from shared.db.schema import metadata
+from stepline.shared.db.schema import metadata
 
 config = context.config
 url = config.attributes["sqlalchemy_url"]

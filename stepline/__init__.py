@@ -1,0 +1,80 @@
+"""Stepline: durable workflows for Python services on PostgreSQL and RabbitMQ.
+
+The public API in one import: ``from stepline import workflow, Context, Producer, Client``.
+The four parts live in ``stepline.worker`` (authoring, the worker, ``stepline.worker.testing``),
+``stepline.producer`` (Producer, Client, the ``stepline`` command), ``stepline.scheduler``
+and ``stepline.shared``. In a checkout, ``stepline/worker`` is a link to ``./worker``
+(and so on); a built wheel holds the four folders inside ``stepline/``.
+"""
+
+from stepline.producer import (
+    AttemptInfo,
+    BrokerError,
+    Client,
+    ConfigError,
+    EventInfo,
+    InstanceInfo,
+    InstanceNotFoundError,
+    InvalidIdError,
+    InvalidParamsError,
+    InvalidStateError,
+    PayloadTooLargeError,
+    Producer,
+    Settings,
+    StepInfo,
+    StorageError,
+    UnregisteredWorkflowError,
+    UnroutableError,
+    WaitTimeoutError,
+    load_settings,
+)
+from stepline.worker import (
+    Context,
+    EventTimeoutError,
+    NonDeterminismError,
+    NonRetryableError,
+    RetryPolicy,
+    RunningStep,
+    StepFailedError,
+    SteplineError,
+    StepTimeoutError,
+    step_info,
+    workflow,
+)
+
+__all__ = [
+    # Writing workflows (stepline.worker).
+    "Context",
+    "RetryPolicy",
+    "RunningStep",
+    "step_info",
+    "workflow",
+    # Starting and reading instances (stepline.producer).
+    "AttemptInfo",
+    "Client",
+    "EventInfo",
+    "InstanceInfo",
+    "Producer",
+    "StepInfo",
+    # Settings, read as the workers read them.
+    "Settings",
+    "load_settings",
+    # The errors a workflow or a client catches; SteplineError is the root.
+    "BrokerError",
+    "ConfigError",
+    "EventTimeoutError",
+    "InstanceNotFoundError",
+    "InvalidIdError",
+    "InvalidParamsError",
+    "InvalidStateError",
+    "NonDeterminismError",
+    "NonRetryableError",
+    "PayloadTooLargeError",
+    "StepFailedError",
+    "StepTimeoutError",
+    "SteplineError",
+    "StorageError",
+    "UnregisteredWorkflowError",
+    "UnroutableError",
+    "WaitTimeoutError",
+]
