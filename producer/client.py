@@ -20,8 +20,9 @@ from stepline.shared import codec
 from stepline.shared.broker import Broker, create_broker
 from stepline.shared.db.engine import mask_url
 from stepline.shared.db.records import OutboxRow
-from stepline.shared.db.store import Store, Transaction
+from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
+from stepline.shared.db.transaction import Transaction
 from stepline.shared.durations import Duration, parse_duration
 from stepline.shared.errors import (
     ConfigError,

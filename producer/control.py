@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stepline.shared.db.records import OutboxRow
-from stepline.shared.db.store import Transaction
+from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import InstanceNotFoundError, InvalidStateError, TerminatedError
 from stepline.shared.failures import failure_record
 from stepline.shared.history import ParentLink

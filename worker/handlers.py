@@ -14,7 +14,8 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from stepline.shared import faults
 from stepline.shared.broker import Delivery
 from stepline.shared.db.records import OutboxRow
-from stepline.shared.db.store import Store, Transaction
+from stepline.shared.db.store import Store
+from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import BadPayloadError, BrokerError, InvalidParamsError, UnknownWorkflowError
 from stepline.shared.history import History, ParentLink
 from stepline.shared.hooks import Hooks, NoHooks

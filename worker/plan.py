@@ -10,7 +10,7 @@ from typing import Any
 from stepline.shared import codec
 from stepline.shared.codec import JSON
 from stepline.shared.db.records import Message, NewStep, NewTimer, OutboxRow
-from stepline.shared.db.store import Transaction
+from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import PayloadTooLargeError
 from stepline.shared.failures import failure_record
 from stepline.shared.history import History, ParentLink, StepKey

@@ -9,7 +9,8 @@ from typing import Any
 
 from stepline.shared.codec import JSON
 from stepline.shared.db.records import InstanceLock, NewTimer, OutboxRow, SucceededAttempt
-from stepline.shared.db.store import Store, Transaction
+from stepline.shared.db.store import Store
+from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import MisaddressedMessageError, NonDeterminismError
 from stepline.shared.failures import step_failure
 from stepline.shared.history import History, StepKey, format_key

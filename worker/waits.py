@@ -7,7 +7,7 @@ from typing import Any
 
 from stepline.shared.codec import JSON
 from stepline.shared.db.records import Message, OutboxRow
-from stepline.shared.db.store import Transaction
+from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import BadPayloadError, ChildWorkflowError, EventTimeoutError
 from stepline.shared.failures import describe, failure_record, step_failure
 from stepline.shared.history import History, StepKey, StepRecord, format_key

@@ -30,11 +30,9 @@ from stepline.shared.db import raw
 from stepline.shared.db.held import HeldConnections
 from stepline.shared.db.records import FiredTimer, Message, NewStep, OutboxRow, SucceededAttempt
 from stepline.shared.db.schema import instances, outbox, step_attempts, steps, timers, utc_now
-from stepline.shared.db.store import (
+from stepline.shared.db.statements import (
     INSTANCE_FIELDS,
     STEP_FIELDS,
-    Store,
-    Transaction,
     attempt_insert,
     history_from,
     instance_update,
@@ -42,6 +40,8 @@ from stepline.shared.db.store import (
     step_update,
     steps_insert,
 )
+from stepline.shared.db.store import Store
+from stepline.shared.db.transaction import Transaction
 from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 

@@ -15,7 +15,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from stepline.shared.db.store import Store, Transaction
+from stepline.shared.db.store import Store
+from stepline.shared.db.transaction import Transaction
 
 
 class SqliteTransaction(Transaction):
