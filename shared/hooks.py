@@ -41,6 +41,15 @@ class Hooks(Protocol):
     ) -> None:
         """An instance completed, errored or was terminated."""
 
+    def instance_held(
+        self,
+        workflow: str,
+        instance_id: str,
+        trace_context: dict[str, str] | None,
+        error: BaseException,
+    ) -> None:
+        """A replay diverged from the history: the instance is held (paused with ``error``), not ended."""
+
     def step_attempt(
         self,
         workflow: str,
@@ -101,6 +110,15 @@ class NoHooks:
         status: str,
         created_at: datetime | None,
         error: BaseException | None,
+    ) -> None:
+        pass
+
+    def instance_held(
+        self,
+        workflow: str,
+        instance_id: str,
+        trace_context: dict[str, str] | None,
+        error: BaseException,
     ) -> None:
         pass
 

@@ -129,6 +129,9 @@ class Telemetry:
         self.dead_letters = meter.create_counter(
             "stepline.messages.dead_lettered", "{message}", "Messages sent to the dead-letter queue"
         )
+        self.instances_held = meter.create_counter(
+            "stepline.instances.held", "{instance}", "Instances held because a replay diverged"
+        )
         self._backlog = 0
         self._depths: dict[str, int] = {}
         meter.create_observable_gauge(
@@ -203,6 +206,29 @@ class Telemetry:
         if error is not None:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        span.end()
+
+    def instance_held(
+        self,
+        workflow: str,
+        instance_id: str,
+        trace_context: dict[str, str] | None,
+        error: BaseException,
+    ) -> None:
+        self.instances_held.add(1, {"workflow": workflow})
+        # The instance's own span is written when it finishes; the hold is a short span of
+        # its trace, carrying the event, so that it shows where the instance stopped.
+        span = self.tracer.start_span(
+            f"held {workflow}",
+            context=_context_of(trace_context),
+            kind=SpanKind.INTERNAL,
+            attributes={"stepline.workflow": workflow, "stepline.instance_id": instance_id},
+        )
+        span.add_event(
+            "instance_held",
+            {"exception.type": type(error).__name__, "exception.message": str(error)},
+        )
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         span.end()
 
     # -- steps and waits

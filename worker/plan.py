@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ from stepline.shared.messages import (
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.worker.replay.engine import NewEntry, Outcome, Replay, payload_problem
 from stepline.worker.workflow import Workflow
+
+log = logging.getLogger("stepline.worker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,8 +230,14 @@ class Planner:
         outcome: Outcome,
         matched: dict[StepKey, JSON],
     ) -> list[OutboxRow]:
-        """Record a replay that returned or failed: its last entries, its end, its parent's wake-up."""
-        if outcome.kind in ("diverged", "raised"):
+        """Record a replay that returned or failed: its last entries, its end, its parent's wake-up.
+
+        A replay that diverged does not end the instance: it is held (see ``hold``).
+        """
+        if outcome.kind == "diverged":
+            assert outcome.error is not None
+            return await self.hold(tx, history, outcome.error)
+        if outcome.kind == "raised":
             # Only recorded values are kept; nothing new starts after an error.
             entries = [entry for entry in entries if entry.kind == StepKind.VALUE]
         instance_id = history.instance_id
@@ -244,6 +253,25 @@ class Planner:
         )
         self.report_finished(history, outcome, status)
         return rows
+
+    async def hold(self, tx: Transaction, history: History, error: BaseException) -> list[OutboxRow]:
+        """Hold an instance whose replay diverged from its history: paused, ``error`` naming both sides.
+
+        The one rule for every divergence, wherever a replay finds it. Nothing is
+        lost: the history, the timers and the outbox stay as they are, nothing the
+        diverging code asked for is written, and the parent is not woken (a held
+        instance has not finished). A ``resume`` after a deploy that fixes the code
+        replays the stored history again; still diverging, it is held again.
+        """
+        stored = instance_error(error)
+        await tx.update_instance(history.instance_id, status=InstanceStatus.PAUSED, error=stored)
+        self.hooks.instance_held(history.workflow, history.instance_id, history.trace_context, error)
+        log.warning(
+            "instance held: %s",
+            error,
+            extra={"event": "instance_held", "instance_id": history.instance_id},
+        )
+        return []
 
     def _ending(self, outcome: Outcome) -> tuple[InstanceStatus, JSON, JSON]:
         """The final status, output and error of a returned or failed replay."""

@@ -19,7 +19,7 @@ from stepline.shared.messages import StepMessage, WakeMessage, check_addressed
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.worker.context import StepCall
 from stepline.worker.executor import StepExecutor, StepResult, StepSucceeded
-from stepline.worker.plan import Planner, Transition, instance_error
+from stepline.worker.plan import Planner, Transition
 from stepline.worker.replay.cache import ReplayCache, committed_history
 from stepline.worker.replay.engine import Outcome, Replay
 from stepline.worker.retry import DEFAULT_RETRY_POLICY
@@ -231,7 +231,7 @@ class StepRunner:
             call = replay.calls.get(key)
             if (outcome is not None and outcome.kind == "diverged") or call is None:
                 error = outcome.error if outcome is not None else None
-                return Committed(await self._commit_error(history, error or missing_step(history, key)))
+                return Committed(await self._hold(history, error or missing_step(history, key)))
             result = await self._attempt(workflow, history, message, call)
             values = replay.values  # recorded before the step ran: a newer replay keeps them
             if not isinstance(result, StepSucceeded):
@@ -367,11 +367,9 @@ class StepRunner:
         with self._planner.replay(workflow, history, carried_values=values) as replay:
             outcome = replay.start()
             if outcome.kind == "diverged" or key not in replay.calls:
-                error = outcome.error or missing_step(history, key)
-                await tx.update_instance(
-                    history.instance_id, status=InstanceStatus.ERRORED, error=instance_error(error)
-                )
-                return []
+                # The attempt ran: keep what it did, so that a resume does not run it again.
+                await self._record_unplanned(tx, history, key, message.attempt, result)
+                return await self._planner.hold(tx, history, outcome.error or missing_step(history, key))
             return await self._commit_attempt(tx, history, replay, key, message.attempt, result)
 
     async def _commit_at_version(
@@ -456,24 +454,29 @@ class StepRunner:
             next_attempt=attempt + 1 if retry else None,
         )
 
-    async def _commit_error(self, history: History, error: BaseException) -> list[OutboxRow]:
+    async def _record_unplanned(
+        self, tx: Transaction, history: History, key: StepKey, attempt: int, result: StepResult
+    ) -> None:
+        """Record an attempt whose instance is being held: a success is kept as it is.
+
+        A retryable failure is recorded as due for another attempt, with no timer:
+        the retry policy belongs to the code, so the resume on the fixed code sends
+        that attempt at once (see ``waits.advance``).
+        """
+        if isinstance(result, StepSucceeded):
+            status = StepStatus.SUCCEEDED
+        else:
+            status = StepStatus.RETRYING if result.is_retryable else StepStatus.FAILED
+        retry = status == StepStatus.RETRYING
+        await self._record(tx, history.instance_id, key, attempt, result, status, retry=retry)
+
+    async def _hold(self, history: History, error: BaseException) -> list[OutboxRow]:
+        """Hold the instance (see ``Planner.hold``) under its lock, unless it finished meanwhile."""
         async with self._store.transaction() as tx:
             lock = await tx.lock_instance(history.instance_id)
             if lock is None or lock.status.is_finished:
                 return []
-            await tx.update_instance(
-                history.instance_id, status=InstanceStatus.ERRORED, error=instance_error(error)
-            )
-            rows = await tx.insert_outbox(self._planner.parent_wake(history.parent))
-        self._planner.hooks.instance_finished(
-            history.workflow, history.instance_id, history.trace_context, "errored", history.created_at, error
-        )
-        log.warning(
-            "instance errored: %s",
-            error,
-            extra={"event": "instance_errored", "instance_id": history.instance_id},
-        )
-        return rows
+            return await self._planner.hold(tx, history, error)
 
 
 def _step_key(message: StepMessage) -> StepKey:

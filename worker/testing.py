@@ -123,7 +123,7 @@ class WorkflowRun:
 
     @property
     def error(self) -> dict[str, Any] | None:
-        """The stored error, once errored (``type``, ``message``, ...)."""
+        """The stored error, once errored or held (``type``, ``message``, ...)."""
         return self._snapshot.error
 
     @property

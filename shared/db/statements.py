@@ -34,14 +34,28 @@ LOCK_INSTANCE = INSTANCE_STATE.with_for_update()
 
 
 def instance_update(
-    instance_id: str, status: InstanceStatus, bump_version: bool, output: JSON, error: JSON
+    instance_id: str,
+    status: InstanceStatus,
+    bump_version: bool,
+    output: JSON,
+    error: JSON,
+    *,
+    clear_error: bool = False,
 ) -> sa.Update:
-    """An instance's new status (and output or error when it finishes); one version on if ``bump_version``."""
+    """An instance's new status (and output or error when it finishes); one version on if ``bump_version``.
+
+    An unfinished instance takes ``error`` only when one is given (a held instance
+    keeps the reason it was held), and loses it only with ``clear_error`` (a resume).
+    """
     values: dict[str, Any] = {"status": status, "updated_at": utc_now()}
     if bump_version:
         values["version"] = instances.c.version + 1
     if status.is_finished:
         values.update(output=output, error=error, finished_at=utc_now())
+    elif error is not None:
+        values["error"] = error
+    elif clear_error:
+        values["error"] = None
     return instances.update().where(instances.c.id == instance_id).values(values)
 
 

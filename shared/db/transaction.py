@@ -128,9 +128,15 @@ class Transaction:
         bump_version: bool = True,
         output: JSON = None,
         error: JSON = None,
+        clear_error: bool = False,
     ) -> None:
-        """Set an instance's status (and output or error when it finishes)."""
-        await self._conn.execute(instance_update(instance_id, status, bump_version, output, error))
+        """Set an instance's status (and output or error when it finishes, or is held).
+
+        ``clear_error`` drops the reason an instance was held for (a resume).
+        """
+        await self._conn.execute(
+            instance_update(instance_id, status, bump_version, output, error, clear_error=clear_error)
+        )
 
     async def load_history(self, instance_id: str) -> History | None:
         """An instance and all its steps; None if there is no such instance."""
