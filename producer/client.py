@@ -45,6 +45,8 @@ from stepline.shared.states import InstanceStatus
 
 T = TypeVar("T")
 
+_PAGE = 500  # instances read per query when listing held ones
+
 
 class Client:
     """Reads and controls instances.
@@ -231,6 +233,40 @@ class Client:
         await self._control(lambda tx: control.resume(tx, instance_id, limit=self._limit), publishes=True)
         return await self._must_get(instance_id)
 
+    async def held(self, workflow: str) -> builtins.list[InstanceInfo]:
+        """Every held instance of ``workflow`` (paused because its replay diverged), newest first.
+
+        A plain paused instance is not held: it has no error.
+        """
+        found: builtins.list[InstanceInfo] = []
+        offset = 0
+        while True:
+            page = await self.list(workflow=workflow, status="paused", limit=_PAGE, offset=offset)
+            found.extend(info for info in page if info.is_held)
+            if len(page) < _PAGE:
+                return found
+            offset += _PAGE
+
+    async def resume_held(self, workflow: str, *, progress: Callable[[int, int], None] | None = None) -> int:
+        """Resume every held instance of ``workflow`` (after a deploy that fixes its code).
+
+        Each is resumed as ``resume`` does, in its own transaction; one that is no
+        longer paused by then is skipped. ``progress`` is told how many were
+        handled so far and how many there are. Returns how many were resumed.
+        """
+        instances = await self.held(workflow)
+        resumed = 0
+        for done, info in enumerate(instances, start=1):
+            try:
+                await self._control(_resume_action(info.id, self._limit), publishes=True)
+            except InvalidStateError:
+                pass  # resumed, terminated or restarted meanwhile: nothing to do
+            else:
+                resumed += 1
+            if progress is not None:
+                progress(done, len(instances))
+        return resumed
+
     async def terminate(self, instance_id: str) -> InstanceInfo:
         """Stop the instance and its children for good; raises ``InvalidStateError`` if finished."""
         check_instance_id(instance_id)
@@ -349,6 +385,10 @@ class Client:
 async def _no_rows(action: Awaitable[None]) -> list[OutboxRow]:
     await action
     return []
+
+
+def _resume_action(instance_id: str, limit: int) -> Callable[[Transaction], Awaitable[list[OutboxRow]]]:
+    return lambda tx: control.resume(tx, instance_id, limit=limit)
 
 
 def _instance(row: Any, steps: builtins.list[StepInfo]) -> InstanceInfo:

@@ -29,11 +29,16 @@ async def pause(tx: Transaction, instance_id: str) -> None:
 
 
 async def resume(tx: Transaction, instance_id: str, *, limit: int) -> list[OutboxRow]:
-    """Let a paused instance go on: a worker replays it and sends what was held back."""
+    """Let a paused instance go on: a worker replays it and sends what was held back.
+
+    A held instance (paused because its replay diverged) loses its error: the
+    worker replays the stored history on the code it runs now, and holds it
+    again, with the new reason, if that still diverges.
+    """
     status = await _lock(tx, instance_id)
     if status != InstanceStatus.PAUSED:
         raise InvalidStateError(instance_id, "resume", status, "paused")
-    await tx.update_instance(instance_id, status=InstanceStatus.RUNNING)
+    await tx.update_instance(instance_id, status=InstanceStatus.RUNNING, clear_error=True)
     return await _advance(tx, instance_id, "resume", limit=limit)
 
 

@@ -49,6 +49,14 @@ class InstanceInfo(BaseModel):
         """Whether the instance is complete, errored or terminated."""
         return self.status in ("complete", "errored", "terminated")
 
+    @property
+    def is_held(self) -> bool:
+        """Whether the instance is held: paused because its replay diverged, ``error`` naming both sides.
+
+        A plain ``pause`` leaves no error; ``resume`` goes on from either.
+        """
+        return self.status == "paused" and self.error is not None
+
 
 class AttemptInfo(BaseModel):
     """One recorded attempt of a step: who ran it, when, and how it ended."""
