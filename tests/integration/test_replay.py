@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from stepline import Client, Producer
+from stepline.producer.models import InstanceInfo
 from stepline.shared.settings import Settings
 from stepline.worker import Context, Workflow
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
-from tests.workflows import BODY_RUNS, branch
+from tests.workflows import BODY_RUNS, branch, evolving
 
 pytestmark = pytest.mark.both_backends
 
@@ -56,33 +59,96 @@ async def _evolving_v2(ctx: Context, params: None) -> str:
     return first + await ctx.step("c", branch, "c")
 
 
-async def test_changed_code_errors_the_instance_naming_history_and_code(
+async def _evolving_v2_again(ctx: Context, params: None) -> str:
+    first = await ctx.step("a", branch, "a")
+    # A second attempt at the deploy, still without the sleep.
+    return first + await ctx.step("d", branch, "d")
+
+
+def _divergence(instance_id: str, asked: str) -> str:
+    return (
+        f"non-determinism in instance {instance_id!r}: the history holds sleep 'pause' at position 2, "
+        f"but the code asked for step {asked!r}"
+    )
+
+
+async def _held_after_deploy(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
-) -> None:
+) -> tuple[str, Any]:
+    """An instance of ``evolving`` version 1 sleeping; a worker of a breaking version 2 when it wakes.
+
+    Returns the instance id and the running worker of version 2.
+    """
     old_worker = await fleet.start_worker()
     fleet.start_scheduler()
     instance_id = await producer.start("evolving", None)
-
-    async def status() -> str | None:
-        info = await client.get(instance_id)
-        return info.status if info else None
-
-    await eventually(status, check=lambda value: value == "waiting", what="the instance to sleep")
-    await fleet.stop(old_worker)
-
-    # Deploy: the same workflow name now runs different code.
-    await fleet.start_worker(workflows={"evolving": Workflow("evolving", _evolving_v2)})
-    await db.time_passes(settings.database)
-    info = await client.wait(instance_id, timeout=30)
-
-    assert info.status == "errored"
-    assert info.error is not None
-    assert info.error["type"] == "NonDeterminismError"
-    assert info.error["message"] == (
-        f"non-determinism in instance {instance_id!r}: the history holds sleep 'pause' at position 2, "
-        "but the code asked for step 'c'"
+    await eventually(
+        lambda: _status(client, instance_id), check=lambda value: value == "waiting", what="the sleep"
     )
-    # Nothing was silently re-run or run anew.
+    await fleet.stop(old_worker)
+    # Deploy: the same workflow name now runs different code, and the sleep's time comes.
+    new_worker = await fleet.start_worker(workflows={"evolving": Workflow("evolving", _evolving_v2)})
+    await db.time_passes(settings.database)
+    await _until_held(client, instance_id, "c")
+    return instance_id, new_worker
+
+
+async def _until_held(client: Client, instance_id: str, asked: str) -> None:
+    async def held() -> InstanceInfo | None:
+        return await client.get(instance_id)
+
+    await eventually(
+        held,
+        check=lambda info: (
+            info is not None
+            and info.is_held
+            and info.error is not None
+            and info.error["message"] == _divergence(instance_id, asked)
+        ),
+        what=f"the instance held for asking step {asked!r}",
+    )
+
+
+async def _status(client: Client, instance_id: str) -> str | None:
+    info = await client.get(instance_id)
+    return info.status if info else None
+
+
+async def test_changed_code_holds_the_instance_and_a_fixed_deploy_resumes_it(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    instance_id, breaking_worker = await _held_after_deploy(fleet, producer, client, settings)
+    held_lines = [record for record in caplog.records if getattr(record, "event", None) == "instance_held"]
+    assert [getattr(record, "instance_id", None) for record in held_lines] == [instance_id]
+
+    info = await client.get(instance_id)
+    assert info is not None
+    assert (info.status, info.is_held, info.finished_at) == ("paused", True, None)
+    assert info.error is not None and info.error["type"] == "NonDeterminismError"
+    # Nothing was lost or run anew: 'a' ran once, 'c' never; the sleep's timer fired harmlessly.
     assert await db.side_effects(settings.database, instance_id, "a") == 1
-    # The error was committed with the decision itself: no message for 'c' was ever queued.
     assert await db.side_effects(settings.database, instance_id, "c") == 0
+    assert [(step.name, step.status) for step in info.steps] == [("a", "succeeded"), ("pause", "succeeded")]
+
+    # A deploy that fixes the code (the steps of the history again), then resume.
+    await fleet.stop(breaking_worker)
+    await fleet.start_worker(workflows={"evolving": evolving})
+    resumed = await client.resume(instance_id)
+    assert resumed.error is None  # the reason it was held is gone (it may even be complete already)
+
+    done = await client.wait(instance_id, timeout=30)
+    assert (done.status, done.output, done.error) == ("complete", "AB", None)
+    assert await db.side_effects_by_step(settings.database, instance_id) == {"a": 1, "b": 1}
+
+
+async def test_a_resume_that_still_diverges_holds_the_instance_again_with_the_new_reason(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    instance_id, breaking_worker = await _held_after_deploy(fleet, producer, client, settings)
+    await fleet.stop(breaking_worker)
+    await fleet.start_worker(workflows={"evolving": Workflow("evolving", _evolving_v2_again)})
+
+    await client.resume(instance_id)
+
+    await _until_held(client, instance_id, "d")
+    assert await db.side_effects_by_step(settings.database, instance_id) == {"a": 1}
