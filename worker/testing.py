@@ -439,7 +439,7 @@ def check_replay(workflow: Workflow[Any, Any], recorded: Mapping[str, Any] | str
 
     Raises:
         NonDeterminismError: the code asks for something else (a deploy would
-            error the instance); the message names both.
+            hold the instance); the message names both.
     """
     if isinstance(recorded, Path):
         data: Mapping[str, Any] = json.loads(recorded.read_text())
