@@ -9,11 +9,11 @@ import pytest
 from stepline import Client, Producer
 from stepline.producer.models import InstanceInfo
 from stepline.shared.settings import Settings
-from stepline.worker import Context, Workflow
+from stepline.worker import Context, RetryPolicy, Workflow
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
-from tests.workflows import BODY_RUNS, branch, evolving
+from tests.workflows import BODY_RUNS, branch, evolving, gateway_timeout
 
 pytestmark = pytest.mark.both_backends
 
@@ -152,3 +152,51 @@ async def test_a_resume_that_still_diverges_holds_the_instance_again_with_the_ne
 
     await _until_held(client, instance_id, "d")
     assert await db.side_effects_by_step(settings.database, instance_id) == {"a": 1}
+
+
+async def _charging_v1(ctx: Context, params: None) -> str:
+    first = await ctx.step("a", branch, "a")
+    # The first attempt fails; the second waits a day, so the deploy comes in between.
+    return first + await ctx.step("charge", gateway_timeout, retry=RetryPolicy(limit=3, delay="1 day"))
+
+
+async def _charging_v2(ctx: Context, params: None) -> str:
+    # The deploy put a new step first.
+    first = await ctx.step("c", branch, "c")
+    return first + await ctx.step("charge", gateway_timeout, retry=RetryPolicy(limit=3, delay="1 day"))
+
+
+async def test_a_step_message_that_finds_the_code_changed_holds_the_instance_without_running_the_step(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    v1 = {"charging": Workflow("charging", _charging_v1)}
+    old_worker = await fleet.start_worker(workflows=v1)
+    fleet.start_scheduler()
+    instance_id = await producer.start("charging", None)
+    await eventually(
+        lambda: db.side_effects(settings.database, instance_id, "charge"),
+        check=lambda runs: runs == 1,
+        what="the first attempt of 'charge'",
+    )
+    await fleet.stop(old_worker)
+
+    breaking = await fleet.start_worker(workflows={"charging": Workflow("charging", _charging_v2)})
+    await db.time_passes(settings.database)  # the retry is due: its step message meets the new code
+
+    async def held() -> InstanceInfo | None:
+        return await client.get(instance_id)
+
+    info = await eventually(held, check=lambda info: info is not None and info.is_held, what="the hold")
+    assert info is not None and info.error is not None
+    assert info.error["message"] == (
+        f"non-determinism in instance {instance_id!r}: the history holds step 'a' at position 1, "
+        "but the code asked for step 'c'"
+    )
+    assert await db.side_effects_by_step(settings.database, instance_id) == {"a": 1, "charge": 1}
+
+    await fleet.stop(breaking)
+    await fleet.start_worker(workflows=v1)
+    await client.resume(instance_id)  # sends the held-back second attempt of 'charge'
+    done = await client.wait(instance_id, timeout=30)
+    assert (done.status, done.output) == ("complete", "Apaid")
+    assert await db.side_effects_by_step(settings.database, instance_id) == {"a": 1, "charge": 2}
