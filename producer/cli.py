@@ -578,7 +578,7 @@ def _console() -> Console:
     """A console that keeps table rows on one line when output goes to a file or a pipe."""
     console = Console()
     if not console.is_terminal:
-        console.width = max(console.width, 140)
+        console.width = max(console.width, 160)  # history's attempts table has 8 columns
     return console
 
 
