@@ -175,6 +175,7 @@ def status(instance_id: str, as_json: bool) -> None:
     console.print(_headline(info))
     _print_trace(console, trace_id, trace_url)
     console.print(f"created {info.created_at:%Y-%m-%d %H:%M:%S}  finished {_time(info.finished_at)}")
+    _print_build(console, info)
     if info.output is not None:
         console.print(_plain(f"output: {json.dumps(info.output)}"))
     if info.error:
@@ -211,6 +212,13 @@ def _not_yet_an_instance(instance_id: str) -> click.ClickException:
     callback=_checked(check_id_prefix),
     help="Only ids that start with this text: exact and case-sensitive ('%' and '_' are characters).",
 )
+@click.option(
+    "--build",
+    "build_id",
+    metavar="ID",
+    default=None,
+    help="Only instances started by a worker of this build id, matched exactly.",
+)
 @click.option("--since", type=click.DateTime(), default=None, help="Created at or after (UTC).")
 @click.option("--until", type=click.DateTime(), default=None, help="Created before (UTC).")
 @click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True, help="Page size.")
@@ -220,6 +228,7 @@ def list_(
     workflow: str | None,
     status_: str | None,
     prefix: str | None,
+    build_id: str | None,
     since: datetime | None,
     until: datetime | None,
     limit: int,
@@ -233,6 +242,7 @@ def list_(
             workflow=workflow,
             status=status_,
             id_prefix=prefix,
+            build_id=build_id,
             limit=limit,
             offset=(page - 1) * limit,
             created_after=_utc(since),
@@ -242,12 +252,13 @@ def list_(
     if as_json:
         _print_json([info.model_dump(mode="json", exclude={"steps"}) for info in infos])
         return
-    table = Table("id", "workflow", "status", "created", "finished", title=f"page {page}")
+    table = Table("id", "workflow", "status", "build", "created", "finished", title=f"page {page}")
     for info in infos:
         table.add_row(
             _plain(info.id),
             _plain(info.workflow),
             _plain(_status_text(info, brief=True)),
+            _plain(info.build_id or "-"),
             _time(info.created_at),
             _time(info.finished_at),
         )
@@ -424,13 +435,16 @@ def history(instance_id: str, as_json: bool) -> None:
             }
         )
         return
-    table = Table("step", "attempt", "worker", "started", "took", "outcome", "error", title="attempts")
+    table = Table(
+        "step", "attempt", "worker", "build", "started", "took", "outcome", "error", title="attempts"
+    )
     for attempt in attempts:
         error = attempt.error or {}
         table.add_row(
             _plain(format_key((attempt.step, attempt.occurrence))),
             str(attempt.attempt),
             _plain(attempt.worker),
+            _plain(attempt.build_id or "-"),
             _clock(attempt.started_at),
             f"{attempt.duration_s * 1000:.0f} ms",
             _plain(attempt.outcome),
@@ -439,6 +453,7 @@ def history(instance_id: str, as_json: bool) -> None:
     console = _console()
     console.print(_headline(info))
     _print_trace(console, trace_id, trace_url)
+    _print_build(console, info)
     console.print(_steps_table(info))
     console.print(table)
     if events:
@@ -608,11 +623,17 @@ def _print_trace(console: Console, trace_id: str | None, trace_url: str | None) 
     console.print(f"trace {trace_id}{link}", soft_wrap=True)
 
 
+def _print_build(console: Console, info: InstanceInfo) -> None:
+    """The build that started the instance (none is kept for one started before build ids were)."""
+    if info.build_id is not None:
+        console.print(_plain(f"started by build {info.build_id}"))
+
+
 def _console() -> Console:
     """A console that keeps table rows on one line when output goes to a file or a pipe."""
     console = Console()
     if not console.is_terminal:
-        console.width = max(console.width, 140)
+        console.width = max(console.width, 160)  # history's attempts table has 8 columns
     return console
 
 

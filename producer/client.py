@@ -115,10 +115,12 @@ class Client:
         created_after: datetime | None = None,
         created_before: datetime | None = None,
         id_prefix: str | None = None,
+        build_id: str | None = None,
     ) -> builtins.list[InstanceInfo]:
         """Instances, newest first (without their steps), one page at a time.
 
-        ``workflow`` and ``status`` match exactly (no wildcards). ``id_prefix`` keeps the
+        ``workflow``, ``status`` and ``build_id`` (the build of the worker that
+        started the instance) match exactly (no wildcards). ``id_prefix`` keeps the
         instances whose id starts with it, exactly: case-sensitive, and ``%`` or ``_`` are
         characters like any other.
 
@@ -139,6 +141,7 @@ class Client:
                 created_after=created_after,
                 created_before=created_before,
                 id_prefix=id_prefix,
+                build_id=build_id,
             )
         return [_instance(row, []) for row in rows]
 
@@ -157,6 +160,7 @@ class Client:
                 error=row.error,
                 started_at=row.started_at,
                 finished_at=row.finished_at,
+                build_id=row.build_id,
             )
             for row in rows
         ]
@@ -404,6 +408,7 @@ def _instance(row: Any, steps: builtins.list[StepInfo]) -> InstanceInfo:
         finished_at=row.finished_at,
         trace_context=row.trace_context,
         parent_id=row.parent_id,
+        build_id=row.build_id,
         steps=steps,
     )
 

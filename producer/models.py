@@ -42,6 +42,8 @@ class InstanceInfo(BaseModel):
     finished_at: datetime | None = None
     trace_context: dict[str, str] | None = None
     parent_id: str | None = None
+    build_id: str | None = None
+    """The build id of the worker that started it (None if it started before build ids were kept)."""
     steps: list[StepInfo] = []
 
     @property
@@ -71,6 +73,8 @@ class AttemptInfo(BaseModel):
     error: dict[str, Any] | None = None
     started_at: datetime
     finished_at: datetime
+    build_id: str | None = None
+    """The build id of the worker that ran it: an instance's steps may run on several builds."""
 
     @property
     def duration_s(self) -> float:

@@ -20,6 +20,7 @@ FIELDS = (
     "routing_key",
     "workflow",
     "worker",
+    "build_id",
     "outage",
     "trace_id",
     "span_id",

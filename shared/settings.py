@@ -23,6 +23,9 @@ from pydantic_settings.exceptions import SettingsError
 from stepline.shared.durations import parse_duration
 from stepline.shared.errors import ConfigError
 
+BUILD_ID_MAX_LENGTH = 64
+"""The longest build id a worker may be given (``STEPLINE_WORKER__BUILD_ID``)."""
+
 DurationSetting = Annotated[timedelta, BeforeValidator(parse_duration)]
 """A duration setting: ``"250ms"``, ``"30s"``, ``"5 minutes"`` or a number of seconds."""
 
@@ -73,12 +76,28 @@ class WorkerSettings(BaseModel):
     workflows: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules that define workflows (comma-separated)."
     )
+    build_id: str | None = Field(
+        default=None,
+        max_length=BUILD_ID_MAX_LENGTH,
+        description="Recorded on the instances it starts and the attempts it runs "
+        "(default: a hash of the workflow modules' source).",
+    )
 
     @field_validator("workflows", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("build_id")
+    @classmethod
+    def _printable_build_id(cls, value: str | None) -> str | None:
+        # It is printed in tables and matched exactly by `list --build`: one visible token.
+        if value is None or value == "":
+            return None
+        if not value.isprintable() or value != value.strip():
+            raise ValueError("must be printable text without leading or trailing spaces")
         return value
 
     @model_validator(mode="after")

@@ -70,6 +70,7 @@ class MessageHandler:
         replay_cache: ReplayCache | None = None,
         local_budget_s: float = 1.0,
         clock: Callable[[], datetime] | None = None,
+        build_id: str | None = None,
     ) -> None:
         self._hooks = hooks or NoHooks()
         self._store = store
@@ -84,7 +85,9 @@ class MessageHandler:
             executor=executor,
             worker_id=worker_id,
             cache=replay_cache,
+            build_id=build_id,
         )
+        self._build_id = build_id  # recorded on the instances it starts
         self._retry_delay = retry_delay
         # Handling fails for want of the database; a worker that no message reaches any
         # more learns that it is back from the probe (see watch_outage).
@@ -250,6 +253,7 @@ class MessageHandler:
             "params": message.params,
             "trace_context": trace_context,
             "parent": parent,
+            "build_id": self._build_id,
         }
         local = None
         with self._planner.replay(workflow, history) as replay:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from stepline.shared.errors import ConfigError
@@ -37,3 +40,37 @@ def load_workflows(modules: Iterable[str]) -> dict[str, Workflow[Any, Any]]:
                 raise ConfigError(f"two workflows are named {item.name!r}: {existing!r} and {item!r}")
             found[item.name] = item
     return found
+
+
+BUILD_ID_LENGTH = 12
+"""Hex digits of the default build id: short to read, long enough that two builds do not collide."""
+
+
+def source_build_id(workflows: Mapping[str, Workflow[Any, Any]], modules: Iterable[str] = ()) -> str:
+    """The default build id: a short SHA-256 of the source of the modules that define the workflows.
+
+    The modules are the ones named (``--workflows``) and those the workflow
+    functions are defined in (a named module may import them from another),
+    hashed in name order with each name, so the id is the same on every
+    machine and every start of the same code, and changes with any byte of
+    it. Modules those import are not covered: a build id from the deploy
+    (``STEPLINE_WORKER__BUILD_ID``, e.g. the git commit) covers everything.
+    """
+    names = {*modules, *(workflow.fn.__module__ for workflow in workflows.values())}
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode() + b"\0")
+        digest.update(_source(name) + b"\0")
+    return digest.hexdigest()[:BUILD_ID_LENGTH]
+
+
+def _source(module_name: str) -> bytes:
+    """A loaded module's source file as bytes; empty for a module without one (built in, frozen)."""
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if not file:
+        return b""
+    try:
+        return Path(file).read_bytes()
+    except OSError:  # gone since it was imported (a deploy replacing files): its name still counts
+        return b""

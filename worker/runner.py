@@ -23,6 +23,7 @@ from stepline.shared.settings import Settings
 from stepline.shared.startup import check_database, connect_broker
 from stepline.worker.executor import StepExecutor
 from stepline.worker.handlers import MessageHandler
+from stepline.worker.registry import source_build_id
 from stepline.worker.replay.cache import ReplayCache
 from stepline.worker.workflow import Workflow
 
@@ -50,6 +51,7 @@ async def run_worker(
             ``startup_timeout_s`` (default: the ``startup_timeout`` setting).
     """
     worker_id = worker_id or default_worker_id()
+    build_id = settings.worker.build_id or source_build_id(workflows, settings.worker.workflows)
     if startup_timeout_s is None:
         startup_timeout_s = settings.startup_timeout.total_seconds()
     concurrency = settings.worker.concurrency
@@ -79,6 +81,7 @@ async def run_worker(
             worker_id=worker_id,
             hooks=hooks,
             replay_cache=replay_cache,
+            build_id=build_id,
         )
         slots = asyncio.Semaphore(concurrency)
 
@@ -107,10 +110,11 @@ async def run_worker(
         outage_watch = asyncio.create_task(handler.watch_outage(drained))
         sampler = asyncio.create_task(_sample_queue_depths(broker, sorted(workflows), hooks, stopping))
         log.info(
-            "worker consuming %s with concurrency %d",
+            "worker consuming %s with concurrency %d, build %s",
             ", ".join(sorted(workflows)),
             concurrency,
-            extra={"event": "worker_started", "worker": worker_id},
+            build_id,
+            extra={"event": "worker_started", "worker": worker_id, "build_id": build_id},
         )
         await stopping.wait()
         log.info("stopping: no new work; finishing in-flight steps", extra={"event": "worker_stopping"})

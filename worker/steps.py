@@ -67,12 +67,14 @@ class StepRunner:
         executor: StepExecutor,
         worker_id: str,
         cache: ReplayCache | None = None,
+        build_id: str | None = None,
     ) -> None:
         self._store = store
         self._cache = cache if cache is not None else ReplayCache(0)  # an empty cache is falsy
         self._planner = planner
         self._executor = executor
         self._worker_id = worker_id
+        self._build_id = build_id  # recorded on every attempt this worker commits
         # Attempts this worker is running now. A second delivery of one of them
         # (a resume re-sending a retry whose timer message was still on its way,
         # a sweeper republishing a row the fast path also sent) waits for the
@@ -296,7 +298,9 @@ class StepRunner:
         writes; both were planned on ``history``, whose version fences the commit.
         """
         key = _step_key(message)
-        attempt = SucceededAttempt(message.attempt, self._worker_id, result.started_at, result.finished_at)
+        attempt = SucceededAttempt(
+            message.attempt, self._worker_id, result.started_at, result.finished_at, self._build_id
+        )
         rows = await self._commit_at_version(history, key, transition, attempt, result.result)
         if rows is None:
             return None
@@ -452,6 +456,7 @@ class StepRunner:
             result=result.result if isinstance(result, StepSucceeded) else None,
             error=None if isinstance(result, StepSucceeded) else result.error,
             next_attempt=attempt + 1 if retry else None,
+            build_id=self._build_id,
         )
 
     async def _record_unplanned(

@@ -48,6 +48,7 @@ class SucceededAttempt:
     worker: str
     started_at: datetime
     finished_at: datetime
+    build_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,6 +174,8 @@ instances = sa.Table(
     sa.Column("parent_workflow", sa.Text),
     sa.Column("parent_step", sa.Text),
     sa.Column("parent_occurrence", sa.Integer),
+    # The build id of the worker that started it (None before revision 0005, and in the testing kit).
+    sa.Column("build_id", sa.Text),
     sa.Index("ix_instances_workflow_status_created", "workflow", "status", "created_at"),
     sa.Index("ix_instances_status_created", "status", "created_at"),
     sa.Index("ix_instances_created", "created_at"),
@@ -214,6 +216,8 @@ step_attempts = sa.Table(
     sa.Column("error", Json),
     sa.Column("started_at", Timestamp(), nullable=False),
     sa.Column("finished_at", Timestamp(), nullable=False),
+    # The build id of the worker that ran it: steps of one instance may run on several builds.
+    sa.Column("build_id", sa.Text),
     sa.ForeignKeyConstraint(
         ["instance_id", "name", "occurrence"],
         ["steps.instance_id", "steps.name", "steps.occurrence"],

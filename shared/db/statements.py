@@ -161,6 +161,7 @@ def attempt_insert(
     error: JSON,
     started_at: datetime,
     finished_at: datetime,
+    build_id: str | None,
 ) -> postgresql.Insert | sqlite.Insert:
     """The attempt row; recording the same attempt twice keeps the first."""
     return insert.values(
@@ -173,6 +174,7 @@ def attempt_insert(
         error=error,
         started_at=started_at,
         finished_at=finished_at,
+        build_id=build_id,
     ).on_conflict_do_nothing()
 
 

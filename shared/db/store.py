@@ -130,6 +130,7 @@ class Store:
         output: JSON = None,
         error: JSON = None,
         messages: Sequence[Message] = (),
+        build_id: str | None = None,
     ) -> list[OutboxRow] | None:
         """``Transaction.start_instance`` on its own (on PostgreSQL one statement, no transaction)."""
         async with self.statements() as tx:
@@ -144,6 +145,7 @@ class Store:
                 output=output,
                 error=error,
                 messages=messages,
+                build_id=build_id,
             )
 
     async def fire_due_timers(self, *, limit: int) -> list[FiredTimer]:

@@ -143,6 +143,7 @@ class PostgresTransaction(Transaction):
         result: JSON = None,
         error: JSON = None,
         next_attempt: int | None = None,
+        build_id: str | None = None,
     ) -> None:
         """``insert_attempt`` + ``settle_step`` in one statement."""
         recorded = attempt_insert(
@@ -155,6 +156,7 @@ class PostgresTransaction(Transaction):
             error=error,
             started_at=started_at,
             finished_at=finished_at,
+            build_id=build_id,
         ).cte("recorded_attempt")
         await self._conn.execute(
             step_update(instance_id, key, status, result, error, started_at, next_attempt).add_cte(recorded)
@@ -213,7 +215,10 @@ class PostgresTransaction(Transaction):
         }
         if attempt is not None:
             params.update(
-                p_attempt=attempt.number, p_worker=attempt.worker, p_finished_at=attempt.finished_at
+                p_attempt=attempt.number,
+                p_worker=attempt.worker,
+                p_finished_at=attempt.finished_at,
+                p_build_id=attempt.build_id,
             )
         statement = settled_step_statement(
             shapes(new_steps), len(messages), status.is_finished, records_attempt=attempt is not None
@@ -233,6 +238,7 @@ class PostgresTransaction(Transaction):
         output: JSON = None,
         error: JSON = None,
         messages: Sequence[Message] = (),
+        build_id: str | None = None,
     ) -> list[OutboxRow] | None:
         """One statement, in which the entries and messages are written only if the instance row was."""
         values = {
@@ -245,6 +251,7 @@ class PostgresTransaction(Transaction):
             "p_parent_workflow": parent.workflow if parent else None,
             "p_parent_step": parent.step if parent else None,
             "p_parent_occurrence": parent.occurrence if parent else None,
+            "p_build_id": build_id,
             "p_output": output,
             "p_error": error,
         }
@@ -369,7 +376,7 @@ def start_statement(step_shapes: tuple[Shape, ...], message_count: int, finishin
     """
     columns = [
         "id", "workflow", "status", "params", "trace_context",
-        "parent_id", "parent_workflow", "parent_step", "parent_occurrence",
+        "parent_id", "parent_workflow", "parent_step", "parent_occurrence", "build_id",
     ]  # fmt: skip
     if finishing:
         columns += ["output", "error"]
@@ -393,6 +400,7 @@ def start_statement(step_shapes: tuple[Shape, ...], message_count: int, finishin
 
 _ATTEMPT_COLUMNS = (
     "instance_id", "name", "occurrence", "attempt", "worker", "outcome", "error", "started_at", "finished_at",
+    "build_id",
 )  # fmt: skip
 
 
@@ -460,6 +468,7 @@ def settled_step_statement(
                     sa.literal(None, type_=step_attempts.c.error.type),
                     started_at,
                     _param("p_finished_at", step_attempts.c.finished_at),
+                    _param("p_build_id", step_attempts.c.build_id),
                 ),
             )
             .on_conflict_do_nothing()

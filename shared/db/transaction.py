@@ -88,8 +88,12 @@ class Transaction:
         trace_context: dict[str, str] | None,
         status: InstanceStatus = InstanceStatus.RUNNING,
         parent: ParentLink | None = None,
+        build_id: str | None = None,
     ) -> bool:
-        """Insert an instance unless one has that id; True if this call created it."""
+        """Insert an instance unless one has that id; True if this call created it.
+
+        ``build_id`` is the build of the worker that starts it.
+        """
         statement = (
             self._insert(instances)
             .values(
@@ -102,6 +106,7 @@ class Transaction:
                 parent_workflow=parent.workflow if parent else None,
                 parent_step=parent.step if parent else None,
                 parent_occurrence=parent.occurrence if parent else None,
+                build_id=build_id,
             )
             .on_conflict_do_nothing(index_elements=["id"])
             .returning(instances.c.id)
@@ -166,11 +171,13 @@ class Transaction:
         created_after: datetime | None = None,
         created_before: datetime | None = None,
         id_prefix: str | None = None,
+        build_id: str | None = None,
     ) -> Sequence[sa.Row[Any]]:
         """Instances, newest first, optionally filtered, one page at a time.
 
-        ``workflow`` and ``status`` match exactly; ``id_prefix`` keeps the ids that start with
-        it, character for character (case-sensitive; ``%`` and ``_`` are plain characters).
+        ``workflow``, ``status`` and ``build_id`` (the build that started it) match exactly;
+        ``id_prefix`` keeps the ids that start with it, character for character
+        (case-sensitive; ``%`` and ``_`` are plain characters).
         """
         query = (
             sa.select(instances)
@@ -184,6 +191,8 @@ class Transaction:
             query = query.where(instances.c.workflow == workflow)
         if status is not None:
             query = query.where(instances.c.status == status)
+        if build_id is not None:
+            query = query.where(instances.c.build_id == build_id)
         if created_after is not None:
             query = query.where(instances.c.created_at >= created_after)
         if created_before is not None:
@@ -333,8 +342,9 @@ class Transaction:
         error: JSON,
         started_at: datetime,
         finished_at: datetime,
+        build_id: str | None = None,
     ) -> None:
-        """Record one finished step attempt."""
+        """Record one finished step attempt (``build_id``: the build of the worker that ran it)."""
         await self._conn.execute(
             attempt_insert(
                 self._insert(step_attempts),
@@ -346,6 +356,7 @@ class Transaction:
                 error=error,
                 started_at=started_at,
                 finished_at=finished_at,
+                build_id=build_id,
             )
         )
 
@@ -363,6 +374,7 @@ class Transaction:
         result: JSON = None,
         error: JSON = None,
         next_attempt: int | None = None,
+        build_id: str | None = None,
     ) -> None:
         """A finished attempt and its step's new status: ``insert_attempt`` + ``settle_step``."""
         await self.insert_attempt(
@@ -374,6 +386,7 @@ class Transaction:
             error=error,
             started_at=started_at,
             finished_at=finished_at,
+            build_id=build_id,
         )
         await self.settle_step(
             instance_id,
@@ -669,6 +682,7 @@ class Transaction:
                 finished_at=attempt.finished_at,
                 status=StepStatus.SUCCEEDED,
                 result=result,
+                build_id=attempt.build_id,
             )
         if status.is_finished:
             await self.cancel_timers(instance_id)
@@ -689,6 +703,7 @@ class Transaction:
         output: JSON = None,
         error: JSON = None,
         messages: Sequence[Message] = (),
+        build_id: str | None = None,
     ) -> list[OutboxRow] | None:
         """A new instance with its first entries and messages; None, writing nothing, if one has that id.
 
@@ -700,6 +715,7 @@ class Transaction:
             params=params,
             trace_context=trace_context,
             parent=parent,
+            build_id=build_id,
         )
         if not created:
             return None

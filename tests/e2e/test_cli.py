@@ -319,3 +319,37 @@ async def test_list_filters_match_exactly(
     )
     assert "Only this status, matched exactly." in help_text
     assert "--prefix TEXT Only ids that start with this text: exact and case-sensitive" in help_text
+
+
+async def test_status_history_and_list_show_the_build_that_ran_an_instance(
+    env: dict[str, str],
+    process_fleet: ProcessFleet,
+    producer: Producer,
+    client: Client,
+    settings: Settings,
+    workflows: Mapping[str, object],
+) -> None:
+    process_fleet.env = {**env, "STEPLINE_WORKER__BUILD_ID": "cli-v1"}
+    process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w-build")
+    await until_consuming(settings, workflows)
+    await producer.start("sequence", {"a": 1, "b": 2}, instance_id="built-1")
+    await client.wait("built-1", timeout=30)
+
+    status, status_json, history, of_build, of_other = await asyncio.gather(
+        cli.run(env, "stepline", "status", "built-1"),
+        cli.run(env, "stepline", "status", "built-1", "--json"),
+        cli.run(env, "stepline", "history", "built-1"),
+        cli.run(env, "stepline", "list", "--build", "cli-v1", "--json"),
+        cli.run(env, "stepline", "list", "--build", "cli-v2", "--json"),
+    )
+
+    assert status.returncode == 0, status
+    assert "started by build cli-v1" in status.stdout
+    assert status_json.json()["build_id"] == "cli-v1"
+    assert history.returncode == 0, history
+    assert "started by build cli-v1" in history.stdout
+    attempt_rows = [line for line in history.stdout.splitlines() if "w-build" in line]
+    assert len(attempt_rows) == 3, history.stdout
+    assert all("cli-v1" in row for row in attempt_rows), history.stdout
+    assert [(item["id"], item["build_id"]) for item in of_build.json()] == [("built-1", "cli-v1")]
+    assert of_other.json() == []

@@ -15,12 +15,12 @@ WITH changed_instance AS
 
 recorded_attempt AS
     (INSERT INTO step_attempts (instance_id, name, occurrence, attempt, worker, outcome, error,
-        started_at, finished_at)
+        started_at, finished_at, build_id)
     SELECT changed_instance.id AS id, %(p_step_name)s::VARCHAR AS anon_1,
         %(p_step_occurrence)s::INTEGER AS anon_2, %(p_attempt)s::INTEGER AS anon_3,
         %(p_worker)s::VARCHAR AS anon_4, %(param_1)s::VARCHAR AS anon_5,
         %(param_2)s::JSONB AS anon_6, %(p_started_at)s::TIMESTAMP WITH TIME ZONE AS anon_7,
-        %(p_finished_at)s::TIMESTAMP WITH TIME ZONE AS anon_8
+        %(p_finished_at)s::TIMESTAMP WITH TIME ZONE AS anon_8, %(p_build_id)s::VARCHAR AS anon_9
     FROM changed_instance
     ON CONFLICT DO NOTHING),
 

@@ -15,12 +15,12 @@ WITH changed_instance AS
 
 recorded_attempt AS
     (INSERT INTO step_attempts (instance_id, name, occurrence, attempt, worker, outcome, error,
-        started_at, finished_at)
+        started_at, finished_at, build_id)
     SELECT changed_instance.id AS id, %(p_step_name)s::VARCHAR AS anon_1,
         %(p_step_occurrence)s::INTEGER AS anon_2, %(p_attempt)s::INTEGER AS anon_3,
         %(p_worker)s::VARCHAR AS anon_4, %(param_1)s::VARCHAR AS anon_5,
         %(param_2)s::JSONB AS anon_6, %(p_started_at)s::TIMESTAMP WITH TIME ZONE AS anon_7,
-        %(p_finished_at)s::TIMESTAMP WITH TIME ZONE AS anon_8
+        %(p_finished_at)s::TIMESTAMP WITH TIME ZONE AS anon_8, %(p_build_id)s::VARCHAR AS anon_9
     FROM changed_instance
     ON CONFLICT DO NOTHING),
 
@@ -36,18 +36,18 @@ settled_step AS
 new_steps AS
     (INSERT INTO steps (instance_id, name, occurrence, position, kind, status, result, fire_at,
         detail, attempt, started_at, finished_at)
-    SELECT changed_instance.id AS id, %(s0_name)s::VARCHAR AS anon_9,
-        %(s0_occurrence)s::INTEGER AS anon_10, %(s0_position)s::INTEGER AS anon_11,
-        %(s0_kind)s::VARCHAR AS anon_12, %(s0_status)s::VARCHAR AS anon_13,
-        %(s0_result)s::JSONB AS anon_14, %(s0_fire_at)s::TIMESTAMP WITH TIME ZONE AS anon_15,
-        %(s0_detail)s::JSONB AS anon_16, %(param_5)s::INTEGER AS anon_17, now() AS utc_now_1,
-        %(param_6)s::TIMESTAMP WITH TIME ZONE AS anon_18
+    SELECT changed_instance.id AS id, %(s0_name)s::VARCHAR AS anon_10,
+        %(s0_occurrence)s::INTEGER AS anon_11, %(s0_position)s::INTEGER AS anon_12,
+        %(s0_kind)s::VARCHAR AS anon_13, %(s0_status)s::VARCHAR AS anon_14,
+        %(s0_result)s::JSONB AS anon_15, %(s0_fire_at)s::TIMESTAMP WITH TIME ZONE AS anon_16,
+        %(s0_detail)s::JSONB AS anon_17, %(param_5)s::INTEGER AS anon_18, now() AS utc_now_1,
+        %(param_6)s::TIMESTAMP WITH TIME ZONE AS anon_19
     FROM changed_instance),
 
 queued AS
     (INSERT INTO outbox (routing_key, body, headers)
-    SELECT %(m0_routing_key)s::VARCHAR AS anon_19, %(m0_body)s AS anon_20,
-        %(m0_headers)s::JSONB AS anon_21
+    SELECT %(m0_routing_key)s::VARCHAR AS anon_20, %(m0_body)s AS anon_21,
+        %(m0_headers)s::JSONB AS anon_22
     FROM changed_instance
     RETURNING outbox.id, outbox.routing_key, outbox.body, outbox.headers)
 

@@ -178,3 +178,19 @@ def test_settings_read_the_environment_when_built(monkeypatch: pytest.MonkeyPatc
     assert Settings().namespace == "first"
     monkeypatch.setenv("STEPLINE_NAMESPACE", "second")
     assert Settings().namespace == "second"
+
+
+def test_build_id_is_read_and_empty_means_the_default(urls: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().worker.build_id is None
+    monkeypatch.setenv("STEPLINE_WORKER__BUILD_ID", "release-2026.12.05+3f9c2e1")
+    assert load_settings().worker.build_id == "release-2026.12.05+3f9c2e1"
+    monkeypatch.setenv("STEPLINE_WORKER__BUILD_ID", "")
+    assert load_settings().worker.build_id is None
+
+
+@pytest.mark.parametrize("bad", ["x" * 65, "v1\nv2", "v1\x1b[31m", " v1"])
+def test_a_build_id_that_cannot_be_shown_as_one_token_is_refused(
+    urls: None, monkeypatch: pytest.MonkeyPatch, bad: str
+) -> None:
+    monkeypatch.setenv("STEPLINE_WORKER__BUILD_ID", bad)
+    assert "STEPLINE_WORKER__BUILD_ID is invalid" in _config_error()
