@@ -12,6 +12,15 @@ StepKey = tuple[str, int]
 """A step's identity: its name and its occurrence (from 1)."""
 
 
+PATCH_PREFIX = "$patch:"
+"""How a patch marker's name starts: step names cannot start with ``$``, so ids never collide."""
+
+
+def patch_marker_name(patch_id: str) -> str:
+    """The history name of the markers of ``ctx.patched(patch_id)``."""
+    return PATCH_PREFIX + patch_id
+
+
 def format_key(key: StepKey) -> str:
     """``'charge'`` for the first occurrence, ``'charge#3'`` for the third."""
     name, occurrence = key

@@ -51,3 +51,5 @@ class StepKind(StrEnum):
     """A ``ctx.child``: settled when the child instance finishes."""
     VALUE = "value"
     """A recorded ``ctx.now()``, ``ctx.random()`` or ``ctx.uuid()``; hidden from users."""
+    PATCH = "patch"
+    """A ``ctx.patched(id)`` marker: the instance took the patched code here; shown to users."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random as _random
+import sys
 import uuid as _uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -15,6 +16,7 @@ from pydantic import TypeAdapter
 from stepline.shared import codec
 from stepline.shared.codec import JSON
 from stepline.shared.durations import Duration, parse_duration
+from stepline.shared.errors import WorkflowDefinitionError
 from stepline.shared.history import StepKey, format_key
 from stepline.shared.messages import check_instance_id, check_workflow_name
 from stepline.shared.states import StepKind
@@ -54,6 +56,8 @@ class Context:
     def __init__(self, replay: Replay, instance_id: str, workflow: str) -> None:
         self._replay = replay
         self._occurrences: Counter[str] = Counter()
+        self._patch_sites: dict[str, tuple[str, str, int]] = {}
+        """Per patch id: which method asked for it, and from which file and line."""
         self.instance_id = instance_id
         """The id of the running instance."""
         self.workflow = workflow
@@ -230,6 +234,58 @@ class Context:
             child_params=raw,
         )
         return _convert(future, adapter)
+
+    def patched(self, patch_id: str) -> bool:
+        """Whether this instance runs patch ``patch_id`` here: ``if ctx.patched(id): new else: old``.
+
+        True for an instance that reaches this point on code with the patch (a
+        marker is recorded in its history, and every later replay finds it);
+        False for one whose history went past this point before the patch was
+        deployed, so it replays the old branch exactly as before. Each call is
+        one occurrence: a patch in a loop records one marker per pass.
+
+        Raises:
+            WorkflowDefinitionError: ``patch_id`` is empty or not a string, or is used
+                at another place in this workflow, or with ``deprecate_patch``.
+        """
+        self._check_patch(patch_id, "patched")
+        return self._replay.patch(patch_id, deprecated=False)
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """Mark patch ``patch_id`` as everywhere: its new code runs, unconditionally, after this call.
+
+        For the deploy after ``patched``, once no instance that ran the old code
+        is left: histories with the patch's marker and without it both replay,
+        and nothing is recorded. Remove the call in a later deploy.
+
+        Raises:
+            WorkflowDefinitionError: as for ``patched``.
+        """
+        self._check_patch(patch_id, "deprecate_patch")
+        self._replay.patch(patch_id, deprecated=True)
+
+    def _check_patch(self, patch_id: object, method: str) -> None:
+        """Refuse a patch id that is not one, or one this workflow uses at two places."""
+        if not isinstance(patch_id, str) or not patch_id or len(patch_id) > 200:
+            raise WorkflowDefinitionError(
+                f"workflow {self.workflow!r}: invalid patch id {patch_id!r} in ctx.{method}(): "
+                "a string of 1-200 characters"
+            )
+        # The caller of patched()/deprecate_patch(): two frames up from here.
+        caller = sys._getframe(2)
+        site = (method, caller.f_code.co_filename, caller.f_lineno)
+        first = self._patch_sites.setdefault(patch_id, site)
+        if first == site:
+            return
+        if first[0] != method:
+            raise WorkflowDefinitionError(
+                f"workflow {self.workflow!r} calls both ctx.{first[0]}({patch_id!r}) and "
+                f"ctx.{method}({patch_id!r}): a patch is either current or deprecated"
+            )
+        raise WorkflowDefinitionError(
+            f"workflow {self.workflow!r} uses patch id {patch_id!r} at two places "
+            f"({first[1]}:{first[2]} and {site[1]}:{site[2]}): give each place its own id"
+        )
 
     def now(self) -> datetime:
         """The current time (UTC), recorded the first time and replayed after."""

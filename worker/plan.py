@@ -238,8 +238,8 @@ class Planner:
             assert outcome.error is not None
             return await self.hold(tx, history, outcome.error)
         if outcome.kind == "raised":
-            # Only recorded values are kept; nothing new starts after an error.
-            entries = [entry for entry in entries if entry.kind == StepKind.VALUE]
+            # Only recorded values and patch markers are kept; nothing new starts after an error.
+            entries = [entry for entry in entries if entry.kind in (StepKind.VALUE, StepKind.PATCH)]
         instance_id = history.instance_id
         status, output, error = self._ending(outcome)
         await tx.cancel_timers(instance_id)
@@ -330,6 +330,7 @@ _INITIAL_STATUS = {
     StepKind.SLEEP: StepStatus.WAITING,
     StepKind.EVENT: StepStatus.WAITING,
     StepKind.VALUE: StepStatus.SUCCEEDED,
+    StepKind.PATCH: StepStatus.SUCCEEDED,
 }
 
 

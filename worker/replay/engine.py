@@ -15,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 from stepline.shared.codec import JSON
 from stepline.shared.errors import EventTimeoutError, NonDeterminismError, SteplineError
 from stepline.shared.failures import failure_error, step_failure
-from stepline.shared.history import History, StepKey, StepRecord, format_key
+from stepline.shared.history import PATCH_PREFIX, History, StepKey, StepRecord, format_key, patch_marker_name
 from stepline.shared.states import StepKind, StepStatus
 from stepline.worker.context import Context, StepCall
 from stepline.worker.replay.loop import ReplayLoop
@@ -55,6 +55,9 @@ def describe(kind: StepKind, key: StepKey) -> str:
     """How a history entry is named in messages."""
     if kind == StepKind.VALUE:
         return f"ctx.{key[0][1:]}() call #{key[1]}"
+    if kind == StepKind.PATCH:
+        occurrence = "" if key[1] == 1 else f" #{key[1]}"
+        return f"the marker of ctx.patched({key[0].removeprefix(PATCH_PREFIX)!r}){occurrence}"
     return f"{kind} {format_key(key)!r}"
 
 
@@ -126,6 +129,7 @@ class Replay:
         self._requested: dict[StepKey, StepKind] = {}
         self._pending: dict[StepKey, asyncio.Future[Any]] = {}
         self._value_counts: Counter[str] = Counter()
+        self._patch_counts: Counter[str] = Counter()
         self._divergence: NonDeterminismError | None = None
         self._task: asyncio.Task[Any] | None = None
         self._covered = False
@@ -255,6 +259,33 @@ class Replay:
         value = self._carried[key] if key in self._carried else make()
         self.new_entries.append(NewEntry(key, StepKind.VALUE, result=value))
         return value
+
+    def patch(self, patch_id: str, *, deprecated: bool) -> bool:
+        """Whether this occurrence of ``patch_id`` takes the patched code (see ``Context.patched``).
+
+        A marker in the history says yes. Without one, a history holding entries
+        the code has not asked for yet went past this point on the old code: no.
+        At the end of the history the instance is new here: yes, and a marker is
+        recorded so every later replay says yes too. A deprecated patch records
+        nothing and only claims a marker an older deploy left.
+        """
+        self._patch_counts[patch_id] += 1
+        key = (patch_marker_name(patch_id), self._patch_counts[patch_id])
+        record = self.history.step(key)
+        if not self._check_kind(key, StepKind.PATCH, record):
+            return True
+        if record is not None:
+            self._requested[key] = StepKind.PATCH
+            return True
+        if deprecated:
+            return True
+        # Positions follow the order entries were first asked for, and the replay asks
+        # again in that order: an entry not yet asked for was recorded after this point.
+        if any(recorded not in self._requested for recorded in self.history.steps):
+            return False
+        self._requested[key] = StepKind.PATCH
+        self.new_entries.append(NewEntry(key, StepKind.PATCH))
+        return True
 
     # -- internals
 
