@@ -7,7 +7,10 @@ import json
 import pytest
 
 from stepline import Client, Producer
+from stepline.shared.db import stores
 from stepline.shared.settings import Settings
+from stepline.worker.registry import load_workflows
+from stepline.worker.replay_check import check_instances
 from tests.support import cli, db
 from tests.support.fleet import Fleet, process_env
 from tests.support.polling import eventually
@@ -105,3 +108,37 @@ async def test_a_database_without_instances_has_nothing_to_check(settings: Setti
     )
     assert result.returncode == 0, result
     assert result.stdout.strip() == "no unfinished instances: nothing to check"
+
+
+async def test_pages_of_histories_are_read_in_turn_and_limited(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    sleeping, waiting = await _left_waiting(fleet, producer, client)
+    breaking = load_workflows(["tests.deploys.breaking"])
+    store = stores.create_store(settings.database)
+    seen: list[tuple[int, int]] = []
+    try:
+        # Pages of two: the second page starts after the first page's last id, none is read twice.
+        report = await check_instances(
+            store, breaking, page_size=2, progress=lambda done, total: seen.append((done, total))
+        )
+        limited = await check_instances(store, breaking, page_size=2, limit=1)
+    finally:
+        await store.close()
+    assert seen == [(2, 3), (3, 3)]
+    assert sorted(item.id for item in report.diverged) == sorted([*sleeping, waiting])
+    assert (limited.checked, len(limited.diverged)) == (1, 1)
+
+
+async def test_a_workflow_the_module_does_not_define_is_a_usage_error(settings: Settings) -> None:
+    result = await cli.run(
+        process_env(settings),
+        "stepline",
+        "replay-check",
+        "--workflows",
+        "tests.deploys.unrelated",
+        "--workflow",
+        "evolving",
+    )
+    assert result.returncode == 2, result
+    assert "workflow 'evolving' is not defined in tests.deploys.unrelated" in result.stderr
