@@ -8,7 +8,7 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY stepline/__init__.py stepline/py.typed ./stepline/
+COPY stepline/__init__.py stepline/cli.py stepline/py.typed ./stepline/
 COPY shared ./shared
 COPY worker ./worker
 COPY scheduler ./scheduler

@@ -36,7 +36,7 @@ from benchmarks.isolation import Isolation
 from benchmarks.procs import ROOT, Fleet, child_env, machine_busy_seconds
 from benchmarks.sections import FULL, QUICK, Bench, Sizes
 
-SECTIONS = ("throughput", "latency", "timers", "long", "naive", "rawtx")
+SECTIONS = ("throughput", "latency", "timers", "long", "naive", "rawtx", "replaycheck")
 ALIASES = {"memory": ("throughput",), "references": ("naive", "rawtx")}
 
 
@@ -122,7 +122,7 @@ async def run_sections(bench: Bench, sections: set[str], results: dict[str, Any]
                 bench.throughput[count] = engine_run
                 entry = results.setdefault("throughput", {"instances": bench.sizes.instances, "runs": []})
                 entry["runs"].append(engine_run.as_json())
-    for name in ("latency", "timers", "long"):
+    for name in ("latency", "timers", "long", "replaycheck"):
         if name in sections:
             outcome = await guarded(name, getattr(bench, name))
             if outcome is not None:

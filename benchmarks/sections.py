@@ -40,6 +40,8 @@ from stepline.worker.workflow import Workflow
 ENGINE_TABLES = "instances, steps, step_attempts, outbox, timers, events"
 DUE_AHEAD_S = 2.0
 """How far ahead the timers section makes its armed sleeps due."""
+REPLAY_STEPS = 20
+"""Steps in each history the replay-check section checks."""
 STALL_TIMEOUT_S = 90.0
 """A run that makes no progress for this long is stopped and reported as incomplete."""
 NAIVE_CONCURRENCY = 16
@@ -64,6 +66,8 @@ class Sizes:
     short_steps: int
     rawtx_s: float
     rawtx_clients: int
+    replay_instances: int
+    """Unfinished instances ``stepline replay-check`` replays (of a 20-step history each)."""
 
 
 QUICK = Sizes(
@@ -76,6 +80,7 @@ QUICK = Sizes(
     short_steps=10,
     rawtx_s=5,
     rawtx_clients=8,
+    replay_instances=2_000,
 )
 FULL = Sizes(
     instances=600,
@@ -87,6 +92,7 @@ FULL = Sizes(
     short_steps=10,
     rawtx_s=10,
     rawtx_clients=8,
+    replay_instances=10_000,
 )
 
 
@@ -767,6 +773,81 @@ class Bench:
             f" ({short_steps}-step), ratio {wall_long / wall_short:.2f}"
         )
         return result
+
+    # ------------------------------------------------------------ 6. replay-check (the deploy gate)
+
+    async def replaycheck(self) -> dict[str, Any]:
+        """``stepline replay-check`` over unfinished 20-step histories: instances/s and peak memory.
+
+        The histories are inserted directly (one INSERT ... SELECT per table), as
+        if a deploy found them mid-run: 20 succeeded steps of ``bench-chain`` each,
+        instance still running. Checked at a fifth of the size and at full size:
+        the check streams pages, so its peak memory should not grow with the count.
+        """
+        await self.reset("replay-check")
+        total = self.sizes.replay_instances
+        runs = []
+        inserted = 0
+        for size in (total // 5, total):
+            await self._insert_histories(inserted, size)
+            inserted = size
+            runs.append(await self._replay_check_run(size))
+        small, full = runs
+        result = {"steps": REPLAY_STEPS, "runs": runs, "instances_per_s": full["instances_per_s"]}
+        self.note(
+            f"replay-check: {full['instances_per_s']:.0f} instances/s over {total:,} x {REPLAY_STEPS}-step"
+            f" histories, peak RSS {full['peak_rss_mib']:.0f} MiB ({small['peak_rss_mib']:.0f} MiB"
+            f" at {small['instances']:,})"
+        )
+        return result
+
+    async def _insert_histories(self, first: int, end: int) -> None:
+        """Instances ``first`` to ``end`` of ``bench-chain``, each with REPLAY_STEPS succeeded steps."""
+        async with self.connection() as conn:
+            await conn.execute(
+                "INSERT INTO instances (id, workflow, status, params)"
+                " SELECT 'rc-' || lpad(i::text, 7, '0'), %s, 'running',"
+                " jsonb_build_object('n', i, 'steps', %s::int)"
+                " FROM generate_series(%s::int, %s::int) AS i",
+                (bench_chain.name, REPLAY_STEPS + 1, first, end - 1),
+            )
+            # The step "add" #k returned n + k; a 21st is still to run (the instance is running).
+            await conn.execute(
+                "INSERT INTO steps (instance_id, name, occurrence, position, kind, status, attempt, result)"
+                " SELECT 'rc-' || lpad(i::text, 7, '0'), 'add', k, k, 'step', 'succeeded', 1, to_jsonb(i + k)"
+                " FROM generate_series(%s::int, %s::int) AS i, generate_series(1, %s::int) AS k",
+                (first, end - 1, REPLAY_STEPS),
+            )
+            await conn.execute("ANALYZE instances, steps")
+
+    async def _replay_check_run(self, instances: int) -> dict[str, Any]:
+        argv = [str(BIN / "stepline"), "replay-check", "--workflows", "benchmarks.workflows", "--json"]
+        task = self.progress.add_task(f"replay-check over {instances:,} instances", total=None)
+        try:
+            began = time.monotonic()
+            process = await asyncio.create_subprocess_exec(
+                *argv, env=self.fleet.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            peak = 0
+            communicate = asyncio.ensure_future(process.communicate())
+            while not communicate.done():
+                peak = max(peak, rss_kib(process.pid))
+                await asyncio.wait({communicate}, timeout=0.05)
+            stdout, stderr = communicate.result()
+            elapsed = time.monotonic() - began
+        finally:
+            self.progress.remove_task(task)
+        if process.returncode != 0:
+            raise RuntimeError(f"replay-check exited {process.returncode}: {stderr.decode()[-500:]}")
+        checked = json.loads(stdout)["checked"]
+        if checked != instances:
+            raise RuntimeError(f"replay-check checked {checked} instances, not {instances}")
+        return {
+            "instances": instances,
+            "seconds": elapsed,
+            "instances_per_s": instances / elapsed,
+            "peak_rss_mib": peak / 1024,
+        }
 
 
 def fire_lateness(notes: Sequence[Path]) -> tuple[list[float], list[float]]:

@@ -88,6 +88,35 @@ class Store:
         async with self.statements() as tx:
             return await tx.load_history(instance_id)
 
+    async def unfinished_histories(
+        self, workflows: Sequence[str], *, page_size: int = 500, limit: int | None = None
+    ) -> AsyncIterator[list[History]]:
+        """The histories of unfinished instances of ``workflows``, a page at a time, in id order.
+
+        Each page is read on a connection of its own and given back before the
+        caller sees it: a long check holds no connection (nor snapshot) open
+        while it replays. ``limit`` caps the number of instances in all.
+        """
+        after: str | None = None
+        left = limit
+        while left is None or left > 0:
+            size = page_size if left is None else min(page_size, left)
+            async with self.reading() as tx:
+                page = await tx.unfinished_histories(after=after, limit=size, workflows=workflows)
+            if not page:
+                return
+            yield page
+            after = page[-1].instance_id
+            if left is not None:
+                left -= len(page)
+            if len(page) < size:
+                return
+
+    async def unfinished_workflows(self) -> dict[str, int]:
+        """How many unfinished instances each workflow has."""
+        async with self.reading() as tx:
+            return await tx.unfinished_workflows()
+
     async def commit_settled_step(
         self,
         instance_id: str,

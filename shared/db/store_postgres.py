@@ -49,20 +49,44 @@ Shape = tuple[bool, bool, bool]
 """Per new entry: started now (not a step), settled, fire time a delay after now."""
 
 
-def _history_query() -> sa.Select[Any]:
-    """PostgreSQL: the instance and its steps as one JSON array, in one round trip."""
+def _step_list() -> sa.ScalarSelect[Any]:
+    """An instance's steps as one JSON array, in position order."""
     step_object = sa.func.json_build_object(*(part for name in STEP_FIELDS for part in (name, steps.c[name])))
-    step_list = (
+    return (
         sa.select(sa.func.json_agg(aggregate_order_by(step_object, steps.c.position)))
         .where(steps.c.instance_id == instances.c.id)
         .scalar_subquery()
     )
-    return sa.select(*INSTANCE_FIELDS, step_list.label("steps")).where(
+
+
+def _history_query() -> sa.Select[Any]:
+    """PostgreSQL: the instance and its steps as one JSON array, in one round trip."""
+    return sa.select(*INSTANCE_FIELDS, _step_list().label("steps")).where(
         instances.c.id == sa.bindparam("instance_id")
     )
 
 
+def _unfinished_histories_query() -> sa.Select[Any]:
+    """PostgreSQL: a page of unfinished instances with their steps, in one round trip.
+
+    Arrays instead of IN lists: the statement has one fixed text, compiled once.
+    ``after`` is ``''`` for the first page (ids are never empty).
+    """
+    finished = sa.bindparam("finished", sorted(FINISHED_STATUSES), type_=postgresql.ARRAY(sa.Text))
+    return (
+        sa.select(*INSTANCE_FIELDS, _step_list().label("steps"))
+        .where(
+            instances.c.status != sa.all_(finished),
+            instances.c.workflow == sa.any_(sa.bindparam("workflows", type_=postgresql.ARRAY(sa.Text))),
+            instances.c.id > sa.bindparam("after", type_=sa.Text),
+        )
+        .order_by(instances.c.id)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+    )
+
+
 _HISTORY = _history_query()  # built once: its compiled form is reused
+_UNFINISHED_HISTORIES = _unfinished_histories_query()
 # Its row as raw.fetch_all gives it (a tuple), with the names SQLAlchemy's rows have.
 _HistoryRow = namedtuple("_HistoryRow", list(_HISTORY.selected_columns.keys()))  # type: ignore[misc]
 
@@ -108,6 +132,18 @@ class PostgresTransaction(Transaction):
             return None
         row: Any = _HistoryRow(*found[0])
         return history_from(row, row.steps or ())
+
+    async def unfinished_histories(
+        self, *, after: str | None, limit: int, workflows: Sequence[str]
+    ) -> list[History]:
+        """One page of unfinished instances with their steps, in one round trip (see the base class)."""
+        found = await raw.fetch_all(
+            self._conn,
+            _UNFINISHED_HISTORIES,
+            {"after": after or "", "limit": limit, "workflows": list(workflows)},
+        )
+        rows: list[Any] = [_HistoryRow(*values) for values in found]  # the same columns as _HISTORY's
+        return [history_from(row, row.steps or ()) for row in rows]
 
     async def _id_starts_with(self, prefix: str) -> list[sa.ColumnElement[bool]]:
         """The id range where instances.id sorts by code point, else ``starts_with`` alone.

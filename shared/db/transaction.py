@@ -157,6 +157,44 @@ class Transaction:
         )
         return history_from(row, (step._mapping for step in step_rows))
 
+    async def unfinished_workflows(self) -> dict[str, int]:
+        """How many unfinished instances each workflow has (running, waiting, paused, queued)."""
+        rows = await self._conn.execute(
+            sa.select(instances.c.workflow, sa.func.count())
+            .where(instances.c.status.not_in(FINISHED_STATUSES))
+            .group_by(instances.c.workflow)
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def unfinished_histories(
+        self, *, after: str | None, limit: int, workflows: Sequence[str]
+    ) -> list[History]:
+        """One page of unfinished instances of ``workflows`` with their steps, by id after ``after``.
+
+        Keyset pagination (``id > after``): a page costs the same however deep the
+        walk is, and a caller streaming every page holds one page at a time.
+        """
+        query = (
+            sa.select(*INSTANCE_FIELDS)
+            .where(instances.c.status.not_in(FINISHED_STATUSES), instances.c.workflow.in_(workflows))
+            .order_by(instances.c.id)
+            .limit(limit)
+        )
+        if after is not None:
+            query = query.where(instances.c.id > after)
+        rows = (await self._conn.execute(query)).all()
+        if not rows:
+            return []
+        by_instance: dict[str, list[sa.RowMapping]] = {row.id: [] for row in rows}
+        step_rows = await self._conn.execute(
+            sa.select(steps.c.instance_id, *(steps.c[name] for name in STEP_FIELDS))
+            .where(steps.c.instance_id.in_(list(by_instance)))
+            .order_by(steps.c.instance_id, steps.c.position)
+        )
+        for step in step_rows:
+            by_instance[step.instance_id].append(step._mapping)
+        return [history_from(row, by_instance[row.id]) for row in rows]
+
     async def get_instance_row(self, instance_id: str) -> sa.Row[Any] | None:
         """The whole instance row, for clients."""
         return (await self._conn.execute(sa.select(instances).where(instances.c.id == instance_id))).first()

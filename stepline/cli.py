@@ -1,0 +1,13 @@
+"""``stepline``: the producer's commands plus the worker's ``replay-check``.
+
+The deploy gate replays histories with the worker's engine, and the producer
+may not import the worker; the top package may import both, so the command
+group is assembled here and the ``stepline`` script points at it.
+"""
+
+from stepline.producer.cli import main
+from stepline.worker.replay_check import replay_check
+
+main.add_command(replay_check)
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""Workflow modules as a deploy would bring them: `stepline replay-check --workflows tests.deploys.X`."""
