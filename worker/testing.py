@@ -197,6 +197,8 @@ class _KitBroker:
         self.ready: deque[Delivery] = deque()
         self.dead: list[_DeadLetter] = []
         self._requeues: Counter[int] = Counter()
+        self.failure: RuntimeError | None = None
+        """A delivery the engine kept giving back (the store failing): the run stops with it."""
 
     async def publish(self, routing_key: str, body: bytes, headers: Mapping[str, str] | None) -> None:
         """Queue a message (the relay's confirmed publish)."""
@@ -212,7 +214,11 @@ class _KitBroker:
         async def requeue() -> None:
             self._requeues[id(delivery)] += 1
             if self._requeues[id(delivery)] > _MAX_REQUEUES:
-                raise RuntimeError(f"the engine gave {routing_key!r} back {_MAX_REQUEUES} times: see its log")
+                # Not raised here: the handler gives a delivery back quietly, so the run raises it.
+                self.failure = RuntimeError(
+                    f"the engine gave {routing_key!r} back {_MAX_REQUEUES} times: see its log"
+                )
+                return
             self.ready.append(delivery)
 
         delivery = Delivery(body, routing_key, headers, False, ack, requeue)
@@ -362,6 +368,9 @@ class WorkflowEnvironment:
             batch = list(self._broker.ready)
             self._broker.ready.clear()
             await asyncio.gather(*(handler.handle(delivery) for delivery in batch))
+            failure, self._broker.failure = self._broker.failure, None
+            if failure is not None:
+                raise failure
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[_Session]:

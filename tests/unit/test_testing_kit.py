@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydantic import BaseModel
 
 from examples.order_fulfilment import Order, order_fulfilment
 from stepline import Context, NonRetryableError, RetryPolicy, StepFailedError, step_info, workflow
+from stepline.shared.broker import Delivery
 from stepline.shared.errors import BadPayloadError, EventTimeoutError, InvalidParamsError, NonDeterminismError
+from stepline.worker.handlers import MessageHandler
 from stepline.worker.testing import WorkflowEnvironment, check_replay
 
 
@@ -314,5 +317,22 @@ async def test_a_child_workflow_the_environment_does_not_know_is_named() -> None
     try:
         with pytest.raises(LookupError, match=r"starts child workflow 'kit-child': pass it to"):
             await env.start(kit_parent, 1)
+    finally:
+        env.close()
+
+
+async def test_a_message_the_engine_keeps_giving_back_stops_the_run_with_the_cause() -> None:
+    class GivesBack:
+        """Gives every delivery back, quietly, as the worker does while its store fails."""
+
+        async def handle(self, delivery: Delivery) -> None:
+            with contextlib.suppress(Exception):
+                await delivery.requeue()
+
+    env = WorkflowEnvironment()
+    try:
+        await env._broker.publish("step.kit-month", b"{}", None)
+        with pytest.raises(RuntimeError, match=r"the engine gave 'step.kit-month' back 3 times"):
+            await env._deliver_all(cast(MessageHandler, GivesBack()))
     finally:
         env.close()
