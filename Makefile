@@ -1,5 +1,5 @@
 # stepline developer front door. Every target is idempotent.
-#   make test   - what CI runs: setup + services + lint + typecheck + pytest
+#   make test   - what CI runs: setup + services + lint + typecheck + pytest (in parallel, then the serial tests)
 #   make run    - the main job: the example workflows end to end, embedded (no services needed)
 #   make run-stack - the same on PostgreSQL + RabbitMQ
 
@@ -29,7 +29,7 @@ help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
 	@echo
-	@echo "Variables: PYTEST_ARGS='...' STEPLINE_DATABASE_URL=... STEPLINE_AMQP_URL=..."
+	@echo "Variables: PYTEST_ARGS='...' TEST_WORKERS=4 STEPLINE_DATABASE_URL=... STEPLINE_AMQP_URL=..."
 
 setup: ## Create .venv and install stepline + dev deps (when pyproject.toml changed)
 	@VENV='$(VENV)' bash scripts/setup.sh
@@ -48,9 +48,16 @@ format: setup ## Apply ruff formatting and autofixes
 typecheck: setup ## mypy (configured in pyproject.toml)
 	$(BIN)/mypy
 
+# The suite mostly waits on I/O, so it runs in TEST_WORKERS processes (pytest-xdist); each
+# process makes its own vhost and template database. Tests marked `serial` restart the shared
+# PostgreSQL or RabbitMQ under everyone's feet: they run alone, after the rest.
+TEST_WORKERS ?= 4
+TEST_ENV = STEPLINE_EMBEDDED= STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)'
+
 test: setup services lint typecheck ## Everything CI runs: lint, typecheck, full pytest suite
-	STEPLINE_EMBEDDED= STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \
-		$(BIN)/pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/pytest -n $(TEST_WORKERS) -m 'not serial' $(PYTEST_ARGS)
+	@# Exit 5 is "none collected": PYTEST_ARGS may name tests that hold no serial one.
+	$(TEST_ENV) $(BIN)/pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 run: setup ## The main job: the example workflows end to end, embedded (SQLite files, no services)
 	STEPLINE_EMBEDDED='$(STEPLINE_EMBEDDED)' $(PY) -m examples.demo

@@ -9,7 +9,7 @@ import pytest
 from stepline.shared.settings import Settings
 from tests.chaos.run import Chaos
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.serial, pytest.mark.timeout(600)]
 
 
 async def test_nothing_is_lost_or_committed_twice_under_faults(settings: Settings, tmp_path: Path) -> None:
