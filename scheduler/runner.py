@@ -23,6 +23,9 @@ from stepline.shared.startup import check_database, connect_broker
 
 log = logging.getLogger("stepline.scheduler")
 
+LOCKED_RETRY_S = 0.05
+"""How soon to look again when the due schedules were all held by another scheduler."""
+
 
 async def fire_timers_until_stopped(
     store: Store,
@@ -86,13 +89,16 @@ async def fire_schedules_until_stopped(
         try:
             due_in = await seconds_until_next_schedule(store)
             if due_in is not None and due_in <= 0:
-                rows = await fire_due_schedules(store, payload_limit=payload_limit)
+                fired = await fire_due_schedules(store, payload_limit=payload_limit)
                 outage.recovered()
-                await relay.publish_committed(rows)
-                continue  # more may be due: look again at once
-            outage.recovered()
-            if due_in is not None:
-                wait = min(poll, due_in)
+                await relay.publish_committed(fired.rows)
+                if fired.claimed:
+                    continue  # more may be due: look again at once
+                wait = min(poll, LOCKED_RETRY_S)  # another scheduler holds them: its commit moves them on
+            else:
+                outage.recovered()
+                if due_in is not None:
+                    wait = min(poll, due_in)
         except (SQLAlchemyError, OSError) as exc:
             outage.failed(first_line(exc))
         with contextlib.suppress(TimeoutError):
