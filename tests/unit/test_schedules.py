@@ -1,4 +1,4 @@
-"""Schedule: validation, fire times across daylight-saving changes, and what a look at a due schedule starts."""
+"""Schedule: validation, fire times across daylight-saving changes, what a look at a due schedule starts."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_ticks_are_strictly_after_the_moment() -> None:
 
 
 def test_a_daily_berlin_schedule_across_spring_forward_and_autumn_back() -> None:
-    """02:30 does not exist on 2026-03-29 (fires at 03:00 CEST) and happens twice on 2026-10-25 (fires once)."""
+    """02:30 does not exist on 2026-03-29 (fires at 03:00 CEST), happens twice on 2026-10-25 (fires once)."""
     nightly = Schedule("30 2 * * *", timezone="Europe/Berlin")
     spring = nightly.next_fire_times(datetime(2026, 3, 27, 12, tzinfo=UTC), 4)
     assert spring == [
