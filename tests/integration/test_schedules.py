@@ -7,6 +7,7 @@ schedulers and workers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -257,3 +258,27 @@ async def test_a_scheduler_starts_one_instance_per_tick_and_skip_waits_for_the_s
     both = await eventually(started, check=lambda ids: len(ids) >= 2, what="the next start")
     assert both[0] == first
     await client.delete_schedule("slow")
+
+
+async def test_schedulers_firing_at_once_start_each_tick_once(client: Client, settings: Settings) -> None:
+    for number in range(20):
+        await client.create_schedule(
+            f"s{number:02}", "held-open", Schedule("* * * * *", overlap="allow"), allow_unregistered=True
+        )
+    schedulers = [create_store(settings.database, pool_size=1) for _ in range(5)]
+    try:
+        async with schedulers[0].reading() as tx:
+            first = max(row.next_fire_at for row in await tx.list_schedule_rows())
+        # Five schedulers look at the same moment, each on its own connection.
+        fired = await asyncio.gather(
+            *(fire_due_schedules(store, payload_limit=1 << 20, now=first, limit=7) for store in schedulers)
+        )
+        more = await _fire(schedulers[0], first)  # what the limit left
+        async with schedulers[0].reading() as tx:
+            queued = await tx.count_outbox()
+    finally:
+        for store in schedulers:
+            await store.close()
+    started = [instance_id for each in [*fired, more] for instance_id in each.instance_ids]
+    assert len(started) == len(set(started)) == 20
+    assert queued == 20  # one start message per tick in the outbox
