@@ -93,7 +93,12 @@ async def test_catch_up_latest_after_both_schedulers_were_stopped(
     await eventually(lambda: _ticks(client, "latest@"), check=lambda t: len(t) >= 2, timeout=60, what="ticks")
     for name in ("s1", "s2"):
         terminate(process_fleet.processes[name])
+    # The last start they fired may still be on its way to the worker: wait for its instance.
+    last = (await client.get_schedule("latest")).last_instance_id
+    assert last is not None
+    await eventually(lambda: client.get(last), what="the last start's instance")
     before = await _ticks(client, "latest@")
+    assert before[-1] == _tick(last)
     # Both down while five ticks pass (by the database's clock).
     stopped_at = before[-1]
     await eventually(_now, check=lambda now: now >= stopped_at + timedelta(seconds=6), what="5 ticks")
