@@ -1,7 +1,7 @@
 """Stepline's client side: start workflows, read and control their instances."""
 
 from stepline.producer.client import Client
-from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, StepInfo
+from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, ScheduleInfo, StepInfo
 from stepline.producer.producer import Producer, WorkflowRef
 from stepline.shared.errors import (
     BrokerError,
@@ -17,6 +17,12 @@ from stepline.shared.errors import (
     UnroutableError,
     WaitTimeoutError,
 )
+from stepline.shared.schedules import (
+    InvalidScheduleError,
+    Schedule,
+    ScheduleConflictError,
+    ScheduleNotFoundError,
+)
 from stepline.shared.settings import Settings, load_settings
 
 __all__ = [
@@ -25,6 +31,8 @@ __all__ = [
     "EventInfo",
     "InstanceInfo",
     "Producer",
+    "Schedule",
+    "ScheduleInfo",
     "StepInfo",
     "WorkflowRef",
     # Settings, read as the workers read them (Producer.from_settings).
@@ -36,8 +44,11 @@ __all__ = [
     "InstanceNotFoundError",
     "InvalidIdError",
     "InvalidParamsError",
+    "InvalidScheduleError",
     "InvalidStateError",
     "PayloadTooLargeError",
+    "ScheduleConflictError",
+    "ScheduleNotFoundError",
     "SteplineError",
     "StorageError",
     "UnregisteredWorkflowError",

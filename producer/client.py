@@ -8,14 +8,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from psycopg.errors import UndefinedColumn, UndefinedTable
 from sqlalchemy.exc import SQLAlchemyError
 
 from stepline.producer import control
-from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, StepInfo
+from stepline.producer import schedules as schedule_actions
+from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, ScheduleInfo, StepInfo
+from stepline.producer.producer import WorkflowRef
 from stepline.shared import codec
 from stepline.shared.broker import Broker, create_broker
 from stepline.shared.db.engine import mask_url
@@ -30,6 +32,7 @@ from stepline.shared.errors import (
     InvalidParamsError,
     InvalidStateError,
     StorageError,
+    UnregisteredWorkflowError,
     WaitTimeoutError,
 )
 from stepline.shared.messages import (
@@ -37,9 +40,17 @@ from stepline.shared.messages import (
     check_event_id,
     check_id_prefix,
     check_instance_id,
+    check_workflow_name,
     encode_message,
 )
 from stepline.shared.outbox import OutboxRelay
+from stepline.shared.schedules import (
+    InvalidScheduleError,
+    Schedule,
+    check_schedule_id,
+    start_message,
+    tick_instance_id,
+)
 from stepline.shared.settings import BrokerSettings, OutboxSettings
 from stepline.shared.states import InstanceStatus
 
@@ -339,6 +350,96 @@ class Client:
                 progress(total)
             if deleted < batch_size:
                 return total
+
+    # ------------------------------------------------------------ schedules
+
+    async def create_schedule(
+        self,
+        schedule_id: str,
+        workflow: str | WorkflowRef,
+        schedule: Schedule,
+        *,
+        allow_unregistered: bool = False,
+    ) -> ScheduleInfo:
+        """Create a run-time schedule (or replace the run-time schedule of that id); returns it.
+
+        The workflow must be registered, as for ``Producer.start`` (a worker
+        serving it has run in the namespace), unless ``allow_unregistered``.
+        Given the workflow object, ``schedule.params`` are validated against it
+        now; given its name, they are checked to be JSON, and the worker
+        validates them at each start (a start whose params do not fit is
+        dead-lettered with the reason: ``stepline dead list``).
+
+        Raises:
+            InvalidScheduleError: the id is not a schedule id, or the params do not fit the workflow.
+            UnregisteredWorkflowError: no worker serving the workflow has run here.
+            ScheduleConflictError: a schedule declared in code has this id.
+            BadPayloadError: the params make a start event over the payload limit.
+        """
+        check_schedule_id(schedule_id)
+        name = workflow if isinstance(workflow, str) else workflow.name
+        try:
+            check_workflow_name(name)
+        except ValueError as exc:
+            raise InvalidScheduleError("workflow", name, str(exc)) from None
+        if not isinstance(workflow, str):
+            try:
+                workflow.encode_params(schedule.params)
+            except InvalidParamsError as exc:
+                raise InvalidScheduleError(
+                    "params", schedule.params, f"do not fit the workflow: {exc.detail}", workflow=name
+                ) from None
+        start_message(
+            name, tick_instance_id(schedule_id, datetime.now(UTC)), schedule.params, limit=self._limit
+        )
+        broker = self._broker_needed("create_schedule (it checks the workflow is registered)")
+        if allow_unregistered:
+            await broker.ensure_workflow_queue(name)
+        elif await broker.workflow_queue(name) is None:
+            raise UnregisteredWorkflowError(name, self._namespace)
+        async with self._connection(begin=True) as tx:
+            return await schedule_actions.create(tx, schedule_id, name, schedule)
+
+    async def list_schedules(self, *, workflow: str | None = None) -> builtins.list[ScheduleInfo]:
+        """Every schedule (of one workflow), by id, each with its next five fire times."""
+        async with self._connection() as tx:
+            return await schedule_actions.list_all(tx, workflow)
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """One schedule. Raises ``ScheduleNotFoundError`` if no schedule has this id."""
+        async with self._connection() as tx:
+            return await schedule_actions.get(tx, schedule_id)
+
+    async def pause_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """Stop firing a schedule until ``resume_schedule``. Raises ``ScheduleNotFoundError``."""
+        async with self._connection(begin=True) as tx:
+            return await schedule_actions.pause(tx, schedule_id)
+
+    async def resume_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """Fire a paused schedule again from its next tick; ticks missed while paused are not started."""
+        async with self._connection(begin=True) as tx:
+            return await schedule_actions.resume(tx, schedule_id)
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule (its instances run on). Raises ``ScheduleNotFoundError``."""
+        async with self._connection(begin=True) as tx:
+            await schedule_actions.delete(tx, schedule_id)
+
+    async def trigger_schedule(self, schedule_id: str) -> str:
+        """Start one instance of the schedule now; returns its id, ``<schedule id>@<now with ms>Z``.
+
+        Overlap and pause are not consulted: a trigger is an operator's explicit start.
+        """
+        self._broker_needed("trigger_schedule")
+        started: builtins.list[str] = []
+
+        async def action(tx: Transaction) -> builtins.list[OutboxRow]:
+            instance_id, rows = await schedule_actions.trigger(tx, schedule_id, payload_limit=self._limit)
+            started.append(instance_id)
+            return rows
+
+        await self._control(action, publishes=True)
+        return started[0]
 
     # ------------------------------------------------------------ internals
 

@@ -93,3 +93,26 @@ class EventInfo(BaseModel):
     created_at: datetime
     consumed_by: str | None = None
     consumed_at: datetime | None = None
+
+
+class ScheduleInfo(BaseModel):
+    """A schedule as stored, with its next fire times (none while it is paused)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    workflow: str
+    cron: str
+    timezone: str
+    params: JSON = None
+    overlap: str
+    catch_up: str
+    source: str
+    """``"code"`` (declared with ``@workflow``, synced by workers) or ``"runtime"`` (Client, CLI)."""
+    paused: bool
+    next_fire_times: list[datetime]
+    """The next five ticks, in UTC; empty while paused."""
+    buffered_tick: datetime | None = None
+    last_instance_id: str | None = None
+    created_at: datetime
+    updated_at: datetime

@@ -1,4 +1,4 @@
-"""``stepline-scheduler``: fire sleeps and retry back-offs when they fall due."""
+"""``stepline-scheduler``: fire sleeps, retry back-offs and schedules when they fall due."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from stepline.shared.telemetry import configure_telemetry, shutdown_telemetry
     help="Longest wait between timer scans, e.g. 500ms. Env: STEPLINE_SCHEDULER__POLL_INTERVAL.",
 )
 def main(poll_interval: str | None) -> None:
-    """Fire durable timers (sleeps, retry back-offs) from PostgreSQL into RabbitMQ.
+    """Fire durable timers (sleeps, retry back-offs) and schedules from PostgreSQL into RabbitMQ.
 
     Several schedulers may run at once. Needs STEPLINE_DATABASE_URL and
     STEPLINE_AMQP_URL. Stops cleanly on SIGTERM.

@@ -1,4 +1,4 @@
-"""The scheduler process: fire due timers until told to stop; sweep the outbox too."""
+"""The scheduler process: fire due timers and schedules until told to stop; sweep the outbox too."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 from sqlalchemy.exc import SQLAlchemyError
 
 from stepline.scheduler.publisher import BackgroundPublisher
+from stepline.scheduler.schedules import fire_due_schedules, seconds_until_next_schedule
 from stepline.scheduler.timers import fire_due_timers, seconds_until_next
 from stepline.shared.broker import create_broker
 from stepline.shared.db.store import Store
@@ -21,6 +22,9 @@ from stepline.shared.settings import SchedulerSettings, Settings
 from stepline.shared.startup import check_database, connect_broker
 
 log = logging.getLogger("stepline.scheduler")
+
+LOCKED_RETRY_S = 0.05
+"""How soon to look again when the due schedules were all held by another scheduler."""
 
 
 async def fire_timers_until_stopped(
@@ -62,6 +66,45 @@ async def fire_timers_until_stopped(
             await asyncio.wait_for(stopping.wait(), timeout=wait)
 
 
+async def fire_schedules_until_stopped(
+    store: Store,
+    relay: OutboxRelay,
+    settings: SchedulerSettings,
+    stopping: asyncio.Event,
+    *,
+    payload_limit: int,
+) -> None:
+    """Start schedules' instances as their ticks fall due, until ``stopping`` is set.
+
+    Each look is one indexed query (the earliest ``due_at``); the loop sleeps
+    until then, at most ``poll_interval``, which is how soon a schedule created
+    or changed by another process is seen (there is no wake-up signal). The
+    starts are published at once; those a failure leaves in the outbox go out
+    with the sweeper.
+    """
+    poll = settings.poll_interval.total_seconds()
+    outage = Outage("firing schedules", log)
+    while not stopping.is_set():
+        wait = poll
+        try:
+            due_in = await seconds_until_next_schedule(store)
+            if due_in is not None and due_in <= 0:
+                fired = await fire_due_schedules(store, payload_limit=payload_limit)
+                outage.recovered()
+                await relay.publish_committed(fired.rows)
+                if fired.claimed:
+                    continue  # more may be due: look again at once
+                wait = min(poll, LOCKED_RETRY_S)  # another scheduler holds them: its commit moves them on
+            else:
+                outage.recovered()
+                if due_in is not None:
+                    wait = min(poll, due_in)
+        except (SQLAlchemyError, OSError) as exc:
+            outage.failed(first_line(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=wait)
+
+
 async def run_scheduler(
     settings: Settings,
     stopping: asyncio.Event,
@@ -77,7 +120,7 @@ async def run_scheduler(
     """
     if startup_timeout_s is None:
         startup_timeout_s = settings.startup_timeout.total_seconds()
-    store = create_store(settings.database, pool_size=3, pre_ping=False, held=1)
+    store = create_store(settings.database, pool_size=4, pre_ping=False, held=1)
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     try:
         await connect_broker(broker, settings.amqp, deadline_s=startup_timeout_s, stopping=stopping)
@@ -97,10 +140,19 @@ async def run_scheduler(
         )
         publisher.start()
         outage_watch = asyncio.create_task(publisher.watch_outage(stopping))
+        schedules = asyncio.create_task(
+            fire_schedules_until_stopped(
+                store, relay, settings.scheduler, stopping, payload_limit=settings.max_payload_bytes
+            ),
+            name="stepline-schedules",
+        )
         log.info("scheduler started", extra={"event": "scheduler_started"})
         try:
             await fire_timers_until_stopped(store, publisher, settings.scheduler, stopping, hooks=hooks)
         finally:
+            if not stopping.is_set():
+                schedules.cancel()  # the timer loop failed: the process is going down
+            await asyncio.wait({schedules})
             await publisher.close()
             outage_watch.cancel()
             await asyncio.wait({outage_watch})

@@ -8,6 +8,7 @@ from stepline.shared.errors import (
     SteplineError,
     StepTimeoutError,
 )
+from stepline.shared.schedules import InvalidScheduleError, Schedule
 from stepline.worker.context import Context
 from stepline.worker.retry import RetryPolicy
 from stepline.worker.step_info import RunningStep, step_info
@@ -16,10 +17,12 @@ from stepline.worker.workflow import Workflow, workflow
 __all__ = [
     "Context",
     "EventTimeoutError",
+    "InvalidScheduleError",
     "NonDeterminismError",
     "NonRetryableError",
     "RetryPolicy",
     "RunningStep",
+    "Schedule",
     "StepFailedError",
     "StepTimeoutError",
     "SteplineError",

@@ -25,6 +25,7 @@ from stepline.worker.executor import StepExecutor
 from stepline.worker.handlers import MessageHandler
 from stepline.worker.registry import source_build_id
 from stepline.worker.replay.cache import ReplayCache
+from stepline.worker.schedules import sync_declared_schedules
 from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -103,6 +104,8 @@ async def run_worker(
         await broker.consume(
             sorted(workflows), on_delivery, prefetch=settings.worker.prefetch or 2 * concurrency
         )
+        # After consume: the queues a schedule's starts go to exist before any is fired.
+        await sync_declared_schedules(store, workflows)
         health = await _start_health(settings, store, broker)
         # The sweeper outlives the drain below: it keeps the rows of local steps still running fresh.
         drained = asyncio.Event()

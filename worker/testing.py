@@ -51,12 +51,14 @@ from stepline.shared.messages import (
     parse_message,
 )
 from stepline.shared.outbox import OutboxRelay
+from stepline.shared.schedule_firing import fire_due_schedules
 from stepline.shared.settings import OutboxSettings
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.worker.context import StepCall
 from stepline.worker.executor import StepExecutor, StepResult
 from stepline.worker.handlers import MessageHandler
 from stepline.worker.replay.engine import Replay
+from stepline.worker.schedules import sync_declared_schedules
 from stepline.worker.step_info import RunningStep
 from stepline.worker.workflow import Workflow
 
@@ -302,6 +304,7 @@ class WorkflowEnvironment:
         self._snapshots: dict[str, _Snapshot] = {}
         self._workflow_of: dict[str, str] = {}
         self._runs: dict[str, WorkflowRun] = {}
+        self._schedules_synced = False
 
     async def start(
         self, workflow: Workflow[Any, Any], params: object = None, *, instance_id: str = "test"
@@ -320,6 +323,36 @@ class WorkflowEnvironment:
         )
         await self._run_with(message)
         return self.run(instance_id)
+
+    async def run_schedules(self, until: datetime | Duration) -> list[WorkflowRun]:
+        """Fire the schedules the environment's workflows declare, on the virtual clock, until ``until``.
+
+        ``until`` is a moment, or a duration from now. The schedules are written
+        as a worker writes them when it starts (the first call), then the clock
+        moves from one due schedule to the next: each firing is the scheduler's
+        own, and the instances it starts run (through their sleeps, which move
+        the clock too) before the next. Returns the runs started, in order;
+        their ids are ``<schedule id>@<tick>``. Ticks the runs' sleeps moved the
+        clock past are missed ticks, handled by ``catch_up``.
+        """
+        end = until if isinstance(until, datetime) else self.now + parse_duration(until)
+        started: list[str] = []
+        while True:
+            async with self._session() as session:
+                if not self._schedules_synced:
+                    await sync_declared_schedules(session.store, self.workflows)
+                    self._schedules_synced = True
+                async with session.store.reading() as tx:
+                    due, _ = await tx.next_schedule_due()
+                if due is None or due > end:
+                    break
+                self.now = max(self.now, due)
+                fired = await fire_due_schedules(session.store, payload_limit=self.payload_limit)
+                await session.relay.publish_committed(fired.rows)
+            started.extend(fired.instance_ids)
+            await self._run_until(None)
+        self.now = max(self.now, end)
+        return [self.run(instance_id) for instance_id in started]
 
     def run(self, instance_id: str) -> WorkflowRun:
         """The run of an instance this environment started (a child's too)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_type_hints
 
 from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
@@ -12,6 +12,7 @@ from stepline.shared import codec
 from stepline.shared.codec import JSON
 from stepline.shared.errors import InvalidParamsError, WorkflowDefinitionError
 from stepline.shared.messages import check_workflow_name, format_validation_error
+from stepline.shared.schedules import InvalidScheduleError, Schedule, declared_ids
 
 if TYPE_CHECKING:
     from stepline.worker.context import Context
@@ -29,7 +30,13 @@ class Workflow(Generic[ParamsT, OutputT]):
     published; give its module to ``stepline-worker --workflows`` to run it.
     """
 
-    def __init__(self, name: str, fn: Callable[[Context, ParamsT], Awaitable[OutputT]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[Context, ParamsT], Awaitable[OutputT]],
+        *,
+        schedules: Sequence[Schedule] = (),
+    ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise WorkflowDefinitionError(f"workflow {name!r} must be an async function")
         parameters = list(inspect.signature(fn).parameters.values())
@@ -53,6 +60,19 @@ class Workflow(Generic[ParamsT, OutputT]):
         self._output_adapter: TypeAdapter[Any] = TypeAdapter(hints.get("return", Any))
         self._result_adapters: dict[Callable[..., Any], TypeAdapter[Any]] = {}
         self._type_adapters: dict[Any, TypeAdapter[Any]] = {}
+        self.schedules: tuple[Schedule, ...] = self._check_schedules(schedules)
+
+    def _check_schedules(self, schedules: Sequence[Schedule]) -> tuple[Schedule, ...]:
+        """The declared schedules with their ids, each one's params valid for this workflow."""
+        named = declared_ids(self.name, list(schedules))
+        for schedule in named:
+            try:
+                self.validate_params(schedule.params)
+            except InvalidParamsError as exc:
+                raise InvalidScheduleError(
+                    "params", schedule.params, f"do not fit the workflow: {exc.detail}", workflow=self.name
+                ) from None
+        return tuple(named)
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name!r} {self.fn.__module__}.{self.fn.__qualname__}>"
@@ -129,14 +149,23 @@ def _adapter_for_return(fn: Callable[..., Any]) -> TypeAdapter[Any]:
 
 def workflow(
     name: str,
+    *,
+    schedules: Sequence[Schedule] = (),
 ) -> Callable[[Callable[[Context, ParamsT], Awaitable[OutputT]]], Workflow[ParamsT, OutputT]]:
     """Declare an async function ``(ctx, params) -> output`` as the workflow ``name``.
 
     The params annotation (a pydantic model, or any type pydantic knows) is
     validated at start; the return value must be JSON-serialisable.
+
+    ``schedules`` start instances on a clock (``[Schedule("0 2 * * *")]``);
+    workers serving the workflow write them to the database when they start
+    (see ``stepline.worker.schedules``).
+
+    Raises:
+        InvalidScheduleError: a schedule's params do not fit the workflow, or two share an id.
     """
 
     def decorate(fn: Callable[[Context, ParamsT], Awaitable[OutputT]]) -> Workflow[ParamsT, OutputT]:
-        return Workflow(name, fn)
+        return Workflow(name, fn, schedules=schedules)
 
     return decorate

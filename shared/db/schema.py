@@ -285,3 +285,38 @@ events = sa.Table(
         sqlite_where=sa.text("consumed_at IS NULL"),
     ),
 )
+
+# Schedules: one row each, declared in code (synced when a worker starts) or made at run time.
+# Firing a tick claims the row (SKIP LOCKED), queues its start message in the outbox and moves
+# next_fire_at on, in one transaction: a tick starts one instance, whichever scheduler fires it.
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("workflow", sa.Text, nullable=False),
+    sa.Column("cron", sa.Text, nullable=False),
+    sa.Column("timezone", sa.Text, nullable=False),
+    sa.Column("params", Json),
+    sa.Column("overlap", sa.Text, nullable=False),
+    sa.Column("catch_up", sa.Text, nullable=False),
+    # "code" (declared with @workflow, owned by the workers' sync) or "runtime" (Client, CLI).
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    # The earliest tick not yet fired (or skipped).
+    sa.Column("next_fire_at", Timestamp(), nullable=False),
+    # When a scheduler must look at the row next: next_fire_at, or sooner while a tick is buffered.
+    sa.Column("due_at", Timestamp(), nullable=False),
+    # overlap="buffer-one": the tick kept until the previous instance finishes.
+    sa.Column("buffered_tick", Timestamp()),
+    # The last instance this schedule started, and when (overlap looks at it).
+    sa.Column("last_instance_id", sa.Text),
+    sa.Column("last_started_at", Timestamp()),
+    sa.Column("created_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
+    sa.Column("updated_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
+    sa.Index(
+        "ix_schedules_due",
+        "due_at",
+        postgresql_where=sa.text("NOT paused"),
+        sqlite_where=sa.text("NOT paused"),
+    ),
+)

@@ -31,6 +31,7 @@ from stepline.shared.db.records import (
     OutboxRow,
     SucceededAttempt,
 )
+from stepline.shared.db.schedule_statements import ScheduleStatements
 from stepline.shared.db.schema import (
     events,
     instances,
@@ -57,10 +58,11 @@ from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
 
-class Transaction:
+class Transaction(ScheduleStatements):
     """The statements of one connection: in a transaction, or each standing alone (autocommit).
 
-    Subclasses (one per database) override the few statements that differ.
+    Subclasses (one per database) override the few statements that differ. The statements
+    on schedules live in ``stepline.shared.db.schedule_statements``.
     """
 
     __slots__ = ("_conn",)
