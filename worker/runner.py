@@ -82,6 +82,7 @@ async def run_worker(
             hooks=hooks,
             replay_cache=replay_cache,
             build_id=build_id,
+            pools=frozenset(settings.worker.pools),
         )
         slots = asyncio.Semaphore(concurrency)
 
@@ -101,7 +102,10 @@ async def run_worker(
         # took ~110 ms mid-run in the latency benchmark; the step-to-next maximum with it.
         gc.freeze()
         await broker.consume(
-            sorted(workflows), on_delivery, prefetch=settings.worker.prefetch or 2 * concurrency
+            sorted(workflows),
+            on_delivery,
+            prefetch=settings.worker.prefetch or 2 * concurrency,
+            pools=tuple(settings.worker.pools),
         )
         health = await _start_health(settings, store, broker)
         # The sweeper outlives the drain below: it keeps the rows of local steps still running fresh.
@@ -110,8 +114,9 @@ async def run_worker(
         outage_watch = asyncio.create_task(handler.watch_outage(drained))
         sampler = asyncio.create_task(_sample_queue_depths(broker, sorted(workflows), hooks, stopping))
         log.info(
-            "worker consuming %s with concurrency %d, build %s",
+            "worker consuming %s (pools %s) with concurrency %d, build %s",
             ", ".join(sorted(workflows)),
+            ", ".join(settings.worker.pools),
             concurrency,
             build_id,
             extra={"event": "worker_started", "worker": worker_id, "build_id": build_id},
