@@ -112,7 +112,9 @@ async def run_worker(
         drained = asyncio.Event()
         sweeper = asyncio.create_task(relay.run_sweeper(drained))
         outage_watch = asyncio.create_task(handler.watch_outage(drained))
-        sampler = asyncio.create_task(_sample_queue_depths(broker, sorted(workflows), hooks, stopping))
+        sampler = asyncio.create_task(
+            _sample_queue_depths(broker, sorted(workflows), tuple(settings.worker.pools), hooks, stopping)
+        )
         log.info(
             "worker consuming %s (pools %s) with concurrency %d, build %s",
             ", ".join(sorted(workflows)),
@@ -159,6 +161,7 @@ async def run_worker(
 async def _sample_queue_depths(
     broker: Broker,
     workflows: list[str],
+    pools: tuple[str, ...],
     hooks: Hooks | None,
     stopping: asyncio.Event,
     every_s: float = 15.0,
@@ -168,7 +171,7 @@ async def _sample_queue_depths(
         return
     while not stopping.is_set():
         try:
-            for queue, depth in (await broker.queue_depths(workflows)).items():
+            for queue, depth in (await broker.queue_depths(workflows, pools)).items():
                 hooks.queue_depth(queue, depth)
         except BrokerError:
             pass  # an outage: the relay and the handler report it

@@ -314,16 +314,23 @@ class AmqpBroker:
         channel = self._consume_channel
         return bool(self._consumers) and channel is not None and not channel.is_closed
 
-    async def queue_depths(self, workflows: list[str]) -> dict[str, int]:
-        """Messages waiting in each workflow's queue (a passive declare each)."""
+    async def queue_depths(
+        self, workflows: list[str], pools: tuple[str, ...] = (DEFAULT_POOL,)
+    ) -> dict[str, int]:
+        """Messages waiting in each workflow's queue of each of ``pools`` (a passive declare each).
+
+        Asked as ``workflow_queue`` asks, on a channel of its own: the robust
+        publish channel answers a passive declare of a queue it declared itself
+        from its cache, with the count of that first declare.
+        """
         depths = {}
-        try:
+        for pool in pools:
             for workflow in workflows:
-                name = queue_name(self.namespace, workflow)
-                queue = await self._channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
-                depths[name] = int(queue.declaration_result.message_count or 0)
-        except _AMQP_FAILURES_OR_TIMEOUT as exc:
-            raise BrokerError(f"cannot read queue depths: {exc!r}") from exc
+                queue = await self.workflow_queue(workflow, pool)
+                if queue is None:
+                    name = queue_name(self.namespace, workflow, pool)
+                    raise BrokerError(f"cannot read queue depths: no queue {name!r} is declared")
+                depths[queue.name] = queue.messages
         return depths
 
     async def stop_consuming(self) -> None:

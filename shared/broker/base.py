@@ -114,5 +114,5 @@ class Broker(Publisher, Protocol):
     async def is_consuming(self) -> bool:
         """Whether this process's consumers are registered and live."""
 
-    async def queue_depths(self, workflows: list[str]) -> dict[str, int]:
-        """Messages waiting in each workflow's queue, by queue name."""
+    async def queue_depths(self, workflows: list[str], pools: tuple[str, ...] = ...) -> dict[str, int]:
+        """Messages waiting in each workflow's queue of each of ``pools`` (default: the default pool)."""

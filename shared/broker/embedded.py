@@ -656,8 +656,10 @@ class EmbeddedBroker:
         """Whether this instance has an active consumer."""
         return await self.is_connected() and any(consumer.active for consumer in self._consumers)
 
-    async def queue_depths(self, workflows: list[str]) -> dict[str, int]:
-        """Ready messages in each workflow's queue, by queue name.
+    async def queue_depths(
+        self, workflows: list[str], pools: tuple[str, ...] = (DEFAULT_POOL,)
+    ) -> dict[str, int]:
+        """Ready messages in each workflow's queue of each of ``pools``, by queue name.
 
         ``dead_letter_queue_name(namespace)`` may be given too: it counts the kept dead letters.
         """
@@ -668,10 +670,12 @@ class EmbeddedBroker:
             if workflow == dead_queue:
                 depths[dead_queue] = await hub.store.count_dead_letters(self.namespace)
                 continue
-            found = await hub.depth(self.namespace, workflow)
-            if found is None:
-                queue = queue_name(self.namespace, workflow)
-                raise BrokerError(f"cannot read queue depths: no queue {queue!r} is declared")
-            queue, depth = found
-            depths[queue] = depth
+            for pool in pools:
+                routed = None if is_default_pool(pool) else pool
+                found = await hub.depth(self.namespace, workflow, routed)
+                if found is None:
+                    queue = queue_name(self.namespace, workflow, routed)
+                    raise BrokerError(f"cannot read queue depths: no queue {queue!r} is declared")
+                queue, depth = found
+                depths[queue] = depth
         return depths

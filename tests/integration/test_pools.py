@@ -57,6 +57,7 @@ async def test_a_pool_message_waits_in_the_pools_queue_and_only_a_consumer_of_th
         waiting = await broker.workflow_queue("w", "gpu")
         assert waiting is not None
         assert (waiting.name, waiting.messages) == (f"{settings.namespace}.pool.gpu.w", 1)
+        assert await broker.queue_depths(["w"], ("gpu",)) == {f"{settings.namespace}.pool.gpu.w": 1}
         await eventually(lambda: asyncio.sleep(0, default_got), what="the default step delivered")
 
         other = create_broker(settings.amqp, settings.namespace, settings.broker)
