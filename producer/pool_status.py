@@ -60,7 +60,14 @@ def pool_wait_lines(waits: list[PoolWait], problem: str | None) -> list[tuple[st
                 )
             )
         elif wait.consumers is None:
-            lines.append((f"step {step!r} runs in worker pool {wait.pool!r} ({ready})", False))
+            # The embedded mode, from a process that does not consume its file: it cannot count consumers.
+            lines.append(
+                (
+                    f"step {step!r} is bound for worker pool {wait.pool!r} ({ready}); the worker must "
+                    f"serve that pool (STEPLINE_WORKER__POOLS)",
+                    False,
+                )
+            )
         else:
             served = f"{wait.consumers} worker(s) consume it"
             lines.append((f"step {step!r} runs in worker pool {wait.pool!r}: {served}", False))

@@ -9,6 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from stepline import Context, RetryPolicy, step_info, workflow
+from stepline.producer.models import PoolWait
+from stepline.producer.pool_status import pool_wait_lines
 from stepline.shared.errors import ConfigError
 from stepline.shared.history import History, StepRecord
 from stepline.shared.settings import load_settings
@@ -175,3 +177,32 @@ async def test_a_bad_pool_name_fails_the_instance_naming_workflow_step_and_value
         "workflow 'pool-kit-bad', step 'embed': invalid pool name 'g.pu': use letters, digits"
     )
     assert run.runs["embed"] == 0
+
+
+# ---------------------------------------------------------------- what status says
+
+
+def _wait(consumers: int | None, messages: int | None = 1) -> PoolWait:
+    return PoolWait(
+        step="infer", occurrence=1, pool="gpu", queue="ns.pool.gpu.w", messages=messages, consumers=consumers
+    )
+
+
+def test_status_warns_of_a_pool_no_worker_consumes_and_otherwise_just_names_it() -> None:
+    assert pool_wait_lines([_wait(0)], None) == [
+        (
+            "step 'infer' waits for worker pool 'gpu': no worker consumes it now (1 ready in ns.pool.gpu.w); "
+            "it runs once a `stepline-worker --pool gpu` runs",
+            True,
+        )
+    ]
+    assert pool_wait_lines([_wait(0, messages=None)], None)[0][0].endswith(
+        "no worker consumes it now (not sent yet); it runs once a `stepline-worker --pool gpu` runs"
+    )
+    assert pool_wait_lines([_wait(2)], None) == [
+        ("step 'infer' runs in worker pool 'gpu': 2 worker(s) consume it", False)
+    ]
+    [(line, is_warning)] = pool_wait_lines([_wait(None)], None)
+    assert line.startswith("step 'infer' is bound for worker pool 'gpu' (1 ready in ns.pool.gpu.w)")
+    assert not is_warning
+    assert pool_wait_lines([], "cannot ask the broker") == [("note: cannot ask the broker", True)]
