@@ -37,39 +37,43 @@ async def _gpu_queue(settings: Settings) -> WorkflowQueue | None:
 async def test_a_pool_message_waits_in_the_pools_queue_and_only_a_consumer_of_the_pool_gets_it(
     settings: Settings,
 ) -> None:
+    default_got: list[str] = []
+    gpu_got: list[str] = []
+
+    def inbox(into: list[str]) -> Any:
+        async def handle(delivery: Delivery) -> None:
+            into.append(delivery.routing_key)
+            await delivery.ack()
+
+        return handle
+
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     await broker.connect()
+    gpu_worker = create_broker(settings.amqp, settings.namespace, settings.broker)
+    await gpu_worker.connect()
     try:
-        default_got: list[str] = []
-        gpu_got: list[str] = []
-
-        def inbox(into: list[str]) -> Any:
-            async def handle(delivery: Delivery) -> None:
-                into.append(delivery.routing_key)
-                await delivery.ack()
-
-            return handle
-
-        await broker.consume(["w"], inbox(default_got), prefetch=10)
         # No worker of the pool ever ran: the publish declares its queue and the message waits there.
         await broker.publish(routing_key("step", "w", "gpu"), b"{}", None)
-        await broker.publish(routing_key("step", "w"), b"{}", None)
         waiting = await broker.workflow_queue("w", "gpu")
         assert waiting is not None
         assert (waiting.name, waiting.messages) == (f"{settings.namespace}.pool.gpu.w", 1)
         assert await broker.queue_depths(["w"], ("gpu",)) == {f"{settings.namespace}.pool.gpu.w": 1}
-        await eventually(lambda: asyncio.sleep(0, default_got), what="the default step delivered")
+        assert await broker.workflow_queue("w") is None, "a pool's step declares no other queue"
 
-        other = create_broker(settings.amqp, settings.namespace, settings.broker)
-        await other.connect()
-        try:
-            await other.consume(["w"], inbox(gpu_got), prefetch=10, pools=("gpu",))
-            await eventually(lambda: asyncio.sleep(0, gpu_got), what="the pool step delivered")
-        finally:
-            await other.close()
+        # A worker of the pool alone: it declares the workflow's own queue, but takes only the pool's step.
+        await gpu_worker.consume(["w"], inbox(gpu_got), prefetch=10, pools=("gpu",))
+        await broker.publish(routing_key("step", "w"), b"{}", None)
+        await eventually(lambda: asyncio.sleep(0, gpu_got), what="the pool step delivered")
+        default_queue = await broker.workflow_queue("w")
+        assert default_queue is not None
+        assert default_queue.messages == 1, "the default step waits for a default worker"
+
+        await broker.consume(["w"], inbox(default_got), prefetch=10)
+        await eventually(lambda: asyncio.sleep(0, default_got), what="the default step delivered")
         assert default_got == ["step.w"]
         assert gpu_got == ["step@gpu.w"]
     finally:
+        await gpu_worker.close()
         await broker.close()
 
 
