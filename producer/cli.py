@@ -20,7 +20,8 @@ from rich.text import Text
 
 from stepline.producer.client import Client
 from stepline.producer.fleet import Fleet, run_fleet
-from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo
+from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait
+from stepline.producer.pool_status import pool_wait_lines, pool_waits, pool_waits_json
 from stepline.producer.producer import Producer
 from stepline.shared.broker import WorkflowQueue
 from stepline.shared.db import migrate, stores
@@ -168,8 +169,16 @@ def status(instance_id: str, as_json: bool) -> None:
     if info is None:
         raise _not_yet_an_instance(instance_id)
     trace_id, trace_url = _trace_link(info, settings)
+    waits, problem = pool_waits(settings, info)
     if as_json:
-        _print_json({**info.model_dump(mode="json"), "trace_id": trace_id, "trace_url": trace_url})
+        _print_json(
+            {
+                **info.model_dump(mode="json"),
+                "trace_id": trace_id,
+                "trace_url": trace_url,
+                "pool_waits": pool_waits_json(waits, problem),
+            }
+        )
         return
     console = _console()
     console.print(_headline(info))
@@ -181,6 +190,7 @@ def status(instance_id: str, as_json: bool) -> None:
     if info.error:
         console.print(_plain(f"error: {info.error.get('type')}: {info.error.get('message')}", "red"))
     console.print(_steps_table(info))
+    _print_pool_waits(console, waits, problem)
 
 
 def _not_yet_an_instance(instance_id: str) -> click.ClickException:
@@ -422,12 +432,14 @@ def history(instance_id: str, as_json: bool) -> None:
     if info is None:
         raise _not_yet_an_instance(instance_id)
     trace_id, trace_url = _trace_link(info, settings)
+    waits, problem = pool_waits(settings, info)
     if as_json:
         _print_json(
             {
                 "instance": info.model_dump(mode="json"),
                 "trace_id": trace_id,
                 "trace_url": trace_url,
+                "pool_waits": pool_waits_json(waits, problem),
                 "attempts": [attempt.model_dump(mode="json") for attempt in attempts],
                 "events": [event.model_dump(mode="json") for event in events],
                 # ctx.now()/random()/uuid() as recorded: stepline.worker.testing.check_replay needs them.
@@ -455,6 +467,7 @@ def history(instance_id: str, as_json: bool) -> None:
     _print_trace(console, trace_id, trace_url)
     _print_build(console, info)
     console.print(_steps_table(info))
+    _print_pool_waits(console, waits, problem)
     console.print(table)
     if events:
         event_table = Table("event", "type", "received", "taken by", title="events")
@@ -637,8 +650,16 @@ def _console() -> Console:
     return console
 
 
+def _print_pool_waits(console: Console, waits: list[PoolWait], problem: str | None) -> None:
+    """A line per step bound for a worker pool: above all, one that no worker consumes now."""
+    for line, is_warning in pool_wait_lines(waits, problem):
+        console.print(_plain(line, "yellow" if is_warning else ""), soft_wrap=True)
+
+
 def _steps_table(info: InstanceInfo) -> Table:
-    table = Table("step", "kind", "status", "attempts", "started", "took", "result / error", title="steps")
+    pooled = any(step.pool is not None for step in info.steps)
+    columns = ["step", "kind", *(["pool"] if pooled else []), "status", "attempts", "started", "took"]
+    table = Table(*columns, "result / error", title="steps")
     for step in info.steps:
         detail = (
             json.dumps(step.result)
@@ -654,6 +675,7 @@ def _steps_table(info: InstanceInfo) -> Table:
         table.add_row(
             _plain(format_key((step.name, step.occurrence))),
             _plain(step.kind),
+            *([_plain(step.pool or "-")] if pooled else []),
             _plain(step.status),
             str(step.attempts),
             _clock(step.started_at),

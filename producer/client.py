@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stepline.producer import control
 from stepline.producer import schedules as schedule_actions
-from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, ScheduleInfo, StepInfo
+from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait, ScheduleInfo, StepInfo
 from stepline.producer.producer import WorkflowRef
 from stepline.shared import codec
 from stepline.shared.broker import Broker, create_broker
@@ -52,7 +52,8 @@ from stepline.shared.schedules import (
     tick_instance_id,
 )
 from stepline.shared.settings import BrokerSettings, OutboxSettings
-from stepline.shared.states import InstanceStatus
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.shared.topology import pool_of, queue_name
 
 T = TypeVar("T")
 
@@ -209,6 +210,45 @@ class Client:
             )
             for row in rows
         ]
+
+    async def pool_waits(self, info: InstanceInfo) -> builtins.list[PoolWait]:
+        """The instance's steps bound for a worker pool, each with its pool's queue as the broker sees it.
+
+        Only the steps still to run (running or retrying) of an instance that is
+        running or waiting: a paused one sends nothing. A wait with no consumer
+        (``is_unserved``) waits in its queue until a worker of the pool starts.
+
+        Raises:
+            ConfigError: the client has no ``amqp_url``.
+            BrokerError: the broker did not answer.
+        """
+        if info.status not in (InstanceStatus.RUNNING, InstanceStatus.WAITING):
+            return []
+        pending = [
+            step
+            for step in info.steps
+            if step.pool is not None
+            and step.kind == StepKind.STEP
+            and step.status in (StepStatus.RUNNING, StepStatus.RETRYING)
+        ]
+        if not pending:
+            return []
+        broker = self._broker_needed("pool_waits")
+        waits = []
+        for step in pending:
+            assert step.pool is not None
+            queue = await broker.workflow_queue(info.workflow, step.pool)
+            waits.append(
+                PoolWait(
+                    step=step.name,
+                    occurrence=step.occurrence,
+                    pool=step.pool,
+                    queue=queue_name(self._namespace, info.workflow, step.pool),
+                    messages=queue.messages if queue is not None else None,
+                    consumers=queue.consumers if queue is not None else 0,
+                )
+            )
+        return waits
 
     # DESIGN.md names the parameter: wait(id, timeout) polls with its own deadline.
     async def wait(self, instance_id: str, timeout: Duration = 60) -> InstanceInfo:  # noqa: ASYNC109
@@ -525,6 +565,7 @@ def _step(row: Any) -> StepInfo:
         error=row.error,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        pool=pool_of(row.detail) if row.kind == StepKind.STEP else None,
     )
 
 

@@ -24,6 +24,29 @@ class StepInfo(BaseModel):
     error: dict[str, Any] | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    pool: str | None = None
+    """The worker pool that runs the step (``ctx.step(..., pool=)``); None for the default pool."""
+
+
+class PoolWait(BaseModel):
+    """A step of an unfinished instance bound for a worker pool, and how the broker sees that pool's queue."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: str
+    occurrence: int
+    pool: str
+    queue: str
+    messages: int | None
+    """Messages ready in the pool's queue (None: the queue does not exist yet, as nothing was sent to it)."""
+    consumers: int | None
+    """Workers consuming it now; None where the broker cannot tell (the embedded mode, seen from
+    a process that does not consume its file)."""
+
+    @property
+    def is_unserved(self) -> bool:
+        """Whether no worker consumes the pool's queue now: the step waits until one starts."""
+        return self.consumers == 0 or self.messages is None
 
 
 class InstanceInfo(BaseModel):

@@ -22,6 +22,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from stepline.shared.durations import parse_duration
 from stepline.shared.errors import ConfigError
+from stepline.shared.topology import DEFAULT_POOL, check_pool_name
 
 BUILD_ID_MAX_LENGTH = 64
 """The longest build id a worker may be given (``STEPLINE_WORKER__BUILD_ID``)."""
@@ -76,6 +77,11 @@ class WorkerSettings(BaseModel):
     workflows: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules that define workflows (comma-separated)."
     )
+    pools: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_POOL],
+        description="Worker pools whose steps it runs (comma-separated; default: the default pool). "
+        "Starts, wakes, events and resumes go to default-pool workers only.",
+    )
     build_id: str | None = Field(
         default=None,
         max_length=BUILD_ID_MAX_LENGTH,
@@ -89,6 +95,21 @@ class WorkerSettings(BaseModel):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("pools", mode="before")
+    @classmethod
+    def _split_pools(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("pools")
+    @classmethod
+    def _check_pools(cls, value: list[str]) -> list[str]:
+        if not value:
+            return [DEFAULT_POOL]
+        # The pool names are what a user typed: shown, as they are not secrets.
+        return sorted({check_pool_name(pool) for pool in value})
 
     @field_validator("build_id")
     @classmethod

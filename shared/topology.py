@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from collections.abc import Mapping
+from typing import Literal, NamedTuple
 
 MessageKind = Literal["start", "step", "wake", "event", "advance"]
 MESSAGE_KINDS: tuple[MessageKind, ...] = ("start", "step", "wake", "event", "advance")
+
+DEFAULT_POOL = "default"
+"""The worker pool of every step that names none: the workflow's own queue, served by plain workers."""
+MAX_POOL_NAME_LENGTH = 40
+# No '.': a pool is one word of a routing key and of a queue name, so `<pool>.<workflow>`
+# never reads two ways (pool "a.b" of workflow "c" against pool "a" of workflow "b.c").
+# 40 characters keep `step@<pool>.<workflow>` within AMQP's 255 bytes for the longest
+# workflow name (200).
+POOL_NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9_\-]{{0,{MAX_POOL_NAME_LENGTH - 1}}}$"
+_POOL_NAME = re.compile(POOL_NAME_PATTERN)
+# Separates a step's kind from its pool in a routing key's first word; no workflow or pool holds it.
+_POOL_SEPARATOR = "@"
+
+
+class Route(NamedTuple):
+    """What a routing key says: the message's kind, its workflow, and its worker pool (None: default)."""
+
+    kind: str
+    workflow: str
+    pool: str | None
 
 
 def exchange_name(namespace: str) -> str:
@@ -28,9 +50,34 @@ def workflow_queue_name(namespace: str, workflow: str) -> str:
     return f"{namespace}.workflow.{workflow}"
 
 
-def routing_key(kind: MessageKind, workflow: str) -> str:
-    """The routing key of a message of ``kind`` for ``workflow``."""
-    return f"{kind}.{workflow}"
+def pool_queue_name(namespace: str, pool: str, workflow: str) -> str:
+    """The durable queue holding one workflow's step messages for the worker pool ``pool``.
+
+    One queue per pool and workflow: a worker started with ``--pool gpu`` consumes
+    the gpu queues of the workflows it has code for, and nothing else.
+    """
+    return f"{namespace}.pool.{pool}.{workflow}"
+
+
+def queue_name(namespace: str, workflow: str, pool: str | None = None) -> str:
+    """The queue of ``workflow`` in ``pool``: the workflow's own queue for the default pool."""
+    if is_default_pool(pool):
+        return workflow_queue_name(namespace, workflow)
+    assert pool is not None
+    return pool_queue_name(namespace, pool, workflow)
+
+
+def routing_key(kind: MessageKind, workflow: str, pool: str | None = None) -> str:
+    """The routing key of a message of ``kind`` for ``workflow``: ``<kind>.<workflow>``.
+
+    A step of a worker pool other than the default goes by ``step@<pool>.<workflow>``,
+    which only that pool's queue of the workflow is bound to.
+    """
+    if is_default_pool(pool):
+        return f"{kind}.{workflow}"
+    if kind != "step":
+        raise ValueError(f"only steps go to a worker pool, not {kind} messages (pool {pool!r})")
+    return f"{kind}{_POOL_SEPARATOR}{pool}.{workflow}"
 
 
 def workflow_routing_keys(workflow: str) -> list[str]:
@@ -38,12 +85,50 @@ def workflow_routing_keys(workflow: str) -> list[str]:
     return [routing_key(kind, workflow) for kind in MESSAGE_KINDS]
 
 
+def pool_routing_keys(pool: str, workflow: str) -> list[str]:
+    """Every routing key bound to a workflow's queue for a worker pool: its steps only."""
+    return [routing_key("step", workflow, pool)]
+
+
 def probe_routing_key() -> str:
     """The routing key of a broker probe: no dot, so it matches no workflow's binding and is dropped."""
     return "probe"
 
 
-def parse_routing_key(key: str) -> tuple[str, str]:
-    """``(kind, workflow)`` of a routing key made by ``routing_key``."""
-    kind, _, workflow = key.partition(".")
-    return kind, workflow
+def parse_routing_key(key: str) -> Route:
+    """The kind, workflow and pool of a routing key made by ``routing_key``."""
+    first, _, workflow = key.partition(".")
+    kind, _, pool = first.partition(_POOL_SEPARATOR)
+    return Route(kind, workflow, pool or None)
+
+
+def is_default_pool(pool: str | None) -> bool:
+    """Whether ``pool`` names the default pool (None or ``"default"``)."""
+    return pool is None or pool == DEFAULT_POOL
+
+
+def check_pool_name(pool: object) -> str:
+    """Return ``pool`` if it can name a worker pool: 1-40 letters, digits, ``_`` or ``-``.
+
+    Raises:
+        ValueError: it cannot; the text shows the value and the rule.
+    """
+    if not isinstance(pool, str) or not _POOL_NAME.match(pool):
+        raise ValueError(
+            f"invalid pool name {pool!r}: use letters, digits, '_' and '-' "
+            f"(starting with a letter or digit, at most {MAX_POOL_NAME_LENGTH} characters)"
+        )
+    return pool
+
+
+def pool_of(detail: object) -> str | None:
+    """The worker pool a step row's ``detail`` records; None for the default pool.
+
+    Every path that sends a step's message reads the pool here, so a retry, a
+    resume or a republish goes where the first attempt went, without the code.
+    """
+    if isinstance(detail, Mapping):
+        pool = detail.get("pool")
+        if isinstance(pool, str) and not is_default_pool(pool):
+            return pool
+    return None

@@ -12,6 +12,7 @@ from stepline.shared.logs import configure_logging
 from stepline.shared.process import fail, run_until_signalled
 from stepline.shared.settings import load_settings
 from stepline.shared.telemetry import configure_telemetry, shutdown_telemetry
+from stepline.shared.topology import check_pool_name
 from stepline.worker.registry import load_workflows
 from stepline.worker.runner import default_worker_id, run_worker
 
@@ -30,13 +31,26 @@ from stepline.worker.runner import default_worker_id, run_worker
     default=None,
     help="Steps run at once. Env: STEPLINE_WORKER__CONCURRENCY (default 16).",
 )
+@click.option(
+    "--pool",
+    "pools",
+    multiple=True,
+    metavar="NAME",
+    help="Run the steps of this worker pool (repeatable; 'default' is the pool of steps that name none). "
+    "Without it: the default pool. Env: STEPLINE_WORKER__POOLS (comma-separated).",
+)
 @click.option("--worker-id", default=None, help="Name recorded on step attempts (default host:pid).")
-def main(modules: tuple[str, ...], concurrency: int | None, worker_id: str | None) -> None:
+def main(
+    modules: tuple[str, ...], concurrency: int | None, pools: tuple[str, ...], worker_id: str | None
+) -> None:
     """Run workflow steps from RabbitMQ, committing to PostgreSQL.
 
     Needs STEPLINE_DATABASE_URL and STEPLINE_AMQP_URL. Stops cleanly on SIGTERM.
 
-    Exit status: 0 after a clean stop; 2 for a missing or malformed setting;
+    A worker with --pool runs only those pools' steps: starts, wakes, events and
+    resumes are taken by workers of the default pool, so a fleet needs some.
+
+    Exit status: 0 after a clean stop; 2 for a missing or malformed setting or option;
     3 if PostgreSQL or RabbitMQ did not answer within STEPLINE_STARTUP_TIMEOUT
     (default 60s) at start-up; 1 for any other error. Each failure is one line
     on stderr.
@@ -46,6 +60,13 @@ def main(modules: tuple[str, ...], concurrency: int | None, worker_id: str | Non
         worker_overrides["workflows"] = list(modules)
     if concurrency is not None:
         worker_overrides["concurrency"] = concurrency
+    for pool in pools:
+        try:
+            check_pool_name(pool)
+        except ValueError as exc:
+            fail("stepline-worker", f"--pool: {exc}")
+    if pools:
+        worker_overrides["pools"] = list(pools)
     try:
         configure_logging("worker")
         settings = load_settings(worker=worker_overrides) if worker_overrides else load_settings()

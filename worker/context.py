@@ -20,6 +20,7 @@ from stepline.shared.errors import WorkflowDefinitionError
 from stepline.shared.history import StepKey, format_key
 from stepline.shared.messages import check_instance_id, check_workflow_name
 from stepline.shared.states import StepKind
+from stepline.shared.topology import DEFAULT_POOL, check_pool_name
 from stepline.worker.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class Context:
         *args: *Ts,
         retry: RetryPolicy | None = None,
         timeout: Duration | None = None,
+        pool: str | None = None,
         **kwargs: Any,
     ) -> Awaitable[T]: ...
 
@@ -93,6 +95,7 @@ class Context:
         *args: *Ts,
         retry: RetryPolicy | None = None,
         timeout: Duration | None = None,
+        pool: str | None = None,
         **kwargs: Any,
     ) -> Awaitable[T]: ...
 
@@ -104,6 +107,7 @@ class Context:
         *args: Any,
         retry: RetryPolicy | None = None,
         timeout: Duration | None = None,
+        pool: str | None = None,
         **kwargs: Any,
     ) -> Awaitable[Any]:
         """Run ``fn(*args, **kwargs)`` as the step ``name`` and return its result.
@@ -118,8 +122,15 @@ class Context:
             fn: the step code.
             retry: the retry policy (default: ``RetryPolicy()``).
             timeout: the longest an attempt may run; past it, the attempt fails.
+            pool: the worker pool that runs it (``stepline-worker --pool NAME``):
+                letters, digits, ``_`` and ``-``, 40 at most; None or ``"default"``
+                for the workers started without ``--pool``.
+
+        Raises:
+            WorkflowDefinitionError: ``pool`` is not a valid pool name.
         """
         key = self._next_key(name)
+        detail = self._pool_detail(key, pool)
         call = StepCall(
             key=key,
             fn=fn,
@@ -128,8 +139,23 @@ class Context:
             retry=retry,
             timeout=None if timeout is None else parse_duration(timeout),
         )
-        future = self._replay.request(key, StepKind.STEP, call=call)
+        future = self._replay.request(key, StepKind.STEP, call=call, detail=detail or None)
         return _convert(future, self._replay.workflow.result_adapter(fn))
+
+    def _pool_detail(self, key: StepKey, pool: object) -> dict[str, JSON]:
+        """The step row's ``detail`` keys for its pool: ``{"pool": pool}``, none for the default pool.
+
+        Recorded with the step, so every later send of it (retries, resumes,
+        republishes) finds its pool without the workflow code.
+        """
+        if pool is None or pool == DEFAULT_POOL:
+            return {}
+        try:
+            return {"pool": check_pool_name(pool)}
+        except ValueError as exc:
+            raise WorkflowDefinitionError(
+                f"workflow {self.workflow!r}, step {format_key(key)!r}: {exc}"
+            ) from None
 
     def sleep(self, name: str, duration: Duration) -> Awaitable[None]:
         """Sleep durably for ``duration`` ("10s", "3 days", a timedelta); survives restarts."""

@@ -71,6 +71,7 @@ class MessageHandler:
         local_budget_s: float = 1.0,
         clock: Callable[[], datetime] | None = None,
         build_id: str | None = None,
+        pools: frozenset[str] | None = None,
     ) -> None:
         self._hooks = hooks or NoHooks()
         self._store = store
@@ -86,6 +87,7 @@ class MessageHandler:
             worker_id=worker_id,
             cache=replay_cache,
             build_id=build_id,
+            pools=pools,
         )
         self._build_id = build_id  # recorded on the instances it starts
         self._retry_delay = retry_delay

@@ -25,6 +25,7 @@ from stepline.shared.messages import (
     parent_wake,
 )
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.shared.topology import pool_of, routing_key
 from stepline.worker.replay.engine import NewEntry, Outcome, Replay, payload_problem
 from stepline.worker.workflow import Workflow
 
@@ -70,8 +71,16 @@ class Planner:
 
     # ------------------------------------------------------------ messages
 
-    def step_message(self, history: History, key: StepKey, attempt: int) -> Message:
-        """The message that runs ``attempt`` of a step."""
+    def step_message(self, history: History, key: StepKey, attempt: int, *, detail: JSON = None) -> Message:
+        """The message that runs ``attempt`` of a step, routed to the step's worker pool.
+
+        The pool is read from the step's ``detail``: the new entry's when given,
+        else the recorded row's in ``history``. A retry, a resume or a restart
+        sends it where the first attempt went, whatever the code says now.
+        """
+        if detail is None:
+            record = history.step(key)
+            detail = record.detail if record is not None else None
         message = StepMessage(
             workflow=history.workflow,
             instance_id=history.instance_id,
@@ -79,7 +88,8 @@ class Planner:
             occurrence=key[1],
             attempt=attempt,
         )
-        return message.routing_key, self._encode(message), history.trace_context
+        routed = routing_key("step", history.workflow, pool_of(detail))
+        return routed, self._encode(message), history.trace_context
 
     def wake_message(self, workflow: str, instance_id: str, key: StepKey) -> tuple[str, bytes]:
         """The message that settles a waiting entry (a sleep, an event time-out, a child)."""
@@ -111,7 +121,7 @@ class Planner:
             status, output, error = self._ending(outcome)
             return Transition(new_steps, status, self.parent_wake(history.parent), output, error)
         messages = [
-            self.step_message(history, entry.key, 1)
+            self.step_message(history, entry.key, 1, detail=entry.detail)
             if entry.kind == StepKind.STEP
             else self._child_start(history, entry)
             for entry in entries
@@ -211,7 +221,7 @@ class Planner:
         timers: list[NewTimer] = []
         for entry in entries:
             if entry.kind == StepKind.STEP and not paused:
-                messages.append(self.step_message(history, entry.key, 1))
+                messages.append(self.step_message(history, entry.key, 1, detail=entry.detail))
             elif entry.kind == StepKind.SLEEP:
                 fire_at = fire_times[entry.key]
                 assert fire_at is not None

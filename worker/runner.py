@@ -83,6 +83,7 @@ async def run_worker(
             hooks=hooks,
             replay_cache=replay_cache,
             build_id=build_id,
+            pools=frozenset(settings.worker.pools),
         )
         slots = asyncio.Semaphore(concurrency)
 
@@ -102,7 +103,10 @@ async def run_worker(
         # took ~110 ms mid-run in the latency benchmark; the step-to-next maximum with it.
         gc.freeze()
         await broker.consume(
-            sorted(workflows), on_delivery, prefetch=settings.worker.prefetch or 2 * concurrency
+            sorted(workflows),
+            on_delivery,
+            prefetch=settings.worker.prefetch or 2 * concurrency,
+            pools=tuple(settings.worker.pools),
         )
         # After consume: the queues a schedule's starts go to exist before any is fired.
         await sync_declared_schedules(store, workflows)
@@ -111,10 +115,13 @@ async def run_worker(
         drained = asyncio.Event()
         sweeper = asyncio.create_task(relay.run_sweeper(drained))
         outage_watch = asyncio.create_task(handler.watch_outage(drained))
-        sampler = asyncio.create_task(_sample_queue_depths(broker, sorted(workflows), hooks, stopping))
+        sampler = asyncio.create_task(
+            _sample_queue_depths(broker, sorted(workflows), tuple(settings.worker.pools), hooks, stopping)
+        )
         log.info(
-            "worker consuming %s with concurrency %d, build %s",
+            "worker consuming %s (pools %s) with concurrency %d, build %s",
             ", ".join(sorted(workflows)),
+            ", ".join(settings.worker.pools),
             concurrency,
             build_id,
             extra={"event": "worker_started", "worker": worker_id, "build_id": build_id},
@@ -157,6 +164,7 @@ async def run_worker(
 async def _sample_queue_depths(
     broker: Broker,
     workflows: list[str],
+    pools: tuple[str, ...],
     hooks: Hooks | None,
     stopping: asyncio.Event,
     every_s: float = 15.0,
@@ -166,7 +174,7 @@ async def _sample_queue_depths(
         return
     while not stopping.is_set():
         try:
-            for queue, depth in (await broker.queue_depths(workflows)).items():
+            for queue, depth in (await broker.queue_depths(workflows, pools)).items():
                 hooks.queue_depth(queue, depth)
         except BrokerError:
             pass  # an outage: the relay and the handler report it

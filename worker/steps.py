@@ -17,6 +17,7 @@ from stepline.shared.history import History, StepKey, format_key
 from stepline.shared.hooks import AttemptEnd
 from stepline.shared.messages import StepMessage, WakeMessage, check_addressed
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.shared.topology import DEFAULT_POOL, pool_of, routing_key
 from stepline.worker.context import StepCall
 from stepline.worker.executor import StepExecutor, StepResult, StepSucceeded
 from stepline.worker.plan import Planner, Transition
@@ -68,8 +69,12 @@ class StepRunner:
         worker_id: str,
         cache: ReplayCache | None = None,
         build_id: str | None = None,
+        pools: frozenset[str] | None = None,
     ) -> None:
         self._store = store
+        # The worker pools this worker serves: a step of another pool is never run here,
+        # not even on the local fast path. None: every pool (the testing kit).
+        self._pools = pools
         self._cache = cache if cache is not None else ReplayCache(0)  # an empty cache is falsy
         self._planner = planner
         self._executor = executor
@@ -131,6 +136,9 @@ class StepRunner:
         if len(planned) != 1:
             return None
         step = planned[0]
+        pool = pool_of(step.detail)
+        if not self.serves(pool):
+            return None  # it goes out to its pool's queue
         message = StepMessage(
             workflow=history.workflow,
             instance_id=history.instance_id,
@@ -139,8 +147,13 @@ class StepRunner:
             attempt=1,
         )
         # The commit's only step message is this one: the other rows start children or wake a parent.
-        row = next((row for row in rows if row.routing_key == message.routing_key), None)
+        routed = routing_key("step", history.workflow, pool)
+        row = next((row for row in rows if row.routing_key == routed), None)
         return None if row is None else LocalStep(workflow, message, row)
+
+    def serves(self, pool: str | None) -> bool:
+        """Whether this worker runs steps of worker pool ``pool`` (None: the default pool)."""
+        return self._pools is None or (pool or DEFAULT_POOL) in self._pools
 
     async def wake_sleep(self, workflow: Workflow[Any, Any], message: WakeMessage) -> Committed | None:
         """End a sleep whose timer fired without taking the lock; None if it needs the locking path.
@@ -421,9 +434,10 @@ class StepRunner:
         policy = replay.calls[key].retry or DEFAULT_RETRY_POLICY
         if result.is_retryable and policy.allows_retry_after(attempt):
             await self._record(tx, instance_id, key, attempt, result, StepStatus.RETRYING, retry=True)
-            routing_key, body, headers = self._planner.step_message(history, key, attempt + 1)
+            # To the step's pool, as recorded: the retry runs where the first attempt ran.
+            routed, body, headers = self._planner.step_message(history, key, attempt + 1)
             timer = NewTimer(
-                key, attempt + 1, "retry", routing_key, body, headers, delay=policy.delay_after(attempt)
+                key, attempt + 1, "retry", routed, body, headers, delay=policy.delay_after(attempt)
             )
             await tx.insert_timers(instance_id, [timer])
             await tx.update_instance(instance_id, status=_status_after_retry(history))

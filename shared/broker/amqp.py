@@ -29,12 +29,15 @@ from stepline.shared.broker.base import (
 from stepline.shared.errors import BrokerError, UnroutableError
 from stepline.shared.settings import BrokerSettings
 from stepline.shared.topology import (
+    DEFAULT_POOL,
     dead_letter_exchange_name,
     dead_letter_queue_name,
     exchange_name,
+    is_default_pool,
     parse_routing_key,
+    pool_routing_keys,
     probe_routing_key,
-    workflow_queue_name,
+    queue_name,
     workflow_routing_keys,
 )
 
@@ -91,7 +94,7 @@ class AmqpBroker:
         self._dead_letter_exchange: AbstractExchange | None = None
         self._consume_channel: AbstractChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
-        self._declared_workflows: set[str] = set()
+        self._declared: set[tuple[str, str | None]] = set()  # (workflow, pool) queues declared
         self._declare_lock = asyncio.Lock()
 
     async def connect(self) -> None:
@@ -139,8 +142,13 @@ class AmqpBroker:
             raise BrokerError("the broker is not connected")
         return self._publish_channel
 
-    async def declare_workflow_queue(self, workflow: str) -> AbstractQueue:
-        """Declare a workflow's durable queue and its bindings; poison dead-letters."""
+    async def declare_workflow_queue(self, workflow: str, pool: str | None = None) -> AbstractQueue:
+        """Declare a workflow's durable queue (of ``pool``, if not the default) and its bindings.
+
+        Poison dead-letters. The default queue is bound to every kind of the
+        workflow's messages; a pool's queue only to its steps for that pool.
+        """
+        pool = None if is_default_pool(pool) else pool
         arguments: dict[str, Any] = {
             "x-dead-letter-exchange": dead_letter_exchange_name(self.namespace),
             **self._queue_type(),
@@ -150,24 +158,26 @@ class AmqpBroker:
             # dead-lettered after this many, instead of looping forever.
             arguments["x-delivery-limit"] = self._settings.delivery_limit
         queue = await self._channel.declare_queue(
-            workflow_queue_name(self.namespace, workflow), durable=True, arguments=arguments
+            queue_name(self.namespace, workflow, pool), durable=True, arguments=arguments
         )
         assert self._exchange is not None
-        for key in workflow_routing_keys(workflow):
+        keys = workflow_routing_keys(workflow) if pool is None else pool_routing_keys(pool, workflow)
+        for key in keys:
             await queue.bind(self._exchange, key)
-        self._declared_workflows.add(workflow)
+        self._declared.add((workflow, pool))
         return queue
 
-    async def ensure_workflow_queue(self, workflow: str) -> None:
-        """Declare a workflow's queue once per connection, so a start waits for a worker."""
-        if workflow in self._declared_workflows:
+    async def ensure_workflow_queue(self, workflow: str, pool: str | None = None) -> None:
+        """Declare a workflow's queue (of ``pool``) once per connection, so its messages wait for a worker."""
+        pool = None if is_default_pool(pool) else pool
+        if (workflow, pool) in self._declared:
             return
         async with self._declare_lock:
-            if workflow not in self._declared_workflows:
-                await self.declare_workflow_queue(workflow)
+            if (workflow, pool) not in self._declared:
+                await self.declare_workflow_queue(workflow, pool)
 
-    async def workflow_queue(self, workflow: str) -> WorkflowQueue | None:
-        """The workflow's queue with its ready messages and consumers, or None if it does not exist.
+    async def workflow_queue(self, workflow: str, pool: str | None = None) -> WorkflowQueue | None:
+        """The workflow's queue (of ``pool``), its ready messages and consumers; None if there is none.
 
         A passive declare on a short-lived channel of its own: for a missing queue
         the broker closes the channel (404), which must not be the publish channel,
@@ -175,7 +185,7 @@ class AmqpBroker:
         """
         if self._connection is None:
             raise BrokerError("the broker is not connected")
-        name = workflow_queue_name(self.namespace, workflow)
+        name = queue_name(self.namespace, workflow, pool)
         channel = Channel(self._connection, publisher_confirms=False)
         try:
             await channel.initialize(timeout=PUBLISH_TIMEOUT_S)
@@ -196,10 +206,13 @@ class AmqpBroker:
         """Publish a persistent message with a confirm; raise if it was not routed or not taken."""
         if self._exchange is None:
             raise BrokerError("the broker is not connected")
-        kind, workflow = parse_routing_key(routing_key)
+        kind, workflow, pool = parse_routing_key(routing_key)
         if kind == "start" and workflow:
             # A start (a child's, say) must find a queue even if no worker of its workflow ever ran.
             await self.ensure_workflow_queue(workflow)
+        elif kind == "step" and workflow and pool is not None:
+            # A pool's step waits in the pool's queue until a worker of the pool runs.
+            await self.ensure_workflow_queue(workflow, pool)
         message = aio_pika.Message(
             body,
             headers=dict(headers or {}),
@@ -246,16 +259,27 @@ class AmqpBroker:
         except _AMQP_FAILURES_OR_TIMEOUT as exc:
             raise BrokerError(f"dead-lettering failed: {exc!r}") from exc
 
-    async def consume(self, workflows: list[str], handler: Handler, *, prefetch: int) -> None:
-        """Consume every given workflow's queue on one channel, calling ``handler`` per message.
+    async def consume(
+        self,
+        workflows: list[str],
+        handler: Handler,
+        *,
+        prefetch: int,
+        pools: tuple[str, ...] = (DEFAULT_POOL,),
+    ) -> None:
+        """Consume the given workflows' queues of ``pools`` on one channel, calling ``handler`` per message.
 
-        The robust connection restores the channel, its QoS and its consumers
-        after a broker restart.
+        Each workflow's default queue is declared even by a worker that does not
+        serve the default pool: the steps it plans next wait there. The robust
+        connection restores the channel, its QoS and its consumers after a broker restart.
         """
         if self._connection is None:
             raise BrokerError("the broker is not connected")
+        served = [None if is_default_pool(pool) else pool for pool in pools]
         for workflow in workflows:
             await self.ensure_workflow_queue(workflow)
+            for pool in served:
+                await self.ensure_workflow_queue(workflow, pool)
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         self._consume_channel = channel
@@ -273,10 +297,11 @@ class AmqpBroker:
                 )
             )
 
-        for workflow in workflows:
-            queue = await channel.get_queue(workflow_queue_name(self.namespace, workflow))
-            tag = await queue.consume(on_message, no_ack=False)
-            self._consumers.append((queue, tag))
+        for pool in served:
+            for workflow in workflows:
+                queue = await channel.get_queue(queue_name(self.namespace, workflow, pool))
+                tag = await queue.consume(on_message, no_ack=False)
+                self._consumers.append((queue, tag))
 
     async def is_connected(self) -> bool:
         """Whether the connection is open now (not closed, not between reconnects)."""
@@ -289,16 +314,23 @@ class AmqpBroker:
         channel = self._consume_channel
         return bool(self._consumers) and channel is not None and not channel.is_closed
 
-    async def queue_depths(self, workflows: list[str]) -> dict[str, int]:
-        """Messages waiting in each workflow's queue (a passive declare each)."""
+    async def queue_depths(
+        self, workflows: list[str], pools: tuple[str, ...] = (DEFAULT_POOL,)
+    ) -> dict[str, int]:
+        """Messages waiting in each workflow's queue of each of ``pools`` (a passive declare each).
+
+        Asked as ``workflow_queue`` asks, on a channel of its own: the robust
+        publish channel answers a passive declare of a queue it declared itself
+        from its cache, with the count of that first declare.
+        """
         depths = {}
-        try:
+        for pool in pools:
             for workflow in workflows:
-                name = workflow_queue_name(self.namespace, workflow)
-                queue = await self._channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
-                depths[name] = int(queue.declaration_result.message_count or 0)
-        except _AMQP_FAILURES_OR_TIMEOUT as exc:
-            raise BrokerError(f"cannot read queue depths: {exc!r}") from exc
+                queue = await self.workflow_queue(workflow, pool)
+                if queue is None:
+                    name = queue_name(self.namespace, workflow, pool)
+                    raise BrokerError(f"cannot read queue depths: no queue {name!r} is declared")
+                depths[queue.name] = queue.messages
         return depths
 
     async def stop_consuming(self) -> None:

@@ -82,21 +82,28 @@ class Broker(Publisher, Protocol):
     async def close(self) -> None:
         """Disconnect; unacked deliveries go back to their queues."""
 
-    async def ensure_workflow_queue(self, workflow: str) -> None:
-        """Make sure messages for ``workflow`` have a durable queue to wait in."""
+    async def ensure_workflow_queue(self, workflow: str, pool: str | None = None) -> None:
+        """Make sure messages for ``workflow`` (its steps of worker pool ``pool``) have a durable queue."""
 
-    async def workflow_queue(self, workflow: str) -> WorkflowQueue | None:
-        """The workflow's queue, or None if it has none: no worker serving it ever ran here.
+    async def workflow_queue(self, workflow: str, pool: str | None = None) -> WorkflowQueue | None:
+        """The workflow's queue (of ``pool``), or None if it has none: no worker serving it ever ran here.
 
         Only looks: it never creates the queue (a worker declares it when it
         starts consuming, so an existing queue means the workflow is registered).
+        A pool's queue is also declared by the first publish of a step for it.
         """
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Keep a message that cannot be processed, with its reason, for inspection."""
 
-    async def consume(self, workflows: list[str], handler: Handler, *, prefetch: int) -> None:
-        """Deliver messages of the given workflows to ``handler``, at most ``prefetch`` unacked."""
+    async def consume(
+        self, workflows: list[str], handler: Handler, *, prefetch: int, pools: tuple[str, ...] = ...
+    ) -> None:
+        """Deliver messages of the given workflows to ``handler``, at most ``prefetch`` unacked.
+
+        ``pools`` are the worker pools served (default: the default pool only):
+        the queue of each workflow in each of them is consumed.
+        """
 
     async def stop_consuming(self) -> None:
         """Stop new deliveries; in-flight ones may still be acked."""
@@ -107,5 +114,5 @@ class Broker(Publisher, Protocol):
     async def is_consuming(self) -> bool:
         """Whether this process's consumers are registered and live."""
 
-    async def queue_depths(self, workflows: list[str]) -> dict[str, int]:
-        """Messages waiting in each workflow's queue, by queue name."""
+    async def queue_depths(self, workflows: list[str], pools: tuple[str, ...] = ...) -> dict[str, int]:
+        """Messages waiting in each workflow's queue of each of ``pools`` (default: the default pool)."""

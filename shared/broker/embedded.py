@@ -37,13 +37,15 @@ from stepline.shared.broker.base import (
     Handler,
     WorkflowQueue,
 )
-from stepline.shared.broker.embedded_store import ConsumerLock, Message, Store
+from stepline.shared.broker.embedded_store import ConsumerLock, Message, Store, queue_route
 from stepline.shared.errors import BrokerError, UnroutableError
 from stepline.shared.topology import (
+    DEFAULT_POOL,
     MESSAGE_KINDS,
     dead_letter_queue_name,
+    is_default_pool,
     parse_routing_key,
-    workflow_queue_name,
+    queue_name,
 )
 
 log = logging.getLogger("stepline.broker")
@@ -201,24 +203,27 @@ class _Hub:
 
     # -- publishing ---------------------------------------------------------
 
-    async def declare(self, namespace: str, workflow: str) -> None:
-        """Record a workflow's queue (idempotent)."""
-        await self.store.declare(namespace, workflow, workflow_queue_name(namespace, workflow))
+    async def declare(self, namespace: str, workflow: str, pool: str | None = None) -> None:
+        """Record a workflow's queue, or its queue of a worker pool (idempotent)."""
+        name = queue_name(namespace, workflow, pool)
+        await self.store.declare(namespace, queue_route(workflow, pool), name)
 
     async def publish(
         self, namespace: str, routing_key: str, body: bytes, headers: Mapping[str, str] | None
     ) -> None:
         """Commit a message to its queue and, if it is consumed here, hand it to a consumer."""
-        kind, workflow = parse_routing_key(routing_key)
-        if kind not in MESSAGE_KINDS or not workflow:
+        kind, workflow, pool = parse_routing_key(routing_key)
+        if kind not in MESSAGE_KINDS or not workflow or (pool is not None and kind != "step"):
             raise UnroutableError(routing_key)
         header_values = {str(key): str(value) for key, value in (headers or {}).items()}
+        name = queue_name(namespace, workflow, pool)
         async with self._lock:
-            inserted = await self.store.insert_message(namespace, workflow, routing_key, body, header_values)
-            if inserted is None:
+            message_id = await self.store.insert_message(
+                namespace, queue_route(workflow, pool), name, routing_key, body, header_values
+            )
+            if message_id is None:
                 raise UnroutableError(routing_key)
-            message_id, queue_name = inserted
-            queue = self._queues.get(queue_name)
+            queue = self._queues.get(name)
             if queue is None:
                 return  # not consumed here: it waits in the file
             if queue.more_in_file or len(queue.ready) >= READY_LIMIT:
@@ -226,7 +231,7 @@ class _Hub:
                 queue.more_in_file = True
                 self._wake.set()
                 return
-            self._push(queue, Message(message_id, queue_name, routing_key, body, header_values))
+            self._push(queue, Message(message_id, name, routing_key, body, header_values))
             self._dispatch()
 
     async def dead_letter(self, namespace: str, delivery: Delivery, reason: str) -> None:
@@ -238,9 +243,9 @@ class _Hub:
             namespace, delivery.routing_key, delivery.body, headers, headers[REASON_HEADER]
         )
 
-    async def depth(self, namespace: str, workflow: str) -> tuple[str, int] | None:
+    async def depth(self, namespace: str, workflow: str, pool: str | None = None) -> tuple[str, int] | None:
         """``(queue name, ready messages)``: those in the file less those delivered and unacked here."""
-        found = await self.store.queue_depth(namespace, workflow)
+        found = await self.store.queue_depth(namespace, queue_route(workflow, pool))
         if found is None:
             return None
         queue, count = found
@@ -511,7 +516,7 @@ class EmbeddedBroker:
         self.namespace = namespace
         self._hub: _Hub | None = None
         self._consumers: list[_Consumer] = []
-        self._declared_workflows: set[str] = set()
+        self._declared: set[tuple[str, str | None]] = set()  # (workflow, pool) queues declared
 
     @property
     def _connected(self) -> _Hub:
@@ -531,7 +536,7 @@ class EmbeddedBroker:
         if hub is None:
             return
         consumers, self._consumers = self._consumers, []
-        self._declared_workflows.clear()
+        self._declared.clear()
         try:
             for consumer in consumers:
                 await hub.detach(consumer)
@@ -545,30 +550,34 @@ class EmbeddedBroker:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def ensure_workflow_queue(self, workflow: str) -> None:
-        """Declare a workflow's queue once per instance, so a start waits for a worker."""
+    async def ensure_workflow_queue(self, workflow: str, pool: str | None = None) -> None:
+        """Declare a workflow's queue (of ``pool``) once per instance, so its messages wait for a worker."""
         hub = self._connected
-        if workflow in self._declared_workflows:
+        pool = None if is_default_pool(pool) else pool
+        if (workflow, pool) in self._declared:
             return
-        await hub.declare(self.namespace, workflow)
-        self._declared_workflows.add(workflow)
+        await hub.declare(self.namespace, workflow, pool)
+        self._declared.add((workflow, pool))
 
     async def publish(self, routing_key: str, body: bytes, headers: Mapping[str, str] | None) -> None:
         """Commit a message to its workflow's queue; raise ``UnroutableError`` if none is declared."""
         hub = self._connected
-        kind, workflow = parse_routing_key(routing_key)
+        kind, workflow, pool = parse_routing_key(routing_key)
         if kind == "start" and workflow:
             # A start (a child's, say) must find a queue even if no worker of its workflow ever ran.
             await self.ensure_workflow_queue(workflow)
+        elif kind == "step" and workflow and pool is not None:
+            # A pool's step waits in the pool's queue until a worker of the pool runs.
+            await self.ensure_workflow_queue(workflow, pool)
         await hub.publish(self.namespace, routing_key, body, headers)
 
-    async def workflow_queue(self, workflow: str) -> WorkflowQueue | None:
-        """The workflow's declared queue with its ready messages, or None if none is declared.
+    async def workflow_queue(self, workflow: str, pool: str | None = None) -> WorkflowQueue | None:
+        """The workflow's declared queue (of ``pool``) with its ready messages, or None if none is declared.
 
         Its consumers are known only in the process that consumes the file.
         """
         hub = self._connected
-        found = await hub.depth(self.namespace, workflow)
+        found = await hub.depth(self.namespace, workflow, None if is_default_pool(pool) else pool)
         if found is None:
             return None
         queue, depth = found
@@ -598,20 +607,34 @@ class EmbeddedBroker:
             for routing_key, body, headers in rows
         ]
 
-    async def consume(self, workflows: list[str], handler: Handler, *, prefetch: int) -> None:
+    async def consume(
+        self,
+        workflows: list[str],
+        handler: Handler,
+        *,
+        prefetch: int,
+        pools: tuple[str, ...] = (DEFAULT_POOL,),
+    ) -> None:
         """Deliver the workflows' messages to ``handler``, each in its own task, ``prefetch`` unacked at most.
 
-        A ``prefetch`` of 0 means no limit, as in AMQP.
+        Only the workflows' queues of ``pools`` are consumed (each workflow's
+        default queue is declared all the same: the steps planned next wait
+        there). A ``prefetch`` of 0 means no limit, as in AMQP.
 
         Raises:
             BrokerError: another process consumes this file, or the file failed.
         """
         hub = self._connected
+        served = [None if is_default_pool(pool) else pool for pool in pools]
         for workflow in workflows:
             await self.ensure_workflow_queue(workflow)
-        if not workflows:
+            for pool in served:
+                await self.ensure_workflow_queue(workflow, pool)
+        if not workflows or not served:
             return
-        queues = frozenset(workflow_queue_name(self.namespace, workflow) for workflow in workflows)
+        queues = frozenset(
+            queue_name(self.namespace, workflow, pool) for pool in served for workflow in workflows
+        )
         consumer = _Consumer(queues, handler, prefetch)
         await hub.start_consuming(consumer)
         self._consumers.append(consumer)
@@ -633,8 +656,10 @@ class EmbeddedBroker:
         """Whether this instance has an active consumer."""
         return await self.is_connected() and any(consumer.active for consumer in self._consumers)
 
-    async def queue_depths(self, workflows: list[str]) -> dict[str, int]:
-        """Ready messages in each workflow's queue, by queue name.
+    async def queue_depths(
+        self, workflows: list[str], pools: tuple[str, ...] = (DEFAULT_POOL,)
+    ) -> dict[str, int]:
+        """Ready messages in each workflow's queue of each of ``pools``, by queue name.
 
         ``dead_letter_queue_name(namespace)`` may be given too: it counts the kept dead letters.
         """
@@ -645,10 +670,12 @@ class EmbeddedBroker:
             if workflow == dead_queue:
                 depths[dead_queue] = await hub.store.count_dead_letters(self.namespace)
                 continue
-            found = await hub.depth(self.namespace, workflow)
-            if found is None:
-                queue = workflow_queue_name(self.namespace, workflow)
-                raise BrokerError(f"cannot read queue depths: no queue {queue!r} is declared")
-            queue, depth = found
-            depths[queue] = depth
+            for pool in pools:
+                routed = None if is_default_pool(pool) else pool
+                found = await hub.depth(self.namespace, workflow, routed)
+                if found is None:
+                    queue = queue_name(self.namespace, workflow, routed)
+                    raise BrokerError(f"cannot read queue depths: no queue {queue!r} is declared")
+                queue, depth = found
+                depths[queue] = depth
         return depths

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import aiosqlite
 
 from stepline.shared.errors import BrokerError
-from stepline.shared.topology import workflow_queue_name
+from stepline.shared.topology import is_default_pool
 
 log = logging.getLogger("stepline.broker")
 
@@ -28,7 +28,9 @@ log = logging.getLogger("stepline.broker")
 BUSY_TIMEOUT_S = 30.0
 # AUTOINCREMENT matters: ids are never reused, and as SQLite has one writer at a
 # time, a row committed later always has a larger id, so "id > last seen" finds
-# every row another process added.
+# every row another process added. A queue's ``workflow`` is the route it takes messages
+# by (see ``queue_route``): the workflow's name, or ``<workflow>@<pool>`` for a worker
+# pool's queue of it (no workflow name holds an '@'), so files of older versions read the same.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS queues (
     namespace   TEXT NOT NULL,
@@ -70,6 +72,11 @@ class Message:
     body: bytes = field(compare=False)
     headers: dict[str, str] = field(compare=False)
     redelivered: bool = field(default=False, compare=False)
+
+
+def queue_route(workflow: str, pool: str | None = None) -> str:
+    """What a queue row routes by: the workflow, or ``<workflow>@<pool>`` for a pool's steps."""
+    return workflow if is_default_pool(pool) else f"{workflow}@{pool}"
 
 
 def _headers_from_json(text: str) -> dict[str, str]:
@@ -134,18 +141,18 @@ class Store:
         except (sqlite3.Error, ValueError) as exc:  # aiosqlite raises ValueError once closed
             raise BrokerError(f"embedded broker {self._path}: {what} failed: {exc}") from exc
 
-    async def declare(self, namespace: str, workflow: str, queue: str) -> None:
-        """Record a workflow's queue, so that any process may route to it."""
+    async def declare(self, namespace: str, route: str, queue: str) -> None:
+        """Record a queue and its route (see ``queue_route``), so that any process may route to it."""
         with self._failing(f"declaring queue {queue!r}"):
             await self._connection.execute(
                 "INSERT OR IGNORE INTO queues (namespace, workflow, name, declared_at) VALUES (?, ?, ?, ?)",
-                (namespace, workflow, queue, time.time()),
+                (namespace, route, queue, time.time()),
             )
 
     async def insert_message(
-        self, namespace: str, workflow: str, routing_key: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, str] | None:
-        """Insert a message into its workflow's queue: ``(id, queue)``, or None if none is declared.
+        self, namespace: str, route: str, queue: str, routing_key: str, body: bytes, headers: dict[str, str]
+    ) -> int | None:
+        """Insert a message into the queue of ``route`` (named ``queue``): its id; None if none is declared.
 
         The routing check and the insert are one statement, so they cannot be torn apart.
         """
@@ -153,12 +160,11 @@ class Store:
             async with self._connection.execute(
                 "INSERT INTO messages (namespace, queue, routing_key, body, headers, published_at) "
                 "SELECT ?, name, ?, ?, ?, ? FROM queues WHERE namespace = ? AND workflow = ?",
-                (namespace, routing_key, body, json.dumps(headers), time.time(), namespace, workflow),
+                (namespace, routing_key, body, json.dumps(headers), time.time(), namespace, route),
             ) as cursor:
                 if cursor.rowcount != 1 or cursor.lastrowid is None:
                     return None
-                message_id = cursor.lastrowid
-        return message_id, workflow_queue_name(namespace, workflow)
+                return cursor.lastrowid
 
     async def delete_message(self, message_id: int) -> None:
         """Remove an acked message for good."""
@@ -186,12 +192,12 @@ class Store:
             for row in rows
         ]
 
-    async def queue_depth(self, namespace: str, workflow: str) -> tuple[str, int] | None:
-        """``(queue name, messages in it)``, or None if the workflow has no declared queue."""
-        with self._failing(f"counting the messages of {workflow!r}"):
+    async def queue_depth(self, namespace: str, route: str) -> tuple[str, int] | None:
+        """``(queue name, messages in it)``, or None if no queue of ``route`` is declared."""
+        with self._failing(f"counting the messages of {route!r}"):
             declared = list(
                 await self._connection.execute_fetchall(
-                    "SELECT name FROM queues WHERE namespace = ? AND workflow = ?", (namespace, workflow)
+                    "SELECT name FROM queues WHERE namespace = ? AND workflow = ?", (namespace, route)
                 )
             )
             if not declared:

@@ -61,7 +61,10 @@ class Fleet:
         running = _Running(name, task, stopping)
         self._running.append(running)
         if consuming and served:
-            await until_consuming(settings or self.settings, served, running.task)
+            used = settings or self.settings
+            # Queues are consumed pool by pool in name order: the last pool's tell them all consumed.
+            pool = used.worker.pools[-1]
+            await until_consuming(used, served, running.task, pool=pool)
         return running
 
     def start_scheduler(self) -> _Running:
@@ -164,7 +167,12 @@ def process_env(settings: Settings) -> dict[str, str]:
 
 
 async def until_consuming(
-    settings: Settings, workflows: Iterable[str], task: asyncio.Task[None] | None = None, *, at_least: int = 1
+    settings: Settings,
+    workflows: Iterable[str],
+    task: asyncio.Task[None] | None = None,
+    *,
+    at_least: int = 1,
+    pool: str | None = None,
 ) -> None:
     """Wait until a worker consumes the queues of ``workflows``: their starts are then accepted.
 
@@ -172,7 +180,8 @@ async def until_consuming(
     last name tells them all registered. ``task`` is an in-process worker, to
     fail at once if it died; a worker process on the embedded broker is seen
     only by the queue it declared (another process cannot count its consumers).
-    ``at_least`` waits for that many consumers (workers) on RabbitMQ.
+    ``at_least`` waits for that many consumers (workers) on RabbitMQ; ``pool``
+    looks at the workflows' queues of that worker pool instead.
     """
     workflow = max(workflows)
 
@@ -180,7 +189,7 @@ async def until_consuming(
         if task is not None and task.done():
             task.result()  # re-raise what it died of
             raise AssertionError(f"the worker stopped before it consumed {workflow!r}")
-        queue = await broker.workflow_queue(workflow)
+        queue = await broker.workflow_queue(workflow, pool)
         if queue is None:
             return False
         if queue.consumers is None:
@@ -193,6 +202,10 @@ async def until_consuming(
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     await broker.connect()
     try:
-        await eventually(consumed, timeout=60, what=f"{at_least} worker(s) consuming {workflow!r}")
+        await eventually(
+            consumed,
+            timeout=60,
+            what=f"{at_least} worker(s) consuming {workflow!r} (pool {pool or 'default'})",
+        )
     finally:
         await broker.close()
