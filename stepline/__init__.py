@@ -29,6 +29,8 @@ from stepline.producer import (
     load_settings,
 )
 from stepline.worker import (
+    Concurrency,
+    ConcurrencyKeyError,
     Context,
     EventTimeoutError,
     NonDeterminismError,
@@ -44,6 +46,7 @@ from stepline.worker import (
 
 __all__ = [
     # Writing workflows (stepline.worker).
+    "Concurrency",
     "Context",
     "RetryPolicy",
     "RunningStep",
@@ -61,6 +64,7 @@ __all__ = [
     "load_settings",
     # The errors a workflow or a client catches; SteplineError is the root.
     "BrokerError",
+    "ConcurrencyKeyError",
     "ConfigError",
     "EventTimeoutError",
     "InstanceNotFoundError",

@@ -1,6 +1,7 @@
 """Stepline's authoring API and worker: write workflows as async Python, run them durably."""
 
 from stepline.shared.errors import (
+    ConcurrencyKeyError,
     EventTimeoutError,
     NonDeterminismError,
     NonRetryableError,
@@ -8,12 +9,15 @@ from stepline.shared.errors import (
     SteplineError,
     StepTimeoutError,
 )
+from stepline.worker.concurrency import Concurrency
 from stepline.worker.context import Context
 from stepline.worker.retry import RetryPolicy
 from stepline.worker.step_info import RunningStep, step_info
 from stepline.worker.workflow import Workflow, workflow
 
 __all__ = [
+    "Concurrency",
+    "ConcurrencyKeyError",
     "Context",
     "EventTimeoutError",
     "NonDeterminismError",

@@ -12,6 +12,7 @@ from stepline.shared import codec
 from stepline.shared.codec import JSON
 from stepline.shared.errors import InvalidParamsError, WorkflowDefinitionError
 from stepline.shared.messages import check_workflow_name, format_validation_error
+from stepline.worker.concurrency import Concurrency
 
 if TYPE_CHECKING:
     from stepline.worker.context import Context
@@ -29,7 +30,13 @@ class Workflow(Generic[ParamsT, OutputT]):
     published; give its module to ``stepline-worker --workflows`` to run it.
     """
 
-    def __init__(self, name: str, fn: Callable[[Context, ParamsT], Awaitable[OutputT]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[Context, ParamsT], Awaitable[OutputT]],
+        *,
+        concurrency: Concurrency | None = None,
+    ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise WorkflowDefinitionError(f"workflow {name!r} must be an async function")
         parameters = list(inspect.signature(fn).parameters.values())
@@ -42,6 +49,12 @@ class Workflow(Generic[ParamsT, OutputT]):
         except ValueError as exc:
             raise WorkflowDefinitionError(str(exc)) from None
         self.fn = fn
+        if concurrency is not None and not isinstance(concurrency, Concurrency):
+            raise WorkflowDefinitionError(
+                f"workflow {name!r}: concurrency must be a Concurrency(...) or None, got {concurrency!r}"
+            )
+        self.concurrency = None if concurrency is None else concurrency.check(name)
+        """How many instances may run at once (per key), or None for no limit."""
         try:
             hints = get_type_hints(fn)
         except NameError as exc:
@@ -129,14 +142,17 @@ def _adapter_for_return(fn: Callable[..., Any]) -> TypeAdapter[Any]:
 
 def workflow(
     name: str,
+    *,
+    concurrency: Concurrency | None = None,
 ) -> Callable[[Callable[[Context, ParamsT], Awaitable[OutputT]]], Workflow[ParamsT, OutputT]]:
     """Declare an async function ``(ctx, params) -> output`` as the workflow ``name``.
 
     The params annotation (a pydantic model, or any type pydantic knows) is
     validated at start; the return value must be JSON-serialisable.
+    ``concurrency`` limits how many instances run at once, fleet-wide (see ``Concurrency``).
     """
 
     def decorate(fn: Callable[[Context, ParamsT], Awaitable[OutputT]]) -> Workflow[ParamsT, OutputT]:
-        return Workflow(name, fn)
+        return Workflow(name, fn, concurrency=concurrency)
 
     return decorate
