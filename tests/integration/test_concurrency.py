@@ -209,3 +209,46 @@ async def test_starts_and_finishes_of_one_key_at_once_keep_the_limit(settings: S
         assert await by_status() == {"complete": 2, "queued": 4, "running": 2}
     finally:
         await store.close()
+
+
+async def test_cancel_newest_and_cancel_oldest_end_an_instance_with_the_reason(
+    fleet: Fleet, producer: Producer, client: Client
+) -> None:
+    await fleet.start_worker()
+    await producer.start("gate-newest", {"lane": "n"}, instance_id="newest-1")
+    await until_status(client, "newest-1", "waiting")
+    await producer.start("gate-newest", {"lane": "n"}, instance_id="newest-2")
+    cancelled = await client.wait("newest-2", timeout=30)
+    assert cancelled.status == "terminated"
+    assert cancelled.error is not None and cancelled.error["message"] == (
+        "concurrency limit reached: workflow 'gate-newest', key (the whole workflow), limit 1 "
+        '(on_limit="cancel-newest" cancels the new instance)'
+    )
+
+    await producer.start("gate-oldest", {"lane": "o"}, instance_id="oldest-1")
+    await until_status(client, "oldest-1", "waiting")
+    await producer.start("gate-oldest", {"lane": "o"}, instance_id="oldest-2")
+    evicted = await client.wait("oldest-1", timeout=30)
+    assert evicted.status == "terminated"
+    assert evicted.error is not None and evicted.error["message"] == (
+        "cancelled for a newer instance 'oldest-2': concurrency limit reached: workflow 'gate-oldest', "
+        "key 'o', limit 1 (on_limit=\"cancel-oldest\" cancels the oldest instance)"
+    )
+    await until_status(client, "oldest-2", "waiting")
+    assert await _statuses(client, ["newest-1"]) == {"newest-1": "waiting"}
+
+
+async def test_a_key_function_that_raises_refuses_the_start_as_errored(
+    fleet: Fleet, producer: Producer, client: Client
+) -> None:
+    await fleet.start_worker()
+    await producer.start("broken-key", {"lane": "raise"}, instance_id="refused")
+
+    info = await client.wait("refused", timeout=30)  # the caller learns it as for any failed instance
+
+    assert info.status == "errored"
+    assert info.error is not None and info.error["type"] == "ConcurrencyKeyError"
+    assert info.error["message"] == (
+        "workflow 'broken-key': its concurrency key function failed on the params: "
+        "it raised KeyError: 'no customer'"
+    )
