@@ -54,7 +54,7 @@ async def test_two_per_key_across_three_workers_and_no_key_waits_for_another(
 
     rows = await db.rows(
         settings.database,
-        "SELECT i.concurrency_key AS lane, a.worker, a.started_at, a.finished_at"
+        "SELECT i.params ->> 'lane' AS lane, a.worker, a.started_at, a.finished_at"
         " FROM step_attempts a JOIN instances i ON i.id = a.instance_id WHERE i.workflow = 'per-lane'",
     )
     assert len(rows) == 30  # one attempt each: nothing ran twice
