@@ -54,8 +54,7 @@ log = logging.getLogger("stepline.worker")
 DeadLetter = Callable[[Delivery, str], Awaitable[None]]
 
 # Errors of the database or the broker: the message is given back and retried later.
-# ConcurrencyBusyError: cancel-oldest met the oldest instance mid-commit (see slots.evict_oldest).
-INFRASTRUCTURE_ERRORS = (SQLAlchemyError, BrokerError, OSError, ConcurrencyBusyError)
+INFRASTRUCTURE_ERRORS = (SQLAlchemyError, BrokerError, OSError)
 
 
 class MessageHandler:
@@ -121,6 +120,11 @@ class MessageHandler:
             committed = await self._dispatch(delivery)
         except BadPayloadError as exc:
             await self._reject(delivery, exc.reason)
+            return
+        except ConcurrencyBusyError as exc:  # cancel-oldest met the oldest instance mid-commit: try again
+            log.info("start given back: %s", exc, extra={"event": "concurrency_busy"})
+            await asyncio.sleep(self._retry_delay)
+            await _quietly(delivery.requeue())
             return
         except INFRASTRUCTURE_ERRORS as exc:
             self._outage.failed(_brief(exc))

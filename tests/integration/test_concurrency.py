@@ -8,7 +8,9 @@ that a freed slot starts exactly one queued instance, in the transaction that fr
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import psycopg
 import pytest
 
 from stepline import Client, Producer
@@ -252,3 +254,34 @@ async def test_a_key_function_that_raises_refuses_the_start_as_errored(
         "workflow 'broken-key': its concurrency key function failed on the params: "
         "it raised KeyError: 'no customer'"
     )
+
+
+@pytest.mark.postgres_only("another transaction holds the oldest instance's row: SQLite has one writer")
+async def test_cancel_oldest_gives_the_start_back_while_the_oldest_is_locked_and_never_deadlocks(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="stepline.worker")
+    await fleet.start_worker()
+    await producer.start("gate-oldest", {"lane": "l"}, instance_id="locked-oldest")
+    await until_status(client, "locked-oldest", "waiting")
+    async with await psycopg.AsyncConnection.connect(settings.database) as conn:
+        # Holds the row as a commit of that instance would (its finish then waits for the key's lock).
+        await conn.execute("SELECT 1 FROM instances WHERE id = 'locked-oldest' FOR UPDATE")
+        await producer.start("gate-oldest", {"lane": "l"}, instance_id="locked-newest")
+
+        def given_back() -> bool:
+            return any(getattr(record, "event", None) == "concurrency_busy" for record in caplog.records)
+
+        async def seen() -> bool:
+            return given_back()
+
+        await eventually(seen, what="the start given back")
+        # Rolled back whole: nothing of the new instance, the oldest untouched.
+        assert await _statuses(client, ["locked-oldest", "locked-newest"]) == {
+            "locked-oldest": "waiting",
+            "locked-newest": "absent",
+        }
+        await conn.rollback()
+    evicted = await client.wait("locked-oldest", timeout=30)
+    assert evicted.status == "terminated"
+    await until_status(client, "locked-newest", "waiting")
