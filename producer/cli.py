@@ -120,9 +120,21 @@ def main() -> None:
     is_flag=True,
     help="Queue the start even if no worker serving WORKFLOW has run yet; it waits until one runs.",
 )
+@click.option(
+    "--priority",
+    type=click.IntRange(0, 9),
+    default=0,
+    show_default=True,
+    help="0 to 9: higher starts first among the instances a concurrency limit keeps queued.",
+)
 @JSON_OPTION
 def start(
-    workflow: str, params: str, instance_id: str | None, allow_unregistered: bool, as_json: bool
+    workflow: str,
+    params: str,
+    instance_id: str | None,
+    allow_unregistered: bool,
+    priority: int,
+    as_json: bool,
 ) -> None:
     """Publish a start event for WORKFLOW; prints the instance id. Needs STEPLINE_AMQP_URL.
 
@@ -138,7 +150,11 @@ def start(
     async def body() -> tuple[str, WorkflowQueue | None]:
         async with Producer.from_settings(settings) as producer:
             started = await producer.start(
-                workflow, parsed, instance_id=instance_id, allow_unregistered=allow_unregistered
+                workflow,
+                parsed,
+                instance_id=instance_id,
+                allow_unregistered=allow_unregistered,
+                priority=priority,
             )
             return started, await producer.workflow_queue(workflow)
 
@@ -185,6 +201,7 @@ def status(instance_id: str, as_json: bool) -> None:
     _print_trace(console, trace_id, trace_url)
     console.print(f"created {info.created_at:%Y-%m-%d %H:%M:%S}  finished {_time(info.finished_at)}")
     _print_build(console, info)
+    _print_flow(console, info)
     if info.output is not None:
         console.print(_plain(f"output: {json.dumps(info.output)}"))
     if info.error:
@@ -262,12 +279,15 @@ def list_(
     if as_json:
         _print_json([info.model_dump(mode="json", exclude={"steps"}) for info in infos])
         return
-    table = Table("id", "workflow", "status", "build", "created", "finished", title=f"page {page}")
+    table = Table(
+        "id", "workflow", "status", "priority", "build", "created", "finished", title=f"page {page}"
+    )
     for info in infos:
         table.add_row(
             _plain(info.id),
             _plain(info.workflow),
             _plain(_status_text(info, brief=True)),
+            str(info.priority),
             _plain(info.build_id or "-"),
             _time(info.created_at),
             _time(info.finished_at),
@@ -640,6 +660,18 @@ def _print_build(console: Console, info: InstanceInfo) -> None:
     """The build that started the instance (none is kept for one started before build ids were)."""
     if info.build_id is not None:
         console.print(_plain(f"started by build {info.build_id}"))
+
+
+def _print_flow(console: Console, info: InstanceInfo) -> None:
+    """Its priority, and its key under a concurrency limit (if its workflow has one)."""
+    line = f"priority {info.priority}"
+    if info.concurrency_key is not None:
+        line += (
+            f"  concurrency key {info.concurrency_key!r}"
+            if info.concurrency_key
+            else "  concurrency: whole workflow"
+        )
+    console.print(_plain(line))
 
 
 def _console() -> Console:

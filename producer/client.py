@@ -550,6 +550,8 @@ def _instance(row: Any, steps: builtins.list[StepInfo]) -> InstanceInfo:
         trace_context=row.trace_context,
         parent_id=row.parent_id,
         build_id=row.build_id,
+        priority=row.priority,
+        concurrency_key=row.concurrency_key,
         steps=steps,
     )
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from stepline.shared import slots
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.transaction import Transaction
-from stepline.shared.errors import InstanceNotFoundError, InvalidStateError, TerminatedError
-from stepline.shared.failures import failure_record
-from stepline.shared.history import ParentLink
-from stepline.shared.messages import AdvanceMessage, encode_message, parent_wake
+from stepline.shared.errors import InstanceNotFoundError, InvalidStateError
+from stepline.shared.messages import AdvanceMessage, encode_message
 from stepline.shared.states import InstanceStatus
 
-_ACTIVE = (InstanceStatus.QUEUED, InstanceStatus.RUNNING, InstanceStatus.WAITING)
+# A queued instance has not started: there is nothing to pause (terminate it, or let it wait).
+_ACTIVE = (InstanceStatus.RUNNING, InstanceStatus.WAITING)
 
 
 async def _lock(tx: Transaction, instance_id: str) -> InstanceStatus:
@@ -43,42 +43,57 @@ async def resume(tx: Transaction, instance_id: str, *, limit: int) -> list[Outbo
 
 
 async def terminate(tx: Transaction, instance_id: str, *, limit: int) -> list[OutboxRow]:
-    """Stop an instance for good: timers disarmed, no step starts again; its children too."""
+    """Stop an instance for good: timers disarmed, no step starts again; its children too.
+
+    A terminated instance of a workflow with a concurrency limit frees its slot
+    (if it held one: a queued instance held none), and the next queued instance
+    of its key starts, in this transaction.
+    """
     status = await _lock(tx, instance_id)
     if status.is_finished:
         raise InvalidStateError(instance_id, "terminate", status, "not yet finished")
-    await _terminate_tree(tx, instance_id)
-    history = await tx.load_history(instance_id)
-    if history is None or history.parent is None:
-        return []
-    return await tx.insert_outbox([_parent_wake(history.parent, limit=limit)])
+    return await slots.terminate(tx, instance_id, "terminated on request", payload_limit=limit)
 
 
 async def restart(tx: Transaction, instance_id: str, *, limit: int) -> list[OutboxRow]:
-    """Clear the history (and the children it started) and run the same id from the beginning."""
-    await _lock(tx, instance_id)
+    """Clear the history (and the children it started) and run the same id from the beginning.
+
+    Under a concurrency limit, an unfinished instance keeps its slot; a finished
+    one enters its key again, as a start does, and waits ``queued`` if the key
+    is full (a restart never cancels another instance). A queued instance has
+    not started: restarting it is refused.
+    """
+    status = await _lock(tx, instance_id)
+    if status == InstanceStatus.QUEUED:
+        raise InvalidStateError(instance_id, "restart", status, "started (it is queued, not started yet)")
+    rows: list[OutboxRow] = []
     for child in await tx.children(instance_id):
-        await _delete_tree(tx, child)
+        rows += await _delete_tree(tx, child, limit=limit)
     await tx.reset_instance(instance_id)
-    return await _advance(tx, instance_id, "restart", limit=limit)
+    row = await tx.get_instance_row(instance_id)
+    assert row is not None
+    if status.is_finished and row.concurrency_key is not None:
+        await tx.lock_concurrency_key(row.workflow, row.concurrency_key)
+        holding = await tx.count_holding_slots(row.workflow, row.concurrency_key)
+        if holding > int(row.concurrency_limit or 1):  # itself included, as reset_instance made it running
+            await tx.update_instance(instance_id, status=InstanceStatus.QUEUED)
+            return rows
+    return rows + await _advance(tx, instance_id, "restart", limit=limit)
 
 
-async def _terminate_tree(tx: Transaction, instance_id: str) -> None:
-    await tx.update_instance(
-        instance_id,
-        status=InstanceStatus.TERMINATED,
-        error=failure_record(TerminatedError("terminated on request")),
-    )
-    await tx.cancel_timers(instance_id)
-    for child in await tx.unfinished_children(instance_id):
-        await _lock(tx, child)
-        await _terminate_tree(tx, child)
-
-
-async def _delete_tree(tx: Transaction, instance_id: str) -> None:
+async def _delete_tree(tx: Transaction, instance_id: str, *, limit: int) -> list[OutboxRow]:
+    """Delete an instance and its children; a slot one of them held is handed on."""
+    rows: list[OutboxRow] = []
     for child in await tx.children(instance_id):
-        await _delete_tree(tx, child)
+        rows += await _delete_tree(tx, child, limit=limit)
+    row = await tx.get_instance_row(instance_id)
     await tx.delete_instance(instance_id)
+    if row is not None:
+        status = InstanceStatus(row.status)
+        rows += await slots.release_if_held(
+            tx, row.workflow, row.concurrency_key, status, payload_limit=limit
+        )
+    return rows
 
 
 async def _advance(tx: Transaction, instance_id: str, reason: str, *, limit: int) -> list[OutboxRow]:
@@ -87,8 +102,3 @@ async def _advance(tx: Transaction, instance_id: str, reason: str, *, limit: int
     message = AdvanceMessage(workflow=row.workflow, instance_id=instance_id, reason=reason)
     body = encode_message(message, limit=limit)
     return await tx.insert_outbox([(message.routing_key, body, row.trace_context)])
-
-
-def _parent_wake(parent: ParentLink, *, limit: int) -> tuple[str, bytes, None]:
-    message = parent_wake(parent)
-    return message.routing_key, encode_message(message, limit=limit), None

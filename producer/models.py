@@ -67,6 +67,10 @@ class InstanceInfo(BaseModel):
     parent_id: str | None = None
     build_id: str | None = None
     """The build id of the worker that started it (None if it started before build ids were kept)."""
+    priority: int = 0
+    """0 to 9, as the start gave it: higher first among queued instances."""
+    concurrency_key: str | None = None
+    """Its key under its workflow's concurrency limit ("" for one limit over the workflow), or None."""
     steps: list[StepInfo] = []
 
     @property

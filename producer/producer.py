@@ -17,6 +17,7 @@ from stepline.shared.hooks import Hooks
 from stepline.shared.messages import (
     StartMessage,
     check_instance_id,
+    check_priority,
     check_workflow_name,
     encode_message,
     format_validation_error,
@@ -92,6 +93,7 @@ class Producer:
         *,
         instance_id: str | None = None,
         allow_unregistered: bool = False,
+        priority: int = 0,
     ) -> str:
         """Publish a start event; returns the instance id (a new UUID unless given).
 
@@ -105,8 +107,11 @@ class Producer:
             allow_unregistered: publish even if no worker serving the workflow has
                 run in the namespace: the start waits in the queue this declares
                 until one runs (a deploy that starts producers before workers).
+            priority: 0 to 9; among the instances a concurrency limit keeps queued,
+                higher starts first (then oldest). Stored on the instance.
 
         Raises:
+            InvalidPriorityError: ``priority`` is not an int from 0 to 9; nothing was published.
             UnregisteredWorkflowError: the workflow is not registered (a mistyped
                 name, or no worker serving it ever ran); nothing was published.
             InvalidIdError: ``instance_id`` is empty, too long or holds a control character.
@@ -114,7 +119,7 @@ class Producer:
             PayloadTooLargeError: the event is over the payload limit.
             UnroutableError, BrokerError: the broker did not take the event.
         """
-        message = self._start_message(workflow, params, instance_id)
+        message = self._start_message(workflow, params, instance_id, priority)
         body = encode_message(message, limit=self._limit)
         await self._check_registered(message.workflow, allow_unregistered=allow_unregistered)
         with self._hooks.publish(message.workflow, message.routing_key, message.instance_id) as headers:
@@ -128,19 +133,22 @@ class Producer:
         *,
         instance_ids: Sequence[str] | None = None,
         allow_unregistered: bool = False,
+        priority: int = 0,
     ) -> list[str]:
         """Publish many start events at once (confirms awaited together); returns their ids.
 
-        The workflow must be registered, as for ``start``; if it is not, nothing is published.
+        The workflow must be registered, as for ``start``; if it is not, nothing is
+        published. ``priority`` (0 to 9) is every start's, as for ``start``.
         """
         items = list(params)
+        name = workflow if isinstance(workflow, str) else workflow.name
+        check_priority(priority, name)  # before anything is published
         if instance_ids is not None and len(instance_ids) != len(items):
             raise ValueError(f"{len(items)} params but {len(instance_ids)} instance ids")
         ids: list[str | None] = [None] * len(items)
         if instance_ids is not None:
             # Every given id is checked before anything is published: one bad id starts nothing.
             ids = [check_instance_id(given) for given in instance_ids]
-        name = workflow if isinstance(workflow, str) else workflow.name
         if items:
             # Once, before the starts run at once: each then finds the workflow checked.
             _check_name(name)
@@ -148,7 +156,13 @@ class Producer:
         return list(
             await asyncio.gather(
                 *(
-                    self.start(workflow, item, instance_id=given, allow_unregistered=allow_unregistered)
+                    self.start(
+                        workflow,
+                        item,
+                        instance_id=given,
+                        allow_unregistered=allow_unregistered,
+                        priority=priority,
+                    )
                     for item, given in zip(items, ids, strict=True)
                 )
             )
@@ -173,10 +187,11 @@ class Producer:
         self._registered.add(workflow)
 
     def _start_message(
-        self, workflow: str | WorkflowRef, params: object, instance_id: str | None
+        self, workflow: str | WorkflowRef, params: object, instance_id: str | None, priority: int
     ) -> StartMessage:
         name = workflow if isinstance(workflow, str) else workflow.name
         _check_name(name)
+        check_priority(priority, name)
         # Checked here, not only by the message model, so the error is the id's own one line.
         given = str(uuid.uuid4()) if instance_id is None else check_instance_id(instance_id)
         if isinstance(workflow, str):
@@ -187,7 +202,7 @@ class Producer:
         else:
             raw = workflow.encode_params(params)
         try:
-            return StartMessage(workflow=name, instance_id=given, params=raw)
+            return StartMessage(workflow=name, instance_id=given, params=raw, priority=priority)
         except ValidationError as exc:
             raise BadPayloadError(f"invalid start event: {format_validation_error(exc)}") from None
 

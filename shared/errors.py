@@ -235,3 +235,36 @@ class TerminatedError(SteplineError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ConcurrencyKeyError(SteplineError):
+    """A workflow's concurrency key function raised, or returned something other than a short string.
+
+    The start is refused: the instance is stored ``errored`` with this error, so
+    ``Client.wait`` and ``stepline status`` show it (nothing is dead-lettered).
+    """
+
+    def __init__(self, workflow: str, detail: str) -> None:
+        super().__init__(
+            f"workflow {workflow!r}: its concurrency key function failed on the params: {detail}"
+        )
+        self.workflow = workflow
+        self.detail = detail
+
+
+class ConcurrencyBusyError(StorageError):
+    """``cancel-oldest`` found the oldest instance of a key locked by another transaction; try again.
+
+    The start is rolled back and its message given back, as for a database error.
+    """
+
+
+class InvalidPriorityError(BadPayloadError, ValueError):
+    """A start's priority is not an int from 0 to 9 (a ``ValueError`` too)."""
+
+    def __init__(self, workflow: str, priority: object) -> None:
+        super().__init__(
+            f"priority of a start of workflow {workflow!r} must be an int from 0 to 9, got {priority!r}"
+        )
+        self.workflow = workflow
+        self.priority = priority

@@ -72,6 +72,8 @@ class History:
     steps: dict[StepKey, StepRecord] = field(default_factory=dict)
     parent: ParentLink | None = None
     created_at: datetime | None = None
+    concurrency_key: str | None = None
+    """Its key under its workflow's concurrency limit; None if the workflow had none when it started."""
 
     @property
     def next_position(self) -> int:

@@ -34,6 +34,8 @@ from stepline.producer import (
     load_settings,
 )
 from stepline.worker import (
+    Concurrency,
+    ConcurrencyKeyError,
     Context,
     EventTimeoutError,
     NonDeterminismError,
@@ -49,6 +51,7 @@ from stepline.worker import (
 
 __all__ = [
     # Writing workflows (stepline.worker).
+    "Concurrency",
     "Context",
     "RetryPolicy",
     "RunningStep",
@@ -68,6 +71,7 @@ __all__ = [
     "load_settings",
     # The errors a workflow or a client catches; SteplineError is the root.
     "BrokerError",
+    "ConcurrencyKeyError",
     "ConfigError",
     "EventTimeoutError",
     "InstanceNotFoundError",

@@ -12,7 +12,7 @@ import aiosqlite
 import psycopg
 from pydantic import BaseModel
 
-from stepline import Context, NonRetryableError, RetryPolicy, step_info, workflow
+from stepline import Concurrency, Context, NonRetryableError, RetryPolicy, step_info, workflow
 from stepline.shared.db.engine import is_sqlite, sqlite_path
 
 SIDE_EFFECTS_URL = "STEPLINE_TEST_SIDE_EFFECTS_URL"
@@ -500,3 +500,56 @@ async def parity_event_timeout(ctx: Context, params: None) -> str:
     except EventTimeoutError as exc:
         return f"timed out: {exc}"
     return "approved"
+
+
+# ---------------------------------------------------------------- flow control: instance concurrency
+
+
+class Lane(BaseModel):
+    lane: str = "a"
+    work_ms: int = 0
+
+
+async def lane_work(work_ms: int) -> str:
+    await record()
+    await asyncio.sleep(work_ms / 1000)  # the work itself (a slow call), not a synchronisation
+    return "done"
+
+
+@workflow("per-lane", concurrency=Concurrency(2, key=lambda params: params.lane))
+async def per_lane(ctx: Context, params: Lane) -> str:
+    """At most two at once per lane: one step of ``work_ms``."""
+    return await ctx.step("work", lane_work, params.work_ms)
+
+
+@workflow("gate", concurrency=Concurrency(1, key=lambda params: params.lane))
+async def gate(ctx: Context, params: Lane) -> str:
+    """One at a time per lane, each holding its slot until it is sent "go"."""
+    await ctx.wait_for_event("go", event_type="go")
+    return params.lane
+
+
+@workflow("gate-newest", concurrency=Concurrency(1, on_limit="cancel-newest"))
+async def gate_newest(ctx: Context, params: Lane) -> str:
+    """One at a time; a start while one runs is cancelled."""
+    await ctx.wait_for_event("go", event_type="go")
+    return params.lane
+
+
+@workflow("gate-oldest", concurrency=Concurrency(1, key=lambda params: params.lane, on_limit="cancel-oldest"))
+async def gate_oldest(ctx: Context, params: Lane) -> str:
+    """One at a time per lane; a start while one runs cancels it."""
+    await ctx.wait_for_event("go", event_type="go")
+    return params.lane
+
+
+def _broken_key(params: Lane) -> str:
+    if params.lane == "raise":
+        raise KeyError("no customer")
+    return 42 if params.lane == "int" else params.lane  # type: ignore[return-value]
+
+
+@workflow("broken-key", concurrency=Concurrency(1, key=_broken_key))
+async def broken_key(ctx: Context, params: Lane) -> str:
+    """A key function that raises (lane "raise") or returns an int (lane "int")."""
+    return params.lane

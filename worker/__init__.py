@@ -1,6 +1,7 @@
 """Stepline's authoring API and worker: write workflows as async Python, run them durably."""
 
 from stepline.shared.errors import (
+    ConcurrencyKeyError,
     EventTimeoutError,
     NonDeterminismError,
     NonRetryableError,
@@ -9,12 +10,15 @@ from stepline.shared.errors import (
     StepTimeoutError,
 )
 from stepline.shared.schedules import InvalidScheduleError, Schedule
+from stepline.worker.concurrency import Concurrency
 from stepline.worker.context import Context
 from stepline.worker.retry import RetryPolicy
 from stepline.worker.step_info import RunningStep, step_info
 from stepline.worker.workflow import Workflow, workflow
 
 __all__ = [
+    "Concurrency",
+    "ConcurrencyKeyError",
     "Context",
     "EventTimeoutError",
     "InvalidScheduleError",

@@ -6,17 +6,27 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from stepline.shared import faults
+from stepline.shared import faults, slots
 from stepline.shared.broker import Delivery
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
-from stepline.shared.errors import BadPayloadError, BrokerError, InvalidParamsError, UnknownWorkflowError
+from stepline.shared.errors import (
+    BadPayloadError,
+    BrokerError,
+    ConcurrencyBusyError,
+    ConcurrencyKeyError,
+    InvalidParamsError,
+    TerminatedError,
+    UnknownWorkflowError,
+)
+from stepline.shared.failures import failure_record
 from stepline.shared.history import History, ParentLink
 from stepline.shared.hooks import Hooks, NoHooks
 from stepline.shared.messages import (
@@ -32,6 +42,7 @@ from stepline.shared.outbox import OutboxRelay
 from stepline.shared.retrying import Outage
 from stepline.shared.states import InstanceStatus
 from stepline.worker import waits
+from stepline.worker.concurrency import Concurrency
 from stepline.worker.executor import StepExecutor
 from stepline.worker.plan import Planner, real_clock
 from stepline.worker.replay.cache import ReplayCache
@@ -111,6 +122,11 @@ class MessageHandler:
             committed = await self._dispatch(delivery)
         except BadPayloadError as exc:
             await self._reject(delivery, exc.reason)
+            return
+        except ConcurrencyBusyError as exc:  # cancel-oldest met the oldest instance mid-commit: try again
+            log.info("start given back: %s", exc, extra={"event": "concurrency_busy"})
+            await asyncio.sleep(self._retry_delay)
+            await _quietly(delivery.requeue())
             return
         except INFRASTRUCTURE_ERRORS as exc:
             self._outage.failed(_brief(exc))
@@ -225,7 +241,7 @@ class MessageHandler:
         self, workflow: Workflow[Any, Any], message: StartMessage, headers: dict[str, str]
     ) -> Committed:
         try:
-            workflow.validate_params(message.params)
+            params = workflow.validate_params(message.params)
         except InvalidParamsError as exc:
             raise BadPayloadError(exc.reason) from None
         parent = (
@@ -256,7 +272,12 @@ class MessageHandler:
             "trace_context": trace_context,
             "parent": parent,
             "build_id": self._build_id,
+            "priority": message.priority,
         }
+        if workflow.concurrency is not None:
+            return Committed(
+                await self._start_limited(workflow, workflow.concurrency, message, params, history, instance)
+            )
         local = None
         with self._planner.replay(workflow, history) as replay:
             outcome = replay.start()
@@ -288,6 +309,83 @@ class MessageHandler:
                     rows = await self._planner.apply(tx, history, replay, outcome)
         log.info("instance started", extra={"event": "instance_started", "instance_id": message.instance_id})
         return Committed(rows, local)
+
+    async def _start_limited(
+        self,
+        workflow: Workflow[Any, Any],
+        concurrency: Concurrency,
+        message: StartMessage,
+        params: object,
+        history: History,
+        instance: dict[str, Any],
+    ) -> list[OutboxRow]:
+        """Start an instance of a workflow with a concurrency limit: in a transaction, under its key's lock.
+
+        It takes a slot and runs, or waits ``queued``, or ends ``terminated``
+        (``cancel-newest``), or takes the slot of the oldest (``cancel-oldest``).
+        A key function that fails refuses the start: the instance is stored ``errored``.
+        """
+        try:
+            key = concurrency.key_of(workflow.name, params)
+        except ConcurrencyKeyError as exc:
+            return await self._refuse(message, history, instance, exc)
+        instance_id, parent = history.instance_id, history.parent
+        async with self._store.transaction() as tx:
+            admission = await slots.admit(tx, workflow.name, key, concurrency.limit, concurrency.on_limit)
+            created = await tx.insert_instance(
+                **instance,
+                status=InstanceStatus.RUNNING
+                if admission.status == InstanceStatus.RUNNING
+                else InstanceStatus.QUEUED,
+                concurrency_key=key,
+                concurrency_limit=concurrency.limit,
+            )
+            if not created:
+                return await self._duplicate_start(tx, message, parent)
+            if admission.status == InstanceStatus.QUEUED:
+                log.info("instance queued", extra={"event": "instance_queued", "instance_id": instance_id})
+                return []
+            if admission.status == InstanceStatus.TERMINATED:
+                assert admission.reason is not None
+                error = failure_record(TerminatedError(admission.reason))
+                await tx.update_instance(instance_id, status=InstanceStatus.TERMINATED, error=error)
+                log.info(
+                    "instance cancelled", extra={"event": "concurrency_cancelled", "instance_id": instance_id}
+                )
+                return await tx.insert_outbox(self._planner.parent_wake(parent))
+            rows: list[OutboxRow] = []
+            if admission.evict:
+                rows += await slots.evict_oldest(
+                    tx,
+                    workflow.name,
+                    key,
+                    concurrency.limit,
+                    newcomer=instance_id,
+                    payload_limit=self._payload_limit,
+                )
+            started = replace(history, concurrency_key=key)
+            with self._planner.replay(workflow, started) as replay:
+                rows += await self._planner.apply(tx, started, replay, replay.start())
+        log.info("instance started", extra={"event": "instance_started", "instance_id": instance_id})
+        return rows
+
+    async def _refuse(
+        self, message: StartMessage, history: History, instance: dict[str, Any], error: ConcurrencyKeyError
+    ) -> list[OutboxRow]:
+        """Store an instance whose start is refused as ``errored``, with why; its parent hears of it."""
+        async with self._store.transaction() as tx:
+            created = await tx.insert_instance(**instance, status=InstanceStatus.QUEUED)
+            if not created:
+                return await self._duplicate_start(tx, message, history.parent)
+            await tx.update_instance(
+                history.instance_id, status=InstanceStatus.ERRORED, error=failure_record(error)
+            )
+            log.warning(
+                "start refused: %s",
+                error,
+                extra={"event": "start_refused", "instance_id": history.instance_id},
+            )
+            return await tx.insert_outbox(self._planner.parent_wake(history.parent))
 
     async def _duplicate_start(
         self, tx: Transaction, message: StartMessage, parent: ParentLink | None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from stepline.shared import codec
+from stepline.shared import codec, slots
 from stepline.shared.codec import JSON
 from stepline.shared.db.records import Message, NewStep, NewTimer, OutboxRow
 from stepline.shared.db.transaction import Transaction
@@ -109,9 +109,12 @@ class Planner:
         New steps, recorded values, child starts and a returned output qualify.
         Sleeps (their timers take the fire time the database gives the entry),
         event waits (which may take a stored event), errors and paused instances
-        go through ``apply``.
+        go through ``apply``; so does the end of an instance under a concurrency
+        limit, whose freed slot is handed on under the key's lock (``_finish``).
         """
         if outcome.kind not in ("blocked", "returned") or history.status == InstanceStatus.PAUSED:
+            return None
+        if outcome.kind == "returned" and history.concurrency_key is not None:
             return None
         entries = replay.new_entries
         if any(entry.kind in (StepKind.SLEEP, StepKind.EVENT) for entry in entries):
@@ -261,6 +264,11 @@ class Planner:
             error=error,
             messages=self.parent_wake(history.parent),
         )
+        if history.concurrency_key is not None:
+            # Its slot frees in the transaction that ends it; the next queued instance starts.
+            rows += await slots.release(
+                tx, history.workflow, history.concurrency_key, payload_limit=self.payload_limit
+            )
         self.report_finished(history, outcome, status)
         return rows
 

@@ -47,6 +47,7 @@ from stepline.shared.messages import (
     EventMessage,
     StartMessage,
     check_instance_id,
+    check_priority,
     encode_message,
     parse_message,
 )
@@ -307,19 +308,29 @@ class WorkflowEnvironment:
         self._schedules_synced = False
 
     async def start(
-        self, workflow: Workflow[Any, Any], params: object = None, *, instance_id: str = "test"
+        self,
+        workflow: Workflow[Any, Any],
+        params: object = None,
+        *,
+        instance_id: str = "test",
+        priority: int = 0,
     ) -> WorkflowRun:
         """Start an instance and run it until it finishes or waits for an event.
+
+        Under a concurrency limit it may wait ``queued`` instead (``priority``, 0-9,
+        orders the queued instances), or end ``terminated``, as in a real fleet.
 
         Raises:
             InvalidParamsError: the params do not fit the workflow, as at a real start.
             InvalidIdError: the id is empty, too long or holds a control character.
+            InvalidPriorityError: ``priority`` is not an int from 0 to 9.
         """
         self.workflows.setdefault(workflow.name, workflow)
         message = StartMessage(
             workflow=workflow.name,
             instance_id=check_instance_id(instance_id),  # the producer's one-line error, not pydantic's
             params=workflow.encode_params(params),
+            priority=check_priority(priority, workflow.name),
         )
         await self._run_with(message)
         return self.run(instance_id)

@@ -131,8 +131,12 @@ async def deliver_event(
 async def advance(
     tx: Transaction, planner: Planner, workflow: Workflow[Any, Any], history: History
 ) -> list[OutboxRow]:
-    """Replay and send everything the instance waits on: after a resume, or from scratch after a restart."""
-    if history.status.is_finished or history.status == InstanceStatus.PAUSED:
+    """Replay and send everything the instance waits on: after a resume, or from scratch after a restart.
+
+    Also what starts a queued instance once it has a slot (``stepline.shared.slots.release``
+    set it running); an advance that finds it still queued does nothing.
+    """
+    if history.status.is_finished or history.status in (InstanceStatus.PAUSED, InstanceStatus.QUEUED):
         return []
     with planner.replay(workflow, history) as replay:
         outcome = replay.start()

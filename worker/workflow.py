@@ -13,6 +13,7 @@ from stepline.shared.codec import JSON
 from stepline.shared.errors import InvalidParamsError, WorkflowDefinitionError
 from stepline.shared.messages import check_workflow_name, format_validation_error
 from stepline.shared.schedules import InvalidScheduleError, Schedule, declared_ids
+from stepline.worker.concurrency import Concurrency
 
 if TYPE_CHECKING:
     from stepline.worker.context import Context
@@ -36,6 +37,7 @@ class Workflow(Generic[ParamsT, OutputT]):
         fn: Callable[[Context, ParamsT], Awaitable[OutputT]],
         *,
         schedules: Sequence[Schedule] = (),
+        concurrency: Concurrency | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise WorkflowDefinitionError(f"workflow {name!r} must be an async function")
@@ -49,6 +51,12 @@ class Workflow(Generic[ParamsT, OutputT]):
         except ValueError as exc:
             raise WorkflowDefinitionError(str(exc)) from None
         self.fn = fn
+        if concurrency is not None and not isinstance(concurrency, Concurrency):
+            raise WorkflowDefinitionError(
+                f"workflow {name!r}: concurrency must be a Concurrency(...) or None, got {concurrency!r}"
+            )
+        self.concurrency = None if concurrency is None else concurrency.check(name)
+        """How many instances may run at once (per key), or None for no limit."""
         try:
             hints = get_type_hints(fn)
         except NameError as exc:
@@ -151,6 +159,7 @@ def workflow(
     name: str,
     *,
     schedules: Sequence[Schedule] = (),
+    concurrency: Concurrency | None = None,
 ) -> Callable[[Callable[[Context, ParamsT], Awaitable[OutputT]]], Workflow[ParamsT, OutputT]]:
     """Declare an async function ``(ctx, params) -> output`` as the workflow ``name``.
 
@@ -159,13 +168,14 @@ def workflow(
 
     ``schedules`` start instances on a clock (``[Schedule("0 2 * * *")]``);
     workers serving the workflow write them to the database when they start
-    (see ``stepline.worker.schedules``).
+    (see ``stepline.worker.schedules``). ``concurrency`` limits how many
+    instances run at once, fleet-wide (see ``Concurrency``).
 
     Raises:
         InvalidScheduleError: a schedule's params do not fit the workflow, or two share an id.
     """
 
     def decorate(fn: Callable[[Context, ParamsT], Awaitable[OutputT]]) -> Workflow[ParamsT, OutputT]:
-        return Workflow(name, fn, schedules=schedules)
+        return Workflow(name, fn, schedules=schedules, concurrency=concurrency)
 
     return decorate

@@ -176,11 +176,32 @@ instances = sa.Table(
     sa.Column("parent_occurrence", sa.Integer),
     # The build id of the worker that started it (None before revision 0005, and in the testing kit).
     sa.Column("build_id", sa.Text),
+    # Flow control (revision 0006): 0-9, higher first among queued instances (Producer.start(priority=)).
+    sa.Column("priority", sa.SmallInteger, nullable=False, server_default="0"),
+    # The instance's key under its workflow's Concurrency limit ("" for one limit over the
+    # workflow), and that limit as the code that took the start declared it. Both NULL for a
+    # workflow without a limit: such instances stay out of the index below and pay nothing.
+    sa.Column("concurrency_key", sa.Text),
+    sa.Column("concurrency_limit", sa.Integer),
     sa.Index("ix_instances_workflow_status_created", "workflow", "status", "created_at"),
     sa.Index("ix_instances_status_created", "status", "created_at"),
     sa.Index("ix_instances_created", "created_at"),
     sa.Index("ix_instances_parent", "parent_id"),
     sa.Index("ix_instances_finished", "finished_at"),
+)
+
+# Serves both questions of a concurrency key (stepline.shared.slots): how many of (workflow, key)
+# hold a slot (status running, waiting or paused), and which queued one is next (priority
+# first, then oldest). Partial: instances of workflows without a limit are not in it.
+sa.Index(
+    "ix_instances_concurrency",
+    instances.c.workflow,
+    instances.c.concurrency_key,
+    instances.c.status,
+    instances.c.priority.desc(),
+    instances.c.created_at,
+    postgresql_where=instances.c.concurrency_key.is_not(None),
+    sqlite_where=instances.c.concurrency_key.is_not(None),
 )
 
 steps = sa.Table(

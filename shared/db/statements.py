@@ -77,6 +77,7 @@ INSTANCE_FIELDS = (
     instances.c.parent_step,
     instances.c.parent_occurrence,
     instances.c.created_at,
+    instances.c.concurrency_key,
 )
 
 
@@ -221,4 +222,5 @@ def history_from(row: Any, items: Iterable[Mapping[str, Any]] | Iterable[sa.RowM
         if row.parent_id
         else None,
         created_at=row.created_at,
+        concurrency_key=row.concurrency_key,
     )

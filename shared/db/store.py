@@ -160,6 +160,7 @@ class Store:
         error: JSON = None,
         messages: Sequence[Message] = (),
         build_id: str | None = None,
+        priority: int = 0,
     ) -> list[OutboxRow] | None:
         """``Transaction.start_instance`` on its own (on PostgreSQL one statement, no transaction)."""
         async with self.statements() as tx:
@@ -175,6 +176,7 @@ class Store:
                 error=error,
                 messages=messages,
                 build_id=build_id,
+                priority=priority,
             )
 
     async def fire_due_timers(self, *, limit: int) -> list[FiredTimer]:

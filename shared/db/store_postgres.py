@@ -85,6 +85,7 @@ def _unfinished_histories_query() -> sa.Select[Any]:
     )
 
 
+_LOCK_KEY = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:lock_name, 0))")
 _HISTORY = _history_query()  # built once: its compiled form is reused
 _UNFINISHED_HISTORIES = _unfinished_histories_query()
 # Its row as raw.fetch_all gives it (a tuple), with the names SQLAlchemy's rows have.
@@ -121,6 +122,15 @@ class PostgresTransaction(Transaction):
 
     def _insert(self, table: sa.Table) -> postgresql.Insert:
         return postgresql.insert(table)
+
+    async def lock_concurrency_key(self, workflow: str, key: str) -> None:
+        """A transaction-level advisory lock on ``(workflow, key)`` (see ``ConcurrencyStatements``).
+
+        Keyed by a 64-bit hash of the pair: two pairs that collide only wait for
+        each other a little longer. Released by the commit or rollback, so it works
+        through PgBouncer in transaction mode.
+        """
+        await self._conn.execute(_LOCK_KEY, {"lock_name": f"stepline:concurrency:{workflow}\x1f{key}"})
 
     async def load_history(self, instance_id: str) -> History | None:
         """An instance and all its steps in one round trip, on psycopg directly (see stepline.shared.db.raw).
@@ -275,6 +285,7 @@ class PostgresTransaction(Transaction):
         error: JSON = None,
         messages: Sequence[Message] = (),
         build_id: str | None = None,
+        priority: int = 0,
     ) -> list[OutboxRow] | None:
         """One statement, in which the entries and messages are written only if the instance row was."""
         values = {
@@ -288,6 +299,7 @@ class PostgresTransaction(Transaction):
             "p_parent_step": parent.step if parent else None,
             "p_parent_occurrence": parent.occurrence if parent else None,
             "p_build_id": build_id,
+            "p_priority": priority,
             "p_output": output,
             "p_error": error,
         }
@@ -412,7 +424,7 @@ def start_statement(step_shapes: tuple[Shape, ...], message_count: int, finishin
     """
     columns = [
         "id", "workflow", "status", "params", "trace_context",
-        "parent_id", "parent_workflow", "parent_step", "parent_occurrence", "build_id",
+        "parent_id", "parent_workflow", "parent_step", "parent_occurrence", "build_id", "priority",
     ]  # fmt: skip
     if finishing:
         columns += ["output", "error"]

@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stepline.shared.codec import JSON
+from stepline.shared.db.concurrency import ConcurrencyStatements
 from stepline.shared.db.records import (
     REJECTED,
     ClaimedEvent,
@@ -58,11 +59,12 @@ from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
 
-class Transaction(ScheduleStatements):
+class Transaction(ScheduleStatements, ConcurrencyStatements):
     """The statements of one connection: in a transaction, or each standing alone (autocommit).
 
     Subclasses (one per database) override the few statements that differ. The statements
-    on schedules live in ``stepline.shared.db.schedule_statements``.
+    on schedules live in ``stepline.shared.db.schedule_statements``, those of instance
+    concurrency in ``stepline.shared.db.concurrency``.
     """
 
     __slots__ = ("_conn",)
@@ -91,10 +93,14 @@ class Transaction(ScheduleStatements):
         status: InstanceStatus = InstanceStatus.RUNNING,
         parent: ParentLink | None = None,
         build_id: str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
+        concurrency_limit: int | None = None,
     ) -> bool:
         """Insert an instance unless one has that id; True if this call created it.
 
-        ``build_id`` is the build of the worker that starts it.
+        ``build_id`` is the build of the worker that starts it; ``concurrency_key``
+        and ``concurrency_limit`` are set for a workflow with a concurrency limit.
         """
         statement = (
             self._insert(instances)
@@ -109,6 +115,9 @@ class Transaction(ScheduleStatements):
                 parent_step=parent.step if parent else None,
                 parent_occurrence=parent.occurrence if parent else None,
                 build_id=build_id,
+                priority=priority,
+                concurrency_key=concurrency_key,
+                concurrency_limit=concurrency_limit,
             )
             .on_conflict_do_nothing(index_elements=["id"])
             .returning(instances.c.id)
@@ -744,10 +753,12 @@ class Transaction(ScheduleStatements):
         error: JSON = None,
         messages: Sequence[Message] = (),
         build_id: str | None = None,
+        priority: int = 0,
     ) -> list[OutboxRow] | None:
         """A new instance with its first entries and messages; None, writing nothing, if one has that id.
 
-        ``insert_instance`` + ``write_transition``, for a start that needs nothing read first.
+        ``insert_instance`` + ``write_transition``, for a start that needs nothing read first
+        (never one of a workflow with a concurrency limit: see ``stepline.shared.slots``).
         """
         created = await self.insert_instance(
             instance_id=instance_id,
@@ -756,6 +767,7 @@ class Transaction(ScheduleStatements):
             trace_context=trace_context,
             parent=parent,
             build_id=build_id,
+            priority=priority,
         )
         if not created:
             return None

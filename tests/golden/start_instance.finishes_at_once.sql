@@ -4,14 +4,14 @@
 
 WITH new_instance AS
     (INSERT INTO instances (id, workflow, status, params, trace_context, parent_id, parent_workflow,
-        parent_step, parent_occurrence, build_id, output, error, finished_at, version)
+        parent_step, parent_occurrence, build_id, priority, output, error, finished_at, version)
     SELECT %(p_instance_id)s::VARCHAR AS anon_1, %(p_workflow)s::VARCHAR AS anon_2,
         %(p_status)s::VARCHAR AS anon_3, %(p_params)s::JSONB AS anon_4,
         %(p_trace_context)s::JSONB AS anon_5, %(p_parent_id)s::VARCHAR AS anon_6,
         %(p_parent_workflow)s::VARCHAR AS anon_7, %(p_parent_step)s::VARCHAR AS anon_8,
         %(p_parent_occurrence)s::INTEGER AS anon_9, %(p_build_id)s::VARCHAR AS anon_10,
-        %(p_output)s::JSONB AS anon_11, %(p_error)s::JSONB AS anon_12, now() AS utc_now_1,
-        %(param_1)s::BIGINT AS anon_13
+        %(p_priority)s::SMALLINT AS anon_11, %(p_output)s::JSONB AS anon_12,
+        %(p_error)s::JSONB AS anon_13, now() AS utc_now_1, %(param_1)s::BIGINT AS anon_14
     ON CONFLICT (id) DO NOTHING
     RETURNING instances.id)
 

@@ -4,13 +4,13 @@
 
 WITH new_instance AS
     (INSERT INTO instances (id, workflow, status, params, trace_context, parent_id, parent_workflow,
-        parent_step, parent_occurrence, build_id, version)
+        parent_step, parent_occurrence, build_id, priority, version)
     SELECT %(p_instance_id)s::VARCHAR AS anon_11, %(p_workflow)s::VARCHAR AS anon_12,
         %(p_status)s::VARCHAR AS anon_13, %(p_params)s::JSONB AS anon_14,
         %(p_trace_context)s::JSONB AS anon_15, %(p_parent_id)s::VARCHAR AS anon_16,
         %(p_parent_workflow)s::VARCHAR AS anon_17, %(p_parent_step)s::VARCHAR AS anon_18,
         %(p_parent_occurrence)s::INTEGER AS anon_19, %(p_build_id)s::VARCHAR AS anon_20,
-        %(param_3)s::BIGINT AS anon_21
+        %(p_priority)s::SMALLINT AS anon_21, %(param_3)s::BIGINT AS anon_22
     ON CONFLICT (id) DO NOTHING
     RETURNING instances.id),
 
@@ -28,8 +28,8 @@ new_steps AS
 
 queued AS
     (INSERT INTO outbox (routing_key, body, headers)
-    SELECT %(m0_routing_key)s::VARCHAR AS anon_22, %(m0_body)s AS anon_23,
-        %(m0_headers)s::JSONB AS anon_24
+    SELECT %(m0_routing_key)s::VARCHAR AS anon_23, %(m0_body)s AS anon_24,
+        %(m0_headers)s::JSONB AS anon_25
     FROM new_instance
     RETURNING outbox.id, outbox.routing_key, outbox.body, outbox.headers)
 

@@ -47,7 +47,7 @@ BAD_MESSAGES = [
     pytest.param(
         without("instance_id"), ["v1 start schema", "instance_id", "Field required"], id="missing-field"
     ),
-    pytest.param(start_body(priority=5), ["v1 start schema", "priority", "Extra inputs"], id="extra-field"),
+    pytest.param(start_body(urgency=5), ["v1 start schema", "urgency", "Extra inputs"], id="extra-field"),
     pytest.param(
         start_body(instance_id="a\nb"),
         ["v1 start schema", "start.instance_id", "'a\\nb' holds a control character (\\n at position 1)"],

@@ -183,6 +183,8 @@ def test_eval_finder_can_fail() -> None:
 
 EXPECTED_ALL = {
     "worker": [
+        "Concurrency",
+        "ConcurrencyKeyError",
         "Context",
         "EventTimeoutError",
         "InvalidScheduleError",
@@ -231,6 +233,8 @@ EXPECTED_ALL = {
         "AttemptInfo",
         "BrokerError",
         "Client",
+        "Concurrency",
+        "ConcurrencyKeyError",
         "ConfigError",
         "Context",
         "EventInfo",

@@ -122,10 +122,26 @@ def test_unknown_kind_is_refused() -> None:
 
 
 def test_extra_fields_are_refused_and_named() -> None:
-    reason = _reason_of(_body(**_start(priority=5)))
+    reason = _reason_of(_body(**_start(urgency=5)))
     assert reason.startswith("message breaks the v1 start schema")
-    assert "priority" in reason
+    assert "urgency" in reason
     assert "Extra inputs are not permitted" in reason
+
+
+def test_a_start_carries_its_priority_and_leaves_out_the_default() -> None:
+    message = parse_message(_body(**_start(priority=7)), limit=LIMIT)
+    assert isinstance(message, StartMessage) and message.priority == 7
+    assert json.loads(encode_message(message, limit=LIMIT))["priority"] == 7
+    # 0 is not written: a worker from before priorities existed still reads the start.
+    default = StartMessage(workflow="w", instance_id="i", params=None)
+    assert default.priority == 0
+    assert "priority" not in json.loads(encode_message(default, limit=LIMIT))
+
+
+@pytest.mark.parametrize("priority", [10, -1, "5", 1.5, True])
+def test_a_priority_outside_0_to_9_is_refused_and_named(priority: object) -> None:
+    reason = _reason_of(_body(**_start(priority=priority)))
+    assert reason.startswith("message breaks the v1 start schema: start.priority:")
 
 
 @pytest.mark.parametrize("name", ["order fulfilment", "", "-leading-dash", "a" * 201, "naïve"])
