@@ -59,6 +59,7 @@ async def restart(tx: Transaction, instance_id: str, *, limit: int) -> list[Outb
     await _lock(tx, instance_id)
     for child in await tx.children(instance_id):
         await _delete_tree(tx, child)
+    await tx.drop_limits(instance_id)
     await tx.reset_instance(instance_id)
     return await _advance(tx, instance_id, "restart", limit=limit)
 
@@ -70,6 +71,7 @@ async def _terminate_tree(tx: Transaction, instance_id: str) -> None:
         error=failure_record(TerminatedError("terminated on request")),
     )
     await tx.cancel_timers(instance_id)
+    await tx.drop_limits(instance_id)  # its waiting steps leave their lines; its slots go back
     for child in await tx.unfinished_children(instance_id):
         await _lock(tx, child)
         await _terminate_tree(tx, child)

@@ -24,6 +24,8 @@ class StepInfo(BaseModel):
     error: dict[str, Any] | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    waiting_for: str | None = None
+    """Why a step in status ``waiting`` waits for a limit, and since when (``ctx.step(limits=...)``)."""
 
 
 class InstanceInfo(BaseModel):

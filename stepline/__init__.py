@@ -29,10 +29,12 @@ from stepline.producer import (
     load_settings,
 )
 from stepline.worker import (
+    ConcurrencyLimit,
     Context,
     EventTimeoutError,
     NonDeterminismError,
     NonRetryableError,
+    RateLimit,
     RetryPolicy,
     RunningStep,
     StepFailedError,
@@ -44,7 +46,9 @@ from stepline.worker import (
 
 __all__ = [
     # Writing workflows (stepline.worker).
+    "ConcurrencyLimit",
     "Context",
+    "RateLimit",
     "RetryPolicy",
     "RunningStep",
     "step_info",

@@ -8,16 +8,19 @@ from stepline.shared.errors import (
     SteplineError,
     StepTimeoutError,
 )
+from stepline.shared.limits import ConcurrencyLimit, RateLimit
 from stepline.worker.context import Context
 from stepline.worker.retry import RetryPolicy
 from stepline.worker.step_info import RunningStep, step_info
 from stepline.worker.workflow import Workflow, workflow
 
 __all__ = [
+    "ConcurrencyLimit",
     "Context",
     "EventTimeoutError",
     "NonDeterminismError",
     "NonRetryableError",
+    "RateLimit",
     "RetryPolicy",
     "RunningStep",
     "StepFailedError",

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -33,6 +33,7 @@ from stepline.shared.retrying import Outage
 from stepline.shared.states import InstanceStatus
 from stepline.worker import waits
 from stepline.worker.executor import StepExecutor
+from stepline.worker.limits import DEFAULT_LEASE, StepLimiter
 from stepline.worker.plan import Planner, real_clock
 from stepline.worker.replay.cache import ReplayCache
 from stepline.worker.steps import Committed, StepRunner
@@ -71,6 +72,7 @@ class MessageHandler:
         local_budget_s: float = 1.0,
         clock: Callable[[], datetime] | None = None,
         build_id: str | None = None,
+        limits_lease: timedelta = DEFAULT_LEASE,
     ) -> None:
         self._hooks = hooks or NoHooks()
         self._store = store
@@ -86,6 +88,7 @@ class MessageHandler:
             worker_id=worker_id,
             cache=replay_cache,
             build_id=build_id,
+            limiter=StepLimiter(store, limits_lease),
         )
         self._build_id = build_id  # recorded on the instances it starts
         self._retry_delay = retry_delay

@@ -82,6 +82,7 @@ async def run_worker(
             hooks=hooks,
             replay_cache=replay_cache,
             build_id=build_id,
+            limits_lease=settings.limits.lease,
         )
         slots = asyncio.Semaphore(concurrency)
 

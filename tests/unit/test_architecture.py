@@ -183,10 +183,12 @@ def test_eval_finder_can_fail() -> None:
 
 EXPECTED_ALL = {
     "worker": [
+        "ConcurrencyLimit",
         "Context",
         "EventTimeoutError",
         "NonDeterminismError",
         "NonRetryableError",
+        "RateLimit",
         "RetryPolicy",
         "RunningStep",
         "StepFailedError",
@@ -224,6 +226,7 @@ EXPECTED_ALL = {
         "AttemptInfo",
         "BrokerError",
         "Client",
+        "ConcurrencyLimit",
         "ConfigError",
         "Context",
         "EventInfo",
@@ -237,6 +240,7 @@ EXPECTED_ALL = {
         "NonRetryableError",
         "PayloadTooLargeError",
         "Producer",
+        "RateLimit",
         "RetryPolicy",
         "RunningStep",
         "Settings",
