@@ -88,7 +88,13 @@ class _Key:
     now: datetime
 
     def refill(self, refilled_at: datetime) -> None:
-        """Tokens as of ``now``: the bucket refills smoothly, ``limit`` per period, up to ``limit``."""
+        """Tokens as of ``now``: the bucket refills smoothly, ``limit`` per period, up to ``limit``.
+
+        ``now`` is the transaction's start (PostgreSQL's ``now()``): one that waited for
+        the key's lock may start before the last refill, and must not move the
+        refill time back (the time in between would be refilled twice).
+        """
+        self.now = max(self.now, refilled_at)
         if self.period_s:
             elapsed = max(0.0, (self.now - refilled_at).total_seconds())
             self.tokens = min(float(self.limit), self.tokens + elapsed * self.limit / self.period_s)

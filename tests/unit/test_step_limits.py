@@ -109,7 +109,9 @@ async def test_a_rate_limit_takes_virtual_time_in_the_kit(env: WorkflowEnvironme
 @workflow("limits-fanout")
 async def fanout(ctx: Context, params: int) -> list[int]:
     calls = [
-        ctx.step("call", plain, n, limits=[RateLimit("fan-api", 2, "1 minute"), ConcurrencyLimit("fan-erp", 1)])
+        ctx.step(
+            "call", plain, n, limits=[RateLimit("fan-api", 2, "1 minute"), ConcurrencyLimit("fan-erp", 1)]
+        )
         for n in range(params)
     ]
     return list(await asyncio.gather(*calls))
