@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from stepline import ConcurrencyLimit, Context, RateLimit, workflow
 from tests.workflows import record
 
-API = [RateLimit("api", 10, "1s"), ConcurrencyLimit("api-connections", 3)]
+API: list[RateLimit | ConcurrencyLimit] = [RateLimit("api", 10, "1s"), ConcurrencyLimit("api-connections", 3)]
 """Ten calls a second (a full bucket of ten at first), three at once."""
 
 

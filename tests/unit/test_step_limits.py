@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ def env() -> Iterator[WorkflowEnvironment]:
     [
         (lambda: RateLimit("api", 0, "1s"), "invalid rate limit 'api': limit 0 must be a whole number"),
         (lambda: RateLimit("api", -3, "1s"), "limit -3 must be"),
-        (lambda: RateLimit("api", 2.5, "1s"), "limit 2.5 must be"),
+        (lambda: RateLimit("api", 2.5, "1s"), "limit 2.5 must be"),  # type: ignore[arg-type]
         (lambda: RateLimit("api", True, "1s"), "limit True must be"),
         (lambda: RateLimit("api", 10, "soon"), "invalid rate limit 'api': period 'soon': not a duration"),
         (lambda: RateLimit("api", 10, "0s"), "period '0s' must be longer than zero"),
@@ -35,7 +36,7 @@ def env() -> Iterator[WorkflowEnvironment]:
         (lambda: RateLimit("a\nb", 10, "1s"), "invalid rate limit key 'a\\nb'"),
         (lambda: RateLimit("x" * 201, 10, "1s"), "1-200 printable characters"),
         (lambda: ConcurrencyLimit("erp", 0), "invalid concurrency limit 'erp': limit 0 must be"),
-        (lambda: ConcurrencyLimit(42, 5), "invalid concurrency limit key 42"),
+        (lambda: ConcurrencyLimit(42, 5), "invalid concurrency limit key 42"),  # type: ignore[arg-type]
     ],
 )
 def test_a_bad_limit_is_refused_at_construction_naming_the_value(make: object, message: str) -> None:
@@ -56,12 +57,13 @@ async def plain(n: int) -> int:
 
 @workflow("limits-bad-list")
 async def bad_list(ctx: Context, params: str) -> int:
-    limits: object = {
+    limits: Any = {
         "not-a-list": ConcurrencyLimit("erp", 1),
         "not-a-limit": ["erp"],
         "twice": [ConcurrencyLimit("erp", 1), ConcurrencyLimit("erp", 2)],
     }[params]
-    return await ctx.step("call-erp", plain, 1, limits=limits)  # type: ignore[arg-type]
+    result: int = await ctx.step("call-erp", plain, 1, limits=limits)
+    return result
 
 
 @pytest.mark.parametrize(
