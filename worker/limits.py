@@ -17,6 +17,7 @@ from stepline.shared.db.limits import Acquisition, LimitedAttempt
 from stepline.shared.db.records import Message, OutboxRow
 from stepline.shared.db.store import Store
 from stepline.shared.history import format_key
+from stepline.shared.limits import ConcurrencyLimit
 from stepline.shared.messages import StepMessage
 from stepline.worker.context import StepCall
 
@@ -39,8 +40,17 @@ class StepLimiter:
             message.instance_id, message.step, message.occurrence, message.attempt, step_message, call.limits
         )
 
-    async def acquire(self, attempt: LimitedAttempt) -> Acquisition:
-        """Take the attempt's slots and tokens, or put it in line (one short transaction)."""
+    async def acquire(self, attempt: LimitedAttempt, *, waiting: bool = False) -> Acquisition:
+        """Take the attempt's slots and tokens, or put it in line (one short transaction).
+
+        A step with one concurrency limit, not ``waiting`` already, first tries the
+        one-statement take: a free slot and nobody in line.
+        """
+        single = _single_slot(attempt)
+        if single is not None and not waiting:
+            async with self._store.statements() as tx:
+                if await tx.take_slot(attempt, single, lease=self._lease):
+                    return Acquisition("run", [])
         async with self._store.transaction() as tx:
             acquired = await tx.acquire_limits(attempt, lease=self._lease)
         if acquired.verdict == "wait":
@@ -77,9 +87,14 @@ class StepLimiter:
                 granted += await self._release(attempt)
 
     async def _release(self, attempt: LimitedAttempt) -> list[OutboxRow]:
+        single = _single_slot(attempt)
         try:
+            if single is not None:  # the one-statement give-back, unless steps wait in line
+                async with self._store.statements() as tx:
+                    if await tx.give_back_slot(attempt, single) != "grant":
+                        return []
             async with self._store.transaction() as tx:
-                return await tx.release_limits(attempt, lease=self._lease)
+                return await tx.release_limits(attempt, lease=self._lease, granting=single is not None)
         except Exception as exc:  # the lease lapses and the scheduler grants the slot
             log.warning(
                 "giving back a step's slots failed; they return when their lease lapses: %s",
@@ -101,6 +116,13 @@ class StepLimiter:
                     exc,
                     extra={"event": "limit_renew_failed", "instance_id": attempt.instance_id},
                 )
+
+
+def _single_slot(attempt: LimitedAttempt) -> ConcurrencyLimit | None:
+    """The limit of a step whose one limit is a concurrency limit: taken in one statement."""
+    if len(attempt.limits) == 1 and isinstance(attempt.limits[0], ConcurrencyLimit):
+        return attempt.limits[0]
+    return None
 
 
 def _has_slots(attempt: LimitedAttempt) -> bool:

@@ -253,7 +253,7 @@ class StepRunner:
         key = _step_key(message)
         step_message = self._planner.step_message(history, key, message.attempt)
         attempt = self._limiter.attempt(message, call, step_message)
-        acquired = await self._limiter.acquire(attempt)
+        acquired = await self._limiter.acquire(attempt, waiting=_waits_for_limit(history, key))
         if acquired.verdict != "run":
             return Committed(acquired.rows)  # acked: a grant sends the step again
         async with self._limiter.holding(attempt) as granted:

@@ -78,7 +78,7 @@ class Acquisition:
 
 @dataclass(slots=True)
 class _Key:
-    """A locked ``limit_keys`` row, as of the database's ``now``."""
+    """A locked ``limit_keys`` row, as of the database's ``now``, with its line and holds as counted."""
 
     kind: str
     key: str
@@ -86,6 +86,14 @@ class _Key:
     period_s: float | None
     tokens: float
     now: datetime
+    in_use: int = 0
+    """Concurrency holds of the key (rows of ``limit_holds``, lapsed or not)."""
+    waiters: int = 0
+    """Rows of ``limit_waiters`` on the key (of paused instances too)."""
+    first: int | None = None
+    """The place of the first step in line whose instance is served; None if none."""
+    mine: int | None = None
+    """The attempt of the calling step's own hold on the key, if it has one."""
 
     def refill(self, refilled_at: datetime) -> None:
         """Tokens as of ``now``: the bucket refills smoothly, ``limit`` per period, up to ``limit``.
@@ -104,6 +112,12 @@ class _Key:
         assert self.period_s
         return self.now + timedelta(seconds=max(0.0, 1.0 - self.tokens) * self.period_s / self.limit)
 
+    def wake_at(self) -> datetime | None:
+        """When the scheduler must serve a rate key's line: its next token, if a served step waits."""
+        if not self.period_s or self.first is None or self.tokens >= 1.0 - _EPSILON:
+            return None
+        return self.next_token_at()
+
 
 class LimitStatements:
     """The step-limit statements of a ``Transaction`` (see the module docstring)."""
@@ -121,6 +135,69 @@ class LimitStatements:
 
     # ---------------------------------------------------------------- the worker
 
+    async def take_slot(self, attempt: LimitedAttempt, limit: ConcurrencyLimit, *, lease: timedelta) -> bool:
+        """The usual take of a step with one concurrency limit, without the key's lock round trips.
+
+        Counts the slot on the key's row only if it is below ``limit`` and nobody
+        waits in line, and records the hold; False, writing nothing, otherwise (or
+        if the key has no row yet): the caller then takes the locking way
+        (``acquire_limits``). On PostgreSQL one statement (``store_postgres``).
+        """
+        took = (
+            await self._conn.execute(
+                limit_keys.update()
+                .where(*fast_key(limit))
+                .values(in_use=limit_keys.c.in_use + 1)
+                .returning(limit_keys.c.key)
+            )
+        ).first()
+        if took is None:
+            return False
+        await self._hold(
+            limit.kind,
+            limit.key,
+            attempt.instance_id,
+            attempt.step,
+            attempt.occurrence,
+            attempt.attempt,
+            lease,
+        )
+        return True
+
+    async def give_back_slot(self, attempt: LimitedAttempt, limit: ConcurrencyLimit) -> str:
+        """The usual give-back: ``released``, ``none`` (no hold of this attempt), or ``grant``.
+
+        ``grant``: the hold is deleted but steps wait in line (or the count is
+        not to be trusted); the caller grants under the key's lock
+        (``release_limits(..., granting=True)``). On PostgreSQL one statement.
+        """
+        gone = (
+            await self._conn.execute(
+                limit_holds.delete()
+                .where(
+                    *_hold_of(limit.kind, limit.key, attempt.instance_id, attempt.step, attempt.occurrence)
+                )
+                .where(limit_holds.c.attempt == attempt.attempt)
+                .returning(limit_holds.c.attempt)
+            )
+        ).first()
+        if gone is None:
+            return "none"
+        done = (
+            await self._conn.execute(
+                limit_keys.update()
+                .where(
+                    limit_keys.c.kind == limit.kind,
+                    limit_keys.c.key == limit.key,
+                    limit_keys.c.waiters == 0,
+                    limit_keys.c.in_use > 0,
+                )
+                .values(in_use=limit_keys.c.in_use - 1)
+                .returning(limit_keys.c.key)
+            )
+        ).first()
+        return "released" if done is not None else "grant"
+
     async def acquire_limits(self, attempt: LimitedAttempt, *, lease: timedelta) -> Acquisition:
         """Take what the attempt's limits ask for, or put the step in line; in the caller's transaction.
 
@@ -129,37 +206,47 @@ class LimitStatements:
         (with a lease) and its tokens taken. ``wait``: it waits, durably, on the
         first limit that blocks it, keeping its place in line from the first time it asked.
         """
-        keys = [await self._lock_key(limit) for limit in attempt.limits]
         state = await self._step_state(attempt)
         if state is None:
             return Acquisition("stale", [])
         detail: dict[str, Any] = dict(state.detail or {})
         ticket = detail.get(_TICKET)
-        held = await self._held(attempt)
-        for limit, key in zip(attempt.limits, keys, strict=True):
-            reason = await self._blocked(limit, key, attempt, ticket, held)
+        keys: list[_Key] = []
+        for limit in attempt.limits:
+            key = await self._lock_key(limit)
+            await self._count(key, attempt)
+            reason = _blocked(limit, key, attempt, ticket)
             if reason is not None:
+                held = await self._held(attempt)
                 rows = await self._wait(attempt, limit, key, detail, reason, held, lease=lease)
                 return Acquisition("wait", rows, reason)
+            keys.append(key)
         for limit, key in zip(attempt.limits, keys, strict=True):
-            await self._take(limit, key, attempt, held, lease=lease)
-        await self._conn.execute(
-            limit_waiters.delete().where(*_waiter_of(attempt.instance_id, attempt.step, attempt.occurrence))
-        )
+            await self._take(limit, key, attempt, lease=lease)
         if WAITING_FOR in detail or _TICKET in detail or state.status == StepStatus.WAITING:
+            await self._conn.execute(
+                limit_waiters.delete().where(
+                    *_waiter_of(attempt.instance_id, attempt.step, attempt.occurrence)
+                )
+            )
             detail.pop(WAITING_FOR, None)
             detail.pop(_TICKET, None)
             status = StepStatus.RUNNING if state.status == StepStatus.WAITING else state.status
             await self._set_step(attempt.instance_id, attempt.step, attempt.occurrence, status, detail)
         return Acquisition("run", [])
 
-    async def release_limits(self, attempt: LimitedAttempt, *, lease: timedelta) -> list[OutboxRow]:
-        """Give back the attempt's slots (only this attempt's) and grant them to the steps in line."""
+    async def release_limits(
+        self, attempt: LimitedAttempt, *, lease: timedelta, granting: bool = False
+    ) -> list[OutboxRow]:
+        """Give back the attempt's slots (only this attempt's) and grant them to the steps in line.
+
+        ``granting``: grant on each key even if this attempt's hold is gone already
+        (``give_back_slot`` deleted it and found steps in line).
+        """
         messages: list[Message] = []
         for limit in attempt.limits:
             if not isinstance(limit, ConcurrencyLimit):
                 continue
-            key = await self._lock_key(limit)
             deleted = await self._conn.execute(
                 limit_holds.delete()
                 .where(
@@ -168,7 +255,8 @@ class LimitStatements:
                 )
                 .returning(limit_holds.c.attempt)
             )
-            if deleted.first() is not None:
+            if deleted.first() is not None or granting:
+                key = await self._lock_key(limit)
                 messages += await self._grant(key, lease=lease)
         return await self.insert_outbox(messages)
 
@@ -277,6 +365,29 @@ class LimitStatements:
         key.refill(row.refilled_at)
         return key
 
+    async def _count(self, key: _Key, attempt: LimitedAttempt | None = None) -> None:
+        """Count the locked key's holds and line (and the step's own hold): one statement."""
+        holds = sa.select(sa.func.count()).select_from(limit_holds).where(*_key_of(limit_holds, key))
+        waiting = sa.select(sa.func.count()).select_from(limit_waiters).where(*_key_of(limit_waiters, key))
+        first = (
+            sa.select(sa.func.min(limit_waiters.c.id))
+            .join(instances, instances.c.id == limit_waiters.c.instance_id)
+            .where(*_key_of(limit_waiters, key), instances.c.status.in_(_SERVED))
+        )
+        mine: Any = sa.null()
+        if attempt is not None:
+            mine = sa.select(limit_holds.c.attempt).where(
+                *_hold_of(key.kind, key.key, attempt.instance_id, attempt.step, attempt.occurrence)
+            )
+            mine = mine.scalar_subquery()
+        row = (
+            await self._conn.execute(
+                sa.select(holds.scalar_subquery(), waiting.scalar_subquery(), first.scalar_subquery(), mine)
+            )
+        ).one()
+        key.in_use = int(row[0]) if key.kind == "concurrency" else 0
+        key.waiters, key.first, key.mine = int(row[1]), row[2], row[3]
+
     async def _step_state(self, attempt: LimitedAttempt) -> Any:
         """The step's status and detail, if it is at this attempt of an instance that may run it."""
         row = (
@@ -311,86 +422,23 @@ class LimitStatements:
         )
         return {(row.kind, row.key): row.attempt for row in rows}
 
-    async def _blocked(
-        self,
-        limit: StepLimit,
-        key: _Key,
-        attempt: LimitedAttempt,
-        ticket: int | None,
-        held: dict[tuple[str, str], int],
-    ) -> str | None:
-        """Why ``limit`` does not let the attempt run now; None if it does."""
-        if held.get((limit.kind, limit.key)) == attempt.attempt:
-            return None  # granted while it waited, or its own redelivery: the slot or token is its own
-        ahead = await self._ahead(limit, ticket)
-        if isinstance(limit, ConcurrencyLimit):
-            used = await self._slots_in_use(limit.kind, limit.key, exclude=attempt)
-            if used >= limit.limit:
-                return f"waits for {describe(limit)}: {used} of {limit.limit} in use"
-        elif key.tokens < 1.0 - _EPSILON:
-            return f"waits for {describe(limit)}: no token until {key.next_token_at().isoformat()}"
-        if ahead:
-            return f"waits for {describe(limit)}: {ahead} earlier step(s) in line"
-        return None
-
-    async def _ahead(self, limit: StepLimit, ticket: int | None) -> int:
-        """How many served steps wait in this key's line before ``ticket`` (all of them, without one)."""
-        query = (
-            sa.select(sa.func.count())
-            .select_from(limit_waiters.join(instances, instances.c.id == limit_waiters.c.instance_id))
-            .where(
-                limit_waiters.c.kind == limit.kind,
-                limit_waiters.c.key == limit.key,
-                instances.c.status.in_(_SERVED),
-            )
-        )
-        if ticket is not None:
-            query = query.where(limit_waiters.c.id < ticket)
-        return int((await self._conn.execute(query)).scalar_one())
-
-    async def _slots_in_use(self, kind: str, name: str, *, exclude: LimitedAttempt | None = None) -> int:
-        """Slots of a key whose lease has not lapsed (other than ``exclude``'s step's)."""
-        query = (
-            sa.select(sa.func.count())
-            .select_from(limit_holds)
-            .where(
-                limit_holds.c.kind == kind, limit_holds.c.key == name, limit_holds.c.lease_until > utc_now()
-            )
-        )
-        if exclude is not None:
-            query = query.where(
-                sa.not_(
-                    sa.and_(
-                        limit_holds.c.instance_id == exclude.instance_id,
-                        limit_holds.c.step == exclude.step,
-                        limit_holds.c.occurrence == exclude.occurrence,
-                    )
-                )
-            )
-        return int((await self._conn.execute(query)).scalar_one())
-
-    async def _take(
-        self,
-        limit: StepLimit,
-        key: _Key,
-        attempt: LimitedAttempt,
-        held: dict[tuple[str, str], int],
-        *,
-        lease: timedelta,
-    ) -> None:
+    async def _take(self, limit: StepLimit, key: _Key, attempt: LimitedAttempt, *, lease: timedelta) -> None:
         """Hold the slot for this attempt, or take the token (or the one granted to it)."""
         if isinstance(limit, ConcurrencyLimit):
-            await self._hold(
-                limit.kind,
-                limit.key,
-                attempt.instance_id,
-                attempt.step,
-                attempt.occurrence,
-                attempt.attempt,
-                lease,
-            )
+            if key.mine != attempt.attempt:
+                await self._hold(
+                    limit.kind,
+                    limit.key,
+                    attempt.instance_id,
+                    attempt.step,
+                    attempt.occurrence,
+                    attempt.attempt,
+                    lease,
+                )
+                key.in_use += 0 if key.mine is not None else 1  # a stale attempt's row is taken over
+            await self._save_key(key)
             return
-        if held.get((limit.kind, limit.key)) == attempt.attempt:  # a token granted while it waited
+        if key.mine == attempt.attempt:  # a token granted while it waited
             await self._conn.execute(
                 limit_holds.delete().where(
                     *_hold_of(limit.kind, limit.key, attempt.instance_id, attempt.step, attempt.occurrence)
@@ -398,7 +446,7 @@ class LimitStatements:
             )
             return
         key.tokens -= 1.0
-        await self._save_bucket(key, wake_at=await self._rate_wake(key))
+        await self._save_key(key)
 
     async def _wait(
         self,
@@ -422,12 +470,12 @@ class LimitStatements:
         for kind, name in sorted(held):
             if (kind, name) == (limit.kind, limit.key) or held[(kind, name)] != attempt.attempt:
                 continue
-            other = await self._lock_existing_key(kind, name)
             await self._conn.execute(
                 limit_holds.delete().where(
                     *_hold_of(kind, name, attempt.instance_id, attempt.step, attempt.occurrence)
                 )
             )
+            other = await self._lock_existing_key(kind, name)
             if other is not None:
                 other.tokens += 1.0 if kind == "rate" else 0.0
                 messages += await self._grant(other, lease=lease)
@@ -447,7 +495,11 @@ class LimitStatements:
         return await self.insert_outbox(messages)
 
     async def _enqueue(self, attempt: LimitedAttempt, limit: StepLimit, ticket: int | None) -> int:
-        """The step's waiter row on ``limit``'s key, keeping ``ticket`` (its place) if it had one."""
+        """The step's waiter row on ``limit``'s key, keeping ``ticket`` (its place) if it had one.
+
+        A row it had on another key is deleted; that key's count of waiters is
+        then too high, which only sends its next give-back the locking way (which recounts).
+        """
         await self._conn.execute(
             limit_waiters.delete().where(*_waiter_of(attempt.instance_id, attempt.step, attempt.occurrence))
         )
@@ -465,26 +517,27 @@ class LimitStatements:
         }
         if ticket is not None:
             values["id"] = int(ticket)
-        row = (
-            await self._conn.execute(limit_waiters.insert().values(**values).returning(limit_waiters.c.id))
-        ).one()
-        return int(row.id)
+        inserted = limit_waiters.insert().values(**values).returning(limit_waiters.c.id)
+        return int((await self._conn.execute(inserted)).one().id)
 
     async def _grant(self, key: _Key, *, lease: timedelta) -> list[Message]:
         """Serve the key's line while it has room: each step served holds its slot or token and is sent.
 
         A waiter of a finished instance, or of a step no longer waiting at its
         attempt, is deleted on the way; one of a paused instance keeps its place.
+        The key's counts are taken afresh first and saved last.
         """
+        await self._count(key)
         messages: list[Message] = []
-        room = await self._room(key)
+        room = math.floor(key.tokens + _EPSILON) if key.period_s else key.limit - key.in_use
         after = 0
-        while room > 0:
+        while room > 0 and key.first is not None:
             batch = (await self._conn.execute(_line(key.kind, key.key, after))).all()
             for waiter in batch:
                 after = waiter.id
                 if waiter.state == InstanceStatus.PAUSED:
                     continue
+                key.waiters -= 1
                 if (
                     waiter.state not in _SERVED
                     or waiter.status != StepStatus.WAITING
@@ -498,20 +551,19 @@ class LimitStatements:
                 if room == 0:
                     break
             if len(batch) < _GRANT_BATCH:
+                # The line is empty now if every row of the last batch was served (or dropped).
+                if room > 0 or after == batch[-1].id:
+                    key.first = None
                 break
-        if key.period_s:
-            await self._save_bucket(key, wake_at=await self._rate_wake(key))
+        await self._save_key(key)
         return messages
-
-    async def _room(self, key: _Key) -> int:
-        if key.period_s:
-            return math.floor(key.tokens + _EPSILON)
-        return max(0, key.limit - await self._slots_in_use(key.kind, key.key))
 
     async def _serve(self, key: _Key, waiter: sa.Row[Any], *, lease: timedelta) -> None:
         """Grant one waiting step: it holds the slot (or the token), leaves the line and runs again."""
         if key.period_s:
             key.tokens -= 1.0
+        else:
+            key.in_use += 1
         await self._hold(
             key.kind, key.key, waiter.instance_id, waiter.step, waiter.occurrence, waiter.attempt, lease
         )
@@ -520,27 +572,18 @@ class LimitStatements:
         detail.pop(WAITING_FOR, None)  # its place (the ticket) stays, should another key make it wait
         await self._set_step(waiter.instance_id, waiter.step, waiter.occurrence, StepStatus.RUNNING, detail)
 
-    async def _rate_wake(self, key: _Key) -> datetime | None:
-        """When the scheduler must serve a rate key's line: its next token, if a served step waits."""
-        if key.tokens >= 1.0 - _EPSILON:
-            return None
-        query = (
-            sa.select(limit_waiters.c.id)
-            .join(instances, instances.c.id == limit_waiters.c.instance_id)
-            .where(
-                limit_waiters.c.kind == key.kind,
-                limit_waiters.c.key == key.key,
-                instances.c.status.in_(_SERVED),
-            )
-            .limit(1)
-        )
-        return None if (await self._conn.execute(query)).first() is None else key.next_token_at()
-
-    async def _save_bucket(self, key: _Key, *, wake_at: datetime | None) -> None:
+    async def _save_key(self, key: _Key) -> None:
+        """Write the bucket, the counts and the next wake-up of a locked key."""
         await self._conn.execute(
             limit_keys.update()
             .where(limit_keys.c.kind == key.kind, limit_keys.c.key == key.key)
-            .values(tokens=key.tokens, refilled_at=key.now, wake_at=wake_at)
+            .values(
+                tokens=key.tokens,
+                refilled_at=key.now,
+                wake_at=key.wake_at(),
+                in_use=max(0, key.in_use),
+                waiters=max(0, key.waiters),
+            )
         )
 
     async def _hold(
@@ -583,6 +626,35 @@ class LimitStatements:
             .where(steps.c.instance_id == instance_id, steps.c.name == step, steps.c.occurrence == occurrence)
             .values(status=status, detail=detail or None, updated_at=utc_now())
         )
+
+
+def _blocked(limit: StepLimit, key: _Key, attempt: LimitedAttempt, ticket: int | None) -> str | None:
+    """Why ``limit`` does not let the attempt run now (its key counted); None if it does."""
+    if key.mine == attempt.attempt:
+        return None  # granted while it waited, or its own redelivery: the slot or token is its own
+    if isinstance(limit, ConcurrencyLimit):
+        used = key.in_use - (0 if key.mine is None else 1)
+        if used >= limit.limit:
+            return f"waits for {describe(limit)}: {used} of {limit.limit} in use"
+    elif key.tokens < 1.0 - _EPSILON:
+        return f"waits for {describe(limit)}: no token until {key.next_token_at().isoformat()}"
+    if key.first is not None and (ticket is None or key.first < int(ticket)):
+        return f"waits for {describe(limit)}: behind earlier steps in line"
+    return None
+
+
+def fast_key(limit: ConcurrencyLimit) -> list[sa.ColumnElement[bool]]:
+    """The key's row, if it has a free slot and nobody in line: what the one-statement take takes."""
+    return [
+        limit_keys.c.kind == limit.kind,
+        limit_keys.c.key == limit.key,
+        limit_keys.c.in_use < limit.limit,
+        limit_keys.c.waiters == 0,
+    ]
+
+
+def _key_of(table: sa.Table, key: _Key) -> list[sa.ColumnElement[bool]]:
+    return [table.c.kind == key.kind, table.c.key == key.key]
 
 
 def _line(kind: str, name: str, after: int) -> sa.Select[Any]:
@@ -630,4 +702,4 @@ def _hold_of(
     ]
 
 
-__all__ = ["WAITING_FOR", "Acquisition", "LimitStatements", "LimitedAttempt"]
+__all__ = ["WAITING_FOR", "Acquisition", "LimitStatements", "LimitedAttempt", "fast_key"]

@@ -301,19 +301,26 @@ limit_keys = sa.Table(
     sa.Column("tokens", sa.Float, nullable=False, server_default="0"),
     sa.Column("refilled_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
     sa.Column("wake_at", Timestamp()),
+    # A concurrency key's holds and waiting steps, counted on its row: the one-statement
+    # take and give-back read them there (see stepline.shared.db.limits); every locked
+    # change recounts them.
+    sa.Column("in_use", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("waiters", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_limit_keys_wake", "wake_at"),
 )
 
 # What an attempt holds: a concurrency slot while it runs, or a rate token granted to a
 # waiter and not yet taken by its attempt. One per step and key: a newer attempt of the
 # step takes the row over (the attempt number fences a stale one out). ``lease_until``
-# is renewed while the attempt runs; the scheduler reclaims a lapsed one.
+# is renewed while the attempt runs; the scheduler reclaims a lapsed one. No foreign
+# key: a hold outlives a deleted instance until its lease lapses, so that the key's
+# count goes down with it (a cascade would delete it behind the key's back).
 limit_holds = sa.Table(
     "limit_holds",
     metadata,
     sa.Column("kind", sa.Text, primary_key=True),
     sa.Column("key", sa.Text, primary_key=True),
-    sa.Column("instance_id", sa.Text, sa.ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("instance_id", sa.Text, primary_key=True),
     sa.Column("step", sa.Text, primary_key=True),
     sa.Column("occurrence", sa.Integer, primary_key=True),
     sa.Column("attempt", sa.Integer, nullable=False),

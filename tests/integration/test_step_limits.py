@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from stepline import Client, Producer
 from stepline.producer.models import AttemptInfo
@@ -190,7 +192,8 @@ async def test_the_scheduler_grants_a_slot_whose_lease_lapsed(
         settings.database, instances.insert().values(id="gone", workflow="limits-erp", status="running")
     )
     await db.execute(
-        settings.database, limit_keys.insert().values(kind="concurrency", key="lease", limit=1, tokens=0)
+        settings.database,
+        limit_keys.insert().values(kind="concurrency", key="lease", limit=1, tokens=0, in_use=1),
     )
     await db.execute(
         settings.database,
@@ -212,10 +215,20 @@ async def test_the_scheduler_grants_a_slot_whose_lease_lapsed(
     assert await db.scalar(settings.database, "SELECT count(*) FROM limit_holds") == 0
 
 
-async def test_steps_without_limits_touch_no_limit_table(
-    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+async def test_steps_without_limits_run_no_limit_statement(
+    fleet: Fleet, producer: Producer, client: Client
 ) -> None:
-    await fleet.start_worker()
-    instance_id = await producer.start("sequence", {"a": 1, "b": 2})
-    assert (await client.wait(instance_id, timeout=30)).status == "complete"
-    assert await db.scalar(settings.database, "SELECT count(*) FROM limit_keys") == 0
+    seen: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", note)
+    try:
+        await fleet.start_worker()
+        instance_id = await producer.start("sequence", {"a": 1, "b": 2})
+        assert (await client.wait(instance_id, timeout=30)).status == "complete"
+    finally:
+        event.remove(Engine, "before_cursor_execute", note)
+    assert any("FROM steps" in statement for statement in seen)  # the worker's statements were seen
+    assert [statement for statement in seen if "limit_" in statement] == []

@@ -32,18 +32,15 @@ def upgrade() -> None:
         sa.Column("tokens", sa.Float, nullable=False, server_default="0"),
         sa.Column("refilled_at", TS, nullable=False, server_default=sa.func.now()),
         sa.Column("wake_at", TS),
+        sa.Column("in_use", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("waiters", sa.Integer, nullable=False, server_default="0"),
     )
     op.create_index("ix_limit_keys_wake", "limit_keys", ["wake_at"])
     op.create_table(
         "limit_holds",
         sa.Column("kind", sa.Text, primary_key=True),
         sa.Column("key", sa.Text, primary_key=True),
-        sa.Column(
-            "instance_id",
-            sa.Text,
-            sa.ForeignKey("instances.id", ondelete="CASCADE"),
-            primary_key=True,
-        ),
+        sa.Column("instance_id", sa.Text, primary_key=True),
         sa.Column("step", sa.Text, primary_key=True),
         sa.Column("occurrence", sa.Integer, primary_key=True),
         sa.Column("attempt", sa.Integer, nullable=False),
