@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from stepline import Client, Producer
 from stepline.producer.models import AttemptInfo
+from stepline.shared.db.limits import LimitStatements
 from stepline.shared.db.schema import instances, limit_holds, limit_keys, utc_now
 from stepline.shared.settings import Settings
 from stepline.worker.registry import load_workflows
@@ -216,9 +217,20 @@ async def test_the_scheduler_grants_a_slot_whose_lease_lapsed(
 
 
 async def test_steps_without_limits_run_no_limit_statement(
-    fleet: Fleet, producer: Producer, client: Client
+    fleet: Fleet, producer: Producer, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[str] = []
+    entered: list[str] = []
+    for name in ("take_slot", "give_back_slot", "acquire_limits", "release_limits"):
+        original = getattr(LimitStatements, name)
+
+        async def watched(
+            self: Any, *args: Any, _name: str = name, _original: Any = original, **kwargs: Any
+        ) -> Any:
+            entered.append(_name)
+            return await _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(LimitStatements, name, watched)
 
     def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
@@ -232,3 +244,4 @@ async def test_steps_without_limits_run_no_limit_statement(
         event.remove(Engine, "before_cursor_execute", note)
     assert any("FROM steps" in statement for statement in seen)  # the worker's statements were seen
     assert [statement for statement in seen if "limit_" in statement] == []
+    assert entered == []  # not even a transaction that finds no limits
