@@ -184,6 +184,29 @@ async def test_a_terminated_instance_leaves_the_line_and_the_next_one_runs(
     assert await db.side_effects(settings.database, "doomed") == 0
 
 
+async def test_a_paused_waiter_does_not_hold_up_the_line_and_runs_when_resumed(
+    fleet: Fleet, producer: Producer, client: Client, control: Client, settings: Settings, tmp_path: Path
+) -> None:
+    await fleet.start_worker(workflows=WORKFLOWS)
+    gate = tmp_path / "open"
+    params = {"limit": 1, "key": "pause", "hold_s": 0}
+    await producer.start("limits-erp", {**params, "path": str(gate)}, instance_id="holder")
+    await eventually(lambda: db.side_effects(settings.database, "holder"), what="the holder to run")
+    for name in ("paused", "behind"):
+        await producer.start("limits-erp", params, instance_id=name)
+        await eventually(lambda name=name: _waits(client, name), what=f"{name} to wait")  # type: ignore[misc]
+
+    await control.pause("paused")
+    gate.touch()
+    # The line skips the paused step: the one behind it runs.
+    assert (await client.wait("behind", timeout=60)).status == "complete"
+    assert await db.side_effects(settings.database, "paused") == 0
+    assert (await _step(client, "paused", "erp")).status == "waiting"
+    # Resumed, it is sent again (it keeps its ticket): the key is free, so it runs.
+    await control.resume("paused")
+    assert (await client.wait("paused", timeout=60)).status == "complete"
+
+
 async def test_the_scheduler_grants_a_slot_whose_lease_lapsed(
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
