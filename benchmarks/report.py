@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import flow
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -144,6 +146,8 @@ def render(console: Console, results: dict[str, Any]) -> None:
     if throughput:
         _render_memory(console, throughput)
     _render_db_work(console, throughput, naive)
+    if results.get("flow"):
+        flow.render(console, results["flow"])
     if results.get("targets"):
         _render_targets(console, results["targets"])
     for problem in results.get("problems", []):

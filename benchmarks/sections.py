@@ -267,7 +267,8 @@ class Bench:
         wake-up or step published twice, which the workers would have dropped)
         would cost the next run's workers a history read and a lock each.
         """
-        left = await purge_queues(self.iso.amqp_url, [bench_ten.name, bench_chain.name, bench_sleep.name])
+        names = [bench_ten.name, bench_chain.name, bench_sleep.name, "bench-ten-limited", "bench-hold"]
+        left = await purge_queues(self.iso.amqp_url, names)
         if self._last_run:
             self.left_in_queues[self._last_run] = left
             if left:

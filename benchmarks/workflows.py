@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 from pydantic import BaseModel
 
-from stepline import Context, workflow
+from stepline import ConcurrencyLimit, Context, workflow
 
 TEN = 10
 """Steps of the ``bench-ten`` workflow (throughput and latency)."""
@@ -65,3 +66,35 @@ async def bench_sleep(ctx: Context, alarm: Alarm) -> dict[str, int]:
     """One durable sleep until a given instant, then return."""
     await ctx.sleep_until("alarm", alarm.due)
     return {"n": alarm.n}
+
+
+NEVER_BINDS = [ConcurrencyLimit("bench-never-binds", 10_000)]
+"""A limit no run reaches: what checking a limit costs a step (the flow section)."""
+ONE_AT_A_TIME = [ConcurrencyLimit("bench-one", 1)]
+"""The key the flow section's waiters queue on, behind one long holder."""
+
+
+@workflow("bench-ten-limited")
+async def bench_ten_limited(ctx: Context, job: Job) -> dict[str, int]:
+    """``bench-ten`` with a concurrency limit on each step that never binds."""
+    value = job.n
+    for _ in range(TEN):
+        value = await ctx.step("add", add_one, value, limits=NEVER_BINDS)
+    return {"n": job.n, "value": value}
+
+
+class Hold(BaseModel):
+    """Params of ``bench-hold``: how long its one step holds the ``bench-one`` key."""
+
+    seconds: float
+
+
+async def hold_for(seconds: float) -> float:
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+@workflow("bench-hold")
+async def bench_hold(ctx: Context, hold: Hold) -> float:
+    """One step under ``ConcurrencyLimit("bench-one", 1)``, holding it ``hold.seconds``."""
+    return await ctx.step("hold", hold_for, hold.seconds, limits=ONE_AT_A_TIME)

@@ -698,6 +698,8 @@ def _steps_table(info: InstanceInfo) -> Table:
             if step.error is None
             else f"{step.error.get('type')}: {step.error.get('message')}"
         )
+        if step.waiting_for is not None:
+            detail = step.waiting_for
         took = (
             f"{(step.finished_at - step.started_at).total_seconds() * 1000:.0f} ms"
             if step.started_at and step.finished_at

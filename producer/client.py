@@ -21,6 +21,7 @@ from stepline.producer.producer import WorkflowRef
 from stepline.shared import codec
 from stepline.shared.broker import Broker, create_broker
 from stepline.shared.db.engine import mask_url
+from stepline.shared.db.limits import WAITING_FOR
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
@@ -568,7 +569,14 @@ def _step(row: Any) -> StepInfo:
         started_at=row.started_at,
         finished_at=row.finished_at,
         pool=pool_of(row.detail) if row.kind == StepKind.STEP else None,
+        waiting_for=_waiting_for(row.detail),
     )
+
+
+def _waiting_for(detail: Any) -> str | None:
+    """The reason a step waits for a limit, as the limit statements store it in its detail."""
+    waiting = detail.get(WAITING_FOR) if isinstance(detail, dict) else None
+    return str(waiting.get("reason")) if isinstance(waiting, dict) else None
 
 
 __all__ = ["Client"]

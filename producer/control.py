@@ -69,6 +69,7 @@ async def restart(tx: Transaction, instance_id: str, *, limit: int) -> list[Outb
     rows: list[OutboxRow] = []
     for child in await tx.children(instance_id):
         rows += await _delete_tree(tx, child, limit=limit)
+    await tx.drop_limits(instance_id)
     await tx.reset_instance(instance_id)
     row = await tx.get_instance_row(instance_id)
     assert row is not None

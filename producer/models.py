@@ -27,6 +27,9 @@ class StepInfo(BaseModel):
     pool: str | None = None
     """The worker pool that runs the step (``ctx.step(..., pool=)``); None for the default pool."""
 
+    waiting_for: str | None = None
+    """Why a step in status ``waiting`` waits for a limit, and since when (``ctx.step(limits=...)``)."""
+
 
 class PoolWait(BaseModel):
     """A step of an unfinished instance bound for a worker pool, and how the broker sees that pool's queue."""

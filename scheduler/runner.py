@@ -8,9 +8,10 @@ import logging
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from stepline.scheduler.limits import LimitSweeper
 from stepline.scheduler.publisher import BackgroundPublisher
 from stepline.scheduler.schedules import fire_due_schedules, seconds_until_next_schedule
-from stepline.scheduler.timers import fire_due_timers, seconds_until_next
+from stepline.scheduler.timers import fire_due_timers
 from stepline.shared.broker import create_broker
 from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
@@ -34,12 +35,14 @@ async def fire_timers_until_stopped(
     stopping: asyncio.Event,
     *,
     hooks: Hooks | None = None,
+    limits: LimitSweeper | None = None,
 ) -> None:
     """Fire due timers at the database's pace and hand them to ``publisher``.
 
     A full batch means more are due: claim again at once. Otherwise sleep until
     the next timer is due, at most ``poll_interval`` (another process may arm
-    an earlier one meanwhile).
+    an earlier one meanwhile). ``limits`` sweeps step limits when their next
+    lease lapses or token falls due (one statement finds both times).
     """
     poll = settings.poll_interval.total_seconds()
     # The loop scans every poll interval, outage or not: the first scan that works ends it.
@@ -54,9 +57,14 @@ async def fire_timers_until_stopped(
             if fired:
                 log.info("fired %d timers", len(fired), extra={"event": "timers_fired"})
                 await publisher.put(fired)
+            if limits is not None:
+                await limits.sweep_if_due()
             if more_due:
                 continue  # no pause
-            next_due = await seconds_until_next(store)
+            next_due, limits_due = await store.seconds_until_next_due()
+            if limits is not None:
+                limits.due_in(limits_due)
+                next_due = _earliest(next_due, limits_due)
             if next_due is not None:
                 wait = max(0.0, min(poll, next_due))
         except (SQLAlchemyError, OSError) as exc:
@@ -105,6 +113,10 @@ async def fire_schedules_until_stopped(
             await asyncio.wait_for(stopping.wait(), timeout=wait)
 
 
+def _earliest(first: float | None, second: float | None) -> float | None:
+    return min((value for value in (first, second) if value is not None), default=None)
+
+
 async def run_scheduler(
     settings: Settings,
     stopping: asyncio.Event,
@@ -148,7 +160,10 @@ async def run_scheduler(
         )
         log.info("scheduler started", extra={"event": "scheduler_started"})
         try:
-            await fire_timers_until_stopped(store, publisher, settings.scheduler, stopping, hooks=hooks)
+            sweeper_of_limits = LimitSweeper(store, relay, settings.limits.lease)
+            await fire_timers_until_stopped(
+                store, publisher, settings.scheduler, stopping, hooks=hooks, limits=sweeper_of_limits
+            )
         finally:
             if not stopping.is_set():
                 schedules.cancel()  # the timer loop failed: the process is going down

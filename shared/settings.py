@@ -139,6 +139,22 @@ class SchedulerSettings(BaseModel):
     batch_size: int = Field(default=2500, ge=1, description="Timers fired per transaction.")
 
 
+class LimitsSettings(BaseModel):
+    """``STEPLINE_LIMITS__*``: step limits (``RateLimit``, ``ConcurrencyLimit``)."""
+
+    lease: DurationSetting = Field(
+        default=timedelta(seconds=30),
+        description="How long a concurrency slot outlives a worker that stopped renewing it "
+        "(renewed every third of it while its step runs).",
+    )
+
+    @model_validator(mode="after")
+    def _lease_long_enough(self) -> LimitsSettings:
+        if self.lease < timedelta(seconds=1):
+            raise ValueError("STEPLINE_LIMITS__LEASE must be at least 1 second")
+        return self
+
+
 class OutboxSettings(BaseModel):
     """``STEPLINE_OUTBOX__*``: the relay that republishes rows a crash left behind."""
 
@@ -232,6 +248,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
     @field_validator("startup_timeout")
     @classmethod

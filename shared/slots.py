@@ -163,6 +163,7 @@ async def _terminate_tree(
         instance_id, status=InstanceStatus.TERMINATED, error=failure_record(TerminatedError(reason))
     )
     await tx.cancel_timers(instance_id)
+    await tx.drop_limits(instance_id)  # its waiting steps leave their lines; its step slots lapse
     rows = await release_if_held(
         tx, row.workflow, row.concurrency_key, InstanceStatus(row.status), payload_limit=payload_limit
     )

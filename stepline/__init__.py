@@ -36,10 +36,12 @@ from stepline.producer import (
 from stepline.worker import (
     Concurrency,
     ConcurrencyKeyError,
+    ConcurrencyLimit,
     Context,
     EventTimeoutError,
     NonDeterminismError,
     NonRetryableError,
+    RateLimit,
     RetryPolicy,
     RunningStep,
     StepFailedError,
@@ -52,7 +54,9 @@ from stepline.worker import (
 __all__ = [
     # Writing workflows (stepline.worker).
     "Concurrency",
+    "ConcurrencyLimit",
     "Context",
+    "RateLimit",
     "RetryPolicy",
     "RunningStep",
     "step_info",

@@ -9,6 +9,7 @@ from stepline.shared.errors import (
     SteplineError,
     StepTimeoutError,
 )
+from stepline.shared.limits import ConcurrencyLimit, RateLimit
 from stepline.shared.schedules import InvalidScheduleError, Schedule
 from stepline.worker.concurrency import Concurrency
 from stepline.worker.context import Context
@@ -19,11 +20,13 @@ from stepline.worker.workflow import Workflow, workflow
 __all__ = [
     "Concurrency",
     "ConcurrencyKeyError",
+    "ConcurrencyLimit",
     "Context",
     "EventTimeoutError",
     "InvalidScheduleError",
     "NonDeterminismError",
     "NonRetryableError",
+    "RateLimit",
     "RetryPolicy",
     "RunningStep",
     "Schedule",

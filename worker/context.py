@@ -6,7 +6,7 @@ import random as _random
 import sys
 import uuid as _uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, Unpack, overload
@@ -18,6 +18,7 @@ from stepline.shared.codec import JSON
 from stepline.shared.durations import Duration, parse_duration
 from stepline.shared.errors import WorkflowDefinitionError
 from stepline.shared.history import StepKey, format_key
+from stepline.shared.limits import StepLimit, check_limits
 from stepline.shared.messages import check_instance_id, check_workflow_name
 from stepline.shared.states import StepKind
 from stepline.shared.topology import DEFAULT_POOL, check_pool_name
@@ -44,6 +45,8 @@ class StepCall:
     kwargs: dict[str, Any]
     retry: RetryPolicy | None
     timeout: timedelta | None
+    limits: tuple[StepLimit, ...] = ()
+    """Its rate and concurrency limits, sorted by (kind, key) (the order their keys are locked in)."""
 
 
 class Context:
@@ -83,6 +86,7 @@ class Context:
         retry: RetryPolicy | None = None,
         timeout: Duration | None = None,
         pool: str | None = None,
+        limits: Sequence[StepLimit] = (),
         **kwargs: Any,
     ) -> Awaitable[T]: ...
 
@@ -96,6 +100,7 @@ class Context:
         retry: RetryPolicy | None = None,
         timeout: Duration | None = None,
         pool: str | None = None,
+        limits: Sequence[StepLimit] = (),
         **kwargs: Any,
     ) -> Awaitable[T]: ...
 
@@ -108,6 +113,7 @@ class Context:
         retry: RetryPolicy | None = None,
         timeout: Duration | None = None,
         pool: str | None = None,
+        limits: Sequence[StepLimit] = (),
         **kwargs: Any,
     ) -> Awaitable[Any]:
         """Run ``fn(*args, **kwargs)`` as the step ``name`` and return its result.
@@ -125,12 +131,23 @@ class Context:
             pool: the worker pool that runs it (``stepline-worker --pool NAME``):
                 letters, digits, ``_`` and ``-``, 40 at most; None or ``"default"``
                 for the workers started without ``--pool``.
+            limits: ``RateLimit``/``ConcurrencyLimit`` of keys shared by the whole fleet:
+                each attempt waits (durably, holding no worker slot; the step shows
+                ``waiting``) until it has a token of each rate limit and a slot of each
+                concurrency limit, in the order the steps asked.
 
         Raises:
-            WorkflowDefinitionError: ``pool`` is not a valid pool name.
+            WorkflowDefinitionError: ``pool`` is not a valid pool name, ``limits`` is not a list
+                of limits, or names one key twice.
         """
         key = self._next_key(name)
         detail = self._pool_detail(key, pool)
+        checked: tuple[StepLimit, ...] = ()
+        if limits:
+            try:
+                checked = check_limits(limits, workflow=self.workflow, step=format_key(key))
+            except ValueError as exc:
+                raise WorkflowDefinitionError(str(exc)) from None
         call = StepCall(
             key=key,
             fn=fn,
@@ -138,6 +155,7 @@ class Context:
             kwargs=kwargs,
             retry=retry,
             timeout=None if timeout is None else parse_duration(timeout),
+            limits=checked,
         )
         future = self._replay.request(key, StepKind.STEP, call=call, detail=detail or None)
         return _convert(future, self._replay.workflow.result_adapter(fn))

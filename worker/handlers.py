@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -44,6 +44,7 @@ from stepline.shared.states import InstanceStatus
 from stepline.worker import waits
 from stepline.worker.concurrency import Concurrency
 from stepline.worker.executor import StepExecutor
+from stepline.worker.limits import DEFAULT_LEASE, StepLimiter
 from stepline.worker.plan import Planner, real_clock
 from stepline.worker.replay.cache import ReplayCache
 from stepline.worker.steps import Committed, StepRunner
@@ -83,6 +84,7 @@ class MessageHandler:
         clock: Callable[[], datetime] | None = None,
         build_id: str | None = None,
         pools: frozenset[str] | None = None,
+        limits_lease: timedelta = DEFAULT_LEASE,
     ) -> None:
         self._hooks = hooks or NoHooks()
         self._store = store
@@ -99,6 +101,7 @@ class MessageHandler:
             cache=replay_cache,
             build_id=build_id,
             pools=pools,
+            limiter=StepLimiter(store, limits_lease),
         )
         self._build_id = build_id  # recorded on the instances it starts
         self._retry_delay = retry_delay

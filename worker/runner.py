@@ -84,6 +84,7 @@ async def run_worker(
             replay_cache=replay_cache,
             build_id=build_id,
             pools=frozenset(settings.worker.pools),
+            limits_lease=settings.limits.lease,
         )
         slots = asyncio.Semaphore(concurrency)
 

@@ -20,6 +20,7 @@ from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import DEFAULT_POOL, pool_of, routing_key
 from stepline.worker.context import StepCall
 from stepline.worker.executor import StepExecutor, StepResult, StepSucceeded
+from stepline.worker.limits import StepLimiter
 from stepline.worker.plan import Planner, Transition
 from stepline.worker.replay.cache import ReplayCache, committed_history
 from stepline.worker.replay.engine import Outcome, Replay
@@ -70,11 +71,13 @@ class StepRunner:
         cache: ReplayCache | None = None,
         build_id: str | None = None,
         pools: frozenset[str] | None = None,
+        limiter: StepLimiter | None = None,
     ) -> None:
         self._store = store
         # The worker pools this worker serves: a step of another pool is never run here,
         # not even on the local fast path. None: every pool (the testing kit).
         self._pools = pools
+        self._limiter = limiter or StepLimiter(store)
         self._cache = cache if cache is not None else ReplayCache(0)  # an empty cache is falsy
         self._planner = planner
         self._executor = executor
@@ -247,22 +250,53 @@ class StepRunner:
             if (outcome is not None and outcome.kind == "diverged") or call is None:
                 error = outcome.error if outcome is not None else None
                 return Committed(await self._hold(history, error or missing_step(history, key)))
-            result = await self._attempt(workflow, history, message, call)
-            values = replay.values  # recorded before the step ran: a newer replay keeps them
-            if not isinstance(result, StepSucceeded):
-                return await self._commit_locked(workflow, message, result, history, replay, values)
-            resolved = replay.resolve(key, result.result)
-            transition = self._planner.plan_unlocked(history, replay, resolved)
-            if transition is None:  # a sleep, an event wait, an error or a pause: planned under the lock
-                return await self._commit_locked(workflow, message, result, history, replay, values, resolved)
-            committed = await self._commit_success(
-                workflow, message, result, history, replay, transition, resolved
-            )
-            if committed is None:  # the history moved on: the newer one is replayed under the lock
-                return await self._commit_locked(
-                    workflow, message, result, history, replay, values, stale=True
-                )
-            return committed
+            if call.limits or _waits_for_limit(history, key):
+                return await self._run_limited(workflow, message, history, replay, call)
+            return await self._attempt_and_commit(workflow, message, history, replay, call)
+
+    async def _run_limited(
+        self,
+        workflow: Workflow[Any, Any],
+        message: StepMessage,
+        history: History,
+        replay: Replay,
+        call: StepCall,
+    ) -> Committed:
+        """Take the step's limits first: it runs now, or waits in line and frees this worker's slot."""
+        key = _step_key(message)
+        step_message = self._planner.step_message(history, key, message.attempt)
+        attempt = self._limiter.attempt(message, call, step_message)
+        acquired = await self._limiter.acquire(attempt, waiting=_waits_for_limit(history, key))
+        if acquired.verdict != "run":
+            return Committed(acquired.rows)  # acked: a grant sends the step again
+        async with self._limiter.holding(attempt) as granted:
+            committed = await self._attempt_and_commit(workflow, message, history, replay, call)
+        return Committed(committed.rows + granted, committed.local)
+
+    async def _attempt_and_commit(
+        self,
+        workflow: Workflow[Any, Any],
+        message: StepMessage,
+        history: History,
+        replay: Replay,
+        call: StepCall,
+    ) -> Committed:
+        """Run the step's code once and commit the attempt (see ``_run``)."""
+        key = _step_key(message)
+        result = await self._attempt(workflow, history, message, call)
+        values = replay.values  # recorded before the step ran: a newer replay keeps them
+        if not isinstance(result, StepSucceeded):
+            return await self._commit_locked(workflow, message, result, history, replay, values)
+        resolved = replay.resolve(key, result.result)
+        transition = self._planner.plan_unlocked(history, replay, resolved)
+        if transition is None:  # a sleep, an event wait, an error or a pause: planned under the lock
+            return await self._commit_locked(workflow, message, result, history, replay, values, resolved)
+        committed = await self._commit_success(
+            workflow, message, result, history, replay, transition, resolved
+        )
+        if committed is None:  # the history moved on: the newer one is replayed under the lock
+            return await self._commit_locked(workflow, message, result, history, replay, values, stale=True)
+        return committed
 
     async def _attempt(
         self, workflow: Workflow[Any, Any], history: History, message: StepMessage, call: StepCall
@@ -498,6 +532,12 @@ class StepRunner:
             return await self._planner.hold(tx, history, error)
 
 
+def _waits_for_limit(history: History, key: StepKey) -> bool:
+    """Whether the step waits for a limit (its code may have dropped the limits since)."""
+    record = history.step(key)
+    return record is not None and record.status == StepStatus.WAITING
+
+
 def _step_key(message: StepMessage) -> StepKey:
     return (message.step, message.occurrence)
 
@@ -525,7 +565,9 @@ def is_current(
     if record is None or record.kind != StepKind.STEP:
         _log_stale(message, "the history has no such step")
         return False
-    if record.status not in (StepStatus.RUNNING, StepStatus.RETRYING) or record.attempt != message.attempt:
+    # A step waiting for a limit is sent again when it is granted (or to take its place in line).
+    live = (StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.WAITING)
+    if record.status not in live or record.attempt != message.attempt:
         _log_stale(message, f"the step is {record.status} at attempt {record.attempt}")
         return False
     return True

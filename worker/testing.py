@@ -58,6 +58,7 @@ from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.worker.context import StepCall
 from stepline.worker.executor import StepExecutor, StepResult
 from stepline.worker.handlers import MessageHandler
+from stepline.worker.limits import DEFAULT_LEASE
 from stepline.worker.replay.engine import Replay
 from stepline.worker.schedules import sync_declared_schedules
 from stepline.worker.step_info import RunningStep
@@ -259,16 +260,27 @@ class _Session:
     relay: OutboxRelay
     store: Store
 
-    async def next_timer(self, *, instance_id: str | None = None, automatic: bool = False) -> datetime | None:
-        return await self.store.next_timer_due(
+    async def next_timer(
+        self, *, instance_id: str | None = None, automatic: bool = False, now: datetime | None = None
+    ) -> datetime | None:
+        """The next timer (of one instance; or one that moves time by itself, with the limits' next token)."""
+        due = await self.store.next_timer_due(
             instance_id=instance_id, kinds=_AUTOMATIC_TIMERS if automatic else None
         )
+        if automatic and now is not None:
+            _, limits_s = await self.store.seconds_until_next_due()
+            if limits_s is not None:
+                limits_due = now + timedelta(seconds=max(limits_s, 0.001))
+                due = limits_due if due is None else min(due, limits_due)
+        return due
 
     async def fire_due_timers(self) -> bool:
-        """The scheduler's firing: due timers leave their table and queue their messages, then go out."""
+        """The scheduler's work: due timers queue their messages, due limits grant; then they go out."""
         fired = await self.store.fire_due_timers(limit=1000)
-        await self.relay.publish_committed([timer.message() for timer in fired])
-        return bool(fired)
+        async with self.store.transaction() as tx:
+            granted = await tx.sweep_limits(lease=DEFAULT_LEASE)
+        await self.relay.publish_committed([timer.message() for timer in fired] + granted)
+        return bool(fired or granted)
 
 
 class WorkflowEnvironment:
@@ -398,7 +410,7 @@ class WorkflowEnvironment:
                 await self._deliver_all(session.handler)
                 if await session.fire_due_timers():
                     continue
-                due = await session.next_timer(automatic=True)
+                due = await session.next_timer(automatic=True, now=self.now)
                 if due is None:
                     break
                 if due <= self.now:  # the engine's clock and the store's disagree: a bug, not a hang

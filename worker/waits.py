@@ -144,7 +144,8 @@ async def advance(
         for record in history.steps.values():
             if record.kind != StepKind.STEP or not replay.is_pending(record.key):
                 continue
-            held_back = record.status == StepStatus.RUNNING
+            # A step waiting for a limit is sent too: it takes its old place in line again.
+            held_back = record.status in (StepStatus.RUNNING, StepStatus.WAITING)
             # A retry whose back-off timer is still armed will be sent by that timer.
             due_retry = record.status == StepStatus.RETRYING and not await tx.timer_pending(
                 history.instance_id, record.key, record.attempt

@@ -341,3 +341,67 @@ schedules = sa.Table(
         sqlite_where=sa.text("NOT paused"),
     ),
 )
+
+# Step limits (stepline.shared.limits; docs/flow-control.md, "Step limits"). One row per
+# (kind, key): the row every acquire, release and grant of the key locks first, so they
+# take turns. A rate key keeps its token bucket here (``tokens`` as of ``refilled_at``);
+# ``wake_at`` is when the scheduler must grant the next waiter of a rate key its token.
+limit_keys = sa.Table(
+    "limit_keys",
+    metadata,
+    sa.Column("kind", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    # The limit (and period) of the step that asked last: steps of one key should agree.
+    sa.Column("limit", sa.Integer, nullable=False),
+    sa.Column("period_s", sa.Float),
+    sa.Column("tokens", sa.Float, nullable=False, server_default="0"),
+    sa.Column("refilled_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
+    sa.Column("wake_at", Timestamp()),
+    # A concurrency key's holds and waiting steps, counted on its row: the one-statement
+    # take and give-back read them there (see stepline.shared.db.limits); every locked
+    # change recounts them.
+    sa.Column("in_use", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("waiters", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("ix_limit_keys_wake", "wake_at"),
+)
+
+# What an attempt holds: a concurrency slot while it runs, or a rate token granted to a
+# waiter and not yet taken by its attempt. One per step and key: a newer attempt of the
+# step takes the row over (the attempt number fences a stale one out). ``lease_until``
+# is renewed while the attempt runs; the scheduler reclaims a lapsed one. No foreign
+# key: a hold outlives a deleted instance until its lease lapses, so that the key's
+# count goes down with it (a cascade would delete it behind the key's back).
+limit_holds = sa.Table(
+    "limit_holds",
+    metadata,
+    sa.Column("kind", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("instance_id", sa.Text, primary_key=True),
+    sa.Column("step", sa.Text, primary_key=True),
+    sa.Column("occurrence", sa.Integer, primary_key=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("lease_until", Timestamp(), nullable=False),
+    sa.Index("ix_limit_holds_lease", "lease_until"),
+    sa.Index("ix_limit_holds_instance", "instance_id"),
+)
+
+# Steps waiting for a limit, one row each, on the key that blocks them: ``id`` is the
+# step's place in line (FIFO per key), kept when it waits again. The step's message is
+# stored with it, so whoever frees the key (a worker, a terminate, the scheduler) queues it.
+limit_waiters = sa.Table(
+    "limit_waiters",
+    metadata,
+    sa.Column("id", Serial, sa.Identity(), primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("instance_id", sa.Text, sa.ForeignKey("instances.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("step", sa.Text, nullable=False),
+    sa.Column("occurrence", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("routing_key", sa.Text, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("headers", Json),
+    sa.Column("since", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
+    sa.UniqueConstraint("instance_id", "step", "occurrence"),
+    sa.Index("ix_limit_waiters_line", "kind", "key", "id"),
+)

@@ -189,6 +189,14 @@ class Store:
         async with self.reading() as tx:
             return await tx.seconds_until_next_timer()
 
+    async def seconds_until_next_due(self) -> tuple[float | None, float | None]:
+        """Seconds until the next timer is due, and until the next limit lease lapses or token is due.
+
+        One statement (three indexed minimums); each None when nothing is armed.
+        """
+        async with self.reading() as tx:
+            return await tx.seconds_until_next_due()
+
     async def next_timer_due(
         self, *, instance_id: str | None = None, kinds: Sequence[str] | None = None
     ) -> datetime | None:

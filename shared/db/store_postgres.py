@@ -18,6 +18,7 @@ import contextlib
 import functools
 from collections import namedtuple
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -28,8 +29,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from stepline.shared.codec import JSON
 from stepline.shared.db import raw
 from stepline.shared.db.held import HeldConnections
+from stepline.shared.db.limits import LimitedAttempt, fast_key
 from stepline.shared.db.records import FiredTimer, Message, NewStep, OutboxRow, SucceededAttempt
-from stepline.shared.db.schema import instances, outbox, step_attempts, steps, timers, utc_now
+from stepline.shared.db.schema import (
+    instances,
+    limit_holds,
+    limit_keys,
+    outbox,
+    step_attempts,
+    steps,
+    timers,
+    utc_now,
+)
 from stepline.shared.db.statements import (
     INSTANCE_FIELDS,
     STEP_FIELDS,
@@ -43,6 +54,7 @@ from stepline.shared.db.statements import (
 from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.history import History, ParentLink, StepKey
+from stepline.shared.limits import ConcurrencyLimit
 from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
 Shape = tuple[bool, bool, bool]
@@ -131,6 +143,71 @@ class PostgresTransaction(Transaction):
         through PgBouncer in transaction mode.
         """
         await self._conn.execute(_LOCK_KEY, {"lock_name": f"stepline:concurrency:{workflow}\x1f{key}"})
+
+    async def take_slot(self, attempt: LimitedAttempt, limit: ConcurrencyLimit, *, lease: timedelta) -> bool:
+        """``Transaction.take_slot`` as one statement: the key's row is locked only while it runs."""
+        took = (
+            limit_keys.update()
+            .where(*fast_key(limit))
+            .values(in_use=limit_keys.c.in_use + 1)
+            .returning(limit_keys.c.kind, limit_keys.c.key)
+            .cte("took")
+        )
+        values = sa.select(
+            took.c.kind,
+            took.c.key,
+            sa.literal(attempt.instance_id),
+            sa.literal(attempt.step),
+            sa.literal(attempt.occurrence),
+            sa.literal(attempt.attempt),
+            utc_now(lease),
+        )
+        insert = postgresql.insert(limit_holds).from_select(
+            ["kind", "key", "instance_id", "step", "occurrence", "attempt", "lease_until"], values
+        )
+        statement = insert.on_conflict_do_update(
+            index_elements=["kind", "key", "instance_id", "step", "occurrence"],
+            set_={"attempt": insert.excluded.attempt, "lease_until": insert.excluded.lease_until},
+        ).returning(limit_holds.c.attempt)
+        return (await self._conn.execute(statement)).first() is not None
+
+    async def give_back_slot(self, attempt: LimitedAttempt, limit: ConcurrencyLimit) -> str:
+        """``Transaction.give_back_slot`` as one statement."""
+        gone = (
+            limit_holds.delete()
+            .where(
+                limit_holds.c.kind == limit.kind,
+                limit_holds.c.key == limit.key,
+                limit_holds.c.instance_id == attempt.instance_id,
+                limit_holds.c.step == attempt.step,
+                limit_holds.c.occurrence == attempt.occurrence,
+                limit_holds.c.attempt == attempt.attempt,
+            )
+            .returning(limit_holds.c.attempt)
+            .cte("gone")
+        )
+        gone_count = sa.select(sa.func.count()).select_from(gone).scalar_subquery()
+        done = (
+            limit_keys.update()
+            .where(
+                limit_keys.c.kind == limit.kind,
+                limit_keys.c.key == limit.key,
+                limit_keys.c.waiters == 0,
+                limit_keys.c.in_use > 0,
+                gone_count > 0,
+            )
+            .values(in_use=limit_keys.c.in_use - 1)
+            .returning(limit_keys.c.key)
+            .cte("done")
+        )
+        row = (
+            await self._conn.execute(
+                sa.select(gone_count, sa.select(sa.func.count()).select_from(done).scalar_subquery())
+            )
+        ).one()
+        if not row[0]:
+            return "none"
+        return "released" if row[1] else "grant"
 
     async def load_history(self, instance_id: str) -> History | None:
         """An instance and all its steps in one round trip, on psycopg directly (see stepline.shared.db.raw).

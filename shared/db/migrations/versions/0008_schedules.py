@@ -5,7 +5,7 @@ over the schedules that are not paused: a scheduler's look for due schedules,
 and for the earliest one to sleep until, reads that index and nothing else.
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-06
 """
 
@@ -16,7 +16,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
