@@ -131,6 +131,9 @@ class Context:
         """
         key = self._next_key(name)
         detail = self._pool_detail(key, pool)
+        if timeout is not None:
+            # Recorded so that `stepline why` and the reconciler know how long an attempt may run.
+            detail["timeout_s"] = parse_duration(timeout).total_seconds()
         call = StepCall(
             key=key,
             fn=fn,
