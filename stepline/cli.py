@@ -1,4 +1,4 @@
-"""``stepline``: the producer's commands (``schedule``, ``why``, ``repair``) and the worker's ``replay-check``.
+"""``stepline``: the producer's commands (``schedule``, ``why``, ``repair``), the worker's ``replay-check``.
 
 The deploy gate replays histories with the worker's engine, and the producer
 may not import the worker; the top package may import both, so the command

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -45,10 +45,10 @@ class Snapshot:
     ``children`` maps a child id to its state (None: no such instance).
     """
 
-    instance: sa.RowMapping
-    steps: Sequence[sa.RowMapping]
-    timers: Sequence[sa.RowMapping]
-    attempts: Sequence[sa.RowMapping]
+    instance: Mapping[Any, Any]
+    steps: Sequence[Mapping[Any, Any]]
+    timers: Sequence[Mapping[Any, Any]]
+    attempts: Sequence[Mapping[Any, Any]]
     kept_events: Sequence[str]
     outbox: int | None
     now: datetime
