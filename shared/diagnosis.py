@@ -323,10 +323,13 @@ def _sleep_wait(snap: Snapshot, step: Row, limits: Limits) -> Wait:
         return Wait(
             "sleep", text, True, step=key, since=step["started_at"], due_at=fire_at, mover="its timer"
         )
-    if fire_at is None or snap.now <= fire_at + limits.grace:
+    # Without its timer, a sleep is lost before its end (a timer is armed with the entry) and
+    # after the grace past it; in between, the timer fired and its wake-up is on its way.
+    if fire_at is None or fire_at <= snap.now <= fire_at + limits.grace:
         text = f"sleep `{key}` ended at {stamp(fire_at)}; its wake-up is on its way to a worker"
         return Wait("sleep", text, True, step=key, since=fire_at, due_at=fire_at, mover="its wake-up message")
-    text = f"sleep `{key}` should have ended at {stamp(fire_at)} but its timer and wake-up are gone"
+    should = "should have ended" if fire_at <= snap.now else "ends"
+    text = f"sleep `{key}` {should} at {stamp(fire_at)} but its timer and wake-up are gone"
     repair = Repair("rearm_timer", step["name"], step["occurrence"], timer_kind="sleep", fire_at=fire_at)
     return Wait("sleep", text, False, step=key, since=fire_at, due_at=fire_at, repair=repair)
 
@@ -347,10 +350,11 @@ def _event_wait(snap: Snapshot, step: Row, limits: Limits) -> Wait:
         text += "; no time-out: only that event moves it"
         return Wait("event", text, True, step=key, since=since, mover=mover)
     due = since + timedelta(seconds=float(timeout_s))
-    if snap.now <= due + limits.grace:
+    if due <= snap.now <= due + limits.grace:
         text += f"; timed out at {stamp(due)}: the time-out is on its way to a worker"
         return Wait("event", text, True, step=key, since=since, due_at=due, mover="its time-out")
-    text += f"; it should have timed out at {stamp(due)} but its timer is gone"
+    should = "should have timed out" if due <= snap.now else "times out"
+    text += f"; it {should} at {stamp(due)} but its timer is gone"
     repair = Repair("rearm_timer", step["name"], step["occurrence"], timer_kind="event-timeout", fire_at=due)
     return Wait("event", text, False, step=key, since=since, due_at=due, repair=repair)
 

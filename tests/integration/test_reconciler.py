@@ -202,3 +202,38 @@ async def test_the_scheduler_reconciles_on_its_own_and_counts(
     fleet.start_scheduler(settings=quick, hooks=hooks)
     assert (await control.wait(sleeping, timeout=30)).status == "complete"
     assert hooks.calls == [("sleeper", "rearm_timer")]
+
+
+async def test_a_lost_time_out_and_a_lost_child_wake_are_re_planned(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings, store: Store
+) -> None:
+    await fleet.start_worker()
+    fleet.start_scheduler()
+    timed = await producer.start("approval-or-timeout", {"timeout": "1 hour"})
+    parent = await producer.start("parent-of-sleeper", None)
+    await until_status(control, timed, "waiting")
+    child = await eventually(
+        lambda: db.scalar(settings.database, "SELECT id FROM instances WHERE parent_id = %s", parent),
+        what="child",
+    )
+    await until_status(control, child, "waiting")
+    await delete_timers(settings.database, timed)
+    await age(settings.database, timed, timedelta(hours=2))  # its hour-long time-out is past
+    # The child ended long ago, and the wake that would have told its parent was lost.
+    await delete_timers(settings.database, child)
+    await db.execute(
+        settings.database,
+        instances.update()
+        .where(instances.c.id == child)
+        .values(status="complete", output={"woke": "by hand"}, finished_at=utc_now(-LONG_AGO)),
+    )
+    await age(settings.database, parent, LONG_AGO)
+
+    outcomes = await reconcile_once(store, LIMITS, payload_limit=settings.max_payload_bytes)
+    done = {outcome.diagnosis.instance_id: outcome.done for outcome in outcomes if outcome.diagnosis}
+    assert done == {
+        timed: ["armed the event-timeout timer of `decision` again"],
+        parent: ["woke `nap`, whose child has finished"],
+    }
+    assert (await control.wait(timed, timeout=30)).output.startswith("ESCALATED (")
+    assert (await control.wait(parent, timeout=30)).output == {"woke": "by hand"}
