@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -86,6 +87,16 @@ async def test_stranded_instances_are_re_planned_and_complete(
         sleeping: ["armed the sleep timer of `nap` again"],
         unplanned: ["asked a worker to replay it and send what it waits for"],
     }
+    # Only what was lost is sent: the step itself, at its attempt (not a replay that would resend
+    # every running step); a timer for the sleep; an advance where nothing is pending.
+    sent = {
+        outcome.diagnosis.instance_id: [json.loads(row.body) for row in outcome.rows]
+        for outcome in outcomes
+        if outcome.diagnosis
+    }
+    assert [(m["kind"], m.get("step"), m.get("attempt")) for m in sent[lost]] == [("step", "next", 1)]
+    assert sent[sleeping] == []
+    assert [m["kind"] for m in sent[unplanned]] == ["advance"]
     assert sorted(hooks.calls) == [
         ("gate", "advance"),
         ("sleeper", "rearm_timer"),
