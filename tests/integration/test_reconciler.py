@@ -9,13 +9,14 @@ from datetime import timedelta
 import pytest
 
 from stepline import Client, Producer
+from stepline.scheduler import reconciler
 from stepline.scheduler.reconciler import reconcile_once
 from stepline.shared.db.schema import instances, utc_now
 from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
 from stepline.shared.diagnosis import Limits
 from stepline.shared.hooks import NoHooks
-from stepline.shared.messages import StepMessage, encode_message
+from stepline.shared.messages import AdvanceMessage, StepMessage, encode_message
 from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.amqp import connected_broker
@@ -70,8 +71,14 @@ async def _nothing_pending(producer: Producer, control: Client, settings: Settin
 
 
 async def test_stranded_instances_are_re_planned_and_complete(
-    fleet: Fleet, producer: Producer, control: Client, settings: Settings, store: Store
+    fleet: Fleet,
+    producer: Producer,
+    control: Client,
+    settings: Settings,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(reconciler, "PAGE", 1)  # one instance a page: the keyset walk goes on past each
     await fleet.start_worker()
     fleet.start_scheduler()
     lost = await lost_step(producer, control, settings)
@@ -248,3 +255,24 @@ async def test_a_lost_time_out_and_a_lost_child_wake_are_re_planned(
     }
     assert (await control.wait(timed, timeout=30)).output.startswith("ESCALATED (")
     assert (await control.wait(parent, timeout=30)).output == {"woke": "by hand"}
+
+
+async def test_an_advance_on_an_instance_that_is_moving_commits_each_step_once(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings
+) -> None:
+    """The race the reconciler can lose: it found nothing pending, then the instance moved on its own."""
+    await fleet.start_worker()
+    await fleet.start_worker()
+    instance_id = await producer.start("slow-pair", None)
+    await eventually(lambda: db.side_effects(settings.database, instance_id, "slow"), what="slow to start")
+    advance = AdvanceMessage(workflow="slow-pair", instance_id=instance_id, reason="repair")
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
+        await broker.publish(
+            advance.routing_key, encode_message(advance, limit=settings.max_payload_bytes), None
+        )
+
+    assert (await control.wait(instance_id, timeout=30)).output == "slow done/N"
+    attempts = await control.attempts(instance_id)
+    # The advance sent `slow` again at its attempt: another worker may run it too, but one commit counts.
+    assert [(attempt.step, attempt.attempt) for attempt in attempts] == [("slow", 1), ("next", 1)]
+    assert await db.side_effects(settings.database, instance_id, "slow") in (1, 2)
