@@ -103,10 +103,12 @@ async def reconcile_until_stopped(
         try:
             outcomes = await reconcile_once(store, limits, payload_limit=payload_limit, hooks=hooks)
             outage.recovered()
+            if outcomes:
+                log.info("reconciled %d stranded instances", len(outcomes), extra={"event": "reconciled"})
+                rows: list[OutboxRow] = [row for outcome in outcomes for row in outcome.rows]
+                await relay.publish_committed(rows)  # the sweepers publish what this leaves
         except (SQLAlchemyError, OSError) as exc:
             outage.failed(first_line(exc))
-            continue
-        if outcomes:
-            log.info("reconciled %d stranded instances", len(outcomes), extra={"event": "reconciled"})
-            rows: list[OutboxRow] = [row for outcome in outcomes for row in outcome.rows]
-            await relay.publish_committed(rows)
+        except Exception:
+            # A process edge: one bad instance must not end the scheduler's reconciling.
+            log.exception("reconciler pass failed", extra={"event": "reconcile_failed"})
