@@ -11,7 +11,7 @@ import pytest
 from stepline import Client, Producer
 from stepline.scheduler import reconciler
 from stepline.scheduler.reconciler import reconcile_once
-from stepline.shared.db.schema import instances, utc_now
+from stepline.shared.db.schema import instances, steps, utc_now
 from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
 from stepline.shared.diagnosis import Limits
@@ -276,3 +276,17 @@ async def test_an_advance_on_an_instance_that_is_moving_commits_each_step_once(
     # The advance sent `slow` again at its attempt: another worker may run it too, but one commit counts.
     assert [(attempt.step, attempt.attempt) for attempt in attempts] == [("slow", 1), ("next", 1)]
     assert await db.side_effects(settings.database, instance_id, "slow") in (1, 2)
+
+
+async def test_an_instance_the_check_fails_on_does_not_stop_the_others(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings, store: Store
+) -> None:
+    await fleet.start_worker()
+    broken = await _stranded_sleep(producer, control, settings)
+    stranded = await _stranded_sleep(producer, control, settings)
+    await db.execute(
+        settings.database,
+        steps.update().where(steps.c.instance_id == broken).values(status="no-such-status"),
+    )
+    outcomes = await reconcile_once(store, LIMITS, payload_limit=settings.max_payload_bytes)
+    assert [outcome.diagnosis.instance_id for outcome in outcomes if outcome.diagnosis] == [stranded]
