@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from stepline.shared.db import inspect
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
+from stepline.shared.db.transaction import Transaction
 from stepline.shared.diagnosis import Limits
 from stepline.shared.hooks import Hooks, NoHooks
 from stepline.shared.outbox import OutboxRelay
@@ -59,14 +60,9 @@ async def reconcile_once(
                     tx, status, quiet_since=quiet_since, after=after, limit=PAGE
                 )
                 for _, instance_id in page:
-                    outcome = await repair(
-                        tx,
-                        instance_id,
-                        limits,
-                        payload_limit=payload_limit,
-                        outbox_ids=outbox_ids,
-                        locked=True,
-                    )
+                    outcome = await _repair_one(tx, instance_id, limits, payload_limit, outbox_ids)
+                    if outcome is None:
+                        continue
                     if outcome.repaired and outcome.diagnosis is not None:
                         repaired.append(outcome)
                         actions = sorted({fix.action for fix in outcome.diagnosis.repairs})
@@ -81,6 +77,28 @@ async def reconcile_once(
                 break
             after = page[-1]
     return repaired
+
+
+async def _repair_one(
+    tx: Transaction, instance_id: str, limits: Limits, payload_limit: int, outbox_ids: dict[str, int]
+) -> RepairOutcome | None:
+    """Repair one candidate in a savepoint; None if its rows could not be handled (logged).
+
+    An instance the repair fails on is skipped, so it does not keep the rest of
+    the page from being repaired, pass after pass.
+    """
+    try:
+        async with tx.connection.begin_nested():
+            return await repair(
+                tx, instance_id, limits, payload_limit=payload_limit, outbox_ids=outbox_ids, locked=True
+            )
+    except SQLAlchemyError:
+        raise  # the database's trouble, not the instance's: the pass ends (see reconcile_until_stopped)
+    except Exception:
+        log.exception(
+            "stranded-instance check failed", extra={"event": "reconcile_failed", "instance_id": instance_id}
+        )
+        return None
 
 
 async def reconcile_until_stopped(
