@@ -13,6 +13,7 @@ from stepline.shared.db.schema import instances
 from stepline.shared.diagnosis import Limits
 from stepline.shared.errors import InstanceNotFoundError
 from stepline.shared.settings import Settings
+from tests.pool_workflows import pooled
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually, until_status
@@ -186,3 +187,20 @@ async def test_queued_paused_and_held(
 async def test_an_unknown_instance_is_refused(control: Client) -> None:
     with pytest.raises(InstanceNotFoundError):
         await control.why("no-such-instance")
+
+
+async def test_a_step_waiting_for_a_pool_nobody_consumes_is_called_out(
+    fleet: Fleet, producer: Producer, control: Client
+) -> None:
+    await fleet.start_worker(workflows={pooled.name: pooled})
+    instance_id = await producer.start("pooled", {"text": "abc"})
+
+    async def text() -> str:
+        return await _why(control, instance_id)
+
+    said = await eventually(text, check=lambda found: "pool `gpu`" in found, what="the gpu step")
+    assert re.search(rf"step `infer` attempt 1 was sent to pool `gpu` at {TIME}", said), said
+    assert said.endswith(
+        "; wrong: step `infer` waits for a worker of pool `gpu`, and none consumes it; "
+        "it runs once a `stepline-worker --pool gpu` runs"
+    ), said
