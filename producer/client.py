@@ -16,9 +16,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stepline.producer import control
 from stepline.producer import schedules as schedule_actions
+from stepline.producer import why as diagnosing
 from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait, ScheduleInfo, StepInfo
 from stepline.producer.producer import WorkflowRef
 from stepline.shared import codec
+from stepline.shared import repair as repairs
 from stepline.shared.broker import Broker, create_broker
 from stepline.shared.db.engine import mask_url
 from stepline.shared.db.limits import WAITING_FOR
@@ -26,6 +28,7 @@ from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
 from stepline.shared.db.transaction import Transaction
+from stepline.shared.diagnosis import Diagnosis, Limits
 from stepline.shared.durations import Duration, parse_duration
 from stepline.shared.errors import (
     ConfigError,
@@ -45,6 +48,7 @@ from stepline.shared.messages import (
     encode_message,
 )
 from stepline.shared.outbox import OutboxRelay
+from stepline.shared.repair import RepairOutcome
 from stepline.shared.schedules import (
     InvalidScheduleError,
     Schedule,
@@ -250,6 +254,53 @@ class Client:
                 )
             )
         return waits
+
+    async def why(self, instance_id: str, *, limits: Limits | None = None) -> Diagnosis:
+        """What the instance waits on, since when, what will move it, and whether anything is wrong.
+
+        Reads the database; with ``amqp_url``, also asks the broker whether a worker
+        consumes the pools its pending steps wait for. ``limits``: the grace and
+        default step timeout to judge by (default: the settings' defaults).
+        ``stepline.producer.why.why_text`` words it as ``stepline why`` prints it.
+
+        Raises:
+            InstanceNotFoundError: no instance has that id.
+        """
+        check_instance_id(instance_id)
+        async with self._connection() as tx:
+            diagnosis = await diagnosing.diagnose_instance(
+                tx, instance_id, limits or diagnosing.default_limits()
+            )
+        if diagnosis is None:
+            raise InstanceNotFoundError(instance_id)
+        if self._broker is not None and diagnosis.state in ("running", "waiting"):
+            info = await self._must_get(instance_id)
+            diagnosis = diagnosing.with_pools(diagnosis, await self.pool_waits(info))
+        return diagnosis
+
+    async def repair(self, instance_id: str, *, limits: Limits | None = None) -> RepairOutcome:
+        """Re-plan the instance if nothing will move it (what the scheduler's reconciler does); else nothing.
+
+        Returns what was found (``diagnosis``) and what was done (``done``, empty if
+        it was not stranded).
+
+        Raises:
+            InstanceNotFoundError: no instance has that id.
+        """
+        check_instance_id(instance_id)
+        outcome: builtins.list[RepairOutcome] = []
+
+        async def action(tx: Transaction) -> builtins.list[OutboxRow]:
+            found = await repairs.repair(
+                tx, instance_id, limits or diagnosing.default_limits(), payload_limit=self._limit
+            )
+            outcome.append(found)
+            return found.rows
+
+        await self._control(action, publishes=True)
+        if outcome[0].diagnosis is None:
+            raise InstanceNotFoundError(instance_id)
+        return outcome[0]
 
     # DESIGN.md names the parameter: wait(id, timeout) polls with its own deadline.
     async def wait(self, instance_id: str, timeout: Duration = 60) -> InstanceInfo:  # noqa: ASYNC109

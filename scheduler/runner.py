@@ -10,11 +10,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stepline.scheduler.limits import LimitSweeper
 from stepline.scheduler.publisher import BackgroundPublisher
+from stepline.scheduler.reconciler import reconcile_until_stopped
 from stepline.scheduler.schedules import fire_due_schedules, seconds_until_next_schedule
 from stepline.scheduler.timers import fire_due_timers
 from stepline.shared.broker import create_broker
 from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
+from stepline.shared.diagnosis import Limits
 from stepline.shared.health import HealthServer
 from stepline.shared.hooks import Hooks
 from stepline.shared.outbox import OutboxRelay
@@ -158,6 +160,24 @@ async def run_scheduler(
             ),
             name="stepline-schedules",
         )
+        background = {schedules}
+        interval = settings.scheduler.reconcile_interval.total_seconds()
+        if interval > 0:
+            limits = Limits(settings.scheduler.reconcile_grace, settings.worker.default_step_timeout)
+            background.add(
+                asyncio.create_task(
+                    reconcile_until_stopped(
+                        store,
+                        relay,
+                        limits,
+                        interval,
+                        stopping,
+                        payload_limit=settings.max_payload_bytes,
+                        hooks=hooks,
+                    ),
+                    name="stepline-reconciler",
+                )
+            )
         log.info("scheduler started", extra={"event": "scheduler_started"})
         try:
             sweeper_of_limits = LimitSweeper(store, relay, settings.limits.lease)
@@ -166,8 +186,9 @@ async def run_scheduler(
             )
         finally:
             if not stopping.is_set():
-                schedules.cancel()  # the timer loop failed: the process is going down
-            await asyncio.wait({schedules})
+                for task in background:
+                    task.cancel()  # the timer loop failed: the process is going down
+            await asyncio.wait(background)
             await publisher.close()
             outage_watch.cancel()
             await asyncio.wait({outage_watch})

@@ -76,6 +76,9 @@ class Hooks(Protocol):
     def timer_fired(self, kind: str, due_at: datetime, fired_at: datetime) -> None:
         """The scheduler fired a timer (for lateness)."""
 
+    def reconciled(self, workflow: str, action: str) -> None:
+        """The reconciler (or ``stepline repair``) re-planned a stranded instance; ``action`` says how."""
+
     def dead_lettered(self, routing_key: str, reason: str) -> None:
         """A message went to the dead-letter queue."""
 
@@ -147,6 +150,9 @@ class NoHooks:
         pass
 
     def timer_fired(self, kind: str, due_at: datetime, fired_at: datetime) -> None:
+        pass
+
+    def reconciled(self, workflow: str, action: str) -> None:
         pass
 
     def dead_lettered(self, routing_key: str, reason: str) -> None:

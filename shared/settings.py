@@ -137,6 +137,14 @@ class SchedulerSettings(BaseModel):
         default=timedelta(milliseconds=500), description="Longest wait between timer scans."
     )
     batch_size: int = Field(default=2500, ge=1, description="Timers fired per transaction.")
+    reconcile_interval: DurationSetting = Field(
+        default=timedelta(seconds=60),
+        description="How often the reconciler looks for stranded instances (0 turns it off).",
+    )
+    reconcile_grace: DurationSetting = Field(
+        default=timedelta(minutes=5),
+        description="How long nothing may move an unfinished instance before the reconciler repairs it.",
+    )
 
 
 class LimitsSettings(BaseModel):

@@ -132,6 +132,9 @@ class Telemetry:
         self.instances_held = meter.create_counter(
             "stepline.instances.held", "{instance}", "Instances held because a replay diverged"
         )
+        self.reconciled_instances = meter.create_counter(
+            "stepline.reconciled", "{instance}", "Stranded instances the reconciler re-planned"
+        )
         self._backlog = 0
         self._depths: dict[str, int] = {}
         meter.create_observable_gauge(
@@ -303,6 +306,9 @@ class Telemetry:
 
     def timer_fired(self, kind: str, due_at: datetime, fired_at: datetime) -> None:
         self.timer_lateness.record(max(0.0, (fired_at - due_at).total_seconds()), {"kind": kind})
+
+    def reconciled(self, workflow: str, action: str) -> None:
+        self.reconciled_instances.add(1, {"workflow": workflow, "action": action})
 
     def dead_lettered(self, routing_key: str, reason: str) -> None:
         self.dead_letters.add(1, {"routing_key": routing_key})

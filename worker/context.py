@@ -148,13 +148,17 @@ class Context:
                 checked = check_limits(limits, workflow=self.workflow, step=format_key(key))
             except ValueError as exc:
                 raise WorkflowDefinitionError(str(exc)) from None
+        time_limit = None if timeout is None else parse_duration(timeout)
+        if time_limit is not None:
+            # Recorded so that `stepline why` and the reconciler know how long an attempt may run.
+            detail["timeout_s"] = time_limit.total_seconds()
         call = StepCall(
             key=key,
             fn=fn,
             args=args,
             kwargs=kwargs,
             retry=retry,
-            timeout=None if timeout is None else parse_duration(timeout),
+            timeout=time_limit,
             limits=checked,
         )
         future = self._replay.request(key, StepKind.STEP, call=call, detail=detail or None)

@@ -15,6 +15,7 @@ from typing import Any
 
 from stepline.scheduler.runner import run_scheduler
 from stepline.shared.broker import create_broker
+from stepline.shared.hooks import Hooks
 from stepline.shared.settings import Settings
 from stepline.worker.runner import run_worker
 from stepline.worker.workflow import Workflow
@@ -67,10 +68,12 @@ class Fleet:
             await until_consuming(used, served, running.task, pool=pool)
         return running
 
-    def start_scheduler(self) -> _Running:
-        """Start a scheduler."""
+    def start_scheduler(self, *, settings: Settings | None = None, hooks: Hooks | None = None) -> _Running:
+        """Start a scheduler (with other ``settings`` or ``hooks`` if given)."""
         stopping = asyncio.Event()
-        task = asyncio.create_task(run_scheduler(self.settings, stopping, startup_timeout_s=10))
+        task = asyncio.create_task(
+            run_scheduler(settings or self.settings, stopping, startup_timeout_s=10, hooks=hooks)
+        )
         running = _Running(f"test-scheduler-{len(self._running) + 1}", task, stopping)
         self._running.append(running)
         return running

@@ -302,7 +302,7 @@ def test_fresh_start_plans_the_first_step_and_blocks(make_replay: ReplayFactory)
     outcome = replay.start()
     assert outcome.kind == "blocked"
     assert outcome.is_running is True
-    assert replay.new_entries == [NewEntry(("reserve", 1), StepKind.STEP)]
+    assert replay.new_entries == [NewEntry(("reserve", 1), StepKind.STEP, detail={"timeout_s": 30.0})]
     assert replay.is_pending(("reserve", 1))
 
 
