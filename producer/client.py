@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stepline.producer import control
 from stepline.producer import schedules as schedule_actions
+from stepline.producer.dead_letters import DeadLetters
 from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait, ScheduleInfo, StepInfo
 from stepline.producer.producer import WorkflowRef
 from stepline.shared import codec
@@ -390,6 +391,17 @@ class Client:
                 progress(total)
             if deleted < batch_size:
                 return total
+
+    # ------------------------------------------------------------ dead letters
+
+    @property
+    def dead_letters(self) -> DeadLetters:
+        """The namespace's dead-letter queue: list, show, replay, discard.
+
+        Raises:
+            ConfigError: the client has no ``amqp_url``.
+        """
+        return DeadLetters(self._broker_needed("dead letters"))
 
     # ------------------------------------------------------------ schedules
 

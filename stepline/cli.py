@@ -1,4 +1,4 @@
-"""``stepline``: the producer's commands (with ``schedule``) plus the worker's ``replay-check``.
+"""``stepline``: the producer's commands (with ``schedule`` and ``dead``) plus the worker's ``replay-check``.
 
 The deploy gate replays histories with the worker's engine, and the producer
 may not import the worker; the top package may import both, so the command
@@ -6,10 +6,12 @@ group is assembled here and the ``stepline`` script points at it.
 """
 
 from stepline.producer.cli import main
+from stepline.producer.dead_cli import dead
 from stepline.producer.schedule_cli import schedule
 from stepline.worker.replay_check import replay_check
 
 main.add_command(replay_check)
 main.add_command(schedule)
+main.add_command(dead)
 
 __all__ = ["main"]
