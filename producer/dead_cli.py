@@ -116,9 +116,7 @@ def _settle_command(name: str, summary: str) -> None:
     @JSON_OPTION
     def command(dead_id: str | None, every: bool, reason: str | None, as_json: bool) -> None:
         if (dead_id is None) == (not every):
-            raise click.UsageError(
-                "give one dead letter ID, or --all (with --reason TEXT to pick by reason)"
-            )
+            raise click.UsageError("give one dead letter ID, or --all (with --reason TEXT to pick by reason)")
         if dead_id is not None and reason is not None:
             raise click.UsageError("--reason picks letters for --all; with an ID, leave it out")
         outcome = _with_dead_letters(lambda letters: getattr(letters, name)(dead_id, reason=reason))

@@ -5,6 +5,7 @@ may not import the worker; the top package may import both, so the command
 group is assembled here and the ``stepline`` script points at it.
 """
 
+from stepline.producer import control_cli
 from stepline.producer.cli import main
 from stepline.producer.dead_cli import dead
 from stepline.producer.schedule_cli import schedule
@@ -13,5 +14,7 @@ from stepline.worker.replay_check import replay_check
 main.add_command(replay_check)
 main.add_command(schedule)
 main.add_command(dead)
+for command in control_cli.commands:
+    main.add_command(command)
 
 __all__ = ["main"]

@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stepline.shared.codec import JSON
+from stepline.shared.db.bulk_statements import BulkStatements
 from stepline.shared.db.concurrency import ConcurrencyStatements
 from stepline.shared.db.records import (
     REJECTED,
@@ -59,7 +60,7 @@ from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
 
-class Transaction(ScheduleStatements, ConcurrencyStatements):
+class Transaction(ScheduleStatements, ConcurrencyStatements, BulkStatements):
     """The statements of one connection: in a transaction, or each standing alone (autocommit).
 
     Subclasses (one per database) override the few statements that differ. The statements
