@@ -64,8 +64,8 @@ async def test_an_operator_lists_shows_replays_and_discards_dead_letters(
     # One value per line, escaped: the header's line break and terminal escape are shown, not obeyed.
     assert "  x-note: line one\\nline two \\x1b[31mred" in lines
     assert "\x1b" not in shown.stdout
-    body = "\n".join(lines[lines.index("body:") + 1 :])
-    assert json.loads(body)["instance_id"] == "late-<b>"
+    printed_body = "\n".join(lines[lines.index("body:") + 1 :])
+    assert json.loads(printed_body)["instance_id"] == "late-<b>"
     assert '  "workflow": "counted",' in lines
     raw = await cli.run(env, "stepline", "dead", "show", broken, "--json")
     assert (raw.json()["body"], raw.json()["is_json"]) == ("{not json", False)
