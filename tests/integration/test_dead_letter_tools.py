@@ -12,9 +12,10 @@ import pytest
 
 from stepline import Client
 from stepline.producer.dead_letters import DeadLetterNotFoundError
+from stepline.shared.broker import Delivery
 from stepline.shared.settings import Settings
 from stepline.shared.topology import routing_key
-from tests.support.amqp import dead_letter_count, publish_raw
+from tests.support.amqp import connected_broker, dead_letter_count, publish_raw
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually
 from tests.workflows import sequence
@@ -127,3 +128,22 @@ async def test_replay_by_id_republishes_to_the_original_routing_key_then_removes
     assert await client.dead_letters.list() == []
     with pytest.raises(DeadLetterNotFoundError):
         await client.dead_letters.replay(letter.id)
+
+
+async def _noop() -> None:
+    """Ack and requeue of a delivery made up for the test: nothing to settle."""
+
+
+async def test_a_replay_the_broker_cannot_route_keeps_the_letter(settings: Settings, client: Client) -> None:
+    # An event for a workflow whose queue is gone (never declared here): no queue takes it.
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
+        delivery = Delivery(b'{"v": 1}', "event.gone", {"x-sender": "test"}, False, _noop, _noop)
+        await broker.dead_letter(delivery, "a test put it here")
+    [letter] = await client.dead_letters.list()
+    assert (letter.routing_key, letter.reason) == ("event.gone", "a test put it here")
+
+    outcome = await client.dead_letters.replay(letter.id)
+
+    assert (outcome.matched, outcome.done) == (1, [])
+    assert "event.gone" in outcome.failed[letter.id], outcome.failed
+    assert [kept.id for kept in await client.dead_letters.list()] == [letter.id]
