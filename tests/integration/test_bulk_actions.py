@@ -6,14 +6,22 @@ minutes on this machine); the last test drives real instances end to end.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
 from stepline import Client, Producer
+from stepline.producer.bulk import BulkRun, rule_of
+from stepline.shared.db.bulk_statements import InstanceSelection
+from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.schema import instances
+from stepline.shared.db.stores import create_store
+from stepline.shared.db.transaction import Transaction
 from stepline.shared.settings import Settings
+from stepline.shared.states import InstanceStatus
 from tests.support import db
 from tests.support.amqp import declare_workflow_queue
 from tests.support.fleet import Fleet
@@ -139,3 +147,42 @@ async def test_bulk_terminate_of_real_instances(
     for instance_id in started:
         info = await control.wait(instance_id, timeout=30)
         assert info.status == "terminated"
+
+
+async def test_an_instance_that_moved_between_the_read_and_its_batch_is_skipped(settings: Settings) -> None:
+    ids = await _insert(settings, "m", 6)
+    store = create_store(settings.database, pool_size=2)
+    moved: list[str] = []
+
+    @asynccontextmanager
+    async def writing() -> AsyncIterator[Transaction]:
+        # Between the batch's read and its transaction, another process finishes one instance.
+        if not moved:
+            moved.append(ids[2])
+            await db.execute(
+                settings.database,
+                instances.update().where(instances.c.id == ids[2]).values(status="complete"),
+            )
+        async with store.transaction() as tx:
+            yield tx
+
+    try:
+        run = BulkRun(
+            InstanceSelection(workflow="approval", status=InstanceStatus.WAITING),
+            reading=store.reading,
+            writing=writing,
+            batch_size=10,
+        )
+        outcome = await run.apply("terminate", rule_of("terminate", payload_limit=1 << 20), _no_publish)
+    finally:
+        await store.close()
+
+    assert (outcome.matched, outcome.changed) == (6, 5)
+    assert outcome.skipped == {"no longer waiting (now complete)": 1}
+    after = await _statuses(settings)
+    assert after[ids[2]] == "complete"
+    assert {after[instance_id] for instance_id in ids if instance_id != ids[2]} == {"terminated"}
+
+
+async def _no_publish(rows: list[OutboxRow]) -> None:
+    """The test's batches plan nothing to publish (approval instances without a parent)."""
