@@ -9,6 +9,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -280,18 +281,15 @@ class AmqpBroker:
         another reader only while this runs.
         """
         letters: list[DeadLetter] = []
-        async with self._dead_letter_queue() as (queue, count):
-            for _ in range(count if limit is None else min(count, limit)):
-                message = await queue.get(no_ack=False, fail=False, timeout=PUBLISH_TIMEOUT_S)
-                if message is None:
-                    break
-                letters.append(_dead_letter_of(message))
+        async with self._dead_letter_walk() as walk:
+            async for message in walk.messages():
+                if limit is None or len(letters) < limit:
+                    letters.append(_dead_letter_of(message))
         return letters
 
     async def count_dead_letters(self) -> int:
         """Dead letters ready in the dead-letter queue (a passive declare)."""
-        async with self._dead_letter_queue() as (_queue, count):
-            return count
+        return await self._ready_dead_letters()
 
     async def settle_dead_letters(
         self, select: SelectDeadLetter, settle: SettleDeadLetter, *, limit: int | None = None
@@ -303,27 +301,28 @@ class AmqpBroker:
         not settled stay unacked until the channel closes and go back in place.
         """
         selected = 0
-        async with self._dead_letter_queue() as (queue, count):
-            for _ in range(count):
+        async with self._dead_letter_walk() as walk:
+            async for message in walk.messages():
                 if limit is not None and selected >= limit:
-                    break
-                message = await queue.get(no_ack=False, fail=False, timeout=PUBLISH_TIMEOUT_S)
-                if message is None:
-                    break
+                    continue
                 letter = _dead_letter_of(message)
                 if not select(letter):
                     continue
                 selected += 1
                 if await settle(letter):
                     await message.ack()
+                    walk.removed += 1
         return selected
 
     @contextlib.asynccontextmanager
-    async def _dead_letter_queue(self) -> AsyncIterator[tuple[AbstractQueue, int]]:
+    async def _dead_letter_walk(self) -> AsyncIterator[_Walk]:
         """The dead-letter queue and its ready messages, on a short-lived channel closed after use.
 
         Not robust: a reconnect must not revive a channel whose unacked messages
-        RabbitMQ already put back.
+        RabbitMQ already put back. A quorum queue takes the messages back after
+        the close has returned: the walk ends once they are ready again (or after
+        ``PUBLISH_TIMEOUT_S``, if another walk holds some), so the next command
+        sees every letter.
         """
         if self._connection is None:
             raise BrokerError("the broker is not connected")
@@ -333,12 +332,34 @@ class AmqpBroker:
             await channel.initialize(timeout=PUBLISH_TIMEOUT_S)
             try:
                 queue = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
-                yield queue, int(queue.declaration_result.message_count or 0)
+                walk = _Walk(queue, int(queue.declaration_result.message_count or 0))
+                yield walk
             finally:
                 if not channel.is_closed:
                     await channel.close()
         except _AMQP_FAILURES_OR_TIMEOUT as exc:
             raise BrokerError(f"cannot read the dead-letter queue {name!r}: {exc!r}") from exc
+        deadline = asyncio.get_running_loop().time() + PUBLISH_TIMEOUT_S
+        while await self._ready_dead_letters() < walk.count - walk.removed:
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+
+    async def _ready_dead_letters(self) -> int:
+        """Messages ready in the dead-letter queue, by a passive declare on a channel of its own."""
+        if self._connection is None:
+            raise BrokerError("the broker is not connected")
+        name = dead_letter_queue_name(self.namespace)
+        channel = Channel(self._connection, publisher_confirms=False)
+        try:
+            await channel.initialize(timeout=PUBLISH_TIMEOUT_S)
+            try:
+                queue = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
+            finally:
+                await channel.close()
+        except _AMQP_FAILURES_OR_TIMEOUT as exc:
+            raise BrokerError(f"cannot read the dead-letter queue {name!r}: {exc!r}") from exc
+        return int(queue.declaration_result.message_count or 0)
 
     async def consume(
         self,
@@ -422,6 +443,28 @@ class AmqpBroker:
                 await queue.cancel(tag)
             except _AMQP_FAILURES:
                 log.warning("could not cancel consumer", extra={"event": "consumer_cancel_failed"})
+
+
+@dataclass(slots=True)
+class _Walk:
+    """A walk of the dead-letter queue: the queue, its ready messages at the start, how many were acked."""
+
+    queue: AbstractQueue
+    count: int
+    removed: int = 0
+
+    async def messages(self) -> AsyncIterator[AbstractIncomingMessage]:
+        """Every message the queue held at the start, got unacked, oldest first.
+
+        Always all of them, even when the caller needs fewer: a quorum queue puts
+        returned messages behind those it still holds, so only a walk that holds
+        every message gives them back in their order.
+        """
+        for _ in range(self.count):
+            message = await self.queue.get(no_ack=False, fail=False, timeout=PUBLISH_TIMEOUT_S)
+            if message is None:
+                return
+            yield message
 
 
 def _header_text(value: Any) -> str:

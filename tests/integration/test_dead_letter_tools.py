@@ -11,9 +11,9 @@ import json
 import pytest
 
 from stepline import Client
-from stepline.producer.dead_letters import DeadLetterNotFoundError
-from stepline.shared.broker import Delivery
-from stepline.shared.settings import Settings
+from stepline.producer.dead_letters import DeadLetterNotFoundError, DeadLetters
+from stepline.shared.broker import AmqpBroker, Delivery
+from stepline.shared.settings import BrokerSettings, Settings
 from stepline.shared.topology import routing_key
 from tests.support.amqp import connected_broker, dead_letter_count, publish_raw
 from tests.support.fleet import Fleet
@@ -147,3 +147,29 @@ async def test_a_replay_the_broker_cannot_route_keeps_the_letter(settings: Setti
     assert (outcome.matched, outcome.done) == (1, [])
     assert "event.gone" in outcome.failed[letter.id], outcome.failed
     assert [kept.id for kept in await client.dead_letters.list()] == [letter.id]
+
+
+@pytest.mark.postgres_only("quorum queues are RabbitMQ's")
+async def test_on_a_quorum_dead_letter_queue_reading_keeps_every_letter_in_place(settings: Settings) -> None:
+    broker = AmqpBroker(settings.amqp, settings.namespace, BrokerSettings(queue_type="quorum"))
+    await broker.connect()
+    try:
+        for n in range(4):
+            delivery = Delivery(f"body {n}".encode(), "start.sequence", {}, False, _noop, _noop)
+            await broker.dead_letter(delivery, f"reason {n}")
+        letters = DeadLetters(broker)
+        first = await letters.list()
+        for _ in range(3):
+            again = await letters.list()
+            assert [(info.id, info.body) for info in again] == [(info.id, info.body) for info in first]
+        # Each walk counts as a delivery on a quorum queue (docs/operations.md: RabbitMQ 4.0-4.2's
+        # default delivery limit would drop a letter after 20 of them); nothing else changes.
+        assert again[0].headers["x-delivery-count"] == "3"  # the fourth walk sees three returns
+        assert [info.body for info in first] == ["body 0", "body 1", "body 2", "body 3"]
+
+        await letters.discard(first[1].id)
+
+        assert [info.id for info in await letters.list()] == [first[0].id, first[2].id, first[3].id]
+        assert await letters.count() == 3
+    finally:
+        await broker.close()
