@@ -1,6 +1,13 @@
 """Stepline's client side: start workflows, read and control their instances."""
 
+from stepline.producer.bulk import BulkOutcome
 from stepline.producer.client import Client
+from stepline.producer.dead_letters import (
+    DeadLetterInfo,
+    DeadLetterNotFoundError,
+    DeadLetterOutcome,
+    DeadLetters,
+)
 from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, ScheduleInfo, StepInfo
 from stepline.producer.producer import Producer, WorkflowRef
 from stepline.shared.errors import (
@@ -27,7 +34,11 @@ from stepline.shared.settings import Settings, load_settings
 
 __all__ = [
     "AttemptInfo",
+    "BulkOutcome",
     "Client",
+    "DeadLetterInfo",
+    "DeadLetterOutcome",
+    "DeadLetters",
     "EventInfo",
     "InstanceInfo",
     "Producer",
@@ -41,6 +52,7 @@ __all__ = [
     # The errors the client raises.
     "BrokerError",
     "ConfigError",
+    "DeadLetterNotFoundError",
     "InstanceNotFoundError",
     "InvalidIdError",
     "InvalidParamsError",

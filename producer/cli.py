@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -293,83 +293,6 @@ def list_(
             _time(info.finished_at),
         )
     _console().print(table)
-
-
-def _control_command(name: str, summary: str) -> None:
-    """Register ``stepline NAME ID``: one control action, printing the new status."""
-
-    @main.command(name=name, help=summary)
-    @INSTANCE_ID
-    @JSON_OPTION
-    def command(instance_id: str, as_json: bool) -> None:
-        _control(name, instance_id, as_json)
-
-
-def _control(name: str, instance_id: str, as_json: bool) -> None:
-    """Run one control action on one instance and print its new status."""
-    publishes = name != "pause"
-    settings = _settings("database_url", "amqp_url") if publishes else _settings("database_url")
-    info = _with_client(settings, lambda client: getattr(client, name)(instance_id), publishes=publishes)
-    if as_json:
-        _print_json(info.model_dump(mode="json", exclude={"steps"}))
-    else:
-        click.echo(f"{info.id}: {info.status}")
-
-
-_control_command("pause", "Pause an instance: no new step starts; a running step still commits.")
-
-
-@main.command()
-@click.argument("instance_id", required=False, callback=_checked(check_instance_id))
-@click.option("--held", is_flag=True, help="Resume every held instance of --workflow instead of one ID.")
-@click.option("--workflow", default=None, help="With --held: the workflow whose held instances to resume.")
-@click.option("--dry-run", is_flag=True, help="With --held: list the held instances; resume nothing.")
-@JSON_OPTION
-def resume(instance_id: str | None, held: bool, workflow: str | None, dry_run: bool, as_json: bool) -> None:
-    """Resume a paused instance, or with --held every held instance of a workflow.
-
-    A held instance is paused because its replay diverged from its history (its
-    error names both sides); resumed after a deploy that fixes the code, it goes
-    on from its history, or is held again with the new reason. A plain paused
-    instance is not held.
-    """
-    if not held:
-        if instance_id is None or workflow is not None or dry_run:
-            raise click.UsageError("give an instance ID, or --held --workflow NAME")
-        _control("resume", instance_id, as_json)
-        return
-    if instance_id is not None or workflow is None:
-        raise click.UsageError("--held resumes the held instances of --workflow NAME, not an ID")
-    if dry_run:
-        infos = _with_client(_settings("database_url"), lambda client: client.held(workflow))
-        if as_json:
-            _print_json([info.model_dump(mode="json", exclude={"steps"}) for info in infos])
-            return
-        for info in infos:
-            click.echo(f"{info.id}: {(info.error or {}).get('message')}")
-        click.echo(f"{len(infos)} held instances of {workflow} (dry run: none resumed)")
-        return
-    with Progress(
-        *Progress.get_default_columns(), MofNCompleteColumn(), console=Console(stderr=True), disable=as_json
-    ) as progress:
-        task = progress.add_task("resuming", total=None)
-
-        def report(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        resumed = _with_client(
-            _settings("database_url", "amqp_url"),
-            lambda client: client.resume_held(workflow, progress=report),
-            publishes=True,
-        )
-    if as_json:
-        _print_json({"workflow": workflow, "resumed": resumed})
-    else:
-        click.echo(f"resumed {resumed} held instances of {workflow}")
-
-
-_control_command("terminate", "Terminate an instance and its children; nothing runs again.")
-_control_command("restart", "Clear an instance's history and run it again from the start, same id.")
 
 
 @main.command(name="send-event")

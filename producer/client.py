@@ -17,11 +17,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from stepline.producer import control
 from stepline.producer import schedules as schedule_actions
 from stepline.producer import why as diagnosing
+from stepline.producer.bulk import BulkAction, BulkOutcome, BulkRun, rule_of
+from stepline.producer.dead_letters import DeadLetters
 from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait, ScheduleInfo, StepInfo
 from stepline.producer.producer import WorkflowRef
 from stepline.shared import codec
 from stepline.shared import repair as repairs
 from stepline.shared.broker import Broker, create_broker
+from stepline.shared.db.bulk_statements import InstanceSelection
 from stepline.shared.db.engine import mask_url
 from stepline.shared.db.limits import WAITING_FOR
 from stepline.shared.db.records import OutboxRow
@@ -386,6 +389,57 @@ class Client:
         await self._control(lambda tx: control.restart(tx, instance_id, limit=self._limit), publishes=True)
         return await self._must_get(instance_id)
 
+    async def bulk(
+        self,
+        action: BulkAction,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        created_after: datetime | None = None,
+        build_id: str | None = None,
+        held: bool = False,
+        batch_size: int = 500,
+        dry_run: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> BulkOutcome:
+        """Pause, resume, terminate or restart every instance that fits all the filters given.
+
+        Each instance gets the rule of the single-id method (``pause``...): one
+        whose status no longer fits the filter by the time its batch locks it, or
+        that the rule refuses, is skipped with the reason. Instances go
+        ``batch_size`` per transaction, by id, each batch's messages published
+        after its commit. ``progress`` is told how many were handled and how
+        many there are. With ``dry_run`` nothing changes: the outcome counts the
+        matches and shows the first ids.
+
+        Raises:
+            ValueError: no filter is given, ``status`` is not a status, or ``action`` is unknown.
+            ConfigError: the action publishes (all but pause) and the client has no ``amqp_url``.
+        """
+        rule = rule_of(action, payload_limit=self._limit)
+        selection = InstanceSelection(
+            workflow=workflow,
+            status=InstanceStatus(status) if status is not None else None,
+            created_after=created_after,
+            build_id=build_id,
+            held=held,
+        )
+        run = BulkRun(
+            selection,
+            reading=lambda: self._connection(),
+            writing=lambda: self._connection(begin=True),
+            batch_size=batch_size,
+        )
+        if dry_run:
+            return await run.dry_run(action)
+        if action != "pause":
+            self._broker_needed(f"bulk {action}")
+        return await run.apply(action, rule, self._publish_committed, progress)
+
+    async def _publish_committed(self, rows: builtins.list[OutboxRow]) -> None:
+        if self._relay is not None and rows:
+            await self._relay.publish_committed(rows)
+
     async def send_event(
         self, instance_id: str, event_type: str, payload: object = None, *, event_id: str | None = None
     ) -> str:
@@ -442,6 +496,17 @@ class Client:
                 progress(total)
             if deleted < batch_size:
                 return total
+
+    # ------------------------------------------------------------ dead letters
+
+    @property
+    def dead_letters(self) -> DeadLetters:
+        """The namespace's dead-letter queue: list, show, replay, discard.
+
+        Raises:
+            ConfigError: the client has no ``amqp_url``.
+        """
+        return DeadLetters(self._broker_needed("dead letters"))
 
     # ------------------------------------------------------------ schedules
 

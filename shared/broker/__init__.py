@@ -1,13 +1,14 @@
 """Broker wiring: the seam (``Broker``, ``Delivery``), RabbitMQ, and the embedded mode's SQLite queue."""
 
 from stepline.shared.broker.amqp import AmqpBroker, mask_amqp_url
-from stepline.shared.broker.base import Broker, Delivery, Handler, Publisher, WorkflowQueue
+from stepline.shared.broker.base import Broker, DeadLetter, Delivery, Handler, Publisher, WorkflowQueue
 from stepline.shared.broker.embedded import EmbeddedBroker
 from stepline.shared.broker.factory import create_broker
 
 __all__ = [
     "AmqpBroker",
     "Broker",
+    "DeadLetter",
     "Delivery",
     "EmbeddedBroker",
     "Handler",

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import logging
-from collections.abc import Mapping
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,10 +26,15 @@ from aio_pika.abc import (
 from aio_pika.channel import Channel
 
 from stepline.shared.broker.base import (
+    DEAD_LETTER_ID_HEADER,
+    DEAD_LETTERED_AT_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
     REASON_HEADER,
+    DeadLetter,
     Delivery,
     Handler,
+    SelectDeadLetter,
+    SettleDeadLetter,
     WorkflowQueue,
 )
 from stepline.shared.errors import BrokerError, UnroutableError
@@ -251,6 +262,9 @@ class AmqpBroker:
         headers: dict[str, Any] = dict(delivery.headers)
         headers[REASON_HEADER] = reason[:4000]
         headers[ORIGINAL_ROUTING_KEY_HEADER] = delivery.routing_key
+        # A handle that stays the letter's whatever is kept before or after it (see DeadLetter.handle).
+        headers[DEAD_LETTER_ID_HEADER] = uuid.uuid4().hex[:12]
+        headers[DEAD_LETTERED_AT_HEADER] = datetime.now(UTC).isoformat(timespec="milliseconds")
         message = aio_pika.Message(
             delivery.body, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
         )
@@ -258,6 +272,94 @@ class AmqpBroker:
             await self._dead_letter_exchange.publish(message, "", mandatory=True, timeout=PUBLISH_TIMEOUT_S)
         except _AMQP_FAILURES_OR_TIMEOUT as exc:
             raise BrokerError(f"dead-lettering failed: {exc!r}") from exc
+
+    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        """The kept dead letters, oldest first (at most ``limit``), read with ``basic.get``.
+
+        Every message got stays unacked on a channel of its own, which is then
+        closed: RabbitMQ puts each back where it was. A letter is invisible to
+        another reader only while this runs.
+        """
+        letters: list[DeadLetter] = []
+        async with self._dead_letter_walk() as walk:
+            async for message in walk.messages():
+                if limit is None or len(letters) < limit:
+                    letters.append(_dead_letter_of(message))
+        return letters
+
+    async def count_dead_letters(self) -> int:
+        """Dead letters ready in the dead-letter queue (a passive declare)."""
+        return await self._ready_dead_letters()
+
+    async def settle_dead_letters(
+        self, select: SelectDeadLetter, settle: SettleDeadLetter, *, limit: int | None = None
+    ) -> int:
+        """Walk the dead-letter queue with ``basic.get``; ack a selected letter once ``settle`` returned True.
+
+        Only as many messages as the queue held when the walk began are got, so
+        a letter dead-lettered again meanwhile is not settled twice. The letters
+        not settled stay unacked until the channel closes and go back in place.
+        """
+        selected = 0
+        async with self._dead_letter_walk() as walk:
+            async for message in walk.messages():
+                if limit is not None and selected >= limit:
+                    continue
+                letter = _dead_letter_of(message)
+                if not select(letter):
+                    continue
+                selected += 1
+                if await settle(letter):
+                    await message.ack()
+                    walk.removed += 1
+        return selected
+
+    @contextlib.asynccontextmanager
+    async def _dead_letter_walk(self) -> AsyncIterator[_Walk]:
+        """The dead-letter queue and its ready messages, on a short-lived channel closed after use.
+
+        Not robust: a reconnect must not revive a channel whose unacked messages
+        RabbitMQ already put back. A quorum queue takes the messages back after
+        the close has returned: the walk ends once they are ready again (or after
+        ``PUBLISH_TIMEOUT_S``, if another walk holds some), so the next command
+        sees every letter.
+        """
+        if self._connection is None:
+            raise BrokerError("the broker is not connected")
+        name = dead_letter_queue_name(self.namespace)
+        channel = Channel(self._connection, publisher_confirms=False)
+        try:
+            await channel.initialize(timeout=PUBLISH_TIMEOUT_S)
+            try:
+                queue = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
+                walk = _Walk(queue, int(queue.declaration_result.message_count or 0))
+                yield walk
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        except _AMQP_FAILURES_OR_TIMEOUT as exc:
+            raise BrokerError(f"cannot read the dead-letter queue {name!r}: {exc!r}") from exc
+        deadline = asyncio.get_running_loop().time() + PUBLISH_TIMEOUT_S
+        while await self._ready_dead_letters() < walk.count - walk.removed:
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+
+    async def _ready_dead_letters(self) -> int:
+        """Messages ready in the dead-letter queue, by a passive declare on a channel of its own."""
+        if self._connection is None:
+            raise BrokerError("the broker is not connected")
+        name = dead_letter_queue_name(self.namespace)
+        channel = Channel(self._connection, publisher_confirms=False)
+        try:
+            await channel.initialize(timeout=PUBLISH_TIMEOUT_S)
+            try:
+                queue = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
+            finally:
+                await channel.close()
+        except _AMQP_FAILURES_OR_TIMEOUT as exc:
+            raise BrokerError(f"cannot read the dead-letter queue {name!r}: {exc!r}") from exc
+        return int(queue.declaration_result.message_count or 0)
 
     async def consume(
         self,
@@ -341,3 +443,81 @@ class AmqpBroker:
                 await queue.cancel(tag)
             except _AMQP_FAILURES:
                 log.warning("could not cancel consumer", extra={"event": "consumer_cancel_failed"})
+
+
+@dataclass(slots=True)
+class _Walk:
+    """A walk of the dead-letter queue: the queue, its ready messages at the start, how many were acked."""
+
+    queue: AbstractQueue
+    count: int
+    removed: int = 0
+
+    async def messages(self) -> AsyncIterator[AbstractIncomingMessage]:
+        """Every message the queue held at the start, got unacked, oldest first.
+
+        Always all of them, even when the caller needs fewer: a quorum queue puts
+        returned messages behind those it still holds, so only a walk that holds
+        every message gives them back in their order.
+        """
+        for _ in range(self.count):
+            message = await self.queue.get(no_ack=False, fail=False, timeout=PUBLISH_TIMEOUT_S)
+            if message is None:
+                return
+            yield message
+
+
+def _header_text(value: Any) -> str:
+    """A header value as text: bytes decoded, tables and arrays (``x-death``) as JSON."""
+    if isinstance(value, bytes):
+        return value.decode(errors="backslashreplace")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, default=_header_text, sort_keys=True)
+    return str(value)
+
+
+def _dead_letter_of(message: AbstractIncomingMessage) -> DeadLetter:
+    """A message of the dead-letter queue: ours carry their reason; RabbitMQ's own an ``x-death``."""
+    raw = dict(message.headers or {})
+    headers = {str(key): _header_text(value) for key, value in raw.items()}
+    deaths = raw.get("x-death")
+    death: Mapping[str, Any] = (
+        deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    )
+    routing_key = headers.get(ORIGINAL_ROUTING_KEY_HEADER)
+    if routing_key is None:
+        keys = death.get("routing-keys")
+        routing_key = _header_text(keys[0]) if isinstance(keys, list) and keys else message.routing_key or ""
+    reason = headers.get(REASON_HEADER)
+    if reason is None:
+        reason = (
+            f"dead-lettered by RabbitMQ ({_header_text(death.get('reason', 'unknown'))}) "
+            f"from queue {_header_text(death.get('queue', '?'))!r}"
+        )
+    handle = headers.get(DEAD_LETTER_ID_HEADER)
+    if handle is None:
+        digest = hashlib.sha256(routing_key.encode())
+        digest.update(json.dumps(headers, sort_keys=True).encode())
+        digest.update(message.body)
+        handle = digest.hexdigest()[:12]
+    return DeadLetter(
+        handle=handle,
+        routing_key=routing_key,
+        reason=reason,
+        body=message.body,
+        headers=headers,
+        dead_lettered_at=_dead_lettered_at(headers.get(DEAD_LETTERED_AT_HEADER), death.get("time")),
+    )
+
+
+def _dead_lettered_at(ours: str | None, rabbit: Any) -> datetime | None:
+    if ours is not None:
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(ours)
+    if isinstance(rabbit, datetime):
+        return rabbit if rabbit.tzinfo else rabbit.replace(tzinfo=UTC)
+    return None

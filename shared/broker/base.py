@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 # Where every broker keeps a dead letter's reason and the routing key it came with.
 REASON_HEADER = "x-stepline-reason"
 ORIGINAL_ROUTING_KEY_HEADER = "x-stepline-routing-key"
+# Set by AmqpBroker.dead_letter: the dead letter's handle and when it was kept (ISO 8601, UTC).
+# The embedded broker keeps both in its row instead (id, dead_lettered_at).
+DEAD_LETTER_ID_HEADER = "x-stepline-dead-id"
+DEAD_LETTERED_AT_HEADER = "x-stepline-dead-lettered-at"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,34 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message kept in the dead-letter queue, read without taking it out.
+
+    Attributes:
+        handle: its stable handle: the embedded store's row id; on RabbitMQ the
+            ``x-stepline-dead-id`` header set when it was dead-lettered, or, for a
+            message RabbitMQ dead-lettered itself (a quorum queue's delivery limit),
+            the first 12 hex digits of a SHA-256 of its routing key, headers and body.
+        routing_key: the routing key it was published with (where a replay sends it).
+        reason: why it was dead-lettered.
+        body: the message body, as published.
+        headers: its headers, the dead-letter ones included, as text.
+        dead_lettered_at: when it was dead-lettered, if known.
+    """
+
+    handle: str
+    routing_key: str
+    reason: str
+    body: bytes
+    headers: dict[str, str]
+    dead_lettered_at: datetime | None
+
+
+SelectDeadLetter = Callable[[DeadLetter], bool]
+SettleDeadLetter = Callable[[DeadLetter], Awaitable[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +128,24 @@ class Broker(Publisher, Protocol):
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Keep a message that cannot be processed, with its reason, for inspection."""
+
+    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        """The kept dead letters, oldest first (at most ``limit``); none is taken out or reordered."""
+
+    async def count_dead_letters(self) -> int:
+        """How many dead letters are kept."""
+
+    async def settle_dead_letters(
+        self, select: SelectDeadLetter, settle: SettleDeadLetter, *, limit: int | None = None
+    ) -> int:
+        """Settle kept dead letters: each one ``select`` picks (oldest first, at most ``limit``) is
+        given to ``settle``, and removed only once ``settle`` has returned True.
+
+        Only the letters kept when the call begins are looked at (one dead-lettered
+        again meanwhile is not settled twice); the others keep their place.
+        Returns how many were selected. An error of ``settle`` leaves its letter
+        (and every one not yet settled) kept, and propagates.
+        """
 
     async def consume(
         self, workflows: list[str], handler: Handler, *, prefetch: int, pools: tuple[str, ...] = ...

@@ -26,18 +26,22 @@ import heapq
 import itertools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from stepline.shared.broker.base import (
     ORIGINAL_ROUTING_KEY_HEADER,
     REASON_HEADER,
+    DeadLetter,
     Delivery,
     Handler,
+    SelectDeadLetter,
+    SettleDeadLetter,
     WorkflowQueue,
 )
-from stepline.shared.broker.embedded_store import ConsumerLock, Message, Store, queue_route
+from stepline.shared.broker.embedded_store import ConsumerLock, DeadRow, Message, Store, queue_route
 from stepline.shared.errors import BrokerError, UnroutableError
 from stepline.shared.topology import (
     DEFAULT_POOL,
@@ -56,6 +60,8 @@ POLL_INTERVAL_S = 0.1
 READY_LIMIT = 1000
 # Dead-letter reasons are cut to this many characters, as AmqpBroker does.
 REASON_LIMIT = 4000
+# Dead letters read from the file per query.
+_DEAD_PAGE = 500
 
 NOT_CONNECTED = "the broker is not connected"
 
@@ -496,8 +502,15 @@ def _prepare_path(path: Path) -> str:
     return os.path.realpath(path)
 
 
-async def _settled() -> None:
-    """Ack and requeue of a dead letter: it is only kept for reading."""
+def _dead_letter(row: DeadRow) -> DeadLetter:
+    return DeadLetter(
+        handle=str(row.id),
+        routing_key=row.routing_key,
+        reason=row.reason,
+        body=row.body,
+        headers=row.headers,
+        dead_lettered_at=datetime.fromtimestamp(row.dead_lettered_at, UTC),
+    )
 
 
 class EmbeddedBroker:
@@ -592,20 +605,49 @@ class EmbeddedBroker:
         """Keep a message with its reason (cut to 4000 characters); committed when this returns."""
         await self._connected.dead_letter(self.namespace, delivery, reason)
 
-    async def dead_letters(self) -> list[Delivery]:
-        """The namespace's dead letters, oldest first (their ack and requeue do nothing)."""
-        rows = await self._connected.store.dead_letters(self.namespace)
-        return [
-            Delivery(
-                body=body,
-                routing_key=routing_key,
-                headers=headers,
-                redelivered=False,
-                _ack=_settled,
-                _requeue=_settled,
-            )
-            for routing_key, body, headers in rows
-        ]
+    async def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        """The namespace's dead letters, oldest first (at most ``limit``); their handle is their row id."""
+        store = self._connected.store
+        up_to = await store.last_dead_letter_id(self.namespace)
+        letters: list[DeadLetter] = []
+        async for row in self._dead_rows(store, up_to):
+            if limit is not None and len(letters) >= limit:
+                break
+            letters.append(_dead_letter(row))
+        return letters
+
+    async def count_dead_letters(self) -> int:
+        """How many dead letters the namespace keeps."""
+        return await self._connected.store.count_dead_letters(self.namespace)
+
+    async def settle_dead_letters(
+        self, select: SelectDeadLetter, settle: SettleDeadLetter, *, limit: int | None = None
+    ) -> int:
+        """Give each selected dead letter to ``settle``; delete its row once ``settle`` returned True."""
+        store = self._connected.store
+        up_to = await store.last_dead_letter_id(self.namespace)
+        selected = 0
+        async for row in self._dead_rows(store, up_to):
+            if limit is not None and selected >= limit:
+                break
+            letter = _dead_letter(row)
+            if not select(letter):
+                continue
+            selected += 1
+            if await settle(letter):
+                await store.delete_dead_letter(self.namespace, row.id)
+        return selected
+
+    async def _dead_rows(self, store: Store, up_to: int) -> AsyncIterator[DeadRow]:
+        """The namespace's dead-letter rows up to id ``up_to``, read a page at a time."""
+        after = 0
+        while True:
+            page = await store.dead_letter_rows(self.namespace, after, up_to, _DEAD_PAGE)
+            for row in page:
+                yield row
+            if len(page) < _DEAD_PAGE:
+                return
+            after = page[-1].id
 
     async def consume(
         self,

@@ -74,6 +74,19 @@ class Message:
     redelivered: bool = field(default=False, compare=False)
 
 
+@dataclass(frozen=True, slots=True)
+class DeadRow:
+    """A row of ``dead_letters``."""
+
+    id: int
+    routing_key: str
+    body: bytes
+    headers: dict[str, str]
+    reason: str
+    dead_lettered_at: float
+    """Seconds since the epoch."""
+
+
 def queue_route(workflow: str, pool: str | None = None) -> str:
     """What a queue row routes by: the workflow, or ``<workflow>@<pool>`` for a pool's steps."""
     return workflow if is_default_pool(pool) else f"{workflow}@{pool}"
@@ -219,14 +232,42 @@ class Store:
                 (namespace, routing_key, body, json.dumps(headers), reason, time.time()),
             )
 
-    async def dead_letters(self, namespace: str) -> list[tuple[str, bytes, dict[str, str]]]:
-        """The namespace's dead letters, oldest first: ``(routing key, body, headers)``."""
+    async def dead_letter_rows(
+        self, namespace: str, after_id: int, up_to_id: int, limit: int
+    ) -> list[DeadRow]:
+        """Up to ``limit`` dead letters of the namespace, ids in ``(after_id, up_to_id]``, oldest first."""
         with self._failing("reading dead letters"):
             rows = await self._connection.execute_fetchall(
-                "SELECT routing_key, body, headers FROM dead_letters WHERE namespace = ? ORDER BY id",
-                (namespace,),
+                "SELECT id, routing_key, body, headers, reason, dead_lettered_at FROM dead_letters "
+                "WHERE namespace = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+                (namespace, after_id, up_to_id, limit),
             )
-        return [(str(row[0]), bytes(row[1]), _headers_from_json(str(row[2]))) for row in rows]
+        return [
+            DeadRow(
+                int(row[0]),
+                str(row[1]),
+                bytes(row[2]),
+                _headers_from_json(str(row[3])),
+                str(row[4]),
+                float(row[5]),
+            )
+            for row in rows
+        ]
+
+    async def last_dead_letter_id(self, namespace: str) -> int:
+        """The largest dead-letter id of the namespace now (0 if it keeps none)."""
+        with self._failing("reading dead letters"):
+            rows = await self._connection.execute_fetchall(
+                "SELECT coalesce(max(id), 0) FROM dead_letters WHERE namespace = ?", (namespace,)
+            )
+        return int(next(iter(rows))[0])
+
+    async def delete_dead_letter(self, namespace: str, dead_id: int) -> None:
+        """Remove a dead letter for good (replayed or discarded)."""
+        with self._failing("removing a dead letter"):
+            await self._connection.execute(
+                "DELETE FROM dead_letters WHERE namespace = ? AND id = ?", (namespace, dead_id)
+            )
 
     async def count_dead_letters(self, namespace: str) -> int:
         """How many dead letters the namespace keeps."""

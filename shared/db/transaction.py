@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stepline.shared.codec import JSON
+from stepline.shared.db.bulk_statements import BulkStatements
 from stepline.shared.db.concurrency import ConcurrencyStatements
 from stepline.shared.db.limits import LimitStatements
 from stepline.shared.db.records import (
@@ -60,7 +61,7 @@ from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
 
-class Transaction(ScheduleStatements, ConcurrencyStatements, LimitStatements):
+class Transaction(ScheduleStatements, ConcurrencyStatements, LimitStatements, BulkStatements):
     """The statements of one connection: in a transaction, or each standing alone (autocommit).
 
     Subclasses (one per database) override the few statements that differ. The statements

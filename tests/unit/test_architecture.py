@@ -205,8 +205,13 @@ EXPECTED_ALL = {
     "producer": [
         "AttemptInfo",
         "BrokerError",
+        "BulkOutcome",
         "Client",
         "ConfigError",
+        "DeadLetterInfo",
+        "DeadLetterNotFoundError",
+        "DeadLetterOutcome",
+        "DeadLetters",
         "EventInfo",
         "InstanceInfo",
         "InstanceNotFoundError",
