@@ -6,6 +6,8 @@
   with ``ConcurrencyLimit(key, 10_000)`` on every step (a limit that never
   binds) against the same workload without limits, runs alternating in one
   session; the ratio of their steps/s is the cost of taking and giving back a slot.
+  The limit runs with the workers' slot reserves and without them (a slot taken
+  and given back per step), so both ways compare in one session.
 - waiting: 1,000 steps wait on one key behind a holder (``ConcurrencyLimit("bench-one", 1)``);
   PostgreSQL's own counters over a quiet interval, with the waiters and
   without them (the holder alone), divided by the waiters: the work each waiting step costs.
@@ -27,7 +29,8 @@ from benchmarks.workflows import TEN, Hold, Job, bench_hold, bench_ten, bench_te
 from stepline import Producer
 
 ROUNDS = 3
-"""Alternating pairs of runs (without, with the limit) in the overhead part."""
+"""Alternating rounds of runs (without, with the limit per step, with reserves) in the overhead part."""
+VARIANTS = ("plain", "per_step", "reserved")
 WORKERS = 2
 WAITERS = 1_000
 QUIET_S = 20.0
@@ -51,40 +54,57 @@ async def run(bench: Bench) -> dict[str, Any]:
 
 
 async def overhead(bench: Bench) -> dict[str, Any]:
-    """Steps/s with a limit that never binds against none, alternating, ``ROUNDS`` pairs."""
-    plain: list[float] = []
-    limited: list[float] = []
-    db: dict[str, list[dict[str, float]]] = {"plain": [], "limited": []}
+    """Steps/s with a limit that never binds against none, alternating, ``ROUNDS`` rounds.
+
+    The limit runs twice a round: with the workers' slot reserves (the default)
+    and with ``STEPLINE_LIMITS__RESERVE=0`` (each step takes and gives back its
+    own slot, as before reserves), so the two ways compare in one session.
+    """
+    runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    db: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for round_ in range(ROUNDS):
-        for name, workflow, into in (("plain", bench_ten, plain), ("limited", bench_ten_limited, limited)):
-            engine = await bench.engine_run(
-                label=f"flow-{name}{round_}",
-                workers=WORKERS,
-                workflow=workflow,
-                params=lambda i: Job(n=i),
-                expected=lambda i: expected_count(i, TEN),
-                count=bench.sizes.instances,
-                steps_per_instance=TEN,
-                description=f"flow overhead, {name}, round {round_ + 1}",
-            )
-            into.append(engine.steps_per_s)
+        for name in VARIANTS:
+            workflow = bench_ten if name == "plain" else bench_ten_limited
+            if name == "per_step":
+                bench.fleet.env["STEPLINE_LIMITS__RESERVE"] = "0"
+            try:
+                engine = await bench.engine_run(
+                    label=f"flow-{name.replace('_', '')}{round_}",
+                    workers=WORKERS,
+                    workflow=workflow,
+                    params=lambda i: Job(n=i),
+                    expected=lambda i: expected_count(i, TEN),
+                    count=bench.sizes.instances,
+                    steps_per_instance=TEN,
+                    description=f"flow overhead, {name}, round {round_ + 1}",
+                )
+            finally:
+                bench.fleet.env.pop("STEPLINE_LIMITS__RESERVE", None)
+            runs[name].append(engine.steps_per_s)
             db[name].append(engine.db_per_step)
-    without, with_limit = statistics.median(plain), statistics.median(limited)
-    ratio = with_limit / without
+    medians = {name: statistics.median(found) for name, found in runs.items()}
+    ratio = medians["reserved"] / medians["plain"]
+    per_step_ratio = medians["per_step"] / medians["plain"]
     bench.note(
-        f"flow overhead: {with_limit:.0f} steps/s with a limit that never binds, {without:.0f} without"
-        f" (medians of {ROUNDS}): {ratio:.2f}x, {100 * (1 - ratio):.1f}% slower"
+        f"flow overhead: {medians['reserved']:.0f} steps/s with a limit that never binds (reserves),"
+        f" {medians['per_step']:.0f} with a slot taken per step, {medians['plain']:.0f} without"
+        f" (medians of {ROUNDS}): {ratio:.2f}x ({100 * (1 - ratio):.1f}% slower);"
+        f" per step {per_step_ratio:.2f}x"
     )
     return {
         "workers": WORKERS,
         "instances": bench.sizes.instances,
-        "steps_per_s_without": plain,
-        "steps_per_s_with_limit": limited,
-        "median_without": without,
-        "median_with_limit": with_limit,
+        "steps_per_s_without": runs["plain"],
+        "steps_per_s_with_limit": runs["reserved"],
+        "steps_per_s_per_step": runs["per_step"],
+        "median_without": medians["plain"],
+        "median_with_limit": medians["reserved"],
+        "median_per_step": medians["per_step"],
         "ratio": ratio,
+        "ratio_per_step": per_step_ratio,
         "db_per_step_without": _mean(db["plain"]),
-        "db_per_step_with_limit": _mean(db["limited"]),
+        "db_per_step_with_limit": _mean(db["reserved"]),
+        "db_per_step_per_step": _mean(db["per_step"]),
     }
 
 
@@ -172,15 +192,26 @@ def render(console: Console, flow: dict[str, Any]) -> None:
         table.add_column("steps/s (median)", justify="right")
         table.add_column("runs", justify="right")
         table.add_column("commits/step", justify="right")
-        for label, median, runs, db in (
+        rows = [
             ("no limit", over["median_without"], over["steps_per_s_without"], over["db_per_step_without"]),
             (
-                "ConcurrencyLimit(k, 10_000)",
+                "ConcurrencyLimit(k, 10_000), reserves",
                 over["median_with_limit"],
                 over["steps_per_s_with_limit"],
                 over["db_per_step_with_limit"],
             ),
-        ):
+        ]
+        if "median_per_step" in over:
+            rows.insert(
+                1,
+                (
+                    "ConcurrencyLimit(k, 10_000), a slot per step",
+                    over["median_per_step"],
+                    over["steps_per_s_per_step"],
+                    over["db_per_step_per_step"],
+                ),
+            )
+        for label, median, runs, db in rows:
             table.add_row(
                 label,
                 f"{median:.0f}",
@@ -188,6 +219,8 @@ def render(console: Console, flow: dict[str, Any]) -> None:
                 f"{db.get('xact_commit', 0):.2f}",
             )
         table.caption = f"ratio {over['ratio']:.2f} ({100 * (1 - over['ratio']):.1f}% slower with the limit)"
+        if "ratio_per_step" in over:
+            table.caption += f"; a slot per step (STEPLINE_LIMITS__RESERVE=0): {over['ratio_per_step']:.2f}"
         console.print(table)
     wait = flow.get("waiting")
     if wait:

@@ -155,6 +155,14 @@ class LimitsSettings(BaseModel):
         description="How long a concurrency slot outlives a worker that stopped renewing it "
         "(renewed every third of it while its step runs).",
     )
+    reserve: int | None = Field(
+        default=None,
+        ge=0,
+        le=1024,
+        description="Slots a worker takes at once, as a reserve it serves steps from without a "
+        "statement each, on a concurrency key far from its limit (default: the worker's "
+        "concurrency; 0: none, every step takes its own slot).",
+    )
 
     @model_validator(mode="after")
     def _lease_long_enough(self) -> LimitsSettings:

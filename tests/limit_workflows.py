@@ -61,3 +61,9 @@ def _wait_for_file(path: Path, wait_s: float) -> None:
 async def erp(ctx: Context, params: Gate) -> str:
     """One step under ``ConcurrencyLimit(params.key, params.limit)``."""
     return await ctx.step("erp", use_erp, params, limits=[ConcurrencyLimit(params.key, params.limit)])
+
+
+@workflow("limits-erp-b")
+async def erp_b(ctx: Context, params: Gate) -> str:
+    """``limits-erp`` under another name: for a worker that serves only this one."""
+    return await ctx.step("erp", use_erp, params, limits=[ConcurrencyLimit(params.key, params.limit)])

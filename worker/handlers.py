@@ -47,6 +47,7 @@ from stepline.worker.executor import StepExecutor
 from stepline.worker.limits import DEFAULT_LEASE, StepLimiter
 from stepline.worker.plan import Planner, real_clock
 from stepline.worker.replay.cache import ReplayCache
+from stepline.worker.reserves import SlotReserves
 from stepline.worker.steps import Committed, StepRunner
 from stepline.worker.workflow import Workflow
 
@@ -85,6 +86,7 @@ class MessageHandler:
         build_id: str | None = None,
         pools: frozenset[str] | None = None,
         limits_lease: timedelta = DEFAULT_LEASE,
+        limits_reserve: int = 0,
     ) -> None:
         self._hooks = hooks or NoHooks()
         self._store = store
@@ -101,7 +103,17 @@ class MessageHandler:
             cache=replay_cache,
             build_id=build_id,
             pools=pools,
-            limiter=StepLimiter(store, limits_lease),
+            limiter=StepLimiter(
+                store,
+                limits_lease,
+                reserves=SlotReserves(
+                    store,
+                    size=limits_reserve,
+                    lease=limits_lease,
+                    worker_id=worker_id,
+                    publish=relay.publish_committed,
+                ),
+            ),
         )
         self._build_id = build_id  # recorded on the instances it starts
         self._retry_delay = retry_delay
@@ -114,6 +126,10 @@ class MessageHandler:
     async def watch_outage(self, stopping: asyncio.Event) -> None:
         """Until ``stopping``, end an open outage once the database answers, even if no message comes."""
         await self._outage.watch(stopping)
+
+    async def close(self) -> None:
+        """The worker stopped consuming and drained: give back what it holds ahead (its slot reserves)."""
+        await self._steps.limiter.close()
 
     def stop_local_steps(self) -> None:
         """Run no more steps locally (the worker is stopping): publish their messages instead."""

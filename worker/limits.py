@@ -20,6 +20,7 @@ from stepline.shared.history import format_key
 from stepline.shared.limits import ConcurrencyLimit
 from stepline.shared.messages import StepMessage
 from stepline.worker.context import StepCall
+from stepline.worker.reserves import Reserve, SlotReserves
 
 log = logging.getLogger("stepline.worker")
 
@@ -29,9 +30,19 @@ DEFAULT_LEASE = timedelta(seconds=30)
 class StepLimiter:
     """The worker's side of step limits, with the fleet's lease (``STEPLINE_LIMITS__LEASE``)."""
 
-    def __init__(self, store: Store, lease: timedelta = DEFAULT_LEASE) -> None:
+    def __init__(
+        self, store: Store, lease: timedelta = DEFAULT_LEASE, *, reserves: SlotReserves | None = None
+    ) -> None:
         self._store = store
         self._lease = lease
+        self._reserves = reserves
+        # The attempts running on a slot of a reserve (see stepline.worker.reserves), and which.
+        self._served: dict[tuple[str, str, int, int], tuple[Reserve, int]] = {}
+
+    async def close(self) -> None:
+        """The worker stops: its slot reserves go back."""
+        if self._reserves is not None:
+            await self._reserves.close()
 
     @staticmethod
     def attempt(message: StepMessage, call: StepCall, step_message: Message) -> LimitedAttempt:
@@ -43,10 +54,16 @@ class StepLimiter:
     async def acquire(self, attempt: LimitedAttempt, *, waiting: bool = False) -> Acquisition:
         """Take the attempt's slots and tokens, or put it in line (one short transaction).
 
-        A step with one concurrency limit, not ``waiting`` already, first tries the
+        A step with one concurrency limit, not ``waiting`` already, is first
+        served from this worker's reserve of its key (no statement), then tries the
         one-statement take: a free slot and nobody in line.
         """
         single = _single_slot(attempt)
+        if single is not None and not waiting and self._reserves is not None:
+            slot = await self._reserves.take(single)
+            if slot is not None:
+                self._served[_who(attempt)] = slot
+                return Acquisition("run", [])
         if single is not None and not waiting:
             async with self._store.statements() as tx:
                 if await tx.take_slot(attempt, single, lease=self._lease):
@@ -76,6 +93,14 @@ class StepLimiter:
         lease lapses, when the scheduler grants them.
         """
         granted: list[OutboxRow] = []
+        served = self._served.pop(_who(attempt), None)
+        if served is not None:  # the reserve's lease is renewed with it
+            assert self._reserves is not None
+            try:
+                yield granted
+            finally:
+                granted += await self._reserves.give_back(*served)
+            return
         renewing = asyncio.create_task(self._renew(attempt)) if _has_slots(attempt) else None
         try:
             yield granted
@@ -123,6 +148,10 @@ def _single_slot(attempt: LimitedAttempt) -> ConcurrencyLimit | None:
     if len(attempt.limits) == 1 and isinstance(attempt.limits[0], ConcurrencyLimit):
         return attempt.limits[0]
     return None
+
+
+def _who(attempt: LimitedAttempt) -> tuple[str, str, int, int]:
+    return (attempt.instance_id, attempt.step, attempt.occurrence, attempt.attempt)
 
 
 def _has_slots(attempt: LimitedAttempt) -> bool:

@@ -85,6 +85,7 @@ async def run_worker(
             build_id=build_id,
             pools=frozenset(settings.worker.pools),
             limits_lease=settings.limits.lease,
+            limits_reserve=concurrency if settings.limits.reserve is None else settings.limits.reserve,
         )
         slots = asyncio.Semaphore(concurrency)
 
@@ -143,6 +144,7 @@ async def run_worker(
                 )
                 for task in pending:
                     task.cancel()
+        await handler.close()
         drained.set()
         await sweeper
         outage_watch.cancel()  # a probe of a database that does not answer must not hold up the stop

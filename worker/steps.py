@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stepline.shared.codec import JSON
+from stepline.shared.db.limits import TICKET
 from stepline.shared.db.records import InstanceLock, NewTimer, OutboxRow, SucceededAttempt
 from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
@@ -89,6 +90,11 @@ class StepRunner:
         # first to finish and is then checked against the history it left, so
         # one worker never runs the same attempt twice at once.
         self._running: dict[tuple[str, str, int, int], asyncio.Event] = {}
+
+    @property
+    def limiter(self) -> StepLimiter:
+        """The worker's side of step limits (closed when the worker stops)."""
+        return self._limiter
 
     async def run(
         self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool = False
@@ -533,9 +539,16 @@ class StepRunner:
 
 
 def _waits_for_limit(history: History, key: StepKey) -> bool:
-    """Whether the step waits for a limit (its code may have dropped the limits since)."""
+    """Whether the step waits for a limit, or was granted from a line (its hold is there already).
+
+    Either takes the locking way (``acquire_limits``): the one-statement take or a
+    reserve would count a second slot for it, or leave its granted one unused.
+    Its code may have dropped the limits since.
+    """
     record = history.step(key)
-    return record is not None and record.status == StepStatus.WAITING
+    if record is None:
+        return False
+    return record.status == StepStatus.WAITING or TICKET in (record.detail or {})
 
 
 def _step_key(message: StepMessage) -> StepKey:

@@ -52,6 +52,8 @@ WAITING_FOR = "waiting_for"
 """The key in ``steps.detail`` holding why a step waits: ``{"kind", "key", "reason", "since"}``."""
 _TICKET = "limit_ticket"
 """The key in ``steps.detail`` holding the step's place in line, kept when it waits again."""
+TICKET = _TICKET
+"""For the worker: a step granted from the line has its ticket until its attempt takes the grant."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -702,4 +704,4 @@ def _hold_of(
     ]
 
 
-__all__ = ["WAITING_FOR", "Acquisition", "LimitStatements", "LimitedAttempt", "fast_key"]
+__all__ = ["TICKET", "WAITING_FOR", "Acquisition", "LimitStatements", "LimitedAttempt", "fast_key"]

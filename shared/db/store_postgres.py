@@ -31,6 +31,7 @@ from stepline.shared.db import raw
 from stepline.shared.db.held import HeldConnections
 from stepline.shared.db.limits import LimitedAttempt, fast_key
 from stepline.shared.db.records import FiredTimer, Message, NewStep, OutboxRow, SucceededAttempt
+from stepline.shared.db.reserves import RESERVE_STEP, reserve_rows, take_room
 from stepline.shared.db.schema import (
     instances,
     limit_holds,
@@ -208,6 +209,54 @@ class PostgresTransaction(Transaction):
         if not row[0]:
             return "none"
         return "released" if row[1] else "grant"
+
+    async def take_reserve(
+        self, limit: ConcurrencyLimit, reserve_id: str, size: int, *, lease: timedelta
+    ) -> bool:
+        """``Transaction.take_reserve`` as one statement: the key's row is locked only while it runs."""
+        took = take_room(postgresql.insert(limit_keys), limit, size).cte("took")
+        numbers = sa.func.generate_series(1, size).table_valued("n").render_derived(name="numbers")
+        values = sa.select(
+            took.c.kind,
+            took.c.key,
+            sa.literal(reserve_id),
+            sa.literal(RESERVE_STEP),
+            numbers.c.n,
+            sa.literal(0),
+            utc_now(lease),
+        ).select_from(took.join(numbers, sa.true()))
+        insert = postgresql.insert(limit_holds).from_select(
+            ["kind", "key", "instance_id", "step", "occurrence", "attempt", "lease_until"], values
+        )
+        return bool((await self._conn.execute(insert.returning(limit_holds.c.occurrence))).all())
+
+    async def give_back_reserve(
+        self, limit: ConcurrencyLimit, reserve_id: str, numbers: Sequence[int]
+    ) -> str:
+        """``Transaction.give_back_reserve`` as one statement."""
+        gone = (
+            limit_holds.delete()
+            .where(*reserve_rows(limit, reserve_id), limit_holds.c.occurrence.in_(list(numbers)))
+            .returning(limit_holds.c.occurrence)
+            .cte("gone")
+        )
+        gone_count = sa.select(sa.func.count()).select_from(gone).scalar_subquery()
+        done = (
+            limit_keys.update()
+            .where(
+                limit_keys.c.kind == limit.kind,
+                limit_keys.c.key == limit.key,
+                limit_keys.c.waiters == 0,
+                limit_keys.c.in_use >= gone_count,
+                gone_count > 0,
+            )
+            .values(in_use=limit_keys.c.in_use - gone_count)
+            .returning(limit_keys.c.key)
+            .cte("done")
+        )
+        done_count = sa.select(sa.func.count()).select_from(done).scalar_subquery()
+        row = (await self._conn.execute(sa.select(gone_count, done_count))).one()
+        return "none" if not row[0] else "released" if row[1] else "grant"
 
     async def load_history(self, instance_id: str) -> History | None:
         """An instance and all its steps in one round trip, on psycopg directly (see stepline.shared.db.raw).

@@ -21,7 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from stepline.shared.codec import JSON
 from stepline.shared.db.bulk_statements import BulkStatements
 from stepline.shared.db.concurrency import ConcurrencyStatements
-from stepline.shared.db.limits import LimitStatements
 from stepline.shared.db.records import (
     REJECTED,
     ClaimedEvent,
@@ -34,6 +33,7 @@ from stepline.shared.db.records import (
     OutboxRow,
     SucceededAttempt,
 )
+from stepline.shared.db.reserves import ReserveStatements
 from stepline.shared.db.schedule_statements import ScheduleStatements
 from stepline.shared.db.schema import (
     events,
@@ -61,7 +61,7 @@ from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
 
-class Transaction(ScheduleStatements, ConcurrencyStatements, LimitStatements, BulkStatements):
+class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, BulkStatements):
     """The statements of one connection: in a transaction, or each standing alone (autocommit).
 
     Subclasses (one per database) override the few statements that differ. The statements
