@@ -201,8 +201,9 @@ async def test_a_step_waiting_for_a_pool_nobody_consumes_is_called_out(
         except InstanceNotFoundError:  # the worker has not taken the start yet
             return ""
 
-    said = await eventually(text, check=lambda found: "pool `gpu`" in found, what="the gpu step")
-    assert re.search(rf"step `infer` attempt 1 was sent to pool `gpu` at {TIME}", said), said
+    sent = re.compile(rf"step `infer` attempt 1 was sent to pool `gpu` at {TIME}")
+    # Wait for the instance to reach the gpu step: `prepare` may still be on its way first.
+    said = await eventually(text, check=lambda found: sent.search(found) is not None, what="the gpu step")
     assert said.endswith(
         "; wrong: step `infer` waits for a worker of pool `gpu`, and none consumes it; "
         "it runs once a `stepline-worker --pool gpu` runs"
