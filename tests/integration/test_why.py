@@ -29,6 +29,14 @@ async def _why(client: Client, instance_id: str) -> str:
     return why_text(await client.why(instance_id, limits=LIMITS))
 
 
+async def _why_once_started(client: Client, instance_id: str) -> str:
+    """``_why``, or "" while no worker has taken the start yet (to poll right after a start)."""
+    try:
+        return await _why(client, instance_id)
+    except InstanceNotFoundError:
+        return ""
+
+
 async def test_finished_instances_say_when_and_the_error(
     fleet: Fleet, producer: Producer, control: Client
 ) -> None:
@@ -96,7 +104,7 @@ async def test_a_retry_says_when_the_next_attempt_is_due(
     instance_id = await producer.start("flaky", {"fail_times": 1, "limit": 3, "delay": "1 hour"})
 
     async def text() -> str:
-        return await _why(control, instance_id)
+        return await _why_once_started(control, instance_id)
 
     found = await eventually(text, check=lambda said: "attempt 2 is due" in said, what="the retry")
     assert re.search(
@@ -196,10 +204,7 @@ async def test_a_step_waiting_for_a_pool_nobody_consumes_is_called_out(
     instance_id = await producer.start("pooled", {"text": "abc"})
 
     async def text() -> str:
-        try:
-            return await _why(control, instance_id)
-        except InstanceNotFoundError:  # the worker has not taken the start yet
-            return ""
+        return await _why_once_started(control, instance_id)
 
     sent = re.compile(rf"step `infer` attempt 1 was sent to pool `gpu` at {TIME}")
     # Wait for the instance to reach the gpu step: `prepare` may still be on its way first.
