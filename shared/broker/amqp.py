@@ -187,6 +187,24 @@ class AmqpBroker:
             if (workflow, pool) not in self._declared:
                 await self.declare_workflow_queue(workflow, pool)
 
+    @contextlib.asynccontextmanager
+    async def _short_channel(self) -> AsyncIterator[Channel]:
+        """A channel of its own, not robust and without confirms, closed after use.
+
+        For passive declares and reads that may close their channel (a missing
+        queue is a 404), which must be neither the publish channel nor a robust
+        one (aio-pika would reopen it, even after our close).
+        """
+        if self._connection is None:
+            raise BrokerError("the broker is not connected")
+        channel = Channel(self._connection, publisher_confirms=False)
+        await channel.initialize(timeout=PUBLISH_TIMEOUT_S)
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
     async def workflow_queue(self, workflow: str, pool: str | None = None) -> WorkflowQueue | None:
         """The workflow's queue (of ``pool``), its ready messages and consumers; None if there is none.
 
@@ -197,13 +215,9 @@ class AmqpBroker:
         if self._connection is None:
             raise BrokerError("the broker is not connected")
         name = queue_name(self.namespace, workflow, pool)
-        channel = Channel(self._connection, publisher_confirms=False)
         try:
-            await channel.initialize(timeout=PUBLISH_TIMEOUT_S)
-            try:
+            async with self._short_channel() as channel:
                 declared = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
-            finally:
-                await channel.close()
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
         except _AMQP_FAILURES_OR_TIMEOUT as exc:
@@ -324,19 +338,12 @@ class AmqpBroker:
         ``PUBLISH_TIMEOUT_S``, if another walk holds some), so the next command
         sees every letter.
         """
-        if self._connection is None:
-            raise BrokerError("the broker is not connected")
         name = dead_letter_queue_name(self.namespace)
-        channel = Channel(self._connection, publisher_confirms=False)
         try:
-            await channel.initialize(timeout=PUBLISH_TIMEOUT_S)
-            try:
+            async with self._short_channel() as channel:
                 queue = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
                 walk = _Walk(queue, int(queue.declaration_result.message_count or 0))
                 yield walk
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
         except _AMQP_FAILURES_OR_TIMEOUT as exc:
             raise BrokerError(f"cannot read the dead-letter queue {name!r}: {exc!r}") from exc
         deadline = asyncio.get_running_loop().time() + PUBLISH_TIMEOUT_S
@@ -347,16 +354,10 @@ class AmqpBroker:
 
     async def _ready_dead_letters(self) -> int:
         """Messages ready in the dead-letter queue, by a passive declare on a channel of its own."""
-        if self._connection is None:
-            raise BrokerError("the broker is not connected")
         name = dead_letter_queue_name(self.namespace)
-        channel = Channel(self._connection, publisher_confirms=False)
         try:
-            await channel.initialize(timeout=PUBLISH_TIMEOUT_S)
-            try:
+            async with self._short_channel() as channel:
                 queue = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
-            finally:
-                await channel.close()
         except _AMQP_FAILURES_OR_TIMEOUT as exc:
             raise BrokerError(f"cannot read the dead-letter queue {name!r}: {exc!r}") from exc
         return int(queue.declaration_result.message_count or 0)
