@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     Field,
+    FilePath,
     SecretStr,
     ValidationError,
     field_validator,
@@ -22,6 +23,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from stepline.shared.durations import parse_duration
 from stepline.shared.errors import ConfigError
+from stepline.shared.tls import TlsFiles, amqp_url_with_tls, database_url_with_tls
 from stepline.shared.topology import DEFAULT_POOL, check_pool_name
 
 BUILD_ID_MAX_LENGTH = 64
@@ -49,6 +51,37 @@ class BrokerSettings(BaseModel):
         le=600,
         description="AMQP heartbeat; a dead peer is noticed within about twice this.",
     )
+
+
+class TlsSettings(BaseModel):
+    """``STEPLINE_TLS__*``: the CA and client certificate of both connections (PostgreSQL and amqps://).
+
+    An option the URL sets itself (libpq's ``sslrootcert``/``sslmode``/``sslcert``/``sslkey``,
+    aio-pika's ``cafile``/``certfile``/``keyfile``) wins over these for that connection.
+    """
+
+    ca_file: FilePath | None = Field(
+        default=None,
+        description="PEM CA bundle that must have signed the servers' certificates; PostgreSQL "
+        "then connects with sslmode=verify-full unless its URL names another sslmode.",
+    )
+    cert_file: FilePath | None = Field(
+        default=None, description="PEM client certificate, for servers that ask for one (with KEY_FILE)."
+    )
+    key_file: FilePath | None = Field(
+        default=None, description="PEM private key of CERT_FILE (unencrypted; readable by this user only)."
+    )
+
+    @model_validator(mode="after")
+    def _certificate_with_its_key(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("STEPLINE_TLS__CERT_FILE and STEPLINE_TLS__KEY_FILE must be set together")
+        return self
+
+    @property
+    def files(self) -> TlsFiles:
+        """The three files, for the URL helpers in ``stepline.shared.tls``."""
+        return TlsFiles(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
 
 
 class WorkerSettings(BaseModel):
@@ -253,6 +286,7 @@ class Settings(BaseSettings):
         default="INFO", description="Log level of workers and schedulers."
     )
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
@@ -308,21 +342,21 @@ class Settings(BaseSettings):
 
     @property
     def database(self) -> str:
-        """The database URL (load with ``require=("database_url",)`` to be sure it is set)."""
+        """The database URL with ``STEPLINE_TLS__*`` applied (load with ``require=("database_url",)``)."""
         if self.embedded is not None:
             return f"sqlite:///{(self.embedded / EMBEDDED_DATABASE).resolve()}"
         if self.database_url is None:
             raise ConfigError("configuration error: STEPLINE_DATABASE_URL is not set")
-        return self.database_url.get_secret_value()
+        return database_url_with_tls(self.database_url.get_secret_value(), self.tls.files)
 
     @property
     def amqp(self) -> str:
-        """The broker URL (load with ``require=("amqp_url",)`` to be sure it is set)."""
+        """The broker URL with ``STEPLINE_TLS__*`` applied (load with ``require=("amqp_url",)``)."""
         if self.embedded is not None:
             return f"sqlite:///{(self.embedded / EMBEDDED_QUEUE).resolve()}"
         if self.amqp_url is None:
             raise ConfigError("configuration error: STEPLINE_AMQP_URL is not set")
-        return self.amqp_url.get_secret_value()
+        return amqp_url_with_tls(self.amqp_url.get_secret_value(), self.tls.files)
 
 
 BOTH_URLS = ("database_url", "amqp_url")
@@ -379,6 +413,7 @@ __all__ = [
     "OutboxSettings",
     "SchedulerSettings",
     "Settings",
+    "TlsSettings",
     "WorkerSettings",
     "describe_problems",
     "load_settings",

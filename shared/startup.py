@@ -12,6 +12,7 @@ from stepline.shared.db.engine import mask_url
 from stepline.shared.db.store import Store
 from stepline.shared.errors import BrokerError, ServiceUnavailableError
 from stepline.shared.retrying import retry_until
+from stepline.shared.tls import tls_hint
 
 # Both pools are sized in the runners: a worker's engine holds concurrency + 2 connections
 # and as many again in overflow, a scheduler's 3 and 3.
@@ -43,7 +44,7 @@ async def connect_broker(broker: Broker, url: str, *, deadline_s: float, stoppin
     except BrokerError as exc:
         cause = driver_cause(exc.__cause__ or exc)
         raise ServiceUnavailableError(
-            service, mask_amqp_url(url), _scrub(cause, url), broker_hint(cause), deadline_s
+            service, mask_amqp_url(url), _scrub(cause, url), broker_hint(cause, url=url), deadline_s
         ) from exc
 
 
@@ -67,7 +68,7 @@ async def check_database(store: Store, url: str, *, deadline_s: float, stopping:
     except (SQLAlchemyError, OSError) as exc:
         cause = driver_cause(exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc)
         raise ServiceUnavailableError(
-            service, mask_url(url), _scrub(cause, url), database_hint(cause), deadline_s
+            service, mask_url(url), _scrub(cause, url), database_hint(cause, url=url), deadline_s
         ) from exc
 
 
@@ -77,8 +78,11 @@ def driver_cause(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def database_hint(cause: str) -> str:
+def database_hint(cause: str, *, url: str = "") -> str:
     """What to do about a database that refused or did not answer, going by the driver's words."""
+    tls = tls_hint(cause, url_setting="STEPLINE_DATABASE_URL", sends_certificate="sslcert=" in url)
+    if tls is not None:
+        return tls
     lowered = cause.lower()
     if any(words in lowered for words in TOO_MANY_CONNECTIONS):
         return TOO_MANY_CONNECTIONS_HINT
@@ -92,8 +96,12 @@ def database_hint(cause: str) -> str:
     return "check STEPLINE_DATABASE_URL, and that PostgreSQL runs and accepts connections from this host"
 
 
-def broker_hint(cause: str) -> str:
+def broker_hint(cause: str, *, url: str = "") -> str:
     """What to do about a broker that refused or did not answer, going by the driver's words."""
+    if url.startswith("amqps://"):
+        tls = tls_hint(cause, url_setting="STEPLINE_AMQP_URL", sends_certificate="certfile=" in url)
+        if tls is not None:
+            return tls
     if "ACCESS_REFUSED" in cause:
         return "check the user and password in STEPLINE_AMQP_URL, and the user's permissions on the vhost"
     return (
