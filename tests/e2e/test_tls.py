@@ -39,7 +39,7 @@ def servers() -> Iterator[TlsServers]:
 def tls_db(servers: TlsServers) -> Iterator[str]:
     """A database on the TLS cluster, migrated over verify-full TLS with the client certificate."""
     with tls_database() as name:
-        url = _settings(servers, name).database
+        url = servers.libpq_url(name)
         stores.upgrade(url)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(SIDE_EFFECTS_DDL)
@@ -155,9 +155,8 @@ async def test_tls_options_in_a_url_win_over_the_settings_for_that_connection(
     await broker.close()
     with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
         psycopg.connect(settings.database).close()
-    libpq = f"?sslmode=verify-full&sslrootcert={servers.ca_file}"
     overridden = Settings(
-        database_url=servers.database_url(tls_db) + libpq,
+        database_url=servers.libpq_url(tls_db),
         tls={"ca_file": servers.other_ca_file, "cert_file": servers.cert_file, "key_file": servers.key_file},
     )
     with psycopg.connect(overridden.database, autocommit=True) as conn:

@@ -45,6 +45,13 @@ class TlsServers:
         """A plain URL of a database on the TLS cluster: the TLS options come from settings or are added."""
         return f"postgresql://postgres@localhost:{PG_PORT}/{name}"
 
+    def libpq_url(self, name: str) -> str:
+        """The database's URL with every TLS option in libpq's own parameters, needing no settings."""
+        return (
+            f"{self.database_url(name)}?sslmode=verify-full&sslrootcert={self.ca_file}"
+            f"&sslcert={self.cert_file}&sslkey={self.key_file}"
+        )
+
     def tls_env(self, *, ca_file: Path | None = None, client_certificate: bool = True) -> dict[str, str]:
         """``STEPLINE_TLS__*`` for these servers (another CA, or no client certificate, if asked)."""
         env = {"STEPLINE_TLS__CA_FILE": str(ca_file or self.ca_file)}
