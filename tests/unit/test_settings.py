@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pytest
@@ -14,14 +13,8 @@ DB_PASSWORD = "db-s3cret-pw"
 AMQP_PASSWORD = "amqp-s3cret-pw"
 DATABASE_URL = f"postgresql://stepline:{DB_PASSWORD}@db.internal:5432/stepline"
 AMQP_URL = f"amqp://stepline:{AMQP_PASSWORD}@mq.internal:5672/stepline"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start every test with no STEPLINE_* variable, whatever the shell (or the Makefile) exported."""
-    for name in list(os.environ):
-        if name.upper().startswith("STEPLINE_"):
-            monkeypatch.delenv(name)
+# Whatever the shell (or the Makefile) exported: see tests/unit/conftest.py.
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 @pytest.fixture

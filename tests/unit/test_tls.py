@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,13 +13,8 @@ from stepline.shared.startup import broker_hint, database_hint
 
 MULTI_HOST_DATABASE = "postgresql://app@db1:5432,db2:5432/stepline?target_session_attrs=read-write"
 MULTI_HOST_AMQP = "amqps://app:pw@mq1:5671,mq2:5671,mq3:5671/stepline"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("STEPLINE_"):
-            monkeypatch.delenv(name)
+# Whatever the shell (or the Makefile) exported: see tests/unit/conftest.py.
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 @pytest.fixture
