@@ -55,6 +55,8 @@ WORKFLOWS = (
     "nightly-cleanup",
 )
 """Popularity falls with the position: the first is about a third of all instances."""
+RARE_WORKFLOW = "monthly-report"
+"""One instance in a thousand: the list of a rare workflow, newest first, must not walk the others."""
 EVENT_WORKFLOW = WORKFLOWS[0]
 """The workflow whose instances wait for ``payment.settled`` (step position 6)."""
 STEP_NAMES = (
@@ -151,7 +153,10 @@ SELECT md5('finished-' || g.i)::uuid::text,
                               / ({BUILD_EVERY_DAYS} * 86400))::text, 2, '0'),
        0
 FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g(i)
-CROSS JOIN LATERAL (SELECT {_WORKFLOW_PICK} AS workflow, random() AS r, g.i AS i) AS w
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN mod(g.i, 1000) = 0 THEN '{RARE_WORKFLOW}' ELSE {_WORKFLOW_PICK} END AS workflow,
+           random() AS r, g.i AS i
+) AS w
 CROSS JOIN LATERAL (
     SELECT CASE WHEN w.r < 0.90 THEN 'complete' WHEN w.r < 0.97 THEN 'errored' ELSE 'terminated' END AS status
 ) AS s

@@ -37,7 +37,7 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.bigdb import WORKFLOWS, BigDatabase, populate
+from benchmarks.bigdb import RARE_WORKFLOW, WORKFLOWS, BigDatabase, populate
 from benchmarks.stats import percentile
 from stepline import Client
 
@@ -46,6 +46,8 @@ LIST_TARGET_MS = 50.0
 PAGE_TARGET_MS = 200.0
 """A dashboard page, end to end (issue 21); also the bound for the overview's counts."""
 PAGE = 50
+BASELINE_INSTANCES = 1_000
+"""The reference database's finished instances: the same reads on it show what the size adds."""
 
 
 @dataclass
@@ -92,7 +94,21 @@ LIMIT 50
 """The next page after the row ``(created_at, id)``, in ``Client.list``'s order (newest first, then id)."""
 
 OVERVIEW_COUNTS = "SELECT workflow, status, count(*) AS instances FROM instances GROUP BY workflow, status"
-"""The overview page's table: per workflow, instances by status."""
+"""The overview page's table: per workflow, instances by status (all time)."""
+
+UNFINISHED_COUNTS = """
+SELECT workflow, status, count(*) AS instances FROM instances
+WHERE status IN ('queued', 'running', 'waiting', 'paused')
+GROUP BY workflow, status
+"""
+"""Per workflow, the unfinished instances by status (also what ``replay-check`` counts first)."""
+
+RECENT_COUNTS = """
+SELECT workflow, status, count(*) AS instances FROM instances
+WHERE finished_at >= now() - interval '1 day'
+GROUP BY workflow, status
+"""
+"""Per workflow, the instances finished in the last 24 hours by status."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +120,7 @@ class Probe:
     old_build: str
     week_ago: Any
     prefix: str
-    rare_workflow: str = WORKFLOWS[-1]
+    rare_workflow: str = RARE_WORKFLOW
 
 
 async def _probe(conn: psycopg.AsyncConnection[Any], count: int) -> Probe:
@@ -116,7 +132,7 @@ async def _probe(conn: psycopg.AsyncConnection[Any], count: int) -> Probe:
     builds = await column("SELECT min(build_id) FROM instances")
     week = await column("SELECT now() - interval '7 days'")
     random.Random(7).shuffle(finished)
-    return Probe(finished, waiting, builds[0], week[0], finished[0][:2])
+    return Probe(finished, waiting, builds[0], week[0], finished[0][:4])
 
 
 async def measure(database_url: str, samples: int) -> list[Timing]:
@@ -127,7 +143,6 @@ async def measure(database_url: str, samples: int) -> list[Timing]:
     ):
         probe = await _probe(conn, max(samples, 10))
         found = await client.list(limit=PAGE)
-        second = await client.list(limit=PAGE, offset=PAGE)
         last = found[-1]
         pick = probe.finished
 
@@ -141,8 +156,11 @@ async def measure(database_url: str, samples: int) -> list[Timing]:
         async def keyset(n: int) -> None:
             await conn.execute(KEYSET_NEXT_PAGE.encode(), {"created_at": last.created_at, "id": last.id})
 
-        async def overview(n: int) -> None:
-            await conn.execute(OVERVIEW_COUNTS.encode())
+        def statement(sql: str) -> Call:
+            async def call(n: int) -> None:
+                await conn.execute(sql.encode())
+
+            return call
 
         reads: list[tuple[str, float, Call]] = [
             ("get(id), random instances", GET_TARGET_MS, lambda n: client.get(pick[n % len(pick)])),
@@ -161,20 +179,23 @@ async def measure(database_url: str, samples: int) -> list[Timing]:
              lambda n: client.list(created_before=probe.week_ago)),
             (f"list, id prefix {probe.prefix!r}", LIST_TARGET_MS,
              lambda n: client.list(id_prefix=probe.prefix)),
+            (f"list, id prefix {probe.prefix[:2]!r} (1/256 of all)", LIST_TARGET_MS,
+             lambda n: client.list(id_prefix=probe.prefix[:2])),
             ("history of one instance (stepline history)", LIST_TARGET_MS, history),
             ("why of a waiting instance", LIST_TARGET_MS,
              lambda n: client.why(probe.waiting[n % len(probe.waiting)])),
-            ("overview: instances per workflow by status", PAGE_TARGET_MS, overview),
+            ("overview: instances per workflow by status", PAGE_TARGET_MS, statement(OVERVIEW_COUNTS)),
+            ("overview: unfinished per workflow by status", LIST_TARGET_MS, statement(UNFINISHED_COUNTS)),
+            ("overview: finished in 24 h per workflow by status", LIST_TARGET_MS, statement(RECENT_COUNTS)),
         ]  # fmt: skip
         timings = []
         for name, target, call in reads:
             timings.append(await timed(name, target, call, samples))
-        del second
         plans = _statements(probe, last.created_at, last.id)
         for timing in timings:
-            statement = plans.get(timing.name)
-            if statement is not None:
-                timing.plan = await explain(conn, *statement)
+            written = plans.get(timing.name)
+            if written is not None:
+                timing.plan = await explain(conn, *written)
     return timings
 
 
@@ -205,16 +226,24 @@ def _statements(probe: Probe, created_at: Any, last_id: str) -> dict[str, tuple[
         "list, created before a week ago": (
             newest.format("WHERE created_at < %(t)s", ""), {"t": probe.week_ago}
         ),
-        f"list, id prefix {probe.prefix!r}": (
-            newest.format("WHERE id >= %(p)s AND id < %(q)s AND starts_with(id, %(p)s)", ""),
-            {"p": probe.prefix, "q": probe.prefix[:-1] + chr(ord(probe.prefix[-1]) + 1)},
-        ),
+        f"list, id prefix {probe.prefix!r}": _prefixed(newest, probe.prefix),
+        f"list, id prefix {probe.prefix[:2]!r} (1/256 of all)": _prefixed(newest, probe.prefix[:2]),
         "history of one instance (stepline history)": (
             "SELECT * FROM step_attempts WHERE instance_id = %(id)s ORDER BY started_at, attempt",
             {"id": probe.finished[0]},
         ),
         "overview: instances per workflow by status": (OVERVIEW_COUNTS, {}),
+        "overview: unfinished per workflow by status": (UNFINISHED_COUNTS, {}),
+        "overview: finished in 24 h per workflow by status": (RECENT_COUNTS, {}),
     }  # fmt: skip
+
+
+def _prefixed(newest: str, prefix: str) -> tuple[str, dict[str, Any]]:
+    """``Client.list(id_prefix=...)``'s statement on PostgreSQL: a range of the primary key, refined."""
+    return (
+        newest.format("WHERE id >= %(p)s AND id < %(q)s AND starts_with(id, %(p)s)", ""),
+        {"p": prefix, "q": prefix[:-1] + chr(ord(prefix[-1]) + 1)},
+    )
 
 
 async def explain(conn: psycopg.AsyncConnection[Any], sql: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -308,7 +337,14 @@ class Options:
 
 
 async def run(base_url: str, options: Options, say: Callable[[str], None]) -> dict[str, Any]:
-    """Create, fill and measure the big database; returns what the report prints."""
+    """Measure a small database (the reference), then create, fill and measure the big one.
+
+    The small one (``BASELINE_INSTANCES``) is measured in the same sitting, so that what
+    the size costs reads apart from what the machine's load and the client cost anyway.
+    """
+    small = await _measured(
+        base_url, BASELINE_INSTANCES, options.samples, say, unfinished=BASELINE_INSTANCES // 10
+    )
     big = BigDatabase.new(base_url)
     say(f"bigdb: database {big.name}, {options.instances:,} finished instances")
     await asyncio.to_thread(big.create)
@@ -325,11 +361,27 @@ async def run(base_url: str, options: Options, say: Callable[[str], None]) -> di
             say(f"bigdb: kept {big.url}")
         else:
             await asyncio.to_thread(big.drop)
+    baseline = {t.name: t.p99_ms for t in small}
     return {
         "populated": populated.as_json(),
-        "timings": [{**asdict(t), "met": t.met} for t in timings],
+        "baseline_instances": BASELINE_INSTANCES,
+        "timings": [{**asdict(t), "met": t.met, "baseline_p99_ms": baseline.get(t.name)} for t in timings],
         "dashboard_skipped": skipped,
     }
+
+
+async def _measured(
+    base_url: str, instances: int, samples: int, say: Callable[[str], None], *, unfinished: int
+) -> list[Timing]:
+    """Create, fill, measure and drop a database of ``instances``."""
+    db = BigDatabase.new(base_url)
+    await asyncio.to_thread(db.create)
+    try:
+        await populate(db.url, instances, unfinished=unfinished, progress=lambda text: None)
+        say(f"bigdb: measuring the reference database of {instances:,} instances")
+        return await measure(db.url, samples)
+    finally:
+        await asyncio.to_thread(db.drop)
 
 
 def targets(bigdb: dict[str, Any]) -> list[dict[str, Any]]:
@@ -338,11 +390,18 @@ def targets(bigdb: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "target": f"{t['name']} p99 < {t['target_ms']:g} ms ({n:,} finished instances)",
-            "measured": f"{t['p99_ms']:.1f} ms (p50 {t['p50_ms']:.1f})",
+            "measured": f"{t['p99_ms']:.1f} ms (p50 {t['p50_ms']:.1f}; {_reference(bigdb, t)})",
             "met": t["met"],
         }
         for t in bigdb["timings"]
     ]
+
+
+def _reference(bigdb: dict[str, Any], timing: dict[str, Any]) -> str:
+    reference = timing.get("baseline_p99_ms")
+    if reference is None:
+        return "no reference"
+    return f"p99 {reference:.1f} with {bigdb.get('baseline_instances', 0):,}"
 
 
 def render(console: Console, bigdb: dict[str, Any]) -> None:
@@ -355,7 +414,9 @@ def render(console: Console, bigdb: dict[str, Any]) -> None:
         f" ({', '.join(f'{k} {v:.0f}s' for k, v in pop['phases_s'].items())})"
     )
     table = Table()
-    for name in ("read", "p50 ms", "p99 ms", "target", "plan (EXPLAIN ANALYZE)", "buffers hit/read"):
+    reference = f"p99, {bigdb.get('baseline_instances', 0):,}"
+    for name in ("read", "p50 ms", "p99 ms", "target", reference, "server ms", "plan (EXPLAIN ANALYZE)",
+                 "buffers hit/read"):  # fmt: skip
         table.add_column(name, justify="left" if name in ("read", "plan (EXPLAIN ANALYZE)") else "right")
     for t in bigdb["timings"]:
         plan = t.get("plan") or {}
@@ -364,9 +425,15 @@ def render(console: Console, bigdb: dict[str, Any]) -> None:
             f"{t['p50_ms']:.1f}",
             f"{t['p99_ms']:.1f}",
             f"< {t['target_ms']:g}",
+            "-" if t.get("baseline_p99_ms") is None else f"{t['baseline_p99_ms']:.1f}",
+            f"{plan['execution_ms']:.1f}" if plan else "-",
             " > ".join(plan.get("nodes", [])[:4]) or "-",
             f"{plan['shared_hit']}/{plan['shared_read']}" if plan else "-",
         )
+    table.caption = (
+        f"{reference}: the same read on a database of that many instances, in the same sitting; server ms:"
+        " the statement's execution time in EXPLAIN ANALYZE (one run, after the timed ones)"
+    )
     console.print(table)
     if bigdb.get("dashboard_skipped"):
         console.print(f"dashboard pages not timed: {bigdb['dashboard_skipped']}")
