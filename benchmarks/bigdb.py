@@ -161,7 +161,7 @@ CROSS JOIN LATERAL (
     SELECT CASE WHEN w.r < 0.90 THEN 'complete' WHEN w.r < 0.97 THEN 'errored' ELSE 'terminated' END AS status
 ) AS s
 CROSS JOIN LATERAL (
-    SELECT {_START} + (g.i * %(spacing_s)s + random() * %(spacing_s)s) * interval '1 second'
+    SELECT {_START} + ((g.i - 1 + random()) * %(spacing_s)s) * interval '1 second'
                AS created_at,
            (1 + random() * 300) * interval '1 second' AS took
 ) AS t

@@ -40,7 +40,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    newest_first: list[str | sa.TextClause] = [sa.text("created_at DESC"), "id"]  # Client.list's order, so no sort is left to do
+    # Client.list's order, so that no sort is left to do.
+    newest_first: list[str | sa.TextClause] = [sa.text("created_at DESC"), "id"]
     op.create_index("ix_instances_build_created", "instances", ["build_id", *newest_first])
     op.create_index("ix_instances_workflow_created", "instances", ["workflow", *newest_first])
     op.create_index("ix_instances_status_workflow", "instances", ["status", "workflow"])
