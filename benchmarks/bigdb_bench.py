@@ -177,9 +177,9 @@ async def measure(database_url: str, samples: int) -> list[Timing]:
              lambda n: client.list(build_id=probe.old_build)),
             ("list, created before a week ago", LIST_TARGET_MS,
              lambda n: client.list(created_before=probe.week_ago)),
-            (f"list, id prefix {probe.prefix!r}", LIST_TARGET_MS,
+            ("list, id prefix of 4 characters", LIST_TARGET_MS,
              lambda n: client.list(id_prefix=probe.prefix)),
-            (f"list, id prefix {probe.prefix[:2]!r} (1/256 of all)", LIST_TARGET_MS,
+            ("list, id prefix of 2 characters (1/256 of all)", LIST_TARGET_MS,
              lambda n: client.list(id_prefix=probe.prefix[:2])),
             ("history of one instance (stepline history)", LIST_TARGET_MS, history),
             ("why of a waiting instance", LIST_TARGET_MS,
@@ -226,8 +226,8 @@ def _statements(probe: Probe, created_at: Any, last_id: str) -> dict[str, tuple[
         "list, created before a week ago": (
             newest.format("WHERE created_at < %(t)s", ""), {"t": probe.week_ago}
         ),
-        f"list, id prefix {probe.prefix!r}": _prefixed(newest, probe.prefix),
-        f"list, id prefix {probe.prefix[:2]!r} (1/256 of all)": _prefixed(newest, probe.prefix[:2]),
+        "list, id prefix of 4 characters": _prefixed(newest, probe.prefix),
+        "list, id prefix of 2 characters (1/256 of all)": _prefixed(newest, probe.prefix[:2]),
         "history of one instance (stepline history)": (
             "SELECT * FROM step_attempts WHERE instance_id = %(id)s ORDER BY started_at, attempt",
             {"id": probe.finished[0]},

@@ -65,9 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.index_cost", description=__doc__)
     parser.add_argument("database_url")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--async-commit",
+        action="store_true",
+        help="synchronous_commit off: leave the WAL flush (most of a commit's time, and its noise) out",
+    )
     args = parser.parse_args(argv)
     results: dict[str, list[float]] = {"with": [], "without": []}
     with psycopg.connect(args.database_url, autocommit=True) as conn:
+        if args.async_commit:
+            conn.execute(b"SET synchronous_commit = off")
         for round_ in range(args.rounds):
             for variant in ("without", "with"):
                 present = {row[0] for row in conn.execute(b"SELECT indexname FROM pg_indexes").fetchall()}
