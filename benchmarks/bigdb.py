@@ -105,6 +105,9 @@ class Populated:
 
     shape: Shape
     rows: dict[str, int] = field(default_factory=dict)
+    """Rows each phase wrote."""
+    tables: dict[str, int] = field(default_factory=dict)
+    """Rows each table holds at the end."""
     phases_s: dict[str, float] = field(default_factory=dict)
     database_bytes: int = 0
     total_s: float = 0.0
@@ -115,6 +118,7 @@ class Populated:
             "steps_per_instance": self.shape.steps_per_instance,
             "unfinished": self.shape.tail,
             "rows": self.rows,
+            "tables": self.tables,
             "phases_s": {name: round(value, 1) for name, value in self.phases_s.items()},
             "database_mib": round(self.database_bytes / 2**20),
             "total_s": round(self.total_s, 1),
@@ -448,10 +452,17 @@ async def populate(
         result.phases_s["vacuum analyze"] = time.monotonic() - started
         size = await (await first.execute("SELECT pg_database_size(current_database())")).fetchone()
         result.database_bytes = int(size[0]) if size else 0
+        # Exact after VACUUM: what each table holds, whatever the phases wrote it in.
+        cursor = await first.execute(
+            b"SELECT relname, reltuples::bigint FROM pg_class WHERE relname = ANY(%(tables)s)",
+            {"tables": list(TABLES)},
+        )
+        result.tables = {str(name): int(count) for name, count in await cursor.fetchall()}
     result.total_s = time.monotonic() - load.began
     progress(
         f"populated {shape.instances:,} finished + {shape.tail:,} unfinished instances, "
-        f"{sum(v for k, v in result.rows.items() if 'steps' in k):,} steps in {result.total_s:.0f}s "
+        f"{result.tables.get('steps', 0):,} steps, {result.tables.get('step_attempts', 0):,} attempts "
+        f"in {result.total_s:.0f}s "
         f"({result.database_bytes / 2**30:.1f} GiB)"
     )
     return result
