@@ -31,12 +31,12 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from benchmarks import flow, report
+from benchmarks import bigdb_bench, flow, report
 from benchmarks.isolation import Isolation
 from benchmarks.procs import ROOT, Fleet, child_env, machine_busy_seconds
 from benchmarks.sections import FULL, QUICK, Bench, Sizes
 
-SECTIONS = ("throughput", "latency", "timers", "long", "naive", "rawtx", "replaycheck", "flow")
+SECTIONS = ("throughput", "latency", "timers", "long", "naive", "rawtx", "replaycheck", "flow", "bigdb")
 ALIASES = {"memory": ("throughput",), "references": ("naive", "rawtx")}
 
 
@@ -122,14 +122,25 @@ async def run_sections(bench: Bench, sections: set[str], results: dict[str, Any]
                 bench.throughput[count] = engine_run
                 entry = results.setdefault("throughput", {"instances": bench.sizes.instances, "runs": []})
                 entry["runs"].append(engine_run.as_json())
-    elsewhere = {"flow": functools.partial(flow.run, bench)}  # sections in modules of their own
-    for name in ("latency", "timers", "long", "replaycheck", "flow"):
+    elsewhere = {  # sections in modules of their own
+        "flow": functools.partial(flow.run, bench),
+        "bigdb": functools.partial(_bigdb, bench),
+    }
+    for name in ("latency", "timers", "long", "replaycheck", "flow", "bigdb"):
         if name in sections:
             outcome = await guarded(name, elsewhere.get(name) or getattr(bench, name))
             if outcome is not None:
                 results[name] = outcome
     await guarded("purging the queues", bench.purge_queues)  # counts what the last run left
     results["left_in_queues"] = bench.left_in_queues
+
+
+async def _bigdb(bench: Bench) -> dict[str, Any]:
+    """The big-database section, on a database of its own beside the run's."""
+    options = bigdb_bench.Options(
+        instances=bench.sizes.bigdb_instances, samples=bench.sizes.bigdb_samples, keep=bench.keep_bigdb
+    )
+    return await bigdb_bench.run(bench.iso.database_url, options, bench.console.print)
 
 
 def _interrupt(*_: object) -> NoReturn:
@@ -168,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-database",
         action="store_true",
         help="do not drop the database and vhost at the end (to look at the rows of the last run)",
+    )
+    parser.add_argument(
+        "--keep-bigdb",
+        action="store_true",
+        help="do not drop the big-database section's database at the end (its URL is printed)",
     )
     parser.add_argument(
         "--set",
@@ -227,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         with progress:
             bench = Bench(iso, sizes, fleet, console, progress)
+            bench.keep_bigdb = args.keep_bigdb
             try:
                 asyncio.run(run_sections(bench, sections, results))
             finally:

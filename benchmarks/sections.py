@@ -68,6 +68,10 @@ class Sizes:
     rawtx_clients: int
     replay_instances: int
     """Unfinished instances ``stepline replay-check`` replays (of a 20-step history each)."""
+    bigdb_instances: int
+    """Finished instances (10 steps each) in the big-database section's own database."""
+    bigdb_samples: int
+    """Times each read is timed in the big-database section."""
 
 
 QUICK = Sizes(
@@ -81,6 +85,8 @@ QUICK = Sizes(
     rawtx_s=5,
     rawtx_clients=8,
     replay_instances=2_000,
+    bigdb_instances=100_000,
+    bigdb_samples=30,
 )
 FULL = Sizes(
     instances=600,
@@ -93,6 +99,8 @@ FULL = Sizes(
     rawtx_s=10,
     rawtx_clients=8,
     replay_instances=10_000,
+    bigdb_instances=1_000_000,
+    bigdb_samples=100,
 )
 
 
@@ -205,6 +213,8 @@ class Bench:
         self.problems: list[str] = []
         # Messages a run left in the queues (each a duplicate: every instance had finished), by run.
         self.left_in_queues: dict[str, int] = {}
+        self.keep_bigdb = False
+        """Keep the big-database section's database at the end (``--keep-bigdb``)."""
         self._last_run = ""
 
     # ------------------------------------------------------------ database helpers

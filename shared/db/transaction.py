@@ -171,10 +171,16 @@ class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, 
         return history_from(row, (step._mapping for step in step_rows))
 
     async def unfinished_workflows(self) -> dict[str, int]:
-        """How many unfinished instances each workflow has (running, waiting, paused, queued)."""
+        """How many unfinished instances each workflow has (running, waiting, paused, queued).
+
+        Named statuses (IN), not the finished ones excluded (NOT IN): IN reads one small
+        range of ``ix_instances_status_workflow`` per status, where NOT IN read every
+        instance ever kept (0.5 s with a million finished ones).
+        """
+        unfinished = [status.value for status in InstanceStatus if status not in FINISHED_STATUSES]
         rows = await self._conn.execute(
             sa.select(instances.c.workflow, sa.func.count())
-            .where(instances.c.status.not_in(FINISHED_STATUSES))
+            .where(instances.c.status.in_(unfinished))
             .group_by(instances.c.workflow)
         )
         return {row[0]: row[1] for row in rows}
