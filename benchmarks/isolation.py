@@ -22,6 +22,9 @@ from stepline.shared.db import stores
 from stepline.shared.settings import Settings
 from stepline.shared.topology import workflow_queue_name
 
+# A wedged broker node makes rabbitmqctl hang for ever: fail the run instead.
+RABBITMQCTL_TIMEOUT_S = 120
+
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/stepline"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/stepline"
 
@@ -101,11 +104,17 @@ def _local(amqp_url: str) -> bool:
 def _create_vhost(amqp_url: str, vhost: str) -> None:
     user = urlsplit(amqp_url).username or "guest"
     if _local(amqp_url):
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "add_vhost", vhost],
+            check=True,
+            capture_output=True,
+            timeout=RABBITMQCTL_TIMEOUT_S,
+        )
         subprocess.run(
             ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
             check=True,
             capture_output=True,
+            timeout=RABBITMQCTL_TIMEOUT_S,
         )
         return
     _management(amqp_url, "PUT", f"/api/vhosts/{quote(vhost, safe='')}", {})
@@ -119,7 +128,12 @@ def _create_vhost(amqp_url: str, vhost: str) -> None:
 
 def _delete_vhost(amqp_url: str, vhost: str) -> None:
     if _local(amqp_url):
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False, capture_output=True)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "delete_vhost", vhost],
+            check=False,
+            capture_output=True,
+            timeout=RABBITMQCTL_TIMEOUT_S,
+        )
         return
     _management(amqp_url, "DELETE", f"/api/vhosts/{quote(vhost, safe='')}", None)
 

@@ -15,6 +15,9 @@ from stepline.shared.db import stores
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_ROOT = "amqp://guest:guest@127.0.0.1:5672"
 
+# A wedged broker node makes rabbitmqctl hang for ever: fail the run instead.
+RABBITMQCTL_TIMEOUT_S = 120
+
 SIDE_EFFECTS_DDL = """
 CREATE TABLE side_effects (
     id bigserial PRIMARY KEY,
@@ -86,14 +89,25 @@ def drop_database(name: str) -> None:
 
 def create_vhost(name: str) -> None:
     """A RabbitMQ vhost that guest may use fully."""
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "add_vhost", name],
+        check=True,
+        capture_output=True,
+        timeout=RABBITMQCTL_TIMEOUT_S,
+    )
     subprocess.run(
         ["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
         check=True,
         capture_output=True,
+        timeout=RABBITMQCTL_TIMEOUT_S,
     )
 
 
 def delete_vhost(name: str) -> None:
     """Delete a vhost and every queue in it."""
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=False, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "delete_vhost", name],
+        check=False,
+        capture_output=True,
+        timeout=RABBITMQCTL_TIMEOUT_S,
+    )
