@@ -17,7 +17,7 @@ from stepline.shared import codec
 from stepline.shared.codec import JSON
 from stepline.shared.durations import Duration, parse_duration
 from stepline.shared.errors import WorkflowDefinitionError
-from stepline.shared.history import StepKey, format_key
+from stepline.shared.history import UNDO_PREFIX, StepKey, format_key, undo_key
 from stepline.shared.limits import StepLimit, check_limits
 from stepline.shared.messages import check_instance_id, check_workflow_name
 from stepline.shared.states import StepKind
@@ -33,6 +33,8 @@ T = TypeVar("T")
 ParamsT = TypeVar("ParamsT")
 OutputT = TypeVar("OutputT")
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
+_MAX_NAME = 200
+"""The longest step name a message carries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,10 @@ class StepCall:
     timeout: timedelta | None
     limits: tuple[StepLimit, ...] = ()
     """Its rate and concurrency limits, sorted by (kind, key) (the order their keys are locked in)."""
+    compensate: Callable[..., Any] | None = None
+    """What undoes the step once committed: called with its arguments and then its result."""
+    compensate_retry: RetryPolicy | None = None
+    """The retry policy of the compensation (default: ``RetryPolicy()``)."""
 
 
 class Context:
@@ -87,6 +93,8 @@ class Context:
         timeout: Duration | None = None,
         pool: str | None = None,
         limits: Sequence[StepLimit] = (),
+        compensate: Callable[..., Any] | None = None,
+        compensate_retry: RetryPolicy | None = None,
         **kwargs: Any,
     ) -> Awaitable[T]: ...
 
@@ -101,6 +109,8 @@ class Context:
         timeout: Duration | None = None,
         pool: str | None = None,
         limits: Sequence[StepLimit] = (),
+        compensate: Callable[..., Any] | None = None,
+        compensate_retry: RetryPolicy | None = None,
         **kwargs: Any,
     ) -> Awaitable[T]: ...
 
@@ -114,6 +124,8 @@ class Context:
         timeout: Duration | None = None,
         pool: str | None = None,
         limits: Sequence[StepLimit] = (),
+        compensate: Callable[..., Any] | None = None,
+        compensate_retry: RetryPolicy | None = None,
         **kwargs: Any,
     ) -> Awaitable[Any]:
         """Run ``fn(*args, **kwargs)`` as the step ``name`` and return its result.
@@ -135,12 +147,18 @@ class Context:
                 each attempt waits (durably, holding no worker slot; the step shows
                 ``waiting``) until it has a token of each rate limit and a slot of each
                 concurrency limit, in the order the steps asked.
+            compensate: what undoes the step (a saga): if the instance later fails for good
+                or is terminated with ``rollback=True``, ``compensate(*args, result, **kwargs)``
+                runs as a durable step of its own, newest step first (see docs/authoring.md).
+            compensate_retry: the compensation's retry policy (default: ``RetryPolicy()``).
 
         Raises:
             WorkflowDefinitionError: ``pool`` is not a valid pool name, ``limits`` is not a list
-                of limits, or names one key twice.
+                of limits, or names one key twice; ``compensate`` is not callable, or
+                ``compensate_retry`` is not a ``RetryPolicy``.
         """
         key = self._next_key(name)
+        self._check_compensation(key, compensate, compensate_retry)
         detail = self._pool_detail(key, pool)
         checked: tuple[StepLimit, ...] = ()
         if limits:
@@ -160,9 +178,31 @@ class Context:
             retry=retry,
             timeout=time_limit,
             limits=checked,
+            compensate=compensate,
+            compensate_retry=compensate_retry,
         )
         future = self._replay.request(key, StepKind.STEP, call=call, detail=detail or None)
         return _convert(future, self._replay.workflow.result_adapter(fn))
+
+    def _check_compensation(self, key: StepKey, compensate: object, retry: object) -> None:
+        """Refuse a compensation that cannot run, naming the workflow and the step."""
+        where = f"workflow {self.workflow!r}, step {format_key(key)!r}"
+        if compensate is not None and not callable(compensate):
+            raise WorkflowDefinitionError(
+                f"{where}: compensate= must be a function called with the step's arguments and "
+                f"its result, not {type(compensate).__name__} {compensate!r}"
+            )
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise WorkflowDefinitionError(
+                f"{where}: compensate_retry= must be a RetryPolicy, not {type(retry).__name__}"
+            )
+        if retry is not None and compensate is None:
+            raise WorkflowDefinitionError(f"{where}: compensate_retry= is given without compensate=")
+        if compensate is not None and len(undo_key(key)[0]) > _MAX_NAME:
+            raise WorkflowDefinitionError(
+                f"{where}: a step with compensate= has a name of at most "
+                f"{_MAX_NAME - len(UNDO_PREFIX)} characters (its compensation is {UNDO_PREFIX}<name>)"
+            )
 
     def _pool_detail(self, key: StepKey, pool: object) -> dict[str, JSON]:
         """The step row's ``detail`` keys for its pool: ``{"pool": pool}``, none for the default pool.

@@ -26,7 +26,8 @@ from stepline.shared.messages import (
 )
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import pool_of, routing_key
-from stepline.worker.replay.engine import NewEntry, Outcome, Replay, payload_problem
+from stepline.worker.replay.engine import KEPT_WHEN_ENDING, NewEntry, Outcome, Replay, payload_problem
+from stepline.worker.replay.rollback import BATCH
 from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -252,7 +253,7 @@ class Planner:
             return await self.hold(tx, history, outcome.error)
         if outcome.kind == "raised":
             # Only recorded values and patch markers are kept; nothing new starts after an error.
-            entries = [entry for entry in entries if entry.kind in (StepKind.VALUE, StepKind.PATCH)]
+            entries = [entry for entry in entries if entry.kind in KEPT_WHEN_ENDING]
         instance_id = history.instance_id
         status, output, error = self._ending(outcome)
         await tx.cancel_timers(instance_id)
@@ -300,7 +301,12 @@ class Planner:
                 return InstanceStatus.ERRORED, None, instance_error(exc)
             return InstanceStatus.COMPLETE, codec.scrub_nul(outcome.output), None
         assert outcome.error is not None
-        return InstanceStatus.ERRORED, None, instance_error(outcome.error)
+        error = instance_error(outcome.error)
+        if outcome.compensation_failures:
+            # The original error stays the instance's error; the failed compensations come with it.
+            error["compensation_failures"] = list(outcome.compensation_failures)
+        status = InstanceStatus.TERMINATED if outcome.terminated else InstanceStatus.ERRORED
+        return status, None, error
 
     def parent_wake(self, parent: ParentLink | None) -> list[Message]:
         """The message telling a parent step that its child finished (none without a parent)."""
@@ -349,16 +355,32 @@ _INITIAL_STATUS = {
     StepKind.EVENT: StepStatus.WAITING,
     StepKind.VALUE: StepStatus.SUCCEEDED,
     StepKind.PATCH: StepStatus.SUCCEEDED,
+    StepKind.ROLLBACK: StepStatus.SUCCEEDED,
 }
 
 
 def _new_steps(history: History, entries: list[NewEntry], matched: dict[StepKey, JSON]) -> list[NewStep]:
-    """The rows of new entries, placed after the history's; an event wait in ``matched`` took its event."""
-    return [_new_step(entry, history.next_position + index, matched) for index, entry in enumerate(entries)]
+    """The rows of new entries, placed after the history's; an event wait in ``matched`` took its event.
+
+    Steps planned together (parallel steps) are marked with the position of the
+    first of them (``detail["batch"]``): a rollback compensates them together.
+    """
+    first = history.next_position
+    parallel = [index for index, entry in enumerate(entries) if entry.kind == StepKind.STEP]
+    batch = first + parallel[0] if len(parallel) > 1 else None
+    return [
+        _new_step(entry, first + index, matched, batch=batch if index in parallel else None)
+        for index, entry in enumerate(entries)
+    ]
 
 
-def _new_step(entry: NewEntry, position: int, matched: dict[StepKey, JSON]) -> NewStep:
+def _new_step(
+    entry: NewEntry, position: int, matched: dict[StepKey, JSON], *, batch: int | None = None
+) -> NewStep:
     status, result = _INITIAL_STATUS[entry.kind], entry.result
+    detail = entry.detail
+    if batch is not None:
+        detail = {**(detail or {}), BATCH: batch}
     if entry.key in matched:
         status, result = StepStatus.SUCCEEDED, matched[entry.key]
     return NewStep(
@@ -369,7 +391,7 @@ def _new_step(entry: NewEntry, position: int, matched: dict[StepKey, JSON]) -> N
         result=codec.scrub_nul(result),
         fire_at=entry.fire_at,
         delay=entry.delay,
-        detail=entry.detail,
+        detail=detail,
     )
 
 
