@@ -19,6 +19,9 @@ PATCH_PREFIX = "$patch:"
 UNDO_PREFIX = "$undo:"
 """How a compensation's name starts: ``$undo:<step name>``, with the occurrence of the step it undoes."""
 
+WAIT_PREFIX = "$wait:"
+"""How a ``ctx.wait_for_child`` entry's name starts: ``$wait:<the start_child name>``."""
+
 ROLLBACK_KEY: StepKey = ("$rollback", 1)
 """The history entry that marks an instance rolling back (``StepKind.ROLLBACK``)."""
 

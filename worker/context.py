@@ -17,7 +17,7 @@ from stepline.shared import codec
 from stepline.shared.codec import JSON
 from stepline.shared.durations import Duration, parse_duration
 from stepline.shared.errors import WorkflowDefinitionError
-from stepline.shared.history import UNDO_PREFIX, StepKey, format_key, undo_key
+from stepline.shared.history import UNDO_PREFIX, WAIT_PREFIX, StepKey, format_key, undo_key
 from stepline.shared.limits import StepLimit, check_limits
 from stepline.shared.messages import check_instance_id, check_workflow_name
 from stepline.shared.states import StepKind
@@ -66,6 +66,8 @@ class Context:
     def __init__(self, replay: Replay, instance_id: str, workflow: str) -> None:
         self._replay = replay
         self._occurrences: Counter[str] = Counter()
+        self._detached: dict[str, _Detached] = {}
+        """The children started with ``start_child`` so far, by id."""
         self._patch_sites: dict[str, tuple[str, str, int]] = {}
         """Per patch id: which method asked for it, and from which file and line."""
         self.instance_id = instance_id
@@ -304,15 +306,7 @@ class Context:
             InvalidIdError: the child's id (given, or made from ``name``) could not be an id.
         """
         key = self._next_key(name)
-        if isinstance(workflow, str):
-            workflow_name, raw, adapter = workflow, codec.to_jsonable(params), _ANY
-        else:
-            workflow_name, raw, adapter = (
-                workflow.name,
-                workflow.encode_params(params),
-                workflow.output_adapter,
-            )
-        check_workflow_name(workflow_name)
+        workflow_name, raw, adapter = _child_target(workflow, params)
         # Refused here, in the workflow, rather than when the worker builds the child's start.
         child_id = check_instance_id(instance_id or f"{self.instance_id}/{format_key(key)}")
         future = self._replay.request(
@@ -322,6 +316,55 @@ class Context:
             child_params=raw,
         )
         return _convert(future, adapter)
+
+    @overload
+    def start_child(self, name: str, workflow: Workflow[ParamsT, Any], params: ParamsT) -> str: ...
+
+    @overload
+    def start_child(self, name: str, workflow: str, params: object = None) -> str: ...
+
+    def start_child(self, name: str, workflow: Workflow[Any, Any] | str, params: object = None) -> str:
+        """Start a child workflow without waiting for it (a detached child); returns its id.
+
+        The id is ``<this instance id>/<name>`` (``#n`` for a repeated name), as for
+        ``child``, and the start is recorded, so a replay never starts it twice.
+        The child runs on its own: this instance may finish first, and
+        terminating this instance leaves it alone unless asked
+        (``terminate(..., children=True)``). ``wait_for_child(id)`` waits for it.
+
+        Raises:
+            InvalidIdError: the child's id could not be an id.
+        """
+        key = self._next_key(name)
+        workflow_name, raw, adapter = _child_target(workflow, params)
+        child_id = check_instance_id(f"{self.instance_id}/{format_key(key)}")
+        self._replay.start_child(
+            key, child_id, detail={"child_id": child_id, "workflow": workflow_name}, child_params=raw
+        )
+        self._detached[child_id] = _Detached(key, workflow_name, adapter)
+        return child_id
+
+    def wait_for_child(self, child_id: str) -> Awaitable[Any]:
+        """Wait for a child started with ``start_child`` and return its output; its error is raised here.
+
+        Raises:
+            WorkflowDefinitionError: this instance started no child ``child_id`` with ``start_child``
+                (before this call).
+        """
+        detached = self._detached.get(child_id)
+        if detached is None:
+            raise WorkflowDefinitionError(
+                f"workflow {self.workflow!r}: wait_for_child({child_id!r}) names no child this instance "
+                "started with ctx.start_child (before the wait)"
+            )
+        name = (WAIT_PREFIX + format_key(detached.key))[:_MAX_NAME]
+        self._occurrences[name] += 1
+        future = self._replay.request(
+            (name, self._occurrences[name]),
+            StepKind.CHILD,
+            detail={"child_id": child_id, "workflow": detached.workflow, "detached": True},
+        )
+        return _convert(future, detached.output_adapter)
 
     def patched(self, patch_id: str) -> bool:
         """Whether this instance runs patch ``patch_id`` here: ``if ctx.patched(id): new else: old``.
@@ -392,3 +435,20 @@ class Context:
 
 async def _convert(future: Awaitable[Any], adapter: TypeAdapter[Any]) -> Any:
     return adapter.validate_python(await future)
+
+
+@dataclass(frozen=True, slots=True)
+class _Detached:
+    """A child started with ``start_child``: its entry, workflow, and how its output reads."""
+
+    key: StepKey
+    workflow: str
+    output_adapter: TypeAdapter[Any]
+
+
+def _child_target(workflow: Workflow[Any, Any] | str, params: object) -> tuple[str, JSON, TypeAdapter[Any]]:
+    """A child's workflow name, its params as JSON, and how its output reads."""
+    if isinstance(workflow, str):
+        check_workflow_name(workflow)
+        return workflow, codec.to_jsonable(params), _ANY
+    return workflow.name, workflow.encode_params(params), workflow.output_adapter

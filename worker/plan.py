@@ -123,13 +123,16 @@ class Planner:
         new_steps = _new_steps(history, entries, {})
         if outcome.kind == "returned":
             status, output, error = self._ending(outcome)
-            return Transition(new_steps, status, self.parent_wake(history.parent), output, error)
+            started = [
+                self._child_message(history, entry) for entry in entries if entry.kind == StepKind.START
+            ]
+            return Transition(new_steps, status, started + self.parent_wake(history.parent), output, error)
         messages = [
             self.step_message(history, entry.key, 1, detail=entry.detail)
             if entry.kind == StepKind.STEP
-            else self._child_start(history, entry)
+            else self._child_message(history, entry)
             for entry in entries
-            if entry.kind in (StepKind.STEP, StepKind.CHILD)
+            if entry.kind in _CHILD_KINDS or entry.kind == StepKind.STEP
         ]
         status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
         return Transition(new_steps, status, messages)
@@ -232,8 +235,8 @@ class Planner:
                 timers.append(self._wake_timer(history, entry.key, "sleep", fire_at=fire_at))
             elif entry.kind == StepKind.EVENT and entry.key not in matched and entry.timeout is not None:
                 timers.append(self._wake_timer(history, entry.key, "event-timeout", entry=entry))
-            elif entry.kind == StepKind.CHILD:
-                messages.append(self._child_start(history, entry))
+            elif entry.kind in _CHILD_KINDS:
+                messages.append(self._child_message(history, entry))
         return messages, timers
 
     async def _finish(
@@ -257,13 +260,14 @@ class Planner:
         instance_id = history.instance_id
         status, output, error = self._ending(outcome)
         await tx.cancel_timers(instance_id)
+        started = self._detached_starts(history, entries)
         rows = await tx.write_transition(
             instance_id,
             new_steps=_new_steps(history, entries, matched),
             status=status,
             output=output,
             error=error,
-            messages=self.parent_wake(history.parent),
+            messages=started + self.parent_wake(history.parent),
         )
         if history.concurrency_key is not None:
             # Its slot frees in the transaction that ends it; the next queued instance starts.
@@ -328,6 +332,23 @@ class Planner:
         delay = entry.timeout if entry is not None else None
         return NewTimer(key, 1, kind, routing_key, body, history.trace_context, fire_at=fire_at, delay=delay)
 
+    def _detached_starts(self, history: History, entries: list[NewEntry]) -> list[Message]:
+        """The starts of the detached children an ending replay asked for."""
+        return [self._child_start(history, entry) for entry in entries if entry.kind == StepKind.START]
+
+    def _child_message(self, history: History, entry: NewEntry) -> Message:
+        """What a child entry sends: the child's start, or for a ``wait_for_child`` a wake-up of itself.
+
+        A detached child reports its end to its ``start_child`` entry, which passes it
+        on to the waits for it (``waits.settle_wake``); the wait's own wake-up settles
+        it at once if the child has already finished.
+        """
+        detail = entry.detail or {}
+        if entry.kind == StepKind.CHILD and detail.get("detached"):
+            routed, body = self.wake_message(history.workflow, history.instance_id, entry.key)
+            return routed, body, history.trace_context
+        return self._child_start(history, entry)
+
     def _child_start(self, history: History, entry: NewEntry) -> Message:
         detail = entry.detail or {}
         message = StartMessage(
@@ -356,7 +377,11 @@ _INITIAL_STATUS = {
     StepKind.VALUE: StepStatus.SUCCEEDED,
     StepKind.PATCH: StepStatus.SUCCEEDED,
     StepKind.ROLLBACK: StepStatus.SUCCEEDED,
+    StepKind.START: StepStatus.SUCCEEDED,
 }
+
+_CHILD_KINDS = (StepKind.CHILD, StepKind.START)
+"""The entries that send a child's start (or, waiting for a detached child, a wake-up)."""
 
 
 def _new_steps(history: History, entries: list[NewEntry], matched: dict[StepKey, JSON]) -> list[NewStep]:

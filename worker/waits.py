@@ -25,6 +25,8 @@ async def settle_wake(
 ) -> list[OutboxRow]:
     """A timer fired or a child finished: settle the waiting entry and run on."""
     record = history.step(key)
+    if record is not None and record.kind == StepKind.START:
+        return await _settle_detached_waits(tx, planner, workflow, history, record)
     if record is None or record.status.is_settled:
         log.info("wake for a settled or unknown entry dropped", extra=_ids(history, key))
         return []
@@ -66,6 +68,30 @@ async def _settle_child(
     await tx.settle_step(history.instance_id, key, status=StepStatus.FAILED, error=error)
     failure = step_failure(format_key(key), 1, error)
     return await _run_on(tx, planner, workflow, history, key, error=failure)
+
+
+async def _settle_detached_waits(
+    tx: Transaction, planner: Planner, workflow: Workflow[Any, Any], history: History, started: StepRecord
+) -> list[OutboxRow]:
+    """A detached child finished: settle every ``wait_for_child`` waiting for it (none may wait yet)."""
+    child_id = (started.detail or {}).get("child_id")
+    rows: list[OutboxRow] = []
+    while True:
+        waits = [
+            record
+            for record in history.steps.values()
+            if record.kind == StepKind.CHILD
+            and not record.status.is_settled
+            and (record.detail or {}).get("child_id") == child_id
+            and (record.detail or {}).get("detached")
+        ]
+        if not waits or history.status.is_finished:
+            return rows
+        rows += await _settle_child(tx, planner, workflow, history, waits[0])
+        reloaded = await tx.load_history(history.instance_id)
+        if reloaded is None or reloaded.step(waits[0].key) == waits[0]:
+            return rows  # not settled (the child is not finished after all): its end wakes us again
+        history = reloaded
 
 
 def child_failure(workflow: str, child_id: str, status: str, cause: JSON) -> dict[str, Any]:

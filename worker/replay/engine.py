@@ -65,8 +65,11 @@ class Outcome:
     """When raised after a rollback: the compensations that failed for good (step and message)."""
 
 
-KEPT_WHEN_ENDING = (StepKind.VALUE, StepKind.PATCH, StepKind.ROLLBACK)
-"""The new entries an ending (an error, a rollback) still records: nothing new runs after it."""
+KEPT_WHEN_ENDING = (StepKind.VALUE, StepKind.PATCH, StepKind.ROLLBACK, StepKind.START)
+"""The new entries an ending (an error, a rollback) still records: nothing new waits after it.
+
+A detached child started just before the end is started: the code asked for it and got its id.
+"""
 
 
 def describe(kind: StepKind, key: StepKey) -> str:
@@ -313,6 +316,19 @@ class Replay:
         value = self._carried[key] if key in self._carried else make()
         self.new_entries.append(NewEntry(key, StepKind.VALUE, result=value))
         return value
+
+    def start_child(self, key: StepKey, child_id: str, *, detail: JSON, child_params: JSON) -> None:
+        """Record the start of a detached child (``ctx.start_child``): settled at once, its id as result."""
+        if self._frozen:
+            return
+        record = self.history.step(key)
+        if not self._check_kind(key, StepKind.START, record):
+            return
+        self._requested[key] = StepKind.START
+        if record is None:
+            self.new_entries.append(
+                NewEntry(key, StepKind.START, result=child_id, detail=detail, child_params=child_params)
+            )
 
     def patch(self, patch_id: str, *, deprecated: bool) -> bool:
         """Whether this occurrence of ``patch_id`` takes the patched code (see ``Context.patched``).

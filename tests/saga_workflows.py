@@ -1,0 +1,96 @@
+"""Workflows of the compensation and detached-children tests; each step records its runs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import BaseModel
+
+from stepline import Context, NonRetryableError, RetryPolicy, workflow
+from tests.workflows import Nap, record, sleeper
+
+QUICK_UNDO = RetryPolicy(limit=1, delay="100ms", backoff="constant")
+
+
+class Trip(BaseModel):
+    """What to book; ``fail_at`` names the step that refuses, ``undo_fails`` the compensations that do."""
+
+    who: str = "ada"
+    fail_at: str | None = None
+    undo_fails: list[str] = []
+    block_undo: str | None = None
+    """The compensation that blocks on its first run (a test kills its worker then)."""
+
+
+async def book(trip: Trip, what: str) -> str:
+    await record(what)
+    if trip.fail_at == what:
+        raise NonRetryableError(f"{what} refused for {trip.who}")
+    return f"{what}-for-{trip.who}"
+
+
+async def cancel(trip: Trip, what: str, booking: str) -> None:
+    """Undo ``book(trip, what)``: called with the step's arguments and then its result."""
+    runs_before = await record(booking)
+    if trip.undo_fails and what in trip.undo_fails:
+        raise RuntimeError(f"cannot cancel {booking}")
+    if trip.block_undo == what and runs_before == 0:
+        await asyncio.sleep(3600)  # the test kills this worker now
+
+
+@workflow("booking-saga")
+async def booking_saga(ctx: Context, trip: Trip) -> list[str]:
+    flight = await ctx.step("flight", book, trip, "flight", compensate=cancel, compensate_retry=QUICK_UNDO)
+    hotel = await ctx.step("hotel", book, trip, "hotel", compensate=cancel, compensate_retry=QUICK_UNDO)
+    car = await ctx.step("car", book, trip, "car", compensate=cancel, compensate_retry=QUICK_UNDO)
+    return [flight, hotel, car]
+
+
+@workflow("parallel-saga")
+async def parallel_saga(ctx: Context, trip: Trip) -> list[str]:
+    flight = await ctx.step("flight", book, trip, "flight", compensate=cancel)
+    hotel, car = await asyncio.gather(
+        ctx.step("hotel", book, trip, "hotel", compensate=cancel),
+        ctx.step("car", book, trip, "car", compensate=cancel),
+    )
+    await ctx.step("pay", book, trip, "pay")
+    return [flight, hotel, car]
+
+
+@workflow("saga-awaiting-approval")
+async def saga_awaiting_approval(ctx: Context, trip: Trip) -> list[str]:
+    flight = await ctx.step("flight", book, trip, "flight", compensate=cancel)
+    hotel = await ctx.step("hotel", book, trip, "hotel", compensate=cancel)
+    await ctx.wait_for_event("approval", event_type="approved")
+    return [flight, hotel]
+
+
+@workflow("detaches-a-sleeper")
+async def detaches_a_sleeper(ctx: Context, params: None) -> str:
+    return ctx.start_child("nap", sleeper, Nap(duration="1 day"))
+
+
+@workflow("saga-child")
+async def saga_child(ctx: Context, trip: Trip) -> str:
+    return await ctx.step("hotel", book, trip, "hotel", compensate=cancel)
+
+
+@workflow("waits-for-detached")
+async def waits_for_detached(ctx: Context, trip: Trip) -> list[str]:
+    child_id = ctx.start_child("hotel-booking", saga_child, trip)
+    flight = await ctx.step("flight", book, trip, "flight")
+    hotel = await ctx.wait_for_child(child_id)
+    return [child_id, flight, hotel]
+
+
+@workflow("detaches-then-waits")
+async def detaches_then_waits(ctx: Context, params: None) -> object:
+    ctx.start_child("nap", sleeper, Nap(duration="1 day"))
+    return await ctx.wait_for_event("approval", event_type="approved")
+
+
+@workflow("not-callable-undo")
+async def not_callable_undo(ctx: Context, params: None) -> str:
+    refund: Any = "refund"  # a typo'd name instead of a function
+    return await ctx.step("charge", book, Trip(), "charge", compensate=refund)
