@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from stepline.shared import slots
+from stepline.shared import slots, termination
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import InstanceNotFoundError, InvalidStateError
 from stepline.shared.messages import AdvanceMessage, encode_message
-from stepline.shared.rollback import begin_rollback
 from stepline.shared.states import InstanceStatus
 
 # A queued instance has not started: there is nothing to pause (terminate it, or let it wait).
@@ -46,26 +45,10 @@ async def resume(tx: Transaction, instance_id: str, *, limit: int) -> list[Outbo
 async def terminate(
     tx: Transaction, instance_id: str, *, limit: int, rollback: bool = False, children: bool = False
 ) -> list[OutboxRow]:
-    """Stop an instance for good: timers disarmed, no step starts again; its children too.
-
-    A terminated instance of a workflow with a concurrency limit frees its slot
-    (if it held one: a queued instance held none), and the next queued instance
-    of its key starts, in this transaction.
-
-    With ``rollback`` the instance first runs the compensations of its committed
-    steps (newest first; its unfinished children roll back too) and ends
-    ``terminated`` once they have run; until then it stays ``running`` with its
-    ``$rollback`` marker in the history. A queued instance has committed nothing:
-    it ends at once. Children started with ``ctx.start_child`` are left alone
-    unless ``children``.
-    """
-    status = await _lock(tx, instance_id)
-    if status.is_finished:
-        raise InvalidStateError(instance_id, "terminate", status, "not yet finished")
-    reason = "terminated on request"
-    if rollback and status != InstanceStatus.QUEUED:
-        return await begin_rollback(tx, instance_id, reason, payload_limit=limit, detached=children)
-    return await slots.terminate(tx, instance_id, reason, payload_limit=limit, detached=children)
+    """Stop an instance for good, or once its compensations have run (see ``stepline.shared.termination``)."""
+    return await termination.terminate(
+        tx, instance_id, payload_limit=limit, rollback=rollback, children=children
+    )
 
 
 async def restart(tx: Transaction, instance_id: str, *, limit: int) -> list[OutboxRow]:
