@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stepline import Context, NonRetryableError, RetryPolicy, workflow
+from stepline import Concurrency, Context, NonRetryableError, RetryPolicy, workflow
 from tests.workflows import Nap, record, sleeper
 
 QUICK_UNDO = RetryPolicy(limit=1, delay="100ms", backoff="constant")
@@ -94,3 +94,11 @@ async def detaches_then_waits(ctx: Context, params: None) -> object:
 async def not_callable_undo(ctx: Context, params: None) -> str:
     refund: Any = "refund"  # a typo'd name instead of a function
     return await ctx.step("charge", book, Trip(), "charge", compensate=refund)
+
+
+@workflow("one-trip-at-a-time", concurrency=Concurrency(1, on_limit="cancel-oldest"))
+async def one_trip_at_a_time(ctx: Context, trip: Trip) -> str:
+    """A newer trip cancels the older one, which cancels its flight first."""
+    flight = await ctx.step("flight", book, trip, "flight", compensate=cancel)
+    await ctx.wait_for_event("approval", event_type="approved")
+    return flight

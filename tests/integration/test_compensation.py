@@ -228,3 +228,20 @@ async def test_wait_for_child_raises_the_detached_childs_error(
     assert info.status == "errored"
     assert info.error is not None
     assert f"child workflow 'saga-child' ('{parent_id}/hotel-booking') errored" in info.error["message"]
+
+
+async def test_cancel_oldest_rolls_the_oldest_instance_back(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings
+) -> None:
+    await fleet.start_worker()
+    await producer.start("one-trip-at-a-time", {"who": "old"}, instance_id="old")
+    await until_status(control, "old", "waiting")
+    await producer.start("one-trip-at-a-time", {"who": "new"}, instance_id="new")
+
+    evicted = await control.wait("old", timeout=30)
+    assert evicted.status == "terminated"
+    assert evicted.error is not None
+    assert evicted.error["message"].startswith("cancelled for a newer instance 'new'")
+    assert await runs(settings, "old") == [("flight", "flight"), ("$undo:flight", "flight-for-old")]
+    await until_status(control, "new", "waiting")
+    assert await runs(settings, "new") == [("flight", "flight")]
