@@ -14,12 +14,15 @@ import logging
 
 from stepline.shared.db.records import NewStep, OutboxRow
 from stepline.shared.db.transaction import Transaction
-from stepline.shared.history import ROLLBACK_KEY
+from stepline.shared.history import ROLLBACK_KEY, History
 from stepline.shared.messages import AdvanceMessage, encode_message
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 
 ROLLBACK_REASON = "rollback"
 """The reason of the AdvanceMessage that makes a worker run an instance's compensations."""
+
+ROLLBACK_WITH_PARENT = "rollback-with-parent"
+"""The reason of the AdvanceMessage that asks a completed child to roll back with its parent."""
 
 log = logging.getLogger("stepline.rollback")
 
@@ -58,3 +61,28 @@ async def begin_rollback(
         await tx.lock_instance(child)
         rows += await begin_rollback(tx, child, reason, payload_limit=payload_limit, detached=detached)
     return rows
+
+
+async def reopen_for_rollback(tx: Transaction, history: History) -> bool:
+    """Let a completed child roll back with its parent: its marker, and ``running`` again.
+
+    Returns False (nothing written) if it did not complete, or has rolled back
+    already: its parent is then told at once that it is over.
+    """
+    if history.status != InstanceStatus.COMPLETE or history.is_rolling_back:
+        return False
+    parent = history.parent.instance_id if history.parent is not None else "?"
+    marker = NewStep(
+        key=ROLLBACK_KEY,
+        position=history.next_position,
+        kind=StepKind.ROLLBACK,
+        status=StepStatus.SUCCEEDED,
+        result={"status": "terminated", "reason": f"rolled back with its parent {parent!r}"},
+    )
+    await tx.insert_steps(history.instance_id, [marker])
+    await tx.update_instance(history.instance_id, status=InstanceStatus.RUNNING)
+    log.info(
+        "rollback begun with the parent",
+        extra={"event": "rollback_begun", "instance_id": history.instance_id},
+    )
+    return True

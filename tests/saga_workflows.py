@@ -102,3 +102,12 @@ async def one_trip_at_a_time(ctx: Context, trip: Trip) -> str:
     flight = await ctx.step("flight", book, trip, "flight", compensate=cancel)
     await ctx.wait_for_event("approval", event_type="approved")
     return flight
+
+
+@workflow("saga-with-child")
+async def saga_with_child(ctx: Context, trip: Trip) -> list[str]:
+    """The hotel is booked by a child workflow, which is rolled back with this one."""
+    flight = await ctx.step("flight", book, trip, "flight", compensate=cancel)
+    hotel = await ctx.child("hotel", saga_child, trip)
+    car = await ctx.step("car", book, trip, "car", compensate=cancel)
+    return [flight, hotel, car]

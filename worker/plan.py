@@ -17,6 +17,7 @@ from stepline.shared.failures import failure_record
 from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.hooks import Hooks, NoHooks
 from stepline.shared.messages import (
+    AdvanceMessage,
     ParentRef,
     StartMessage,
     StepMessage,
@@ -24,10 +25,11 @@ from stepline.shared.messages import (
     encode_message,
     parent_wake,
 )
+from stepline.shared.rollback import ROLLBACK_WITH_PARENT
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import pool_of, routing_key
 from stepline.worker.replay.engine import KEPT_WHEN_ENDING, NewEntry, Outcome, Replay, payload_problem
-from stepline.worker.replay.rollback import BATCH
+from stepline.worker.replay.rollback import BATCH, ROLLBACK_CHILD
 from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -99,7 +101,7 @@ class Planner:
         )
         return message.routing_key, self._encode(message)
 
-    def _encode(self, message: StepMessage | WakeMessage | StartMessage) -> bytes:
+    def _encode(self, message: StepMessage | WakeMessage | StartMessage | AdvanceMessage) -> bytes:
         return encode_message(message, limit=self.payload_limit)
 
     # ------------------------------------------------------------ applying
@@ -341,9 +343,16 @@ class Planner:
 
         A detached child reports its end to its ``start_child`` entry, which passes it
         on to the waits for it (``waits.settle_wake``); the wait's own wake-up settles
-        it at once if the child has already finished.
+        it at once if the child has already finished. A rollback's ``$undo:<child>``
+        asks the completed child to roll back.
         """
         detail = entry.detail or {}
+        if entry.kind == StepKind.CHILD and detail.get(ROLLBACK_CHILD):
+            # A completed child rolls back with its parent: its end wakes the parent's entry.
+            message = AdvanceMessage(
+                workflow=detail["workflow"], instance_id=detail["child_id"], reason=ROLLBACK_WITH_PARENT
+            )
+            return message.routing_key, self._encode(message), history.trace_context
         if entry.kind == StepKind.CHILD and detail.get("detached"):
             routed, body = self.wake_message(history.workflow, history.instance_id, entry.key)
             return routed, body, history.trace_context

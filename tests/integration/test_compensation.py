@@ -245,3 +245,30 @@ async def test_cancel_oldest_rolls_the_oldest_instance_back(
     assert await runs(settings, "old") == [("flight", "flight"), ("$undo:flight", "flight-for-old")]
     await until_status(control, "new", "waiting")
     assert await runs(settings, "new") == [("flight", "flight")]
+
+
+async def test_a_completed_child_is_rolled_back_with_its_parent(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings
+) -> None:
+    await fleet.start_worker()
+    parent_id = await producer.start("saga-with-child", {"fail_at": "car"})
+    info = await control.wait(parent_id, timeout=30)
+
+    assert info.status == "errored"
+    child_id = f"{parent_id}/hotel"
+    child = await control.get(child_id)
+    assert child is not None and child.status == "terminated"
+    assert child.error is not None and child.error["message"] == f"rolled back with its parent {parent_id!r}"
+    assert await runs(settings, child_id) == [("hotel", "hotel"), ("$undo:hotel", "hotel-for-ada")]
+    # The child (the newer step) is rolled back before the flight is cancelled.
+    undo_child = next(step for step in info.steps if step.name == "$undo:hotel")
+    assert (undo_child.kind, undo_child.status) == ("child", "succeeded")
+    undone = await db.rows(
+        settings.database,
+        "SELECT instance_id, step FROM side_effects WHERE step LIKE %s ORDER BY id",
+        "$undo:%",
+    )
+    assert [(row["instance_id"], row["step"]) for row in undone] == [
+        (child_id, "$undo:hotel"),
+        (parent_id, "$undo:flight"),
+    ]

@@ -10,7 +10,9 @@ history holds the ``$rollback`` marker that ``terminate(..., rollback=True)``
 wrote. Steps whose attempt was already sent when it began are waited for first,
 so a step that commits meanwhile is compensated too. Parallel steps (planned in
 one commit, ``detail["batch"]``) are compensated together; a compensation that
-fails for good is recorded and the others still run.
+fails for good is recorded and the others still run. A child workflow the
+instance waited for (``ctx.child``) that completed is rolled back too: it runs
+its own compensations and ends ``terminated`` (``$undo:<child>`` waits for it).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from stepline.worker.context import StepCall
 
 if TYPE_CHECKING:
     from stepline.worker.workflow import Workflow
+
+ROLLBACK_CHILD = "rollback"
+"""The detail key of a child entry that rolls a completed child back (``$undo:<child>``)."""
 
 BATCH = "batch"
 """The step-detail key naming the first position of the steps planned with it in one commit."""
@@ -52,7 +57,8 @@ class Committed:
     """A committed step that has a compensation: what it was called with and what it returned."""
 
     key: StepKey
-    call: StepCall
+    call: StepCall | None
+    """The step's call; None for a child workflow, which is rolled back as a whole."""
     result: JSON
     group: int
 
@@ -109,6 +115,21 @@ class Rollback:
         return record is not None and record.kind == StepKind.STEP and record.status == StepStatus.RUNNING
 
     def _committed(self) -> list[Committed]:
+        return self._committed_steps() + self._completed_children()
+
+    def _completed_children(self) -> list[Committed]:
+        """The children it waited for (``ctx.child``) that completed: they roll back with it."""
+        found: list[Committed] = []
+        for record in self._history.steps.values():
+            detail = record.detail or {}
+            if record.kind != StepKind.CHILD or record.status != StepStatus.SUCCEEDED:
+                continue
+            if detail.get("detached") or is_undo(record.key):
+                continue
+            found.append(Committed(record.key, None, record.result, int(detail.get(BATCH, record.position))))
+        return found
+
+    def _committed_steps(self) -> list[Committed]:
         found: list[Committed] = []
         for key, call in self._calls.items():
             record = self._history.step(key)
@@ -134,6 +155,9 @@ class Rollback:
 
     async def _undo(self, step: Committed) -> None:
         call = step.call
+        if call is None:
+            await self._roll_back_child(step)
+            return
         assert call.compensate is not None
         value = self._workflow.result_adapter(call.fn).validate_python(step.result)
         key = undo_key(step.key)
@@ -150,3 +174,10 @@ class Rollback:
         )
         detail = {"compensates": format_key(step.key), **carried}
         await self._request(key, StepKind.STEP, call=undo, detail=detail)
+
+    async def _roll_back_child(self, step: Committed) -> None:
+        """Ask a completed child to run its own compensations; settled once it has (``waits``)."""
+        record = self._history.step(step.key)
+        assert record is not None
+        detail = {**(record.detail or {}), ROLLBACK_CHILD: True, "compensates": format_key(step.key)}
+        await self._request(undo_key(step.key), StepKind.CHILD, detail=detail)
