@@ -39,7 +39,7 @@ async def cancel(trip: Trip, what: str, booking: str) -> None:
         await asyncio.sleep(3600)  # the test kills this worker now
 
 
-@workflow("booking-saga")
+@workflow("trip-saga")
 async def booking_saga(ctx: Context, trip: Trip) -> list[str]:
     flight = await ctx.step("flight", book, trip, "flight", compensate=cancel, compensate_retry=QUICK_UNDO)
     hotel = await ctx.step("hotel", book, trip, "hotel", compensate=cancel, compensate_retry=QUICK_UNDO)

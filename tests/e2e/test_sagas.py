@@ -29,7 +29,7 @@ async def test_sigkill_during_a_rollback_undoes_each_step_once_in_reverse_order(
 ) -> None:
     process_fleet.start("w1", "stepline-worker", "--workflows", "tests.saga_workflows", "--worker-id", "w1")
     await until_consuming(settings, SAGAS)
-    instance_id = await producer.start("booking-saga", {"fail_at": "car", "block_undo": "flight"})
+    instance_id = await producer.start("trip-saga", {"fail_at": "car", "block_undo": "flight"})
 
     # The hotel is cancelled; cancelling the flight blocks on w1 until w1 dies.
     await eventually(

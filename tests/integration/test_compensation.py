@@ -39,7 +39,7 @@ async def test_a_saga_failing_at_its_third_step_undoes_the_first_two_newest_firs
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
     await fleet.start_worker()
-    instance_id = await producer.start("booking-saga", {"fail_at": "car"})
+    instance_id = await producer.start("trip-saga", {"fail_at": "car"})
     info = await control.wait(instance_id, timeout=30)
 
     assert info.status == "errored"
@@ -70,7 +70,7 @@ async def test_a_saga_that_completes_runs_no_compensation(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
     await fleet.start_worker()
-    instance_id = await producer.start("booking-saga", {})
+    instance_id = await producer.start("trip-saga", {})
     info = await control.wait(instance_id, timeout=30)
     assert info.status == "complete", info.error
     assert [step for step, _ in await runs(settings, instance_id)] == ["flight", "hotel", "car"]
@@ -81,7 +81,7 @@ async def test_a_failed_compensation_is_recorded_and_the_others_still_run(
 ) -> None:
     await fleet.start_worker()
     fleet.start_scheduler()  # the compensation's retry waits on a timer
-    instance_id = await producer.start("booking-saga", {"fail_at": "car", "undo_fails": ["hotel"]})
+    instance_id = await producer.start("trip-saga", {"fail_at": "car", "undo_fails": ["hotel"]})
     info = await control.wait(instance_id, timeout=30)
 
     assert info.status == "errored"

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from examples.booking_saga import TRIPS, booking_saga
 from stepline import Context, NonRetryableError, RetryPolicy, step_info, workflow
 from stepline.shared.errors import WorkflowDefinitionError
 from stepline.worker.testing import WorkflowEnvironment, check_replay
@@ -147,3 +148,21 @@ async def test_a_detached_child_is_waited_for_later_on_virtual_time() -> None:
         ]
     finally:
         environment.close()
+
+
+async def test_the_booking_saga_example_books_one_trip_and_rolls_the_declined_one_back(
+    env: WorkflowEnvironment,
+) -> None:
+    booked = await env.start(booking_saga, TRIPS[0], instance_id="booked")
+    declined = await env.start(booking_saga, TRIPS[1], instance_id="declined")
+
+    assert booked.status == "complete"
+    assert declined.status == "errored"
+    assert declined.error is not None and "card declined for Bob" in declined.error["message"]
+    assert [(entry.name, entry.status) for entry in declined.history][3:] == [
+        ("$rollback", "succeeded"),
+        ("$undo:book-hotel", "succeeded"),
+        ("$undo:book-flight", "succeeded"),
+    ]
+    hotel = declined.entry("book-hotel").result
+    assert declined.entry("$undo:book-hotel").result == f"cancelled {hotel['reference']}"
