@@ -571,7 +571,8 @@ def is_current(
 ) -> bool:
     """Only the current attempt of a running step may run and commit (the fencing token).
 
-    A paused instance starts no step, but a step already running may still commit.
+    A paused instance starts no step, but a step already running may still commit
+    (``running_in_paused``, at commit time); so does a rolling-back one.
     """
     if history.status.is_finished:
         _log_stale(message, f"the instance is {history.status}")
@@ -588,8 +589,9 @@ def is_current(
     if record.status not in live or record.attempt != message.attempt:
         _log_stale(message, f"the step is {record.status} at attempt {record.attempt}")
         return False
-    if _ends_in_rollback(history, key) and record.status != StepStatus.RUNNING:
-        # Sent before the rollback began, a step still runs (the rollback waits for it); no retry does.
+    if _ends_in_rollback(history, key) and record.status != StepStatus.RUNNING and not running_in_paused:
+        # Sent before the rollback began, a step still runs (the rollback waits for it); no retry
+        # starts. A retry that was already running may still commit: it is then compensated too.
         _log_stale(message, "the instance is rolling back: only its compensations run")
         return False
     return True
