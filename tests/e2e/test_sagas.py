@@ -40,6 +40,9 @@ async def test_sigkill_during_a_rollback_undoes_each_step_once_in_reverse_order(
     )
     info = await client.get(instance_id)
     assert info is not None and (info.status, info.rolling_back) == ("running", True)
+    why = await client.why(instance_id)
+    assert why.headline.startswith("rolling back (its compensations run, newest step first): ")
+    assert "$undo:flight" in why.headline and not why.is_stranded
     process_fleet.start("w2", "stepline-worker", "--workflows", "tests.saga_workflows", "--worker-id", "w2")
     process_fleet.kill("w1")
 
