@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -238,35 +239,15 @@ class Replay:
         timeout: timedelta | None = None,
         child_params: JSON = None,
         payload_adapter: TypeAdapter[Any] | None = None,
+        by_rollback: bool = False,
     ) -> asyncio.Future[Any]:
-        """The future of a step or sleep: done if the history settled it, else pending."""
-        if self._frozen:
-            return self._loop.create_future()  # the workflow code is over: it waits for ever
-        return self._request(
-            key,
-            kind,
-            call=call,
-            delay=delay,
-            fire_at=fire_at,
-            detail=detail,
-            timeout=timeout,
-            child_params=child_params,
-            payload_adapter=payload_adapter,
-        )
+        """The future of a step or sleep: done if the history settled it, else pending.
 
-    def _request(
-        self,
-        key: StepKey,
-        kind: StepKind,
-        *,
-        call: StepCall | None = None,
-        delay: timedelta | None = None,
-        fire_at: datetime | None = None,
-        detail: JSON = None,
-        timeout: timedelta | None = None,
-        child_params: JSON = None,
-        payload_adapter: TypeAdapter[Any] | None = None,
-    ) -> asyncio.Future[Any]:
+        Once the instance rolls back, only its rollback (``by_rollback``) asks for
+        anything: what the workflow code asks for waits for ever, unrecorded.
+        """
+        if self._frozen and not by_rollback:
+            return self._loop.create_future()
         future: asyncio.Future[Any] = self._loop.create_future()
         if self._divergence is not None:
             return future
@@ -406,7 +387,7 @@ class Replay:
             history=self.history,
             calls=self.calls,
             futures=self._step_futures,
-            request=self._request,
+            request=functools.partial(self.request, by_rollback=True),
         )
         self._rollback = self._loop.create_task(rollback.run(error))
         self._loop.run_until_idle()
