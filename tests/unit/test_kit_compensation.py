@@ -166,3 +166,35 @@ async def test_the_booking_saga_example_books_one_trip_and_rolls_the_declined_on
     ]
     hotel = declined.entry("book-hotel").result
     assert declined.entry("$undo:book-hotel").result == f"cancelled {hotel['reference']}"
+
+
+@workflow("kit-waits-for-a-stranger")
+async def kit_waits_for_a_stranger(ctx: Context, params: None) -> object:
+    return await ctx.wait_for_child("test/nobody")
+
+
+@workflow("kit-retry-without-undo")
+async def kit_retry_without_undo(ctx: Context, params: None) -> str:
+    return await ctx.step("seat", reserve, "seat", compensate_retry=HOURLY)
+
+
+@pytest.mark.parametrize(
+    ("flow", "message"),
+    [
+        (
+            kit_waits_for_a_stranger,
+            "workflow 'kit-waits-for-a-stranger': wait_for_child('test/nobody') names no child this "
+            "instance started with ctx.start_child (before the wait)",
+        ),
+        (
+            kit_retry_without_undo,
+            "workflow 'kit-retry-without-undo', step 'seat': compensate_retry= is given without compensate=",
+        ),
+    ],
+)
+async def test_misused_saga_and_child_calls_error_the_instance_naming_it(
+    env: WorkflowEnvironment, flow: Any, message: str
+) -> None:
+    run = await env.start(flow)
+    assert run.status == "errored"
+    assert run.error is not None and run.error["message"] == message
