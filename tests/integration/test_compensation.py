@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -23,6 +24,11 @@ SAGAS = load_workflows(["tests.saga_workflows"])
 @pytest.fixture
 def workflows() -> dict[str, Workflow[Any, Any]]:
     return SAGAS
+
+
+def _json(value: Any) -> Any:
+    """A JSON column as read: a dict from PostgreSQL, text from SQLite."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 async def runs(settings: Settings, instance_id: str) -> list[tuple[str, str]]:
@@ -117,6 +123,14 @@ async def test_parallel_steps_are_compensated_together_after_the_later_ones(
     assert sorted(undone[:2]) == ["$undo:car", "$undo:hotel"]
     assert undone[2:] == ["$undo:flight"]
     assert "$undo:pay" not in order  # it has no compensation
+    # They were planned together: their entries name the same batch, which the rollback undoes at once.
+    found = await db.rows(
+        settings.database,
+        "SELECT name, detail FROM steps WHERE instance_id = %s AND name IN ('hotel', 'car')",
+        instance_id,
+    )
+    batches = {row["name"]: _json(row["detail"])["batch"] for row in found}
+    assert batches == {"hotel": 2, "car": 2}
 
 
 async def test_terminate_with_rollback_undoes_the_committed_steps_and_ends_terminated(
