@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from typing import Any
 
 from pydantic import BaseModel
 
-from stepline import Concurrency, Context, NonRetryableError, RetryPolicy, workflow
-from tests.workflows import Nap, record, sleeper
+from stepline import Concurrency, Context, NonRetryableError, RetryPolicy, step_info, workflow
+from tests.support.db import scalar
+from tests.workflows import SIDE_EFFECTS_URL, Nap, record, sleeper
 
 QUICK_UNDO = RetryPolicy(limit=1, delay="100ms", backoff="constant")
 
@@ -110,4 +113,33 @@ async def saga_with_child(ctx: Context, trip: Trip) -> list[str]:
     flight = await ctx.step("flight", book, trip, "flight", compensate=cancel)
     hotel = await ctx.child("hotel", saga_child, trip)
     car = await ctx.step("car", book, trip, "car", compensate=cancel)
+    return [flight, hotel, car]
+
+
+async def book_once_the_rollback_began(trip: Trip, what: str) -> str:
+    """A step still running when its sibling fails: it returns only once the rollback has begun."""
+    await record(what)
+    instance_id = step_info().instance_id
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        begun = await scalar(
+            os.environ[SIDE_EFFECTS_URL],
+            "SELECT count(*) FROM steps WHERE instance_id = %s AND name = %s",
+            instance_id,
+            "$rollback",
+        )
+        if begun:
+            return f"{what}-for-{trip.who}"
+        await asyncio.sleep(0.05)
+    raise NonRetryableError("the rollback did not begin")
+
+
+@workflow("saga-with-a-slow-sibling")
+async def saga_with_a_slow_sibling(ctx: Context, trip: Trip) -> list[str]:
+    """The car fails while the hotel is still being booked: the hotel is compensated once it commits."""
+    flight = await ctx.step("flight", book, trip, "flight", compensate=cancel)
+    hotel, car = await asyncio.gather(
+        ctx.step("hotel", book_once_the_rollback_began, trip, "hotel", compensate=cancel),
+        ctx.step("car", book, trip, "car", compensate=cancel),
+    )
     return [flight, hotel, car]

@@ -286,3 +286,20 @@ async def test_a_completed_child_is_rolled_back_with_its_parent(
         (child_id, "$undo:hotel"),
         (parent_id, "$undo:flight"),
     ]
+
+
+async def test_a_step_still_running_when_the_rollback_begins_is_waited_for_and_compensated(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings
+) -> None:
+    await fleet.start_worker()
+    instance_id = await producer.start("saga-with-a-slow-sibling", {"fail_at": "car"})
+    info = await control.wait(instance_id, timeout=60)
+
+    assert info.status == "errored"
+    assert info.error is not None and "car refused for ada" in info.error["message"]
+    order = [step for step, _ in await runs(settings, instance_id)]
+    assert sorted(order[:3]) == ["car", "flight", "hotel"]
+    # The hotel committed after the rollback began: it is undone, before the flight.
+    assert order[3:] == ["$undo:hotel", "$undo:flight"]
+    hotel = next(step for step in info.steps if step.name == "hotel")
+    assert (hotel.status, hotel.result) == ("succeeded", "hotel-for-ada")
