@@ -52,8 +52,12 @@ class BulkOutcome(BaseModel):
     sample: list[str]
 
 
-def rule_of(action: BulkAction, *, payload_limit: int) -> Rule:
-    """The single-id rule of ``action``, as the ``Client`` methods run it."""
+def rule_of(
+    action: BulkAction, *, payload_limit: int, rollback: bool = False, children: bool = False
+) -> Rule:
+    """The single-id rule of ``action``, as the ``Client`` methods run it (with terminate's options)."""
+    if (rollback or children) and action != "terminate":
+        raise ValueError(f"rollback and children are options of terminate, not of {action}")
     if action == "pause":
 
         async def pause(tx: Transaction, instance_id: str) -> list[OutboxRow]:
@@ -64,7 +68,9 @@ def rule_of(action: BulkAction, *, payload_limit: int) -> Rule:
     if action == "resume":
         return lambda tx, instance_id: control.resume(tx, instance_id, limit=payload_limit)
     if action == "terminate":
-        return lambda tx, instance_id: control.terminate(tx, instance_id, limit=payload_limit)
+        return lambda tx, instance_id: control.terminate(
+            tx, instance_id, limit=payload_limit, rollback=rollback, children=children
+        )
     if action == "restart":
         return lambda tx, instance_id: control.restart(tx, instance_id, limit=payload_limit)
     raise ValueError(f"unknown bulk action {action!r}: use one of {', '.join(BULK_ACTIONS)}")

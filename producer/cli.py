@@ -670,7 +670,10 @@ def _headline(info: InstanceInfo) -> Text:
 
 
 def _status_text(info: InstanceInfo, *, brief: bool = False) -> str:
-    """The status as an operator reads it: a held instance says so (a plain pause does not)."""
+    """The status as an operator reads it: a held or rolling-back instance says so (a plain pause not)."""
+    if info.rolling_back:
+        why = "" if brief else ": its compensations run"
+        return f"{info.status} (rolling back{why})"
     if not info.is_held:
         return info.status
     if brief:

@@ -377,10 +377,26 @@ class Client:
                 progress(done, len(instances))
         return resumed
 
-    async def terminate(self, instance_id: str) -> InstanceInfo:
-        """Stop the instance and its children for good; raises ``InvalidStateError`` if finished."""
+    async def terminate(
+        self, instance_id: str, *, rollback: bool = False, children: bool = False
+    ) -> InstanceInfo:
+        """Stop the instance and its children for good; raises ``InvalidStateError`` if finished.
+
+        Args:
+            instance_id: the instance.
+            rollback: first run the compensations of its committed steps (newest first, each
+                a durable step); it ends ``terminated`` once they have run, and shows
+                ``rolling_back`` until then.
+            children: also terminate the children it started with ``ctx.start_child``
+                (children it waits for with ``ctx.child`` always end with it).
+        """
         check_instance_id(instance_id)
-        await self._control(lambda tx: control.terminate(tx, instance_id, limit=self._limit), publishes=True)
+        await self._control(
+            lambda tx: control.terminate(
+                tx, instance_id, limit=self._limit, rollback=rollback, children=children
+            ),
+            publishes=True,
+        )
         return await self._must_get(instance_id)
 
     async def restart(self, instance_id: str) -> InstanceInfo:
@@ -401,6 +417,8 @@ class Client:
         batch_size: int = 500,
         dry_run: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        rollback: bool = False,
+        children: bool = False,
     ) -> BulkOutcome:
         """Pause, resume, terminate or restart every instance that fits all the filters given.
 
@@ -410,13 +428,15 @@ class Client:
         ``batch_size`` per transaction, by id, each batch's messages published
         after its commit. ``progress`` is told how many were handled and how
         many there are. With ``dry_run`` nothing changes: the outcome counts the
-        matches and shows the first ids.
+        matches and shows the first ids. ``rollback`` and ``children`` are those of
+        ``terminate``.
 
         Raises:
-            ValueError: no filter is given, ``status`` is not a status, or ``action`` is unknown.
+            ValueError: no filter is given, ``status`` is not a status, ``action`` is unknown,
+                or ``rollback``/``children`` is given with another action than terminate.
             ConfigError: the action publishes (all but pause) and the client has no ``amqp_url``.
         """
-        rule = rule_of(action, payload_limit=self._limit)
+        rule = rule_of(action, payload_limit=self._limit, rollback=rollback, children=children)
         selection = InstanceSelection(
             workflow=workflow,
             status=InstanceStatus(status) if status is not None else None,
@@ -670,6 +690,8 @@ def _instance(row: Any, steps: builtins.list[StepInfo]) -> InstanceInfo:
         priority=row.priority,
         concurrency_key=row.concurrency_key,
         steps=steps,
+        rolling_back=not InstanceStatus(row.status).is_finished
+        and any(step.kind == StepKind.ROLLBACK for step in steps),
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stepline.shared import slots
+from stepline.shared import slots, termination
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import InstanceNotFoundError, InvalidStateError
@@ -42,17 +42,13 @@ async def resume(tx: Transaction, instance_id: str, *, limit: int) -> list[Outbo
     return await _advance(tx, instance_id, "resume", limit=limit)
 
 
-async def terminate(tx: Transaction, instance_id: str, *, limit: int) -> list[OutboxRow]:
-    """Stop an instance for good: timers disarmed, no step starts again; its children too.
-
-    A terminated instance of a workflow with a concurrency limit frees its slot
-    (if it held one: a queued instance held none), and the next queued instance
-    of its key starts, in this transaction.
-    """
-    status = await _lock(tx, instance_id)
-    if status.is_finished:
-        raise InvalidStateError(instance_id, "terminate", status, "not yet finished")
-    return await slots.terminate(tx, instance_id, "terminated on request", payload_limit=limit)
+async def terminate(
+    tx: Transaction, instance_id: str, *, limit: int, rollback: bool = False, children: bool = False
+) -> list[OutboxRow]:
+    """Stop an instance for good, or once its compensations have run (see ``stepline.shared.termination``)."""
+    return await termination.terminate(
+        tx, instance_id, payload_limit=limit, rollback=rollback, children=children
+    )
 
 
 async def restart(tx: Transaction, instance_id: str, *, limit: int) -> list[OutboxRow]:

@@ -57,12 +57,32 @@ def _filters(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def _terminate_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``terminate --rollback --children``: what else a terminate does."""
+    command = click.option(
+        "--children",
+        is_flag=True,
+        help="Also terminate the children started with ctx.start_child (detached ones).",
+    )(command)
+    return click.option(
+        "--rollback",
+        is_flag=True,
+        help="First run the compensations of its committed steps, newest first; it ends terminated after.",
+    )(command)
+
+
+def _no_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    return command
+
+
 def _control_command(name: BulkAction, summary: str) -> None:
     """Register ``stepline NAME ID`` and its bulk form ``stepline NAME --workflow W --status S ...``."""
+    extra = _terminate_options if name == "terminate" else _no_options
 
     @click.command(name=name, help=summary + _BULK_HELP)
     @OPTIONAL_ID
     @_filters
+    @extra
     @JSON_OPTION
     def command(
         instance_id: str | None,
@@ -74,10 +94,11 @@ def _control_command(name: BulkAction, summary: str) -> None:
         dry_run: bool,
         batch_size: int,
         as_json: bool,
+        **options: bool,
     ) -> None:
         if instance_id is not None:
             _refuse_filters_with_an_id(workflow, status_, since, build_id, held, dry_run)
-            _control(name, instance_id, as_json)
+            _control(name, instance_id, as_json, options)
             return
         if workflow is None:
             raise click.UsageError(
@@ -87,7 +108,7 @@ def _control_command(name: BulkAction, summary: str) -> None:
         if name == "resume" and held and (status_, since, build_id) == (None, None, None):
             _resume_held(workflow, dry_run, as_json)  # `resume --held --workflow W`, as it was before
             return
-        _bulk(name, workflow, status_, _utc(since), build_id, held, dry_run, batch_size, as_json)
+        _bulk(name, workflow, status_, _utc(since), build_id, held, dry_run, batch_size, as_json, options)
 
     commands.append(command)
 
@@ -109,15 +130,18 @@ _BULK_HELP = """
 commands: list[click.Command] = []
 
 
-def _control(name: str, instance_id: str, as_json: bool) -> None:
+def _control(name: str, instance_id: str, as_json: bool, options: dict[str, bool]) -> None:
     """Run one control action on one instance and print its new status."""
     publishes = name != "pause"
     settings = _settings("database_url", "amqp_url") if publishes else _settings("database_url")
-    info = _with_client(settings, lambda client: getattr(client, name)(instance_id), publishes=publishes)
+    info = _with_client(
+        settings, lambda client: getattr(client, name)(instance_id, **options), publishes=publishes
+    )
     if as_json:
         _print_json(info.model_dump(mode="json", exclude={"steps"}))
     else:
-        click.echo(f"{info.id}: {info.status}")
+        rolling_back = " (rolling back)" if info.rolling_back else ""
+        click.echo(f"{info.id}: {info.status}{rolling_back}")
 
 
 def _bulk(
@@ -130,6 +154,7 @@ def _bulk(
     dry_run: bool,
     batch_size: int,
     as_json: bool,
+    options: dict[str, bool],
 ) -> None:
     publishes = name != "pause" and not dry_run
     settings = _settings("database_url", "amqp_url") if publishes else _settings("database_url")
@@ -156,6 +181,7 @@ def _bulk(
                 batch_size=batch_size,
                 dry_run=dry_run,
                 progress=report,
+                **options,
             ),
             publishes=publishes,
         )
@@ -215,5 +241,10 @@ _control_command(
     "names both sides) goes on from its history on the code deployed now, or is held again.\n"
     "`resume --held --workflow W` resumes every held instance of W.",
 )
-_control_command("terminate", "Terminate an instance and its children; nothing runs again.")
+_control_command(
+    "terminate",
+    "Terminate an instance and its children; nothing runs again.\n"
+    "--rollback first runs its compensations (newest step first); --children also\n"
+    "terminates the children it started detached (ctx.start_child).",
+)
 _control_command("restart", "Clear an instance's history and run it again from the start, same id.")

@@ -75,6 +75,10 @@ class InstanceInfo(BaseModel):
     concurrency_key: str | None = None
     """Its key under its workflow's concurrency limit ("" for one limit over the workflow), or None."""
     steps: list[StepInfo] = []
+    rolling_back: bool = False
+    """Whether it runs its compensations now (status ``running``; its history holds the
+    ``$rollback`` marker and the ``$undo:<step>`` compensations). Read with its steps
+    (``Client.get``); ``list`` leaves it False."""
 
     @property
     def is_finished(self) -> bool:

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from stepline.shared.db.inspect import Snapshot
-from stepline.shared.history import format_key
+from stepline.shared.history import format_key, is_undo
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import pool_of
 
@@ -172,7 +172,11 @@ def _paused(row: Row, base: dict[str, Any]) -> Diagnosis:
 def _moving(snap: Snapshot, limits: Limits, base: dict[str, Any]) -> Diagnosis:
     """A running or waiting instance: each unsettled entry, and the outbox."""
     row = snap.instance
-    waits = [wait for step in snap.steps if (wait := _wait_of(snap, step, limits)) is not None]
+    waits = [
+        wait
+        for step in snap.steps
+        if not _abandoned(snap, step) and (wait := _wait_of(snap, step, limits)) is not None
+    ]
     problems = [wait.problem for wait in waits if wait.problem is not None]
     if snap.outbox:
         waits.append(
@@ -195,6 +199,8 @@ def _moving(snap: Snapshot, limits: Limits, base: dict[str, Any]) -> Diagnosis:
         headline = "; ".join(wait.text for wait in waits)
         headline += "; nothing is wrong" if not problems and not lost else ""
         state = "waiting" if row["status"] == InstanceStatus.WAITING else "running"
+    if any(step["kind"] == StepKind.ROLLBACK for step in snap.steps):
+        headline = f"rolling back (its compensations run, newest step first): {headline}"
     return Diagnosis(
         **base,
         state=state,
@@ -218,6 +224,19 @@ def _nothing_pending(snap: Snapshot, limits: Limits) -> Wait:
         since=changed,
         repair=Repair("advance"),
     )
+
+
+def _abandoned(snap: Snapshot, step: Row) -> bool:
+    """Whether a rollback left the entry behind: nothing will (or needs to) move it any more.
+
+    A rolling-back instance waits only for its compensations and for the attempts
+    it had already sent (see stepline.worker.replay.rollback).
+    """
+    if not any(row["kind"] == StepKind.ROLLBACK for row in snap.steps):
+        return False
+    if is_undo((step["name"], step["occurrence"])):
+        return False
+    return not (step["kind"] == StepKind.STEP and step["status"] == StepStatus.RUNNING)
 
 
 def _wait_of(snap: Snapshot, step: Row, limits: Limits) -> Wait | None:

@@ -237,6 +237,10 @@ class TerminatedError(SteplineError):
         self.reason = reason
 
 
+class CompensationError(SteplineError):
+    """A compensation did not undo everything: a child rolled back with its parent had one fail."""
+
+
 class ConcurrencyKeyError(SteplineError):
     """A workflow's concurrency key function raised, or returned something other than a short string.
 

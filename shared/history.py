@@ -16,6 +16,26 @@ PATCH_PREFIX = "$patch:"
 """How a patch marker's name starts: step names cannot start with ``$``, so ids never collide."""
 
 
+UNDO_PREFIX = "$undo:"
+"""How a compensation's name starts: ``$undo:<step name>``, with the occurrence of the step it undoes."""
+
+WAIT_PREFIX = "$wait:"
+"""How a ``ctx.wait_for_child`` entry's name starts: ``$wait:<the start_child name>``."""
+
+ROLLBACK_KEY: StepKey = ("$rollback", 1)
+"""The history entry that marks an instance rolling back (``StepKind.ROLLBACK``)."""
+
+
+def undo_key(key: StepKey) -> StepKey:
+    """The key of the compensation of step ``key``."""
+    return (UNDO_PREFIX + key[0], key[1])
+
+
+def is_undo(key: StepKey) -> bool:
+    """Whether ``key`` names a compensation."""
+    return key[0].startswith(UNDO_PREFIX)
+
+
 def patch_marker_name(patch_id: str) -> str:
     """The history name of the markers of ``ctx.patched(patch_id)``."""
     return PATCH_PREFIX + patch_id
@@ -83,3 +103,8 @@ class History:
     def step(self, key: StepKey) -> StepRecord | None:
         """The entry for ``key``, if the history has one."""
         return self.steps.get(key)
+
+    @property
+    def is_rolling_back(self) -> bool:
+        """Whether the instance's compensations have begun (its ``$rollback`` marker is recorded)."""
+        return ROLLBACK_KEY in self.steps

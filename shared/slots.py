@@ -25,6 +25,7 @@ from stepline.shared.errors import ConcurrencyBusyError, TerminatedError
 from stepline.shared.failures import failure_record
 from stepline.shared.history import ParentLink
 from stepline.shared.messages import AdvanceMessage, encode_message, parent_wake
+from stepline.shared.rollback import begin_rollback
 from stepline.shared.states import InstanceStatus
 
 log = logging.getLogger("stepline.slots")
@@ -104,9 +105,8 @@ async def evict_oldest(
         "oldest instance cancelled for a newer one",
         extra={"event": "concurrency_evicted", "instance_id": oldest, "newcomer": newcomer},
     )
-    # Issue 24 (compensation) hooks in here: the evicted instance's compensations run
-    # as part of its termination, once terminate(..., rollback=True) exists.
-    return await terminate(tx, oldest, reason, payload_limit=payload_limit)
+    # Its compensations run before it ends terminated (see stepline.shared.rollback).
+    return await begin_rollback(tx, oldest, reason, payload_limit=payload_limit)
 
 
 async def release(tx: Transaction, workflow: str, key: str, *, payload_limit: int) -> list[OutboxRow]:
@@ -140,13 +140,16 @@ async def release_if_held(
     return await release(tx, workflow, key, payload_limit=payload_limit)
 
 
-async def terminate(tx: Transaction, instance_id: str, reason: str, *, payload_limit: int) -> list[OutboxRow]:
+async def terminate(
+    tx: Transaction, instance_id: str, reason: str, *, payload_limit: int, detached: bool = False
+) -> list[OutboxRow]:
     """Terminate a locked, unfinished instance and its unfinished children, freeing their slots.
 
     Its timers are disarmed, its error records ``reason``, its parent (if any)
     is woken; the queued instances the freed slots let start are started.
+    Children started with ``ctx.start_child`` are left alone unless ``detached``.
     """
-    rows = await _terminate_tree(tx, instance_id, reason, payload_limit=payload_limit)
+    rows = await _terminate_tree(tx, instance_id, reason, payload_limit=payload_limit, detached=detached)
     history = await tx.load_history(instance_id)
     if history is not None and history.parent is not None:
         rows += await tx.insert_outbox([wake_parent(history.parent, payload_limit=payload_limit)])
@@ -154,7 +157,7 @@ async def terminate(tx: Transaction, instance_id: str, reason: str, *, payload_l
 
 
 async def _terminate_tree(
-    tx: Transaction, instance_id: str, reason: str, *, payload_limit: int
+    tx: Transaction, instance_id: str, reason: str, *, payload_limit: int, detached: bool
 ) -> list[OutboxRow]:
     row = await tx.get_instance_row(instance_id)
     if row is None:
@@ -167,9 +170,9 @@ async def _terminate_tree(
     rows = await release_if_held(
         tx, row.workflow, row.concurrency_key, InstanceStatus(row.status), payload_limit=payload_limit
     )
-    for child in await tx.unfinished_children(instance_id):
+    for child in await tx.unfinished_children(instance_id, detached=detached):
         await tx.lock_instance(child)
-        rows += await _terminate_tree(tx, child, reason, payload_limit=payload_limit)
+        rows += await _terminate_tree(tx, child, reason, payload_limit=payload_limit, detached=detached)
     return rows
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import assert_type
+from typing import Any, assert_type
 
 from pydantic import BaseModel
 
@@ -43,6 +43,15 @@ def price(qty: int, unit_cents: int) -> int:
     return qty * unit_cents
 
 
+async def release(sku: str, qty: int, stock: Stock) -> None:
+    """The compensation of ``reserve``: its arguments, then its result."""
+
+
+@workflow("audit")
+async def audit(ctx: Context, params: Order) -> int:
+    return params.qty
+
+
 async def send_email(sku: str) -> str:
     return f"mail-{sku}"
 
@@ -62,8 +71,12 @@ async def order_fulfilment(ctx: Context, params: Order) -> Receipt:
         params.qty,
         retry=RetryPolicy(limit=5, delay="2s", backoff="exponential", max_delay="1 minute"),
         timeout="30s",
+        compensate=release,
+        compensate_retry=RetryPolicy(limit=10),
     )
     assert_type(stock, Stock)
+    audit_id = ctx.start_child("audit", audit, params)
+    assert_type(audit_id, str)
     total = await ctx.step("price", price, stock.reserved, 250)
     assert_type(total, int)
     await ctx.sleep("cool-off", "10s")
@@ -76,10 +89,16 @@ async def order_fulfilment(ctx: Context, params: Order) -> Receipt:
     assert_type(invoice_id, str)
     assert_type(ctx.now(), datetime)
     assert_type(ctx.random(), float)
+    assert_type(await ctx.wait_for_child(audit_id), Any)  # the output of a child known by its id
     return Receipt(sku=stock.sku, total=total, email_id=email_id, invoice_id=invoice_id)
 
 
 assert_type(order_fulfilment, Workflow[Order, Receipt])
+
+
+async def terminate_with_rollback(client: Client) -> None:
+    info = await client.terminate("o-1", rollback=True, children=True)
+    assert_type(info.rolling_back, bool)
 
 
 async def start_and_follow(amqp_url: str, database_url: str) -> InstanceInfo | None:

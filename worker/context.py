@@ -17,7 +17,7 @@ from stepline.shared import codec
 from stepline.shared.codec import JSON
 from stepline.shared.durations import Duration, parse_duration
 from stepline.shared.errors import WorkflowDefinitionError
-from stepline.shared.history import StepKey, format_key
+from stepline.shared.history import UNDO_PREFIX, WAIT_PREFIX, StepKey, format_key, undo_key
 from stepline.shared.limits import StepLimit, check_limits
 from stepline.shared.messages import check_instance_id, check_workflow_name
 from stepline.shared.states import StepKind
@@ -33,6 +33,8 @@ T = TypeVar("T")
 ParamsT = TypeVar("ParamsT")
 OutputT = TypeVar("OutputT")
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
+_MAX_NAME = 200
+"""The longest step name a message carries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,10 @@ class StepCall:
     timeout: timedelta | None
     limits: tuple[StepLimit, ...] = ()
     """Its rate and concurrency limits, sorted by (kind, key) (the order their keys are locked in)."""
+    compensate: Callable[..., Any] | None = None
+    """What undoes the step once committed: called with its arguments and then its result."""
+    compensate_retry: RetryPolicy | None = None
+    """The retry policy of the compensation (default: ``RetryPolicy()``)."""
 
 
 class Context:
@@ -60,6 +66,8 @@ class Context:
     def __init__(self, replay: Replay, instance_id: str, workflow: str) -> None:
         self._replay = replay
         self._occurrences: Counter[str] = Counter()
+        self._detached: dict[str, _Detached] = {}
+        """The children started with ``start_child`` so far, by id."""
         self._patch_sites: dict[str, tuple[str, str, int]] = {}
         """Per patch id: which method asked for it, and from which file and line."""
         self.instance_id = instance_id
@@ -87,6 +95,8 @@ class Context:
         timeout: Duration | None = None,
         pool: str | None = None,
         limits: Sequence[StepLimit] = (),
+        compensate: Callable[..., Any] | None = None,
+        compensate_retry: RetryPolicy | None = None,
         **kwargs: Any,
     ) -> Awaitable[T]: ...
 
@@ -101,6 +111,8 @@ class Context:
         timeout: Duration | None = None,
         pool: str | None = None,
         limits: Sequence[StepLimit] = (),
+        compensate: Callable[..., Any] | None = None,
+        compensate_retry: RetryPolicy | None = None,
         **kwargs: Any,
     ) -> Awaitable[T]: ...
 
@@ -114,6 +126,8 @@ class Context:
         timeout: Duration | None = None,
         pool: str | None = None,
         limits: Sequence[StepLimit] = (),
+        compensate: Callable[..., Any] | None = None,
+        compensate_retry: RetryPolicy | None = None,
         **kwargs: Any,
     ) -> Awaitable[Any]:
         """Run ``fn(*args, **kwargs)`` as the step ``name`` and return its result.
@@ -135,12 +149,18 @@ class Context:
                 each attempt waits (durably, holding no worker slot; the step shows
                 ``waiting``) until it has a token of each rate limit and a slot of each
                 concurrency limit, in the order the steps asked.
+            compensate: what undoes the step (a saga): if the instance later fails for good
+                or is terminated with ``rollback=True``, ``compensate(*args, result, **kwargs)``
+                runs as a durable step of its own, newest step first (see docs/authoring.md).
+            compensate_retry: the compensation's retry policy (default: ``RetryPolicy()``).
 
         Raises:
             WorkflowDefinitionError: ``pool`` is not a valid pool name, ``limits`` is not a list
-                of limits, or names one key twice.
+                of limits, or names one key twice; ``compensate`` is not callable, or
+                ``compensate_retry`` is not a ``RetryPolicy``.
         """
         key = self._next_key(name)
+        self._check_compensation(key, compensate, compensate_retry)
         detail = self._pool_detail(key, pool)
         checked: tuple[StepLimit, ...] = ()
         if limits:
@@ -160,9 +180,31 @@ class Context:
             retry=retry,
             timeout=time_limit,
             limits=checked,
+            compensate=compensate,
+            compensate_retry=compensate_retry,
         )
         future = self._replay.request(key, StepKind.STEP, call=call, detail=detail or None)
         return _convert(future, self._replay.workflow.result_adapter(fn))
+
+    def _check_compensation(self, key: StepKey, compensate: object, retry: object) -> None:
+        """Refuse a compensation that cannot run, naming the workflow and the step."""
+        where = f"workflow {self.workflow!r}, step {format_key(key)!r}"
+        if compensate is not None and not callable(compensate):
+            raise WorkflowDefinitionError(
+                f"{where}: compensate= must be a function called with the step's arguments and "
+                f"its result, not {type(compensate).__name__} {compensate!r}"
+            )
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise WorkflowDefinitionError(
+                f"{where}: compensate_retry= must be a RetryPolicy, not {type(retry).__name__}"
+            )
+        if retry is not None and compensate is None:
+            raise WorkflowDefinitionError(f"{where}: compensate_retry= is given without compensate=")
+        if compensate is not None and len(undo_key(key)[0]) > _MAX_NAME:
+            raise WorkflowDefinitionError(
+                f"{where}: a step with compensate= has a name of at most "
+                f"{_MAX_NAME - len(UNDO_PREFIX)} characters (its compensation is {UNDO_PREFIX}<name>)"
+            )
 
     def _pool_detail(self, key: StepKey, pool: object) -> dict[str, JSON]:
         """The step row's ``detail`` keys for its pool: ``{"pool": pool}``, none for the default pool.
@@ -264,15 +306,7 @@ class Context:
             InvalidIdError: the child's id (given, or made from ``name``) could not be an id.
         """
         key = self._next_key(name)
-        if isinstance(workflow, str):
-            workflow_name, raw, adapter = workflow, codec.to_jsonable(params), _ANY
-        else:
-            workflow_name, raw, adapter = (
-                workflow.name,
-                workflow.encode_params(params),
-                workflow.output_adapter,
-            )
-        check_workflow_name(workflow_name)
+        workflow_name, raw, adapter = _child_target(workflow, params)
         # Refused here, in the workflow, rather than when the worker builds the child's start.
         child_id = check_instance_id(instance_id or f"{self.instance_id}/{format_key(key)}")
         future = self._replay.request(
@@ -282,6 +316,55 @@ class Context:
             child_params=raw,
         )
         return _convert(future, adapter)
+
+    @overload
+    def start_child(self, name: str, workflow: Workflow[ParamsT, Any], params: ParamsT) -> str: ...
+
+    @overload
+    def start_child(self, name: str, workflow: str, params: object = None) -> str: ...
+
+    def start_child(self, name: str, workflow: Workflow[Any, Any] | str, params: object = None) -> str:
+        """Start a child workflow without waiting for it (a detached child); returns its id.
+
+        The id is ``<this instance id>/<name>`` (``#n`` for a repeated name), as for
+        ``child``, and the start is recorded, so a replay never starts it twice.
+        The child runs on its own: this instance may finish first, and
+        terminating this instance leaves it alone unless asked
+        (``terminate(..., children=True)``). ``wait_for_child(id)`` waits for it.
+
+        Raises:
+            InvalidIdError: the child's id could not be an id.
+        """
+        key = self._next_key(name)
+        workflow_name, raw, adapter = _child_target(workflow, params)
+        child_id = check_instance_id(f"{self.instance_id}/{format_key(key)}")
+        self._replay.start_child(
+            key, child_id, detail={"child_id": child_id, "workflow": workflow_name}, child_params=raw
+        )
+        self._detached[child_id] = _Detached(key, workflow_name, adapter)
+        return child_id
+
+    def wait_for_child(self, child_id: str) -> Awaitable[Any]:
+        """Wait for a child started with ``start_child`` and return its output; its error is raised here.
+
+        Raises:
+            WorkflowDefinitionError: this instance started no child ``child_id`` with ``start_child``
+                (before this call).
+        """
+        detached = self._detached.get(child_id)
+        if detached is None:
+            raise WorkflowDefinitionError(
+                f"workflow {self.workflow!r}: wait_for_child({child_id!r}) names no child this instance "
+                "started with ctx.start_child (before the wait)"
+            )
+        name = (WAIT_PREFIX + format_key(detached.key))[:_MAX_NAME]
+        self._occurrences[name] += 1
+        future = self._replay.request(
+            (name, self._occurrences[name]),
+            StepKind.CHILD,
+            detail={"child_id": child_id, "workflow": detached.workflow, "detached": True},
+        )
+        return _convert(future, detached.output_adapter)
 
     def patched(self, patch_id: str) -> bool:
         """Whether this instance runs patch ``patch_id`` here: ``if ctx.patched(id): new else: old``.
@@ -352,3 +435,20 @@ class Context:
 
 async def _convert(future: Awaitable[Any], adapter: TypeAdapter[Any]) -> Any:
     return adapter.validate_python(await future)
+
+
+@dataclass(frozen=True, slots=True)
+class _Detached:
+    """A child started with ``start_child``: its entry, workflow, and how its output reads."""
+
+    key: StepKey
+    workflow: str
+    output_adapter: TypeAdapter[Any]
+
+
+def _child_target(workflow: Workflow[Any, Any] | str, params: object) -> tuple[str, JSON, TypeAdapter[Any]]:
+    """A child's workflow name, its params as JSON, and how its output reads."""
+    if isinstance(workflow, str):
+        check_workflow_name(workflow)
+        return workflow, codec.to_jsonable(params), _ANY
+    return workflow.name, workflow.encode_params(params), workflow.output_adapter

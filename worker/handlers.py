@@ -40,6 +40,7 @@ from stepline.shared.messages import (
 )
 from stepline.shared.outbox import OutboxRelay
 from stepline.shared.retrying import Outage
+from stepline.shared.rollback import ROLLBACK_WITH_PARENT
 from stepline.shared.states import InstanceStatus
 from stepline.worker import waits
 from stepline.worker.concurrency import Concurrency
@@ -248,6 +249,8 @@ class MessageHandler:
             check_addressed(message, history.workflow)
             if isinstance(message, EventMessage):
                 return await waits.deliver_event(tx, self._planner, workflow, history, message)
+            if isinstance(message, AdvanceMessage) and message.reason == ROLLBACK_WITH_PARENT:
+                return await waits.roll_back_with_parent(tx, self._planner, workflow, history)
             if history.status.is_finished:
                 return []
             if isinstance(message, WakeMessage):

@@ -17,6 +17,7 @@ from stepline.shared.failures import failure_record
 from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.hooks import Hooks, NoHooks
 from stepline.shared.messages import (
+    AdvanceMessage,
     ParentRef,
     StartMessage,
     StepMessage,
@@ -24,9 +25,11 @@ from stepline.shared.messages import (
     encode_message,
     parent_wake,
 )
+from stepline.shared.rollback import ROLLBACK_WITH_PARENT
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import pool_of, routing_key
-from stepline.worker.replay.engine import NewEntry, Outcome, Replay, payload_problem
+from stepline.worker.replay.engine import KEPT_WHEN_ENDING, NewEntry, Outcome, Replay, payload_problem
+from stepline.worker.replay.rollback import BATCH, ROLLBACK_CHILD
 from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -98,7 +101,7 @@ class Planner:
         )
         return message.routing_key, self._encode(message)
 
-    def _encode(self, message: StepMessage | WakeMessage | StartMessage) -> bytes:
+    def _encode(self, message: StepMessage | WakeMessage | StartMessage | AdvanceMessage) -> bytes:
         return encode_message(message, limit=self.payload_limit)
 
     # ------------------------------------------------------------ applying
@@ -122,13 +125,16 @@ class Planner:
         new_steps = _new_steps(history, entries, {})
         if outcome.kind == "returned":
             status, output, error = self._ending(outcome)
-            return Transition(new_steps, status, self.parent_wake(history.parent), output, error)
+            started = [
+                self._child_message(history, entry) for entry in entries if entry.kind == StepKind.START
+            ]
+            return Transition(new_steps, status, started + self.parent_wake(history.parent), output, error)
         messages = [
             self.step_message(history, entry.key, 1, detail=entry.detail)
             if entry.kind == StepKind.STEP
-            else self._child_start(history, entry)
+            else self._child_message(history, entry)
             for entry in entries
-            if entry.kind in (StepKind.STEP, StepKind.CHILD)
+            if entry.kind in _CHILD_KINDS or entry.kind == StepKind.STEP
         ]
         status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
         return Transition(new_steps, status, messages)
@@ -231,8 +237,8 @@ class Planner:
                 timers.append(self._wake_timer(history, entry.key, "sleep", fire_at=fire_at))
             elif entry.kind == StepKind.EVENT and entry.key not in matched and entry.timeout is not None:
                 timers.append(self._wake_timer(history, entry.key, "event-timeout", entry=entry))
-            elif entry.kind == StepKind.CHILD:
-                messages.append(self._child_start(history, entry))
+            elif entry.kind in _CHILD_KINDS:
+                messages.append(self._child_message(history, entry))
         return messages, timers
 
     async def _finish(
@@ -252,17 +258,18 @@ class Planner:
             return await self.hold(tx, history, outcome.error)
         if outcome.kind == "raised":
             # Only recorded values and patch markers are kept; nothing new starts after an error.
-            entries = [entry for entry in entries if entry.kind in (StepKind.VALUE, StepKind.PATCH)]
+            entries = [entry for entry in entries if entry.kind in KEPT_WHEN_ENDING]
         instance_id = history.instance_id
         status, output, error = self._ending(outcome)
         await tx.cancel_timers(instance_id)
+        started = self._detached_starts(history, entries)
         rows = await tx.write_transition(
             instance_id,
             new_steps=_new_steps(history, entries, matched),
             status=status,
             output=output,
             error=error,
-            messages=self.parent_wake(history.parent),
+            messages=started + self.parent_wake(history.parent),
         )
         if history.concurrency_key is not None:
             # Its slot frees in the transaction that ends it; the next queued instance starts.
@@ -300,7 +307,12 @@ class Planner:
                 return InstanceStatus.ERRORED, None, instance_error(exc)
             return InstanceStatus.COMPLETE, codec.scrub_nul(outcome.output), None
         assert outcome.error is not None
-        return InstanceStatus.ERRORED, None, instance_error(outcome.error)
+        error = instance_error(outcome.error)
+        if outcome.compensation_failures:
+            # The original error stays the instance's error; the failed compensations come with it.
+            error["compensation_failures"] = list(outcome.compensation_failures)
+        status = InstanceStatus.TERMINATED if outcome.terminated else InstanceStatus.ERRORED
+        return status, None, error
 
     def parent_wake(self, parent: ParentLink | None) -> list[Message]:
         """The message telling a parent step that its child finished (none without a parent)."""
@@ -321,6 +333,30 @@ class Planner:
         routing_key, body = self.wake_message(history.workflow, history.instance_id, key)
         delay = entry.timeout if entry is not None else None
         return NewTimer(key, 1, kind, routing_key, body, history.trace_context, fire_at=fire_at, delay=delay)
+
+    def _detached_starts(self, history: History, entries: list[NewEntry]) -> list[Message]:
+        """The starts of the detached children an ending replay asked for."""
+        return [self._child_start(history, entry) for entry in entries if entry.kind == StepKind.START]
+
+    def _child_message(self, history: History, entry: NewEntry) -> Message:
+        """What a child entry sends: the child's start, or for a ``wait_for_child`` a wake-up of itself.
+
+        A detached child reports its end to its ``start_child`` entry, which passes it
+        on to the waits for it (``waits.settle_wake``); the wait's own wake-up settles
+        it at once if the child has already finished. A rollback's ``$undo:<child>``
+        asks the completed child to roll back.
+        """
+        detail = entry.detail or {}
+        if entry.kind == StepKind.CHILD and detail.get(ROLLBACK_CHILD):
+            # A completed child rolls back with its parent: its end wakes the parent's entry.
+            message = AdvanceMessage(
+                workflow=detail["workflow"], instance_id=detail["child_id"], reason=ROLLBACK_WITH_PARENT
+            )
+            return message.routing_key, self._encode(message), history.trace_context
+        if entry.kind == StepKind.CHILD and detail.get("detached"):
+            routed, body = self.wake_message(history.workflow, history.instance_id, entry.key)
+            return routed, body, history.trace_context
+        return self._child_start(history, entry)
 
     def _child_start(self, history: History, entry: NewEntry) -> Message:
         detail = entry.detail or {}
@@ -349,16 +385,36 @@ _INITIAL_STATUS = {
     StepKind.EVENT: StepStatus.WAITING,
     StepKind.VALUE: StepStatus.SUCCEEDED,
     StepKind.PATCH: StepStatus.SUCCEEDED,
+    StepKind.ROLLBACK: StepStatus.SUCCEEDED,
+    StepKind.START: StepStatus.SUCCEEDED,
 }
+
+_CHILD_KINDS = (StepKind.CHILD, StepKind.START)
+"""The entries that send a child's start (or, waiting for a detached child, a wake-up)."""
 
 
 def _new_steps(history: History, entries: list[NewEntry], matched: dict[StepKey, JSON]) -> list[NewStep]:
-    """The rows of new entries, placed after the history's; an event wait in ``matched`` took its event."""
-    return [_new_step(entry, history.next_position + index, matched) for index, entry in enumerate(entries)]
+    """The rows of new entries, placed after the history's; an event wait in ``matched`` took its event.
+
+    Steps planned together (parallel steps) are marked with the position of the
+    first of them (``detail["batch"]``): a rollback compensates them together.
+    """
+    first = history.next_position
+    parallel = [index for index, entry in enumerate(entries) if entry.kind == StepKind.STEP]
+    batch = first + parallel[0] if len(parallel) > 1 else None
+    return [
+        _new_step(entry, first + index, matched, batch=batch if index in parallel else None)
+        for index, entry in enumerate(entries)
+    ]
 
 
-def _new_step(entry: NewEntry, position: int, matched: dict[StepKey, JSON]) -> NewStep:
+def _new_step(
+    entry: NewEntry, position: int, matched: dict[StepKey, JSON], *, batch: int | None = None
+) -> NewStep:
     status, result = _INITIAL_STATUS[entry.kind], entry.result
+    detail = entry.detail
+    if batch is not None:
+        detail = {**(detail or {}), BATCH: batch}
     if entry.key in matched:
         status, result = StepStatus.SUCCEEDED, matched[entry.key]
     return NewStep(
@@ -369,7 +425,7 @@ def _new_step(entry: NewEntry, position: int, matched: dict[StepKey, JSON]) -> N
         result=codec.scrub_nul(result),
         fire_at=entry.fire_at,
         delay=entry.delay,
-        detail=entry.detail,
+        detail=detail,
     )
 
 

@@ -14,7 +14,7 @@ from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import MisaddressedMessageError, NonDeterminismError
 from stepline.shared.failures import step_failure
-from stepline.shared.history import History, StepKey, format_key
+from stepline.shared.history import History, StepKey, format_key, is_undo
 from stepline.shared.hooks import AttemptEnd
 from stepline.shared.messages import StepMessage, WakeMessage, check_addressed
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
@@ -472,7 +472,7 @@ class StepRunner:
             outcome = resolved if resolved is not None else replay.resolve(key, result.result)
             return await self._planner.apply(tx, history, replay, outcome)
         policy = replay.calls[key].retry or DEFAULT_RETRY_POLICY
-        if result.is_retryable and policy.allows_retry_after(attempt):
+        if result.is_retryable and policy.allows_retry_after(attempt) and not _ends_in_rollback(history, key):
             await self._record(tx, instance_id, key, attempt, result, StepStatus.RETRYING, retry=True)
             # To the step's pool, as recorded: the retry runs where the first attempt ran.
             routed, body, headers = self._planner.step_message(history, key, attempt + 1)
@@ -538,6 +538,11 @@ class StepRunner:
             return await self._planner.hold(tx, history, error)
 
 
+def _ends_in_rollback(history: History, key: StepKey) -> bool:
+    """A step of a rolling-back instance gets no more attempts; its compensations do."""
+    return history.is_rolling_back and not is_undo(key)
+
+
 def _waits_for_limit(history: History, key: StepKey) -> bool:
     """Whether the step waits for a limit, or was granted from a line (its hold is there already).
 
@@ -566,7 +571,8 @@ def is_current(
 ) -> bool:
     """Only the current attempt of a running step may run and commit (the fencing token).
 
-    A paused instance starts no step, but a step already running may still commit.
+    A paused instance starts no step, but a step already running may still commit
+    (``running_in_paused``, at commit time); so does a rolling-back one.
     """
     if history.status.is_finished:
         _log_stale(message, f"the instance is {history.status}")
@@ -582,6 +588,11 @@ def is_current(
     live = (StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.WAITING)
     if record.status not in live or record.attempt != message.attempt:
         _log_stale(message, f"the step is {record.status} at attempt {record.attempt}")
+        return False
+    if _ends_in_rollback(history, key) and record.status != StepStatus.RUNNING and not running_in_paused:
+        # Sent before the rollback began, a step still runs (the rollback waits for it); no retry
+        # starts. A retry that was already running may still commit: it is then compensated too.
+        _log_stale(message, "the instance is rolling back: only its compensations run")
         return False
     return True
 

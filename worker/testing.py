@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from stepline.shared import codec
+from stepline.shared import codec, termination
 from stepline.shared.broker import Delivery
 from stepline.shared.codec import JSON
 from stepline.shared.db import stores
@@ -182,6 +182,24 @@ class WorkflowRun:
             payload=codec.to_jsonable(payload),
         )
         await self._env._run_with(message)
+
+    async def terminate(self, *, rollback: bool = False, children: bool = False) -> None:
+        """Terminate the run as ``Client.terminate`` does, and run on (a rollback's compensations run).
+
+        Raises:
+            InvalidStateError: the run has finished.
+        """
+        async with self._env._session() as session:
+            async with session.store.transaction() as tx:
+                rows = await termination.terminate(
+                    tx,
+                    self.instance_id,
+                    payload_limit=self._env.payload_limit,
+                    rollback=rollback,
+                    children=children,
+                )
+            await session.relay.publish_committed(rows)
+        await self._env._run_until(None)
 
     async def advance(self, by: Duration | None = None) -> None:
         """Move virtual time on by ``by`` (default: to this run's next timer), fire what falls due, run on."""
@@ -470,9 +488,13 @@ class WorkflowEnvironment:
                     )
                     for step in steps
                 ]
-                children = [
-                    str((step.detail or {}).get("child_id")) for step in steps if step.kind == StepKind.CHILD
-                ]
+                children = list(
+                    dict.fromkeys(  # a wait_for_child names the child its start_child started
+                        str((step.detail or {}).get("child_id"))
+                        for step in steps
+                        if step.kind in (StepKind.CHILD, StepKind.START)
+                    )
+                )
                 snapshots[row.id] = _Snapshot(row.status, row.output, row.error, history, children)
                 workflows[row.id] = row.workflow
         self._snapshots, self._workflow_of = snapshots, workflows

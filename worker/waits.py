@@ -8,10 +8,11 @@ from typing import Any
 from stepline.shared.codec import JSON
 from stepline.shared.db.records import Message, OutboxRow
 from stepline.shared.db.transaction import Transaction
-from stepline.shared.errors import BadPayloadError, ChildWorkflowError, EventTimeoutError
+from stepline.shared.errors import BadPayloadError, ChildWorkflowError, CompensationError, EventTimeoutError
 from stepline.shared.failures import describe, failure_record, step_failure
-from stepline.shared.history import History, StepKey, StepRecord, format_key
+from stepline.shared.history import History, StepKey, StepRecord, format_key, undo_key
 from stepline.shared.messages import EventMessage
+from stepline.shared.rollback import reopen_for_rollback
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.worker.plan import Planner
 from stepline.worker.replay.engine import payload_problem
@@ -25,6 +26,12 @@ async def settle_wake(
 ) -> list[OutboxRow]:
     """A timer fired or a child finished: settle the waiting entry and run on."""
     record = history.step(key)
+    if record is not None and record.kind == StepKind.START:
+        return await _settle_detached_waits(tx, planner, workflow, history, record)
+    undo = history.step(undo_key(key))
+    if record is not None and record.kind == StepKind.CHILD and undo is not None:
+        # A completed child that rolled back with this instance: its compensation entry settles.
+        return await _settle_child_rollback(tx, planner, workflow, history, undo)
     if record is None or record.status.is_settled:
         log.info("wake for a settled or unknown entry dropped", extra=_ids(history, key))
         return []
@@ -66,6 +73,70 @@ async def _settle_child(
     await tx.settle_step(history.instance_id, key, status=StepStatus.FAILED, error=error)
     failure = step_failure(format_key(key), 1, error)
     return await _run_on(tx, planner, workflow, history, key, error=failure)
+
+
+async def roll_back_with_parent(
+    tx: Transaction, planner: Planner, workflow: Workflow[Any, Any], history: History
+) -> list[OutboxRow]:
+    """A parent rolls back: this completed child runs its compensations, and its end tells the parent.
+
+    A child that did not complete, or rolled back already, tells its parent at once.
+    """
+    if not await reopen_for_rollback(tx, history):
+        return await tx.insert_outbox(planner.parent_wake(history.parent))
+    reopened = await tx.load_history(history.instance_id)
+    assert reopened is not None
+    return await advance(tx, planner, workflow, reopened)
+
+
+async def _settle_child_rollback(
+    tx: Transaction, planner: Planner, workflow: Workflow[Any, Any], history: History, undo: StepRecord
+) -> list[OutboxRow]:
+    """Settle ``$undo:<child>`` once the child has rolled back: failed if a compensation of it failed."""
+    if undo.status.is_settled:
+        return []
+    detail = undo.detail or {}
+    child = await tx.get_instance_row(str(detail.get("child_id")))
+    if child is not None and not InstanceStatus(child.status).is_finished:
+        return []  # still rolling back: its end wakes us again
+    failures = (child.error or {}).get("compensation_failures") if child is not None else None
+    if not failures:
+        report_settled(planner, history, undo, "succeeded")
+        await tx.settle_step(history.instance_id, undo.key, status=StepStatus.SUCCEEDED)
+        return await _run_on(tx, planner, workflow, history, undo.key, result=None)
+    report_settled(planner, history, undo, "failed")
+    names = ", ".join(str(failure.get("step")) for failure in failures)
+    error = failure_record(
+        CompensationError(f"child {detail.get('child_id')!r} rolled back, but its {names} failed")
+    )
+    await tx.settle_step(history.instance_id, undo.key, status=StepStatus.FAILED, error=error)
+    return await _run_on(
+        tx, planner, workflow, history, undo.key, error=step_failure(format_key(undo.key), 1, error)
+    )
+
+
+async def _settle_detached_waits(
+    tx: Transaction, planner: Planner, workflow: Workflow[Any, Any], history: History, started: StepRecord
+) -> list[OutboxRow]:
+    """A detached child finished: settle every ``wait_for_child`` waiting for it (none may wait yet)."""
+    child_id = (started.detail or {}).get("child_id")
+    rows: list[OutboxRow] = []
+    while True:
+        waits = [
+            record
+            for record in history.steps.values()
+            if record.kind == StepKind.CHILD
+            and not record.status.is_settled
+            and (record.detail or {}).get("child_id") == child_id
+            and (record.detail or {}).get("detached")
+        ]
+        if not waits or history.status.is_finished:
+            return rows
+        rows += await _settle_child(tx, planner, workflow, history, waits[0])
+        reloaded = await tx.load_history(history.instance_id)
+        if reloaded is None or reloaded.step(waits[0].key) == waits[0]:
+            return rows  # not settled (the child is not finished after all): its end wakes us again
+        history = reloaded
 
 
 def child_failure(workflow: str, child_id: str, status: str, cause: JSON) -> dict[str, Any]:

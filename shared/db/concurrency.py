@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from stepline.shared.db.schema import instances
-from stepline.shared.states import InstanceStatus
+from stepline.shared.db.schema import instances, steps
+from stepline.shared.states import InstanceStatus, StepKind
 
 HOLDING_SLOT = (InstanceStatus.RUNNING, InstanceStatus.WAITING, InstanceStatus.PAUSED)
 """The statuses of an instance that holds a slot of its key: started and not finished."""
@@ -72,13 +72,20 @@ class ConcurrencyStatements:
         return QueuedInstance(row.id, int(row.concurrency_limit or 1), row.trace_context)
 
     async def oldest_holding_slot(self, workflow: str, key: str, *, besides: str) -> str | None:
-        """The id of the oldest instance of ``(workflow, key)`` holding a slot, other than ``besides``."""
+        """The id of the oldest instance of ``(workflow, key)`` holding a slot, other than ``besides``.
+
+        One already rolling back (``cancel-oldest`` took it before) is not taken again.
+        """
+        rolling_back = sa.exists().where(
+            steps.c.instance_id == instances.c.id, steps.c.kind == StepKind.ROLLBACK.value
+        )
         query = (
             sa.select(instances.c.id)
             .where(
                 *_of_key(workflow, key),
                 instances.c.status.in_([status.value for status in HOLDING_SLOT]),
                 instances.c.id != besides,
+                ~rolling_back,
             )
             .order_by(instances.c.created_at, instances.c.id)
             .limit(1)

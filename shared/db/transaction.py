@@ -283,14 +283,25 @@ class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, 
             )
         )
 
-    async def unfinished_children(self, instance_id: str) -> list[str]:
-        """Ids of the children of an instance that are still going."""
-        rows = await self._conn.execute(
-            sa.select(instances.c.id).where(
-                instances.c.parent_id == instance_id,
-                instances.c.status.not_in([status.value for status in FINISHED_STATUSES]),
+    async def unfinished_children(self, instance_id: str, *, detached: bool = False) -> list[str]:
+        """Ids of the children of an instance that are still going.
+
+        Children started with ``ctx.start_child`` (their parent's entry is a
+        ``start``) are among them only if ``detached``.
+        """
+        conditions = [
+            instances.c.parent_id == instance_id,
+            instances.c.status.not_in([status.value for status in FINISHED_STATUSES]),
+        ]
+        if not detached:
+            started_detached = sa.exists().where(
+                steps.c.instance_id == instances.c.parent_id,
+                steps.c.name == instances.c.parent_step,
+                steps.c.occurrence == instances.c.parent_occurrence,
+                steps.c.kind == StepKind.START.value,
             )
-        )
+            conditions.append(~started_detached)
+        rows = await self._conn.execute(sa.select(instances.c.id).where(*conditions))
         return [row.id for row in rows]
 
     async def children(self, instance_id: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,10 +16,20 @@ from pydantic import TypeAdapter, ValidationError
 from stepline.shared.codec import JSON
 from stepline.shared.errors import EventTimeoutError, NonDeterminismError, SteplineError
 from stepline.shared.failures import failure_error, step_failure
-from stepline.shared.history import PATCH_PREFIX, History, StepKey, StepRecord, format_key, patch_marker_name
+from stepline.shared.history import (
+    PATCH_PREFIX,
+    ROLLBACK_KEY,
+    History,
+    StepKey,
+    StepRecord,
+    format_key,
+    is_undo,
+    patch_marker_name,
+)
 from stepline.shared.states import StepKind, StepStatus
 from stepline.worker.context import Context, StepCall
 from stepline.worker.replay.loop import ReplayLoop
+from stepline.worker.replay.rollback import Rollback, RollbackEnd, has_compensations, rollback_reason
 
 if TYPE_CHECKING:
     from stepline.worker.workflow import Workflow
@@ -49,6 +60,17 @@ class Outcome:
     error: BaseException | None = None
     is_running: bool = False
     """When blocked: whether some awaited entry is a step (else only sleeps/waits)."""
+    terminated: bool = False
+    """When raised: the instance ends ``terminated`` (a terminate with rollback), not ``errored``."""
+    compensation_failures: tuple[JSON, ...] = ()
+    """When raised after a rollback: the compensations that failed for good (step and message)."""
+
+
+KEPT_WHEN_ENDING = (StepKind.VALUE, StepKind.PATCH, StepKind.ROLLBACK, StepKind.START)
+"""The new entries an ending (an error, a rollback) still records: nothing new waits after it.
+
+A detached child started just before the end is started: the code asked for it and got its id.
+"""
 
 
 def describe(kind: StepKind, key: StepKey) -> str:
@@ -132,6 +154,11 @@ class Replay:
         self._patch_counts: Counter[str] = Counter()
         self._divergence: NonDeterminismError | None = None
         self._task: asyncio.Task[Any] | None = None
+        self._step_futures: dict[StepKey, asyncio.Future[Any]] = {}
+        """The futures of the steps the workflow code asked for: what a rollback waits for and undoes."""
+        self._rollback: asyncio.Task[RollbackEnd] | None = None
+        self._frozen = False
+        """Rolling back: what the workflow code asks for from now on is neither recorded nor run."""
         self._covered = False
         """Whether every history entry has been asked for again (checked once; it stays true)."""
         self._handed_off = False
@@ -212,8 +239,15 @@ class Replay:
         timeout: timedelta | None = None,
         child_params: JSON = None,
         payload_adapter: TypeAdapter[Any] | None = None,
+        by_rollback: bool = False,
     ) -> asyncio.Future[Any]:
-        """The future of a step or sleep: done if the history settled it, else pending."""
+        """The future of a step or sleep: done if the history settled it, else pending.
+
+        Once the instance rolls back, only its rollback (``by_rollback``) asks for
+        anything: what the workflow code asks for waits for ever, unrecorded.
+        """
+        if self._frozen and not by_rollback:
+            return self._loop.create_future()
         future: asyncio.Future[Any] = self._loop.create_future()
         if self._divergence is not None:
             return future
@@ -223,6 +257,8 @@ class Replay:
         self._requested[key] = kind
         if call is not None:
             self.calls[key] = call
+            if not is_undo(key):
+                self._step_futures[key] = future
         if payload_adapter is not None:
             self.payload_adapters[key] = payload_adapter
         if record is None:
@@ -248,6 +284,8 @@ class Replay:
 
     def value(self, name: str, make: Callable[[], JSON]) -> Any:
         """A recorded value: from the history if there, else made now and recorded."""
+        if self._frozen:
+            return make()
         self._value_counts[name] += 1
         key = (name, self._value_counts[name])
         record = self.history.step(key)
@@ -260,6 +298,19 @@ class Replay:
         self.new_entries.append(NewEntry(key, StepKind.VALUE, result=value))
         return value
 
+    def start_child(self, key: StepKey, child_id: str, *, detail: JSON, child_params: JSON) -> None:
+        """Record the start of a detached child (``ctx.start_child``): settled at once, its id as result."""
+        if self._frozen:
+            return
+        record = self.history.step(key)
+        if not self._check_kind(key, StepKind.START, record):
+            return
+        self._requested[key] = StepKind.START
+        if record is None:
+            self.new_entries.append(
+                NewEntry(key, StepKind.START, result=child_id, detail=detail, child_params=child_params)
+            )
+
     def patch(self, patch_id: str, *, deprecated: bool) -> bool:
         """Whether this occurrence of ``patch_id`` takes the patched code (see ``Context.patched``).
 
@@ -269,6 +320,8 @@ class Replay:
         recorded so every later replay says yes too. A deprecated patch records
         nothing and only claims a marker an older deploy left.
         """
+        if self._frozen:
+            return True
         self._patch_counts[patch_id] += 1
         key = (patch_marker_name(patch_id), self._patch_counts[patch_id])
         record = self.history.step(key)
@@ -305,20 +358,77 @@ class Replay:
             raise SteplineError(f"{format_key(key)!r} is not pending in this replay")
         return future
 
+    # -- rolling back
+
+    @property
+    def is_rolling_back(self) -> bool:
+        """Whether this replay runs the instance's compensations (see ``worker.replay.rollback``)."""
+        return self._rollback is not None
+
+    def _begin_rollback(self) -> None:
+        """Start the rollback if the history's marker says so, or if the code raised with compensations."""
+        assert self._task is not None
+        marker = self.history.step(ROLLBACK_KEY)
+        if marker is not None:
+            if not self._check_kind(ROLLBACK_KEY, StepKind.ROLLBACK, marker):
+                return
+            error: BaseException | None = rollback_reason(marker.result)
+            if error is None:
+                error = self._raised() or SteplineError("the instance is rolling back")
+        else:
+            error = self._raised()
+            if error is None or not has_compensations(self.calls):
+                return
+            self.new_entries.append(NewEntry(ROLLBACK_KEY, StepKind.ROLLBACK, result={"status": "errored"}))
+        self._requested[ROLLBACK_KEY] = StepKind.ROLLBACK
+        self._freeze()
+        rollback = Rollback(
+            workflow=self.workflow,
+            history=self.history,
+            calls=self.calls,
+            futures=self._step_futures,
+            request=functools.partial(self.request, by_rollback=True),
+        )
+        self._rollback = self._loop.create_task(rollback.run(error))
+        self._loop.run_until_idle()
+
+    def _raised(self) -> BaseException | None:
+        """What the workflow code raised, if it ended so."""
+        assert self._task is not None
+        if not self._task.done() or self._task.cancelled():
+            return None
+        return self._task.exception()
+
+    def _freeze(self) -> None:
+        """End the workflow code's say: nothing it asked for and did not get is planned any more.
+
+        Recorded values and patch markers stay; so do the steps already sent (a
+        rollback waits for those), which are in the history.
+        """
+        self._frozen = True
+        dropped = [entry.key for entry in self.new_entries if entry.kind not in KEPT_WHEN_ENDING]
+        self.new_entries = [entry for entry in self.new_entries if entry.kind in KEPT_WHEN_ENDING]
+        for key in dropped:
+            self._pending.pop(key, None)
+            self._requested.pop(key, None)
+            self.calls.pop(key, None)
+            self._step_futures.pop(key, None)
+
     def _run(self) -> Outcome:
         assert self._task is not None, "start() first"
         self._loop.run_until_idle()
+        if self._divergence is None and self._rollback is None:
+            self._begin_rollback()
         if self._divergence is None and not self._covered:
             self._check_history_covered()
         if self._divergence is not None:
             if self._task.done() and not self._task.cancelled():
                 self._task.exception()  # the divergence is the outcome: what the code raised is not lost
             return Outcome("diverged", error=self._divergence)
+        if self._rollback is not None:
+            return self._rollback_outcome(self._rollback)
         if not self._task.done():
-            # A parent awaiting a child counts as running: work is under way.
-            running_kinds = (StepKind.STEP, StepKind.CHILD)
-            is_running = any(self._requested.get(key) in running_kinds for key in self._pending)
-            return Outcome("blocked", is_running=is_running)
+            return Outcome("blocked", is_running=self._is_running())
         if self._task.cancelled():
             return Outcome("raised", error=asyncio.CancelledError("the workflow was cancelled"))
         error = self._task.exception()
@@ -328,6 +438,24 @@ class Replay:
             return Outcome("returned", output=self.workflow.dump_output(self._task.result()))
         except SteplineError as exc:
             return Outcome("raised", error=exc)
+
+    def _rollback_outcome(self, rollback: asyncio.Task[RollbackEnd]) -> Outcome:
+        if not rollback.done():
+            return Outcome("blocked", is_running=self._is_running())
+        if rollback.cancelled():
+            return Outcome("raised", error=asyncio.CancelledError("the rollback was cancelled"))
+        failed = rollback.exception()
+        if failed is not None:
+            return Outcome("raised", error=failed)
+        end = rollback.result()
+        return Outcome(
+            "raised", error=end.error, terminated=end.terminated, compensation_failures=end.failures
+        )
+
+    def _is_running(self) -> bool:
+        # A parent awaiting a child counts as running: work is under way.
+        running_kinds = (StepKind.STEP, StepKind.CHILD)
+        return any(self._requested.get(key) in running_kinds for key in self._pending)
 
     def _check_history_covered(self) -> None:
         """Every history entry must have been asked for again; else the code changed."""
