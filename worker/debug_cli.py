@@ -12,20 +12,15 @@ from typing import TYPE_CHECKING
 
 import click
 
+from stepline.worker.cli_options import workflow_modules_option
+
 if TYPE_CHECKING:
     from stepline.worker.debugger import DebugReport
 
 
 @click.command(name="debug")
 @click.argument("instance_id", metavar="ID")
-@click.option(
-    "--workflows",
-    "modules",
-    multiple=True,
-    required=True,
-    metavar="MODULE",
-    help="Module defining the workflow, as the code to debug (repeatable).",
-)
+@workflow_modules_option("Module defining the workflow, as the code to debug (repeatable).")
 @click.option(
     "--pdb", "stop_at_start", is_flag=True, help="Stop in pdb at the workflow function's first line."
 )
