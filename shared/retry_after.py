@@ -71,14 +71,14 @@ class RetryAfter(SteplineError):
             if until.tzinfo is None or until.utcoffset() is None:
                 raise InvalidRetryAfterError(until, "until= must be timezone-aware (e.g. datetime.now(UTC))")
             self.until = until
-            wait = f"until {until.isoformat()}"
-        else:
+            wait = f"retry at {until.isoformat()}"
+        elif delay is not None:
             try:
-                self.delay = parse_duration(delay)  # type: ignore[arg-type]  # None is excluded above
+                self.delay = parse_duration(delay)
             except ValueError as exc:
                 raise InvalidRetryAfterError(delay, f"not a delay ({exc})") from None
-            wait = f"{self.delay.total_seconds():g}s"
-        super().__init__(f"retry after {wait}" + (f": {message}" if message else ""))
+            wait = f"retry after {self.delay.total_seconds():g}s"
+        super().__init__(wait + (f": {message}" if message else ""))
 
     @classmethod
     def from_header(cls, value: str, *, message: str = "") -> RetryAfter:

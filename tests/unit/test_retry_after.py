@@ -35,7 +35,7 @@ def test_until_is_a_moment_in_any_zone() -> None:
     moment = datetime(2026, 12, 6, 12, 0, tzinfo=timezone(timedelta(hours=2)))
     raised = RetryAfter(until=moment, message="429 from the ERP")
     assert (raised.delay, raised.until) == (None, moment)
-    assert str(raised) == "retry after until 2026-12-06T12:00:00+02:00: 429 from the ERP"
+    assert str(raised) == "retry at 2026-12-06T12:00:00+02:00: 429 from the ERP"
 
 
 @pytest.mark.parametrize(
