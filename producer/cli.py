@@ -402,7 +402,11 @@ def history(instance_id: str, as_json: bool) -> None:
             _plain(attempt.build_id or "-"),
             _clock(attempt.started_at),
             f"{attempt.duration_s * 1000:.0f} ms",
-            _plain(attempt.outcome),
+            _plain(
+                attempt.outcome
+                if attempt.retry_at is None
+                else f"{attempt.outcome}, retry at {_clock(attempt.retry_at)}"
+            ),
             _plain(f"{error.get('type', '')}: {error.get('message', '')}" if error else ""),
         )
     console = _console()

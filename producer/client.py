@@ -181,6 +181,7 @@ class Client:
                 started_at=row.started_at,
                 finished_at=row.finished_at,
                 build_id=row.build_id,
+                retry_at=row.retry_at,
             )
             for row in rows
         ]

@@ -109,6 +109,9 @@ class AttemptInfo(BaseModel):
     finished_at: datetime
     build_id: str | None = None
     """The build id of the worker that ran it: an instance's steps may run on several builds."""
+    retry_at: datetime | None = None
+    """When the next attempt is due, if this one failed and is retried: the policy's back-off,
+    or the wait the step chose by raising ``RetryAfter``."""
 
     @property
     def duration_s(self) -> float:

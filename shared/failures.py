@@ -22,6 +22,7 @@ from stepline.shared.errors import (
     SteplineError,
     TerminatedError,
 )
+from stepline.shared.retry_after import RetryAfter
 
 FailureRecord = dict[str, Any]
 
@@ -41,6 +42,10 @@ def _fields(error: BaseException) -> dict[str, Any]:
         return {"step": error.step}
     if isinstance(error, TerminatedError):
         return {"reason": error.reason}
+    if isinstance(error, RetryAfter):  # the wait the step chose, as the attempt's record shows it
+        if error.until is not None:
+            return {"until": error.until.isoformat()}
+        return {"delay_s": error.delay.total_seconds() if error.delay is not None else None}
     return {}
 
 

@@ -83,11 +83,22 @@ def check_id_prefix(prefix: str) -> str:
     return _check_id(prefix, "id prefix", MAX_INSTANCE_ID_LENGTH) if prefix else prefix
 
 
+# ``_NOT_IN_IDS`` as a JSON Schema pattern, for producers in other languages (``stepline schema``).
+# Only the schema carries it: Python validates with check_instance_id, whose error names the character.
+# (Lone surrogates are left out: UTF-8 JSON text cannot hold one.)
+_ID_SCHEMA = {"pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]*$"}
+
 WorkflowName = Annotated[str, Field(pattern=WORKFLOW_NAME_PATTERN)]
 InstanceId = Annotated[
-    str, Field(min_length=1, max_length=MAX_INSTANCE_ID_LENGTH), AfterValidator(check_instance_id)
+    str,
+    Field(min_length=1, max_length=MAX_INSTANCE_ID_LENGTH, json_schema_extra=_ID_SCHEMA),
+    AfterValidator(check_instance_id),
 ]
-EventId = Annotated[str, Field(min_length=1, max_length=MAX_EVENT_ID_LENGTH), AfterValidator(check_event_id)]
+EventId = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_EVENT_ID_LENGTH, json_schema_extra=_ID_SCHEMA),
+    AfterValidator(check_event_id),
+]
 
 
 def check_workflow_name(name: str) -> str:

@@ -10,9 +10,13 @@ from stepline.producer.cli import main
 from stepline.producer.dead_cli import dead
 from stepline.producer.schedule_cli import schedule
 from stepline.producer.why_cli import repair, why
+from stepline.worker.debug_cli import debug
 from stepline.worker.replay_check import replay_check
+from stepline.worker.schema_cli import schema as schema_command
 
 main.add_command(replay_check)
+main.add_command(debug)
+main.add_command(schema_command)
 main.add_command(schedule)
 main.add_command(why)
 main.add_command(repair)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiosqlite
 import psycopg
 from pydantic import BaseModel
 
-from stepline import Concurrency, Context, NonRetryableError, RetryPolicy, step_info, workflow
+from stepline import Concurrency, Context, NonRetryableError, RetryAfter, RetryPolicy, step_info, workflow
 from stepline.shared.db.engine import is_sqlite, sqlite_path
 
 SIDE_EFFECTS_URL = "STEPLINE_TEST_SIDE_EFFECTS_URL"
@@ -129,6 +129,38 @@ async def flaky(ctx: Context, params: Flaky) -> str:
         params.fail_times,
         retry=RetryPolicy(limit=params.limit, delay=params.delay, backoff="constant"),
     )
+
+
+class RateLimited(BaseModel):
+    wait_s: float | None = None
+    """The step answers attempt 1 with RetryAfter(wait_s)..."""
+    until_in_s: float | None = None
+    """... or with RetryAfter(until=now + until_in_s, to the millisecond)..."""
+    header: str | None = None
+    """... or with RetryAfter.from_header(header)."""
+    limit: int = 3
+
+
+async def rate_limited_call(params: RateLimited) -> str:
+    """An API that answers its first call with HTTP 429 and a Retry-After."""
+    await record()
+    attempt = step_info().attempt
+    if attempt > 1:
+        return f"ok on attempt {attempt}"
+    if params.header is not None:
+        raise RetryAfter.from_header(params.header)
+    wait_s, until_in_s = params.wait_s, params.until_in_s
+    if until_in_s is None:
+        raise RetryAfter(wait_s, message="429 Too Many Requests")
+    moment = datetime.now(UTC) + timedelta(seconds=until_in_s)
+    raise RetryAfter(until=moment.replace(microsecond=moment.microsecond // 1000 * 1000))
+
+
+@workflow("rate-limited")
+async def rate_limited(ctx: Context, params: RateLimited) -> str:
+    # The policy's own back-off is short: a retry that waits longer waited for the step's RetryAfter.
+    policy = RetryPolicy(limit=params.limit, delay="50ms", backoff="constant", max_delay="100ms")
+    return await ctx.step("call", rate_limited_call, params, retry=policy)
 
 
 async def refuse() -> str:

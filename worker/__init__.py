@@ -10,6 +10,7 @@ from stepline.shared.errors import (
     StepTimeoutError,
 )
 from stepline.shared.limits import ConcurrencyLimit, RateLimit
+from stepline.shared.retry_after import InvalidRetryAfterError, RetryAfter
 from stepline.shared.schedules import InvalidScheduleError, Schedule
 from stepline.worker.concurrency import Concurrency
 from stepline.worker.context import Context
@@ -23,10 +24,12 @@ __all__ = [
     "ConcurrencyLimit",
     "Context",
     "EventTimeoutError",
+    "InvalidRetryAfterError",
     "InvalidScheduleError",
     "NonDeterminismError",
     "NonRetryableError",
     "RateLimit",
+    "RetryAfter",
     "RetryPolicy",
     "RunningStep",
     "Schedule",

@@ -16,6 +16,7 @@ from stepline.shared.codec import JSON
 from stepline.shared.errors import NonRetryableError, PayloadTooLargeError, StepTimeoutError
 from stepline.shared.failures import failure_record
 from stepline.shared.history import format_key
+from stepline.shared.retry_after import InvalidRetryAfterError
 from stepline.worker.context import StepCall
 from stepline.worker.step_info import RunningStep, reset_step_info, set_step_info
 
@@ -90,6 +91,8 @@ class StepExecutor:
             return self._failed(expired, True, "timed_out", started_at)
         except NonRetryableError as exc:
             return self._failed(exc, False, "failed", started_at)
+        except InvalidRetryAfterError as exc:  # an ordinary failure, retried by the policy's back-off
+            return self._failed(exc.naming(info.instance_id, name), True, "failed", started_at)
         except Exception as exc:  # step code may raise anything: it is recorded, not fatal
             return self._failed(exc, True, "failed", started_at)
         finally:

@@ -25,6 +25,7 @@ from stepline.shared.db import stores
 from stepline.shared.db.store import Store
 from stepline.shared.errors import ConfigError, NonDeterminismError, SteplineError
 from stepline.shared.settings import load_settings
+from stepline.worker.cli_options import workflow_modules_option
 from stepline.worker.registry import load_workflows
 from stepline.worker.replay.engine import Replay
 from stepline.worker.workflow import Workflow
@@ -124,14 +125,7 @@ def _divergence_line(item: Divergence) -> str:
 
 
 @click.command(name="replay-check")
-@click.option(
-    "--workflows",
-    "modules",
-    multiple=True,
-    required=True,
-    metavar="MODULE",
-    help="Module defining the workflows to deploy (repeatable).",
-)
+@workflow_modules_option("Module defining the workflows to deploy (repeatable).")
 @click.option("--workflow", default=None, help="Check only this workflow's instances.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Check at most N instances.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")

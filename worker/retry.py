@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from stepline.shared.durations import Duration, parse_duration
+from stepline.shared.retry_after import RetryAfter
 
 Backoff = Literal["constant", "linear", "exponential"]
 
@@ -21,7 +22,8 @@ class RetryPolicy:
         delay: wait before the first retry (``"2s"``, ``"5 minutes"``, a timedelta).
         backoff: how the wait grows: ``constant`` (delay), ``linear``
             (delay x n) or ``exponential`` (delay x 2^(n-1)) before retry n.
-        max_delay: the longest wait between two attempts.
+        max_delay: the longest back-off between two attempts (a step that raises
+            ``RetryAfter`` chooses its own wait, which this does not cap).
     """
 
     limit: int
@@ -61,6 +63,21 @@ class RetryPolicy:
         else:
             seconds = base * 2.0 ** min(attempt - 1, 1000)
         return timedelta(seconds=min(seconds, self.max_delay.total_seconds()))
+
+    def wait_after(self, attempt: int, raised: BaseException | None = None) -> timedelta | datetime:
+        """The wait after failed attempt ``attempt``: a delay, or the moment the next attempt is due.
+
+        The one rule for every retry the engine arms (the worker's and the
+        testing kit's alike): a ``RetryAfter`` the attempt raised sets the wait
+        itself, uncapped; any other failure waits the policy's back-off.
+        Whether a retry is left at all is ``allows_retry_after``'s to say.
+        """
+        if isinstance(raised, RetryAfter):
+            if raised.until is not None:
+                return raised.until.astimezone(UTC)
+            if raised.delay is not None:
+                return raised.delay
+        return self.delay_after(attempt)
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()

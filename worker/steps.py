@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from stepline.shared.codec import JSON
@@ -473,12 +474,17 @@ class StepRunner:
             return await self._planner.apply(tx, history, replay, outcome)
         policy = replay.calls[key].retry or DEFAULT_RETRY_POLICY
         if result.is_retryable and policy.allows_retry_after(attempt) and not _ends_in_rollback(history, key):
-            await self._record(tx, instance_id, key, attempt, result, StepStatus.RETRYING, retry=True)
+            # The back-off, or the wait the step chose by raising RetryAfter: the attempt keeps it.
+            wait = policy.wait_after(attempt, result.exception)
+            await self._record(
+                tx, instance_id, key, attempt, result, StepStatus.RETRYING, retry=True, retry_at=wait
+            )
             # To the step's pool, as recorded: the retry runs where the first attempt ran.
             routed, body, headers = self._planner.step_message(history, key, attempt + 1)
-            timer = NewTimer(
-                key, attempt + 1, "retry", routed, body, headers, delay=policy.delay_after(attempt)
-            )
+            if isinstance(wait, datetime):
+                timer = NewTimer(key, attempt + 1, "retry", routed, body, headers, fire_at=wait)
+            else:
+                timer = NewTimer(key, attempt + 1, "retry", routed, body, headers, delay=wait)
             await tx.insert_timers(instance_id, [timer])
             await tx.update_instance(instance_id, status=_status_after_retry(history))
             return []
@@ -496,8 +502,12 @@ class StepRunner:
         status: StepStatus,
         *,
         retry: bool = False,
+        retry_at: timedelta | datetime | None = None,
     ) -> None:
-        """Store the attempt and the step's new status (with the next attempt number for a retry)."""
+        """Store the attempt and the step's new status (with the next attempt number for a retry).
+
+        ``retry_at``: when the retry is due (its timer's moment, or delay), kept on the attempt.
+        """
         await tx.record_attempt(
             instance_id,
             key,
@@ -511,6 +521,7 @@ class StepRunner:
             error=None if isinstance(result, StepSucceeded) else result.error,
             next_attempt=attempt + 1 if retry else None,
             build_id=self._build_id,
+            retry_at=retry_at,
         )
 
     async def _record_unplanned(

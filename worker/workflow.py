@@ -120,6 +120,11 @@ class Workflow(Generic[ParamsT, OutputT]):
             ) from None
 
     @property
+    def params_adapter(self) -> TypeAdapter[Any]:
+        """Validates params as the workflow function's annotation says (``stepline schema`` prints it)."""
+        return self._params_adapter
+
+    @property
     def output_adapter(self) -> TypeAdapter[Any]:
         """Rebuilds the workflow's stored output as its declared return type."""
         return self._output_adapter

@@ -248,6 +248,9 @@ step_attempts = sa.Table(
     sa.Column("finished_at", Timestamp(), nullable=False),
     # The build id of the worker that ran it: steps of one instance may run on several builds.
     sa.Column("build_id", sa.Text),
+    # When the next attempt is due, for a failure that is retried (the back-off, or the
+    # step's own RetryAfter): the retry timer's fire_at, kept after the timer fired.
+    sa.Column("retry_at", Timestamp()),
     sa.ForeignKeyConstraint(
         ["instance_id", "name", "occurrence"],
         ["steps.instance_id", "steps.name", "steps.occurrence"],

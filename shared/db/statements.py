@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -163,8 +163,13 @@ def attempt_insert(
     started_at: datetime,
     finished_at: datetime,
     build_id: str | None,
+    retry_at: timedelta | datetime | None = None,
 ) -> postgresql.Insert | sqlite.Insert:
-    """The attempt row; recording the same attempt twice keeps the first."""
+    """The attempt row; recording the same attempt twice keeps the first.
+
+    ``retry_at`` is when the next attempt is due, for a failure that is retried:
+    a moment, or a delay from the database's clock (the timer's own ``fire_at``).
+    """
     return insert.values(
         instance_id=instance_id,
         name=key[0],
@@ -176,6 +181,7 @@ def attempt_insert(
         started_at=started_at,
         finished_at=finished_at,
         build_id=build_id,
+        retry_at=utc_now(retry_at) if isinstance(retry_at, timedelta) else retry_at,
     ).on_conflict_do_nothing()
 
 

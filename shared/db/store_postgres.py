@@ -18,7 +18,7 @@ import contextlib
 import functools
 from collections import namedtuple
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -316,6 +316,7 @@ class PostgresTransaction(Transaction):
         error: JSON = None,
         next_attempt: int | None = None,
         build_id: str | None = None,
+        retry_at: timedelta | datetime | None = None,
     ) -> None:
         """``insert_attempt`` + ``settle_step`` in one statement."""
         recorded = attempt_insert(
@@ -329,6 +330,7 @@ class PostgresTransaction(Transaction):
             started_at=started_at,
             finished_at=finished_at,
             build_id=build_id,
+            retry_at=retry_at,
         ).cte("recorded_attempt")
         await self._conn.execute(
             step_update(instance_id, key, status, result, error, started_at, next_attempt).add_cte(recorded)

@@ -411,8 +411,12 @@ class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, 
         started_at: datetime,
         finished_at: datetime,
         build_id: str | None = None,
+        retry_at: timedelta | datetime | None = None,
     ) -> None:
-        """Record one finished step attempt (``build_id``: the build of the worker that ran it)."""
+        """Record one finished step attempt (``build_id``: the build of the worker that ran it).
+
+        ``retry_at``: when the next attempt is due (a moment, or a delay on the database clock).
+        """
         await self._conn.execute(
             attempt_insert(
                 self._insert(step_attempts),
@@ -425,6 +429,7 @@ class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, 
                 started_at=started_at,
                 finished_at=finished_at,
                 build_id=build_id,
+                retry_at=retry_at,
             )
         )
 
@@ -443,6 +448,7 @@ class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, 
         error: JSON = None,
         next_attempt: int | None = None,
         build_id: str | None = None,
+        retry_at: timedelta | datetime | None = None,
     ) -> None:
         """A finished attempt and its step's new status: ``insert_attempt`` + ``settle_step``."""
         await self.insert_attempt(
@@ -455,6 +461,7 @@ class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, 
             started_at=started_at,
             finished_at=finished_at,
             build_id=build_id,
+            retry_at=retry_at,
         )
         await self.settle_step(
             instance_id,

@@ -33,19 +33,25 @@ class Result:
             raise AssertionError(f"{self.args} did not print JSON: {self.stdout!r} {self.stderr!r}") from exc
 
 
-async def run(env: dict[str, str], command: str, *args: str, timeout: float = 30.0) -> Result:
-    """Run a console script (``stepline`` ...) with ``env``; the process is killed if it overruns."""
+async def run(
+    env: dict[str, str], command: str, *args: str, timeout: float = 30.0, stdin: str | None = None
+) -> Result:
+    """Run a console script (``stepline`` ...) with ``env``; the process is killed if it overruns.
+
+    ``stdin``: text typed into the command (a debugger's commands); none by default.
+    """
     process = await asyncio.create_subprocess_exec(
         str(BIN / command),
         *args,
         env=env,
         cwd=ROOT,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+        typed = None if stdin is None else stdin.encode()
+        stdout, stderr = await asyncio.wait_for(process.communicate(typed), timeout)
     except TimeoutError:
         process.kill()
         await process.wait()

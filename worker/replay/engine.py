@@ -221,6 +221,11 @@ class Replay:
         return key in self._pending
 
     @property
+    def asked(self) -> list[tuple[StepKey, StepKind]]:
+        """Every entry the code asked for so far, in the order it asked (``stepline debug`` lists them)."""
+        return list(self._requested.items())
+
+    @property
     def values(self) -> dict[StepKey, JSON]:
         """Values recorded by this replay, to carry into a replay of a newer history."""
         return {entry.key: entry.result for entry in self.new_entries if entry.kind == StepKind.VALUE}
