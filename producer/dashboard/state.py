@@ -16,7 +16,6 @@ from starlette.responses import HTMLResponse
 from stepline.producer.client import Client
 from stepline.producer.dashboard.security import CSRF_FIELD, Guard
 from stepline.producer.dashboard.views import error_text, fold_json
-from stepline.shared.db.engine import is_sqlite
 from stepline.shared.db.store import Store
 from stepline.shared.diagnosis import human, stamp
 from stepline.shared.settings import Settings
@@ -47,7 +46,7 @@ class Dashboard:
     @property
     def store_name(self) -> str:
         """Which store the dashboard reads, in words (never its URL: that may hold a password)."""
-        return "embedded (SQLite)" if is_sqlite(self.settings.database) else "PostgreSQL + RabbitMQ"
+        return "embedded (SQLite files)" if self.settings.embedded is not None else "PostgreSQL + RabbitMQ"
 
     def render(
         self, request: Request, template: str, context: Mapping[str, Any], *, status_code: int = 200

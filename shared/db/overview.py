@@ -19,7 +19,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from stepline.shared.db.schema import instances, outbox, step_attempts, timers, utc_now
+from stepline.shared.db.schema import Timestamp, instances, outbox, step_attempts, timers, utc_now
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.states import FINISHED_STATUSES, InstanceStatus
 
@@ -89,6 +89,30 @@ def _epoch_minute_postgresql(element: _EpochMinute, compiler: SQLCompiler, **kw:
 def _epoch_minute_sqlite(element: _EpochMinute, compiler: SQLCompiler, **kw: Any) -> str:
     # Stored as naive UTC text ('YYYY-MM-DD HH:MM:SS.fff'); strftime('%s') reads it as UTC.
     return f"(CAST(strftime('%s', {compiler.process(element.clauses, **kw)}) AS INTEGER) / 60)"
+
+
+class _CreatedAt(FunctionElement[datetime]):
+    """A bound time in the form ``instances.created_at`` is written in, for a keyset comparison.
+
+    PostgreSQL compares timestamps; SQLite compares text, and ``created_at``
+    comes from the column default (``strftime('%Y-%m-%d %H:%M:%f')``, three
+    digits of fraction) while a bound datetime has six: without the same form,
+    the row a page ended on would compare older than itself and show again.
+    """
+
+    type = Timestamp()
+    inherit_cache = True
+    name = "created_at_form"
+
+
+@compiles(_CreatedAt)
+def _created_at_postgresql(element: _CreatedAt, compiler: SQLCompiler, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(_CreatedAt, "sqlite")
+def _created_at_sqlite(element: _CreatedAt, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"strftime('%Y-%m-%d %H:%M:%f', {compiler.process(element.clauses, **kw)})"
 
 
 async def workflow_names(tx: Transaction, *, limit: int = WORKFLOWS_SHOWN) -> list[str]:
@@ -245,7 +269,7 @@ async def instance_page(
     if where.created_before is not None:
         query = query.where(instances.c.created_at < where.created_before)
     if after is not None:
-        created = sa.bindparam(None, after.created_at, type_=instances.c.created_at.type)
+        created = _CreatedAt(sa.bindparam(None, after.created_at, type_=instances.c.created_at.type))
         query = query.where(sa.tuple_(instances.c.created_at, instances.c.id) < sa.tuple_(created, after.id))
     return list((await tx.connection.execute(query)).all())
 
