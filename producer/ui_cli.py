@@ -30,6 +30,8 @@ def ui(host: str | None, port: int | None, read_only: bool | None) -> None:
     every request needs the token (a login form asks for it once). Reads
     STEPLINE_DATABASE_URL and STEPLINE_AMQP_URL, or STEPLINE_EMBEDDED.
     """
+    import socket
+
     import uvicorn  # here, not at the top: `stepline --help` must not pay for the web stack
 
     from stepline.producer.dashboard import create_app
@@ -49,10 +51,20 @@ def ui(host: str | None, port: int | None, read_only: bool | None) -> None:
             "anyone who reaches this port can act on instances",
             err=True,
         )
-    config = uvicorn.Config(app, host=bind_host, port=bind_port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    click.echo(f"stepline ui: http://{_shown(bind_host)}:{bind_port}/ (Ctrl-C stops it)")
-    server.run()
+    # Bound here, so that the address printed is the real one (port 0: the one the OS chose).
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((bind_host, bind_port))
+    except OSError as exc:
+        listener.close()
+        raise click.ClickException(f"cannot listen on {bind_host}:{bind_port}: {exc.strerror}") from None
+    listener.listen(128)
+    port_bound = listener.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    click.echo(f"stepline ui: http://{_shown(bind_host)}:{port_bound}/ (Ctrl-C stops it)")
+    uvicorn.Server(config).run(sockets=[listener])
 
 
 def _shown(host: str) -> str:
