@@ -15,7 +15,7 @@ from starlette.responses import HTMLResponse
 
 from stepline.producer.client import Client
 from stepline.producer.dashboard.security import CSRF_FIELD, Guard
-from stepline.producer.dashboard.views import error_text, fold_json
+from stepline.producer.dashboard.views import error_text, fold_json, took_text
 from stepline.shared.db.store import Store
 from stepline.shared.diagnosis import human, stamp
 from stepline.shared.settings import Settings
@@ -82,7 +82,8 @@ def templates() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["stamp"] = stamp
+    env.filters["stamp"] = lambda moment: "—" if moment is None else stamp(moment)
+    env.filters["took"] = took_text
     env.filters["human"] = human
     env.filters["json"] = fold_json
     env.filters["error"] = error_text

@@ -114,17 +114,22 @@ class _Piece:
 
 def timeline(info: InstanceInfo, attempts: list[AttemptInfo], now: datetime) -> Timeline:
     """Every finished attempt, every attempt still running, and each sleep or wait, in start order."""
+    # A finished instance's unsettled entries (a wait it was terminated in) end with it.
+    until = info.finished_at or now
+    closing = "cancelled" if info.finished_at is not None else None
     pieces = [_attempt_piece(attempt) for attempt in attempts]
-    pieces += [piece for step in info.steps if (piece := _open_piece(step, attempts, now)) is not None]
+    pieces += [
+        piece for step in info.steps if (piece := _open_piece(step, attempts, until, closing)) is not None
+    ]
     pieces.sort(key=lambda piece: piece.began)
     start = min([info.created_at, *(piece.began for piece in pieces)])
-    end = max([info.finished_at or now, *(piece.ended for piece in pieces)])
+    end = max([until, *(piece.ended for piece in pieces)])
     total = max((end - start).total_seconds(), 0.001)
     bars = []
     for piece in pieces:
         x = min((piece.began - start).total_seconds() / total * 100, 99.5)
         width = min(max((piece.ended - piece.began).total_seconds() / total * 100, 0.5), 100 - x)
-        took = _took(piece.ended - piece.began)
+        took = took_text(piece.ended - piece.began)
         where = f" on {piece.worker}" if piece.worker else ""
         tip = f"{piece.label}: {piece.outcome}, {took}{where}" + (f"\n{piece.error}" if piece.error else "")
         bars.append(
@@ -156,7 +161,9 @@ def _attempt_piece(attempt: AttemptInfo) -> _Piece:
     )
 
 
-def _open_piece(step: StepInfo, attempts: list[AttemptInfo], now: datetime) -> _Piece | None:
+def _open_piece(
+    step: StepInfo, attempts: list[AttemptInfo], now: datetime, closing: str | None
+) -> _Piece | None:
     """A bar for what has no finished attempt yet: a running step's attempt, a sleep, a wait, a child."""
     if step.started_at is None or step.kind in (StepKind.VALUE, StepKind.PATCH):
         return None
@@ -167,9 +174,9 @@ def _open_piece(step: StepInfo, attempts: list[AttemptInfo], now: datetime) -> _
         )
         if recorded or step.status not in (StepStatus.RUNNING, StepStatus.WAITING):
             return None
-        return _Piece(step.started_at, f"{key} #{step.attempts}", now, "running")
+        return _Piece(step.started_at, f"{key} #{step.attempts}", now, closing or "running")
     if step.finished_at is None:
-        return _Piece(step.started_at, f"{step.kind} {key}", now, "waiting")
+        return _Piece(step.started_at, f"{step.kind} {key}", now, closing or "waiting")
     failed = step.status == StepStatus.FAILED
     error = error_text(step.error) if step.error else ""
     return _Piece(
@@ -182,19 +189,20 @@ def _open_piece(step: StepInfo, attempts: list[AttemptInfo], now: datetime) -> _
     )
 
 
-def _took(delta: timedelta) -> str:
+def took_text(delta: timedelta) -> str:
+    """A duration as a person reads it, in milliseconds under a second."""
     return human(delta) if delta >= timedelta(seconds=1) else f"{delta.total_seconds() * 1000:.0f} ms"
 
 
 def _ticks(start: datetime, end: datetime) -> list[tuple[float, str]]:
-    """Five evenly spaced time labels along the axis (UTC, to the second)."""
+    """Five labels along the axis: the start's time of day (UTC), then the time since it."""
     total = (end - start).total_seconds()
     if total <= 0:
         return [(0.0, f"{start:%H:%M:%S}")]
-    return [
-        (fraction * 100, f"{start + timedelta(seconds=total * fraction):%H:%M:%S}")
-        for fraction in (0.0, 0.25, 0.5, 0.75, 1.0)
-    ]
+    ticks = [(0.0, f"{start:%H:%M:%S}")]
+    for fraction in (0.25, 0.5, 0.75, 1.0):
+        ticks.append((fraction * 100, "+" + took_text(timedelta(seconds=total * fraction))))
+    return ticks
 
 
 # ---------------------------------------------------------------- the load chart
@@ -213,8 +221,8 @@ class LoadChart:
 
     @property
     def rate_now(self) -> float:
-        """Steps per second over the last full minute."""
-        return self.minutes[-2][1] if len(self.minutes) > 1 else 0.0
+        """Steps per second over the last five minutes (this one included)."""
+        return sum(rate for _, rate, _ in self.minutes[-5:]) / 5
 
 
 def load_chart(loads: list[MinuteLoad], now: datetime) -> LoadChart:

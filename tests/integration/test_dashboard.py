@@ -67,11 +67,11 @@ async def test_overview_shows_each_workflow_by_status_the_load_and_the_backlogs(
     assert sequence_row, response.text
     assert 'href="/instances?workflow=sequence&amp;status=complete">2</a>' in sequence_row.group(0)
     assert 'href="/instances?workflow=approval&amp;status=waiting">1</a>' in response.text
-    assert "Steps / s (last minute)" in text and "Outbox backlog" in text and "Dead letters" in text
+    assert "Steps / s (last 5 min)" in text and "Outbox backlog" in text and "Dead letters" in text
     # Two sequences ran 3 attempts each, approval 1: the hour's chart counts them.
     assert "7 attempts in the last hour" in text
     assert "finished ones are counted up to 1,000 per workflow" in text
-    assert "No held instance" in text
+    assert "No held instance, and" in text
 
 
 async def test_overview_calls_out_held_and_stranded_instances(
