@@ -98,8 +98,9 @@ class Timeline:
 
     @property
     def span(self) -> str:
-        """How long the chart covers, as a person reads it."""
-        return human(self.end - self.start)
+        """How long the chart covers, as a person reads it (in the axis' unit)."""
+        total = (self.end - self.start).total_seconds()
+        return _offset(total, total).removeprefix("+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,13 +178,15 @@ def _open_piece(
         return _Piece(step.started_at, f"{key} #{step.attempts}", now, closing or "running")
     if step.finished_at is None:
         return _Piece(step.started_at, f"{step.kind} {key}", now, closing or "waiting")
+    # A sleep or wait that ended is drawn in the waiting colour ("waited"); one that failed
+    # (a wait that timed out, a child that failed) in red.
     failed = step.status == StepStatus.FAILED
     error = error_text(step.error) if step.error else ""
     return _Piece(
         step.started_at,
         f"{step.kind} {key}",
         step.finished_at,
-        "failed" if failed else "succeeded",
+        "failed" if failed else "waited",
         "",
         error,
     )
@@ -201,8 +204,19 @@ def _ticks(start: datetime, end: datetime) -> list[tuple[float, str]]:
         return [(0.0, f"{start:%H:%M:%S}")]
     ticks = [(0.0, f"{start:%H:%M:%S}")]
     for fraction in (0.25, 0.5, 0.75, 1.0):
-        ticks.append((fraction * 100, "+" + took_text(timedelta(seconds=total * fraction))))
+        ticks.append((fraction * 100, _offset(total * fraction, total)))
     return ticks
+
+
+def _offset(seconds: float, total: float) -> str:
+    """A tick's time since the start, in one unit along the whole axis."""
+    if total < 2:
+        return f"+{seconds * 1000:.0f} ms"
+    if total < 20:
+        return f"+{seconds:.1f} s"
+    if total < 120:
+        return f"+{seconds:.0f} s"
+    return "+" + human(timedelta(seconds=seconds))
 
 
 # ---------------------------------------------------------------- the load chart

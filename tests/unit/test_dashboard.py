@@ -74,7 +74,7 @@ def test_the_timeline_has_a_bar_per_attempt_and_per_open_wait_placed_on_the_span
         ("event decision", 50.0, 50.0, "waiting"),
     ]
     assert chart.bars[0].tooltip == "charge #1: failed, 2 s on w-1\nValueError: boom"
-    assert [label for _, label in chart.ticks] == ["14:00:00", "+2 s", "+5 s", "+7 s", "+10 s"]
+    assert [label for _, label in chart.ticks] == ["14:00:00", "+2.5 s", "+5.0 s", "+7.5 s", "+10.0 s"]
 
 
 def test_a_running_attempt_runs_to_now_and_a_finished_instance_s_open_wait_ends_with_it() -> None:
