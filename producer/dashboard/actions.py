@@ -9,6 +9,7 @@ fixed notice, or shows that page again with the refusal.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from starlette.datastructures import FormData
@@ -27,22 +28,36 @@ DEAD_LETTER_ACTIONS = ("replay", "discard")
 SCHEDULE_ACTIONS = ("pause", "resume", "trigger")
 
 
-async def _form(dashboard: Dashboard, request: Request) -> FormData | Response:
+@dataclass(frozen=True, slots=True)
+class _Posted:
+    """An action POST that passed the guard: the dashboard, the action named in the path, its form."""
+
+    dashboard: Dashboard
+    action: str
+    form: FormData
+
+    def field(self, name: str) -> str:
+        return str(self.form.get(name) or "")
+
+
+async def _posted(request: Request, allowed: tuple[str, ...]) -> _Posted | Response:
+    """The action of the path if it is one of ``allowed`` (else 404), once the guard let its form through."""
+    dashboard = dashboard_of(request)
+    action = request.path_params["action"]
+    if action not in allowed:
+        raise HTTPException(404, f"no action {action!r}: one of {', '.join(allowed)}")
     try:
-        return await dashboard.guard.action_form(request)
+        return _Posted(dashboard, action, await dashboard.guard.action_form(request))
     except RefusedError as exc:
         return PlainTextResponse(exc.reason, status_code=exc.status)
 
 
 async def instance_action(request: Request) -> Response:
     """``POST /instances/<id>/<pause|resume|terminate|restart|event>``."""
-    dashboard = dashboard_of(request)
-    instance_id, action = request.path_params["instance_id"], request.path_params["action"]
-    if action not in INSTANCE_ACTIONS:
-        raise HTTPException(404, f"no action {action!r}: one of {', '.join(INSTANCE_ACTIONS)}")
-    form = await _form(dashboard, request)
-    if isinstance(form, Response):
-        return form
+    posted = await _posted(request, INSTANCE_ACTIONS)
+    if isinstance(posted, Response):
+        return posted
+    dashboard, action, instance_id = posted.dashboard, posted.action, request.path_params["instance_id"]
     try:
         check_instance_id(instance_id)
     except InvalidIdError as exc:
@@ -50,8 +65,8 @@ async def instance_action(request: Request) -> Response:
     client = dashboard.control
     try:
         if action == "event":
-            payload = _payload(str(form.get("payload") or "null"))
-            event_type = str(form.get("event_type") or "").strip()
+            payload = _payload(posted.field("payload") or "null")
+            event_type = posted.field("event_type").strip()
             if not event_type:
                 raise ValueError("give the event type")
             await client.send_event(instance_id, event_type, payload)
@@ -73,15 +88,11 @@ def _payload(text: str) -> object:
 
 async def dead_letter_action(request: Request) -> Response:
     """``POST /dead-letters/<replay|discard>`` with the letter's ``id``."""
-    dashboard = dashboard_of(request)
-    action = request.path_params["action"]
-    if action not in DEAD_LETTER_ACTIONS:
-        raise HTTPException(404, f"no action {action!r}: one of {', '.join(DEAD_LETTER_ACTIONS)}")
-    form = await _form(dashboard, request)
-    if isinstance(form, Response):
-        return form
-    dead_id = str(form.get("id") or "")
-    letters = dashboard.control.dead_letters
+    posted = await _posted(request, DEAD_LETTER_ACTIONS)
+    if isinstance(posted, Response):
+        return posted
+    action, dead_id = posted.action, posted.field("id")
+    letters = posted.dashboard.control.dead_letters
     try:
         outcome = await (letters.replay(dead_id) if action == "replay" else letters.discard(dead_id))
     except SteplineError as exc:
@@ -93,15 +104,10 @@ async def dead_letter_action(request: Request) -> Response:
 
 async def schedule_action(request: Request) -> Response:
     """``POST /schedules/<pause|resume|trigger>`` with the schedule's ``id``."""
-    dashboard = dashboard_of(request)
-    action = request.path_params["action"]
-    if action not in SCHEDULE_ACTIONS:
-        raise HTTPException(404, f"no action {action!r}: one of {', '.join(SCHEDULE_ACTIONS)}")
-    form = await _form(dashboard, request)
-    if isinstance(form, Response):
-        return form
-    schedule_id = str(form.get("id") or "")
-    client = dashboard.control
+    posted = await _posted(request, SCHEDULE_ACTIONS)
+    if isinstance(posted, Response):
+        return posted
+    action, schedule_id, client = posted.action, posted.field("id"), posted.dashboard.control
     try:
         if action == "trigger":
             started = await client.trigger_schedule(schedule_id)
