@@ -2,7 +2,8 @@
 
 An operator opens the overview, filters the instances, opens one, sees its
 timeline, terminates it (accepting the confirmation) and sees the status
-change. Each page is saved as a screenshot under ``test-output/screenshots/``.
+change; the page of another, sleeping, instance follows it to its end by
+itself. Each page is saved as a screenshot under ``test-output/screenshots/``.
 The test is skipped, saying how to install them, only where the browser or
 its driver is missing (``make browser`` installs both).
 """
@@ -22,12 +23,13 @@ import pytest
 from stepline import Client, Producer, Schedule
 from stepline.shared.settings import Settings
 from stepline.shared.topology import routing_key
+from tests.support import db
 from tests.support.amqp import dead_letter_count, publish_raw
 from tests.support.dashboard import ui_process
 from tests.support.fleet import ROOT, ProcessFleet, until_consuming
 from tests.support.polling import eventually, until_status
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_backends]
 
 SCREENSHOTS = ROOT / "test-output" / "screenshots"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -114,6 +116,7 @@ def test_an_operator_filters_opens_an_instance_and_terminates_it(
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     process_fleet.start("worker", "stepline-worker", "--workflows", "tests.workflows")
+    process_fleet.start("scheduler", "stepline-scheduler")
     made = asyncio.run(_seed(settings))
 
     with ui_process(settings, tmp_path) as url, chromium() as browser:
@@ -150,6 +153,14 @@ def test_an_operator_filters_opens_an_instance_and_terminates_it(
         wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "terminated"))
         assert "Terminated." in browser.find_element(By.CSS_SELECTOR, ".flash.ok").text
         snap(browser, "instance-terminated")
+
+        # The page of an unfinished instance follows it by itself: its sleep ends, it completes.
+        browser.get(f"{url}/instances/{made['sleeper']}")
+        wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "waiting"))
+        asyncio.run(db.time_passes(settings.database, instance_id=made["sleeper"]))
+        wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "complete"))
+        assert "complete at" in browser.find_element(By.ID, "why").text
+        snap(browser, "instance-live")
 
         browser.get(f"{url}/instances/{made['parent']}")
         wait.until(expected_conditions.presence_of_element_located((By.ID, "timeline")))

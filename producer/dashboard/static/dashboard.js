@@ -17,9 +17,11 @@ document.addEventListener("submit", (event) => {
   const seconds = Math.max(2, parseInt(live.dataset.live, 10) || 5);
   let busy = false;
   async function refresh() {
-    // Not while the operator types in a form of the live part, nor while the tab is hidden.
-    if (busy || document.hidden || live.contains(document.activeElement) && document.activeElement.tagName !== "BODY" && document.activeElement.tagName !== "A" && document.activeElement.tagName !== "BUTTON") return;
-    if (live.querySelector("details[open]")) return;
+    // Not while the tab is hidden, the operator types in a form of the live part, or reads
+    // a value they unfolded: a refresh would take it away from under them.
+    const focused = document.activeElement;
+    const typing = focused && live.contains(focused) && ["INPUT", "TEXTAREA", "SELECT"].includes(focused.tagName);
+    if (busy || document.hidden || typing || live.querySelector("details[open]")) return;
     busy = true;
     try {
       const response = await fetch(window.location.href, { headers: { "X-Requested-With": "refresh" }, credentials: "same-origin" });
