@@ -26,6 +26,8 @@ HELD_SHOWN = 10
 STRANDED_CHECKED = 10
 """The quietest running or waiting instances diagnosed on each overview (a ``why`` each)."""
 CHILDREN_SHOWN = 100
+BROKER_WAIT_S = 3.0
+"""How long the overview waits for the broker's figures (queue depths, dead letters) before it shows none."""
 DEAD_LETTERS_SHOWN = 200
 STATUSES = [status.value for status in InstanceStatus]
 NOTICES = {
@@ -78,8 +80,7 @@ async def overview(request: Request) -> Response:
         quiet = await reads.quiet_instance_ids(
             tx, quiet_for=dashboard.settings.scheduler.reconcile_grace, limit=STRANDED_CHECKED
         )
-    client = dashboard.control
-    queues = await asyncio.gather(*(client.queue(name) for name in names))
+    queues, dead = await _broker_figures(dashboard, names)
     rows = [
         WorkflowRow(
             name,
@@ -106,13 +107,28 @@ async def overview(request: Request) -> Response:
             "outbox_age": (now - oldest_outbox) if oldest_outbox else None,
             "late_timers": late_timers,
             "timer_lateness": (now - oldest_timer) if oldest_timer and oldest_timer < now else None,
-            "dead_letters": await client.dead_letters.count(),
+            "dead_letters": dead,
+            "broker_answers": dead is not None,
             "held": held,
             "stranded": stranded,
             "checked": len(quiet),
             "grace": dashboard.settings.scheduler.reconcile_grace,
         },
     )
+
+
+async def _broker_figures(dashboard: Dashboard, names: list[str]) -> tuple[list[Any], int | None]:
+    """Each workflow's queue and the dead-letter count; (Nones, None) if the broker does not answer in time.
+
+    The database's figures stand on their own: a broker that hangs must not hang the overview.
+    """
+    client = dashboard.control
+    try:
+        async with asyncio.timeout(BROKER_WAIT_S):
+            queues = await asyncio.gather(*(client.queue(name) for name in names))
+            return list(queues), await client.dead_letters.count()
+    except (TimeoutError, SteplineError):
+        return [None] * len(names), None
 
 
 async def _diagnosed(dashboard: Dashboard, instance_ids: list[str]) -> list[Diagnosis]:

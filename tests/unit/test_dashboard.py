@@ -144,3 +144,20 @@ def test_the_ui_command_imports_no_web_stack_until_it_runs() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+async def test_a_broker_that_hangs_leaves_the_overview_its_database_figures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from stepline.producer.dashboard import pages
+
+    async def hangs(*_args: object) -> None:
+        await asyncio.sleep(3600)
+
+    stalled = SimpleNamespace(control=SimpleNamespace(queue=hangs, dead_letters=SimpleNamespace(count=hangs)))
+    monkeypatch.setattr(pages, "BROKER_WAIT_S", 0.05)
+    queues, dead = await pages._broker_figures(stalled, ["orders", "refunds"])  # type: ignore[arg-type]
+    assert (queues, dead) == ([None, None], None)
