@@ -22,7 +22,7 @@ export STEPLINE_DB_NAME STEPLINE_VHOST
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup services lint format typecheck test run run-stack chaos bench clean distclean
+.PHONY: help setup services browser lint format typecheck test run run-stack chaos bench clean distclean
 
 help: ## Show this help
 	@echo "stepline make targets:"
@@ -36,6 +36,9 @@ setup: ## Create .venv and install stepline + dev deps (when pyproject.toml chan
 
 services: ## Start PostgreSQL + RabbitMQ if needed; create database and vhost
 	@bash scripts/services.sh
+
+browser: ## Install headless Chromium + chromedriver for the dashboard's browser test (Debian packages)
+	@bash scripts/browser.sh
 
 lint: setup ## ruff check + ruff format --check
 	$(BIN)/ruff check .
@@ -54,7 +57,7 @@ typecheck: setup ## mypy (configured in pyproject.toml)
 TEST_WORKERS ?= 4
 TEST_ENV = STEPLINE_EMBEDDED= STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)'
 
-test: setup services lint typecheck ## Everything CI runs: lint, typecheck, full pytest suite
+test: setup services browser lint typecheck ## Everything CI runs: lint, typecheck, full pytest suite
 	$(TEST_ENV) $(BIN)/pytest -n $(TEST_WORKERS) -m 'not serial' $(PYTEST_ARGS)
 	@# Exit 5 is "none collected": PYTEST_ARGS may name tests that hold no serial one.
 	$(TEST_ENV) $(BIN)/pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]

@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stepline.producer.client import Client
-from stepline.producer.fleet import Fleet, run_fleet
+from stepline.producer.fleet import BIN, Fleet, Member, run_fleet
 from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait
 from stepline.producer.pool_status import pool_wait_lines, pool_waits, pool_waits_json
 from stepline.producer.producer import Producer
@@ -490,12 +490,22 @@ def fleet(
     help="Directory of the state and the queue (SQLite files). Env: STEPLINE_EMBEDDED.",
 )
 @click.option("--concurrency", type=click.IntRange(1, 1024), default=None, help="Steps at once.")
-def dev(modules: tuple[str, ...], state: Path, concurrency: int | None) -> None:
+@click.option(
+    "--ui-port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    envvar="STEPLINE_UI__PORT",
+    help="Port of the web dashboard on 127.0.0.1 (0: any free one). Env: STEPLINE_UI__PORT.",
+)
+@click.option("--no-ui", is_flag=True, help="Do not serve the web dashboard.")
+def dev(modules: tuple[str, ...], state: Path, concurrency: int | None, ui_port: int, no_ui: bool) -> None:
     """Run Stepline on local files, with no PostgreSQL and no RabbitMQ.
 
-    Starts a worker and a scheduler over SQLite files in --state, restarts them
-    if they crash, and stops them on Ctrl-C. Workflows survive a restart: run
-    it again and they go on from their last committed step. Point the other
+    Starts a worker, a scheduler and the web dashboard (`stepline ui`) over
+    SQLite files in --state, restarts them if they crash, and stops them on
+    Ctrl-C. Workflows survive a restart: run it again and they go on from
+    their last committed step. Point the other
     commands at the same state with STEPLINE_EMBEDDED=DIR.
     """
     configure_logging("dev", level="INFO")
@@ -516,6 +526,10 @@ def dev(modules: tuple[str, ...], state: Path, concurrency: int | None) -> None:
         concurrency=concurrency,
         say=lambda line: click.echo(line, err=False),
     )
+    if not no_ui:
+        supervised.members.append(Member("ui", [str(BIN / "stepline"), "ui", "--port", str(ui_port)]))
+        where = f"http://127.0.0.1:{ui_port}/" if ui_port else "its address is in the ui's first line"
+        click.echo(f"  dashboard: {where}")
     grace = settings.worker.shutdown_grace.total_seconds() + 5
     run_until_signalled("stepline dev", lambda stopping: run_fleet(supervised, stopping, grace_s=grace))
 

@@ -23,7 +23,7 @@ from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolW
 from stepline.producer.producer import WorkflowRef
 from stepline.shared import codec
 from stepline.shared import repair as repairs
-from stepline.shared.broker import Broker, create_broker
+from stepline.shared.broker import Broker, WorkflowQueue, create_broker
 from stepline.shared.db.bulk_statements import InstanceSelection
 from stepline.shared.db.engine import mask_url
 from stepline.shared.db.limits import WAITING_FOR
@@ -258,6 +258,14 @@ class Client:
                 )
             )
         return waits
+
+    async def queue(self, workflow: str, pool: str | None = None) -> WorkflowQueue | None:
+        """A workflow's queue (of ``pool``) as the broker sees it now; None if nothing declared it yet.
+
+        Raises:
+            ConfigError: the client has no ``amqp_url``.
+        """
+        return await self._broker_needed("queue").workflow_queue(workflow, pool)
 
     async def why(self, instance_id: str, *, limits: Limits | None = None) -> Diagnosis:
         """What the instance waits on, since when, what will move it, and whether anything is wrong.

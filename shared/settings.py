@@ -227,6 +227,18 @@ class OutboxSettings(BaseModel):
         return self
 
 
+class UiSettings(BaseModel):
+    """``STEPLINE_UI__*``: the web dashboard (``stepline ui``)."""
+
+    host: str = Field(default="127.0.0.1", description="Address the dashboard binds (loopback by default).")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port of the dashboard (0: any free one).")
+    token: SecretStr | None = Field(
+        default=None,
+        description="When set, every request needs it: a login form asks for it once and sets a cookie.",
+    )
+    read_only: bool = Field(default=False, description="Hide every action and refuse action requests.")
+
+
 class Settings(BaseSettings):
     """Every setting of every Stepline process.
 
@@ -299,6 +311,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
 
     @field_validator("startup_timeout")
     @classmethod
@@ -414,6 +427,7 @@ __all__ = [
     "SchedulerSettings",
     "Settings",
     "TlsSettings",
+    "UiSettings",
     "WorkerSettings",
     "describe_problems",
     "load_settings",

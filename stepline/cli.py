@@ -9,6 +9,7 @@ from stepline.producer import control_cli
 from stepline.producer.cli import main
 from stepline.producer.dead_cli import dead
 from stepline.producer.schedule_cli import schedule
+from stepline.producer.ui_cli import ui
 from stepline.producer.why_cli import repair, why
 from stepline.worker.debug_cli import debug
 from stepline.worker.replay_check import replay_check
@@ -21,6 +22,7 @@ main.add_command(schedule)
 main.add_command(why)
 main.add_command(repair)
 main.add_command(dead)
+main.add_command(ui)
 for command in control_cli.commands:
     main.add_command(command)
 

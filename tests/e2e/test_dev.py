@@ -12,11 +12,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.cli import run
+from tests.support.dashboard import free_port
 from tests.support.fleet import BIN, ROOT, process_env, terminate, until_consuming
 from tests.support.polling import eventually
 
@@ -51,10 +53,12 @@ class Dev:
     log: Path
     runs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, *options: str) -> subprocess.Popen[bytes]:
+        """Run `stepline dev` with ``options`` (default ``--no-ui``: tests in parallel share no port)."""
+        command = [str(BIN / "stepline"), "dev", "--workflows", "tests.workflows", "--state", str(self.state)]
         with self.log.open("ab") as out:
             process = subprocess.Popen(
-                [str(BIN / "stepline"), "dev", "--workflows", "tests.workflows", "--state", str(self.state)],
+                [*command, *(options or ("--no-ui",))],
                 env=self.env,
                 cwd=ROOT,
                 stdout=out,
@@ -157,6 +161,35 @@ async def test_a_second_dev_on_the_same_state_is_refused_while_the_first_runs(
     worker = await run(env, "stepline-worker", "--workflows", "tests.workflows", timeout=60)
     assert worker.returncode != 0
     assert "another process (pid" in worker.output and "is consuming" in worker.output
+
+
+async def test_dev_serves_the_dashboard_over_its_state(
+    dev: Dev, env: dict[str, str], settings: Settings, workflows: Mapping[str, object]
+) -> None:
+    port = free_port()
+    dev.start("--ui-port", str(port))
+    url = f"http://127.0.0.1:{port}"
+
+    async def answers() -> int:
+        try:
+            async with httpx.AsyncClient(timeout=2) as http:
+                return (await http.get(f"{url}/readyz")).status_code
+        except httpx.HTTPError:
+            return 0
+
+    await eventually(answers, check=lambda code: code == 200, timeout=60, what="the dashboard")
+    await until_consuming(settings, workflows)
+    started = await run(
+        env, "stepline", "start", "sequence", "--params", '{"a": 1, "b": 2}', "--id", "seen-in-ui"
+    )
+    assert started.returncode == 0, started.output
+    await eventually(lambda: _status(env, "seen-in-ui"), check=lambda s: s == "complete", what="the instance")
+    async with httpx.AsyncClient(timeout=10) as http:
+        listing = await http.get(f"{url}/instances", params={"workflow": "sequence"})
+        page = await http.get(f"{url}/instances/seen-in-ui")
+    assert listing.status_code == 200 and 'href="/instances/seen-in-ui"' in listing.text
+    assert page.status_code == 200 and "embedded (SQLite files)" in page.text
+    assert f"dashboard: {url}/" in dev.log.read_text()
 
 
 async def _count_workers(dev: Dev) -> int:

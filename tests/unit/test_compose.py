@@ -347,3 +347,14 @@ def test_production_migrates_on_the_primary_directly() -> None:
     database = _environment(SERVICES["prod-migrate"])["STEPLINE_DATABASE_URL"]
     assert _hosts(database) == ["postgres-primary:5432", "postgres-standby:5432"]
     assert _query(database) == {"target_session_attrs": "read-write"}
+
+
+def test_the_dashboard_is_a_service_published_on_this_machine_only() -> None:
+    ui = SERVICES["ui"]
+    assert _command(ui)[:2] == ["stepline", "ui"]
+    command = _command(ui)
+    port = command[command.index("--port") + 1]
+    # Inside its container it listens on every interface; the host publishes it on loopback only.
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert ui["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert _environment(ui)["STEPLINE_HEALTH_PORT"] == port  # its healthcheck asks the dashboard's /readyz

@@ -74,3 +74,14 @@ def test_a_wheel_built_from_the_sdist_is_the_same(wheel_files: list[str], tmp_pa
     [wheel] = WheelBuilder(str(unpacked)).build(directory=str(tmp_path / "wheel"), versions=["standard"])
     with zipfile.ZipFile(wheel) as built:
         assert sorted(built.namelist()) == sorted(wheel_files)
+
+
+def test_wheel_ships_the_dashboard_s_templates_and_assets(wheel_files: list[str]) -> None:
+    # The dashboard needs no network: its style sheet, script and icon come from the package.
+    for name in (
+        "templates/base.html",
+        "templates/instance.html",
+        "static/dashboard.css",
+        "static/dashboard.js",
+    ):
+        assert f"stepline/producer/dashboard/{name}" in wheel_files, name
