@@ -31,12 +31,12 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from benchmarks import flow, report
+from benchmarks import cli_speed, flow, report
 from benchmarks.isolation import Isolation
 from benchmarks.procs import ROOT, Fleet, child_env, machine_busy_seconds
 from benchmarks.sections import FULL, QUICK, Bench, Sizes
 
-SECTIONS = ("throughput", "latency", "timers", "long", "naive", "rawtx", "replaycheck", "flow")
+SECTIONS = ("throughput", "latency", "timers", "long", "naive", "rawtx", "replaycheck", "flow", "cli")
 ALIASES = {"memory": ("throughput",), "references": ("naive", "rawtx")}
 
 
@@ -122,8 +122,11 @@ async def run_sections(bench: Bench, sections: set[str], results: dict[str, Any]
                 bench.throughput[count] = engine_run
                 entry = results.setdefault("throughput", {"instances": bench.sizes.instances, "runs": []})
                 entry["runs"].append(engine_run.as_json())
-    elsewhere = {"flow": functools.partial(flow.run, bench)}  # sections in modules of their own
-    for name in ("latency", "timers", "long", "replaycheck", "flow"):
+    elsewhere = {  # sections in modules of their own
+        "flow": functools.partial(flow.run, bench),
+        "cli": functools.partial(cli_speed.run, bench),
+    }
+    for name in ("latency", "timers", "long", "replaycheck", "flow", "cli"):
         if name in sections:
             outcome = await guarded(name, elsewhere.get(name) or getattr(bench, name))
             if outcome is not None:

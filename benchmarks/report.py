@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import flow
+from benchmarks import cli_speed, flow
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -91,6 +91,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": growth < 10.0,
             }
         )
+    if results.get("cli"):
+        rows.extend(cli_speed.targets(results["cli"]))
     checks = _all_checks(results)
     if checks:
         bad = [name for name, ok in checks if not ok]
@@ -148,6 +150,8 @@ def render(console: Console, results: dict[str, Any]) -> None:
     _render_db_work(console, throughput, naive)
     if results.get("flow"):
         flow.render(console, results["flow"])
+    if results.get("cli"):
+        cli_speed.render(console, results["cli"])
     if results.get("targets"):
         _render_targets(console, results["targets"])
     for problem in results.get("problems", []):
