@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -325,6 +324,8 @@ def send_event(instance_id: str, event_type: str, payload: str, event_id: str | 
 @JSON_OPTION
 def prune(older_than: str, batch_size: int, as_json: bool) -> None:
     """Delete instances finished longer ago than --older-than, with all their rows, in batches."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn  # only prune draws a progress bar
+
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
