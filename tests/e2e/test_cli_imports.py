@@ -34,4 +34,5 @@ async def test_status_of_a_finished_instance_imports_only_what_reading_it_needs(
     assert result.stdout.splitlines()[0] == "imports-1  sequence  complete", result.stdout
     assert "output: " in result.stdout
     forbidden = NOT_FOR_EMBEDDED_STATUS if settings.embedded is not None else NOT_FOR_STATUS
-    assert among(modules, forbidden) == [], "stepline status imported what it does not need"
+    needless = among(modules, forbidden)
+    assert needless == [], f"stepline status imported {needless}"

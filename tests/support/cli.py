@@ -93,5 +93,5 @@ def imported_by(env: Mapping[str, str], *args: str, timeout: float = 60.0) -> tu
 
 
 def among(modules: set[str], packages: Iterable[str]) -> list[str]:
-    """The ``modules`` that are one of ``packages`` or inside one (``sqlalchemy.orm``: ``sqlalchemy``)."""
-    return sorted(name for name in modules if any(name == p or name.startswith(p + ".") for p in packages))
+    """The ``packages`` that ``modules`` holds, itself or a module inside it (``sqlalchemy.orm``)."""
+    return [p for p in packages if any(name == p or name.startswith(p + ".") for name in modules)]
