@@ -31,12 +31,23 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from benchmarks import bigdb_bench, flow, report
+from benchmarks import bigdb_bench, cli_speed, flow, report
 from benchmarks.isolation import Isolation
 from benchmarks.procs import ROOT, Fleet, child_env, machine_busy_seconds
 from benchmarks.sections import FULL, QUICK, Bench, Sizes
 
-SECTIONS = ("throughput", "latency", "timers", "long", "naive", "rawtx", "replaycheck", "flow", "bigdb")
+SECTIONS = (
+    "throughput",
+    "latency",
+    "timers",
+    "long",
+    "naive",
+    "rawtx",
+    "replaycheck",
+    "flow",
+    "bigdb",
+    "cli",
+)
 ALIASES = {"memory": ("throughput",), "references": ("naive", "rawtx")}
 
 
@@ -125,8 +136,9 @@ async def run_sections(bench: Bench, sections: set[str], results: dict[str, Any]
     elsewhere = {  # sections in modules of their own
         "flow": functools.partial(flow.run, bench),
         "bigdb": functools.partial(_bigdb, bench),
+        "cli": functools.partial(cli_speed.run, bench),
     }
-    for name in ("latency", "timers", "long", "replaycheck", "flow", "bigdb"):
+    for name in ("latency", "timers", "long", "replaycheck", "flow", "bigdb", "cli"):
         if name in sections:
             outcome = await guarded(name, elsewhere.get(name) or getattr(bench, name))
             if outcome is not None:

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import bigdb_bench, flow
+from benchmarks import bigdb_bench, cli_speed, flow
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -93,6 +93,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if results.get("bigdb"):
         rows.extend(bigdb_bench.targets(results["bigdb"]))
+    if results.get("cli"):
+        rows.extend(cli_speed.targets(results["cli"]))
     checks = _all_checks(results)
     if checks:
         bad = [name for name, ok in checks if not ok]
@@ -152,6 +154,8 @@ def render(console: Console, results: dict[str, Any]) -> None:
         flow.render(console, results["flow"])
     if results.get("bigdb"):
         bigdb_bench.render(console, results["bigdb"])
+    if results.get("cli"):
+        cli_speed.render(console, results["cli"])
     if results.get("targets"):
         _render_targets(console, results["targets"])
     for problem in results.get("problems", []):

@@ -1,36 +1,80 @@
-"""Stepline's client side: start workflows, read and control their instances."""
+"""Stepline's client side: start workflows, read and control their instances.
 
-from stepline.producer.bulk import BulkOutcome
-from stepline.producer.client import Client
-from stepline.producer.dead_letters import (
-    DeadLetterInfo,
-    DeadLetterNotFoundError,
-    DeadLetterOutcome,
-    DeadLetters,
-)
-from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, ScheduleInfo, StepInfo
-from stepline.producer.producer import Producer, WorkflowRef
-from stepline.shared.errors import (
-    BrokerError,
-    ConfigError,
-    InstanceNotFoundError,
-    InvalidIdError,
-    InvalidParamsError,
-    InvalidStateError,
-    PayloadTooLargeError,
-    SteplineError,
-    StorageError,
-    UnregisteredWorkflowError,
-    UnroutableError,
-    WaitTimeoutError,
-)
-from stepline.shared.schedules import (
-    InvalidScheduleError,
-    Schedule,
-    ScheduleConflictError,
-    ScheduleNotFoundError,
-)
-from stepline.shared.settings import Settings, load_settings
+The names load on first use (PEP 562), so ``stepline.producer.cli`` and its commands import
+only what they need: ``stepline status`` reads the database and never loads aio-pika.
+"""
+
+from typing import TYPE_CHECKING
+
+from stepline.shared.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from stepline.producer.bulk import BulkOutcome
+    from stepline.producer.client import Client
+    from stepline.producer.dead_letters import (
+        DeadLetterInfo,
+        DeadLetterNotFoundError,
+        DeadLetterOutcome,
+        DeadLetters,
+    )
+    from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, ScheduleInfo, StepInfo
+    from stepline.producer.producer import Producer, WorkflowRef
+    from stepline.shared.errors import (
+        BrokerError,
+        ConfigError,
+        InstanceNotFoundError,
+        InvalidIdError,
+        InvalidParamsError,
+        InvalidStateError,
+        PayloadTooLargeError,
+        SteplineError,
+        StorageError,
+        UnregisteredWorkflowError,
+        UnroutableError,
+        WaitTimeoutError,
+    )
+    from stepline.shared.schedules import (
+        InvalidScheduleError,
+        Schedule,
+        ScheduleConflictError,
+        ScheduleNotFoundError,
+    )
+    from stepline.shared.settings import Settings, load_settings
+
+_LAZY = {
+    "stepline.producer.bulk": ["BulkOutcome"],
+    "stepline.producer.client": ["Client"],
+    "stepline.producer.dead_letters": [
+        "DeadLetterInfo",
+        "DeadLetterNotFoundError",
+        "DeadLetterOutcome",
+        "DeadLetters",
+    ],
+    "stepline.producer.models": ["AttemptInfo", "EventInfo", "InstanceInfo", "ScheduleInfo", "StepInfo"],
+    "stepline.producer.producer": ["Producer", "WorkflowRef"],
+    "stepline.shared.errors": [
+        "BrokerError",
+        "ConfigError",
+        "InstanceNotFoundError",
+        "InvalidIdError",
+        "InvalidParamsError",
+        "InvalidStateError",
+        "PayloadTooLargeError",
+        "SteplineError",
+        "StorageError",
+        "UnregisteredWorkflowError",
+        "UnroutableError",
+        "WaitTimeoutError",
+    ],
+    "stepline.shared.schedules": [
+        "InvalidScheduleError",
+        "Schedule",
+        "ScheduleConflictError",
+        "ScheduleNotFoundError",
+    ],
+    "stepline.shared.settings": ["Settings", "load_settings"],
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "AttemptInfo",

@@ -1,4 +1,9 @@
-"""``stepline``: start workflows, inspect instances, migrate the database."""
+"""``stepline``'s instance commands: start workflows, inspect instances, migrate the database.
+
+``stepline.cli`` lists them in its command table and imports this module only to run one,
+so its imports stay those every command here needs: a command's own heavy imports (the
+producer, the fleet, migrations, the client) happen inside it.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +11,28 @@ import asyncio
 import json
 import os
 import re
-import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from stepline.producer.client import Client
-from stepline.producer.fleet import BIN, Fleet, Member, run_fleet
-from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait
-from stepline.producer.pool_status import pool_wait_lines, pool_waits, pool_waits_json
-from stepline.producer.producer import Producer
-from stepline.shared.broker import WorkflowQueue
-from stepline.shared.db import migrate, stores
-from stepline.shared.db.engine import mask_url
 from stepline.shared.durations import parse_duration
 from stepline.shared.errors import ConfigError, InvalidIdError, SteplineError
 from stepline.shared.history import format_key
-from stepline.shared.logs import configure_logging
 from stepline.shared.messages import check_event_id, check_id_prefix, check_instance_id
 from stepline.shared.process import run_until_signalled
 from stepline.shared.settings import Settings, load_settings
 from stepline.shared.states import InstanceStatus
+
+if TYPE_CHECKING:
+    from stepline.producer.client import Client
+    from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait
+    from stepline.shared.broker import WorkflowQueue
 
 T = TypeVar("T")
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -82,6 +81,8 @@ def _print_json(data: Any) -> None:
 
 
 def _with_client(settings: Settings, use: Callable[[Client], Awaitable[T]], *, publishes: bool = False) -> T:
+    from stepline.producer.client import Client
+
     async def body() -> T:
         async with Client(
             settings.database,
@@ -95,17 +96,7 @@ def _with_client(settings: Settings, use: Callable[[Client], Awaitable[T]], *, p
     return _run(body())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """Stepline: durable workflows on PostgreSQL and RabbitMQ.
-
-    Reads STEPLINE_DATABASE_URL and STEPLINE_AMQP_URL; or STEPLINE_EMBEDDED,
-    the directory of `stepline dev`'s local state, instead of both.
-    """
-    configure_logging("stepline", level="WARNING")
-
-
-@main.command()
+@click.command()
 @click.argument("workflow")
 @click.option("--params", default="null", help='Params as JSON, e.g. \'{"sku": "A1"}\'.')
 @click.option(
@@ -145,6 +136,8 @@ def start(
         parsed = json.loads(params)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--params") from None
+    from stepline.producer.producer import Producer
+
     settings = _settings("amqp_url")
 
     async def body() -> tuple[str, WorkflowQueue | None]:
@@ -172,7 +165,7 @@ def start(
         click.echo(started)
 
 
-@main.command()
+@click.command()
 @INSTANCE_ID
 @JSON_OPTION
 def status(instance_id: str, as_json: bool) -> None:
@@ -180,6 +173,8 @@ def status(instance_id: str, as_json: bool) -> None:
 
     With STEPLINE_JAEGER_URL set, also a link to the instance's trace in Jaeger.
     """
+    from stepline.producer.pool_status import pool_waits, pool_waits_json
+
     settings = _settings("database_url")
     info = _with_client(settings, lambda client: client.get(instance_id))
     if info is None:
@@ -222,7 +217,7 @@ def _not_yet_an_instance(instance_id: str) -> click.ClickException:
     )
 
 
-@main.command(name="list")
+@click.command(name="list")
 @click.option(
     "--workflow", default=None, help="Only this workflow: its exact name (no wildcards; '%' is a character)."
 )
@@ -295,7 +290,7 @@ def list_(
     _console().print(table)
 
 
-@main.command(name="send-event")
+@click.command(name="send-event")
 @INSTANCE_ID
 @click.argument("event_type")
 @click.option("--payload", default="null", help="Payload as JSON.")
@@ -323,12 +318,14 @@ def send_event(instance_id: str, event_type: str, payload: str, event_id: str | 
         click.echo(sent)
 
 
-@main.command()
+@click.command()
 @click.option("--older-than", required=True, help="Age of finished instances to delete, e.g. 30d.")
 @click.option("--batch-size", type=click.IntRange(1, 100000), default=500, show_default=True)
 @JSON_OPTION
 def prune(older_than: str, batch_size: int, as_json: bool) -> None:
     """Delete instances finished longer ago than --older-than, with all their rows, in batches."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn  # only prune draws a progress bar
+
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
@@ -351,7 +348,7 @@ def prune(older_than: str, batch_size: int, as_json: bool) -> None:
         click.echo(f"deleted {deleted} instances finished more than {older_than} ago")
 
 
-@main.command()
+@click.command()
 @INSTANCE_ID
 @JSON_OPTION
 def history(instance_id: str, as_json: bool) -> None:
@@ -359,6 +356,7 @@ def history(instance_id: str, as_json: bool) -> None:
 
     Also prints the instance's trace id, and with STEPLINE_JAEGER_URL set a link to the trace in Jaeger.
     """
+    from stepline.producer.pool_status import pool_waits, pool_waits_json
 
     async def use(
         client: Client,
@@ -428,7 +426,7 @@ def history(instance_id: str, as_json: bool) -> None:
         console.print(event_table)
 
 
-@main.command()
+@click.command()
 @click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True, help="Worker processes.")
 @click.option(
     "--schedulers", type=click.IntRange(0, 16), default=1, show_default=True, help="Scheduler processes."
@@ -454,6 +452,9 @@ def fleet(
 
     The same topology as docker-compose, without Docker. Needs STEPLINE_DATABASE_URL and STEPLINE_AMQP_URL.
     """
+    from stepline.producer.fleet import Fleet, run_fleet
+    from stepline.shared.logs import configure_logging
+
     configure_logging("fleet", level="INFO")
     settings = _settings("database_url", "amqp_url")
     workflows = list(modules) or settings.worker.workflows
@@ -473,7 +474,7 @@ def fleet(
     run_until_signalled("stepline fleet", lambda stopping: run_fleet(supervised, stopping, grace_s=grace))
 
 
-@main.command()
+@click.command()
 @click.option(
     "--workflows",
     "modules",
@@ -508,6 +509,9 @@ def dev(modules: tuple[str, ...], state: Path, concurrency: int | None, ui_port:
     their last committed step. Point the other
     commands at the same state with STEPLINE_EMBEDDED=DIR.
     """
+    from stepline.producer.fleet import BIN, Fleet, Member, run_fleet
+    from stepline.shared.logs import configure_logging
+
     configure_logging("dev", level="INFO")
     state = state.resolve()
     os.environ["STEPLINE_EMBEDDED"] = str(state)  # the worker and scheduler inherit it
@@ -534,7 +538,7 @@ def dev(modules: tuple[str, ...], state: Path, concurrency: int | None, ui_port:
     run_until_signalled("stepline dev", lambda stopping: run_fleet(supervised, stopping, grace_s=grace))
 
 
-@main.group()
+@click.group()
 def db() -> None:
     """Database schema commands."""
 
@@ -542,12 +546,17 @@ def db() -> None:
 @db.command()
 def upgrade() -> None:
     """Apply every migration to the database (safe to repeat)."""
+    from stepline.shared.db import migrate
+
     settings = _settings("database_url")
     _upgrade(settings)
     click.echo(f"database at revision {migrate.current_revision(settings.database)} (head)")
 
 
 def _upgrade(settings: Settings) -> None:
+    from stepline.shared.db import stores
+    from stepline.shared.db.engine import mask_url
+
     try:
         stores.upgrade(settings.database)
     except Exception as exc:  # CLI edge: one clear line instead of a traceback
@@ -625,6 +634,8 @@ def _console() -> Console:
 
 def _print_pool_waits(console: Console, waits: list[PoolWait], problem: str | None) -> None:
     """A line per step bound for a worker pool: above all, one that no worker consumes now."""
+    from stepline.producer.pool_status import pool_wait_lines
+
     for line, is_warning in pool_wait_lines(waits, problem):
         console.print(_plain(line, "yellow" if is_warning else ""), soft_wrap=True)
 
@@ -712,7 +723,3 @@ def _utc(value: datetime | None) -> datetime | None:
 
 def _time(value: Any) -> str:
     return "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S}"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

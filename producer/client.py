@@ -9,20 +9,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from psycopg.errors import UndefinedColumn, UndefinedTable
 from sqlalchemy.exc import SQLAlchemyError
 
 from stepline.producer import control
-from stepline.producer import schedules as schedule_actions
-from stepline.producer import why as diagnosing
 from stepline.producer.bulk import BulkAction, BulkOutcome, BulkRun, rule_of
-from stepline.producer.dead_letters import DeadLetters
 from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait, ScheduleInfo, StepInfo
-from stepline.producer.producer import WorkflowRef
 from stepline.shared import codec
-from stepline.shared import repair as repairs
 from stepline.shared.broker import Broker, WorkflowQueue, create_broker
 from stepline.shared.db.bulk_statements import InstanceSelection
 from stepline.shared.db.engine import mask_url
@@ -31,7 +25,6 @@ from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
 from stepline.shared.db.transaction import Transaction
-from stepline.shared.diagnosis import Diagnosis, Limits
 from stepline.shared.durations import Duration, parse_duration
 from stepline.shared.errors import (
     ConfigError,
@@ -51,17 +44,19 @@ from stepline.shared.messages import (
     encode_message,
 )
 from stepline.shared.outbox import OutboxRelay
-from stepline.shared.repair import RepairOutcome
-from stepline.shared.schedules import (
-    InvalidScheduleError,
-    Schedule,
-    check_schedule_id,
-    start_message,
-    tick_instance_id,
-)
 from stepline.shared.settings import BrokerSettings, OutboxSettings
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import pool_of, queue_name
+
+if TYPE_CHECKING:
+    # What only some methods use is imported in them: `stepline status` builds a Client to
+    # read one instance and should not load the telemetry, the broker, cron parsing or the
+    # diagnosis to do it (tests/unit/test_cli_imports.py).
+    from stepline.producer.dead_letters import DeadLetters
+    from stepline.producer.producer import WorkflowRef
+    from stepline.shared.diagnosis import Diagnosis, Limits
+    from stepline.shared.repair import RepairOutcome
+    from stepline.shared.schedules import Schedule
 
 T = TypeVar("T")
 
@@ -278,6 +273,8 @@ class Client:
         Raises:
             InstanceNotFoundError: no instance has that id.
         """
+        from stepline.producer import why as diagnosing
+
         check_instance_id(instance_id)
         async with self._connection() as tx:
             diagnosis = await diagnosing.diagnose_instance(
@@ -299,6 +296,9 @@ class Client:
         Raises:
             InstanceNotFoundError: no instance has that id.
         """
+        from stepline.producer import why as diagnosing
+        from stepline.shared import repair as repairs
+
         check_instance_id(instance_id)
         outcome: builtins.list[RepairOutcome] = []
 
@@ -535,6 +535,8 @@ class Client:
         Raises:
             ConfigError: the client has no ``amqp_url``.
         """
+        from stepline.producer.dead_letters import DeadLetters
+
         return DeadLetters(self._broker_needed("dead letters"))
 
     # ------------------------------------------------------------ schedules
@@ -562,6 +564,14 @@ class Client:
             ScheduleConflictError: a schedule declared in code has this id.
             BadPayloadError: the params make a start event over the payload limit.
         """
+        from stepline.producer import schedules as schedule_actions
+        from stepline.shared.schedules import (
+            InvalidScheduleError,
+            check_schedule_id,
+            start_message,
+            tick_instance_id,
+        )
+
         check_schedule_id(schedule_id)
         name = workflow if isinstance(workflow, str) else workflow.name
         try:
@@ -588,26 +598,36 @@ class Client:
 
     async def list_schedules(self, *, workflow: str | None = None) -> builtins.list[ScheduleInfo]:
         """Every schedule (of one workflow), by id, each with its next five fire times."""
+        from stepline.producer import schedules as schedule_actions
+
         async with self._connection() as tx:
             return await schedule_actions.list_all(tx, workflow)
 
     async def get_schedule(self, schedule_id: str) -> ScheduleInfo:
         """One schedule. Raises ``ScheduleNotFoundError`` if no schedule has this id."""
+        from stepline.producer import schedules as schedule_actions
+
         async with self._connection() as tx:
             return await schedule_actions.get(tx, schedule_id)
 
     async def pause_schedule(self, schedule_id: str) -> ScheduleInfo:
         """Stop firing a schedule until ``resume_schedule``. Raises ``ScheduleNotFoundError``."""
+        from stepline.producer import schedules as schedule_actions
+
         async with self._connection(begin=True) as tx:
             return await schedule_actions.pause(tx, schedule_id)
 
     async def resume_schedule(self, schedule_id: str) -> ScheduleInfo:
         """Fire a paused schedule again from its next tick; ticks missed while paused are not started."""
+        from stepline.producer import schedules as schedule_actions
+
         async with self._connection(begin=True) as tx:
             return await schedule_actions.resume(tx, schedule_id)
 
     async def delete_schedule(self, schedule_id: str) -> None:
         """Delete a schedule (its instances run on). Raises ``ScheduleNotFoundError``."""
+        from stepline.producer import schedules as schedule_actions
+
         async with self._connection(begin=True) as tx:
             await schedule_actions.delete(tx, schedule_id)
 
@@ -616,6 +636,8 @@ class Client:
 
         Overlap and pause are not consulted: a trigger is an operator's explicit start.
         """
+        from stepline.producer import schedules as schedule_actions
+
         self._broker_needed("trigger_schedule")
         started: builtins.list[str] = []
 
@@ -666,11 +688,22 @@ class Client:
         except SQLAlchemyError as exc:
             lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             cause = lines[0] if lines else type(exc).__name__
-            if isinstance(getattr(exc, "orig", None), UndefinedTable | UndefinedColumn):
+            if _is_missing_schema(getattr(exc, "orig", None)):
                 cause += " (the schema is older than this code: run `stepline db upgrade`)"
             raise StorageError(f"database error on {mask_url(self._database_url)}: {cause}") from exc
         except OSError as exc:
             raise StorageError(f"database unreachable at {mask_url(self._database_url)}: {exc}") from exc
+
+
+def _is_missing_schema(error: BaseException | None) -> bool:
+    """A PostgreSQL "no such table/column" error: the schema is older than the code.
+
+    psycopg is imported only when a database error is explained, so an embedded
+    (SQLite) ``stepline status`` never loads it.
+    """
+    from psycopg.errors import UndefinedColumn, UndefinedTable
+
+    return isinstance(error, UndefinedTable | UndefinedColumn)
 
 
 async def _no_rows(action: Awaitable[None]) -> list[OutboxRow]:

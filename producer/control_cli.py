@@ -75,7 +75,7 @@ def _no_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _control_command(name: BulkAction, summary: str) -> None:
+def _control_command(name: BulkAction, summary: str) -> click.Command:
     """Register ``stepline NAME ID`` and its bulk form ``stepline NAME --workflow W --status S ...``."""
     extra = _terminate_options if name == "terminate" else _no_options
 
@@ -110,7 +110,7 @@ def _control_command(name: BulkAction, summary: str) -> None:
             return
         _bulk(name, workflow, status_, _utc(since), build_id, held, dry_run, batch_size, as_json, options)
 
-    commands.append(command)
+    return command
 
 
 def _refuse_filters_with_an_id(*values: object) -> None:
@@ -126,8 +126,6 @@ _BULK_HELP = """
     why). Each instance gets the same rule as the one-ID form. --dry-run prints
     how many match and the first ids, and changes nothing.
 """
-
-commands: list[click.Command] = []
 
 
 def _control(name: str, instance_id: str, as_json: bool, options: dict[str, bool]) -> None:
@@ -234,17 +232,17 @@ def _resume_held(workflow: str, dry_run: bool, as_json: bool) -> None:
         click.echo(f"resumed {resumed} held instances of {workflow}")
 
 
-_control_command("pause", "Pause an instance: no new step starts; a running step still commits.")
-_control_command(
+pause = _control_command("pause", "Pause an instance: no new step starts; a running step still commits.")
+resume = _control_command(
     "resume",
     "Resume a paused instance. A held one (paused because its replay diverged; its error\n"
     "names both sides) goes on from its history on the code deployed now, or is held again.\n"
     "`resume --held --workflow W` resumes every held instance of W.",
 )
-_control_command(
+terminate = _control_command(
     "terminate",
     "Terminate an instance and its children; nothing runs again.\n"
     "--rollback first runs its compensations (newest step first); --children also\n"
     "terminates the children it started detached (ctx.start_child).",
 )
-_control_command("restart", "Clear an instance's history and run it again from the start, same id.")
+restart = _control_command("restart", "Clear an instance's history and run it again from the start, same id.")

@@ -5,53 +5,110 @@ The four parts live in ``stepline.worker`` (authoring, the worker, ``stepline.wo
 ``stepline.producer`` (Producer, Client, the ``stepline`` command), ``stepline.scheduler``
 and ``stepline.shared``. In a checkout, ``stepline/worker`` is a link to ``./worker``
 (and so on); a built wheel holds the four folders inside ``stepline/``.
+
+The names load on first use (``__getattr__`` below, PEP 562): ``stepline --help`` imports
+this package and must not pay for SQLAlchemy, aio-pika and OpenTelemetry to list its commands.
 """
 
-from stepline.producer import (
-    AttemptInfo,
-    BrokerError,
-    Client,
-    ConfigError,
-    EventInfo,
-    InstanceInfo,
-    InstanceNotFoundError,
-    InvalidIdError,
-    InvalidParamsError,
-    InvalidScheduleError,
-    InvalidStateError,
-    PayloadTooLargeError,
-    Producer,
-    Schedule,
-    ScheduleConflictError,
-    ScheduleInfo,
-    ScheduleNotFoundError,
-    Settings,
-    StepInfo,
-    StorageError,
-    UnregisteredWorkflowError,
-    UnroutableError,
-    WaitTimeoutError,
-    load_settings,
-)
-from stepline.worker import (
-    Concurrency,
-    ConcurrencyKeyError,
-    ConcurrencyLimit,
-    Context,
-    EventTimeoutError,
-    InvalidRetryAfterError,
-    NonDeterminismError,
-    NonRetryableError,
-    RateLimit,
-    RetryAfter,
-    RetryPolicy,
-    RunningStep,
-    StepFailedError,
-    SteplineError,
-    StepTimeoutError,
-    step_info,
-    workflow,
-)
+from typing import TYPE_CHECKING
+
+from stepline.shared.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from stepline.producer import (
+        AttemptInfo,
+        BrokerError,
+        Client,
+        ConfigError,
+        EventInfo,
+        InstanceInfo,
+        InstanceNotFoundError,
+        InvalidIdError,
+        InvalidParamsError,
+        InvalidScheduleError,
+        InvalidStateError,
+        PayloadTooLargeError,
+        Producer,
+        Schedule,
+        ScheduleConflictError,
+        ScheduleInfo,
+        ScheduleNotFoundError,
+        Settings,
+        StepInfo,
+        StorageError,
+        UnregisteredWorkflowError,
+        UnroutableError,
+        WaitTimeoutError,
+        load_settings,
+    )
+    from stepline.worker import (
+        Concurrency,
+        ConcurrencyKeyError,
+        ConcurrencyLimit,
+        Context,
+        EventTimeoutError,
+        InvalidRetryAfterError,
+        NonDeterminismError,
+        NonRetryableError,
+        RateLimit,
+        RetryAfter,
+        RetryPolicy,
+        RunningStep,
+        StepFailedError,
+        SteplineError,
+        StepTimeoutError,
+        step_info,
+        workflow,
+    )
+
+_LAZY = {
+    "stepline.producer": [
+        "AttemptInfo",
+        "BrokerError",
+        "Client",
+        "ConfigError",
+        "EventInfo",
+        "InstanceInfo",
+        "InstanceNotFoundError",
+        "InvalidIdError",
+        "InvalidParamsError",
+        "InvalidScheduleError",
+        "InvalidStateError",
+        "PayloadTooLargeError",
+        "Producer",
+        "Schedule",
+        "ScheduleConflictError",
+        "ScheduleInfo",
+        "ScheduleNotFoundError",
+        "Settings",
+        "StepInfo",
+        "StorageError",
+        "UnregisteredWorkflowError",
+        "UnroutableError",
+        "WaitTimeoutError",
+        "load_settings",
+    ],
+    "stepline.worker": [
+        "Concurrency",
+        "ConcurrencyKeyError",
+        "ConcurrencyLimit",
+        "Context",
+        "EventTimeoutError",
+        "NonDeterminismError",
+        "InvalidRetryAfterError",
+        "NonRetryableError",
+        "RateLimit",
+        "RetryAfter",
+        "RetryPolicy",
+        "RunningStep",
+        "StepFailedError",
+        "SteplineError",
+        "StepTimeoutError",
+        "step_info",
+        "workflow",
+    ],
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     # Writing workflows (stepline.worker).

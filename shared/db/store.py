@@ -24,7 +24,6 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stepline.shared.codec import JSON
-from stepline.shared.db.migrate import head_revision
 from stepline.shared.db.records import (
     FiredTimer,
     Message,
@@ -217,6 +216,10 @@ class Store:
             StorageError: it is not, with the command that fixes it.
             SQLAlchemyError, OSError: the database cannot be reached (callers retry).
         """
+        # Alembic is imported here, not with the store: a command that only reads
+        # (`stepline status`) would pay a third of a second for it.
+        from stepline.shared.db.migrate import head_revision
+
         needed = head_revision()
         async with self._engine.connect() as conn:
             try:

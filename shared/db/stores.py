@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from stepline.shared.db import migrate
+from typing import TYPE_CHECKING
+
 from stepline.shared.db.engine import Clock, create_engine, is_sqlite
-from stepline.shared.db.store import Store
-from stepline.shared.db.store_postgres import PostgresStore
-from stepline.shared.db.store_sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from stepline.shared.db.store import Store
 
 
 def create_store(
@@ -24,8 +25,14 @@ def create_store(
     step); ``clock``: an SQLite database's clock (the testing kit's virtual time).
     """
     engine = create_engine(database_url, pool_size=pool_size, pre_ping=pre_ping, clock=clock)
+    # Each store's module is imported for its own database: an embedded `stepline status`
+    # never loads psycopg, and one on PostgreSQL never loads the SQLite store.
     if is_sqlite(database_url):
+        from stepline.shared.db.store_sqlite import SqliteStore
+
         return SqliteStore(engine)
+    from stepline.shared.db.store_postgres import PostgresStore
+
     return PostgresStore(engine, held=held)
 
 
@@ -35,6 +42,8 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     PostgreSQL is migrated by Alembic; the embedded SQLite file is created whole
     at the newest revision (see ``migrate.create_embedded``).
     """
+    from stepline.shared.db import migrate  # Alembic: only a command that migrates pays for it
+
     if is_sqlite(database_url):
         migrate.create_embedded(database_url)
         return

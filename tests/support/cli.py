@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tests.support.fleet import BIN, ROOT
@@ -60,3 +65,39 @@ async def run(
     return Result(
         (command, *args), process.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace")
     )
+
+
+# Runs `stepline ARGS` as the console script does, then writes every module it imported to a file.
+_IMPORT_PROBE = """
+import atexit, json, sys
+report, sys.argv = sys.argv[1], ["stepline", *sys.argv[2:]]
+atexit.register(lambda: open(report, "w").write(json.dumps(sorted(sys.modules))))
+from stepline.cli import main
+main()
+"""
+
+
+def imported_by(env: Mapping[str, str], *args: str, timeout: float = 60.0) -> tuple[set[str], Result]:
+    """The modules ``stepline ARGS`` imported from start to exit, and what it printed.
+
+    A fresh interpreter runs the command as the ``stepline`` script does, so the
+    set is what an operator's process loads, whatever this test process has loaded.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "modules.json"
+        done = subprocess.run(
+            [sys.executable, "-c", _IMPORT_PROBE, str(report), *args],
+            env=dict(env),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        modules = set(json.loads(report.read_text())) if report.exists() else set()
+    return modules, Result(("stepline", *args), done.returncode, done.stdout, done.stderr)
+
+
+def among(modules: set[str], packages: Iterable[str]) -> list[str]:
+    """The ``packages`` that ``modules`` holds, itself or a module inside it (``sqlalchemy.orm``)."""
+    return [p for p in packages if any(name == p or name.startswith(p + ".") for name in modules)]
