@@ -8,6 +8,7 @@
 #   scripts/rabbitmq-cluster.sh start NODE    start one node again (it rejoins the cluster by itself)
 #   scripts/rabbitmq-cluster.sh status        each node's pid and ports, and the cluster's members
 #   scripts/rabbitmq-cluster.sh url [VHOST]   the STEPLINE_AMQP_URL naming the three nodes
+#   scripts/rabbitmq-cluster.sh ctl NODE ARGS rabbitmqctl ARGS on one node (add_vhost, list_queues ...)
 #
 # Idempotent: `up` on a running cluster only checks it. Every node has its own
 # name (stepline-c1@localhost ...), AMQP port (5681-5683), distribution port
@@ -264,7 +265,7 @@ cmd_url() {
     printf 'amqp://guest:guest@%s/%s\n' "$hosts" "$vhost"
 }
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 action="${1:-}"
 case "$action" in
@@ -281,5 +282,11 @@ start)
     ;;
 status) check_tools; cmd_status ;;
 url) cmd_url "${2:-}" ;;
+ctl)
+    check_tools
+    NODE="$(node_index "${2:-}")"
+    shift 2
+    ctl "$@"
+    ;;
 *) usage ;;
 esac
