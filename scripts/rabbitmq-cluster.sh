@@ -110,12 +110,20 @@ as_rabbit() {
 
 ctl() { as_rabbit "$CTL" -n "$(name_of "$NODE")" "$@"; }
 
+# pid_of N: the pid of node N, from its pid file, or else from the process that listens on its
+# distribution port (a node still booting, or one whose pid file was lost): that port is ours.
 pid_of() {
-    local file
+    local file pid=""
     file="$(pidfile_of "$1")"
-    [[ -s "$file" ]] || return 1
-    local pid
-    pid="$(tr -dc '0-9' <"$file")"
+    if [[ -s "$file" ]]; then
+        pid="$(tr -dc '0-9' <"$file")"
+    fi
+    if [[ -z "$pid" ]] || ! kill -0 "$pid" 2>/dev/null; then
+        pid=""
+        if command -v ss >/dev/null 2>&1; then
+            pid="$(ss -Hltnp "sport = :$((DIST_BASE + $1))" 2>/dev/null | grep -o 'beam[^,]*,pid=[0-9]*' | head -n 1 | grep -o '[0-9]*$' || true)"
+        fi
+    fi
     [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && printf '%s' "$pid"
 }
 
@@ -155,7 +163,9 @@ start_node() {
     rm -f "$(pidfile_of "$n")"
     say "starting $(name_of "$n") (AMQP 127.0.0.1:$((AMQP_BASE + n)), distribution $((DIST_BASE + n)))"
     # setsid: the node outlives this script and holds none of the caller's pipes.
-    NODE=$n as_rabbit setsid "$SERVER" </dev/null >"$(home_of "$n")/log/startup.log" 2>&1 &
+    # In its own folder: a node that fails to boot writes erl_crash.dump where it runs.
+    # Every fd of the background job goes to the log: a caller reading our output must see its end.
+    (cd "$(home_of "$n")" && NODE=$n as_rabbit setsid "$SERVER") </dev/null >"$(home_of "$n")/log/startup.log" 2>&1 &
     disown || true
 }
 
@@ -197,7 +207,7 @@ cmd_up() {
     # A node that has been clustered before rejoins its peers whatever the order.
     start_node 1
     if [[ ! -d "$(home_of 2)/mnesia/$(name_of 2)" ]]; then wait_running 1; fi
-    for n in "${NODES[@]}"; do start_node "$n"; done
+    for n in "${NODES[@]:1}"; do start_node "$n"; done
     for n in "${NODES[@]}"; do wait_running "$n"; done
     running="$(members_of 1)"
     if [[ "$running" != "$want" ]]; then
