@@ -142,7 +142,7 @@ async def test_the_chaos_workflow_loses_nothing_while_the_queue_leader_is_killed
     rabbit_cluster: RabbitCluster, database_url: str, tmp_path: Path
 ) -> None:
     summary, text = await run_on_cluster(
-        rabbit_cluster, database_url, tmp_path, instances=36, duration_s=40, stop_another=False, seed=11
+        rabbit_cluster, database_url, tmp_path, instances=30, duration_s=30, stop_another=False, seed=11
     )
     print("\n" + text)
     assert summary.faults["node SIGKILL"] == summary.faults["node restart"] == 1
@@ -151,4 +151,4 @@ async def test_the_chaos_workflow_loses_nothing_while_the_queue_leader_is_killed
     assert summary.duplicated_commits == 0
     assert summary.events_taken_twice == 0
     assert summary.unsent_outbox_rows == 0
-    assert summary.completed == summary.instances == 36
+    assert summary.completed == summary.instances == 30
