@@ -146,9 +146,6 @@ async def test_the_chaos_workflow_loses_nothing_while_the_queue_leader_is_killed
     )
     print("\n" + text)
     assert summary.faults["node SIGKILL"] == summary.faults["node restart"] == 1
-    assert summary.lost == 0
-    assert summary.wrong_output == 0
-    assert summary.duplicated_commits == 0
-    assert summary.events_taken_twice == 0
-    assert summary.unsent_outbox_rows == 0
+    # ok: all complete with the right output; none lost, no commit or event taken twice, nothing left over.
+    assert summary.ok, text
     assert summary.completed == summary.instances == 30
