@@ -16,14 +16,18 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from stepline.shared.settings import Settings
 from stepline.shared.topology import queue_name
 from tests.chaos.run import Chaos, Summary
 from tests.support import db, services
 from tests.support.cluster import NODES, RabbitCluster, node_name
+
+T = TypeVar("T")
 
 # Within this long after a fault, the longest pause between step commits is its time to recover.
 RECOVERY_WINDOW_S = 90.0
@@ -58,16 +62,23 @@ class ClusterChaos(Chaos):
         self.stop_another = stop_another
         self.node_faults: list[NodeFault] = []
         self.down: set[int] = set()
+        self.published = False
 
     def _up_node(self) -> int:
         return min(set(NODES) - self.down)
 
+    async def _supervised(self, action: Callable[[int], T], node: int) -> T:
+        """``action(node)`` in a thread, reviving dead workers meanwhile (a node takes seconds to start)."""
+        task = asyncio.create_task(asyncio.to_thread(action, node))
+        while not task.done():
+            self.revive_dead()
+            await asyncio.wait({task}, timeout=0.5)
+        return task.result()
+
     async def _node_fault(self, what: str, node: int) -> None:
-        action = {"SIGKILL": self.cluster.kill, "restart": self.cluster.start, "stop": self.cluster.stop}[
-            what
-        ]
+        actions = {"SIGKILL": self.cluster.kill, "restart": self.cluster.start, "stop": self.cluster.stop}
         at = time.time()
-        await asyncio.to_thread(action, node)
+        await self._supervised(actions[what], node)
         if what == "restart":
             self.down.discard(node)
         else:
@@ -88,15 +99,22 @@ class ClusterChaos(Chaos):
                 self.revive_dead()
                 await asyncio.sleep(0.5)
             if what == "SIGKILL":
-                killed = await asyncio.to_thread(self.cluster.leader, self.vhost, queue, via=self._up_node())
+                killed = await self._supervised(
+                    lambda via: self.cluster.leader(self.vhost, queue, via=via), self._up_node()
+                )
                 await self._node_fault("SIGKILL", killed)
             elif what == "restart":
                 await self._node_fault("restart", killed)
             else:
                 await self._node_fault("stop", max(set(NODES) - {killed}))
-        while time.monotonic() < until:
+        # Until the last start is out too: a worker killed by a fault must come back meanwhile.
+        while time.monotonic() < until or not self.published:
             self.revive_dead()
             await asyncio.sleep(0.5)
+
+    async def publish(self, count: int, spread_s: float) -> None:
+        await super().publish(count, spread_s)
+        self.published = True
 
     async def check(self) -> None:
         await super().check()
