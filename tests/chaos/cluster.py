@@ -166,9 +166,13 @@ async def run_on_cluster(
     chaos = ClusterChaos(settings, log_dir, cluster, vhost, stop_another=stop_another, seed=seed)
     try:
         summary = await chaos.run(instances=instances, duration_s=duration_s)
+        print(chaos.render(), flush=True)
     finally:
         await chaos.restore()
-        await asyncio.to_thread(cluster.delete_vhost, vhost)
+        try:
+            await asyncio.to_thread(cluster.delete_vhost, vhost)
+        except RuntimeError as exc:  # the run's verdict stands; the vhost goes with the cluster's data
+            print(f"could not delete vhost {vhost}: {exc}", flush=True)
     return summary, chaos.render()
 
 
@@ -208,7 +212,7 @@ def main() -> int:
         services.drop_database(database)
         if not args.keep:
             cluster.down()
-    print(text)
+    del text  # printed by run_on_cluster as soon as the run ended
     return 0 if summary.ok else 1
 
 

@@ -62,8 +62,19 @@ class RabbitCluster:
         self.run("start", str(n))
 
     def ctl(self, n: int, *args: str) -> str:
-        """``rabbitmqctl ARGS`` on node ``n``."""
-        return self.run("ctl", str(n), "-q", *args, timeout_s=120)
+        """``rabbitmqctl ARGS`` on node ``n``, tried three times.
+
+        The CLI is an Erlang node of its own: on a busy machine it now and then
+        fails to start its distribution (``nodistribution``) before it asks anything.
+        """
+        for attempt in range(3):
+            try:
+                return self.run("ctl", str(n), "-q", *args, timeout_s=120)
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+                time.sleep(1)
+        raise AssertionError("unreachable")
 
     def create_vhost(self, name: str, *, via: int = 1) -> None:
         """A vhost that guest may use fully (the cluster shares it)."""
