@@ -71,7 +71,8 @@ chaos: setup services ## Long chaos run: faults for CHAOS_DURATION seconds (defa
 	$(PY) -m tests.chaos.run --duration $(CHAOS_DURATION)
 
 CLUSTER_INSTANCES ?= 300
-chaos-cluster: setup services ## Chaos on a 3-node RabbitMQ cluster (scripts/rabbitmq-cluster.sh): leader SIGKILLed, restarted, another node stopped
+# Needs PostgreSQL only (it makes its own database); the cluster is started and stopped by the run.
+chaos-cluster: setup ## Chaos on a 3-node RabbitMQ cluster (scripts/rabbitmq-cluster.sh): leader SIGKILLed, restarted, another node stopped
 	$(PY) -m tests.chaos.cluster --instances $(CLUSTER_INSTANCES)
 
 bench: setup services ## Run the benchmarks (python -m benchmarks)

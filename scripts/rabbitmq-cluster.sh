@@ -98,6 +98,10 @@ as_rabbit() {
         RABBITMQ_MNESIA_DIR="$home/mnesia/$(name_of "$n")"
         RABBITMQ_LOG_BASE="$home/log"
         RABBITMQ_PID_FILE="$(pidfile_of "$n")"
+        # rabbitmqctl is a short-lived Erlang node that listens on a port of this range: our
+        # own, away from the range every other CLI on the machine shares (35672-35682).
+        RABBITMQ_CTL_DIST_PORT_MIN="$((DIST_BASE + 20001))"
+        RABBITMQ_CTL_DIST_PORT_MAX="$((DIST_BASE + 20020))"
         ERL_EPMD_ADDRESS=127.0.0.1
         ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"
     )

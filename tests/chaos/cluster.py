@@ -197,7 +197,8 @@ def main() -> int:
         services.create_template(database)
         # Step code records its side effects in this database (tests/workflows.py reads the variable).
         os.environ["STEPLINE_DATABASE_URL"] = services.database_url(database)
-        summary, text = asyncio.run(
+        # run_on_cluster prints the summary as soon as the run ends, before the clean-up.
+        summary, _ = asyncio.run(
             run_on_cluster(
                 cluster,
                 services.database_url(database),
@@ -212,7 +213,6 @@ def main() -> int:
         services.drop_database(database)
         if not args.keep:
             cluster.down()
-    del text  # printed by run_on_cluster as soon as the run ended
     return 0 if summary.ok else 1
 
 

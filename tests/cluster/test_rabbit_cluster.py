@@ -144,7 +144,6 @@ async def test_the_chaos_workflow_loses_nothing_while_the_queue_leader_is_killed
     summary, text = await run_on_cluster(
         rabbit_cluster, database_url, tmp_path, instances=30, duration_s=30, stop_another=False, seed=11
     )
-    print("\n" + text)
     assert summary.faults["node SIGKILL"] == summary.faults["node restart"] == 1
     # ok: all complete with the right output; none lost, no commit or event taken twice, nothing left over.
     assert summary.ok, text
