@@ -122,8 +122,10 @@ class ClusterChaos(Chaos):
             row["finished_at"].timestamp()
             for row in await db.rows(self.settings.database, "SELECT finished_at FROM step_attempts")
         )
-        for fault in self.node_faults:
-            fault.recovery_s = _longest_pause(finishes, fault.at, fault.at + RECOVERY_WINDOW_S)
+        # Each fault's window ends where the next one begins, so that no pause counts twice.
+        ends = [fault.at for fault in self.node_faults[1:]] + [float("inf")]
+        for fault, end in zip(self.node_faults, ends, strict=True):
+            fault.recovery_s = _longest_pause(finishes, fault.at, min(end, fault.at + RECOVERY_WINDOW_S))
 
     def render(self) -> str:
         lines = [
