@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
+import tests.workflows as test_workflows
 from stepline import Client, Producer
 from stepline.shared.broker import AmqpBroker
 from stepline.shared.settings import Settings
@@ -44,12 +44,27 @@ def rabbit_cluster() -> Iterator[RabbitCluster]:
 
 
 @pytest.fixture
-def cluster_settings(rabbit_cluster: RabbitCluster, settings: Settings) -> Iterator[Settings]:
-    """The test's settings on a vhost of its own on the cluster, every node named (tried in order)."""
+def cluster_settings(
+    rabbit_cluster: RabbitCluster, database_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """Settings on the test's database and a vhost of its own on the cluster, every node named in order.
+
+    Nothing here touches the shared RabbitMQ node.
+    """
     vhost = f"stepline-cluster-{uuid.uuid4().hex[:8]}"
     rabbit_cluster.create_vhost(vhost)
+    settings = Settings(
+        database_url=database_url,
+        amqp_url=rabbit_cluster.url(vhost, in_order=True),
+        namespace=namespace,
+        worker={"concurrency": 8, "shutdown_grace": "5s"},
+        scheduler={"poll_interval": "100ms"},
+        outbox={"sweep_interval": "300ms", "sweep_after": "1s"},
+    )
+    # Step code in tests/workflows.py records side effects through this variable.
+    monkeypatch.setenv(test_workflows.SIDE_EFFECTS_URL, settings.database)
     try:
-        yield settings.model_copy(update={"amqp_url": SecretStr(rabbit_cluster.url(vhost, in_order=True))})
+        yield settings
     finally:
         rabbit_cluster.delete_vhost(vhost, via=2)
 
