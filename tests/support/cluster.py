@@ -103,8 +103,3 @@ class RabbitCluster:
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"no leader for queue {queue!r} in vhost {vhost!r}: {listed}")
             time.sleep(0.5)
-
-    def queue_types(self, vhost: str, *, via: int = 1) -> dict[str, str]:
-        """Each queue of ``vhost`` and its type."""
-        listed = json.loads(self.ctl(via, "list_queues", "-p", vhost, "name", "type", "--formatter", "json"))
-        return {row["name"]: str(row["type"]) for row in listed}
