@@ -22,7 +22,7 @@ export STEPLINE_DB_NAME STEPLINE_VHOST
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup services browser lint format typecheck test run run-stack chaos bench clean distclean
+.PHONY: help setup services browser lint format typecheck test run run-stack chaos chaos-cluster bench clean distclean
 
 help: ## Show this help
 	@echo "stepline make targets:"
@@ -72,6 +72,11 @@ run-stack: setup services ## The same demo on PostgreSQL + RabbitMQ (started if 
 CHAOS_DURATION ?= 600
 chaos: setup services ## Long chaos run: faults for CHAOS_DURATION seconds (default 600), then checks
 	$(PY) -m tests.chaos.run --duration $(CHAOS_DURATION)
+
+CLUSTER_INSTANCES ?= 300
+# Needs PostgreSQL only (it makes its own database); the cluster is started and stopped by the run.
+chaos-cluster: setup ## Chaos on a 3-node RabbitMQ cluster (scripts/rabbitmq-cluster.sh): leader SIGKILLed, restarted, another node stopped
+	$(PY) -m tests.chaos.cluster --instances $(CLUSTER_INSTANCES)
 
 bench: setup services ## Run the benchmarks (python -m benchmarks)
 	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \

@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from stepline.shared.amqp_url import parse_amqp_url
 from stepline.shared.durations import parse_duration
 from stepline.shared.errors import ConfigError
 from stepline.shared.tls import TlsFiles, amqp_url_with_tls, database_url_with_tls
@@ -37,13 +38,14 @@ class BrokerSettings(BaseModel):
     """``STEPLINE_BROKER__*``: queues and the AMQP connection."""
 
     queue_type: Literal["classic", "quorum"] = Field(
-        default="classic",
-        description="Workflow queue type; quorum for a clustered RabbitMQ (and a delivery limit).",
+        default="quorum",
+        description="Type of the queues this process creates: quorum (replicated over a cluster, with a "
+        "delivery limit) or classic (one dev node). Queues that exist are used as they are, either type.",
     )
     delivery_limit: int = Field(
         default=20,
         ge=1,
-        description="Quorum queues: deliveries of one message before it is dead-lettered.",
+        description="Quorum queues: deliveries of one message before RabbitMQ dead-letters it.",
     )
     heartbeat_s: int = Field(
         default=30,
@@ -336,9 +338,8 @@ class Settings(BaseSettings):
     def _check_amqp_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
             return None
-        text = value.get_secret_value()
-        if not text.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps:// (e.g. amqp://guest:guest@host/vhost)")
+        # One node, or several of one cluster (amqp://u:p@h1:5672,h2:5672/vhost); errors omit the password.
+        parse_amqp_url(value.get_secret_value())
         return value
 
     @field_validator("jaeger_url")

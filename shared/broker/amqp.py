@@ -21,10 +21,11 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustConnection,
 )
 from aio_pika.channel import Channel
+from yarl import URL
 
+from stepline.shared.amqp_url import mask_amqp_url, parse_amqp_url
 from stepline.shared.broker.base import (
     DEAD_LETTER_ID_HEADER,
     DEAD_LETTERED_AT_HEADER,
@@ -37,7 +38,7 @@ from stepline.shared.broker.base import (
     SettleDeadLetter,
     WorkflowQueue,
 )
-from stepline.shared.errors import BrokerError, UnroutableError
+from stepline.shared.errors import BrokerError, ConfigError, UnroutableError
 from stepline.shared.settings import BrokerSettings
 from stepline.shared.topology import (
     DEFAULT_POOL,
@@ -57,6 +58,8 @@ log = logging.getLogger("stepline.broker")
 # A publish can hang through a broker outage even on a robust connection; past
 # this it counts as failed and the outbox row stays for the sweeper.
 PUBLISH_TIMEOUT_S = 10.0
+# Between reconnect attempts; each attempt goes to the next node of a cluster's list.
+RECONNECT_INTERVAL_S = 1.0
 
 
 # What aio-pika and aiormq raise when the broker or the connection fails.
@@ -78,14 +81,39 @@ def _with_heartbeat(url: str, heartbeat_s: int) -> str:
     return urlunsplit(parts._replace(query=query))
 
 
-def mask_amqp_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+class ClusterConnection(aio_pika.RobustConnection):
+    """A robust connection that moves to the next node of its list whenever it loses one.
+
+    aio-pika reconnects to the one URL it was given; this connection holds one
+    URL per node and, each time its connection closes or an attempt fails
+    (both end in ``_on_connection_close``), points the next attempt at the
+    next node. The robust machinery then restores the channels, their QoS,
+    publisher confirms, queues, bindings and consumers there, so a lost node
+    is never waited for while another answers.
+    """
+
+    def __init__(self, urls: list[str], **kwargs: Any) -> None:
+        super().__init__(URL(urls[0]), **kwargs)
+        self._node_urls = [URL(url) for url in urls]
+        self._node_index = 0
+
+    @property
+    def node(self) -> str:
+        """``host:port`` of the node this connection is on (or tries next)."""
+        return f"{self.url.host}:{self.url.port}"
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        if len(self._node_urls) > 1 and not self._close_called:
+            lost = self.node
+            self._node_index = (self._node_index + 1) % len(self._node_urls)
+            self.url = self._node_urls[self._node_index]
+            log.info(
+                "RabbitMQ node %s lost or refused: next attempt on %s",
+                lost,
+                self.node,
+                extra={"event": "amqp_node_switch", "node": self.node},
+            )
+        await super()._on_connection_close(closing)
 
 
 class AmqpBroker:
@@ -97,9 +125,17 @@ class AmqpBroker:
 
     def __init__(self, url: str, namespace: str, settings: BrokerSettings | None = None) -> None:
         self._settings = settings or BrokerSettings()
-        self._url = _with_heartbeat(url, self._settings.heartbeat_s)
+        try:
+            self._target = parse_amqp_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"malformed AMQP URL {mask_amqp_url(url)}: {exc}") from exc
+        self._url = url
+        # One URL per node, in the order this process tries them (shuffled unless load_balance_hosts=disable).
+        self._node_urls = [
+            _with_heartbeat(node, self._settings.heartbeat_s) for node in self._target.node_urls()
+        ]
         self.namespace = namespace
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: ClusterConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._dead_letter_exchange: AbstractExchange | None = None
@@ -109,11 +145,9 @@ class AmqpBroker:
         self._declare_lock = asyncio.Lock()
 
     async def connect(self) -> None:
-        """Connect and declare the base topology (idempotent, as every process does)."""
+        """Connect to the first node that answers and declare the base topology (idempotent)."""
         try:
-            self._connection = await aio_pika.connect_robust(
-                self._url, client_properties={"connection_name": f"stepline:{self.namespace}"}
-            )
+            self._connection = await self._connect_first_node()
             self._publish_channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
@@ -123,16 +157,104 @@ class AmqpBroker:
             self._dead_letter_exchange = await self._publish_channel.declare_exchange(
                 dead_letter_exchange_name(self.namespace), aio_pika.ExchangeType.FANOUT, durable=True
             )
-            dead = await self._publish_channel.declare_queue(
-                dead_letter_queue_name(self.namespace), durable=True, arguments=self._queue_type()
-            )
+            dead = await self._declare_queue(dead_letter_queue_name(self.namespace), has_dead_letters=False)
             await dead.bind(self._dead_letter_exchange)
         except _AMQP_FAILURES_OR_TIMEOUT as exc:
             await self.close()
-            raise BrokerError(f"cannot connect to RabbitMQ at {mask_amqp_url(self._url)}: {exc}") from exc
+            raise BrokerError(
+                f"cannot connect to RabbitMQ at {mask_amqp_url(self._url)}: {self._scrub(exc)}"
+            ) from exc
 
-    def _queue_type(self) -> dict[str, Any]:
-        return {"x-queue-type": "quorum"} if self._settings.queue_type == "quorum" else {}
+    async def _connect_first_node(self) -> ClusterConnection:
+        """A connection to the first node of this process's order that answers; it moves on by itself later.
+
+        Raises:
+            BrokerError: no node answered; the text names each node and why.
+        """
+        failures = []
+        for start in range(len(self._node_urls)):
+            order = self._node_urls[start:] + self._node_urls[:start]
+            connection = ClusterConnection(
+                order,
+                client_properties={"connection_name": f"stepline:{self.namespace}"},
+                reconnect_interval=RECONNECT_INTERVAL_S,
+            )
+            try:
+                await connection.connect(timeout=PUBLISH_TIMEOUT_S)
+            except _AMQP_FAILURES_OR_TIMEOUT as exc:
+                failures.append(f"{connection.node}: {self._scrub(exc) or type(exc).__name__}")
+                with contextlib.suppress(*_AMQP_FAILURES_OR_TIMEOUT):
+                    await connection.close()
+                continue
+            log.info(
+                "connected to RabbitMQ node %s",
+                connection.node,
+                extra={"event": "amqp_connected", "node": connection.node},
+            )
+            return connection
+        raise BrokerError("no RabbitMQ node answered: " + "; ".join(failures))
+
+    def _scrub(self, exc: BaseException) -> str:
+        """An error's text without the password, should a driver ever quote the URL."""
+        text = str(exc)
+        password = self._target.userinfo.partition(":")[2]
+        return text.replace(password, "***") if password else text
+
+    @property
+    def node(self) -> str | None:
+        """``host:port`` of the RabbitMQ node this process is connected to (or tries next)."""
+        return None if self._connection is None else self._connection.node
+
+    def _queue_arguments(self, queue_type: str, *, has_dead_letters: bool) -> dict[str, Any]:
+        """The arguments of a queue of ``queue_type``: poison dead-letters, and quorum counts deliveries."""
+        arguments: dict[str, Any] = {}
+        if has_dead_letters:
+            arguments["x-dead-letter-exchange"] = dead_letter_exchange_name(self.namespace)
+        if queue_type == "quorum":
+            arguments["x-queue-type"] = "quorum"
+            if has_dead_letters:
+                # A message that keeps killing workers is dead-lettered after this many deliveries
+                # (RabbitMQ 3.10 sets no limit of its own: it would loop forever).
+                arguments["x-delivery-limit"] = self._settings.delivery_limit
+        return arguments
+
+    async def _declare_queue(self, name: str, *, has_dead_letters: bool) -> AbstractQueue:
+        """Declare a durable queue on the publish channel, taking it as it is if it exists already.
+
+        A queue is created with this process's type (``queue_type``), but the
+        fleet may have made it with the other: each type is tried in turn on a
+        short channel (a mismatch is a 406 that closes the channel), and the one
+        that matches is declared on the robust channel, which declares it again
+        after a reconnect. A queue matching neither (another delivery limit, say)
+        is taken passively. So a producer or worker built with defaults never
+        splits a fleet on the queue type.
+        """
+        own = self._settings.queue_type
+        other = "classic" if own == "quorum" else "quorum"
+        for queue_type in (own, other):
+            arguments = self._queue_arguments(queue_type, has_dead_letters=has_dead_letters)
+            try:
+                async with self._short_channel() as channel:
+                    await channel.declare_queue(
+                        name, durable=True, arguments=arguments, timeout=PUBLISH_TIMEOUT_S
+                    )
+            except aiormq.exceptions.ChannelPreconditionFailed:
+                continue
+            if queue_type != own:
+                log.info(
+                    "queue %s exists as a %s queue: used as it is (this process would make %s queues)",
+                    name,
+                    queue_type,
+                    own,
+                    extra={"event": "queue_type_adopted", "queue": name},
+                )
+            return await self._channel.declare_queue(name, durable=True, arguments=arguments)
+        log.info(
+            "queue %s exists with arguments of its own: used as it is",
+            name,
+            extra={"event": "queue_type_adopted", "queue": name},
+        )
+        return await self._channel.declare_queue(name, passive=True)
 
     async def close(self) -> None:
         """Close the connection and its channels."""
@@ -160,17 +282,7 @@ class AmqpBroker:
         workflow's messages; a pool's queue only to its steps for that pool.
         """
         pool = None if is_default_pool(pool) else pool
-        arguments: dict[str, Any] = {
-            "x-dead-letter-exchange": dead_letter_exchange_name(self.namespace),
-            **self._queue_type(),
-        }
-        if self._settings.queue_type == "quorum":
-            # Quorum queues count deliveries: a message that keeps killing workers is
-            # dead-lettered after this many, instead of looping forever.
-            arguments["x-delivery-limit"] = self._settings.delivery_limit
-        queue = await self._channel.declare_queue(
-            queue_name(self.namespace, workflow, pool), durable=True, arguments=arguments
-        )
+        queue = await self._declare_queue(queue_name(self.namespace, workflow, pool), has_dead_letters=True)
         assert self._exchange is not None
         keys = workflow_routing_keys(workflow) if pool is None else pool_routing_keys(pool, workflow)
         for key in keys:

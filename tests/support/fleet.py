@@ -160,6 +160,7 @@ def process_env(settings: Settings) -> dict[str, str]:
     env.update(
         STEPLINE_TEST_SIDE_EFFECTS_URL=settings.database,
         STEPLINE_NAMESPACE=settings.namespace,
+        STEPLINE_BROKER__QUEUE_TYPE=settings.broker.queue_type,
         STEPLINE_SCHEDULER__POLL_INTERVAL="100ms",
         STEPLINE_OUTBOX__SWEEP_INTERVAL="500ms",
         STEPLINE_OUTBOX__SWEEP_AFTER="1s",

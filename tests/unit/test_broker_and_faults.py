@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from stepline.shared import faults
-from stepline.shared.broker.amqp import _with_heartbeat, mask_amqp_url
+from stepline.shared.amqp_url import mask_amqp_url
+from stepline.shared.broker.amqp import _with_heartbeat
 from stepline.shared.retrying import Outage
 
 
