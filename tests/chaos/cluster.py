@@ -164,7 +164,13 @@ async def run_on_cluster(
     """One chaos run on the cluster in a vhost of its own; the cluster is whole again afterwards."""
     vhost = f"stepline-cluster-chaos-{uuid.uuid4().hex[:8]}"
     await asyncio.to_thread(cluster.create_vhost, vhost)
-    settings = Settings(database_url=database_url, amqp_url=cluster.url(vhost), namespace="chaos")
+    # Quorum queues whatever the environment says: a classic queue lives on one node only.
+    settings = Settings(
+        database_url=database_url,
+        amqp_url=cluster.url(vhost),
+        namespace="chaos",
+        broker={"queue_type": "quorum"},
+    )
     chaos = ClusterChaos(settings, log_dir, cluster, vhost, stop_another=stop_another, seed=seed)
     try:
         summary = await chaos.run(instances=instances, duration_s=duration_s)

@@ -82,7 +82,18 @@ class RabbitCluster:
         self.ctl(via, "set_permissions", "-p", name, "guest", ".*", ".*", ".*")
 
     def delete_vhost(self, name: str, *, via: int = 1) -> None:
-        self.ctl(via, "delete_vhost", name)
+        """Delete a vhost through node ``via``, or through any other node that is up.
+
+        A test that stopped or killed a node may end while it is still coming back.
+        """
+        errors = []
+        for node in (via, *(n for n in NODES if n != via)):
+            try:
+                self.ctl(node, "delete_vhost", name)
+                return
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        raise RuntimeError("no node could delete vhost " + repr(name) + ":\n" + "\n".join(errors))
 
     def url(self, vhost: str, *, nodes: tuple[int, ...] = NODES, in_order: bool = False) -> str:
         """``STEPLINE_AMQP_URL`` naming ``nodes`` (tried in that order if ``in_order``)."""
