@@ -57,7 +57,7 @@ check_names() {
     [[ "$PRIMARY" != "$STANDBY" && "$PRIMARY_PORT" != "$STANDBY_PORT" ]] || die "primary and standby must differ"
 }
 
-exists() { [[ -d "/etc/postgresql/$PG_VERSION/$1" ]]; }
+exists() { [[ -f "/etc/postgresql/$PG_VERSION/$1/postgresql.conf" ]]; }
 running() { pg_ctlcluster "$PG_VERSION" "$1" status >/dev/null 2>&1; }
 psql_at() { psql -X -q -t -A -h "$HOST" -p "$1" -U postgres -d postgres -c "$2"; }
 data_dir() { echo "/var/lib/postgresql/$PG_VERSION/$1"; }
@@ -198,6 +198,8 @@ cmd_down() {
             pg_dropcluster "$PG_VERSION" "$name"
             say "dropped $PG_VERSION/$name"
         fi
+        # pg_dropcluster leaves the files it did not write (ours, in conf.d).
+        rm -rf "$(conf_dir "$name")"
     done
 }
 
