@@ -22,7 +22,7 @@ export STEPLINE_DB_NAME STEPLINE_VHOST
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup services lint format typecheck test run run-stack chaos bench clean distclean
+.PHONY: help setup services lint format typecheck test run run-stack chaos chaos-failover bench clean distclean
 
 help: ## Show this help
 	@echo "stepline make targets:"
@@ -69,6 +69,11 @@ run-stack: setup services ## The same demo on PostgreSQL + RabbitMQ (started if 
 CHAOS_DURATION ?= 600
 chaos: setup services ## Long chaos run: faults for CHAOS_DURATION seconds (default 600), then checks
 	$(PY) -m tests.chaos.run --duration $(CHAOS_DURATION)
+
+FAILOVER_INSTANCES ?= 300
+chaos-failover: setup services ## Failover run: FAILOVER_INSTANCES (300) chaos instances while the primary dies (ports 5441/5442)
+	$(PY) -m tests.chaos.failover --instances $(FAILOVER_INSTANCES)
+	$(PY) -m tests.chaos.pgbouncer_fleet
 
 bench: setup services ## Run the benchmarks (python -m benchmarks)
 	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \

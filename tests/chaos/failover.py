@@ -1,0 +1,91 @@
+"""The chaos workflow on a primary and its synchronous standby while the primary dies and the standby rises.
+
+Short form: ``tests/e2e/test_failover.py`` (part of ``make test``). Long form:
+``python -m tests.chaos.failover --instances 300`` (``make chaos-failover``).
+Both run on the pair of ``scripts/postgres-standby.sh`` (ports 5441/5442), never
+on the shared server; the processes name both hosts in
+``STEPLINE_DATABASE_URL`` and must find the new primary by themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from stepline.shared.settings import Settings
+from tests.chaos.run import Chaos, Summary
+from tests.support import pg_pair, services
+
+
+class FailoverChaos(Chaos):
+    """``Chaos`` whose only server fault is one failover, at ``at`` (a fraction of the run)."""
+
+    def __init__(
+        self, settings: Settings, log_dir: Path, *, at: float = 0.4, seed: int | None = None
+    ) -> None:
+        super().__init__(settings, log_dir, seed=seed)
+        self.at = at
+        self.failover_s = 0.0
+
+    async def inject(self, until: float) -> None:
+        """Fail over once; meanwhile restart what the fault points kill, as a supervisor would."""
+        started = time.monotonic()
+        failover_at = started + self.at * (until - started)
+        done = False
+        while time.monotonic() < until:
+            await asyncio.sleep(1.0)
+            self.revive_dead()
+            if not done and time.monotonic() >= failover_at:
+                done = True
+                self.summary.faults["primary stopped -m immediate, standby promoted"] += 1
+                self.fault_times.append(time.time())
+                self.failover_s = await asyncio.to_thread(pg_pair.failover)
+
+
+async def run_on_pair(
+    log_dir: Path, *, instances: int, duration_s: float, seed: int | None = None
+) -> tuple[Summary, float]:
+    """Bring a fresh pair up, run the chaos workflow through a failover, drop the pair; always."""
+    run = uuid.uuid4().hex[:8]
+    database, vhost = f"sl_failover_{run}", f"stepline-failover-{run}"
+    await asyncio.to_thread(pg_pair.pair_up)
+    services.create_vhost(vhost)
+    try:
+        url = pg_pair.pair_url(database)
+        admin = pg_pair.direct_url("postgres")
+        await asyncio.to_thread(pg_pair.create_database, admin, database, url)
+        settings = Settings(database_url=url, amqp_url=services.amqp_url(vhost), namespace=f"fo{run}")
+        chaos = FailoverChaos(settings, log_dir, seed=seed)
+        summary = await chaos.run(instances=instances, duration_s=duration_s)
+        return summary, chaos.failover_s
+    finally:
+        services.delete_vhost(vhost)
+        await asyncio.to_thread(pg_pair.pair_down)
+
+
+def main() -> int:
+    """The long form: ``python -m tests.chaos.failover --instances 300``."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--duration", type=float, default=120, help="seconds over which starts are spread")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args()
+    log_dir = Path(tempfile.mkdtemp(prefix="stepline-failover-"))
+    print(
+        f"failover chaos: {args.instances} instances over {args.duration:.0f}s, logs in {log_dir}", flush=True
+    )
+    summary, failover_s = asyncio.run(
+        run_on_pair(log_dir, instances=args.instances, duration_s=args.duration, seed=args.seed)
+    )
+    print(summary.render())
+    print(f"  failover took        {failover_s:.1f}s (stop -m immediate + promote)")
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

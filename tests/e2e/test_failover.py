@@ -1,0 +1,28 @@
+"""PostgreSQL failover: the fleet rides a primary's death and a standby's promotion, losing nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.failover import run_on_pair
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+async def test_a_failover_loses_and_doubles_no_commit(tmp_path: Path) -> None:
+    # Workers and schedulers name both hosts; the primary is stopped -m immediate mid-run
+    # and the standby promoted. Commits in flight then fail with an unknown outcome: the
+    # messages are redelivered and their attempt check makes a repeat a no-op (the fencing).
+    summary, _ = await run_on_pair(tmp_path, instances=36, duration_s=30, seed=11)
+    print("\n" + summary.render())
+    assert summary.faults["primary stopped -m immediate, standby promoted"] == 1
+    assert summary.lost == 0
+    assert summary.wrong_output == 0
+    assert summary.duplicated_commits == 0
+    assert summary.events_taken_twice == 0
+    assert summary.unsent_outbox_rows == 0
+    assert summary.unfired_timers == 0
+    assert summary.completed == summary.instances == 36
+    assert summary.step_runs >= summary.committed_steps
