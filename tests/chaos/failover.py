@@ -53,9 +53,19 @@ async def run_on_pair(
     """Bring a fresh pair up, run the chaos workflow through a failover, drop the pair; always."""
     run = uuid.uuid4().hex[:8]
     database, vhost = f"sl_failover_{run}", f"stepline-failover-{run}"
+    with pg_pair.exclusive():
+        return await _run_on_pair(
+            log_dir, database, vhost, instances=instances, duration_s=duration_s, seed=seed
+        )
+
+
+async def _run_on_pair(
+    log_dir: Path, database: str, vhost: str, *, instances: int, duration_s: float, seed: int | None
+) -> tuple[Summary, float]:
     await asyncio.to_thread(pg_pair.pair_up)
     services.create_vhost(vhost)
     try:
+        run = database.rsplit("_", 1)[-1]
         url = pg_pair.pair_url(database)
         admin = pg_pair.direct_url("postgres")
         await asyncio.to_thread(pg_pair.create_database, admin, database, url)

@@ -8,9 +8,13 @@ operator would, so the tests run what the docs tell people to run.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -25,6 +29,7 @@ PRIMARY_PORT = int(os.environ.get("STEPLINE_PG_PRIMARY_PORT", "5441"))
 STANDBY_PORT = int(os.environ.get("STEPLINE_PG_STANDBY_PORT", "5442"))
 PGBOUNCER_PORT = int(os.environ.get("STEPLINE_PGBOUNCER_PORT", "6441"))
 HOST = "127.0.0.1"
+LOCK = Path(tempfile.gettempdir()) / f"stepline-pg-pair-{PRIMARY_PORT}.lock"
 
 
 def _script(script: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 180) -> str:
@@ -108,3 +113,23 @@ def connections_of(admin_url: str, application_prefix: str) -> int:
             (application_prefix + "%",),
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+@contextlib.contextmanager
+def exclusive(timeout_s: float = 900) -> Iterator[None]:
+    """Hold the pair for this test alone: tests in other xdist processes wait (their ports are the same)."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK.open("w") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the PostgreSQL pair stayed busy for {timeout_s:.0f}s") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

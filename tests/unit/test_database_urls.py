@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
@@ -9,11 +11,19 @@ from stepline.shared.db.engine import driver_url, is_too_many_clients, mask_url,
 from stepline.shared.errors import ConfigError
 from stepline.shared.settings import load_settings
 
+
+def _libpq_params(url: str) -> dict[str, Any]:
+    """What SQLAlchemy's psycopg dialect hands to libpq for ``url``."""
+    dialect = PGDialect_psycopg()  # type: ignore[no-untyped-call]
+    _, params = dialect.create_connect_args(driver_url(url))  # type: ignore[no-untyped-call]
+    return dict(params)
+
+
 HOST_LIST = "postgresql://app:s3cret@h1:5441,h2:5442/orders?target_session_attrs=read-write"
 
 
 def test_a_host_list_reaches_libpq_as_hosts_and_ports() -> None:
-    _, params = PGDialect_psycopg().create_connect_args(driver_url(HOST_LIST))
+    params = _libpq_params(HOST_LIST)
     assert params["host"] == "h1,h2"
     assert params["port"] == "5441,5442"
     assert params["dbname"] == "orders"
@@ -23,7 +33,7 @@ def test_a_host_list_reaches_libpq_as_hosts_and_ports() -> None:
 
 def test_sqlalchemy_s_own_multi_host_form_is_accepted_too() -> None:
     url = "postgresql://app@/orders?host=h1:5441&host=h2:5442&target_session_attrs=read-write"
-    _, params = PGDialect_psycopg().create_connect_args(driver_url(url))
+    params = _libpq_params(url)
     assert (params["host"], params["port"]) == ("h1,h2", "5441,5442")
 
 
