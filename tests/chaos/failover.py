@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -20,6 +21,10 @@ from pathlib import Path
 from stepline.shared.settings import Settings
 from tests.chaos.run import Chaos, Summary
 from tests.support import pg_pair, services
+
+CLIENTS_AT_ONCE = 10
+KEEP_PAIR = "STEPLINE_KEEP_FAILED_PAIR"
+"""Set to keep a pair whose run failed, to look at its rows (drop it with postgres-standby.sh down)."""
 
 
 class FailoverChaos(Chaos):
@@ -31,6 +36,14 @@ class FailoverChaos(Chaos):
         super().__init__(settings, log_dir, seed=seed)
         self.at = at
         self.failover_s = 0.0
+        # The base run opens a Client per event: hundreds at once after an outage would take
+        # the whole server's max_connections (the fleet's budget is what is under test).
+        self.clients = asyncio.Semaphore(CLIENTS_AT_ONCE)
+
+    async def send_event_later(self, instance_id: str, n: int) -> None:
+        """As the base run does, with at most ``CLIENTS_AT_ONCE`` clients connected at once."""
+        async with self.clients:
+            await super().send_event_later(instance_id, n)
 
     async def inject(self, until: float) -> None:
         """Fail over once; meanwhile restart what the fault points kill, as a supervisor would."""
@@ -48,22 +61,30 @@ class FailoverChaos(Chaos):
 
 
 async def run_on_pair(
-    log_dir: Path, *, instances: int, duration_s: float, seed: int | None = None
+    log_dir: Path, *, instances: int, duration_s: float, seed: int | None = None, settle_s: float = 240
 ) -> tuple[Summary, float]:
     """Bring a fresh pair up, run the chaos workflow through a failover, drop the pair; always."""
     run = uuid.uuid4().hex[:8]
     database, vhost = f"sl_failover_{run}", f"stepline-failover-{run}"
     with pg_pair.exclusive():
         return await _run_on_pair(
-            log_dir, database, vhost, instances=instances, duration_s=duration_s, seed=seed
+            log_dir, database, vhost, instances=instances, duration_s=duration_s, seed=seed, settle_s=settle_s
         )
 
 
 async def _run_on_pair(
-    log_dir: Path, database: str, vhost: str, *, instances: int, duration_s: float, seed: int | None
+    log_dir: Path,
+    database: str,
+    vhost: str,
+    *,
+    instances: int,
+    duration_s: float,
+    seed: int | None,
+    settle_s: float,
 ) -> tuple[Summary, float]:
     await asyncio.to_thread(pg_pair.pair_up)
     services.create_vhost(vhost)
+    keep = False
     try:
         run = database.rsplit("_", 1)[-1]
         url = pg_pair.pair_url(database)
@@ -71,11 +92,15 @@ async def _run_on_pair(
         await asyncio.to_thread(pg_pair.create_database, admin, database, url)
         settings = Settings(database_url=url, amqp_url=services.amqp_url(vhost), namespace=f"fo{run}")
         chaos = FailoverChaos(settings, log_dir, seed=seed)
-        summary = await chaos.run(instances=instances, duration_s=duration_s)
+        summary = await chaos.run(instances=instances, duration_s=duration_s, settle_s=settle_s)
+        keep = not summary.ok and bool(os.environ.get(KEEP_PAIR))
         return summary, chaos.failover_s
     finally:
         services.delete_vhost(vhost)
-        await asyncio.to_thread(pg_pair.pair_down)
+        if keep:
+            print(f"the failed run's pair is kept: database {database} on port {pg_pair.STANDBY_PORT}")
+        else:
+            await asyncio.to_thread(pg_pair.pair_down)
 
 
 def main() -> int:
@@ -84,13 +109,16 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=300)
     parser.add_argument("--duration", type=float, default=120, help="seconds over which starts are spread")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--settle", type=float, default=600, help="seconds to wait for the rest to finish")
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="stepline-failover-"))
     print(
         f"failover chaos: {args.instances} instances over {args.duration:.0f}s, logs in {log_dir}", flush=True
     )
     summary, failover_s = asyncio.run(
-        run_on_pair(log_dir, instances=args.instances, duration_s=args.duration, seed=args.seed)
+        run_on_pair(
+            log_dir, instances=args.instances, duration_s=args.duration, seed=args.seed, settle_s=args.settle
+        )
     )
     print(summary.render())
     print(f"  failover took        {failover_s:.1f}s (stop -m immediate + promote)")

@@ -155,9 +155,11 @@ async def run_fleet(
         await _wait_all(settings.database, ids, timeout_s=600)
     finally:
         stop.set()
-        await sampler
-        fleet.stop_all()
-        await asyncio.to_thread(pg_pair.pgbouncer_down, bouncer_dir)
+        try:
+            fleet.stop_all()
+            await sampler
+        finally:  # PgBouncer is stopped by its pid file whatever happened above
+            await asyncio.to_thread(pg_pair.pgbouncer_down, bouncer_dir)
     await _check(report, settings.database, ids)
     for name in fleet.processes:
         report.errors_in_logs += [
@@ -206,11 +208,12 @@ async def _send_when_started(client: Client, instance_id: str, n: int) -> None:
 async def _wait_all(url: str, ids: list[str], *, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        finished = await db.scalar(
-            url, "SELECT count(*) FROM instances WHERE id = ANY(%s) AND finished_at IS NOT NULL", ids
-        )
-        if finished == len(ids):
-            return
+        with contextlib.suppress(psycopg.OperationalError):  # a full server: ask again
+            finished = await db.scalar(
+                url, "SELECT count(*) FROM instances WHERE id = ANY(%s) AND finished_at IS NOT NULL", ids
+            )
+            if finished == len(ids):
+                return
         await asyncio.sleep(0.5)
 
 
@@ -253,7 +256,7 @@ def main() -> int:
     database, vhost = f"sl_bouncer_{run}", f"stepline-bouncer-{run}"
     log_dir = Path(tempfile.mkdtemp(prefix="stepline-bouncer-fleet-"))
     print(f"pgbouncer fleet: {args.workers} workers x {args.concurrency}, logs in {log_dir}", flush=True)
-    with pg_pair.exclusive():
+    with pg_pair.exclusive(), pg_pair.exclusive("pgbouncer"):
         pg_pair.pair_up()
         services.create_vhost(vhost)
         try:

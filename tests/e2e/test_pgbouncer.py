@@ -19,7 +19,7 @@ async def test_a_fleet_completes_its_work_through_pgbouncer_in_transaction_mode(
 ) -> None:
     # The test's own database on the local server, reached through PgBouncer on the tests' port.
     url = make_url(settings.database)
-    with pg_pair.exclusive():
+    with pg_pair.exclusive("pgbouncer"):
         report = await run_fleet(
             settings,
             tmp_path,

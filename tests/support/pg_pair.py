@@ -29,7 +29,7 @@ PRIMARY_PORT = int(os.environ.get("STEPLINE_PG_PRIMARY_PORT", "5441"))
 STANDBY_PORT = int(os.environ.get("STEPLINE_PG_STANDBY_PORT", "5442"))
 PGBOUNCER_PORT = int(os.environ.get("STEPLINE_PGBOUNCER_PORT", "6441"))
 HOST = "127.0.0.1"
-LOCK = Path(tempfile.gettempdir()) / f"stepline-pg-pair-{PRIMARY_PORT}.lock"
+LOCKS = Path(tempfile.gettempdir())
 
 
 def _script(script: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 180) -> str:
@@ -116,10 +116,14 @@ def connections_of(admin_url: str, application_prefix: str) -> int:
 
 
 @contextlib.contextmanager
-def exclusive(timeout_s: float = 900) -> Iterator[None]:
-    """Hold the pair for this test alone: tests in other xdist processes wait (their ports are the same)."""
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with LOCK.open("w") as handle:
+def exclusive(what: str = "pair", timeout_s: float = 900) -> Iterator[None]:
+    """Hold the pair (or ``"pgbouncer"``) for this test alone: tests in other xdist processes wait.
+
+    Their ports are fixed, so two tests must not run either at once.
+    """
+    port = PRIMARY_PORT if what == "pair" else PGBOUNCER_PORT
+    lock = LOCKS / f"stepline-{what}-{port}.lock"
+    with lock.open("w") as handle:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -127,7 +131,7 @@ def exclusive(timeout_s: float = 900) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"the PostgreSQL pair stayed busy for {timeout_s:.0f}s") from None
+                    raise TimeoutError(f"the {what} stayed busy for {timeout_s:.0f}s") from None
                 time.sleep(0.5)
         try:
             yield
