@@ -58,9 +58,19 @@ async def run_worker(
     concurrency = settings.worker.concurrency
     # A held connection per concurrent step, for its statements (see stepline.shared.db.held),
     # all within the process's connection budget.
+    budget = settings.db.budget(concurrency + WORKER_SPARE_CONNECTIONS)
+    if budget < concurrency + WORKER_SPARE_CONNECTIONS:
+        log.warning(
+            "STEPLINE_DATABASE__MAX_CONNECTIONS=%d is below the worker's concurrency + %d (%d): "
+            "steps will wait for database connections",
+            budget,
+            WORKER_SPARE_CONNECTIONS,
+            concurrency + WORKER_SPARE_CONNECTIONS,
+            extra={"event": "db_budget_below_concurrency"},
+        )
     store = create_store(
         settings.database,
-        max_connections=settings.db.budget(concurrency + WORKER_SPARE_CONNECTIONS),
+        max_connections=budget,
         pre_ping=False,
         pgbouncer=settings.db.pgbouncer,
         application_name=f"stepline-worker {worker_id}",
