@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -160,6 +161,7 @@ async def run_fleet(
             await sampler
         finally:  # PgBouncer is stopped by its pid file whatever happened above
             await asyncio.to_thread(pg_pair.pgbouncer_down, bouncer_dir)
+            shutil.rmtree(bouncer_dir, ignore_errors=True)
     await _check(report, settings.database, ids)
     for name in fleet.processes:
         report.errors_in_logs += [
