@@ -22,7 +22,7 @@ export STEPLINE_DB_NAME STEPLINE_VHOST
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup services browser lint format typecheck test run run-stack chaos chaos-cluster bench clean distclean
+.PHONY: help setup services browser lint format typecheck test run run-stack chaos chaos-cluster chaos-failover bench clean distclean
 
 help: ## Show this help
 	@echo "stepline make targets:"
@@ -77,6 +77,11 @@ CLUSTER_INSTANCES ?= 300
 # Needs PostgreSQL only (it makes its own database); the cluster is started and stopped by the run.
 chaos-cluster: setup ## Chaos on a 3-node RabbitMQ cluster (scripts/rabbitmq-cluster.sh): leader SIGKILLed, restarted, another node stopped
 	$(PY) -m tests.chaos.cluster --instances $(CLUSTER_INSTANCES)
+
+FAILOVER_INSTANCES ?= 300
+chaos-failover: setup services ## Failover run: FAILOVER_INSTANCES (300) chaos instances while the primary dies (ports 5441/5442)
+	$(PY) -m tests.chaos.failover --instances $(FAILOVER_INSTANCES)
+	$(PY) -m tests.chaos.pgbouncer_fleet
 
 bench: setup services ## Run the benchmarks (python -m benchmarks)
 	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \

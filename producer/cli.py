@@ -90,6 +90,7 @@ def _with_client(settings: Settings, use: Callable[[Client], Awaitable[T]], *, p
             namespace=settings.namespace,
             max_payload_bytes=settings.max_payload_bytes,
             broker=settings.broker,
+            database=settings.db,
         ) as client:
             return await use(client)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,7 +46,7 @@ from stepline.shared.messages import (
     encode_message,
 )
 from stepline.shared.outbox import OutboxRelay
-from stepline.shared.settings import BrokerSettings, OutboxSettings
+from stepline.shared.settings import CLIENT_CONNECTIONS, BrokerSettings, DatabaseSettings, OutboxSettings
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import pool_of, queue_name
 
@@ -68,7 +70,9 @@ class Client:
 
     Use as ``async with Client(database_url, amqp_url) as c: info = await c.get(id)``.
     Reading needs only the database; ``send_event``, ``resume``, ``terminate``
-    and ``restart`` also publish, so they need ``amqp_url``.
+    and ``restart`` also publish, so they need ``amqp_url``. ``database``
+    bounds its connections and says whether PgBouncer is in between
+    (``STEPLINE_DATABASE__*``; default: at most 8 connections).
     """
 
     def __init__(
@@ -79,8 +83,10 @@ class Client:
         namespace: str = "stepline",
         max_payload_bytes: int = 1024 * 1024,
         broker: BrokerSettings | None = None,
+        database: DatabaseSettings | None = None,
     ) -> None:
         self._broker_settings = broker
+        self._database_settings = database or DatabaseSettings()
         self._database_url = database_url
         self._amqp_url = amqp_url
         self._namespace = namespace
@@ -90,7 +96,13 @@ class Client:
         self._relay: OutboxRelay | None = None
 
     async def __aenter__(self) -> Client:
-        self._store = create_store(self._database_url, pool_size=4)
+        # Pre-ping on checkout: after a failover, the next call finds the new primary by itself.
+        self._store = create_store(
+            self._database_url,
+            max_connections=self._database_settings.budget(CLIENT_CONNECTIONS),
+            pgbouncer=self._database_settings.pgbouncer,
+            application_name=f"stepline-client {socket.gethostname()}:{os.getpid()}",
+        )
         if self._amqp_url is not None:
             self._broker = create_broker(self._amqp_url, self._namespace, self._broker_settings)
             await self._broker.connect()

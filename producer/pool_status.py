@@ -25,7 +25,11 @@ def pool_waits(settings: Settings, info: InstanceInfo) -> tuple[list[PoolWait], 
 
     async def ask() -> list[PoolWait]:
         async with Client(
-            settings.database, settings.amqp, namespace=settings.namespace, broker=settings.broker
+            settings.database,
+            settings.amqp,
+            namespace=settings.namespace,
+            broker=settings.broker,
+            database=settings.db,
         ) as client:
             return await client.pool_waits(info)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -21,7 +23,7 @@ from stepline.shared.health import HealthServer
 from stepline.shared.hooks import Hooks
 from stepline.shared.outbox import OutboxRelay
 from stepline.shared.retrying import Outage, StopRequested, first_line
-from stepline.shared.settings import SchedulerSettings, Settings
+from stepline.shared.settings import SCHEDULER_CONNECTIONS, SchedulerSettings, Settings
 from stepline.shared.startup import check_database, connect_broker
 
 log = logging.getLogger("stepline.scheduler")
@@ -134,7 +136,14 @@ async def run_scheduler(
     """
     if startup_timeout_s is None:
         startup_timeout_s = settings.startup_timeout.total_seconds()
-    store = create_store(settings.database, pool_size=4, pre_ping=False, held=1)
+    store = create_store(
+        settings.database,
+        max_connections=settings.db.budget(SCHEDULER_CONNECTIONS),
+        pre_ping=False,
+        pgbouncer=settings.db.pgbouncer,
+        application_name=f"stepline-scheduler {socket.gethostname()}:{os.getpid()}",
+        held=1,
+    )
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     try:
         await connect_broker(broker, settings.amqp, deadline_s=startup_timeout_s, stopping=stopping)

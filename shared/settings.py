@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     Field,
@@ -84,6 +85,35 @@ class TlsSettings(BaseModel):
     def files(self) -> TlsFiles:
         """The three files, for the URL helpers in ``stepline.shared.tls``."""
         return TlsFiles(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
+
+
+class DatabaseSettings(BaseModel):
+    """``STEPLINE_DATABASE__*``: this process's PostgreSQL connections (see docs/topology.md)."""
+
+    max_connections: int | None = Field(
+        default=None,
+        ge=2,
+        le=10_000,
+        description="Most PostgreSQL connections this process opens at once (default: a worker's "
+        "concurrency + 2, a scheduler 6, a client 8); past it, callers wait for one to come free.",
+    )
+    pgbouncer: bool = Field(
+        default=False,
+        description="The URL goes through PgBouncer in transaction pooling mode: no server-side "
+        "prepared statements (also ?pgbouncer=true in STEPLINE_DATABASE_URL).",
+    )
+
+    def budget(self, default: int) -> int:
+        """The connection bound of a process whose own default is ``default``."""
+        return self.max_connections if self.max_connections is not None else default
+
+
+WORKER_SPARE_CONNECTIONS = 2
+"""A worker's default budget is its concurrency plus these (the sweeper, limits, health checks)."""
+SCHEDULER_CONNECTIONS = 6
+"""A scheduler's default budget: its timer, schedule, reconcile, sweep and limit loops."""
+CLIENT_CONNECTIONS = 8
+"""A ``Client``'s (and the ``stepline`` command's) default budget."""
 
 
 class WorkerSettings(BaseModel):
@@ -256,6 +286,7 @@ class Settings(BaseSettings):
         env_ignore_empty=True,
         extra="ignore",
         frozen=True,
+        populate_by_name=True,
     )
 
     database_url: SecretStr | None = Field(
@@ -301,6 +332,10 @@ class Settings(BaseSettings):
     )
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    # ``STEPLINE_DATABASE__*``; named ``db`` here because ``database`` is the URL property below.
+    db: DatabaseSettings = Field(
+        default_factory=DatabaseSettings, validation_alias=AliasChoices("database", "stepline_database")
+    )
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
@@ -414,7 +449,10 @@ def describe_problems(exc: ValidationError) -> list[str]:
     """Name each bad or missing environment variable; values are never shown."""
     problems = []
     for error in exc.errors(include_url=False, include_input=False):
-        variable = "STEPLINE_" + "__".join(str(part) for part in error["loc"]).upper()
+        parts = [str(part) for part in error["loc"]]
+        if parts and parts[0] in ("db", "stepline_database"):
+            parts[0] = "database"  # the field ``db`` is read from STEPLINE_DATABASE__*
+        variable = "STEPLINE_" + "__".join(parts).upper()
         if error["type"] == "missing":
             problems.append(f"{variable} is not set")
         else:
@@ -423,6 +461,10 @@ def describe_problems(exc: ValidationError) -> list[str]:
 
 
 __all__ = [
+    "CLIENT_CONNECTIONS",
+    "SCHEDULER_CONNECTIONS",
+    "WORKER_SPARE_CONNECTIONS",
+    "DatabaseSettings",
     "DurationSetting",
     "OutboxSettings",
     "SchedulerSettings",

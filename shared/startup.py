@@ -8,24 +8,18 @@ from urllib.parse import urlsplit
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from stepline.shared.broker import Broker, mask_amqp_url
-from stepline.shared.db.engine import mask_url
+from stepline.shared.db.engine import MAX_CONNECTIONS_SETTING, is_too_many_clients, mask_url
 from stepline.shared.db.store import Store
 from stepline.shared.errors import BrokerError, ServiceUnavailableError
 from stepline.shared.retrying import retry_until
 from stepline.shared.tls import tls_hint
 
-# Both pools are sized in the runners: a worker's engine holds concurrency + 2 connections
-# and as many again in overflow, a scheduler's 3 and 3.
 TOO_MANY_CONNECTIONS_HINT = (
-    "the server has no connection left for this process: each stepline-worker opens up to "
-    "2 x (STEPLINE_WORKER__CONCURRENCY + 2) connections and each stepline-scheduler up to 6, so "
-    "lower STEPLINE_WORKER__CONCURRENCY or run fewer processes, or raise PostgreSQL's "
-    "max_connections (or the CONNECTION LIMIT of the role or database)"
-)
-TOO_MANY_CONNECTIONS = (
-    "too many clients already",
-    "too many connections for",
-    "remaining connection slots are reserved",
+    "the server has no connection left for this process: each process opens at most "
+    f"{MAX_CONNECTIONS_SETTING} connections (default: a stepline-worker STEPLINE_WORKER__CONCURRENCY "
+    "+ 2, a stepline-scheduler 6, a client 8), so lower it or run fewer processes, raise "
+    "PostgreSQL's max_connections (or the CONNECTION LIMIT of the role or database), or put "
+    "PgBouncer in front (docs/topology.md gives the sizing arithmetic)"
 )
 
 
@@ -84,7 +78,7 @@ def database_hint(cause: str, *, url: str = "") -> str:
     if tls is not None:
         return tls
     lowered = cause.lower()
-    if any(words in lowered for words in TOO_MANY_CONNECTIONS):
+    if is_too_many_clients(Exception(cause)):
         return TOO_MANY_CONNECTIONS_HINT
     if "password authentication failed" in lowered or "no pg_hba.conf entry" in lowered:
         return "check the user and password in STEPLINE_DATABASE_URL and the server's pg_hba.conf"

@@ -19,7 +19,7 @@ from stepline.shared.health import HealthServer
 from stepline.shared.hooks import Hooks
 from stepline.shared.outbox import OutboxRelay
 from stepline.shared.retrying import StopRequested
-from stepline.shared.settings import Settings
+from stepline.shared.settings import WORKER_SPARE_CONNECTIONS, Settings
 from stepline.shared.startup import check_database, connect_broker
 from stepline.worker.executor import StepExecutor
 from stepline.worker.handlers import MessageHandler
@@ -56,8 +56,26 @@ async def run_worker(
     if startup_timeout_s is None:
         startup_timeout_s = settings.startup_timeout.total_seconds()
     concurrency = settings.worker.concurrency
-    # A held connection per concurrent step, for its statements (see stepline.shared.db.held).
-    store = create_store(settings.database, pool_size=concurrency + 2, pre_ping=False, held=concurrency)
+    # A held connection per concurrent step, for its statements (see stepline.shared.db.held),
+    # all within the process's connection budget.
+    budget = settings.db.budget(concurrency + WORKER_SPARE_CONNECTIONS)
+    if budget < concurrency + WORKER_SPARE_CONNECTIONS:
+        log.warning(
+            "STEPLINE_DATABASE__MAX_CONNECTIONS=%d is below the worker's concurrency + %d (%d): "
+            "steps will wait for database connections",
+            budget,
+            WORKER_SPARE_CONNECTIONS,
+            concurrency + WORKER_SPARE_CONNECTIONS,
+            extra={"event": "db_budget_below_concurrency"},
+        )
+    store = create_store(
+        settings.database,
+        max_connections=budget,
+        pre_ping=False,
+        pgbouncer=settings.db.pgbouncer,
+        application_name=f"stepline-worker {worker_id}",
+        held=concurrency,
+    )
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     executor = StepExecutor(
         threads=concurrency,

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import functools
+import logging
+import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+log = logging.getLogger("stepline.db")
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 SQLITE_CLOCK = "stepline_now"
@@ -20,55 +27,225 @@ SQLITE_CLOCK = "stepline_now"
 Clock = Callable[[], datetime]
 
 
+MAX_CONNECTIONS_SETTING = "STEPLINE_DATABASE__MAX_CONNECTIONS"
+"""The setting that bounds the PostgreSQL connections of one process (named in errors and logs)."""
+PGBOUNCER_FLAG = "pgbouncer"
+"""``?pgbouncer=true`` in a database URL: no server-side prepared statements (transaction pooling)."""
+POOL_TIMEOUT_S = 30.0
+"""How long a caller waits for one of the process's connections before its operation fails."""
+POOL_WAIT_LOG_EVERY_S = 10.0
+"""At most one "waiting for a connection" line per this many seconds, with a count of the waits."""
+READ_ONLY_SQLSTATE = "25006"
+"""read_only_sql_transaction: the server is (or became) a standby; the connection must go."""
+TOO_MANY_CLIENTS = (
+    "too many clients already",
+    "too many connections for",
+    "remaining connection slots are reserved",
+)
+"""PostgreSQL's (and PgBouncer's ``no more connections allowed``) words for a refused connection."""
+
+_HOST_LIST = re.compile(r"^(?P<scheme>[^:/]+://)(?P<userinfo>[^@/?]*@)?(?P<hosts>[^/?]*)(?P<rest>.*)$", re.S)
+
+
+def parse_url(database_url: str) -> URL:
+    """The SQLAlchemy URL of a database URL, libpq's host list included.
+
+    ``postgresql://u:pw@h1:5441,h2:5442/db?target_session_attrs=read-write``
+    (libpq's multi-host form) becomes SQLAlchemy's multi-host form
+    ``postgresql://u:pw@/db?host=h1:5441&host=h2:5442&target_session_attrs=read-write``,
+    which the psycopg dialect hands to libpq as ``host=h1,h2 port=5441,5442``.
+    SQLAlchemy's form is accepted as it is.
+    """
+    found = _HOST_LIST.match(database_url)
+    if found is None or "," not in found["hosts"]:
+        return make_url(database_url)
+    hosts = [host.strip() for host in found["hosts"].split(",")]
+    if not all(hosts):
+        raise sa_exc.ArgumentError(f"an empty host in the host list {found['hosts']!r}")
+    rest = found["rest"]
+    path, query_mark, query = rest.partition("?")
+    host_params = "&".join(f"host={host}" for host in hosts)
+    query = f"{host_params}&{query}" if query_mark and query else host_params
+    return make_url(f"{found['scheme']}{found['userinfo'] or ''}{path or '/'}?{query}")
+
+
+def uses_pgbouncer(database_url: str) -> bool:
+    """Whether the URL says it goes through PgBouncer (``?pgbouncer=true``)."""
+    value = parse_url(database_url).query.get(PGBOUNCER_FLAG)
+    if isinstance(value, tuple):
+        value = value[-1]
+    return value is not None and value.lower() in ("1", "true", "yes", "on")
+
+
 def driver_url(database_url: str, *, asynchronous: bool = True) -> URL:
-    """The URL with its driver made explicit: psycopg 3, or aiosqlite (sqlite3 when synchronous)."""
-    url = make_url(database_url)
+    """The URL with its driver made explicit: psycopg 3, or aiosqlite (sqlite3 when synchronous).
+
+    Stepline's own query options (``pgbouncer``) are taken out: libpq refuses
+    parameters it does not know.
+    """
+    url = parse_url(database_url)
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
     elif url.get_backend_name() == "sqlite":
         url = url.set(drivername="sqlite+aiosqlite" if asynchronous else "sqlite")
+    if PGBOUNCER_FLAG in url.query:
+        url = url.difference_update_query([PGBOUNCER_FLAG])
     return url
 
 
 def is_sqlite(database_url: str) -> bool:
     """Whether the URL names an SQLite file (the embedded mode)."""
-    return make_url(database_url).get_backend_name() == "sqlite"
+    return parse_url(database_url).get_backend_name() == "sqlite"
 
 
 def sqlite_path(database_url: str) -> Path:
     """The file an ``sqlite:///...`` URL names."""
-    database = make_url(database_url).database
+    database = parse_url(database_url).database
     if not database or database == ":memory:":
         raise ValueError("the embedded mode needs a database file, not an in-memory database")
     return Path(database)
 
 
+_USERINFO_PASSWORD = re.compile(r"^([^:/]+://[^:@/?]*):[^@/?]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.I)
+
+
 def mask_url(database_url: str) -> str:
-    """The URL with its password hidden, for logs and errors."""
-    return make_url(database_url).render_as_string(hide_password=True)
+    """The URL with its password hidden, for logs and errors.
+
+    Every form is masked, the URL left as the user wrote it otherwise: a
+    password after the user name (one host or a host list) and a
+    ``password=`` query parameter, which libpq accepts too.
+    """
+    masked = _USERINFO_PASSWORD.sub(r"\1:***@", database_url, count=1)
+    return _QUERY_PASSWORD.sub(r"\1***", masked)
 
 
 def create_engine(
-    database_url: str, *, pool_size: int = 10, pre_ping: bool = True, clock: Clock | None = None
+    database_url: str,
+    *,
+    pool_size: int = 10,
+    max_connections: int | None = None,
+    pre_ping: bool = True,
+    pgbouncer: bool = False,
+    application_name: str | None = None,
+    clock: Clock | None = None,
 ) -> AsyncEngine:
-    """An async engine whose pooled connections survive a database restart.
+    """An async engine whose pooled connections survive a database restart and a failover.
+
+    ``max_connections`` bounds the PostgreSQL connections the engine ever
+    holds at once (``STEPLINE_DATABASE__MAX_CONNECTIONS``); a caller past it
+    waits for one to come back (logged), up to ``POOL_TIMEOUT_S``. Without it,
+    the pool keeps ``pool_size`` connections and opens as many again at peaks.
 
     ``pre_ping`` tests each connection on checkout (a ``SELECT 1`` round trip).
     Workers and schedulers turn it off on their hot path: they already treat a
     failed statement as an outage and retry, and SQLAlchemy invalidates the
-    pool's connections when one turns out to be dead.
+    pool's connections when one turns out to be dead. A connection whose server
+    turned read-only (a demoted primary) is treated as dead too, so the next
+    connection finds the new primary (``target_session_attrs=read-write``).
+
+    ``pgbouncer`` (or ``?pgbouncer=true`` in the URL) turns psycopg's
+    server-side prepared statements off: PgBouncer's transaction pooling hands
+    each transaction to any server connection, which would not know them.
+
+    ``application_name`` names the process in ``pg_stat_activity`` (unless
+    the URL names one): an operator counts a process's connections by it.
 
     ``clock`` is an SQLite database's clock (default: the real one): the
     testing kit gives it virtual time. PostgreSQL's is always its own.
     """
     if is_sqlite(database_url):
         return _create_sqlite_engine(database_url, clock or _real_clock)
-    return create_async_engine(
+    connect_args: dict[str, Any] = {}
+    if application_name and "application_name" not in parse_url(database_url).query:
+        connect_args["application_name"] = application_name[:63]  # PostgreSQL keeps 63 bytes
+    if pgbouncer or uses_pgbouncer(database_url):
+        connect_args["prepare_threshold"] = None
+    if max_connections is None:
+        size, overflow = pool_size, pool_size
+    else:
+        size, overflow = max_connections, 0
+    engine = create_async_engine(
         driver_url(database_url),
-        pool_size=pool_size,
-        max_overflow=pool_size,
+        poolclass=BudgetedPool,
+        pool_size=size,
+        max_overflow=overflow,
+        pool_timeout=POOL_TIMEOUT_S,
         pool_pre_ping=pre_ping,
+        connect_args=connect_args,
     )
+    event.listen(engine.sync_engine, "do_connect", functools.partial(_connect, size + overflow))
+    event.listen(engine.sync_engine, "handle_error", _read_only_is_a_disconnect)
+    return engine
+
+
+class BudgetedPool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's async queue pool that says when a caller has to wait for a connection, and why."""
+
+    _last_wait_log = 0.0
+    _waits_unlogged = 0
+
+    def _do_get(self) -> Any:
+        if self._pool.empty() and self._overflow >= self._max_overflow:
+            self._note_wait()
+        try:
+            return super()._do_get()
+        except sa_exc.TimeoutError as exc:
+            raise sa_exc.TimeoutError(
+                f"no database connection came free within {self._timeout:.0f}s: all "
+                f"{self.size() + self._max_overflow} this process may open are in use "
+                f"({MAX_CONNECTIONS_SETTING}); raise it if PostgreSQL has room"
+            ) from exc
+
+    def _note_wait(self) -> None:
+        self._waits_unlogged += 1
+        now = time.monotonic()
+        if now - self._last_wait_log < POOL_WAIT_LOG_EVERY_S:
+            return
+        log.warning(
+            "waiting for a database connection: all %d this process may open are in use "
+            "(%s; %d wait(s) since the last such line)",
+            self.size() + self._max_overflow,
+            MAX_CONNECTIONS_SETTING,
+            self._waits_unlogged,
+            extra={"event": "db_pool_wait", "max_connections": self.size() + self._max_overflow},
+        )
+        self._last_wait_log, self._waits_unlogged = now, 0
+
+
+def is_too_many_clients(error: BaseException) -> bool:
+    """Whether the server refused a connection because its connection slots are used up."""
+    text = str(error).lower()
+    return any(words in text for words in TOO_MANY_CLIENTS) or "no more connections allowed" in text
+
+
+def too_many_clients_hint(max_connections: int) -> str:
+    """What to do when the server has no connection left (one line, for errors and logs)."""
+    return (
+        f"this process may open up to {max_connections} connections ({MAX_CONNECTIONS_SETTING}); "
+        "the fleet's processes together must stay below PostgreSQL's max_connections minus its "
+        "reserved slots: lower the setting, run fewer processes, raise max_connections, "
+        "or put PgBouncer in front (see docs/topology.md)"
+    )
+
+
+def _connect(max_connections: int, dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+    """Open a connection as SQLAlchemy would, naming the budget setting when the server is full."""
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except psycopg.OperationalError as exc:
+        if not is_too_many_clients(exc):
+            raise
+        cause = " ".join(str(exc).split())
+        raise psycopg.OperationalError(f"{cause} -- {too_many_clients_hint(max_connections)}") from exc
+
+
+def _read_only_is_a_disconnect(context: Any) -> None:
+    # A failover can leave a connection on a server that is a standby now: a
+    # read-only error then means "find the primary", as a lost connection does.
+    if getattr(context.original_exception, "sqlstate", None) == READ_ONLY_SQLSTATE:
+        context.is_disconnect = True
 
 
 def _real_clock() -> datetime:

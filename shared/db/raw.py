@@ -24,6 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
+from stepline.shared.db.engine import READ_ONLY_SQLSTATE
+
 
 @dataclass(frozen=True)
 class _Compiled:
@@ -80,7 +82,8 @@ async def fetch_all(
         cursor = await driver.execute(compiled.sql, values)
         return await cursor.fetchall()
     except psycopg.Error as exc:
-        broken = driver.broken or driver.closed
+        # A read-only server is a standby now (a failover): the connection must go, as a lost one.
+        broken = driver.broken or driver.closed or exc.sqlstate == READ_ONLY_SQLSTATE
         if broken:
             await conn.invalidate(exc)
         raise DBAPIError.instance(

@@ -14,17 +14,34 @@ def create_store(
     database_url: str,
     *,
     pool_size: int = 10,
+    max_connections: int | None = None,
     pre_ping: bool = True,
+    pgbouncer: bool = False,
+    application_name: str | None = None,
     held: int = 0,
     clock: Clock | None = None,
 ) -> Store:
     """The store of ``database_url``, owning an engine built by ``stepline.shared.db.engine.create_engine``.
 
-    ``held``: on PostgreSQL, how many autocommit connections to keep checked
-    out for the one-statement operations (a worker keeps one per concurrent
-    step); ``clock``: an SQLite database's clock (the testing kit's virtual time).
+    ``max_connections``: the process's bound on its PostgreSQL connections
+    (``pool_size`` and as many again at peaks without it); ``held``: on
+    PostgreSQL, how many autocommit connections to keep checked out for the
+    one-statement operations (a worker keeps one per concurrent step), at most
+    ``max_connections - 2`` so that its other work always finds one;
+    ``application_name``: the process's name in ``pg_stat_activity``;
+    ``clock``: an SQLite database's clock (the testing kit's virtual time).
     """
-    engine = create_engine(database_url, pool_size=pool_size, pre_ping=pre_ping, clock=clock)
+    engine = create_engine(
+        database_url,
+        pool_size=pool_size,
+        max_connections=max_connections,
+        pre_ping=pre_ping,
+        pgbouncer=pgbouncer,
+        application_name=application_name,
+        clock=clock,
+    )
+    if max_connections is not None:
+        held = max(0, min(held, max_connections - 2))
     # Each store's module is imported for its own database: an embedded `stepline status`
     # never loads psycopg, and one on PostgreSQL never loads the SQLite store.
     if is_sqlite(database_url):

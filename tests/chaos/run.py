@@ -67,6 +67,17 @@ class Summary:
             and self.events_taken_twice == self.unsent_outbox_rows == self.unfired_timers == 0
         )
 
+    def assert_nothing_lost(self, instances: int) -> None:
+        """What every chaos test asserts: all ``instances`` complete, right, once, nothing left over."""
+        assert self.lost == 0
+        assert self.wrong_output == 0
+        assert self.duplicated_commits == 0
+        assert self.events_taken_twice == 0
+        assert self.unsent_outbox_rows == 0
+        assert self.unfired_timers == 0
+        assert self.completed == self.instances == instances
+        assert self.step_runs >= self.committed_steps
+
     def render(self) -> str:
         faults = ", ".join(f"{name} {count}" for name, count in sorted(self.faults.items())) or "none"
         return "\n".join(

@@ -98,7 +98,7 @@ async def test_a_database_with_no_connection_left_is_named_with_what_to_do(
     role = role_without_connections.split("//", 1)[1].split(":", 1)[0]
     assert f"PostgreSQL at postgresql://{role}:***@127.0.0.1:5432/" in line
     assert f'too many connections for role "{role}"' in line
-    assert "STEPLINE_WORKER__CONCURRENCY" in line and "max_connections" in line
+    assert "STEPLINE_DATABASE__MAX_CONNECTIONS" in line and "max_connections" in line
     assert "STEPLINE_STARTUP_TIMEOUT" in line
     assert PASSWORD not in output
 

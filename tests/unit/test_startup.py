@@ -13,7 +13,7 @@ def test_the_hint_for_a_full_server_names_the_pools_and_the_limit() -> None:
         "FATAL:  remaining connection slots are reserved for roles with the SUPERUSER attribute",
     ):
         hint = database_hint(cause)
-        assert "STEPLINE_WORKER__CONCURRENCY" in hint and "max_connections" in hint, cause
+        assert "STEPLINE_DATABASE__MAX_CONNECTIONS" in hint and "max_connections" in hint, cause
 
 
 def test_other_start_up_failures_get_their_own_hints() -> None:

@@ -1,0 +1,80 @@
+"""Database URLs naming a primary and its standbys, PgBouncer, and the connection budget setting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+from stepline.shared.db.engine import driver_url, is_too_many_clients, mask_url, uses_pgbouncer
+from stepline.shared.errors import ConfigError
+from stepline.shared.settings import load_settings
+
+
+def _libpq_params(url: str) -> dict[str, Any]:
+    """What SQLAlchemy's psycopg dialect hands to libpq for ``url``."""
+    dialect = PGDialect_psycopg()  # type: ignore[no-untyped-call]
+    _, params = dialect.create_connect_args(driver_url(url))  # type: ignore[no-untyped-call]
+    return dict(params)
+
+
+HOST_LIST = "postgresql://app:s3cret@h1:5441,h2:5442/orders?target_session_attrs=read-write"
+
+
+def test_a_host_list_reaches_libpq_as_hosts_and_ports() -> None:
+    params = _libpq_params(HOST_LIST)
+    assert params["host"] == "h1,h2"
+    assert params["port"] == "5441,5442"
+    assert params["dbname"] == "orders"
+    assert params["target_session_attrs"] == "read-write"
+    assert params["password"] == "s3cret"
+
+
+def test_sqlalchemy_s_own_multi_host_form_is_accepted_too() -> None:
+    url = "postgresql://app@/orders?host=h1:5441&host=h2:5442&target_session_attrs=read-write"
+    params = _libpq_params(url)
+    assert (params["host"], params["port"]) == ("h1,h2", "5441,5442")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        HOST_LIST,
+        "postgresql://app:s3cret@db:5432/orders",
+        "postgresql://app:s3cret@/orders?host=h1:5441&host=h2:5442",
+        "postgresql://app@db/orders?password=s3cret&sslmode=require",
+    ],
+)
+def test_every_form_of_url_has_its_password_masked(url: str) -> None:
+    masked = mask_url(url)
+    assert "s3cret" not in masked
+    assert "***" in masked
+
+
+def test_pgbouncer_flag_is_read_and_kept_from_libpq() -> None:
+    url = "postgresql://app@bouncer:6432/orders?pgbouncer=true"
+    assert uses_pgbouncer(url)
+    assert not uses_pgbouncer(HOST_LIST)
+    assert "pgbouncer" not in driver_url(url).query
+
+
+def test_the_connection_budget_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STEPLINE_DATABASE_URL", HOST_LIST)
+    monkeypatch.setenv("STEPLINE_AMQP_URL", "amqp://guest:guest@localhost/")
+    monkeypatch.setenv("STEPLINE_DATABASE__MAX_CONNECTIONS", "12")
+    monkeypatch.setenv("STEPLINE_DATABASE__PGBOUNCER", "true")
+    settings = load_settings()
+    assert settings.db.max_connections == 12 and settings.db.pgbouncer
+    assert settings.db.budget(99) == 12
+    assert settings.database == HOST_LIST
+    monkeypatch.setenv("STEPLINE_DATABASE__MAX_CONNECTIONS", "1")
+    with pytest.raises(ConfigError, match="STEPLINE_DATABASE__MAX_CONNECTIONS is invalid"):
+        load_settings()
+
+
+def test_a_full_server_is_recognised_in_postgres_and_pgbouncer_words() -> None:
+    assert is_too_many_clients(Exception("FATAL:  sorry, too many clients already"))
+    assert is_too_many_clients(Exception('FATAL:  too many connections for database "x"'))
+    assert is_too_many_clients(Exception("ERROR:  no more connections allowed (max_client_conn)"))
+    assert not is_too_many_clients(Exception("connection refused"))
