@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
@@ -232,6 +231,8 @@ def too_many_clients_hint(max_connections: int) -> str:
 
 def _connect(max_connections: int, dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
     """Open a connection as SQLAlchemy would, naming the budget setting when the server is full."""
+    import psycopg  # here, not at the top: an embedded process never loads the PostgreSQL driver
+
     try:
         return dialect.connect(*cargs, **cparams)
     except psycopg.OperationalError as exc:
