@@ -31,7 +31,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from benchmarks import bigdb_bench, cli_speed, flow, report
+from benchmarks import bigdb_bench, cli_speed, dashboard_pages, flow, report
 from benchmarks.isolation import Isolation
 from benchmarks.procs import ROOT, Fleet, child_env, machine_busy_seconds
 from benchmarks.sections import FULL, QUICK, Bench, Sizes
@@ -149,8 +149,13 @@ async def run_sections(bench: Bench, sections: set[str], results: dict[str, Any]
 
 async def _bigdb(bench: Bench) -> dict[str, Any]:
     """The big-database section, on a database of its own beside the run's."""
+    samples = bench.sizes.bigdb_samples
+
+    async def dashboard(database_url: str) -> list[bigdb_bench.Timing]:
+        return await dashboard_pages.serve_and_time(database_url, bench.iso.amqp_url, samples)
+
     options = bigdb_bench.Options(
-        instances=bench.sizes.bigdb_instances, samples=bench.sizes.bigdb_samples, keep=bench.keep_bigdb
+        instances=bench.sizes.bigdb_instances, samples=samples, keep=bench.keep_bigdb, dashboard=dashboard
     )
     return await bigdb_bench.run(bench.iso.database_url, options, bench.console.print)
 
