@@ -105,7 +105,7 @@ def _create_vhost(amqp_url: str, vhost: str) -> None:
     user = urlsplit(amqp_url).username or "guest"
     if _local(amqp_url):
         subprocess.run(
-            ["rabbitmqctl", "-q", "add_vhost", vhost],
+            ["rabbitmqctl", "-q", "-t", str(RABBITMQCTL_TIMEOUT_S - 10), "add_vhost", vhost],
             check=True,
             capture_output=True,
             timeout=RABBITMQCTL_TIMEOUT_S,
@@ -129,7 +129,7 @@ def _create_vhost(amqp_url: str, vhost: str) -> None:
 def _delete_vhost(amqp_url: str, vhost: str) -> None:
     if _local(amqp_url):
         subprocess.run(
-            ["rabbitmqctl", "-q", "delete_vhost", vhost],
+            ["rabbitmqctl", "-q", "-t", str(RABBITMQCTL_TIMEOUT_S - 10), "delete_vhost", vhost],
             check=False,
             capture_output=True,
             timeout=RABBITMQCTL_TIMEOUT_S,

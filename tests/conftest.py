@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,14 +18,6 @@ from tests.support import services
 from tests.support.fleet import Fleet, ProcessFleet, process_env
 
 RUN_ID = uuid.uuid4().hex[:8]
-
-# The suite runs about a thousand tests on one shared development node, each declaring some
-# thirty workflow queues. Quorum queues (the production default) are a Raft cluster each;
-# while branches ran the suite on them in parallel, RabbitMQ 3.10 on this machine stopped
-# answering (`add_vhost` hung, then AMQP itself) and had to be reset. The suite therefore runs
-# classic queues, the documented choice for a single development node; the tests about queue
-# types, quorum dead-lettering and the cluster ask for quorum explicitly.
-os.environ.setdefault("STEPLINE_BROKER__QUEUE_TYPE", "classic")
 
 
 @pytest.fixture(scope="session")

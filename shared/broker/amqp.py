@@ -58,6 +58,9 @@ log = logging.getLogger("stepline.broker")
 # A publish can hang through a broker outage even on a robust connection; past
 # this it counts as failed and the outbox row stays for the sweeper.
 PUBLISH_TIMEOUT_S = 10.0
+# A first connection to one node: a busy broker (a vhost being deleted, say) can take seconds
+# to answer the handshake, and a process that gives up moves on to the next node or retries.
+CONNECT_TIMEOUT_S = 30.0
 # Between reconnect attempts; each attempt goes to the next node of a cluster's list.
 RECONNECT_INTERVAL_S = 1.0
 
@@ -180,7 +183,7 @@ class AmqpBroker:
                 reconnect_interval=RECONNECT_INTERVAL_S,
             )
             try:
-                await connection.connect(timeout=PUBLISH_TIMEOUT_S)
+                await connection.connect(timeout=CONNECT_TIMEOUT_S)
             except _AMQP_FAILURES_OR_TIMEOUT as exc:
                 failures.append(f"{connection.node}: {self._scrub(exc) or type(exc).__name__}")
                 with contextlib.suppress(*_AMQP_FAILURES_OR_TIMEOUT):
@@ -192,7 +195,10 @@ class AmqpBroker:
                 extra={"event": "amqp_connected", "node": connection.node},
             )
             return connection
-        raise BrokerError("no RabbitMQ node answered: " + "; ".join(failures))
+        raise BrokerError(
+            f"cannot connect to RabbitMQ at {mask_amqp_url(self._url)}: no node answered: "
+            + "; ".join(failures)
+        )
 
     def _scrub(self, exc: BaseException) -> str:
         """An error's text without the password, should a driver ever quote the URL."""

@@ -90,7 +90,7 @@ def drop_database(name: str) -> None:
 def create_vhost(name: str) -> None:
     """A RabbitMQ vhost that guest may use fully."""
     subprocess.run(
-        ["rabbitmqctl", "-q", "add_vhost", name],
+        ["rabbitmqctl", "-q", "-t", str(RABBITMQCTL_TIMEOUT_S - 10), "add_vhost", name],
         check=True,
         capture_output=True,
         timeout=RABBITMQCTL_TIMEOUT_S,
@@ -106,7 +106,7 @@ def create_vhost(name: str) -> None:
 def delete_vhost(name: str) -> None:
     """Delete a vhost and every queue in it."""
     subprocess.run(
-        ["rabbitmqctl", "-q", "delete_vhost", name],
+        ["rabbitmqctl", "-q", "-t", str(RABBITMQCTL_TIMEOUT_S - 10), "delete_vhost", name],
         check=False,
         capture_output=True,
         timeout=RABBITMQCTL_TIMEOUT_S,
