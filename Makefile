@@ -58,7 +58,7 @@ TEST_WORKERS ?= 4
 TEST_ENV = STEPLINE_EMBEDDED= STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)'
 
 test: setup services browser lint typecheck ## Everything CI runs: lint, typecheck, full pytest suite
-	$(TEST_ENV) $(BIN)/pytest -n $(TEST_WORKERS) -m 'not serial' $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/pytest -n $(TEST_WORKERS) -m 'not serial and not cluster' $(PYTEST_ARGS)
 	@# Exit 5 is "none collected": PYTEST_ARGS may name tests that hold no serial one.
 	$(TEST_ENV) $(BIN)/pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
@@ -76,6 +76,7 @@ chaos: setup services ## Long chaos run: faults for CHAOS_DURATION seconds (defa
 CLUSTER_INSTANCES ?= 300
 # Needs PostgreSQL only (it makes its own database); the cluster is started and stopped by the run.
 chaos-cluster: setup ## Chaos on a 3-node RabbitMQ cluster (scripts/rabbitmq-cluster.sh): leader SIGKILLed, restarted, another node stopped
+	$(TEST_ENV) $(BIN)/pytest -m cluster $(PYTEST_ARGS)
 	$(PY) -m tests.chaos.cluster --instances $(CLUSTER_INSTANCES)
 
 FAILOVER_INSTANCES ?= 300

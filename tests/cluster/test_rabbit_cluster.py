@@ -28,7 +28,12 @@ from tests.support.cluster import RabbitCluster
 from tests.support.fleet import Fleet, ProcessFleet, process_env, until_consuming
 from tests.support.polling import eventually
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("rabbit-cluster"), pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.cluster,
+    pytest.mark.xdist_group("rabbit-cluster"),
+    pytest.mark.timeout(600),
+]
 
 SEQUENCE_OUTPUT = {"total": 7, "product": 70, "text": "result=70"}
 

@@ -106,6 +106,9 @@ async def _database_clock(store: Store) -> datetime:
         return (await conn.execute(sa.select(utc_clock()))).scalar_one()
 
 
+# Alone, after the parallel run: its 200 rows must be published within sweep_after (1 s) of
+# their commit, which a machine loaded by four test processes does not always do.
+@pytest.mark.serial
 @pytest.mark.postgres_only("the test sees the worker wait for the lock in pg_stat_activity")
 async def test_a_fan_out_planned_after_a_lock_wait_is_not_republished_by_the_sweepers(
     fleet: Fleet,
