@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from stepline.shared.codec import JSON
 from stepline.shared.db.bulk_statements import BulkStatements
 from stepline.shared.db.concurrency import ConcurrencyStatements
+from stepline.shared.db.read_statements import ReadStatements
 from stepline.shared.db.records import (
     REJECTED,
     ClaimedEvent,
@@ -50,7 +51,6 @@ from stepline.shared.db.statements import (
     INSTANCE_STATE,
     LOCK_INSTANCE,
     STEP_FIELDS,
-    after_prefix,
     attempt_insert,
     history_from,
     instance_update,
@@ -61,7 +61,9 @@ from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
 
-class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, BulkStatements):
+class Transaction(
+    ScheduleStatements, ConcurrencyStatements, ReserveStatements, BulkStatements, ReadStatements
+):
     """The statements of one connection: in a transaction, or each standing alone (autocommit).
 
     Subclasses (one per database) override the few statements that differ. The statements
@@ -170,106 +172,6 @@ class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, 
         )
         return history_from(row, (step._mapping for step in step_rows))
 
-    async def unfinished_workflows(self) -> dict[str, int]:
-        """How many unfinished instances each workflow has (running, waiting, paused, queued).
-
-        Named statuses (IN), not the finished ones excluded (NOT IN): IN reads one small
-        range of ``ix_instances_status_workflow`` per status, where NOT IN read every
-        instance ever kept (0.5 s with a million finished ones).
-        """
-        unfinished = [status.value for status in InstanceStatus if status not in FINISHED_STATUSES]
-        rows = await self._conn.execute(
-            sa.select(instances.c.workflow, sa.func.count())
-            .where(instances.c.status.in_(unfinished))
-            .group_by(instances.c.workflow)
-        )
-        return {row[0]: row[1] for row in rows}
-
-    async def unfinished_histories(
-        self, *, after: str | None, limit: int, workflows: Sequence[str]
-    ) -> list[History]:
-        """One page of unfinished instances of ``workflows`` with their steps, by id after ``after``.
-
-        Keyset pagination (``id > after``): a page costs the same however deep the
-        walk is, and a caller streaming every page holds one page at a time.
-        """
-        query = (
-            sa.select(*INSTANCE_FIELDS)
-            .where(instances.c.status.not_in(FINISHED_STATUSES), instances.c.workflow.in_(workflows))
-            .order_by(instances.c.id)
-            .limit(limit)
-        )
-        if after is not None:
-            query = query.where(instances.c.id > after)
-        rows = (await self._conn.execute(query)).all()
-        if not rows:
-            return []
-        by_instance: dict[str, list[sa.RowMapping]] = {row.id: [] for row in rows}
-        step_rows = await self._conn.execute(
-            sa.select(steps.c.instance_id, *(steps.c[name] for name in STEP_FIELDS))
-            .where(steps.c.instance_id.in_(list(by_instance)))
-            .order_by(steps.c.instance_id, steps.c.position)
-        )
-        for step in step_rows:
-            by_instance[step.instance_id].append(step._mapping)
-        return [history_from(row, by_instance[row.id]) for row in rows]
-
-    async def get_instance_row(self, instance_id: str) -> sa.Row[Any] | None:
-        """The whole instance row, for clients."""
-        return (await self._conn.execute(sa.select(instances).where(instances.c.id == instance_id))).first()
-
-    async def list_instance_rows(
-        self,
-        *,
-        workflow: str | None = None,
-        status: str | None = None,
-        limit: int = 50,
-        offset: int = 0,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        id_prefix: str | None = None,
-        build_id: str | None = None,
-    ) -> Sequence[sa.Row[Any]]:
-        """Instances, newest first, optionally filtered, one page at a time.
-
-        ``workflow``, ``status`` and ``build_id`` (the build that started it) match exactly;
-        ``id_prefix`` keeps the ids that start with it, character for character
-        (case-sensitive; ``%`` and ``_`` are plain characters).
-        """
-        query = (
-            sa.select(instances)
-            .order_by(instances.c.created_at.desc(), instances.c.id)
-            .limit(limit)
-            .offset(offset)
-        )
-        if id_prefix:
-            query = query.where(*await self._id_starts_with(id_prefix))
-        if workflow is not None:
-            query = query.where(instances.c.workflow == workflow)
-        if status is not None:
-            query = query.where(instances.c.status == status)
-        if build_id is not None:
-            query = query.where(instances.c.build_id == build_id)
-        if created_after is not None:
-            query = query.where(instances.c.created_at >= created_after)
-        if created_before is not None:
-            query = query.where(instances.c.created_at < created_before)
-        return (await self._conn.execute(query)).all()
-
-    async def _id_starts_with(self, prefix: str) -> list[sa.ColumnElement[bool]]:
-        """Conditions that keep the instances whose id starts with ``prefix``, exactly.
-
-        Not LIKE: SQLite's is case-insensitive, both read ``%`` and ``_``, and PostgreSQL
-        uses an index for it only under the "C" collation. The ids that start with ``prefix``
-        are one range of the primary key where ids sort by code point, which is how SQLite
-        compares them (its BINARY collation compares UTF-8 bytes); PostgreSQL refines this.
-        """
-        conditions: list[sa.ColumnElement[bool]] = [instances.c.id >= prefix]
-        bound = after_prefix(prefix)
-        if bound is not None:
-            conditions.append(instances.c.id < bound)
-        return conditions
-
     async def set_parent_if_unset(self, instance_id: str, parent: ParentLink) -> None:
         """Let an instance started before its parent asked for it report to that parent."""
         await self._conn.execute(
@@ -302,11 +204,6 @@ class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, 
             )
             conditions.append(~started_detached)
         rows = await self._conn.execute(sa.select(instances.c.id).where(*conditions))
-        return [row.id for row in rows]
-
-    async def children(self, instance_id: str) -> list[str]:
-        """Ids of every child of an instance."""
-        rows = await self._conn.execute(sa.select(instances.c.id).where(instances.c.parent_id == instance_id))
         return [row.id for row in rows]
 
     async def delete_instance(self, instance_id: str) -> None:
@@ -347,33 +244,6 @@ class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, 
         )
         result = await self._conn.execute(instances.delete().where(instances.c.id.in_(doomed)))
         return int(result.rowcount or 0)
-
-    async def get_step_rows(self, instance_id: str) -> Sequence[sa.Row[Any]]:
-        """The user-visible steps of an instance (recorded values excluded), in plan order."""
-        query = (
-            sa.select(steps)
-            .where(steps.c.instance_id == instance_id, steps.c.kind != StepKind.VALUE)
-            .order_by(steps.c.position)
-        )
-        return (await self._conn.execute(query)).all()
-
-    async def get_value_rows(self, instance_id: str) -> Sequence[sa.Row[Any]]:
-        """The recorded ctx.now()/random()/uuid() values of an instance, in plan order."""
-        query = (
-            sa.select(steps)
-            .where(steps.c.instance_id == instance_id, steps.c.kind == StepKind.VALUE)
-            .order_by(steps.c.position)
-        )
-        return (await self._conn.execute(query)).all()
-
-    async def get_attempt_rows(self, instance_id: str) -> Sequence[sa.Row[Any]]:
-        """Every recorded step attempt of an instance, oldest first."""
-        query = (
-            sa.select(step_attempts)
-            .where(step_attempts.c.instance_id == instance_id)
-            .order_by(step_attempts.c.started_at, step_attempts.c.attempt)
-        )
-        return (await self._conn.execute(query)).all()
 
     async def insert_steps(self, instance_id: str, new: Iterable[NewStep]) -> dict[StepKey, datetime | None]:
         """Insert history entries in one statement; returns each one's fire time, computed by the database."""
@@ -568,14 +438,6 @@ class Transaction(ScheduleStatements, ConcurrencyStatements, ReserveStatements, 
             .where(events.c.id == event_row_id)
             .values(consumed_step=REJECTED, consumed_occurrence=None, consumed_at=utc_now())
         )
-
-    async def get_event_rows(self, instance_id: str) -> Sequence[sa.Row[Any]]:
-        """Every event an instance received, oldest first."""
-        return (
-            await self._conn.execute(
-                sa.select(events).where(events.c.instance_id == instance_id).order_by(events.c.id)
-            )
-        ).all()
 
     # ---------------------------------------------------------------- timers
     #
