@@ -31,6 +31,11 @@ def undo_key(key: StepKey) -> StepKey:
     return (UNDO_PREFIX + key[0], key[1])
 
 
+def undone_key(key: StepKey) -> StepKey:
+    """The key of the step that compensation ``key`` undoes (``undo_key``'s inverse)."""
+    return (key[0].removeprefix(UNDO_PREFIX), key[1])
+
+
 def is_undo(key: StepKey) -> bool:
     """Whether ``key`` names a compensation."""
     return key[0].startswith(UNDO_PREFIX)

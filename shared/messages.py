@@ -208,6 +208,8 @@ class AdvanceMessage(_Message):
 
     kind: Literal["advance"] = "advance"
     reason: str = Field(default="", max_length=200)
+    parent: ParentRef | None = None
+    """For ``rollback-with-parent``: the parent step that asks; only its own child rolls back."""
 
 
 AnyMessage = StartMessage | StepMessage | WakeMessage | EventMessage | AdvanceMessage

@@ -116,6 +116,21 @@ async def saga_with_child(ctx: Context, trip: Trip) -> list[str]:
     return [flight, hotel, car]
 
 
+class Borrowed(BaseModel):
+    """The id of an instance ``borrows-a-child`` names as its child, and its trip."""
+
+    child_id: str
+    trip: Trip = Trip(fail_at="car")
+
+
+@workflow("borrows-a-child")
+async def borrows_a_child(ctx: Context, borrowed: Borrowed) -> list[str]:
+    """Names an instance that already exists as its child, then fails and rolls back."""
+    hotel = await ctx.child("hotel", saga_child, borrowed.trip, instance_id=borrowed.child_id)
+    car = await ctx.step("car", book, borrowed.trip, "car", compensate=cancel)
+    return [hotel, car]
+
+
 async def book_once_the_rollback_began(trip: Trip, what: str) -> str:
     """A step still running when its sibling fails: it returns only once the rollback has begun."""
     await record(what)

@@ -250,7 +250,7 @@ class MessageHandler:
             if isinstance(message, EventMessage):
                 return await waits.deliver_event(tx, self._planner, workflow, history, message)
             if isinstance(message, AdvanceMessage) and message.reason == ROLLBACK_WITH_PARENT:
-                return await waits.roll_back_with_parent(tx, self._planner, workflow, history)
+                return await waits.roll_back_with_parent(tx, self._planner, workflow, history, message.parent)
             if history.status.is_finished:
                 return []
             if isinstance(message, WakeMessage):

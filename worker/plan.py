@@ -14,7 +14,7 @@ from stepline.shared.db.records import Message, NewStep, NewTimer, OutboxRow
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import PayloadTooLargeError
 from stepline.shared.failures import failure_record
-from stepline.shared.history import History, ParentLink, StepKey
+from stepline.shared.history import History, ParentLink, StepKey, undone_key
 from stepline.shared.hooks import Hooks, NoHooks
 from stepline.shared.messages import (
     AdvanceMessage,
@@ -349,8 +349,16 @@ class Planner:
         detail = entry.detail or {}
         if entry.kind == StepKind.CHILD and detail.get(ROLLBACK_CHILD):
             # A completed child rolls back with its parent: its end wakes the parent's entry.
+            # The asking step rides along: an instance that is not its child is left alone.
+            name, occurrence = undone_key(entry.key)
+            asker = ParentRef(
+                instance_id=history.instance_id, workflow=history.workflow, step=name, occurrence=occurrence
+            )
             message = AdvanceMessage(
-                workflow=detail["workflow"], instance_id=detail["child_id"], reason=ROLLBACK_WITH_PARENT
+                workflow=detail["workflow"],
+                instance_id=detail["child_id"],
+                reason=ROLLBACK_WITH_PARENT,
+                parent=asker,
             )
             return message.routing_key, self._encode(message), history.trace_context
         if entry.kind == StepKind.CHILD and detail.get("detached"):

@@ -10,8 +10,8 @@ from stepline.shared.db.records import Message, OutboxRow
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import BadPayloadError, ChildWorkflowError, CompensationError, EventTimeoutError
 from stepline.shared.failures import describe, failure_record, step_failure
-from stepline.shared.history import History, StepKey, StepRecord, format_key, undo_key
-from stepline.shared.messages import EventMessage
+from stepline.shared.history import History, ParentLink, StepKey, StepRecord, format_key, undo_key, undone_key
+from stepline.shared.messages import EventMessage, ParentRef
 from stepline.shared.rollback import reopen_for_rollback
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.worker.plan import Planner
@@ -76,12 +76,29 @@ async def _settle_child(
 
 
 async def roll_back_with_parent(
-    tx: Transaction, planner: Planner, workflow: Workflow[Any, Any], history: History
+    tx: Transaction,
+    planner: Planner,
+    workflow: Workflow[Any, Any],
+    history: History,
+    asker: ParentRef | None,
 ) -> list[OutboxRow]:
     """A parent rolls back: this completed child runs its compensations, and its end tells the parent.
 
     A child that did not complete, or rolled back already, tells its parent at once.
+    An instance that is not the asking step's child (``ctx.child`` named an instance
+    another parent owns) is left untouched: only the asker is woken, and its
+    ``$undo:<child>`` entry settles with a note (``_settle_child_rollback``).
+    ``asker`` is None only in a message sent before the asker was carried.
     """
+    if asker is not None:
+        asking = ParentLink(asker.instance_id, asker.workflow, asker.step, asker.occurrence)
+        if history.parent != asking:
+            log.warning(
+                "rollback asked by %r, which is not its parent: left untouched",
+                asker.instance_id,
+                extra={"event": "rollback_not_its_child", "instance_id": history.instance_id},
+            )
+            return await tx.insert_outbox(planner.parent_wake(asking))
     if not await reopen_for_rollback(tx, history):
         return await tx.insert_outbox(planner.parent_wake(history.parent))
     reopened = await tx.load_history(history.instance_id)
@@ -97,13 +114,15 @@ async def _settle_child_rollback(
         return []
     detail = undo.detail or {}
     child = await tx.get_instance_row(str(detail.get("child_id")))
+    if child is not None and not _is_child_of(child, history.instance_id, undone_key(undo.key)):
+        # ctx.child named an instance another parent owns: it was not rolled back, nothing to wait for.
+        note = f"not its child: {child.id!r} belongs to another parent and was left untouched"
+        return await _settle_undone(tx, planner, workflow, history, undo, note)
     if child is not None and not InstanceStatus(child.status).is_finished:
         return []  # still rolling back: its end wakes us again
     failures = (child.error or {}).get("compensation_failures") if child is not None else None
     if not failures:
-        report_settled(planner, history, undo, "succeeded")
-        await tx.settle_step(history.instance_id, undo.key, status=StepStatus.SUCCEEDED)
-        return await _run_on(tx, planner, workflow, history, undo.key, result=None)
+        return await _settle_undone(tx, planner, workflow, history, undo, None)
     report_settled(planner, history, undo, "failed")
     names = ", ".join(str(failure.get("step")) for failure in failures)
     error = failure_record(
@@ -113,6 +132,26 @@ async def _settle_child_rollback(
     return await _run_on(
         tx, planner, workflow, history, undo.key, error=step_failure(format_key(undo.key), 1, error)
     )
+
+
+def _is_child_of(child: Any, parent_id: str, key: StepKey) -> bool:
+    """Whether the instance row ``child`` reports to step ``key`` of ``parent_id``."""
+    return (child.parent_id, child.parent_step, child.parent_occurrence) == (parent_id, key[0], key[1])
+
+
+async def _settle_undone(
+    tx: Transaction,
+    planner: Planner,
+    workflow: Workflow[Any, Any],
+    history: History,
+    undo: StepRecord,
+    note: str | None,
+) -> list[OutboxRow]:
+    """Settle a child's ``$undo`` entry as done (its ``note`` kept as the result) and run on."""
+    report_settled(planner, history, undo, "succeeded")
+    result = None if note is None else {"note": note}
+    await tx.settle_step(history.instance_id, undo.key, status=StepStatus.SUCCEEDED, result=result)
+    return await _run_on(tx, planner, workflow, history, undo.key, result=None)
 
 
 async def _settle_detached_waits(

@@ -288,6 +288,30 @@ async def test_a_completed_child_is_rolled_back_with_its_parent(
     ]
 
 
+async def test_a_rollback_leaves_alone_a_child_id_that_belongs_to_another_parent(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings
+) -> None:
+    await fleet.start_worker()
+    await producer.start("saga-with-child", {}, instance_id="owner")
+    assert (await control.wait("owner", timeout=30)).status == "complete"
+    before = await control.get("owner/hotel")
+    assert before is not None and before.status == "complete"
+
+    borrower = await producer.start("borrows-a-child", {"child_id": "owner/hotel"})
+    info = await control.wait(borrower, timeout=30)
+
+    # The borrower ends; the instance it named but does not own is not rolled back.
+    assert info.status == "errored"
+    assert info.error is not None and "car refused for ada" in info.error["message"]
+    undo_child = next(step for step in info.steps if step.name == "$undo:hotel")
+    assert (undo_child.kind, undo_child.status) == ("child", "succeeded")
+    assert "not its child" in _json(undo_child.result)["note"]
+    after = await control.get("owner/hotel")
+    assert after is not None and after.status == "complete"
+    assert [step.name for step in after.steps] == [step.name for step in before.steps]
+    assert await runs(settings, "owner/hotel") == [("hotel", "hotel")]
+
+
 async def test_a_step_still_running_when_the_rollback_begins_is_waited_for_and_compensated(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
