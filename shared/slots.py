@@ -74,6 +74,10 @@ async def admit(tx: Transaction, workflow: str, key: str, limit: int, on_limit: 
             '(on_limit="cancel-newest" cancels the new instance)'
         )
         return Admission(InstanceStatus.TERMINATED, reason)
+    if await tx.oldest_holding_slot(workflow, key) is None:
+        # Every holder is already rolling back for an earlier newcomer: their slots free
+        # as they end; this one waits for one rather than going past the limit.
+        return Admission(InstanceStatus.QUEUED)
     return Admission(InstanceStatus.RUNNING, evict=True)
 
 
@@ -81,6 +85,10 @@ async def evict_oldest(
     tx: Transaction, workflow: str, key: str, limit: int, *, newcomer: str, payload_limit: int
 ) -> list[OutboxRow]:
     """``cancel-oldest``: terminate the oldest instance of the key holding a slot, for ``newcomer``.
+
+    Its compensations run first (``begin_rollback``), except for a held instance
+    (paused because its replay diverged): its replay would diverge again, hold it
+    again and never end, keeping its slot, so it is terminated at once.
 
     Called with the key's lock held (``admit``). The oldest instance's row is
     only taken if no other transaction holds it: one that holds it may be
@@ -105,8 +113,16 @@ async def evict_oldest(
         "oldest instance cancelled for a newer one",
         extra={"event": "concurrency_evicted", "instance_id": oldest, "newcomer": newcomer},
     )
+    if status == InstanceStatus.PAUSED and await _is_held(tx, oldest):
+        return await terminate(tx, oldest, reason, payload_limit=payload_limit)
     # Its compensations run before it ends terminated (see stepline.shared.rollback).
     return await begin_rollback(tx, oldest, reason, payload_limit=payload_limit)
+
+
+async def _is_held(tx: Transaction, instance_id: str) -> bool:
+    """Whether a paused instance is held (its replay diverged: its error says so), not plainly paused."""
+    row = await tx.get_instance_row(instance_id)
+    return row is not None and row.error is not None
 
 
 async def release(tx: Transaction, workflow: str, key: str, *, payload_limit: int) -> list[OutboxRow]:

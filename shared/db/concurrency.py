@@ -71,7 +71,7 @@ class ConcurrencyStatements:
             return None
         return QueuedInstance(row.id, int(row.concurrency_limit or 1), row.trace_context)
 
-    async def oldest_holding_slot(self, workflow: str, key: str, *, besides: str) -> str | None:
+    async def oldest_holding_slot(self, workflow: str, key: str, *, besides: str | None = None) -> str | None:
         """The id of the oldest instance of ``(workflow, key)`` holding a slot, other than ``besides``.
 
         One already rolling back (``cancel-oldest`` took it before) is not taken again.
@@ -84,7 +84,7 @@ class ConcurrencyStatements:
             .where(
                 *_of_key(workflow, key),
                 instances.c.status.in_([status.value for status in HOLDING_SLOT]),
-                instances.c.id != besides,
+                instances.c.id != besides if besides is not None else sa.true(),
                 ~rolling_back,
             )
             .order_by(instances.c.created_at, instances.c.id)

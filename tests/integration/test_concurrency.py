@@ -18,7 +18,9 @@ from stepline.producer import control
 from stepline.shared import slots
 from stepline.shared.db import stores
 from stepline.shared.errors import InvalidPriorityError, InvalidStateError
+from stepline.shared.rollback import begin_rollback
 from stepline.shared.settings import Settings
+from stepline.shared.states import InstanceStatus
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually, until_status
@@ -285,3 +287,49 @@ async def test_cancel_oldest_gives_the_start_back_while_the_oldest_is_locked_and
     evicted = await client.wait("locked-oldest", timeout=30)
     assert evicted.status == "terminated"
     await until_status(client, "locked-newest", "waiting")
+
+
+async def test_cancel_oldest_terminates_a_held_oldest_instance_at_once(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    await fleet.start_worker()
+    await producer.start("gate-oldest", {"lane": "h"}, instance_id="held-oldest")
+    await until_status(client, "held-oldest", "waiting")
+    # Its history no longer fits its code (a deploy changed the wait): it is held, as a replay holds it.
+    await db.rows(settings.database, "UPDATE steps SET kind = 'sleep' WHERE instance_id = 'held-oldest'")
+    await db.rows(
+        settings.database,
+        "UPDATE instances SET status = 'paused', "
+        """error = '{"type": "ReplayDivergedError", "message": "diverged"}' WHERE id = 'held-oldest'""",
+    )
+
+    await producer.start("gate-oldest", {"lane": "h"}, instance_id="held-newest")
+
+    # A rollback would replay it, diverge again and hold it again, keeping its slot for ever.
+    evicted = await client.wait("held-oldest", timeout=30)
+    assert evicted.status == "terminated"
+    assert evicted.error is not None
+    assert evicted.error["message"].startswith("cancelled for a newer instance 'held-newest'")
+    await until_status(client, "held-newest", "waiting")
+
+
+async def test_cancel_oldest_queues_a_newcomer_while_every_holder_is_rolling_back(settings: Settings) -> None:
+    store = stores.create_store(settings.database)
+    limit = settings.max_payload_bytes
+    try:
+        async with store.transaction() as tx:
+            await tx.insert_instance(
+                instance_id="rolling-back",
+                workflow="gate-oldest",
+                params={"lane": "rb"},
+                trace_context=None,
+                concurrency_key="rb",
+                concurrency_limit=1,
+            )
+            await begin_rollback(tx, "rolling-back", "cancelled for a newer instance", payload_limit=limit)
+        async with store.transaction() as tx:
+            admission = await slots.admit(tx, "gate-oldest", "rb", 1, "cancel-oldest")
+    finally:
+        await store.close()
+    # Its slot frees when its compensations end; the newcomer waits for it, evicting no one.
+    assert (admission.status, admission.evict) == (InstanceStatus.QUEUED, False)
