@@ -41,14 +41,7 @@ async def begin_rollback(
     history = await tx.load_history(instance_id)
     if history is None or history.status.is_finished or history.is_rolling_back:
         return []
-    marker = NewStep(
-        key=ROLLBACK_KEY,
-        position=history.next_position,
-        kind=StepKind.ROLLBACK,
-        status=StepStatus.SUCCEEDED,
-        result={"status": "terminated", "reason": reason},
-    )
-    await tx.insert_steps(instance_id, [marker])
+    await tx.insert_steps(instance_id, [_marker(history, reason)])
     await tx.cancel_timers(instance_id)
     await tx.drop_limits(instance_id)
     await tx.update_instance(instance_id, status=InstanceStatus.RUNNING)
@@ -72,13 +65,7 @@ async def reopen_for_rollback(tx: Transaction, history: History) -> bool:
     if history.status != InstanceStatus.COMPLETE or history.is_rolling_back:
         return False
     parent = history.parent.instance_id if history.parent is not None else "?"
-    marker = NewStep(
-        key=ROLLBACK_KEY,
-        position=history.next_position,
-        kind=StepKind.ROLLBACK,
-        status=StepStatus.SUCCEEDED,
-        result={"status": "terminated", "reason": f"rolled back with its parent {parent!r}"},
-    )
+    marker = _marker(history, f"rolled back with its parent {parent!r}")
     await tx.insert_steps(history.instance_id, [marker])
     await tx.update_instance(history.instance_id, status=InstanceStatus.RUNNING)
     log.info(
@@ -86,3 +73,14 @@ async def reopen_for_rollback(tx: Transaction, history: History) -> bool:
         extra={"event": "rollback_begun", "instance_id": history.instance_id},
     )
     return True
+
+
+def _marker(history: History, reason: str) -> NewStep:
+    """The ``$rollback`` entry: the instance rolls back, and ends ``terminated`` with ``reason``."""
+    return NewStep(
+        key=ROLLBACK_KEY,
+        position=history.next_position,
+        kind=StepKind.ROLLBACK,
+        status=StepStatus.SUCCEEDED,
+        result={"status": "terminated", "reason": reason},
+    )

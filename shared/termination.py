@@ -38,7 +38,8 @@ async def terminate(
         raise InstanceNotFoundError(instance_id)
     if lock.status.is_finished:
         raise InvalidStateError(instance_id, "terminate", lock.status, "not yet finished")
-    limit = payload_limit
     if rollback and lock.status != InstanceStatus.QUEUED:
-        return await begin_rollback(tx, instance_id, REQUESTED, payload_limit=limit, detached=children)
-    return await slots.terminate(tx, instance_id, REQUESTED, payload_limit=limit, detached=children)
+        return await begin_rollback(
+            tx, instance_id, REQUESTED, payload_limit=payload_limit, detached=children
+        )
+    return await slots.terminate(tx, instance_id, REQUESTED, payload_limit=payload_limit, detached=children)

@@ -125,9 +125,7 @@ class Planner:
         new_steps = _new_steps(history, entries, {})
         if outcome.kind == "returned":
             status, output, error = self._ending(outcome)
-            started = [
-                self._child_message(history, entry) for entry in entries if entry.kind == StepKind.START
-            ]
+            started = self._detached_starts(history, entries)
             return Transition(new_steps, status, started + self.parent_wake(history.parent), output, error)
         messages = [
             self.step_message(history, entry.key, 1, detail=entry.detail)
@@ -410,8 +408,9 @@ def _new_steps(history: History, entries: list[NewEntry], matched: dict[StepKey,
     first = history.next_position
     parallel = [index for index, entry in enumerate(entries) if entry.kind == StepKind.STEP]
     batch = first + parallel[0] if len(parallel) > 1 else None
+    in_batch = set(parallel)
     return [
-        _new_step(entry, first + index, matched, batch=batch if index in parallel else None)
+        _new_step(entry, first + index, matched, batch=batch if index in in_batch else None)
         for index, entry in enumerate(entries)
     ]
 
