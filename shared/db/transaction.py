@@ -58,7 +58,13 @@ from stepline.shared.db.statements import (
     steps_insert,
 )
 from stepline.shared.history import History, ParentLink, StepKey
-from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
+from stepline.shared.states import (
+    FINISHED_STATUSES,
+    UNFINISHED_STATUSES,
+    InstanceStatus,
+    StepKind,
+    StepStatus,
+)
 
 
 class Transaction(
@@ -193,7 +199,7 @@ class Transaction(
         """
         conditions = [
             instances.c.parent_id == instance_id,
-            instances.c.status.not_in([status.value for status in FINISHED_STATUSES]),
+            instances.c.status.in_(UNFINISHED_STATUSES),
         ]
         if not detached:
             started_detached = sa.exists().where(
