@@ -40,8 +40,9 @@ TOO_MANY_CLIENTS = (
     "too many clients already",
     "too many connections for",
     "remaining connection slots are reserved",
+    "no more connections allowed",
 )
-"""PostgreSQL's (and PgBouncer's ``no more connections allowed``) words for a refused connection."""
+"""PostgreSQL's (the first three) and PgBouncer's (the last) words for a refused connection."""
 
 _HOST_LIST = re.compile(r"^(?P<scheme>[^:/]+://)(?P<userinfo>[^@/?]*@)?(?P<hosts>[^/?]*)(?P<rest>.*)$", re.S)
 
@@ -216,7 +217,7 @@ class BudgetedPool(AsyncAdaptedQueuePool):
 def is_too_many_clients(error: BaseException) -> bool:
     """Whether the server refused a connection because its connection slots are used up."""
     text = str(error).lower()
-    return any(words in text for words in TOO_MANY_CLIENTS) or "no more connections allowed" in text
+    return any(words in text for words in TOO_MANY_CLIENTS)
 
 
 def too_many_clients_hint(max_connections: int) -> str:
@@ -242,10 +243,17 @@ def _connect(max_connections: int, dialect: Any, _record: Any, cargs: Any, cpara
         raise psycopg.OperationalError(f"{cause} -- {too_many_clients_hint(max_connections)}") from exc
 
 
+def is_read_only(error: BaseException) -> bool:
+    """Whether the server refused a write because it is (or became) a standby.
+
+    A failover can leave a connection on a server that is a standby now: a
+    read-only error then means "find the primary", as a lost connection does.
+    """
+    return getattr(error, "sqlstate", None) == READ_ONLY_SQLSTATE
+
+
 def _read_only_is_a_disconnect(context: Any) -> None:
-    # A failover can leave a connection on a server that is a standby now: a
-    # read-only error then means "find the primary", as a lost connection does.
-    if getattr(context.original_exception, "sqlstate", None) == READ_ONLY_SQLSTATE:
+    if is_read_only(context.original_exception):
         context.is_disconnect = True
 
 

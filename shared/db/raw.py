@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
-from stepline.shared.db.engine import READ_ONLY_SQLSTATE
+from stepline.shared.db.engine import is_read_only
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ async def fetch_all(
         return await cursor.fetchall()
     except psycopg.Error as exc:
         # A read-only server is a standby now (a failover): the connection must go, as a lost one.
-        broken = driver.broken or driver.closed or exc.sqlstate == READ_ONLY_SQLSTATE
+        broken = driver.broken or driver.closed or is_read_only(exc)
         if broken:
             await conn.invalidate(exc)
         raise DBAPIError.instance(

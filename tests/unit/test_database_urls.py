@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
-from stepline.shared.db.engine import driver_url, is_too_many_clients, mask_url, uses_pgbouncer
+from stepline.shared.db.engine import driver_url, is_read_only, is_too_many_clients, mask_url, uses_pgbouncer
 from stepline.shared.errors import ConfigError
 from stepline.shared.settings import load_settings
 
@@ -78,3 +79,9 @@ def test_a_full_server_is_recognised_in_postgres_and_pgbouncer_words() -> None:
     assert is_too_many_clients(Exception('FATAL:  too many connections for database "x"'))
     assert is_too_many_clients(Exception("ERROR:  no more connections allowed (max_client_conn)"))
     assert not is_too_many_clients(Exception("connection refused"))
+
+
+def test_a_standby_refusing_a_write_is_recognised_by_its_sqlstate() -> None:
+    assert is_read_only(psycopg.errors.ReadOnlySqlTransaction("cannot execute UPDATE"))
+    assert not is_read_only(psycopg.errors.UniqueViolation("duplicate key"))
+    assert not is_read_only(Exception("read-only"))
