@@ -81,14 +81,17 @@ class RetryAfter(SteplineError):
         super().__init__(wait + (f": {message}" if message else ""))
 
     @classmethod
-    def from_header(cls, value: str, *, message: str = "") -> RetryAfter:
+    def from_header(cls, value: str | None, *, message: str = "") -> RetryAfter:
         """A ``RetryAfter`` from an HTTP ``Retry-After`` header: delay-seconds (``"120"``) or an HTTP date.
 
         Raises:
-            InvalidRetryAfterError: the header is neither (or a negative number).
+            InvalidRetryAfterError: the header is neither (or a negative number), or
+                missing (``None``, as ``headers.get("Retry-After")`` gives it).
         """
-        text = value.strip() if isinstance(value, str) else value
-        if isinstance(text, str) and text.isdigit():
+        if not isinstance(value, str):
+            raise InvalidRetryAfterError(value, "not a Retry-After header (seconds or an HTTP date)")
+        text = value.strip()
+        if text.isdigit():
             return cls(int(text), message=message)
         try:
             moment = parsedate_to_datetime(text)  # RFC 9110's IMF-fixdate, and the obsolete forms

@@ -72,12 +72,12 @@ class RetryPolicy:
         itself, uncapped; any other failure waits the policy's back-off.
         Whether a retry is left at all is ``allows_retry_after``'s to say.
         """
-        if isinstance(raised, RetryAfter):
-            if raised.until is not None:
-                return raised.until.astimezone(UTC)
-            if raised.delay is not None:
-                return raised.delay
-        return self.delay_after(attempt)
+        if not isinstance(raised, RetryAfter):
+            return self.delay_after(attempt)
+        if raised.until is not None:
+            return raised.until.astimezone(UTC)
+        assert raised.delay is not None  # RetryAfter() takes exactly one of the two
+        return raised.delay
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()

@@ -69,6 +69,8 @@ def test_an_http_retry_after_header_is_parsed(
             "not a Retry-After header (seconds or an HTTP date): 'soon'",
         ),
         (lambda: RetryAfter.from_header("-3"), "not a Retry-After header"),
+        (lambda: RetryAfter.from_header(None), "not a Retry-After header (seconds or an HTTP date): None"),
+        (lambda: RetryAfter.from_header(120), "not a Retry-After header"),  # type: ignore[arg-type]
     ],
 )
 def test_a_negative_or_unparsable_delay_is_refused_where_it_is_made(make: object, problem: str) -> None:
