@@ -22,7 +22,7 @@ export STEPLINE_DB_NAME STEPLINE_VHOST
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup services browser lint format typecheck test run run-stack chaos chaos-cluster chaos-failover bench clean distclean
+.PHONY: help setup services browser lint format typecheck test run run-stack chaos chaos-cluster chaos-failover bench bench-scaling clean distclean
 
 help: ## Show this help
 	@echo "stepline make targets:"
@@ -87,6 +87,14 @@ chaos-failover: setup services ## Failover run: FAILOVER_INSTANCES (300) chaos i
 bench: setup services ## Run the benchmarks (python -m benchmarks)
 	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \
 		$(PY) -m benchmarks
+
+# docs/scaling.md: the database work per step on a PostgreSQL cluster of its own (port
+# SCALING_PG_PORT, pg_stat_statements preloaded; the shared server is never reconfigured), then
+# what one classic, quorum and stream queue carries, on a vhost of its own. About 10 minutes.
+SCALING_PG_PORT ?= 6541
+bench-scaling: setup services ## docs/scaling.md's figures: database work per step (own PostgreSQL), one queue's rate
+	STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' $(PY) -m benchmarks.db_cost --port $(SCALING_PG_PORT)
+	STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' $(PY) -m benchmarks.queue_rate
 
 clean: ## Remove caches (.pytest_cache, .mypy_cache, .ruff_cache, __pycache__); keeps .venv
 	rm -rf .pytest_cache .mypy_cache .ruff_cache
