@@ -90,7 +90,7 @@ bench: setup services ## Run the benchmarks (python -m benchmarks)
 
 # docs/scaling.md: the database work per step on a PostgreSQL cluster of its own (port
 # SCALING_PG_PORT, pg_stat_statements preloaded; the shared server is never reconfigured), then
-# what one classic, quorum and stream queue carries, on a vhost of its own. About 10 minutes.
+# what one classic, quorum and stream queue carries, on a vhost of its own. About 15 minutes.
 SCALING_PG_PORT ?= 6541
 bench-scaling: setup services ## docs/scaling.md's figures: database work per step (own PostgreSQL), one queue's rate
 	STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' $(PY) -m benchmarks.db_cost --port $(SCALING_PG_PORT)

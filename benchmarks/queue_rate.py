@@ -9,10 +9,10 @@ outbox relay publishes), then consume them with manual acks (prefetch
 ``--prefetch``, one ack per message, as a worker acks), then both at once.
 Each queue is deleted when its type is done, then the vhost.
 
-The client is aio-pika in one Python process per side, the engine's own client:
-on a 2-core machine that shares its cores with the broker, the figures are what
-one worker process and one relay can push through one queue, a lower bound on
-the broker's own rate.
+The client is aio-pika, the engine's own, in this one Python process (a connection
+per side): on a 2-core machine that shares its cores with the broker, the figures
+are what one Python process pushes through one queue, a lower bound on the
+broker's own rate; "both" (publisher and consumer in the same event loop) most of all.
 """
 
 from __future__ import annotations
