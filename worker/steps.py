@@ -21,13 +21,14 @@ from stepline.shared.messages import StepMessage, WakeMessage, check_addressed
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import DEFAULT_POOL, pool_of, routing_key
 from stepline.worker.context import StepCall
-from stepline.worker.executor import StepExecutor, StepResult, StepSucceeded
+from stepline.worker.executor import StepAttemptFailed, StepExecutor, StepResult, StepSucceeded
 from stepline.worker.limits import StepLimiter
 from stepline.worker.plan import Planner, Transition
 from stepline.worker.replay.cache import ReplayCache, committed_history
 from stepline.worker.replay.engine import Outcome, Replay
 from stepline.worker.retry import DEFAULT_RETRY_POLICY
 from stepline.worker.step_info import RunningStep
+from stepline.worker.transactions import on_connection
 from stepline.worker.waits import report_settled
 from stepline.worker.workflow import Workflow
 
@@ -289,6 +290,8 @@ class StepRunner:
         call: StepCall,
     ) -> Committed:
         """Run the step's code once and commit the attempt (see ``_run``)."""
+        if call.in_transaction:
+            return await self._transact_and_commit(workflow, message, history, replay, call)
         key = _step_key(message)
         result = await self._attempt(workflow, history, message, call)
         values = replay.values  # recorded before the step ran: a newer replay keeps them
@@ -304,6 +307,47 @@ class StepRunner:
         if committed is None:  # the history moved on: the newer one is replayed under the lock
             return await self._commit_locked(workflow, message, result, history, replay, values, stale=True)
         return committed
+
+    async def _transact_and_commit(
+        self,
+        workflow: Workflow[Any, Any],
+        message: StepMessage,
+        history: History,
+        replay: Replay,
+        call: StepCall,
+    ) -> Committed:
+        """Run a ``ctx.transaction`` step on the commit's own connection; commit its writes with its result.
+
+        The step's code runs first, holding no lock on the instance; then, in the
+        same transaction, the attempt is fenced and committed under the lock as a
+        failure would be (``_commit_under_lock``). A failed attempt, or a fence that
+        refuses it (another attempt committed meanwhile, the instance finished),
+        rolls the code's writes back with everything else; a failure is then
+        recorded on its own, the usual way.
+        """
+        values = replay.values
+        try:
+            async with self._store.transaction() as tx:
+                result = await self._attempt(workflow, history, message, on_connection(call, tx.connection))
+                if not isinstance(result, StepSucceeded):
+                    raise _RolledBack(result)
+                rows = await self._commit_under_lock(tx, workflow, message, result, history, replay, values)
+                if rows is None:
+                    raise _RolledBack(None)
+        except _RolledBack as rolled_back:
+            if rolled_back.failure is None:
+                log.info(
+                    "transactional step refused at commit; its writes were rolled back",
+                    extra={
+                        "event": "transaction_refused",
+                        "instance_id": history.instance_id,
+                        "step": format_key(_step_key(message)),
+                        "attempt": message.attempt,
+                    },
+                )
+                return Committed([])
+            return await self._commit_locked(workflow, message, rolled_back.failure, history, replay, values)
+        return Committed(rows)
 
     async def _attempt(
         self, workflow: Workflow[Any, Any], history: History, message: StepMessage, call: StepCall
@@ -396,17 +440,34 @@ class StepRunner:
         (or ``stale`` says so already), the newer history is replayed instead.
         """
         async with self._store.transaction() as tx:
-            lock = await tx.lock_instance(history.instance_id)
-            if lock is None or lock.status.is_finished:
-                return Committed([])
-            if lock.version != history.version or stale:
-                # The history changed meanwhile (a parallel step committed, a pause):
-                # replay the newer one before planning what comes next.
-                return Committed(await self._commit_on_newer(tx, workflow, message, result, values))
-            key = _step_key(message)
-            return Committed(
-                await self._commit_attempt(tx, history, replay, key, message.attempt, result, resolved)
+            rows = await self._commit_under_lock(
+                tx, workflow, message, result, history, replay, values, resolved, stale=stale
             )
+        return Committed(rows or [])
+
+    async def _commit_under_lock(
+        self,
+        tx: Transaction,
+        workflow: Workflow[Any, Any],
+        message: StepMessage,
+        result: StepResult,
+        history: History,
+        replay: Replay,
+        values: dict[StepKey, JSON],
+        resolved: Outcome | None = None,
+        *,
+        stale: bool = False,
+    ) -> list[OutboxRow] | None:
+        """``_commit_locked`` in the caller's transaction; None if the fence refuses the attempt."""
+        lock = await tx.lock_instance(history.instance_id)
+        if lock is None or lock.status.is_finished:
+            return None
+        if lock.version != history.version or stale:
+            # The history changed meanwhile (a parallel step committed, a pause):
+            # replay the newer one before planning what comes next.
+            return await self._commit_on_newer(tx, workflow, message, result, values)
+        key = _step_key(message)
+        return await self._commit_attempt(tx, history, replay, key, message.attempt, result, resolved)
 
     async def _commit_on_newer(
         self,
@@ -415,13 +476,13 @@ class StepRunner:
         message: StepMessage,
         result: StepResult,
         values: dict[StepKey, JSON],
-    ) -> list[OutboxRow]:
-        """Under the lock: replay the newer history, then commit the attempt if it is still current."""
+    ) -> list[OutboxRow] | None:
+        """Under the lock: replay the newer history, then commit the attempt if still current (else None)."""
         key = _step_key(message)
         history = await tx.load_history(message.instance_id)
         assert history is not None
         if not is_current(history, key, message, running_in_paused=True):
-            return []
+            return None
         with self._planner.replay(workflow, history, carried_values=values) as replay:
             outcome = replay.start()
             if outcome.kind == "diverged" or key not in replay.calls:
@@ -547,6 +608,15 @@ class StepRunner:
             if lock is None or lock.status.is_finished:
                 return []
             return await self._planner.hold(tx, history, error)
+
+
+class _RolledBack(Exception):  # control flow inside StepRunner, never seen outside
+    """Leaves a transactional step's transaction so that it rolls back: its attempt failed, or was refused."""
+
+    def __init__(self, failure: StepAttemptFailed | None) -> None:
+        super().__init__()
+        self.failure = failure
+        """The failed attempt to record; None if the fence refused the attempt (nothing to record)."""
 
 
 def _ends_in_rollback(history: History, key: StepKey) -> bool:
