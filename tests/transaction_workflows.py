@@ -158,3 +158,18 @@ async def ends_its_transaction(ctx: Context, how: str) -> None:
 async def transaction_not_callable(ctx: Context, params: None) -> None:
     not_a_function: Any = "UPDATE accounts SET balance = 0"
     await ctx.transaction("wipe", not_a_function)
+
+
+async def slow_move(conn: AsyncConnection, amount: int) -> int:
+    """Writes, then outlasts the step's timeout on its first attempt (on PostgreSQL, in a query)."""
+    await _write_move(conn, amount)
+    if step_info().attempt == 1:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(sa.text("SELECT pg_sleep(60)"))
+        await asyncio.sleep(60)
+    return amount
+
+
+@workflow("slow-transfer")
+async def slow_transfer(ctx: Context, amount: int) -> int:
+    return await ctx.transaction("move", slow_move, amount, timeout="1s", retry=QUICK)

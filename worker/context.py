@@ -235,9 +235,8 @@ class Context:
             timeout=None if timeout is None else parse_duration(timeout),
             in_transaction=True,
         )
-        detail: dict[str, JSON] = {"transaction": True}
-        if call.timeout is not None:
-            detail["timeout_s"] = call.timeout.total_seconds()
+        # Recorded so that `stepline why` and the reconciler know how long an attempt may run.
+        detail = None if call.timeout is None else {"timeout_s": call.timeout.total_seconds()}
         future = self._replay.request(key, StepKind.STEP, call=call, detail=detail)
         return _convert(future, self._replay.workflow.result_adapter(fn))
 

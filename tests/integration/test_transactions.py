@@ -84,6 +84,21 @@ async def test_a_failed_attempt_rolls_back_its_writes_and_is_retried(
     assert failed.error is not None and "the ledger hung up after moving 40" in failed.error["message"]
 
 
+async def test_an_attempt_past_its_timeout_rolls_back_its_writes_and_is_retried(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    await fleet.start_worker()
+    fleet.start_scheduler()
+    instance_id = await producer.start("slow-transfer", 5)
+    info = await client.wait(instance_id, timeout=60)
+
+    assert (info.status, info.output) == ("complete", 5)
+    attempts = [(a.attempt, a.outcome) for a in await client.attempts(instance_id)]
+    assert attempts == [(1, "timed_out"), (2, "succeeded")]
+    assert await tw.balances(settings.database) == {"alice": 99995, "bob": 5}
+    assert await tw.ledger(settings.database, instance_id) == [("move", 5)]
+
+
 @pytest.mark.postgres_only(
     "on SQLite every use of the store takes its one writer lock, so a duplicate reads the "
     "committed history and never runs the code"
