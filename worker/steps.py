@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -320,7 +321,7 @@ class StepRunner:
 
         The step's code runs first, holding no lock on the instance; then, in the
         same transaction, the attempt is fenced and committed under the lock as a
-        failure would be (``_commit_under_lock``). A failed attempt, or a fence that
+        failure would be (``_commit_locked``). A failed attempt, or a fence that
         refuses it (another attempt committed meanwhile, the instance finished),
         rolls the code's writes back with everything else; a failure is then
         recorded on its own, the usual way.
@@ -331,23 +332,16 @@ class StepRunner:
                 result = await self._attempt(workflow, history, message, on_connection(call, tx.connection))
                 if not isinstance(result, StepSucceeded):
                     raise _RolledBack(result)
-                rows = await self._commit_under_lock(tx, workflow, message, result, history, replay, values)
-                if rows is None:
-                    raise _RolledBack(None)
+                committed = await self._commit_locked(
+                    workflow, message, result, history, replay, values, tx=tx
+                )
         except _RolledBack as rolled_back:
             if rolled_back.failure is None:
-                log.info(
-                    "transactional step refused at commit; its writes were rolled back",
-                    extra={
-                        "event": "transaction_refused",
-                        "instance_id": history.instance_id,
-                        "step": format_key(_step_key(message)),
-                        "attempt": message.attempt,
-                    },
-                )
+                text = "transactional step refused at commit; its writes were rolled back"
+                log.info(text, extra=_log_fields(message, "transaction_refused"))
                 return Committed([])
             return await self._commit_locked(workflow, message, rolled_back.failure, history, replay, values)
-        return Committed(rows)
+        return committed
 
     async def _attempt(
         self, workflow: Workflow[Any, Any], history: History, message: StepMessage, call: StepCall
@@ -432,42 +426,34 @@ class StepRunner:
         resolved: Outcome | None = None,
         *,
         stale: bool = False,
+        tx: Transaction | None = None,
     ) -> Committed:
         """Commit the attempt under the instance lock, on the newest history.
 
         ``replay`` stands on ``history``; ``resolved`` is what it already did with a
         success, if anything. If the instance is no longer at ``history``'s version
         (or ``stale`` says so already), the newer history is replayed instead.
+        In ``tx`` if given (a transactional step's), where an attempt the fence
+        refuses raises ``_RolledBack`` so that the step's own writes roll back too.
         """
-        async with self._store.transaction() as tx:
-            rows = await self._commit_under_lock(
-                tx, workflow, message, result, history, replay, values, resolved, stale=stale
-            )
-        return Committed(rows or [])
-
-    async def _commit_under_lock(
-        self,
-        tx: Transaction,
-        workflow: Workflow[Any, Any],
-        message: StepMessage,
-        result: StepResult,
-        history: History,
-        replay: Replay,
-        values: dict[StepKey, JSON],
-        resolved: Outcome | None = None,
-        *,
-        stale: bool = False,
-    ) -> list[OutboxRow] | None:
-        """``_commit_locked`` in the caller's transaction; None if the fence refuses the attempt."""
-        lock = await tx.lock_instance(history.instance_id)
-        if lock is None or lock.status.is_finished:
-            return None
-        if lock.version != history.version or stale:
-            # The history changed meanwhile (a parallel step committed, a pause):
-            # replay the newer one before planning what comes next.
-            return await self._commit_on_newer(tx, workflow, message, result, values)
-        key = _step_key(message)
-        return await self._commit_attempt(tx, history, replay, key, message.attempt, result, resolved)
+        given = contextlib.nullcontext(tx) if tx is not None else None
+        async with given or self._store.transaction() as locked:
+            lock = await locked.lock_instance(history.instance_id)
+            rows: list[OutboxRow] | None
+            if lock is None or lock.status.is_finished:
+                rows = None
+            elif lock.version != history.version or stale:
+                # The history changed meanwhile (a parallel step committed, a pause):
+                # replay the newer one before planning what comes next.
+                rows = await self._commit_on_newer(locked, workflow, message, result, values)
+            else:
+                key = _step_key(message)
+                rows = await self._commit_attempt(
+                    locked, history, replay, key, message.attempt, result, resolved
+                )
+            if rows is None and tx is not None:
+                raise _RolledBack(None)
+            return Committed(rows or [])
 
     async def _commit_on_newer(
         self,
@@ -691,10 +677,15 @@ def _log_stale(message: StepMessage, why: str) -> None:
     log.info(
         "stale or duplicate message dropped: %s",
         why,
-        extra={
-            "event": "stale_message",
-            "instance_id": message.instance_id,
-            "step": format_key((message.step, message.occurrence)),
-            "attempt": message.attempt,
-        },
+        extra=_log_fields(message, "stale_message"),
     )
+
+
+def _log_fields(message: StepMessage, event: str) -> dict[str, object]:
+    """A log record's ``event`` and the ids of the attempt ``message`` names."""
+    return {
+        "event": event,
+        "instance_id": message.instance_id,
+        "step": format_key(_step_key(message)),
+        "attempt": message.attempt,
+    }
