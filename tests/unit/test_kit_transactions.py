@@ -129,3 +129,22 @@ async def test_a_function_that_is_not_async_is_refused_naming_the_instance_and_s
         "instance 'plain-1' of workflow 'kit-not-async', step 'plain': ctx.transaction needs an async "
         "function called as fn(conn, *args), not function"
     )
+
+
+async def test_a_stub_of_a_transactional_step_gets_the_connection_too() -> None:
+    async def fake_move(conn: AsyncConnection, amount: int) -> int:
+        await conn.execute(sa.text("UPDATE accounts SET balance = balance + 1 WHERE name = 'bob'"))
+        return -amount
+
+    CALLS.clear()
+    environment = WorkflowEnvironment(stubs={"move": fake_move})
+    try:
+        async with environment.connection() as conn:
+            await conn.execute(sa.text("CREATE TABLE accounts (name TEXT PRIMARY KEY, balance INTEGER)"))
+            await conn.execute(sa.text("INSERT INTO accounts VALUES ('alice', 100), ('bob', 0)"))
+        run = await environment.start(kit_transfer, [10, 20])
+        assert (run.status, run.output) == ("complete", [-10, -20])
+        assert await balances(environment) == {"alice": 100, "bob": 2}
+        assert CALLS["move"] == 0
+    finally:
+        environment.close()
