@@ -9,7 +9,9 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any, assert_type
 
+import sqlalchemy as sa
 from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stepline import Client, InstanceInfo, Producer
 from stepline.worker import Context, RetryPolicy, Workflow, step_info, workflow
@@ -41,6 +43,14 @@ async def reserve(sku: str, qty: int) -> Stock:
 def price(qty: int, unit_cents: int) -> int:
     """A typed sync step (run in a thread)."""
     return qty * unit_cents
+
+
+async def record_sale(conn: AsyncConnection, sku: str, cents: int) -> int:
+    """A typed transactional step: the engine's connection, then its arguments."""
+    await conn.execute(
+        sa.text("INSERT INTO sales (sku, cents) VALUES (:sku, :cents)"), {"sku": sku, "cents": cents}
+    )
+    return cents
 
 
 async def release(sku: str, qty: int, stock: Stock) -> None:
@@ -79,6 +89,8 @@ async def order_fulfilment(ctx: Context, params: Order) -> Receipt:
     assert_type(audit_id, str)
     total = await ctx.step("price", price, stock.reserved, 250)
     assert_type(total, int)
+    sold = await ctx.transaction("record-sale", record_sale, stock.sku, total, retry=RetryPolicy(limit=3))
+    assert_type(sold, int)
     await ctx.sleep("cool-off", "10s")
     await ctx.sleep_until("tomorrow", datetime(2030, 1, 1, tzinfo=UTC))
     email_id, invoice_id = await asyncio.gather(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random as _random
 import sys
 import uuid as _uuid
@@ -25,6 +26,8 @@ from stepline.shared.topology import DEFAULT_POOL, check_pool_name
 from stepline.worker.retry import RetryPolicy
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
     from stepline.worker.replay.engine import Replay
     from stepline.worker.workflow import Workflow
 
@@ -53,6 +56,8 @@ class StepCall:
     """What undoes the step once committed: called with its arguments and then its result."""
     compensate_retry: RetryPolicy | None = None
     """The retry policy of the compensation (default: ``RetryPolicy()``)."""
+    in_transaction: bool = False
+    """A ``ctx.transaction`` step: ``fn(conn, *args)`` runs in the transaction that commits it."""
 
 
 class Context:
@@ -184,6 +189,55 @@ class Context:
             compensate_retry=compensate_retry,
         )
         future = self._replay.request(key, StepKind.STEP, call=call, detail=detail or None)
+        return _convert(future, self._replay.workflow.result_adapter(fn))
+
+    def transaction(
+        self,
+        name: str,
+        fn: Callable[[AsyncConnection, Unpack[Ts]], Coroutine[Any, Any, T]],
+        /,
+        *args: *Ts,
+        retry: RetryPolicy | None = None,
+        timeout: Duration | None = None,
+    ) -> Awaitable[T]:
+        """Run ``await fn(conn, *args)`` as the step ``name``, inside the transaction that commits it.
+
+        ``conn`` is the engine's own SQLAlchemy ``AsyncConnection`` (on the embedded
+        store, its SQLite connection), in the transaction that also records the
+        step's result: what ``fn`` writes to tables of that database commits
+        together with the step, exactly once. ``fn`` must not commit, roll back, or
+        hold the transaction long (see docs/authoring.md). A failure of ``fn`` rolls
+        back its writes and counts as a failed attempt (``retry`` applies); once
+        committed, replays return the stored result and ``fn`` is not called again.
+
+        Args:
+            name: the step's name; calling the same name again makes a new step.
+            fn: an ``async def`` function taking the connection, then ``args``.
+            retry: the retry policy (default: ``RetryPolicy()``).
+            timeout: the longest an attempt (and so the transaction) may run.
+
+        Raises:
+            WorkflowDefinitionError: ``fn`` is not an async function, naming the instance and step.
+        """
+        key = self._next_key(name)
+        if not _is_async_callable(fn):
+            raise WorkflowDefinitionError(
+                f"instance {self.instance_id!r} of workflow {self.workflow!r}, step {format_key(key)!r}: "
+                "ctx.transaction needs an async function called as fn(conn, *args), "
+                f"not {type(fn).__name__} {fn!r}"
+            )
+        call = StepCall(
+            key=key,
+            fn=fn,
+            args=args,
+            kwargs={},
+            retry=retry,
+            timeout=None if timeout is None else parse_duration(timeout),
+            in_transaction=True,
+        )
+        # Recorded so that `stepline why` and the reconciler know how long an attempt may run.
+        detail = None if call.timeout is None else {"timeout_s": call.timeout.total_seconds()}
+        future = self._replay.request(key, StepKind.STEP, call=call, detail=detail)
         return _convert(future, self._replay.workflow.result_adapter(fn))
 
     def _check_compensation(self, key: StepKey, compensate: object, retry: object) -> None:
@@ -431,6 +485,13 @@ class Context:
     def uuid(self) -> _uuid.UUID:
         """A random UUID, recorded the first time and replayed after."""
         return _uuid.UUID(self._replay.value("$uuid", lambda: str(_uuid.uuid4())))
+
+
+def _is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` makes a coroutine (``async def``, or an object whose ``__call__`` is)."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    return callable(fn) and inspect.iscoroutinefunction(type(fn).__call__)
 
 
 async def _convert(future: Awaitable[Any], adapter: TypeAdapter[Any]) -> Any:

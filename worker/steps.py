@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,13 +22,14 @@ from stepline.shared.messages import StepMessage, WakeMessage, check_addressed
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import DEFAULT_POOL, pool_of, routing_key
 from stepline.worker.context import StepCall
-from stepline.worker.executor import StepExecutor, StepResult, StepSucceeded
+from stepline.worker.executor import StepAttemptFailed, StepExecutor, StepResult, StepSucceeded
 from stepline.worker.limits import StepLimiter
 from stepline.worker.plan import Planner, Transition
 from stepline.worker.replay.cache import ReplayCache, committed_history
 from stepline.worker.replay.engine import Outcome, Replay
 from stepline.worker.retry import DEFAULT_RETRY_POLICY
 from stepline.worker.step_info import RunningStep
+from stepline.worker.transactions import on_connection
 from stepline.worker.waits import report_settled
 from stepline.worker.workflow import Workflow
 
@@ -289,6 +291,8 @@ class StepRunner:
         call: StepCall,
     ) -> Committed:
         """Run the step's code once and commit the attempt (see ``_run``)."""
+        if call.in_transaction:
+            return await self._transact_and_commit(workflow, message, history, replay, call)
         key = _step_key(message)
         result = await self._attempt(workflow, history, message, call)
         values = replay.values  # recorded before the step ran: a newer replay keeps them
@@ -303,6 +307,40 @@ class StepRunner:
         )
         if committed is None:  # the history moved on: the newer one is replayed under the lock
             return await self._commit_locked(workflow, message, result, history, replay, values, stale=True)
+        return committed
+
+    async def _transact_and_commit(
+        self,
+        workflow: Workflow[Any, Any],
+        message: StepMessage,
+        history: History,
+        replay: Replay,
+        call: StepCall,
+    ) -> Committed:
+        """Run a ``ctx.transaction`` step on the commit's own connection; commit its writes with its result.
+
+        The step's code runs first, holding no lock on the instance; then, in the
+        same transaction, the attempt is fenced and committed under the lock as a
+        failure would be (``_commit_locked``). A failed attempt, or a fence that
+        refuses it (another attempt committed meanwhile, the instance finished),
+        rolls the code's writes back with everything else; a failure is then
+        recorded on its own, the usual way.
+        """
+        values = replay.values
+        try:
+            async with self._store.transaction() as tx:
+                result = await self._attempt(workflow, history, message, on_connection(call, tx.connection))
+                if not isinstance(result, StepSucceeded):
+                    raise _RolledBack(result)
+                committed = await self._commit_locked(
+                    workflow, message, result, history, replay, values, tx=tx
+                )
+        except _RolledBack as rolled_back:
+            if rolled_back.failure is None:
+                text = "transactional step refused at commit; its writes were rolled back"
+                log.info(text, extra=_log_fields(message, "transaction_refused"))
+                return Committed([])
+            return await self._commit_locked(workflow, message, rolled_back.failure, history, replay, values)
         return committed
 
     async def _attempt(
@@ -388,25 +426,34 @@ class StepRunner:
         resolved: Outcome | None = None,
         *,
         stale: bool = False,
+        tx: Transaction | None = None,
     ) -> Committed:
         """Commit the attempt under the instance lock, on the newest history.
 
         ``replay`` stands on ``history``; ``resolved`` is what it already did with a
         success, if anything. If the instance is no longer at ``history``'s version
         (or ``stale`` says so already), the newer history is replayed instead.
+        In ``tx`` if given (a transactional step's), where an attempt the fence
+        refuses raises ``_RolledBack`` so that the step's own writes roll back too.
         """
-        async with self._store.transaction() as tx:
-            lock = await tx.lock_instance(history.instance_id)
+        given = contextlib.nullcontext(tx) if tx is not None else None
+        async with given or self._store.transaction() as locked:
+            lock = await locked.lock_instance(history.instance_id)
+            rows: list[OutboxRow] | None
             if lock is None or lock.status.is_finished:
-                return Committed([])
-            if lock.version != history.version or stale:
+                rows = None
+            elif lock.version != history.version or stale:
                 # The history changed meanwhile (a parallel step committed, a pause):
                 # replay the newer one before planning what comes next.
-                return Committed(await self._commit_on_newer(tx, workflow, message, result, values))
-            key = _step_key(message)
-            return Committed(
-                await self._commit_attempt(tx, history, replay, key, message.attempt, result, resolved)
-            )
+                rows = await self._commit_on_newer(locked, workflow, message, result, values)
+            else:
+                key = _step_key(message)
+                rows = await self._commit_attempt(
+                    locked, history, replay, key, message.attempt, result, resolved
+                )
+            if rows is None and tx is not None:
+                raise _RolledBack(None)
+            return Committed(rows or [])
 
     async def _commit_on_newer(
         self,
@@ -415,13 +462,13 @@ class StepRunner:
         message: StepMessage,
         result: StepResult,
         values: dict[StepKey, JSON],
-    ) -> list[OutboxRow]:
-        """Under the lock: replay the newer history, then commit the attempt if it is still current."""
+    ) -> list[OutboxRow] | None:
+        """Under the lock: replay the newer history, then commit the attempt if still current (else None)."""
         key = _step_key(message)
         history = await tx.load_history(message.instance_id)
         assert history is not None
         if not is_current(history, key, message, running_in_paused=True):
-            return []
+            return None
         with self._planner.replay(workflow, history, carried_values=values) as replay:
             outcome = replay.start()
             if outcome.kind == "diverged" or key not in replay.calls:
@@ -549,6 +596,15 @@ class StepRunner:
             return await self._planner.hold(tx, history, error)
 
 
+class _RolledBack(Exception):  # control flow inside StepRunner, never seen outside
+    """Leaves a transactional step's transaction so that it rolls back: its attempt failed, or was refused."""
+
+    def __init__(self, failure: StepAttemptFailed | None) -> None:
+        super().__init__()
+        self.failure = failure
+        """The failed attempt to record; None if the fence refused the attempt (nothing to record)."""
+
+
 def _ends_in_rollback(history: History, key: StepKey) -> bool:
     """A step of a rolling-back instance gets no more attempts; its compensations do."""
     return history.is_rolling_back and not is_undo(key)
@@ -621,10 +677,15 @@ def _log_stale(message: StepMessage, why: str) -> None:
     log.info(
         "stale or duplicate message dropped: %s",
         why,
-        extra={
-            "event": "stale_message",
-            "instance_id": message.instance_id,
-            "step": format_key((message.step, message.occurrence)),
-            "attempt": message.attempt,
-        },
+        extra=_log_fields(message, "stale_message"),
     )
+
+
+def _log_fields(message: StepMessage, event: str) -> dict[str, object]:
+    """A log record's ``event`` and the ids of the attempt ``message`` names."""
+    return {
+        "event": event,
+        "instance_id": message.instance_id,
+        "step": format_key(_step_key(message)),
+        "attempt": message.attempt,
+    }

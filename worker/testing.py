@@ -34,6 +34,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from stepline.shared import codec, termination
 from stepline.shared.broker import Delivery
 from stepline.shared.codec import JSON
@@ -394,6 +396,16 @@ class WorkflowEnvironment:
             await self._run_until(None)
         self.now = max(self.now, end)
         return [self.run(instance_id) for instance_id in started]
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection]:
+        """A connection to the environment's database, in a transaction committed when the block ends.
+
+        The database ``ctx.transaction`` steps write to: create the tables they
+        use before starting a run, and read what they wrote after.
+        """
+        async with self._session() as session, session.store.transaction() as tx:
+            yield tx.connection
 
     def run(self, instance_id: str) -> WorkflowRun:
         """The run of an instance this environment started (a child's too)."""

@@ -63,6 +63,15 @@ BAD_USAGE = textwrap.dedent(
         await ctx.step("z", typed_async_step, 1, 2)  # line 20
         result = await ctx.step("ok", typed_async_step, 3)
         assert_type(result, list[str])  # line 22
+        await ctx.transaction("t", typed_transaction, "not-an-int")  # line 23
+        await ctx.transaction("u", typed_async_step, 3)  # line 24: no connection parameter
+
+
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+
+    async def typed_transaction(conn: AsyncConnection, count: int) -> int:
+        return count
     """
 )
 
@@ -79,6 +88,6 @@ def test_wrong_step_arguments_are_type_errors(tmp_path: Path) -> None:
         for line in result.stdout.splitlines()
         if Path(line.split(":")[0]).name == bad.name and ": error:" in line
     }
-    assert flagged == {18, 19, 20, 22}, output
+    assert flagged == {18, 19, 20, 22, 23, 24}, output
     assert "ModuleNotFoundError" not in output
     assert 'Cannot find implementation or library stub for module named "worker"' not in output
