@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from stepline.shared import faults
 from stepline.shared.codec import JSON
 from stepline.shared.db.limits import TICKET
 from stepline.shared.db.records import InstanceLock, NewTimer, OutboxRow, SucceededAttempt
@@ -315,6 +316,7 @@ class StepRunner:
             lease = await self._take_lease(history, message, call.heartbeat_timeout)
             if lease is None:
                 return Committed([])  # another worker runs the attempt, or it is over: its lease moves it
+            faults.crash_here(faults.CRASH_AFTER_LEASE)
             if settle is not None:
                 await settle()
         result = await self._attempt(workflow, history, message, call, lease)
