@@ -23,7 +23,7 @@ async def test_a_long_step_whose_worker_dies_is_retried_from_its_last_heartbeat(
     workflows: dict[str, object],
 ) -> None:
     process_fleet.start("scheduler", "stepline-scheduler")
-    process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w1")
+    _start_worker(process_fleet, "w1")
     await until_consuming(settings, workflows)
     instance_id = await producer.start("long-crunch", 6)
 
@@ -36,7 +36,7 @@ async def test_a_long_step_whose_worker_dies_is_retried_from_its_last_heartbeat(
 
     # Attempt 1 checkpointed chunk 3 and hangs there, its delivery long settled; then its worker dies.
     await eventually(checkpoint, check=lambda beat: str(beat) == "3", timeout=60, what="the third heartbeat")
-    process_fleet.start("w2", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w2")
+    _start_worker(process_fleet, "w2")
     process_fleet.kill("w1")
 
     info = await client.wait(instance_id, timeout=90)
@@ -65,15 +65,7 @@ async def test_a_worker_killed_between_writing_the_lease_and_settling_the_messag
 ) -> None:
     process_fleet.start("scheduler", "stepline-scheduler")
     # w1 dies as SIGKILL would, right after a long step's lease is committed and before its ack.
-    doomed = process_fleet.start(
-        "w1",
-        "stepline-worker",
-        "--workflows",
-        "tests.workflows",
-        "--worker-id",
-        "w1",
-        env={"STEPLINE_FAULTS": "crash_after_lease=1"},
-    )
+    doomed = _start_worker(process_fleet, "w1", STEPLINE_FAULTS="crash_after_lease=1")
     await until_consuming(settings, workflows)
     instance_id = await producer.start("long-crunch", 2)
     await eventually(lambda: _exited(doomed), check=bool, timeout=60, what="w1 to crash at the fault point")
@@ -83,7 +75,7 @@ async def test_a_worker_killed_between_writing_the_lease_and_settling_the_messag
         instance_id,
     )
     assert armed == 1  # the lease was written; the message was never acked
-    process_fleet.start("w2", "stepline-worker", "--workflows", "tests.workflows", "--worker-id", "w2")
+    _start_worker(process_fleet, "w2")
 
     # Usually the redelivered message finds the lease held and is dropped, and the lease lapses
     # and drives a retry. Had the lease lapsed before w2 took the message, attempt 1 would take
@@ -99,6 +91,13 @@ async def test_a_worker_killed_between_writing_the_lease_and_settling_the_messag
     assert (
         await db.scalar(settings.database, "SELECT count(*) FROM timers WHERE instance_id = %s", instance_id)
         == 0
+    )
+
+
+def _start_worker(fleet: ProcessFleet, name: str, **env: str) -> subprocess.Popen[bytes]:
+    """A worker process of the test workflows, with ``name`` as its worker id (and ``env``)."""
+    return fleet.start(
+        name, "stepline-worker", "--workflows", "tests.workflows", "--worker-id", name, env=env
     )
 
 
