@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from stepline.shared.db.inspect import Snapshot
+from stepline.shared.db.lease_statements import LEASE
 from stepline.shared.history import format_key, is_undo
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import pool_of
@@ -285,7 +286,30 @@ def _step_wait(snap: Snapshot, step: Row, limits: Limits) -> Wait:
             due_at=timer["fire_at"],
             mover="the retry timer",
         )
+    lease = _timer(snap, step, (LEASE,))
+    if lease is not None:
+        return _leased_step(snap, step, key, lease)
     return _running_step(snap, step, key, detail, limits)
+
+
+def _leased_step(snap: Snapshot, step: Row, key: str, lease: Row) -> Wait:
+    """A long step's attempt, held by its lease: alive while heartbeats renew it; its lapse retries it."""
+    beat = step.get("heartbeat_at")
+    last = f", last heartbeat at {stamp(beat)} ({human(snap.now - beat)} ago)" if beat is not None else ""
+    text = (
+        f"step `{key}` attempt {lease['attempt']} runs on a lease renewed by its heartbeats{last}; "
+        f"it lapses at {stamp(lease['fire_at'])} ({_until(snap.now, lease['fire_at'])}) unless renewed, "
+        "and the attempt then times out"
+    )
+    return Wait(
+        "step",
+        text,
+        True,
+        step=key,
+        since=step["updated_at"],
+        due_at=lease["fire_at"],
+        mover="its worker's heartbeats, or its lease once they stop",
+    )
 
 
 def _running_step(snap: Snapshot, step: Row, key: str, detail: dict[str, Any], limits: Limits) -> Wait:

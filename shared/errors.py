@@ -175,6 +175,22 @@ class StepTimeoutError(SteplineError):
         self.timeout_s = timeout_s
 
 
+class HeartbeatTimeoutError(SteplineError):
+    """A long step's attempt sent no heartbeat within its ``heartbeat_timeout``: its lease lapsed.
+
+    Its worker died or stalled (or could not reach the database). It counts as
+    a failed, retryable attempt; the next one reads the last heartbeat's details.
+    """
+
+    def __init__(self, step: str, heartbeat_timeout_s: float) -> None:
+        super().__init__(
+            f"step {step!r} sent no heartbeat within its heartbeat_timeout of {heartbeat_timeout_s:g}s: "
+            "its lease lapsed (the worker running it stopped, or stalled)"
+        )
+        self.step = step
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+
+
 class InstanceNotFoundError(SteplineError):
     """No instance has the given id."""
 

@@ -17,6 +17,8 @@ log = logging.getLogger("stepline.faults")
 
 CRASH_AFTER_COMMIT = "crash_after_commit"
 DUPLICATE_PUBLISH = "duplicate_publish"
+CRASH_AFTER_LEASE = "crash_after_lease"
+"""A long step's lease is written, its delivery not yet settled (``StepRunner``)."""
 
 
 def _parse(text: str) -> dict[str, float]:

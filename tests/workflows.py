@@ -585,3 +585,64 @@ def _broken_key(params: Lane) -> str:
 async def broken_key(ctx: Context, params: Lane) -> str:
     """A key function that raises (lane "raise") or returns an int (lane "int")."""
     return params.lane
+
+
+# ---------------------------------------------------------------- long steps (heartbeats)
+
+
+async def crunch(chunks: int) -> dict[str, int]:
+    """Works chunk by chunk, checkpointed by heartbeats; attempt 1 hangs after chunk 3 (its worker dies)."""
+    info = step_info()
+    start = int(info.last_heartbeat or 0)
+    await record(f"from {start}")
+    for done in range(start + 1, chunks + 1):
+        await asyncio.sleep(0.05)
+        info.heartbeat(done)
+        if info.attempt == 1 and done == 3:
+            await asyncio.sleep(3600)
+    return {"chunks": chunks, "resumed_from": start, "attempt": info.attempt}
+
+
+@workflow("long-crunch")
+async def long_crunch(ctx: Context, chunks: int) -> dict[str, int]:
+    # A timeout far past the 25 minutes a step holding its message may ask for.
+    return await ctx.step(
+        "crunch", crunch, chunks, timeout="2 hours", heartbeat_timeout="2s", retry=FAST_RETRY
+    )
+
+
+async def outlived() -> str:
+    """Attempt 1 runs on until attempt 2 has started (its lease was taken over), then returns a result."""
+    info = step_info()
+    await record()
+    if info.attempt == 1:
+        await _until_runs(info.instance_id, "outlived", 2)
+        await record("stale attempt returns")
+    else:
+        await _until_runs(info.instance_id, "outlived", 3)
+    return f"attempt {info.attempt}"
+
+
+async def _until_runs(instance_id: str, step: str, count: int) -> None:
+    for _ in range(1200):  # a minute at most
+        if await _runs_of(instance_id, step) >= count:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _runs_of(instance_id: str, step: str) -> int:
+    url = os.environ.get(SIDE_EFFECTS_URL) or os.environ["STEPLINE_DATABASE_URL"]
+    query = "SELECT count(*) FROM side_effects WHERE instance_id = %s AND step = %s"
+    if is_sqlite(url):
+        async with aiosqlite.connect(sqlite_path(url), timeout=30) as lite:
+            cursor = await lite.execute(query.replace("%s", "?"), (instance_id, step))
+            found = await cursor.fetchone()
+            return int(found[0]) if found else 0
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        row = await (await conn.execute(query, (instance_id, step))).fetchone()
+    return int(row[0]) if row else 0
+
+
+@workflow("lease-takeover")
+async def lease_takeover(ctx: Context, params: None) -> str:
+    return await ctx.step("outlived", outlived, heartbeat_timeout="60s", retry=FAST_RETRY)

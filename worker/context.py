@@ -23,6 +23,7 @@ from stepline.shared.limits import StepLimit, check_limits
 from stepline.shared.messages import check_instance_id, check_workflow_name
 from stepline.shared.states import StepKind
 from stepline.shared.topology import DEFAULT_POOL, check_pool_name
+from stepline.worker.heartbeats import MIN_HEARTBEAT_TIMEOUT
 from stepline.worker.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class StepCall:
     """The retry policy of the compensation (default: ``RetryPolicy()``)."""
     in_transaction: bool = False
     """A ``ctx.transaction`` step: ``fn(conn, *args)`` runs in the transaction that commits it."""
+    heartbeat_timeout: timedelta | None = None
+    """A long step's: its attempts run on a lease that lapses after this long without a heartbeat."""
 
 
 class Context:
@@ -102,6 +105,7 @@ class Context:
         limits: Sequence[StepLimit] = (),
         compensate: Callable[..., Any] | None = None,
         compensate_retry: RetryPolicy | None = None,
+        heartbeat_timeout: Duration | None = None,
         **kwargs: Any,
     ) -> Awaitable[T]: ...
 
@@ -118,6 +122,7 @@ class Context:
         limits: Sequence[StepLimit] = (),
         compensate: Callable[..., Any] | None = None,
         compensate_retry: RetryPolicy | None = None,
+        heartbeat_timeout: Duration | None = None,
         **kwargs: Any,
     ) -> Awaitable[T]: ...
 
@@ -133,6 +138,7 @@ class Context:
         limits: Sequence[StepLimit] = (),
         compensate: Callable[..., Any] | None = None,
         compensate_retry: RetryPolicy | None = None,
+        heartbeat_timeout: Duration | None = None,
         **kwargs: Any,
     ) -> Awaitable[Any]:
         """Run ``fn(*args, **kwargs)`` as the step ``name`` and return its result.
@@ -158,11 +164,19 @@ class Context:
                 or is terminated with ``rollback=True``, ``compensate(*args, result, **kwargs)``
                 runs as a durable step of its own, newest step first (see docs/authoring.md).
             compensate_retry: the compensation's retry policy (default: ``RetryPolicy()``).
+            heartbeat_timeout: makes it a long step, which may run for hours: each attempt
+                holds a lease in the database instead of its message, renewed while its code
+                runs and by ``step_info().heartbeat(details)``; an attempt whose heartbeats
+                stop this long (its worker died) fails as timed out and is retried by
+                ``retry``, and the next attempt reads ``step_info().last_heartbeat``
+                (see docs/authoring.md). At least one second. ``timeout`` still bounds
+                each attempt, and may then exceed the worker's ``max_step_timeout``.
 
         Raises:
             WorkflowDefinitionError: ``pool`` is not a valid pool name, ``limits`` is not a list
                 of limits, or names one key twice; ``compensate`` is not callable, or
-                ``compensate_retry`` is not a ``RetryPolicy``.
+                ``compensate_retry`` is not a ``RetryPolicy``; ``heartbeat_timeout`` is under
+                a second.
         """
         key = self._next_key(name)
         self._check_compensation(key, compensate, compensate_retry)
@@ -177,6 +191,10 @@ class Context:
         if time_limit is not None:
             # Recorded so that `stepline why` and the reconciler know how long an attempt may run.
             detail["timeout_s"] = time_limit.total_seconds()
+        lease = self._heartbeat_timeout(key, heartbeat_timeout)
+        if lease is not None:
+            # Recorded so that `stepline why`, and whoever ends a lapsed lease, know it.
+            detail["heartbeat_timeout_s"] = lease.total_seconds()
         call = StepCall(
             key=key,
             fn=fn,
@@ -187,6 +205,7 @@ class Context:
             limits=checked,
             compensate=compensate,
             compensate_retry=compensate_retry,
+            heartbeat_timeout=lease,
         )
         future = self._replay.request(key, StepKind.STEP, call=call, detail=detail or None)
         return _convert(future, self._replay.workflow.result_adapter(fn))
@@ -239,6 +258,18 @@ class Context:
         detail = None if call.timeout is None else {"timeout_s": call.timeout.total_seconds()}
         future = self._replay.request(key, StepKind.STEP, call=call, detail=detail)
         return _convert(future, self._replay.workflow.result_adapter(fn))
+
+    def _heartbeat_timeout(self, key: StepKey, value: Duration | None) -> timedelta | None:
+        """A long step's heartbeat timeout, refused under ``MIN_HEARTBEAT_TIMEOUT`` with the step named."""
+        if value is None:
+            return None
+        timeout = parse_duration(value)
+        if timeout < MIN_HEARTBEAT_TIMEOUT:
+            raise WorkflowDefinitionError(
+                f"workflow {self.workflow!r}, step {format_key(key)!r}: heartbeat_timeout= must be "
+                f"at least {MIN_HEARTBEAT_TIMEOUT.total_seconds():g}s, not {timeout.total_seconds():g}s"
+            )
+        return timeout
 
     def _check_compensation(self, key: StepKey, compensate: object, retry: object) -> None:
         """Refuse a compensation that cannot run, naming the workflow and the step."""

@@ -13,7 +13,12 @@ from typing import Any
 
 from stepline.shared import codec
 from stepline.shared.codec import JSON
-from stepline.shared.errors import NonRetryableError, PayloadTooLargeError, StepTimeoutError
+from stepline.shared.errors import (
+    HeartbeatTimeoutError,
+    NonRetryableError,
+    PayloadTooLargeError,
+    StepTimeoutError,
+)
 from stepline.shared.failures import failure_record
 from stepline.shared.history import format_key
 from stepline.shared.retry_after import InvalidRetryAfterError
@@ -70,19 +75,25 @@ class StepExecutor:
         name = format_key(call.key)
         timeout = call.timeout or self._default_timeout
         started_at = datetime.now(UTC)
-        if timeout > self._max_timeout:
-            # A delivery held past RabbitMQ's consumer_timeout closes the whole channel.
+        if timeout > self._max_timeout and call.heartbeat_timeout is None:
+            # A delivery held past RabbitMQ's consumer_timeout closes the whole channel; a long
+            # step's delivery is settled when it starts (its lease stands for it instead).
             refused = NonRetryableError(
                 f"step {name!r} asks for a timeout of {timeout}, over this worker's limit of "
                 f"{self._max_timeout} (STEPLINE_WORKER__MAX_STEP_TIMEOUT, kept below RabbitMQ's "
-                "consumer_timeout); split the step or raise both limits"
+                "consumer_timeout); give it a heartbeat_timeout to run longer, or split it"
             )
             return self._failed(refused, False, "failed", started_at)
         token = set_step_info(info)
         deadline = asyncio.timeout(timeout.total_seconds())
         try:
             async with deadline:
-                value = await self._invoke(call)
+                if info.lease is None:
+                    value = await self._invoke(call)
+                else:
+                    value = await info.lease.guard(self._invoke(call))
+        except HeartbeatTimeoutError as lost:  # its lease lapsed meanwhile; its code was stopped
+            return self._failed(lost, True, "timed_out", started_at)
         except TimeoutError as raised:
             # Only our deadline makes a step timeout: step code may raise TimeoutError itself.
             if not deadline.expired():

@@ -41,7 +41,7 @@ from stepline.shared.messages import (
 from stepline.shared.outbox import OutboxRelay
 from stepline.shared.retrying import Outage
 from stepline.shared.rollback import ROLLBACK_WITH_PARENT
-from stepline.shared.states import InstanceStatus
+from stepline.shared.states import InstanceStatus, StepKind
 from stepline.worker import waits
 from stepline.worker.concurrency import Concurrency
 from stepline.worker.executor import StepExecutor
@@ -138,6 +138,7 @@ class MessageHandler:
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery to the end: acked, dead-lettered, or given back."""
+        delivery = _settled_once(delivery)
         try:
             committed = await self._dispatch(delivery)
         except BadPayloadError as exc:
@@ -228,7 +229,7 @@ class MessageHandler:
         if isinstance(message, StartMessage):
             return await self._start(workflow, message, delivery.headers)
         if isinstance(message, StepMessage):
-            return await self._steps.run(workflow, message)
+            return await self._steps.run(workflow, message, settle=delivery.ack)
         if isinstance(message, WakeMessage):
             woken = await self._steps.wake_sleep(workflow, message)
             if woken is not None:
@@ -253,6 +254,8 @@ class MessageHandler:
                 return await waits.roll_back_with_parent(tx, self._planner, workflow, history, message.parent)
             if history.status.is_finished:
                 return []
+            if isinstance(message, WakeMessage) and _is_step(history, message):
+                return await self._steps.end_lapsed(tx, workflow, history, message)
             if isinstance(message, WakeMessage):
                 return await waits.settle_wake(
                     tx, self._planner, workflow, history, (message.step, message.occurrence)
@@ -426,6 +429,30 @@ class MessageHandler:
         if existing is not None and InstanceStatus(existing.status).is_finished:
             return await tx.insert_outbox(self._planner.parent_wake(parent))
         return []
+
+
+def _settled_once(delivery: Delivery) -> Delivery:
+    """The delivery, acked or given back at most once.
+
+    A long step acks its delivery once its lease is written, before its code
+    runs (``StepRunner.run``'s ``settle``); what follows must neither ack it
+    again (a second ack of one delivery closes an AMQP channel) nor give it back.
+    """
+    done = False
+
+    async def once(action: Callable[[], Awaitable[None]]) -> None:
+        nonlocal done
+        if not done:
+            done = True
+            await action()
+
+    return replace(delivery, _ack=lambda: once(delivery.ack), _requeue=lambda: once(delivery.requeue))
+
+
+def _is_step(history: History, message: WakeMessage) -> bool:
+    """Whether a wake-up names a step: a long step's lease fired."""
+    record = history.step((message.step, message.occurrence))
+    return record is not None and record.kind == StepKind.STEP
 
 
 def _brief(exc: BaseException) -> str:

@@ -94,10 +94,12 @@ class Planner:
         routed = routing_key("step", history.workflow, pool_of(detail))
         return routed, self._encode(message), history.trace_context
 
-    def wake_message(self, workflow: str, instance_id: str, key: StepKey) -> tuple[str, bytes]:
-        """The message that settles a waiting entry (a sleep, an event time-out, a child)."""
+    def wake_message(
+        self, workflow: str, instance_id: str, key: StepKey, attempt: int = 1
+    ) -> tuple[str, bytes]:
+        """The message that settles a waiting entry (a sleep, an event time-out, a child), or a lease."""
         message = WakeMessage(
-            workflow=workflow, instance_id=instance_id, step=key[0], occurrence=key[1], attempt=1
+            workflow=workflow, instance_id=instance_id, step=key[0], occurrence=key[1], attempt=attempt
         )
         return message.routing_key, self._encode(message)
 

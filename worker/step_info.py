@@ -4,20 +4,61 @@ from __future__ import annotations
 
 import hashlib
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from stepline.shared.codec import JSON
 from stepline.shared.errors import SteplineError
+from stepline.shared.history import format_key
+
+if TYPE_CHECKING:
+    from stepline.worker.heartbeats import StepLease
 
 
 @dataclass(frozen=True, slots=True)
 class RunningStep:
-    """The running step: its instance, name, attempt (from 1) and idempotency key."""
+    """The running step: its instance, name, attempt (from 1) and idempotency key.
+
+    A long step (``ctx.step(..., heartbeat_timeout=...)``) also reports progress
+    with ``heartbeat`` and resumes from ``last_heartbeat``.
+    """
 
     instance_id: str
     workflow: str
     name: str
     occurrence: int
     attempt: int
+    lease: StepLease | None = field(default=None, compare=False, repr=False)
+    """The attempt's lease, for a step declared with ``heartbeat_timeout``."""
+
+    @property
+    def last_heartbeat(self) -> JSON:
+        """The details of the last heartbeat an earlier attempt of this step sent (None if none).
+
+        A step that heartbeats its progress (a checkpoint) resumes from here
+        after its worker died. Always None for a step without ``heartbeat_timeout``.
+        """
+        return None if self.lease is None else self.lease.last_heartbeat
+
+    def heartbeat(self, details: object = None) -> None:
+        """Tell the engine the step is alive, and keep ``details`` (JSON) for the attempts after this one.
+
+        Returns at once, from a coroutine or a plain function's thread; the
+        lease is renewed soon after (at most once a second). While the step's
+        code runs, its lease is also renewed by itself; call this to save a
+        checkpoint. If the attempt lost its lease (its heartbeats stopped for
+        longer than ``heartbeat_timeout``), its code is cancelled.
+
+        Raises:
+            SteplineError: the step was declared without ``heartbeat_timeout``.
+            TypeError, ValueError: ``details`` cannot be stored as JSON.
+        """
+        if self.lease is None:
+            raise SteplineError(
+                f"step {format_key((self.name, self.occurrence))!r} of workflow {self.workflow!r} "
+                "has no lease to renew: declare it with ctx.step(..., heartbeat_timeout=...) to heartbeat"
+            )
+        self.lease.heartbeat(details)
 
     @property
     def idempotency_key(self) -> str:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from stepline.shared import faults
 from stepline.shared.codec import JSON
 from stepline.shared.db.limits import TICKET
 from stepline.shared.db.records import InstanceLock, NewTimer, OutboxRow, SucceededAttempt
 from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
-from stepline.shared.errors import MisaddressedMessageError, NonDeterminismError
-from stepline.shared.failures import step_failure
+from stepline.shared.errors import HeartbeatTimeoutError, MisaddressedMessageError, NonDeterminismError
+from stepline.shared.failures import failure_record, step_failure
 from stepline.shared.history import History, StepKey, format_key, is_undo
 from stepline.shared.hooks import AttemptEnd
 from stepline.shared.messages import StepMessage, WakeMessage, check_addressed
@@ -23,6 +25,7 @@ from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import DEFAULT_POOL, pool_of, routing_key
 from stepline.worker.context import StepCall
 from stepline.worker.executor import StepAttemptFailed, StepExecutor, StepResult, StepSucceeded
+from stepline.worker.heartbeats import StepLease
 from stepline.worker.limits import StepLimiter
 from stepline.worker.plan import Planner, Transition
 from stepline.worker.replay.cache import ReplayCache, committed_history
@@ -34,6 +37,9 @@ from stepline.worker.waits import report_settled
 from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
+
+Settle = Callable[[], Awaitable[None]]
+"""Acks the delivery of the message being handled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,20 +106,27 @@ class StepRunner:
         return self._limiter
 
     async def run(
-        self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool = False
+        self,
+        workflow: Workflow[Any, Any],
+        message: StepMessage,
+        *,
+        is_local: bool = False,
+        settle: Settle | None = None,
     ) -> Committed:
         """Run the attempt the message names, if it is still the current one; commit it.
 
         ``is_local``: the message is a ``LocalStep`` this worker's own commit
         planned just now, so its cached replay needs no check against the
         database first (the commit is fenced by the version all the same).
+        ``settle`` acks the message's delivery: a long step calls it once its
+        lease is written, before its code runs; the caller acks after the commit otherwise.
         """
         attempt_id = (message.instance_id, message.step, message.occurrence, message.attempt)
         while (earlier := self._running.get(attempt_id)) is not None:
             await earlier.wait()
         done = self._running[attempt_id] = asyncio.Event()
         try:
-            return await self._run(workflow, message, is_local=is_local)
+            return await self._run(workflow, message, is_local=is_local, settle=settle)
         finally:
             del self._running[attempt_id]
             done.set()
@@ -145,8 +158,8 @@ class StepRunner:
         if not self._cache.put(history, replay):
             return None
         planned = [new for new in transition.new_steps if new.kind == StepKind.STEP]
-        if len(planned) != 1:
-            return None
+        if len(planned) != 1 or is_long(planned[0].detail):
+            return None  # a long step goes out as a message: its delivery is settled when it starts
         step = planned[0]
         pool = pool_of(step.detail)
         if not self.serves(pool):
@@ -241,7 +254,9 @@ class StepRunner:
             outcome = replay.start()
             return history, replay.hand_off(), outcome  # the caller's own with block closes it
 
-    async def _run(self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool) -> Committed:
+    async def _run(
+        self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool, settle: Settle | None
+    ) -> Committed:
         """Replay up to the message's step, run its code once, and commit the attempt.
 
         The usual success is committed in one statement without the lock
@@ -260,8 +275,8 @@ class StepRunner:
                 error = outcome.error if outcome is not None else None
                 return Committed(await self._hold(history, error or missing_step(history, key)))
             if call.limits or _waits_for_limit(history, key):
-                return await self._run_limited(workflow, message, history, replay, call)
-            return await self._attempt_and_commit(workflow, message, history, replay, call)
+                return await self._run_limited(workflow, message, history, replay, call, settle)
+            return await self._attempt_and_commit(workflow, message, history, replay, call, settle)
 
     async def _run_limited(
         self,
@@ -270,6 +285,7 @@ class StepRunner:
         history: History,
         replay: Replay,
         call: StepCall,
+        settle: Settle | None,
     ) -> Committed:
         """Take the step's limits first: it runs now, or waits in line and frees this worker's slot."""
         key = _step_key(message)
@@ -279,7 +295,7 @@ class StepRunner:
         if acquired.verdict != "run":
             return Committed(acquired.rows)  # acked: a grant sends the step again
         async with self._limiter.holding(attempt) as granted:
-            committed = await self._attempt_and_commit(workflow, message, history, replay, call)
+            committed = await self._attempt_and_commit(workflow, message, history, replay, call, settle)
         return Committed(committed.rows + granted, committed.local)
 
     async def _attempt_and_commit(
@@ -289,12 +305,91 @@ class StepRunner:
         history: History,
         replay: Replay,
         call: StepCall,
+        settle: Settle | None,
     ) -> Committed:
-        """Run the step's code once and commit the attempt (see ``_run``)."""
+        """Run the step's code once and commit the attempt (see ``_run``).
+
+        A long step first writes its lease, then settles its delivery: a crash
+        before the lease leaves the message to be redelivered, one after it the
+        lease to lapse and retry the step. Its lease is given back after the commit.
+        """
         if call.in_transaction:
             return await self._transact_and_commit(workflow, message, history, replay, call)
+        lease = None
+        if call.heartbeat_timeout is not None:
+            lease = await self._take_lease(history, message, call.heartbeat_timeout)
+            if lease is None:
+                return Committed([])  # another worker runs the attempt, or it is over: its lease moves it
+            faults.crash_here(faults.CRASH_AFTER_LEASE)
+            if settle is not None:
+                await settle()
+        result = await self._attempt(workflow, history, message, call, lease)
+        committed = await self._commit_result(workflow, message, history, replay, result)
+        if lease is not None:
+            await lease.release()
+        return committed
+
+    async def _take_lease(
+        self, history: History, message: StepMessage, heartbeat_timeout: timedelta
+    ) -> StepLease | None:
+        """The attempt's lease; its lapse sends the wake-up that ends the attempt (``end_lapsed``)."""
         key = _step_key(message)
-        result = await self._attempt(workflow, history, message, call)
+        routed, body = self._planner.wake_message(history.workflow, history.instance_id, key, message.attempt)
+        return await StepLease.take(
+            self._store,
+            history.instance_id,
+            key,
+            message.attempt,
+            heartbeat_timeout,
+            (routed, body, history.trace_context),
+        )
+
+    async def end_lapsed(
+        self, tx: Transaction, workflow: Workflow[Any, Any], history: History, message: WakeMessage
+    ) -> list[OutboxRow]:
+        """A long step's lease fired: no heartbeat came in time, so its attempt fails as timed out.
+
+        Under the instance lock; committed as the attempt's own worker would
+        commit a failure, so its retry policy decides what follows. Nothing
+        happens if the attempt is over (it committed, or its worker ended it)
+        or its lease was taken again since (a redelivery of its message).
+        """
+        key: StepKey = (message.step, message.occurrence)
+        if await tx.lease_armed(message.instance_id, key, message.attempt):
+            return []
+        attempt = StepMessage(
+            workflow=message.workflow,
+            instance_id=message.instance_id,
+            step=message.step,
+            occurrence=message.occurrence,
+            attempt=message.attempt,
+        )
+        record = history.step(key)
+        detail = (record.detail if record is not None else None) or {}
+        error = HeartbeatTimeoutError(format_key(key), float(detail.get("heartbeat_timeout_s") or 0))
+        now = datetime.now(UTC)
+        lapsed = StepAttemptFailed(failure_record(error), True, "timed_out", now, now, error)
+        log.info(
+            "lease lapsed: step attempt timed out",
+            extra={
+                "event": "lease_lapsed",
+                "instance_id": message.instance_id,
+                "step": format_key(key),
+                "attempt": message.attempt,
+            },
+        )
+        return await self._commit_on_newer(tx, workflow, attempt, lapsed, {}) or []
+
+    async def _commit_result(
+        self,
+        workflow: Workflow[Any, Any],
+        message: StepMessage,
+        history: History,
+        replay: Replay,
+        result: StepResult,
+    ) -> Committed:
+        """Commit what the attempt did: unlocked for the usual success, else under the lock."""
+        key = _step_key(message)
         values = replay.values  # recorded before the step ran: a newer replay keeps them
         if not isinstance(result, StepSucceeded):
             return await self._commit_locked(workflow, message, result, history, replay, values)
@@ -329,7 +424,9 @@ class StepRunner:
         values = replay.values
         try:
             async with self._store.transaction() as tx:
-                result = await self._attempt(workflow, history, message, on_connection(call, tx.connection))
+                result = await self._attempt(
+                    workflow, history, message, on_connection(call, tx.connection), None
+                )
                 if not isinstance(result, StepSucceeded):
                     raise _RolledBack(result)
                 committed = await self._commit_locked(
@@ -344,11 +441,16 @@ class StepRunner:
         return committed
 
     async def _attempt(
-        self, workflow: Workflow[Any, Any], history: History, message: StepMessage, call: StepCall
+        self,
+        workflow: Workflow[Any, Any],
+        history: History,
+        message: StepMessage,
+        call: StepCall,
+        lease: StepLease | None,
     ) -> StepResult:
         """Run the step's code once, inside its attempt's telemetry scope, and log how it ended."""
         key = _step_key(message)
-        info = RunningStep(history.instance_id, workflow.name, key[0], key[1], message.attempt)
+        info = RunningStep(history.instance_id, workflow.name, key[0], key[1], message.attempt, lease)
         with self._planner.hooks.step_attempt(
             workflow.name,
             history.instance_id,
@@ -603,6 +705,11 @@ class _RolledBack(Exception):  # control flow inside StepRunner, never seen outs
         super().__init__()
         self.failure = failure
         """The failed attempt to record; None if the fence refused the attempt (nothing to record)."""
+
+
+def is_long(detail: JSON) -> bool:
+    """Whether a step's recorded detail says it runs on a lease (``heartbeat_timeout=``)."""
+    return isinstance(detail, dict) and detail.get("heartbeat_timeout_s") is not None
 
 
 def _ends_in_rollback(history: History, key: StepKey) -> bool:

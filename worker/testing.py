@@ -5,7 +5,9 @@ scheduler's own timer firing over the embedded store (an SQLite file in a
 temporary directory), in the test's process and event loop. Its clock is
 virtual: the store's clock and ``ctx.now()`` read it, and when nothing is left
 to run the environment moves it to the next sleep or retry back-off, so
-``ctx.sleep("30 days")`` and hour-long back-offs complete at once. Time never
+``ctx.sleep("30 days")`` and hour-long back-offs complete at once. A step's own
+code lets time pass with ``env.sleep(duration)`` (work that takes that long:
+a long step heartbeats meanwhile, or loses its lease). Time never
 skips past a pending event wait by itself: a test sends the event, or calls
 ``run.advance()`` to time it out. Child workflows run as runs of their own
 (``run.children``) on the same clock.
@@ -42,7 +44,7 @@ from stepline.shared.codec import JSON
 from stepline.shared.db import stores
 from stepline.shared.db.store import Store
 from stepline.shared.durations import Duration, parse_duration
-from stepline.shared.errors import BadPayloadError, NonDeterminismError
+from stepline.shared.errors import BadPayloadError, NonDeterminismError, SteplineError
 from stepline.shared.history import History, StepKey, StepRecord, format_key
 from stepline.shared.messages import (
     AnyMessage,
@@ -63,7 +65,7 @@ from stepline.worker.handlers import MessageHandler
 from stepline.worker.limits import DEFAULT_LEASE
 from stepline.worker.replay.engine import Replay
 from stepline.worker.schedules import sync_declared_schedules
-from stepline.worker.step_info import RunningStep
+from stepline.worker.step_info import RunningStep, step_info
 from stepline.worker.workflow import Workflow
 
 __all__ = ["HistoryEntry", "WorkflowEnvironment", "WorkflowRun", "check_replay"]
@@ -338,6 +340,33 @@ class WorkflowEnvironment:
         self._workflow_of: dict[str, str] = {}
         self._runs: dict[str, WorkflowRun] = {}
         self._schedules_synced = False
+        self._active: _Session | None = None
+        """The engine's parts while the environment runs: ``sleep`` fires timers with them."""
+
+    async def sleep(self, duration: Duration) -> None:
+        """Let ``duration`` pass on the virtual clock, from a step's code (or stub): work that long.
+
+        The heartbeats the step reported so far are written first; then the
+        clock moves on and the timers that fall due meanwhile fire, as the
+        scheduler fires them: a long step (``heartbeat_timeout=``) that does not
+        heartbeat within its timeout loses its lease, and its code is stopped at
+        the next heartbeat, as on a real worker. Their messages are delivered
+        once the steps running now have committed.
+
+        Raises:
+            RuntimeError: called while the environment runs nothing (outside step code).
+        """
+        session = self._active
+        if session is None:
+            raise RuntimeError("env.sleep() lets time pass inside a running step: call it from step code")
+        try:
+            lease = step_info().lease
+        except SteplineError:  # called from code that is no step's: nothing to write first
+            lease = None
+        if lease is not None:
+            await lease.flush()
+        self.now += parse_duration(duration)
+        await session.fire_due_timers()
 
     async def start(
         self,
@@ -436,16 +465,20 @@ class WorkflowEnvironment:
         if moment is not None:
             self.now = max(self.now, moment)
         async with self._session() as session:
-            while True:
-                await self._deliver_all(session.handler)
-                if await session.fire_due_timers():
-                    continue
-                due = await session.next_timer(automatic=True, now=self.now)
-                if due is None:
-                    break
-                if due <= self.now:  # the engine's clock and the store's disagree: a bug, not a hang
-                    raise RuntimeError(f"a timer due at {due} did not fire at {self.now}")
-                self.now = due
+            self._active = session
+            try:
+                while True:
+                    await self._deliver_all(session.handler)
+                    if await session.fire_due_timers():
+                        continue
+                    due = await session.next_timer(automatic=True, now=self.now)
+                    if due is None:
+                        break
+                    if due <= self.now:  # the engine's clock and the store's disagree: a bug, not a hang
+                        raise RuntimeError(f"a timer due at {due} did not fire at {self.now}")
+                    self.now = due
+            finally:
+                self._active = None
             await self._take_snapshots(session.store)
         self._raise_dead_letters()
 

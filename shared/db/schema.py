@@ -232,6 +232,10 @@ steps = sa.Table(
     sa.Column("started_at", Timestamp()),
     sa.Column("finished_at", Timestamp()),
     sa.Column("updated_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
+    # Revision 0012, long steps (heartbeat_timeout=): the details of the last heartbeat any
+    # attempt sent, and when (the database's clock); the next attempt reads them to resume.
+    sa.Column("heartbeat", Json),
+    sa.Column("heartbeat_at", Timestamp()),
 )
 
 step_attempts = sa.Table(

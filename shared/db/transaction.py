@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from stepline.shared.codec import JSON
 from stepline.shared.db.bulk_statements import BulkStatements
 from stepline.shared.db.concurrency import ConcurrencyStatements
+from stepline.shared.db.lease_statements import LeaseStatements
 from stepline.shared.db.read_statements import ReadStatements
 from stepline.shared.db.records import (
     REJECTED,
@@ -68,13 +69,19 @@ from stepline.shared.states import (
 
 
 class Transaction(
-    ScheduleStatements, ConcurrencyStatements, ReserveStatements, BulkStatements, ReadStatements
+    ScheduleStatements,
+    ConcurrencyStatements,
+    ReserveStatements,
+    BulkStatements,
+    ReadStatements,
+    LeaseStatements,
 ):
     """The statements of one connection: in a transaction, or each standing alone (autocommit).
 
     Subclasses (one per database) override the few statements that differ. The statements
     on schedules live in ``stepline.shared.db.schedule_statements``, those of instance
-    concurrency in ``stepline.shared.db.concurrency``.
+    concurrency in ``stepline.shared.db.concurrency``, those of long steps' leases in
+    ``stepline.shared.db.lease_statements``.
     """
 
     __slots__ = ("_conn",)

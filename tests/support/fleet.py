@@ -104,11 +104,15 @@ class ProcessFleet:
     log_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        """Start a console script (``stepline-worker`` ...) with the test's environment."""
+    def start(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start a console script (``stepline-worker`` ...) with the test's environment (and ``env``)."""
         log = (self.log_dir / f"{name}.log").open("wb")
         process = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            [str(BIN / args[0]), *args[1:]],
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         self.processes[name] = process
