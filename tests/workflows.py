@@ -585,3 +585,23 @@ def _broken_key(params: Lane) -> str:
 async def broken_key(ctx: Context, params: Lane) -> str:
     """A key function that raises (lane "raise") or returns an int (lane "int")."""
     return params.lane
+
+
+# ---------------------------------------------------------------- fan-out
+
+
+class FanOut(BaseModel):
+    width: int
+
+
+async def fan_branch(value: int) -> int:
+    await record()
+    return 2 * value
+
+
+@workflow("fan-out")
+async def fan_out(ctx: Context, params: FanOut) -> dict[str, int]:
+    """``width`` parallel steps gathered at once, then one more step on their sum."""
+    values = await asyncio.gather(*(ctx.step("branch", fan_branch, n) for n in range(params.width)))
+    total = await ctx.step("total", fan_branch, sum(values))
+    return {"count": len(values), "total": total}
