@@ -55,17 +55,7 @@ def _history(
             1,
             result=results.get(key),
         )
-    if _key(1, "total") in results:
-        steps[_key(1, "total")] = StepRecord("total", 1, WIDTH + 1, StepKind.STEP, StepStatus.SUCCEEDED, 1, 0)
-    return History(
-        instance_id="inst-advance",
-        workflow=fan_flow.name,
-        status=status,
-        params=None,
-        version=version,
-        trace_context=None,
-        steps=steps,
-    )
+    return History("inst-advance", fan_flow.name, status, None, version, None, steps)
 
 
 @pytest.fixture
