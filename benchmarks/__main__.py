@@ -31,7 +31,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from benchmarks import bigdb_bench, cli_speed, dashboard_pages, flow, report
+from benchmarks import bigdb_bench, cli_speed, dashboard_pages, fanout, flow, report
 from benchmarks.isolation import Isolation
 from benchmarks.procs import ROOT, Fleet, child_env, machine_busy_seconds
 from benchmarks.sections import FULL, QUICK, Bench, Sizes
@@ -44,6 +44,7 @@ SECTIONS = (
     "naive",
     "rawtx",
     "replaycheck",
+    "fanout",
     "flow",
     "bigdb",
     "cli",
@@ -134,11 +135,12 @@ async def run_sections(bench: Bench, sections: set[str], results: dict[str, Any]
                 entry = results.setdefault("throughput", {"instances": bench.sizes.instances, "runs": []})
                 entry["runs"].append(engine_run.as_json())
     elsewhere = {  # sections in modules of their own
+        "fanout": functools.partial(fanout.run, bench),
         "flow": functools.partial(flow.run, bench),
         "bigdb": functools.partial(_bigdb, bench),
         "cli": functools.partial(cli_speed.run, bench),
     }
-    for name in ("latency", "timers", "long", "replaycheck", "flow", "bigdb", "cli"):
+    for name in ("latency", "timers", "long", "replaycheck", "fanout", "flow", "bigdb", "cli"):
         if name in sections:
             outcome = await guarded(name, elsewhere.get(name) or getattr(bench, name))
             if outcome is not None:

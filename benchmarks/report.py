@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import bigdb_bench, cli_speed, flow
+from benchmarks import bigdb_bench, cli_speed, fanout, flow
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -91,6 +91,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": growth < 10.0,
             }
         )
+    if results.get("fanout"):
+        rows.extend(fanout.targets(results["fanout"]))
     if results.get("bigdb"):
         rows.extend(bigdb_bench.targets(results["bigdb"]))
     if results.get("cli"):
@@ -126,6 +128,8 @@ def _all_checks(results: dict[str, Any]) -> list[tuple[str, bool]]:
     if "long" in results:
         for part in ("long", "short"):
             found.append((f"long/{part}", results["long"][part]["check"]["ok"]))
+    if results.get("fanout"):
+        found.extend(fanout.checks(results["fanout"]))
     for run in results.get("naive", {}).get("runs", []):
         found.append((f"naive {run['processes']}p", run["complete"] == run["instances"]))
     return found
@@ -150,12 +154,9 @@ def render(console: Console, results: dict[str, Any]) -> None:
     if throughput:
         _render_memory(console, throughput)
     _render_db_work(console, throughput, naive)
-    if results.get("flow"):
-        flow.render(console, results["flow"])
-    if results.get("bigdb"):
-        bigdb_bench.render(console, results["bigdb"])
-    if results.get("cli"):
-        cli_speed.render(console, results["cli"])
+    for name, module in (("fanout", fanout), ("flow", flow), ("bigdb", bigdb_bench), ("cli", cli_speed)):
+        if results.get(name):
+            module.render(console, results[name])
     if results.get("targets"):
         _render_targets(console, results["targets"])
     for problem in results.get("problems", []):

@@ -72,6 +72,11 @@ class Sizes:
     """Finished instances (10 steps each) in the big-database section's own database."""
     bigdb_samples: int
     """Times each read is timed in the big-database section."""
+    fanout_width: int
+    """Parallel steps the one wide instance of the fan-out section gathers."""
+    fanout_instances: int
+    fanout_branches: int
+    """Instances, and parallel steps each, of the fan-out section's second part."""
 
 
 QUICK = Sizes(
@@ -87,6 +92,9 @@ QUICK = Sizes(
     replay_instances=2_000,
     bigdb_instances=100_000,
     bigdb_samples=30,
+    fanout_width=300,
+    fanout_instances=30,
+    fanout_branches=100,
 )
 FULL = Sizes(
     instances=600,
@@ -101,6 +109,9 @@ FULL = Sizes(
     replay_instances=10_000,
     bigdb_instances=1_000_000,
     bigdb_samples=100,
+    fanout_width=1_000,
+    fanout_instances=100,
+    fanout_branches=100,
 )
 
 
@@ -186,7 +197,7 @@ class NaiveRun:
     db_per_step: dict[str, float] = field(default_factory=dict)
 
 
-DB_COUNTERS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted")
+DB_COUNTERS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted", "tup_fetched")
 
 
 def per_step(before: dict[str, int], after: dict[str, int], steps: int) -> dict[str, float]:
@@ -277,7 +288,14 @@ class Bench:
         wake-up or step published twice, which the workers would have dropped)
         would cost the next run's workers a history read and a lock each.
         """
-        names = [bench_ten.name, bench_chain.name, bench_sleep.name, "bench-ten-limited", "bench-hold"]
+        names = [
+            bench_ten.name,
+            bench_chain.name,
+            bench_sleep.name,
+            "bench-ten-limited",
+            "bench-hold",
+            "bench-fanout",
+        ]
         left = await purge_queues(self.iso.amqp_url, names)
         if self._last_run:
             self.left_in_queues[self._last_run] = left

@@ -61,6 +61,25 @@ async def bench_chain(ctx: Context, chain: Chain) -> dict[str, int]:
     return {"n": chain.n, "value": value}
 
 
+class Fan(BaseModel):
+    """Params of ``bench-fanout``: a number, and how many parallel steps to gather."""
+
+    n: int
+    width: int
+
+
+def expected_fanout(n: int, width: int) -> dict[str, int]:
+    """What ``bench-fanout`` returns: the sum of ``n + i + 1`` over its branches."""
+    return {"n": n, "value": width * n + width * (width + 1) // 2}
+
+
+@workflow("bench-fanout")
+async def bench_fanout(ctx: Context, fan: Fan) -> dict[str, int]:
+    """``fan.width`` trivial steps gathered at once: each runs as a message of its own."""
+    values = await asyncio.gather(*(ctx.step("branch", add_one, fan.n + i) for i in range(fan.width)))
+    return {"n": fan.n, "value": sum(values)}
+
+
 @workflow("bench-sleep")
 async def bench_sleep(ctx: Context, alarm: Alarm) -> dict[str, int]:
     """One durable sleep until a given instant, then return."""

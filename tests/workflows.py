@@ -646,3 +646,23 @@ async def _runs_of(instance_id: str, step: str) -> int:
 @workflow("lease-takeover")
 async def lease_takeover(ctx: Context, params: None) -> str:
     return await ctx.step("outlived", outlived, heartbeat_timeout="60s", retry=FAST_RETRY)
+
+
+# ---------------------------------------------------------------- fan-out
+
+
+class FanOut(BaseModel):
+    width: int
+
+
+async def fan_branch(value: int) -> int:
+    await record()
+    return 2 * value
+
+
+@workflow("fan-out")
+async def fan_out(ctx: Context, params: FanOut) -> dict[str, int]:
+    """``width`` parallel steps gathered at once, then one more step on their sum."""
+    values = await asyncio.gather(*(ctx.step("branch", fan_branch, n) for n in range(params.width)))
+    total = await ctx.step("total", fan_branch, sum(values))
+    return {"count": len(values), "total": total}

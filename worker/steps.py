@@ -28,7 +28,7 @@ from stepline.worker.executor import StepAttemptFailed, StepExecutor, StepResult
 from stepline.worker.heartbeats import StepLease
 from stepline.worker.limits import StepLimiter
 from stepline.worker.plan import Planner, Transition
-from stepline.worker.replay.cache import ReplayCache, committed_history
+from stepline.worker.replay.cache import ReplayCache, Turns, committed_history
 from stepline.worker.replay.engine import Outcome, Replay
 from stepline.worker.retry import DEFAULT_RETRY_POLICY
 from stepline.worker.step_info import RunningStep
@@ -40,6 +40,10 @@ log = logging.getLogger("stepline.worker")
 
 Settle = Callable[[], Awaitable[None]]
 """Acks the delivery of the message being handled."""
+
+
+CATCH_UP_TRIES = 5
+"""Unlocked commits of a success on a newer history before the lock is taken (each loses only to a commit)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,7 @@ class StepRunner:
         # first to finish and is then checked against the history it left, so
         # one worker never runs the same attempt twice at once.
         self._running: dict[tuple[str, str, int, int], asyncio.Event] = {}
+        self._turns = Turns()
 
     @property
     def limiter(self) -> StepLimiter:
@@ -222,7 +227,9 @@ class StepRunner:
         """The history and a replay blocked at the message's step; None if the attempt is not current.
 
         A cached replay serves when the instance is still at its version (one
-        small read); otherwise the history is loaded and replayed from the start.
+        small read), or once caught up to the loaded history when other workers
+        only settled what it awaits (parallel steps); otherwise the history is
+        loaded and replayed from the start.
         The outcome is None for a cached replay, which is blocked by construction.
         """
         key: StepKey = (message.step, message.occurrence)
@@ -244,11 +251,14 @@ class StepRunner:
                         return None
                     if cached.replay.is_pending(key):
                         return cached.history, cached.replay, None
-                cached.replay.close()
             history = await tx.load_history(message.instance_id)
         if history is not None:
-            check_addressed(message, history.workflow)
-        if history is None or not is_current(history, key, message):
+            check_addressed(message, history.workflow)  # the cached replay's, if any, passed already
+        current = history is not None and is_current(history, key, message)
+        if cached is not None and (kept := _caught_up(cached.replay, history if current else None, key)):
+            assert history is not None
+            return history, kept, None
+        if history is None or not current:
             return None
         with self._planner.replay(workflow, history) as replay:
             outcome = replay.start()
@@ -400,7 +410,9 @@ class StepRunner:
         committed = await self._commit_success(
             workflow, message, result, history, replay, transition, resolved
         )
-        if committed is None:  # the history moved on: the newer one is replayed under the lock
+        if committed is None:  # the history moved on (parallel steps committed): catch up
+            committed = await self._commit_caught_up(workflow, message, result, replay)
+        if committed is None:  # something else changed: the newer history is replayed under the lock
             return await self._commit_locked(workflow, message, result, history, replay, values, stale=True)
         return committed
 
@@ -439,6 +451,54 @@ class StepRunner:
                 return Committed([])
             return await self._commit_locked(workflow, message, rolled_back.failure, history, replay, values)
         return committed
+
+    async def _commit_caught_up(
+        self, workflow: Workflow[Any, Any], message: StepMessage, result: StepSucceeded, replay: Replay
+    ) -> Committed | None:
+        """Commit a success on the newest history, a replay caught up to it; None: leave it to the lock.
+
+        ``replay`` has resolved the step already. Each try reads the newest
+        history (one statement), catches a replay up to it (``Replay.advance``:
+        the worker's kept replay, or else ``replay``) and commits at that
+        version, without the instance lock: a fan-out's branches then cost what
+        changed, not a replay of the whole history each. This worker's commits
+        of one instance take turns (``_turns``), so they do not void each
+        other's version; the attempt is fenced as on every path.
+        """
+        key = _step_key(message)
+        async with self._turns.turn(message.instance_id):
+            for _ in range(CATCH_UP_TRIES):
+                async with self._store.statements() as tx:
+                    newer = await tx.load_history(message.instance_id)
+                if newer is None or not is_current(newer, key, message, running_in_paused=True):
+                    return Committed([])
+                kept, outcome = self._advanced(newer, key, result, replay)
+                transition = None if outcome is None else self._planner.plan_unlocked(newer, kept, outcome)
+                if outcome is None or transition is None:
+                    _close_unless(kept, replay)
+                    return None
+                committed = await self._commit_success(
+                    workflow, message, result, newer, kept, transition, outcome
+                )
+                if committed is not None:
+                    return committed
+                _close_unless(kept, replay)
+        return None
+
+    def _advanced(
+        self, newer: History, key: StepKey, result: StepSucceeded, replay: Replay
+    ) -> tuple[Replay, Outcome | None]:
+        """A replay standing on ``newer`` with the step resolved, and its outcome (None: there is none).
+
+        The worker's kept replay of the instance serves first: caught up, the
+        step is resolved on it last, as on a fresh replay of ``newer``.
+        """
+        cached = self._cache.take(newer.instance_id)
+        if cached is not None:
+            if cached.replay.advance(newer) is not None and cached.replay.is_pending(key):
+                return cached.replay, cached.replay.resolve(key, result.result)
+            cached.replay.close()
+        return replay, replay.advance(newer, own=key)
 
     async def _attempt(
         self,
@@ -710,6 +770,23 @@ class _RolledBack(Exception):  # control flow inside StepRunner, never seen outs
 def is_long(detail: JSON) -> bool:
     """Whether a step's recorded detail says it runs on a lease (``heartbeat_timeout=``)."""
     return isinstance(detail, dict) and detail.get("heartbeat_timeout_s") is not None
+
+
+def _close_unless(replay: Replay, owned: Replay) -> None:
+    """Close ``replay`` unless it is ``owned``, the one its caller's ``with`` block closes."""
+    if replay is not owned:
+        replay.close()
+
+
+def _caught_up(replay: Replay, history: History | None, key: StepKey) -> Replay | None:
+    """A kept replay caught up to ``history`` (other workers' commits) and awaiting ``key``; else closed.
+
+    ``history`` is None when the attempt is not current: the replay is not needed.
+    """
+    if history is not None and replay.advance(history) is not None and replay.is_pending(key):
+        return replay
+    replay.close()
+    return None
 
 
 def _ends_in_rollback(history: History, key: StepKey) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
 from stepline.shared.codec import JSON
@@ -71,6 +73,33 @@ class ReplayCache:
             entry.replay.close()
 
 
+class Turns:
+    """One turn at a time per instance: this worker's commits of one instance's parallel steps.
+
+    Two of them committing at once would each void the version the other
+    planned on and both try again; taking turns, each commits on the replay the
+    last one kept. Only the worker's own commits wait here; other workers are
+    fenced by the version as always.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, instance_id: str) -> AsyncIterator[None]:
+        lock, waiting = self._locks.get(instance_id) or (asyncio.Lock(), 0)
+        self._locks[instance_id] = (lock, waiting + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, waiting = self._locks[instance_id]
+            if waiting == 1:
+                del self._locks[instance_id]
+            else:
+                self._locks[instance_id] = (lock, waiting - 1)
+
+
 def committed_history(
     history: History,
     *,
@@ -105,4 +134,4 @@ def committed_history(
     return replace(history, status=status, version=history.version + 1, steps=records)
 
 
-__all__ = ["CachedReplay", "ReplayCache", "committed_history"]
+__all__ = ["CachedReplay", "ReplayCache", "Turns", "committed_history"]

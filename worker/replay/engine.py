@@ -26,7 +26,7 @@ from stepline.shared.history import (
     is_undo,
     patch_marker_name,
 )
-from stepline.shared.states import StepKind, StepStatus
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.worker.context import Context, StepCall
 from stepline.worker.replay.loop import ReplayLoop
 from stepline.worker.replay.rollback import Rollback, RollbackEnd, has_compensations, rollback_reason
@@ -215,6 +215,84 @@ class Replay:
         """
         self.history = history
         self.new_entries = []
+
+    def advance(self, newer: History, *, own: StepKey | None = None) -> Outcome | None:
+        """Stand on ``newer``, a later version of this replay's history, without replaying from the start.
+
+        The usual change between two versions of a running instance is that
+        entries this replay awaits settled (parallel steps committed by other
+        workers) and the code, given their results, asked for entries that are
+        now recorded too. A fresh replay of ``newer`` finds those results at the
+        moment the code asks; here they are handed to the awaiting code all at
+        once and it runs on, asking ``newer`` for anything further, so the cost
+        is the change, not the history (a fan-out of N branches is N commits,
+        and replaying each from the start made it grow as N squared).
+
+        ``own``: an entry this replay already resolved whose commit is under way
+        (it is still running in ``newer``); the entries its result asked for are
+        kept as new.
+
+        Returns the outcome, or None when ``newer`` differs in any other way (a
+        status, a rollback, an entry changed that this replay does not await,
+        one it does not ask for, a divergence): the caller then replays
+        ``newer`` afresh. After None the replay may have run on and must be closed.
+        """
+        if not self._may_advance(newer, own):
+            return None
+        fresh = newer.steps
+        self.history = newer
+        for key, future in list(self._pending.items()):
+            record = fresh.get(key)
+            if record is None or not record.status.is_settled:
+                continue
+            del self._pending[key]
+            if record.status == StepStatus.SUCCEEDED:
+                future.set_result(record.result)
+            else:
+                future.set_exception(failure_of(record))
+        outcome = self._run()
+        if outcome.kind == "diverged" or (own is None and outcome.kind != "blocked"):
+            return None
+        if any(entry.key in fresh for entry in self.new_entries):
+            return None  # the code asks again for what is recorded: not the same path
+        if own is None and self.new_entries:
+            return None
+        if any(key not in self._requested for key in fresh):
+            return None  # recorded entries the code did not ask for: a fresh replay names the divergence
+        return outcome
+
+    def _may_advance(self, newer: History, own: StepKey | None) -> bool:
+        """Whether ``newer`` is this replay's history plus settlements and entries (see ``advance``)."""
+        older = self.history
+        steady = (InstanceStatus.RUNNING, InstanceStatus.WAITING)
+        if (
+            self._task is None
+            or self._task.done()
+            or self._divergence is not None
+            or self._rollback is not None
+            or self._frozen
+            or newer.instance_id != older.instance_id
+            or newer.version <= older.version
+            or older.status not in steady
+            or newer.status not in steady
+            or newer.is_rolling_back
+        ):
+            return False
+        if own is not None:
+            mine = newer.steps.get(own)
+            if own in self._pending or mine is None or mine.status.is_settled:
+                return False
+        elif self.new_entries:
+            return False
+        fresh = newer.steps
+        for key, record in older.steps.items():
+            now = fresh.get(key)
+            if now is None or now.kind != record.kind:
+                return False
+            # What the code already got must not have changed; only what it awaits may.
+            if now.status != record.status and key not in self._pending and key != own:
+                return False
+        return True
 
     def is_pending(self, key: StepKey) -> bool:
         """Whether the code awaits ``key`` and it has no result yet."""
