@@ -99,8 +99,10 @@ async def test_workflows_run_over_verify_full_and_amqps_with_the_ca_and_client_c
         fleet.start("scheduler", "stepline-scheduler")
         await until_consuming(settings, ["sequence", "sleeper"])
         async with (
-            Producer(settings.amqp, namespace=settings.namespace) as producer,
-            Client(settings.database, settings.amqp, namespace=settings.namespace) as client,
+            Producer.from_settings(settings) as producer,
+            Client(
+                settings.database, settings.amqp, namespace=settings.namespace, broker=settings.broker
+            ) as client,
         ):
             adds = await producer.start("sequence", {"a": 2, "b": 3})
             naps = await producer.start("sleeper", {"duration": "300ms"})  # the scheduler fires its timer
