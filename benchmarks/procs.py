@@ -21,11 +21,16 @@ NAIVE_READY = "naive ready"
 
 
 def child_env(database_url: str, amqp_url: str) -> dict[str, str]:
-    """The environment of every child: the run's URLs, default settings, no telemetry export."""
+    """The environment of every child: the run's URLs, default settings, no telemetry export.
+
+    Except the queue type: the run is on one node (the shared dev broker), so classic queues,
+    as a single dev node sets them; ``--set STEPLINE_BROKER__QUEUE_TYPE=quorum`` measures quorum.
+    """
     env = {key: value for key, value in os.environ.items() if not key.startswith(("STEPLINE_", "OTEL_"))}
     env.update(
         STEPLINE_DATABASE_URL=database_url,
         STEPLINE_AMQP_URL=amqp_url,
+        STEPLINE_BROKER__QUEUE_TYPE="classic",
         PYTHONPATH=str(ROOT),
     )
     return env

@@ -86,17 +86,20 @@ class BrokerError(SteplineError):
 
 
 class ServiceUnavailableError(SteplineError):
-    """PostgreSQL or RabbitMQ did not answer within the start-up wait; the process exits 3.
+    """PostgreSQL or RabbitMQ did not answer within the start-up wait, or refused us; the process exits 3.
 
     The text is one line: the service, its URL without the password, the
-    driver's cause and what to do about it.
+    driver's cause and what to do about it. ``waited_s`` is None for a refusal
+    that waiting cannot change (a server certificate the CA did not sign).
     """
 
-    def __init__(self, service: str, url: str, cause: str, hint: str, waited_s: float) -> None:
-        super().__init__(
-            f"cannot connect to {service} at {url} (gave up after {waited_s:g}s, "
-            f"STEPLINE_STARTUP_TIMEOUT): {cause} - {hint}"
+    def __init__(self, service: str, url: str, cause: str, hint: str, waited_s: float | None) -> None:
+        waited = (
+            "refused at once, not retried: waiting would not change it"
+            if waited_s is None
+            else f"gave up after {waited_s:g}s, STEPLINE_STARTUP_TIMEOUT"
         )
+        super().__init__(f"cannot connect to {service} at {url} ({waited}): {cause} - {hint}")
         self.service = service
         self.url = url
         self.cause = cause

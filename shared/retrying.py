@@ -29,16 +29,18 @@ async def retry_until(
     deadline_s: float,
     retry_on: tuple[type[BaseException], ...],
     stopping: asyncio.Event | None = None,
+    is_final: Callable[[BaseException], bool] | None = None,
 ) -> T:
     """Run ``action`` until it succeeds or ``deadline_s`` passes, backing off with jitter.
 
     With ``stopping``, setting it ends the wait at once, also in the middle of
     an attempt (which is cancelled): a process that cannot reach its broker
-    still stops when it is told to.
+    still stops when it is told to. An error ``is_final`` accepts is raised at
+    once: a refusal that no retry changes.
 
     Raises:
-        The last error once the deadline has passed; ``StopRequested`` once
-        ``stopping`` is set.
+        The last error once the deadline has passed, or a final one at once;
+        ``StopRequested`` once ``stopping`` is set.
     """
     stopping = stopping or asyncio.Event()  # never set: wait out the deadline
     started = time.monotonic()
@@ -47,7 +49,7 @@ async def retry_until(
         try:
             result = await _unless_stopping(action, stopping, what)
         except retry_on as exc:
-            if time.monotonic() - started + delay > deadline_s:
+            if time.monotonic() - started + delay > deadline_s or (is_final is not None and is_final(exc)):
                 raise
             if not logged:
                 log.warning(

@@ -39,13 +39,10 @@ class BrokerSettings(BaseModel):
     """``STEPLINE_BROKER__*``: queues and the AMQP connection."""
 
     queue_type: Literal["classic", "quorum"] = Field(
-        # Classic until the quorum default is safe here: on RabbitMQ 3.10, deleting vhosts that hold
-        # thousands of quorum queues (the test suite's churn) wedged the node twice; see
-        # docs/operations.md#rabbitmq-cluster. Production sets quorum (the compose profile does).
-        default="classic",
+        default="quorum",
         description="Type of the queues this process creates: quorum (replicated over a cluster, with a "
-        "delivery limit; set it for a cluster) or classic (one node). Queues that exist are used as "
-        "they are, either type.",
+        "delivery limit and dead-lettering; the default) or classic (set it for a single dev node). "
+        "Queues that exist are used as they are, either type.",
     )
     delivery_limit: int = Field(
         default=20,

@@ -12,7 +12,7 @@ from stepline.shared.db.engine import MAX_CONNECTIONS_SETTING, is_too_many_clien
 from stepline.shared.db.store import Store
 from stepline.shared.errors import BrokerError, ServiceUnavailableError
 from stepline.shared.retrying import retry_until
-from stepline.shared.tls import tls_hint
+from stepline.shared.tls import is_tls_refusal, tls_hint
 
 TOO_MANY_CONNECTIONS_HINT = (
     "the server has no connection left for this process: each process opens at most "
@@ -31,14 +31,27 @@ async def connect_broker(broker: Broker, url: str, *, deadline_s: float, stoppin
         StopRequested: ``stopping`` was set first.
     """
     service = _broker_name(url)
+
+    def broker_cause(exc: BaseException) -> str:
+        return driver_cause(exc.__cause__ or exc)
+
     try:
         await retry_until(
-            broker.connect, what=service, deadline_s=deadline_s, retry_on=(BrokerError,), stopping=stopping
+            broker.connect,
+            what=service,
+            deadline_s=deadline_s,
+            retry_on=(BrokerError,),
+            stopping=stopping,
+            is_final=lambda exc: is_tls_refusal(broker_cause(exc)),
         )
     except BrokerError as exc:
-        cause = driver_cause(exc.__cause__ or exc)
+        cause = broker_cause(exc)
         raise ServiceUnavailableError(
-            service, mask_amqp_url(url), _scrub(cause, url), broker_hint(cause, url=url), deadline_s
+            service,
+            mask_amqp_url(url),
+            _scrub(cause, url),
+            broker_hint(cause, url=url),
+            _waited(cause, deadline_s),
         ) from exc
 
 
@@ -51,6 +64,10 @@ async def check_database(store: Store, url: str, *, deadline_s: float, stopping:
         StopRequested: ``stopping`` was set first.
     """
     service = store.service
+
+    def database_cause(exc: BaseException) -> str:
+        return driver_cause(exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc)
+
     try:
         await retry_until(
             store.check_schema,
@@ -58,11 +75,16 @@ async def check_database(store: Store, url: str, *, deadline_s: float, stopping:
             deadline_s=deadline_s,
             retry_on=(SQLAlchemyError, OSError),
             stopping=stopping,
+            is_final=lambda exc: is_tls_refusal(database_cause(exc)),
         )
     except (SQLAlchemyError, OSError) as exc:
-        cause = driver_cause(exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc)
+        cause = database_cause(exc)
         raise ServiceUnavailableError(
-            service, mask_url(url), _scrub(cause, url), database_hint(cause, url=url), deadline_s
+            service,
+            mask_url(url),
+            _scrub(cause, url),
+            database_hint(cause, url=url),
+            _waited(cause, deadline_s),
         ) from exc
 
 
@@ -102,6 +124,11 @@ def broker_hint(cause: str, *, url: str = "") -> str:
         "check STEPLINE_AMQP_URL (host, port, vhost), and that RabbitMQ runs "
         "and accepts connections from this host"
     )
+
+
+def _waited(cause: str, deadline_s: float) -> float | None:
+    """How long the start-up waited before giving up: None for a TLS refusal, which is not waited out."""
+    return None if is_tls_refusal(cause) else deadline_s
 
 
 def _broker_name(url: str) -> str:

@@ -98,6 +98,25 @@ def tls_hint(cause: str, *, url_setting: str, sends_certificate: bool) -> str | 
     return None
 
 
+def is_tls_refusal(cause: str) -> bool:
+    """Whether a connection failed on TLS settings that no retry changes, going by the driver's words.
+
+    A certificate the CA did not sign or that names another host, a missing CA
+    file, a server that wants a client certificate: a process waiting out its
+    start-up timeout for these only delays the error. (A bare connection reset
+    is not one: a restarting server resets connections too.)
+    """
+    lowered = cause.lower()
+    return any(words in lowered for words in _TLS_REFUSALS)
+
+
+_TLS_REFUSALS = (
+    "certificate verify failed",
+    "does not match host name",
+    "root certificate file",
+    "requires a valid client certificate",
+    "certificate required",
+)
 _NAME_HINT = (
     "the server's certificate does not name the host in {url_setting}: connect by a name or address "
     "the certificate lists (subjectAltName)"
@@ -124,4 +143,11 @@ def _with_query_defaults(url: str, defaults: dict[str, str]) -> str:
     return urlunsplit(parts._replace(query=query))
 
 
-__all__ = ["VERIFY_FULL", "TlsFiles", "amqp_url_with_tls", "database_url_with_tls", "tls_hint"]
+__all__ = [
+    "VERIFY_FULL",
+    "TlsFiles",
+    "amqp_url_with_tls",
+    "database_url_with_tls",
+    "is_tls_refusal",
+    "tls_hint",
+]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 import tests.workflows as test_workflows
 from stepline import Client, Producer
@@ -22,11 +23,47 @@ RUN_ID = uuid.uuid4().hex[:8]
 
 @pytest.fixture(scope="session")
 def vhost() -> Iterator[str]:
-    """A RabbitMQ vhost for this test run, deleted at the end."""
+    """A RabbitMQ vhost for this test run, deleted at the end; it must hold no quorum queue."""
     name = f"stepline-test-{RUN_ID}"
     services.create_vhost(name)
     yield name
-    services.delete_vhost(name)
+    try:
+        quorum = services.delete_quorum_queues(name)
+    finally:
+        services.delete_vhost(name)
+    # The run's vhost holds thousands of queues: quorum ones belong in ``quorum_vhost``.
+    assert quorum == 0, f"{quorum} quorum queue(s) were made in the run's vhost {name}: use quorum_vhost"
+
+
+@pytest.fixture
+def quorum_vhost() -> Iterator[str]:
+    """A small vhost of this test's own for quorum queues, emptied queue by queue, then deleted.
+
+    RabbitMQ 3.10 wedged deleting vhosts that held thousands of quorum queues: a
+    test of quorum queues declares a few here (serve only the workflows it needs),
+    and the teardown fails a test that made more than a handful.
+    """
+    name = f"stepline-quorum-{RUN_ID}-{uuid.uuid4().hex[:6]}"
+    services.create_vhost(name)
+    try:
+        yield name
+        made = services.queue_types(name)
+        assert len(made) <= services.QUORUM_VHOST_MAX_QUEUES, (
+            f"too many queues for a quorum test: {sorted(made)}"
+        )
+    finally:
+        services.delete_vhost(name)
+
+
+@pytest.fixture
+def quorum_settings(settings: Settings, quorum_vhost: str) -> Settings:
+    """The test's settings on its quorum vhost, with quorum queues."""
+    return settings.model_copy(
+        update={
+            "amqp_url": SecretStr(services.amqp_url(quorum_vhost)),
+            "broker": settings.broker.model_copy(update={"queue_type": "quorum"}),
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +130,8 @@ def settings(
     """Settings for this test: its database and broker namespace (or embedded files), quick timers."""
     quick: dict[str, Any] = {
         "namespace": namespace,
+        # The shared node is the single dev node: classic queues (see services.SINGLE_NODE_QUEUE_TYPE).
+        "broker": {"queue_type": services.SINGLE_NODE_QUEUE_TYPE},
         "worker": {"concurrency": 8, "shutdown_grace": "5s"},
         "scheduler": {"poll_interval": "100ms"},
         "outbox": {"sweep_interval": "300ms", "sweep_after": "1s"},
@@ -138,19 +177,23 @@ def process_fleet(settings: Settings, tmp_path: Path) -> Iterator[ProcessFleet]:
 @pytest.fixture
 async def producer(settings: Settings) -> AsyncIterator[Producer]:
     """A connected producer in this test's namespace."""
-    async with Producer(settings.amqp, namespace=settings.namespace) as connected:
+    async with Producer(settings.amqp, namespace=settings.namespace, broker=settings.broker) as connected:
         yield connected
 
 
 @pytest.fixture
 async def control(settings: Settings) -> AsyncIterator[Client]:
     """A client that can also publish: events, resume, terminate, restart."""
-    async with Client(settings.database, settings.amqp, namespace=settings.namespace) as connected:
+    async with Client(
+        settings.database, settings.amqp, namespace=settings.namespace, broker=settings.broker
+    ) as connected:
         yield connected
 
 
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[Client]:
     """A client on this test's database."""
-    async with Client(settings.database, settings.amqp, namespace=settings.namespace) as connected:
+    async with Client(
+        settings.database, settings.amqp, namespace=settings.namespace, broker=settings.broker
+    ) as connected:
         yield connected

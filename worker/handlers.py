@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
@@ -14,6 +16,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from stepline.shared import faults, slots
 from stepline.shared.broker import Delivery
+from stepline.shared.db.engine import is_unreachable
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
@@ -25,6 +28,7 @@ from stepline.shared.errors import (
     InvalidParamsError,
     TerminatedError,
     UnknownWorkflowError,
+    UnroutableError,
 )
 from stepline.shared.failures import failure_record
 from stepline.shared.history import History, ParentLink
@@ -56,8 +60,17 @@ log = logging.getLogger("stepline.worker")
 
 DeadLetter = Callable[[Delivery, str], Awaitable[None]]
 
-# Errors of the database or the broker: the message is given back and retried later.
+# Errors of the database or the broker: the message is retried (in place, during an outage) or given back.
 INFRASTRUCTURE_ERRORS = (SQLAlchemyError, BrokerError, OSError)
+HOLD_RETRY_MAX_DELAY_S = 30.0
+"""Longest wait between two tries of a delivery held through an outage."""
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether handling failed because the database or the broker cannot be reached, not for the message."""
+    if isinstance(error, BrokerError):
+        return not isinstance(error, UnroutableError)  # unroutable: a message without a queue
+    return is_unreachable(error)
 
 
 class MessageHandler:
@@ -88,6 +101,7 @@ class MessageHandler:
         pools: frozenset[str] | None = None,
         limits_lease: timedelta = DEFAULT_LEASE,
         limits_reserve: int = 0,
+        hold_limit: timedelta = timedelta(minutes=25),
     ) -> None:
         self._hooks = hooks or NoHooks()
         self._store = store
@@ -118,6 +132,10 @@ class MessageHandler:
         )
         self._build_id = build_id  # recorded on the instances it starts
         self._retry_delay = retry_delay
+        # A delivery held through an outage goes back after this (below RabbitMQ's consumer_timeout),
+        # or at once when the worker stops.
+        self._hold_limit_s = hold_limit.total_seconds()
+        self._giving_back = asyncio.Event()
         # Handling fails for want of the database; a worker that no message reaches any
         # more learns that it is back from the probe (see watch_outage).
         self._outage = Outage("the database or the broker", log, probe=store.answers)
@@ -136,11 +154,15 @@ class MessageHandler:
         """Run no more steps locally (the worker is stopping): publish their messages instead."""
         self._runs_local_steps = False
 
+    def give_back_held(self) -> None:
+        """The worker is stopping: deliveries held through an outage go back to the broker now."""
+        self._giving_back.set()
+
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery to the end: acked, dead-lettered, or given back."""
         delivery = _settled_once(delivery)
         try:
-            committed = await self._dispatch(delivery)
+            committed = await self._dispatch_holding(delivery)
         except BadPayloadError as exc:
             await self._reject(delivery, exc.reason)
             return
@@ -164,6 +186,52 @@ class MessageHandler:
         faults.crash_here(faults.CRASH_AFTER_COMMIT)
         await _quietly(delivery.ack())
         await self._follow(committed)
+
+    async def _dispatch_holding(self, delivery: Delivery) -> Committed:
+        """``_dispatch``, tried again in place while the database or the broker cannot be reached.
+
+        Giving the delivery back counts a delivery on a quorum queue each time, so
+        an outage longer than a few back-offs would dead-letter healthy messages
+        (``x-delivery-limit``). The delivery stays here instead, unacked, and is
+        tried again with a capped back-off; its step code may run again, as on a
+        redelivery, and the attempt check keeps the commit single. What raises
+        goes to ``handle``: an error that is not an outage, or an outage once the
+        worker stops or the delivery was held for ``hold_limit``.
+        """
+        held_since = time.monotonic()
+        delay, tries = self._retry_delay, 0
+        while True:
+            try:
+                committed = await self._dispatch(delivery)
+            except INFRASTRUCTURE_ERRORS as exc:
+                if not self._may_hold(exc, time.monotonic() - held_since + delay):
+                    raise
+                tries += 1
+                self._outage.failed(_brief(exc))
+                if tries == 1:
+                    log.warning(
+                        "database or broker unreachable: holding the delivery (%s) and retrying it here, "
+                        "not requeued, so its delivery count does not grow: %s",
+                        delivery.routing_key,
+                        _brief(exc),
+                        extra={"event": "delivery_held", "routing_key": delivery.routing_key},
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._giving_back.wait(), delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, HOLD_RETRY_MAX_DELAY_S)
+                continue
+            if tries:
+                log.info(
+                    "held delivery (%s) handled after %d tries in place",
+                    delivery.routing_key,
+                    tries + 1,
+                    extra={"event": "delivery_held_done", "routing_key": delivery.routing_key},
+                )
+            return committed
+
+    def _may_hold(self, error: BaseException, held_s: float) -> bool:
+        """Whether a delivery whose handling failed with ``error`` stays here to be tried again."""
+        return is_outage(error) and not self._giving_back.is_set() and held_s <= self._hold_limit_s
 
     async def _follow(self, committed: Committed) -> None:
         """Publish what a commit wrote; run the step it planned here, then the one after, within a budget.
@@ -470,4 +538,4 @@ async def _quietly(action: Awaitable[None]) -> None:
         log.debug("ack/requeue failed; the message will be redelivered", extra={"event": "ack_failed"})
 
 
-__all__ = ["INFRASTRUCTURE_ERRORS", "MessageHandler"]
+__all__ = ["INFRASTRUCTURE_ERRORS", "MessageHandler", "is_outage"]

@@ -104,6 +104,7 @@ async def run_worker(
             pools=frozenset(settings.worker.pools),
             limits_lease=settings.limits.lease,
             limits_reserve=concurrency if settings.limits.reserve is None else settings.limits.reserve,
+            hold_limit=settings.worker.max_step_timeout,
         )
         slots = asyncio.Semaphore(concurrency)
 
@@ -150,6 +151,7 @@ async def run_worker(
         log.info("stopping: no new work; finishing in-flight steps", extra={"event": "worker_stopping"})
         await broker.stop_consuming()
         handler.stop_local_steps()
+        handler.give_back_held()
         if in_flight:
             _, pending = await asyncio.wait(
                 set(in_flight), timeout=settings.worker.shutdown_grace.total_seconds()

@@ -43,6 +43,9 @@ TOO_MANY_CLIENTS = (
     "no more connections allowed",
 )
 """PostgreSQL's (the first three) and PgBouncer's (the last) words for a refused connection."""
+UNREACHABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", READ_ONLY_SQLSTATE})
+"""A server that cannot serve us now: admin or crash shutdown, starting up, no connection slot left,
+a standby (a failover). With class 08 (connection exception), what ``is_unreachable`` looks for."""
 
 _HOST_LIST = re.compile(r"^(?P<scheme>[^:/]+://)(?P<userinfo>[^@/?]*@)?(?P<hosts>[^/?]*)(?P<rest>.*)$", re.S)
 
@@ -250,6 +253,27 @@ def is_read_only(error: BaseException) -> bool:
     read-only error then means "find the primary", as a lost connection does.
     """
     return getattr(error, "sqlstate", None) == READ_ONLY_SQLSTATE
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the database cannot be reached or written now, not that the work is wrong.
+
+    A refused or lost connection (psycopg gives those no SQLSTATE), a server
+    shutting down, starting up, out of connection slots or become a standby,
+    a connection SQLAlchemy invalidated, or no pooled connection free within
+    ``POOL_TIMEOUT_S``. Anything else (a constraint, a deadlock, bad data)
+    is about the statement, and a retry elsewhere may or may not fix it.
+    """
+    if isinstance(error, OSError | sa_exc.TimeoutError):
+        return True
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    if sqlstate is None:
+        return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
+    return sqlstate.startswith("08") or sqlstate in UNREACHABLE_SQLSTATES
 
 
 def _read_only_is_a_disconnect(context: Any) -> None:

@@ -120,7 +120,12 @@ async def _run_on_pair(
         url = pg_pair.pair_url(database)
         admin = pg_pair.direct_url("postgres")
         await asyncio.to_thread(pg_pair.create_database, admin, database, url)
-        settings = Settings(database_url=url, amqp_url=services.amqp_url(vhost), namespace=f"fo{run}")
+        settings = Settings(
+            database_url=url,
+            amqp_url=services.amqp_url(vhost),
+            namespace=f"fo{run}",
+            broker={"queue_type": services.SINGLE_NODE_QUEUE_TYPE},  # the shared single node
+        )
         chaos = FailoverChaos(settings, log_dir, seed=seed)
         summary = await chaos.run(instances=instances, duration_s=duration_s, settle_s=settle_s)
         keep = not summary.ok and bool(os.environ.get(KEEP_PAIR))

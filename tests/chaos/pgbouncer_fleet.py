@@ -180,14 +180,18 @@ def _bouncer_folder() -> Path:
 async def _start_all(settings: Settings, instances: int) -> list[str]:
     prefix = f"bouncer-{uuid.uuid4().hex[:6]}"
     ids = [f"{prefix}-{n}" for n in range(instances)]
-    async with Producer(settings.amqp, namespace=settings.namespace) as producer:
+    async with Producer.from_settings(settings) as producer:
         deadline = time.monotonic() + 120
         while await producer.workflow_queue("chaos") is None:  # until a worker registered it
             if time.monotonic() > deadline:
                 raise UnregisteredWorkflowError("chaos", settings.namespace)
             await asyncio.sleep(0.2)
         async with Client(
-            settings.database, settings.amqp, namespace=settings.namespace, database=settings.db
+            settings.database,
+            settings.amqp,
+            namespace=settings.namespace,
+            database=settings.db,
+            broker=settings.broker,
         ) as c:
             for n, instance_id in enumerate(ids):
                 await producer.start("chaos", {"n": n}, instance_id=instance_id)
@@ -265,7 +269,12 @@ def main() -> int:
             url = pg_pair.pair_url(database)
             pg_pair.create_database(pg_pair.direct_url("postgres"), database, url)
             os.environ["STEPLINE_DATABASE_URL"] = url
-            settings = Settings(database_url=url, amqp_url=services.amqp_url(vhost), namespace=f"pb{run}")
+            settings = Settings(
+                database_url=url,
+                amqp_url=services.amqp_url(vhost),
+                namespace=f"pb{run}",
+                broker={"queue_type": services.SINGLE_NODE_QUEUE_TYPE},  # the shared single node
+            )
             report = asyncio.run(
                 run_fleet(
                     settings,

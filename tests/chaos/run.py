@@ -146,7 +146,7 @@ class Chaos:
 
     async def publish(self, count: int, spread_s: float) -> None:
         """Start ``count`` instances evenly over ``spread_s`` seconds, whatever the broker does."""
-        async with Producer(self.settings.amqp, namespace=self.settings.namespace) as producer:
+        async with Producer.from_settings(self.settings) as producer:
             # The namespace is new: a start is refused until a worker registered the workflow.
             await _retry(_registered, producer, "chaos", self.settings.namespace)
             for n in range(count):
@@ -165,7 +165,10 @@ class Chaos:
             try:
                 # Connecting is part of what an outage can break: it is inside the retry too.
                 async with Client(
-                    self.settings.database, self.settings.amqp, namespace=self.settings.namespace
+                    self.settings.database,
+                    self.settings.amqp,
+                    namespace=self.settings.namespace,
+                    broker=self.settings.broker,
                 ) as client:
                     await client.send_event(instance_id, "go", {"n": n}, event_id=f"go-{instance_id}")
                 return
@@ -345,7 +348,10 @@ def main() -> int:
     services.create_template(database)
     services.create_vhost(vhost)
     settings = Settings(
-        database_url=services.database_url(database), amqp_url=services.amqp_url(vhost), namespace="chaos"
+        database_url=services.database_url(database),
+        amqp_url=services.amqp_url(vhost),
+        namespace="chaos",
+        broker={"queue_type": services.SINGLE_NODE_QUEUE_TYPE},  # the shared single node
     )
     log_dir = Path(tempfile.mkdtemp(prefix="stepline-chaos-"))
     print(f"chaos: {args.duration:.0f}s of faults, logs in {log_dir}", flush=True)

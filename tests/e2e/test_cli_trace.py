@@ -72,7 +72,9 @@ async def test_history_and_status_show_the_trace_id_and_link_it_in_jaeger(
     process_fleet.start("w1", "stepline-worker", "--workflows", "tests.workflows")
     await until_consuming(settings, workflows)
     jaeger_env = {**env, "STEPLINE_JAEGER_URL": JAEGER + "/"}  # the trailing slash is dropped
-    async with Producer(settings.amqp, namespace=settings.namespace, hooks=_TracedPublish()) as producer:
+    async with Producer(
+        settings.amqp, namespace=settings.namespace, hooks=_TracedPublish(), broker=settings.broker
+    ) as producer:
         await producer.start("sequence", {"a": 1, "b": 2}, instance_id="traced")
     # Started with no trace context at all: the worker starts a trace of the instance's own.
     started = await cli.run(

@@ -78,8 +78,10 @@ async def _seed(settings: Settings) -> dict[str, str]:
     """What an operator finds: finished, failed, sleeping and waiting instances, a dead letter, a schedule."""
     await until_consuming(settings, ["approval", "sequence", "sleeper", "parent", "non-retryable"])
     async with (
-        Producer(settings.amqp, namespace=settings.namespace) as producer,
-        Client(settings.database, settings.amqp, namespace=settings.namespace) as client,
+        Producer(settings.amqp, namespace=settings.namespace, broker=settings.broker) as producer,
+        Client(
+            settings.database, settings.amqp, namespace=settings.namespace, broker=settings.broker
+        ) as client,
     ):
         made = {
             "parent": await producer.start("parent", {"a": 2, "b": 3}, instance_id="order-1041"),

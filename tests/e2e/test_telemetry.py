@@ -79,7 +79,10 @@ async def test_one_trace_per_instance_across_workers_and_the_scheduler(
     provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{receiver.url}/v1/traces")))
     try:
         async with Producer(
-            settings.amqp, namespace=settings.namespace, hooks=Telemetry(tracer_provider=provider)
+            settings.amqp,
+            namespace=settings.namespace,
+            hooks=Telemetry(tracer_provider=provider),
+            broker=settings.broker,
         ) as producer:
             instance_id = await producer.start("traced", None)
     finally:
@@ -151,7 +154,7 @@ async def test_one_trace_per_instance_across_workers_and_the_scheduler(
     assert any("event=step_attempt_finished" in line for line in trace_lines), trace_lines
 
     # A poison message, to be counted as dead-lettered.
-    async with AmqpBroker(settings.amqp, settings.namespace) as broker:
+    async with AmqpBroker(settings.amqp, settings.namespace, settings.broker) as broker:
         await broker.publish("start.traced", b"not json", None)
     await eventually(
         lambda: _dead_letter_count(settings),

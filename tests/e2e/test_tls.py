@@ -27,6 +27,9 @@ from tests.support.tls_servers import TlsServers, running_tls_servers, tls_datab
 
 pytestmark = pytest.mark.e2e
 
+STARTUP_TIMEOUT_S = 60.0
+"""The default start-up wait of a worker (STEPLINE_STARTUP_TIMEOUT)."""
+
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[TlsServers]:
@@ -66,16 +69,16 @@ def _settings(
     )
 
 
-async def _refusals(settings: Settings) -> tuple[str, str]:
+async def _refusals(settings: Settings, *, deadline_s: float = 1) -> tuple[str, str]:
     """Why the broker and the database refuse these settings, as a starting worker would report it."""
     stopping = asyncio.Event()
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     with pytest.raises(ServiceUnavailableError) as broker_refusal:
-        await connect_broker(broker, settings.amqp, deadline_s=1, stopping=stopping)
+        await connect_broker(broker, settings.amqp, deadline_s=deadline_s, stopping=stopping)
     store = stores.create_store(settings.database, pool_size=1)
     try:
         with pytest.raises(ServiceUnavailableError) as database_refusal:
-            await check_database(store, settings.database, deadline_s=1, stopping=stopping)
+            await check_database(store, settings.database, deadline_s=deadline_s, stopping=stopping)
     finally:
         await store.close()
     return str(broker_refusal.value), str(database_refusal.value)
@@ -99,8 +102,10 @@ async def test_workflows_run_over_verify_full_and_amqps_with_the_ca_and_client_c
         fleet.start("scheduler", "stepline-scheduler")
         await until_consuming(settings, ["sequence", "sleeper"])
         async with (
-            Producer(settings.amqp, namespace=settings.namespace) as producer,
-            Client(settings.database, settings.amqp, namespace=settings.namespace) as client,
+            Producer.from_settings(settings) as producer,
+            Client(
+                settings.database, settings.amqp, namespace=settings.namespace, broker=settings.broker
+            ) as client,
         ):
             adds = await producer.start("sequence", {"a": 2, "b": 3})
             naps = await producer.start("sleeper", {"duration": "300ms"})  # the scheduler fires its timer
@@ -122,11 +127,14 @@ async def test_workflows_run_over_verify_full_and_amqps_with_the_ca_and_client_c
 async def test_servers_whose_certificate_the_ca_did_not_sign_are_refused_naming_the_host(
     servers: TlsServers, tls_db: str
 ) -> None:
-    broker, database = await _refusals(_settings(servers, tls_db, ca_file=servers.other_ca_file))
+    # A worker's start-up wait (STEPLINE_STARTUP_TIMEOUT) is not spent on a refusal no retry changes.
+    settings = _settings(servers, tls_db, ca_file=servers.other_ca_file)
+    broker, database = await _refusals(settings, deadline_s=STARTUP_TIMEOUT_S)
 
     assert "RabbitMQ at amqps://guest:***@localhost:5691/" in broker
     assert f"PostgreSQL at postgresql://postgres@localhost:5451/{tls_db}?" in database
     for refusal in (broker, database):
+        assert "(refused at once, not retried: waiting would not change it)" in refusal
         assert "certificate verify failed" in refusal.lower()
         assert "not signed by the CA in STEPLINE_TLS__CA_FILE" in refusal
 

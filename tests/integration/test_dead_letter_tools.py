@@ -13,7 +13,7 @@ import pytest
 from stepline import Client
 from stepline.producer.dead_letters import DeadLetterNotFoundError, DeadLetters
 from stepline.shared.broker import AmqpBroker, Delivery
-from stepline.shared.settings import BrokerSettings, Settings
+from stepline.shared.settings import Settings
 from stepline.shared.topology import routing_key
 from tests.support.amqp import connected_broker, dead_letter_count, publish_raw
 from tests.support.fleet import Fleet
@@ -150,8 +150,10 @@ async def test_a_replay_the_broker_cannot_route_keeps_the_letter(settings: Setti
 
 
 @pytest.mark.postgres_only("quorum queues are RabbitMQ's")
-async def test_on_a_quorum_dead_letter_queue_reading_keeps_every_letter_in_place(settings: Settings) -> None:
-    broker = AmqpBroker(settings.amqp, settings.namespace, BrokerSettings(queue_type="quorum"))
+async def test_on_a_quorum_dead_letter_queue_reading_keeps_every_letter_in_place(
+    quorum_settings: Settings,
+) -> None:
+    broker = AmqpBroker(quorum_settings.amqp, quorum_settings.namespace, quorum_settings.broker)
     await broker.connect()
     try:
         for n in range(4):

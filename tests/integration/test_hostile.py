@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
 from stepline import Client, Producer
 from stepline.shared.errors import PayloadTooLargeError
 from stepline.shared.settings import Settings
+from stepline.worker.workflow import Workflow
 from tests.support import db
 from tests.support.amqp import connected_broker, declare_workflow_queue, ready_messages, take_dead_letters
 from tests.support.fleet import Fleet
@@ -126,11 +128,13 @@ async def test_a_step_timeout_beyond_the_consumer_timeout_is_refused_clearly(
 
 
 @pytest.mark.postgres_only("quorum queues are RabbitMQ's")
-async def test_quorum_queues_with_a_delivery_limit(fleet: Fleet, settings: Settings, vhost: str) -> None:
-    quorum = settings.model_copy(
-        update={"broker": settings.broker.model_copy(update={"queue_type": "quorum", "delivery_limit": 5})}
+async def test_quorum_queues_with_a_delivery_limit(
+    fleet: Fleet, quorum_settings: Settings, quorum_vhost: str, workflows: dict[str, Workflow[Any, Any]]
+) -> None:
+    quorum = quorum_settings.model_copy(
+        update={"broker": quorum_settings.broker.model_copy(update={"delivery_limit": 5})}
     )
-    await fleet.start_worker(settings=quorum)
+    await fleet.start_worker(settings=quorum, workflows={"sequence": workflows["sequence"]})
     async with (
         Producer(quorum.amqp, namespace=quorum.namespace, broker=quorum.broker) as producer,
         Client(quorum.database) as client,
@@ -146,7 +150,7 @@ async def test_quorum_queues_with_a_delivery_limit(fleet: Fleet, settings: Setti
         "-q",
         "list_queues",
         "-p",
-        vhost,
+        quorum_vhost,
         "name",
         "type",
         "arguments",

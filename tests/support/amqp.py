@@ -17,8 +17,10 @@ from aio_pika.abc import AbstractChannel
 from stepline.shared.broker import Broker, EmbeddedBroker, create_broker
 from stepline.shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
 from stepline.shared.db.engine import is_sqlite
+from stepline.shared.settings import BrokerSettings
 from stepline.shared.topology import dead_letter_queue_name, exchange_name, workflow_queue_name
 from tests.support.polling import eventually
+from tests.support.services import SINGLE_NODE_QUEUE_TYPE
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,11 @@ async def declare_workflow_queue(amqp_url: str, namespace: str, workflow: str) -
 
 @asynccontextmanager
 async def connected_broker(amqp_url: str, namespace: str) -> AsyncIterator[Broker]:
-    """The broker the URL names (RabbitMQ or the embedded queue), connected, closed after use."""
-    broker = create_broker(amqp_url, namespace)
+    """The broker the URL names (RabbitMQ or the embedded queue), connected, closed after use.
+
+    It makes queues of the suite's type (classic); queues the test's fleet made are used as they are.
+    """
+    broker = create_broker(amqp_url, namespace, BrokerSettings(queue_type=SINGLE_NODE_QUEUE_TYPE))
     await broker.connect()
     try:
         yield broker

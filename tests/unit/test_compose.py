@@ -326,6 +326,15 @@ def test_production_runs_a_primary_with_a_synchronous_standby_each_behind_pgboun
         assert SERVICES[bouncer]["depends_on"][server]["condition"] == "service_healthy"
 
 
+@pytest.mark.parametrize("name", sorted(set(APP_SERVICES) & DEFAULT_SERVICES - {"migrate"}))
+def test_the_single_node_stack_sets_classic_queues_and_production_keeps_the_quorum_default(name: str) -> None:
+    # Quorum is the default; the default profile runs one RabbitMQ node, so it says classic.
+    assert _environment(SERVICES[name])["STEPLINE_BROKER__QUEUE_TYPE"] == "classic"
+    twin = SERVICES.get(PRODUCTION_PREFIX + name)
+    if twin is not None:
+        assert _environment(twin)["STEPLINE_BROKER__QUEUE_TYPE"] == "quorum"
+
+
 @pytest.mark.parametrize("name", PRODUCTION_PROCESSES)
 def test_the_production_fleet_names_every_node_and_both_servers(name: str) -> None:
     env = _environment(SERVICES[name])

@@ -6,9 +6,17 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
-from stepline.shared.db.engine import driver_url, is_read_only, is_too_many_clients, mask_url, uses_pgbouncer
+from stepline.shared.db.engine import (
+    driver_url,
+    is_read_only,
+    is_too_many_clients,
+    is_unreachable,
+    mask_url,
+    uses_pgbouncer,
+)
 from stepline.shared.errors import ConfigError
 from stepline.shared.settings import load_settings
 
@@ -85,3 +93,41 @@ def test_a_standby_refusing_a_write_is_recognised_by_its_sqlstate() -> None:
     assert is_read_only(psycopg.errors.ReadOnlySqlTransaction("cannot execute UPDATE"))
     assert not is_read_only(psycopg.errors.UniqueViolation("duplicate key"))
     assert not is_read_only(Exception("read-only"))
+
+
+def _wrapped(error: psycopg.Error, *, invalidated: bool = False) -> sa_exc.StatementError:
+    """``error`` as SQLAlchemy raises it from a statement."""
+    return sa_exc.DBAPIError.instance(
+        "SELECT 1", {}, error, psycopg.Error, connection_invalidated=invalidated
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _wrapped(psycopg.OperationalError("connection failed: Connection refused")),  # no SQLSTATE
+        _wrapped(psycopg.errors.AdminShutdown("terminating connection due to administrator command")),
+        _wrapped(psycopg.errors.CannotConnectNow("the database system is starting up")),
+        _wrapped(psycopg.errors.ReadOnlySqlTransaction("cannot execute UPDATE")),  # a failover
+        _wrapped(psycopg.errors.UniqueViolation("duplicate key"), invalidated=True),
+        sa_exc.TimeoutError("no database connection came free within 30s"),
+        ConnectionRefusedError(111, "Connection refused"),
+    ],
+    ids=["refused", "admin-shutdown", "starting", "read-only", "invalidated", "pool-timeout", "oserror"],
+)
+def test_an_unreachable_database_is_told_from_the_statement(error: BaseException) -> None:
+    assert is_unreachable(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _wrapped(psycopg.errors.UniqueViolation("duplicate key")),
+        _wrapped(psycopg.errors.DeadlockDetected("deadlock detected")),
+        _wrapped(psycopg.errors.InvalidTextRepresentation("invalid input syntax")),
+        ValueError("not a database error"),
+    ],
+    ids=["unique", "deadlock", "bad-data", "other"],
+)
+def test_an_error_of_the_statement_is_not_an_outage(error: BaseException) -> None:
+    assert not is_unreachable(error)

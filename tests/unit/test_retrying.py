@@ -56,3 +56,21 @@ async def test_without_a_stop_the_last_error_is_raised_at_the_deadline() -> None
     with pytest.raises(OSError, match="connection refused"):
         await retry_until(connect, what="PostgreSQL", deadline_s=0.5, retry_on=(OSError,))
     assert len(attempts) >= 2
+
+
+async def test_a_final_error_is_raised_at_the_first_attempt_however_long_the_deadline() -> None:
+    attempts = []
+
+    async def connect() -> None:
+        attempts.append(True)
+        raise OSError("certificate verify failed")
+
+    with pytest.raises(OSError, match="certificate verify failed"):
+        await retry_until(
+            connect,
+            what="PostgreSQL",
+            deadline_s=3600,
+            retry_on=(OSError,),
+            is_final=lambda exc: "certificate" in str(exc),
+        )
+    assert len(attempts) == 1
