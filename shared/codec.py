@@ -1,13 +1,30 @@
-"""The one serialization seam: JSON only (never pickle), with a size limit."""
+"""The one serialization seam: JSON only (never pickle), with a size limit, sealed by a codec if set.
+
+A payload (params, a step result, an output, an event payload, a child's
+params) is plain JSON unless a ``PayloadCodec`` is configured
+(``STEPLINE_CODEC``): then it is stored and sent as an envelope,
+``{"$codec": name, "key": key id, "data": base64}``, inside the same JSON
+column or message field. ``Payloads`` seals values on the way in and opens
+them on the way out; without a codec sealing costs one ``is None`` check.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import importlib
 import json
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
-from stepline.shared.errors import BadPayloadError, PayloadTooLargeError
+from stepline.shared.errors import (
+    BadPayloadError,
+    CodecError,
+    ConfigError,
+    PayloadTooLargeError,
+    PayloadUnreadableError,
+)
 
 JSON = Any
 """Untyped JSON data: the one alias behind which ``Any`` lives."""
@@ -68,3 +85,151 @@ def decode(body: bytes, *, limit: int, what: str = "message") -> JSON:
 def _refuse_constant(name: str) -> JSON:
     # NaN and Infinity are not JSON, and PostgreSQL jsonb would refuse them later.
     raise ValueError(f"{name} is not a JSON number")
+
+
+# ------------------------------------------------------------------ payload codecs
+
+CODEC_FIELD = "$codec"
+"""The key that marks a sealed payload: ``{"$codec": name, "key": key id, "data": base64}``."""
+
+ENCRYPTED = "<encrypted>"
+"""What a reader without the codec's key shows in place of a sealed payload."""
+
+
+@runtime_checkable
+class PayloadCodec(Protocol):
+    """Turns a payload's JSON bytes into other bytes and back, naming the key it used.
+
+    ``name`` is written into every envelope (``"$codec"``), so a reader knows
+    which codec sealed a payload. ``encode`` returns the id of the key it used
+    (the newest) with the encoded bytes; ``decode`` gets that id back, and
+    raises ``CodecError`` for a key it does not have or data that does not decode.
+    """
+
+    name: str
+
+    def encode(self, data: bytes) -> tuple[str, bytes]:
+        """Encode ``data``: the id of the key used, and the encoded bytes."""
+        ...
+
+    def decode(self, data: bytes, key_id: str) -> bytes:
+        """Decode what ``encode`` made with the key ``key_id``."""
+        ...
+
+
+def is_sealed(value: JSON) -> bool:
+    """Whether ``value`` is a codec's envelope."""
+    return type(value) is dict and CODEC_FIELD in value
+
+
+class Payloads:
+    """How this process stores payloads: sealed by its codec (if any), and opened again.
+
+    ``Payloads()`` is the plain way (no codec): ``seal`` returns its value as is,
+    and ``open`` refuses an envelope (there is no key to open it with).
+    """
+
+    __slots__ = ("codec",)
+
+    def __init__(self, codec: PayloadCodec | None = None) -> None:
+        self.codec = codec
+
+    def seal(self, value: JSON) -> JSON:
+        """``value`` as it is stored and sent: an envelope if a codec is set, else ``value`` itself.
+
+        A value sealed already (a child's params that came sealed) is left as it is.
+        """
+        codec = self.codec
+        if codec is None or value is None or is_sealed(value):
+            return value
+        body = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        key_id, data = codec.encode(body)
+        return {CODEC_FIELD: codec.name, "key": key_id, "data": base64.b64encode(data).decode("ascii")}
+
+    def open(self, value: JSON, *, instance_id: str, what: str, step: str | None = None) -> JSON:
+        """``value`` as the code sees it: an envelope decoded, anything else as it is.
+
+        Raises:
+            PayloadUnreadableError: the envelope cannot be decoded (no codec, a key
+                this process lacks, a wrong key, corrupt data); the text names the
+                instance and ``what``.
+        """
+        if not is_sealed(value):
+            return value
+        try:
+            return self._decode(value)
+        except CodecError as exc:
+            raise PayloadUnreadableError(instance_id, what, str(exc), step=step) from None
+
+    def show(self, value: JSON) -> JSON:
+        """``value`` for a person to read: decoded if this process can, else ``ENCRYPTED``."""
+        if not is_sealed(value):
+            return value
+        try:
+            return self._decode(value)
+        except CodecError:
+            return ENCRYPTED
+
+    def _decode(self, envelope: dict[str, JSON]) -> JSON:
+        codec = self.codec
+        name = envelope.get(CODEC_FIELD)
+        if codec is None:
+            raise CodecError(f"it is sealed by codec {name!r} and this process has no codec (STEPLINE_CODEC)")
+        if name != codec.name:
+            raise CodecError(f"it is sealed by codec {name!r}, this process has {codec.name!r}")
+        key_id, data = envelope.get("key"), envelope.get("data")
+        if not isinstance(key_id, str) or not isinstance(data, str):
+            raise CodecError("its envelope lacks a key id or data")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise CodecError("its data is not base64") from None
+        body = codec.decode(raw, key_id)
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, ValueError):
+            raise CodecError(f"key {key_id!r} decoded it to something that is not JSON") from None
+
+
+def load_codec(path: str | None, settings: object) -> PayloadCodec | None:
+    """The codec ``STEPLINE_CODEC`` names (``package.module:Name`` or ``package.module.Name``); None if unset.
+
+    The named object is called with the settings: its ``from_settings`` if it
+    has one (a class such as ``AesGcmCodec``), else itself (a factory function).
+
+    Raises:
+        ConfigError: the path does not import, or what it names does not make a codec.
+    """
+    if not path:
+        return None
+    module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(
+            f"configuration error: STEPLINE_CODEC={path!r} cannot be imported: {type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        codec = getattr(factory, "from_settings", factory)(settings)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the user's factory may raise anything: one clear line at start-up
+        raise ConfigError(
+            f"configuration error: STEPLINE_CODEC={path!r} failed to make a codec: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(codec, PayloadCodec) or not isinstance(getattr(codec, "name", None), str):
+        raise ConfigError(
+            f"configuration error: STEPLINE_CODEC={path!r} made a {type(codec).__name__}, "
+            "not a payload codec (a name, encode(data) and decode(data, key_id))"
+        )
+    return codec
+
+
+def payloads_from_settings(settings: Any) -> Payloads:
+    """The ``Payloads`` of ``STEPLINE_CODEC`` (and its settings): plain when it is unset.
+
+    Raises:
+        ConfigError: as ``load_codec``.
+    """
+    return Payloads(load_codec(settings.codec, settings))

@@ -309,6 +309,16 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$",
         description="Prefix of every exchange and queue name.",
     )
+    codec: str | None = Field(
+        default=None,
+        description="Payload codec, as an import path (e.g. stepline.AesGcmCodec): seals params, results, "
+        "outputs and events at rest and on the wire. Unset: payloads are plain JSON.",
+    )
+    codec_keys: SecretStr | None = Field(
+        default=None,
+        description="The AES-GCM codec's keys, id:base64key pairs, comma-separated, the encrypting key "
+        "first (every key listed still decrypts).",
+    )
     max_payload_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,

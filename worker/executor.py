@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from stepline.shared import codec
-from stepline.shared.codec import JSON
+from stepline.shared.codec import JSON, Payloads
 from stepline.shared.errors import NonRetryableError, PayloadTooLargeError, StepTimeoutError
 from stepline.shared.failures import failure_record
 from stepline.shared.history import format_key
@@ -28,6 +28,8 @@ class StepSucceeded:
     result: JSON
     started_at: datetime
     finished_at: datetime
+    stored: JSON
+    """``result`` as it is written: sealed by the codec if one is set (else ``result`` itself)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +57,13 @@ class StepExecutor:
         default_timeout: timedelta,
         payload_limit: int,
         max_timeout: timedelta = timedelta(minutes=25),
+        payloads: Payloads | None = None,
     ) -> None:
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stepline-step")
         self._default_timeout = default_timeout
         self._max_timeout = max_timeout
         self._payload_limit = payload_limit
+        self._payloads = payloads or Payloads()
 
     def shutdown(self) -> None:
         """Stop the thread pool without waiting for abandoned (timed-out) threads."""
@@ -105,7 +109,7 @@ class StepExecutor:
         except (TypeError, ValueError) as exc:
             error = NonRetryableError(f"step {name!r} returned a value that is not JSON-serialisable: {exc}")
             return self._failed(error, False, "failed", started_at)
-        return StepSucceeded(result, started_at, datetime.now(UTC))
+        return StepSucceeded(result, started_at, datetime.now(UTC), self._payloads.seal(result))
 
     async def _invoke(self, call: StepCall) -> Any:
         if inspect.iscoroutinefunction(call.fn):

@@ -355,7 +355,7 @@ class StepRunner:
         attempt = SucceededAttempt(
             message.attempt, self._worker_id, result.started_at, result.finished_at, self._build_id
         )
-        rows = await self._commit_at_version(history, key, transition, attempt, result.result)
+        rows = await self._commit_at_version(history, key, transition, attempt, result.stored)
         if rows is None:
             return None
         settled = (key, message.attempt, result.result)
@@ -517,7 +517,7 @@ class StepRunner:
             started_at=result.started_at,
             finished_at=result.finished_at,
             status=status,
-            result=result.result if isinstance(result, StepSucceeded) else None,
+            result=result.stored if isinstance(result, StepSucceeded) else None,
             error=None if isinstance(result, StepSucceeded) else result.error,
             next_attempt=attempt + 1 if retry else None,
             build_id=self._build_id,
