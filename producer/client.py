@@ -20,7 +20,7 @@ from stepline.producer.bulk import BulkAction, BulkOutcome, BulkRun, rule_of
 from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait, ScheduleInfo, StepInfo
 from stepline.shared import codec
 from stepline.shared.broker import Broker, WorkflowQueue, create_broker
-from stepline.shared.codec import PayloadCodec, Payloads
+from stepline.shared.codec import OFFLOAD_FIELD, PayloadCodec, Payloads, is_offloaded
 from stepline.shared.db.bulk_statements import InstanceSelection
 from stepline.shared.db.engine import mask_url
 from stepline.shared.db.limits import WAITING_FOR
@@ -135,7 +135,11 @@ class Client:
             if row is None:
                 return None
             step_rows = await tx.get_step_rows(instance_id)
-        return _instance(row, [_step(step, self._payloads) for step in step_rows], self._payloads)
+            apart = await tx.load_payloads(
+                [step.result[OFFLOAD_FIELD] for step in step_rows if is_offloaded(step.result)]
+            )
+        steps = [_step(step, self._payloads, apart) for step in step_rows]
+        return _instance(row, steps, self._payloads)
 
     async def list(
         self,
@@ -754,14 +758,18 @@ def _instance(row: Any, steps: builtins.list[StepInfo], payloads: Payloads) -> I
     )
 
 
-def _step(row: Any, payloads: Payloads) -> StepInfo:
+def _step(row: Any, payloads: Payloads, apart: dict[str, Any]) -> StepInfo:
+    """A step row as shown: its result read back from ``apart`` if stored there, and opened."""
+    result = row.result
+    if is_offloaded(result):
+        result = apart.get(result[OFFLOAD_FIELD], result)
     return StepInfo(
         name=row.name,
         occurrence=row.occurrence,
         kind=row.kind,
         status=row.status,
         attempts=row.attempt,
-        result=payloads.show(row.result),
+        result=payloads.show(result),
         error=row.error,
         started_at=row.started_at,
         finished_at=row.finished_at,

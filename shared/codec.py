@@ -14,6 +14,9 @@ import base64
 import binascii
 import importlib
 import json
+import uuid
+import zlib
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
@@ -62,11 +65,13 @@ def scrub_nul(value: JSON) -> JSON:
     return value
 
 
-def encode(value: JSON, *, limit: int, what: str = "payload") -> bytes:
-    """Encode JSON data as UTF-8 bytes, refusing more than ``limit`` bytes."""
+def encode(
+    value: JSON, *, limit: int, what: str = "payload", setting: str = "STEPLINE_MAX_PAYLOAD_BYTES"
+) -> bytes:
+    """Encode JSON data as UTF-8 bytes, refusing more than ``limit`` bytes (the limit ``setting`` sets)."""
     body = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     if len(body) > limit:
-        raise PayloadTooLargeError(what, len(body), limit)
+        raise PayloadTooLargeError(what, len(body), limit, setting=setting)
     return body
 
 
@@ -95,6 +100,36 @@ CODEC_FIELD = "$codec"
 ENCRYPTED = "<encrypted>"
 """What a reader without the codec's key shows in place of a sealed payload."""
 
+OFFLOAD_FIELD = "$payload"
+"""The key that marks a reference to a payload stored apart: ``{"$payload": id, "bytes": size}``."""
+
+GONE = "<payload gone>"
+"""What a reader shows for a reference whose ``payloads`` row is gone."""
+
+DEFAULT_OFFLOAD_ABOVE = 256 * 1024
+DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Offloaded:
+    """A payload to store apart, in the ``payloads`` table, before the row that refers to it."""
+
+    id: str
+    data: bytes
+    """The stored value's JSON (sealed first if a codec is set), zlib-compressed."""
+    size: int
+    """Bytes of JSON before compression."""
+
+
+def is_offloaded(value: JSON) -> bool:
+    """Whether ``value`` is a reference to a payload stored apart."""
+    return type(value) is dict and OFFLOAD_FIELD in value
+
+
+def unpack(data: bytes) -> JSON:
+    """The stored value of an ``Offloaded.data`` (still sealed if it was)."""
+    return json.loads(zlib.decompress(data))
+
 
 @runtime_checkable
 class PayloadCodec(Protocol):
@@ -118,8 +153,8 @@ class PayloadCodec(Protocol):
 
 
 def is_sealed(value: JSON) -> bool:
-    """Whether ``value`` is a codec's envelope."""
-    return type(value) is dict and CODEC_FIELD in value
+    """Whether ``value`` is a codec's envelope, or a reference to a payload stored apart."""
+    return type(value) is dict and (CODEC_FIELD in value or OFFLOAD_FIELD in value)
 
 
 class Payloads:
@@ -127,12 +162,35 @@ class Payloads:
 
     ``Payloads()`` is the plain way (no codec): ``seal`` returns its value as is,
     and ``open`` refuses an envelope (there is no key to open it with).
+    ``offload_above`` and ``max_bytes`` bound a step result (see ``prepare``).
     """
 
-    __slots__ = ("codec",)
+    __slots__ = ("codec", "max_bytes", "offload_above")
 
-    def __init__(self, codec: PayloadCodec | None = None) -> None:
+    def __init__(
+        self,
+        codec: PayloadCodec | None = None,
+        *,
+        offload_above: int = DEFAULT_OFFLOAD_ABOVE,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
         self.codec = codec
+        self.offload_above = offload_above
+        self.max_bytes = max_bytes
+
+    def prepare(self, value: JSON, body: bytes) -> tuple[JSON, Offloaded | None]:
+        """A step result as written (``body``: its JSON), and the payload row to write first, if any.
+
+        Up to ``offload_above`` bytes the result is written in its step row (sealed
+        if a codec is set): one length check. Past it, the sealed value is
+        compressed into a payload row, and the step row holds only its reference.
+        """
+        if len(body) <= self.offload_above:
+            return self.seal(value), None
+        sealed = self.seal(value)
+        data = body if sealed is value else _json_bytes(sealed)
+        row = Offloaded(uuid.uuid4().hex, zlib.compress(data, 1), len(data))
+        return {OFFLOAD_FIELD: row.id, "bytes": row.size}, row
 
     def seal(self, value: JSON) -> JSON:
         """``value`` as it is stored and sent: an envelope if a codec is set, else ``value`` itself.
@@ -142,8 +200,7 @@ class Payloads:
         codec = self.codec
         if codec is None or value is None or is_sealed(value):
             return value
-        body = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-        key_id, data = codec.encode(body)
+        key_id, data = codec.encode(_json_bytes(value))
         return {CODEC_FIELD: codec.name, "key": key_id, "data": base64.b64encode(data).decode("ascii")}
 
     def open(self, value: JSON, *, instance_id: str, what: str, step: str | None = None) -> JSON:
@@ -162,15 +219,23 @@ class Payloads:
             raise PayloadUnreadableError(instance_id, what, str(exc), step=step) from None
 
     def show(self, value: JSON) -> JSON:
-        """``value`` for a person to read: decoded if this process can, else ``ENCRYPTED``."""
+        """``value`` for a person to read: decoded if this process can, else ``ENCRYPTED`` (or ``GONE``)."""
         if not is_sealed(value):
             return value
+        if OFFLOAD_FIELD in value:
+            return GONE  # a reference left: its row was not found
         try:
             return self._decode(value)
         except CodecError:
             return ENCRYPTED
 
     def _decode(self, envelope: dict[str, JSON]) -> JSON:
+        if OFFLOAD_FIELD in envelope:
+            # Readers swap references for their rows first (load_history): this one's row is gone.
+            raise CodecError(
+                f"its offloaded payload {envelope[OFFLOAD_FIELD]!r} is not in the payloads table "
+                "(deleted by a prune or by hand)"
+            )
         codec = self.codec
         name = envelope.get(CODEC_FIELD)
         if codec is None:
@@ -189,6 +254,10 @@ class Payloads:
             return json.loads(body)
         except (UnicodeDecodeError, ValueError):
             raise CodecError(f"key {key_id!r} decoded it to something that is not JSON") from None
+
+
+def _json_bytes(value: JSON) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def load_codec(path: str | None, settings: object) -> PayloadCodec | None:
@@ -232,4 +301,8 @@ def payloads_from_settings(settings: Any) -> Payloads:
     Raises:
         ConfigError: as ``load_codec``.
     """
-    return Payloads(load_codec(settings.codec, settings))
+    return Payloads(
+        load_codec(settings.codec, settings),
+        offload_above=settings.payload.offload_above,
+        max_bytes=settings.payload.max_bytes,
+    )

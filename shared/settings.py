@@ -240,6 +240,24 @@ class LimitsSettings(BaseModel):
         return self
 
 
+class PayloadSettings(BaseModel):
+    """``STEPLINE_PAYLOAD__*``: large payloads, stored once in the ``payloads`` table (docs/payloads.md)."""
+
+    offload_above: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="A step result larger than this many bytes of JSON is stored once, compressed, in the "
+        "payloads table, and its step row holds a reference.",
+    )
+    max_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest step result accepted (offloaded); messages keep STEPLINE_MAX_PAYLOAD_BYTES.",
+    )
+
+
 class OutboxSettings(BaseModel):
     """``STEPLINE_OUTBOX__*``: the relay that republishes rows a crash left behind."""
 
@@ -323,7 +341,7 @@ class Settings(BaseSettings):
         default=1024 * 1024,
         ge=1024,
         le=64 * 1024 * 1024,
-        description="Largest params, result or message accepted.",
+        description="Largest params, event or message accepted (step results: STEPLINE_PAYLOAD__MAX_BYTES).",
     )
     jaeger_url: str | None = Field(
         default=None,
@@ -362,6 +380,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    payload: PayloadSettings = Field(default_factory=PayloadSettings)
     ui: UiSettings = Field(default_factory=UiSettings)
 
     @field_validator("startup_timeout")
@@ -481,6 +500,7 @@ __all__ = [
     "DatabaseSettings",
     "DurationSetting",
     "OutboxSettings",
+    "PayloadSettings",
     "SchedulerSettings",
     "Settings",
     "TlsSettings",

@@ -29,3 +29,23 @@ async def sealed_order(ctx: Context, params: Any) -> dict[str, Any]:
 @workflow("sealed-vault")
 async def sealed_vault(ctx: Context, params: Any) -> dict[str, str]:
     return {"token": await ctx.step("store", vault, params["card"])}
+
+
+BIG_BYTES = 50 * 1024 * 1024
+
+
+async def make_big(size: int) -> dict[str, Any]:
+    """A result of ``size`` characters: far over the offload threshold and the message limit."""
+    return {"blob": "ab" * (size // 2), "tail": "end"}
+
+
+async def measure(big: dict[str, Any]) -> dict[str, Any]:
+    return {"length": len(big["blob"]), "tail": big["tail"], "head": big["blob"][:4]}
+
+
+@workflow("big-result")
+async def big_result(ctx: Context, size: int) -> dict[str, Any]:
+    """A 50 MiB step result, read back by the next step after a wait (so from the database)."""
+    big = await ctx.step("make", make_big, size)
+    await ctx.wait_for_event("go", event_type="go", timeout="1h")
+    return await ctx.step("measure", measure, big)

@@ -291,6 +291,11 @@ class StepRunner:
         """Run the step's code once and commit the attempt (see ``_run``)."""
         key = _step_key(message)
         result = await self._attempt(workflow, history, message, call)
+        if isinstance(result, StepSucceeded) and result.offloaded is not None:
+            # Written once, before the commit that refers to it; a commit that turns out stale
+            # leaves the row to its instance, deleted with it.
+            async with self._store.statements() as tx:
+                await tx.insert_payload(history.instance_id, result.offloaded)
         values = replay.values  # recorded before the step ran: a newer replay keeps them
         if not isinstance(result, StepSucceeded):
             return await self._commit_locked(workflow, message, result, history, replay, values)

@@ -8,7 +8,16 @@ import json
 import pytest
 
 from stepline import AesGcmCodec, PayloadCodec, PayloadUnreadableError
-from stepline.shared.codec import ENCRYPTED, Payloads, is_sealed, load_codec, payloads_from_settings
+from stepline.shared.codec import (
+    ENCRYPTED,
+    GONE,
+    Payloads,
+    is_offloaded,
+    is_sealed,
+    load_codec,
+    payloads_from_settings,
+    unpack,
+)
 from stepline.shared.errors import ConfigError
 from stepline.shared.settings import Settings
 
@@ -118,3 +127,35 @@ def test_a_codec_that_does_not_load_is_a_clear_config_error(
     assert expected in str(raised.value)
     if keys and ":" in keys:
         assert keys.split(":", 1)[1] not in str(raised.value)  # key material is never shown
+
+
+def test_a_small_result_stays_in_its_row_and_a_large_one_is_stored_apart_compressed() -> None:
+    plain = Payloads(offload_above=1024)
+    small = {"n": 1}
+    assert plain.prepare(small, json.dumps(small).encode()) == (small, None)
+    large = {"blob": "x" * 5000}
+    body = json.dumps(large, separators=(",", ":")).encode()
+    stored, row = plain.prepare(large, body)
+    assert row is not None and stored == {"$payload": row.id, "bytes": len(body)}
+    assert len(row.data) < len(body) // 10
+    assert unpack(row.data) == large
+
+
+def test_a_large_result_is_sealed_then_stored_apart() -> None:
+    payloads = Payloads(AesGcmCodec({"k1": _key()}), offload_above=1024)
+    large = {"card": SECRET["card"], "blob": "x" * 5000}
+    stored, row = payloads.prepare(large, json.dumps(large).encode())
+    assert row is not None and is_offloaded(stored)
+    sealed = unpack(row.data)
+    assert sealed["key"] == "k1" and "4111" not in json.dumps(sealed)
+    assert _open(payloads, sealed) == large
+
+
+def test_a_reference_whose_row_is_gone_is_a_clear_error_and_shows_as_gone() -> None:
+    reference = {"$payload": "abc123", "bytes": 9000}
+    with pytest.raises(
+        PayloadUnreadableError, match="offloaded payload 'abc123' is not in the payloads table"
+    ):
+        _open(Payloads(), reference)
+    assert Payloads().show(reference) == GONE
+    assert Payloads(AesGcmCodec({"k1": _key()})).seal(reference) is reference
