@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     )
     from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, ScheduleInfo, StepInfo
     from stepline.producer.producer import Producer, WorkflowRef
+    from stepline.shared.aes_gcm import AesGcmCodec
+    from stepline.shared.codec import PayloadCodec
     from stepline.shared.errors import (
         BrokerError,
         ConfigError,
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
         InvalidParamsError,
         InvalidStateError,
         PayloadTooLargeError,
+        PayloadUnreadableError,
         SteplineError,
         StorageError,
         UnregisteredWorkflowError,
@@ -52,6 +55,9 @@ _LAZY = {
     ],
     "stepline.producer.models": ["AttemptInfo", "EventInfo", "InstanceInfo", "ScheduleInfo", "StepInfo"],
     "stepline.producer.producer": ["Producer", "WorkflowRef"],
+    # The payload codec: AesGcmCodec loads `cryptography` only in a process that uses it.
+    "stepline.shared.aes_gcm": ["AesGcmCodec"],
+    "stepline.shared.codec": ["PayloadCodec"],
     "stepline.shared.errors": [
         "BrokerError",
         "ConfigError",
@@ -60,6 +66,7 @@ _LAZY = {
         "InvalidParamsError",
         "InvalidStateError",
         "PayloadTooLargeError",
+        "PayloadUnreadableError",
         "SteplineError",
         "StorageError",
         "UnregisteredWorkflowError",
@@ -90,6 +97,9 @@ __all__ = [
     "ScheduleInfo",
     "StepInfo",
     "WorkflowRef",
+    # Sealing payloads at rest and on the wire (STEPLINE_CODEC).
+    "AesGcmCodec",
+    "PayloadCodec",
     # Settings, read as the workers read them (Producer.from_settings).
     "Settings",
     "load_settings",
@@ -103,6 +113,7 @@ __all__ = [
     "InvalidScheduleError",
     "InvalidStateError",
     "PayloadTooLargeError",
+    "PayloadUnreadableError",
     "ScheduleConflictError",
     "ScheduleNotFoundError",
     "SteplineError",

@@ -82,6 +82,7 @@ def _print_json(data: Any) -> None:
 
 def _with_client(settings: Settings, use: Callable[[Client], Awaitable[T]], *, publishes: bool = False) -> T:
     from stepline.producer.client import Client
+    from stepline.shared.codec import load_codec
 
     async def body() -> T:
         async with Client(
@@ -91,6 +92,7 @@ def _with_client(settings: Settings, use: Callable[[Client], Awaitable[T]], *, p
             max_payload_bytes=settings.max_payload_bytes,
             broker=settings.broker,
             database=settings.db,
+            codec=load_codec(settings.codec, settings),
         ) as client:
             return await use(client)
 

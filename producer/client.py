@@ -20,6 +20,7 @@ from stepline.producer.bulk import BulkAction, BulkOutcome, BulkRun, rule_of
 from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait, ScheduleInfo, StepInfo
 from stepline.shared import codec
 from stepline.shared.broker import Broker, WorkflowQueue, create_broker
+from stepline.shared.codec import OFFLOAD_FIELD, PayloadCodec, Payloads, is_offloaded
 from stepline.shared.db.bulk_statements import InstanceSelection
 from stepline.shared.db.engine import mask_url
 from stepline.shared.db.limits import WAITING_FOR
@@ -84,8 +85,12 @@ class Client:
         max_payload_bytes: int = 1024 * 1024,
         broker: BrokerSettings | None = None,
         database: DatabaseSettings | None = None,
+        codec: PayloadCodec | None = None,
     ) -> None:
         self._broker_settings = broker
+        # Events leave sealed; what is read back is opened with this codec's keys, and
+        # shown as ``ENCRYPTED`` where this process has none that fits.
+        self._payloads = Payloads(codec)
         self._database_settings = database or DatabaseSettings()
         self._database_url = database_url
         self._amqp_url = amqp_url
@@ -130,7 +135,11 @@ class Client:
             if row is None:
                 return None
             step_rows = await tx.get_step_rows(instance_id)
-        return _instance(row, [_step(step) for step in step_rows])
+            apart = await tx.load_payloads(
+                [step.result[OFFLOAD_FIELD] for step in step_rows if is_offloaded(step.result)]
+            )
+        steps = [_step(step, self._payloads, apart) for step in step_rows]
+        return _instance(row, steps, self._payloads)
 
     async def list(
         self,
@@ -170,7 +179,7 @@ class Client:
                 id_prefix=id_prefix,
                 build_id=build_id,
             )
-        return [_instance(row, []) for row in rows]
+        return [_instance(row, [], self._payloads) for row in rows]
 
     async def attempts(self, instance_id: str) -> builtins.list[AttemptInfo]:
         """Every finished step attempt of an instance, oldest first."""
@@ -205,7 +214,7 @@ class Client:
                 "position": row.position,
                 "kind": "value",
                 "status": "succeeded",
-                "result": row.result,
+                "result": self._payloads.show(row.result),
             }
             for row in rows
         ]
@@ -219,7 +228,7 @@ class Client:
             EventInfo(
                 event_id=row.event_id,
                 event_type=row.event_type,
-                payload=row.payload,
+                payload=self._payloads.show(row.payload),
                 created_at=row.created_at,
                 consumed_by=row.consumed_step,
                 consumed_at=row.consumed_at,
@@ -511,7 +520,7 @@ class Client:
             instance_id=instance_id,
             event_id=event_id,
             event_type=event_type,
-            payload=data,
+            payload=self._payloads.seal(data),
         )
         await self._broker_needed("send_event").publish(
             message.routing_key, encode_message(message, limit=self._limit), row.trace_context
@@ -727,13 +736,13 @@ def _resume_action(instance_id: str, limit: int) -> Callable[[Transaction], Awai
     return lambda tx: control.resume(tx, instance_id, limit=limit)
 
 
-def _instance(row: Any, steps: builtins.list[StepInfo]) -> InstanceInfo:
+def _instance(row: Any, steps: builtins.list[StepInfo], payloads: Payloads) -> InstanceInfo:
     return InstanceInfo(
         id=row.id,
         workflow=row.workflow,
         status=row.status,
-        params=row.params,
-        output=row.output,
+        params=payloads.show(row.params),
+        output=payloads.show(row.output),
         error=row.error,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -749,14 +758,18 @@ def _instance(row: Any, steps: builtins.list[StepInfo]) -> InstanceInfo:
     )
 
 
-def _step(row: Any) -> StepInfo:
+def _step(row: Any, payloads: Payloads, apart: dict[str, Any]) -> StepInfo:
+    """A step row as shown: its result read back from ``apart`` if stored there, and opened."""
+    result = row.result
+    if is_offloaded(result):
+        result = apart.get(result[OFFLOAD_FIELD], result)
     return StepInfo(
         name=row.name,
         occurrence=row.occurrence,
         kind=row.kind,
         status=row.status,
         attempts=row.attempt,
-        result=row.result,
+        result=payloads.show(result),
         error=row.error,
         started_at=row.started_at,
         finished_at=row.finished_at,

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from stepline.shared import codec
 from stepline.shared.broker import Broker, WorkflowQueue, create_broker
-from stepline.shared.codec import JSON
+from stepline.shared.codec import JSON, PayloadCodec, Payloads, load_codec
 from stepline.shared.errors import BadPayloadError, InvalidParamsError, UnregisteredWorkflowError
 from stepline.shared.hooks import Hooks
 from stepline.shared.messages import (
@@ -57,11 +57,14 @@ class Producer:
         max_payload_bytes: int = 1024 * 1024,
         hooks: Hooks | None = None,
         broker: BrokerSettings | None = None,
+        codec: PayloadCodec | None = None,
     ) -> None:
         # The queue type must match the workers': whoever declares a queue first fixes it.
         self._broker: Broker = create_broker(amqp_url, namespace, broker)
         self._namespace = namespace
         self._limit = max_payload_bytes
+        # Params leave this process sealed: the broker and the database only ever see the envelope.
+        self._payloads = Payloads(codec)
         # Workflows seen registered on this connection: a queue is not deleted in normal
         # operation, so one look per workflow is enough (and a batch costs one round trip).
         self._registered: set[str] = set()
@@ -77,6 +80,7 @@ class Producer:
             max_payload_bytes=settings.max_payload_bytes,
             hooks=hooks,
             broker=settings.broker,
+            codec=load_codec(settings.codec, settings),
         )
 
     async def __aenter__(self) -> Producer:
@@ -202,7 +206,9 @@ class Producer:
         else:
             raw = workflow.encode_params(params)
         try:
-            return StartMessage(workflow=name, instance_id=given, params=raw, priority=priority)
+            return StartMessage(
+                workflow=name, instance_id=given, params=self._payloads.seal(raw), priority=priority
+            )
         except ValidationError as exc:
             raise BadPayloadError(f"invalid start event: {format_validation_error(exc)}") from None
 

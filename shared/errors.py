@@ -22,8 +22,10 @@ class BadPayloadError(SteplineError):
 class PayloadTooLargeError(BadPayloadError):
     """A payload is over the configured size limit."""
 
-    def __init__(self, what: str, size: int, limit: int) -> None:
-        super().__init__(f"{what} is {size} bytes, over the {limit}-byte limit (STEPLINE_MAX_PAYLOAD_BYTES)")
+    def __init__(
+        self, what: str, size: int, limit: int, *, setting: str = "STEPLINE_MAX_PAYLOAD_BYTES"
+    ) -> None:
+        super().__init__(f"{what} is {size} bytes, over the {limit}-byte limit ({setting})")
         self.size = size
         self.limit = limit
 
@@ -52,6 +54,29 @@ class MisaddressedMessageError(BadPayloadError):
         self.instance_id = instance_id
         self.message_workflow = message_workflow
         self.instance_workflow = instance_workflow
+
+
+class CodecError(SteplineError):
+    """A payload codec cannot decode a payload: its key is missing or wrong, or the data is corrupt.
+
+    Codecs raise it from ``decode``; the text says which key and what was wrong,
+    never any key material.
+    """
+
+
+class PayloadUnreadableError(SteplineError):
+    """A stored payload cannot be read back: its codec failed, or its offloaded row is gone.
+
+    ``what`` names the value ("the result of step 'charge'", "the params"),
+    ``step`` the step it belongs to, if any.
+    """
+
+    def __init__(self, instance_id: str, what: str, reason: str, *, step: str | None = None) -> None:
+        super().__init__(f"cannot read {what} of instance {instance_id!r}: {reason}")
+        self.instance_id = instance_id
+        self.what = what
+        self.step = step
+        self.reason = reason
 
 
 class InvalidParamsError(BadPayloadError):

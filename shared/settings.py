@@ -237,6 +237,24 @@ class LimitsSettings(BaseModel):
         return self
 
 
+class PayloadSettings(BaseModel):
+    """``STEPLINE_PAYLOAD__*``: large payloads, stored once in the ``payloads`` table (docs/payloads.md)."""
+
+    offload_above: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="A step result larger than this many bytes of JSON is stored once, compressed, in the "
+        "payloads table, and its step row holds a reference.",
+    )
+    max_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description="Largest step result accepted (offloaded); messages keep STEPLINE_MAX_PAYLOAD_BYTES.",
+    )
+
+
 class OutboxSettings(BaseModel):
     """``STEPLINE_OUTBOX__*``: the relay that republishes rows a crash left behind."""
 
@@ -306,11 +324,21 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$",
         description="Prefix of every exchange and queue name.",
     )
+    codec: str | None = Field(
+        default=None,
+        description="Payload codec, as an import path (e.g. stepline.AesGcmCodec): seals params, results, "
+        "outputs and events at rest and on the wire. Unset: payloads are plain JSON.",
+    )
+    codec_keys: SecretStr | None = Field(
+        default=None,
+        description="The AES-GCM codec's keys, id:base64key pairs, comma-separated, the encrypting key "
+        "first (every key listed still decrypts).",
+    )
     max_payload_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,
         le=64 * 1024 * 1024,
-        description="Largest params, result or message accepted.",
+        description="Largest params, event or message accepted (step results: STEPLINE_PAYLOAD__MAX_BYTES).",
     )
     jaeger_url: str | None = Field(
         default=None,
@@ -349,6 +377,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    payload: PayloadSettings = Field(default_factory=PayloadSettings)
     ui: UiSettings = Field(default_factory=UiSettings)
 
     @field_validator("startup_timeout")
@@ -468,6 +497,7 @@ __all__ = [
     "DatabaseSettings",
     "DurationSetting",
     "OutboxSettings",
+    "PayloadSettings",
     "SchedulerSettings",
     "Settings",
     "TlsSettings",

@@ -16,6 +16,7 @@ from stepline.shared.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from stepline.producer import (
+        AesGcmCodec,
         AttemptInfo,
         BrokerError,
         Client,
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
         InvalidParamsError,
         InvalidScheduleError,
         InvalidStateError,
+        PayloadCodec,
         PayloadTooLargeError,
+        PayloadUnreadableError,
         Producer,
         Schedule,
         ScheduleConflictError,
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "stepline.producer": [
+        "AesGcmCodec",
         "AttemptInfo",
         "BrokerError",
         "Client",
@@ -74,7 +78,9 @@ _LAZY = {
         "InvalidParamsError",
         "InvalidScheduleError",
         "InvalidStateError",
+        "PayloadCodec",
         "PayloadTooLargeError",
+        "PayloadUnreadableError",
         "Producer",
         "Schedule",
         "ScheduleConflictError",
@@ -133,6 +139,9 @@ __all__ = [
     # Settings, read as the workers read them.
     "Settings",
     "load_settings",
+    # Sealing payloads at rest and on the wire (STEPLINE_CODEC).
+    "AesGcmCodec",
+    "PayloadCodec",
     # The errors a workflow or a client catches; SteplineError is the root.
     "BrokerError",
     "ConcurrencyKeyError",
@@ -147,6 +156,7 @@ __all__ = [
     "NonDeterminismError",
     "NonRetryableError",
     "PayloadTooLargeError",
+    "PayloadUnreadableError",
     "ScheduleConflictError",
     "ScheduleNotFoundError",
     "StepFailedError",

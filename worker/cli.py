@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from stepline.shared.codec import payloads_from_settings
 from stepline.shared.errors import ConfigError
 from stepline.shared.logs import configure_logging
 from stepline.shared.process import fail, run_until_signalled
@@ -73,6 +74,7 @@ def main(
         if "" not in sys.path:
             sys.path.insert(0, "")  # modules are named relative to the working directory
         workflows = load_workflows(settings.worker.workflows)
+        payloads_from_settings(settings)  # a codec that does not load: one line, exit 2
     except ConfigError as exc:
         fail("stepline-worker", str(exc))
     identity = worker_id or default_worker_id()

@@ -37,6 +37,7 @@ def debug(instance_id: str, modules: tuple[str, ...], stop_at_start: bool, as_js
     """
     import asyncio
 
+    from stepline.shared.codec import payloads_from_settings
     from stepline.shared.db import stores
     from stepline.shared.errors import ConfigError, InstanceNotFoundError, SteplineError
     from stepline.shared.settings import load_settings
@@ -48,6 +49,7 @@ def debug(instance_id: str, modules: tuple[str, ...], stop_at_start: bool, as_js
         if "" not in sys.path:
             sys.path.insert(0, "")  # modules are named relative to the working directory, as for the worker
         workflows = load_workflows(modules)
+        payloads = payloads_from_settings(settings)  # the codec's keys open what the replay reads
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -70,7 +72,7 @@ def debug(instance_id: str, modules: tuple[str, ...], stop_at_start: bool, as_js
             f"instance {instance_id!r} is of workflow {recorded.history.workflow!r}, "
             f"which {', '.join(modules)} does not define"
         )
-    report = debug_replay(workflow, recorded, stop_at_start=stop_at_start)
+    report = debug_replay(workflow, recorded, stop_at_start=stop_at_start, payloads=payloads)
     if as_json:
         click.echo(json.dumps(_as_json(report), indent=2, default=str))
     else:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from stepline.shared.codec import JSON
+from stepline.shared.codec import JSON, Payloads
 from stepline.shared.db.store import Store
 from stepline.shared.errors import InstanceNotFoundError, NonDeterminismError
 from stepline.shared.failures import describe as describe_failure
@@ -93,7 +93,11 @@ async def load_recorded(store: Store, instance_id: str) -> Recorded:
 
 
 def debug_replay(
-    workflow: Workflow[Any, Any], recorded: Recorded, *, stop_at_start: bool = False
+    workflow: Workflow[Any, Any],
+    recorded: Recorded,
+    *,
+    stop_at_start: bool = False,
+    payloads: Payloads | None = None,
 ) -> DebugReport:
     """Replay ``recorded`` against ``workflow``'s code in this process; run no step, write nothing.
 
@@ -103,7 +107,7 @@ def debug_replay(
     """
     history = recorded.history
     report = DebugReport(history.instance_id, history.workflow, str(history.status))
-    with Replay(workflow, history) as replay:
+    with Replay(workflow, history, payloads=payloads) as replay:
         outcome = _under_pdb(workflow, replay.start) if stop_at_start else replay.start()
         report.replayed = [_entry(history, key, kind) for key, kind in replay.asked]
     _conclude(report, outcome, recorded)

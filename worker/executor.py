@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from stepline.shared import codec
-from stepline.shared.codec import JSON
+from stepline.shared.codec import JSON, Offloaded, Payloads
 from stepline.shared.errors import (
     HeartbeatTimeoutError,
     NonRetryableError,
@@ -33,6 +33,11 @@ class StepSucceeded:
     result: JSON
     started_at: datetime
     finished_at: datetime
+    stored: JSON
+    """``result`` as it is written: sealed by the codec if one is set (else ``result`` itself),
+    or the reference to ``offloaded``."""
+    offloaded: Offloaded | None = None
+    """A result too large for its step row: the payload row to write before the commit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +65,14 @@ class StepExecutor:
         default_timeout: timedelta,
         payload_limit: int,
         max_timeout: timedelta = timedelta(minutes=25),
+        payloads: Payloads | None = None,
     ) -> None:
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stepline-step")
         self._default_timeout = default_timeout
         self._max_timeout = max_timeout
-        self._payload_limit = payload_limit
+        # A result's own limit: ``payloads.max_bytes`` (STEPLINE_PAYLOAD__MAX_BYTES), as results
+        # travel in no message; without ``payloads`` (the testing kit), ``payload_limit``.
+        self._payloads = payloads or Payloads(max_bytes=payload_limit)
 
     def shutdown(self) -> None:
         """Stop the thread pool without waiting for abandoned (timed-out) threads."""
@@ -110,13 +118,20 @@ class StepExecutor:
             reset_step_info(token)
         try:
             result = codec.scrub_nul(codec.to_jsonable(value))
-            codec.encode(result, limit=self._payload_limit, what=f"the result of step {name!r}")
+            # Results travel in no message: past STEPLINE_PAYLOAD__OFFLOAD_ABOVE they are stored apart.
+            body = codec.encode(
+                result,
+                limit=self._payloads.max_bytes,
+                what=f"the result of step {name!r}",
+                setting="STEPLINE_PAYLOAD__MAX_BYTES",
+            )
         except PayloadTooLargeError as exc:
             return self._failed(NonRetryableError(str(exc)), False, "failed", started_at)
         except (TypeError, ValueError) as exc:
             error = NonRetryableError(f"step {name!r} returned a value that is not JSON-serialisable: {exc}")
             return self._failed(error, False, "failed", started_at)
-        return StepSucceeded(result, started_at, datetime.now(UTC))
+        stored, offloaded = self._payloads.prepare(result, body)
+        return StepSucceeded(result, started_at, datetime.now(UTC), stored, offloaded)
 
     async def _invoke(self, call: StepCall) -> Any:
         if inspect.iscoroutinefunction(call.fn):

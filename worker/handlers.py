@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from stepline.shared import faults, slots
 from stepline.shared.broker import Delivery
+from stepline.shared.codec import Payloads
 from stepline.shared.db.engine import is_unreachable
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
@@ -26,6 +27,7 @@ from stepline.shared.errors import (
     ConcurrencyBusyError,
     ConcurrencyKeyError,
     InvalidParamsError,
+    PayloadUnreadableError,
     TerminatedError,
     UnknownWorkflowError,
     UnroutableError,
@@ -92,6 +94,7 @@ class MessageHandler:
         workflows: Mapping[str, Workflow[Any, Any]],
         payload_limit: int,
         worker_id: str,
+        payloads: Payloads | None = None,
         hooks: Hooks | None = None,
         retry_delay: float = 1.0,
         replay_cache: ReplayCache | None = None,
@@ -109,7 +112,7 @@ class MessageHandler:
         self._dead_letter = dead_letter
         self._workflows = workflows
         self._payload_limit = payload_limit
-        self._planner = Planner(payload_limit, self._hooks, clock or real_clock)
+        self._planner = Planner(payload_limit, self._hooks, clock or real_clock, payloads or Payloads())
         self._steps = StepRunner(
             store=store,
             planner=self._planner,
@@ -333,10 +336,16 @@ class MessageHandler:
     async def _start(
         self, workflow: Workflow[Any, Any], message: StartMessage, headers: dict[str, str]
     ) -> Committed:
+        payloads = self._planner.payloads
         try:
-            params = workflow.validate_params(message.params)
+            params = workflow.validate_params(
+                payloads.open(message.params, instance_id=message.instance_id, what="the params")
+            )
         except InvalidParamsError as exc:
             raise BadPayloadError(exc.reason) from None
+        except PayloadUnreadableError as exc:  # dead-lettered: `stepline dead replay` once the key is here
+            raise BadPayloadError(str(exc)) from None
+        stored = payloads.seal(message.params)  # a producer without the codec sent them plain
         parent = (
             ParentLink(
                 message.parent.instance_id,
@@ -352,7 +361,7 @@ class MessageHandler:
             instance_id=message.instance_id,
             workflow=workflow.name,
             status=InstanceStatus.RUNNING,
-            params=message.params,
+            params=stored,
             version=0,
             trace_context=trace_context,
             parent=parent,
@@ -361,7 +370,7 @@ class MessageHandler:
         instance = {
             "instance_id": message.instance_id,
             "workflow": workflow.name,
-            "params": message.params,
+            "params": stored,
             "trace_context": trace_context,
             "parent": parent,
             "build_id": self._build_id,

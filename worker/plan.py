@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from stepline.shared import codec, slots
-from stepline.shared.codec import JSON
+from stepline.shared.codec import JSON, Payloads
 from stepline.shared.db.records import Message, NewStep, NewTimer, OutboxRow
 from stepline.shared.db.transaction import Transaction
-from stepline.shared.errors import PayloadTooLargeError
+from stepline.shared.errors import PayloadTooLargeError, PayloadUnreadableError
 from stepline.shared.failures import failure_record
 from stepline.shared.history import History, ParentLink, StepKey, undone_key
 from stepline.shared.hooks import Hooks, NoHooks
@@ -53,7 +53,7 @@ def real_clock() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Planner:
-    """Turns replay outcomes into rows; knows the payload limit, who to tell, and the clock.
+    """Turns replay outcomes into rows; knows the payload limit and codec, who to tell, and the clock.
 
     ``clock`` is what ``ctx.now()`` records: the real time, or the testing kit's virtual time.
     """
@@ -61,6 +61,8 @@ class Planner:
     payload_limit: int
     hooks: Hooks = field(default_factory=NoHooks)
     clock: Callable[[], datetime] = field(default=real_clock)
+    payloads: Payloads = field(default_factory=Payloads)
+    """Seals what the instance writes (outputs, children's params); its replays open what they read."""
 
     def replay(
         self,
@@ -70,7 +72,9 @@ class Planner:
         carried_values: Mapping[StepKey, JSON] | None = None,
     ) -> Replay:
         """A replay of ``history`` on this planner's clock."""
-        return Replay(workflow, history, carried_values=carried_values, clock=self.clock)
+        return Replay(
+            workflow, history, carried_values=carried_values, clock=self.clock, payloads=self.payloads
+        )
 
     # ------------------------------------------------------------ messages
 
@@ -155,6 +159,10 @@ class Planner:
     ) -> list[OutboxRow]:
         """Record the replay's new entries and outcome; returns the outbox rows to publish."""
         outcome, matched = await self._hand_stored_events(tx, history, replay, outcome)
+        if outcome.kind == "raised" and isinstance(outcome.error, PayloadUnreadableError):
+            # A key not deployed yet, or a payload row gone: nothing is lost by holding the
+            # instance, and `resume` goes on once the payload can be read.
+            return await self.hold(tx, history, outcome.error)
         if outcome.kind == "blocked":
             return await self._record_blocked(tx, history, replay.new_entries, outcome, matched)
         return await self._finish(tx, history, replay.new_entries, outcome, matched)
@@ -305,7 +313,7 @@ class Planner:
                 codec.encode(outcome.output, limit=self.payload_limit, what="the workflow's output")
             except PayloadTooLargeError as exc:
                 return InstanceStatus.ERRORED, None, instance_error(exc)
-            return InstanceStatus.COMPLETE, codec.scrub_nul(outcome.output), None
+            return InstanceStatus.COMPLETE, self.payloads.seal(codec.scrub_nul(outcome.output)), None
         assert outcome.error is not None
         error = instance_error(outcome.error)
         if outcome.compensation_failures:
@@ -371,7 +379,7 @@ class Planner:
         message = StartMessage(
             workflow=detail["workflow"],
             instance_id=detail["child_id"],
-            params=entry.child_params,
+            params=self.payloads.seal(entry.child_params),
             parent=ParentRef(
                 instance_id=history.instance_id,
                 workflow=history.workflow,

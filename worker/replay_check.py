@@ -21,6 +21,7 @@ import click
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 
+from stepline.shared.codec import Payloads, payloads_from_settings
 from stepline.shared.db import stores
 from stepline.shared.db.store import Store
 from stepline.shared.errors import ConfigError, NonDeterminismError, SteplineError
@@ -67,6 +68,7 @@ async def check_instances(
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     page_size: int = 500,
+    payloads: Payloads | None = None,
 ) -> ReplayReport:
     """Replay the unfinished instances of ``workflows`` against their code; nothing is run or written.
 
@@ -77,6 +79,7 @@ async def check_instances(
         limit: Check at most this many instances.
         progress: Called with (checked, total) after each page.
         page_size: Histories read per round trip; memory holds one page.
+        payloads: The codec that opens encrypted params and results (``STEPLINE_CODEC``).
     """
     counts = await store.unfinished_workflows()
     if workflow is not None:
@@ -93,7 +96,7 @@ async def check_instances(
     async for page in store.unfinished_histories(report.workflows, page_size=page_size, limit=limit):
         for history in page:
             # A replay drives the workflow on a private loop: no step runs, nothing is written.
-            with Replay(workflows[history.workflow], history) as replay:
+            with Replay(workflows[history.workflow], history, payloads=payloads) as replay:
                 outcome = replay.start()
             if outcome.kind == "diverged":
                 assert isinstance(outcome.error, NonDeterminismError)
@@ -138,6 +141,7 @@ def replay_check(modules: tuple[str, ...], workflow: str | None, limit: int | No
     try:
         settings = load_settings(require=("database_url",))
         workflows = load_workflows(modules)
+        payloads = payloads_from_settings(settings)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if workflow is not None and workflow not in workflows:
@@ -155,7 +159,12 @@ def replay_check(modules: tuple[str, ...], workflow: str | None, limit: int | No
             store = stores.create_store(settings.database)
             try:
                 return await check_instances(
-                    store, workflows, workflow=workflow, limit=limit, progress=report_progress
+                    store,
+                    workflows,
+                    workflow=workflow,
+                    limit=limit,
+                    progress=report_progress,
+                    payloads=payloads,
                 )
             finally:
                 await store.close()

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from stepline.shared.broker import Broker, Delivery, create_broker
+from stepline.shared.codec import payloads_from_settings
 from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
 from stepline.shared.errors import BrokerError
@@ -52,6 +53,7 @@ async def run_worker(
             ``startup_timeout_s`` (default: the ``startup_timeout`` setting).
     """
     worker_id = worker_id or default_worker_id()
+    payloads = payloads_from_settings(settings)  # a codec that does not load stops the worker here
     build_id = settings.worker.build_id or source_build_id(workflows, settings.worker.workflows)
     if startup_timeout_s is None:
         startup_timeout_s = settings.startup_timeout.total_seconds()
@@ -82,6 +84,7 @@ async def run_worker(
         default_timeout=settings.worker.default_step_timeout,
         max_timeout=settings.worker.max_step_timeout,
         payload_limit=settings.max_payload_bytes,
+        payloads=payloads,
     )
     replay_cache = ReplayCache(settings.worker.replay_cache_size)
     in_flight: set[asyncio.Task[Any]] = set()
@@ -97,6 +100,7 @@ async def run_worker(
             executor=executor,
             workflows=workflows,
             payload_limit=settings.max_payload_bytes,
+            payloads=payloads,
             worker_id=worker_id,
             hooks=hooks,
             replay_cache=replay_cache,

@@ -400,6 +400,11 @@ class StepRunner:
     ) -> Committed:
         """Commit what the attempt did: unlocked for the usual success, else under the lock."""
         key = _step_key(message)
+        if isinstance(result, StepSucceeded) and result.offloaded is not None:
+            # Written once, before the commit that refers to it; a commit that turns out stale
+            # leaves the row to its instance, deleted with it.
+            async with self._store.statements() as tx:
+                await tx.insert_payload(history.instance_id, result.offloaded)
         values = replay.values  # recorded before the step ran: a newer replay keeps them
         if not isinstance(result, StepSucceeded):
             return await self._commit_locked(workflow, message, result, history, replay, values)
@@ -441,6 +446,8 @@ class StepRunner:
                 )
                 if not isinstance(result, StepSucceeded):
                     raise _RolledBack(result)
+                if result.offloaded is not None:
+                    await tx.insert_payload(history.instance_id, result.offloaded)
                 committed = await self._commit_locked(
                     workflow, message, result, history, replay, values, tx=tx
                 )
@@ -555,7 +562,7 @@ class StepRunner:
         attempt = SucceededAttempt(
             message.attempt, self._worker_id, result.started_at, result.finished_at, self._build_id
         )
-        rows = await self._commit_at_version(history, key, transition, attempt, result.result)
+        rows = await self._commit_at_version(history, key, transition, attempt, result.stored)
         if rows is None:
             return None
         settled = (key, message.attempt, result.result)
@@ -726,7 +733,7 @@ class StepRunner:
             started_at=result.started_at,
             finished_at=result.finished_at,
             status=status,
-            result=result.result if isinstance(result, StepSucceeded) else None,
+            result=result.stored if isinstance(result, StepSucceeded) else None,
             error=None if isinstance(result, StepSucceeded) else result.error,
             next_attempt=attempt + 1 if retry else None,
             build_id=self._build_id,

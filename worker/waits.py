@@ -201,7 +201,7 @@ async def deliver_event(
         history.instance_id,
         event_id=message.event_id,
         event_type=message.event_type,
-        payload=message.payload,
+        payload=planner.payloads.seal(message.payload),  # a sender without the codec sent it plain
     )
     if not stored:
         log.info(

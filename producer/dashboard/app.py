@@ -14,6 +14,7 @@ from stepline.producer.client import Client
 from stepline.producer.dashboard import actions, pages
 from stepline.producer.dashboard.security import Guard, GuardMiddleware
 from stepline.producer.dashboard.state import HERE, Dashboard, templates
+from stepline.shared.codec import load_codec
 from stepline.shared.db.stores import create_store
 from stepline.shared.settings import Settings
 
@@ -38,6 +39,7 @@ def create_app(settings: Settings, *, read_only: bool | None = None) -> Starlett
             namespace=settings.namespace,
             max_payload_bytes=settings.max_payload_bytes,
             broker=settings.broker,
+            codec=load_codec(settings.codec, settings),
         )
         async with client:
             dashboard.client = client

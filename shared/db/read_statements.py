@@ -15,13 +15,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from stepline.shared.db.payload_statements import PayloadStatements
 from stepline.shared.db.schema import events, instances, step_attempts, steps
 from stepline.shared.db.statements import INSTANCE_FIELDS, STEP_FIELDS, after_prefix, history_from
 from stepline.shared.history import History
 from stepline.shared.states import UNFINISHED_STATUSES, StepKind
 
 
-class ReadStatements:
+class ReadStatements(PayloadStatements):
     _conn: AsyncConnection
 
     async def unfinished_workflows(self) -> dict[str, int]:
@@ -65,7 +66,7 @@ class ReadStatements:
         )
         for step in step_rows:
             by_instance[step.instance_id].append(step._mapping)
-        return [history_from(row, by_instance[row.id]) for row in rows]
+        return [await self.with_payloads(history_from(row, by_instance[row.id])) for row in rows]
 
     async def get_instance_row(self, instance_id: str) -> sa.Row[Any] | None:
         """The whole instance row, for clients."""

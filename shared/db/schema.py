@@ -327,6 +327,20 @@ events = sa.Table(
     ),
 )
 
+# Payloads stored apart: a step result over STEPLINE_PAYLOAD__OFFLOAD_ABOVE is written here once,
+# zlib-compressed (sealed first if a codec is set), and its step row holds {"$payload": id, "bytes": n}.
+# Deleting (pruning) the instance deletes its payloads.
+payloads = sa.Table(
+    "payloads",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("instance_id", sa.Text, sa.ForeignKey("instances.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),
+    sa.Index("ix_payloads_instance", "instance_id"),
+)
+
 # Schedules: one row each, declared in code (synced when a worker starts) or made at run time.
 # Firing a tick claims the row (SKIP LOCKED), queues its start message in the outbox and moves
 # next_fire_at on, in one transaction: a tick starts one instance, whichever scheduler fires it.

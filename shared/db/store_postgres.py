@@ -267,7 +267,7 @@ class PostgresTransaction(Transaction):
         if not found:
             return None
         row: Any = _HistoryRow(*found[0])
-        return history_from(row, row.steps or ())
+        return await self.with_payloads(history_from(row, row.steps or ()))
 
     async def unfinished_histories(
         self, *, after: str | None, limit: int, workflows: Sequence[str]
@@ -279,7 +279,7 @@ class PostgresTransaction(Transaction):
             {"after": after or "", "limit": limit, "workflows": list(workflows)},
         )
         rows: list[Any] = [_HistoryRow(*values) for values in found]  # the same columns as _HISTORY's
-        return [history_from(row, row.steps or ()) for row in rows]
+        return [await self.with_payloads(history_from(row, row.steps or ())) for row in rows]
 
     async def _id_starts_with(self, prefix: str) -> list[sa.ColumnElement[bool]]:
         """The id range where instances.id sorts by code point, else ``starts_with`` alone.

@@ -183,7 +183,7 @@ class Transaction(
             .where(steps.c.instance_id == instance_id)
             .order_by(steps.c.position)
         )
-        return history_from(row, (step._mapping for step in step_rows))
+        return await self.with_payloads(history_from(row, (step._mapping for step in step_rows)))
 
     async def set_parent_if_unset(self, instance_id: str, parent: ParentLink) -> None:
         """Let an instance started before its parent asked for it report to that parent."""

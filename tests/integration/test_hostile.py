@@ -10,7 +10,7 @@ import pytest
 
 from stepline import Client, Producer
 from stepline.shared.errors import PayloadTooLargeError
-from stepline.shared.settings import Settings
+from stepline.shared.settings import PayloadSettings, Settings
 from stepline.worker.workflow import Workflow
 from tests.support import db
 from tests.support.amqp import connected_broker, declare_workflow_queue, ready_messages, take_dead_letters
@@ -100,14 +100,18 @@ async def test_a_50_mb_start_published_raw_is_dead_lettered_naming_the_limit(
 async def test_a_step_result_over_the_limit_errors_the_instance_naming_the_step(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
-    await fleet.start_worker()
+    # A result's limit is STEPLINE_PAYLOAD__MAX_BYTES (100 MiB by default; results past
+    # STEPLINE_PAYLOAD__OFFLOAD_ABOVE are stored apart): lowered here to keep the test small.
+    await fleet.start_worker(
+        settings=settings.model_copy(update={"payload": PayloadSettings(max_bytes=1024 * 1024)})
+    )
     instance_id = await producer.start("huge-result", 2 * 1024 * 1024)
     info = await control.wait(instance_id, timeout=30)
     assert info.status == "errored"
     assert info.error is not None
     assert (
-        "the result of step 'make-huge' is 2097154 bytes, over the 1048576-byte limit"
-        in info.error["message"]
+        "the result of step 'make-huge' is 2097154 bytes, over the 1048576-byte limit "
+        "(STEPLINE_PAYLOAD__MAX_BYTES)" in info.error["message"]
     )
     assert await db.side_effects(settings.database, instance_id, "make-huge") == 1
 

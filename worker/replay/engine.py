@@ -13,8 +13,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
-from stepline.shared.codec import JSON
-from stepline.shared.errors import EventTimeoutError, NonDeterminismError, SteplineError
+from stepline.shared.codec import JSON, Payloads, is_sealed
+from stepline.shared.errors import (
+    EventTimeoutError,
+    NonDeterminismError,
+    PayloadUnreadableError,
+    SteplineError,
+)
 from stepline.shared.failures import failure_error, step_failure
 from stepline.shared.history import (
     PATCH_PREFIX,
@@ -96,13 +101,22 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+_PLAIN = Payloads()
+
+
+async def _raise(error: BaseException) -> None:
+    raise error
+
+
 def payload_problem(replay: Replay, key: StepKey, payload: JSON) -> str | None:
     """Why ``payload`` does not fit the event wait ``key`` (None if it fits or is untyped)."""
     adapter = replay.payload_adapters.get(key)
     if adapter is None:
         return None
     try:
-        adapter.validate_python(payload)
+        adapter.validate_python(replay.open(payload, key))
+    except PayloadUnreadableError as exc:
+        return exc.reason
     except ValidationError as exc:
         return "; ".join(
             f"{'.'.join(str(part) for part in error['loc']) or '(payload)'}: {error['msg']}"
@@ -135,9 +149,12 @@ class Replay:
         *,
         carried_values: Mapping[StepKey, JSON] | None = None,
         clock: Callable[[], datetime] | None = None,
+        payloads: Payloads | None = None,
     ) -> None:
         self.workflow = workflow
         self.history = history
+        self.payloads = payloads or _PLAIN
+        """Opens the stored params and results the workflow code reads (see ``stepline.shared.codec``)."""
         self.clock = clock or _utc_now
         """What ``ctx.now()`` reads the first time (the testing kit's virtual clock)."""
         self.calls: dict[StepKey, StepCall] = {}
@@ -183,15 +200,40 @@ class Replay:
 
     def start(self) -> Outcome:
         """Run the workflow from the beginning until it finishes or blocks."""
-        params = self.workflow.validate_params(self.history.params)
+        try:
+            stored = self.payloads.open(
+                self.history.params, instance_id=self.history.instance_id, what="the params"
+            )
+        except PayloadUnreadableError as exc:
+            # The workflow cannot begin: it ends with that error, as if its first line raised it.
+            self._task = self._loop.create_task(_raise(exc))
+            return self._run()
+        params = self.workflow.validate_params(stored)
         context = Context(self, self.history.instance_id, self.workflow.name)
         self._task = self._loop.create_task(self.workflow.fn(context, params))
         return self._run()
 
     def resolve(self, key: StepKey, result: JSON) -> Outcome:
-        """Give a pending entry its result and run on."""
-        self._take_pending(key).set_result(result)
+        """Give a pending entry its result (as stored: it is opened here) and run on."""
+        future = self._take_pending(key)
+        try:
+            future.set_result(self.open(result, key))
+        except PayloadUnreadableError as exc:
+            future.set_exception(exc)
         return self._run()
+
+    def open(self, stored: JSON, key: StepKey) -> JSON:
+        """A stored result of entry ``key`` as the code reads it (see ``Payloads.open``).
+
+        Raises:
+            PayloadUnreadableError: naming the instance and the entry.
+        """
+        if not is_sealed(stored):
+            return stored  # the usual case, kept to one check: no codec, or a value never sealed
+        name = format_key(key)
+        return self.payloads.open(
+            stored, instance_id=self.history.instance_id, what=f"the result of {name!r}", step=name
+        )
 
     def fail(self, key: StepKey, error: BaseException) -> Outcome:
         """Raise ``error`` from a pending entry and run on."""
@@ -358,7 +400,11 @@ class Replay:
             )
             self._pending[key] = future
         elif record.status == StepStatus.SUCCEEDED:
-            future.set_result(record.result)
+            # A result the process cannot read fails the code where it reads it, naming the step.
+            try:
+                future.set_result(self.open(record.result, key))
+            except PayloadUnreadableError as exc:
+                future.set_exception(exc)
         elif record.status == StepStatus.FAILED:
             future.set_exception(failure_of(record))
         else:
@@ -500,6 +546,11 @@ class Replay:
     def _run(self) -> Outcome:
         assert self._task is not None, "start() first"
         self._loop.run_until_idle()
+        unreadable = self._raised()
+        if isinstance(unreadable, PayloadUnreadableError):
+            # The code stopped where it could not read a stored payload: what it did not ask
+            # for after that is no divergence, and the instance is held (Planner.apply).
+            return Outcome("raised", error=unreadable)
         if self._divergence is None and self._rollback is None:
             self._begin_rollback()
         if self._divergence is None and not self._covered:

@@ -1,0 +1,51 @@
+"""Workflows whose params, results, events, children and outputs carry a secret (the codec's tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stepline import Context, workflow
+
+
+async def charge(card: str | None) -> dict[str, str]:
+    """A step result that holds the secret."""
+    return {"receipt": f"receipt-for-{card}"}
+
+
+async def vault(card: str | None) -> str:
+    return f"vaulted-{card}"
+
+
+@workflow("sealed-order")
+async def sealed_order(ctx: Context, params: Any) -> dict[str, Any]:
+    """A step, an event wait, a child: each payload holds the params' card number."""
+    card = params["card"] if params else None
+    charged = await ctx.step("charge", charge, card)
+    approval = await ctx.wait_for_event("approval", event_type="approved", timeout="1h")
+    vaulted = await ctx.child("vault", "sealed-vault", {"card": card})
+    return {"receipt": charged["receipt"], "approval": approval, "vault": vaulted}
+
+
+@workflow("sealed-vault")
+async def sealed_vault(ctx: Context, params: Any) -> dict[str, str]:
+    return {"token": await ctx.step("store", vault, params["card"])}
+
+
+BIG_BYTES = 50 * 1024 * 1024
+
+
+async def make_big(size: int) -> dict[str, Any]:
+    """A result of ``size`` characters: far over the offload threshold and the message limit."""
+    return {"blob": "ab" * (size // 2), "tail": "end"}
+
+
+async def measure(big: dict[str, Any]) -> dict[str, Any]:
+    return {"length": len(big["blob"]), "tail": big["tail"], "head": big["blob"][:4]}
+
+
+@workflow("big-result")
+async def big_result(ctx: Context, size: int) -> dict[str, Any]:
+    """A 50 MiB step result, read back by the next step after a wait (so from the database)."""
+    big = await ctx.step("make", make_big, size)
+    await ctx.wait_for_event("go", event_type="go", timeout="1h")
+    return await ctx.step("measure", measure, big)
