@@ -21,7 +21,6 @@ from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolW
 from stepline.shared import codec
 from stepline.shared.broker import Broker, WorkflowQueue, create_broker
 from stepline.shared.db.bulk_statements import InstanceSelection
-from stepline.shared.db.engine import mask_url
 from stepline.shared.db.limits import WAITING_FOR
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
@@ -46,6 +45,7 @@ from stepline.shared.messages import (
     encode_message,
 )
 from stepline.shared.outbox import OutboxRelay
+from stepline.shared.redaction import mask_url, scrub_password
 from stepline.shared.settings import CLIENT_CONNECTIONS, BrokerSettings, DatabaseSettings, OutboxSettings
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import pool_of, queue_name
@@ -702,9 +702,13 @@ class Client:
             cause = lines[0] if lines else type(exc).__name__
             if _is_missing_schema(getattr(exc, "orig", None)):
                 cause += " (the schema is older than this code: run `stepline db upgrade`)"
+            cause = scrub_password(cause, self._database_url)
             raise StorageError(f"database error on {mask_url(self._database_url)}: {cause}") from exc
         except OSError as exc:
-            raise StorageError(f"database unreachable at {mask_url(self._database_url)}: {exc}") from exc
+            raise StorageError(
+                f"database unreachable at {mask_url(self._database_url)}: "
+                f"{scrub_password(str(exc), self._database_url)}"
+            ) from exc
 
 
 def _is_missing_schema(error: BaseException | None) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from stepline.shared.redaction import mask_url
+
 
 class SteplineError(Exception):
     """Root of every error Stepline raises."""
@@ -89,10 +91,12 @@ class ServiceUnavailableError(SteplineError):
     """PostgreSQL or RabbitMQ did not answer within the start-up wait; the process exits 3.
 
     The text is one line: the service, its URL without the password, the
-    driver's cause and what to do about it.
+    driver's cause and what to do about it. ``url`` is masked here; ``cause``
+    comes scrubbed (``stepline.shared.redaction.scrub_password``).
     """
 
     def __init__(self, service: str, url: str, cause: str, hint: str, waited_s: float) -> None:
+        url = mask_url(url)
         super().__init__(
             f"cannot connect to {service} at {url} (gave up after {waited_s:g}s, "
             f"STEPLINE_STARTUP_TIMEOUT): {cause} - {hint}"

@@ -106,21 +106,6 @@ def sqlite_path(database_url: str) -> Path:
     return Path(database)
 
 
-_USERINFO_PASSWORD = re.compile(r"^([^:/]+://[^:@/?]*):[^@/?]*@")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.I)
-
-
-def mask_url(database_url: str) -> str:
-    """The URL with its password hidden, for logs and errors.
-
-    Every form is masked, the URL left as the user wrote it otherwise: a
-    password after the user name (one host or a host list) and a
-    ``password=`` query parameter, which libpq accepts too.
-    """
-    masked = _USERINFO_PASSWORD.sub(r"\1:***@", database_url, count=1)
-    return _QUERY_PASSWORD.sub(r"\1***", masked)
-
-
 def create_engine(
     database_url: str,
     *,
