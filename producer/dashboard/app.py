@@ -18,15 +18,21 @@ from stepline.shared.db.stores import create_store
 from stepline.shared.settings import Settings
 
 
-def create_app(settings: Settings, *, read_only: bool | None = None) -> Starlette:
+def create_app(settings: Settings, *, read_only: bool | None = None, host: str | None = None) -> Starlette:
     """The dashboard app over ``settings``' store and broker.
 
-    ``read_only`` overrides ``STEPLINE_UI__READ_ONLY``; the token is
-    ``STEPLINE_UI__TOKEN``. Connections open when the app starts (its lifespan)
-    and close when it stops.
+    ``read_only`` overrides ``STEPLINE_UI__READ_ONLY``, ``host`` (the address
+    it is bound to) ``STEPLINE_UI__HOST``; the token is ``STEPLINE_UI__TOKEN``.
+    Bound to loopback, it answers only requests whose ``Host`` names loopback
+    or that address (no DNS rebinding). Connections open when the app starts
+    (its lifespan) and close when it stops.
     """
     token = settings.ui.token.get_secret_value() if settings.ui.token is not None else None
-    guard = Guard(token or None, read_only=settings.ui.read_only if read_only is None else read_only)
+    guard = Guard(
+        token or None,
+        read_only=settings.ui.read_only if read_only is None else read_only,
+        bind_host=host or settings.ui.host,
+    )
     dashboard = Dashboard(settings, guard, templates())
 
     @contextlib.asynccontextmanager

@@ -151,6 +151,10 @@ def _filter_of(request: Request) -> tuple[reads.InstanceFilter, dict[str, str], 
         key: query.get(key, "").strip() for key in ("workflow", "status", "build", "since", "until", "id")
     }
     problems = []
+    for key in ("workflow", "build"):
+        if _has_control_character(shown[key]):
+            problems.append(f"{key}: a control character is not allowed")
+            shown[key] = ""
     status = shown["status"] or None
     if status is not None and status not in STATUSES:
         problems.append(f"status {status!r} is not one of {', '.join(STATUSES)}")
@@ -176,15 +180,28 @@ def _filter_of(request: Request) -> tuple[reads.InstanceFilter, dict[str, str], 
     return where, shown, problems
 
 
+def _has_control_character(text: str) -> bool:
+    """Whether ``text`` holds a control character (PostgreSQL refuses NUL in a text parameter)."""
+    return any(ord(char) < 32 or ord(char) == 127 for char in text)
+
+
+def _utc_time(text: str) -> datetime | None:
+    """``text`` as an ISO time in UTC (UTC when it names no zone); None if not one or out of range."""
+    try:
+        moment = datetime.fromisoformat(text)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
+
+
 def _moment(text: str, what: str) -> tuple[datetime | None, str | None]:
     """A time from the form (``YYYY-MM-DDTHH:MM``, UTC unless it names a zone)."""
     if not text:
         return None, None
-    try:
-        moment = datetime.fromisoformat(text.replace(" ", "T"))
-    except ValueError:
+    moment = _utc_time(text.replace(" ", "T"))
+    if moment is None:
         return None, f"{what}: {text!r} is not a time like 2026-12-06T14:05 (UTC)"
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)), None
+    return moment, None
 
 
 def _cursor(request: Request) -> tuple[reads.Cursor | None, str | None]:
@@ -192,11 +209,10 @@ def _cursor(request: Request) -> tuple[reads.Cursor | None, str | None]:
     after, after_id = request.query_params.get("after"), request.query_params.get("after_id")
     if not after or after_id is None:
         return None, None
-    try:
-        moment = datetime.fromisoformat(after)
-    except ValueError:
-        return None, f"the page cursor {after!r} is not a time: showing the newest page"
-    return reads.Cursor(moment if moment.tzinfo else moment.replace(tzinfo=UTC), after_id), None
+    moment = _utc_time(after)
+    if moment is None or _has_control_character(after_id):
+        return None, f"the page cursor {after!r}, {after_id!r} is not a time and an id: the first page shown"
+    return reads.Cursor(moment, after_id), None
 
 
 async def instance_list(request: Request) -> Response:

@@ -385,3 +385,20 @@ async def test_unknown_instance_and_page_answer_404(settings: Settings) -> None:
     assert missing.status_code == 404 and "no instance has id 'no-such-id'" in html.unescape(missing.text)
     assert nowhere.status_code == 404
     assert ready.status_code == 200 and ready.json() == {"ready": True, "database": True}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "workflow=a%00b",  # PostgreSQL refuses NUL in a text parameter
+        "build=%00",
+        "after=2026-01-01T00:00&after_id=x%00",
+        "after=9999-12-31T23:59:59-12:00&after_id=x",  # past datetime's range once in UTC
+        "since=0001-01-01T00:00%2B14:00",
+    ],
+)
+async def test_bad_filter_input_answers_400_not_500(settings: Settings, query: str) -> None:
+    async with dashboard(settings) as http:
+        response = await http.get(f"/instances?{query}")
+    assert response.status_code == 400
+    assert "is not" in html.unescape(response.text) or "not allowed" in response.text
