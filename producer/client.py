@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +22,7 @@ from stepline.shared.db.bulk_statements import InstanceSelection
 from stepline.shared.db.limits import WAITING_FOR
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
-from stepline.shared.db.stores import create_store
+from stepline.shared.db.stores import create_store_for
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.durations import Duration, parse_duration
 from stepline.shared.errors import (
@@ -72,7 +70,9 @@ class Client:
     Reading needs only the database; ``send_event``, ``resume``, ``terminate``
     and ``restart`` also publish, so they need ``amqp_url``. ``database``
     bounds its connections and says whether PgBouncer is in between
-    (``STEPLINE_DATABASE__*``; default: at most 8 connections).
+    (``STEPLINE_DATABASE__*``; default: at most 8 connections). ``store``
+    is an open store of the same database to read and write through instead of
+    one of its own (the caller closes it): a process keeps one connection budget.
     """
 
     def __init__(
@@ -84,6 +84,7 @@ class Client:
         max_payload_bytes: int = 1024 * 1024,
         broker: BrokerSettings | None = None,
         database: DatabaseSettings | None = None,
+        store: Store | None = None,
     ) -> None:
         self._broker_settings = broker
         self._database_settings = database or DatabaseSettings()
@@ -91,17 +92,15 @@ class Client:
         self._amqp_url = amqp_url
         self._namespace = namespace
         self._limit = max_payload_bytes
+        self._given_store = store
         self._store: Store | None = None
         self._broker: Broker | None = None
         self._relay: OutboxRelay | None = None
 
     async def __aenter__(self) -> Client:
         # Pre-ping on checkout: after a failover, the next call finds the new primary by itself.
-        self._store = create_store(
-            self._database_url,
-            max_connections=self._database_settings.budget(CLIENT_CONNECTIONS),
-            pgbouncer=self._database_settings.pgbouncer,
-            application_name=f"stepline-client {socket.gethostname()}:{os.getpid()}",
+        self._store = self._given_store or create_store_for(
+            self._database_url, self._database_settings, "stepline-client", connections=CLIENT_CONNECTIONS
         )
         if self._amqp_url is not None:
             self._broker = create_broker(self._amqp_url, self._namespace, self._broker_settings)
@@ -112,7 +111,7 @@ class Client:
     async def __aexit__(self, *exc_info: object) -> None:
         if self._broker is not None:
             await self._broker.close()
-        if self._store is not None:
+        if self._store is not None and self._store is not self._given_store:
             await self._store.close()
         self._store = self._broker = self._relay = None
 

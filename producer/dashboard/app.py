@@ -14,8 +14,8 @@ from stepline.producer.client import Client
 from stepline.producer.dashboard import actions, pages
 from stepline.producer.dashboard.security import Guard, GuardMiddleware
 from stepline.producer.dashboard.state import HERE, Dashboard, templates
-from stepline.shared.db.stores import create_store
-from stepline.shared.settings import Settings
+from stepline.shared.db.stores import create_store_for
+from stepline.shared.settings import CLIENT_CONNECTIONS, Settings
 
 
 def create_app(settings: Settings, *, read_only: bool | None = None, host: str | None = None) -> Starlette:
@@ -37,13 +37,18 @@ def create_app(settings: Settings, *, read_only: bool | None = None, host: str |
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        dashboard.store = create_store(settings.database, pool_size=4)
+        # One store, one connection budget: the pages read through it, the actions act through it.
+        dashboard.store = create_store_for(
+            settings.database, settings.db, "stepline-ui", connections=CLIENT_CONNECTIONS
+        )
         client = Client(
             settings.database,
             settings.amqp,
             namespace=settings.namespace,
             max_payload_bytes=settings.max_payload_bytes,
             broker=settings.broker,
+            database=settings.db,
+            store=dashboard.store,
         )
         async with client:
             dashboard.client = client

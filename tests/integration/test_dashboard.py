@@ -7,18 +7,21 @@ read-only mode, a cross-site or token-less POST refused).
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import re
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
+import psycopg
 import pytest
 
 from stepline import Client, Producer, Schedule
 from stepline.producer.dashboard import pages
 from stepline.shared.db.schema import instances
-from stepline.shared.settings import Settings
+from stepline.shared.db.stores import this_process
+from stepline.shared.settings import DatabaseSettings, Settings
 from stepline.shared.topology import routing_key
 from tests.support import db
 from tests.support.amqp import dead_letter_count, publish_raw
@@ -402,3 +405,18 @@ async def test_bad_filter_input_answers_400_not_500(settings: Settings, query: s
         response = await http.get(f"/instances?{query}")
     assert response.status_code == 400
     assert "is not" in html.unescape(response.text) or "not allowed" in response.text
+
+
+@pytest.mark.postgres_only("counts the dashboard's connections in pg_stat_activity")
+async def test_the_dashboard_keeps_one_named_connection_budget(settings: Settings) -> None:
+    bounded = settings.model_copy(update={"db": DatabaseSettings(max_connections=2)})
+    name = f"stepline-ui {this_process()}"
+    async with dashboard(bounded) as http:
+        pages = await asyncio.gather(*(http.get(path) for path in ["/", "/instances", "/schedules"] * 3))
+        assert [page.status_code for page in pages] == [200] * 9
+        async with await psycopg.AsyncConnection.connect(settings.database, autocommit=True) as conn:
+            cursor = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name[:63],)
+            )
+            row = await cursor.fetchone()
+    assert row is not None and 1 <= row[0] <= 2, f"{row} connections named {name!r}; the budget is 2"
