@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -223,7 +224,12 @@ async def instance_list(request: Request) -> Response:
     if cursor_problem:
         problems.append(cursor_problem)
     async with dashboard.reads.reading() as tx:
-        rows = await reads.instance_page(tx, where, after=after, limit=PAGE_SIZE + 1)
+        rows = await tx.list_instance_rows(
+            **dataclasses.asdict(where),
+            after=None if after is None else (after.created_at, after.id),
+            limit=PAGE_SIZE + 1,
+            fields=reads.LIST_FIELDS,
+        )
         names = await reads.workflow_names(tx)
     more = len(rows) > PAGE_SIZE
     rows = rows[:PAGE_SIZE]

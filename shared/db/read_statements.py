@@ -82,19 +82,33 @@ class ReadStatements:
         created_before: datetime | None = None,
         id_prefix: str | None = None,
         build_id: str | None = None,
+        after: tuple[datetime, str] | None = None,
+        fields: Sequence[str] | None = None,
     ) -> Sequence[sa.Row[Any]]:
-        """Instances, newest first, optionally filtered, one page at a time.
+        """Instances, newest first (then by id), optionally filtered, one page at a time.
 
         ``workflow``, ``status`` and ``build_id`` (the build that started it) match exactly;
         ``id_prefix`` keeps the ids that start with it, character for character
-        (case-sensitive; ``%`` and ``_`` are plain characters).
+        (case-sensitive; ``%`` and ``_`` are plain characters). ``after`` is the
+        ``(created_at, id)`` of the previous page's last row: keyset paging, so page
+        1,000 costs what page 1 does (``offset`` reads every row before it).
+        ``fields``: the columns to read (default: the whole row).
         """
+        columns = [instances.c[name] for name in fields] if fields else [instances]
         query = (
-            sa.select(instances)
+            sa.select(*columns)
             .order_by(instances.c.created_at.desc(), instances.c.id)
             .limit(limit)
             .offset(offset)
         )
+        if after is not None:
+            created = sa.bindparam(None, after[0], type_=instances.c.created_at.type)
+            query = query.where(
+                sa.or_(
+                    instances.c.created_at < created,
+                    sa.and_(instances.c.created_at == created, instances.c.id > after[1]),
+                )
+            )
         if id_prefix:
             query = query.where(*await self._id_starts_with(id_prefix))
         if workflow is not None:
