@@ -15,9 +15,8 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from stepline.producer.dashboard import views
 from stepline.producer.dashboard.security import SESSION_COOKIE, safe_next
 from stepline.producer.dashboard.state import Dashboard, dashboard_of
-from stepline.producer.why import default_limits, why_text
+from stepline.producer.why import default_limits, diagnose_instances, why_text
 from stepline.shared.db import overview as reads
-from stepline.shared.diagnosis import Diagnosis
 from stepline.shared.errors import InvalidIdError, SteplineError
 from stepline.shared.messages import check_id_prefix, check_instance_id
 from stepline.shared.states import InstanceStatus
@@ -81,6 +80,8 @@ async def overview(request: Request) -> Response:
         quiet = await reads.quiet_instance_ids(
             tx, quiet_for=dashboard.settings.scheduler.reconcile_grace, limit=STRANDED_CHECKED
         )
+        # One outbox read for all of them, in this transaction (not a `why` per instance).
+        diagnosed = await diagnose_instances(tx, quiet, _limits(dashboard))
     queues, dead = await _broker_figures(dashboard, names)
     rows = [
         WorkflowRow(
@@ -91,7 +92,7 @@ async def overview(request: Request) -> Response:
         )
         for name, queue in zip(names, queues, strict=True)
     ]
-    stranded = [d for d in await _diagnosed(dashboard, quiet) if d.is_stranded]
+    stranded = [d for d in diagnosed if d.is_stranded]
     now = datetime.now(UTC)
     return dashboard.render(
         request,
@@ -130,16 +131,6 @@ async def _broker_figures(dashboard: Dashboard, names: list[str]) -> tuple[list[
             return list(queues), await client.dead_letters.count()
     except (TimeoutError, SteplineError):
         return [None] * len(names), None
-
-
-async def _diagnosed(dashboard: Dashboard, instance_ids: list[str]) -> list[Diagnosis]:
-    found = []
-    for instance_id in instance_ids:
-        try:
-            found.append(await dashboard.control.why(instance_id, limits=_limits(dashboard)))
-        except SteplineError:
-            continue  # pruned or changed meanwhile: the next refresh sees it as it is
-    return found
 
 
 # ---------------------------------------------------------------- instances

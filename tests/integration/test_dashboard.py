@@ -16,6 +16,8 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from stepline import Client, Producer, Schedule
 from stepline.producer.dashboard import pages
@@ -420,3 +422,28 @@ async def test_the_dashboard_keeps_one_named_connection_budget(settings: Setting
             )
             row = await cursor.fetchone()
     assert row is not None and 1 <= row[0] <= 2, f"{row} connections named {name!r}; the budget is 2"
+
+
+async def test_the_overview_reads_the_outbox_once_for_every_instance_it_diagnoses(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings
+) -> None:
+    await fleet.start_worker()
+    lost = [await lost_step(producer, control, settings) for _ in range(2)]
+    for instance_id in lost:
+        await age(settings.database, instance_id, timedelta(hours=1))
+    scans: list[str] = []
+
+    def count_outbox_scans(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.startswith("SELECT outbox.body \nFROM outbox"):  # inspect.outbox_instance_ids
+            scans.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count_outbox_scans)
+    try:
+        async with dashboard(settings) as http:
+            page = await http.get("/")
+    finally:
+        event.remove(Engine, "before_cursor_execute", count_outbox_scans)
+    assert page.status_code == 200
+    text = _text(page.text)
+    assert all(f"{instance_id} slow-pair — stranded" in text for instance_id in lost)
+    assert len(scans) == 1, f"the outbox was read {len(scans)} times for {len(lost)} diagnoses"
