@@ -369,33 +369,25 @@ class Client:
         A plain paused instance is not held: it has no error.
         """
         found: builtins.list[InstanceInfo] = []
-        offset = 0
+        after: tuple[datetime, str] | None = None
         while True:
-            page = await self.list(workflow=workflow, status="paused", limit=_PAGE, offset=offset)
-            found.extend(info for info in page if info.is_held)
-            if len(page) < _PAGE:
+            async with self._connection() as tx:
+                rows = await tx.list_instance_rows(workflow=workflow, held=True, limit=_PAGE, after=after)
+            found.extend(_instance(row, []) for row in rows)
+            if len(rows) < _PAGE:
                 return found
-            offset += _PAGE
+            after = (rows[-1].created_at, rows[-1].id)
 
     async def resume_held(self, workflow: str, *, progress: Callable[[int, int], None] | None = None) -> int:
         """Resume every held instance of ``workflow`` (after a deploy that fixes its code).
 
-        Each is resumed as ``resume`` does, in its own transaction; one that is no
-        longer paused by then is skipped. ``progress`` is told how many were
-        handled so far and how many there are. Returns how many were resumed.
+        The bulk resume of the held ones (``bulk("resume", workflow=..., held=True)``):
+        each is resumed as ``resume`` does; one that is no longer paused by then is
+        skipped. ``progress`` is told how many were handled so far and how many
+        there are. Returns how many were resumed.
         """
-        instances = await self.held(workflow)
-        resumed = 0
-        for done, info in enumerate(instances, start=1):
-            try:
-                await self._control(_resume_action(info.id, self._limit), publishes=True)
-            except InvalidStateError:
-                pass  # resumed, terminated or restarted meanwhile: nothing to do
-            else:
-                resumed += 1
-            if progress is not None:
-                progress(done, len(instances))
-        return resumed
+        outcome = await self.bulk("resume", workflow=workflow, held=True, progress=progress)
+        return outcome.changed
 
     async def terminate(
         self, instance_id: str, *, rollback: bool = False, children: bool = False
@@ -724,10 +716,6 @@ def _is_missing_schema(error: BaseException | None) -> bool:
 async def _no_rows(action: Awaitable[None]) -> list[OutboxRow]:
     await action
     return []
-
-
-def _resume_action(instance_id: str, limit: int) -> Callable[[Transaction], Awaitable[list[OutboxRow]]]:
-    return lambda tx: control.resume(tx, instance_id, limit=limit)
 
 
 def _instance(row: Any, steps: builtins.list[StepInfo]) -> InstanceInfo:

@@ -20,6 +20,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from stepline.shared.db.schema import instances, outbox, step_attempts, timers, utc_now
+from stepline.shared.db.statements import is_held
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.states import FINISHED_STATUSES, InstanceStatus
 
@@ -196,7 +197,7 @@ async def held_instances(tx: Transaction, *, limit: int) -> list[Any]:
     """Held instances (paused with an error: their replay diverged), oldest first, ``limit`` at most."""
     query = (
         sa.select(instances.c.id, instances.c.workflow, instances.c.error, instances.c.updated_at)
-        .where(instances.c.status == InstanceStatus.PAUSED.value, instances.c.error.is_not(None))
+        .where(is_held())
         .order_by(instances.c.created_at)
         .limit(limit)
     )

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stepline.shared.db.schema import events, instances, step_attempts, steps
-from stepline.shared.db.statements import INSTANCE_FIELDS, STEP_FIELDS, after_prefix, history_from
+from stepline.shared.db.statements import INSTANCE_FIELDS, STEP_FIELDS, after_prefix, history_from, is_held
 from stepline.shared.history import History
 from stepline.shared.states import UNFINISHED_STATUSES, StepKind
 
@@ -71,6 +71,11 @@ class ReadStatements:
         """The whole instance row, for clients."""
         return (await self._conn.execute(sa.select(instances).where(instances.c.id == instance_id))).first()
 
+    async def is_held(self, instance_id: str) -> bool:
+        """Whether the instance is held (``stepline.shared.db.statements.is_held``)."""
+        query = sa.select(instances.c.id).where(instances.c.id == instance_id, is_held())
+        return (await self._conn.execute(query)).first() is not None
+
     async def list_instance_rows(
         self,
         *,
@@ -84,6 +89,7 @@ class ReadStatements:
         build_id: str | None = None,
         after: tuple[datetime, str] | None = None,
         fields: Sequence[str] | None = None,
+        held: bool = False,
     ) -> Sequence[sa.Row[Any]]:
         """Instances, newest first (then by id), optionally filtered, one page at a time.
 
@@ -92,7 +98,8 @@ class ReadStatements:
         (case-sensitive; ``%`` and ``_`` are plain characters). ``after`` is the
         ``(created_at, id)`` of the previous page's last row: keyset paging, so page
         1,000 costs what page 1 does (``offset`` reads every row before it).
-        ``fields``: the columns to read (default: the whole row).
+        ``fields``: the columns to read (default: the whole row); ``held``: only held
+        instances (``stepline.shared.db.statements.is_held``).
         """
         columns = [instances.c[name] for name in fields] if fields else [instances]
         query = (
@@ -115,6 +122,8 @@ class ReadStatements:
             query = query.where(instances.c.workflow == workflow)
         if status is not None:
             query = query.where(instances.c.status == status)
+        if held:
+            query = query.where(is_held())
         if build_id is not None:
             query = query.where(instances.c.build_id == build_id)
         if created_after is not None:
