@@ -76,7 +76,7 @@ class BulkStatements:
     async def selected_instances(
         self, selection: InstanceSelection, *, after_id: str | None, limit: int
     ) -> list[SelectedInstance]:
-        """Up to ``limit`` ``(id, status, error)`` of the selected instances, ids above ``after_id``, by id."""
+        """Up to ``limit`` ``(id, status, error)`` of the selected instances with ids above ``after_id``."""
         query = (
             sa.select(instances.c.id, instances.c.status, instances.c.error)
             .where(*selection.conditions())
