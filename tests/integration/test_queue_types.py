@@ -14,6 +14,7 @@ from tests.support.fleet import Fleet
 
 QueueType = Literal["classic", "quorum"]
 SEQUENCE_OUTPUT = {"total": 7, "product": 70, "text": "result=70"}
+RABBITMQCTL_TIMEOUT_S = 30
 
 
 def _of_type(settings: Settings, queue_type: QueueType) -> Settings:
@@ -24,11 +25,18 @@ def _of_type(settings: Settings, queue_type: QueueType) -> Settings:
 
 async def _queue_types(vhost: str, namespace: str) -> dict[str, str]:
     """Each queue of the namespace and its type, as RabbitMQ lists them (a read-only query)."""
+    # -t: rabbitmqctl's own time-out; the process is killed past twice that, should it hang anyway.
     listing = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "type", "--formatter", "json",
+        "rabbitmqctl", "-q", "-t", str(RABBITMQCTL_TIMEOUT_S), "list_queues", "-p", vhost,
+        "name", "type", "--formatter", "json",
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    listed = (await listing.communicate())[0].decode()
+    try:
+        listed = (await asyncio.wait_for(listing.communicate(), 2 * RABBITMQCTL_TIMEOUT_S))[0].decode()
+    except TimeoutError:
+        listing.kill()
+        await listing.wait()
+        raise
     assert listing.returncode == 0
     return {row["name"]: row["type"] for row in json.loads(listed) if row["name"].startswith(f"{namespace}.")}
 
