@@ -8,6 +8,7 @@ are skipped). The dashboard's list and the reconciler's walk both page this way.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 
 from stepline.shared.db import inspect
 from stepline.shared.db.schema import instances
+from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
 from stepline.shared.settings import Settings
 from stepline.shared.states import InstanceStatus
@@ -40,43 +42,45 @@ async def _same_millisecond_instances(settings: Settings) -> None:
         await store.close()
 
 
-async def test_the_instance_list_pages_through_rows_of_one_millisecond(settings: Settings) -> None:
+Cursor = tuple[datetime, str]
+Page = Callable[[Store, Cursor | None], Awaitable[Cursor | None]]
+
+
+async def _walk(settings: Settings, page: Page) -> list[str]:
+    """The ids a keyset walk of one row a page sees, in order (it stops at an empty page)."""
     await _same_millisecond_instances(settings)
     store = create_store(settings.database)
     seen: list[str] = []
-    after: tuple[datetime, str] | None = None
+    after: Cursor | None = None
     try:
         for _ in range(len(IDS) + 2):
-            async with store.reading() as tx:
-                rows = await tx.list_instance_rows(workflow="w", limit=1, after=after)
-            if not rows:
+            after = await page(store, after)
+            if after is None:
                 break
-            seen.append(rows[0].id)
-            after = (rows[0].created_at, rows[0].id)
+            seen.append(after[1])
     finally:
         await store.close()
-    assert seen == IDS
+    return seen
+
+
+async def _list_page(store: Store, after: Cursor | None) -> Cursor | None:
+    async with store.reading() as tx:
+        rows = await tx.list_instance_rows(workflow="w", limit=1, after=after)
+    return (rows[0].created_at, rows[0].id) if rows else None
+
+
+async def _reconciler_page(store: Store, after: Cursor | None) -> Cursor | None:
+    async with store.transaction() as tx:
+        quiet_since = datetime.now(UTC) + timedelta(days=1)
+        page = await inspect.quiet_instances(
+            tx, InstanceStatus.RUNNING, quiet_since=quiet_since, after=after, limit=1
+        )
+    return page[0] if page else None
+
+
+async def test_the_instance_list_pages_through_rows_of_one_millisecond(settings: Settings) -> None:
+    assert await _walk(settings, _list_page) == IDS
 
 
 async def test_the_reconciler_walk_pages_through_rows_of_one_millisecond(settings: Settings) -> None:
-    await _same_millisecond_instances(settings)
-    store = create_store(settings.database)
-    seen: list[str] = []
-    after: tuple[datetime, str] | None = None
-    try:
-        for _ in range(len(IDS) + 2):
-            async with store.transaction() as tx:
-                page = await inspect.quiet_instances(
-                    tx,
-                    InstanceStatus.RUNNING,
-                    quiet_since=datetime.now(UTC) + timedelta(days=1),
-                    after=after,
-                    limit=1,
-                )
-            if not page:
-                break
-            seen.append(page[0][1])
-            after = page[0]
-    finally:
-        await store.close()
-    assert seen == IDS
+    assert await _walk(settings, _reconciler_page) == IDS
