@@ -158,9 +158,6 @@ class BulkRun:
             if not page:
                 return
             after = page[-1].id
-            # A resumed instance's error may be stored as a JSON null: it is not held.
-            picked = [row for row in page if not self._selection.held or row.error is not None]
-            if picked:
-                yield picked
+            yield page
             if len(page) < self._batch_size:
                 return

@@ -558,14 +558,15 @@ def upgrade() -> None:
 
 def _upgrade(settings: Settings) -> None:
     from stepline.shared.db import stores
-    from stepline.shared.db.engine import mask_url
+    from stepline.shared.redaction import mask_url, scrub_password
 
     try:
         stores.upgrade(settings.database)
     except Exception as exc:  # CLI edge: one clear line instead of a traceback
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise click.ClickException(
-            f"migration failed on {mask_url(settings.database)}: {type(exc).__name__}: {first_line}"
+            f"migration failed on {mask_url(settings.database)}: {type(exc).__name__}: "
+            f"{scrub_password(first_line, settings.database)}"
         ) from None
 
 

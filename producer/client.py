@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,11 +20,10 @@ from stepline.shared import codec
 from stepline.shared.broker import Broker, WorkflowQueue, create_broker
 from stepline.shared.codec import OFFLOAD_FIELD, PayloadCodec, Payloads, is_offloaded
 from stepline.shared.db.bulk_statements import InstanceSelection
-from stepline.shared.db.engine import mask_url
 from stepline.shared.db.limits import WAITING_FOR
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
-from stepline.shared.db.stores import create_store
+from stepline.shared.db.stores import create_store_for
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.durations import Duration, parse_duration
 from stepline.shared.errors import (
@@ -47,6 +44,7 @@ from stepline.shared.messages import (
     encode_message,
 )
 from stepline.shared.outbox import OutboxRelay
+from stepline.shared.redaction import mask_url, scrub_password
 from stepline.shared.settings import CLIENT_CONNECTIONS, BrokerSettings, DatabaseSettings, OutboxSettings
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import pool_of, queue_name
@@ -73,7 +71,9 @@ class Client:
     Reading needs only the database; ``send_event``, ``resume``, ``terminate``
     and ``restart`` also publish, so they need ``amqp_url``. ``database``
     bounds its connections and says whether PgBouncer is in between
-    (``STEPLINE_DATABASE__*``; default: at most 8 connections).
+    (``STEPLINE_DATABASE__*``; default: at most 8 connections). ``store``
+    is an open store of the same database to read and write through instead of
+    one of its own (the caller closes it): a process keeps one connection budget.
     """
 
     def __init__(
@@ -86,6 +86,7 @@ class Client:
         broker: BrokerSettings | None = None,
         database: DatabaseSettings | None = None,
         codec: PayloadCodec | None = None,
+        store: Store | None = None,
     ) -> None:
         self._broker_settings = broker
         # Events leave sealed; what is read back is opened with this codec's keys, and
@@ -96,17 +97,15 @@ class Client:
         self._amqp_url = amqp_url
         self._namespace = namespace
         self._limit = max_payload_bytes
+        self._given_store = store
         self._store: Store | None = None
         self._broker: Broker | None = None
         self._relay: OutboxRelay | None = None
 
     async def __aenter__(self) -> Client:
         # Pre-ping on checkout: after a failover, the next call finds the new primary by itself.
-        self._store = create_store(
-            self._database_url,
-            max_connections=self._database_settings.budget(CLIENT_CONNECTIONS),
-            pgbouncer=self._database_settings.pgbouncer,
-            application_name=f"stepline-client {socket.gethostname()}:{os.getpid()}",
+        self._store = self._given_store or create_store_for(
+            self._database_url, self._database_settings, "stepline-client", connections=CLIENT_CONNECTIONS
         )
         if self._amqp_url is not None:
             self._broker = create_broker(self._amqp_url, self._namespace, self._broker_settings)
@@ -117,7 +116,7 @@ class Client:
     async def __aexit__(self, *exc_info: object) -> None:
         if self._broker is not None:
             await self._broker.close()
-        if self._store is not None:
+        if self._store is not None and self._store is not self._given_store:
             await self._store.close()
         self._store = self._broker = self._relay = None
 
@@ -379,33 +378,25 @@ class Client:
         A plain paused instance is not held: it has no error.
         """
         found: builtins.list[InstanceInfo] = []
-        offset = 0
+        after: tuple[datetime, str] | None = None
         while True:
-            page = await self.list(workflow=workflow, status="paused", limit=_PAGE, offset=offset)
-            found.extend(info for info in page if info.is_held)
-            if len(page) < _PAGE:
+            async with self._connection() as tx:
+                rows = await tx.list_instance_rows(workflow=workflow, held=True, limit=_PAGE, after=after)
+            found.extend(_instance(row, [], self._payloads) for row in rows)
+            if len(rows) < _PAGE:
                 return found
-            offset += _PAGE
+            after = (rows[-1].created_at, rows[-1].id)
 
     async def resume_held(self, workflow: str, *, progress: Callable[[int, int], None] | None = None) -> int:
         """Resume every held instance of ``workflow`` (after a deploy that fixes its code).
 
-        Each is resumed as ``resume`` does, in its own transaction; one that is no
-        longer paused by then is skipped. ``progress`` is told how many were
-        handled so far and how many there are. Returns how many were resumed.
+        The bulk resume of the held ones (``bulk("resume", workflow=..., held=True)``):
+        each is resumed as ``resume`` does; one that is no longer paused by then is
+        skipped. ``progress`` is told how many were handled so far and how many
+        there are. Returns how many were resumed.
         """
-        instances = await self.held(workflow)
-        resumed = 0
-        for done, info in enumerate(instances, start=1):
-            try:
-                await self._control(_resume_action(info.id, self._limit), publishes=True)
-            except InvalidStateError:
-                pass  # resumed, terminated or restarted meanwhile: nothing to do
-            else:
-                resumed += 1
-            if progress is not None:
-                progress(done, len(instances))
-        return resumed
+        outcome = await self.bulk("resume", workflow=workflow, held=True, progress=progress)
+        return outcome.changed
 
     async def terminate(
         self, instance_id: str, *, rollback: bool = False, children: bool = False
@@ -711,9 +702,13 @@ class Client:
             cause = lines[0] if lines else type(exc).__name__
             if _is_missing_schema(getattr(exc, "orig", None)):
                 cause += " (the schema is older than this code: run `stepline db upgrade`)"
+            cause = scrub_password(cause, self._database_url)
             raise StorageError(f"database error on {mask_url(self._database_url)}: {cause}") from exc
         except OSError as exc:
-            raise StorageError(f"database unreachable at {mask_url(self._database_url)}: {exc}") from exc
+            raise StorageError(
+                f"database unreachable at {mask_url(self._database_url)}: "
+                f"{scrub_password(str(exc), self._database_url)}"
+            ) from exc
 
 
 def _is_missing_schema(error: BaseException | None) -> bool:
@@ -730,10 +725,6 @@ def _is_missing_schema(error: BaseException | None) -> bool:
 async def _no_rows(action: Awaitable[None]) -> list[OutboxRow]:
     await action
     return []
-
-
-def _resume_action(instance_id: str, limit: int) -> Callable[[Transaction], Awaitable[list[OutboxRow]]]:
-    return lambda tx: control.resume(tx, instance_id, limit=limit)
 
 
 def _instance(row: Any, steps: builtins.list[StepInfo], payloads: Payloads) -> InstanceInfo:

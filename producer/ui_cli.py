@@ -44,7 +44,7 @@ def ui(host: str | None, port: int | None, read_only: bool | None) -> None:
         raise click.ClickException(str(exc)) from None
     bind_host = host or settings.ui.host
     bind_port = settings.ui.port if port is None else port
-    app = create_app(settings, read_only=read_only)
+    app = create_app(settings, read_only=read_only, host=bind_host)
     if bind_host not in ("127.0.0.1", "localhost", "::1") and settings.ui.token is None:
         click.echo(
             f"stepline ui: warning: listening on {bind_host} with no STEPLINE_UI__TOKEN: "

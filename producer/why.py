@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from datetime import timedelta
 
 from stepline.producer.models import PoolWait
@@ -28,9 +29,22 @@ async def diagnose_instance(tx: Transaction, instance_id: str, limits: Limits) -
     is checked is the outbox (a message not yet published), the armed timers,
     each sent step against its timeout plus the grace, and the children.
     """
+    found = await diagnose_instances(tx, [instance_id], limits)
+    return found[0] if found else None
+
+
+async def diagnose_instances(tx: Transaction, instance_ids: Sequence[str], limits: Limits) -> list[Diagnosis]:
+    """``diagnose_instance`` for several, in one transaction: the outbox is read and decoded once.
+
+    An id with no instance (pruned meanwhile) is left out.
+    """
     outbox_ids = await inspect.outbox_instance_ids(tx)
-    snap = await inspect.snapshot(tx, instance_id, outbox_ids=outbox_ids)
-    return None if snap is None else diagnose(snap, limits)
+    found = []
+    for instance_id in instance_ids:
+        snap = await inspect.snapshot(tx, instance_id, outbox_ids=outbox_ids)
+        if snap is not None:
+            found.append(diagnose(snap, limits))
+    return found
 
 
 def with_pools(diagnosis: Diagnosis, waits: list[PoolWait]) -> Diagnosis:

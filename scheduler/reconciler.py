@@ -43,18 +43,22 @@ async def reconcile_once(
     """
     hooks = hooks or NoHooks()
     repaired: list[RepairOutcome] = []
+    # Read and decoded once a pass, not once a page (up to OUTBOX_SCAN_LIMIT rows each time). A
+    # message written later is for an instance that changed then, which is not quiet; one published
+    # since only spares an instance until the next pass.
+    async with store.reading() as tx:
+        outbox_ids = await inspect.outbox_instance_ids(tx)
+    if outbox_ids is None:
+        log.info(
+            "reconciler pass skipped: the outbox holds over %d rows",
+            inspect.OUTBOX_SCAN_LIMIT,
+            extra={"event": "reconcile_skipped"},
+        )
+        return repaired
     for status in _WALKED:
         after: tuple[datetime, str] | None = None
         while True:
             async with store.transaction() as tx:
-                outbox_ids = await inspect.outbox_instance_ids(tx)
-                if outbox_ids is None:
-                    log.info(
-                        "reconciler pass skipped: the outbox holds over %d rows",
-                        inspect.OUTBOX_SCAN_LIMIT,
-                        extra={"event": "reconcile_skipped"},
-                    )
-                    return repaired
                 quiet_since = await inspect.database_now(tx) - limits.grace
                 page = await inspect.quiet_instances(
                     tx, status, quiet_since=quiet_since, after=after, limit=PAGE

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -17,7 +15,7 @@ from stepline.scheduler.schedules import fire_due_schedules, seconds_until_next_
 from stepline.scheduler.timers import fire_due_timers
 from stepline.shared.broker import create_broker
 from stepline.shared.db.store import Store
-from stepline.shared.db.stores import create_store
+from stepline.shared.db.stores import create_store_for
 from stepline.shared.diagnosis import Limits
 from stepline.shared.health import HealthServer
 from stepline.shared.hooks import Hooks
@@ -136,12 +134,12 @@ async def run_scheduler(
     """
     if startup_timeout_s is None:
         startup_timeout_s = settings.startup_timeout.total_seconds()
-    store = create_store(
+    store = create_store_for(
         settings.database,
-        max_connections=settings.db.budget(SCHEDULER_CONNECTIONS),
+        settings.db,
+        "stepline-scheduler",
+        connections=SCHEDULER_CONNECTIONS,
         pre_ping=False,
-        pgbouncer=settings.db.pgbouncer,
-        application_name=f"stepline-scheduler {socket.gethostname()}:{os.getpid()}",
         held=1,
     )
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)

@@ -194,8 +194,8 @@ cmd_down() {
     check_names
     for name in "$STANDBY" "$PRIMARY"; do
         if exists "$name"; then
-            running "$name" && pg_ctlcluster "$PG_VERSION" "$name" stop -m fast || true
-            pg_dropcluster "$PG_VERSION" "$name"
+            # --stop: a running cluster is stopped first (pg_dropcluster refuses one otherwise).
+            pg_dropcluster --stop "$PG_VERSION" "$name"
             say "dropped $PG_VERSION/$name"
         fi
         # pg_dropcluster leaves the files it did not write (ours, in conf.d).

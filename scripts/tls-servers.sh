@@ -98,7 +98,8 @@ pg_pid() {
 pg_create() {
     [[ -d "$(pg_conf)" ]] && return 0
     say "creating PostgreSQL cluster $PG_VERSION/$PG_CLUSTER on port $PG_PORT"
-    pg_createcluster "$PG_VERSION" "$PG_CLUSTER" -p "$PG_PORT" -- --auth-local=trust >/dev/null
+    # Manual start: the machine's postgresql service must never start (or stop) this test server.
+    pg_createcluster "$PG_VERSION" "$PG_CLUSTER" -p "$PG_PORT" --start-conf=manual -- --auth-local=trust >/dev/null
 }
 
 pg_configure() {

@@ -16,9 +16,11 @@ loses its node goes on to the next one in its order, wrapping around.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl, urlencode
+
+from stepline.shared.redaction import mask_url, scrub_password
 
 DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 LOAD_BALANCE_PARAMETER = "load_balance_hosts"
@@ -41,7 +43,8 @@ class AmqpTarget:
     """What an AMQP URL names: the nodes and what they share."""
 
     scheme: str
-    userinfo: str  # "user:password" as written (percent-encoded), or "" for none
+    # "user:password" as written (percent-encoded), or "" for none; kept out of the repr.
+    userinfo: str = field(repr=False)
     nodes: tuple[AmqpNode, ...]
     path: str  # "/vhost" as written, or ""
     query: str  # without load_balance_hosts
@@ -60,9 +63,7 @@ class AmqpTarget:
 
     def masked(self) -> str:
         """The URL with its password replaced by ``***``: safe for logs and errors."""
-        user, has_password, _ = self.userinfo.partition(":")
-        userinfo = f"{user}:***" if has_password else user
-        return self._url(userinfo, ",".join(str(node) for node in self.nodes))
+        return mask_url(self._url(self.userinfo, ",".join(str(node) for node in self.nodes)))
 
     def _url(self, userinfo: str, hosts: str) -> str:
         at = f"{userinfo}@" if userinfo else ""
@@ -76,6 +77,14 @@ def parse_amqp_url(url: str) -> AmqpTarget:
     Raises:
         ValueError: the URL is malformed; the text never holds the password.
     """
+    try:
+        return _parse(url)
+    except ValueError as exc:
+        raise ValueError(scrub_password(str(exc), url)) from None
+
+
+def _parse(url: str) -> AmqpTarget:
+    """``parse_amqp_url`` without the scrubbing of its errors."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in DEFAULT_PORTS:
         raise ValueError("must start with amqp:// or amqps:// (e.g. amqp://guest:guest@host:5672/vhost)")
@@ -85,7 +94,16 @@ def parse_amqp_url(url: str) -> AmqpTarget:
     userinfo, at, hosts = netloc.rpartition("@")
     if not at:
         userinfo, hosts = "", netloc
-    nodes = tuple(_node(part, DEFAULT_PORTS[scheme]) for part in hosts.split(","))
+    try:
+        nodes = tuple(_node(part, DEFAULT_PORTS[scheme]) for part in hosts.split(","))
+    except ValueError:
+        if not at and "@" in url:
+            # The host list may be the front of a password with a raw '/', '?' or '#': quote nothing.
+            raise ValueError(
+                "malformed host list; a password holding '/', '?' or '#' must be percent-encoded "
+                "(%2F, %3F, %23)"
+            ) from None
+        raise
     pairs = parse_qsl(query, keep_blank_values=True)
     load_balance = "random"
     kept = []
@@ -123,14 +141,3 @@ def _node(text: str, default_port: int) -> AmqpNode:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port {port_text!r} for host {host!r}: a number from 1 to 65535")
     return AmqpNode(host, int(port_text))
-
-
-def mask_amqp_url(url: str) -> str:
-    """The URL as written with its password replaced by ``***``, for logs and errors (even malformed)."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, tail = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.partition(":")[0]
-    return f"{scheme}{sep}{user}:***@{hosts}{slash}{tail}"

@@ -256,6 +256,21 @@ def _wait_of(snap: Snapshot, step: Row, limits: Limits) -> Wait | None:
     return None
 
 
+def _timer_late(snap: Snapshot, timer: Row, limits: Limits) -> str | None:
+    """The problem with an armed timer still unfired past its due time and the grace, or None.
+
+    Its wait is alive (the timer fires once a scheduler runs; nothing is lost
+    and nothing to repair), but no scheduler fires timers, or it is far behind.
+    """
+    late = snap.now - timer["fire_at"]
+    if late <= limits.grace:
+        return None
+    return (
+        f"its {timer['kind']} timer was due {human(late)} ago and has not fired: "
+        "is a stepline-scheduler running and reaching the database?"
+    )
+
+
 def _timer(snap: Snapshot, step: Row, kinds: tuple[str, ...]) -> Row | None:
     for timer in snap.timers:
         if (timer["step"], timer["occurrence"]) == (step["name"], step["occurrence"]) and timer[
@@ -285,6 +300,7 @@ def _step_wait(snap: Snapshot, step: Row, limits: Limits) -> Wait:
             since=step["updated_at"],
             due_at=timer["fire_at"],
             mover="the retry timer",
+            problem=_timer_late(snap, timer, limits),
         )
     lease = _timer(snap, step, (LEASE,))
     if lease is not None:
@@ -361,10 +377,19 @@ def _limit_wait(snap: Snapshot, key: str, waiting_for: dict[str, Any]) -> Wait:
 def _sleep_wait(snap: Snapshot, step: Row, limits: Limits) -> Wait:
     key = format_key((step["name"], step["occurrence"]))
     fire_at = step["fire_at"]
-    if _timer(snap, step, ("sleep",)) is not None:
+    timer = _timer(snap, step, ("sleep",))
+    if timer is not None:
         text = f"sleeping in `{key}` until {stamp(fire_at)} ({_until(snap.now, fire_at)})"
+        problem = _timer_late(snap, timer, limits)
         return Wait(
-            "sleep", text, True, step=key, since=step["started_at"], due_at=fire_at, mover="its timer"
+            "sleep",
+            text,
+            True,
+            step=key,
+            since=step["started_at"],
+            due_at=fire_at,
+            mover="its timer",
+            problem=problem,
         )
     # Without its timer, a sleep is lost before its end (a timer is armed with the entry) and
     # after the grace past it; in between, the timer fired and its wake-up is on its way.
@@ -387,7 +412,10 @@ def _event_wait(snap: Snapshot, step: Row, limits: Limits) -> Wait:
     timer = _timer(snap, step, ("event-timeout",))
     if timer is not None:
         text += f"; times out at {stamp(timer['fire_at'])} ({_until(snap.now, timer['fire_at'])})"
-        return Wait("event", text, True, step=key, since=since, due_at=timer["fire_at"], mover=mover)
+        problem = _timer_late(snap, timer, limits)
+        return Wait(
+            "event", text, True, step=key, since=since, due_at=timer["fire_at"], mover=mover, problem=problem
+        )
     timeout_s = detail.get("timeout_s")
     if not timeout_s:
         text += "; no time-out: only that event moves it"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from stepline.shared.redaction import mask_url
+
 
 class SteplineError(Exception):
     """Root of every error Stepline raises."""
@@ -114,11 +116,14 @@ class ServiceUnavailableError(SteplineError):
     """PostgreSQL or RabbitMQ did not answer within the start-up wait, or refused us; the process exits 3.
 
     The text is one line: the service, its URL without the password, the
-    driver's cause and what to do about it. ``waited_s`` is None for a refusal
-    that waiting cannot change (a server certificate the CA did not sign).
+    driver's cause and what to do about it. ``url`` is masked here; ``cause``
+    comes scrubbed (``stepline.shared.redaction.scrub_password``). ``waited_s``
+    is None for a refusal that waiting cannot change (a server certificate the
+    CA did not sign).
     """
 
     def __init__(self, service: str, url: str, cause: str, hint: str, waited_s: float | None) -> None:
+        url = mask_url(url)
         waited = (
             "refused at once, not retried: waiting would not change it"
             if waited_s is None

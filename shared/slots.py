@@ -113,16 +113,10 @@ async def evict_oldest(
         "oldest instance cancelled for a newer one",
         extra={"event": "concurrency_evicted", "instance_id": oldest, "newcomer": newcomer},
     )
-    if status == InstanceStatus.PAUSED and await _is_held(tx, oldest):
+    if status == InstanceStatus.PAUSED and await tx.is_held(oldest):
         return await terminate(tx, oldest, reason, payload_limit=payload_limit)
     # Its compensations run before it ends terminated (see stepline.shared.rollback).
     return await begin_rollback(tx, oldest, reason, payload_limit=payload_limit)
-
-
-async def _is_held(tx: Transaction, instance_id: str) -> bool:
-    """Whether a paused instance is held (its replay diverged: its error says so), not plainly paused."""
-    row = await tx.get_instance_row(instance_id)
-    return row is not None and row.error is not None
 
 
 async def release(tx: Transaction, workflow: str, key: str, *, payload_limit: int) -> list[OutboxRow]:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urlsplit
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from stepline.shared.broker import Broker, mask_amqp_url
-from stepline.shared.db.engine import MAX_CONNECTIONS_SETTING, is_too_many_clients, mask_url
+from stepline.shared.broker import Broker
+from stepline.shared.db.engine import MAX_CONNECTIONS_SETTING, is_too_many_clients
 from stepline.shared.db.store import Store
 from stepline.shared.errors import BrokerError, ServiceUnavailableError
+from stepline.shared.redaction import scrub_password
 from stepline.shared.retrying import retry_until
 from stepline.shared.tls import is_tls_refusal, tls_hint
 
@@ -47,11 +47,7 @@ async def connect_broker(broker: Broker, url: str, *, deadline_s: float, stoppin
     except BrokerError as exc:
         cause = broker_cause(exc)
         raise ServiceUnavailableError(
-            service,
-            mask_amqp_url(url),
-            _scrub(cause, url),
-            broker_hint(cause, url=url),
-            _waited(cause, deadline_s),
+            service, url, scrub_password(cause, url), broker_hint(cause, url=url), _waited(cause, deadline_s)
         ) from exc
 
 
@@ -81,8 +77,8 @@ async def check_database(store: Store, url: str, *, deadline_s: float, stopping:
         cause = database_cause(exc)
         raise ServiceUnavailableError(
             service,
-            mask_url(url),
-            _scrub(cause, url),
+            url,
+            scrub_password(cause, url),
             database_hint(cause, url=url),
             _waited(cause, deadline_s),
         ) from exc
@@ -133,12 +129,6 @@ def _waited(cause: str, deadline_s: float) -> float | None:
 
 def _broker_name(url: str) -> str:
     return "the embedded queue" if url.startswith("sqlite:") else "RabbitMQ"
-
-
-def _scrub(text: str, url: str) -> str:
-    """``text`` without the URL's password, should a driver ever quote it."""
-    password = urlsplit(url).password
-    return text.replace(password, "***") if password else text
 
 
 __all__ = ["broker_hint", "check_database", "connect_broker", "database_hint", "driver_cause"]

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from stepline.shared.codec import payloads_from_settings
+from stepline.shared.db.stores import this_process
 from stepline.shared.errors import ConfigError
 from stepline.shared.logs import configure_logging
 from stepline.shared.process import fail, run_until_signalled
@@ -15,7 +16,7 @@ from stepline.shared.settings import load_settings
 from stepline.shared.telemetry import configure_telemetry, shutdown_telemetry
 from stepline.shared.topology import check_pool_name
 from stepline.worker.registry import load_workflows
-from stepline.worker.runner import default_worker_id, run_worker
+from stepline.worker.runner import run_worker
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,7 +78,7 @@ def main(
         payloads_from_settings(settings)  # a codec that does not load: one line, exit 2
     except ConfigError as exc:
         fail("stepline-worker", str(exc))
-    identity = worker_id or default_worker_id()
+    identity = worker_id or this_process()
     hooks = configure_telemetry("worker", worker_id=identity)
     try:
         run_until_signalled(

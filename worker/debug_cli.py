@@ -40,7 +40,7 @@ def debug(instance_id: str, modules: tuple[str, ...], stop_at_start: bool, as_js
     from stepline.shared.codec import payloads_from_settings
     from stepline.shared.db import stores
     from stepline.shared.errors import ConfigError, InstanceNotFoundError, SteplineError
-    from stepline.shared.settings import load_settings
+    from stepline.shared.settings import CLIENT_CONNECTIONS, load_settings
     from stepline.worker.debugger import Recorded, debug_replay, load_recorded
     from stepline.worker.registry import load_workflows
 
@@ -54,7 +54,9 @@ def debug(instance_id: str, modules: tuple[str, ...], stop_at_start: bool, as_js
         raise click.UsageError(str(exc)) from None
 
     async def read() -> Recorded:
-        store = stores.create_store(settings.database)
+        store = stores.create_store_for(
+            settings.database, settings.db, "stepline-debug", connections=CLIENT_CONNECTIONS
+        )
         try:
             return await load_recorded(store, instance_id)
         finally:

@@ -25,7 +25,7 @@ from stepline.shared.codec import Payloads, payloads_from_settings
 from stepline.shared.db import stores
 from stepline.shared.db.store import Store
 from stepline.shared.errors import ConfigError, NonDeterminismError, SteplineError
-from stepline.shared.settings import load_settings
+from stepline.shared.settings import CLIENT_CONNECTIONS, load_settings
 from stepline.worker.cli_options import workflow_modules_option
 from stepline.worker.registry import load_workflows
 from stepline.worker.replay.engine import Replay
@@ -156,7 +156,9 @@ def replay_check(modules: tuple[str, ...], workflow: str | None, limit: int | No
             bar.update(task, completed=done, total=total)
 
         async def body() -> ReplayReport:
-            store = stores.create_store(settings.database)
+            store = stores.create_store_for(
+                settings.database, settings.db, "stepline-replay-check", connections=CLIENT_CONNECTIONS
+            )
             try:
                 return await check_instances(
                     store,

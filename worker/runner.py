@@ -6,15 +6,13 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
-import socket
 from collections.abc import Mapping
 from typing import Any
 
 from stepline.shared.broker import Broker, Delivery, create_broker
 from stepline.shared.codec import payloads_from_settings
 from stepline.shared.db.store import Store
-from stepline.shared.db.stores import create_store
+from stepline.shared.db.stores import create_store_for, this_process
 from stepline.shared.errors import BrokerError
 from stepline.shared.health import HealthServer
 from stepline.shared.hooks import Hooks
@@ -32,11 +30,6 @@ from stepline.worker.workflow import Workflow
 log = logging.getLogger("stepline.worker")
 
 
-def default_worker_id() -> str:
-    """``host:pid``: recorded on every step attempt this process runs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 async def run_worker(
     settings: Settings,
     workflows: Mapping[str, Workflow[Any, Any]],
@@ -52,7 +45,7 @@ async def run_worker(
         ServiceUnavailableError: PostgreSQL or RabbitMQ did not answer within
             ``startup_timeout_s`` (default: the ``startup_timeout`` setting).
     """
-    worker_id = worker_id or default_worker_id()
+    worker_id = worker_id or this_process()  # recorded on every step attempt this process runs
     payloads = payloads_from_settings(settings)  # a codec that does not load stops the worker here
     build_id = settings.worker.build_id or source_build_id(workflows, settings.worker.workflows)
     if startup_timeout_s is None:
@@ -70,13 +63,14 @@ async def run_worker(
             concurrency + WORKER_SPARE_CONNECTIONS,
             extra={"event": "db_budget_below_concurrency"},
         )
-    store = create_store(
+    store = create_store_for(
         settings.database,
-        max_connections=budget,
+        settings.db,
+        "stepline-worker",
+        connections=concurrency + WORKER_SPARE_CONNECTIONS,
         pre_ping=False,
-        pgbouncer=settings.db.pgbouncer,
-        application_name=f"stepline-worker {worker_id}",
         held=concurrency,
+        process_id=worker_id,
     )
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
     executor = StepExecutor(

@@ -15,24 +15,33 @@ from stepline.producer.dashboard import actions, pages
 from stepline.producer.dashboard.security import Guard, GuardMiddleware
 from stepline.producer.dashboard.state import HERE, Dashboard, templates
 from stepline.shared.codec import load_codec
-from stepline.shared.db.stores import create_store
-from stepline.shared.settings import Settings
+from stepline.shared.db.stores import create_store_for
+from stepline.shared.settings import CLIENT_CONNECTIONS, Settings
 
 
-def create_app(settings: Settings, *, read_only: bool | None = None) -> Starlette:
+def create_app(settings: Settings, *, read_only: bool | None = None, host: str | None = None) -> Starlette:
     """The dashboard app over ``settings``' store and broker.
 
-    ``read_only`` overrides ``STEPLINE_UI__READ_ONLY``; the token is
-    ``STEPLINE_UI__TOKEN``. Connections open when the app starts (its lifespan)
-    and close when it stops.
+    ``read_only`` overrides ``STEPLINE_UI__READ_ONLY``, ``host`` (the address
+    it is bound to) ``STEPLINE_UI__HOST``; the token is ``STEPLINE_UI__TOKEN``.
+    Bound to loopback, it answers only requests whose ``Host`` names loopback
+    or that address (no DNS rebinding). Connections open when the app starts
+    (its lifespan) and close when it stops.
     """
     token = settings.ui.token.get_secret_value() if settings.ui.token is not None else None
-    guard = Guard(token or None, read_only=settings.ui.read_only if read_only is None else read_only)
+    guard = Guard(
+        token or None,
+        read_only=settings.ui.read_only if read_only is None else read_only,
+        bind_host=host or settings.ui.host,
+    )
     dashboard = Dashboard(settings, guard, templates())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        dashboard.store = create_store(settings.database, pool_size=4)
+        # One store, one connection budget: the pages read through it, the actions act through it.
+        dashboard.store = create_store_for(
+            settings.database, settings.db, "stepline-ui", connections=CLIENT_CONNECTIONS
+        )
         client = Client(
             settings.database,
             settings.amqp,
@@ -40,6 +49,8 @@ def create_app(settings: Settings, *, read_only: bool | None = None) -> Starlett
             max_payload_bytes=settings.max_payload_bytes,
             broker=settings.broker,
             codec=load_codec(settings.codec, settings),
+            database=settings.db,
+            store=dashboard.store,
         )
         async with client:
             dashboard.client = client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -14,9 +15,8 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from stepline.producer.dashboard import views
 from stepline.producer.dashboard.security import SESSION_COOKIE, safe_next
 from stepline.producer.dashboard.state import Dashboard, dashboard_of
-from stepline.producer.why import default_limits, why_text
+from stepline.producer.why import default_limits, diagnose_instances, why_text
 from stepline.shared.db import overview as reads
-from stepline.shared.diagnosis import Diagnosis
 from stepline.shared.errors import InvalidIdError, SteplineError
 from stepline.shared.messages import check_id_prefix, check_instance_id
 from stepline.shared.states import InstanceStatus
@@ -80,6 +80,8 @@ async def overview(request: Request) -> Response:
         quiet = await reads.quiet_instance_ids(
             tx, quiet_for=dashboard.settings.scheduler.reconcile_grace, limit=STRANDED_CHECKED
         )
+        # One outbox read for all of them, in this transaction (not a `why` per instance).
+        diagnosed = await diagnose_instances(tx, quiet, _limits(dashboard))
     queues, dead = await _broker_figures(dashboard, names)
     rows = [
         WorkflowRow(
@@ -90,7 +92,7 @@ async def overview(request: Request) -> Response:
         )
         for name, queue in zip(names, queues, strict=True)
     ]
-    stranded = [d for d in await _diagnosed(dashboard, quiet) if d.is_stranded]
+    stranded = [d for d in diagnosed if d.is_stranded]
     now = datetime.now(UTC)
     return dashboard.render(
         request,
@@ -131,16 +133,6 @@ async def _broker_figures(dashboard: Dashboard, names: list[str]) -> tuple[list[
         return [None] * len(names), None
 
 
-async def _diagnosed(dashboard: Dashboard, instance_ids: list[str]) -> list[Diagnosis]:
-    found = []
-    for instance_id in instance_ids:
-        try:
-            found.append(await dashboard.control.why(instance_id, limits=_limits(dashboard)))
-        except SteplineError:
-            continue  # pruned or changed meanwhile: the next refresh sees it as it is
-    return found
-
-
 # ---------------------------------------------------------------- instances
 
 
@@ -151,6 +143,10 @@ def _filter_of(request: Request) -> tuple[reads.InstanceFilter, dict[str, str], 
         key: query.get(key, "").strip() for key in ("workflow", "status", "build", "since", "until", "id")
     }
     problems = []
+    for key in ("workflow", "build"):
+        if _has_control_character(shown[key]):
+            problems.append(f"{key}: a control character is not allowed")
+            shown[key] = ""
     status = shown["status"] or None
     if status is not None and status not in STATUSES:
         problems.append(f"status {status!r} is not one of {', '.join(STATUSES)}")
@@ -176,15 +172,28 @@ def _filter_of(request: Request) -> tuple[reads.InstanceFilter, dict[str, str], 
     return where, shown, problems
 
 
+def _has_control_character(text: str) -> bool:
+    """Whether ``text`` holds a control character (PostgreSQL refuses NUL in a text parameter)."""
+    return any(ord(char) < 32 or ord(char) == 127 for char in text)
+
+
+def _utc_time(text: str) -> datetime | None:
+    """``text`` as an ISO time in UTC (UTC when it names no zone); None if not one or out of range."""
+    try:
+        moment = datetime.fromisoformat(text)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
+
+
 def _moment(text: str, what: str) -> tuple[datetime | None, str | None]:
     """A time from the form (``YYYY-MM-DDTHH:MM``, UTC unless it names a zone)."""
     if not text:
         return None, None
-    try:
-        moment = datetime.fromisoformat(text.replace(" ", "T"))
-    except ValueError:
+    moment = _utc_time(text.replace(" ", "T"))
+    if moment is None:
         return None, f"{what}: {text!r} is not a time like 2026-12-06T14:05 (UTC)"
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)), None
+    return moment, None
 
 
 def _cursor(request: Request) -> tuple[reads.Cursor | None, str | None]:
@@ -192,11 +201,10 @@ def _cursor(request: Request) -> tuple[reads.Cursor | None, str | None]:
     after, after_id = request.query_params.get("after"), request.query_params.get("after_id")
     if not after or after_id is None:
         return None, None
-    try:
-        moment = datetime.fromisoformat(after)
-    except ValueError:
-        return None, f"the page cursor {after!r} is not a time: showing the newest page"
-    return reads.Cursor(moment if moment.tzinfo else moment.replace(tzinfo=UTC), after_id), None
+    moment = _utc_time(after)
+    if moment is None or _has_control_character(after_id):
+        return None, f"the page cursor {after!r}, {after_id!r} is not a time and an id: the first page shown"
+    return reads.Cursor(moment, after_id), None
 
 
 async def instance_list(request: Request) -> Response:
@@ -207,7 +215,12 @@ async def instance_list(request: Request) -> Response:
     if cursor_problem:
         problems.append(cursor_problem)
     async with dashboard.reads.reading() as tx:
-        rows = await reads.instance_page(tx, where, after=after, limit=PAGE_SIZE + 1)
+        rows = await tx.list_instance_rows(
+            **dataclasses.asdict(where),
+            after=None if after is None else (after.created_at, after.id),
+            limit=PAGE_SIZE + 1,
+            fields=reads.LIST_FIELDS,
+        )
         names = await reads.workflow_names(tx)
     more = len(rows) > PAGE_SIZE
     rows = rows[:PAGE_SIZE]

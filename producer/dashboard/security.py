@@ -1,9 +1,10 @@
-"""The dashboard's guard: the access token, cross-site request checks, read-only mode, safe headers."""
+"""The dashboard's guard: the access token, cross-site and Host checks, read-only mode, safe headers."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -18,6 +19,8 @@ SESSION_COOKIE = "stepline_ui"
 CSRF_FIELD = "csrf"
 PUBLIC_PATHS = frozenset({"/login", "/livez", "/readyz"})
 """Answered without the token: the login form and the health checks (they show nothing)."""
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+"""The Host names a dashboard bound to loopback answers to, besides the address it is bound to."""
 
 # Pages load only the dashboard's own script and style sheet: an injected <script> could not run
 # even if a value escaped its escaping; no page may be framed (clickjacking on the action buttons).
@@ -51,10 +54,22 @@ class Guard:
     the token itself: HttpOnly, SameSite=Strict.
     """
 
-    def __init__(self, token: str | None, *, read_only: bool) -> None:
+    def __init__(self, token: str | None, *, read_only: bool, bind_host: str = "127.0.0.1") -> None:
         self._token = token
         self.read_only = read_only
         self.csrf_token = secrets.token_urlsafe(32)
+        self.allowed_hosts = allowed_hosts(bind_host)
+
+    def is_allowed_host(self, request: Request) -> bool:
+        """Whether the request's ``Host`` header names this dashboard (always, when not bound to loopback).
+
+        A page on another site can make a browser resolve its own name to
+        127.0.0.1 (DNS rebinding) and read a loopback dashboard as same-origin;
+        such a request still carries that site's name in ``Host``.
+        """
+        if self.allowed_hosts is None:
+            return True
+        return host_name(request.headers.get("host", "")) in self.allowed_hosts
 
     @property
     def needs_login(self) -> bool:
@@ -98,6 +113,37 @@ class Guard:
         return form
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, brackets allowed) is this machine's loopback."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(bind_host: str) -> frozenset[str] | None:
+    """The ``Host`` names a dashboard bound to ``bind_host`` answers, or None (any) when not on loopback.
+
+    Bound to loopback only a browser on this machine reaches it, under one of
+    the loopback names or the bound address; a wider binding is guarded by
+    the token instead, and its names are the operator's to choose.
+    """
+    if not is_loopback(bind_host):
+        return None
+    return LOOPBACK_NAMES | {bind_host.strip("[]").lower()}
+
+
+def host_name(header: str) -> str:
+    """The name in a ``Host`` header, without its port or an IPv6 address's brackets, lower-case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.partition(":")[0]
+
+
 def is_cross_site(request: Request) -> bool:
     """Whether the browser says the request comes from another site (``Origin``, ``Referer``, Sec-Fetch)."""
     if request.headers.get("sec-fetch-site") == "cross-site":
@@ -132,6 +178,11 @@ class GuardMiddleware(BaseHTTPMiddleware):
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         path = request.url.path
+        if not self._guard.is_allowed_host(request):
+            return PlainTextResponse(
+                "this dashboard answers only to localhost, 127.0.0.1, [::1] or the address it is bound to",
+                status_code=400,
+            )
         if request.method not in ("GET", "HEAD", "POST"):
             return PlainTextResponse("method not allowed", status_code=405)
         if request.method == "POST" and is_cross_site(request):

@@ -9,14 +9,12 @@ from typing import TYPE_CHECKING
 from stepline.shared.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from stepline.shared.amqp_url import mask_amqp_url
     from stepline.shared.broker.amqp import AmqpBroker
     from stepline.shared.broker.base import Broker, DeadLetter, Delivery, Handler, Publisher, WorkflowQueue
     from stepline.shared.broker.embedded import EmbeddedBroker
     from stepline.shared.broker.factory import create_broker
 
 _LAZY = {
-    "stepline.shared.amqp_url": ["mask_amqp_url"],
     "stepline.shared.broker.amqp": ["AmqpBroker"],
     "stepline.shared.broker.base": [
         "Broker",
@@ -41,5 +39,4 @@ __all__ = [
     "Publisher",
     "WorkflowQueue",
     "create_broker",
-    "mask_amqp_url",
 ]

@@ -25,7 +25,7 @@ from aio_pika.abc import (
 from aio_pika.channel import Channel
 from yarl import URL
 
-from stepline.shared.amqp_url import mask_amqp_url, parse_amqp_url
+from stepline.shared.amqp_url import parse_amqp_url
 from stepline.shared.broker.base import (
     DEAD_LETTER_ID_HEADER,
     DEAD_LETTERED_AT_HEADER,
@@ -39,6 +39,7 @@ from stepline.shared.broker.base import (
     WorkflowQueue,
 )
 from stepline.shared.errors import BrokerError, ConfigError, UnroutableError
+from stepline.shared.redaction import mask_url, scrub_password
 from stepline.shared.settings import BrokerSettings
 from stepline.shared.topology import (
     DEFAULT_POOL,
@@ -131,7 +132,7 @@ class AmqpBroker:
         try:
             self._target = parse_amqp_url(url)
         except ValueError as exc:
-            raise ConfigError(f"malformed AMQP URL {mask_amqp_url(url)}: {exc}") from exc
+            raise ConfigError(f"malformed AMQP URL {mask_url(url)}: {exc}") from exc
         self._url = url
         # One URL per node, in the order this process tries them (shuffled unless load_balance_hosts=disable).
         self._node_urls = [
@@ -165,7 +166,7 @@ class AmqpBroker:
         except _AMQP_FAILURES_OR_TIMEOUT as exc:
             await self.close()
             raise BrokerError(
-                f"cannot connect to RabbitMQ at {mask_amqp_url(self._url)}: {self._scrub(exc)}"
+                f"cannot connect to RabbitMQ at {mask_url(self._url)}: {self._scrub(exc)}"
             ) from exc
 
     async def _connect_first_node(self) -> ClusterConnection:
@@ -196,15 +197,12 @@ class AmqpBroker:
             )
             return connection
         raise BrokerError(
-            f"cannot connect to RabbitMQ at {mask_amqp_url(self._url)}: no node answered: "
-            + "; ".join(failures)
+            f"cannot connect to RabbitMQ at {mask_url(self._url)}: no node answered: " + "; ".join(failures)
         )
 
     def _scrub(self, exc: BaseException) -> str:
         """An error's text without the password, should a driver ever quote the URL."""
-        text = str(exc)
-        password = self._target.userinfo.partition(":")[2]
-        return text.replace(password, "***") if password else text
+        return scrub_password(str(exc), self._url)
 
     @property
     def node(self) -> str | None:

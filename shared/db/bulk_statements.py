@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stepline.shared.db.schema import instances
+from stepline.shared.db.statements import is_held
 from stepline.shared.states import InstanceStatus
 
 
@@ -43,14 +44,14 @@ class InstanceSelection:
         )
 
     def conditions(self) -> list[sa.ColumnElement[bool]]:
-        """The WHERE conditions of the selection (a held instance is also checked by its error's value)."""
+        """The WHERE conditions of the selection."""
         found: list[sa.ColumnElement[bool]] = []
         if self.workflow is not None:
             found.append(instances.c.workflow == self.workflow)
         if self.status is not None:
             found.append(instances.c.status == self.status.value)
         if self.held:
-            found += [instances.c.status == InstanceStatus.PAUSED.value, instances.c.error.is_not(None)]
+            found.append(is_held())
         if self.created_after is not None:
             found.append(instances.c.created_at >= self.created_after)
         if self.build_id is not None:
@@ -75,10 +76,7 @@ class BulkStatements:
     async def selected_instances(
         self, selection: InstanceSelection, *, after_id: str | None, limit: int
     ) -> list[SelectedInstance]:
-        """Up to ``limit`` ``(id, status, error)`` of the selected instances, ids above ``after_id``, by id.
-
-        A held selection is refined by the caller: a resumed instance's error may be a JSON null.
-        """
+        """Up to ``limit`` ``(id, status, error)`` of the selected instances with ids above ``after_id``."""
         query = (
             sa.select(instances.c.id, instances.c.status, instances.c.error)
             .where(*selection.conditions())
@@ -91,6 +89,6 @@ class BulkStatements:
         return [SelectedInstance(row.id, InstanceStatus(row.status), row.error) for row in rows]
 
     async def count_selected_instances(self, selection: InstanceSelection) -> int:
-        """How many instances the selection picks now (held ones counted by the SQL conditions alone)."""
+        """How many instances the selection picks now."""
         query = sa.select(sa.func.count()).select_from(instances).where(*selection.conditions())
         return int((await self._conn.execute(query)).scalar_one())

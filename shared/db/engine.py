@@ -109,21 +109,6 @@ def sqlite_path(database_url: str) -> Path:
     return Path(database)
 
 
-_USERINFO_PASSWORD = re.compile(r"^([^:/]+://[^:@/?]*):[^@/?]*@")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.I)
-
-
-def mask_url(database_url: str) -> str:
-    """The URL with its password hidden, for logs and errors.
-
-    Every form is masked, the URL left as the user wrote it otherwise: a
-    password after the user name (one host or a host list) and a
-    ``password=`` query parameter, which libpq accepts too.
-    """
-    masked = _USERINFO_PASSWORD.sub(r"\1:***@", database_url, count=1)
-    return _QUERY_PASSWORD.sub(r"\1***", masked)
-
-
 def create_engine(
     database_url: str,
     *,
@@ -286,13 +271,24 @@ def _real_clock() -> datetime:
 
 
 def _sqlite_clock_text(clock: Clock) -> str:
-    """The clock as text in the form SQLAlchemy stores datetimes in on SQLite, to the microsecond.
+    """The clock as text in the one form every time has on SQLite (``sqlite_time_text``)."""
+    text = sqlite_time_text(clock())
+    assert text is not None
+    return text
 
-    SQLite compares times as text: a time stored with six digits of fraction
-    (a bound datetime) must not compare later than the same moment read from
-    the clock, as it would against SQLite's own ``'now'``, which has three.
+
+def sqlite_time_text(value: datetime | None) -> str | None:
+    """A time as SQLite stores it (see ``_NaiveUtc``); None stays None.
+
+    Raises:
+        ValueError: a naive datetime (ambiguous: give a time zone).
     """
-    return clock().astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("naive datetimes are ambiguous: give a time zone")
+    moment = value.astimezone(UTC)
+    return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d}"
 
 
 def _create_sqlite_engine(database_url: str, clock: Clock) -> AsyncEngine:

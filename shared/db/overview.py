@@ -19,7 +19,8 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from stepline.shared.db.schema import Timestamp, instances, outbox, step_attempts, timers, utc_now
+from stepline.shared.db.schema import instances, outbox, step_attempts, timers, utc_now
+from stepline.shared.db.statements import is_held
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.states import FINISHED_STATUSES, InstanceStatus
 
@@ -60,9 +61,23 @@ class Cursor:
     id: str
 
 
+LIST_FIELDS = (
+    "id",
+    "workflow",
+    "status",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "build_id",
+    "parent_id",
+    "error",
+)
+"""The columns the instances page shows (``Transaction.list_instance_rows(fields=...)``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class InstanceFilter:
-    """What the instances page filters on; each None matches all."""
+    """What the instances page filters on; each None matches all (``list_instance_rows``' arguments)."""
 
     workflow: str | None = None
     status: str | None = None
@@ -89,30 +104,6 @@ def _epoch_minute_postgresql(element: _EpochMinute, compiler: SQLCompiler, **kw:
 def _epoch_minute_sqlite(element: _EpochMinute, compiler: SQLCompiler, **kw: Any) -> str:
     # Stored as naive UTC text ('YYYY-MM-DD HH:MM:SS.fff'); strftime('%s') reads it as UTC.
     return f"(CAST(strftime('%s', {compiler.process(element.clauses, **kw)}) AS INTEGER) / 60)"
-
-
-class _CreatedAt(FunctionElement[datetime]):
-    """A bound time in the form ``instances.created_at`` is written in, for a keyset comparison.
-
-    PostgreSQL compares timestamps; SQLite compares text, and ``created_at``
-    comes from the column default (``strftime('%Y-%m-%d %H:%M:%f')``, three
-    digits of fraction) while a bound datetime has six: without the same form,
-    the row a page ended on would compare older than itself and show again.
-    """
-
-    type = Timestamp()
-    inherit_cache = True
-    name = "created_at_form"
-
-
-@compiles(_CreatedAt)
-def _created_at_postgresql(element: _CreatedAt, compiler: SQLCompiler, **kw: Any) -> str:
-    return str(compiler.process(element.clauses, **kw))
-
-
-@compiles(_CreatedAt, "sqlite")
-def _created_at_sqlite(element: _CreatedAt, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"strftime('%Y-%m-%d %H:%M:%f', {compiler.process(element.clauses, **kw)})"
 
 
 async def workflow_names(tx: Transaction, *, limit: int = WORKFLOWS_SHOWN) -> list[str]:
@@ -195,18 +186,18 @@ async def outbox_backlog(tx: Transaction) -> tuple[int, datetime | None]:
 
 async def overdue_timers(tx: Transaction) -> tuple[int, datetime | None]:
     """How many armed timers are past due (up to 10,000), and the due time of the oldest."""
-    now = utc_now()
-    late = sa.select(timers.c.id).where(timers.c.fire_at < now).limit(10_000).subquery()
-    count = (await tx.connection.execute(sa.select(sa.func.count()).select_from(late))).scalar_one()
-    oldest = (await tx.connection.execute(sa.select(sa.func.min(timers.c.fire_at)))).scalar_one()
-    return int(count), oldest
+    # One walk of ix_timers_due from its start: the overdue timers only, oldest first.
+    due = timers.c.fire_at
+    late = sa.select(due).where(due < utc_now()).order_by(due).limit(10_000).subquery()
+    row = (await tx.connection.execute(sa.select(sa.func.count(), sa.func.min(late.c.fire_at)))).one()
+    return int(row[0]), row[1]
 
 
 async def held_instances(tx: Transaction, *, limit: int) -> list[Any]:
     """Held instances (paused with an error: their replay diverged), oldest first, ``limit`` at most."""
     query = (
         sa.select(instances.c.id, instances.c.workflow, instances.c.error, instances.c.updated_at)
-        .where(instances.c.status == InstanceStatus.PAUSED.value, instances.c.error.is_not(None))
+        .where(is_held())
         .order_by(instances.c.created_at)
         .limit(limit)
     )
@@ -230,48 +221,6 @@ async def quiet_instance_ids(tx: Transaction, *, quiet_for: timedelta, limit: in
         .limit(limit)
     )
     return [row.id for row in (await tx.connection.execute(query)).all()]
-
-
-async def instance_page(
-    tx: Transaction, where: InstanceFilter, *, after: Cursor | None, limit: int
-) -> list[Any]:
-    """A page of instances, newest first (``created_at``, then ``id``, both descending), after ``after``.
-
-    Keyset paging: the page starts where the previous one ended, so page 1,000
-    costs what page 1 does (an OFFSET would read every row before it).
-    """
-    query = (
-        sa.select(
-            instances.c.id,
-            instances.c.workflow,
-            instances.c.status,
-            instances.c.created_at,
-            instances.c.updated_at,
-            instances.c.finished_at,
-            instances.c.build_id,
-            instances.c.parent_id,
-            instances.c.error,
-        )
-        .order_by(instances.c.created_at.desc(), instances.c.id.desc())
-        .limit(limit)
-    )
-    if where.id_prefix:
-        # The store's own prefix conditions: an index range where ids sort by code point.
-        query = query.where(*await tx._id_starts_with(where.id_prefix))
-    if where.workflow is not None:
-        query = query.where(instances.c.workflow == where.workflow)
-    if where.status is not None:
-        query = query.where(instances.c.status == where.status)
-    if where.build_id is not None:
-        query = query.where(instances.c.build_id == where.build_id)
-    if where.created_after is not None:
-        query = query.where(instances.c.created_at >= where.created_after)
-    if where.created_before is not None:
-        query = query.where(instances.c.created_at < where.created_before)
-    if after is not None:
-        created = _CreatedAt(sa.bindparam(None, after.created_at, type_=instances.c.created_at.type))
-        query = query.where(sa.tuple_(instances.c.created_at, instances.c.id) < sa.tuple_(created, after.id))
-    return list((await tx.connection.execute(query)).all())
 
 
 async def children_of(tx: Transaction, instance_id: str, *, limit: int) -> list[Any]:

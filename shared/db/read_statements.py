@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stepline.shared.db.payload_statements import PayloadStatements
 from stepline.shared.db.schema import events, instances, step_attempts, steps
-from stepline.shared.db.statements import INSTANCE_FIELDS, STEP_FIELDS, after_prefix, history_from
+from stepline.shared.db.statements import INSTANCE_FIELDS, STEP_FIELDS, after_prefix, history_from, is_held
 from stepline.shared.history import History
 from stepline.shared.states import UNFINISHED_STATUSES, StepKind
 
@@ -72,6 +72,11 @@ class ReadStatements(PayloadStatements):
         """The whole instance row, for clients."""
         return (await self._conn.execute(sa.select(instances).where(instances.c.id == instance_id))).first()
 
+    async def is_held(self, instance_id: str) -> bool:
+        """Whether the instance is held (``stepline.shared.db.statements.is_held``)."""
+        query = sa.select(instances.c.id).where(instances.c.id == instance_id, is_held())
+        return (await self._conn.execute(query)).first() is not None
+
     async def list_instance_rows(
         self,
         *,
@@ -83,25 +88,43 @@ class ReadStatements(PayloadStatements):
         created_before: datetime | None = None,
         id_prefix: str | None = None,
         build_id: str | None = None,
+        after: tuple[datetime, str] | None = None,
+        fields: Sequence[str] | None = None,
+        held: bool = False,
     ) -> Sequence[sa.Row[Any]]:
-        """Instances, newest first, optionally filtered, one page at a time.
+        """Instances, newest first (then by id), optionally filtered, one page at a time.
 
         ``workflow``, ``status`` and ``build_id`` (the build that started it) match exactly;
         ``id_prefix`` keeps the ids that start with it, character for character
-        (case-sensitive; ``%`` and ``_`` are plain characters).
+        (case-sensitive; ``%`` and ``_`` are plain characters). ``after`` is the
+        ``(created_at, id)`` of the previous page's last row: keyset paging, so page
+        1,000 costs what page 1 does (``offset`` reads every row before it).
+        ``fields``: the columns to read (default: the whole row); ``held``: only held
+        instances (``stepline.shared.db.statements.is_held``).
         """
+        columns = [instances.c[name] for name in fields] if fields else [instances]
         query = (
-            sa.select(instances)
+            sa.select(*columns)
             .order_by(instances.c.created_at.desc(), instances.c.id)
             .limit(limit)
             .offset(offset)
         )
+        if after is not None:
+            created = sa.bindparam(None, after[0], type_=instances.c.created_at.type)
+            query = query.where(
+                sa.or_(
+                    instances.c.created_at < created,
+                    sa.and_(instances.c.created_at == created, instances.c.id > after[1]),
+                )
+            )
         if id_prefix:
             query = query.where(*await self._id_starts_with(id_prefix))
         if workflow is not None:
             query = query.where(instances.c.workflow == workflow)
         if status is not None:
             query = query.where(instances.c.status == status)
+        if held:
+            query = query.where(is_held())
         if build_id is not None:
             query = query.where(instances.c.build_id == build_id)
         if created_after is not None:

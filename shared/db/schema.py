@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,7 +12,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from stepline.shared.db.engine import SQLITE_CLOCK
+from stepline.shared.db.engine import SQLITE_CLOCK, sqlite_time_text
 
 metadata = sa.MetaData()
 
@@ -19,17 +20,21 @@ Json = sa.JSON().with_variant(JSONB(), "postgresql")
 
 
 class _NaiveUtc(sa.TypeDecorator[datetime]):
-    """SQLite's form of a timestamp: it has no time zones, so values are stored as naive UTC."""
+    """SQLite's form of a timestamp: naive UTC text to the millisecond, ``YYYY-MM-DD HH:MM:SS.fff``.
+
+    SQLite has no time zones and compares times as text. Its own clock
+    (``strftime('%Y-%m-%d %H:%M:%f')``, the column defaults) writes three digits
+    of fraction, so every bound time is written the same way here, where the
+    store binds parameters: a bound time with six digits would compare later
+    than the same moment stored by a default, and a keyset page would show its
+    last row again, or skip the rows created in the same millisecond.
+    """
 
     impl = sa.DateTime()
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return value
-        if value.tzinfo is None:
-            raise ValueError("naive datetimes are ambiguous: give a time zone")
-        return value.astimezone(UTC).replace(tzinfo=None)
+    def bind_processor(self, dialect: sa.Dialect) -> Callable[[datetime | None], str | None]:
+        return sqlite_time_text
 
 
 # PostgreSQL keeps timestamptz; SQLite (the embedded mode) the naive UTC above.

@@ -55,8 +55,23 @@ def instance_update(
     elif error is not None:
         values["error"] = error
     elif clear_error:
-        values["error"] = None
+        values["error"] = sa.null()  # SQL NULL: a bare None would store a JSON null
     return instances.update().where(instances.c.id == instance_id).values(values)
+
+
+def is_held() -> sa.ColumnElement[bool]:
+    """The one definition of a held instance: paused because its replay diverged, an error kept.
+
+    A plain ``pause`` leaves no error. A resume once cleared the error to a JSON
+    ``null`` rather than SQL NULL (rows written before that was fixed keep it):
+    such an instance is not held either, on both stores (the text of a JSON null
+    is ``null``). ``InstanceInfo.is_held`` is the same rule on a read row.
+    """
+    return sa.and_(
+        instances.c.status == InstanceStatus.PAUSED.value,
+        instances.c.error.is_not(None),
+        sa.cast(instances.c.error, sa.Text) != "null",
+    )
 
 
 STEP_FIELDS = (

@@ -56,7 +56,13 @@ from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.limits import ConcurrencyLimit
-from stepline.shared.states import FINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
+from stepline.shared.states import (
+    FINISHED_STATUSES,
+    UNFINISHED_STATUSES,
+    InstanceStatus,
+    StepKind,
+    StepStatus,
+)
 
 Shape = tuple[bool, bool, bool]
 """Per new entry: started now (not a step), settled, fire time a delay after now."""
@@ -85,11 +91,13 @@ def _unfinished_histories_query() -> sa.Select[Any]:
     Arrays instead of IN lists: the statement has one fixed text, compiled once.
     ``after`` is ``''`` for the first page (ids are never empty).
     """
-    finished = sa.bindparam("finished", sorted(FINISHED_STATUSES), type_=postgresql.ARRAY(sa.Text))
+    # IN the unfinished statuses (one small index range each), not != ALL of the finished ones (every
+    # finished instance read); each status a literal bound once, so the text stays fixed.
+    unfinished = [sa.literal(status.value, instances.c.status.type) for status in UNFINISHED_STATUSES]
     return (
         sa.select(*INSTANCE_FIELDS, _step_list().label("steps"))
         .where(
-            instances.c.status != sa.all_(finished),
+            instances.c.status.in_(unfinished),
             instances.c.workflow == sa.any_(sa.bindparam("workflows", type_=postgresql.ARRAY(sa.Text))),
             instances.c.id > sa.bindparam("after", type_=sa.Text),
         )

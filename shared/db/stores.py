@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import TYPE_CHECKING
 
 from stepline.shared.db.engine import Clock, create_engine, is_sqlite
 
 if TYPE_CHECKING:
     from stepline.shared.db.store import Store
+    from stepline.shared.settings import DatabaseSettings
 
 
 def create_store(
@@ -53,6 +56,40 @@ def create_store(
     return PostgresStore(engine, held=held)
 
 
+def create_store_for(
+    database_url: str,
+    db: DatabaseSettings,
+    process: str,
+    *,
+    connections: int,
+    pre_ping: bool = True,
+    held: int = 0,
+    process_id: str | None = None,
+) -> Store:
+    """The store of one Stepline process: the one way every command, the client and the dashboard build it.
+
+    ``db`` (``STEPLINE_DATABASE__*``) bounds its connections (``connections``,
+    the process's own default, when it sets none) and says whether PgBouncer is
+    in between. ``process`` and ``process_id`` (default ``host:pid``) name it in
+    ``pg_stat_activity`` (``stepline-worker host:1234``), so that an operator
+    counts each process's connections against its budget. ``pre_ping`` and
+    ``held`` are as for ``create_store``.
+    """
+    return create_store(
+        database_url,
+        max_connections=db.budget(connections),
+        pre_ping=pre_ping,
+        pgbouncer=db.pgbouncer,
+        application_name=f"{process} {process_id or this_process()}",
+        held=held,
+    )
+
+
+def this_process() -> str:
+    """``host:pid``: how a process is told apart in ``pg_stat_activity`` and on step attempts."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Bring the database to ``revision`` (default: the newest); safe to repeat.
 
@@ -67,4 +104,4 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     migrate.upgrade_postgres(database_url, revision)
 
 
-__all__ = ["create_store", "upgrade"]
+__all__ = ["create_store", "create_store_for", "this_process", "upgrade"]

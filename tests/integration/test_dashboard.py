@@ -7,18 +7,23 @@ read-only mode, a cross-site or token-less POST refused).
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import re
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
+import psycopg
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from stepline import Client, Producer, Schedule
 from stepline.producer.dashboard import pages
 from stepline.shared.db.schema import instances
-from stepline.shared.settings import Settings
+from stepline.shared.db.stores import this_process
+from stepline.shared.settings import DatabaseSettings, Settings
 from stepline.shared.topology import routing_key
 from tests.support import db
 from tests.support.amqp import dead_letter_count, publish_raw
@@ -385,3 +390,60 @@ async def test_unknown_instance_and_page_answer_404(settings: Settings) -> None:
     assert missing.status_code == 404 and "no instance has id 'no-such-id'" in html.unescape(missing.text)
     assert nowhere.status_code == 404
     assert ready.status_code == 200 and ready.json() == {"ready": True, "database": True}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "workflow=a%00b",  # PostgreSQL refuses NUL in a text parameter
+        "build=%00",
+        "after=2026-01-01T00:00&after_id=x%00",
+        "after=9999-12-31T23:59:59-12:00&after_id=x",  # past datetime's range once in UTC
+        "since=0001-01-01T00:00%2B14:00",
+    ],
+)
+async def test_bad_filter_input_answers_400_not_500(settings: Settings, query: str) -> None:
+    async with dashboard(settings) as http:
+        response = await http.get(f"/instances?{query}")
+    assert response.status_code == 400
+    assert "is not" in html.unescape(response.text) or "not allowed" in response.text
+
+
+@pytest.mark.postgres_only("counts the dashboard's connections in pg_stat_activity")
+async def test_the_dashboard_keeps_one_named_connection_budget(settings: Settings) -> None:
+    bounded = settings.model_copy(update={"db": DatabaseSettings(max_connections=2)})
+    name = f"stepline-ui {this_process()}"
+    async with dashboard(bounded) as http:
+        pages = await asyncio.gather(*(http.get(path) for path in ["/", "/instances", "/schedules"] * 3))
+        assert [page.status_code for page in pages] == [200] * 9
+        async with await psycopg.AsyncConnection.connect(settings.database, autocommit=True) as conn:
+            cursor = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name[:63],)
+            )
+            row = await cursor.fetchone()
+    assert row is not None and 1 <= row[0] <= 2, f"{row} connections named {name!r}; the budget is 2"
+
+
+async def test_the_overview_reads_the_outbox_once_for_every_instance_it_diagnoses(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings
+) -> None:
+    await fleet.start_worker()
+    lost = [await lost_step(producer, control, settings) for _ in range(2)]
+    for instance_id in lost:
+        await age(settings.database, instance_id, timedelta(hours=1))
+    scans: list[str] = []
+
+    def count_outbox_scans(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.startswith("SELECT outbox.body \nFROM outbox"):  # inspect.outbox_instance_ids
+            scans.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count_outbox_scans)
+    try:
+        async with dashboard(settings) as http:
+            page = await http.get("/")
+    finally:
+        event.remove(Engine, "before_cursor_execute", count_outbox_scans)
+    assert page.status_code == 200
+    text = _text(page.text)
+    assert all(f"{instance_id} slow-pair — stranded" in text for instance_id in lost)
+    assert len(scans) == 1, f"the outbox was read {len(scans)} times for {len(lost)} diagnoses"

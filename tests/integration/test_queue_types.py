@@ -23,6 +23,7 @@ from tests.support.polling import eventually
 
 QueueType = Literal["classic", "quorum"]
 SEQUENCE_OUTPUT = {"total": 7, "product": 70, "text": "result=70"}
+RABBITMQCTL_TIMEOUT_S = 30
 
 
 def _of_type(settings: Settings, queue_type: QueueType) -> Settings:

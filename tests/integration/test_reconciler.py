@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import event
 
 from stepline import Client, Producer
 from stepline.scheduler import reconciler
@@ -87,7 +88,18 @@ async def test_stranded_instances_are_re_planned_and_complete(
     unplanned = await _nothing_pending(producer, control, settings)
 
     hooks = _Counted()
-    outcomes = await reconcile_once(store, LIMITS, payload_limit=settings.max_payload_bytes, hooks=hooks)
+    scans: list[str] = []
+
+    def count_outbox_scans(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.startswith("SELECT outbox.body \nFROM outbox"):  # inspect.outbox_instance_ids
+            scans.append(statement)
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", count_outbox_scans)
+    try:
+        outcomes = await reconcile_once(store, LIMITS, payload_limit=settings.max_payload_bytes, hooks=hooks)
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", count_outbox_scans)
+    assert len(scans) == 1, f"the outbox was read {len(scans)} times in one pass"
     done = {outcome.diagnosis.instance_id: outcome.done for outcome in outcomes if outcome.diagnosis}
     assert done == {
         lost: ["sent step `next` attempt 1 again"],

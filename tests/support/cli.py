@@ -82,6 +82,9 @@ def imported_by(env: Mapping[str, str], *args: str, timeout: float = 60.0) -> tu
 
     A fresh interpreter runs the command as the ``stepline`` script does, so the
     set is what an operator's process loads, whatever this test process has loaded.
+
+    Raises:
+        AssertionError: the probe wrote no report (it died before the command exited).
     """
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "modules.json"
@@ -94,7 +97,13 @@ def imported_by(env: Mapping[str, str], *args: str, timeout: float = 60.0) -> tu
             text=True,
             timeout=timeout,
         )
-        modules = set(json.loads(report.read_text())) if report.exists() else set()
+        if not report.exists():
+            # An empty set would pass every "imports nothing heavy" check: a probe that died must fail.
+            raise AssertionError(
+                f"`stepline {' '.join(args)}` wrote no import report (exit {done.returncode}): "
+                f"{done.stderr.strip()[-2000:]}"
+            )
+        modules = set(json.loads(report.read_text()))
     return modules, Result(("stepline", *args), done.returncode, done.stdout, done.stderr)
 
 

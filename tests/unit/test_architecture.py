@@ -447,3 +447,37 @@ def test_stepline_reexports_the_packages_own_objects() -> None:
     for name in stepline.__all__:
         source = stepline.worker if name in stepline.worker.__all__ else stepline.producer
         assert getattr(stepline, name) is getattr(source, name), name
+
+
+STORE_BUILDERS_ALLOWED = frozenset({"shared/db/stores.py", "worker/testing.py"})
+"""Who may call ``create_store`` itself: ``create_store_for`` (every process's way), and the
+testing kit (an embedded store on its virtual clock, no connection budget to keep)."""
+
+
+def _store_builds(path: Path) -> list[str]:
+    """The calls of ``create_store(...)`` in a module (``stores.create_store`` too)."""
+    return [
+        f"{_shown(path)}:{node.lineno}"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call) and _called_name(node.func) == "create_store"
+    ]
+
+
+def test_every_process_builds_its_store_with_create_store_for() -> None:
+    wrong = [
+        found
+        for package in PACKAGES
+        for path in _modules(package)
+        if _shown(path) not in STORE_BUILDERS_ALLOWED
+        for found in _store_builds(path)
+    ]
+    assert wrong == [], (
+        "build a process's store with stores.create_store_for(url, settings.db, ...): it keeps "
+        "STEPLINE_DATABASE__MAX_CONNECTIONS and __PGBOUNCER and names the process:\n" + "\n".join(wrong)
+    )
+
+
+def test_store_build_finder_can_fail(tmp_path: Path) -> None:
+    module = tmp_path / "planted.py"
+    module.write_text("a = create_store(url)\nb = stores.create_store(url)\nc = create_store_for(url)\n")
+    assert [found.rsplit(":", 1)[1] for found in _store_builds(module)] == ["1", "2"]

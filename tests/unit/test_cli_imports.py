@@ -124,3 +124,11 @@ def test_a_lazy_package_declares_for_mypy_the_names_it_resolves_at_run_time(pack
     lazy = {name: set(names) for name, names in module._LAZY.items()}
     assert declared == lazy
     assert set(module.__all__) <= {name for names in lazy.values() for name in names}
+
+
+def test_a_probe_that_writes_no_report_fails_instead_of_passing(tmp_path: Path) -> None:
+    # A process that dies before its exit hooks (a crash, a kill) wrote no report: it did not
+    # import "nothing". sitecustomize runs first and ends the interpreter at once.
+    (tmp_path / "sitecustomize.py").write_text("import os\nos._exit(3)\n")
+    with pytest.raises(AssertionError, match="wrote no import report"):
+        imported_by(_env(PYTHONPATH=str(tmp_path)), "--help")

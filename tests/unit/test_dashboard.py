@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from starlette.requests import Request
@@ -161,3 +162,41 @@ async def test_a_broker_that_hangs_leaves_the_overview_its_database_figures(
     monkeypatch.setattr(pages, "BROKER_WAIT_S", 0.05)
     queues, dead = await pages._broker_figures(stalled, ["orders", "refunds"])  # type: ignore[arg-type]
     assert (queues, dead) == ([None, None], None)
+
+
+async def _livez_status(bind_host: str, host_header: str, tmp_path: Path) -> int:
+    """What `/livez` answers on a dashboard bound to ``bind_host`` to a request naming ``host_header``."""
+    import httpx
+
+    from stepline.producer.dashboard import create_app
+    from stepline.shared.settings import Settings
+
+    app = create_app(Settings(embedded=tmp_path), host=bind_host)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as http:
+        response = await http.get("/livez", headers={"Host": host_header})
+    return response.status_code
+
+
+@pytest.mark.parametrize(
+    ("bind_host", "host_header", "status"),
+    [
+        ("127.0.0.1", "127.0.0.1:8080", 200),
+        ("127.0.0.1", "localhost:8080", 200),
+        ("127.0.0.1", "LOCALHOST", 200),
+        ("127.0.0.1", "[::1]:8080", 200),
+        ("127.0.0.2", "127.0.0.2:8080", 200),
+        ("::1", "[::1]:8080", 200),
+        # DNS rebinding: another site's name resolved to loopback reaches a loopback dashboard.
+        ("127.0.0.1", "evil.example:8080", 400),
+        ("127.0.0.1", "evil.example", 400),
+        ("localhost", "127.0.0.1.evil.example", 400),
+        ("127.0.0.1", "", 400),
+        # Bound for the network: its names are the operator's (the token guards it).
+        ("0.0.0.0", "ui.internal:8080", 200),
+    ],
+)
+async def test_a_dashboard_on_loopback_answers_only_to_loopback_host_names(
+    bind_host: str, host_header: str, status: int, tmp_path: Path
+) -> None:
+    assert await _livez_status(bind_host, host_header, tmp_path) == status

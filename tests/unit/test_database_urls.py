@@ -14,7 +14,6 @@ from stepline.shared.db.engine import (
     is_read_only,
     is_too_many_clients,
     is_unreachable,
-    mask_url,
     uses_pgbouncer,
 )
 from stepline.shared.errors import ConfigError
@@ -44,21 +43,6 @@ def test_sqlalchemy_s_own_multi_host_form_is_accepted_too() -> None:
     url = "postgresql://app@/orders?host=h1:5441&host=h2:5442&target_session_attrs=read-write"
     params = _libpq_params(url)
     assert (params["host"], params["port"]) == ("h1,h2", "5441,5442")
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        HOST_LIST,
-        "postgresql://app:s3cret@db:5432/orders",
-        "postgresql://app:s3cret@/orders?host=h1:5441&host=h2:5442",
-        "postgresql://app@db/orders?password=s3cret&sslmode=require",
-    ],
-)
-def test_every_form_of_url_has_its_password_masked(url: str) -> None:
-    masked = mask_url(url)
-    assert "s3cret" not in masked
-    assert "***" in masked
 
 
 def test_pgbouncer_flag_is_read_and_kept_from_libpq() -> None:

@@ -76,3 +76,27 @@ def test_a_step_whose_pool_has_no_worker_is_called_out() -> None:
         "it runs once a `stepline-worker --pool gpu` runs"
     )
     assert "nothing is wrong" not in text
+
+
+def _sleeping(due: datetime) -> Snapshot:
+    step = {"kind": "sleep", "status": "waiting", "detail": {}, "fire_at": due}
+    snap = _snapshot(step)
+    timer = {"step": "charge", "occurrence": 1, "attempt": 1, "kind": "sleep", "fire_at": due}
+    return Snapshot(snap.instance, snap.steps, [timer], [], [], 0, NOW)
+
+
+def test_a_timer_long_past_due_says_no_scheduler_fires_it_but_is_not_stranded() -> None:
+    diagnosis = diagnose(_sleeping(NOW - timedelta(hours=2)), LIMITS)
+    assert not diagnosis.is_stranded and diagnosis.repairs == []
+    assert diagnosis.problems == [
+        "its sleep timer was due 2 h ago and has not fired: "
+        "is a stepline-scheduler running and reaching the database?"
+    ]
+    assert "nothing is wrong" not in diagnosis.headline
+    assert "is a stepline-scheduler running" in why_text(diagnosis)
+
+
+def test_a_timer_just_due_is_nothing_wrong() -> None:
+    diagnosis = diagnose(_sleeping(NOW - timedelta(seconds=10)), LIMITS)
+    assert diagnosis.problems == []
+    assert diagnosis.headline.endswith("nothing is wrong")

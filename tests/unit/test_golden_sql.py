@@ -231,3 +231,16 @@ def test_the_layout_keeps_the_compiled_statement_word_for_word(shape: Shape) -> 
 def test_no_golden_file_is_left_without_its_shape() -> None:
     names = {shape.name for shape in SHAPES}
     assert sorted(path.stem for path in GOLDEN.glob("*.sql") if path.stem not in names) == []
+
+
+def test_the_unfinished_histories_name_the_unfinished_statuses_with_in() -> None:
+    # IN reads one small index range per status; "!= ALL(finished)" read every finished instance.
+    from stepline.shared.db.store_postgres import _UNFINISHED_HISTORIES
+    from stepline.shared.states import UNFINISHED_STATUSES
+
+    compiled = _UNFINISHED_HISTORIES.compile(dialect=DIALECT)
+    assert isinstance(compiled, SQLCompiler)
+    where = compiled.string.split("FROM instances", 1)[1]
+    assert "instances.status IN (" in where and "ALL" not in where
+    named = {bind.effective_value for bind in compiled.binds.values() if not bind.required}
+    assert {status.value for status in UNFINISHED_STATUSES} <= named
