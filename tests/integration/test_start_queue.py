@@ -38,39 +38,43 @@ def _one_slot(settings: Settings) -> Settings:
     )
 
 
-async def test_a_wake_and_an_event_of_running_instances_go_before_a_backlog_of_starts(
+async def test_a_wake_and_an_event_of_running_instances_go_before_a_backlog_of_their_workflows_starts(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
     one_slot = _one_slot(settings)
     worker = await fleet.start_worker(settings=one_slot)
-    sleeper = await producer.start("sleep-until", Alarm(wake_at=datetime.now(UTC) + timedelta(days=1)))
+    tomorrow = Alarm(wake_at=datetime.now(UTC) + timedelta(days=1))
+    sleeper = await producer.start("sleep-until", tomorrow)
     approval = await producer.start("approval", {})
     await until_status(control, sleeper, "waiting")
     await until_status(control, approval, "waiting")
     await fleet.stop(worker)
 
-    # A backlog of starts, then the wake-up and the event, while no worker runs.
-    backlog = await producer.start_batch("sequence", [{"a": n, "b": 1} for n in range(BACKLOG)])
+    # Backlogs of starts of the same workflows, then the wake-up and the event, while no worker runs.
+    sleepers = await producer.start_batch("sleep-until", [tomorrow] * BACKLOG)
+    approvals = await producer.start_batch("approval", [{}] * BACKLOG)
     await control.send_event(approval, "approved", "yes")
     await db.time_passes(settings.database, instance_id=sleeper)
     scheduler = fleet.start_scheduler()
     await eventually(
         lambda: ready_messages(settings.amqp, settings.namespace, "sleep-until"),
-        check=lambda ready: ready == 1,
+        check=lambda ready: ready == BACKLOG + 1,
         what="the wake-up in the queue",
     )
     await fleet.stop(scheduler)
 
     await fleet.start_worker(settings=one_slot)
-    for instance_id in (sleeper, approval, *backlog):
+    for instance_id in (sleeper, approval):
         assert (await control.wait(instance_id, timeout=60)).status == "complete"
-    started = [await control.get(instance_id) for instance_id in backlog]
-    for instance_id, step in ((sleeper, "after"), (approval, "act")):
+    for instance_id in (*sleepers, *approvals):
+        await until_status(control, instance_id, "waiting", timeout=60)
+    for instance_id, step, backlog in ((sleeper, "after", sleepers), (approval, "act", approvals)):
         info = await control.get(instance_id)
         assert info is not None
         resumed = next(s.finished_at for s in info.steps if s.name == step)
         assert resumed is not None
-        before = [one.id for one in started if one is not None and one.created_at < resumed]
+        created = [await control.get(one) for one in backlog]
+        before = [one.id for one in created if one is not None and one.created_at < resumed]
         # A start may hold the one slot as the worker begins; then the running work goes first.
         assert len(before) <= 2, f"{instance_id} resumed after {len(before)} of {BACKLOG} new instances"
 
