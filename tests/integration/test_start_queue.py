@@ -13,12 +13,9 @@ from stepline.shared.broker.embedded_store import Store
 from stepline.shared.db.engine import sqlite_path
 from stepline.shared.settings import Settings
 from stepline.shared.topology import (
-    MESSAGE_KINDS,
     dead_letter_exchange_name,
     exchange_name,
-    routing_key,
     start_queue_name,
-    workflow_queue_name,
 )
 from tests.support import db
 from tests.support.amqp import raw_channel, ready_messages
@@ -29,6 +26,13 @@ from tests.workflows import Alarm
 pytestmark = pytest.mark.both_backends
 
 BACKLOG = 20
+OLD_KINDS = ("start", "step", "wake", "event", "advance")
+"""The kinds an older version bound to a workflow's queue (its only queue)."""
+
+
+def _old_queue(namespace: str) -> str:
+    """The workflow's queue, named as older versions named it (written out: the names are the contract)."""
+    return f"{namespace}.workflow.sequence"
 
 
 def _one_slot(settings: Settings) -> Settings:
@@ -103,7 +107,7 @@ async def test_starts_left_in_the_workflow_queue_by_an_older_version_still_run(
         # The worker unbound the old start binding: a new start goes to the start queue alone.
         await fleet.stop_all()
         await producer.start("sequence", {"a": 1, "b": 2})
-        assert await _ready(settings, workflow_queue_name(settings.namespace, "sequence")) == 0
+        assert await _ready(settings, _old_queue(settings.namespace)) == 0
         assert await _ready(settings, start_queue_name(settings.namespace, "sequence")) == 1
 
 
@@ -118,15 +122,15 @@ async def _old_topology_with_starts(settings: Settings, bodies: list[bytes]) -> 
             dead_letter_exchange_name(namespace), aio_pika.ExchangeType.FANOUT, durable=True
         )
         queue = await channel.declare_queue(
-            workflow_queue_name(namespace, "sequence"),
+            _old_queue(namespace),
             durable=True,
             arguments={"x-dead-letter-exchange": dead_letter_exchange_name(namespace)},
         )
-        for kind in MESSAGE_KINDS:
-            await queue.bind(exchange, routing_key(kind, "sequence"))
+        for kind in OLD_KINDS:
+            await queue.bind(exchange, f"{kind}.sequence")
         for body in bodies:
             message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-            await exchange.publish(message, routing_key("start", "sequence"), mandatory=True)
+            await exchange.publish(message, "start.sequence", mandatory=True)
 
 
 async def _old_file_with_starts(settings: Settings, bodies: list[bytes]) -> None:
@@ -134,11 +138,10 @@ async def _old_file_with_starts(settings: Settings, bodies: list[bytes]) -> None
     namespace = settings.namespace
     store = await Store.open(str(sqlite_path(settings.amqp)))
     try:
-        name = workflow_queue_name(namespace, "sequence")
+        name = _old_queue(namespace)
         await store.declare(namespace, "sequence", name)
-        start = routing_key("start", "sequence")
         for body in bodies:
-            await store.insert_message(namespace, "sequence", name, start, body, {})
+            await store.insert_message(namespace, "sequence", name, "start.sequence", body, {})
     finally:
         await store.close()
 
