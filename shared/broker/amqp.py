@@ -359,9 +359,12 @@ class AmqpBroker:
         the broker closes the channel (404), which must not be the publish channel,
         nor a robust one (aio-pika would reopen it, even after our close).
         """
+        return await self._look_up(queue_name(self.namespace, workflow, pool))
+
+    async def _look_up(self, name: str) -> WorkflowQueue | None:
+        """The queue ``name`` with its ready messages and consumers (a passive declare); None if missing."""
         if self._connection is None:
             raise BrokerError("the broker is not connected")
-        name = queue_name(self.namespace, workflow, pool)
         try:
             async with self._short_channel() as channel:
                 declared = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
@@ -593,23 +596,11 @@ class AmqpBroker:
                     name = queue_name(self.namespace, workflow, pool)
                     raise BrokerError(f"cannot read queue depths: no queue {name!r} is declared")
                 depths[queue.name] = queue.messages
-                if is_default_pool(pool):
-                    starts = await self._start_queue_depth(workflow)
+                if is_default_pool(pool):  # and its start queue, where a process declared one
+                    starts = await self._look_up(start_queue_name(self.namespace, workflow))
                     if starts is not None:
-                        depths[start_queue_name(self.namespace, workflow)] = starts
+                        depths[starts.name] = starts.messages
         return depths
-
-    async def _start_queue_depth(self, workflow: str) -> int | None:
-        """Starts waiting in the workflow's start queue; None if it has none (declared by no process yet)."""
-        name = start_queue_name(self.namespace, workflow)
-        try:
-            async with self._short_channel() as channel:
-                declared = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return None
-        except _AMQP_FAILURES_OR_TIMEOUT as exc:
-            raise BrokerError(f"cannot look up queue {name!r}: {exc!r}") from exc
-        return int(declared.declaration_result.message_count or 0)
 
     async def stop_consuming(self) -> None:
         """Cancel the consumers: no new deliveries, while in-flight ones may still be acked."""
