@@ -31,7 +31,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from benchmarks import bigdb_bench, cli_speed, dashboard_pages, fanout, flow, report
+from benchmarks import backlog, bigdb_bench, cli_speed, dashboard_pages, fanout, flow, report
 from benchmarks.isolation import Isolation
 from benchmarks.procs import ROOT, Fleet, child_env, machine_busy_seconds
 from benchmarks.sections import FULL, QUICK, Bench, Sizes
@@ -40,6 +40,7 @@ SECTIONS = (
     "throughput",
     "latency",
     "timers",
+    "backlog",
     "long",
     "naive",
     "rawtx",
@@ -137,10 +138,11 @@ async def run_sections(bench: Bench, sections: set[str], results: dict[str, Any]
     elsewhere = {  # sections in modules of their own
         "fanout": functools.partial(fanout.run, bench),
         "flow": functools.partial(flow.run, bench),
+        "backlog": functools.partial(backlog.run, bench),
         "bigdb": functools.partial(_bigdb, bench),
         "cli": functools.partial(cli_speed.run, bench),
     }
-    for name in ("latency", "timers", "long", "replaycheck", "fanout", "flow", "bigdb", "cli"):
+    for name in ("latency", "timers", "backlog", "long", "replaycheck", "fanout", "flow", "bigdb", "cli"):
         if name in sections:
             outcome = await guarded(name, elsewhere.get(name) or getattr(bench, name))
             if outcome is not None:

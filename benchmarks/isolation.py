@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from stepline.shared.db import stores
 from stepline.shared.settings import Settings
-from stepline.shared.topology import workflow_queue_name
+from stepline.shared.topology import start_queue_name, workflow_queue_name
 
 # A wedged broker node makes rabbitmqctl hang for ever: fail the run instead.
 RABBITMQCTL_TIMEOUT_S = 120
@@ -77,20 +77,21 @@ class Isolation:
 
 
 async def purge_queues(amqp_url: str, workflows: list[str]) -> int:
-    """Empty the workflows' queues on the vhost (those that exist); returns how many messages they held."""
+    """Empty the workflows' queues and start queues (those that exist); how many messages they held."""
     namespace = Settings.model_fields["namespace"].default
     purged = 0
     connection = await aio_pika.connect(amqp_url)
     try:
         for workflow in workflows:
-            channel = await connection.channel()
-            try:
-                queue = await channel.declare_queue(workflow_queue_name(namespace, workflow), passive=True)
-            except ChannelClosed:  # no worker declared it yet
-                continue
-            purged += queue.declaration_result.message_count or 0
-            await queue.purge()
-            await channel.close()
+            for name in (workflow_queue_name(namespace, workflow), start_queue_name(namespace, workflow)):
+                channel = await connection.channel()
+                try:
+                    queue = await channel.declare_queue(name, passive=True)
+                except ChannelClosed:  # no worker declared it yet
+                    continue
+                purged += queue.declaration_result.message_count or 0
+                await queue.purge()
+                await channel.close()
     finally:
         await connection.close()
     return purged

@@ -33,7 +33,17 @@ from benchmarks.procs import (
     rss_kib,
 )
 from benchmarks.stats import summary_ms
-from benchmarks.workflows import TEN, Alarm, Chain, Job, bench_chain, bench_sleep, bench_ten, expected_count
+from benchmarks.workflows import (
+    TEN,
+    Alarm,
+    Chain,
+    Job,
+    bench_chain,
+    bench_nap,
+    bench_sleep,
+    bench_ten,
+    expected_count,
+)
 from stepline import Producer
 from stepline.worker.workflow import Workflow
 
@@ -60,6 +70,12 @@ class Sizes:
     """Seconds of open-loop arrivals in the latency section."""
     timers: int
     """Sleeps due in the same instant."""
+    resume_timers: int
+    """Sleeps due in the same instant in the resume run (issue 23: 1,000)."""
+    backlog_sleepers: int
+    """Sleeping instances woken while a backlog of starts waits (the backlog section)."""
+    backlog_starts: int
+    """Starts queued ahead of the wakes in the backlog section."""
     long_steps: int
     long_instances: int
     """1,000-step instances run at once in the long-workflow section (and 10-step ones kept in flight)."""
@@ -84,6 +100,9 @@ QUICK = Sizes(
     worker_counts=(1, 2, 4),
     latency_s=12,
     timers=1_000,
+    resume_timers=1_000,
+    backlog_sleepers=200,
+    backlog_starts=4_000,
     long_steps=1_000,
     long_instances=1,
     short_steps=10,
@@ -101,6 +120,9 @@ FULL = Sizes(
     worker_counts=(1, 2, 4),
     latency_s=60,
     timers=10_000,
+    resume_timers=1_000,
+    backlog_sleepers=1_000,
+    backlog_starts=20_000,
     long_steps=1_000,
     long_instances=2,
     short_steps=10,
@@ -292,6 +314,7 @@ class Bench:
             bench_ten.name,
             bench_chain.name,
             bench_sleep.name,
+            bench_nap.name,
             "bench-ten-limited",
             "bench-hold",
             "bench-fanout",
@@ -669,13 +692,19 @@ class Bench:
     # ------------------------------------------------------------ 3. timers
 
     async def timers(self) -> dict[str, Any]:
-        """The same sleeps twice: due at one instant (the worst case), then evenly within one second."""
+        """The same sleeps twice: due at one instant (the worst case), then evenly within one second.
+
+        Then, unless the first run had that size already, ``resume_timers`` (1,000) due at one instant.
+        """
         instant = await self._timers_due("tm-", spread_s=0.0)
         spread = await self._timers_due("ts-", spread_s=1.0)
-        return {**instant, "spread": spread}
+        result = {**instant, "spread": spread}
+        if self.sizes.resume_timers != self.sizes.timers:
+            result["resume"] = await self._timers_due("tr-", spread_s=0.0, count=self.sizes.resume_timers)
+        return result
 
-    async def _timers_due(self, prefix: str, *, spread_s: float) -> dict[str, Any]:
-        count = self.sizes.timers
+    async def _timers_due(self, prefix: str, *, spread_s: float, count: int | None = None) -> dict[str, Any]:
+        count = count or self.sizes.timers
         variant = "at one instant" if spread_s == 0 else f"within {spread_s:g}s"
         await self.reset(f"timers due {variant}")
         ids = [f"{prefix}{index:06d}" for index in range(count)]
@@ -691,7 +720,7 @@ class Bench:
         resuming = self.progress.add_task(f"timers: due {variant}, resumed", total=count)
         try:
             async with Producer(self.iso.amqp_url) as producer:
-                await start_all(producer, bench_sleep, alarms, ids)
+                await start_all(producer, bench_nap, alarms, ids)
             async with self.connection() as conn:
                 armed = 0
                 last_armed = published
@@ -721,21 +750,14 @@ class Bench:
             self.fleet.stop(procs)
             self.progress.remove_task(arming)
             self.progress.remove_task(resuming)
-        check = await self.check_instances(prefix, ids, lambda i: {"n": i})
+        check = await self.check_instances(prefix, ids, lambda i: {"n": i, "value": i + 1})
         if not check.ok:
             self.problem(f"timers: {check.describe()}")
         fired, committed = fire_lateness(notes)
         left = int(await self.scalar("SELECT count(*) FROM timers WHERE instance_id LIKE %s", prefix + "%"))
         if len(fired) + left != armed:
             self.problem(f"timers: {armed} armed, {len(fired)} fired, {left} left: one fired twice or never")
-        resumed = [
-            row["late"]
-            for row in await self.rows(
-                "SELECT extract(epoch FROM finished_at - fire_at)::float8 AS late FROM steps"
-                " WHERE instance_id LIKE %s AND kind = 'sleep' AND finished_at IS NOT NULL",
-                prefix + "%",
-            )
-        ]
+        woken, resumed = await self.resume_lateness(prefix)
         result: dict[str, Any] = {
             "timers": count,
             "spread_s": spread_s,
@@ -748,16 +770,33 @@ class Bench:
             "fire_lateness": summary_ms(fired),
             "commit_lateness": summary_ms(committed),
             "all_fired_after_s": max(fired) if fired else math.nan,
+            "wake_lateness": summary_ms(woken),
             "resume_lateness": summary_ms(resumed),
             "all_resumed_after_s": max(resumed) if resumed else math.nan,
+            # Resumed per second, from the moment they were due (all at once) to the last.
+            "resumed_per_s": len(resumed) / max(resumed) if resumed and spread_s == 0 else math.nan,
             "check": {**asdict(check), "ok": check.ok},
         }
         self.note(
             f"timers due {variant}: fire lateness p50 {result['fire_lateness']['p50_ms']:.0f} ms,"
             f" p99 {result['fire_lateness']['p99_ms']:.0f} ms;"
-            f" all fired after {result['all_fired_after_s']:.2f}s"
+            f" all fired after {result['all_fired_after_s']:.2f}s;"
+            f" resume p99 {result['resume_lateness']['p99_ms']:.0f} ms"
         )
         return result
+
+    async def resume_lateness(self, prefix: str) -> tuple[list[float], list[float]]:
+        """Seconds after its due time each sleep was settled (the wake committed), and the step after it
+        committed (what the user waits for), for the ``bench-nap`` instances under ``prefix``."""
+        rows = await self.rows(
+            "SELECT extract(epoch FROM s.finished_at - s.fire_at)::float8 AS woken,"
+            " extract(epoch FROM a.finished_at - s.fire_at)::float8 AS resumed"
+            " FROM steps s JOIN steps a ON a.instance_id = s.instance_id AND a.name = 'add'"
+            " AND a.finished_at IS NOT NULL"
+            " WHERE s.instance_id LIKE %s AND s.kind = 'sleep' AND s.finished_at IS NOT NULL",
+            prefix + "%",
+        )
+        return [row["woken"] for row in rows], [row["resumed"] for row in rows]
 
     # ------------------------------------------------------------ 4. long workflows
 

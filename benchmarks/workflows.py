@@ -87,6 +87,13 @@ async def bench_sleep(ctx: Context, alarm: Alarm) -> dict[str, int]:
     return {"n": alarm.n}
 
 
+@workflow("bench-nap")
+async def bench_nap(ctx: Context, alarm: Alarm) -> dict[str, int]:
+    """One durable sleep until a given instant, then one trivial step: what a user waits for is that step."""
+    await ctx.sleep_until("alarm", alarm.due)
+    return {"n": alarm.n, "value": await ctx.step("add", add_one, alarm.n)}
+
+
 NEVER_BINDS = [ConcurrencyLimit("bench-never-binds", 10_000)]
 """A limit no run reaches: what checking a limit costs a step (the flow section)."""
 ONE_AT_A_TIME = [ConcurrencyLimit("bench-one", 1)]

@@ -8,6 +8,8 @@ from typing import Literal, NamedTuple
 
 MessageKind = Literal["start", "step", "wake", "event", "advance"]
 MESSAGE_KINDS: tuple[MessageKind, ...] = ("start", "step", "wake", "event", "advance")
+RUN_KINDS: tuple[MessageKind, ...] = ("step", "wake", "event", "advance")
+"""The kinds that move an instance already running: they go ahead of starts (see ``start_queue_name``)."""
 
 DEFAULT_POOL = "default"
 """The worker pool of every step that names none: the workflow's own queue, served by plain workers."""
@@ -46,8 +48,21 @@ def dead_letter_queue_name(namespace: str) -> str:
 
 
 def workflow_queue_name(namespace: str, workflow: str) -> str:
-    """The durable queue holding start, step and wake messages of one workflow."""
+    """The durable queue holding the work of one workflow's running instances: steps, wakes, events, advances.
+
+    Start messages published before the start queue existed (an older version bound
+    ``start.<workflow>`` here too) are still consumed from it.
+    """
     return f"{namespace}.workflow.{workflow}"
+
+
+def start_queue_name(namespace: str, workflow: str) -> str:
+    """The durable queue holding one workflow's start messages, apart from its running instances' work.
+
+    A worker takes a start only when no delivery of a running instance waits for
+    its slot, so a backlog of starts never delays a wake-up, a step or an event.
+    """
+    return f"{namespace}.start.{workflow}"
 
 
 def pool_queue_name(namespace: str, pool: str, workflow: str) -> str:
@@ -81,8 +96,18 @@ def routing_key(kind: MessageKind, workflow: str, pool: str | None = None) -> st
 
 
 def workflow_routing_keys(workflow: str) -> list[str]:
-    """Every routing key bound to a workflow's queue."""
-    return [routing_key(kind, workflow) for kind in MESSAGE_KINDS]
+    """Every routing key bound to a workflow's queue: the work of its running instances."""
+    return [routing_key(kind, workflow) for kind in RUN_KINDS]
+
+
+def start_routing_keys(workflow: str) -> list[str]:
+    """The routing keys bound to a workflow's start queue."""
+    return [routing_key("start", workflow)]
+
+
+def is_start(key: str) -> bool:
+    """Whether a routing key is a start's: a new instance, which waits behind running instances' work."""
+    return parse_routing_key(key).kind == "start"
 
 
 def pool_routing_keys(pool: str, workflow: str) -> list[str]:

@@ -20,11 +20,13 @@ from stepline.shared.outbox import OutboxRelay
 from stepline.shared.retrying import StopRequested
 from stepline.shared.settings import WORKER_SPARE_CONNECTIONS, Settings
 from stepline.shared.startup import check_database, connect_broker
+from stepline.shared.topology import is_start
 from stepline.worker.executor import StepExecutor
 from stepline.worker.handlers import MessageHandler
 from stepline.worker.registry import source_build_id
 from stepline.worker.replay.cache import ReplayCache
 from stepline.worker.schedules import sync_declared_schedules
+from stepline.worker.work_slots import WorkSlots
 from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -104,14 +106,14 @@ async def run_worker(
             limits_reserve=concurrency if settings.limits.reserve is None else settings.limits.reserve,
             hold_limit=settings.worker.max_step_timeout,
         )
-        slots = asyncio.Semaphore(concurrency)
+        slots = WorkSlots(concurrency)
 
         async def on_delivery(delivery: Delivery) -> None:
             task = asyncio.current_task()
             assert task is not None
             in_flight.add(task)
             try:
-                async with slots:
+                async with slots.hold(is_start=is_start(delivery.routing_key)):
                     await handler.handle(delivery)
             finally:
                 in_flight.discard(task)
@@ -126,6 +128,9 @@ async def run_worker(
             on_delivery,
             prefetch=settings.worker.prefetch or 2 * concurrency,
             pools=tuple(settings.worker.pools),
+            # Starts wait for slots behind running work: holding more than a slot's worth
+            # would only keep them from an idle worker.
+            start_prefetch=concurrency,
         )
         # After consume: the queues a schedule's starts go to exist before any is fired.
         await sync_declared_schedules(store, workflows)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +51,9 @@ from stepline.shared.topology import (
     pool_routing_keys,
     probe_routing_key,
     queue_name,
+    routing_key,
+    start_queue_name,
+    start_routing_keys,
     workflow_routing_keys,
 )
 
@@ -144,6 +147,7 @@ class AmqpBroker:
         self._exchange: AbstractExchange | None = None
         self._dead_letter_exchange: AbstractExchange | None = None
         self._consume_channel: AbstractChannel | None = None
+        self._start_channel: AbstractChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._declared: set[tuple[str, str | None]] = set()  # (workflow, pool) queues declared
         self._declare_lock = asyncio.Lock()
@@ -282,17 +286,42 @@ class AmqpBroker:
     async def declare_workflow_queue(self, workflow: str, pool: str | None = None) -> AbstractQueue:
         """Declare a workflow's durable queue (of ``pool``, if not the default) and its bindings.
 
-        Poison dead-letters. The default queue is bound to every kind of the
-        workflow's messages; a pool's queue only to its steps for that pool.
+        Poison dead-letters. The default queue is bound to the work of running
+        instances (steps, wakes, events, advances), and the workflow's start queue
+        is declared beside it, bound to its starts; a pool's queue only to its
+        steps for that pool.
         """
         pool = None if is_default_pool(pool) else pool
-        queue = await self._declare_queue(queue_name(self.namespace, workflow, pool), has_dead_letters=True)
         assert self._exchange is not None
+        if pool is None:
+            starts = await self._declare_queue(
+                start_queue_name(self.namespace, workflow), has_dead_letters=True
+            )
+            for key in start_routing_keys(workflow):
+                await starts.bind(self._exchange, key)
+        queue = await self._declare_queue(queue_name(self.namespace, workflow, pool), has_dead_letters=True)
         keys = workflow_routing_keys(workflow) if pool is None else pool_routing_keys(pool, workflow)
         for key in keys:
             await queue.bind(self._exchange, key)
         self._declared.add((workflow, pool))
         return queue
+
+    async def _retire_old_start_binding(self, workflow: str) -> None:
+        """Unbind ``start.<workflow>`` from the workflow's queue, where an older version bound it.
+
+        Called by a worker that consumes the start queue, after that queue is bound
+        (so no start is unroutable in between). Starts the old binding already put in
+        the workflow's queue stay there and are consumed with the rest of it. An older
+        producer or worker that declares the queue again binds it again: each start is
+        then delivered twice, and the second is a duplicate start, a no-op.
+        """
+        name = queue_name(self.namespace, workflow)
+        try:
+            async with self._short_channel() as channel:
+                queue = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
+                await queue.unbind(exchange_name(self.namespace), routing_key("start", workflow))
+        except _AMQP_FAILURES_OR_TIMEOUT as exc:
+            raise BrokerError(f"cannot unbind the starts of {workflow!r} from {name!r}: {exc!r}") from exc
 
     async def ensure_workflow_queue(self, workflow: str, pool: str | None = None) -> None:
         """Declare a workflow's queue (of ``pool``) once per connection, so its messages wait for a worker."""
@@ -328,9 +357,12 @@ class AmqpBroker:
         the broker closes the channel (404), which must not be the publish channel,
         nor a robust one (aio-pika would reopen it, even after our close).
         """
+        return await self._look_up(queue_name(self.namespace, workflow, pool))
+
+    async def _look_up(self, name: str) -> WorkflowQueue | None:
+        """The queue ``name`` with its ready messages and consumers (a passive declare); None if missing."""
         if self._connection is None:
             raise BrokerError("the broker is not connected")
-        name = queue_name(self.namespace, workflow, pool)
         try:
             async with self._short_channel() as channel:
                 declared = await channel.declare_queue(name, passive=True, timeout=PUBLISH_TIMEOUT_S)
@@ -485,12 +517,15 @@ class AmqpBroker:
         *,
         prefetch: int,
         pools: tuple[str, ...] = (DEFAULT_POOL,),
+        start_prefetch: int | None = None,
     ) -> None:
-        """Consume the given workflows' queues of ``pools`` on one channel, calling ``handler`` per message.
+        """Consume the given workflows' queues of ``pools``, calling ``handler`` per message.
 
         Each workflow's default queue is declared even by a worker that does not
-        serve the default pool: the steps it plans next wait there. The robust
-        connection restores the channel, its QoS and its consumers after a broker restart.
+        serve the default pool: the steps it plans next wait there. A worker of the
+        default pool also consumes the workflows' start queues, on a channel of its
+        own with ``start_prefetch`` (default ``prefetch``). The robust connection
+        restores the channels, their QoS and their consumers after a broker restart.
         """
         if self._connection is None:
             raise BrokerError("the broker is not connected")
@@ -502,25 +537,34 @@ class AmqpBroker:
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         self._consume_channel = channel
-
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            headers = {key: str(value) for key, value in (message.headers or {}).items()}
-            await handler(
-                Delivery(
-                    body=message.body,
-                    routing_key=message.routing_key or "",
-                    headers=headers,
-                    redelivered=bool(message.redelivered),
-                    _ack=message.ack,
-                    _requeue=lambda: message.nack(requeue=True),
-                )
-            )
-
+        on_message = _on_message(handler)
+        # The running instances' queues first: a worker that starts with both backlogs
+        # gets their messages first.
         for pool in served:
             for workflow in workflows:
                 queue = await channel.get_queue(queue_name(self.namespace, workflow, pool))
                 tag = await queue.consume(on_message, no_ack=False)
                 self._consumers.append((queue, tag))
+        if None in served:
+            await self._consume_starts(workflows, on_message, start_prefetch or prefetch)
+
+    async def _consume_starts(
+        self,
+        workflows: list[str],
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        prefetch: int,
+    ) -> None:
+        """Consume the workflows' start queues on a channel of their own, with their own prefetch."""
+        assert self._connection is not None
+        for workflow in workflows:
+            await self._retire_old_start_binding(workflow)
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        self._start_channel = channel
+        for workflow in workflows:
+            queue = await channel.get_queue(start_queue_name(self.namespace, workflow))
+            tag = await queue.consume(on_message, no_ack=False)
+            self._consumers.append((queue, tag))
 
     async def is_connected(self) -> bool:
         """Whether the connection is open now (not closed, not between reconnects)."""
@@ -550,6 +594,10 @@ class AmqpBroker:
                     name = queue_name(self.namespace, workflow, pool)
                     raise BrokerError(f"cannot read queue depths: no queue {name!r} is declared")
                 depths[queue.name] = queue.messages
+                if is_default_pool(pool):  # and its start queue, where a process declared one
+                    starts = await self._look_up(start_queue_name(self.namespace, workflow))
+                    if starts is not None:
+                        depths[starts.name] = starts.messages
         return depths
 
     async def stop_consuming(self) -> None:
@@ -557,9 +605,30 @@ class AmqpBroker:
         consumers, self._consumers = self._consumers, []
         for queue, tag in consumers:
             try:
-                await queue.cancel(tag)
-            except _AMQP_FAILURES:
+                # Bounded: on a connection that is gone (a broker or vhost lost as the worker
+                # stops), an unbounded cancel waits for a reconnect that may never come.
+                await queue.cancel(tag, timeout=PUBLISH_TIMEOUT_S)
+            except _AMQP_FAILURES_OR_TIMEOUT:
                 log.warning("could not cancel consumer", extra={"event": "consumer_cancel_failed"})
+
+
+def _on_message(handler: Handler) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+    """aio-pika's consumer callback: each message as a ``Delivery`` to ``handler``."""
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        headers = {key: str(value) for key, value in (message.headers or {}).items()}
+        await handler(
+            Delivery(
+                body=message.body,
+                routing_key=message.routing_key or "",
+                headers=headers,
+                redelivered=bool(message.redelivered),
+                _ack=message.ack,
+                _requeue=lambda: message.nack(requeue=True),
+            )
+        )
+
+    return on_message
 
 
 @dataclass(slots=True)

@@ -148,12 +148,20 @@ class Broker(Publisher, Protocol):
         """
 
     async def consume(
-        self, workflows: list[str], handler: Handler, *, prefetch: int, pools: tuple[str, ...] = ...
+        self,
+        workflows: list[str],
+        handler: Handler,
+        *,
+        prefetch: int,
+        pools: tuple[str, ...] = ...,
+        start_prefetch: int | None = None,
     ) -> None:
         """Deliver messages of the given workflows to ``handler``, at most ``prefetch`` unacked.
 
         ``pools`` are the worker pools served (default: the default pool only):
-        the queue of each workflow in each of them is consumed.
+        the queue of each workflow in each of them is consumed. With the default
+        pool, the workflows' start queues are consumed too, at most
+        ``start_prefetch`` (default ``prefetch``) of their messages unacked.
         """
 
     async def stop_consuming(self) -> None:
@@ -166,4 +174,7 @@ class Broker(Publisher, Protocol):
         """Whether this process's consumers are registered and live."""
 
     async def queue_depths(self, workflows: list[str], pools: tuple[str, ...] = ...) -> dict[str, int]:
-        """Messages waiting in each workflow's queue of each of ``pools`` (default: the default pool)."""
+        """Messages waiting in each workflow's queue of each of ``pools`` (default: the default pool).
+
+        With the default pool, also the starts waiting in each workflow's start queue, where it has one.
+        """

@@ -41,7 +41,14 @@ from stepline.shared.broker.base import (
     SettleDeadLetter,
     WorkflowQueue,
 )
-from stepline.shared.broker.embedded_store import ConsumerLock, DeadRow, Message, Store, queue_route
+from stepline.shared.broker.embedded_store import (
+    ConsumerLock,
+    DeadRow,
+    Message,
+    Store,
+    queue_route,
+    start_route,
+)
 from stepline.shared.errors import BrokerError, UnroutableError
 from stepline.shared.topology import (
     DEFAULT_POOL,
@@ -50,6 +57,7 @@ from stepline.shared.topology import (
     is_default_pool,
     parse_routing_key,
     queue_name,
+    start_queue_name,
 )
 
 log = logging.getLogger("stepline.broker")
@@ -210,7 +218,9 @@ class _Hub:
     # -- publishing ---------------------------------------------------------
 
     async def declare(self, namespace: str, workflow: str, pool: str | None = None) -> None:
-        """Record a workflow's queue, or its queue of a worker pool (idempotent)."""
+        """Record a workflow's queue and its start queue, or its queue of a worker pool (idempotent)."""
+        if is_default_pool(pool):
+            await self.store.declare(namespace, start_route(workflow), start_queue_name(namespace, workflow))
         name = queue_name(namespace, workflow, pool)
         await self.store.declare(namespace, queue_route(workflow, pool), name)
 
@@ -222,10 +232,13 @@ class _Hub:
         if kind not in MESSAGE_KINDS or not workflow or (pool is not None and kind != "step"):
             raise UnroutableError(routing_key)
         header_values = {str(key): str(value) for key, value in (headers or {}).items()}
-        name = queue_name(namespace, workflow, pool)
+        if kind == "start":
+            route, name = start_route(workflow), start_queue_name(namespace, workflow)
+        else:
+            route, name = queue_route(workflow, pool), queue_name(namespace, workflow, pool)
         async with self._lock:
             message_id = await self.store.insert_message(
-                namespace, queue_route(workflow, pool), name, routing_key, body, header_values
+                namespace, route, name, routing_key, body, header_values
             )
             if message_id is None:
                 raise UnroutableError(routing_key)
@@ -249,9 +262,10 @@ class _Hub:
             namespace, delivery.routing_key, delivery.body, headers, headers[REASON_HEADER]
         )
 
-    async def depth(self, namespace: str, workflow: str, pool: str | None = None) -> tuple[str, int] | None:
-        """``(queue name, ready messages)``: those in the file less those delivered and unacked here."""
-        found = await self.store.queue_depth(namespace, queue_route(workflow, pool))
+    async def depth(self, namespace: str, route: str) -> tuple[str, int] | None:
+        """``(queue name, ready messages)`` of the queue of ``route``: those in the file less those
+        delivered and unacked here; None if no such queue is declared."""
+        found = await self.store.queue_depth(namespace, route)
         if found is None:
             return None
         queue, count = found
@@ -590,7 +604,7 @@ class EmbeddedBroker:
         Its consumers are known only in the process that consumes the file.
         """
         hub = self._connected
-        found = await hub.depth(self.namespace, workflow, None if is_default_pool(pool) else pool)
+        found = await hub.depth(self.namespace, queue_route(workflow, pool))
         if found is None:
             return None
         queue, depth = found
@@ -656,12 +670,15 @@ class EmbeddedBroker:
         *,
         prefetch: int,
         pools: tuple[str, ...] = (DEFAULT_POOL,),
+        start_prefetch: int | None = None,
     ) -> None:
         """Deliver the workflows' messages to ``handler``, each in its own task, ``prefetch`` unacked at most.
 
         Only the workflows' queues of ``pools`` are consumed (each workflow's
         default queue is declared all the same: the steps planned next wait
-        there). A ``prefetch`` of 0 means no limit, as in AMQP.
+        there); with the default pool, their start queues too, by a consumer of
+        their own with ``start_prefetch`` (default ``prefetch``). A ``prefetch`` of
+        0 means no limit, as in AMQP.
 
         Raises:
             BrokerError: another process consumes this file, or the file failed.
@@ -680,6 +697,13 @@ class EmbeddedBroker:
         consumer = _Consumer(queues, handler, prefetch)
         await hub.start_consuming(consumer)
         self._consumers.append(consumer)
+        if None in served:
+            starts = frozenset(start_queue_name(self.namespace, workflow) for workflow in workflows)
+            start_consumer = _Consumer(
+                starts, handler, prefetch if start_prefetch is None else start_prefetch
+            )
+            await hub.start_consuming(start_consumer)
+            self._consumers.append(start_consumer)
 
     async def stop_consuming(self) -> None:
         """No new deliveries; in-flight ones may still be acked or requeued until ``close``."""
@@ -701,7 +725,8 @@ class EmbeddedBroker:
     async def queue_depths(
         self, workflows: list[str], pools: tuple[str, ...] = (DEFAULT_POOL,)
     ) -> dict[str, int]:
-        """Ready messages in each workflow's queue of each of ``pools``, by queue name.
+        """Ready messages in each workflow's queue of each of ``pools``, by queue name; with the
+        default pool, in each workflow's start queue too (where one is declared).
 
         ``dead_letter_queue_name(namespace)`` may be given too: it counts the kept dead letters.
         """
@@ -714,10 +739,14 @@ class EmbeddedBroker:
                 continue
             for pool in pools:
                 routed = None if is_default_pool(pool) else pool
-                found = await hub.depth(self.namespace, workflow, routed)
+                found = await hub.depth(self.namespace, queue_route(workflow, routed))
                 if found is None:
                     queue = queue_name(self.namespace, workflow, routed)
                     raise BrokerError(f"cannot read queue depths: no queue {queue!r} is declared")
                 queue, depth = found
                 depths[queue] = depth
+                if routed is None:
+                    starts = await hub.depth(self.namespace, start_route(workflow))
+                    if starts is not None:
+                        depths[starts[0]] = starts[1]
         return depths

@@ -30,7 +30,9 @@ BUSY_TIMEOUT_S = 30.0
 # time, a row committed later always has a larger id, so "id > last seen" finds
 # every row another process added. A queue's ``workflow`` is the route it takes messages
 # by (see ``queue_route``): the workflow's name, or ``<workflow>@<pool>`` for a worker
-# pool's queue of it (no workflow name holds an '@'), so files of older versions read the same.
+# pool's queue of it (no workflow name holds an '@'), so files of older versions read the same;
+# ``start:<workflow>`` for its start queue (see ``start_route``). A file of an older version
+# holds starts in the workflow's queue: they are consumed from there.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS queues (
     namespace   TEXT NOT NULL,
@@ -90,6 +92,11 @@ class DeadRow:
 def queue_route(workflow: str, pool: str | None = None) -> str:
     """What a queue row routes by: the workflow, or ``<workflow>@<pool>`` for a pool's steps."""
     return workflow if is_default_pool(pool) else f"{workflow}@{pool}"
+
+
+def start_route(workflow: str) -> str:
+    """What a workflow's start queue routes by: ``start:<workflow>`` (no workflow name holds a ':')."""
+    return f"start:{workflow}"
 
 
 def _headers_from_json(text: str) -> dict[str, str]:

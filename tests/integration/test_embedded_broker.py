@@ -18,7 +18,12 @@ from stepline.shared.broker import Delivery, EmbeddedBroker, Handler
 from stepline.shared.broker import embedded as embedded_module
 from stepline.shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
 from stepline.shared.errors import BrokerError, UnroutableError
-from stepline.shared.topology import dead_letter_queue_name, routing_key, workflow_queue_name
+from stepline.shared.topology import (
+    dead_letter_queue_name,
+    routing_key,
+    start_queue_name,
+    workflow_queue_name,
+)
 from tests.support.polling import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +31,7 @@ NAMESPACE = "tembedded"
 WORKFLOW = "wf"
 STEP = routing_key("step", WORKFLOW)
 QUEUE = workflow_queue_name(NAMESPACE, WORKFLOW)
+STARTS = start_queue_name(NAMESPACE, WORKFLOW)
 
 PUBLISH_SCRIPT = """
 import asyncio, sys
@@ -137,7 +143,7 @@ async def test_publish_consume_ack_removes_the_row(broker: EmbeddedBroker, path:
     assert delivery.headers == {"traceparent": "00-abc-def-01"}
     assert not delivery.redelivered
     assert stored(path) == 1, "an unacked message stays in the file"
-    assert await broker.queue_depths([WORKFLOW]) == {QUEUE: 0}, "a delivered message is not ready"
+    assert await broker.queue_depths([WORKFLOW]) == {QUEUE: 0, STARTS: 0}, "a delivered message is not ready"
 
     await delivery.ack()
     assert stored(path) == 0
@@ -170,7 +176,7 @@ async def test_prefetch_bounds_unacked_deliveries(broker: EmbeddedBroker) -> Non
     for _ in range(10):
         await asyncio.sleep(0)
     assert [d.body for d in inbox.deliveries] == [b"0", b"1"]
-    assert await broker.queue_depths([WORKFLOW]) == {QUEUE: 3}
+    assert await broker.queue_depths([WORKFLOW]) == {QUEUE: 3, STARTS: 0}
 
     await inbox.deliveries[0].ack()
     await inbox.wait_for(3)
@@ -280,7 +286,8 @@ async def test_dead_letter_keeps_the_reason(broker: EmbeddedBroker, path: Path) 
     async def depths() -> dict[str, int]:
         return await broker.queue_depths([dead_queue, WORKFLOW])
 
-    await eventually(depths, check=lambda d: d == {dead_queue: 1, QUEUE: 0}, timeout=10, what="dead letter")
+    expected = {dead_queue: 1, QUEUE: 0, STARTS: 0}
+    await eventually(depths, check=lambda d: d == expected, timeout=10, what="dead letter")
     assert stored(path) == 0
 
     async with EmbeddedBroker(path, NAMESPACE) as reader:
@@ -309,7 +316,10 @@ async def test_unroutable_raises_and_a_start_declares(path: Path) -> None:
 
         await broker.publish(routing_key("start", "fresh"), b"{}", None)
         await broker.publish(routing_key("step", "fresh"), b"{}", None)
-        assert await broker.queue_depths(["fresh"]) == {workflow_queue_name(NAMESPACE, "fresh"): 2}
+        assert await broker.queue_depths(["fresh"]) == {
+            workflow_queue_name(NAMESPACE, "fresh"): 1,
+            start_queue_name(NAMESPACE, "fresh"): 1,
+        }
 
     async with EmbeddedBroker(path, "tother") as elsewhere:
         with pytest.raises(UnroutableError):
@@ -380,7 +390,7 @@ async def test_stop_consuming_keeps_in_flight_deliveries_ackable(broker: Embedde
     assert lock.read_text(), "an unsettled delivery keeps the file locked"
     await delivery.ack()
     assert stored(path) == 1
-    assert await broker.queue_depths([WORKFLOW]) == {QUEUE: 1}
+    assert await broker.queue_depths([WORKFLOW]) == {QUEUE: 1, STARTS: 0}
     assert lock.read_text() == "", "nothing consumed or held: another process may consume"
 
 

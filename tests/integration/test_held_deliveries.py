@@ -30,7 +30,7 @@ STARTS = 6
 
 
 async def test_a_database_outage_longer_than_the_delivery_limit_loses_and_dead_letters_nothing(
-    fleet: Fleet, quorum_settings: Settings, workflows: dict[str, Workflow[Any, Any]]
+    quorum_settings: Settings, fleet: Fleet, workflows: dict[str, Workflow[Any, Any]]
 ) -> None:
     quorum = quorum_settings.model_copy(
         update={"broker": quorum_settings.broker.model_copy(update={"delivery_limit": DELIVERY_LIMIT})}

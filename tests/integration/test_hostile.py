@@ -133,7 +133,7 @@ async def test_a_step_timeout_beyond_the_consumer_timeout_is_refused_clearly(
 
 @pytest.mark.postgres_only("quorum queues are RabbitMQ's")
 async def test_quorum_queues_with_a_delivery_limit(
-    fleet: Fleet, quorum_settings: Settings, quorum_vhost: str, workflows: dict[str, Workflow[Any, Any]]
+    quorum_settings: Settings, quorum_vhost: str, fleet: Fleet, workflows: dict[str, Workflow[Any, Any]]
 ) -> None:
     quorum = quorum_settings.model_copy(
         update={"broker": quorum_settings.broker.model_copy(update={"delivery_limit": 5})}

@@ -69,19 +69,21 @@ async def test_a_worker_producer_and_client_without_the_setting_make_quorum_queu
     assert _of_namespace(types, worker_ns) == {
         f"{worker_ns}.dead": "quorum",
         f"{worker_ns}.workflow.poison": "quorum",
+        f"{worker_ns}.start.poison": "quorum",
     }
     assert _of_namespace(types, producer_ns) == {
         f"{producer_ns}.dead": "quorum",
         f"{producer_ns}.workflow.sequence": "quorum",
+        f"{producer_ns}.start.sequence": "quorum",
     }
     assert _of_namespace(types, client_ns) == {f"{client_ns}.dead": "quorum"}
 
 
 @pytest.mark.parametrize(("fleet_type", "newcomer_type"), [("quorum", "classic"), ("classic", "quorum")])
 async def test_processes_of_the_other_queue_type_join_a_fleet_and_use_its_queues(
-    fleet: Fleet,
     quorum_settings: Settings,
     quorum_vhost: str,
+    fleet: Fleet,  # after the vhost: its workers stop before the vhost is deleted
     workflows: dict[str, Workflow[Any, Any]],
     fleet_type: QueueType,
     newcomer_type: QueueType,
@@ -112,5 +114,6 @@ async def test_processes_of_the_other_queue_type_join_a_fleet_and_use_its_queues
     namespace = quorum_settings.namespace
     assert _of_namespace(services.queue_types(quorum_vhost), namespace) == {
         f"{namespace}.workflow.sequence": fleet_type,
+        f"{namespace}.start.sequence": fleet_type,
         f"{namespace}.dead": fleet_type,
     }

@@ -6,19 +6,26 @@ embedded mode's queue file, read through ``EmbeddedBroker``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel
 
 from stepline.shared.broker import Broker, EmbeddedBroker, create_broker
 from stepline.shared.broker.base import ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER
 from stepline.shared.db.engine import is_sqlite
 from stepline.shared.settings import BrokerSettings
-from stepline.shared.topology import dead_letter_queue_name, exchange_name, workflow_queue_name
+from stepline.shared.topology import (
+    dead_letter_queue_name,
+    exchange_name,
+    start_queue_name,
+    workflow_queue_name,
+)
 from tests.support.polling import eventually
 from tests.support.services import SINGLE_NODE_QUEUE_TYPE
 
@@ -106,15 +113,19 @@ async def publish_raw(
 
 
 async def ready_messages(amqp_url: str, namespace: str, workflow: str) -> int:
-    """How many messages wait in a workflow's queue (a passive declare)."""
+    """Messages waiting for a workflow's workers: in its queue and its start queue (passive declares)."""
     async with embedded(amqp_url, namespace) as local:
         if local is not None:
-            return (await local.queue_depths([workflow]))[workflow_queue_name(namespace, workflow)]
+            return sum((await local.queue_depths([workflow])).values())
     async with raw_channel(amqp_url) as channel:
         queue = await channel.declare_queue(workflow_queue_name(namespace, workflow), passive=True)
-        count = queue.declaration_result.message_count
-        assert count is not None
-        return count
+        total = queue.declaration_result.message_count
+        assert total is not None
+    with contextlib.suppress(aiormq.exceptions.ChannelNotFoundEntity):  # declared by no process yet
+        async with raw_channel(amqp_url) as channel:
+            starts = await channel.declare_queue(start_queue_name(namespace, workflow), passive=True)
+            total += starts.declaration_result.message_count or 0
+    return total
 
 
 async def take_dead_letters(
