@@ -80,6 +80,12 @@ class FleetReport:
     """From the first start to the last instance finished."""
     too_many_clients: list[str] = field(default_factory=list)
     timed_out: bool = False
+    most_waiting: int = 0
+    """The most clients waiting at once in PgBouncer's queue for a server connection (``cl_waiting``)."""
+    longest_wait_s: float = 0.0
+    """The longest such wait PgBouncer saw (``maxwait``)."""
+    budget_waits: int = 0
+    """Lines in which a process said it waited for a connection of its own budget (``db_pool_wait``)."""
 
     def budget_of(self, process: str) -> int:
         """The connection budget of a process, by its application_name."""
@@ -141,6 +147,9 @@ class FleetReport:
                 f"{self.most_clients_per_scheduler} per scheduler (budget {self.scheduler_budget})",
                 f"  server connections   {self.most_server_connections} in SHOW POOLS, "
                 f"{self.most_backends} in pg_stat_activity (PgBouncer pool {self.pool_size})",
+                f"  PgBouncer's queue    {self.most_waiting} clients waiting at most, "
+                f"longest wait {self.longest_wait_s:.2f}s",
+                f"  own-budget waits     {self.budget_waits} line(s) (event=db_pool_wait)",
                 *self._per_process(),
                 f"  over budget          {', '.join(self.over_budget) or 'none'} ({self.samples} samples)",
                 f"  too many clients     {len(self.too_many_clients)} line(s) in the logs",
@@ -242,13 +251,20 @@ async def _sample_bouncer(report: FleetReport, database: str) -> None:
     for row in await _admin_rows("SHOW CLIENTS"):
         clients[str(row["application_name"])] = clients.get(str(row["application_name"]), 0) + 1
     _peak(report.clients_per_process, clients)
+    pools = [row for row in await _admin_rows("SHOW POOLS") if row["database"] == database]
     servers = sum(
         int(str(row[column]))
-        for row in await _admin_rows("SHOW POOLS")
-        if row["database"] == database
+        for row in pools
         for column in ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
     )
     report.most_server_connections = max(report.most_server_connections, servers)
+    report.most_waiting = max([report.most_waiting, *(int(str(row["cl_waiting"])) for row in pools)])
+    report.longest_wait_s = max(
+        [
+            report.longest_wait_s,
+            *(int(str(row["maxwait"])) + int(str(row["maxwait_us"])) / 1e6 for row in pools),
+        ]
+    )
 
 
 async def _sample_postgres(report: FleetReport, upstream_admin: str, database: str) -> None:
@@ -363,6 +379,7 @@ async def run_fleet(
     for name in fleet.processes:
         report.errors_in_logs += _lines(log_dir / f"{name}.log", BOUNCER_ERRORS)
         report.too_many_clients += _lines(log_dir / f"{name}.log", TOO_MANY_CLIENTS)
+        report.budget_waits += len(_lines(log_dir / f"{name}.log", ("event=db_pool_wait",)))
     report.duration_s = time.monotonic() - began
     return report
 
