@@ -22,7 +22,7 @@ export STEPLINE_DB_NAME STEPLINE_VHOST
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup services browser lint format typecheck test run run-stack chaos chaos-cluster chaos-failover bench bench-scaling clean distclean
+.PHONY: help setup services browser lint format typecheck test run run-stack chaos chaos-cluster chaos-failover chaos-pgbouncer bench bench-scaling clean distclean
 
 help: ## Show this help
 	@echo "stepline make targets:"
@@ -87,6 +87,16 @@ FAILOVER_INSTANCES ?= 300
 chaos-failover: setup services ## Failover run: FAILOVER_INSTANCES (300) chaos instances while the primary dies (ports 5441/5442)
 	$(PY) -m tests.chaos.failover --instances $(FAILOVER_INSTANCES)
 	$(PY) -m tests.chaos.pgbouncer_fleet
+
+# 12 workers with concurrency 16 and a scheduler through PgBouncer (6441) in front of the pair's
+# primary (5441): the throughput workload to completion, each process's connections counted in
+# PgBouncer's SHOW CLIENTS and PostgreSQL's pg_stat_activity. The run stops every process it
+# started by pid; `timeout` (SIGINT, which runs that cleanup) bounds it past its own deadline.
+PGBOUNCER_INSTANCES ?= 600
+PGBOUNCER_DEADLINE ?= 1800
+chaos-pgbouncer: setup services ## 12 workers x 16 through PgBouncer: PGBOUNCER_INSTANCES (600) throughput instances within every connection budget
+	timeout -s INT -k 120 $$(( $(PGBOUNCER_DEADLINE) + 1200 )) $(PY) -m tests.chaos.pgbouncer_fleet \
+		--workload throughput --instances $(PGBOUNCER_INSTANCES) --deadline $(PGBOUNCER_DEADLINE)
 
 bench: setup services ## Run the benchmarks (python -m benchmarks)
 	STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' \

@@ -37,3 +37,7 @@ async def test_a_fleet_completes_its_work_through_pgbouncer_in_transaction_mode(
     assert report.errors_in_logs == []  # no server-side prepared statement went through PgBouncer
     assert 1 <= report.most_clients_per_worker <= 4
     assert report.most_server_connections <= 4
+    # PostgreSQL's side: PgBouncer's connections only, and no process using more than its budget.
+    assert 1 <= report.most_backends <= 4
+    assert report.in_use_per_process and report.over_budget == []
+    assert report.too_many_clients == []
