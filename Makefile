@@ -80,7 +80,7 @@ chaos: setup services ## Long chaos run: faults for CHAOS_DURATION seconds (defa
 CLUSTER_INSTANCES ?= 300
 # Needs PostgreSQL only (it makes its own database); the cluster is started and stopped by the run.
 chaos-cluster: setup ## Chaos on a 3-node RabbitMQ cluster (scripts/rabbitmq-cluster.sh): leader SIGKILLed, restarted, another node stopped
-	$(TEST_ENV) $(BIN)/pytest -m cluster $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/pytest tests/cluster $(PYTEST_ARGS)
 	$(PY) -m tests.chaos.cluster --instances $(CLUSTER_INSTANCES)
 
 FAILOVER_INSTANCES ?= 300

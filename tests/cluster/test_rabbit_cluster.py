@@ -28,9 +28,10 @@ from tests.support.cluster import RabbitCluster
 from tests.support.fleet import Fleet, ProcessFleet, process_env, until_consuming
 from tests.support.polling import eventually
 
+# The first test is the short form `make test` runs (about a minute, most of it the
+# cluster starting); the rest are marked `cluster`: `make chaos-cluster` runs them all.
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.cluster,
     pytest.mark.xdist_group("rabbit-cluster"),
     pytest.mark.timeout(600),
 ]
@@ -119,6 +120,7 @@ async def test_a_worker_that_loses_its_node_moves_to_another_and_consumes_again(
         await fleet.stop_all()
 
 
+@pytest.mark.cluster
 async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_after_the_delivery_limit(
     rabbit_cluster: RabbitCluster, cluster_settings: Settings, tmp_path: Path
 ) -> None:
@@ -163,6 +165,7 @@ async def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_after
         fleet.stop_all()
 
 
+@pytest.mark.cluster
 async def test_the_chaos_workflow_loses_nothing_while_the_queue_leader_is_killed_and_restarted(
     rabbit_cluster: RabbitCluster, database_url: str, tmp_path: Path
 ) -> None:
