@@ -6,8 +6,8 @@ its own stdout and stderr, and the process's logging and ``sys.path`` put back a
 the script costs an interpreter start and the imports each time, which made the CLI tests the
 suite's slowest. The console script itself (start-up, exit codes, what the process prints on
 its way out, signals) is tested with ``spawn``, and so is every command that serves until
-stopped, reads stdin, or runs on the embedded mode's files (whose broker keeps one hub per file
-and process, that a command sharing this process would share).
+stopped or reads stdin. The embedded broker keeps one hub per file and process: a command here
+gets hubs of its own, as its own process would (``_HubsPerThread``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,14 +74,14 @@ async def run(
 def runs_in_process(env: Mapping[str, str], args: tuple[str, ...], stdin: str | None) -> bool:
     """Whether ``stepline ARGS`` behaves the same in this process as in its own.
 
-    Not a command that serves until stopped, reads stdin, or uses the embedded mode's files;
-    nor one that needs a ``PYTHONPATH`` other than this process's.
+    Not a command that serves until stopped or reads stdin, nor one that needs a ``PYTHONPATH``
+    other than this process's; on the embedded mode's files only while its hubs can be kept apart.
     """
     return (
         stdin is None
         and not (args and args[0] in SERVING_COMMANDS)
-        and not env.get("STEPLINE_EMBEDDED")
         and env.get("PYTHONPATH", str(ROOT)) == str(ROOT)
+        and (not env.get("STEPLINE_EMBEDDED") or hasattr(_embedded_broker(), "_HUBS"))
     )
 
 
@@ -160,6 +160,70 @@ class _ThreadStreams:
         raise io.UnsupportedOperation("a command's output in this process has no file descriptor")
 
 
+def _embedded_broker() -> Any:
+    from stepline.shared.broker import embedded
+
+    return embedded
+
+
+class _HubsPerThread(MutableMapping[str, Any]):
+    """Stands in for the embedded broker's hubs (one per file and process) while commands run.
+
+    The hub is what one process shares for one file, tied to one event loop: a command's
+    thread, which is a process of its own to the user, gets hubs of its own, and meets the
+    test's workers through the file, as its process would. Every other thread keeps the
+    process's hubs.
+    """
+
+    def __init__(self, shared: MutableMapping[str, Any]) -> None:
+        self.shared = shared
+        self._mine = threading.local()
+
+    @contextmanager
+    def own(self) -> Iterator[None]:
+        self._mine.hubs = {}
+        try:
+            yield
+        finally:
+            del self._mine.hubs
+
+    def _current(self) -> MutableMapping[str, Any]:
+        hubs: MutableMapping[str, Any] = getattr(self._mine, "hubs", self.shared)
+        return hubs
+
+    def __getitem__(self, path: str) -> Any:
+        return self._current()[path]
+
+    def __setitem__(self, path: str, hub: Any) -> None:
+        self._current()[path] = hub
+
+    def __delitem__(self, path: str) -> None:
+        del self._current()[path]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
+@contextmanager
+def _hubs_of_its_own() -> Iterator[None]:
+    """The command's thread opens embedded broker hubs of its own; put the process's back after."""
+    embedded = _embedded_broker()
+    shared = getattr(embedded, "_HUBS", None)
+    if shared is None:  # no hubs to keep apart (runs_in_process spawned the embedded mode's commands)
+        yield
+        return
+    hubs = _HubsPerThread(shared)
+    embedded._HUBS = hubs
+    try:
+        with hubs.own():
+            yield
+    finally:
+        embedded._HUBS = shared
+
+
 @contextmanager
 def _environment(env: Mapping[str, str]) -> Iterator[None]:
     """``os.environ`` is ``env`` (with a fixed terminal size, as a pipe gives), then as it was."""
@@ -222,7 +286,13 @@ def _run_here(env: Mapping[str, str], args: tuple[str, ...]) -> Result:
         out, err = _ThreadStreams(stdout), _ThreadStreams(stderr)
         sys.stdout, sys.stderr = cast(TextIO, out), cast(TextIO, err)
         try:
-            with _environment(env), _logging_kept(), out.capture() as printed, err.capture() as warned:
+            with (
+                _environment(env),
+                _logging_kept(),
+                _hubs_of_its_own(),
+                out.capture() as printed,
+                err.capture() as warned,
+            ):
                 code = _invoke(args, printed, warned)
                 return Result(("stepline", *args), code, printed.getvalue(), warned.getvalue())
         finally:
