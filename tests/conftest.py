@@ -67,6 +67,14 @@ def quorum_settings(settings: Settings, quorum_vhost: str) -> Settings:
 
 
 @pytest.fixture(scope="session")
+def embedded_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded mode's migrated state, made once; each test on SQLite copies the file."""
+    folder = tmp_path_factory.mktemp("embedded-template")
+    services.create_embedded_state(Settings(embedded=folder).database, folder / EMBEDDED_DATABASE)
+    return folder / EMBEDDED_DATABASE
+
+
+@pytest.fixture(scope="session")
 def template_database() -> Iterator[str]:
     """A migrated database that each test clones."""
     name = f"sl_test_{RUN_ID}"
@@ -138,7 +146,7 @@ def settings(
     }
     if backend == "sqlite":
         settings = Settings(embedded=tmp_path / "embedded", **quick)
-        services.create_embedded_state(settings.database, tmp_path / "embedded" / EMBEDDED_DATABASE)
+        services.copy_embedded_state(request.getfixturevalue("embedded_template"), tmp_path / "embedded")
     else:
         database_url = request.getfixturevalue("database_url")
         vhost = request.getfixturevalue("vhost")

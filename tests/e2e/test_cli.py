@@ -1,4 +1,4 @@
-"""The ``stepline`` and ``stepline-worker`` commands, run as real processes."""
+"""The ``stepline`` and ``stepline-worker`` commands; what a process prints on its way out, in real ones."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ async def test_worker_with_bad_settings_exits_2_naming_every_variable(env: dict[
 async def test_amqp_password_never_appears_in_output(env: dict[str, str]) -> None:
     secret = {**env, "STEPLINE_AMQP_URL": "amqp://guest:s3cr3t-pw@127.0.0.1:1/nope"}
 
-    result = await cli.run(secret, "stepline", "start", "sequence", "--params", '{"a":1,"b":2}')
+    result = await cli.spawn(secret, "stepline", "start", "sequence", "--params", '{"a":1,"b":2}')
 
     assert result.returncode != 0
     assert "s3cr3t-pw" not in result.output
@@ -189,7 +189,7 @@ async def test_database_password_never_appears_in_output(env: dict[str, str]) ->
     secret = {**env, "STEPLINE_DATABASE_URL": "postgresql://postgres:s3cr3t-db@127.0.0.1:1/nope"}
 
     status, upgrade = await asyncio.gather(
-        cli.run(secret, "stepline", "status", "anything"), cli.run(secret, "stepline", "db", "upgrade")
+        cli.spawn(secret, "stepline", "status", "anything"), cli.spawn(secret, "stepline", "db", "upgrade")
     )
 
     for result in (status, upgrade):
@@ -204,7 +204,7 @@ async def test_unreachable_database_is_one_clear_error_not_a_traceback(
 ) -> None:
     down = {**env, "STEPLINE_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nope"}
 
-    result = await cli.run(down, "stepline", *command)
+    result = await cli.spawn(down, "stepline", *command)
 
     assert result.returncode == 1, result
     assert "Traceback" not in result.output, result.output

@@ -99,8 +99,11 @@ def dev(settings: Settings, env: dict[str, str], tmp_path: Path) -> Iterator[Dev
         running.stop_all()
 
 
-async def _status(env: dict[str, str], instance_id: str) -> str:
+async def _status(env: dict[str, str], instance_id: str) -> str | None:
+    """The instance's status; None while its start waits to be taken (a command is quicker than a worker)."""
     result = await run(env, "stepline", "status", instance_id, "--json")
+    if result.returncode == 1 and f"no instance has id {instance_id!r} yet" in result.stderr:
+        return None
     return str(result.json()["status"])
 
 
