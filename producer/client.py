@@ -6,7 +6,7 @@ import asyncio
 import builtins
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,7 +18,7 @@ from stepline.producer.bulk import BulkAction, BulkOutcome, BulkRun, rule_of
 from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait, ScheduleInfo, StepInfo
 from stepline.shared import codec
 from stepline.shared.broker import Broker, WorkflowQueue, create_broker
-from stepline.shared.codec import OFFLOAD_FIELD, PayloadCodec, Payloads, is_offloaded
+from stepline.shared.codec import PayloadCodec, Payloads
 from stepline.shared.db.bulk_statements import InstanceSelection
 from stepline.shared.db.limits import WAITING_FOR
 from stepline.shared.db.records import OutboxRow
@@ -134,11 +134,11 @@ class Client:
             if row is None:
                 return None
             step_rows = await tx.get_step_rows(instance_id)
-            apart = await tx.load_payloads(
-                [step.result[OFFLOAD_FIELD] for step in step_rows if is_offloaded(step.result)]
+            params, output, *results = await tx.show_payloads(
+                self._payloads, [row.params, row.output, *(step.result for step in step_rows)]
             )
-        steps = [_step(step, self._payloads, apart) for step in step_rows]
-        return _instance(row, steps, self._payloads)
+        steps = [_step(step, result) for step, result in zip(step_rows, results, strict=True)]
+        return _instance(row, steps, params, output)
 
     async def list(
         self,
@@ -178,7 +178,7 @@ class Client:
                 id_prefix=id_prefix,
                 build_id=build_id,
             )
-        return [_instance(row, [], self._payloads) for row in rows]
+            return await self._instances(tx, rows)
 
     async def attempts(self, instance_id: str) -> builtins.list[AttemptInfo]:
         """Every finished step attempt of an instance, oldest first."""
@@ -206,6 +206,7 @@ class Client:
         check_instance_id(instance_id)
         async with self._connection() as tx:
             rows = await tx.get_value_rows(instance_id)
+            results = await tx.show_payloads(self._payloads, [row.result for row in rows])
         return [
             {
                 "name": row.name,
@@ -213,9 +214,9 @@ class Client:
                 "position": row.position,
                 "kind": "value",
                 "status": "succeeded",
-                "result": self._payloads.show(row.result),
+                "result": result,
             }
-            for row in rows
+            for row, result in zip(rows, results, strict=True)
         ]
 
     async def events(self, instance_id: str) -> builtins.list[EventInfo]:
@@ -223,16 +224,17 @@ class Client:
         check_instance_id(instance_id)
         async with self._connection() as tx:
             rows = await tx.get_event_rows(instance_id)
+            payloads = await tx.show_payloads(self._payloads, [row.payload for row in rows])
         return [
             EventInfo(
                 event_id=row.event_id,
                 event_type=row.event_type,
-                payload=self._payloads.show(row.payload),
+                payload=payload,
                 created_at=row.created_at,
                 consumed_by=row.consumed_step,
                 consumed_at=row.consumed_at,
             )
-            for row in rows
+            for row, payload in zip(rows, payloads, strict=True)
         ]
 
     async def pool_waits(self, info: InstanceInfo) -> builtins.list[PoolWait]:
@@ -382,7 +384,7 @@ class Client:
         while True:
             async with self._connection() as tx:
                 rows = await tx.list_instance_rows(workflow=workflow, held=True, limit=_PAGE, after=after)
-            found.extend(_instance(row, [], self._payloads) for row in rows)
+                found.extend(await self._instances(tx, rows))
             if len(rows) < _PAGE:
                 return found
             after = (rows[-1].created_at, rows[-1].id)
@@ -677,6 +679,13 @@ class Client:
         if relay is not None:
             await relay.publish_committed(rows)  # workers' sweepers cover a failure here
 
+    async def _instances(self, tx: Transaction, rows: Sequence[Any]) -> builtins.list[InstanceInfo]:
+        """Instances rows as listed (without their steps), params and outputs read by ``show_payloads``."""
+        shown = await tx.show_payloads(
+            self._payloads, [value for row in rows for value in (row.params, row.output)]
+        )
+        return [_instance(row, [], *shown[2 * at : 2 * at + 2]) for at, row in enumerate(rows)]
+
     async def _must_get(self, instance_id: str) -> InstanceInfo:
         info = await self.get(instance_id)
         if info is None:
@@ -727,13 +736,14 @@ async def _no_rows(action: Awaitable[None]) -> list[OutboxRow]:
     return []
 
 
-def _instance(row: Any, steps: builtins.list[StepInfo], payloads: Payloads) -> InstanceInfo:
+def _instance(row: Any, steps: builtins.list[StepInfo], params: Any, output: Any) -> InstanceInfo:
+    """An instances row as shown, with its params and output as ``show_payloads`` read them."""
     return InstanceInfo(
         id=row.id,
         workflow=row.workflow,
         status=row.status,
-        params=payloads.show(row.params),
-        output=payloads.show(row.output),
+        params=params,
+        output=output,
         error=row.error,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -749,18 +759,15 @@ def _instance(row: Any, steps: builtins.list[StepInfo], payloads: Payloads) -> I
     )
 
 
-def _step(row: Any, payloads: Payloads, apart: dict[str, Any]) -> StepInfo:
-    """A step row as shown: its result read back from ``apart`` if stored there, and opened."""
-    result = row.result
-    if is_offloaded(result):
-        result = apart.get(result[OFFLOAD_FIELD], result)
+def _step(row: Any, result: Any) -> StepInfo:
+    """A step row as shown, with its result as ``show_payloads`` read it."""
     return StepInfo(
         name=row.name,
         occurrence=row.occurrence,
         kind=row.kind,
         status=row.status,
         attempts=row.attempt,
-        result=payloads.show(result),
+        result=result,
         error=row.error,
         started_at=row.started_at,
         finished_at=row.finished_at,

@@ -49,3 +49,17 @@ async def big_result(ctx: Context, size: int) -> dict[str, Any]:
     big = await ctx.step("make", make_big, size)
     await ctx.wait_for_event("go", event_type="go", timeout="1h")
     return await ctx.step("measure", measure, big)
+
+
+async def make_report(secret: str) -> dict[str, Any]:
+    """A result of a few KiB: over an offload threshold of 1 KiB."""
+    return {"secret": secret, "pad": "x" * 4096}
+
+
+@workflow("read-back")
+async def read_back(ctx: Context, secret: str) -> dict[str, Any]:
+    """A recorded value, a result stored apart and an event: one of each payload the readers show."""
+    stamp = ctx.now()
+    report = await ctx.step("report", make_report, secret)
+    got = await ctx.wait_for_event("go", event_type="go", timeout="1h")
+    return {"at": stamp.isoformat(), "secret": report["secret"], "got": got}
