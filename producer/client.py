@@ -505,7 +505,7 @@ class Client:
         if InstanceStatus(row.status).is_finished:
             raise InvalidStateError(instance_id, "send an event to", row.status, "not yet finished")
         try:
-            data = codec.to_jsonable(payload)
+            data = codec.to_payload(payload)
         except (TypeError, ValueError) as exc:
             raise InvalidParamsError(row.workflow, f"event payload is not JSON: {exc}") from None
         message = EventMessage(

@@ -63,3 +63,25 @@ async def read_back(ctx: Context, secret: str) -> dict[str, Any]:
     report = await ctx.step("report", make_report, secret)
     got = await ctx.wait_for_event("go", event_type="go", timeout="1h")
     return {"at": stamp.isoformat(), "secret": report["secret"], "got": got}
+
+
+LOOKALIKE = {"$codec": "aes-gcm", "key": "k1", "data": "not a ciphertext", "$payload": "not a reference"}
+"""A user's value that has the keys of an envelope and of a reference: it must read back as itself."""
+
+
+async def echo(value: Any) -> Any:
+    return value
+
+
+@workflow("lookalike")
+async def lookalike(ctx: Context, params: Any) -> dict[str, Any]:
+    """Params, a step result, an event, a child's params and output: each a dict with the reserved keys."""
+    result = await ctx.step("echo", echo, {"$payload": params["$payload"]})
+    event = await ctx.wait_for_event("event", event_type="lookalike", timeout="1h")
+    child = await ctx.child("child", "lookalike-child", {"$codec": params["$codec"]})
+    return {"$codec": "mine", "params": params, "result": result, "event": event, "child": child}
+
+
+@workflow("lookalike-child")
+async def lookalike_child(ctx: Context, params: Any) -> Any:
+    return params

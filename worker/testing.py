@@ -183,7 +183,7 @@ class WorkflowRun:
             instance_id=self.instance_id,
             event_id=str(uuid.uuid4()),
             event_type=event_type,
-            payload=codec.to_jsonable(payload),
+            payload=codec.to_payload(payload),
         )
         await self._env._run_with(message)
 
@@ -591,7 +591,7 @@ def check_replay(workflow: Workflow[Any, Any], recorded: Mapping[str, Any] | str
             kind=StepKind(item["kind"]),
             status=StepStatus(item["status"]),
             attempt=item.get("attempts", 1),
-            result=item.get("result"),
+            result=codec.escape(item.get("result")),  # as shown; stored, a user's dict is escaped
             error=item.get("error"),
         )
         records[record.key] = record
@@ -599,7 +599,7 @@ def check_replay(workflow: Workflow[Any, Any], recorded: Mapping[str, Any] | str
         instance_id=instance["id"],
         workflow=instance["workflow"],
         status=InstanceStatus(instance["status"]),
-        params=instance["params"],
+        params=codec.escape(instance["params"]),
         version=0,
         trace_context=None,
         steps=records,
