@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from stepline import AesGcmCodec, Context, workflow
+from stepline import AesGcmCodec, Context, RetryPolicy, step_info, workflow
 from stepline.worker.testing import WorkflowEnvironment
 
 SECRET = "4111-KIT-SECRET"
@@ -60,3 +60,46 @@ async def test_the_kit_seals_with_the_given_codec_and_shows_values_opened(env: W
         envelope = json.loads(value)
         assert (envelope["$codec"], envelope["key"]) == ("aes-gcm", "k1")
         assert SECRET not in value
+
+
+KIT: list[WorkflowEnvironment] = []
+
+
+async def sync_pages(pages: int) -> dict[str, Any]:
+    """Its first attempt reports a checkpoint, then stalls past its heartbeat timeout (its worker died)."""
+    info = step_info()
+    if info.attempt == 1:
+        info.heartbeat({"cursor": f"page-2-of-{SECRET}", "$codec": "a user's key"})
+        await KIT[0].sleep("1 minute")
+        await KIT[0].sleep("10 minutes")  # no heartbeat: the lease lapses, the attempt is stopped
+        raise AssertionError("an attempt that lost its lease ran on")
+    return {"resumed_from": info.last_heartbeat, "attempt": info.attempt}
+
+
+@workflow("kit-sealed-heartbeats")
+async def kit_sealed_heartbeats(ctx: Context, pages: int) -> dict[str, Any]:
+    return await ctx.step(
+        "sync",
+        sync_pages,
+        pages,
+        timeout="1 hour",
+        heartbeat_timeout="5 minutes",
+        retry=RetryPolicy(limit=2, delay="30s"),
+    )
+
+
+async def test_heartbeat_details_are_sealed_at_rest_and_opened_for_the_next_attempt(
+    env: WorkflowEnvironment,
+) -> None:
+    KIT[:] = [env]
+    run = await env.start(kit_sealed_heartbeats, 5)
+    assert run.status == "complete", run.error
+    assert run.output == {
+        "resumed_from": {"cursor": f"page-2-of-{SECRET}", "$codec": "a user's key"},
+        "attempt": 2,
+    }
+    async with env.connection() as conn:
+        (stored,) = (await conn.execute(sa.text("SELECT heartbeat FROM steps WHERE name = 'sync'"))).one()
+    assert SECRET not in stored
+    envelope = json.loads(stored)
+    assert (envelope["$codec"], envelope["key"]) == ("aes-gcm", "k1")
