@@ -599,8 +599,11 @@ class Client:
                 raise InvalidScheduleError(
                     "params", schedule.params, f"do not fit the workflow: {exc.detail}", workflow=name
                 ) from None
-        start_message(
-            name, tick_instance_id(schedule_id, datetime.now(UTC)), schedule.params, limit=self._limit
+        start_message(  # the start each tick sends, with the params as stored: sealed
+            name,
+            tick_instance_id(schedule_id, datetime.now(UTC)),
+            schedule.to_row(self._payloads)["params"],
+            limit=self._limit,
         )
         broker = self._broker_needed("create_schedule (it checks the workflow is registered)")
         if allow_unregistered:
@@ -608,35 +611,35 @@ class Client:
         elif await broker.workflow_queue(name) is None:
             raise UnregisteredWorkflowError(name, self._namespace)
         async with self._connection(begin=True) as tx:
-            return await schedule_actions.create(tx, schedule_id, name, schedule)
+            return await schedule_actions.create(tx, schedule_id, name, schedule, self._payloads)
 
     async def list_schedules(self, *, workflow: str | None = None) -> builtins.list[ScheduleInfo]:
         """Every schedule (of one workflow), by id, each with its next five fire times."""
         from stepline.producer import schedules as schedule_actions
 
         async with self._connection() as tx:
-            return await schedule_actions.list_all(tx, workflow)
+            return await schedule_actions.list_all(tx, workflow, self._payloads)
 
     async def get_schedule(self, schedule_id: str) -> ScheduleInfo:
         """One schedule. Raises ``ScheduleNotFoundError`` if no schedule has this id."""
         from stepline.producer import schedules as schedule_actions
 
         async with self._connection() as tx:
-            return await schedule_actions.get(tx, schedule_id)
+            return await schedule_actions.get(tx, schedule_id, self._payloads)
 
     async def pause_schedule(self, schedule_id: str) -> ScheduleInfo:
         """Stop firing a schedule until ``resume_schedule``. Raises ``ScheduleNotFoundError``."""
         from stepline.producer import schedules as schedule_actions
 
         async with self._connection(begin=True) as tx:
-            return await schedule_actions.pause(tx, schedule_id)
+            return await schedule_actions.pause(tx, schedule_id, self._payloads)
 
     async def resume_schedule(self, schedule_id: str) -> ScheduleInfo:
         """Fire a paused schedule again from its next tick; ticks missed while paused are not started."""
         from stepline.producer import schedules as schedule_actions
 
         async with self._connection(begin=True) as tx:
-            return await schedule_actions.resume(tx, schedule_id)
+            return await schedule_actions.resume(tx, schedule_id, self._payloads)
 
     async def delete_schedule(self, schedule_id: str) -> None:
         """Delete a schedule (its instances run on). Raises ``ScheduleNotFoundError``."""

@@ -424,7 +424,7 @@ class WorkflowEnvironment:
         while True:
             async with self._session() as session:
                 if not self._schedules_synced:
-                    await sync_declared_schedules(session.store, self.workflows)
+                    await sync_declared_schedules(session.store, self.workflows, self.payloads)
                     self._schedules_synced = True
                 async with session.store.reading() as tx:
                     due, _ = await tx.next_schedule_due()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from stepline import AesGcmCodec, Context, RetryPolicy, step_info, workflow
+from stepline import AesGcmCodec, Context, RetryPolicy, Schedule, step_info, workflow
 from stepline.worker.testing import WorkflowEnvironment
 
 SECRET = "4111-KIT-SECRET"
@@ -103,3 +103,22 @@ async def test_heartbeat_details_are_sealed_at_rest_and_opened_for_the_next_atte
     assert SECRET not in stored
     envelope = json.loads(stored)
     assert (envelope["$codec"], envelope["key"]) == ("aes-gcm", "k1")
+
+
+@workflow("kit-sealed-report", schedules=[Schedule("0 * * * *", params={"card": SECRET})])
+async def kit_sealed_report(ctx: Context, params: dict[str, str]) -> dict[str, str]:
+    return await ctx.step("charge", charge, params["card"])
+
+
+async def test_declared_schedule_params_are_sealed_at_rest_and_read_by_each_tick() -> None:
+    environment = WorkflowEnvironment(codec=AesGcmCodec({"k1": KEY}), workflows=[kit_sealed_report])
+    try:
+        runs = await environment.run_schedules("2 hours")
+        assert [run.output for run in runs] == [{"receipt": f"receipt-for-{SECRET}"}] * 2
+        async with environment.connection() as conn:
+            (stored,) = (await conn.execute(sa.text("SELECT params FROM schedules"))).one()
+            instances = (await conn.execute(sa.text("SELECT params FROM instances"))).scalars().all()
+        assert SECRET not in stored and json.loads(stored)["$codec"] == "aes-gcm"
+        assert instances == [stored, stored]  # each tick's start carried the params as stored
+    finally:
+        environment.close()
