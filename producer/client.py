@@ -134,10 +134,15 @@ class Client:
             if row is None:
                 return None
             step_rows = await tx.get_step_rows(instance_id)
-            params, output, *results = await tx.show_payloads(
-                self._payloads, [row.params, row.output, *(step.result for step in step_rows)]
+            params, output, *shown = await tx.show_payloads(
+                self._payloads,
+                [
+                    row.params,
+                    row.output,
+                    *(value for step in step_rows for value in (step.result, step.heartbeat)),
+                ],
             )
-        steps = [_step(step, result) for step, result in zip(step_rows, results, strict=True)]
+        steps = [_step(step, *shown[2 * at : 2 * at + 2]) for at, step in enumerate(step_rows)]
         return _instance(row, steps, params, output)
 
     async def list(
@@ -762,8 +767,8 @@ def _instance(row: Any, steps: builtins.list[StepInfo], params: Any, output: Any
     )
 
 
-def _step(row: Any, result: Any) -> StepInfo:
-    """A step row as shown, with its result as ``show_payloads`` read it."""
+def _step(row: Any, result: Any, heartbeat: Any) -> StepInfo:
+    """A step row as shown, with its result and last heartbeat's details as ``show_payloads`` read them."""
     return StepInfo(
         name=row.name,
         occurrence=row.occurrence,
@@ -776,6 +781,8 @@ def _step(row: Any, result: Any) -> StepInfo:
         finished_at=row.finished_at,
         pool=pool_of(row.detail) if row.kind == StepKind.STEP else None,
         waiting_for=_waiting_for(row.detail),
+        heartbeat=heartbeat,
+        heartbeat_at=row.heartbeat_at,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stepline import Context, workflow
+from stepline import Context, step_info, workflow
 
 
 async def charge(card: str | None) -> dict[str, str]:
@@ -85,3 +85,17 @@ async def lookalike(ctx: Context, params: Any) -> dict[str, Any]:
 @workflow("lookalike-child")
 async def lookalike_child(ctx: Context, params: Any) -> Any:
     return params
+
+
+async def sync_pages(secret: str) -> str:
+    """A long step that reports a checkpoint holding the secret, written before it ends."""
+    info = step_info()
+    info.heartbeat({"cursor": f"page-9-of-{secret}"})
+    assert info.lease is not None
+    await info.lease.flush()  # a real one heartbeats for hours: here, one written heartbeat is enough
+    return "synced"
+
+
+@workflow("checkpointed")
+async def checkpointed(ctx: Context, secret: str) -> str:
+    return await ctx.step("sync", sync_pages, secret, timeout="1 hour", heartbeat_timeout="1 minute")
