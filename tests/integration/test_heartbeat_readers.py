@@ -6,48 +6,38 @@ import html
 from collections.abc import AsyncIterator
 
 import pytest
-from pydantic import SecretStr
 
-from stepline import AesGcmCodec, Client, Producer
-from stepline.shared.codec import ENCRYPTED, load_codec
+from stepline import AesGcmCodec, Producer
+from stepline.shared.codec import ENCRYPTED
 from stepline.shared.settings import Settings
-from stepline.worker.registry import load_workflows
-from tests import payload_workflows
 from tests.support import cli
 from tests.support.dashboard import dashboard
 from tests.support.fleet import Fleet, process_env
+from tests.support.sealing import keyed_client, payload_fleet, sealed
 
 pytestmark = pytest.mark.both_backends
 
 SECRET = "SECRET-CURSOR-41"
 KEYS = f"k1:{AesGcmCodec.generate_key()}"
 DETAILS = {"cursor": f"page-9-of-{SECRET}"}
-WORKFLOWS = load_workflows([payload_workflows.__name__])
 
 
 @pytest.fixture
-def sealed(settings: Settings) -> Settings:
-    return settings.model_copy(update={"codec": "stepline.AesGcmCodec", "codec_keys": SecretStr(KEYS)})
+def coded(settings: Settings) -> Settings:
+    return sealed(settings, KEYS)
 
 
 @pytest.fixture
-async def sealed_fleet(sealed: Settings) -> AsyncIterator[Fleet]:
-    running = Fleet(sealed, WORKFLOWS)
-    try:
+async def sealed_fleet(coded: Settings) -> AsyncIterator[Fleet]:
+    async with payload_fleet(coded) as running:
         yield running
-    finally:
-        await running.stop_all()
 
 
 async def test_the_last_heartbeat_is_shown_with_its_time_and_details_opened_or_encrypted(
-    sealed_fleet: Fleet, sealed: Settings, settings: Settings
+    sealed_fleet: Fleet, coded: Settings, settings: Settings
 ) -> None:
     await sealed_fleet.start_worker()
-    codec = load_codec(sealed.codec, sealed)
-    async with (
-        Producer.from_settings(sealed) as producer,
-        Client(sealed.database, sealed.amqp, namespace=sealed.namespace, codec=codec) as client,
-    ):
+    async with Producer.from_settings(coded) as producer, keyed_client(coded) as client:
         instance_id = await producer.start("checkpointed", SECRET)
         info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete", info.error
@@ -55,12 +45,12 @@ async def test_the_last_heartbeat_is_shown_with_its_time_and_details_opened_or_e
     assert step.heartbeat == DETAILS
     assert step.heartbeat_at is not None and info.created_at <= step.heartbeat_at
 
-    async with Client(settings.database, namespace=settings.namespace) as keyless:
+    async with keyed_client(settings, keyed=False) as keyless:
         shown = await keyless.get(instance_id)
     assert shown is not None and shown.steps[0].heartbeat == ENCRYPTED
     assert shown.steps[0].heartbeat_at == step.heartbeat_at
 
-    async with dashboard(sealed) as http:
+    async with dashboard(coded) as http:
         page = html.unescape((await http.get(f"/instances/{instance_id}")).text)
     assert "last heartbeat" in page and DETAILS["cursor"] in page
     async with dashboard(settings) as http:  # no key

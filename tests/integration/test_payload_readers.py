@@ -10,50 +10,32 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from pydantic import SecretStr
 
-from stepline import AesGcmCodec, Client, Producer
-from stepline.shared.codec import ENCRYPTED, GONE, OFFLOAD_FIELD, Offloaded, load_codec
+from stepline import AesGcmCodec, Client
+from stepline.shared.codec import ENCRYPTED, GONE, OFFLOAD_FIELD, Offloaded
 from stepline.shared.db.schema import events, payloads, steps
 from stepline.shared.db.stores import create_store
 from stepline.shared.settings import PayloadSettings, Settings
 from stepline.shared.states import StepKind
-from stepline.worker.registry import load_workflows
-from tests import payload_workflows
 from tests.support.fleet import Fleet
-from tests.support.polling import until_status
+from tests.support.sealing import keyed_client, payload_fleet, run_through_event, sealed
 
 pytestmark = pytest.mark.both_backends
 
 SECRET = "SECRET-READ-BACK-7"
 KEY = AesGcmCodec.generate_key()
-WORKFLOWS = load_workflows([payload_workflows.__name__])
 
 
 @pytest.fixture
-def sealed(settings: Settings) -> Settings:
+def coded(settings: Settings) -> Settings:
     """A codec, and results over 1 KiB stored apart."""
-    return settings.model_copy(
-        update={
-            "codec": "stepline.AesGcmCodec",
-            "codec_keys": SecretStr(f"k1:{KEY}"),
-            "payload": PayloadSettings(offload_above=1024),
-        }
-    )
+    return sealed(settings, f"k1:{KEY}", payload=PayloadSettings(offload_above=1024))
 
 
 @pytest.fixture
-async def fleet_of(sealed: Settings) -> AsyncIterator[Fleet]:
-    running = Fleet(sealed, WORKFLOWS)
-    try:
+async def fleet_of(coded: Settings) -> AsyncIterator[Fleet]:
+    async with payload_fleet(coded) as running:
         yield running
-    finally:
-        await running.stop_all()
-
-
-def _client(settings: Settings, *, keyed: bool = True) -> Client:
-    codec = load_codec(settings.codec, settings) if keyed else None
-    return Client(settings.database, settings.amqp, namespace=settings.namespace, codec=codec)
 
 
 async def _store_apart(database_url: str, table: sa.Table, column: str, *where: Any) -> None:
@@ -88,15 +70,13 @@ async def _shown(client: Client, instance_id: str) -> dict[str, Any]:
 
 
 async def test_every_reader_reads_references_back_and_opens_them_alike(
-    fleet_of: Fleet, sealed: Settings
+    fleet_of: Fleet, coded: Settings
 ) -> None:
     await fleet_of.start_worker()
-    async with Producer.from_settings(sealed) as producer, _client(sealed) as client:
-        instance_id = await producer.start("read-back", SECRET)
-        await until_status(client, instance_id, "waiting")
-        await client.send_event(instance_id, "go", {"by": SECRET})
-        info = await client.wait(instance_id, timeout=30)
-        assert info.status == "complete", info.error
+    info = await run_through_event(coded, "read-back", SECRET, "go", {"by": SECRET})
+    assert info.status == "complete", info.error
+    instance_id = info.id
+    async with keyed_client(coded) as client:
         inline = await _shown(client, instance_id)
     assert inline["report"] == {"secret": SECRET, "pad": "x" * 4096}  # stored apart by the worker
     assert inline["event"] == [{"by": SECRET}]
@@ -106,14 +86,14 @@ async def test_every_reader_reads_references_back_and_opens_them_alike(
 
     # An event payload and a recorded value stored apart too, as a writer that offloads them
     # would: every reader reads each back as it read the value in its row.
-    await _store_apart(sealed.database, events, "payload", events.c.instance_id == instance_id)
+    await _store_apart(coded.database, events, "payload", events.c.instance_id == instance_id)
     await _store_apart(
-        sealed.database, steps, "result", steps.c.instance_id == instance_id, steps.c.kind == StepKind.VALUE
+        coded.database, steps, "result", steps.c.instance_id == instance_id, steps.c.kind == StepKind.VALUE
     )
-    async with _client(sealed) as client:
+    async with keyed_client(coded) as client:
         assert await _shown(client, instance_id) == inline
 
-    async with _client(sealed, keyed=False) as keyless:
+    async with keyed_client(coded, keyed=False) as keyless:
         assert await _shown(keyless, instance_id) == {
             "params": ENCRYPTED,
             "listed params": ENCRYPTED,
@@ -123,12 +103,12 @@ async def test_every_reader_reads_references_back_and_opens_them_alike(
             "value": [value],  # never sealed (docs/payloads.md), read back from apart all the same
         }
 
-    store = create_store(sealed.database)
+    store = create_store(coded.database)
     try:
         async with store.transaction() as tx:
             await tx.connection.execute(payloads.delete().where(payloads.c.instance_id == instance_id))
     finally:
         await store.close()
-    async with _client(sealed) as client:
+    async with keyed_client(coded) as client:
         gone = await _shown(client, instance_id)
     assert (gone["report"], gone["event"], gone["value"]) == (GONE, [GONE], [GONE])
