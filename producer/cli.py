@@ -205,6 +205,7 @@ def status(instance_id: str, as_json: bool) -> None:
     if info.error:
         console.print(_plain(f"error: {info.error.get('type')}: {info.error.get('message')}", "red"))
     console.print(_steps_table(info))
+    _print_heartbeats(console, info)
     _print_pool_waits(console, waits, problem)
 
 
@@ -415,6 +416,7 @@ def history(instance_id: str, as_json: bool) -> None:
     _print_trace(console, trace_id, trace_url)
     _print_build(console, info)
     console.print(_steps_table(info))
+    _print_heartbeats(console, info)
     _print_pool_waits(console, waits, problem)
     console.print(table)
     if events:
@@ -673,6 +675,22 @@ def _steps_table(info: InstanceInfo) -> Table:
             _plain(detail if len(detail) < 60 else detail[:57] + "..."),
         )
     return table
+
+
+def _print_heartbeats(console: Console, info: InstanceInfo) -> None:
+    """Each long step's last heartbeat: when, and its details (``<encrypted>`` without the key)."""
+    beating = [step for step in info.steps if step.heartbeat_at is not None]
+    if not beating:
+        return
+    table = Table("step", "at", "details", title="last heartbeats")
+    for step in beating:
+        details = _printable(json.dumps(step.heartbeat, ensure_ascii=False))
+        table.add_row(
+            _plain(format_key((step.name, step.occurrence))),
+            _clock(step.heartbeat_at),
+            _plain(details if len(details) < 80 else details[:77] + "..."),
+        )
+    console.print(table)
 
 
 def _printable(text: str) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import builtins
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,7 +18,7 @@ from stepline.producer.bulk import BulkAction, BulkOutcome, BulkRun, rule_of
 from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, PoolWait, ScheduleInfo, StepInfo
 from stepline.shared import codec
 from stepline.shared.broker import Broker, WorkflowQueue, create_broker
-from stepline.shared.codec import OFFLOAD_FIELD, PayloadCodec, Payloads, is_offloaded
+from stepline.shared.codec import PayloadCodec, Payloads
 from stepline.shared.db.bulk_statements import InstanceSelection
 from stepline.shared.db.limits import WAITING_FOR
 from stepline.shared.db.records import OutboxRow
@@ -134,11 +134,16 @@ class Client:
             if row is None:
                 return None
             step_rows = await tx.get_step_rows(instance_id)
-            apart = await tx.load_payloads(
-                [step.result[OFFLOAD_FIELD] for step in step_rows if is_offloaded(step.result)]
+            params, output, *shown = await tx.show_payloads(
+                self._payloads,
+                [
+                    row.params,
+                    row.output,
+                    *(value for step in step_rows for value in (step.result, step.heartbeat)),
+                ],
             )
-        steps = [_step(step, self._payloads, apart) for step in step_rows]
-        return _instance(row, steps, self._payloads)
+        steps = [_step(step, *shown[2 * at : 2 * at + 2]) for at, step in enumerate(step_rows)]
+        return _instance(row, steps, params, output)
 
     async def list(
         self,
@@ -178,7 +183,7 @@ class Client:
                 id_prefix=id_prefix,
                 build_id=build_id,
             )
-        return [_instance(row, [], self._payloads) for row in rows]
+            return await self._instances(tx, rows)
 
     async def attempts(self, instance_id: str) -> builtins.list[AttemptInfo]:
         """Every finished step attempt of an instance, oldest first."""
@@ -206,6 +211,7 @@ class Client:
         check_instance_id(instance_id)
         async with self._connection() as tx:
             rows = await tx.get_value_rows(instance_id)
+            results = await tx.show_payloads(self._payloads, [row.result for row in rows])
         return [
             {
                 "name": row.name,
@@ -213,9 +219,9 @@ class Client:
                 "position": row.position,
                 "kind": "value",
                 "status": "succeeded",
-                "result": self._payloads.show(row.result),
+                "result": result,
             }
-            for row in rows
+            for row, result in zip(rows, results, strict=True)
         ]
 
     async def events(self, instance_id: str) -> builtins.list[EventInfo]:
@@ -223,16 +229,17 @@ class Client:
         check_instance_id(instance_id)
         async with self._connection() as tx:
             rows = await tx.get_event_rows(instance_id)
+            payloads = await tx.show_payloads(self._payloads, [row.payload for row in rows])
         return [
             EventInfo(
                 event_id=row.event_id,
                 event_type=row.event_type,
-                payload=self._payloads.show(row.payload),
+                payload=payload,
                 created_at=row.created_at,
                 consumed_by=row.consumed_step,
                 consumed_at=row.consumed_at,
             )
-            for row in rows
+            for row, payload in zip(rows, payloads, strict=True)
         ]
 
     async def pool_waits(self, info: InstanceInfo) -> builtins.list[PoolWait]:
@@ -382,7 +389,7 @@ class Client:
         while True:
             async with self._connection() as tx:
                 rows = await tx.list_instance_rows(workflow=workflow, held=True, limit=_PAGE, after=after)
-            found.extend(_instance(row, [], self._payloads) for row in rows)
+                found.extend(await self._instances(tx, rows))
             if len(rows) < _PAGE:
                 return found
             after = (rows[-1].created_at, rows[-1].id)
@@ -503,7 +510,7 @@ class Client:
         if InstanceStatus(row.status).is_finished:
             raise InvalidStateError(instance_id, "send an event to", row.status, "not yet finished")
         try:
-            data = codec.to_jsonable(payload)
+            data = codec.to_payload(payload)
         except (TypeError, ValueError) as exc:
             raise InvalidParamsError(row.workflow, f"event payload is not JSON: {exc}") from None
         message = EventMessage(
@@ -597,8 +604,11 @@ class Client:
                 raise InvalidScheduleError(
                     "params", schedule.params, f"do not fit the workflow: {exc.detail}", workflow=name
                 ) from None
-        start_message(
-            name, tick_instance_id(schedule_id, datetime.now(UTC)), schedule.params, limit=self._limit
+        start_message(  # the start each tick sends, with the params as stored: sealed
+            name,
+            tick_instance_id(schedule_id, datetime.now(UTC)),
+            schedule.to_row(self._payloads)["params"],
+            limit=self._limit,
         )
         broker = self._broker_needed("create_schedule (it checks the workflow is registered)")
         if allow_unregistered:
@@ -606,35 +616,35 @@ class Client:
         elif await broker.workflow_queue(name) is None:
             raise UnregisteredWorkflowError(name, self._namespace)
         async with self._connection(begin=True) as tx:
-            return await schedule_actions.create(tx, schedule_id, name, schedule)
+            return await schedule_actions.create(tx, schedule_id, name, schedule, self._payloads)
 
     async def list_schedules(self, *, workflow: str | None = None) -> builtins.list[ScheduleInfo]:
         """Every schedule (of one workflow), by id, each with its next five fire times."""
         from stepline.producer import schedules as schedule_actions
 
         async with self._connection() as tx:
-            return await schedule_actions.list_all(tx, workflow)
+            return await schedule_actions.list_all(tx, workflow, self._payloads)
 
     async def get_schedule(self, schedule_id: str) -> ScheduleInfo:
         """One schedule. Raises ``ScheduleNotFoundError`` if no schedule has this id."""
         from stepline.producer import schedules as schedule_actions
 
         async with self._connection() as tx:
-            return await schedule_actions.get(tx, schedule_id)
+            return await schedule_actions.get(tx, schedule_id, self._payloads)
 
     async def pause_schedule(self, schedule_id: str) -> ScheduleInfo:
         """Stop firing a schedule until ``resume_schedule``. Raises ``ScheduleNotFoundError``."""
         from stepline.producer import schedules as schedule_actions
 
         async with self._connection(begin=True) as tx:
-            return await schedule_actions.pause(tx, schedule_id)
+            return await schedule_actions.pause(tx, schedule_id, self._payloads)
 
     async def resume_schedule(self, schedule_id: str) -> ScheduleInfo:
         """Fire a paused schedule again from its next tick; ticks missed while paused are not started."""
         from stepline.producer import schedules as schedule_actions
 
         async with self._connection(begin=True) as tx:
-            return await schedule_actions.resume(tx, schedule_id)
+            return await schedule_actions.resume(tx, schedule_id, self._payloads)
 
     async def delete_schedule(self, schedule_id: str) -> None:
         """Delete a schedule (its instances run on). Raises ``ScheduleNotFoundError``."""
@@ -676,6 +686,13 @@ class Client:
             rows = await action(tx)
         if relay is not None:
             await relay.publish_committed(rows)  # workers' sweepers cover a failure here
+
+    async def _instances(self, tx: Transaction, rows: Sequence[Any]) -> builtins.list[InstanceInfo]:
+        """Instances rows as listed (without their steps), params and outputs read by ``show_payloads``."""
+        shown = await tx.show_payloads(
+            self._payloads, [value for row in rows for value in (row.params, row.output)]
+        )
+        return [_instance(row, [], *shown[2 * at : 2 * at + 2]) for at, row in enumerate(rows)]
 
     async def _must_get(self, instance_id: str) -> InstanceInfo:
         info = await self.get(instance_id)
@@ -727,13 +744,14 @@ async def _no_rows(action: Awaitable[None]) -> list[OutboxRow]:
     return []
 
 
-def _instance(row: Any, steps: builtins.list[StepInfo], payloads: Payloads) -> InstanceInfo:
+def _instance(row: Any, steps: builtins.list[StepInfo], params: Any, output: Any) -> InstanceInfo:
+    """An instances row as shown, with its params and output as ``show_payloads`` read them."""
     return InstanceInfo(
         id=row.id,
         workflow=row.workflow,
         status=row.status,
-        params=payloads.show(row.params),
-        output=payloads.show(row.output),
+        params=params,
+        output=output,
         error=row.error,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -749,23 +767,22 @@ def _instance(row: Any, steps: builtins.list[StepInfo], payloads: Payloads) -> I
     )
 
 
-def _step(row: Any, payloads: Payloads, apart: dict[str, Any]) -> StepInfo:
-    """A step row as shown: its result read back from ``apart`` if stored there, and opened."""
-    result = row.result
-    if is_offloaded(result):
-        result = apart.get(result[OFFLOAD_FIELD], result)
+def _step(row: Any, result: Any, heartbeat: Any) -> StepInfo:
+    """A step row as shown, with its result and last heartbeat's details as ``show_payloads`` read them."""
     return StepInfo(
         name=row.name,
         occurrence=row.occurrence,
         kind=row.kind,
         status=row.status,
         attempts=row.attempt,
-        result=payloads.show(result),
+        result=result,
         error=row.error,
         started_at=row.started_at,
         finished_at=row.finished_at,
         pool=pool_of(row.detail) if row.kind == StepKind.STEP else None,
         waiting_for=_waiting_for(row.detail),
+        heartbeat=heartbeat,
+        heartbeat_at=row.heartbeat_at,
     )
 
 

@@ -30,6 +30,13 @@ class StepInfo(BaseModel):
     waiting_for: str | None = None
     """Why a step in status ``waiting`` waits for a limit, and since when (``ctx.step(limits=...)``)."""
 
+    heartbeat: JSON = None
+    """A long step's last heartbeat details (``step_info().heartbeat(details)``), opened as any payload
+    (``ENCRYPTED`` without the key); None if it reported none."""
+
+    heartbeat_at: datetime | None = None
+    """When the step's last heartbeat with details was written (the database's clock); None if never."""
+
 
 class PoolWait(BaseModel):
     """A step of an unfinished instance bound for a worker pool, and how the broker sees that pool's queue."""

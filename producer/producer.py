@@ -200,7 +200,7 @@ class Producer:
         given = str(uuid.uuid4()) if instance_id is None else check_instance_id(instance_id)
         if isinstance(workflow, str):
             try:
-                raw = codec.to_jsonable(params)
+                raw = codec.to_payload(params)
             except (TypeError, ValueError) as exc:
                 raise InvalidParamsError(name, f"not JSON-serialisable: {exc}") from None
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from stepline.producer.models import ScheduleInfo
+from stepline.shared.codec import JSON, Payloads
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.schedule_statements import CODE, RUNTIME, FiredSchedule, ScheduleWrite
 from stepline.shared.db.transaction import Transaction
@@ -20,8 +21,12 @@ NEXT_FIRE_TIMES = 5
 """How many coming ticks ``list_schedules`` and ``stepline schedule list`` show."""
 
 
-async def create(tx: Transaction, schedule_id: str, workflow: str, schedule: Schedule) -> ScheduleInfo:
+async def create(
+    tx: Transaction, schedule_id: str, workflow: str, schedule: Schedule, payloads: Payloads
+) -> ScheduleInfo:
     """Create the run-time schedule ``schedule_id``, or replace the run-time one of that id.
+
+    Its params are sealed by ``payloads`` (as a start's params), and shown opened with them.
 
     Its first tick is the first after now. Replacing keeps ``paused``; its ticks
     start over only if the cron or the time zone changed.
@@ -30,7 +35,7 @@ async def create(tx: Transaction, schedule_id: str, workflow: str, schedule: Sch
         ScheduleConflictError: a schedule declared in code has this id.
     """
     now = await tx.database_now()
-    write = ScheduleWrite(schedule_id, workflow, schedule.to_row(), schedule.next_after(now))
+    write = ScheduleWrite(schedule_id, workflow, schedule.to_row(payloads), schedule.next_after(now))
     row = await tx.get_schedule_row(schedule_id, lock=True)
     if row is None and not await tx.insert_schedule(write, source=RUNTIME):
         row = await tx.get_schedule_row(schedule_id, lock=True)  # made meanwhile
@@ -42,11 +47,11 @@ async def create(tx: Transaction, schedule_id: str, workflow: str, schedule: Sch
             )
         changed = (row.cron, row.timezone) != (schedule.cron, schedule.timezone)
         await tx.replace_schedule(write, reset_ticks=changed)
-    return await get(tx, schedule_id)
+    return await get(tx, schedule_id, payloads)
 
 
-async def get(tx: Transaction, schedule_id: str) -> ScheduleInfo:
-    """One schedule with its next fire times.
+async def get(tx: Transaction, schedule_id: str, payloads: Payloads) -> ScheduleInfo:
+    """One schedule with its next fire times, its params opened with ``payloads``.
 
     Raises:
         ScheduleNotFoundError: no schedule has this id.
@@ -54,29 +59,32 @@ async def get(tx: Transaction, schedule_id: str) -> ScheduleInfo:
     row = await tx.get_schedule_row(schedule_id)
     if row is None:
         raise ScheduleNotFoundError(schedule_id)
-    return schedule_info(row)
+    (params,) = await tx.show_payloads(payloads, [row.params])
+    return schedule_info(row, params)
 
 
-async def list_all(tx: Transaction, workflow: str | None = None) -> list[ScheduleInfo]:
-    """Every schedule (of one workflow), by id."""
-    return [schedule_info(row) for row in await tx.list_schedule_rows(workflow=workflow)]
+async def list_all(tx: Transaction, workflow: str | None, payloads: Payloads) -> list[ScheduleInfo]:
+    """Every schedule (of one workflow), by id, its params opened with ``payloads``."""
+    rows = await tx.list_schedule_rows(workflow=workflow)
+    shown = await tx.show_payloads(payloads, [row.params for row in rows])
+    return [schedule_info(row, params) for row, params in zip(rows, shown, strict=True)]
 
 
-async def pause(tx: Transaction, schedule_id: str) -> ScheduleInfo:
+async def pause(tx: Transaction, schedule_id: str, payloads: Payloads) -> ScheduleInfo:
     """Stop firing a schedule until it is resumed (an instance it started runs on)."""
     await _must_lock(tx, schedule_id)
     await tx.set_schedule_paused(schedule_id, paused=True, next_fire_at=None)
-    return await get(tx, schedule_id)
+    return await get(tx, schedule_id, payloads)
 
 
-async def resume(tx: Transaction, schedule_id: str) -> ScheduleInfo:
+async def resume(tx: Transaction, schedule_id: str, payloads: Payloads) -> ScheduleInfo:
     """Fire a paused schedule again from its first tick after now; the ticks it missed are not started."""
     row = await _must_lock(tx, schedule_id)
     if row.paused:
         now = await tx.database_now()
         next_fire_at = Schedule.from_row(row).next_after(now)
         await tx.set_schedule_paused(schedule_id, paused=False, next_fire_at=next_fire_at)
-    return await get(tx, schedule_id)
+    return await get(tx, schedule_id, payloads)
 
 
 async def delete(tx: Transaction, schedule_id: str) -> None:
@@ -114,8 +122,8 @@ async def _must_lock(tx: Transaction, schedule_id: str) -> Any:
     return row
 
 
-def schedule_info(row: Any) -> ScheduleInfo:
-    """A schedules row as the client shows it, with its next fire times."""
+def schedule_info(row: Any, params: JSON) -> ScheduleInfo:
+    """A schedules row as the client shows it, with its next fire times and its params as shown."""
     upcoming = []
     if not row.paused:
         schedule = Schedule.from_row(row)
@@ -125,7 +133,7 @@ def schedule_info(row: Any) -> ScheduleInfo:
         workflow=row.workflow,
         cron=row.cron,
         timezone=row.timezone,
-        params=row.params,
+        params=params,
         overlap=row.overlap,
         catch_up=row.catch_up,
         source=row.source,

@@ -44,6 +44,18 @@ def to_jsonable(value: object) -> JSON:
     return json.loads(json.dumps(value, default=_default, allow_nan=False))
 
 
+def to_payload(value: object) -> JSON:
+    """A user's value (params, a result, an output, an event payload, heartbeat details) as a payload.
+
+    ``to_jsonable``, then ``escape``: what every writer of a user's value calls
+    once, before sealing it.
+
+    Raises:
+        TypeError, ValueError: ``value`` holds something JSON cannot represent.
+    """
+    return escape(to_jsonable(value))
+
+
 def _default(value: object) -> JSON:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
@@ -106,6 +118,9 @@ OFFLOAD_FIELD = "$payload"
 GONE = "<payload gone>"
 """What a reader shows for a reference whose ``payloads`` row is gone."""
 
+PLAIN = "plain"
+"""The ``"$codec"`` of a user's dict kept as it is, ``{"$codec": "plain", "value": {...}}`` (``escape``)."""
+
 DEFAULT_OFFLOAD_ABOVE = 256 * 1024
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 
@@ -119,6 +134,24 @@ class Offloaded:
     """The stored value's JSON (sealed first if a codec is set), zlib-compressed."""
     size: int
     """Bytes of JSON before compression."""
+
+
+def escape(value: JSON) -> JSON:
+    """A user's value as stored: a dict with a ``"$codec"`` or ``"$payload"`` key is wrapped.
+
+    Such a dict would read as an envelope or a reference; wrapped as
+    ``{"$codec": "plain", "value": <the dict>}``, it reads back as itself
+    (``Payloads.open`` and ``show`` unwrap it), sealed by the codec like any
+    other value. Nothing is lost and nothing is refused. Only the top level
+    matters: nested dicts are never taken for envelopes.
+    """
+    if type(value) is dict and (CODEC_FIELD in value or OFFLOAD_FIELD in value):
+        return {CODEC_FIELD: PLAIN, "value": value}
+    return value
+
+
+def _is_plain(value: JSON) -> bool:
+    return type(value) is dict and value.get(CODEC_FIELD) == PLAIN
 
 
 def is_offloaded(value: JSON) -> bool:
@@ -174,6 +207,8 @@ class Payloads:
         offload_above: int = DEFAULT_OFFLOAD_ABOVE,
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
+        if codec is not None and getattr(codec, "name", None) == PLAIN:
+            raise ConfigError(f"configuration error: a payload codec may not be named {PLAIN!r} (reserved)")
         self.codec = codec
         self.offload_above = offload_above
         self.max_bytes = max_bytes
@@ -195,10 +230,11 @@ class Payloads:
     def seal(self, value: JSON) -> JSON:
         """``value`` as it is stored and sent: an envelope if a codec is set, else ``value`` itself.
 
-        A value sealed already (a child's params that came sealed) is left as it is.
+        A value sealed already (params that came sealed in a start message) is
+        left as it is; a user's dict kept plain by ``escape`` is sealed like any value.
         """
         codec = self.codec
-        if codec is None or value is None or is_sealed(value):
+        if codec is None or value is None or (is_sealed(value) and not _is_plain(value)):
             return value
         key_id, data = codec.encode(_json_bytes(value))
         return {CODEC_FIELD: codec.name, "key": key_id, "data": base64.b64encode(data).decode("ascii")}
@@ -236,8 +272,10 @@ class Payloads:
                 f"its offloaded payload {envelope[OFFLOAD_FIELD]!r} is not in the payloads table "
                 "(deleted by a prune or by hand)"
             )
-        codec = self.codec
         name = envelope.get(CODEC_FIELD)
+        if name == PLAIN:
+            return envelope.get("value")  # a user's dict that looked like an envelope (``escape``)
+        codec = self.codec
         if codec is None:
             raise CodecError(f"it is sealed by codec {name!r} and this process has no codec (STEPLINE_CODEC)")
         if name != codec.name:
@@ -251,9 +289,10 @@ class Payloads:
             raise CodecError("its data is not base64") from None
         body = codec.decode(raw, key_id)
         try:
-            return json.loads(body)
+            value = json.loads(body)
         except (UnicodeDecodeError, ValueError):
             raise CodecError(f"key {key_id!r} decoded it to something that is not JSON") from None
+        return value.get("value") if _is_plain(value) else value
 
 
 def _json_bytes(value: JSON) -> bytes:

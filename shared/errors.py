@@ -224,6 +224,26 @@ class HeartbeatTimeoutError(SteplineError):
         self.heartbeat_timeout_s = heartbeat_timeout_s
 
 
+class TransactionEndedError(NonRetryableError):
+    """A transactional step's code committed or rolled back the engine's transaction itself.
+
+    Its writes and the step's result must commit together, so the engine alone
+    ends that transaction. The attempt fails for good: a retry could not know
+    which of its writes (those before a commit of its own) are already in.
+    """
+
+    def __init__(self, instance_id: str, step: str, attempt: int) -> None:
+        super().__init__(
+            f"transactional step {step!r} of instance {instance_id!r} (attempt {attempt}) committed or "
+            "rolled back the connection it was given: the engine commits it with the step's result, "
+            "so the step's code must neither commit nor roll back (nor begin a new transaction); "
+            "use conn.begin_nested() for a savepoint. What it committed itself is not undone."
+        )
+        self.instance_id = instance_id
+        self.step = step
+        self.attempt = attempt
+
+
 class InstanceNotFoundError(SteplineError):
     """No instance has the given id."""
 

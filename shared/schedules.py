@@ -17,7 +17,7 @@ from croniter import CroniterError, croniter
 from pydantic import ValidationError
 
 from stepline.shared import codec
-from stepline.shared.codec import JSON
+from stepline.shared.codec import JSON, Payloads
 from stepline.shared.db.records import Message
 from stepline.shared.errors import BadPayloadError, SteplineError
 from stepline.shared.messages import StartMessage, encode_message, format_validation_error
@@ -120,11 +120,15 @@ class Schedule:
         ticks = self.ticks_after(after)
         return [next(ticks) for _ in range(count)]
 
-    def to_row(self) -> dict[str, Any]:
-        """The schedule's columns in the ``schedules`` table."""
+    def to_row(self, payloads: Payloads) -> dict[str, Any]:
+        """The schedule's columns in the ``schedules`` table, its params sealed by ``payloads``.
+
+        The stored params go as they are into each tick's start message: the
+        scheduler that fires it needs no key, and the worker opens them.
+        """
         return {
             "cron": self.cron,
-            "params": self.params,
+            "params": payloads.seal(codec.escape(self.params)),
             "timezone": self.timezone,
             "overlap": self.overlap,
             "catch_up": self.catch_up,
@@ -132,7 +136,7 @@ class Schedule:
 
     @classmethod
     def from_row(cls, row: Any) -> Schedule:
-        """The schedule a ``schedules`` row holds."""
+        """The schedule a ``schedules`` row holds (its ``params`` as stored: sealed, if they were)."""
         return cls(
             cron=row.cron,
             params=row.params,

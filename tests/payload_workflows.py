@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stepline import Context, workflow
+from stepline import Context, step_info, workflow
 
 
 async def charge(card: str | None) -> dict[str, str]:
@@ -49,3 +49,53 @@ async def big_result(ctx: Context, size: int) -> dict[str, Any]:
     big = await ctx.step("make", make_big, size)
     await ctx.wait_for_event("go", event_type="go", timeout="1h")
     return await ctx.step("measure", measure, big)
+
+
+async def make_report(secret: str) -> dict[str, Any]:
+    """A result of a few KiB: over an offload threshold of 1 KiB."""
+    return {"secret": secret, "pad": "x" * 4096}
+
+
+@workflow("read-back")
+async def read_back(ctx: Context, secret: str) -> dict[str, Any]:
+    """A recorded value, a result stored apart and an event: one of each payload the readers show."""
+    stamp = ctx.now()
+    report = await ctx.step("report", make_report, secret)
+    got = await ctx.wait_for_event("go", event_type="go", timeout="1h")
+    return {"at": stamp.isoformat(), "secret": report["secret"], "got": got}
+
+
+LOOKALIKE = {"$codec": "aes-gcm", "key": "k1", "data": "not a ciphertext", "$payload": "not a reference"}
+"""A user's value that has the keys of an envelope and of a reference: it must read back as itself."""
+
+
+async def echo(value: Any) -> Any:
+    return value
+
+
+@workflow("lookalike")
+async def lookalike(ctx: Context, params: Any) -> dict[str, Any]:
+    """Params, a step result, an event, a child's params and output: each a dict with the reserved keys."""
+    result = await ctx.step("echo", echo, {"$payload": params["$payload"]})
+    event = await ctx.wait_for_event("event", event_type="lookalike", timeout="1h")
+    child = await ctx.child("child", "lookalike-child", {"$codec": params["$codec"]})
+    return {"$codec": "mine", "params": params, "result": result, "event": event, "child": child}
+
+
+@workflow("lookalike-child")
+async def lookalike_child(ctx: Context, params: Any) -> Any:
+    return params
+
+
+async def sync_pages(secret: str) -> str:
+    """A long step that reports a checkpoint holding the secret, written before it ends."""
+    info = step_info()
+    info.heartbeat({"cursor": f"page-9-of-{secret}"})
+    assert info.lease is not None
+    await info.lease.flush()  # a real one heartbeats for hours: here, one written heartbeat is enough
+    return "synced"
+
+
+@workflow("checkpointed")
+async def checkpointed(ctx: Context, secret: str) -> str:
+    return await ctx.step("sync", sync_pages, secret, timeout="1 hour", heartbeat_timeout="1 minute")

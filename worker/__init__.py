@@ -3,11 +3,13 @@
 from stepline.shared.errors import (
     ConcurrencyKeyError,
     EventTimeoutError,
+    HeartbeatTimeoutError,
     NonDeterminismError,
     NonRetryableError,
     StepFailedError,
     SteplineError,
     StepTimeoutError,
+    TransactionEndedError,
 )
 from stepline.shared.limits import ConcurrencyLimit, RateLimit
 from stepline.shared.retry_after import InvalidRetryAfterError, RetryAfter
@@ -24,6 +26,7 @@ __all__ = [
     "ConcurrencyLimit",
     "Context",
     "EventTimeoutError",
+    "HeartbeatTimeoutError",
     "InvalidRetryAfterError",
     "InvalidScheduleError",
     "NonDeterminismError",
@@ -36,6 +39,7 @@ __all__ = [
     "StepFailedError",
     "StepTimeoutError",
     "SteplineError",
+    "TransactionEndedError",
     "Workflow",
     "step_info",
     "workflow",

@@ -542,5 +542,5 @@ def _child_target(workflow: Workflow[Any, Any] | str, params: object) -> tuple[s
     """A child's workflow name, its params as JSON, and how its output reads."""
     if isinstance(workflow, str):
         check_workflow_name(workflow)
-        return workflow, codec.to_jsonable(params), _ANY
+        return workflow, codec.to_payload(params), _ANY
     return workflow.name, workflow.encode_params(params), workflow.output_adapter

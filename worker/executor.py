@@ -117,7 +117,7 @@ class StepExecutor:
         finally:
             reset_step_info(token)
         try:
-            result = codec.scrub_nul(codec.to_jsonable(value))
+            result = codec.scrub_nul(codec.to_payload(value))
             # Results travel in no message: past STEPLINE_PAYLOAD__OFFLOAD_ABOVE they are stored apart.
             body = codec.encode(
                 result,

@@ -5,7 +5,8 @@ settled once the lease is written (RabbitMQ's ``consumer_timeout`` no longer
 bounds it), and the lease, an armed timer in the database, stands for the
 attempt instead. ``StepLease.guard`` renews it every third of the timeout while
 the step's code runs, and promptly after ``step_info().heartbeat(details)``
-(at most once a second), keeping the details for the attempts that follow. If
+(at most once a second), keeping the details for the attempts that follow
+(sealed by the payload codec, as any payload). If
 the worker dies the renewals stop, the scheduler fires the lease, and a worker
 ends the attempt as timed out (``StepRunner.end_lapsed``): the step's retry
 policy runs it again. A worker that finds its lease gone stops the step's code.
@@ -20,7 +21,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from stepline.shared import codec
-from stepline.shared.codec import JSON
+from stepline.shared.codec import JSON, Payloads
 from stepline.shared.errors import HeartbeatTimeoutError
 from stepline.shared.history import StepKey, format_key
 
@@ -40,13 +41,20 @@ class StepLease:
     """The lease of one attempt of a long step, and the heartbeats that keep it."""
 
     def __init__(
-        self, store: Store, instance_id: str, key: StepKey, attempt: int, timeout: timedelta, last: JSON
+        self,
+        store: Store,
+        instance_id: str,
+        key: StepKey,
+        attempt: int,
+        timeout: timedelta,
+        last: JSON,
+        payloads: Payloads,
     ) -> None:
         self._store = store
         self._ids = (instance_id, key, attempt)
+        self._payloads = payloads
         self.timeout = timeout
-        self.last_heartbeat = last
-        """What the step's earlier attempts reported last (None if nothing)."""
+        self._last = last  # as stored: sealed if a codec sealed it
         self.is_lost = False
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
@@ -64,15 +72,34 @@ class StepLease:
         attempt: int,
         heartbeat_timeout: timedelta,
         message: Message,
+        payloads: Payloads,
     ) -> StepLease | None:
-        """Write the attempt's lease (``Transaction.take_lease``); None if another holds it or it is over."""
+        """Write the attempt's lease (``Transaction.take_lease``); None if another holds it or it is over.
+
+        ``payloads`` seals the details of the heartbeats and opens those of earlier attempts.
+        """
         async with store.transaction() as tx:
             taken = await tx.take_lease(
                 instance_id, key, attempt, lapses_after=heartbeat_timeout, message=message
             )
         if taken is None:
             return None
-        return cls(store, instance_id, key, attempt, heartbeat_timeout, taken.last_heartbeat)
+        return cls(store, instance_id, key, attempt, heartbeat_timeout, taken.last_heartbeat, payloads)
+
+    @property
+    def last_heartbeat(self) -> JSON:
+        """What the step's earlier attempts reported last (None if nothing), opened.
+
+        Raises:
+            PayloadUnreadableError: it is sealed with a key this process lacks (or
+                is corrupt); the text names the instance and the step. Raised in
+                the step's code, it fails the attempt.
+        """
+        instance_id, key, _ = self._ids
+        step = format_key(key)
+        return self._payloads.open(
+            self._last, instance_id=instance_id, what=f"the last heartbeat of {step!r}", step=step
+        )
 
     async def release(self) -> None:
         """Disarm the lease once the attempt committed; if that fails, it fires and is dropped as stale."""
@@ -87,11 +114,15 @@ class StepLease:
     def heartbeat(self, details: object = None) -> None:
         """Note ``details`` (JSON-serialisable) for the next renewal, written soon; from any thread.
 
+        They are sealed here, in the caller's thread, as a step result is: the
+        renewal writes them as they are.
+
         Raises:
             TypeError, ValueError: ``details`` cannot be stored as JSON.
         """
-        value = codec.scrub_nul(codec.to_jsonable(details))
+        value = codec.scrub_nul(codec.to_payload(details))
         codec.encode(value, limit=1 << 20, what=f"the heartbeat of step {format_key(self._ids[1])!r}")
+        value = self._payloads.seal(value)
         try:
             here = asyncio.get_running_loop() is self._loop
         except RuntimeError:  # a plain function's thread

@@ -133,7 +133,7 @@ async def run_worker(
             start_prefetch=concurrency,
         )
         # After consume: the queues a schedule's starts go to exist before any is fired.
-        await sync_declared_schedules(store, workflows)
+        await sync_declared_schedules(store, workflows, payloads)
         health = await _start_health(settings, store, broker)
         # The sweeper outlives the drain below: it keeps the rows of local steps still running fresh.
         drained = asyncio.Event()

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from stepline.shared.codec import CODEC_FIELD, JSON, Payloads, is_sealed
 from stepline.shared.db.schedule_statements import CODE, ScheduleWrite
 from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
@@ -15,7 +16,9 @@ from stepline.worker.workflow import Workflow
 log = logging.getLogger("stepline.worker")
 
 
-async def sync_declared_schedules(store: Store, workflows: Mapping[str, Workflow[Any, Any]]) -> None:
+async def sync_declared_schedules(
+    store: Store, workflows: Mapping[str, Workflow[Any, Any]], payloads: Payloads
+) -> None:
     """Make the ``schedules`` table hold what the served workflows declare, in one transaction.
 
     A declared schedule is inserted, or updated if its definition changed
@@ -26,6 +29,9 @@ async def sync_declared_schedules(store: Store, workflows: Mapping[str, Workflow
     applied: a warning names both (delete the run-time one to let the code's
     take its place). Rows are visited in id order, so workers starting at
     once with different code cannot deadlock; the last to start wins.
+    Params are sealed by ``payloads``; a row whose params open to the declared
+    ones under the codec's newest key is left as it is (sealing again would
+    change it at every start), one sealed with an older key is sealed anew.
     """
     declared = {
         schedule.id: (workflow.name, schedule)
@@ -46,11 +52,11 @@ async def sync_declared_schedules(store: Store, workflows: Mapping[str, Workflow
                 )
                 continue
             workflow, schedule = declared[schedule_id]
-            write = ScheduleWrite(schedule_id, workflow, schedule.to_row(), schedule.next_after(now))
-            await _upsert(tx, write, schedule)
+            write = ScheduleWrite(schedule_id, workflow, schedule.to_row(payloads), schedule.next_after(now))
+            await _upsert(tx, write, schedule, payloads)
 
 
-async def _upsert(tx: Transaction, write: ScheduleWrite, schedule: Schedule) -> None:
+async def _upsert(tx: Transaction, write: ScheduleWrite, schedule: Schedule, payloads: Payloads) -> None:
     row = await tx.get_schedule_row(write.id, lock=True)
     if row is None:
         if await tx.insert_schedule(write, source=CODE):
@@ -76,7 +82,10 @@ async def _upsert(tx: Transaction, write: ScheduleWrite, schedule: Schedule) -> 
         )
         return
     current = {"workflow": row.workflow, **{name: getattr(row, name) for name in write.definition}}
-    if current == {"workflow": write.workflow, **write.definition}:
+    declared = {"workflow": write.workflow, **write.definition}
+    if _same_params(payloads, row.params, schedule.params, write.definition["params"]):
+        current["params"] = declared["params"]  # a fresh seal differs each time: compare what it holds
+    if current == declared:
         return
     timing_changed = (row.cron, row.timezone) != (schedule.cron, schedule.timezone)
     await tx.replace_schedule(write, reset_ticks=timing_changed)
@@ -86,3 +95,12 @@ async def _upsert(tx: Transaction, write: ScheduleWrite, schedule: Schedule) -> 
         write.workflow,
         extra={"event": "schedule_declared", "schedule": write.id},
     )
+
+
+def _same_params(payloads: Payloads, stored: JSON, params: JSON, sealed: JSON) -> bool:
+    """Whether ``stored`` holds ``params``, sealed as ``sealed`` was (same codec and key, or both plain)."""
+    return payloads.show(stored) == params and _seal_of(stored) == _seal_of(sealed)
+
+
+def _seal_of(value: JSON) -> tuple[JSON, JSON] | None:
+    return (value.get(CODEC_FIELD), value.get("key")) if is_sealed(value) else None

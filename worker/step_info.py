@@ -37,6 +37,11 @@ class RunningStep:
 
         A step that heartbeats its progress (a checkpoint) resumes from here
         after its worker died. Always None for a step without ``heartbeat_timeout``.
+
+        Raises:
+            PayloadUnreadableError: the details are sealed with a key this process
+                lacks (``STEPLINE_CODEC_KEYS``); the attempt fails, naming the
+                instance and the step.
         """
         return None if self.lease is None else self.lease.last_heartbeat
 

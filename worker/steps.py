@@ -352,6 +352,7 @@ class StepRunner:
             message.attempt,
             heartbeat_timeout,
             (routed, body, history.trace_context),
+            self._planner.payloads,
         )
 
     async def end_lapsed(

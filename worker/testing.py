@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stepline.shared import codec, termination
 from stepline.shared.broker import Delivery
-from stepline.shared.codec import JSON
+from stepline.shared.codec import JSON, PayloadCodec, Payloads
 from stepline.shared.db import stores
 from stepline.shared.db.store import Store
 from stepline.shared.durations import Duration, parse_duration
@@ -183,7 +183,7 @@ class WorkflowRun:
             instance_id=self.instance_id,
             event_id=str(uuid.uuid4()),
             event_type=event_type,
-            payload=codec.to_jsonable(payload),
+            payload=self._env.payloads.seal(codec.to_payload(payload)),
         )
         await self._env._run_with(message)
 
@@ -262,8 +262,13 @@ class _KitBroker:
 class _KitExecutor(StepExecutor):
     """The worker's step executor, with stubs by step name, counting the runs of each step."""
 
-    def __init__(self, env: WorkflowEnvironment, *, payload_limit: int) -> None:
-        super().__init__(threads=4, default_timeout=timedelta(minutes=10), payload_limit=payload_limit)
+    def __init__(self, env: WorkflowEnvironment) -> None:
+        super().__init__(
+            threads=4,
+            default_timeout=timedelta(minutes=10),
+            payload_limit=env.payload_limit,
+            payloads=env.payloads,
+        )
         self._env = env
 
     async def run(self, call: StepCall, info: RunningStep) -> StepResult:
@@ -313,6 +318,10 @@ class WorkflowEnvironment:
         start_time: where the virtual clock starts (default: now).
         payload_limit: the largest params, result or message, as ``STEPLINE_MAX_PAYLOAD_BYTES``.
         workflows: the workflows that ``ctx.child`` may start, found by name.
+        codec: the payload codec a fleet would load from ``STEPLINE_CODEC``: params,
+            results, outputs, events and heartbeat details are sealed with it in the
+            kit's store, as in production, and the run's ``output`` and ``history``
+            show them opened with it.
     """
 
     def __init__(
@@ -322,6 +331,7 @@ class WorkflowEnvironment:
         start_time: datetime | None = None,
         payload_limit: int = 1024 * 1024,
         workflows: Iterable[Workflow[Any, Any]] = (),
+        codec: PayloadCodec | None = None,
     ) -> None:
         self.stubs = dict(stubs or {})
         self.workflows = {workflow.name: workflow for workflow in workflows}
@@ -329,7 +339,9 @@ class WorkflowEnvironment:
         start = (start_time or datetime.now(UTC)).astimezone(UTC)
         self.now = start.replace(microsecond=start.microsecond // 1000 * 1000)
         self.payload_limit = payload_limit
-        self.executor = _KitExecutor(self, payload_limit=payload_limit)
+        self.payloads = Payloads(codec, max_bytes=payload_limit)
+        """How the environment seals and opens payloads (with ``codec``, if given)."""
+        self.executor = _KitExecutor(self)
         directory = Path(tempfile.mkdtemp(prefix="stepline-testing-"))
         self._database_url = f"sqlite:///{directory / 'state.db'}"
         self._cleanup = weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
@@ -390,7 +402,7 @@ class WorkflowEnvironment:
         message = StartMessage(
             workflow=workflow.name,
             instance_id=check_instance_id(instance_id),  # the producer's one-line error, not pydantic's
-            params=workflow.encode_params(params),
+            params=self.payloads.seal(workflow.encode_params(params)),  # sealed as the Producer seals them
             priority=check_priority(priority, workflow.name),
         )
         await self._run_with(message)
@@ -412,7 +424,7 @@ class WorkflowEnvironment:
         while True:
             async with self._session() as session:
                 if not self._schedules_synced:
-                    await sync_declared_schedules(session.store, self.workflows)
+                    await sync_declared_schedules(session.store, self.workflows, self.payloads)
                     self._schedules_synced = True
                 async with session.store.reading() as tx:
                     due, _ = await tx.next_schedule_due()
@@ -506,6 +518,7 @@ class WorkflowEnvironment:
             executor=self.executor,
             workflows=self.workflows,
             payload_limit=self.payload_limit,
+            payloads=self.payloads,
             worker_id="testing",
             retry_delay=0.0,
             clock=lambda: self.now,
@@ -521,6 +534,10 @@ class WorkflowEnvironment:
         async with store.reading() as tx:
             for row in await tx.list_instance_rows(limit=1_000_000):
                 steps = await tx.get_step_rows(row.id)
+                # Read as the client reads them: references read back, sealed values opened.
+                output, *results = await tx.show_payloads(
+                    self.payloads, [row.output, *(step.result for step in steps)]
+                )
                 history = [
                     HistoryEntry(
                         step.name,
@@ -528,10 +545,10 @@ class WorkflowEnvironment:
                         step.kind,
                         step.status,
                         step.attempt,
-                        step.result,
+                        result,
                         step.error,
                     )
-                    for step in steps
+                    for step, result in zip(steps, results, strict=True)
                 ]
                 children = list(
                     dict.fromkeys(  # a wait_for_child names the child its start_child started
@@ -540,7 +557,7 @@ class WorkflowEnvironment:
                         if step.kind in (StepKind.CHILD, StepKind.START)
                     )
                 )
-                snapshots[row.id] = _Snapshot(row.status, row.output, row.error, history, children)
+                snapshots[row.id] = _Snapshot(row.status, output, row.error, history, children)
                 workflows[row.id] = row.workflow
         self._snapshots, self._workflow_of = snapshots, workflows
 
@@ -591,7 +608,7 @@ def check_replay(workflow: Workflow[Any, Any], recorded: Mapping[str, Any] | str
             kind=StepKind(item["kind"]),
             status=StepStatus(item["status"]),
             attempt=item.get("attempts", 1),
-            result=item.get("result"),
+            result=codec.escape(item.get("result")),  # as shown; stored, a user's dict is escaped
             error=item.get("error"),
         )
         records[record.key] = record
@@ -599,7 +616,7 @@ def check_replay(workflow: Workflow[Any, Any], recorded: Mapping[str, Any] | str
         instance_id=instance["id"],
         workflow=instance["workflow"],
         status=InstanceStatus(instance["status"]),
-        params=instance["params"],
+        params=codec.escape(instance["params"]),
         version=0,
         trace_context=None,
         steps=records,

@@ -8,30 +8,10 @@ from typing import Any
 from sqlalchemy.engine import RootTransaction
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from stepline.shared.errors import NonRetryableError
+from stepline.shared.errors import TransactionEndedError
 from stepline.shared.history import format_key
 from stepline.worker.context import StepCall
 from stepline.worker.step_info import step_info
-
-
-class TransactionEndedError(NonRetryableError):
-    """A transactional step's code committed or rolled back the engine's transaction itself.
-
-    Its writes and the step's result must commit together, so the engine alone
-    ends that transaction. The attempt fails for good: a retry could not know
-    which of its writes (those before a commit of its own) are already in.
-    """
-
-    def __init__(self, instance_id: str, step: str, attempt: int) -> None:
-        super().__init__(
-            f"transactional step {step!r} of instance {instance_id!r} (attempt {attempt}) committed or "
-            "rolled back the connection it was given: the engine commits it with the step's result, "
-            "so the step's code must neither commit nor roll back (nor begin a new transaction); "
-            "use conn.begin_nested() for a savepoint. What it committed itself is not undone."
-        )
-        self.instance_id = instance_id
-        self.step = step
-        self.attempt = attempt
 
 
 def on_connection(call: StepCall, conn: AsyncConnection) -> StepCall:

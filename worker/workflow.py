@@ -98,7 +98,7 @@ class Workflow(Generic[ParamsT, OutputT]):
         return params
 
     def encode_params(self, params: object) -> JSON:
-        """Params as JSON for a start event, validated first.
+        """Params as a payload for a start event (``codec.escape``d), validated first.
 
         Raises:
             InvalidParamsError: not JSON-serialisable, or not valid for this workflow.
@@ -108,12 +108,12 @@ class Workflow(Generic[ParamsT, OutputT]):
         except (TypeError, ValueError) as exc:
             raise InvalidParamsError(self.name, f"not JSON-serialisable: {exc}") from None
         self.validate_params(raw)
-        return raw
+        return codec.escape(raw)
 
     def dump_output(self, value: object) -> JSON:
-        """The workflow's return value as JSON."""
+        """The workflow's return value as a payload (JSON, ``codec.escape``d)."""
         try:
-            return codec.to_jsonable(self._output_adapter.dump_python(value, mode="json"))
+            return codec.to_payload(self._output_adapter.dump_python(value, mode="json"))
         except (TypeError, ValueError) as exc:
             raise WorkflowDefinitionError(
                 f"workflow {self.name!r} returned a value that is not JSON-serialisable: {exc}"

@@ -2,7 +2,9 @@
 
 A step result too large to keep in its row is written here first (see
 ``Payloads.prepare``); a history read swaps each reference for the stored value
-in one more statement, only when the history holds a reference at all.
+in one more statement, only when the history holds a reference at all, and so
+does ``show_payloads``, the one way every reader (the client, the CLI, the
+dashboard, the testing kit) turns stored payloads into what a person sees.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import replace
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from stepline.shared.codec import JSON, OFFLOAD_FIELD, Offloaded, is_offloaded, unpack
+from stepline.shared.codec import JSON, OFFLOAD_FIELD, Offloaded, Payloads, is_offloaded, unpack
 from stepline.shared.db.schema import payloads
 from stepline.shared.history import History
 
@@ -38,11 +40,20 @@ class PayloadStatements:
         )
         return {row.id: unpack(bytes(row.data)) for row in rows}
 
-    async def expand(self, value: JSON) -> JSON:
-        """``value``, or the stored value it refers to (a reference whose row is gone is left as is)."""
-        if not is_offloaded(value):
-            return value
-        return (await self.load_payloads([value[OFFLOAD_FIELD]])).get(value[OFFLOAD_FIELD], value)
+    async def show_payloads(self, payloads: Payloads, values: Sequence[JSON]) -> list[JSON]:
+        """Stored payloads as a person reads them, in order: the one reader of every payload column.
+
+        Each reference is swapped for its stored value (one statement for all of
+        them, none without any), then each value is opened with ``payloads``
+        (``Payloads.show``): decrypted where this process has the key, else
+        ``ENCRYPTED``; ``GONE`` for a reference whose row is gone.
+        """
+        ids = [value[OFFLOAD_FIELD] for value in values if is_offloaded(value)]
+        found = await self.load_payloads(ids)
+        return [
+            payloads.show(found.get(value[OFFLOAD_FIELD], value) if is_offloaded(value) else value)
+            for value in values
+        ]
 
     async def with_payloads(self, history: History) -> History:
         """``history`` with each step result stored apart read back in place of its reference.

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
 
-from stepline import AesGcmCodec, Client, Producer
+from stepline import AesGcmCodec, Client, Producer, Schedule
 from stepline.shared.codec import ENCRYPTED, load_codec
 from stepline.shared.db.engine import create_engine, is_sqlite
 from stepline.shared.settings import EMBEDDED_QUEUE, Settings
@@ -232,3 +232,28 @@ async def _rows(database_url: str, sql: str, **params: Any) -> list[dict[str, An
                 if isinstance(value, str) and value.startswith("{"):
                     row[name] = json.loads(value)
     return found
+
+
+async def test_schedule_params_are_sealed_at_rest_and_shown_opened(
+    sealed_fleet: Fleet, settings: Settings
+) -> None:
+    sealed = sealed_fleet.settings
+    await sealed_fleet.start_worker()
+    async with _client(sealed) as client:
+        created = await client.create_schedule(
+            "sealed-nightly", "sealed-vault", Schedule("0 3 * * *", params={"card": SECRET})
+        )
+        assert created.params == {"card": SECRET}
+        instance_id = await client.trigger_schedule("sealed-nightly")  # its start carries the stored params
+        info = await client.wait(instance_id, timeout=30)
+        listed = await client.list_schedules()
+    assert info.status == "complete", info.error
+    assert info.output == {"token": f"vaulted-{SECRET}"}
+    assert [schedule.params for schedule in listed] == [{"card": SECRET}]
+
+    async with Client(settings.database, namespace=settings.namespace) as keyless:
+        assert (await keyless.get_schedule("sealed-nightly")).params == ENCRYPTED
+
+    (row,) = await _rows(settings.database, "SELECT params FROM schedules")
+    assert (row["params"]["$codec"], row["params"]["key"]) == ("aes-gcm", "k1")
+    assert _holding(await _all_rows(settings.database), SECRET) == []

@@ -11,24 +11,18 @@ import sqlalchemy as sa
 from stepline import Client, Producer
 from stepline.shared.db.engine import create_engine
 from stepline.shared.settings import PayloadSettings, Settings
-from stepline.worker.registry import load_workflows
-from tests import payload_workflows
 from tests.payload_workflows import BIG_BYTES
 from tests.support.fleet import Fleet
 from tests.support.polling import until_status
+from tests.support.sealing import payload_fleet
 
 pytestmark = [pytest.mark.both_backends, pytest.mark.timeout(300)]
-
-WORKFLOWS = load_workflows([payload_workflows.__name__])
 
 
 @pytest.fixture
 async def big_fleet(settings: Settings) -> AsyncIterator[Fleet]:
-    running = Fleet(settings, WORKFLOWS)
-    try:
+    async with payload_fleet(settings) as running:
         yield running
-    finally:
-        await running.stop_all()
 
 
 async def _rows(database_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:

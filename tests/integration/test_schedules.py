@@ -18,6 +18,7 @@ import pytest
 from stepline import Client, Schedule, workflow
 from stepline.producer import ScheduleConflictError, ScheduleNotFoundError, UnregisteredWorkflowError
 from stepline.scheduler.schedules import FiredStarts, fire_due_schedules
+from stepline.shared.codec import Payloads
 from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
 from stepline.shared.schedules import InvalidScheduleError, tick_instance_id
@@ -218,7 +219,7 @@ async def test_worker_start_syncs_declared_schedules(
 
     await client.pause_schedule("nightly-report")
     with caplog.at_level(logging.WARNING, logger="stepline.worker"):
-        await sync_declared_schedules(store, {"nightly-report": changed})
+        await sync_declared_schedules(store, {"nightly-report": changed}, Payloads())
     by_id = {info.id: info for info in await client.list_schedules()}
     assert sorted(by_id) == ["clash", "nightly-report", "tick"]  # tick's workflow was not served here
     assert by_id["nightly-report"].cron == "45 3 * * *"

@@ -188,6 +188,7 @@ EXPECTED_ALL = {
         "ConcurrencyLimit",
         "Context",
         "EventTimeoutError",
+        "HeartbeatTimeoutError",
         "InvalidRetryAfterError",
         "InvalidScheduleError",
         "NonDeterminismError",
@@ -200,6 +201,7 @@ EXPECTED_ALL = {
         "StepFailedError",
         "StepTimeoutError",
         "SteplineError",
+        "TransactionEndedError",
         "Workflow",
         "step_info",
         "workflow",
@@ -253,6 +255,7 @@ EXPECTED_ALL = {
         "Context",
         "EventInfo",
         "EventTimeoutError",
+        "HeartbeatTimeoutError",
         "InstanceInfo",
         "InstanceNotFoundError",
         "InvalidIdError",
@@ -280,6 +283,7 @@ EXPECTED_ALL = {
         "StepTimeoutError",
         "SteplineError",
         "StorageError",
+        "TransactionEndedError",
         "UnregisteredWorkflowError",
         "UnroutableError",
         "WaitTimeoutError",
@@ -481,3 +485,15 @@ def test_store_build_finder_can_fail(tmp_path: Path) -> None:
     module = tmp_path / "planted.py"
     module.write_text("a = create_store(url)\nb = stores.create_store(url)\nc = create_store_for(url)\n")
     assert [found.rsplit(":", 1)[1] for found in _store_builds(module)] == ["1", "2"]
+
+
+def test_the_errors_long_and_transactional_steps_record_are_the_ones_stepline_exports() -> None:
+    # A team matching a step's recorded error, or testing its own step code, catches these by
+    # the names `stepline` gives them: the very classes the engine raises.
+    import stepline
+    from stepline.shared import errors
+
+    assert stepline.HeartbeatTimeoutError is errors.HeartbeatTimeoutError
+    assert stepline.TransactionEndedError is errors.TransactionEndedError
+    assert issubclass(stepline.TransactionEndedError, stepline.NonRetryableError)
+    assert issubclass(stepline.HeartbeatTimeoutError, stepline.SteplineError)

@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from examples import bank_transfer as bank_transfer_example
 from stepline import Context, RetryPolicy, step_info, workflow
 from stepline.worker.testing import WorkflowEnvironment
 
@@ -146,5 +147,34 @@ async def test_a_stub_of_a_transactional_step_gets_the_connection_too() -> None:
         assert (run.status, run.output) == ("complete", [-10, -20])
         assert await balances(environment) == {"alice": 100, "bob": 2}
         assert CALLS["move"] == 0
+    finally:
+        environment.close()
+
+
+async def test_the_bank_transfer_example_moves_each_amount_once_and_nothing_it_cannot_pay(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await bank_transfer_example.main()  # as `python -m examples.bank_transfer` runs it
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[:2] for line in printed[:3]] == [
+        ["transfer-1", " complete"],
+        ["transfer-2", " complete"],
+        ["transfer-3", " errored"],
+    ]
+    assert "bob cannot pay 5000 cents" in printed[2]
+    assert printed[3] == "balances: alice 800, bob 200"
+
+    environment = WorkflowEnvironment()
+    try:
+        async with environment.connection() as conn:
+            await bank_transfer_example.create_accounts(conn, {"alice": 500, "bob": 0})
+        first = bank_transfer_example.Transfer(source="alice", target="bob", cents=200)
+        run = await environment.start(bank_transfer_example.bank_transfer, first, instance_id="t-1")
+        assert run.status == "complete", run.error
+        assert run.runs == Counter({"move": 1, "receipt": 1})
+        assert run.entry("move").result == 200
+        async with environment.connection() as conn:
+            balances = {row.id: row.cents for row in await conn.execute(bank_transfer_example.BALANCES)}
+        assert balances == {"alice": 300, "bob": 200}
     finally:
         environment.close()

@@ -12,10 +12,12 @@ from stepline.shared.codec import (
     ENCRYPTED,
     GONE,
     Payloads,
+    escape,
     is_offloaded,
     is_sealed,
     load_codec,
     payloads_from_settings,
+    to_payload,
     unpack,
 )
 from stepline.shared.errors import ConfigError
@@ -159,3 +161,35 @@ def test_a_reference_whose_row_is_gone_is_a_clear_error_and_shows_as_gone() -> N
         _open(Payloads(), reference)
     assert Payloads().show(reference) == GONE
     assert Payloads(AesGcmCodec({"k1": _key()})).seal(reference) is reference
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"$codec": "aes-gcm", "key": "k1", "data": "AAAA"},
+        {"$payload": "5f0c", "bytes": 12},
+        {"$codec": "plain", "value": "a user's, not an escape"},
+        {"$codec": {"$codec": "nested"}},
+    ],
+)
+@pytest.mark.parametrize("codec", [None, "aes-gcm"])
+def test_a_users_dict_with_the_reserved_keys_is_escaped_and_reads_back_as_itself(
+    value: dict[str, object], codec: str | None
+) -> None:
+    payloads = Payloads(AesGcmCodec({"k1": _key()}) if codec else None)
+    stored = payloads.seal(to_payload(value))
+    assert stored != value  # never stored as it is: it would read as an envelope or a reference
+    if codec:
+        assert stored["$codec"] == "aes-gcm" and "user" not in json.dumps(stored)  # sealed as any value
+    assert _open(payloads, stored) == value
+    assert payloads.show(stored) == value
+    assert escape({"$codec": 1}) != escape(escape({"$codec": 1}))  # each layer its own: none is lost
+
+
+def test_a_value_without_the_reserved_keys_is_not_escaped_and_a_codec_may_not_be_named_plain() -> None:
+    for value in (SECRET, [{"$codec": "in a list"}], {"nested": {"$codec": "x"}}, "$codec", None):
+        assert to_payload(value) == value
+    plain = AesGcmCodec({"k1": _key()})
+    plain.name = "plain"
+    with pytest.raises(ConfigError, match="may not be named 'plain'"):
+        Payloads(plain)
