@@ -31,7 +31,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from benchmarks import backlog, bigdb_bench, cli_speed, dashboard_pages, fanout, flow, report
+from benchmarks import backlog, bigdb_bench, cli_speed, dashboard_pages, fanout, flow, long_flows, report
 from benchmarks.isolation import Isolation
 from benchmarks.procs import ROOT, Fleet, child_env, machine_busy_seconds
 from benchmarks.sections import FULL, QUICK, Bench, Sizes
@@ -136,6 +136,7 @@ async def run_sections(bench: Bench, sections: set[str], results: dict[str, Any]
                 entry = results.setdefault("throughput", {"instances": bench.sizes.instances, "runs": []})
                 entry["runs"].append(engine_run.as_json())
     elsewhere = {  # sections in modules of their own
+        "long": functools.partial(_long, bench),
         "fanout": functools.partial(fanout.run, bench),
         "flow": functools.partial(flow.run, bench),
         "backlog": functools.partial(backlog.run, bench),
@@ -149,6 +150,13 @@ async def run_sections(bench: Bench, sections: set[str], results: dict[str, Any]
                 results[name] = outcome
     await guarded("purging the queues", bench.purge_queues)  # counts what the last run left
     results["left_in_queues"] = bench.left_in_queues
+
+
+async def _long(bench: Bench) -> dict[str, Any]:
+    """The 1,000- against 10-step comparison (issue 6), then the long chain (issue 23)."""
+    result = await bench.long()
+    result["chain"] = await long_flows.run(bench)
+    return result
 
 
 async def _bigdb(bench: Bench) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import backlog, bigdb_bench, cli_speed, fanout, flow
+from benchmarks import backlog, bigdb_bench, cli_speed, fanout, flow, long_flows
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -92,6 +92,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": ratio <= 2.0,
             }
         )
+        rows.extend(long_flows.targets(long))
     runs = results.get("throughput", {}).get("runs", [])
     if runs:
         growth = max(run["rss_growth_pct"] for run in runs)
@@ -165,6 +166,7 @@ def _all_checks(results: dict[str, Any]) -> list[tuple[str, bool]]:
     if "long" in results:
         for part in ("long", "short"):
             found.append((f"long/{part}", results["long"][part]["check"]["ok"]))
+        found.extend(long_flows.checks(results["long"]))
     if results.get("fanout"):
         found.extend(fanout.checks(results["fanout"]))
     for run in results.get("naive", {}).get("runs", []):
@@ -185,6 +187,7 @@ def render(console: Console, results: dict[str, Any]) -> None:
     _render_all_timers(console, results)
     if results.get("long"):
         _render_long(console, results["long"])
+        long_flows.render(console, results["long"])
     if throughput:
         _render_memory(console, throughput)
     _render_db_work(console, throughput, naive)

@@ -80,6 +80,8 @@ class Sizes:
     long_instances: int
     """1,000-step instances run at once in the long-workflow section (and 10-step ones kept in flight)."""
     short_steps: int
+    long_chain_steps: int
+    """Steps of the one long chain timed per 1,000-step window, and SIGKILLed half-way (issue 23)."""
     rawtx_s: float
     rawtx_clients: int
     replay_instances: int
@@ -106,6 +108,7 @@ QUICK = Sizes(
     long_steps=1_000,
     long_instances=1,
     short_steps=10,
+    long_chain_steps=3_000,
     rawtx_s=5,
     rawtx_clients=8,
     replay_instances=2_000,
@@ -126,6 +129,7 @@ FULL = Sizes(
     long_steps=1_000,
     long_instances=2,
     short_steps=10,
+    long_chain_steps=10_000,
     rawtx_s=10,
     rawtx_clients=8,
     replay_instances=10_000,
