@@ -27,6 +27,7 @@ import statistics
 import time
 import tracemalloc
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -229,6 +230,7 @@ async def _kill(bench: Bench, steps: int) -> dict[str, Any]:
     log = procs[0].log()
     return {
         **figures,
+        "kill_to_republished_s": _logged_after(log, "event=outbox_swept", figures["killed_wall"]),
         "swept": log.count("event=outbox_swept"),
         "stale_dropped": log.count("event=stale_message"),
         "committed_once": once,
@@ -236,19 +238,32 @@ async def _kill(bench: Bench, steps: int) -> dict[str, Any]:
     }
 
 
-def _kill_one(bench: Bench, proc: Proc) -> float:
-    """SIGKILL ``proc`` by its pid; the driver's clock at the kill."""
+def _logged_after(log: str, event: str, since: float) -> float:
+    """Seconds from ``since`` (wall clock) to the first log line with ``event``; NaN if none.
+
+    The workers' log lines start with their local time to the millisecond.
+    """
+    for line in log.splitlines():
+        if event in line:
+            logged = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")  # noqa: DTZ007  local, as logged
+            return logged.timestamp() - since
+    return math.nan
+
+
+def _kill_one(bench: Bench, proc: Proc) -> tuple[float, float]:
+    """SIGKILL ``proc`` by its pid; the driver's monotonic and wall clocks at the kill."""
     os.kill(proc.pid, signal.SIGKILL)
-    killed = time.monotonic()
+    killed = time.monotonic(), time.time()
     proc.popen.wait(timeout=10)
     bench.fleet.procs.remove(proc)
     return killed
 
 
 async def _next_step(
-    bench: Bench, conn: Conn, instance_id: str, replacement: Proc, killed: float
+    bench: Bench, conn: Conn, instance_id: str, replacement: Proc, clocks: tuple[float, float]
 ) -> dict[str, Any]:
     """Seconds from the kill until the replacement was ready, and until the next step committed."""
+    killed, killed_wall = clocks
     await asyncio.sleep(SETTLE_S)
     at_kill, _ = await _progress(conn, instance_id)
     ready_s = math.nan
@@ -262,6 +277,7 @@ async def _next_step(
     next_step_s = time.monotonic() - killed
     return {
         "killed_at_step": at_kill,
+        "killed_wall": killed_wall,
         "kill_to_replacement_ready_s": next_step_s if math.isnan(ready_s) else ready_s,
         "kill_to_next_step_s": next_step_s,
         "next_step": committed,
@@ -365,7 +381,8 @@ def render(console: Console, long: dict[str, Any]) -> None:
     console.print(
         f"worker SIGKILLed at step {kill['killed_at_step']:,}, replacement started at once: ready after"
         f" {kill['kill_to_replacement_ready_s']:.2f} s, next step committed after"
-        f" {kill['kill_to_next_step_s']:.2f} s{' (republished by its sweeper)' if kill['swept'] else ''},"
+        f" {kill['kill_to_next_step_s']:.2f} s (its message republished by the sweeper after"
+        f" {kill.get('kill_to_republished_s', math.nan):.2f} s),"
         f" {kill.get('stale_dropped', 0)} duplicate messages dropped;"
         f" every step committed once: {'yes' if kill['committed_once'] else 'NO'}"
     )

@@ -666,3 +666,32 @@ async def fan_out(ctx: Context, params: FanOut) -> dict[str, int]:
     values = await asyncio.gather(*(ctx.step("branch", fan_branch, n) for n in range(params.width)))
     total = await ctx.step("total", fan_branch, sum(values))
     return {"count": len(values), "total": total}
+
+
+# ---------------------------------------------------------------- long workflows
+
+
+class LongChain(BaseModel):
+    steps: int
+
+
+CHAIN_RUNS: Counter[tuple[str, int]] = Counter()
+"""Runs of each ``long-chain`` step in this process, by (instance, step index): in-process workers count here.
+
+The steps do not record into ``side_effects``: a connection per step would make a chain of
+thousands of steps slow for no gain, and in-process tests can count in memory.
+"""
+
+
+async def tally(index: int) -> int:
+    CHAIN_RUNS[(step_info().instance_id, index)] += 1
+    return index + 1
+
+
+@workflow("long-chain")
+async def long_chain(ctx: Context, params: LongChain) -> int:
+    """``steps`` trivial steps in a row, each given the last one's result (its own index)."""
+    value = 0
+    for _ in range(params.steps):
+        value = await ctx.step("tally", tally, value)
+    return value
