@@ -13,7 +13,7 @@ from tests.support.fleet import ProcessFleet, until_consuming
 from tests.support.polling import eventually
 from tests.workflows import LongChain
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 STEPS = 1_000
 

@@ -11,7 +11,7 @@ from tests.support import db
 from tests.support.fleet import Fleet
 from tests.workflows import LongChain
 
-pytestmark = pytest.mark.both_backends
+pytestmark = [pytest.mark.both_backends, pytest.mark.timeout(400)]  # thousands of steps on 2 busy cores
 
 STEPS = 2_000
 
