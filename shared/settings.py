@@ -258,15 +258,11 @@ class PayloadSettings(BaseModel):
 class OutboxSettings(BaseModel):
     """``STEPLINE_OUTBOX__*``: the relay that republishes rows a crash left behind."""
 
-    # A step a worker was running itself when it died goes on once its row is swept: 2 to 4 s
-    # after the crash with these (its last refresh was up to one interval before; issue 23
-    # asks for the next step within 5 s of a SIGKILL). A live process whose loop stalls for
-    # longer than sweep_after - sweep_interval only has its rows sent twice.
     sweep_interval: DurationSetting = Field(
-        default=timedelta(seconds=1), description="How often the sweeper looks for old rows."
+        default=timedelta(seconds=2), description="How often the sweeper looks for old rows."
     )
     sweep_after: DurationSetting = Field(
-        default=timedelta(seconds=3),
+        default=timedelta(seconds=5),
         description="Age at which an unsent row is taken over from the fast path.",
     )
     batch_size: int = Field(default=200, ge=1, description="Rows republished per sweep.")
