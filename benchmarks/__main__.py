@@ -31,7 +31,17 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from benchmarks import backlog, bigdb_bench, cli_speed, dashboard_pages, fanout, flow, long_flows, report
+from benchmarks import (
+    backlog,
+    bigdb_bench,
+    cli_speed,
+    dashboard_pages,
+    fanout,
+    flow,
+    long_flows,
+    report,
+    starts,
+)
 from benchmarks.isolation import Isolation
 from benchmarks.procs import ROOT, Fleet, child_env, machine_busy_seconds
 from benchmarks.sections import FULL, QUICK, Bench, Sizes
@@ -40,6 +50,7 @@ SECTIONS = (
     "throughput",
     "latency",
     "timers",
+    "starts",
     "backlog",
     "long",
     "naive",
@@ -140,10 +151,22 @@ async def run_sections(bench: Bench, sections: set[str], results: dict[str, Any]
         "fanout": functools.partial(fanout.run, bench),
         "flow": functools.partial(flow.run, bench),
         "backlog": functools.partial(backlog.run, bench),
+        "starts": functools.partial(starts.run, bench),
         "bigdb": functools.partial(_bigdb, bench),
         "cli": functools.partial(cli_speed.run, bench),
     }
-    for name in ("latency", "timers", "backlog", "long", "replaycheck", "fanout", "flow", "bigdb", "cli"):
+    for name in (
+        "latency",
+        "timers",
+        "starts",
+        "backlog",
+        "long",
+        "replaycheck",
+        "fanout",
+        "flow",
+        "bigdb",
+        "cli",
+    ):
         if name in sections:
             outcome = await guarded(name, elsewhere.get(name) or getattr(bench, name))
             if outcome is not None:

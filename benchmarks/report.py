@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import backlog, bigdb_bench, cli_speed, fanout, flow, long_flows
+from benchmarks import backlog, bigdb_bench, cli_speed, fanout, flow, long_flows, starts
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -36,6 +36,7 @@ def _section(console: Console, heading: str) -> Table:
 
 
 _SECTION_TARGETS: tuple[tuple[str, Callable[[dict[str, Any]], list[dict[str, Any]]]], ...] = (
+    ("starts", starts.targets),
     ("backlog", backlog.targets),
     ("fanout", fanout.targets),
     ("bigdb", bigdb_bench.targets),
@@ -169,6 +170,8 @@ def _all_checks(results: dict[str, Any]) -> list[tuple[str, bool]]:
         found.extend(long_flows.checks(results["long"]))
     if results.get("fanout"):
         found.extend(fanout.checks(results["fanout"]))
+    if results.get("starts"):
+        found.extend(starts.checks(results["starts"]))
     for run in results.get("naive", {}).get("runs", []):
         found.append((f"naive {run['processes']}p", run["complete"] == run["instances"]))
     return found
@@ -191,7 +194,13 @@ def render(console: Console, results: dict[str, Any]) -> None:
     if throughput:
         _render_memory(console, throughput)
     _render_db_work(console, throughput, naive)
-    for name, module in (("fanout", fanout), ("flow", flow), ("bigdb", bigdb_bench), ("cli", cli_speed)):
+    for name, module in (
+        ("starts", starts),
+        ("fanout", fanout),
+        ("flow", flow),
+        ("bigdb", bigdb_bench),
+        ("cli", cli_speed),
+    ):
         if results.get(name):
             module.render(console, results[name])
     if results.get("targets"):

@@ -95,6 +95,10 @@ class Sizes:
     fanout_instances: int
     fanout_branches: int
     """Instances, and parallel steps each, of the fan-out section's second part."""
+    starts_s: float
+    """Seconds the starts section publishes starts for (issue 23: sustained 30 s)."""
+    starts_batch: int
+    """Starts in the starts section's one ``start_batch`` call (issue 23: 10,000)."""
 
 
 QUICK = Sizes(
@@ -117,6 +121,8 @@ QUICK = Sizes(
     fanout_width=300,
     fanout_instances=30,
     fanout_branches=100,
+    starts_s=10,
+    starts_batch=10_000,
 )
 FULL = Sizes(
     instances=600,
@@ -138,6 +144,8 @@ FULL = Sizes(
     fanout_width=1_000,
     fanout_instances=100,
     fanout_branches=100,
+    starts_s=30,
+    starts_batch=10_000,
 )
 
 
