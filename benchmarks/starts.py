@@ -6,9 +6,10 @@ Issue 23, item 1. ``python -m benchmarks --only starts``:
   the bench publishes ``bench-sleep`` starts with ``Producer.start_batch`` in
   batches of ``BATCH``, as fast as the 2 workers take them (no more than
   ``MAX_BACKLOG`` published and not yet a row, so the queue does not just
-  grow and the latency is not only the time spent queued). A start is done when the worker's start transaction committed: the
-  instance row and its first step (a durable sleep a day away: its ``steps``
-  row, queued, and its timer) are written by the one statement, so the
+  grow and the latency is not only the time spent queued). A start is done
+  when the worker's start transaction committed: the instance row and its
+  first step (a durable sleep a day away: its ``steps`` row, queued, and its
+  timer) are written by the one statement, so the
   instance's ``created_at`` is when its first step was queued too. The figure
   is the rows whose ``created_at`` falls in the publishing window, per second
   of it; latency is ``created_at`` against the moment its batch was published.
@@ -194,10 +195,10 @@ async def _until_rows(bench: Bench, prefix: str, count: int, workers: list[Any])
             found = int(row["n"]) if row else 0
             if found >= count:
                 return found
-            if time.monotonic() > deadline:
-                bench.problem(
-                    f"starts: only {found:,} of {count:,} {prefix} rows after {DRAIN_TIMEOUT_S:.0f} s"
-                )
+            if found != seen:
+                seen, last_change = found, time.monotonic()
+            elif time.monotonic() - last_change > STALL_S:
+                bench.problem(f"starts: {found:,} of {count:,} {prefix} rows, none more for {STALL_S:.0f} s")
                 return found
             bench.check_alive(workers)
             await asyncio.sleep(0.1)
