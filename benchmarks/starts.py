@@ -26,16 +26,20 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import psycopg
+from psycopg.rows import DictRow
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks.procs import cpu_seconds, machine_busy_seconds
+from benchmarks.sections import DB_COUNTERS
 from benchmarks.stats import summary_ms
 from benchmarks.workflows import Alarm, bench_sleep
 from stepline import Producer
 
 if TYPE_CHECKING:
     from benchmarks.sections import Bench
+
 
 WORKERS = 2
 BATCH = 200
@@ -57,9 +61,11 @@ async def run(bench: Bench) -> dict[str, Any]:
     await bench.reset("starts")
     workers = await bench.start_workers("st", WORKERS)
     try:
-        async with Producer(bench.iso.amqp_url) as producer:
-            sustained = await _sustained(bench, producer, workers, bench.sizes.starts_s)
-            batch = await _one_batch(bench, producer, workers, bench.sizes.starts_batch)
+        # One connection for the whole section: a shared server at its max_connections refuses new ones.
+        async with bench.connection() as conn, Producer(bench.iso.amqp_url) as producer:
+            db = _Db(conn)
+            sustained = await _sustained(bench, db, producer, workers, bench.sizes.starts_s)
+            batch = await _one_batch(bench, db, producer, workers, bench.sizes.starts_batch)
     finally:
         bench.fleet.stop(workers)
     result = {"workers": WORKERS, "sustained": sustained, "batch": batch}
@@ -70,7 +76,31 @@ async def run(bench: Bench) -> dict[str, Any]:
     return result
 
 
-async def _sustained(bench: Bench, producer: Producer, workers: list[Any], seconds: float) -> dict[str, Any]:
+class _Db:
+    """The section's reads, on its one connection."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
+        self.conn = conn
+
+    async def rows(self, sql: str, *params: Any) -> list[DictRow]:
+        cursor = await self.conn.execute(sql, params)
+        return list(await cursor.fetchall())
+
+    async def count(self, prefix: str) -> int:
+        found = await self.rows("SELECT count(*) AS n FROM instances WHERE id LIKE %s", prefix + "%")
+        return int(found[0]["n"])
+
+    async def stats(self) -> dict[str, int]:
+        await asyncio.sleep(0.5)  # backends that just exited report their counters
+        found = await self.rows(
+            f"SELECT {', '.join(DB_COUNTERS)} FROM pg_stat_database WHERE datname = current_database()"
+        )
+        return {name: int(found[0][name]) for name in DB_COUNTERS}
+
+
+async def _sustained(
+    bench: Bench, db: _Db, producer: Producer, workers: list[Any], seconds: float
+) -> dict[str, Any]:
     far = datetime.now(UTC) + timedelta(days=1)
     published: list[tuple[float, int, int]] = []  # (when, first index, count) per batch
     rows = 0
@@ -78,15 +108,12 @@ async def _sustained(bench: Bench, producer: Producer, workers: list[Any], secon
 
     async def count_rows() -> None:
         nonlocal rows
-        async with bench.connection() as conn:
-            while not stop.is_set():
-                cursor = await conn.execute("SELECT count(*) AS n FROM instances WHERE id LIKE %s", ("st-%",))
-                row = await cursor.fetchone()
-                rows = int(row["n"]) if row else rows
-                await asyncio.sleep(0.1)
+        while not stop.is_set():
+            rows = await db.count("st-")
+            await asyncio.sleep(0.1)
 
     task = bench.progress.add_task(f"starts: publishing for {seconds:g} s", total=None)
-    stats_before = await bench.db_stats()
+    stats_before = await db.stats()
     cpu_before = [cpu_seconds(proc.pid) for proc in workers]
     machine_before = machine_busy_seconds()
     counter = asyncio.create_task(count_rows())
@@ -108,7 +135,7 @@ async def _sustained(bench: Bench, producer: Producer, workers: list[Any], secon
             index += BATCH
             bench.progress.update(task, completed=rows)
         publish_end = time.time()
-        await _until_rows(bench, "st-", index, workers)
+        await _until_rows(bench, db, "st-", index, workers)
     finally:
         stop.set()
         await counter
@@ -116,17 +143,19 @@ async def _sustained(bench: Bench, producer: Producer, workers: list[Any], secon
     drained_s = time.time() - publish_end
     cpu = sum(cpu_seconds(proc.pid) - before for proc, before in zip(workers, cpu_before, strict=True))
     machine = machine_busy_seconds() - machine_before
-    stats_after = await bench.db_stats()
+    stats_after = await db.stats()
     created = {
         row["id"]: row["created_at"].timestamp()
-        for row in await bench.rows("SELECT id, created_at FROM instances WHERE id LIKE %s", "st-%")
+        for row in await db.rows("SELECT id, created_at FROM instances WHERE id LIKE %s", "st-%")
     }
     with_step = int(
-        await bench.scalar(
-            "SELECT count(DISTINCT s.instance_id) FROM steps s JOIN timers t"
-            " ON t.instance_id = s.instance_id WHERE s.instance_id LIKE %s AND s.kind = 'sleep'",
-            "st-%",
-        )
+        (
+            await db.rows(
+                "SELECT count(DISTINCT s.instance_id) AS n FROM steps s JOIN timers t"
+                " ON t.instance_id = s.instance_id WHERE s.instance_id LIKE %s AND s.kind = 'sleep'",
+                "st-%",
+            )
+        )[0]["n"]
     )
     latency = [
         created[f"st-{i:08d}"] - at for at, first, count in published for i in range(first, first + count)
@@ -166,14 +195,16 @@ def _per_second(created: Any, began: float, seconds: float) -> list[int]:
     return buckets
 
 
-async def _one_batch(bench: Bench, producer: Producer, workers: list[Any], count: int) -> dict[str, Any]:
+async def _one_batch(
+    bench: Bench, db: _Db, producer: Producer, workers: list[Any], count: int
+) -> dict[str, Any]:
     far = datetime.now(UTC) + timedelta(days=1)
     ids = [f"sb-{i:06d}" for i in range(count)]
     params = [Alarm(n=i, due=far) for i in range(count)]
     began = time.monotonic()
     await producer.start_batch(bench_sleep, params, instance_ids=ids)
     call_s = time.monotonic() - began
-    rows = await _until_rows(bench, "sb-", count, workers)
+    rows = await _until_rows(bench, db, "sb-", count, workers)
     return {
         "starts": count,
         "call_s": call_s,
@@ -183,25 +214,20 @@ async def _one_batch(bench: Bench, producer: Producer, workers: list[Any], count
     }
 
 
-async def _until_rows(bench: Bench, prefix: str, count: int, workers: list[Any]) -> int:
+async def _until_rows(bench: Bench, db: _Db, prefix: str, count: int, workers: list[Any]) -> int:
     """Wait until ``count`` instance rows under ``prefix`` exist (or none appeared for ``STALL_S``)."""
     seen, last_change = -1, time.monotonic()
-    async with bench.connection() as conn:
-        while True:
-            cursor = await conn.execute(
-                "SELECT count(*) AS n FROM instances WHERE id LIKE %s", (prefix + "%",)
-            )
-            row = await cursor.fetchone()
-            found = int(row["n"]) if row else 0
-            if found >= count:
-                return found
-            if found != seen:
-                seen, last_change = found, time.monotonic()
-            elif time.monotonic() - last_change > STALL_S:
-                bench.problem(f"starts: {found:,} of {count:,} {prefix} rows, none more for {STALL_S:.0f} s")
-                return found
-            bench.check_alive(workers)
-            await asyncio.sleep(0.1)
+    while True:
+        found = await db.count(prefix)
+        if found >= count:
+            return found
+        if found != seen:
+            seen, last_change = found, time.monotonic()
+        elif time.monotonic() - last_change > STALL_S:
+            bench.problem(f"starts: {found:,} of {count:,} {prefix} rows, none more for {STALL_S:.0f} s")
+            return found
+        bench.check_alive(workers)
+        await asyncio.sleep(0.1)
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
