@@ -9,7 +9,7 @@ Issue 23, item 1. ``python -m benchmarks --only starts``:
   grow and the latency is not only the time spent queued). A start is done
   when the worker's start transaction committed: the instance row and its
   first step (a durable sleep a day away: its ``steps`` row, queued, and its
-  timer) are written by the one statement, so the
+  timer) are written in the one transaction, so the
   instance's ``created_at`` is when its first step was queued too. The figure
   is the rows whose ``created_at`` falls in the publishing window, per second
   of it; latency is ``created_at`` against the moment its batch was published.
@@ -202,15 +202,21 @@ async def _one_batch(
     ids = [f"sb-{i:06d}" for i in range(count)]
     params = [Alarm(n=i, due=far) for i in range(count)]
     began = time.monotonic()
-    await producer.start_batch(bench_sleep, params, instance_ids=ids)
+    error = None
+    try:
+        await producer.start_batch(bench_sleep, params, instance_ids=ids)
+    except Exception as exc:  # a failed call is this part's figure, not the end of the section
+        error = f"{type(exc).__name__}: {exc}"
+        bench.problem(f"starts: start_batch of {count:,} failed: {error}")
     call_s = time.monotonic() - began
-    rows = await _until_rows(bench, db, "sb-", count, workers)
+    rows = await db.count("sb-") if error else await _until_rows(bench, db, "sb-", count, workers)
     return {
         "starts": count,
         "call_s": call_s,
         "rows_s": time.monotonic() - began,
         "rows": rows,
-        "ok": rows == count,
+        "error": error,
+        "ok": error is None and rows == count,
     }
 
 
@@ -247,7 +253,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         {
             "target": f"start_batch of {TARGET_BATCH:,} in one call (issue 23)",
             "measured": f"{batch['starts']:,} in {batch['call_s']:.1f} s; {batch['rows']:,} rows"
-            f" in {batch['rows_s']:.1f} s",
+            f" in {batch['rows_s']:.1f} s"
+            + (f" (the call failed: {batch['error']})" if batch.get("error") else ""),
             "met": batch["starts"] >= TARGET_BATCH and batch["ok"],
         },
     ]

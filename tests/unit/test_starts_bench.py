@@ -54,3 +54,15 @@ def test_checks_name_the_part_whose_rows_are_missing() -> None:
         ("starts/sustained", True),
         ("starts/batch", False),
     ]
+
+
+def test_a_start_batch_call_that_failed_is_not_met_and_says_why() -> None:
+    result = _result(per_s=1_200.0, seconds=30.0, rows=5_644)
+    result["batch"]["error"] = "BrokerError: publish to 'start.bench-sleep' failed: TimeoutError()"
+
+    row = starts.targets(result)[1]
+
+    assert row["met"] is False
+    assert row["measured"].endswith(
+        "(the call failed: BrokerError: publish to 'start.bench-sleep' failed: TimeoutError())"
+    )
