@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 SPREAD_S = 1.0
 """The sleepers fall due evenly within this many seconds."""
+ARMED_SQL = "SELECT count(*) AS n FROM timers WHERE instance_id LIKE %s"
+"""How many sleeps under a prefix have their timer armed."""
 TARGET_P99_MS = 2_000.0
 """Issue 23's bound for held instances resuming (item 2): p99 under 2 s."""
 
@@ -51,7 +53,7 @@ async def run(bench: Bench) -> dict[str, Any]:
     try:
         async with Producer(bench.iso.amqp_url) as producer:
             await start_all(producer, bench_nap, [Alarm(n=i, due=far) for i in range(sleepers)], sleeper_ids)
-            await _until_armed(bench, "bw-", sleepers, [*workers, *schedulers])
+            await until_armed(bench, "bw-", sleepers, [*workers, *schedulers])
             bench.fleet.stop(workers)
             queued_at = time.monotonic()
             await start_all(producer, bench_nap, [Alarm(n=i, due=far) for i in range(starts)], start_ids)
@@ -100,14 +102,18 @@ async def run(bench: Bench) -> dict[str, Any]:
     return result
 
 
-async def _until_armed(bench: Bench, prefix: str, count: int, procs: list[Any]) -> None:
+async def until_armed(
+    bench: Bench, prefix: str, count: int, procs: list[Any], *, sql: str = ARMED_SQL, task: Any = None
+) -> None:
+    """Wait until ``sql`` counts ``count`` rows under ``prefix`` (timers armed, by default)."""
     async with bench.connection() as conn:
         while True:
-            cursor = await conn.execute(
-                "SELECT count(*) AS n FROM timers WHERE instance_id LIKE %s", (prefix + "%",)
-            )
+            cursor = await conn.execute(sql, (prefix + "%",))
             row = await cursor.fetchone()
-            if row is not None and int(row["n"]) >= count:
+            armed = int(row["n"]) if row is not None else 0
+            if task is not None:
+                bench.progress.update(task, completed=armed)
+            if armed >= count:
                 return
             bench.check_alive(procs)
             await asyncio.sleep(0.25)

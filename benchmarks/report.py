@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import backlog, bigdb_bench, cli_speed, fanout, flow, long_flows
+from benchmarks import backlog, bigdb_bench, cli_speed, fanout, flow, held, long_flows
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -37,6 +37,7 @@ def _section(console: Console, heading: str) -> Table:
 
 _SECTION_TARGETS: tuple[tuple[str, Callable[[dict[str, Any]], list[dict[str, Any]]]], ...] = (
     ("backlog", backlog.targets),
+    ("held", held.targets),
     ("fanout", fanout.targets),
     ("bigdb", bigdb_bench.targets),
     ("cli", cli_speed.targets),
@@ -163,6 +164,8 @@ def _all_checks(results: dict[str, Any]) -> list[tuple[str, bool]]:
             found.append((f"timers {part}", results["timers"][part]["check"]["ok"]))
     if "backlog" in results:
         found.append(("backlog", results["backlog"]["check"]["ok"]))
+    if "held" in results:
+        found.append(("held", results["held"]["check"]["ok"]))
     if "long" in results:
         for part in ("long", "short"):
             found.append((f"long/{part}", results["long"][part]["check"]["ok"]))
@@ -297,6 +300,8 @@ def _render_all_timers(console: Console, results: dict[str, Any]) -> None:
             _render_timers(console, run)
     if results.get("backlog"):
         backlog.render(console, results["backlog"])
+    if results.get("held"):
+        held.render(console, results["held"])
 
 
 def _render_timers(console: Console, run: dict[str, Any]) -> None:

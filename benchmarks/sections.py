@@ -76,6 +76,12 @@ class Sizes:
     """Sleeping instances woken while a backlog of starts waits (the backlog section)."""
     backlog_starts: int
     """Starts queued ahead of the wakes in the backlog section."""
+    held_instances: int
+    """Instances held sleeping, and as many held waiting for an event, in the held section."""
+    held_started: int
+    """Of those, how many of each kind are started through the engine; the rest are copies of their rows."""
+    held_spread_s: float
+    """The held section's sleeps fall due evenly over this many seconds."""
     long_steps: int
     long_instances: int
     """1,000-step instances run at once in the long-workflow section (and 10-step ones kept in flight)."""
@@ -105,6 +111,9 @@ QUICK = Sizes(
     resume_timers=1_000,
     backlog_sleepers=200,
     backlog_starts=4_000,
+    held_instances=5_000,
+    held_started=2_000,
+    held_spread_s=30.0,
     long_steps=1_000,
     long_instances=1,
     short_steps=10,
@@ -126,6 +135,9 @@ FULL = Sizes(
     resume_timers=1_000,
     backlog_sleepers=1_000,
     backlog_starts=20_000,
+    held_instances=100_000,
+    held_started=5_000,
+    held_spread_s=300.0,
     long_steps=1_000,
     long_instances=2,
     short_steps=10,
@@ -322,6 +334,7 @@ class Bench:
             "bench-ten-limited",
             "bench-hold",
             "bench-fanout",
+            "bench-await",
         ]
         left = await purge_queues(self.iso.amqp_url, names)
         if self._last_run:
