@@ -40,7 +40,7 @@ TARGET_P99_MS = 2_000.0
 
 async def run(bench: Bench) -> dict[str, Any]:
     """Wake ``backlog_sleepers`` sleeping instances with ``backlog_starts`` starts queued ahead of them."""
-    from benchmarks.sections import DUE_AHEAD_S, start_all
+    from benchmarks.sections import start_all
 
     sleepers, starts = bench.sizes.backlog_sleepers, bench.sizes.backlog_starts
     await bench.reset("wakes behind a backlog of starts")
@@ -59,14 +59,7 @@ async def run(bench: Bench) -> dict[str, Any]:
             await start_all(producer, bench_nap, [Alarm(n=i, due=far) for i in range(starts)], start_ids)
             publish_s = time.monotonic() - queued_at
         workers = await bench.start_workers("bl2", 2)
-        async with bench.connection() as conn, conn.transaction():
-            for table in ("timers", "steps"):
-                await conn.execute(
-                    f"UPDATE {table} SET fire_at = now() + make_interval(secs => %s"
-                    " + %s * substr(instance_id, 4)::int / %s)"
-                    " WHERE instance_id LIKE %s AND kind = 'sleep'",
-                    (DUE_AHEAD_S, SPREAD_S, sleepers, "bw-%"),
-                )
+        await make_due(bench, "bw-", sleepers, SPREAD_S)
         await bench.wait_finished("bw-", sleepers, resuming, [*workers, *schedulers])
         last_resumed = await bench.scalar("SELECT max(finished_at) FROM instances WHERE id LIKE %s", "bw-%")
         taken = int(
@@ -79,10 +72,7 @@ async def run(bench: Bench) -> dict[str, Any]:
         bench.progress.remove_task(resuming)
     # The starts still queued are the section's own load, not duplicates a run left behind.
     await purge_queues(bench.iso.amqp_url, [bench_nap.name])
-    check = await bench.check_instances("bw-", sleeper_ids, lambda i: {"n": i, "value": i + 1})
-    if not check.ok:
-        bench.problem(f"backlog: {check.describe()}")
-    woken, resumed = await bench.resume_lateness("bw-")
+    figures, _ = await nap_outcome(bench, "backlog", "bw-", sleeper_ids)
     result: dict[str, Any] = {
         "sleepers": sleepers,
         "starts": starts,
@@ -90,10 +80,8 @@ async def run(bench: Bench) -> dict[str, Any]:
         "schedulers": 2,
         "publish_s": publish_s,
         "spread_s": SPREAD_S,
-        "wake_lateness": summary_ms(woken),
-        "resume_lateness": summary_ms(resumed),
         "starts_taken_before_last_resumed": taken,
-        "check": {**asdict(check), "ok": check.ok},
+        **figures,
     }
     bench.note(
         f"backlog: {sleepers} wakes behind {starts:,} starts resumed p99"
@@ -119,6 +107,50 @@ async def until_armed(
             await asyncio.sleep(0.25)
 
 
+async def nap_outcome(
+    bench: Bench, section: str, prefix: str, ids: list[str]
+) -> tuple[dict[str, Any], list[float]]:
+    """Check the ``bench-nap`` instances ``ids`` (complete, output ``n + 1``; a problem if not) and
+    measure how late each woke and resumed: the section's figures, and each resume's lateness in s."""
+    check = await bench.check_instances(prefix, ids, lambda i: {"n": i, "value": i + 1})
+    if not check.ok:
+        bench.problem(f"{section}: {check.describe()}")
+    woken, resumed = await bench.resume_lateness(prefix)
+    figures = {
+        "wake_lateness": summary_ms(woken),
+        "resume_lateness": summary_ms(resumed),
+        "check": {**asdict(check), "ok": check.ok},
+    }
+    return figures, resumed
+
+
+async def make_due(bench: Bench, prefix: str, count: int, spread_s: float) -> None:
+    """Move the sleeps of instances ``<prefix><number>`` (0 to ``count - 1``) to fall due evenly
+    within ``spread_s`` seconds, from ``DUE_AHEAD_S`` ahead (a scheduler rescans every 500 ms)."""
+    from benchmarks.sections import DUE_AHEAD_S
+
+    async with bench.connection() as conn, conn.transaction():
+        for table in ("timers", "steps"):
+            await conn.execute(
+                f"UPDATE {table} SET fire_at = now() + make_interval(secs => %s"
+                " + %s * substr(instance_id, %s)::int / %s)"
+                " WHERE instance_id LIKE %s AND kind = 'sleep'",
+                (DUE_AHEAD_S, spread_s, len(prefix) + 1, count, prefix + "%"),
+            )
+
+
+def lateness_table(result: dict[str, Any], title: str = "") -> Table:
+    """p50/p99/max of how late the sleeps' wakes and next steps committed."""
+    table = Table(title=title or None)
+    table.add_column("lateness after due")
+    for name in ("p50", "p99", "max"):
+        table.add_column(name, justify="right")
+    for key, label in (("wake_lateness", "wake committed"), ("resume_lateness", "next step committed")):
+        figures = result[key]
+        table.add_row(label, *(f"{figures[f'{p}_ms']:,.0f} ms" for p in ("p50", "p99", "max")))
+    return table
+
+
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 23, item 2: running instances come before new ones."""
     p99 = result["resume_lateness"]["p99_ms"]
@@ -138,14 +170,7 @@ def render(console: Console, result: dict[str, Any]) -> None:
         f"\n[bold]Backlog: {result['sleepers']:,} sleeps due evenly within {result['spread_s']:g} s behind"
         f" {result['starts']:,} queued starts of the same workflow, 2 workers[/]"
     )
-    table = Table()
-    table.add_column("lateness after due")
-    for name in ("p50", "p99", "max"):
-        table.add_column(name, justify="right")
-    for key, label in (("wake_lateness", "wake committed"), ("resume_lateness", "next step committed")):
-        figures = result[key]
-        table.add_row(label, *(f"{figures[f'{p}_ms']:,.0f} ms" for p in ("p50", "p99", "max")))
-    console.print(table)
+    console.print(lateness_table(result))
     console.print(
         f"starts taken by the workers before the last sleeper resumed:"
         f" {result['starts_taken_before_last_resumed']:,} of {result['starts']:,}"

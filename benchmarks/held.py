@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.backlog import TARGET_P99_MS, until_armed
+from benchmarks.backlog import TARGET_P99_MS, lateness_table, make_due, nap_outcome, until_armed
 from benchmarks.procs import rss_kib
-from benchmarks.stats import summary_ms
 from benchmarks.workflows import Alarm, Job, bench_await, bench_nap
 from stepline import Producer
 
@@ -76,8 +74,6 @@ WAITING_SQL = "SELECT count(*) AS n FROM steps WHERE instance_id LIKE %s AND kin
 
 async def run(bench: Bench) -> dict[str, Any]:
     """Hold ``held_instances`` sleepers and as many event waiters; then wake the sleepers, spread out."""
-    from benchmarks.sections import DUE_AHEAD_S
-
     count, spread_s = bench.sizes.held_instances, bench.sizes.held_spread_s
     engine = min(count, bench.sizes.held_started)
     await bench.reset("held instances")
@@ -116,14 +112,7 @@ async def run(bench: Bench) -> dict[str, Any]:
         bench.progress.update(holding, completed=2 * count)
         rss["held"] = _rss(workers)
         holding_s = time.monotonic() - started
-        async with bench.connection() as conn, conn.transaction():
-            for table in ("timers", "steps"):
-                await conn.execute(
-                    f"UPDATE {table} SET fire_at = now() + make_interval(secs => %s"
-                    " + %s * substr(instance_id, 4)::int / %s)"
-                    " WHERE instance_id LIKE %s AND kind = 'sleep'",
-                    (DUE_AHEAD_S, spread_s, count, "hs-%"),
-                )
+        await make_due(bench, "hs-", count, spread_s)
         await bench.wait_finished("hs-", count, resuming, procs)
         rss["resumed"] = _rss(workers)
         still_waiting = int(
@@ -135,10 +124,7 @@ async def run(bench: Bench) -> dict[str, Any]:
         bench.fleet.stop(procs)
         bench.progress.remove_task(holding)
         bench.progress.remove_task(resuming)
-    check = await bench.check_instances("hs-", sleeper_ids, lambda i: {"n": i, "value": i + 1})
-    if not check.ok:
-        bench.problem(f"held: {check.describe()}")
-    woken, resumed = await bench.resume_lateness("hs-")
+    figures, resumed = await nap_outcome(bench, "held", "hs-", sleeper_ids)
     result: dict[str, Any] = {
         "sleeping": count,
         "waiting": count,
@@ -152,9 +138,7 @@ async def run(bench: Bench) -> dict[str, Any]:
         "waiters_still_waiting": still_waiting,
         "spread_s": spread_s,
         "resumed": len(resumed),
-        "wake_lateness": summary_ms(woken),
-        "resume_lateness": summary_ms(resumed),
-        "check": {**asdict(check), "ok": check.ok},
+        **figures,
     }
     bench.note(
         f"held: {count:,} sleeping + {count:,} waiting, worker RSS growth {result['rss_growth_pct']:.1f}%;"
@@ -234,11 +218,6 @@ def render(console: Console, result: dict[str, Any]) -> None:
         figures = (rss[key][index] / 1024 for key in ("idle", "baseline", "started", "held", "resumed"))
         memory.add_row(f"w{index + 1}", *(f"{mib:,.0f} MiB" for mib in figures))
     console.print(memory)
-    lateness = Table(title=f"{result['resumed']:,} sleeps due evenly over {result['spread_s']:g} s")
-    lateness.add_column("lateness after due")
-    for name in ("p50", "p99", "max"):
-        lateness.add_column(name, justify="right")
-    for key, label in (("wake_lateness", "wake committed"), ("resume_lateness", "next step committed")):
-        figures = result[key]
-        lateness.add_row(label, *(f"{figures[f'{p}_ms']:,.0f} ms" for p in ("p50", "p99", "max")))
-    console.print(lateness)
+    console.print(
+        lateness_table(result, f"{result['resumed']:,} sleeps due evenly over {result['spread_s']:g} s")
+    )

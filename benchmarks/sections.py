@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from benchmarks import naive
+from benchmarks.backlog import make_due
 from benchmarks.isolation import Isolation, purge_queues
 from benchmarks.procs import (
     BIN,
@@ -753,15 +754,7 @@ class Bench:
                     self.progress.update(arming, completed=armed)
                     self.check_alive(procs)
                     await asyncio.sleep(0.25)
-                # Far enough ahead for a scheduler to see it (it rescans every 500 ms).
-                async with conn.transaction():
-                    for table in ("timers", "steps"):
-                        await conn.execute(
-                            f"UPDATE {table} SET fire_at = now() + make_interval(secs => %s"
-                            " + %s * substr(instance_id, %s)::int / %s)"
-                            " WHERE instance_id LIKE %s AND kind = 'sleep'",
-                            (DUE_AHEAD_S, spread_s, len(prefix) + 1, count, prefix + "%"),
-                        )
+            await make_due(self, prefix, count, spread_s)
             await self.wait_finished(prefix, count, resuming, procs)
         finally:
             self.fleet.stop(procs)
