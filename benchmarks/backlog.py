@@ -32,13 +32,15 @@ if TYPE_CHECKING:
 
 SPREAD_S = 1.0
 """The sleepers fall due evenly within this many seconds."""
+ARMED_SQL = "SELECT count(*) AS n FROM timers WHERE instance_id LIKE %s"
+"""How many sleeps under a prefix have their timer armed."""
 TARGET_P99_MS = 2_000.0
 """Issue 23's bound for held instances resuming (item 2): p99 under 2 s."""
 
 
 async def run(bench: Bench) -> dict[str, Any]:
     """Wake ``backlog_sleepers`` sleeping instances with ``backlog_starts`` starts queued ahead of them."""
-    from benchmarks.sections import DUE_AHEAD_S, start_all
+    from benchmarks.sections import start_all
 
     sleepers, starts = bench.sizes.backlog_sleepers, bench.sizes.backlog_starts
     await bench.reset("wakes behind a backlog of starts")
@@ -51,20 +53,13 @@ async def run(bench: Bench) -> dict[str, Any]:
     try:
         async with Producer(bench.iso.amqp_url) as producer:
             await start_all(producer, bench_nap, [Alarm(n=i, due=far) for i in range(sleepers)], sleeper_ids)
-            await _until_armed(bench, "bw-", sleepers, [*workers, *schedulers])
+            await until_armed(bench, "bw-", sleepers, [*workers, *schedulers])
             bench.fleet.stop(workers)
             queued_at = time.monotonic()
             await start_all(producer, bench_nap, [Alarm(n=i, due=far) for i in range(starts)], start_ids)
             publish_s = time.monotonic() - queued_at
         workers = await bench.start_workers("bl2", 2)
-        async with bench.connection() as conn, conn.transaction():
-            for table in ("timers", "steps"):
-                await conn.execute(
-                    f"UPDATE {table} SET fire_at = now() + make_interval(secs => %s"
-                    " + %s * substr(instance_id, 4)::int / %s)"
-                    " WHERE instance_id LIKE %s AND kind = 'sleep'",
-                    (DUE_AHEAD_S, SPREAD_S, sleepers, "bw-%"),
-                )
+        await make_due(bench, "bw-", sleepers, SPREAD_S)
         await bench.wait_finished("bw-", sleepers, resuming, [*workers, *schedulers])
         last_resumed = await bench.scalar("SELECT max(finished_at) FROM instances WHERE id LIKE %s", "bw-%")
         taken = int(
@@ -77,10 +72,7 @@ async def run(bench: Bench) -> dict[str, Any]:
         bench.progress.remove_task(resuming)
     # The starts still queued are the section's own load, not duplicates a run left behind.
     await purge_queues(bench.iso.amqp_url, [bench_nap.name])
-    check = await bench.check_instances("bw-", sleeper_ids, lambda i: {"n": i, "value": i + 1})
-    if not check.ok:
-        bench.problem(f"backlog: {check.describe()}")
-    woken, resumed = await bench.resume_lateness("bw-")
+    figures, _ = await nap_outcome(bench, "backlog", "bw-", sleeper_ids)
     result: dict[str, Any] = {
         "sleepers": sleepers,
         "starts": starts,
@@ -88,10 +80,8 @@ async def run(bench: Bench) -> dict[str, Any]:
         "schedulers": 2,
         "publish_s": publish_s,
         "spread_s": SPREAD_S,
-        "wake_lateness": summary_ms(woken),
-        "resume_lateness": summary_ms(resumed),
         "starts_taken_before_last_resumed": taken,
-        "check": {**asdict(check), "ok": check.ok},
+        **figures,
     }
     bench.note(
         f"backlog: {sleepers} wakes behind {starts:,} starts resumed p99"
@@ -100,17 +90,65 @@ async def run(bench: Bench) -> dict[str, Any]:
     return result
 
 
-async def _until_armed(bench: Bench, prefix: str, count: int, procs: list[Any]) -> None:
+async def until_armed(
+    bench: Bench, prefix: str, count: int, procs: list[Any], *, sql: str = ARMED_SQL, task: Any = None
+) -> None:
+    """Wait until ``sql`` counts ``count`` rows under ``prefix`` (timers armed, by default)."""
     async with bench.connection() as conn:
         while True:
-            cursor = await conn.execute(
-                "SELECT count(*) AS n FROM timers WHERE instance_id LIKE %s", (prefix + "%",)
-            )
+            cursor = await conn.execute(sql, (prefix + "%",))
             row = await cursor.fetchone()
-            if row is not None and int(row["n"]) >= count:
+            armed = int(row["n"]) if row is not None else 0
+            if task is not None:
+                bench.progress.update(task, completed=armed)
+            if armed >= count:
                 return
             bench.check_alive(procs)
             await asyncio.sleep(0.25)
+
+
+async def nap_outcome(
+    bench: Bench, section: str, prefix: str, ids: list[str]
+) -> tuple[dict[str, Any], list[float]]:
+    """Check the ``bench-nap`` instances ``ids`` (complete, output ``n + 1``; a problem if not) and
+    measure how late each woke and resumed: the section's figures, and each resume's lateness in s."""
+    check = await bench.check_instances(prefix, ids, lambda i: {"n": i, "value": i + 1})
+    if not check.ok:
+        bench.problem(f"{section}: {check.describe()}")
+    woken, resumed = await bench.resume_lateness(prefix)
+    figures = {
+        "wake_lateness": summary_ms(woken),
+        "resume_lateness": summary_ms(resumed),
+        "check": {**asdict(check), "ok": check.ok},
+    }
+    return figures, resumed
+
+
+async def make_due(bench: Bench, prefix: str, count: int, spread_s: float) -> None:
+    """Move the sleeps of instances ``<prefix><number>`` (0 to ``count - 1``) to fall due evenly
+    within ``spread_s`` seconds, from ``DUE_AHEAD_S`` ahead (a scheduler rescans every 500 ms)."""
+    from benchmarks.sections import DUE_AHEAD_S
+
+    async with bench.connection() as conn, conn.transaction():
+        for table in ("timers", "steps"):
+            await conn.execute(
+                f"UPDATE {table} SET fire_at = now() + make_interval(secs => %s"
+                " + %s * substr(instance_id, %s)::int / %s)"
+                " WHERE instance_id LIKE %s AND kind = 'sleep'",
+                (DUE_AHEAD_S, spread_s, len(prefix) + 1, count, prefix + "%"),
+            )
+
+
+def lateness_table(result: dict[str, Any], title: str = "") -> Table:
+    """p50/p99/max of how late the sleeps' wakes and next steps committed."""
+    table = Table(title=title or None)
+    table.add_column("lateness after due")
+    for name in ("p50", "p99", "max"):
+        table.add_column(name, justify="right")
+    for key, label in (("wake_lateness", "wake committed"), ("resume_lateness", "next step committed")):
+        figures = result[key]
+        table.add_row(label, *(f"{figures[f'{p}_ms']:,.0f} ms" for p in ("p50", "p99", "max")))
+    return table
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -132,14 +170,7 @@ def render(console: Console, result: dict[str, Any]) -> None:
         f"\n[bold]Backlog: {result['sleepers']:,} sleeps due evenly within {result['spread_s']:g} s behind"
         f" {result['starts']:,} queued starts of the same workflow, 2 workers[/]"
     )
-    table = Table()
-    table.add_column("lateness after due")
-    for name in ("p50", "p99", "max"):
-        table.add_column(name, justify="right")
-    for key, label in (("wake_lateness", "wake committed"), ("resume_lateness", "next step committed")):
-        figures = result[key]
-        table.add_row(label, *(f"{figures[f'{p}_ms']:,.0f} ms" for p in ("p50", "p99", "max")))
-    console.print(table)
+    console.print(lateness_table(result))
     console.print(
         f"starts taken by the workers before the last sleeper resumed:"
         f" {result['starts_taken_before_last_resumed']:,} of {result['starts']:,}"

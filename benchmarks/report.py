@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import backlog, bigdb_bench, cli_speed, fanout, flow, long_flows, starts
+from benchmarks import backlog, bigdb_bench, cli_speed, fanout, flow, held, long_flows, starts
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -38,6 +38,7 @@ def _section(console: Console, heading: str) -> Table:
 _SECTION_TARGETS: tuple[tuple[str, Callable[[dict[str, Any]], list[dict[str, Any]]]], ...] = (
     ("starts", starts.targets),
     ("backlog", backlog.targets),
+    ("held", held.targets),
     ("fanout", fanout.targets),
     ("bigdb", bigdb_bench.targets),
     ("cli", cli_speed.targets),
@@ -156,14 +157,12 @@ def _all_checks(results: dict[str, Any]) -> list[tuple[str, bool]]:
     found: list[tuple[str, bool]] = []
     for run in results.get("throughput", {}).get("runs", []):
         found.append((f"throughput {run['workers']}w", run["check"]["ok"]))
-    for name in ("latency", "timers"):
+    for name in ("latency", "timers", "backlog", "held"):  # sections with one check of their own
         if name in results:
             found.append((name, results[name]["check"]["ok"]))
     for part in ("spread", "resume"):
         if part in results.get("timers", {}):
             found.append((f"timers {part}", results["timers"][part]["check"]["ok"]))
-    if "backlog" in results:
-        found.append(("backlog", results["backlog"]["check"]["ok"]))
     if "long" in results:
         for part in ("long", "short"):
             found.append((f"long/{part}", results["long"][part]["check"]["ok"]))
@@ -306,6 +305,8 @@ def _render_all_timers(console: Console, results: dict[str, Any]) -> None:
             _render_timers(console, run)
     if results.get("backlog"):
         backlog.render(console, results["backlog"])
+    if results.get("held"):
+        held.render(console, results["held"])
 
 
 def _render_timers(console: Console, run: dict[str, Any]) -> None:

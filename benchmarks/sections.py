@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from benchmarks import naive
+from benchmarks.backlog import make_due
 from benchmarks.isolation import Isolation, purge_queues
 from benchmarks.procs import (
     BIN,
@@ -76,6 +77,12 @@ class Sizes:
     """Sleeping instances woken while a backlog of starts waits (the backlog section)."""
     backlog_starts: int
     """Starts queued ahead of the wakes in the backlog section."""
+    held_instances: int
+    """Instances held sleeping, and as many held waiting for an event, in the held section."""
+    held_started: int
+    """Of those, how many of each kind are started through the engine; the rest are copies of their rows."""
+    held_spread_s: float
+    """The held section's sleeps fall due evenly over this many seconds."""
     long_steps: int
     long_instances: int
     """1,000-step instances run at once in the long-workflow section (and 10-step ones kept in flight)."""
@@ -109,6 +116,9 @@ QUICK = Sizes(
     resume_timers=1_000,
     backlog_sleepers=200,
     backlog_starts=4_000,
+    held_instances=5_000,
+    held_started=2_000,
+    held_spread_s=30.0,
     long_steps=1_000,
     long_instances=1,
     short_steps=10,
@@ -132,6 +142,9 @@ FULL = Sizes(
     resume_timers=1_000,
     backlog_sleepers=1_000,
     backlog_starts=20_000,
+    held_instances=100_000,
+    held_started=5_000,
+    held_spread_s=300.0,
     long_steps=1_000,
     long_instances=2,
     short_steps=10,
@@ -330,6 +343,7 @@ class Bench:
             "bench-ten-limited",
             "bench-hold",
             "bench-fanout",
+            "bench-await",
         ]
         left = await purge_queues(self.iso.amqp_url, names)
         if self._last_run:
@@ -748,15 +762,7 @@ class Bench:
                     self.progress.update(arming, completed=armed)
                     self.check_alive(procs)
                     await asyncio.sleep(0.25)
-                # Far enough ahead for a scheduler to see it (it rescans every 500 ms).
-                async with conn.transaction():
-                    for table in ("timers", "steps"):
-                        await conn.execute(
-                            f"UPDATE {table} SET fire_at = now() + make_interval(secs => %s"
-                            " + %s * substr(instance_id, %s)::int / %s)"
-                            " WHERE instance_id LIKE %s AND kind = 'sleep'",
-                            (DUE_AHEAD_S, spread_s, len(prefix) + 1, count, prefix + "%"),
-                        )
+            await make_due(self, prefix, count, spread_s)
             await self.wait_finished(prefix, count, resuming, procs)
         finally:
             self.fleet.stop(procs)

@@ -124,3 +124,14 @@ async def hold_for(seconds: float) -> float:
 async def bench_hold(ctx: Context, hold: Hold) -> float:
     """One step under ``ConcurrencyLimit("bench-one", 1)``, holding it ``hold.seconds``."""
     return await ctx.step("hold", hold_for, hold.seconds, limits=ONE_AT_A_TIME)
+
+
+EVENT_TYPE = "bench.go"
+"""The event ``bench-await`` waits for (the held section never sends it)."""
+
+
+@workflow("bench-await")
+async def bench_await(ctx: Context, job: Job) -> dict[str, int]:
+    """Wait durably for a ``bench.go`` event, then one trivial step: the held section's waiters."""
+    await ctx.wait_for_event("go", event_type=EVENT_TYPE)
+    return {"n": job.n, "value": await ctx.step("add", add_one, job.n)}
