@@ -387,7 +387,11 @@ class Client:
         return await self._must_get(instance_id)
 
     async def resume(self, instance_id: str) -> InstanceInfo:
-        """Let a paused instance go on. Raises ``InvalidStateError`` unless it is paused."""
+        """Let a paused (or held) instance go on: a worker replays it and sends what was held back.
+
+        Raises:
+            InstanceNotFoundError, InvalidStateError: unknown, or not paused.
+        """
         check_instance_id(instance_id)
         await self._control(lambda tx: control.resume(tx, instance_id, limit=self._limit), publishes=True)
         return await self._must_get(instance_id)

@@ -28,7 +28,13 @@ die() { echo "pgbouncer.sh: $*" >&2; exit 1; }
 say() { echo "pgbouncer.sh: $*"; }
 
 pid() { [[ -s "$DIR/pgbouncer.pid" ]] && cat "$DIR/pgbouncer.pid"; }
-running() { local p; p="$(pid)" && kill -0 "$p" 2>/dev/null; }
+# Ours runs: the pid file names a live pgbouncer (a stale file's pid may be another process's now).
+running() { local p; p="$(pid)" && kill -0 "$p" 2>/dev/null && [[ "$(cat "/proc/$p/comm" 2>/dev/null)" == pgbouncer ]]; }
+# Who listens on PORT (one line per socket, with its process), empty if nobody.
+listeners() { ss -Hltnp "sport = :$PORT" 2>/dev/null || true; }
+port_taken() { [[ -n "$(listeners)" ]] || (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
+# PORT is served by process $1 (pgbouncer listens before it writes its pid file, after it forks).
+serves_port() { listeners | grep -q "pid=$1,"; }
 
 install_pgbouncer() {
     # Idempotent: nothing to do where Debian's package is installed.
@@ -74,18 +80,31 @@ cmd_up() {
     [[ "$PORT" != 6432 ]] || die "refusing port 6432 (the system-wide pgbouncer's)"
     write_config
     if running; then
-        kill -HUP "$(pid)"  # re-read the config
-        say "running (pid $(pid)); config reloaded"
-        return
+        if serves_port "$(pid)"; then
+            kill -HUP "$(pid)"  # re-read the config
+            say "running (pid $(pid)); config reloaded"
+            return
+        fi
+        # A reload does not move its listening socket: start it again on the new port.
+        say "running (pid $(pid)) but not on port $PORT: restarting it"
+        cmd_down
     fi
     rm -f "$DIR/pgbouncer.pid"
-    runuser -u "$RUN_AS" -- pgbouncer -d -q "$DIR/pgbouncer.ini"
-    local deadline=$((SECONDS + WAIT_S))
-    until pg_isready -q -h 127.0.0.1 -p "$PORT"; do
+    if port_taken; then
+        die "port $PORT is taken by another process (set STEPLINE_PGBOUNCER_PORT): $(listeners | tr -s ' ')"
+    fi
+    runuser -u "$RUN_AS" -- pgbouncer -d -q "$DIR/pgbouncer.ini" ||
+        die "pgbouncer did not start (see $DIR/pgbouncer.log): $(tail -n 2 "$DIR/pgbouncer.log" 2>/dev/null)"
+    # Up once our process listens on the port and answers there (pg_isready: no upstream needed).
+    local deadline=$((SECONDS + WAIT_S)) p
+    until p="$(pid)" && serves_port "$p" && pg_isready -q -h 127.0.0.1 -p "$PORT"; do
+        if [[ -n "${p:-}" ]] && ! kill -0 "$p" 2>/dev/null; then
+            die "pgbouncer exited (see $DIR/pgbouncer.log): $(tail -n 2 "$DIR/pgbouncer.log" 2>/dev/null)"
+        fi
         ((SECONDS < deadline)) || die "pgbouncer did not listen on $PORT within ${WAIT_S}s (see $DIR/pgbouncer.log)"
         sleep 0.2
     done
-    say "up: 127.0.0.1:$PORT -> $UPSTREAM (transaction pooling, pid $(pid))"
+    say "up: 127.0.0.1:$PORT -> $UPSTREAM (transaction pooling, pid $p)"
 }
 
 cmd_down() {

@@ -16,6 +16,9 @@ Backoff = Literal["constant", "linear", "exponential"]
 class RetryPolicy:
     """How a failing step is retried.
 
+    A retry is due after its back-off: a timer that a running ``stepline-scheduler``
+    fires (without one, a failed attempt waits ``retrying`` until one runs).
+
     Args:
         limit: retries after the first attempt (``0``: run once; a step runs at
             most ``limit + 1`` times).

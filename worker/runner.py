@@ -9,6 +9,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from stepline.shared.broker import Broker, Delivery, create_broker
 from stepline.shared.codec import payloads_from_settings
 from stepline.shared.db.store import Store
@@ -17,7 +19,7 @@ from stepline.shared.errors import BrokerError
 from stepline.shared.health import HealthServer
 from stepline.shared.hooks import Hooks
 from stepline.shared.outbox import OutboxRelay
-from stepline.shared.retrying import StopRequested
+from stepline.shared.retrying import StopRequested, retry_until
 from stepline.shared.settings import WORKER_SPARE_CONNECTIONS, Settings
 from stepline.shared.startup import check_database, connect_broker
 from stepline.shared.topology import is_start
@@ -133,7 +135,15 @@ async def run_worker(
             start_prefetch=concurrency,
         )
         # After consume: the queues a schedule's starts go to exist before any is fired.
-        await sync_declared_schedules(store, workflows, payloads)
+        # Retried as the start-up checks are: the worker consumes already, and a database that
+        # refused a connection for a moment (no slot left) must not end it with its work in hand.
+        await retry_until(
+            lambda: sync_declared_schedules(store, workflows, payloads),
+            what=f"{store.service} (syncing declared schedules)",
+            deadline_s=startup_timeout_s,
+            retry_on=(SQLAlchemyError, OSError),
+            stopping=stopping,
+        )
         health = await _start_health(settings, store, broker)
         # The sweeper outlives the drain below: it keeps the rows of local steps still running fresh.
         drained = asyncio.Event()

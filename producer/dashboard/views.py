@@ -45,7 +45,8 @@ def fold_json(value: Any) -> Folded:
     lines = _pretty(_cut_strings(value)).splitlines()
     preview = "\n".join(lines[:FOLD_LINES])
     if len(lines) > FOLD_LINES:
-        preview += f"\n… {len(lines) - FOLD_LINES} more lines"
+        more = len(lines) - FOLD_LINES
+        preview += f"\n… {more} more line{'' if more == 1 else 's'}"
     return Folded(full, preview[: FOLD_CHARS + 200])
 
 

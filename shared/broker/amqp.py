@@ -603,13 +603,20 @@ class AmqpBroker:
     async def stop_consuming(self) -> None:
         """Cancel the consumers: no new deliveries, while in-flight ones may still be acked."""
         consumers, self._consumers = self._consumers, []
-        for queue, tag in consumers:
-            try:
-                # Bounded: on a connection that is gone (a broker or vhost lost as the worker
-                # stops), an unbounded cancel waits for a reconnect that may never come.
-                await queue.cancel(tag, timeout=PUBLISH_TIMEOUT_S)
-            except _AMQP_FAILURES_OR_TIMEOUT:
-                log.warning("could not cancel consumer", extra={"event": "consumer_cancel_failed"})
+        await asyncio.gather(*(_cancel_consumer(queue, tag) for queue, tag in consumers))
+
+
+async def _cancel_consumer(queue: AbstractQueue, tag: str) -> None:
+    """Cancel one consumer within ``PUBLISH_TIMEOUT_S``; a cancel that cannot be sent is logged.
+
+    Bounded as a whole: on a connection that is gone (a broker or vhost lost as
+    the worker stops), aio-pika's cancel first waits for the channel to come
+    back, which may never happen, and its own ``timeout`` bounds only the reply.
+    """
+    try:
+        await asyncio.wait_for(queue.cancel(tag), timeout=PUBLISH_TIMEOUT_S)
+    except _AMQP_FAILURES_OR_TIMEOUT:
+        log.warning("could not cancel consumer", extra={"event": "consumer_cancel_failed"})
 
 
 def _on_message(handler: Handler) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:

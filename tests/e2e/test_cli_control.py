@@ -27,6 +27,9 @@ async def test_an_operator_drives_an_instance_from_the_command_line(
     env: dict[str, str], fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
     await fleet.start_worker()
+    # As in any deployment: a step attempt that fails for want of a database connection (a
+    # busy CI machine) is retried by its timer, which only a scheduler fires.
+    fleet.start_scheduler()
     instance_id = await producer.start("approval", {}, instance_id="order-42")
     await eventually(lambda: _status(client, instance_id), check=lambda s: s == "waiting", what="the wait")
 
@@ -69,6 +72,7 @@ async def test_list_pages_and_filters_and_prune_reports_what_it_deleted(
     env: dict[str, str], fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
     await fleet.start_worker()
+    fleet.start_scheduler()  # retries a step attempt that failed for want of a connection
     ids = [await producer.start("sequence", {"a": n, "b": n}, instance_id=f"seq-{n}") for n in range(5)]
     for instance_id in ids:
         await client.wait(instance_id, timeout=30)

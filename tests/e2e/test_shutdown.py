@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import uuid
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from stepline import Client, Producer
 from stepline.shared.settings import Settings
-from tests.support import db
-from tests.support.fleet import ProcessFleet, until_consuming
+from stepline.worker.workflow import Workflow
+from tests.support import db, services
+from tests.support.fleet import Fleet, ProcessFleet, until_consuming
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.e2e
@@ -83,3 +88,23 @@ async def test_sigterm_while_waiting_for_a_service_at_start_up_exits_zero(
     text = process_fleet.log("p1")
     assert f"stopping before start-up finished: asked to stop while waiting for {service}" in text
     assert "stopped" in text.splitlines()[-1]
+
+
+# Generous: the stop takes about PUBLISH_TIMEOUT_S (10 s) once; without the bound it never ends.
+@pytest.mark.timeout(120)
+async def test_a_worker_whose_vhost_was_deleted_still_stops(
+    settings: Settings, workflows: Mapping[str, Workflow[Any, Any]]
+) -> None:
+    vhost = f"stepline-gone-{uuid.uuid4().hex[:8]}"
+    services.create_vhost(vhost)
+    try:
+        gone = settings.model_copy(update={"amqp_url": SecretStr(services.amqp_url(vhost))})
+        fleet = Fleet(gone, {name: workflows[name] for name in ("approval", "sequence")})
+        running = await fleet.start_worker()
+        await asyncio.to_thread(services.delete_vhost, vhost)
+        running.stopping.set()
+        # It stops, and cleanly: cancelling its consumers does not wait for the vhost to come back.
+        await running.task
+        assert running.task.done() and running.task.exception() is None
+    finally:
+        await asyncio.to_thread(services.delete_vhost, vhost)  # gone already, unless the test failed early

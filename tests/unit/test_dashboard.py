@@ -27,6 +27,13 @@ def test_a_short_value_is_shown_whole_and_a_long_one_folded_with_its_start() -> 
     assert "more lines" in long.preview and '"x' + "x" * 4999 + '"' in long.full
 
 
+def test_a_folded_value_counts_the_lines_it_hides_in_words() -> None:
+    one_more = fold_json(list(range(13)))  # 15 lines: "[", 13 items, "]"; 14 are shown
+    assert one_more.preview is not None and one_more.preview.endswith("\n… 1 more line")
+    two_more = fold_json(list(range(14)))
+    assert two_more.preview is not None and two_more.preview.endswith("\n… 2 more lines")
+
+
 def _attempt(
     step: str, attempt: int, start_s: float, end_s: float, outcome: str = "succeeded"
 ) -> AttemptInfo:
