@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import subprocess
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from stepline import Client, Producer
 from stepline.shared.settings import Settings
 from tests.support import db
+from tests.support.dashboard import dashboard
 from tests.support.fleet import ProcessFleet, until_consuming
 from tests.support.polling import eventually
 
@@ -36,6 +38,10 @@ async def test_a_long_step_whose_worker_dies_is_retried_from_its_last_heartbeat(
 
     # Attempt 1 checkpointed chunk 3 and hangs there, its delivery long settled; then its worker dies.
     await eventually(checkpoint, check=lambda beat: str(beat) == "3", timeout=60, what="the third heartbeat")
+    async with dashboard(settings) as http:
+        page = html.unescape((await http.get(f"/instances/{instance_id}")).text)
+    # The page shows the running step's heartbeat; its lease timer is no sleep or wait of the workflow.
+    assert "last heartbeat" in page and "Sleeps and waits" not in page
     _start_worker(process_fleet, "w2")
     process_fleet.kill("w1")
 
