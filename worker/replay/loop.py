@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -43,6 +44,10 @@ class ReplayLoop(asyncio.AbstractEventLoop):
         self._ready: deque[asyncio.Handle] = deque()
         self._instance_id = instance_id
         self._workflow = workflow
+        # This loop's own tasks. ``asyncio.all_tasks(loop)`` would walk every task of the
+        # process (the worker's, every kept replay's, and finished ones the garbage
+        # collector has not freed yet) to pick this loop's few, on every close.
+        self._tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
     # -- what tasks and futures use
     def call_soon(  # type: ignore[override]
@@ -71,7 +76,17 @@ class ReplayLoop(asyncio.AbstractEventLoop):
         name: str | None = None,
         context: contextvars.Context | None = None,
     ) -> asyncio.Task[T]:
-        return asyncio.Task(coro, loop=self, name=name, context=context)
+        task = asyncio.Task(coro, loop=self, name=name, context=context)
+        self._tasks.add(task)
+        return task
+
+    def pending_tasks(self) -> list[asyncio.Task[Any]]:
+        """This loop's tasks not done yet: ``asyncio.all_tasks(self)`` without walking the process's.
+
+        Tasks made through ``create_task`` (which ``asyncio.create_task``, ``gather``,
+        ``ensure_future`` and ``TaskGroup`` use); a ``asyncio.Task(...)`` built by hand is not seen.
+        """
+        return [task for task in self._tasks if not task.done()]
 
     def get_debug(self) -> bool:
         return False
