@@ -366,24 +366,11 @@ class PostgresTransaction(Transaction):
         return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
 
     async def commit_settled_step(
-        self,
-        instance_id: str,
-        key: StepKey,
-        *,
-        version: int,
-        attempt: SucceededAttempt | None,
-        result: JSON,
-        new_steps: Sequence[NewStep],
-        status: InstanceStatus,
-        output: JSON = None,
-        error: JSON = None,
-        messages: Sequence[Message] = (),
+        self, instance_id: str, key: StepKey, **fields: Any
     ) -> list[OutboxRow] | None:
         """One statement, atomic without a transaction around it (see ``settled_step_call``)."""
-        statement, params = settled_step_call(
-            instance_id, key, version, attempt, result, new_steps, status, output, error, messages
-        )
-        return followers_rows(await raw.fetch_all(self._conn, statement, params), messages)
+        statement, params = settled_step_call(instance_id, key, **fields)
+        return followers_rows(await raw.fetch_all(self._conn, statement, params), fields.get("messages", ()))
 
     async def start_instance(
         self,
@@ -460,33 +447,26 @@ class PostgresTransaction(Transaction):
         return followers_rows(await raw.fetch_all(self._conn, statement, params), messages)
 
 
-def settled_step_call(
-    instance_id: str,
-    key: StepKey,
-    version: int,
-    attempt: SucceededAttempt | None,
-    result: JSON,
-    new_steps: Sequence[NewStep],
-    status: InstanceStatus,
-    output: JSON,
-    error: JSON,
-    messages: Sequence[Message],
-) -> tuple[sa.Select[Any], dict[str, Any]]:
-    """The one statement of ``commit_settled_step`` and its parameters.
+def settled_step_call(instance_id: str, key: StepKey, **fields: Any) -> tuple[sa.Select[Any], dict[str, Any]]:
+    """The one statement of ``commit_settled_step`` and its parameters (``fields``: ``Transaction``'s).
 
     The UPDATE of the instance row locks it and checks the version (re-checked
     on the newest row if it had to wait for the lock), and every other part
     writes only the rows it returned.
     """
+    attempt: SucceededAttempt | None = fields["attempt"]
+    status: InstanceStatus = fields["status"]
+    new_steps: Sequence[NewStep] = fields["new_steps"]
+    messages: Sequence[Message] = fields.get("messages", ())
     params: dict[str, Any] = {
         "p_instance_id": instance_id,
-        "p_version": version,
+        "p_version": fields["version"],
         "p_status": status,
-        "p_output": output,
-        "p_error": error,
+        "p_output": fields.get("output"),
+        "p_error": fields.get("error"),
         "p_step_name": key[0],
         "p_step_occurrence": key[1],
-        "p_result": result,
+        "p_result": fields["result"],
         "p_started_at": None if attempt is None else attempt.started_at,
     }
     if attempt is not None:
@@ -555,24 +535,12 @@ class PostgresStore(Store):
         return _HeldStatements(self._held)
 
     async def commit_settled_step(
-        self,
-        instance_id: str,
-        key: StepKey,
-        *,
-        version: int,
-        attempt: SucceededAttempt | None,
-        result: JSON,
-        new_steps: Sequence[NewStep],
-        status: InstanceStatus,
-        output: JSON = None,
-        error: JSON = None,
-        messages: Sequence[Message] = (),
+        self, instance_id: str, key: StepKey, **fields: Any
     ) -> list[OutboxRow] | None:
         """One statement, committed with those of concurrent callers (``GroupCommit``)."""
-        statement, params = settled_step_call(
-            instance_id, key, version, attempt, result, new_steps, status, output, error, messages
-        )
-        return followers_rows(await self._group.fetch_all(instance_id, statement, params), messages)
+        statement, params = settled_step_call(instance_id, key, **fields)
+        rows = await self._group.fetch_all(instance_id, statement, params)
+        return followers_rows(rows, fields.get("messages", ()))
 
     async def close(self) -> None:
         """Give the held connections back, then every other one."""
