@@ -140,6 +140,12 @@ class WorkerSettings(BaseModel):
         ge=0,
         description="Instances whose suspended replay a worker keeps for their next step (0: none).",
     )
+    commit_batch: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="Concurrent steps' commits sent together in one transaction, at most (1: each alone).",
+    )
     workflows: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules that define workflows (comma-separated)."
     )

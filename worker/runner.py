@@ -74,6 +74,7 @@ async def run_worker(
         connections=concurrency + WORKER_SPARE_CONNECTIONS,
         pre_ping=False,
         held=concurrency,
+        commit_batch=settings.worker.commit_batch,
         process_id=worker_id,
     )
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stepline.shared.codec import JSON
 from stepline.shared.db import raw
+from stepline.shared.db.group_commit import GroupCommit
 from stepline.shared.db.held import HeldConnections
 from stepline.shared.db.limits import LimitedAttempt, fast_key
 from stepline.shared.db.records import FiredTimer, Message, NewStep, OutboxRow, SucceededAttempt
@@ -365,47 +366,11 @@ class PostgresTransaction(Transaction):
         return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
 
     async def commit_settled_step(
-        self,
-        instance_id: str,
-        key: StepKey,
-        *,
-        version: int,
-        attempt: SucceededAttempt | None,
-        result: JSON,
-        new_steps: Sequence[NewStep],
-        status: InstanceStatus,
-        output: JSON = None,
-        error: JSON = None,
-        messages: Sequence[Message] = (),
+        self, instance_id: str, key: StepKey, **fields: Any
     ) -> list[OutboxRow] | None:
-        """One statement, atomic without a transaction around it.
-
-        The UPDATE of the instance row locks it and checks the version (re-checked
-        on the newest row if it had to wait for the lock), and every other part
-        writes only the rows it returned.
-        """
-        params: dict[str, Any] = {
-            "p_instance_id": instance_id,
-            "p_version": version,
-            "p_status": status,
-            "p_output": output,
-            "p_error": error,
-            "p_step_name": key[0],
-            "p_step_occurrence": key[1],
-            "p_result": result,
-            "p_started_at": None if attempt is None else attempt.started_at,
-        }
-        if attempt is not None:
-            params.update(
-                p_attempt=attempt.number,
-                p_worker=attempt.worker,
-                p_finished_at=attempt.finished_at,
-                p_build_id=attempt.build_id,
-            )
-        statement = settled_step_statement(
-            shapes(new_steps), len(messages), status.is_finished, records_attempt=attempt is not None
-        )
-        return await self._execute_with_followers(statement, params, new_steps, messages)
+        """One statement, atomic without a transaction around it (see ``settled_step_call``)."""
+        statement, params = settled_step_call(instance_id, key, **fields)
+        return followers_rows(await raw.fetch_all(self._conn, statement, params), fields.get("messages", ()))
 
     async def start_instance(
         self,
@@ -478,30 +443,79 @@ class PostgresTransaction(Transaction):
         messages: Sequence[Message],
     ) -> list[OutboxRow] | None:
         """Run a statement of ``_with_followers``: its outbox rows, or None if its anchor wrote nothing."""
-        for index, entry in enumerate(new_steps):
-            params.update(
-                {
-                    f"s{index}_name": entry.key[0],
-                    f"s{index}_occurrence": entry.key[1],
-                    f"s{index}_position": entry.position,
-                    f"s{index}_kind": entry.kind,
-                    f"s{index}_status": entry.status,
-                    f"s{index}_result": entry.result,
-                    f"s{index}_fire_at": entry.fire_at if entry.delay is None else entry.delay,
-                    f"s{index}_detail": entry.detail,
-                }
-            )
-        for index, (routing_key, body, headers) in enumerate(messages):
-            params.update(
-                {f"m{index}_routing_key": routing_key, f"m{index}_body": body, f"m{index}_headers": headers}
-            )
-        # Columns: instance_id, then the outbox row's.
-        rows = await raw.fetch_all(self._conn, statement, params)
-        if not rows:
-            return None
-        if not messages:
-            return []
-        return [OutboxRow(*row[1:]) for row in rows]
+        add_follower_params(params, new_steps, messages)
+        return followers_rows(await raw.fetch_all(self._conn, statement, params), messages)
+
+
+def settled_step_call(instance_id: str, key: StepKey, **fields: Any) -> tuple[sa.Select[Any], dict[str, Any]]:
+    """The one statement of ``commit_settled_step`` and its parameters (``fields``: ``Transaction``'s).
+
+    The UPDATE of the instance row locks it and checks the version (re-checked
+    on the newest row if it had to wait for the lock), and every other part
+    writes only the rows it returned.
+    """
+    attempt: SucceededAttempt | None = fields["attempt"]
+    status: InstanceStatus = fields["status"]
+    new_steps: Sequence[NewStep] = fields["new_steps"]
+    messages: Sequence[Message] = fields.get("messages", ())
+    params: dict[str, Any] = {
+        "p_instance_id": instance_id,
+        "p_version": fields["version"],
+        "p_status": status,
+        "p_output": fields.get("output"),
+        "p_error": fields.get("error"),
+        "p_step_name": key[0],
+        "p_step_occurrence": key[1],
+        "p_result": fields["result"],
+        "p_started_at": None if attempt is None else attempt.started_at,
+    }
+    if attempt is not None:
+        params.update(
+            p_attempt=attempt.number,
+            p_worker=attempt.worker,
+            p_finished_at=attempt.finished_at,
+            p_build_id=attempt.build_id,
+        )
+    statement = settled_step_statement(
+        shapes(new_steps), len(messages), status.is_finished, records_attempt=attempt is not None
+    )
+    add_follower_params(params, new_steps, messages)
+    return statement, params
+
+
+def add_follower_params(
+    params: dict[str, Any], new_steps: Sequence[NewStep], messages: Sequence[Message]
+) -> None:
+    """Add the values of a ``_with_followers`` statement's new entries and messages to ``params``."""
+    for index, entry in enumerate(new_steps):
+        params.update(
+            {
+                f"s{index}_name": entry.key[0],
+                f"s{index}_occurrence": entry.key[1],
+                f"s{index}_position": entry.position,
+                f"s{index}_kind": entry.kind,
+                f"s{index}_status": entry.status,
+                f"s{index}_result": entry.result,
+                f"s{index}_fire_at": entry.fire_at if entry.delay is None else entry.delay,
+                f"s{index}_detail": entry.detail,
+            }
+        )
+    for index, (routing_key, body, headers) in enumerate(messages):
+        params.update(
+            {f"m{index}_routing_key": routing_key, f"m{index}_body": body, f"m{index}_headers": headers}
+        )
+
+
+def followers_rows(rows: list[tuple[Any, ...]], messages: Sequence[Message]) -> list[OutboxRow] | None:
+    """A ``_with_followers`` statement's outbox rows, or None if its anchor wrote nothing.
+
+    Its columns: instance_id, then the outbox row's.
+    """
+    if not rows:
+        return None
+    if not messages:
+        return []
+    return [OutboxRow(*row[1:]) for row in rows]
 
 
 class PostgresStore(Store):
@@ -510,16 +524,27 @@ class PostgresStore(Store):
     service: ClassVar[str] = "PostgreSQL"
     _transaction_class: ClassVar[type[Transaction]] = PostgresTransaction
 
-    def __init__(self, engine: AsyncEngine, *, held: int = 0) -> None:
+    def __init__(self, engine: AsyncEngine, *, held: int = 0, commit_batch: int = 1) -> None:
         super().__init__(engine)
         self._held = HeldConnections(engine, keep=held)
+        # Concurrent steps' commits, up to commit_batch in one transaction (see GroupCommit).
+        self._group = GroupCommit(self._held, commit_batch)
 
     def statements(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
         """A held autocommit connection: one statement is atomic on its own, so no BEGIN or COMMIT."""
         return _HeldStatements(self._held)
 
+    async def commit_settled_step(
+        self, instance_id: str, key: StepKey, **fields: Any
+    ) -> list[OutboxRow] | None:
+        """One statement, committed with those of concurrent callers (``GroupCommit``)."""
+        statement, params = settled_step_call(instance_id, key, **fields)
+        rows = await self._group.fetch_all(instance_id, statement, params)
+        return followers_rows(rows, fields.get("messages", ()))
+
     async def close(self) -> None:
         """Give the held connections back, then every other one."""
+        await self._group.close()
         await self._held.close()
         await super().close()
 
