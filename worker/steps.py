@@ -251,7 +251,9 @@ class StepRunner:
                         return None
                     if cached.replay.is_pending(key):
                         return cached.history, cached.replay, None
-            history = await tx.load_history(message.instance_id)
+                history = await tx.load_changes(cached.history)  # what changed since, read alone
+            else:
+                history = await tx.load_history(message.instance_id)
         if history is not None:
             check_addressed(message, history.workflow)  # the cached replay's, if any, passed already
         current = history is not None and is_current(history, key, message)
@@ -466,7 +468,8 @@ class StepRunner:
         """Commit a success on the newest history, a replay caught up to it; None: leave it to the lock.
 
         ``replay`` has resolved the step already. Each try reads the newest
-        history (one statement), catches a replay up to it (``Replay.advance``:
+        history (one statement, only the steps changed since the newer of the
+        kept replay's version and ``replay``'s), catches a replay up to it (``Replay.advance``:
         the worker's kept replay, or else ``replay``) and commits at that
         version, without the instance lock: a fan-out's branches then cost what
         changed, not a replay of the whole history each. This worker's commits
@@ -476,8 +479,9 @@ class StepRunner:
         key = _step_key(message)
         async with self._turns.turn(message.instance_id):
             for _ in range(CATCH_UP_TRIES):
+                base = _newest(self._cache.peek(message.instance_id), replay.history)
                 async with self._store.statements() as tx:
-                    newer = await tx.load_history(message.instance_id)
+                    newer = await tx.load_changes(base)  # the rows changed since, merged
                 if newer is None or not is_current(newer, key, message, running_in_paused=True):
                     return Committed([])
                 kept, outcome = self._advanced(newer, key, result, replay)
@@ -795,6 +799,11 @@ def _caught_up(replay: Replay, history: History | None, key: StepKey) -> Replay 
         return replay
     replay.close()
     return None
+
+
+def _newest(kept: History | None, own: History) -> History:
+    """The later of two versions of one history: the base a catch-up reads the changes since."""
+    return kept if kept is not None and kept.version > own.version else own
 
 
 def _ends_in_rollback(history: History, key: StepKey) -> bool:

@@ -47,6 +47,14 @@ class ReplayCache:
         """
         return self._entries.pop(instance_id, None)
 
+    def peek(self, instance_id: str) -> History | None:
+        """The history the instance's entry stands on, left in place (None if there is none).
+
+        Only to read from: whoever takes the entry next may extend it (``committed_history``).
+        """
+        entry = self._entries.get(instance_id)
+        return None if entry is None else entry.history
+
     def put(self, history: History, replay: Replay) -> bool:
         """Keep ``replay`` for the instance, closing what it replaces or pushes out; False if none kept.
 
