@@ -531,35 +531,44 @@ class StepRunner:
         ``replay`` is None for a step run on a borrowed call (``_borrow``): only the kept replay serves.
         """
         key = _step_key(message)
-        async with self._turns.turn(message.instance_id):
-            for tried in range(CATCH_UP_TRIES):
-                entry = self._cache.peek(message.instance_id)
-                base = _newest(None if entry is None else entry.history, replay)
-                if base is None:
-                    return None
-                newer: History | None = base
-                # First on the kept replay as it is (fenced by its version all the same); a
-                # kept history that does not hold the attempt as current is read anew.
-                record = base.step(key)
-                if replay is not None or tried or record is None or record.attempt != message.attempt:
-                    async with self._store.statements() as tx:
-                        newer = await tx.load_changes(base)  # the rows changed since, merged
-                if newer is None or not is_current(newer, key, message, running_in_paused=True):
-                    return Committed([])
-                kept, outcome = self._advanced(newer, key, result, replay)
-                transition = None
-                if kept is not None and outcome is not None:
-                    transition = self._planner.plan_unlocked(newer, kept, outcome)
-                if kept is None or outcome is None or transition is None:
-                    _close_unless(kept, replay)
-                    return None
-                committed = await self._commit_success(
-                    workflow, message, result, newer, kept, transition, outcome
-                )
-                if committed is not None:
-                    return committed
-                _close_unless(kept, replay)
-        return None
+        own = replay  # a borrowed step's own replay is the kept one it resolved, once a try lost
+        try:
+            async with self._turns.turn(message.instance_id):
+                for tried in range(CATCH_UP_TRIES):
+                    entry = self._cache.peek(message.instance_id)
+                    base = _newest(None if entry is None else entry.history, own)
+                    if base is None:
+                        return None
+                    newer: History | None = base
+                    # First on the kept replay as it is (fenced by its version all the same); a
+                    # kept history that does not hold the attempt as current is read anew.
+                    record = base.step(key)
+                    if own is not None or tried or record is None or record.attempt != message.attempt:
+                        async with self._store.statements() as tx:
+                            newer = await tx.load_changes(base)  # the rows changed since, merged
+                    if newer is None or not is_current(newer, key, message, running_in_paused=True):
+                        return Committed([])
+                    kept, outcome = self._advanced(newer, key, result, own)
+                    transition = None
+                    if kept is not None and outcome is not None:
+                        transition = self._planner.plan_unlocked(newer, kept, outcome)
+                    if kept is None or outcome is None or transition is None:
+                        _close_unless(kept, own)
+                        return None
+                    committed = await self._commit_success(
+                        workflow, message, result, newer, kept, transition, outcome
+                    )
+                    if committed is not None:
+                        if kept is own and not transition.status.is_finished:
+                            own = replay  # the cache has it now
+                        return committed
+                    if own is None:
+                        own = kept  # resolved here: caught up with ``own=key`` from now on
+                    else:
+                        _close_unless(kept, own)
+            return None
+        finally:
+            _close_unless(own, replay)
 
     def _advanced(
         self, newer: History, key: StepKey, result: StepSucceeded, replay: Replay | None
