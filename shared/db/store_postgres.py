@@ -47,11 +47,13 @@ from stepline.shared.db.statements import (
     INSTANCE_FIELDS,
     STEP_FIELDS,
     attempt_insert,
+    changed_since,
     history_from,
     instance_update,
     outbox_insert,
     step_update,
     steps_insert,
+    with_changes,
 )
 from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
@@ -69,14 +71,23 @@ Shape = tuple[bool, bool, bool]
 """Per new entry: started now (not a step), settled, fire time a delay after now."""
 
 
-def _step_list() -> sa.ScalarSelect[Any]:
-    """An instance's steps as one JSON array, in position order."""
+def _step_list(*conditions: sa.ColumnElement[bool]) -> sa.ScalarSelect[Any]:
+    """An instance's steps (those meeting ``conditions``) as one JSON array, in position order."""
     step_object = sa.func.json_build_object(*(part for name in STEP_FIELDS for part in (name, steps.c[name])))
     return (
         sa.select(sa.func.json_agg(aggregate_order_by(step_object, steps.c.position)))
-        .where(steps.c.instance_id == instances.c.id)
+        .where(steps.c.instance_id == instances.c.id, *conditions)
         .scalar_subquery()
     )
+
+
+def _changes_query() -> sa.Select[Any]:
+    """PostgreSQL: the instance, its steps changed since a version, and its count of steps: one round trip."""
+    count = sa.select(sa.func.count()).where(steps.c.instance_id == instances.c.id).scalar_subquery()
+    since = sa.bindparam("since", type_=steps.c.version.type)
+    return sa.select(
+        *INSTANCE_FIELDS, _step_list(changed_since(since)).label("steps"), count.label("step_count")
+    ).where(instances.c.id == sa.bindparam("instance_id"))
 
 
 def _history_query() -> sa.Select[Any]:
@@ -110,6 +121,8 @@ def _unfinished_histories_query() -> sa.Select[Any]:
 _LOCK_KEY = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:lock_name, 0))")
 _HISTORY = _history_query()  # built once: its compiled form is reused
 _UNFINISHED_HISTORIES = _unfinished_histories_query()
+_CHANGES = _changes_query()
+_ChangesRow = namedtuple("_ChangesRow", list(_CHANGES.selected_columns.keys()))  # type: ignore[misc]
 # Its row as raw.fetch_all gives it (a tuple), with the names SQLAlchemy's rows have.
 _HistoryRow = namedtuple("_HistoryRow", list(_HISTORY.selected_columns.keys()))  # type: ignore[misc]
 
@@ -277,6 +290,21 @@ class PostgresTransaction(Transaction):
             return None
         row: Any = _HistoryRow(*found[0])
         return await self.with_payloads(history_from(row, row.steps or ()))
+
+    async def load_changes(self, base: History) -> History | None:
+        """``base`` caught up in one round trip, the changed steps only (see the base class).
+
+        The catch-up of a kept replay: a branch of a fan-out reads what the other
+        branches committed since, not the whole history.
+        """
+        found = await raw.fetch_all(
+            self._conn, _CHANGES, {"instance_id": base.instance_id, "since": base.version}
+        )
+        if not found:
+            return None
+        row: Any = _ChangesRow(*found[0])
+        changes = await self.with_payloads(history_from(row, row.steps or ()))
+        return with_changes(base, changes, row.step_count) or await self.load_history(base.instance_id)
 
     async def unfinished_histories(
         self, *, after: str | None, limit: int, workflows: Sequence[str]
@@ -601,7 +629,7 @@ def start_statement(step_shapes: tuple[Shape, ...], message_count: int, finishin
         postgresql.insert(instances)
         .from_select(columns, sa.select(*values))
         .on_conflict_do_nothing(index_elements=["id"])
-        .returning(instances.c.id)
+        .returning(instances.c.id, instances.c.version)
         .cte("new_instance")
     )
     return _with_followers(inserted, [], step_shapes, message_count)
@@ -657,7 +685,7 @@ def settled_step_statement(
             *(instances.c.status != finished.value for finished in sorted(FINISHED_STATUSES)),
         )
         .values(instance_values)
-        .returning(instances.c.id)
+        .returning(instances.c.id, instances.c.version)
         .cte("changed_instance")
     )
     locked_id = sa.select(changed.c.id).scalar_subquery()  # NULL, so matching nothing, if it did not match
@@ -706,7 +734,9 @@ def settled_step_statement(
 def _with_followers(
     anchor: sa.CTE, ctes: list[sa.CTE], step_shapes: tuple[Shape, ...], message_count: int
 ) -> sa.Select[Any]:
-    """``anchor`` (returning an instance id, or nothing) with new entries and messages written only after it.
+    """``anchor`` (returning an instance id and its new version, or nothing) with new entries and messages.
+
+    The entries and messages are written only after the anchor, each entry at the anchor's version.
 
     Selects one row per outbox row (id, routing_key, body, headers), or one row
     of the instance id without messages; no row when the anchor wrote nothing.
@@ -729,11 +759,14 @@ def _with_followers(
                     sa.literal(1, type_=steps.c.attempt.type),
                     utc_now() if stamped else never,
                     utc_now() if settled else never,
+                    anchor.c.version,
                 )
             )
         ctes.append(
             steps.insert()
-            .from_select(["instance_id", *columns, "attempt", "started_at", "finished_at"], _union(selects))
+            .from_select(
+                ["instance_id", *columns, "attempt", "started_at", "finished_at", "version"], _union(selects)
+            )
             .cte("new_steps")
         )
     if not message_count:

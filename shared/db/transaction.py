@@ -53,10 +53,12 @@ from stepline.shared.db.statements import (
     LOCK_INSTANCE,
     STEP_FIELDS,
     attempt_insert,
+    changed_since,
     history_from,
     instance_update,
     step_update,
     steps_insert,
+    with_changes,
 )
 from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.states import (
@@ -184,6 +186,31 @@ class Transaction(
             .order_by(steps.c.position)
         )
         return await self.with_payloads(history_from(row, (step._mapping for step in step_rows)))
+
+    async def load_changes(self, base: History) -> History | None:
+        """``base`` caught up to the instance's newest version, reading only the steps changed since.
+
+        The rows whose ``version`` is above ``base.version`` (or NULL: written before
+        revision 0018), merged into ``base`` (left as it is); the whole history if
+        the merge cannot stand for it (``with_changes``). None if there is no such instance.
+        """
+        row = (
+            await self._conn.execute(sa.select(*INSTANCE_FIELDS).where(instances.c.id == base.instance_id))
+        ).first()
+        if row is None:
+            return None
+        step_rows = await self._conn.execute(
+            sa.select(*(steps.c[name] for name in STEP_FIELDS))
+            .where(steps.c.instance_id == base.instance_id, changed_since(base.version))
+            .order_by(steps.c.position)
+        )
+        changes = await self.with_payloads(history_from(row, (step._mapping for step in step_rows)))
+        count = (
+            await self._conn.execute(
+                sa.select(sa.func.count()).select_from(steps).where(steps.c.instance_id == base.instance_id)
+            )
+        ).scalar_one()
+        return with_changes(base, changes, count) or await self.load_history(base.instance_id)
 
     async def set_parent_if_unset(self, instance_id: str, parent: ParentLink) -> None:
         """Let an instance started before its parent asked for it report to that parent."""
