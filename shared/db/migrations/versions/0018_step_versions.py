@@ -10,7 +10,7 @@ Nullable, without a default and without an index (which would cost every step
 write its HOT update): adding it only touches the catalogue.
 
 Revision ID: 0018
-Revises: 0012
+Revises: 0013
 Create Date: 2026-12-06
 """
 
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0018"
-down_revision = "0012"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 
