@@ -93,6 +93,7 @@ def _with_client(settings: Settings, use: Callable[[Client], Awaitable[T]], *, p
             broker=settings.broker,
             database=settings.db,
             codec=load_codec(settings.codec, settings),
+            payload=settings.payload,
         ) as client:
             return await use(client)
 

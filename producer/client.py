@@ -7,7 +7,7 @@ import builtins
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -52,6 +52,7 @@ from stepline.shared.settings import (
     BrokerSettings,
     DatabaseSettings,
     OutboxSettings,
+    PayloadSettings,
 )
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import pool_of, queue_name
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
     # read one instance and should not load the telemetry, the broker, cron parsing or the
     # diagnosis to do it (tests/unit/test_cli_imports.py).
     from stepline.producer.dead_letters import DeadLetters
-    from stepline.producer.producer import WorkflowRef
+    from stepline.producer.producer import Producer, WorkflowRef
     from stepline.shared.diagnosis import Diagnosis, Limits
     from stepline.shared.repair import RepairOutcome
     from stepline.shared.schedules import Schedule
@@ -81,6 +82,9 @@ class Client:
     (``STEPLINE_DATABASE__*``; default: at most 8 connections). ``store``
     is an open store of the same database to read and write through instead of
     one of its own (the caller closes it): a process keeps one connection budget.
+    ``payload`` (``STEPLINE_PAYLOAD__*``): params and event payloads over
+    ``offload_above`` (256 KiB) are written to the ``payloads`` table first and
+    sent as a reference, up to ``max_bytes`` (100 MiB).
     """
 
     def __init__(
@@ -94,11 +98,15 @@ class Client:
         database: DatabaseSettings | None = None,
         codec: PayloadCodec | None = None,
         store: Store | None = None,
+        payload: PayloadSettings | None = None,
     ) -> None:
         self._broker_settings = broker
-        # Events leave sealed; what is read back is opened with this codec's keys, and
-        # shown as ``ENCRYPTED`` where this process has none that fits.
-        self._payloads = Payloads(codec)
+        # Params and events leave sealed; what is read back is opened with this codec's keys, and
+        # shown as ``ENCRYPTED`` where this process has none that fits. Past ``offload_above``
+        # they are stored apart first and the message carries the reference.
+        payload = payload or PayloadSettings()
+        self._payloads = Payloads(codec, offload_above=payload.offload_above, max_bytes=payload.max_bytes)
+        self._producer: Producer | None = None
         self._database_settings = database or DatabaseSettings()
         self._database_url = database_url
         self._amqp_url = amqp_url
@@ -130,7 +138,7 @@ class Client:
             await self._broker.close()
         if self._store is not None and self._store is not self._given_store:
             await self._store.close()
-        self._store = self._broker = self._relay = None
+        self._store = self._broker = self._relay = self._producer = None
 
     # ------------------------------------------------------------ reading
 
@@ -511,6 +519,76 @@ class Client:
         if self._relay is not None and rows:
             await self._relay.publish_committed(rows)
 
+    async def start(
+        self,
+        workflow: str | WorkflowRef,
+        params: object = None,
+        *,
+        instance_id: str | None = None,
+        allow_unregistered: bool = False,
+        priority: int = 0,
+    ) -> str:
+        """Publish a start event as ``Producer.start`` does; params of any size up to ``max_bytes``.
+
+        Params over ``offload_above`` are written to the ``payloads`` table first
+        (compressed, sealed if a codec is set) and the message carries only their
+        reference. A start that never makes an instance (dead-lettered) leaves that
+        row behind until a ``prune`` older than its age.
+
+        Raises:
+            As ``Producer.start``; PayloadTooLargeError over ``STEPLINE_PAYLOAD__MAX_BYTES``;
+            ConfigError: the client has no ``amqp_url``.
+        """
+        starter = self._starter()
+        return await starter.start(
+            workflow,
+            params,
+            instance_id=instance_id,
+            allow_unregistered=allow_unregistered,
+            priority=priority,
+        )
+
+    async def start_batch(
+        self,
+        workflow: str | WorkflowRef,
+        params: Iterable[object],
+        *,
+        instance_ids: Sequence[str] | None = None,
+        allow_unregistered: bool = False,
+        priority: int = 0,
+    ) -> builtins.list[str]:
+        """Publish many start events as ``Producer.start_batch`` does, storing large params as ``start``."""
+        return await self._starter().start_batch(
+            workflow,
+            params,
+            instance_ids=instance_ids,
+            allow_unregistered=allow_unregistered,
+            priority=priority,
+        )
+
+    def _starter(self) -> Producer:
+        """A Producer publishing through this client's broker, storing large params through its database."""
+        if self._producer is None:
+            from stepline.producer.producer import Producer
+
+            self._producer = Producer(
+                self._amqp_url or "",
+                namespace=self._namespace,
+                max_payload_bytes=self._limit,
+                codec=self._payloads.codec,
+                publisher=self._broker_needed("start"),
+                offload=lambda instance_id, params: self._offload(instance_id, params, "the start's params"),
+            )
+        return self._producer
+
+    async def _offload(self, instance_id: str, value: Any, what: str) -> Any:
+        """``value`` as a message carries it: sealed, and past ``offload_above`` a reference to its row."""
+        carried, row = self._payloads.offload(value, what=what)
+        if row is not None:
+            async with self._connection(begin=True) as tx:
+                await tx.insert_payload(instance_id, row)
+        return carried
+
     async def send_event(
         self, instance_id: str, event_type: str, payload: object = None, *, event_id: str | None = None
     ) -> str:
@@ -536,16 +614,16 @@ class Client:
             data = codec.to_payload(payload)
         except (TypeError, ValueError) as exc:
             raise InvalidParamsError(row.workflow, f"event payload is not JSON: {exc}") from None
+        broker = self._broker_needed("send_event")
         message = EventMessage(
             workflow=row.workflow,
             instance_id=instance_id,
             event_id=event_id,
             event_type=event_type,
-            payload=self._payloads.seal(data),
+            payload=await self._offload(instance_id, data, f"the payload of event {event_type!r}"),
         )
-        await self._broker_needed("send_event").publish(
-            message.routing_key, encode_message(message, limit=self._limit), row.trace_context
-        )
+        body = encode_message(message, limit=self._limit)
+        await broker.publish(message.routing_key, body, row.trace_context)
         return message.event_id
 
     async def prune(
@@ -555,7 +633,9 @@ class Client:
 
         Works in batches of ``batch_size`` (each its own short transaction, so
         running work is never blocked for long); ``progress`` is told the running
-        total after each batch. Returns how many instances were deleted.
+        total after each batch. Returns how many instances were deleted. Their
+        payloads stored apart go with them, and so do the payloads written more
+        than ``older_than`` ago for starts that never made an instance.
         """
         age = parse_duration(older_than)
         total = 0
@@ -566,7 +646,10 @@ class Client:
             if progress is not None:
                 progress(total)
             if deleted < batch_size:
-                return total
+                break
+        async with self._connection(begin=True) as tx:
+            await tx.delete_orphan_payloads(older_than=age)
+        return total
 
     # ------------------------------------------------------------ dead letters
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 
 from pydantic import ValidationError
@@ -12,7 +12,12 @@ from pydantic import ValidationError
 from stepline.shared import codec
 from stepline.shared.broker import Broker, WorkflowQueue, create_broker
 from stepline.shared.codec import JSON, PayloadCodec, Payloads, load_codec
-from stepline.shared.errors import BadPayloadError, InvalidParamsError, UnregisteredWorkflowError
+from stepline.shared.errors import (
+    BadPayloadError,
+    InvalidParamsError,
+    PayloadTooLargeError,
+    UnregisteredWorkflowError,
+)
 from stepline.shared.hooks import Hooks
 from stepline.shared.messages import (
     StartMessage,
@@ -24,6 +29,14 @@ from stepline.shared.messages import (
 )
 from stepline.shared.settings import BrokerSettings, Settings
 from stepline.shared.telemetry import Telemetry
+
+Offload = Callable[[str, JSON], Awaitable[JSON]]
+"""Stores a start's params apart if large (given the instance id); returns what the message carries."""
+
+_USE_THE_CLIENT = (
+    "the Producer sends params inline; Client.start stores larger params in the database "
+    "(up to STEPLINE_PAYLOAD__MAX_BYTES) and sends only a reference"
+)
 
 
 class WorkflowRef(Protocol):
@@ -58,9 +71,15 @@ class Producer:
         hooks: Hooks | None = None,
         broker: BrokerSettings | None = None,
         codec: PayloadCodec | None = None,
+        publisher: Broker | None = None,
+        offload: Offload | None = None,
     ) -> None:
         # The queue type must match the workers': whoever declares a queue first fixes it.
-        self._broker: Broker = create_broker(amqp_url, namespace, broker)
+        # ``publisher``: a connected broker to publish through (the Client's), which its owner closes.
+        self._owns_broker = publisher is None
+        self._broker: Broker = publisher or create_broker(amqp_url, namespace, broker)
+        # The Producer has no database: only a Client, which has, stores large params apart.
+        self._offload = offload
         self._namespace = namespace
         self._limit = max_payload_bytes
         # Params leave this process sealed: the broker and the database only ever see the envelope.
@@ -84,11 +103,13 @@ class Producer:
         )
 
     async def __aenter__(self) -> Producer:
-        await self._broker.connect()
+        if self._owns_broker:
+            await self._broker.connect()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._broker.close()
+        if self._owns_broker:
+            await self._broker.close()
 
     async def start(
         self,
@@ -120,12 +141,20 @@ class Producer:
                 name, or no worker serving it ever ran); nothing was published.
             InvalidIdError: ``instance_id`` is empty, too long or holds a control character.
             InvalidParamsError: params are not JSON or not valid for the workflow.
-            PayloadTooLargeError: the event is over the payload limit.
+            PayloadTooLargeError: the event is over the payload limit (``STEPLINE_MAX_PAYLOAD_BYTES``,
+                1 MiB by default): the Producer sends params inline, ``Client.start`` stores
+                larger ones in the database.
             UnroutableError, BrokerError: the broker did not take the event.
         """
         message = self._start_message(workflow, params, instance_id, priority)
-        body = encode_message(message, limit=self._limit)
-        await self._check_registered(message.workflow, allow_unregistered=allow_unregistered)
+        if self._offload is None:
+            body = self._encode(message)
+            await self._check_registered(message.workflow, allow_unregistered=allow_unregistered)
+        else:
+            # Registered first: params stored apart for a start never published would wait for a prune.
+            await self._check_registered(message.workflow, allow_unregistered=allow_unregistered)
+            carried = await self._offload(message.instance_id, message.params)
+            body = self._encode(message.model_copy(update={"params": carried}))
         with self._hooks.publish(message.workflow, message.routing_key, message.instance_id) as headers:
             await self._broker.publish(message.routing_key, body, headers)
         return message.instance_id
@@ -179,6 +208,12 @@ class Producer:
         broker cannot tell); a start published while none runs waits in the queue.
         """
         return await self._broker.workflow_queue(workflow)
+
+    def _encode(self, message: StartMessage) -> bytes:
+        try:
+            return encode_message(message, limit=self._limit)
+        except PayloadTooLargeError as exc:
+            raise exc.with_hint(_USE_THE_CLIENT) if self._offload is None else exc from None
 
     async def _check_registered(self, workflow: str, *, allow_unregistered: bool) -> None:
         """Raise unless a worker serving ``workflow`` has run here; declare its queue if allowed."""

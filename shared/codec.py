@@ -195,7 +195,8 @@ class Payloads:
 
     ``Payloads()`` is the plain way (no codec): ``seal`` returns its value as is,
     and ``open`` refuses an envelope (there is no key to open it with).
-    ``offload_above`` and ``max_bytes`` bound a step result (see ``prepare``).
+    ``offload_above`` and ``max_bytes`` bound a step result (see ``prepare``), and
+    params and event payloads a client sends (see ``offload``).
     """
 
     __slots__ = ("codec", "max_bytes", "offload_above")
@@ -226,6 +227,24 @@ class Payloads:
         data = body if sealed is value else _json_bytes(sealed)
         row = Offloaded(uuid.uuid4().hex, zlib.compress(data, 1), len(data))
         return {OFFLOAD_FIELD: row.id, "bytes": row.size}, row
+
+    def offload(self, value: JSON, *, what: str) -> tuple[JSON, Offloaded | None]:
+        """Params or an event payload as a message carries it, and the payload row to write first, if any.
+
+        ``value`` is the payload as stored (``to_payload``'d, sealed or not). Up to
+        ``offload_above`` bytes of JSON it is returned sealed and travels inline;
+        past it, as ``prepare`` does for a step result, it goes to a payload row
+        and the message carries only the reference.
+
+        Raises:
+            PayloadTooLargeError: over ``max_bytes`` (``STEPLINE_PAYLOAD__MAX_BYTES``).
+        """
+        body = encode(value, limit=self.max_bytes, what=what, setting="STEPLINE_PAYLOAD__MAX_BYTES")
+        return self.prepare(value, body)
+
+    def is_large(self, value: JSON) -> bool:
+        """Whether ``value``'s JSON is over ``offload_above`` bytes (it would be stored apart)."""
+        return len(_json_bytes(value)) > self.offload_above
 
     def seal(self, value: JSON) -> JSON:
         """``value`` as it is stored and sent: an envelope if a codec is set, else ``value`` itself.

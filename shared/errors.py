@@ -25,11 +25,24 @@ class PayloadTooLargeError(BadPayloadError):
     """A payload is over the configured size limit."""
 
     def __init__(
-        self, what: str, size: int, limit: int, *, setting: str = "STEPLINE_MAX_PAYLOAD_BYTES"
+        self,
+        what: str,
+        size: int,
+        limit: int,
+        *,
+        setting: str = "STEPLINE_MAX_PAYLOAD_BYTES",
+        hint: str | None = None,
     ) -> None:
-        super().__init__(f"{what} is {size} bytes, over the {limit}-byte limit ({setting})")
+        text = f"{what} is {size} bytes, over the {limit}-byte limit ({setting})"
+        super().__init__(f"{text}: {hint}" if hint else text)
+        self.what = what
         self.size = size
         self.limit = limit
+        self.setting = setting
+
+    def with_hint(self, hint: str) -> PayloadTooLargeError:
+        """The same error, its text ending with what to do about it."""
+        return PayloadTooLargeError(self.what, self.size, self.limit, setting=self.setting, hint=hint)
 
 
 class UnknownWorkflowError(BadPayloadError):

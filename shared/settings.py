@@ -246,14 +246,16 @@ class PayloadSettings(BaseModel):
         default=256 * 1024,
         ge=1024,
         le=64 * 1024 * 1024,
-        description="A step result larger than this many bytes of JSON is stored once, compressed, in the "
-        "payloads table, and its step row holds a reference.",
+        description="A step result, params or event payload (sent by the Client) larger than this many "
+        "bytes of JSON is stored once, compressed, in the payloads table; its row and message hold "
+        "a reference.",
     )
     max_bytes: int = Field(
         default=100 * 1024 * 1024,
         ge=1024,
         le=1024 * 1024 * 1024,
-        description="Largest step result accepted (offloaded); messages keep STEPLINE_MAX_PAYLOAD_BYTES.",
+        description="Largest step result, params or event payload accepted (offloaded); "
+        "messages keep STEPLINE_MAX_PAYLOAD_BYTES.",
     )
 
 

@@ -99,3 +99,28 @@ async def sync_pages(secret: str) -> str:
 @workflow("checkpointed")
 async def checkpointed(ctx: Context, secret: str) -> str:
     return await ctx.step("sync", sync_pages, secret, timeout="1 hour", heartbeat_timeout="1 minute")
+
+
+def blob(size: int, tail: str) -> dict[str, Any]:
+    """Params, an event payload or a child's params of ``size`` characters, ending with ``tail``."""
+    return {"blob": "ab" * (size // 2), "tail": tail}
+
+
+async def measure_blob(value: dict[str, Any]) -> dict[str, Any]:
+    return {"length": len(value["blob"]), "tail": value["tail"], "head": value["blob"][:4]}
+
+
+@workflow("big-inputs")
+async def big_inputs(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
+    """Large params read by the first step, a large event, a child started with large params."""
+    from_params = await ctx.step("measure-params", measure_blob, params)
+    event = await ctx.wait_for_event("blob", event_type="blob", timeout="1h")
+    from_event = await ctx.step("measure-event", measure_blob, event)
+    size = len(event["blob"])
+    from_child = await ctx.child("child", "big-child", blob(size, "child"))
+    return {"params": from_params, "event": from_event, "child": from_child}
+
+
+@workflow("big-child")
+async def big_child(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
+    return await ctx.step("measure", measure_blob, params)

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from stepline.shared import faults, slots
 from stepline.shared.broker import Delivery
-from stepline.shared.codec import Payloads
+from stepline.shared.codec import Payloads, is_offloaded
 from stepline.shared.db.engine import is_unreachable
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
@@ -358,15 +358,20 @@ class MessageHandler:
         self, workflow: Workflow[Any, Any], message: StartMessage, headers: dict[str, str]
     ) -> Committed:
         payloads = self._planner.payloads
+        read = message.params
+        if is_offloaded(read):  # a client stored them apart: the instance row keeps the reference
+            async with self._store.reading() as tx:
+                read = await tx.read_payload(read)
         try:
             params = workflow.validate_params(
-                payloads.open(message.params, instance_id=message.instance_id, what="the params")
+                payloads.open(read, instance_id=message.instance_id, what="the params")
             )
         except InvalidParamsError as exc:
             raise BadPayloadError(exc.reason) from None
         except PayloadUnreadableError as exc:  # dead-lettered: `stepline dead replay` once the key is here
             raise BadPayloadError(str(exc)) from None
-        stored = payloads.seal(message.params)  # a producer without the codec sent them plain
+        stored = payloads.seal(read)  # a producer without the codec sent them plain
+        kept = message.params if read is not message.params else stored
         parent = (
             ParentLink(
                 message.parent.instance_id,
@@ -391,7 +396,7 @@ class MessageHandler:
         instance = {
             "instance_id": message.instance_id,
             "workflow": workflow.name,
-            "params": stored,
+            "params": kept,
             "trace_context": trace_context,
             "parent": parent,
             "build_id": self._build_id,

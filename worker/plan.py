@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,7 +14,7 @@ from stepline.shared.db.records import Message, NewStep, NewTimer, OutboxRow
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import PayloadTooLargeError, PayloadUnreadableError
 from stepline.shared.failures import failure_record
-from stepline.shared.history import History, ParentLink, StepKey, undone_key
+from stepline.shared.history import History, ParentLink, StepKey, format_key, undone_key
 from stepline.shared.hooks import Hooks, NoHooks
 from stepline.shared.messages import (
     AdvanceMessage,
@@ -128,6 +128,8 @@ class Planner:
         entries = replay.new_entries
         if any(entry.kind in (StepKind.SLEEP, StepKind.EVENT) for entry in entries):
             return None
+        if any(self._child_params_apart(entry) for entry in entries):
+            return None  # their payload rows are written in the transaction (``_store_child_params``)
         new_steps = _new_steps(history, entries, {})
         if outcome.kind == "returned":
             status, output, error = self._ending(outcome)
@@ -163,9 +165,39 @@ class Planner:
             # A key not deployed yet, or a payload row gone: nothing is lost by holding the
             # instance, and `resume` goes on once the payload can be read.
             return await self.hold(tx, history, outcome.error)
+        entries = replay.new_entries
+        if outcome.kind in ("blocked", "returned"):  # the only outcomes that start children
+            entries = await self._store_child_params(tx, entries)
         if outcome.kind == "blocked":
-            return await self._record_blocked(tx, history, replay.new_entries, outcome, matched)
-        return await self._finish(tx, history, replay.new_entries, outcome, matched)
+            return await self._record_blocked(tx, history, entries, outcome, matched)
+        return await self._finish(tx, history, entries, outcome, matched)
+
+    def _child_params_apart(self, entry: NewEntry) -> bool:
+        """Whether ``entry`` starts a child whose params are too large for its start message."""
+        return (
+            entry.kind in _CHILD_KINDS
+            and entry.child_params is not None
+            and self.payloads.is_large(entry.child_params)
+        )
+
+    async def _store_child_params(self, tx: Transaction, entries: list[NewEntry]) -> list[NewEntry]:
+        """``entries`` with each child's params over ``offload_above`` stored apart, as the child's.
+
+        Written in the transaction that records the parent's new entries, so the
+        child's start message, queued in the same commit, carries only the reference.
+        """
+        if not any(self._child_params_apart(entry) for entry in entries):
+            return entries
+        stored = []
+        for entry in entries:
+            if self._child_params_apart(entry):
+                name = format_key(entry.key)
+                carried, row = self.payloads.offload(entry.child_params, what=f"the params of child {name!r}")
+                if row is not None:
+                    await tx.insert_payload((entry.detail or {})["child_id"], row)
+                    entry = replace(entry, child_params=carried)
+            stored.append(entry)
+        return stored
 
     async def _hand_stored_events(
         self, tx: Transaction, history: History, replay: Replay, outcome: Outcome
@@ -185,13 +217,16 @@ class Planner:
             claimed = await tx.claim_event(history.instance_id, _event_type(entry.detail), entry.key)
             if claimed is None:
                 checked.add(entry.key)
-            elif payload_problem(replay, entry.key, claimed.payload) is not None:
+                continue
+            # A payload stored apart is read back; the rows keep the reference.
+            payload = await tx.read_payload(claimed.payload)
+            if payload_problem(replay, entry.key, payload) is not None:
                 # Kept before the wait existed, and it does not fit: set it aside, try the next one.
                 await tx.reject_event(claimed.id)
             else:
                 checked.add(entry.key)
                 matched[entry.key] = claimed.payload
-                outcome = replay.resolve(entry.key, claimed.payload)
+                outcome = replay.resolve(entry.key, payload)
         return outcome, matched
 
     async def _record_blocked(

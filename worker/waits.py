@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from stepline.shared.codec import JSON
+from stepline.shared.codec import JSON, is_offloaded
 from stepline.shared.db.records import Message, OutboxRow
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import BadPayloadError, ChildWorkflowError, CompensationError, EventTimeoutError
@@ -219,9 +219,11 @@ async def deliver_event(
         return []  # kept for the first wait that asks for it
     wait = min(waits, key=lambda record: record.position)
     key = wait.key
+    # A payload a client stored apart is read back for the wait; its rows keep the reference.
+    payload = await tx.read_payload(message.payload)
     with planner.replay(workflow, history) as replay:
         outcome = replay.start()
-        problem = payload_problem(replay, key, message.payload)
+        problem = payload_problem(replay, key, payload)
         if problem is not None:
             # Raised inside the transaction: the stored event is rolled back and dead-lettered.
             raise BadPayloadError(
@@ -234,7 +236,8 @@ async def deliver_event(
         await tx.settle_step(history.instance_id, key, status=StepStatus.SUCCEEDED, result=claimed.payload)
         await tx.cancel_timers(history.instance_id, key)
         if replay.is_pending(key):
-            outcome = replay.resolve(key, claimed.payload)
+            # The event just stored: read back already if it is a reference.
+            outcome = replay.resolve(key, payload if is_offloaded(claimed.payload) else claimed.payload)
         return await planner.apply(tx, history, replay, outcome)
 
 

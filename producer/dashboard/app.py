@@ -55,6 +55,7 @@ def create_app(settings: Settings, *, read_only: bool | None = None, host: str |
             codec=load_codec(settings.codec, settings),
             database=settings.db,
             store=dashboard.store,
+            payload=settings.payload,
         )
         async with client:
             dashboard.client = client

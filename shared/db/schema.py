@@ -332,14 +332,16 @@ events = sa.Table(
     ),
 )
 
-# Payloads stored apart: a step result over STEPLINE_PAYLOAD__OFFLOAD_ABOVE is written here once,
-# zlib-compressed (sealed first if a codec is set), and its step row holds {"$payload": id, "bytes": n}.
-# Deleting (pruning) the instance deletes its payloads.
+# Payloads stored apart: a step result, params or an event payload over STEPLINE_PAYLOAD__OFFLOAD_ABOVE
+# is written here once, zlib-compressed (sealed first if a codec is set), and its row or message holds
+# {"$payload": id, "bytes": n}. Each row belongs to the instance whose id it carries: a client writes a
+# start's params before the instance exists, so there is no foreign key. Pruning the instance deletes
+# its payloads; a prune also deletes the rows older than its age whose instance never came to be.
 payloads = sa.Table(
     "payloads",
     metadata,
     sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("instance_id", sa.Text, sa.ForeignKey("instances.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("instance_id", sa.Text, nullable=False),
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("data", sa.LargeBinary, nullable=False),
     sa.Column("created_at", Timestamp(), nullable=False, server_default=_DEFAULT_NOW),

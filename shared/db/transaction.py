@@ -244,17 +244,24 @@ class Transaction(
         )
 
     async def prune_finished(self, *, older_than: timedelta, limit: int) -> int:
-        """Delete up to ``limit`` instances finished more than ``older_than`` ago; returns how many."""
-        doomed = (
-            sa.select(instances.c.id)
-            .where(
-                instances.c.status.in_([status.value for status in FINISHED_STATUSES]),
-                instances.c.finished_at < utc_now(-older_than),
+        """Delete up to ``limit`` instances finished more than ``older_than`` ago; returns how many.
+
+        Their rows go by cascade, their payloads stored apart with them (``delete_payloads_of``).
+        """
+        doomed = list(
+            await self._conn.scalars(
+                sa.select(instances.c.id)
+                .where(
+                    instances.c.status.in_([status.value for status in FINISHED_STATUSES]),
+                    instances.c.finished_at < utc_now(-older_than),
+                )
+                .limit(limit)
+                .with_for_update(skip_locked=True)
             )
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
         )
+        if not doomed:
+            return 0
+        await self.delete_payloads_of(doomed)
         result = await self._conn.execute(instances.delete().where(instances.c.id.in_(doomed)))
         return int(result.rowcount or 0)
 

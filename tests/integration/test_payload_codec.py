@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
@@ -17,11 +16,11 @@ from stepline import AesGcmCodec, Client, Producer, Schedule
 from stepline.shared.codec import ENCRYPTED, load_codec
 from stepline.shared.db.engine import create_engine, is_sqlite
 from stepline.shared.settings import EMBEDDED_QUEUE, Settings
-from stepline.shared.topology import exchange_name
 from stepline.worker.registry import load_workflows
 from tests import payload_workflows
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually, until_status
+from tests.support.sealing import all_rows, capture_messages, holding
 
 pytestmark = pytest.mark.both_backends
 
@@ -53,64 +52,12 @@ async def sealed_fleet(settings: Settings) -> AsyncIterator[Fleet]:
         await running.stop_all()
 
 
-async def _all_rows(database_url: str) -> dict[str, list[Any]]:
-    """Every row of every table, as a user with the database's credentials would read them."""
-    engine = create_engine(database_url, pool_size=1)
-    try:
-        async with engine.connect() as conn:
-            names = await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names())
-            found = {}
-            for name in names:
-                result = await conn.execute(sa.text(f'SELECT * FROM "{name}"'))
-                found[name] = [tuple(row) for row in result]
-            return found
-    finally:
-        await engine.dispose()
-
-
-def _holding(rows: dict[str, list[Any]], *secrets: str) -> list[str]:
-    """Which tables hold one of ``secrets`` in any column: text, JSON, or bytes."""
-    holding = []
-    for table, table_rows in rows.items():
-        for row in table_rows:
-            for value in row:
-                text = (
-                    value.decode("utf-8", "replace")
-                    if isinstance(value, bytes)
-                    else json.dumps(value, default=str)
-                )
-                if any(secret in text for secret in secrets):
-                    holding.append(table)
-    return holding
-
-
-async def _capture(settings: Settings, into: list[bytes]) -> AsyncGenerator[None, None]:
-    """Copy every message published to the namespace's exchange into ``into`` (RabbitMQ only)."""
-    connection = await aio_pika.connect(settings.amqp)
-    try:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            exchange_name(settings.namespace), aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, "#")
-
-        async def keep(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            into.append(message.body)
-            await message.ack()
-
-        await queue.consume(keep)
-        yield
-    finally:
-        await connection.close()
-
-
 async def test_encrypted_payloads_are_read_back_and_no_plaintext_is_stored_or_sent(
     sealed_fleet: Fleet, settings: Settings, backend: str, tmp_path: Path
 ) -> None:
     sealed = sealed_fleet.settings
     captured: list[bytes] = []
-    capturing = None if backend == "sqlite" else _capture(settings, captured)
+    capturing = None if backend == "sqlite" else capture_messages(settings, captured)
     if capturing is not None:
         await anext(capturing)
     await sealed_fleet.start_worker()
@@ -140,12 +87,12 @@ async def test_encrypted_payloads_are_read_back_and_no_plaintext_is_stored_or_se
     assert (shown.params, shown.output) == (ENCRYPTED, ENCRYPTED)
     assert {step.name: step.result for step in shown.steps}["charge"] == ENCRYPTED
 
-    rows = await _all_rows(settings.database)
+    rows = await all_rows(settings.database)
     assert sum(len(found) for found in rows.values()) > 0
-    assert _holding(rows, SECRET, EVENT_SECRET) == []
+    assert holding(rows, SECRET, EVENT_SECRET) == []
     if backend == "sqlite":
-        queue = await _all_rows(f"sqlite:///{(sealed.embedded or tmp_path) / EMBEDDED_QUEUE}")
-        assert _holding(queue, SECRET, EVENT_SECRET) == []
+        queue = await all_rows(f"sqlite:///{(sealed.embedded or tmp_path) / EMBEDDED_QUEUE}")
+        assert holding(queue, SECRET, EVENT_SECRET) == []
     else:
         assert capturing is not None
         await eventually(lambda: asyncio.sleep(0, len(captured)), check=lambda n: n >= 4, what="messages")
@@ -256,4 +203,4 @@ async def test_schedule_params_are_sealed_at_rest_and_shown_opened(
 
     (row,) = await _rows(settings.database, "SELECT params FROM schedules")
     assert (row["params"]["$codec"], row["params"]["key"]) == ("aes-gcm", "k1")
-    assert _holding(await _all_rows(settings.database), SECRET) == []
+    assert holding(await all_rows(settings.database), SECRET) == []

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from stepline import AesGcmCodec, PayloadCodec, PayloadUnreadableError
+from stepline import AesGcmCodec, PayloadCodec, PayloadUnreadableError, Producer
 from stepline.shared.codec import (
     ENCRYPTED,
     GONE,
@@ -20,7 +20,7 @@ from stepline.shared.codec import (
     to_payload,
     unpack,
 )
-from stepline.shared.errors import ConfigError
+from stepline.shared.errors import ConfigError, PayloadTooLargeError
 from stepline.shared.settings import Settings
 
 SECRET = {"card": "4111-1111-1111-1111", "note": "naïve ✓"}
@@ -193,3 +193,24 @@ def test_a_value_without_the_reserved_keys_is_not_escaped_and_a_codec_may_not_be
     plain.name = "plain"
     with pytest.raises(ConfigError, match="may not be named 'plain'"):
         Payloads(plain)
+
+
+def test_params_over_the_largest_payload_are_refused_naming_the_setting() -> None:
+    payloads = Payloads(offload_above=1024, max_bytes=4096)
+    carried, row = payloads.offload({"blob": "x" * 2000}, what="the start's params")
+    assert row is not None and carried == {"$payload": row.id, "bytes": row.size}
+    with pytest.raises(
+        PayloadTooLargeError, match=r"the start's params is \d+ bytes, over the 4096-byte limit"
+    ) as raised:
+        payloads.offload({"blob": "x" * 5000}, what="the start's params")
+    assert "STEPLINE_PAYLOAD__MAX_BYTES" in str(raised.value)
+
+
+async def test_the_producer_refuses_params_over_the_message_limit_pointing_at_the_client() -> None:
+    # Nothing is connected: the limit is checked before anything is sent.
+    producer = Producer("amqp://guest:guest@127.0.0.1:1/none", max_payload_bytes=1024)
+    with pytest.raises(PayloadTooLargeError) as raised:
+        await producer.start("orders", {"blob": "x" * 2000})
+    text = str(raised.value)
+    assert "over the 1024-byte limit (STEPLINE_MAX_PAYLOAD_BYTES)" in text, text
+    assert "Client.start stores larger params in the database" in text, text
