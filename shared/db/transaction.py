@@ -404,25 +404,22 @@ class Transaction(
         The outbox holds only what is still unsent, so the scan is short.
         """
         named = json.dumps({"instance_id": instance_id}, separators=(",", ":"), ensure_ascii=False)[1:-1]
-        if self._conn.dialect.name == "sqlite":  # its LIKE never matches a blob
-            names = sa.text("instr(outbox.body, :named) > 0").bindparams(
-                sa.bindparam("named", named.encode(), type_=sa.LargeBinary)
-            )
-        else:  # written out: SQLAlchemy's like() is for strings, and the body is bytes
-            pattern = named.replace("/", "//").replace("%", "/%").replace("_", "/_")
-            names = sa.text("outbox.body LIKE :named ESCAPE '/'").bindparams(
-                sa.bindparam("named", f"%{pattern}%".encode(), type_=sa.LargeBinary)
-            )
         rows = (
             await self._conn.execute(
                 sa.select(outbox.c.id, outbox.c.routing_key, outbox.c.body, outbox.c.headers)
-                .where(names)
+                .where(self._body_holds(named.encode()))
                 .order_by(outbox.c.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             )
         ).all()
         return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
+
+    def _body_holds(self, text: bytes) -> sa.TextClause:
+        """Whether the outbox row's body holds ``text`` (SQLite's LIKE never matches a blob: ``instr``)."""
+        return sa.text("instr(outbox.body, :text) > 0").bindparams(
+            sa.bindparam("text", text, type_=sa.LargeBinary)
+        )
 
     async def refresh_outbox(self, ids: Sequence[int]) -> None:
         """Make rows young again, so that no sweeper counts them as left behind (see OutboxRelay.hold).
