@@ -115,6 +115,8 @@ SCHEDULER_CONNECTIONS = 6
 """A scheduler's default budget: its timer, schedule, reconcile, sweep and limit loops."""
 CLIENT_CONNECTIONS = 8
 """A ``Client``'s (and the ``stepline`` command's) default budget."""
+CLIENT_HELD_CONNECTIONS = 1
+"""Of them, kept out of the pool for single statements (``Client.get``): no pre-ping, BEGIN or ROLLBACK."""
 
 
 class WorkerSettings(BaseModel):
@@ -500,6 +502,7 @@ def describe_problems(exc: ValidationError) -> list[str]:
 
 __all__ = [
     "CLIENT_CONNECTIONS",
+    "CLIENT_HELD_CONNECTIONS",
     "SCHEDULER_CONNECTIONS",
     "WORKER_SPARE_CONNECTIONS",
     "DatabaseSettings",

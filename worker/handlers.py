@@ -187,8 +187,29 @@ class MessageHandler:
         # Ack only after the commit: a crash before this line redelivers the
         # message, and the attempt check turns the redelivery into a no-op.
         faults.crash_here(faults.CRASH_AFTER_COMMIT)
-        await _quietly(delivery.ack())
+        if delivery.redelivered:
+            await self._take_over(delivery, committed)
+        # Acked once the steps run here after it are done too: if this worker dies
+        # meanwhile, the broker gives the delivery back at once, and the redelivery
+        # takes over the row of the step that was running here (see _take_over).
         await self._follow(committed)
+        await _quietly(delivery.ack())
+
+    async def _take_over(self, delivery: Delivery, committed: Committed) -> None:
+        """A delivery back from a consumer that may have died: publish its instance's unsent rows now.
+
+        That consumer may have been running the instance's next step itself, its
+        message an unsent outbox row that it held (see ``_follow``): without this,
+        the row waits until it is ``STEPLINE_OUTBOX__SWEEP_AFTER`` old and a sweep
+        comes (3 to 7 s after the crash with the defaults).
+        """
+        try:
+            instance_id = parse_message(delivery.body, limit=self._payload_limit).instance_id
+            await self._relay.take_over(instance_id, keep=[row.id for row in committed.rows])
+        except Exception:  # the rows are committed: the sweeper publishes them
+            log.exception(
+                "taking over a redelivered instance's rows failed", extra={"event": "take_over_failed"}
+            )
 
     async def _dispatch_holding(self, delivery: Delivery) -> Committed:
         """``_dispatch``, tried again in place while the database or the broker cannot be reached.

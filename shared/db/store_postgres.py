@@ -155,6 +155,13 @@ class PostgresTransaction(Transaction):
 
     __slots__ = ()
 
+    def _body_holds(self, text: bytes) -> sa.TextClause:
+        """``LIKE`` on the bytes, its wildcards escaped (SQLAlchemy's ``like()`` is for strings)."""
+        pattern = text.replace(b"/", b"//").replace(b"%", b"/%").replace(b"_", b"/_")
+        return sa.text("outbox.body LIKE :text ESCAPE '/'").bindparams(
+            sa.bindparam("text", b"%" + pattern + b"%", type_=sa.LargeBinary)
+        )
+
     def _insert(self, table: sa.Table) -> postgresql.Insert:
         return postgresql.insert(table)
 

@@ -421,6 +421,33 @@ class Transaction(
         ).all()
         return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
 
+    async def claim_outbox_of(self, instance_id: str, *, limit: int) -> list[OutboxRow]:
+        """Lock unsent rows whose message names ``instance_id`` that no other process holds locked.
+
+        Whatever their age: ``OutboxRelay.take_over`` calls it when a delivery of the
+        instance came back from a consumer that died, which may have held one of
+        these rows for a step it ran itself. The body is matched as the codec writes
+        the id (a message naming it as its parent matches too: republished, harmlessly).
+        The outbox holds only what is still unsent, so the scan is short.
+        """
+        named = json.dumps({"instance_id": instance_id}, separators=(",", ":"), ensure_ascii=False)[1:-1]
+        rows = (
+            await self._conn.execute(
+                sa.select(outbox.c.id, outbox.c.routing_key, outbox.c.body, outbox.c.headers)
+                .where(self._body_holds(named.encode()))
+                .order_by(outbox.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+        return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
+
+    def _body_holds(self, text: bytes) -> sa.TextClause:
+        """Whether the outbox row's body holds ``text`` (SQLite's LIKE never matches a blob: ``instr``)."""
+        return sa.text("instr(outbox.body, :text) > 0").bindparams(
+            sa.bindparam("text", text, type_=sa.LargeBinary)
+        )
+
     async def refresh_outbox(self, ids: Sequence[int]) -> None:
         """Make rows young again, so that no sweeper counts them as left behind (see OutboxRelay.hold).
 
