@@ -140,6 +140,12 @@ class WorkerSettings(BaseModel):
         ge=0,
         description="Instances whose suspended replay a worker keeps for their next step (0: none).",
     )
+    start_batch: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Starts a worker behind on them writes in one statement, at most (1: one at a time).",
+    )
     workflows: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules that define workflows (comma-separated)."
     )

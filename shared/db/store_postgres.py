@@ -28,6 +28,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stepline.shared.codec import JSON
 from stepline.shared.db import raw
+from stepline.shared.db.batch_starts import (
+    START_MANY,
+    NewInstance,
+    StartedBatch,
+    start_many_params,
+    started_batch,
+)
 from stepline.shared.db.held import HeldConnections
 from stepline.shared.db.limits import LimitedAttempt, fast_key
 from stepline.shared.db.records import FiredTimer, Message, NewStep, OutboxRow, SucceededAttempt
@@ -508,6 +515,7 @@ class PostgresStore(Store):
     """PostgreSQL: the engine's pool, and autocommit connections held out of it for single statements."""
 
     service: ClassVar[str] = "PostgreSQL"
+    writes_start_batches: ClassVar[bool] = True
     _transaction_class: ClassVar[type[Transaction]] = PostgresTransaction
 
     def __init__(self, engine: AsyncEngine, *, held: int = 0) -> None:
@@ -517,6 +525,11 @@ class PostgresStore(Store):
     def statements(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
         """A held autocommit connection: one statement is atomic on its own, so no BEGIN or COMMIT."""
         return _HeldStatements(self._held)
+
+    async def start_instances(self, batch: Sequence[NewInstance]) -> StartedBatch | None:
+        """Many new instances in one statement, atomic on its own (``stepline.shared.db.batch_starts``)."""
+        async with self._held.connection() as conn:
+            return started_batch(await raw.fetch_all(conn, START_MANY, start_many_params(batch)))
 
     async def close(self) -> None:
         """Give the held connections back, then every other one."""

@@ -242,11 +242,11 @@ class Replay:
 
     def close(self) -> None:
         """Unwind the suspended workflow code so nothing is left pending."""
-        for task in asyncio.all_tasks(self._loop):
+        for task in self._loop.pending_tasks():
             task.cancel()
         with contextlib.suppress(SteplineError):
             self._loop.run_until_idle()
-        for task in asyncio.all_tasks(self._loop):
+        for task in self._loop.pending_tasks():
             task._log_destroy_pending = False  # type: ignore[attr-defined]
 
     def rebase(self, history: History) -> None:
