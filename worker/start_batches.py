@@ -69,17 +69,19 @@ class StartBatcher:
 
     async def handle(self, delivery: Delivery) -> None:
         """Handle one start delivery, in a batch or alone; returns once it is settled."""
-        turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append((delivery, turn))
-        if self._size > 1 and self._leading < self._lanes:
-            self._leading += 1
-            try:
-                await self._lead()
-            finally:
-                self._leading -= 1
-        if not await turn:  # alone: the usual way
-            async with self._slots.hold(is_start=True):
-                await self._handler.handle(delivery)
+        if self._size > 1:
+            turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self._waiting.append((delivery, turn))
+            if self._leading < self._lanes:
+                self._leading += 1
+                try:
+                    await self._lead()
+                finally:
+                    self._leading -= 1
+            if await turn:
+                return
+        async with self._slots.hold(is_start=True):  # alone: the usual way
+            await self._handler.handle(delivery)
 
     async def _lead(self) -> None:
         """Take batches of what waits until nothing does (checked with no await before the lane is freed)."""
