@@ -74,19 +74,21 @@ async def test_in_a_batch_a_poison_start_is_dead_lettered_and_duplicates_make_on
     fleet: Fleet, producer: Producer, client: Client, settings: Settings
 ) -> None:
     worker = await fleet.start_worker()
-    done = await producer.start("sequence", {"a": 1, "b": 2}, instance_id="done-before")
-    assert (await client.wait(done, timeout=30)).status == "complete"
+    existing = [f"done-before-{n}" for n in range(5)]
+    await producer.start_batch("sequence", [{"a": 1, "b": 2}] * 5, instance_ids=existing)
+    for instance_id in existing:
+        assert (await client.wait(instance_id, timeout=30)).status == "complete"
     await fleet.stop(worker)
 
     sleepers = await producer.start_batch("sleep-until", [TOMORROW] * 20)
-    await producer.start("sequence", {"a": 1, "b": 2}, instance_id="done-before")  # exists: a duplicate
+    await producer.start_batch("sequence", [{"a": 1, "b": 2}] * 5, instance_ids=existing)  # duplicates
     twice = [await producer.start("sequence", {"a": 3, "b": 4}, instance_id="twice") for _ in range(2)]
     poison = {"v": 1, "kind": "start", "workflow": "sequence", "instance_id": "poison", "params": {"a": "x"}}
     start_sequence = routing_key("start", "sequence")
     await publish_raw(settings.amqp, settings.namespace, start_sequence, json.dumps(poison).encode())
     steps = await producer.start_batch("sequence", [{"a": n, "b": 1} for n in range(20)])
 
-    await fleet.start_worker()
+    worker = await fleet.start_worker()
 
     [dead] = await take_dead_letters(settings.amqp, settings.namespace, 1, timeout=60)
     assert json.loads(dead.body)["instance_id"] == "poison"
@@ -96,10 +98,11 @@ async def test_in_a_batch_a_poison_start_is_dead_lettered_and_duplicates_make_on
     for instance_id in sleepers:
         await until_status(client, instance_id, "waiting", timeout=60)
     assert twice == ["twice", "twice"]
-    for instance_id in ("done-before", "twice", *steps):  # each step ran once
+    for instance_id in (*existing, "twice", *steps):  # each step ran once
         assert await db.side_effects_by_step(settings.database, instance_id) == {"add": 1, "describe": 1}
     assert await client.get("poison") is None
-    assert await db.scalar(settings.database, "SELECT count(*) FROM instances") == 2 + 20 + 20
+    assert await db.scalar(settings.database, "SELECT count(*) FROM instances") == 5 + 20 + 1 + 20
+    await fleet.stop(worker)  # what it had not acked goes back to the queues
     for workflow in ("sequence", "sleep-until"):
         assert await ready_messages(settings.amqp, settings.namespace, workflow) == 0
 
