@@ -3,11 +3,11 @@
 One start on its own costs the worker a statement (or a transaction of four or
 five when the workflow's first entry is a sleep) and most of its CPU went to
 building and running it: about 5.5 ms a start, 70 starts a second on two
-workers. When starts queue up, each slot a start takes now handles every start
-delivery that waits in the worker, up to ``size``: each one is parsed,
-validated and replayed to its first entry, and then all of them are written by
-one statement (``Store.start_instances``), acked after it, and their messages
-published together.
+workers. When starts queue up, a batch takes every start delivery that waits
+in the worker, up to ``size`` (``STEPLINE_WORKER__START_BATCH``): each one is
+parsed, validated and replayed to its first entry, and then all of them are
+written by one statement (``Store.start_instances``), acked after it, and
+their messages published together.
 
 What is not a plain new instance goes the usual way, one delivery at a time
 (``MessageHandler.handle``): a start the batch cannot plan (a poison message, a
