@@ -148,6 +148,12 @@ class WorkerSettings(BaseModel):
         le=1024,
         description="Concurrent steps' commits sent together in one transaction, at most (1: each alone).",
     )
+    start_batch: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Starts a worker behind on them writes in one statement, at most (1: one at a time).",
+    )
     workflows: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules that define workflows (comma-separated)."
     )

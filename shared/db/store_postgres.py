@@ -28,6 +28,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stepline.shared.codec import JSON
 from stepline.shared.db import raw
+from stepline.shared.db.batch_starts import (
+    START_MANY,
+    NewInstance,
+    StartedBatch,
+    start_many_params,
+    started_batch,
+)
 from stepline.shared.db.group_commit import GroupCommit
 from stepline.shared.db.held import HeldConnections
 from stepline.shared.db.limits import LimitedAttempt, fast_key
@@ -557,6 +564,7 @@ class PostgresStore(Store):
     """PostgreSQL: the engine's pool, and autocommit connections held out of it for single statements."""
 
     service: ClassVar[str] = "PostgreSQL"
+    writes_start_batches: ClassVar[bool] = True
     _transaction_class: ClassVar[type[Transaction]] = PostgresTransaction
 
     def __init__(self, engine: AsyncEngine, *, held: int = 0, commit_batch: int = 1) -> None:
@@ -576,6 +584,11 @@ class PostgresStore(Store):
         statement, params = settled_step_call(instance_id, key, **fields)
         rows = await self._group.fetch_all(instance_id, statement, params)
         return followers_rows(rows, fields.get("messages", ()))
+
+    async def start_instances(self, batch: Sequence[NewInstance]) -> StartedBatch | None:
+        """Many new instances in one statement, atomic on its own (``stepline.shared.db.batch_starts``)."""
+        async with self._held.connection() as conn:
+            return started_batch(await raw.fetch_all(conn, START_MANY, start_many_params(batch)))
 
     async def close(self) -> None:
         """Give the held connections back, then every other one."""
