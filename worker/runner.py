@@ -145,13 +145,15 @@ async def run_worker(
         # After consume: the queues a schedule's starts go to exist before any is fired.
         # Retried as the start-up checks are: the worker consumes already, and a database that
         # refused a connection for a moment (no slot left) must not end it with its work in hand.
-        await retry_until(
-            lambda: sync_declared_schedules(store, workflows, payloads),
-            what=f"{store.service} (syncing declared schedules)",
-            deadline_s=startup_timeout_s,
-            retry_on=(SQLAlchemyError, OSError),
-            stopping=stopping,
-        )
+        # Asked to stop meanwhile: the drain below still lets the steps in hand commit.
+        with contextlib.suppress(StopRequested):
+            await retry_until(
+                lambda: sync_declared_schedules(store, workflows, payloads),
+                what=f"{store.service} (syncing declared schedules)",
+                deadline_s=startup_timeout_s,
+                retry_on=(SQLAlchemyError, OSError),
+                stopping=stopping,
+            )
         health = await _start_health(settings, store, broker)
         # The sweeper outlives the drain below: it keeps the rows of local steps still running fresh.
         drained = asyncio.Event()
