@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections import namedtuple
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stepline.shared.codec import JSON
@@ -38,6 +36,16 @@ from stepline.shared.db.batch_starts import (
 from stepline.shared.db.group_commit import GroupCommit
 from stepline.shared.db.held import HeldConnections
 from stepline.shared.db.limits import LimitedAttempt, fast_key
+from stepline.shared.db.postgres_reads import (
+    CHANGES,
+    HISTORY,
+    ID_COLLATION,
+    UNFINISHED_HISTORIES,
+    ChangesRow,
+    HistoryRow,
+    next_timer_query,
+    sorts_by_code_point,
+)
 from stepline.shared.db.records import FiredTimer, Message, NewStep, OutboxRow, SucceededAttempt
 from stepline.shared.db.reserves import RESERVE_STEP, reserve_rows, take_room
 from stepline.shared.db.schema import (
@@ -51,10 +59,7 @@ from stepline.shared.db.schema import (
     utc_now,
 )
 from stepline.shared.db.statements import (
-    INSTANCE_FIELDS,
-    STEP_FIELDS,
     attempt_insert,
-    changed_since,
     history_from,
     instance_update,
     outbox_insert,
@@ -68,7 +73,6 @@ from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.limits import ConcurrencyLimit
 from stepline.shared.states import (
     FINISHED_STATUSES,
-    UNFINISHED_STATUSES,
     InstanceStatus,
     StepKind,
     StepStatus,
@@ -78,83 +82,7 @@ Shape = tuple[bool, bool, bool]
 """Per new entry: started now (not a step), settled, fire time a delay after now."""
 
 
-def _step_list(*conditions: sa.ColumnElement[bool]) -> sa.ScalarSelect[Any]:
-    """An instance's steps (those meeting ``conditions``) as one JSON array, in position order."""
-    step_object = sa.func.json_build_object(*(part for name in STEP_FIELDS for part in (name, steps.c[name])))
-    return (
-        sa.select(sa.func.json_agg(aggregate_order_by(step_object, steps.c.position)))
-        .where(steps.c.instance_id == instances.c.id, *conditions)
-        .scalar_subquery()
-    )
-
-
-def _changes_query() -> sa.Select[Any]:
-    """PostgreSQL: the instance, its steps changed since a version, and its count of steps: one round trip."""
-    count = sa.select(sa.func.count()).where(steps.c.instance_id == instances.c.id).scalar_subquery()
-    since = sa.bindparam("since", type_=steps.c.version.type)
-    return sa.select(
-        *INSTANCE_FIELDS, _step_list(changed_since(since)).label("steps"), count.label("step_count")
-    ).where(instances.c.id == sa.bindparam("instance_id"))
-
-
-def _history_query() -> sa.Select[Any]:
-    """PostgreSQL: the instance and its steps as one JSON array, in one round trip."""
-    return sa.select(*INSTANCE_FIELDS, _step_list().label("steps")).where(
-        instances.c.id == sa.bindparam("instance_id")
-    )
-
-
-def _unfinished_histories_query() -> sa.Select[Any]:
-    """PostgreSQL: a page of unfinished instances with their steps, in one round trip.
-
-    Arrays instead of IN lists: the statement has one fixed text, compiled once.
-    ``after`` is ``''`` for the first page (ids are never empty).
-    """
-    # IN the unfinished statuses (one small index range each), not != ALL of the finished ones (every
-    # finished instance read); each status a literal bound once, so the text stays fixed.
-    unfinished = [sa.literal(status.value, instances.c.status.type) for status in UNFINISHED_STATUSES]
-    return (
-        sa.select(*INSTANCE_FIELDS, _step_list().label("steps"))
-        .where(
-            instances.c.status.in_(unfinished),
-            instances.c.workflow == sa.any_(sa.bindparam("workflows", type_=postgresql.ARRAY(sa.Text))),
-            instances.c.id > sa.bindparam("after", type_=sa.Text),
-        )
-        .order_by(instances.c.id)
-        .limit(sa.bindparam("limit", type_=sa.Integer))
-    )
-
-
 _LOCK_KEY = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:lock_name, 0))")
-_HISTORY = _history_query()  # built once: its compiled form is reused
-_UNFINISHED_HISTORIES = _unfinished_histories_query()
-_CHANGES = _changes_query()
-_ChangesRow = namedtuple("_ChangesRow", list(_CHANGES.selected_columns.keys()))  # type: ignore[misc]
-# Its row as raw.fetch_all gives it (a tuple), with the names SQLAlchemy's rows have.
-_HistoryRow = namedtuple("_HistoryRow", list(_HISTORY.selected_columns.keys()))  # type: ignore[misc]
-
-# The provider and the locale of instances.id's collation ("default" is the database's).
-# datlocprovider is read through to_jsonb because it only exists from PostgreSQL 15 on;
-# before, every collation was libc's ('c').
-
-
-_ID_COLLATION = sa.text(
-    """
-    SELECT CASE WHEN c.collprovider = 'd' THEN coalesce(to_jsonb(d) ->> 'datlocprovider', 'c')
-                ELSE c.collprovider::text END AS provider,
-           CASE WHEN c.collprovider = 'd' THEN d.datcollate::text
-                ELSE c.collcollate::text END AS locale
-    FROM pg_attribute a
-    JOIN pg_collation c ON c.oid = a.attcollation
-    JOIN pg_database d ON d.datname = current_database()
-    WHERE a.attrelid = 'instances'::regclass AND a.attname = 'id'
-    """
-)
-# libc's C and POSIX compare bytes; glibc's C.UTF-8 (2.35 on, and Debian's before) compares
-# code points; PostgreSQL 17's builtin provider ('b') has only code point order locales.
-
-
-_CODE_POINT_LOCALES = frozenset({"c", "posix", "c.utf8", "c.utf-8"})
 
 
 class PostgresTransaction(Transaction):
@@ -299,10 +227,10 @@ class PostgresTransaction(Transaction):
 
         The read of every wake-up and uncached step.
         """
-        found = await raw.fetch_all(self._conn, _HISTORY, {"instance_id": instance_id})
+        found = await raw.fetch_all(self._conn, HISTORY, {"instance_id": instance_id})
         if not found:
             return None
-        row: Any = _HistoryRow(*found[0])
+        row: Any = HistoryRow(*found[0])
         return await self.with_payloads(history_from(row, row.steps or ()))
 
     async def load_changes(self, base: History) -> History | None:
@@ -312,11 +240,11 @@ class PostgresTransaction(Transaction):
         branches committed since, not the whole history.
         """
         found = await raw.fetch_all(
-            self._conn, _CHANGES, {"instance_id": base.instance_id, "since": base.version}
+            self._conn, CHANGES, {"instance_id": base.instance_id, "since": base.version}
         )
         if not found:
             return None
-        row: Any = _ChangesRow(*found[0])
+        row: Any = ChangesRow(*found[0])
         changes = await self.with_payloads(history_from(row, row.steps or ()))
         return with_changes(base, changes, row.step_count) or await self.load_history(base.instance_id)
 
@@ -326,10 +254,10 @@ class PostgresTransaction(Transaction):
         """One page of unfinished instances with their steps, in one round trip (see the base class)."""
         found = await raw.fetch_all(
             self._conn,
-            _UNFINISHED_HISTORIES,
+            UNFINISHED_HISTORIES,
             {"after": after or "", "limit": limit, "workflows": list(workflows)},
         )
-        rows: list[Any] = [_HistoryRow(*values) for values in found]  # the same columns as _HISTORY's
+        rows: list[Any] = [HistoryRow(*values) for values in found]  # the same columns as HISTORY's
         return [await self.with_payloads(history_from(row, row.steps or ())) for row in rows]
 
     async def _id_starts_with(self, prefix: str) -> list[sa.ColumnElement[bool]]:
@@ -347,10 +275,8 @@ class PostgresTransaction(Transaction):
 
     async def _ids_sort_by_code_point(self) -> bool:
         """Whether PostgreSQL sorts instances.id by code point, so a prefix is one index range."""
-        row = (await self._conn.execute(_ID_COLLATION)).one()
-        if row.provider == "b":
-            return True
-        return row.provider == "c" and (row.locale or "").lower() in _CODE_POINT_LOCALES
+        row = (await self._conn.execute(ID_COLLATION)).one()
+        return sorts_by_code_point(row.provider, row.locale)
 
     async def record_attempt(
         self,
@@ -470,11 +396,7 @@ class PostgresTransaction(Transaction):
 
     async def seconds_until_next_timer(self) -> float | None:
         """Seconds until the earliest armed timer is due, by the database's clock."""
-        value = (
-            await self._conn.execute(
-                sa.select(sa.func.extract("epoch", sa.func.min(timers.c.fire_at) - utc_now()))
-            )
-        ).scalar_one()
+        value = (await self._conn.execute(next_timer_query())).scalar_one()
         return None if value is None else float(value)
 
     async def _execute_with_followers(
