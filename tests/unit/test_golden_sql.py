@@ -31,8 +31,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import psycopg
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from stepline.shared.db.postgres_writes import fire_statement, settled_step_statement, shapes, start_statement
 from stepline.shared.db.records import NewStep
-from stepline.shared.db.store_postgres import fire_statement, settled_step_statement, shapes, start_statement
 from stepline.shared.states import StepKind, StepStatus
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
