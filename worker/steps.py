@@ -4,35 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from stepline.shared import faults
 from stepline.shared.codec import JSON
-from stepline.shared.db.limits import TICKET
 from stepline.shared.db.records import InstanceLock, NewTimer, OutboxRow, SucceededAttempt
 from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
-from stepline.shared.errors import HeartbeatTimeoutError, MisaddressedMessageError, NonDeterminismError
-from stepline.shared.failures import failure_record, step_failure
-from stepline.shared.history import History, StepKey, format_key, is_undo
+from stepline.shared.errors import MisaddressedMessageError
+from stepline.shared.failures import step_failure
+from stepline.shared.history import History, StepKey, format_key
 from stepline.shared.hooks import AttemptEnd
 from stepline.shared.messages import StepMessage, WakeMessage, check_addressed
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.shared.topology import DEFAULT_POOL, pool_of, routing_key
+from stepline.worker.committed import Committed as Committed  # re-exported: handlers import it here
+from stepline.worker.committed import LocalStep
 from stepline.worker.context import StepCall
-from stepline.worker.executor import StepAttemptFailed, StepExecutor, StepResult, StepSucceeded
+from stepline.worker.executor import StepExecutor, StepResult, StepSucceeded
+from stepline.worker.fan_out import FanOut, caught_up
+from stepline.worker.fencing import ends_in_rollback, is_current, missing_step, step_key, waits_for_limit
 from stepline.worker.heartbeats import StepLease
+from stepline.worker.leases import lapsed_attempt, take_lease
 from stepline.worker.limits import StepLimiter
 from stepline.worker.plan import Planner, Transition
-from stepline.worker.replay.cache import ReplayCache, Turns, committed_history
+from stepline.worker.replay.cache import ReplayCache, committed_history
 from stepline.worker.replay.engine import Outcome, Replay
 from stepline.worker.retry import DEFAULT_RETRY_POLICY
 from stepline.worker.step_info import RunningStep
-from stepline.worker.transactions import on_connection
+from stepline.worker.transactions import RolledBack, transact_and_commit
 from stepline.worker.waits import report_settled
 from stepline.worker.workflow import Workflow
 
@@ -40,32 +44,6 @@ log = logging.getLogger("stepline.worker")
 
 Settle = Callable[[], Awaitable[None]]
 """Acks the delivery of the message being handled."""
-
-
-CATCH_UP_TRIES = 5
-"""Unlocked commits of a success on a newer history before the lock is taken (each loses only to a commit)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LocalStep:
-    """A step planned by a commit of this worker, which it may run itself with the replay it kept.
-
-    Its message is committed in the outbox like any other (``row``); a worker
-    that runs it locally leaves that row unsent and deletes it once the step's
-    own attempt has committed, so a crash in between leaves the row for the sweeper.
-    """
-
-    workflow: Workflow[Any, Any]
-    message: StepMessage
-    row: OutboxRow
-
-
-@dataclass(frozen=True, slots=True)
-class Committed:
-    """What a handled message left to do: outbox rows to publish, and maybe a step to run here next."""
-
-    rows: list[OutboxRow]
-    local: LocalStep | None = None
 
 
 class StepRunner:
@@ -103,7 +81,7 @@ class StepRunner:
         # first to finish and is then checked against the history it left, so
         # one worker never runs the same attempt twice at once.
         self._running: dict[tuple[str, str, int, int], asyncio.Event] = {}
-        self._turns = Turns()
+        self._fan_out = FanOut(store, self._cache, planner)
 
     @property
     def limiter(self) -> StepLimiter:
@@ -257,7 +235,7 @@ class StepRunner:
         if history is not None:
             check_addressed(message, history.workflow)  # the cached replay's, if any, passed already
         current = history is not None and is_current(history, key, message)
-        if cached is not None and (kept := _caught_up(cached.replay, history if current else None, key)):
+        if cached is not None and (kept := caught_up(cached.replay, history if current else None, key)):
             assert history is not None
             return history, kept, None
         if history is None or not current:
@@ -276,9 +254,9 @@ class StepRunner:
         lock may plan, or a history that moved on meanwhile is committed under
         the lock (``_commit_locked``).
         """
-        key = _step_key(message)
+        key = step_key(message)
         if not is_local and self._cache:
-            borrowed = await self._borrow(message)
+            borrowed = await self._fan_out.borrow(message)
             if borrowed is True:
                 return Committed([])
             if borrowed is not False:
@@ -292,7 +270,7 @@ class StepRunner:
             if (outcome is not None and outcome.kind == "diverged") or call is None:
                 error = outcome.error if outcome is not None else None
                 return Committed(await self._hold(history, error or missing_step(history, key)))
-            if call.limits or _waits_for_limit(history, key):
+            if call.limits or waits_for_limit(history, key):
                 return await self._run_limited(workflow, message, history, replay, call, settle)
             return await self._attempt_and_commit(workflow, message, history, replay, call, settle)
 
@@ -306,10 +284,10 @@ class StepRunner:
         settle: Settle | None,
     ) -> Committed:
         """Take the step's limits first: it runs now, or waits in line and frees this worker's slot."""
-        key = _step_key(message)
+        key = step_key(message)
         step_message = self._planner.step_message(history, key, message.attempt)
         attempt = self._limiter.attempt(message, call, step_message)
-        acquired = await self._limiter.acquire(attempt, waiting=_waits_for_limit(history, key))
+        acquired = await self._limiter.acquire(attempt, waiting=waits_for_limit(history, key))
         if acquired.verdict != "run":
             return Committed(acquired.rows)  # acked: a grant sends the step again
         async with self._limiter.holding(attempt) as granted:
@@ -335,7 +313,7 @@ class StepRunner:
             return await self._transact_and_commit(workflow, message, history, replay, call)
         lease = None
         if call.heartbeat_timeout is not None:
-            lease = await self._take_lease(history, message, call.heartbeat_timeout)
+            lease = await take_lease(self._store, self._planner, history, message, call.heartbeat_timeout)
             if lease is None:
                 return Committed([])  # another worker runs the attempt, or it is over: its lease moves it
             faults.crash_here(faults.CRASH_AFTER_LEASE)
@@ -346,22 +324,6 @@ class StepRunner:
         if lease is not None:
             await lease.release()
         return committed
-
-    async def _take_lease(
-        self, history: History, message: StepMessage, heartbeat_timeout: timedelta
-    ) -> StepLease | None:
-        """The attempt's lease; its lapse sends the wake-up that ends the attempt (``end_lapsed``)."""
-        key = _step_key(message)
-        routed, body = self._planner.wake_message(history.workflow, history.instance_id, key, message.attempt)
-        return await StepLease.take(
-            self._store,
-            history.instance_id,
-            key,
-            message.attempt,
-            heartbeat_timeout,
-            (routed, body, history.trace_context),
-            self._planner.payloads,
-        )
 
     async def end_lapsed(
         self, tx: Transaction, workflow: Workflow[Any, Any], history: History, message: WakeMessage
@@ -376,27 +338,7 @@ class StepRunner:
         key: StepKey = (message.step, message.occurrence)
         if await tx.lease_armed(message.instance_id, key, message.attempt):
             return []
-        attempt = StepMessage(
-            workflow=message.workflow,
-            instance_id=message.instance_id,
-            step=message.step,
-            occurrence=message.occurrence,
-            attempt=message.attempt,
-        )
-        record = history.step(key)
-        detail = (record.detail if record is not None else None) or {}
-        error = HeartbeatTimeoutError(format_key(key), float(detail.get("heartbeat_timeout_s") or 0))
-        now = datetime.now(UTC)
-        lapsed = StepAttemptFailed(failure_record(error), True, "timed_out", now, now, error)
-        log.info(
-            "lease lapsed: step attempt timed out",
-            extra={
-                "event": "lease_lapsed",
-                "instance_id": message.instance_id,
-                "step": format_key(key),
-                "attempt": message.attempt,
-            },
-        )
+        attempt, lapsed = lapsed_attempt(history, message)
         return await self._commit_on_newer(tx, workflow, attempt, lapsed, {}) or []
 
     async def _commit_result(
@@ -408,7 +350,7 @@ class StepRunner:
         result: StepResult,
     ) -> Committed:
         """Commit what the attempt did: unlocked for the usual success, else under the lock."""
-        key = _step_key(message)
+        key = step_key(message)
         await self._store_offloaded(history, result)
         values = replay.values  # recorded before the step ran: a newer replay keeps them
         if not isinstance(result, StepSucceeded):
@@ -436,35 +378,6 @@ class StepRunner:
             async with self._store.statements() as tx:
                 await tx.insert_payload(history.instance_id, result.offloaded)
 
-    async def _borrow(self, message: StepMessage) -> tuple[History, StepCall] | bool:
-        """The newest history and the step's call, read from the kept replay left in the cache.
-
-        A fan-out's branches arriving at one worker at once would otherwise each
-        replay the whole instance (only one can take the kept replay): here each
-        reads the kept replay's ``calls`` (what a replay of any later version asks
-        the same step to run) and the rows changed since its version, to check the
-        attempt is current. The replay stays in the cache for the commit
-        (``_commit_caught_up``) to take. True: the message is not current (dropped);
-        False: no kept replay awaits the step, or the step takes another path (limits,
-        a lease, a transaction): the caller replays as before.
-        """
-        key = _step_key(message)
-        async with self._turns.turn(message.instance_id):  # not while a commit has the replay out
-            entry = self._cache.peek(message.instance_id)
-        if entry is None or not entry.replay.is_pending(key):
-            return False
-        check_addressed(message, entry.history.workflow)
-        call = entry.replay.calls.get(key)
-        if call is None or call.limits or call.in_transaction or call.heartbeat_timeout is not None:
-            return False
-        async with self._store.statements() as tx:
-            newer = await tx.load_changes(entry.history)
-        if newer is None or not is_current(newer, key, message):
-            return True
-        if _waits_for_limit(newer, key):
-            return False
-        return newer, call
-
     async def _run_borrowed(
         self, workflow: Workflow[Any, Any], message: StepMessage, history: History, call: StepCall
     ) -> Committed:
@@ -485,108 +398,28 @@ class StepRunner:
         replay: Replay,
         call: StepCall,
     ) -> Committed:
-        """Run a ``ctx.transaction`` step on the commit's own connection; commit its writes with its result.
-
-        The step's code runs first, holding no lock on the instance; then, in the
-        same transaction, the attempt is fenced and committed under the lock as a
-        failure would be (``_commit_locked``). A failed attempt, or a fence that
-        refuses it (another attempt committed meanwhile, the instance finished),
-        rolls the code's writes back with everything else; a failure is then
-        recorded on its own, the usual way.
-        """
+        """Run a ``ctx.transaction`` step on the commit's own connection (see ``transact_and_commit``)."""
         values = replay.values
-        try:
-            async with self._store.transaction() as tx:
-                result = await self._attempt(
-                    workflow, history, message, on_connection(call, tx.connection), None
-                )
-                if not isinstance(result, StepSucceeded):
-                    raise _RolledBack(result)
-                if result.offloaded is not None:
-                    await tx.insert_payload(history.instance_id, result.offloaded)
-                committed = await self._commit_locked(
-                    workflow, message, result, history, replay, values, tx=tx
-                )
-        except _RolledBack as rolled_back:
-            if rolled_back.failure is None:
-                text = "transactional step refused at commit; its writes were rolled back"
-                log.info(text, extra=_log_fields(message, "transaction_refused"))
-                return Committed([])
-            return await self._commit_locked(workflow, message, rolled_back.failure, history, replay, values)
-        return committed
+
+        async def attempt(bound: StepCall) -> StepResult:
+            return await self._attempt(workflow, history, message, bound, None)
+
+        async def commit_locked(result: StepResult, tx: Transaction | None) -> Committed:
+            return await self._commit_locked(workflow, message, result, history, replay, values, tx=tx)
+
+        return await transact_and_commit(
+            self._store, message, history.instance_id, call, attempt, commit_locked
+        )
 
     async def _commit_caught_up(
         self, workflow: Workflow[Any, Any], message: StepMessage, result: StepSucceeded, replay: Replay | None
     ) -> Committed | None:
-        """Commit a success on the newest history, a replay caught up to it; None: leave it to the lock.
+        """Commit a success on the newest history, a replay caught up to it (``FanOut.commit_caught_up``).
 
-        ``replay`` has resolved the step already. Each try reads the newest
-        history (one statement, only the steps changed since the newer of the
-        kept replay's version and ``replay``'s), catches a replay up to it (``Replay.advance``:
-        the worker's kept replay, or else ``replay``) and commits at that
-        version, without the instance lock: a fan-out's branches then cost what
-        changed, not a replay of the whole history each. This worker's commits
-        of one instance take turns (``_turns``), so they do not void each
-        other's version; the attempt is fenced as on every path.
-        ``replay`` is None for a step run on a borrowed call (``_borrow``): only the kept replay serves.
+        None: leave it to the lock.
         """
-        key = _step_key(message)
-        own = replay  # a borrowed step's own replay is the kept one it resolved, once a try lost
-        try:
-            async with self._turns.turn(message.instance_id):
-                for tried in range(CATCH_UP_TRIES):
-                    entry = self._cache.peek(message.instance_id)
-                    base = _newest(None if entry is None else entry.history, own)
-                    if base is None:
-                        return None
-                    newer: History | None = base
-                    # First on the kept replay as it is (fenced by its version all the same); a
-                    # kept history that does not hold the attempt as current is read anew.
-                    record = base.step(key)
-                    if own is not None or tried or record is None or record.attempt != message.attempt:
-                        async with self._store.statements() as tx:
-                            newer = await tx.load_changes(base)  # the rows changed since, merged
-                    if newer is None or not is_current(newer, key, message, running_in_paused=True):
-                        return Committed([])
-                    kept, outcome = self._advanced(newer, key, result, own)
-                    transition = None
-                    if kept is not None and outcome is not None:
-                        transition = self._planner.plan_unlocked(newer, kept, outcome)
-                    if kept is None or outcome is None or transition is None:
-                        _close_unless(kept, own)
-                        return None
-                    committed = await self._commit_success(
-                        workflow, message, result, newer, kept, transition, outcome
-                    )
-                    if committed is not None:
-                        if kept is own and not transition.status.is_finished:
-                            own = replay  # the cache has it now
-                        return committed
-                    if own is None:
-                        own = kept  # resolved here: caught up with ``own=key`` from now on
-                    else:
-                        _close_unless(kept, own)
-            return None
-        finally:
-            _close_unless(own, replay)
-
-    def _advanced(
-        self, newer: History, key: StepKey, result: StepSucceeded, replay: Replay | None
-    ) -> tuple[Replay | None, Outcome | None]:
-        """A replay standing on ``newer`` with the step resolved, and its outcome (None: there is none).
-
-        The worker's kept replay of the instance serves first: caught up, the
-        step is resolved on it last, as on a fresh replay of ``newer``.
-        """
-        cached = self._cache.take(newer.instance_id)
-        if cached is not None:
-            current = cached.history.version == newer.version or cached.replay.advance(newer) is not None
-            if current and cached.replay.is_pending(key):
-                return cached.replay, cached.replay.resolve(key, result.result)
-            cached.replay.close()
-        if replay is None:
-            return None, None
-        return replay, replay.advance(newer, own=key)
+        commit = functools.partial(self._commit_success, workflow, message, result)
+        return await self._fan_out.commit_caught_up(message, result, replay, commit)
 
     async def _attempt(
         self,
@@ -597,7 +430,7 @@ class StepRunner:
         lease: StepLease | None,
     ) -> StepResult:
         """Run the step's code once, inside its attempt's telemetry scope, and log how it ended."""
-        key = _step_key(message)
+        key = step_key(message)
         info = RunningStep(history.instance_id, workflow.name, key[0], key[1], message.attempt, lease)
         with self._planner.hooks.step_attempt(
             workflow.name,
@@ -639,7 +472,7 @@ class StepRunner:
         ``resolved`` is what ``replay`` did with the result, ``transition`` what it
         writes; both were planned on ``history``, whose version fences the commit.
         """
-        key = _step_key(message)
+        key = step_key(message)
         attempt = SucceededAttempt(
             message.attempt, self._worker_id, result.started_at, result.finished_at, self._build_id
         )
@@ -685,7 +518,7 @@ class StepRunner:
         (or ``stale`` says so already; always so without a ``replay``), the newer
         history is replayed instead.
         In ``tx`` if given (a transactional step's), where an attempt the fence
-        refuses raises ``_RolledBack`` so that the step's own writes roll back too.
+        refuses raises ``RolledBack`` so that the step's own writes roll back too.
         """
         given = contextlib.nullcontext(tx) if tx is not None else None
         async with given or self._store.transaction() as locked:
@@ -698,12 +531,12 @@ class StepRunner:
                 # replay the newer one before planning what comes next.
                 rows = await self._commit_on_newer(locked, workflow, message, result, values)
             else:
-                key = _step_key(message)
+                key = step_key(message)
                 rows = await self._commit_attempt(
                     locked, history, replay, key, message.attempt, result, resolved
                 )
             if rows is None and tx is not None:
-                raise _RolledBack(None)
+                raise RolledBack(None)
             return Committed(rows or [])
 
     async def _commit_on_newer(
@@ -715,7 +548,7 @@ class StepRunner:
         values: dict[StepKey, JSON],
     ) -> list[OutboxRow] | None:
         """Under the lock: replay the newer history, then commit the attempt if still current (else None)."""
-        key = _step_key(message)
+        key = step_key(message)
         history = await tx.load_history(message.instance_id)
         assert history is not None
         if not is_current(history, key, message, running_in_paused=True):
@@ -771,7 +604,7 @@ class StepRunner:
             outcome = resolved if resolved is not None else replay.resolve(key, result.result)
             return await self._planner.apply(tx, history, replay, outcome)
         policy = replay.calls[key].retry or DEFAULT_RETRY_POLICY
-        if result.is_retryable and policy.allows_retry_after(attempt) and not _ends_in_rollback(history, key):
+        if result.is_retryable and policy.allows_retry_after(attempt) and not ends_in_rollback(history, key):
             # The back-off, or the wait the step chose by raising RetryAfter: the attempt keeps it.
             wait = policy.wait_after(attempt, result.exception)
             await self._record(
@@ -847,65 +680,9 @@ class StepRunner:
             return await self._planner.hold(tx, history, error)
 
 
-class _RolledBack(Exception):  # control flow inside StepRunner, never seen outside
-    """Leaves a transactional step's transaction so that it rolls back: its attempt failed, or was refused."""
-
-    def __init__(self, failure: StepAttemptFailed | None) -> None:
-        super().__init__()
-        self.failure = failure
-        """The failed attempt to record; None if the fence refused the attempt (nothing to record)."""
-
-
 def is_long(detail: JSON) -> bool:
     """Whether a step's recorded detail says it runs on a lease (``heartbeat_timeout=``)."""
     return isinstance(detail, dict) and detail.get("heartbeat_timeout_s") is not None
-
-
-def _close_unless(replay: Replay | None, owned: Replay | None) -> None:
-    """Close ``replay`` unless it is ``owned``, the one its caller's ``with`` block closes."""
-    if replay is not None and replay is not owned:
-        replay.close()
-
-
-def _caught_up(replay: Replay, history: History | None, key: StepKey) -> Replay | None:
-    """A kept replay caught up to ``history`` (other workers' commits) and awaiting ``key``; else closed.
-
-    ``history`` is None when the attempt is not current: the replay is not needed.
-    """
-    if history is not None and replay.advance(history) is not None and replay.is_pending(key):
-        return replay
-    replay.close()
-    return None
-
-
-def _newest(kept: History | None, replay: Replay | None) -> History | None:
-    """The later of two versions of one history: the base a catch-up reads the changes since."""
-    own = None if replay is None else replay.history
-    if kept is None or (own is not None and own.version >= kept.version):
-        return own
-    return kept
-
-
-def _ends_in_rollback(history: History, key: StepKey) -> bool:
-    """A step of a rolling-back instance gets no more attempts; its compensations do."""
-    return history.is_rolling_back and not is_undo(key)
-
-
-def _waits_for_limit(history: History, key: StepKey) -> bool:
-    """Whether the step waits for a limit, or was granted from a line (its hold is there already).
-
-    Either takes the locking way (``acquire_limits``): the one-statement take or a
-    reserve would count a second slot for it, or leave its granted one unused.
-    Its code may have dropped the limits since.
-    """
-    record = history.step(key)
-    if record is None:
-        return False
-    return record.status == StepStatus.WAITING or TICKET in (record.detail or {})
-
-
-def _step_key(message: StepMessage) -> StepKey:
-    return (message.step, message.occurrence)
 
 
 def _attempt_end(result: StepResult) -> AttemptEnd:
@@ -914,59 +691,5 @@ def _attempt_end(result: StepResult) -> AttemptEnd:
     return AttemptEnd(result.outcome, result.exception)
 
 
-def is_current(
-    history: History, key: StepKey, message: StepMessage, *, running_in_paused: bool = False
-) -> bool:
-    """Only the current attempt of a running step may run and commit (the fencing token).
-
-    A paused instance starts no step, but a step already running may still commit
-    (``running_in_paused``, at commit time); so does a rolling-back one.
-    """
-    if history.status.is_finished:
-        _log_stale(message, f"the instance is {history.status}")
-        return False
-    if history.status == InstanceStatus.PAUSED and not running_in_paused:
-        _log_stale(message, "the instance is paused; resume sends it again")
-        return False
-    record = history.step(key)
-    if record is None or record.kind != StepKind.STEP:
-        _log_stale(message, "the history has no such step")
-        return False
-    # A step waiting for a limit is sent again when it is granted (or to take its place in line).
-    live = (StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.WAITING)
-    if record.status not in live or record.attempt != message.attempt:
-        _log_stale(message, f"the step is {record.status} at attempt {record.attempt}")
-        return False
-    if _ends_in_rollback(history, key) and record.status != StepStatus.RUNNING and not running_in_paused:
-        # Sent before the rollback began, a step still runs (the rollback waits for it); no retry
-        # starts. A retry that was already running may still commit: it is then compensated too.
-        _log_stale(message, "the instance is rolling back: only its compensations run")
-        return False
-    return True
-
-
-def missing_step(history: History, key: StepKey) -> BaseException:
-    """The divergence of a history whose step the code no longer asks for."""
-    return NonDeterminismError(history.instance_id, f"step {format_key(key)!r}", "nothing in its place")
-
-
 def _status_after_retry(history: History) -> InstanceStatus:
     return InstanceStatus.PAUSED if history.status == InstanceStatus.PAUSED else InstanceStatus.RUNNING
-
-
-def _log_stale(message: StepMessage, why: str) -> None:
-    log.info(
-        "stale or duplicate message dropped: %s",
-        why,
-        extra=_log_fields(message, "stale_message"),
-    )
-
-
-def _log_fields(message: StepMessage, event: str) -> dict[str, object]:
-    """A log record's ``event`` and the ids of the attempt ``message`` names."""
-    return {
-        "event": event,
-        "instance_id": message.instance_id,
-        "step": format_key(_step_key(message)),
-        "attempt": message.attempt,
-    }

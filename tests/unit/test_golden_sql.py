@@ -31,8 +31,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import psycopg
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from stepline.shared.db.postgres_writes import fire_statement, settled_step_statement, shapes, start_statement
 from stepline.shared.db.records import NewStep
-from stepline.shared.db.store_postgres import fire_statement, settled_step_statement, shapes, start_statement
 from stepline.shared.states import StepKind, StepStatus
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -235,10 +235,10 @@ def test_no_golden_file_is_left_without_its_shape() -> None:
 
 def test_the_unfinished_histories_name_the_unfinished_statuses_with_in() -> None:
     # IN reads one small index range per status; "!= ALL(finished)" read every finished instance.
-    from stepline.shared.db.store_postgres import _UNFINISHED_HISTORIES
+    from stepline.shared.db.postgres_reads import UNFINISHED_HISTORIES
     from stepline.shared.states import UNFINISHED_STATUSES
 
-    compiled = _UNFINISHED_HISTORIES.compile(dialect=DIALECT)
+    compiled = UNFINISHED_HISTORIES.compile(dialect=DIALECT)
     assert isinstance(compiled, SQLCompiler)
     where = compiled.string.split("FROM instances", 1)[1]
     assert "instances.status IN (" in where and "ALL" not in where
