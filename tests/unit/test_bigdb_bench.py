@@ -51,7 +51,7 @@ def test_each_read_is_a_target_row_with_its_reference() -> None:
         },
         *(
             {"target": target, "measured": "not measured", "met": False}
-            for target in bigdb_bench.NOT_MEASURED
+            for target in bigdb_bench.WORKLOAD_TARGETS
         ),
     ]
 
