@@ -68,3 +68,54 @@ def test_the_prune_is_a_target_row_met_when_its_rate_is_steady() -> None:
 
     assert row["measured"] == "100,000 in 40 s, 2,500/s (quarters 3,000, 1,200/s; longest batch 0.50 s)"
     assert row["met"] is False
+
+
+def _run(steps_per_s: float, workers: int = 2, ok: bool = True) -> dict[str, object]:
+    return {"steps_per_s": steps_per_s, "workers": workers, "instances": 120, "check": {"ok": ok}}
+
+
+def test_the_throughput_workload_rows_compare_the_big_database_and_the_prune_with_an_empty_database() -> None:
+    results = {
+        "populated": {"instances": 1_000_000},
+        "timings": [],
+        "workload": {
+            "empty": _run(200.0),
+            "big": _run(190.0),
+            "during_prune": {"run": _run(150.0), "steps": 1_200, "seconds": 12.0, "steps_per_s": 100.0},
+        },
+    }
+
+    rows = bigdb_bench.targets(results)
+
+    assert rows == [
+        {
+            "target": f"{bigdb_bench.WORKLOAD_TARGETS[0]} (>= 90%; 2 workers)",
+            "measured": "190 steps/s against 200 on an empty database (0.95x)",
+            "met": True,
+        },
+        {
+            "target": f"{bigdb_bench.WORKLOAD_TARGETS[1]} (>= 50%)",
+            "measured": "100 steps/s over 12 s of the prune against 190 without (0.53x)",
+            "met": True,
+        },
+    ]
+
+
+def test_the_throughput_workload_rows_are_not_met_when_slower_or_incomplete() -> None:
+    results = {
+        "populated": {"instances": 1_000_000},
+        "timings": [],
+        "workload": {
+            "empty": _run(200.0),
+            "big": _run(170.0),
+            "during_prune": {"run": _run(80.0, ok=False), "steps": 900, "seconds": 10.0, "steps_per_s": 90.0},
+        },
+    }
+
+    rows = bigdb_bench.targets(results)
+
+    assert [row["measured"] for row in rows] == [
+        "170 steps/s against 200 on an empty database (0.85x)",
+        "90 steps/s over 10 s of the prune against 170 without (0.53x)",
+    ]
+    assert [row["met"] for row in rows] == [False, False]
