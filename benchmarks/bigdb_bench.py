@@ -447,19 +447,44 @@ async def workload_during_prune(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    ids = [f"{label}-{index:06d}" for index in range(run["instances"])]
+    during = await committed(database_url, label, run["instances"], began, ended)
+    if not run["check"]["ok"]:  # the rate over the whole prune, not only up to the last step that ran
+        during = _rate(during["steps"], (ended - began).total_seconds())
+    return pruned, {"run": run, **during}
+
+
+async def committed(
+    database_url: str,
+    label: str,
+    instances: int,
+    began: datetime | None = None,
+    ended: datetime | None = None,
+) -> dict[str, Any]:
+    """The steps a workload (``label``'s instances) committed from ``began`` (or its first) to ``ended``.
+
+    Per second from ``began`` (or its first step's commit) to its last step's commit
+    within the window: a rate over the time the workers were working, without the
+    workers' start, so that a rate during the prune and one without compare.
+    """
+    ids = [f"{label}-{index:06d}" for index in range(instances)]
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         row = await (
             await conn.execute(
-                b"SELECT count(*), max(finished_at) FROM step_attempts WHERE instance_id = ANY(%s)"
-                b" AND outcome = 'succeeded' AND finished_at >= %s AND finished_at <= %s",
+                b"SELECT count(*), min(finished_at), max(finished_at) FROM step_attempts"
+                b" WHERE instance_id = ANY(%s) AND outcome = 'succeeded'"
+                b" AND finished_at >= coalesce(%s::timestamptz, '-infinity')"
+                b" AND finished_at <= coalesce(%s::timestamptz, 'infinity')",
                 [ids, began, ended],
             )
         ).fetchone()
-    steps, last = row if row else (0, None)
-    seconds = ((last if last and run["check"]["ok"] else ended) - began).total_seconds()
-    during = {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds if seconds > 0 else 0.0}
-    return pruned, {"run": run, **during}
+    steps, first, last = row if row else (0, None, None)
+    if last is None:
+        return _rate(0, 0.0)
+    return _rate(steps, (last - (began or first)).total_seconds())
+
+
+def _rate(steps: int, seconds: float) -> dict[str, Any]:
+    return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds if seconds > 0 else 0.0}
 
 
 # ---------------------------------------------------------------- the section
@@ -506,6 +531,7 @@ async def run(base_url: str, options: Options, say: Callable[[str], None]) -> di
         else:
             say("bigdb: the throughput workload on the big database")
             workload["big"] = await options.workload(big.url, "bigdb-big")
+            workload["big_working"] = await committed(big.url, "bigdb-big", workload["big"]["instances"])
             say(f"bigdb: pruning the oldest {PRUNE_SHARE:.0%} of the finished instances, workload running")
             pruned, workload["during_prune"] = await workload_during_prune(
                 big.url, options.workload, "bigdb-prune"
@@ -577,6 +603,7 @@ def targets(bigdb: dict[str, Any]) -> list[dict[str, Any]]:
 def _workload_rows(workload: dict[str, Any]) -> list[dict[str, Any]]:
     """The throughput workload's two rows: on the big database against empty, and during the prune."""
     empty, big, during = workload.get("empty"), workload.get("big"), workload.get("during_prune")
+    working = workload.get("big_working")
     rows = []
     if empty and big and empty["steps_per_s"] > 0:
         ratio = big["steps_per_s"] / empty["steps_per_s"]
@@ -590,13 +617,13 @@ def _workload_rows(workload: dict[str, Any]) -> list[dict[str, Any]]:
         )
     else:
         rows.append({"target": WORKLOAD_TARGETS[0], "measured": "not measured", "met": False})
-    if big and during and big["steps_per_s"] > 0:
-        ratio = during["steps_per_s"] / big["steps_per_s"]
+    if working and during and working["steps_per_s"] > 0:
+        ratio = during["steps_per_s"] / working["steps_per_s"]
         rows.append(
             {
                 "target": f"{WORKLOAD_TARGETS[1]} (>= {STALL_RATIO:.0%})",
                 "measured": f"{during['steps_per_s']:.0f} steps/s over {during['seconds']:.0f} s of the prune"
-                f" against {big['steps_per_s']:.0f} without ({ratio:.2f}x)",
+                f" against {working['steps_per_s']:.0f} without ({ratio:.2f}x; each from its first step)",
                 "met": ratio >= STALL_RATIO and during["run"]["check"]["ok"],
             }
         )
