@@ -511,9 +511,6 @@ async def run(base_url: str, options: Options, say: Callable[[str], None]) -> di
         base_url, BASELINE_INSTANCES, options.samples, say, unfinished=BASELINE_INSTANCES // 10
     )
     workload: dict[str, Any] = {}
-    if options.workload is not None:
-        say("bigdb: the throughput workload on an empty database")
-        workload["empty"] = await options.workload(None, "bigdb-empty")
     big = BigDatabase.new(base_url)
     say(f"bigdb: database {big.name}, {options.instances:,} finished instances")
     await asyncio.to_thread(big.create)
@@ -529,7 +526,8 @@ async def run(base_url: str, options: Options, say: Callable[[str], None]) -> di
             say(f"bigdb: pruning the oldest {PRUNE_SHARE:.0%} of the finished instances")
             pruned = await prune_part(big.url)
         else:
-            say("bigdb: the throughput workload on the big database")
+            say("bigdb: the throughput workload on an empty database, then on the big database")
+            workload["empty"] = await options.workload(None, "bigdb-empty")
             workload["big"] = await options.workload(big.url, "bigdb-big")
             workload["big_working"] = await committed(big.url, "bigdb-big", workload["big"]["instances"])
             say(f"bigdb: pruning the oldest {PRUNE_SHARE:.0%} of the finished instances, workload running")
