@@ -13,6 +13,10 @@ real ``Client`` (so through the statements the code runs):
 - an instance's history (what ``stepline history`` reads), ``why``'s diagnosis, and
   the overview's counts per workflow by status.
 
+With ``Options.workload`` (the bench wires ``Bench.throughput_run`` in), it also runs the
+throughput workload on an empty database and then on the big one (their steps/s: within
+10%), and once more while ``prune`` runs (the workers' steps/s during it against without).
+
 Each statement's plan (``EXPLAIN (ANALYZE, BUFFERS)``, on the same database) is kept
 in the JSON, reduced to its nodes, time and buffers. ``time_dashboard`` times pages of
 a running dashboard the same way, once one is wired in. The database is dropped at
