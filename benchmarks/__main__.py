@@ -196,10 +196,25 @@ async def _bigdb(bench: Bench) -> dict[str, Any]:
     async def dashboard(database_url: str) -> list[bigdb_bench.Timing]:
         return await dashboard_pages.serve_and_time(database_url, bench.iso.amqp_url, samples)
 
+    async def workload(database_url: str | None, label: str) -> dict[str, Any]:
+        on = bench
+        if database_url is not None:
+            on = bench.on_database(database_url)
+            await on.read_collation()
+        return (await on.throughput_run(BIGDB_WORKERS, label=label)).as_json()
+
     options = bigdb_bench.Options(
-        instances=bench.sizes.bigdb_instances, samples=samples, keep=bench.keep_bigdb, dashboard=dashboard
+        instances=bench.sizes.bigdb_instances,
+        samples=samples,
+        keep=bench.keep_bigdb,
+        dashboard=dashboard,
+        workload=workload,
     )
     return await bigdb_bench.run(bench.iso.database_url, options, bench.console.print)
+
+
+BIGDB_WORKERS = 2
+"""Workers of the throughput workload in the big-database section (about 18 connections each)."""
 
 
 def _interrupt(*_: object) -> NoReturn:

@@ -13,6 +13,10 @@ real ``Client`` (so through the statements the code runs):
 - an instance's history (what ``stepline history`` reads), ``why``'s diagnosis, and
   the overview's counts per workflow by status.
 
+With ``Options.workload`` (the bench wires ``Bench.throughput_run`` in), it also runs the
+throughput workload on an empty database and then on the big one (their steps/s: within
+10%), and once more while ``prune`` runs (the workers' steps/s during it against without).
+
 Each statement's plan (``EXPLAIN (ANALYZE, BUFFERS)``, on the same database) is kept
 in the JSON, reduced to its nodes, time and buffers. ``time_dashboard`` times pages of
 a running dashboard the same way, once one is wired in. The database is dropped at
@@ -30,8 +34,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -396,6 +401,96 @@ DashboardRun = Callable[[str], Awaitable[list[Timing]]]
 """Given the big database's URL, serve the dashboard on it and time its pages (``time_dashboard``)."""
 
 
+# ---------------------------------------------------------------- the throughput workload
+
+WORKLOAD_RATIO = 0.9
+"""The throughput workload on the big database runs within 10% of its steps/s on an empty one."""
+STALL_RATIO = 0.5
+"""Not stalled: during the prune the workers keep at least half their steps/s without it."""
+
+Workload = Callable[[str | None, str], Coroutine[Any, Any, dict[str, Any]]]
+"""Run the throughput workload (``Bench.throughput_run``) on a database, under a label for its ids.
+
+Given ``None``, on the run's own, empty database; returns the run's JSON (``EngineRun.as_json``).
+"""
+
+
+async def _first_step(database_url: str, instance_id: str, task: asyncio.Task[Any]) -> None:
+    """Return once ``instance_id`` has a step attempt, or ``task`` (its workload) ended."""
+    query = b"SELECT 1 FROM step_attempts WHERE instance_id = %s LIMIT 1"
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        for _ in range(int(FIRST_STEP_WAIT_S * 10)):
+            if task.done() or await (await conn.execute(query, [instance_id])).fetchone():
+                return
+            await asyncio.sleep(0.1)
+
+
+FIRST_STEP_WAIT_S = 120.0
+"""The longest wait for the workload's first step before the prune starts anyway."""
+
+
+async def workload_during_prune(
+    database_url: str, workload: Workload, label: str, share: float = PRUNE_SHARE
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The prune (``prune_part``) while the throughput workload runs; the prune and the workers' rate.
+
+    The prune starts once the workload's first step is committed; the workers' steps/s
+    is what they committed from then to the end of the prune, or to their last step if
+    they finished first.
+    """
+    task = asyncio.create_task(workload(database_url, label))
+    first = f"{label}-{0:06d}"
+    try:
+        await _first_step(database_url, first, task)
+        began = datetime.now(UTC)
+        pruned = await prune_part(database_url, share)
+        ended = datetime.now(UTC)
+        run = await task
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    during = await committed(database_url, label, run["instances"], began, ended)
+    if not run["check"]["ok"]:  # the rate over the whole prune, not only up to the last step that ran
+        during = _rate(during["steps"], (ended - began).total_seconds())
+    return pruned, {"run": run, **during}
+
+
+async def committed(
+    database_url: str,
+    label: str,
+    instances: int,
+    began: datetime | None = None,
+    ended: datetime | None = None,
+) -> dict[str, Any]:
+    """The steps a workload (``label``'s instances) committed from ``began`` (or its first) to ``ended``.
+
+    Per second from ``began`` (or its first step's commit) to its last step's commit
+    within the window: a rate over the time the workers were working, without the
+    workers' start, so that a rate during the prune and one without compare.
+    """
+    ids = [f"{label}-{index:06d}" for index in range(instances)]
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        row = await (
+            await conn.execute(
+                b"SELECT count(*), min(finished_at), max(finished_at) FROM step_attempts"
+                b" WHERE instance_id = ANY(%s) AND outcome = 'succeeded'"
+                b" AND finished_at >= coalesce(%s::timestamptz, '-infinity')"
+                b" AND finished_at <= coalesce(%s::timestamptz, 'infinity')",
+                [ids, began, ended],
+            )
+        ).fetchone()
+    steps, first, last = row if row else (0, None, None)
+    if last is None:
+        return _rate(0, 0.0)
+    return _rate(steps, (last - (began or first)).total_seconds())
+
+
+def _rate(steps: int, seconds: float) -> dict[str, Any]:
+    return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds if seconds > 0 else 0.0}
+
+
 # ---------------------------------------------------------------- the section
 
 
@@ -407,6 +502,7 @@ class Options:
     samples: int
     keep: bool = False
     dashboard: DashboardRun | None = None
+    workload: Workload | None = None
 
 
 async def run(base_url: str, options: Options, say: Callable[[str], None]) -> dict[str, Any]:
@@ -418,6 +514,7 @@ async def run(base_url: str, options: Options, say: Callable[[str], None]) -> di
     small = await _measured(
         base_url, BASELINE_INSTANCES, options.samples, say, unfinished=BASELINE_INSTANCES // 10
     )
+    workload: dict[str, Any] = {}
     big = BigDatabase.new(base_url)
     say(f"bigdb: database {big.name}, {options.instances:,} finished instances")
     await asyncio.to_thread(big.create)
@@ -429,8 +526,18 @@ async def run(base_url: str, options: Options, say: Callable[[str], None]) -> di
             timings += await options.dashboard(big.url)
         else:
             skipped = "the dashboard is not wired in (or stepline.producer.dashboard is not importable)"
-        say(f"bigdb: pruning the oldest {PRUNE_SHARE:.0%} of the finished instances")
-        pruned = await prune_part(big.url)
+        if options.workload is None:
+            say(f"bigdb: pruning the oldest {PRUNE_SHARE:.0%} of the finished instances")
+            pruned = await prune_part(big.url)
+        else:
+            say("bigdb: the throughput workload on an empty database, then on the big database")
+            workload["empty"] = await options.workload(None, "bigdb-empty")
+            workload["big"] = await options.workload(big.url, "bigdb-big")
+            workload["big_working"] = await committed(big.url, "bigdb-big", workload["big"]["instances"])
+            say(f"bigdb: pruning the oldest {PRUNE_SHARE:.0%} of the finished instances, workload running")
+            pruned, workload["during_prune"] = await workload_during_prune(
+                big.url, options.workload, "bigdb-prune"
+            )
     finally:
         if options.keep:
             say(f"bigdb: kept {big.url}")
@@ -443,6 +550,7 @@ async def run(base_url: str, options: Options, say: Callable[[str], None]) -> di
         "timings": [{**asdict(t), "met": t.met, "baseline_p99_ms": baseline.get(t.name)} for t in timings],
         "dashboard_skipped": skipped,
         "prune": pruned,
+        "workload": workload,
     }
 
 
@@ -460,11 +568,12 @@ async def _measured(
         await asyncio.to_thread(db.drop)
 
 
-NOT_MEASURED = (
+WORKLOAD_TARGETS = (
     "throughput workload within 10% of its figure on an empty database",
     "prune without stalling the workers (their steps/s during the prune against without)",
 )
-"""Issue 23's big-database targets the section does not measure yet: rows that say so."""
+"""Issue 23's big-database targets measured with the throughput workload (``Options.workload``);
+rows that say "not measured" when it is not wired in (``python -m benchmarks.bigdb_bench``)."""
 
 
 def targets(bigdb: dict[str, Any]) -> list[dict[str, Any]]:
@@ -490,8 +599,40 @@ def targets(bigdb: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": prune["steady"],
             }
         )
-    rows += [{"target": target, "measured": "not measured", "met": False} for target in NOT_MEASURED]
-    return rows
+    return rows + _workload_rows(bigdb.get("workload") or {})
+
+
+def _workload_rows(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The throughput workload's two rows: on the big database against empty, and during the prune."""
+    return [
+        _ratio_row(
+            WORKLOAD_TARGETS[0], WORKLOAD_RATIO, workload.get("big"), workload.get("empty"),
+            "{m[steps_per_s]:.0f} steps/s against {a[steps_per_s]:.0f} on an empty database"
+            " ({ratio:.2f}x; {m[workers]} workers)",
+        ),
+        _ratio_row(
+            WORKLOAD_TARGETS[1], STALL_RATIO, workload.get("during_prune"), workload.get("big_working"),
+            "{m[steps_per_s]:.0f} steps/s over {m[seconds]:.0f} s of the prune against {a[steps_per_s]:.0f}"
+            " without ({ratio:.2f}x; each from its first step)",
+        ),
+    ]  # fmt: skip
+
+
+def _ratio_row(
+    target: str, least: float, measured: dict[str, Any] | None, against: dict[str, Any] | None, text: str
+) -> dict[str, Any]:
+    """Met when ``measured``'s steps/s is at least ``least`` times ``against``'s and every run completed."""
+    if not (measured and against and against["steps_per_s"] > 0):
+        return {"target": target, "measured": "not measured", "met": False}
+    ratio = measured["steps_per_s"] / against["steps_per_s"]
+    complete = all(
+        run["check"]["ok"] for run in (measured, measured.get("run"), against) if run and "check" in run
+    )
+    return {
+        "target": f"{target} (>= {least:.0%})",
+        "measured": text.format(m=measured, a=against, ratio=ratio),
+        "met": ratio >= least and complete,
+    }
 
 
 def _reference(bigdb: dict[str, Any], timing: dict[str, Any]) -> str:

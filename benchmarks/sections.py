@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -273,6 +274,10 @@ class Bench:
         self.left_in_queues: dict[str, int] = {}
         self.keep_bigdb = False
         """Keep the big-database section's database at the end (``--keep-bigdb``)."""
+        self.empties_tables = True
+        """``reset`` empties the tables; not on a database whose rows are the point (the big one)."""
+        self.code_point_ids = False
+        """Ids sort by code point here, so a prefix is one range of an index (``prefixed``)."""
         self._last_run = ""
 
     # ------------------------------------------------------------ database helpers
@@ -310,6 +315,39 @@ class Bench:
         async with self.connection() as conn:
             await conn.execute(naive.DDL)
 
+    def on_database(self, database_url: str) -> Bench:
+        """This bench on another database (the big one): its workers use it, ``reset`` keeps its rows.
+
+        The workers join this run's fleet, so that stopping it stops them too.
+        """
+        iso = dataclasses.replace(self.iso, database_url=database_url)
+        fleet = dataclasses.replace(
+            self.fleet, env={**self.fleet.env, "STEPLINE_DATABASE_URL": database_url}, procs=self.fleet.procs
+        )
+        other = Bench(iso, self.sizes, fleet, self.console, self.progress)
+        other.problems = self.problems
+        other.empties_tables = False
+        return other
+
+    async def read_collation(self) -> None:
+        """Whether ids sort by code point in this database (``code_point_ids``)."""
+        self.code_point_ids = await ids_sort_by_code_point(self.iso.database_url)
+
+    def prefixed(self, column: str, prefix: str) -> tuple[str, tuple[str, ...]]:
+        """A condition on ``column`` starting with ``prefix``, and its parameters.
+
+        ``LIKE`` uses no index unless the collation is "C": on the big database each
+        poll would read every row. Where ids sort by code point the prefix is also
+        given as a range, which the primary key serves.
+        """
+        if not self.code_point_ids:
+            return f"{column} LIKE %s", (prefix + "%",)
+        return f"{column} >= %s AND {column} < %s AND {column} LIKE %s", (
+            prefix,
+            prefix[:-1] + chr(ord(prefix[-1]) + 1),
+            prefix + "%",
+        )
+
     async def reset(self, run: str) -> None:
         """Empty every table and workflow queue before ``run`` (no process is running then).
 
@@ -323,6 +361,9 @@ class Bench:
         tables as they grow, which invalidates such plans within about a minute.
         """
         await self.purge_queues()
+        if not self.empties_tables:
+            self._last_run = run
+            return
         async with self.connection() as conn:
             await conn.execute(f"TRUNCATE {ENGINE_TABLES} CASCADE")
             await conn.execute(naive.TRUNCATE)
@@ -396,14 +437,16 @@ class Bench:
         Progress is finished instances, or (checked every few seconds, as it costs
         more) committed steps, so one long instance is not taken for a stall.
         """
-        sql = f"SELECT count(*) AS n FROM {table} WHERE id LIKE %s AND finished_at IS NOT NULL"
+        where, params = self.prefixed("id", prefix)
+        sql = f"SELECT count(*) AS n FROM {table} WHERE {where} AND finished_at IS NOT NULL"
         results = "naive_results" if table == "naive_instances" else "step_attempts"
-        steps_sql = f"SELECT count(*) AS n FROM {results} WHERE instance_id LIKE %s"
+        steps_where, steps_params = self.prefixed("instance_id", prefix)
+        steps_sql = f"SELECT count(*) AS n FROM {results} WHERE {steps_where}"
         last: tuple[int, int] = (-1, -1)
         last_change = next_look = time.monotonic()
         async with self.connection() as conn:
             while True:
-                cursor = await conn.execute(sql, (prefix + "%",))
+                cursor = await conn.execute(sql, params)
                 row = await cursor.fetchone()
                 finished = int(row["n"]) if row else 0
                 self.progress.update(task, completed=finished)
@@ -414,7 +457,7 @@ class Bench:
                 now = time.monotonic()
                 if now >= next_look:
                     next_look = now + 2.0
-                    cursor = await conn.execute(steps_sql, (prefix + "%",))
+                    cursor = await conn.execute(steps_sql, steps_params)
                     row = await cursor.fetchone()
                     seen = (finished, int(row["n"]) if row else 0)
                     if seen != last:
@@ -433,11 +476,10 @@ class Bench:
         self, prefix: str, ids: Sequence[str], expected: Callable[[int], dict[str, Any]]
     ) -> Check:
         """Every started instance must be complete with the output its params imply."""
+        where, params = self.prefixed("id", prefix)
         found = {
             row["id"]: row
-            for row in await self.rows(
-                "SELECT id, status, output FROM instances WHERE id LIKE %s", prefix + "%"
-            )
+            for row in await self.rows(f"SELECT id, status, output FROM instances WHERE {where}", *params)
         }
         check = Check(expected=len(ids))
         for index, instance_id in enumerate(ids):
@@ -502,16 +544,17 @@ class Bench:
             self.fleet.stop(procs)
             self.progress.remove_task(task)
         stats_after = await self.db_stats()
+        where, matched = self.prefixed("id", prefix)
         row = (
             await self.rows(
-                "SELECT max(finished_at) AS last FROM instances WHERE id LIKE %s AND finished_at IS NOT NULL",
-                prefix + "%",
+                f"SELECT max(finished_at) AS last FROM instances WHERE {where} AND finished_at IS NOT NULL",
+                *matched,
             )
         )[0]
+        where, matched = self.prefixed("instance_id", prefix)
         run.steps = int(
             await self.scalar(
-                "SELECT count(*) FROM step_attempts WHERE instance_id LIKE %s AND outcome = 'succeeded'",
-                prefix + "%",
+                f"SELECT count(*) FROM step_attempts WHERE {where} AND outcome = 'succeeded'", *matched
             )
         )
         run.check = await self.check_instances(prefix, ids, expected)
@@ -967,3 +1010,19 @@ async def start_all(
         await producer.start_batch(
             workflow, params[first : first + chunk], instance_ids=ids[first : first + chunk]
         )
+
+
+CODE_POINT_LOCALES = frozenset({"c", "posix", "c.utf8", "c.utf-8"})
+"""libc locales that compare ids by code point (as ``stepline.shared.db.store_postgres`` decides)."""
+
+
+async def ids_sort_by_code_point(database_url: str) -> bool:
+    """Whether the database's default collation is libc's and sorts by code point."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        row = await (
+            await conn.execute(
+                "SELECT coalesce(to_jsonb(d) ->> 'datlocprovider', 'c'), d.datcollate"
+                " FROM pg_database d WHERE d.datname = current_database()"
+            )
+        ).fetchone()
+    return row is not None and row[0] == "c" and str(row[1]).lower() in CODE_POINT_LOCALES

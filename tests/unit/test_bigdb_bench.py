@@ -51,7 +51,7 @@ def test_each_read_is_a_target_row_with_its_reference() -> None:
         },
         *(
             {"target": target, "measured": "not measured", "met": False}
-            for target in bigdb_bench.NOT_MEASURED
+            for target in bigdb_bench.WORKLOAD_TARGETS
         ),
     ]
 
@@ -68,3 +68,56 @@ def test_the_prune_is_a_target_row_met_when_its_rate_is_steady() -> None:
 
     assert row["measured"] == "100,000 in 40 s, 2,500/s (quarters 3,000, 1,200/s; longest batch 0.50 s)"
     assert row["met"] is False
+
+
+def _run(steps_per_s: float, ok: bool = True) -> dict[str, object]:
+    return {"steps_per_s": steps_per_s, "workers": 2, "instances": 120, "check": {"ok": ok}}
+
+
+def _workload_results(
+    big: float, working: float, during: float, *, during_ok: bool = True
+) -> dict[str, object]:
+    """An empty database's run at 200 steps/s, the big one's, the rate without and during the prune."""
+    return {
+        "populated": {"instances": 1_000_000},
+        "timings": [],
+        "workload": {
+            "empty": _run(200.0),
+            "big": _run(big),
+            "big_working": {"steps": 1_200, "seconds": 6.0, "steps_per_s": working},
+            "during_prune": {
+                "run": _run(during, during_ok),
+                "steps": 1_200,
+                "seconds": 12.0,
+                "steps_per_s": during,
+            },
+        },
+    }
+
+
+def test_the_throughput_workload_rows_compare_the_big_database_and_the_prune_with_an_empty_database() -> None:
+    rows = bigdb_bench.targets(_workload_results(190.0, 200.0, 100.0))
+
+    assert rows == [
+        {
+            "target": f"{bigdb_bench.WORKLOAD_TARGETS[0]} (>= 90%)",
+            "measured": "190 steps/s against 200 on an empty database (0.95x; 2 workers)",
+            "met": True,
+        },
+        {
+            "target": f"{bigdb_bench.WORKLOAD_TARGETS[1]} (>= 50%)",
+            "measured": "100 steps/s over 12 s of the prune against 200 without"
+            " (0.50x; each from its first step)",
+            "met": True,
+        },
+    ]
+
+
+def test_the_throughput_workload_rows_are_not_met_when_slower_or_incomplete() -> None:
+    rows = bigdb_bench.targets(_workload_results(170.0, 180.0, 90.0, during_ok=False))
+
+    assert [row["measured"] for row in rows] == [
+        "170 steps/s against 200 on an empty database (0.85x; 2 workers)",
+        "90 steps/s over 12 s of the prune against 180 without (0.50x; each from its first step)",
+    ]
+    assert [row["met"] for row in rows] == [False, False]
