@@ -21,6 +21,7 @@ from stepline.shared.diagnosis import Limits
 from stepline.shared.hooks import NoHooks
 from stepline.shared.messages import AdvanceMessage, StepMessage, WakeMessage, encode_message
 from stepline.shared.settings import Settings
+from stepline.shared.states import InstanceStatus
 from tests.support import db
 from tests.support.amqp import connected_broker
 from tests.support.fleet import Fleet
@@ -159,6 +160,14 @@ async def test_healthy_instances_are_left_alone(
     for instance_id in everyone:
         await age(settings.database, instance_id, LONG_AGO)
     timers_before = await db.rows(settings.database, "SELECT instance_id, fire_at FROM timers ORDER BY id")
+    # The waiting ones are left out in the query, not diagnosed one by one: an armed timer, an
+    # event wait without a time-out, a running child.
+    async with store.reading() as tx:
+        quiet_since = await inspect.database_now(tx) - LIMITS.grace
+        candidates = await inspect.quiet_instances(
+            tx, InstanceStatus.WAITING, quiet_since=quiet_since, after=None, limit=100
+        )
+    assert candidates == []
 
     assert await reconcile_once(store, LIMITS, payload_limit=settings.max_payload_bytes) == []
     assert await db.scalar(settings.database, "SELECT count(*) FROM outbox") == 0
