@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
+from types import TracebackType
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -130,24 +131,17 @@ async def _stranded(
 ) -> tuple[str, int | None] | None:
     """The instance and its workflow queue's depth if it reads as stranded now (no lock); else None.
 
-    A check that fails on the instance's rows is logged and skipped, so it does
-    not keep the rest of the page from being repaired, pass after pass.
+    A check that fails on the instance's rows is logged and skipped (``_SkippedIfFailing``).
     """
-    try:
+    with _SkippedIfFailing(instance_id):
         snap = await inspect.snapshot(tx, instance_id, outbox_ids=outbox_ids)
         if snap is None or not diagnose(snap, limits).is_stranded:
             return None
         queued = await depths.of(str(snap.instance["workflow"]))
         if queued and not diagnose(replace(snap, queued=queued), limits).is_stranded:
             return None  # a late wake-up that may still wait in the queue's backlog
-    except SQLAlchemyError:
-        raise  # the database's trouble, not the instance's: the pass ends (see reconcile_until_stopped)
-    except Exception:
-        log.exception(
-            "stranded-instance check failed", extra={"event": "reconcile_failed", "instance_id": instance_id}
-        )
-        return None
-    return instance_id, queued
+        return instance_id, queued
+    return None
 
 
 async def _repair_one(
@@ -165,7 +159,7 @@ async def _repair_one(
     and repair, never for a page of them. None if it was skipped or its rows
     could not be handled (logged).
     """
-    try:
+    with _SkippedIfFailing(instance_id):
         async with store.transaction() as tx:
             if not await inspect.lock_if_quiet(tx, instance_id, quiet_since=quiet_since):
                 return None
@@ -178,13 +172,34 @@ async def _repair_one(
                 locked=True,
                 queued=queued,
             )
-    except SQLAlchemyError:
-        raise
-    except Exception:
-        log.exception(
-            "stranded-instance check failed", extra={"event": "reconcile_failed", "instance_id": instance_id}
-        )
+    return None
+
+
+class _SkippedIfFailing:
+    """Log and swallow a failure of one instance's check or repair (the rest of the block is skipped).
+
+    So one instance whose rows the check cannot handle does not keep the rest of
+    the page from being repaired, pass after pass. The database's trouble is not
+    the instance's: it ends the pass (see ``reconcile_until_stopped``).
+    """
+
+    def __init__(self, instance_id: str) -> None:
+        self._instance_id = instance_id
+
+    def __enter__(self) -> None:
         return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> bool:
+        if not isinstance(error, Exception) or isinstance(error, SQLAlchemyError):
+            return False
+        log.error(
+            "stranded-instance check failed",
+            exc_info=error,
+            extra={"event": "reconcile_failed", "instance_id": self._instance_id},
+        )
+        return True
 
 
 def _count(
