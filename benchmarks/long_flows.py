@@ -231,6 +231,7 @@ async def _kill(bench: Bench, steps: int) -> dict[str, Any]:
     return {
         **figures,
         "kill_to_republished_s": _logged_after(log, "event=outbox_swept", figures["killed_wall"]),
+        "kill_to_taken_over_s": _logged_after(log, "event=outbox_taken_over", figures["killed_wall"]),
         "swept": log.count("event=outbox_swept"),
         "stale_dropped": log.count("event=stale_message"),
         "committed_once": once,
@@ -381,7 +382,8 @@ def render(console: Console, long: dict[str, Any]) -> None:
     console.print(
         f"worker SIGKILLed at step {kill['killed_at_step']:,}, replacement started at once: ready after"
         f" {kill['kill_to_replacement_ready_s']:.2f} s, next step committed after"
-        f" {kill['kill_to_next_step_s']:.2f} s (its message republished by the sweeper after"
+        f" {kill['kill_to_next_step_s']:.2f} s (its message taken over on the redelivery after"
+        f" {kill.get('kill_to_taken_over_s', math.nan):.2f} s, republished by a sweep after"
         f" {kill.get('kill_to_republished_s', math.nan):.2f} s),"
         f" {kill.get('stale_dropped', 0)} duplicate messages dropped;"
         f" every step committed once: {'yes' if kill['committed_once'] else 'NO'}"

@@ -52,14 +52,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     engine = {run["workers"]: run for run in results.get("throughput", {}).get("runs", [])}
     naive = {run["processes"]: run for run in results.get("naive", {}).get("runs", [])}
     if 2 in engine and 2 in naive:
-        ratio = engine[2]["steps_per_s"] / naive[2]["steps_per_s"]
-        rows.append(
-            {
-                "target": "steps/s, 2 workers >= 1.0x naive loop, 2 processes (aim 2x)",
-                "measured": f"{ratio:.2f}x ({engine[2]['steps_per_s']:.0f} vs {naive[2]['steps_per_s']:.0f})",
-                "met": ratio >= 1.0,
-            }
-        )
+        rows.extend(_chain_targets(engine[2], naive[2]))
     latency = results.get("latency")
     if latency:
         p99 = latency["step_to_next_step"]["p99_ms"]
@@ -119,6 +112,24 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _chain_targets(engine: dict[str, Any], naive: dict[str, Any]) -> list[dict[str, Any]]:
+    """The throughput workload (chains of 10 steps) with 2 workers against the naive loop with 2 processes."""
+    ratio = engine["steps_per_s"] / naive["steps_per_s"]
+    measured = f"{ratio:.2f}x ({engine['steps_per_s']:.0f} vs {naive['steps_per_s']:.0f})"
+    return [
+        {
+            "target": "steps/s, 2 workers >= 1.0x naive loop, 2 processes",
+            "measured": measured,
+            "met": ratio >= 1.0,
+        },
+        {
+            "target": "steps/s, 2 workers >= 2.0x naive loop (issue 23 item 6)",
+            "measured": measured,
+            "met": ratio >= 2.0,
+        },
+    ]
 
 
 def _resume_targets(timers: dict[str, Any], throughput: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -39,12 +39,9 @@ async def diagnose_instances(tx: Transaction, instance_ids: Sequence[str], limit
     An id with no instance (pruned meanwhile) is left out.
     """
     outbox_ids = await inspect.outbox_instance_ids(tx)
-    found = []
-    for instance_id in instance_ids:
-        snap = await inspect.snapshot(tx, instance_id, outbox_ids=outbox_ids)
-        if snap is not None:
-            found.append(diagnose(snap, limits))
-    return found
+    return [
+        diagnose(snap, limits) for snap in await inspect.snapshots(tx, instance_ids, outbox_ids=outbox_ids)
+    ]
 
 
 def with_pools(diagnosis: Diagnosis, waits: list[PoolWait]) -> Diagnosis:

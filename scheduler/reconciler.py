@@ -14,9 +14,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stepline.shared.broker.base import Broker
 from stepline.shared.db import inspect
+from stepline.shared.db.inspect import Snapshot
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
-from stepline.shared.db.transaction import Transaction
 from stepline.shared.diagnosis import Limits, diagnose
 from stepline.shared.hooks import Hooks, NoHooks
 from stepline.shared.outbox import OutboxRelay
@@ -81,10 +81,11 @@ async def reconcile_once(
                 page = await inspect.quiet_instances(
                     tx, status, quiet_since=quiet_since, after=after, limit=PAGE
                 )
+                snaps = await inspect.snapshots(
+                    tx, [instance_id for _, instance_id in page], outbox_ids=outbox_ids
+                )
                 stranded = [
-                    found
-                    for _, instance_id in page
-                    if (found := await _stranded(tx, instance_id, limits, outbox_ids, depths)) is not None
+                    found for snap in snaps if (found := await _stranded(snap, limits, depths)) is not None
                 ]
             for instance_id, queued in stranded:
                 outcome = await _repair_one(
@@ -126,16 +127,14 @@ class _Depths:
         return self._known[workflow]
 
 
-async def _stranded(
-    tx: Transaction, instance_id: str, limits: Limits, outbox_ids: dict[str, int], depths: _Depths
-) -> tuple[str, int | None] | None:
-    """The instance and its workflow queue's depth if it reads as stranded now (no lock); else None.
+async def _stranded(snap: Snapshot, limits: Limits, depths: _Depths) -> tuple[str, int | None] | None:
+    """The instance and its workflow queue's depth if it reads as stranded (read without a lock); else None.
 
     A check that fails on the instance's rows is logged and skipped (``_SkippedIfFailing``).
     """
+    instance_id = str(snap.instance["id"])
     with _SkippedIfFailing(instance_id):
-        snap = await inspect.snapshot(tx, instance_id, outbox_ids=outbox_ids)
-        if snap is None or not diagnose(snap, limits).is_stranded:
+        if not diagnose(snap, limits).is_stranded:
             return None
         queued = await depths.of(str(snap.instance["workflow"]))
         if queued and not diagnose(replace(snap, queued=queued), limits).is_stranded:

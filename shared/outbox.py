@@ -162,6 +162,33 @@ class OutboxRelay:
         finally:
             self._held.difference_update(sent)
 
+    async def take_over(self, instance_id: str, *, keep: Sequence[int] = ()) -> int:
+        """Publish now the unsent rows of ``instance_id`` that this relay does not work on.
+
+        For a delivery that came back (redelivered) from a consumer whose connection
+        died: that worker may have held one of the instance's rows for a step it ran
+        itself (see ``hold``), which no sweeper takes until it is ``sweep_after`` old.
+        ``keep``: rows just committed here, which the fast path publishes.
+        A row a live worker still holds is published twice at worst (its step may run
+        twice, committed once), as when a stalled worker's row is swept.
+        """
+        async with self._store.transaction() as tx:
+            rows = await tx.claim_outbox_of(instance_id, limit=self._settings.batch_size)
+            mine = self._held.union(keep)
+            rows = [row for row in rows if row.id not in mine]
+            if not rows:
+                return 0
+            sent = await self._publish(rows)
+            await tx.delete_outbox(sent)
+        if sent:
+            log.info(
+                "took over %d outbox rows of instance %s",
+                len(sent),
+                instance_id,
+                extra={"event": "outbox_taken_over", "instance_id": instance_id},
+            )
+        return len(sent)
+
     async def sweep_once(self) -> int:
         """Republish rows older than the fast path's grace; returns how many were sent."""
         if self._held:

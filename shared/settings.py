@@ -115,6 +115,8 @@ SCHEDULER_CONNECTIONS = 6
 """A scheduler's default budget: its timer, schedule, reconcile, sweep and limit loops."""
 CLIENT_CONNECTIONS = 8
 """A ``Client``'s (and the ``stepline`` command's) default budget."""
+CLIENT_HELD_CONNECTIONS = 1
+"""Of them, kept out of the pool for single statements (``Client.get``): no pre-ping, BEGIN or ROLLBACK."""
 
 
 class WorkerSettings(BaseModel):
@@ -139,6 +141,18 @@ class WorkerSettings(BaseModel):
         default=1024,
         ge=0,
         description="Instances whose suspended replay a worker keeps for their next step (0: none).",
+    )
+    commit_batch: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="Concurrent steps' commits sent together in one transaction, at most (1: each alone).",
+    )
+    start_batch: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Starts a worker behind on them writes in one statement, at most (1: one at a time).",
     )
     workflows: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules that define workflows (comma-separated)."
@@ -494,6 +508,7 @@ def describe_problems(exc: ValidationError) -> list[str]:
 
 __all__ = [
     "CLIENT_CONNECTIONS",
+    "CLIENT_HELD_CONNECTIONS",
     "SCHEDULER_CONNECTIONS",
     "WORKER_SPARE_CONNECTIONS",
     "DatabaseSettings",

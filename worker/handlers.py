@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,9 +16,10 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from stepline.shared import faults, slots
 from stepline.shared.broker import Delivery
-from stepline.shared.codec import Payloads, is_offloaded
+from stepline.shared.codec import JSON, Payloads, is_offloaded
+from stepline.shared.db.batch_starts import NewInstance
 from stepline.shared.db.engine import is_unreachable
-from stepline.shared.db.records import OutboxRow
+from stepline.shared.db.records import NewTimer, OutboxRow
 from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import (
@@ -52,8 +53,9 @@ from stepline.worker import waits
 from stepline.worker.concurrency import Concurrency
 from stepline.worker.executor import StepExecutor
 from stepline.worker.limits import DEFAULT_LEASE, StepLimiter
-from stepline.worker.plan import Planner, real_clock
+from stepline.worker.plan import Planner, Transition, real_clock
 from stepline.worker.replay.cache import ReplayCache
+from stepline.worker.replay.engine import Outcome, Replay
 from stepline.worker.reserves import SlotReserves
 from stepline.worker.steps import Committed, StepRunner
 from stepline.worker.workflow import Workflow
@@ -187,8 +189,29 @@ class MessageHandler:
         # Ack only after the commit: a crash before this line redelivers the
         # message, and the attempt check turns the redelivery into a no-op.
         faults.crash_here(faults.CRASH_AFTER_COMMIT)
-        await _quietly(delivery.ack())
+        if delivery.redelivered:
+            await self._take_over(delivery, committed)
+        # Acked once the steps run here after it are done too: if this worker dies
+        # meanwhile, the broker gives the delivery back at once, and the redelivery
+        # takes over the row of the step that was running here (see _take_over).
         await self._follow(committed)
+        await _quietly(delivery.ack())
+
+    async def _take_over(self, delivery: Delivery, committed: Committed) -> None:
+        """A delivery back from a consumer that may have died: publish its instance's unsent rows now.
+
+        That consumer may have been running the instance's next step itself, its
+        message an unsent outbox row that it held (see ``_follow``): without this,
+        the row waits until it is ``STEPLINE_OUTBOX__SWEEP_AFTER`` old and a sweep
+        comes (3 to 7 s after the crash with the defaults).
+        """
+        try:
+            instance_id = parse_message(delivery.body, limit=self._payload_limit).instance_id
+            await self._relay.take_over(instance_id, keep=[row.id for row in committed.rows])
+        except Exception:  # the rows are committed: the sweeper publishes them
+            log.exception(
+                "taking over a redelivered instance's rows failed", extra={"event": "take_over_failed"}
+            )
 
     async def _dispatch_holding(self, delivery: Delivery) -> Committed:
         """``_dispatch``, tried again in place while the database or the broker cannot be reached.
@@ -333,14 +356,25 @@ class MessageHandler:
                 )
             return await waits.advance(tx, self._planner, workflow, history)
 
-    async def _start(
-        self, workflow: Workflow[Any, Any], message: StartMessage, headers: dict[str, str]
-    ) -> Committed:
+    async def _read_params(self, message: StartMessage) -> JSON:
+        """The start's params, read from the payloads table if a client stored them apart."""
+        if not is_offloaded(message.params):
+            return message.params
+        async with self._store.reading() as tx:
+            return await tx.read_payload(message.params)
+
+    def _new_instance(
+        self, workflow: Workflow[Any, Any], message: StartMessage, headers: dict[str, str], read: JSON
+    ) -> tuple[object, History, dict[str, Any]]:
+        """A start's validated params, its history (nothing recorded yet) and its instance row's values.
+
+        ``read`` is the message's params as ``_read_params`` gives them: the instance
+        row keeps a reference to params stored apart.
+
+        Raises:
+            BadPayloadError: the params do not fit the workflow, or cannot be read.
+        """
         payloads = self._planner.payloads
-        read = message.params
-        if is_offloaded(read):  # a client stored them apart: the instance row keeps the reference
-            async with self._store.reading() as tx:
-                read = await tx.read_payload(read)
         try:
             params = workflow.validate_params(
                 payloads.open(read, instance_id=message.instance_id, what="the params")
@@ -381,6 +415,14 @@ class MessageHandler:
             "build_id": self._build_id,
             "priority": message.priority,
         }
+        return params, history, instance
+
+    async def _start(
+        self, workflow: Workflow[Any, Any], message: StartMessage, headers: dict[str, str]
+    ) -> Committed:
+        read = await self._read_params(message)
+        params, history, instance = self._new_instance(workflow, message, headers, read)
+        parent = history.parent
         if workflow.concurrency is not None:
             return Committed(
                 await self._start_limited(workflow, workflow.concurrency, message, params, history, instance)
@@ -416,6 +458,62 @@ class MessageHandler:
                     rows = await self._planner.apply(tx, history, replay, outcome)
         log.info("instance started", extra={"event": "instance_started", "instance_id": message.instance_id})
         return Committed(rows, local)
+
+    def prepare_start(self, delivery: Delivery) -> PreparedStart | None:
+        """A start delivery replayed to its first entry, for a batch (``StartBatcher``); None: it goes alone.
+
+        None for what ``handle`` deals with better, one delivery at a time: what
+        is not a valid start (dead-lettered there, with its reason), a workflow with
+        a concurrency limit, a first replay ``Planner.plan_start`` cannot write.
+        """
+        try:
+            message = parse_message(delivery.body, limit=self._payload_limit)
+            workflow = self._workflows.get(message.workflow)
+            if (
+                not isinstance(message, StartMessage)
+                or workflow is None
+                or workflow.concurrency is not None
+                or is_offloaded(message.params)  # read from the database first, alone
+            ):
+                return None
+            _, history, instance = self._new_instance(workflow, message, delivery.headers, message.params)
+        except BadPayloadError:
+            return None
+        replay = self._planner.replay(workflow, history)
+        try:
+            outcome = replay.start()
+            planned = self._planner.plan_start(history, replay, outcome)
+        except Exception:  # the usual way reports it
+            planned = None
+        if planned is None:
+            replay.close()
+            return None
+        transition, sleeps = planned
+        new = NewInstance(
+            **instance,
+            status=transition.status,
+            new_steps=transition.new_steps,
+            messages=transition.messages,
+            sleeps=sleeps,
+            output=transition.output,
+            error=transition.error,
+        )
+        return PreparedStart(delivery, workflow, history, replay, outcome, transition, sleeps, new)
+
+    def started(self, start: PreparedStart) -> None:
+        """A batch created ``start``'s instance: report its end, or keep its replay, as ``_start`` does."""
+        with start.replay as replay:
+            if start.transition.status.is_finished:
+                self._planner.report_finished(start.history, start.outcome, start.transition.status)
+            elif not start.sleeps:  # its next step may come to this worker: the cache takes the replay
+                self._steps.keep(start.workflow, start.history, replay, start.transition, [])
+        log.info(
+            "instance started", extra={"event": "instance_started", "instance_id": start.history.instance_id}
+        )
+
+    def recovered(self) -> None:
+        """A batch of starts committed: the database answers (an open outage has ended)."""
+        self._outage.recovered()
 
     async def _start_limited(
         self,
@@ -511,6 +609,21 @@ class MessageHandler:
         if existing is not None and InstanceStatus(existing.status).is_finished:
             return await tx.insert_outbox(self._planner.parent_wake(parent))
         return []
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedStart:
+    """A start delivery replayed to its first entry, ready to be written with a batch."""
+
+    delivery: Delivery
+    workflow: Workflow[Any, Any]
+    history: History
+    replay: Replay
+    """Open: the batch closes it, or the replay cache takes it once the batch committed."""
+    outcome: Outcome
+    transition: Transition
+    sleeps: list[NewTimer]
+    new: NewInstance
 
 
 def _settled_once(delivery: Delivery) -> Delivery:

@@ -135,15 +135,41 @@ class Planner:
             status, output, error = self._ending(outcome)
             started = self._detached_starts(history, entries)
             return Transition(new_steps, status, started + self.parent_wake(history.parent), output, error)
-        messages = [
+        status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
+        return Transition(new_steps, status, self._blocked_sends(history, entries))
+
+    def plan_start(
+        self, history: History, replay: Replay, outcome: Outcome
+    ) -> tuple[Transition, list[NewTimer]] | None:
+        """What a new instance's first replay writes, for a batch of starts; None if it needs ``apply``.
+
+        ``plan_unlocked``'s cases, and sleeps too: a new instance has no stored
+        events or other history to read, and the batch's statement gives each
+        sleep's timer the fire time its entry row gets (``stepline.shared.db.batch_starts``).
+        """
+        entries = replay.new_entries
+        if outcome.kind != "blocked" or not any(entry.kind == StepKind.SLEEP for entry in entries):
+            transition = self.plan_unlocked(history, replay, outcome)
+            return None if transition is None else (transition, [])
+        if history.status == InstanceStatus.PAUSED or any(entry.kind == StepKind.EVENT for entry in entries):
+            return None
+        status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
+        sleeps = [
+            self._wake_timer(history, entry.key, "sleep") for entry in entries if entry.kind == StepKind.SLEEP
+        ]
+        return Transition(
+            _new_steps(history, entries, {}), status, self._blocked_sends(history, entries)
+        ), sleeps
+
+    def _blocked_sends(self, history: History, entries: list[NewEntry]) -> list[Message]:
+        """The messages of a blocked replay's new steps and children (``plan_unlocked``, ``plan_start``)."""
+        return [
             self.step_message(history, entry.key, 1, detail=entry.detail)
             if entry.kind == StepKind.STEP
             else self._child_message(history, entry)
             for entry in entries
             if entry.kind in _CHILD_KINDS or entry.kind == StepKind.STEP
         ]
-        status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
-        return Transition(new_steps, status, messages)
 
     def report_finished(self, history: History, outcome: Outcome, status: InstanceStatus) -> None:
         """Tell the hooks an instance ended (once its transaction has the final status)."""

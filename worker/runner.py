@@ -28,6 +28,7 @@ from stepline.worker.handlers import MessageHandler
 from stepline.worker.registry import source_build_id
 from stepline.worker.replay.cache import ReplayCache
 from stepline.worker.schedules import sync_declared_schedules
+from stepline.worker.start_batches import StartBatcher
 from stepline.worker.work_slots import WorkSlots
 from stepline.worker.workflow import Workflow
 
@@ -74,6 +75,7 @@ async def run_worker(
         connections=concurrency + WORKER_SPARE_CONNECTIONS,
         pre_ping=False,
         held=concurrency,
+        commit_batch=settings.worker.commit_batch,
         process_id=worker_id,
     )
     broker = create_broker(settings.amqp, settings.namespace, settings.broker)
@@ -109,14 +111,19 @@ async def run_worker(
             hold_limit=settings.worker.max_step_timeout,
         )
         slots = WorkSlots(concurrency)
+        start_batch = settings.worker.start_batch if store.writes_start_batches else 1
+        starts = StartBatcher(handler, store, relay, slots, start_batch)
 
         async def on_delivery(delivery: Delivery) -> None:
             task = asyncio.current_task()
             assert task is not None
             in_flight.add(task)
             try:
-                async with slots.hold(is_start=is_start(delivery.routing_key)):
-                    await handler.handle(delivery)
+                if is_start(delivery.routing_key):
+                    await starts.handle(delivery)
+                else:
+                    async with slots.hold(is_start=False):
+                        await handler.handle(delivery)
             finally:
                 in_flight.discard(task)
 
@@ -131,8 +138,9 @@ async def run_worker(
             prefetch=settings.worker.prefetch or 2 * concurrency,
             pools=tuple(settings.worker.pools),
             # Starts wait for slots behind running work: holding more than a slot's worth
-            # would only keep them from an idle worker.
-            start_prefetch=concurrency,
+            # would only keep them from an idle worker. A slot's worth is a batch of starts
+            # (StartBatcher), and the next batch gathers while one is written.
+            start_prefetch=concurrency if start_batch == 1 else max(concurrency, 2 * start_batch),
         )
         # After consume: the queues a schedule's starts go to exist before any is fired.
         # Retried as the start-up checks are: the worker consumes already, and a database that

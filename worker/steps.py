@@ -251,7 +251,9 @@ class StepRunner:
                         return None
                     if cached.replay.is_pending(key):
                         return cached.history, cached.replay, None
-            history = await tx.load_history(message.instance_id)
+                history = await tx.load_changes(cached.history)  # what changed since, read alone
+            else:
+                history = await tx.load_history(message.instance_id)
         if history is not None:
             check_addressed(message, history.workflow)  # the cached replay's, if any, passed already
         current = history is not None and is_current(history, key, message)
@@ -275,6 +277,12 @@ class StepRunner:
         the lock (``_commit_locked``).
         """
         key = _step_key(message)
+        if not is_local and self._cache:
+            borrowed = await self._borrow(message)
+            if borrowed is True:
+                return Committed([])
+            if borrowed is not False:
+                return await self._run_borrowed(workflow, message, *borrowed)
         found = await self._replay_to(workflow, message, is_local=is_local)
         if found is None:
             return Committed([])
@@ -401,11 +409,7 @@ class StepRunner:
     ) -> Committed:
         """Commit what the attempt did: unlocked for the usual success, else under the lock."""
         key = _step_key(message)
-        if isinstance(result, StepSucceeded) and result.offloaded is not None:
-            # Written once, before the commit that refers to it; a commit that turns out stale
-            # leaves the row to its instance, deleted with it.
-            async with self._store.statements() as tx:
-                await tx.insert_payload(history.instance_id, result.offloaded)
+        await self._store_offloaded(history, result)
         values = replay.values  # recorded before the step ran: a newer replay keeps them
         if not isinstance(result, StepSucceeded):
             return await self._commit_locked(workflow, message, result, history, replay, values)
@@ -421,6 +425,57 @@ class StepRunner:
         if committed is None:  # something else changed: the newer history is replayed under the lock
             return await self._commit_locked(workflow, message, result, history, replay, values, stale=True)
         return committed
+
+    async def _store_offloaded(self, history: History, result: StepResult) -> None:
+        """Write a success's result stored apart, if it has one.
+
+        Written once, before the commit that refers to it; a commit that turns out stale
+        leaves the row to its instance, deleted with it.
+        """
+        if isinstance(result, StepSucceeded) and result.offloaded is not None:
+            async with self._store.statements() as tx:
+                await tx.insert_payload(history.instance_id, result.offloaded)
+
+    async def _borrow(self, message: StepMessage) -> tuple[History, StepCall] | bool:
+        """The newest history and the step's call, read from the kept replay left in the cache.
+
+        A fan-out's branches arriving at one worker at once would otherwise each
+        replay the whole instance (only one can take the kept replay): here each
+        reads the kept replay's ``calls`` (what a replay of any later version asks
+        the same step to run) and the rows changed since its version, to check the
+        attempt is current. The replay stays in the cache for the commit
+        (``_commit_caught_up``) to take. True: the message is not current (dropped);
+        False: no kept replay awaits the step, or the step takes another path (limits,
+        a lease, a transaction): the caller replays as before.
+        """
+        key = _step_key(message)
+        async with self._turns.turn(message.instance_id):  # not while a commit has the replay out
+            entry = self._cache.peek(message.instance_id)
+        if entry is None or not entry.replay.is_pending(key):
+            return False
+        check_addressed(message, entry.history.workflow)
+        call = entry.replay.calls.get(key)
+        if call is None or call.limits or call.in_transaction or call.heartbeat_timeout is not None:
+            return False
+        async with self._store.statements() as tx:
+            newer = await tx.load_changes(entry.history)
+        if newer is None or not is_current(newer, key, message):
+            return True
+        if _waits_for_limit(newer, key):
+            return False
+        return newer, call
+
+    async def _run_borrowed(
+        self, workflow: Workflow[Any, Any], message: StepMessage, history: History, call: StepCall
+    ) -> Committed:
+        """Run a step on a borrowed call (``_borrow``); commit it on the kept replay, else under the lock."""
+        result = await self._attempt(workflow, history, message, call, None)
+        await self._store_offloaded(history, result)
+        if isinstance(result, StepSucceeded):
+            committed = await self._commit_caught_up(workflow, message, result, None)
+            if committed is not None:
+                return committed
+        return await self._commit_locked(workflow, message, result, history, None, {}, stale=True)
 
     async def _transact_and_commit(
         self,
@@ -461,41 +516,63 @@ class StepRunner:
         return committed
 
     async def _commit_caught_up(
-        self, workflow: Workflow[Any, Any], message: StepMessage, result: StepSucceeded, replay: Replay
+        self, workflow: Workflow[Any, Any], message: StepMessage, result: StepSucceeded, replay: Replay | None
     ) -> Committed | None:
         """Commit a success on the newest history, a replay caught up to it; None: leave it to the lock.
 
         ``replay`` has resolved the step already. Each try reads the newest
-        history (one statement), catches a replay up to it (``Replay.advance``:
+        history (one statement, only the steps changed since the newer of the
+        kept replay's version and ``replay``'s), catches a replay up to it (``Replay.advance``:
         the worker's kept replay, or else ``replay``) and commits at that
         version, without the instance lock: a fan-out's branches then cost what
         changed, not a replay of the whole history each. This worker's commits
         of one instance take turns (``_turns``), so they do not void each
         other's version; the attempt is fenced as on every path.
+        ``replay`` is None for a step run on a borrowed call (``_borrow``): only the kept replay serves.
         """
         key = _step_key(message)
-        async with self._turns.turn(message.instance_id):
-            for _ in range(CATCH_UP_TRIES):
-                async with self._store.statements() as tx:
-                    newer = await tx.load_history(message.instance_id)
-                if newer is None or not is_current(newer, key, message, running_in_paused=True):
-                    return Committed([])
-                kept, outcome = self._advanced(newer, key, result, replay)
-                transition = None if outcome is None else self._planner.plan_unlocked(newer, kept, outcome)
-                if outcome is None or transition is None:
-                    _close_unless(kept, replay)
-                    return None
-                committed = await self._commit_success(
-                    workflow, message, result, newer, kept, transition, outcome
-                )
-                if committed is not None:
-                    return committed
-                _close_unless(kept, replay)
-        return None
+        own = replay  # a borrowed step's own replay is the kept one it resolved, once a try lost
+        try:
+            async with self._turns.turn(message.instance_id):
+                for tried in range(CATCH_UP_TRIES):
+                    entry = self._cache.peek(message.instance_id)
+                    base = _newest(None if entry is None else entry.history, own)
+                    if base is None:
+                        return None
+                    newer: History | None = base
+                    # First on the kept replay as it is (fenced by its version all the same); a
+                    # kept history that does not hold the attempt as current is read anew.
+                    record = base.step(key)
+                    if own is not None or tried or record is None or record.attempt != message.attempt:
+                        async with self._store.statements() as tx:
+                            newer = await tx.load_changes(base)  # the rows changed since, merged
+                    if newer is None or not is_current(newer, key, message, running_in_paused=True):
+                        return Committed([])
+                    kept, outcome = self._advanced(newer, key, result, own)
+                    transition = None
+                    if kept is not None and outcome is not None:
+                        transition = self._planner.plan_unlocked(newer, kept, outcome)
+                    if kept is None or outcome is None or transition is None:
+                        _close_unless(kept, own)
+                        return None
+                    committed = await self._commit_success(
+                        workflow, message, result, newer, kept, transition, outcome
+                    )
+                    if committed is not None:
+                        if kept is own and not transition.status.is_finished:
+                            own = replay  # the cache has it now
+                        return committed
+                    if own is None:
+                        own = kept  # resolved here: caught up with ``own=key`` from now on
+                    else:
+                        _close_unless(kept, own)
+            return None
+        finally:
+            _close_unless(own, replay)
 
     def _advanced(
-        self, newer: History, key: StepKey, result: StepSucceeded, replay: Replay
-    ) -> tuple[Replay, Outcome | None]:
+        self, newer: History, key: StepKey, result: StepSucceeded, replay: Replay | None
+    ) -> tuple[Replay | None, Outcome | None]:
         """A replay standing on ``newer`` with the step resolved, and its outcome (None: there is none).
 
         The worker's kept replay of the instance serves first: caught up, the
@@ -503,9 +580,12 @@ class StepRunner:
         """
         cached = self._cache.take(newer.instance_id)
         if cached is not None:
-            if cached.replay.advance(newer) is not None and cached.replay.is_pending(key):
+            current = cached.history.version == newer.version or cached.replay.advance(newer) is not None
+            if current and cached.replay.is_pending(key):
                 return cached.replay, cached.replay.resolve(key, result.result)
             cached.replay.close()
+        if replay is None:
+            return None, None
         return replay, replay.advance(newer, own=key)
 
     async def _attempt(
@@ -591,7 +671,7 @@ class StepRunner:
         message: StepMessage,
         result: StepResult,
         history: History,
-        replay: Replay,
+        replay: Replay | None,
         values: dict[StepKey, JSON],
         resolved: Outcome | None = None,
         *,
@@ -602,7 +682,8 @@ class StepRunner:
 
         ``replay`` stands on ``history``; ``resolved`` is what it already did with a
         success, if anything. If the instance is no longer at ``history``'s version
-        (or ``stale`` says so already), the newer history is replayed instead.
+        (or ``stale`` says so already; always so without a ``replay``), the newer
+        history is replayed instead.
         In ``tx`` if given (a transactional step's), where an attempt the fence
         refuses raises ``_RolledBack`` so that the step's own writes roll back too.
         """
@@ -612,7 +693,7 @@ class StepRunner:
             rows: list[OutboxRow] | None
             if lock is None or lock.status.is_finished:
                 rows = None
-            elif lock.version != history.version or stale:
+            elif lock.version != history.version or stale or replay is None:
                 # The history changed meanwhile (a parallel step committed, a pause):
                 # replay the newer one before planning what comes next.
                 rows = await self._commit_on_newer(locked, workflow, message, result, values)
@@ -780,9 +861,9 @@ def is_long(detail: JSON) -> bool:
     return isinstance(detail, dict) and detail.get("heartbeat_timeout_s") is not None
 
 
-def _close_unless(replay: Replay, owned: Replay) -> None:
+def _close_unless(replay: Replay | None, owned: Replay | None) -> None:
     """Close ``replay`` unless it is ``owned``, the one its caller's ``with`` block closes."""
-    if replay is not owned:
+    if replay is not None and replay is not owned:
         replay.close()
 
 
@@ -795,6 +876,14 @@ def _caught_up(replay: Replay, history: History | None, key: StepKey) -> Replay 
         return replay
     replay.close()
     return None
+
+
+def _newest(kept: History | None, replay: Replay | None) -> History | None:
+    """The later of two versions of one history: the base a catch-up reads the changes since."""
+    own = None if replay is None else replay.history
+    if kept is None or (own is not None and own.version >= kept.version):
+        return own
+    return kept
 
 
 def _ends_in_rollback(history: History, key: StepKey) -> bool:

@@ -16,7 +16,7 @@ from stepline.producer.dashboard.security import Guard, GuardMiddleware
 from stepline.producer.dashboard.state import HERE, Dashboard, templates
 from stepline.shared.codec import load_codec
 from stepline.shared.db.stores import create_store_for
-from stepline.shared.settings import CLIENT_CONNECTIONS, Settings
+from stepline.shared.settings import CLIENT_CONNECTIONS, CLIENT_HELD_CONNECTIONS, Settings
 
 
 def create_app(settings: Settings, *, read_only: bool | None = None, host: str | None = None) -> Starlette:
@@ -40,7 +40,11 @@ def create_app(settings: Settings, *, read_only: bool | None = None, host: str |
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         # One store, one connection budget: the pages read through it, the actions act through it.
         dashboard.store = create_store_for(
-            settings.database, settings.db, "stepline-ui", connections=CLIENT_CONNECTIONS
+            settings.database,
+            settings.db,
+            "stepline-ui",
+            connections=CLIENT_CONNECTIONS,
+            held=CLIENT_HELD_CONNECTIONS,
         )
         client = Client(
             settings.database,

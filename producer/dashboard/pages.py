@@ -72,17 +72,23 @@ async def overview(request: Request) -> Response:
     dashboard = dashboard_of(request)
     async with dashboard.reads.reading() as tx:
         names = await reads.workflow_names(tx)
-        counts = await reads.status_counts(tx, names)
-        loads = await reads.minute_loads(tx)
-        backlog, oldest_outbox = await reads.outbox_backlog(tx)
-        late_timers, oldest_timer = await reads.overdue_timers(tx)
-        held = await reads.held_instances(tx, limit=HELD_SHOWN)
-        quiet = await reads.quiet_instance_ids(
-            tx, quiet_for=dashboard.settings.scheduler.reconcile_grace, limit=STRANDED_CHECKED
-        )
-        # One outbox read for all of them, in this transaction (not a `why` per instance).
-        diagnosed = await diagnose_instances(tx, quiet, _limits(dashboard))
-    queues, dead = await _broker_figures(dashboard, names)
+        # The broker's figures come meanwhile (up to BROKER_WAIT_S), not after the database's.
+        broker = asyncio.create_task(_broker_figures(dashboard, names))
+        try:
+            counts = await reads.status_counts(tx, names)
+            loads = await reads.minute_loads(tx)
+            backlog, oldest_outbox = await reads.outbox_backlog(tx)
+            late_timers, oldest_timer = await reads.overdue_timers(tx)
+            held = await reads.held_instances(tx, limit=HELD_SHOWN)
+            quiet = await reads.quiet_instance_ids(
+                tx, quiet_for=dashboard.settings.scheduler.reconcile_grace, limit=STRANDED_CHECKED
+            )
+            # One outbox read for all of them, in this transaction (not a `why` per instance).
+            diagnosed = await diagnose_instances(tx, quiet, _limits(dashboard))
+        except BaseException:
+            broker.cancel()  # the page fails: its broker figures are not wanted
+            raise
+    queues, dead = await broker
     rows = [
         WorkflowRow(
             name,

@@ -12,14 +12,16 @@ same transaction or autocommit mode, and the same SQL and parameter values as
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
@@ -70,25 +72,81 @@ async def fetch_all(
     SQLAlchemy's, as from ``conn.execute``, and a connection the error broke is
     invalidated, so the pool does not hand it out again.
     """
-    compiled = _compile(statement, conn.dialect)
+    sql, values = _bound(statement, params, conn.dialect)
+    driver = await _driver(conn)
+    try:
+        cursor = await driver.execute(sql, values)
+        return await cursor.fetchall()
+    except psycopg.Error as exc:
+        raise await _translated(conn, driver, exc, sql, values) from exc
+
+
+async def fetch_all_together(
+    conn: AsyncConnection, batch: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
+) -> list[list[tuple[Any, ...]]]:
+    """``fetch_all`` of each statement in one transaction and one round trip (psycopg's pipeline).
+
+    On the caller's autocommit connection: ``BEGIN``, the statements and
+    ``COMMIT`` are sent together, so they all commit or none does. If one fails,
+    on the server or while its values are sent, the rest are skipped, the
+    transaction is rolled back and the error raised; the connection is idle
+    again. (Without the ``BEGIN``, a pipeline's implicit transaction would
+    commit the statements sent before a value that failed to send.)
+    """
+    bound = [_bound(statement, params, conn.dialect) for statement, params in batch]
+    driver = await _driver(conn)
+    try:
+        async with driver.pipeline():
+            await driver.execute(_BEGIN)
+            cursors = [await driver.execute(sql, values) for sql, values in bound]
+            await driver.execute(_COMMIT)
+        return [await cursor.fetchall() for cursor in cursors]
+    except Exception as exc:
+        if not (driver.broken or driver.closed) and driver.info.transaction_status != _IDLE:
+            with contextlib.suppress(psycopg.Error):
+                await driver.execute(_ROLLBACK)
+        if not isinstance(exc, psycopg.Error):
+            raise
+        sql, values = bound[0]
+        raise await _translated(conn, driver, exc, sql, values) from exc
+
+
+_BEGIN, _COMMIT, _ROLLBACK = (psycopg.sql.SQL(word) for word in ("BEGIN", "COMMIT", "ROLLBACK"))
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+
+
+def _bound(
+    statement: ClauseElement, params: Mapping[str, Any], dialect: sa.Dialect
+) -> tuple[str, dict[str, Any]]:
+    """The statement's SQL and its parameters' values as psycopg takes them."""
+    compiled = _compile(statement, dialect)
     values = {**compiled.defaults, **params}
     for name, processor in compiled.processors:
         values[name] = processor(values[name])
+    return compiled.sql, values
+
+
+async def _driver(conn: AsyncConnection) -> psycopg.AsyncConnection[Any]:
     driver = live_driver(conn)
     if driver is None:  # not connected yet, or invalidated: SQLAlchemy (re)connects it
         driver = (await conn.get_raw_connection()).driver_connection
         assert isinstance(driver, psycopg.AsyncConnection)
-    try:
-        cursor = await driver.execute(compiled.sql, values)
-        return await cursor.fetchall()
-    except psycopg.Error as exc:
-        # A read-only server is a standby now (a failover): the connection must go, as a lost one.
-        broken = driver.broken or driver.closed or is_read_only(exc)
-        if broken:
-            await conn.invalidate(exc)
-        raise DBAPIError.instance(
-            compiled.sql, values, exc, psycopg.Error, connection_invalidated=broken
-        ) from exc
+    return driver
+
+
+async def _translated(
+    conn: AsyncConnection,
+    driver: psycopg.AsyncConnection[Any],
+    exc: psycopg.Error,
+    sql: str,
+    values: dict[str, Any],
+) -> StatementError:
+    """SQLAlchemy's error for a driver's, as ``conn.execute`` raises it; invalidates a broken connection."""
+    # A read-only server is a standby now (a failover): the connection must go, as a lost one.
+    broken = driver.broken or driver.closed or is_read_only(exc)
+    if broken:
+        await conn.invalidate(exc)
+    return DBAPIError.instance(sql, values, exc, psycopg.Error, connection_invalidated=broken)
 
 
 def live_driver(conn: AsyncConnection) -> psycopg.AsyncConnection[Any] | None:

@@ -218,6 +218,18 @@ sa.Index(
     sqlite_where=instances.c.concurrency_key.is_not(None),
 )
 
+_STEP_CHANGE_VERSION = (
+    sa.select(instances.c.version + 1)
+    .where(instances.c.id == sa.literal_column("steps.instance_id"))
+    .scalar_subquery()
+)
+"""What an UPDATE of a step row sets ``steps.version`` to: its instance's version, plus one.
+
+Read in the statement's snapshot: under the instance lock (or in the one statement
+that bumps the version it checked) that is the version the write commits at, or
+above it when the version was bumped earlier in the transaction; never below it.
+"""
+
 steps = sa.Table(
     "steps",
     metadata,
@@ -241,6 +253,12 @@ steps = sa.Table(
     # attempt sent, and when (the database's clock); the next attempt reads them to resume.
     sa.Column("heartbeat", Json),
     sa.Column("heartbeat_at", Timestamp()),
+    # Revision 0018: the instance version this row last changed at (NULL: written before it).
+    # Every UPDATE of a step sets it to its instance's version plus one (the onupdate below:
+    # no writer can forget it); an INSERT sets it explicitly (statements.steps_insert, the
+    # one-statement commits). A worker catches a kept history up by reading only the rows
+    # changed since its version (Transaction.load_changes).
+    sa.Column("version", sa.BigInteger, onupdate=_STEP_CHANGE_VERSION),
 )
 
 step_attempts = sa.Table(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -120,7 +121,12 @@ def after_prefix(prefix: str) -> str | None:
 
 
 def steps_insert(instance_id: str, new: Sequence[NewStep]) -> sa.Insert:
-    """One INSERT of every entry; a sleep given as a duration gets the database's clock plus it, per row."""
+    """One INSERT of every entry; a sleep given as a duration gets the database's clock plus it, per row.
+
+    Each row's ``version`` is its instance's plus one (see ``schema.steps``): under the lock, the
+    version the transaction commits at or above it.
+    """
+    version = sa.select(instances.c.version + 1).where(instances.c.id == instance_id).scalar_subquery()
     rows = [
         {
             "instance_id": instance_id,
@@ -135,6 +141,7 @@ def steps_insert(instance_id: str, new: Sequence[NewStep]) -> sa.Insert:
             "detail": entry.detail,
             "started_at": utc_now() if entry.kind != StepKind.STEP else None,
             "finished_at": utc_now() if entry.status.is_settled else None,
+            "version": version,
         }
         for entry in new
     ]
@@ -211,6 +218,29 @@ def outbox_insert(messages: Sequence[tuple[str, bytes, dict[str, str] | None]]) 
         .values(rows[0] if len(rows) == 1 else rows)  # one row: compiled once (see steps_insert)
         .returning(outbox.c.id, outbox.c.routing_key, outbox.c.body, outbox.c.headers)
     )
+
+
+def changed_since(version: Any) -> sa.ColumnElement[bool]:
+    """The step rows written after an instance was at ``version`` (NULL: before revision 0018, so maybe)."""
+    return sa.or_(steps.c.version.is_(None), steps.c.version > version)
+
+
+def with_changes(base: History, changes: History, count: int) -> History | None:
+    """``base`` caught up to ``changes`` (the instance row, the steps changed since); None if it cannot be.
+
+    ``count`` is how many step rows the instance has now. A row deleted since
+    (an instance reset and run again) or one whose position moved leaves the
+    merge short or out of order: None, and the caller reads the whole history.
+    """
+    steps = dict(base.steps)
+    for key, record in changes.steps.items():
+        known = steps.get(key)
+        if known is not None and known.position != record.position:
+            return None
+        steps[key] = record
+    if len(steps) != count:
+        return None
+    return replace(changes, steps=steps)
 
 
 def history_from(row: Any, items: Iterable[Mapping[str, Any]] | Iterable[sa.RowMapping]) -> History:

@@ -24,6 +24,7 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stepline.shared.codec import JSON
+from stepline.shared.db.batch_starts import NewInstance, StartedBatch
 from stepline.shared.db.records import (
     FiredTimer,
     Message,
@@ -48,6 +49,8 @@ class Store:
 
     service: ClassVar[str]
     """The database's name in messages to users."""
+    writes_start_batches: ClassVar[bool] = False
+    """Whether ``start_instances`` writes batches (PostgreSQL) or returns None (one at a time)."""
     _transaction_class: ClassVar[type[Transaction]] = Transaction
     # Errors that mean "no alembic_version table" (a database never migrated), not an outage.
     _missing_table_errors: ClassVar[tuple[type[Exception], ...]] = (ProgrammingError,)
@@ -177,6 +180,14 @@ class Store:
                 build_id=build_id,
                 priority=priority,
             )
+
+    async def start_instances(self, batch: Sequence[NewInstance]) -> StartedBatch | None:
+        """Start many new instances at once, atomically; None where the database takes them one at a time.
+
+        PostgreSQL writes the whole batch in one statement (``stepline.shared.db.batch_starts``);
+        SQLite, whose one connection is the writer lock, gains nothing from it (``writes_start_batches``).
+        """
+        return None
 
     async def fire_due_timers(self, *, limit: int) -> list[FiredTimer]:
         """Claim, delete and queue up to ``limit`` due timers (on PostgreSQL one statement)."""

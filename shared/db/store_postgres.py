@@ -28,6 +28,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stepline.shared.codec import JSON
 from stepline.shared.db import raw
+from stepline.shared.db.batch_starts import (
+    START_MANY,
+    NewInstance,
+    StartedBatch,
+    start_many_params,
+    started_batch,
+)
+from stepline.shared.db.group_commit import GroupCommit
 from stepline.shared.db.held import HeldConnections
 from stepline.shared.db.limits import LimitedAttempt, fast_key
 from stepline.shared.db.records import FiredTimer, Message, NewStep, OutboxRow, SucceededAttempt
@@ -46,11 +54,13 @@ from stepline.shared.db.statements import (
     INSTANCE_FIELDS,
     STEP_FIELDS,
     attempt_insert,
+    changed_since,
     history_from,
     instance_update,
     outbox_insert,
     step_update,
     steps_insert,
+    with_changes,
 )
 from stepline.shared.db.store import Store
 from stepline.shared.db.transaction import Transaction
@@ -68,14 +78,23 @@ Shape = tuple[bool, bool, bool]
 """Per new entry: started now (not a step), settled, fire time a delay after now."""
 
 
-def _step_list() -> sa.ScalarSelect[Any]:
-    """An instance's steps as one JSON array, in position order."""
+def _step_list(*conditions: sa.ColumnElement[bool]) -> sa.ScalarSelect[Any]:
+    """An instance's steps (those meeting ``conditions``) as one JSON array, in position order."""
     step_object = sa.func.json_build_object(*(part for name in STEP_FIELDS for part in (name, steps.c[name])))
     return (
         sa.select(sa.func.json_agg(aggregate_order_by(step_object, steps.c.position)))
-        .where(steps.c.instance_id == instances.c.id)
+        .where(steps.c.instance_id == instances.c.id, *conditions)
         .scalar_subquery()
     )
+
+
+def _changes_query() -> sa.Select[Any]:
+    """PostgreSQL: the instance, its steps changed since a version, and its count of steps: one round trip."""
+    count = sa.select(sa.func.count()).where(steps.c.instance_id == instances.c.id).scalar_subquery()
+    since = sa.bindparam("since", type_=steps.c.version.type)
+    return sa.select(
+        *INSTANCE_FIELDS, _step_list(changed_since(since)).label("steps"), count.label("step_count")
+    ).where(instances.c.id == sa.bindparam("instance_id"))
 
 
 def _history_query() -> sa.Select[Any]:
@@ -109,6 +128,8 @@ def _unfinished_histories_query() -> sa.Select[Any]:
 _LOCK_KEY = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:lock_name, 0))")
 _HISTORY = _history_query()  # built once: its compiled form is reused
 _UNFINISHED_HISTORIES = _unfinished_histories_query()
+_CHANGES = _changes_query()
+_ChangesRow = namedtuple("_ChangesRow", list(_CHANGES.selected_columns.keys()))  # type: ignore[misc]
 # Its row as raw.fetch_all gives it (a tuple), with the names SQLAlchemy's rows have.
 _HistoryRow = namedtuple("_HistoryRow", list(_HISTORY.selected_columns.keys()))  # type: ignore[misc]
 
@@ -140,6 +161,13 @@ class PostgresTransaction(Transaction):
     """The statements of one PostgreSQL connection; the composite writes are one statement each."""
 
     __slots__ = ()
+
+    def _body_holds(self, text: bytes) -> sa.TextClause:
+        """``LIKE`` on the bytes, its wildcards escaped (SQLAlchemy's ``like()`` is for strings)."""
+        pattern = text.replace(b"/", b"//").replace(b"%", b"/%").replace(b"_", b"/_")
+        return sa.text("outbox.body LIKE :text ESCAPE '/'").bindparams(
+            sa.bindparam("text", b"%" + pattern + b"%", type_=sa.LargeBinary)
+        )
 
     def _insert(self, table: sa.Table) -> postgresql.Insert:
         return postgresql.insert(table)
@@ -277,6 +305,21 @@ class PostgresTransaction(Transaction):
         row: Any = _HistoryRow(*found[0])
         return await self.with_payloads(history_from(row, row.steps or ()))
 
+    async def load_changes(self, base: History) -> History | None:
+        """``base`` caught up in one round trip, the changed steps only (see the base class).
+
+        The catch-up of a kept replay: a branch of a fan-out reads what the other
+        branches committed since, not the whole history.
+        """
+        found = await raw.fetch_all(
+            self._conn, _CHANGES, {"instance_id": base.instance_id, "since": base.version}
+        )
+        if not found:
+            return None
+        row: Any = _ChangesRow(*found[0])
+        changes = await self.with_payloads(history_from(row, row.steps or ()))
+        return with_changes(base, changes, row.step_count) or await self.load_history(base.instance_id)
+
     async def unfinished_histories(
         self, *, after: str | None, limit: int, workflows: Sequence[str]
     ) -> list[History]:
@@ -365,47 +408,11 @@ class PostgresTransaction(Transaction):
         return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
 
     async def commit_settled_step(
-        self,
-        instance_id: str,
-        key: StepKey,
-        *,
-        version: int,
-        attempt: SucceededAttempt | None,
-        result: JSON,
-        new_steps: Sequence[NewStep],
-        status: InstanceStatus,
-        output: JSON = None,
-        error: JSON = None,
-        messages: Sequence[Message] = (),
+        self, instance_id: str, key: StepKey, **fields: Any
     ) -> list[OutboxRow] | None:
-        """One statement, atomic without a transaction around it.
-
-        The UPDATE of the instance row locks it and checks the version (re-checked
-        on the newest row if it had to wait for the lock), and every other part
-        writes only the rows it returned.
-        """
-        params: dict[str, Any] = {
-            "p_instance_id": instance_id,
-            "p_version": version,
-            "p_status": status,
-            "p_output": output,
-            "p_error": error,
-            "p_step_name": key[0],
-            "p_step_occurrence": key[1],
-            "p_result": result,
-            "p_started_at": None if attempt is None else attempt.started_at,
-        }
-        if attempt is not None:
-            params.update(
-                p_attempt=attempt.number,
-                p_worker=attempt.worker,
-                p_finished_at=attempt.finished_at,
-                p_build_id=attempt.build_id,
-            )
-        statement = settled_step_statement(
-            shapes(new_steps), len(messages), status.is_finished, records_attempt=attempt is not None
-        )
-        return await self._execute_with_followers(statement, params, new_steps, messages)
+        """One statement, atomic without a transaction around it (see ``settled_step_call``)."""
+        statement, params = settled_step_call(instance_id, key, **fields)
+        return followers_rows(await raw.fetch_all(self._conn, statement, params), fields.get("messages", ()))
 
     async def start_instance(
         self,
@@ -478,48 +485,114 @@ class PostgresTransaction(Transaction):
         messages: Sequence[Message],
     ) -> list[OutboxRow] | None:
         """Run a statement of ``_with_followers``: its outbox rows, or None if its anchor wrote nothing."""
-        for index, entry in enumerate(new_steps):
-            params.update(
-                {
-                    f"s{index}_name": entry.key[0],
-                    f"s{index}_occurrence": entry.key[1],
-                    f"s{index}_position": entry.position,
-                    f"s{index}_kind": entry.kind,
-                    f"s{index}_status": entry.status,
-                    f"s{index}_result": entry.result,
-                    f"s{index}_fire_at": entry.fire_at if entry.delay is None else entry.delay,
-                    f"s{index}_detail": entry.detail,
-                }
-            )
-        for index, (routing_key, body, headers) in enumerate(messages):
-            params.update(
-                {f"m{index}_routing_key": routing_key, f"m{index}_body": body, f"m{index}_headers": headers}
-            )
-        # Columns: instance_id, then the outbox row's.
-        rows = await raw.fetch_all(self._conn, statement, params)
-        if not rows:
-            return None
-        if not messages:
-            return []
-        return [OutboxRow(*row[1:]) for row in rows]
+        add_follower_params(params, new_steps, messages)
+        return followers_rows(await raw.fetch_all(self._conn, statement, params), messages)
+
+
+def settled_step_call(instance_id: str, key: StepKey, **fields: Any) -> tuple[sa.Select[Any], dict[str, Any]]:
+    """The one statement of ``commit_settled_step`` and its parameters (``fields``: ``Transaction``'s).
+
+    The UPDATE of the instance row locks it and checks the version (re-checked
+    on the newest row if it had to wait for the lock), and every other part
+    writes only the rows it returned.
+    """
+    attempt: SucceededAttempt | None = fields["attempt"]
+    status: InstanceStatus = fields["status"]
+    new_steps: Sequence[NewStep] = fields["new_steps"]
+    messages: Sequence[Message] = fields.get("messages", ())
+    params: dict[str, Any] = {
+        "p_instance_id": instance_id,
+        "p_version": fields["version"],
+        "p_status": status,
+        "p_output": fields.get("output"),
+        "p_error": fields.get("error"),
+        "p_step_name": key[0],
+        "p_step_occurrence": key[1],
+        "p_result": fields["result"],
+        "p_started_at": None if attempt is None else attempt.started_at,
+    }
+    if attempt is not None:
+        params.update(
+            p_attempt=attempt.number,
+            p_worker=attempt.worker,
+            p_finished_at=attempt.finished_at,
+            p_build_id=attempt.build_id,
+        )
+    statement = settled_step_statement(
+        shapes(new_steps), len(messages), status.is_finished, records_attempt=attempt is not None
+    )
+    add_follower_params(params, new_steps, messages)
+    return statement, params
+
+
+def add_follower_params(
+    params: dict[str, Any], new_steps: Sequence[NewStep], messages: Sequence[Message]
+) -> None:
+    """Add the values of a ``_with_followers`` statement's new entries and messages to ``params``."""
+    for index, entry in enumerate(new_steps):
+        params.update(
+            {
+                f"s{index}_name": entry.key[0],
+                f"s{index}_occurrence": entry.key[1],
+                f"s{index}_position": entry.position,
+                f"s{index}_kind": entry.kind,
+                f"s{index}_status": entry.status,
+                f"s{index}_result": entry.result,
+                f"s{index}_fire_at": entry.fire_at if entry.delay is None else entry.delay,
+                f"s{index}_detail": entry.detail,
+            }
+        )
+    for index, (routing_key, body, headers) in enumerate(messages):
+        params.update(
+            {f"m{index}_routing_key": routing_key, f"m{index}_body": body, f"m{index}_headers": headers}
+        )
+
+
+def followers_rows(rows: list[tuple[Any, ...]], messages: Sequence[Message]) -> list[OutboxRow] | None:
+    """A ``_with_followers`` statement's outbox rows, or None if its anchor wrote nothing.
+
+    Its columns: instance_id, then the outbox row's.
+    """
+    if not rows:
+        return None
+    if not messages:
+        return []
+    return [OutboxRow(*row[1:]) for row in rows]
 
 
 class PostgresStore(Store):
     """PostgreSQL: the engine's pool, and autocommit connections held out of it for single statements."""
 
     service: ClassVar[str] = "PostgreSQL"
+    writes_start_batches: ClassVar[bool] = True
     _transaction_class: ClassVar[type[Transaction]] = PostgresTransaction
 
-    def __init__(self, engine: AsyncEngine, *, held: int = 0) -> None:
+    def __init__(self, engine: AsyncEngine, *, held: int = 0, commit_batch: int = 1) -> None:
         super().__init__(engine)
         self._held = HeldConnections(engine, keep=held)
+        # Concurrent steps' commits, up to commit_batch in one transaction (see GroupCommit).
+        self._group = GroupCommit(self._held, commit_batch)
 
     def statements(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
         """A held autocommit connection: one statement is atomic on its own, so no BEGIN or COMMIT."""
         return _HeldStatements(self._held)
 
+    async def commit_settled_step(
+        self, instance_id: str, key: StepKey, **fields: Any
+    ) -> list[OutboxRow] | None:
+        """One statement, committed with those of concurrent callers (``GroupCommit``)."""
+        statement, params = settled_step_call(instance_id, key, **fields)
+        rows = await self._group.fetch_all(instance_id, statement, params)
+        return followers_rows(rows, fields.get("messages", ()))
+
+    async def start_instances(self, batch: Sequence[NewInstance]) -> StartedBatch | None:
+        """Many new instances in one statement, atomic on its own (``stepline.shared.db.batch_starts``)."""
+        async with self._held.connection() as conn:
+            return started_batch(await raw.fetch_all(conn, START_MANY, start_many_params(batch)))
+
     async def close(self) -> None:
         """Give the held connections back, then every other one."""
+        await self._group.close()
         await self._held.close()
         await super().close()
 
@@ -576,7 +649,7 @@ def start_statement(step_shapes: tuple[Shape, ...], message_count: int, finishin
         postgresql.insert(instances)
         .from_select(columns, sa.select(*values))
         .on_conflict_do_nothing(index_elements=["id"])
-        .returning(instances.c.id)
+        .returning(instances.c.id, instances.c.version)
         .cte("new_instance")
     )
     return _with_followers(inserted, [], step_shapes, message_count)
@@ -632,7 +705,7 @@ def settled_step_statement(
             *(instances.c.status != finished.value for finished in sorted(FINISHED_STATUSES)),
         )
         .values(instance_values)
-        .returning(instances.c.id)
+        .returning(instances.c.id, instances.c.version)
         .cte("changed_instance")
     )
     locked_id = sa.select(changed.c.id).scalar_subquery()  # NULL, so matching nothing, if it did not match
@@ -681,7 +754,9 @@ def settled_step_statement(
 def _with_followers(
     anchor: sa.CTE, ctes: list[sa.CTE], step_shapes: tuple[Shape, ...], message_count: int
 ) -> sa.Select[Any]:
-    """``anchor`` (returning an instance id, or nothing) with new entries and messages written only after it.
+    """``anchor`` (returning an instance id and its new version, or nothing) with new entries and messages.
+
+    The entries and messages are written only after the anchor, each entry at the anchor's version.
 
     Selects one row per outbox row (id, routing_key, body, headers), or one row
     of the instance id without messages; no row when the anchor wrote nothing.
@@ -704,11 +779,14 @@ def _with_followers(
                     sa.literal(1, type_=steps.c.attempt.type),
                     utc_now() if stamped else never,
                     utc_now() if settled else never,
+                    anchor.c.version,
                 )
             )
         ctes.append(
             steps.insert()
-            .from_select(["instance_id", *columns, "attempt", "started_at", "finished_at"], _union(selects))
+            .from_select(
+                ["instance_id", *columns, "attempt", "started_at", "finished_at", "version"], _union(selects)
+            )
             .cte("new_steps")
         )
     if not message_count:

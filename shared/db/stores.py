@@ -22,6 +22,7 @@ def create_store(
     pgbouncer: bool = False,
     application_name: str | None = None,
     held: int = 0,
+    commit_batch: int = 1,
     clock: Clock | None = None,
 ) -> Store:
     """The store of ``database_url``, owning an engine built by ``stepline.shared.db.engine.create_engine``.
@@ -31,6 +32,8 @@ def create_store(
     PostgreSQL, how many autocommit connections to keep checked out for the
     one-statement operations (a worker keeps one per concurrent step), at most
     ``max_connections - 2`` so that its other work always finds one;
+    ``commit_batch``: on PostgreSQL, how many concurrent steps' commits may go
+    in one transaction (``stepline.shared.db.group_commit``; 1: each alone);
     ``application_name``: the process's name in ``pg_stat_activity``;
     ``clock``: an SQLite database's clock (the testing kit's virtual time).
     """
@@ -53,7 +56,7 @@ def create_store(
         return SqliteStore(engine)
     from stepline.shared.db.store_postgres import PostgresStore
 
-    return PostgresStore(engine, held=held)
+    return PostgresStore(engine, held=held, commit_batch=commit_batch)
 
 
 def create_store_for(
@@ -64,6 +67,7 @@ def create_store_for(
     connections: int,
     pre_ping: bool = True,
     held: int = 0,
+    commit_batch: int = 1,
     process_id: str | None = None,
 ) -> Store:
     """The store of one Stepline process: the one way every command, the client and the dashboard build it.
@@ -73,7 +77,7 @@ def create_store_for(
     in between. ``process`` and ``process_id`` (default ``host:pid``) name it in
     ``pg_stat_activity`` (``stepline-worker host:1234``), so that an operator
     counts each process's connections against its budget. ``pre_ping`` and
-    ``held`` are as for ``create_store``.
+    ``held`` and ``commit_batch`` are as for ``create_store``.
     """
     return create_store(
         database_url,
@@ -82,6 +86,7 @@ def create_store_for(
         pgbouncer=db.pgbouncer,
         application_name=f"{process} {process_id or this_process()}",
         held=held,
+        commit_batch=commit_batch,
     )
 
 

@@ -53,10 +53,12 @@ from stepline.shared.db.statements import (
     LOCK_INSTANCE,
     STEP_FIELDS,
     attempt_insert,
+    changed_since,
     history_from,
     instance_update,
     step_update,
     steps_insert,
+    with_changes,
 )
 from stepline.shared.history import History, ParentLink, StepKey
 from stepline.shared.states import (
@@ -184,6 +186,31 @@ class Transaction(
             .order_by(steps.c.position)
         )
         return await self.with_payloads(history_from(row, (step._mapping for step in step_rows)))
+
+    async def load_changes(self, base: History) -> History | None:
+        """``base`` caught up to the instance's newest version, reading only the steps changed since.
+
+        The rows whose ``version`` is above ``base.version`` (or NULL: written before
+        revision 0018), merged into ``base`` (left as it is); the whole history if
+        the merge cannot stand for it (``with_changes``). None if there is no such instance.
+        """
+        row = (
+            await self._conn.execute(sa.select(*INSTANCE_FIELDS).where(instances.c.id == base.instance_id))
+        ).first()
+        if row is None:
+            return None
+        step_rows = await self._conn.execute(
+            sa.select(*(steps.c[name] for name in STEP_FIELDS))
+            .where(steps.c.instance_id == base.instance_id, changed_since(base.version))
+            .order_by(steps.c.position)
+        )
+        changes = await self.with_payloads(history_from(row, (step._mapping for step in step_rows)))
+        count = (
+            await self._conn.execute(
+                sa.select(sa.func.count()).select_from(steps).where(steps.c.instance_id == base.instance_id)
+            )
+        ).scalar_one()
+        return with_changes(base, changes, count) or await self.load_history(base.instance_id)
 
     async def set_parent_if_unset(self, instance_id: str, parent: ParentLink) -> None:
         """Let an instance started before its parent asked for it report to that parent."""
@@ -393,6 +420,33 @@ class Transaction(
             )
         ).all()
         return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
+
+    async def claim_outbox_of(self, instance_id: str, *, limit: int) -> list[OutboxRow]:
+        """Lock unsent rows whose message names ``instance_id`` that no other process holds locked.
+
+        Whatever their age: ``OutboxRelay.take_over`` calls it when a delivery of the
+        instance came back from a consumer that died, which may have held one of
+        these rows for a step it ran itself. The body is matched as the codec writes
+        the id (a message naming it as its parent matches too: republished, harmlessly).
+        The outbox holds only what is still unsent, so the scan is short.
+        """
+        named = json.dumps({"instance_id": instance_id}, separators=(",", ":"), ensure_ascii=False)[1:-1]
+        rows = (
+            await self._conn.execute(
+                sa.select(outbox.c.id, outbox.c.routing_key, outbox.c.body, outbox.c.headers)
+                .where(self._body_holds(named.encode()))
+                .order_by(outbox.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+        return [OutboxRow(row.id, row.routing_key, row.body, row.headers) for row in rows]
+
+    def _body_holds(self, text: bytes) -> sa.TextClause:
+        """Whether the outbox row's body holds ``text`` (SQLite's LIKE never matches a blob: ``instr``)."""
+        return sa.text("instr(outbox.body, :text) > 0").bindparams(
+            sa.bindparam("text", text, type_=sa.LargeBinary)
+        )
 
     async def refresh_outbox(self, ids: Sequence[int]) -> None:
         """Make rows young again, so that no sweeper counts them as left behind (see OutboxRelay.hold).

@@ -13,7 +13,7 @@ WITH new_instance AS
         %(p_priority)s::SMALLINT AS anon_11, %(p_output)s::JSONB AS anon_12,
         %(p_error)s::JSONB AS anon_13, now() AS utc_now_1, %(param_1)s::BIGINT AS anon_14
     ON CONFLICT (id) DO NOTHING
-    RETURNING instances.id)
+    RETURNING instances.id, instances.version)
 
 SELECT new_instance.id AS instance_id
 FROM new_instance

@@ -12,18 +12,18 @@ WITH new_instance AS
         %(p_parent_occurrence)s::INTEGER AS anon_19, %(p_build_id)s::VARCHAR AS anon_20,
         %(p_priority)s::SMALLINT AS anon_21, %(param_3)s::BIGINT AS anon_22
     ON CONFLICT (id) DO NOTHING
-    RETURNING instances.id),
+    RETURNING instances.id, instances.version),
 
 new_steps AS
     (INSERT INTO steps (instance_id, name, occurrence, position, kind, status, result, fire_at,
-        detail, attempt, started_at, finished_at)
+        detail, attempt, started_at, finished_at, version)
     SELECT new_instance.id AS id, %(s0_name)s::VARCHAR AS anon_1,
         %(s0_occurrence)s::INTEGER AS anon_2, %(s0_position)s::INTEGER AS anon_3,
         %(s0_kind)s::VARCHAR AS anon_4, %(s0_status)s::VARCHAR AS anon_5,
         %(s0_result)s::JSONB AS anon_6, %(s0_fire_at)s::TIMESTAMP WITH TIME ZONE AS anon_7,
         %(s0_detail)s::JSONB AS anon_8, %(param_1)s::INTEGER AS anon_9,
         %(param_2)s::TIMESTAMP WITH TIME ZONE AS anon_10,
-        %(param_2)s::TIMESTAMP WITH TIME ZONE AS anon__1
+        %(param_2)s::TIMESTAMP WITH TIME ZONE AS anon__1, new_instance.version AS version
     FROM new_instance),
 
 queued AS

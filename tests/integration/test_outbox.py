@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -259,3 +260,24 @@ async def test_rows_the_fast_path_is_still_publishing_are_not_taken_over(
     assert _swept(caplog) == 0
     assert delivered == 100
     assert await db.scalar(settings.database, "SELECT count(*) FROM outbox") == 0
+
+
+async def test_a_redelivered_instance_takes_over_its_own_young_rows_only(settings: Settings) -> None:
+    # Ids that LIKE would read as patterns ('_' and '%') and one that names the other as its
+    # prefix: only the rows of the instance named are taken, young as they are.
+    store = create_store(settings.database, pool_size=2)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(store.close)
+        broker = await stack.enter_async_context(connected_broker(settings.amqp, settings.namespace))
+        await broker.ensure_workflow_queue("w")
+        async with store.transaction() as tx:
+            for instance_id in ("a_b%", "axb%", "a_b%2", "AXB%"):
+                await tx.insert_outbox(_step_messages("w", instance_id, 2, settings.max_payload_bytes))
+        relay = OutboxRelay(store, broker, settings.outbox)
+        taken = await relay.take_over("a_b%")
+        again = await relay.take_over("a_b%")
+        delivered = await ready_messages(settings.amqp, settings.namespace, "w")
+
+    assert (taken, again, delivered) == (2, 0, 2)
+    left = await db.scalar(settings.database, "SELECT count(*) FROM outbox")
+    assert left == 6

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
 import pytest
@@ -328,24 +328,22 @@ async def test_a_pass_holds_no_row_lock_while_it_diagnoses(
     await fleet.start_worker()
     sleeping = await _stranded_sleep(producer, control, settings)
     blocked: list[str] = []
-    read = inspect.snapshot
+    read = inspect.snapshots
 
-    async def snapshot_while_a_worker_commits(
-        tx: object, instance_id: str, **kwargs: object
-    ) -> inspect.Snapshot | None:
-        if not blocked and instance_id == sleeping:
+    async def read_while_a_worker_commits(
+        tx: object, instance_ids: Sequence[str], **kwargs: object
+    ) -> list[inspect.Snapshot]:
+        if not blocked and sleeping in instance_ids:
             # What a worker's commit does first: lock the instance's row (here without waiting).
-            locking = (
-                sa.select(instances.c.id).where(instances.c.id == instance_id).with_for_update(nowait=True)
-            )
+            locking = sa.select(instances.c.id).where(instances.c.id == sleeping).with_for_update(nowait=True)
             try:
                 await db.execute(settings.database, locking)
                 blocked.append("")
             except sa.exc.OperationalError:
-                blocked.append(instance_id)
-        return await read(tx, instance_id, **kwargs)  # type: ignore[arg-type]
+                blocked.append(sleeping)
+        return await read(tx, instance_ids, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(inspect, "snapshot", snapshot_while_a_worker_commits)
+    monkeypatch.setattr(inspect, "snapshots", read_while_a_worker_commits)
     outcomes = await reconcile_once(store, LIMITS, payload_limit=settings.max_payload_bytes)
     assert blocked == [""], "a worker's commit would have waited for the reconciler's diagnosis"
     assert [outcome.done for outcome in outcomes] == [["armed the sleep timer of `nap` again"]]

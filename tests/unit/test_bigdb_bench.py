@@ -49,4 +49,22 @@ def test_each_read_is_a_target_row_with_its_reference() -> None:
             "measured": "600.0 ms (p50 400.0; no reference)",
             "met": False,
         },
+        *(
+            {"target": target, "measured": "not measured", "met": False}
+            for target in bigdb_bench.NOT_MEASURED
+        ),
     ]
+
+
+def test_the_prune_is_a_target_row_met_when_its_rate_is_steady() -> None:
+    results = {
+        "populated": {"instances": 1_000_000},
+        "timings": [],
+        "prune": {"deleted": 100_000, "seconds": 40.0, "per_s": 2_500.0, "quarters_per_s": [3_000.0, 1_200.0],
+                  "longest_batch_s": 0.5, "steady": False},
+    }  # fmt: skip
+
+    row = bigdb_bench.targets(results)[0]
+
+    assert row["measured"] == "100,000 in 40 s, 2,500/s (quarters 3,000, 1,200/s; longest batch 0.50 s)"
+    assert row["met"] is False

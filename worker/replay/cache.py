@@ -47,6 +47,14 @@ class ReplayCache:
         """
         return self._entries.pop(instance_id, None)
 
+    def peek(self, instance_id: str) -> CachedReplay | None:
+        """The instance's entry, left in place (None if there is none).
+
+        Only to read from (its history, its replay's ``calls``): whoever takes the
+        entry next drives its replay and may extend its history (``committed_history``).
+        """
+        return self._entries.get(instance_id)
+
     def put(self, history: History, replay: Replay) -> bool:
         """Keep ``replay`` for the instance, closing what it replaces or pushes out; False if none kept.
 
