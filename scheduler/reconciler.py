@@ -84,9 +84,9 @@ async def reconcile_once(
                 snaps = await inspect.snapshots(
                     tx, [instance_id for _, instance_id in page], outbox_ids=outbox_ids
                 )
-                stranded = [
-                    found for snap in snaps if (found := await _stranded(snap, limits, depths)) is not None
-                ]
+            stranded = [
+                found for snap in snaps if (found := await _stranded(snap, limits, depths)) is not None
+            ]
             for instance_id, queued in stranded:
                 outcome = await _repair_one(
                     store, instance_id, limits, payload_limit, outbox_ids, queued, quiet_since
