@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime
+from types import TracebackType
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from stepline.shared.broker.base import Broker
 from stepline.shared.db import inspect
+from stepline.shared.db.inspect import Snapshot
 from stepline.shared.db.records import OutboxRow
 from stepline.shared.db.store import Store
-from stepline.shared.db.transaction import Transaction
-from stepline.shared.diagnosis import Limits
+from stepline.shared.diagnosis import Limits, diagnose
 from stepline.shared.hooks import Hooks, NoHooks
 from stepline.shared.outbox import OutboxRelay
 from stepline.shared.repair import RepairOutcome, repair
@@ -23,23 +27,36 @@ from stepline.shared.states import InstanceStatus
 log = logging.getLogger("stepline.reconciler")
 
 PAGE = 200
-"""Instances looked at per transaction: each page is one short transaction holding their row locks."""
+"""Candidates read per page (without locks), by keyset over the ``(status, created_at)`` index."""
 
 _WALKED = (InstanceStatus.RUNNING, InstanceStatus.WAITING)
 """Queued and paused instances wait on purpose (a slot, an operator); finished ones need nothing."""
 
+QueueDepth = Callable[[str], Awaitable[int | None]]
+"""Messages ready in a workflow's queue (where its wake-ups go); None if the broker cannot say."""
+
 
 async def reconcile_once(
-    store: Store, limits: Limits, *, payload_limit: int, hooks: Hooks | None = None
+    store: Store,
+    limits: Limits,
+    *,
+    payload_limit: int,
+    hooks: Hooks | None = None,
+    queue_depth: QueueDepth | None = None,
 ) -> list[RepairOutcome]:
     """One pass: every running or waiting instance quiet for longer than the grace, page by page.
 
-    The candidates come from ``inspect.quiet_instances`` (an instance with an
-    armed timer is skipped in the query); each is diagnosed under its row lock
-    and repaired only if it is stranded (``stepline.shared.repair``). Rows
-    locked by another scheduler's pass, or by a worker committing, are skipped
-    (``SKIP LOCKED``) and seen by a later pass. Returns what was repaired; the
-    caller publishes the outbox rows (the sweepers cover a crash before that).
+    The candidates come from ``inspect.quiet_instances``, which leaves out in
+    SQL the instances that visibly wait on purpose (an armed timer, an event
+    without a time-out, a sleep ended within the grace, a running child). Each
+    page is read and diagnosed without a lock, so a worker committing one of
+    them never waits for the pass. Only an instance found stranded is locked,
+    in a short transaction of its own (``SKIP LOCKED``: one a worker is
+    committing is moving, and left for a later pass), diagnosed again under
+    the lock and repaired (``stepline.shared.repair``). ``queue_depth`` tells
+    whether a wake-up that is late may still be queued behind a backlog (see
+    ``diagnosis.BACKLOG_GRACES``). Returns what was repaired; the caller
+    publishes the outbox rows (the sweepers cover a crash before that).
     """
     hooks = hooks or NoHooks()
     repaired: list[RepairOutcome] = []
@@ -55,54 +72,150 @@ async def reconcile_once(
             extra={"event": "reconcile_skipped"},
         )
         return repaired
+    depths = _Depths(queue_depth)
     for status in _WALKED:
         after: tuple[datetime, str] | None = None
         while True:
-            async with store.transaction() as tx:
+            async with store.reading() as tx:
                 quiet_since = await inspect.database_now(tx) - limits.grace
                 page = await inspect.quiet_instances(
                     tx, status, quiet_since=quiet_since, after=after, limit=PAGE
                 )
-                for _, instance_id in page:
-                    outcome = await _repair_one(tx, instance_id, limits, payload_limit, outbox_ids)
-                    if outcome is None:
-                        continue
-                    if outcome.repaired and outcome.diagnosis is not None:
-                        repaired.append(outcome)
-                        actions = sorted({fix.action for fix in outcome.diagnosis.repairs})
-                        hooks.reconciled(outcome.diagnosis.workflow, "+".join(actions))
-                    elif outcome.diagnosis is not None and outcome.diagnosis.is_stranded:
-                        log.warning(
-                            "stranded instance cannot be repaired: %s",
-                            outcome.diagnosis.headline,
-                            extra={"event": "reconcile_impossible", "instance_id": instance_id},
-                        )
+                snaps = await inspect.snapshots(
+                    tx, [instance_id for _, instance_id in page], outbox_ids=outbox_ids
+                )
+            stranded = [
+                found for snap in snaps if (found := await _stranded(snap, limits, depths)) is not None
+            ]
+            for instance_id, queued in stranded:
+                outcome = await _repair_one(
+                    store, instance_id, limits, payload_limit, outbox_ids, queued, quiet_since
+                )
+                _count(outcome, instance_id, hooks, repaired)
             if len(page) < PAGE:
                 break
             after = page[-1]
     return repaired
 
 
-async def _repair_one(
-    tx: Transaction, instance_id: str, limits: Limits, payload_limit: int, outbox_ids: dict[str, int]
-) -> RepairOutcome | None:
-    """Repair one candidate in a savepoint; None if its rows could not be handled (logged).
+def broker_queue_depth(broker: Broker) -> QueueDepth:
+    """``QueueDepth`` by a passive declare of the workflow's queue (the default pool's, where wake-ups go)."""
 
-    An instance the repair fails on is skipped, so it does not keep the rest of
-    the page from being repaired, pass after pass.
+    async def depth(workflow: str) -> int | None:
+        queue = await broker.workflow_queue(workflow)
+        return None if queue is None else queue.messages
+
+    return depth
+
+
+class _Depths:
+    """The depth of each workflow's queue, asked once a pass and only for a stranded instance's workflow."""
+
+    def __init__(self, ask: QueueDepth | None) -> None:
+        self._ask = ask
+        self._known: dict[str, int | None] = {}
+
+    async def of(self, workflow: str) -> int | None:
+        if self._ask is None:
+            return None
+        if workflow not in self._known:
+            try:
+                self._known[workflow] = await self._ask(workflow)
+            except Exception as exc:  # the broker's trouble: judge by time alone, as without one
+                log.info("queue depth unknown for %s: %s", workflow, first_line(exc))
+                self._known[workflow] = None
+        return self._known[workflow]
+
+
+async def _stranded(snap: Snapshot, limits: Limits, depths: _Depths) -> tuple[str, int | None] | None:
+    """The instance and its workflow queue's depth if it reads as stranded (read without a lock); else None.
+
+    A check that fails on the instance's rows is logged and skipped (``_SkippedIfFailing``).
     """
-    try:
-        async with tx.connection.begin_nested():
+    instance_id = str(snap.instance["id"])
+    with _SkippedIfFailing(instance_id):
+        if not diagnose(snap, limits).is_stranded:
+            return None
+        queued = await depths.of(str(snap.instance["workflow"]))
+        if queued and not diagnose(replace(snap, queued=queued), limits).is_stranded:
+            return None  # a late wake-up that may still wait in the queue's backlog
+        return instance_id, queued
+    return None
+
+
+async def _repair_one(
+    store: Store,
+    instance_id: str,
+    limits: Limits,
+    payload_limit: int,
+    outbox_ids: dict[str, int],
+    queued: int | None,
+    quiet_since: datetime,
+) -> RepairOutcome | None:
+    """Lock one stranded instance (skipped if held or changed), check it again and repair it.
+
+    One short transaction each: the lock is held for one instance's diagnosis
+    and repair, never for a page of them. None if it was skipped or its rows
+    could not be handled (logged).
+    """
+    with _SkippedIfFailing(instance_id):
+        async with store.transaction() as tx:
+            if not await inspect.lock_if_quiet(tx, instance_id, quiet_since=quiet_since):
+                return None
             return await repair(
-                tx, instance_id, limits, payload_limit=payload_limit, outbox_ids=outbox_ids, locked=True
+                tx,
+                instance_id,
+                limits,
+                payload_limit=payload_limit,
+                outbox_ids=outbox_ids,
+                locked=True,
+                queued=queued,
             )
-    except SQLAlchemyError:
-        raise  # the database's trouble, not the instance's: the pass ends (see reconcile_until_stopped)
-    except Exception:
-        log.exception(
-            "stranded-instance check failed", extra={"event": "reconcile_failed", "instance_id": instance_id}
-        )
+    return None
+
+
+class _SkippedIfFailing:
+    """Log and swallow a failure of one instance's check or repair (the rest of the block is skipped).
+
+    So one instance whose rows the check cannot handle does not keep the rest of
+    the page from being repaired, pass after pass. The database's trouble is not
+    the instance's: it ends the pass (see ``reconcile_until_stopped``).
+    """
+
+    def __init__(self, instance_id: str) -> None:
+        self._instance_id = instance_id
+
+    def __enter__(self) -> None:
         return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> bool:
+        if not isinstance(error, Exception) or isinstance(error, SQLAlchemyError):
+            return False
+        log.error(
+            "stranded-instance check failed",
+            exc_info=error,
+            extra={"event": "reconcile_failed", "instance_id": self._instance_id},
+        )
+        return True
+
+
+def _count(
+    outcome: RepairOutcome | None, instance_id: str, hooks: Hooks, repaired: list[RepairOutcome]
+) -> None:
+    if outcome is None or outcome.diagnosis is None:
+        return
+    if outcome.repaired:
+        repaired.append(outcome)
+        actions = sorted({fix.action for fix in outcome.diagnosis.repairs})
+        hooks.reconciled(outcome.diagnosis.workflow, "+".join(actions))
+    elif outcome.diagnosis.is_stranded:
+        log.warning(
+            "stranded instance cannot be repaired: %s",
+            outcome.diagnosis.headline,
+            extra={"event": "reconcile_impossible", "instance_id": instance_id},
+        )
 
 
 async def reconcile_until_stopped(
@@ -114,6 +227,7 @@ async def reconcile_until_stopped(
     *,
     payload_limit: int,
     hooks: Hooks | None = None,
+    queue_depth: QueueDepth | None = None,
 ) -> None:
     """Run ``reconcile_once`` every ``interval_s`` until ``stopping`` is set; publish what it re-planned."""
     outage = Outage("reconciling", log)
@@ -123,7 +237,9 @@ async def reconcile_until_stopped(
         if stopping.is_set():
             break
         try:
-            outcomes = await reconcile_once(store, limits, payload_limit=payload_limit, hooks=hooks)
+            outcomes = await reconcile_once(
+                store, limits, payload_limit=payload_limit, hooks=hooks, queue_depth=queue_depth
+            )
             outage.recovered()
             if outcomes:
                 log.info("reconciled %d stranded instances", len(outcomes), extra={"event": "reconciled"})

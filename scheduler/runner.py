@@ -10,7 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stepline.scheduler.limits import LimitSweeper
 from stepline.scheduler.publisher import BackgroundPublisher
-from stepline.scheduler.reconciler import reconcile_until_stopped
+from stepline.scheduler.reconciler import broker_queue_depth, reconcile_until_stopped
 from stepline.scheduler.schedules import fire_due_schedules, seconds_until_next_schedule
 from stepline.scheduler.timers import fire_due_timers
 from stepline.shared.broker import create_broker
@@ -181,6 +181,7 @@ async def run_scheduler(
                         stopping,
                         payload_limit=settings.max_payload_bytes,
                         hooks=hooks,
+                        queue_depth=broker_queue_depth(broker),
                     ),
                     name="stepline-reconciler",
                 )

@@ -23,6 +23,17 @@ Row = Mapping[Any, Any]
 
 RepairAction = Literal["resend_step", "rearm_timer", "wake_parent", "advance"]
 
+BACKLOG_GRACES = 6
+"""How many graces a wake-up may be late while its workflow's queue holds a backlog it may wait behind.
+
+A fired timer's wake-up (or a finished child's) leaves no row once published:
+late by more than the grace, it is lost, or queued behind other messages. While
+the queue holds messages (``Snapshot.queued``, asked by the reconciler), it is
+taken for queued, up to this many graces (30 min by default): re-arming it
+would only add a second wake-up to the backlog, for a worker to read and drop.
+Past that, or with the queue empty, it is lost and re-planned.
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Repair:
@@ -271,6 +282,24 @@ def _timer_late(snap: Snapshot, timer: Row, limits: Limits) -> str | None:
     )
 
 
+def _on_its_way(snap: Snapshot, due: datetime, limits: Limits) -> bool:
+    """Whether a wake-up sent at ``due`` (a timer fired, a child finished) may still be on its way.
+
+    Within the grace, always; later, while the workflow's queue holds a backlog
+    it may wait behind, up to ``BACKLOG_GRACES`` graces.
+    """
+    if snap.now < due:
+        return False
+    late = snap.now - due
+    return late <= limits.grace or (bool(snap.queued) and late <= limits.grace * BACKLOG_GRACES)
+
+
+def _behind(snap: Snapshot, due: datetime, limits: Limits) -> str:
+    if snap.now - due <= limits.grace:
+        return ""
+    return f", late by {human(snap.now - due)} behind {snap.queued} message(s) in its workflow's queue"
+
+
 def _timer(snap: Snapshot, step: Row, kinds: tuple[str, ...]) -> Row | None:
     for timer in snap.timers:
         if (timer["step"], timer["occurrence"]) == (step["name"], step["occurrence"]) and timer[
@@ -392,9 +421,11 @@ def _sleep_wait(snap: Snapshot, step: Row, limits: Limits) -> Wait:
             problem=problem,
         )
     # Without its timer, a sleep is lost before its end (a timer is armed with the entry) and
-    # after the grace past it; in between, the timer fired and its wake-up is on its way.
-    if fire_at is None or fire_at <= snap.now <= fire_at + limits.grace:
+    # after the grace past it (longer behind a backlog); in between, the timer fired and its
+    # wake-up is on its way.
+    if fire_at is None or _on_its_way(snap, fire_at, limits):
         text = f"sleep `{key}` ended at {stamp(fire_at)}; its wake-up is on its way to a worker"
+        text += _behind(snap, fire_at, limits)
         return Wait("sleep", text, True, step=key, since=fire_at, due_at=fire_at, mover="its wake-up message")
     should = "should have ended" if fire_at <= snap.now else "ends"
     text = f"sleep `{key}` {should} at {stamp(fire_at)} but its timer and wake-up are gone"
@@ -421,8 +452,9 @@ def _event_wait(snap: Snapshot, step: Row, limits: Limits) -> Wait:
         text += "; no time-out: only that event moves it"
         return Wait("event", text, True, step=key, since=since, mover=mover)
     due = since + timedelta(seconds=float(timeout_s))
-    if due <= snap.now <= due + limits.grace:
+    if _on_its_way(snap, due, limits):
         text += f"; timed out at {stamp(due)}: the time-out is on its way to a worker"
+        text += _behind(snap, due, limits)
         return Wait("event", text, True, step=key, since=since, due_at=due, mover="its time-out")
     should = "should have timed out" if due <= snap.now else "times out"
     text += f"; it {should} at {stamp(due)} but its timer is gone"
@@ -443,10 +475,9 @@ def _child_wait(snap: Snapshot, step: Row, limits: Limits) -> Wait:
     if child is not None:
         ended = child.finished_at or since
         text += f", which ended {child.status} at {stamp(ended)}"
-        if snap.now <= ended + limits.grace:
-            return Wait(
-                "child", text + "; its wake-up is on its way", True, step=key, since=since, mover="a wake"
-            )
+        if _on_its_way(snap, ended, limits):
+            text += "; its wake-up is on its way" + _behind(snap, ended, limits)
+            return Wait("child", text, True, step=key, since=since, mover="a wake")
         repair = Repair("wake_parent", step["name"], step["occurrence"])
         return Wait(
             "child", text + "; the parent was never told", False, step=key, since=since, repair=repair

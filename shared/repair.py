@@ -38,6 +38,7 @@ async def repair(
     payload_limit: int,
     outbox_ids: dict[str, int] | None = None,
     locked: bool = False,
+    queued: int | None = None,
 ) -> RepairOutcome:
     """Repair ``instance_id`` if it is stranded; else change nothing. In the caller's transaction.
 
@@ -50,13 +51,14 @@ async def repair(
     its timer back, a parent whose finished child never told it is woken, and an
     instance with nothing pending is replayed by a worker (an ``advance``, as a
     resume does). The instance's ``updated_at`` moves on, so the reconciler leaves
-    it alone for another grace period.
+    it alone for another grace period. ``queued``: messages ready in the
+    workflow's queue, if known (a late wake-up may wait behind them: ``Snapshot.queued``).
     """
     if not locked and await tx.lock_instance(instance_id) is None:
         return RepairOutcome(None)
     if outbox_ids is None:
         outbox_ids = await inspect.outbox_instance_ids(tx)
-    snap = await inspect.snapshot(tx, instance_id, outbox_ids=outbox_ids)
+    snap = await inspect.snapshot(tx, instance_id, outbox_ids=outbox_ids, queued=queued)
     if snap is None:
         return RepairOutcome(None)
     diagnosis = diagnose(snap, limits)

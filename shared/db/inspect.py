@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +14,7 @@ from stepline.shared.db.concurrency import HOLDING_SLOT
 from stepline.shared.db.schema import events, instances, outbox, step_attempts, steps, timers, utc_now
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.history import StepKey
-from stepline.shared.states import InstanceStatus, StepKind
+from stepline.shared.states import UNFINISHED_STATUSES, InstanceStatus, StepKind, StepStatus
 
 OUTBOX_SCAN_LIMIT = 10_000
 """The most outbox rows read to tell which instances have a message waiting there.
@@ -42,7 +42,9 @@ class Snapshot:
 
     ``outbox`` is how many outbox rows carry a message for the instance, or None
     when the outbox was too big to read (see ``OUTBOX_SCAN_LIMIT``);
-    ``children`` maps a child id to its state (None: no such instance).
+    ``children`` maps a child id to its state (None: no such instance);
+    ``queued`` is how many messages are ready in the instance's workflow queue,
+    where its wake-ups go (None: the broker was not asked).
     """
 
     instance: Mapping[Any, Any]
@@ -54,6 +56,7 @@ class Snapshot:
     now: datetime
     children: dict[str, ChildState | None] = field(default_factory=dict)
     holders: Sequence[str] = ()
+    queued: int | None = None
 
 
 async def database_now(tx: Transaction) -> datetime:
@@ -85,14 +88,15 @@ def _instance_of(body: bytes) -> str | None:
 
 
 async def snapshot(
-    tx: Transaction, instance_id: str, *, outbox_ids: dict[str, int] | None
+    tx: Transaction, instance_id: str, *, outbox_ids: dict[str, int] | None, queued: int | None = None
 ) -> Snapshot | None:
     """Read one instance's snapshot; None if there is no such instance.
 
-    ``outbox_ids``: what ``outbox_instance_ids`` returned (read once for a batch).
+    ``outbox_ids``: what ``outbox_instance_ids`` returned (read once for a batch);
+    ``queued``: the depth of its workflow's queue, if the caller asked the broker.
     """
     found = await snapshots(tx, [instance_id], outbox_ids=outbox_ids)
-    return found[0] if found else None
+    return replace(found[0], queued=queued) if found else None
 
 
 async def snapshots(
@@ -225,14 +229,19 @@ async def quiet_instances(
     after: tuple[datetime, str] | None,
     limit: int,
 ) -> list[tuple[datetime, str]]:
-    """A page of ``status`` instances unchanged since ``quiet_since``, with no armed timer, locked.
+    """A page of ``status`` instances unchanged since ``quiet_since`` that may be stranded; no lock taken.
 
     Walks the ``(status, created_at)`` index by keyset (``after``: the last
-    ``(created_at, id)`` of the previous page), so a page costs the same however
-    big the table is; an instance with an armed timer has something that moves
-    it and is skipped in the query (the timers' unique index leads with the
-    instance id). ``SKIP LOCKED``: schedulers share the walk, and an instance a
-    worker is committing right now is left for the next pass.
+    ``(created_at, id)`` of the previous page). Left out in the query, by index
+    lookups on the instance's own rows, are the instances that visibly wait on
+    purpose, which the diagnosis would only call alive: one with an armed timer
+    (the timers' unique index leads with the instance id), and one whose every
+    pending entry is an event wait without a time-out, a sleep that ended within
+    the grace (its wake-up is on its way), a step held by a step limit, or a
+    wait for a child that is still unfinished (``_waits_on_purpose``). So a pass
+    diagnoses in Python only what may be lost, however many instances wait
+    healthily. Nothing is locked: a worker committing one of them never waits
+    for the reconciler (``lock_if_quiet`` locks the few it repairs).
     """
     query = (
         sa.select(instances.c.created_at, instances.c.id)
@@ -240,16 +249,75 @@ async def quiet_instances(
             instances.c.status == status.value,
             instances.c.updated_at < quiet_since,
             ~sa.exists().where(timers.c.instance_id == instances.c.id),
+            ~_waits_on_purpose(quiet_since),
         )
         .order_by(instances.c.created_at, instances.c.id)
         .limit(limit)
-        .with_for_update(skip_locked=True, of=instances)
     )
     if after is not None:
         created = sa.bindparam(None, after[0], type_=instances.c.created_at.type)
         query = query.where(sa.tuple_(instances.c.created_at, instances.c.id) > sa.tuple_(created, after[1]))
     rows = (await tx.connection.execute(query)).all()
     return [(row.created_at, row.id) for row in rows]
+
+
+_PENDING = (
+    steps.c.instance_id == instances.c.id,
+    steps.c.status.not_in([StepStatus.SUCCEEDED.value, StepStatus.FAILED.value]),
+    steps.c.kind.in_([StepKind.STEP.value, StepKind.SLEEP.value, StepKind.EVENT.value, StepKind.CHILD.value]),
+)
+"""An entry of the instance the diagnosis weighs (``diagnosis._wait_of``): unsettled, of a kind that waits."""
+
+
+def _waits_on_purpose(quiet_since: datetime) -> sa.ColumnElement[bool]:
+    """Whether the instance has pending entries and each is alive by its own row (see ``quiet_instances``).
+
+    Conservative: an entry this cannot judge (a sent step, a time-out, a sleep
+    past the grace, a finished child) keeps the instance a candidate, and so
+    does a rollback (``diagnosis._abandoned`` sets entries aside then).
+    """
+    child = instances.alias("child")
+    since = sa.bindparam(None, quiet_since, type_=steps.c.fire_at.type)
+    alive = sa.or_(
+        sa.and_(steps.c.kind == StepKind.EVENT.value, steps.c.detail["timeout_s"].as_string().is_(None)),
+        sa.and_(steps.c.kind == StepKind.SLEEP.value, steps.c.fire_at >= since, steps.c.fire_at <= utc_now()),
+        sa.and_(
+            steps.c.kind == StepKind.STEP.value,
+            steps.c.status == StepStatus.WAITING.value,
+            steps.c.detail["waiting_for"].as_string().is_not(None),
+        ),
+        sa.and_(
+            steps.c.kind == StepKind.CHILD.value,
+            sa.exists().where(
+                child.c.id == steps.c.detail["child_id"].as_string(),
+                child.c.status.in_([status.value for status in UNFINISHED_STATUSES]),
+            ),
+        ),
+    )
+    return sa.and_(
+        sa.exists().where(*_PENDING),
+        ~sa.exists().where(*_PENDING, ~sa.func.coalesce(alive, sa.false())),
+        ~sa.exists().where(steps.c.instance_id == instances.c.id, steps.c.kind == StepKind.ROLLBACK.value),
+    )
+
+
+async def lock_if_quiet(tx: Transaction, instance_id: str, *, quiet_since: datetime) -> bool:
+    """Lock the instance if it is still running or waiting and unchanged since ``quiet_since``.
+
+    ``SKIP LOCKED``: False, at once, if another transaction holds it (a worker
+    committing it is moving it; another scheduler is repairing it). False too if
+    it changed since the candidate was read.
+    """
+    query = (
+        sa.select(instances.c.id)
+        .where(
+            instances.c.id == instance_id,
+            instances.c.status.in_([InstanceStatus.RUNNING.value, InstanceStatus.WAITING.value]),
+            instances.c.updated_at < sa.bindparam(None, quiet_since, type_=instances.c.updated_at.type),
+        )
+        .with_for_update(skip_locked=True)
+    )
+    return (await tx.connection.execute(query)).first() is not None
 
 
 async def touch_step(tx: Transaction, instance_id: str, key: StepKey) -> None:

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import event
 
 from stepline import Client, Producer
 from stepline.scheduler import reconciler
-from stepline.scheduler.reconciler import reconcile_once
+from stepline.scheduler.reconciler import broker_queue_depth, reconcile_once
+from stepline.shared.db import inspect
 from stepline.shared.db.schema import instances, steps, utc_now
 from stepline.shared.db.store import Store
 from stepline.shared.db.stores import create_store
 from stepline.shared.diagnosis import Limits
 from stepline.shared.hooks import NoHooks
-from stepline.shared.messages import AdvanceMessage, StepMessage, encode_message
+from stepline.shared.messages import AdvanceMessage, StepMessage, WakeMessage, encode_message
 from stepline.shared.settings import Settings
+from stepline.shared.states import InstanceStatus
 from tests.support import db
 from tests.support.amqp import connected_broker
 from tests.support.fleet import Fleet
@@ -157,6 +160,14 @@ async def test_healthy_instances_are_left_alone(
     for instance_id in everyone:
         await age(settings.database, instance_id, LONG_AGO)
     timers_before = await db.rows(settings.database, "SELECT instance_id, fire_at FROM timers ORDER BY id")
+    # The waiting ones are left out in the query, not diagnosed one by one: an armed timer, an
+    # event wait without a time-out, a running child.
+    async with store.reading() as tx:
+        quiet_since = await inspect.database_now(tx) - LIMITS.grace
+        candidates = await inspect.quiet_instances(
+            tx, InstanceStatus.WAITING, quiet_since=quiet_since, after=None, limit=100
+        )
+    assert candidates == []
 
     assert await reconcile_once(store, LIMITS, payload_limit=settings.max_payload_bytes) == []
     assert await db.scalar(settings.database, "SELECT count(*) FROM outbox") == 0
@@ -302,3 +313,89 @@ async def test_an_instance_the_check_fails_on_does_not_stop_the_others(
     )
     outcomes = await reconcile_once(store, LIMITS, payload_limit=settings.max_payload_bytes)
     assert [outcome.diagnosis.instance_id for outcome in outcomes if outcome.diagnosis] == [stranded]
+
+
+@pytest.mark.postgres_only("row locks: SQLite has one writer")
+async def test_a_pass_holds_no_row_lock_while_it_diagnoses(
+    fleet: Fleet,
+    producer: Producer,
+    control: Client,
+    settings: Settings,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker committing an instance the pass is looking at is never made to wait for the pass."""
+    await fleet.start_worker()
+    sleeping = await _stranded_sleep(producer, control, settings)
+    blocked: list[str] = []
+    read = inspect.snapshots
+
+    async def read_while_a_worker_commits(
+        tx: object, instance_ids: Sequence[str], **kwargs: object
+    ) -> list[inspect.Snapshot]:
+        if not blocked and sleeping in instance_ids:
+            # What a worker's commit does first: lock the instance's row (here without waiting).
+            locking = sa.select(instances.c.id).where(instances.c.id == sleeping).with_for_update(nowait=True)
+            try:
+                await db.execute(settings.database, locking)
+                blocked.append("")
+            except sa.exc.OperationalError:
+                blocked.append(sleeping)
+        return await read(tx, instance_ids, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inspect, "snapshots", read_while_a_worker_commits)
+    outcomes = await reconcile_once(store, LIMITS, payload_limit=settings.max_payload_bytes)
+    assert blocked == [""], "a worker's commit would have waited for the reconciler's diagnosis"
+    assert [outcome.done for outcome in outcomes] == [["armed the sleep timer of `nap` again"]]
+
+
+async def test_a_late_wake_up_behind_a_backlog_is_not_sent_twice_and_a_lost_one_is(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings, store: Store
+) -> None:
+    worker = await fleet.start_worker()
+    queued = await producer.start("sleeper", {"duration": "1 hour"})
+    lost = await producer.start("sleeper", {"duration": "1 hour"})
+    for instance_id in (queued, lost):
+        await until_status(control, instance_id, "waiting")
+    await fleet.stop(worker)
+    # Both sleeps ended 3 minutes ago (3 graces) and their timers fired: `queued`'s wake-up waits
+    # in the workflow's queue, unconsumed; `lost`'s never got there.
+    for instance_id in (queued, lost):
+        await delete_timers(settings.database, instance_id)
+        await age(settings.database, instance_id, LONG_AGO)
+        await db.execute(
+            settings.database,
+            steps.update()
+            .where(steps.c.instance_id == instance_id)
+            .values(fire_at=utc_now(-3 * LIMITS.grace)),
+        )
+    wake = WakeMessage(workflow="sleeper", instance_id=queued, step="nap", occurrence=1, attempt=1)
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
+        await broker.publish(wake.routing_key, encode_message(wake, limit=settings.max_payload_bytes), None)
+        depth = broker_queue_depth(broker)
+        assert await depth("sleeper") == 1
+
+        # The queue holds a backlog: a wake-up late by less than BACKLOG_GRACES graces may wait in it.
+        pass_ = await reconcile_once(
+            store, LIMITS, payload_limit=settings.max_payload_bytes, queue_depth=depth
+        )
+        assert pass_ == []
+        assert await db.scalar(settings.database, "SELECT count(*) FROM timers") == 0
+
+        await fleet.start_worker()
+        assert (await control.wait(queued, timeout=30)).output["woke"] == "awake"
+        await eventually(lambda: depth("sleeper"), check=lambda ready: ready == 0, what="the queue to drain")
+
+        # The queue is empty and `lost` still sleeps: its wake-up is lost, and re-planned.
+        pass_ = await reconcile_once(
+            store, LIMITS, payload_limit=settings.max_payload_bytes, queue_depth=depth
+        )
+    assert [(o.diagnosis.instance_id, o.done) for o in pass_ if o.diagnosis] == [
+        (lost, ["armed the sleep timer of `nap` again"])
+    ]
+    fleet.start_scheduler(
+        settings=settings.model_copy(
+            update={"scheduler": settings.scheduler.model_copy(update={"reconcile_interval": timedelta(0)})}
+        )
+    )
+    assert (await control.wait(lost, timeout=30)).output["woke"] == "awake"

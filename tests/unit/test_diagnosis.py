@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from stepline.producer.models import PoolWait
 from stepline.producer.why import why_text, with_pools
 from stepline.shared.db.inspect import Snapshot
-from stepline.shared.diagnosis import Limits, diagnose, human
+from stepline.shared.diagnosis import BACKLOG_GRACES, Limits, diagnose, human
 
 NOW = datetime(2026, 12, 6, 14, 0, tzinfo=UTC)
 LIMITS = Limits(grace=timedelta(minutes=1), default_step_timeout=timedelta(seconds=30))
@@ -100,3 +101,24 @@ def test_a_timer_just_due_is_nothing_wrong() -> None:
     diagnosis = diagnose(_sleeping(NOW - timedelta(seconds=10)), LIMITS)
     assert diagnosis.problems == []
     assert diagnosis.headline.endswith("nothing is wrong")
+
+
+def test_a_fired_wake_up_late_behind_a_backlog_is_on_its_way_until_it_is_lost() -> None:
+    def fired(late: timedelta, queued: int | None) -> Snapshot:  # the timer fired: no timer row
+        step = {"kind": "sleep", "status": "waiting", "detail": {}, "fire_at": NOW - late}
+        return replace(_snapshot(step), queued=queued)
+
+    three = 3 * LIMITS.grace
+    assert [diagnose(fired(three, queued), LIMITS).is_stranded for queued in (None, 0, 40)] == [
+        True,
+        True,
+        False,
+    ]
+    behind = diagnose(fired(three, 40), LIMITS)
+    assert behind.headline.startswith(
+        "sleep `charge` ended at 2026-12-06 13:57:00 UTC; its wake-up is on its way"
+    )
+    assert "late by 3 min behind 40 message(s) in its workflow's queue" in behind.headline
+    # Past BACKLOG_GRACES graces, a backlog no longer excuses it: it is re-armed.
+    long_late = diagnose(fired((BACKLOG_GRACES + 1) * LIMITS.grace, 40), LIMITS)
+    assert [fix.action for fix in long_late.repairs] == ["rearm_timer"]
