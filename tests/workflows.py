@@ -310,6 +310,25 @@ async def slow_pair(ctx: Context, params: None) -> str:
     return f"{first}/{second}"
 
 
+async def slow_until_run_twice() -> str:
+    """Runs until a second run of itself started (or 30 s): a duplicate then always meets it running."""
+    await record()
+    info = step_info()
+    for _ in range(300):
+        if await _runs_of(info.instance_id, info.name) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    return "slow done"
+
+
+@workflow("duplicated-pair")
+async def duplicated_pair(ctx: Context, params: None) -> str:
+    """slow-pair whose slow step outlasts however long a loaded machine takes to send its duplicate."""
+    first = await ctx.step("slow", slow_until_run_twice)
+    second = await ctx.step("next", branch, "n")
+    return f"{first}/{second}"
+
+
 @workflow("quick-then-slow")
 async def quick_then_slow(ctx: Context, params: None) -> str:
     """The slow step outlasts the tests' sweep_after (1 s) while a worker runs it as a local step."""

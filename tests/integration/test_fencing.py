@@ -125,9 +125,9 @@ async def test_two_workers_running_one_attempt_at_once_commit_it_once(
     )
     await fleet.start_worker(worker_id="w1", settings=one_slot)
     await fleet.start_worker(worker_id="w2", settings=one_slot)
-    instance_id = await producer.start("slow-pair", None)
+    instance_id = await producer.start("duplicated-pair", None)
     # A duplicate of the running attempt's message, as a redelivery after a network split would make.
-    slow_runs = await _duplicate_the_running_slow_step(settings, instance_id)
+    slow_runs = await _duplicate_the_running_slow_step(settings, instance_id, "duplicated-pair")
     await eventually(slow_runs, check=lambda runs: runs == 2, what="the duplicate to run too")
 
     info = await client.wait(instance_id, timeout=30)
@@ -154,9 +154,9 @@ async def test_one_worker_runs_a_duplicate_of_its_running_attempt_once(
 
 
 async def _duplicate_the_running_slow_step(
-    settings: Settings, instance_id: str
+    settings: Settings, instance_id: str, workflow: str = "slow-pair"
 ) -> Callable[[], Awaitable[int]]:
-    """Once slow-pair's slow step runs, publish its message again; returns how to count its runs."""
+    """Once the workflow's slow step runs, publish its message again; returns how to count its runs."""
 
     async def slow_runs() -> int:
         return await db.side_effects(settings.database, instance_id, "slow")
@@ -164,7 +164,7 @@ async def _duplicate_the_running_slow_step(
     await eventually(slow_runs, check=lambda runs: runs == 1, what="the slow step to start")
     await _publish(
         settings,
-        StepMessage(workflow="slow-pair", instance_id=instance_id, step="slow", occurrence=1, attempt=1),
+        StepMessage(workflow=workflow, instance_id=instance_id, step="slow", occurrence=1, attempt=1),
     )
     return slow_runs
 
