@@ -109,7 +109,7 @@ class StartBatcher:
             raise
 
     async def _run_local(self, local: LocalStep) -> None:
-        """Run one first step of a batch here; its row, held since the commit, is let go if it does not run."""
+        """Run one first step of a batch here; its row, held since the commit, is let go if it cannot run."""
         try:
             async with self._slots.hold(is_start=False):
                 await self._handler.run_local(local)
