@@ -57,7 +57,7 @@ from stepline.worker.plan import Planner, Transition, real_clock
 from stepline.worker.replay.cache import ReplayCache
 from stepline.worker.replay.engine import Outcome, Replay
 from stepline.worker.reserves import SlotReserves
-from stepline.worker.steps import Committed, StepRunner
+from stepline.worker.steps import Committed, LocalStep, StepRunner
 from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")
@@ -500,16 +500,31 @@ class MessageHandler:
         )
         return PreparedStart(delivery, workflow, history, replay, outcome, transition, sleeps, new)
 
-    def started(self, start: PreparedStart) -> None:
-        """A batch created ``start``'s instance: report its end, or keep its replay, as ``_start`` does."""
+    def started(self, start: PreparedStart, rows: list[OutboxRow]) -> LocalStep | None:
+        """A batch created ``start``'s instance: report its end, or keep its replay, as ``_start`` does.
+
+        ``rows``: the outbox rows the batch wrote for this instance. Returns the
+        step it planned that this worker may run itself (``run_local``), as a
+        lone start runs its first step on the spot; its row is among ``rows``.
+        """
+        local = None
         with start.replay as replay:
             if start.transition.status.is_finished:
                 self._planner.report_finished(start.history, start.outcome, start.transition.status)
-            elif not start.sleeps:  # its next step may come to this worker: the cache takes the replay
-                self._steps.keep(start.workflow, start.history, replay, start.transition, [])
-        log.info(
+            elif not start.sleeps:  # its next step may run here: the cache takes the replay
+                local = self._steps.keep(start.workflow, start.history, replay, start.transition, rows)
+        log.debug(
             "instance started", extra={"event": "instance_started", "instance_id": start.history.instance_id}
         )
+        return local
+
+    async def run_local(self, local: LocalStep) -> None:
+        """Run a step a batch of starts planned, here, as a lone start's first step runs (``_follow``).
+
+        The caller holds its unsent row (``OutboxRelay.hold``) from the commit on:
+        a crash leaves it to the sweepers, and a worker that stops publishes it.
+        """
+        await self._follow(Committed([local.row], local))
 
     def recovered(self) -> None:
         """A batch of starts committed: the database answers (an open outage has ended)."""

@@ -32,6 +32,7 @@ from stepline.shared.broker import Delivery
 from stepline.shared.db.store import Store
 from stepline.shared.outbox import OutboxRelay
 from stepline.worker.handlers import MessageHandler, PreparedStart, _brief, _quietly
+from stepline.worker.steps import LocalStep
 from stepline.worker.work_slots import WorkSlots
 
 log = logging.getLogger("stepline.worker")
@@ -87,6 +88,7 @@ class StartBatcher:
         """Take batches of what waits until nothing does (checked with no await before the lane is freed)."""
         try:
             while self._waiting:
+                local: list[LocalStep] = []
                 async with self._slots.hold(is_start=True):
                     await asyncio.sleep(0)  # deliveries that arrived with this one join it
                     batch = [self._waiting.popleft() for _ in range(min(self._size, len(self._waiting)))]
@@ -94,17 +96,29 @@ class StartBatcher:
                         batch[0][1].set_result(False)
                         continue
                     try:
-                        await self._handle([delivery for delivery, _ in batch])
+                        local = await self._handle([delivery for delivery, _ in batch])
                     finally:
                         for _, turn in batch:
                             if not turn.done():
                                 turn.set_result(True)
+                if local:  # the batch's first steps, each in a slot of its own, as running work
+                    await asyncio.gather(*(self._run_local(step) for step in local))
         except BaseException:  # cancelled (the worker stops): what waits is not left without a leader
             while self._waiting:
                 self._waiting.popleft()[1].set_result(False)
             raise
 
-    async def _handle(self, deliveries: Sequence[Delivery]) -> None:
+    async def _run_local(self, local: LocalStep) -> None:
+        """Run one first step of a batch here; its row, held since the commit, is let go if it cannot run."""
+        try:
+            async with self._slots.hold(is_start=False):
+                await self._handler.run_local(local)
+        except BaseException:  # cancelled (the worker stops): the sweepers publish the row
+            await self._relay.release(local.row.id, is_done=False)
+            raise
+
+    async def _handle(self, deliveries: Sequence[Delivery]) -> list[LocalStep]:
+        """Write a batch; returns the first steps to run here."""
         prepared: list[PreparedStart] = []
         alone: list[Delivery] = []  # handled one at a time, after the batch
         ids: set[str] = set()
@@ -117,13 +131,18 @@ class StartBatcher:
                 if start is not None:
                     start.replay.close()
                 alone.append(delivery)
+        local: list[LocalStep] = []
         if prepared:
-            alone += await self._write(prepared)
+            local = await self._write(prepared, alone)
         if alone:
             await asyncio.gather(*(self._handler.handle(delivery) for delivery in alone))
+        return local
 
-    async def _write(self, prepared: list[PreparedStart]) -> list[Delivery]:
-        """Write the batch, ack what it created; returns the deliveries to handle one at a time."""
+    async def _write(self, prepared: list[PreparedStart], alone: list[Delivery]) -> list[LocalStep]:
+        """Write the batch, ack what it created; adds to ``alone`` the deliveries to handle one at a time.
+
+        Returns the first steps to run here: their rows are held (not published) from now on.
+        """
         try:
             started = await self._store.start_instances([start.new for start in prepared])
         except Exception as exc:  # nothing was written: each start goes the usual way, which reports it
@@ -135,23 +154,38 @@ class StartBatcher:
                 _brief(exc),
                 extra={"event": "start_batch_failed"},
             )
-            return [start.delivery for start in prepared]
+            alone += [start.delivery for start in prepared]
+            return []
         assert started is not None  # a store that writes no batches gets no batcher (runner)
         self._handler.recovered()
         faults.crash_here(faults.CRASH_AFTER_COMMIT)
-        alone: list[Delivery] = []
+        rows = {row.body: row for row in started.rows}  # a message's body names its instance
+        local: list[LocalStep] = []
+        acked: list[Delivery] = []
         for start in prepared:
             if start.new.instance_id in started.created:
-                self._handler.started(start)
-                await _quietly(start.delivery.ack())
+                acked.append(start.delivery)
+                mine = [rows[body] for _, body, _ in start.new.messages if body in rows]
+                step = self._handler.started(start, mine)
+                if step is not None:
+                    self._relay.hold(step.row.id)  # from the commit on: no sweeper takes it meanwhile
+                    local.append(step)
             else:  # it existed: the usual way acks it, checks it is addressed there, tells its parent
                 start.replay.close()
                 alone.append(start.delivery)
+        for delivery in acked:
+            await _quietly(delivery.ack())
+        log.info(
+            "%d instances started",
+            len(started.created),
+            extra={"event": "instances_started", "count": len(started.created)},
+        )
+        held = {step.row.id for step in local}
         try:
-            await self._relay.publish_committed(started.rows)
+            await self._relay.publish_committed([row for row in started.rows if row.id not in held])
         except Exception:  # the rows are committed: the sweeper publishes them
             log.exception("fast-path publish failed", extra={"event": "fast_path_failed"})
-        return alone
+        return local
 
 
 __all__ = ["StartBatcher"]

@@ -10,10 +10,11 @@ import json
 from datetime import UTC, datetime, timedelta
 
 from stepline import Client, Producer
+from stepline.shared.messages import StepMessage, parse_message
 from stepline.shared.settings import Settings
-from stepline.shared.topology import routing_key
+from stepline.shared.topology import exchange_name, routing_key
 from tests.support import db
-from tests.support.amqp import publish_raw, ready_messages, take_dead_letters
+from tests.support.amqp import publish_raw, raw_channel, ready_messages, take_dead_letters
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually, until_status
 from tests.workflows import Alarm
@@ -134,3 +135,28 @@ async def test_a_batch_that_fails_leaves_its_starts_to_go_one_at_a_time_none_los
     await db.rows(settings.database, "DROP TRIGGER refuse_one ON instances")
     assert (await client.wait("refused", timeout=60)).status == "complete"
     assert await db.scalar(settings.database, "SELECT count(*) FROM instances") == 31
+
+
+async def test_a_batch_runs_its_first_steps_in_the_worker_as_a_lone_start_does_not_through_the_broker(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    await _registered(fleet)
+    async with raw_channel(settings.amqp) as channel:
+        # A queue of the test's own sees every step message the workers publish for `sequence`.
+        tap = await channel.declare_queue(exclusive=True)
+        await tap.bind(exchange_name(settings.namespace), routing_key("step", "sequence"))
+        ids = await producer.start_batch("sequence", [{"a": n, "b": 1} for n in range(40)])
+
+        worker = await fleet.start_worker()
+
+        for instance_id in ids:
+            assert (await client.wait(instance_id, timeout=60)).status == "complete"
+            assert await db.side_effects_by_step(settings.database, instance_id) == {"add": 1, "describe": 1}
+        await fleet.stop(worker)
+        published: list[str] = []
+        while (message := await tap.get(no_ack=True, fail=False)) is not None:
+            step = parse_message(message.body, limit=settings.max_payload_bytes)
+            assert isinstance(step, StepMessage)
+            published.append(step.step)
+    assert "add" not in published, published  # each instance's first step ran where it started
+    assert await db.scalar(settings.database, "SELECT count(*) FROM outbox") == 0
