@@ -50,6 +50,7 @@ from stepline.shared.retrying import Outage
 from stepline.shared.rollback import ROLLBACK_WITH_PARENT
 from stepline.shared.states import InstanceStatus, StepKind
 from stepline.worker import waits
+from stepline.worker.committed import Committed, LocalStep
 from stepline.worker.concurrency import Concurrency
 from stepline.worker.executor import StepExecutor
 from stepline.worker.limits import DEFAULT_LEASE, StepLimiter
@@ -57,7 +58,7 @@ from stepline.worker.plan import Planner, Transition, real_clock
 from stepline.worker.replay.cache import ReplayCache
 from stepline.worker.replay.engine import Outcome, Replay
 from stepline.worker.reserves import SlotReserves
-from stepline.worker.steps import Committed, LocalStep, StepRunner
+from stepline.worker.steps import StepRunner
 from stepline.worker.workflow import Workflow
 
 log = logging.getLogger("stepline.worker")

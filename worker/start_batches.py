@@ -31,8 +31,8 @@ from stepline.shared import faults
 from stepline.shared.broker import Delivery
 from stepline.shared.db.store import Store
 from stepline.shared.outbox import OutboxRelay
+from stepline.worker.committed import LocalStep
 from stepline.worker.handlers import MessageHandler, PreparedStart, _brief, _quietly
-from stepline.worker.steps import LocalStep
 from stepline.worker.work_slots import WorkSlots
 
 log = logging.getLogger("stepline.worker")
