@@ -17,7 +17,8 @@ start of a batch whose statement failed (it wrote nothing). So a poison start is
 dead-lettered with its reason, a duplicate is acknowledged as before, and the
 others are neither lost nor written twice. A lone start also goes the usual
 way: a worker that is not behind on starts runs them as it always did,
-its first step on the spot.
+its first step on the spot. A batch's first steps run on the spot too, as many
+as the worker has slots free; the others go out as messages for any worker.
 """
 
 from __future__ import annotations
@@ -160,6 +161,9 @@ class StartBatcher:
         self._handler.recovered()
         faults.crash_here(faults.CRASH_AFTER_COMMIT)
         rows = {row.body: row for row in started.rows}  # a message's body names its instance
+        # First steps run here only in slots free now (the batch's own passes to one of them):
+        # the others go out as messages, for whichever worker has room, not queued in this one.
+        room = self._slots.free + 1
         local: list[LocalStep] = []
         acked: list[Delivery] = []
         for start in prepared:
@@ -167,7 +171,7 @@ class StartBatcher:
                 acked.append(start.delivery)
                 mine = [rows[body] for _, body, _ in start.new.messages if body in rows]
                 step = self._handler.started(start, mine)
-                if step is not None:
+                if step is not None and len(local) < room:
                     self._relay.hold(step.row.id)  # from the commit on: no sweeper takes it meanwhile
                     local.append(step)
             else:  # it existed: the usual way acks it, checks it is addressed there, tells its parent

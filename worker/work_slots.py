@@ -29,6 +29,11 @@ class WorkSlots:
         self._starts: deque[asyncio.Future[None]] = deque()
 
     @property
+    def free(self) -> int:
+        """Slots no delivery holds now."""
+        return self._free
+
+    @property
     def waiting(self) -> tuple[int, int]:
         """Deliveries waiting for a slot now: ``(running instances' work, starts)``."""
         return len(self._running), len(self._starts)

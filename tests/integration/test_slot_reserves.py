@@ -24,11 +24,15 @@ RESERVE_ROWS = "SELECT count(*) FROM limit_holds WHERE instance_id LIKE '~reserv
 
 
 def _sized(settings: Settings, *, concurrency: int, reserve: int) -> Settings:
-    """The test's settings with a worker concurrency (and prefetch) and a reserve size of its own."""
+    """The test's settings with a worker concurrency (and prefetch) and a reserve size of its own.
+
+    Starts one at a time: a worker taking a batch of them would create every instance itself,
+    and these tests place steps on two workers by how the broker hands out their starts.
+    """
     return settings.model_copy(
         update={
             "worker": settings.worker.model_copy(
-                update={"concurrency": concurrency, "prefetch": concurrency}
+                update={"concurrency": concurrency, "prefetch": concurrency, "start_batch": 1}
             ),
             "limits": settings.limits.model_copy(update={"reserve": reserve}),
         }

@@ -158,5 +158,6 @@ async def test_a_batch_runs_its_first_steps_in_the_worker_as_a_lone_start_does_n
             step = parse_message(message.body, limit=settings.max_payload_bytes)
             assert isinstance(step, StepMessage)
             published.append(step.step)
-    assert "add" not in published, published  # each instance's first step ran where it started
+    # The first steps that found a free slot ran where they started; the rest went out for any worker.
+    assert published.count("add") < len(ids), published
     assert await db.scalar(settings.database, "SELECT count(*) FROM outbox") == 0
