@@ -251,6 +251,13 @@ async def sleeper(ctx: Context, params: Nap) -> dict[str, str]:
     return {"before": before.isoformat(), "woke": woke}
 
 
+@workflow("counted-nap")
+async def counted_nap(ctx: Context, params: None) -> str:
+    BODY_RUNS[ctx.instance_id] += 1
+    await ctx.sleep("nap", "1s")
+    return await ctx.step("after", after_nap)
+
+
 class Alarm(BaseModel):
     wake_at: datetime
 

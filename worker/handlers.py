@@ -512,7 +512,7 @@ class MessageHandler:
         with start.replay as replay:
             if start.transition.status.is_finished:
                 self._planner.report_finished(start.history, start.outcome, start.transition.status)
-            elif not start.sleeps:  # its next step may run here: the cache takes the replay
+            else:  # the cache takes the replay: its next step, or its wake-up, may run on it here
                 local = self._steps.keep(start.workflow, start.history, replay, start.transition, rows)
         log.debug(
             "instance started", extra={"event": "instance_started", "instance_id": start.history.instance_id}

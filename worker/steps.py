@@ -166,28 +166,24 @@ class StepRunner:
     async def wake_sleep(self, workflow: Workflow[Any, Any], message: WakeMessage) -> Committed | None:
         """End a sleep whose timer fired without taking the lock; None if it needs the locking path.
 
-        The history is read in one statement, the replay resolves the sleep, and
-        ``commit_settled_step`` writes it all in another, only if the instance is
-        still at the version read. Anything else (a paused instance, an entry
-        that is not a waiting sleep, an outcome ``plan_unlocked`` does not take,
-        a history that moved on meanwhile) is left to ``waits.settle_wake``
-        under the lock, which also drops the wake-ups that are stale. Like a
-        step's commit, it keeps the replay, and the next step may run here.
+        The replay this worker kept when the sleep was armed resolves the sleep
+        with nothing read first; without one, the history is read in one
+        statement and replayed. ``commit_settled_step`` writes it all in one
+        statement, only if the instance is still at the version replayed, so a
+        kept replay that a pause, an event or another worker outdated is
+        refused there. Anything else (a paused instance, an entry that is not a
+        waiting sleep, an outcome ``plan_unlocked`` does not take, a history
+        that moved on meanwhile) is left to ``waits.settle_wake`` under the
+        lock, which also drops the wake-ups that are stale. Like a step's
+        commit, it keeps the replay, and the next step may run here.
         """
         key: StepKey = (message.step, message.occurrence)
-        history = await self._store.load_history(message.instance_id)  # one statement
-        if history is None:
+        found = self._kept_sleeper(message, key) or await self._replay_sleeper(workflow, message, key)
+        if found is None:
             return None
-        check_addressed(message, history.workflow)
-        if history.status not in (InstanceStatus.RUNNING, InstanceStatus.WAITING):
-            return None
-        record = history.step(key)
-        if record is None or record.kind != StepKind.SLEEP or record.status != StepStatus.WAITING:
-            return None
-        with self._planner.replay(workflow, history) as replay:
-            outcome = replay.start()
-            if outcome.kind == "diverged" or not replay.is_pending(key):
-                return None
+        history, replay = found
+        record = history.steps[key]
+        with replay:
             resolved = replay.resolve(key, None)
             transition = self._planner.plan_unlocked(history, replay, resolved)
             if transition is None:
@@ -198,6 +194,31 @@ class StepRunner:
             report_settled(self._planner, history, record, "succeeded")
             settled = (key, record.attempt, None)
             return self._after_unlocked_commit(workflow, history, replay, transition, rows, resolved, settled)
+
+    def _kept_sleeper(self, message: WakeMessage, key: StepKey) -> tuple[History, Replay] | None:
+        """The kept replay blocked on the sleep ``key``, and its history, taken from the cache; else None."""
+        cached = self._cache.peek(message.instance_id)
+        if cached is None or not sleeps_on(cached.history, key) or not cached.replay.is_pending(key):
+            return None
+        check_addressed(message, cached.history.workflow)  # raises with the entry left in the cache
+        self._cache.take(message.instance_id)
+        return cached.history, cached.replay
+
+    async def _replay_sleeper(
+        self, workflow: Workflow[Any, Any], message: WakeMessage, key: StepKey
+    ) -> tuple[History, Replay] | None:
+        """The history, read in one statement, and a replay of it blocked on the sleep ``key``; else None."""
+        history = await self._store.load_history(message.instance_id)
+        if history is None:
+            return None
+        check_addressed(message, history.workflow)
+        if not sleeps_on(history, key):
+            return None
+        with self._planner.replay(workflow, history) as replay:
+            outcome = replay.start()
+            if outcome.kind == "diverged" or not replay.is_pending(key):
+                return None
+            return history, replay.hand_off()  # the caller's own with block closes it
 
     async def _replay_to(
         self, workflow: Workflow[Any, Any], message: StepMessage, *, is_local: bool
@@ -678,6 +699,17 @@ class StepRunner:
             if lock is None or lock.status.is_finished:
                 return []
             return await self._planner.hold(tx, history, error)
+
+
+def sleeps_on(history: History, key: StepKey) -> bool:
+    """Whether the running (or waiting) instance's entry ``key`` is a sleep still waiting for its timer."""
+    record = history.step(key)
+    return (
+        history.status in (InstanceStatus.RUNNING, InstanceStatus.WAITING)
+        and record is not None
+        and record.kind == StepKind.SLEEP
+        and record.status == StepStatus.WAITING
+    )
 
 
 def is_long(detail: JSON) -> bool:

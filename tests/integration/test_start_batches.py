@@ -17,7 +17,7 @@ from tests.support import db
 from tests.support.amqp import publish_raw, raw_channel, ready_messages, take_dead_letters
 from tests.support.fleet import Fleet
 from tests.support.polling import eventually, until_status
-from tests.workflows import Alarm
+from tests.workflows import BODY_RUNS, Alarm
 
 BACKLOG = 200
 TOMORROW = Alarm(wake_at=datetime.now(UTC) + timedelta(days=1))
@@ -69,6 +69,21 @@ async def test_a_backlog_of_starts_is_written_in_few_transactions_each_with_its_
         (row["status"], row["version"], row["kind"], row["step_status"], row["due"]) for row in armed
     } == {("waiting", 1, "sleep", "waiting", True)}
     assert await ready_messages(settings.amqp, settings.namespace, "sleep-until") == 0
+
+
+async def test_sleeps_a_batch_armed_wake_on_the_replays_kept_from_their_starts(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings
+) -> None:
+    await _registered(fleet)
+    ids = await producer.start_batch("counted-nap", [None] * 50)
+    await fleet.start_worker()
+    fleet.start_scheduler()
+    for instance_id in ids:
+        assert (await client.wait(instance_id, timeout=60)).output == "awake"
+        assert await db.side_effects(settings.database, instance_id, "after") == 1
+    # Each start replays the workflow once; a wake-up that finds no kept replay replays it
+    # again from the start. Batched starts keep theirs (a start the batch left alone may not).
+    assert sum(BODY_RUNS[instance_id] for instance_id in ids) < 1.5 * len(ids)
 
 
 async def test_in_a_batch_a_poison_start_is_dead_lettered_and_duplicates_make_one_instance_each(

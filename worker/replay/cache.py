@@ -7,11 +7,12 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 from stepline.shared.codec import JSON
 from stepline.shared.db.records import NewStep
 from stepline.shared.history import History, StepKey, StepRecord
-from stepline.shared.states import InstanceStatus, StepStatus
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.worker.replay.engine import Replay
 
 
@@ -120,7 +121,11 @@ def committed_history(
     ``settled`` is the succeeded step's key, attempt and result. The steps'
     mapping is extended in place: the caller hands over ``history``, which
     nothing else reads afterwards, so a long history costs nothing to extend.
+    A new entry that is not a step (a sleep, a wait) started with the commit, as
+    its row says; a sleep given as a duration fires that long after it (the row
+    has the database's clock, within the commit's round trip of this one).
     """
+    now = datetime.now(UTC)
     records = history.steps
     if settled is not None:
         key, attempt, result = settled
@@ -136,8 +141,9 @@ def committed_history(
             status=step.status,
             attempt=1,
             result=step.result,
-            fire_at=step.fire_at,
+            fire_at=step.fire_at if step.delay is None else now + step.delay,
             detail=step.detail,
+            started_at=None if step.kind == StepKind.STEP else now,
         )
     return replace(history, status=status, version=history.version + 1, steps=records)
 
