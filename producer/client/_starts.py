@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import builtins
+import functools
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from stepline.producer.client._base import ClientBase
+from stepline.producer.producer import Producer
 from stepline.shared import codec
 from stepline.shared.errors import (
     InstanceNotFoundError,
@@ -22,65 +23,33 @@ from stepline.shared.messages import (
 )
 from stepline.shared.states import InstanceStatus
 
-if TYPE_CHECKING:
-    from stepline.producer.producer import Producer, WorkflowRef
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _through_producer(
+    method: Callable[Concatenate[Producer, P], Awaitable[T]],
+) -> Callable[Concatenate[Starting, P], Awaitable[T]]:
+    """The Producer's ``method`` as a Client method: its signature and docstring, run on ``_starter()``."""
+
+    @functools.wraps(method)
+    async def through_producer(self: Starting, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await method(self._starter(), *args, **kwargs)
+
+    return through_producer
 
 
 class Starting(ClientBase):
     """Starts and events sent through the broker, large payloads stored apart first."""
 
-    async def start(
-        self,
-        workflow: str | WorkflowRef,
-        params: object = None,
-        *,
-        instance_id: str | None = None,
-        allow_unregistered: bool = False,
-        priority: int = 0,
-    ) -> str:
-        """Publish a start event as ``Producer.start`` does; params of any size up to ``max_bytes``.
-
-        Params over ``offload_above`` are written to the ``payloads`` table first
-        (compressed, sealed if a codec is set) and the message carries only their
-        reference. A start that never makes an instance (dead-lettered) leaves that
-        row behind until a ``prune`` older than its age.
-
-        Raises:
-            As ``Producer.start``; PayloadTooLargeError over ``STEPLINE_PAYLOAD__MAX_BYTES``;
-            ConfigError: the client has no ``amqp_url``.
-        """
-        starter = self._starter()
-        return await starter.start(
-            workflow,
-            params,
-            instance_id=instance_id,
-            allow_unregistered=allow_unregistered,
-            priority=priority,
-        )
-
-    async def start_batch(
-        self,
-        workflow: str | WorkflowRef,
-        params: Iterable[object],
-        *,
-        instance_ids: Sequence[str] | None = None,
-        allow_unregistered: bool = False,
-        priority: int = 0,
-    ) -> builtins.list[str]:
-        """Publish many start events as ``Producer.start_batch`` does, storing large params as ``start``."""
-        return await self._starter().start_batch(
-            workflow,
-            params,
-            instance_ids=instance_ids,
-            allow_unregistered=allow_unregistered,
-            priority=priority,
-        )
+    # The Producer's own methods, run on this client's producer (``_starter``): one signature,
+    # one docstring and one set of checks for a start, wherever it is published from.
+    start = _through_producer(Producer.start)
+    start_batch = _through_producer(Producer.start_batch)
 
     def _starter(self) -> Producer:
         """A Producer publishing through this client's broker, storing large params through its database."""
         if self._producer is None:
-            from stepline.producer.producer import Producer
-
             self._producer = Producer(
                 self._amqp_url or "",
                 namespace=self._namespace,
