@@ -28,7 +28,6 @@ from stepline.shared.messages import (
     format_validation_error,
 )
 from stepline.shared.settings import BrokerSettings, Settings
-from stepline.shared.telemetry import Telemetry
 
 Offload = Callable[[str, JSON], Awaitable[JSON]]
 """Stores a start's params apart if large (given the instance id); returns what the message carries."""
@@ -87,8 +86,13 @@ class Producer:
         # Workflows seen registered on this connection: a queue is not deleted in normal
         # operation, so one look per workflow is enough (and a batch costs one round trip).
         self._registered: set[str] = set()
-        # The service's own OpenTelemetry setup, if any, is where these spans go.
-        self._hooks = hooks or Telemetry()
+        # The service's own OpenTelemetry setup, if any, is where these spans go. Imported here:
+        # a Client that only reads (``stepline status``) imports this module, not OpenTelemetry's SDK.
+        if hooks is None:
+            from stepline.shared.telemetry import Telemetry
+
+            hooks = Telemetry()
+        self._hooks = hooks
 
     @classmethod
     def from_settings(cls, settings: Settings, *, hooks: Hooks | None = None) -> Producer:
@@ -143,8 +147,9 @@ class Producer:
             InvalidParamsError: params are not JSON or not valid for the workflow.
             PayloadTooLargeError: the event is over the payload limit (``STEPLINE_MAX_PAYLOAD_BYTES``,
                 1 MiB by default): the Producer sends params inline, ``Client.start`` stores
-                larger ones in the database.
+                larger ones in the database (up to ``STEPLINE_PAYLOAD__MAX_BYTES``).
             UnroutableError, BrokerError: the broker did not take the event.
+            ConfigError: (``Client.start``) the client has no ``amqp_url``.
         """
         message = self._start_message(workflow, params, instance_id, priority)
         if self._offload is None:

@@ -12,7 +12,11 @@ a command).
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
+import sys
+import threading
 from typing import Any, NamedTuple
 
 import click
@@ -108,7 +112,37 @@ def main() -> None:
     configure_logging("stepline", level="WARNING")
 
 
-__all__ = ["COMMANDS", "Lazy", "LazyGroup", "main"]
+def run() -> None:
+    """The ``stepline`` script: run the group, then end the process without tearing it down.
+
+    Once a command has returned, the interpreter would spend 0.15 to 0.2 s of CPU freeing the
+    modules it imported (SQLAlchemy, psycopg, pydantic: a third of ``stepline status``, issue
+    21). Nothing of that is seen, so when the command is done and no other thread runs, the
+    atexit handlers run (a telemetry exporter's last flush, logging's), stdout and stderr are
+    flushed, and the process ends with the status the interpreter would have given. Where
+    that cannot be done cleanly (a thread still runs, a non-numeric status, a closed pipe),
+    the interpreter exits as usual.
+    """
+    try:
+        main.main(prog_name="stepline")
+    except SystemExit as exc:
+        if (exc.code is None or isinstance(exc.code, int)) and threading.active_count() == 1:
+            _exit_now(exc.code or 0)
+        raise
+
+
+def _exit_now(code: int) -> None:
+    """End the process with ``code`` after the atexit handlers and a flush; return if the flush fails."""
+    atexit._run_exitfuncs()  # each runs once: this clears them, as the interpreter's own exit would
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return  # a reader that went away, a closed stream: the interpreter reports it as usual
+    os._exit(code)
+
+
+__all__ = ["COMMANDS", "Lazy", "LazyGroup", "main", "run"]
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -122,6 +122,11 @@ async def start_and_follow(amqp_url: str, database_url: str) -> InstanceInfo | N
         ids = await producer.start_batch(order_fulfilment, [Order(sku="B", qty=1)])
         assert_type(ids, list[str])
     async with Client(database_url, amqp_url) as client:
+        # The Client's starts are the Producer's, with the same signature.
+        assert_type(await client.start(order_fulfilment, Order(sku="C", qty=1), priority=3), str)
+        assert_type(
+            await client.start_batch("order-fulfilment", [{"sku": "D"}], instance_ids=["d"]), list[str]
+        )
         info = await client.get(instance_id)
         assert_type(info, InstanceInfo | None)
         if info is not None:

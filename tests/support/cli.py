@@ -331,8 +331,8 @@ _IMPORT_PROBE = """
 import atexit, json, sys
 report, sys.argv = sys.argv[1], ["stepline", *sys.argv[2:]]
 atexit.register(lambda: open(report, "w").write(json.dumps(sorted(sys.modules))))
-from stepline.cli import main
-main()
+from stepline.cli import run
+run()
 """
 
 
