@@ -22,13 +22,22 @@ def default_limits(grace: timedelta | None = None, default_step_timeout: timedel
     )
 
 
-async def diagnose_instance(tx: Transaction, instance_id: str, limits: Limits) -> Diagnosis | None:
+async def diagnose_instance(
+    tx: Transaction, instance_id: str, limits: Limits, *, queued: int | None = None
+) -> Diagnosis | None:
     """Read the instance's rows (steps, attempts, timers, outbox, events, children, holders); diagnose it.
 
     Whether a message sits in a broker queue cannot be asked per instance: what
     is checked is the outbox (a message not yet published), the armed timers,
     each sent step against its timeout plus the grace, and the children.
+    ``queued``: the depth of its workflow's queue, if the caller asked the broker
+    (a late wake-up may wait behind it: ``Snapshot.queued``).
     """
+    if queued is not None:
+        snap = await inspect.snapshot(
+            tx, instance_id, outbox_ids=await inspect.outbox_instance_ids(tx), queued=queued
+        )
+        return None if snap is None else diagnose(snap, limits)
     found = await diagnose_instances(tx, [instance_id], limits)
     return found[0] if found else None
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from stepline.shared.broker.base import Broker
 from stepline.shared.db import inspect
 from stepline.shared.db.inspect import Snapshot
 from stepline.shared.db.records import OutboxRow
@@ -20,7 +18,7 @@ from stepline.shared.db.store import Store
 from stepline.shared.diagnosis import Limits, diagnose
 from stepline.shared.hooks import Hooks, NoHooks
 from stepline.shared.outbox import OutboxRelay
-from stepline.shared.repair import RepairOutcome, repair
+from stepline.shared.repair import QueueDepth, RepairOutcome, repair
 from stepline.shared.retrying import Outage, first_line
 from stepline.shared.states import InstanceStatus
 
@@ -31,9 +29,6 @@ PAGE = 200
 
 _WALKED = (InstanceStatus.RUNNING, InstanceStatus.WAITING)
 """Queued and paused instances wait on purpose (a slot, an operator); finished ones need nothing."""
-
-QueueDepth = Callable[[str], Awaitable[int | None]]
-"""Messages ready in a workflow's queue (where its wake-ups go); None if the broker cannot say."""
 
 
 async def reconcile_once(
@@ -96,16 +91,6 @@ async def reconcile_once(
                 break
             after = page[-1]
     return repaired
-
-
-def broker_queue_depth(broker: Broker) -> QueueDepth:
-    """``QueueDepth`` by a passive declare of the workflow's queue (the default pool's, where wake-ups go)."""
-
-    async def depth(workflow: str) -> int | None:
-        queue = await broker.workflow_queue(workflow)
-        return None if queue is None else queue.messages
-
-    return depth
 
 
 class _Depths:

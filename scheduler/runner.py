@@ -10,7 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stepline.scheduler.limits import LimitSweeper
 from stepline.scheduler.publisher import BackgroundPublisher
-from stepline.scheduler.reconciler import broker_queue_depth, reconcile_until_stopped
+from stepline.scheduler.reconciler import reconcile_until_stopped
 from stepline.scheduler.schedules import fire_due_schedules, seconds_until_next_schedule
 from stepline.scheduler.timers import fire_due_timers
 from stepline.shared.broker import create_broker
@@ -20,6 +20,7 @@ from stepline.shared.diagnosis import Limits
 from stepline.shared.health import HealthServer
 from stepline.shared.hooks import Hooks
 from stepline.shared.outbox import OutboxRelay
+from stepline.shared.repair import broker_queue_depth
 from stepline.shared.retrying import Outage, StopRequested, first_line
 from stepline.shared.settings import SCHEDULER_CONNECTIONS, SchedulerSettings, Settings
 from stepline.shared.startup import check_database, connect_broker

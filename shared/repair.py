@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from stepline.shared.db import inspect
 from stepline.shared.db.records import NewTimer, OutboxRow
@@ -13,7 +15,23 @@ from stepline.shared.messages import AdvanceMessage, StepMessage, WakeMessage, e
 from stepline.shared.states import InstanceStatus
 from stepline.shared.topology import pool_of, routing_key
 
+if TYPE_CHECKING:
+    from stepline.shared.broker.base import Broker
+
 log = logging.getLogger("stepline.reconciler")
+
+QueueDepth = Callable[[str], Awaitable[int | None]]
+"""Messages ready in a workflow's queue (where its wake-ups go); None if the broker cannot say."""
+
+
+def broker_queue_depth(broker: Broker) -> QueueDepth:
+    """``QueueDepth`` by a passive declare of the workflow's queue (the default pool's, where wake-ups go)."""
+
+    async def depth(workflow: str) -> int | None:
+        queue = await broker.workflow_queue(workflow)
+        return None if queue is None else queue.messages
+
+    return depth
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,8 @@ from sqlalchemy import event
 
 from stepline import Client, Producer
 from stepline.scheduler import reconciler
-from stepline.scheduler.reconciler import broker_queue_depth, reconcile_once
+from stepline.scheduler.reconciler import reconcile_once
+from stepline.shared.broker.base import Broker
 from stepline.shared.db import inspect
 from stepline.shared.db.schema import instances, steps, utc_now
 from stepline.shared.db.store import Store
@@ -20,6 +21,7 @@ from stepline.shared.db.stores import create_store
 from stepline.shared.diagnosis import Limits
 from stepline.shared.hooks import NoHooks
 from stepline.shared.messages import AdvanceMessage, StepMessage, WakeMessage, encode_message
+from stepline.shared.repair import broker_queue_depth
 from stepline.shared.settings import Settings
 from stepline.shared.states import InstanceStatus
 from tests.support import db
@@ -361,17 +363,9 @@ async def test_a_late_wake_up_behind_a_backlog_is_not_sent_twice_and_a_lost_one_
     # Both sleeps ended 3 minutes ago (3 graces) and their timers fired: `queued`'s wake-up waits
     # in the workflow's queue, unconsumed; `lost`'s never got there.
     for instance_id in (queued, lost):
-        await delete_timers(settings.database, instance_id)
-        await age(settings.database, instance_id, LONG_AGO)
-        await db.execute(
-            settings.database,
-            steps.update()
-            .where(steps.c.instance_id == instance_id)
-            .values(fire_at=utc_now(-3 * LIMITS.grace)),
-        )
-    wake = WakeMessage(workflow="sleeper", instance_id=queued, step="nap", occurrence=1, attempt=1)
+        await _fired_three_graces_ago(settings, instance_id)
     async with connected_broker(settings.amqp, settings.namespace) as broker:
-        await broker.publish(wake.routing_key, encode_message(wake, limit=settings.max_payload_bytes), None)
+        await _queue_wake(settings, broker, queued)
         depth = broker_queue_depth(broker)
         assert await depth("sleeper") == 1
 
@@ -399,3 +393,39 @@ async def test_a_late_wake_up_behind_a_backlog_is_not_sent_twice_and_a_lost_one_
         )
     )
     assert (await control.wait(lost, timeout=30)).output["woke"] == "awake"
+
+
+async def test_why_and_repair_take_a_late_wake_up_behind_a_backlog_for_queued_as_the_reconciler_does(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings
+) -> None:
+    worker = await fleet.start_worker()
+    instance_id = await producer.start("sleeper", {"duration": "1 hour"})
+    await until_status(control, instance_id, "waiting")
+    await fleet.stop(worker)
+    await _fired_three_graces_ago(settings, instance_id)
+    async with connected_broker(settings.amqp, settings.namespace) as broker:
+        await _queue_wake(settings, broker, instance_id)
+
+    diagnosis = await control.why(instance_id, limits=LIMITS)
+    outcome = await control.repair(instance_id, limits=LIMITS)
+
+    assert not diagnosis.is_stranded, diagnosis.headline
+    assert "behind 1 message(s) in its workflow's queue" in diagnosis.headline
+    assert outcome.done == []
+    assert await db.scalar(settings.database, "SELECT count(*) FROM timers") == 0
+
+
+async def _fired_three_graces_ago(settings: Settings, instance_id: str) -> None:
+    """The instance's sleep ended 3 graces ago and its timer fired (gone): its wake-up is late."""
+    await delete_timers(settings.database, instance_id)
+    await age(settings.database, instance_id, LONG_AGO)
+    await db.execute(
+        settings.database,
+        steps.update().where(steps.c.instance_id == instance_id).values(fire_at=utc_now(-3 * LIMITS.grace)),
+    )
+
+
+async def _queue_wake(settings: Settings, broker: Broker, instance_id: str) -> None:
+    """Put the sleep's wake-up in the workflow's queue, where no worker consumes it."""
+    wake = WakeMessage(workflow="sleeper", instance_id=instance_id, step="nap", occurrence=1, attempt=1)
+    await broker.publish(wake.routing_key, encode_message(wake, limit=settings.max_payload_bytes), None)
