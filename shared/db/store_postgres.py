@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stepline.shared.codec import JSON
 from stepline.shared.db import raw
+from stepline.shared.db.batch_commits import SETTLE_MANY, SettledStep, settle_many_params
 from stepline.shared.db.batch_starts import (
     START_MANY,
     NewInstance,
@@ -419,8 +420,8 @@ class PostgresStore(Store):
     def __init__(self, engine: AsyncEngine, *, held: int = 0, commit_batch: int = 1) -> None:
         super().__init__(engine)
         self._held = HeldConnections(engine, keep=held)
-        # Concurrent steps' commits, up to commit_batch in one transaction (see GroupCommit).
-        self._group = GroupCommit(self._held, commit_batch)
+        # Concurrent steps' commits, up to commit_batch in one statement (see GroupCommit).
+        self._group: GroupCommit[SettledStep] = GroupCommit(self._held, commit_batch, _settle_many)
 
     def statements(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
         """A held autocommit connection: one statement is atomic on its own, so no BEGIN or COMMIT."""
@@ -429,9 +430,8 @@ class PostgresStore(Store):
     async def commit_settled_step(
         self, instance_id: str, key: StepKey, **fields: Any
     ) -> list[OutboxRow] | None:
-        """One statement, committed with those of concurrent callers (``GroupCommit``)."""
-        statement, params = settled_step_call(instance_id, key, **fields)
-        rows = await self._group.fetch_all(instance_id, statement, params)
+        """One statement, maybe one with those of concurrent callers (``GroupCommit``)."""
+        rows = await self._group.fetch_all(instance_id, SettledStep(instance_id, key, fields))
         return followers_rows(rows, fields.get("messages", ()))
 
     async def start_instances(self, batch: Sequence[NewInstance]) -> StartedBatch | None:
@@ -444,6 +444,10 @@ class PostgresStore(Store):
         await self._group.close()
         await self._held.close()
         await super().close()
+
+
+def _settle_many(batch: Sequence[SettledStep]) -> tuple[sa.TextClause, dict[str, Any]]:
+    return SETTLE_MANY, settle_many_params(batch)
 
 
 class _HeldStatements(contextlib.AbstractAsyncContextManager[Transaction]):
