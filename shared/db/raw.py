@@ -64,6 +64,8 @@ async def fetch_all(
 ) -> list[tuple[Any, ...]]:
     """``(await conn.execute(statement, params)).all()`` as plain tuples, on PostgreSQL (psycopg).
 
+    A statement that returns no rows (``DELETE`` without ``RETURNING``) gives ``[]``.
+
     Meant for statements built once and reused (``functools.lru_cache``): the
     compiled form is kept while the statement object lives, and one
     dialect serves a process (the engine's). Driver errors come out as
@@ -74,7 +76,7 @@ async def fetch_all(
     driver = await _driver(conn)
     try:
         cursor = await driver.execute(sql, values)
-        return await cursor.fetchall()
+        return await cursor.fetchall() if cursor.description is not None else []
     except psycopg.Error as exc:
         raise await _translated(conn, driver, exc, sql, values) from exc
 

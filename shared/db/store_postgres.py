@@ -60,6 +60,7 @@ from stepline.shared.db.schema import (
     instances,
     limit_holds,
     limit_keys,
+    outbox,
     step_attempts,
     utc_now,
 )
@@ -80,6 +81,11 @@ from stepline.shared.states import (
     InstanceStatus,
     StepStatus,
 )
+
+_DELETE_OUTBOX = outbox.delete().where(
+    outbox.c.id == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(outbox.c.id.type)))
+)
+"""One text for any number of rows (an array), unlike ``IN``: compiled once, prepared per connection."""
 
 _LOCK_KEY = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:lock_name, 0))")
 
@@ -220,6 +226,11 @@ class PostgresTransaction(Transaction):
         done_count = sa.select(sa.func.count()).select_from(done).scalar_subquery()
         row = (await self._conn.execute(sa.select(gone_count, done_count))).one()
         return "none" if not row[0] else "released" if row[1] else "grant"
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        """``Transaction.delete_outbox`` on psycopg directly: after each batch of confirms on every worker."""
+        if ids:
+            await raw.fetch_all(self._conn, _DELETE_OUTBOX, {"ids": list(ids)})
 
     async def load_history(self, instance_id: str) -> History | None:
         """An instance and all its steps in one round trip, on psycopg directly (see stepline.shared.db.raw).
