@@ -9,6 +9,7 @@ the error.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,18 +27,24 @@ COUNT = 12
 
 async def _sleeping(database_url: str, ids: list[str]) -> None:
     """Instances each waiting in a sleep, at version 1."""
+    nap = NewStep(NAP, 0, StepKind.SLEEP, StepStatus.WAITING, fire_at=datetime.now(UTC))
+    await _instances_in(database_url, ids, nap, InstanceStatus.WAITING)
+
+
+async def _instances_in(
+    database_url: str, ids: list[str], entry: NewStep, status: InstanceStatus, timers: Sequence[NewTimer] = ()
+) -> None:
+    """Instances each with the one history entry ``entry`` (and ``timers``), at version 1."""
     store = create_store(database_url)
     try:
         async with store.transaction() as tx:
             for instance_id in ids:
                 await tx.insert_instance(
-                    instance_id=instance_id, workflow="sleeper", params=None, trace_context=None
+                    instance_id=instance_id, workflow="w", params=None, trace_context=None
                 )
-                await tx.insert_steps(
-                    instance_id,
-                    [NewStep(NAP, 0, StepKind.SLEEP, StepStatus.WAITING, fire_at=datetime.now(UTC))],
-                )
-                await tx.update_instance(instance_id, status=InstanceStatus.WAITING)
+                await tx.insert_steps(instance_id, [entry])
+                await tx.insert_timers(instance_id, timers)
+                await tx.update_instance(instance_id, status=status)
     finally:
         await store.close()
 
@@ -144,18 +151,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 async def _running(database_url: str, ids: list[str]) -> None:
     """Instances each running the step ``work``, at version 1, with a timer armed (a deadline)."""
-    store = create_store(database_url)
-    try:
-        async with store.transaction() as tx:
-            for instance_id in ids:
-                await tx.insert_instance(
-                    instance_id=instance_id, workflow="w", params=None, trace_context=None
-                )
-                await tx.insert_steps(instance_id, [NewStep(WORK, 0, StepKind.STEP, StepStatus.RUNNING)])
-                await tx.insert_timers(instance_id, [NewTimer(WORK, 1, "deadline", "t", b"", None, STARTED)])
-                await tx.update_instance(instance_id, status=InstanceStatus.RUNNING)
-    finally:
-        await store.close()
+    work = NewStep(WORK, 0, StepKind.STEP, StepStatus.RUNNING)
+    deadline = NewTimer(WORK, 1, "deadline", "t", b"", None, STARTED)
+    await _instances_in(database_url, ids, work, InstanceStatus.RUNNING, [deadline])
 
 
 async def _commit_all(store: Store, prefix: str) -> list[list[OutboxRow] | None]:
