@@ -152,8 +152,7 @@ class OutboxRelay:
         if not sent:
             return
         try:
-            async with self._store.transaction() as tx:
-                await tx.delete_outbox(sent)
+            await self._store.delete_outbox(sent)
         except (SQLAlchemyError, OSError) as exc:
             # Published but not deleted: the sweeper will publish them again, harmlessly.
             self._database_outage.failed(f"delete: {first_line(exc)}")

@@ -146,7 +146,7 @@ class WorkerSettings(BaseModel):
         default=64,
         ge=1,
         le=1024,
-        description="Concurrent steps' commits sent together in one transaction, at most (1: each alone).",
+        description="Concurrent steps' commits sent together in one statement, at most (1: each alone).",
     )
     start_batch: int = Field(
         default=100,

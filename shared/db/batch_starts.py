@@ -123,7 +123,7 @@ def start_many_params(batch: Sequence[NewInstance]) -> dict[str, Any]:
     instances: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
     sleeps: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
-    messages: tuple[list[Any], ...] = ([], [], [], [])
+    messages = MessageColumns()
     for new in batch:
         parent = new.parent
         instances.append(
@@ -144,36 +144,62 @@ def start_many_params(batch: Sequence[NewInstance]) -> dict[str, Any]:
                 "finished": new.status.is_finished,
             }
         )
-        for entry in new.new_steps:
-            entries.append(
-                {
-                    "instance_id": new.instance_id,
-                    "name": entry.key[0],
-                    "occurrence": entry.key[1],
-                    "position": entry.position,
-                    "kind": StepKind(entry.kind).value,
-                    "status": entry.status.value,
-                    "result": entry.result,
-                    "fire_at": _time(entry.fire_at),
-                    "delay": None if entry.delay is None else _seconds(entry.delay),
-                    "detail": entry.detail,
-                    "settled": entry.status.is_settled,
-                }
-            )
+        entries.extend({"instance_id": new.instance_id, **entry_row(entry)} for entry in new.new_steps)
         for timer in new.sleeps:
             row = (new.instance_id, *timer.key, timer.attempt, timer.kind, timer.routing_key, timer.body)
             for column, value in zip(sleeps, (*row, _headers(timer.headers)), strict=True):
                 column.append(value)
-        for routing_key, body, headers in new.messages:
-            for column, value in zip(
-                messages, (new.instance_id, routing_key, body, _headers(headers)), strict=True
-            ):
-                column.append(value)
+        messages.add(new.instance_id, new.messages)
     return {
         "instances": json.dumps(instances, separators=(",", ":")),
         "steps": json.dumps(entries, separators=(",", ":")),
         **dict(zip(_TIMER_COLUMNS, sleeps, strict=True)),
-        **dict(zip(("m_instance", "m_routing_key", "m_body", "m_headers"), messages, strict=True)),
+        **messages.params("m_instance"),
+    }
+
+
+@dataclass(slots=True)
+class MessageColumns:
+    """Messages as a statement's arrays (``unnest``): whose, routing key, body, headers (JSON text)."""
+
+    owners: list[Any] = field(default_factory=list)
+    routing_keys: list[str] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    headers: list[str | None] = field(default_factory=list)
+
+    def add(self, owner: Any, messages: Sequence[Message]) -> None:
+        for routing_key, body, headers in messages:
+            self.owners.append(owner)
+            self.routing_keys.append(routing_key)
+            self.bodies.append(body)
+            self.headers.append(_headers(headers))
+
+    def params(self, owner_name: str) -> dict[str, list[Any]]:
+        """The arrays by parameter name: ``owner_name``, ``m_routing_key``, ``m_body``, ``m_headers``."""
+        return {
+            owner_name: self.owners,
+            "m_routing_key": self.routing_keys,
+            "m_body": self.bodies,
+            "m_headers": self.headers,
+        }
+
+
+def entry_row(entry: NewStep) -> dict[str, Any]:
+    """A new entry as a row of a statement's ``steps`` recordset (its instance's column apart).
+
+    Its fire time is ``fire_at``, else the database's clock plus ``delay`` seconds.
+    """
+    return {
+        "name": entry.key[0],
+        "occurrence": entry.key[1],
+        "position": entry.position,
+        "kind": StepKind(entry.kind).value,
+        "status": entry.status.value,
+        "result": entry.result,
+        "fire_at": None if entry.delay is not None else _time(entry.fire_at),
+        "delay": None if entry.delay is None else _seconds(entry.delay),
+        "detail": entry.detail,
+        "settled": entry.status.is_settled,
     }
 
 

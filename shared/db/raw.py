@@ -12,14 +12,12 @@ same transaction or autocommit mode, and the same SQL and parameter values as
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-import psycopg.sql
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -66,6 +64,8 @@ async def fetch_all(
 ) -> list[tuple[Any, ...]]:
     """``(await conn.execute(statement, params)).all()`` as plain tuples, on PostgreSQL (psycopg).
 
+    A statement that returns no rows (``DELETE`` without ``RETURNING``) gives ``[]``.
+
     Meant for statements built once and reused (``functools.lru_cache``): the
     compiled form is kept while the statement object lives, and one
     dialect serves a process (the engine's). Driver errors come out as
@@ -76,43 +76,9 @@ async def fetch_all(
     driver = await _driver(conn)
     try:
         cursor = await driver.execute(sql, values)
-        return await cursor.fetchall()
+        return await cursor.fetchall() if cursor.description is not None else []
     except psycopg.Error as exc:
         raise await _translated(conn, driver, exc, sql, values) from exc
-
-
-async def fetch_all_together(
-    conn: AsyncConnection, batch: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
-) -> list[list[tuple[Any, ...]]]:
-    """``fetch_all`` of each statement in one transaction and one round trip (psycopg's pipeline).
-
-    On the caller's autocommit connection: ``BEGIN``, the statements and
-    ``COMMIT`` are sent together, so they all commit or none does. If one fails,
-    on the server or while its values are sent, the rest are skipped, the
-    transaction is rolled back and the error raised; the connection is idle
-    again. (Without the ``BEGIN``, a pipeline's implicit transaction would
-    commit the statements sent before a value that failed to send.)
-    """
-    bound = [_bound(statement, params, conn.dialect) for statement, params in batch]
-    driver = await _driver(conn)
-    try:
-        async with driver.pipeline():
-            await driver.execute(_BEGIN)
-            cursors = [await driver.execute(sql, values) for sql, values in bound]
-            await driver.execute(_COMMIT)
-        return [await cursor.fetchall() for cursor in cursors]
-    except Exception as exc:
-        if not (driver.broken or driver.closed) and driver.info.transaction_status != _IDLE:
-            with contextlib.suppress(psycopg.Error):
-                await driver.execute(_ROLLBACK)
-        if not isinstance(exc, psycopg.Error):
-            raise
-        sql, values = bound[0]
-        raise await _translated(conn, driver, exc, sql, values) from exc
-
-
-_BEGIN, _COMMIT, _ROLLBACK = (psycopg.sql.SQL(word) for word in ("BEGIN", "COMMIT", "ROLLBACK"))
-_IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 def _bound(

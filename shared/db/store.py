@@ -194,6 +194,11 @@ class Store:
         async with self.statements() as tx:
             return await tx.fire_due_timers(limit=limit)
 
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        """Forget rows whose messages the broker confirmed (one statement)."""
+        async with self.statements() as tx:
+            await tx.delete_outbox(ids)
+
     async def seconds_until_next_timer(self) -> float | None:
         """Seconds until the earliest armed timer is due (negative if overdue); None if none."""
         async with self.reading() as tx:

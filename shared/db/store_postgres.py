@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stepline.shared.codec import JSON
 from stepline.shared.db import raw
+from stepline.shared.db.batch_commits import SETTLE_MANY, SettledStep, settle_many_params
 from stepline.shared.db.batch_starts import (
     START_MANY,
     NewInstance,
@@ -59,6 +60,7 @@ from stepline.shared.db.schema import (
     instances,
     limit_holds,
     limit_keys,
+    outbox,
     step_attempts,
     utc_now,
 )
@@ -79,6 +81,11 @@ from stepline.shared.states import (
     InstanceStatus,
     StepStatus,
 )
+
+_DELETE_OUTBOX = outbox.delete().where(
+    outbox.c.id == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(outbox.c.id.type)))
+)
+"""One text for any number of rows (an array), unlike ``IN``: compiled once, prepared per connection."""
 
 _LOCK_KEY = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:lock_name, 0))")
 
@@ -219,6 +226,11 @@ class PostgresTransaction(Transaction):
         done_count = sa.select(sa.func.count()).select_from(done).scalar_subquery()
         row = (await self._conn.execute(sa.select(gone_count, done_count))).one()
         return "none" if not row[0] else "released" if row[1] else "grant"
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        """``Transaction.delete_outbox`` on psycopg directly: after each batch of confirms on every worker."""
+        if ids:
+            await raw.fetch_all(self._conn, _DELETE_OUTBOX, {"ids": list(ids)})
 
     async def load_history(self, instance_id: str) -> History | None:
         """An instance and all its steps in one round trip, on psycopg directly (see stepline.shared.db.raw).
@@ -419,8 +431,8 @@ class PostgresStore(Store):
     def __init__(self, engine: AsyncEngine, *, held: int = 0, commit_batch: int = 1) -> None:
         super().__init__(engine)
         self._held = HeldConnections(engine, keep=held)
-        # Concurrent steps' commits, up to commit_batch in one transaction (see GroupCommit).
-        self._group = GroupCommit(self._held, commit_batch)
+        # Concurrent steps' commits, up to commit_batch in one statement (see GroupCommit).
+        self._group: GroupCommit[SettledStep] = GroupCommit(self._held, commit_batch, _settle_many)
 
     def statements(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
         """A held autocommit connection: one statement is atomic on its own, so no BEGIN or COMMIT."""
@@ -429,9 +441,8 @@ class PostgresStore(Store):
     async def commit_settled_step(
         self, instance_id: str, key: StepKey, **fields: Any
     ) -> list[OutboxRow] | None:
-        """One statement, committed with those of concurrent callers (``GroupCommit``)."""
-        statement, params = settled_step_call(instance_id, key, **fields)
-        rows = await self._group.fetch_all(instance_id, statement, params)
+        """One statement, maybe one with those of concurrent callers (``GroupCommit``)."""
+        rows = await self._group.fetch_all(instance_id, SettledStep(instance_id, key, fields))
         return followers_rows(rows, fields.get("messages", ()))
 
     async def start_instances(self, batch: Sequence[NewInstance]) -> StartedBatch | None:
@@ -444,6 +455,10 @@ class PostgresStore(Store):
         await self._group.close()
         await self._held.close()
         await super().close()
+
+
+def _settle_many(batch: Sequence[SettledStep]) -> tuple[sa.TextClause, dict[str, Any]]:
+    return SETTLE_MANY, settle_many_params(batch)
 
 
 class _HeldStatements(contextlib.AbstractAsyncContextManager[Transaction]):
