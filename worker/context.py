@@ -529,6 +529,10 @@ async def _convert(future: Awaitable[Any], adapter: TypeAdapter[Any]) -> Any:
     return adapter.validate_python(await future)
 
 
+STEP_RESULT_CODE = _convert.__code__
+"""The code of what ``ctx.step`` returns: it awaits the step's future and only reads its result."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Detached:
     """A child started with ``start_child``: its entry, workflow, and how its output reads."""

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from stepline.shared.db.records import SucceededAttempt
 from stepline.shared.db.store import Store
 from stepline.shared.history import History, StepKey
 from stepline.shared.messages import StepMessage, check_addressed
+from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 from stepline.worker.committed import Committed
 from stepline.worker.context import StepCall
 from stepline.worker.executor import StepSucceeded
 from stepline.worker.fencing import is_current, step_key, waits_for_limit
 from stepline.worker.plan import Planner, Transition
-from stepline.worker.replay.cache import ReplayCache, Turns
+from stepline.worker.replay.cache import CachedReplay, ReplayCache, Turns, committed_history
 from stepline.worker.replay.engine import Outcome, Replay
 
 CATCH_UP_TRIES = 5
@@ -38,16 +40,18 @@ class FanOut:
         self._turns = Turns()
 
     async def borrow(self, message: StepMessage) -> tuple[History, StepCall] | bool:
-        """The newest history and the step's call, read from the kept replay left in the cache.
+        """The kept history and the step's call, read from the kept replay left in the cache.
 
         A fan-out's branches arriving at one worker at once would otherwise each
         replay the whole instance (only one can take the kept replay): here each
         reads the kept replay's ``calls`` (what a replay of any later version asks
-        the same step to run) and the rows changed since its version, to check the
-        attempt is current. The replay stays in the cache for the commit
-        (``commit_caught_up``) to take. True: the message is not current (dropped);
-        False: no kept replay awaits the step, or the step takes another path (limits,
-        a lease, a transaction): the caller replays as before.
+        the same step to run). The attempt runs if the kept history holds it as
+        running (``_runs_in``) and the instance is running still (one small read:
+        a paused instance starts no step); its commit is fenced as always. The
+        replay stays in the cache for the commit (``settle_branch``,
+        ``commit_caught_up``) to use. True: the message is not current (dropped);
+        False: no kept replay awaits the step, the step takes another path (limits,
+        a lease, a transaction), or the kept history cannot tell: the caller replays as before.
         """
         key = step_key(message)
         async with self._turns.turn(message.instance_id):  # not while a commit has the replay out
@@ -58,13 +62,13 @@ class FanOut:
         call = entry.replay.calls.get(key)
         if call is None or call.limits or call.in_transaction or call.heartbeat_timeout is not None:
             return False
-        async with self._store.statements() as tx:
-            newer = await tx.load_changes(entry.history)
-        if newer is None or not is_current(newer, key, message):
-            return True
-        if waits_for_limit(newer, key):
+        if not _runs_in(entry.history, key, message) or waits_for_limit(entry.history, key):
             return False
-        return newer, call
+        async with self._store.statements() as tx:
+            state = await tx.instance_state(message.instance_id)
+        if state is None or state.status != InstanceStatus.RUNNING:
+            return False  # the usual path reads the history: a pause, an end, a message to drop
+        return entry.history, call
 
     async def commit_caught_up(
         self, message: StepMessage, result: StepSucceeded, replay: Replay | None, commit: CommitSuccess
@@ -120,6 +124,88 @@ class FanOut:
         finally:
             _close_unless(own, replay)
 
+    async def settle_branch(
+        self, message: StepMessage, result: StepSucceeded, attempt: SucceededAttempt, own: Replay | None
+    ) -> Committed | None:
+        """Commit a gather's branch that changes nothing yet: its result only, whatever the version.
+
+        A branch of an ``asyncio.gather`` of steps that succeeds while another
+        branch still runs changes nothing the workflow does (``Replay.gathers_quietly``,
+        asked of the worker's kept replay, else of ``own``, the step's own replay):
+        it needs no plan, so nor the version a plan is fenced by, which every
+        other branch's commit moves. Under the instance lock, it checks what
+        changed since that replay's version (only other branches of the gather
+        settling) and that some other step still runs, then records the attempt
+        and bumps the version. The branch that finds none running is the last:
+        None, and it commits the usual way, planning what follows the gather.
+        Sibling commits serialize on the lock, so of the last two, the second
+        always sees the first. The replay is then caught up and kept.
+        None: not such a branch (nothing written; ``own`` untouched).
+        """
+        if result.offloaded is not None:
+            return None
+        key = step_key(message)
+        async with self._turns.turn(message.instance_id):
+            # Peeked, not taken: arrivals meanwhile borrow its calls (``borrow``) instead of replaying.
+            entry = self._cache.peek(message.instance_id)
+            view = _quiet_view(entry, own, key, result)
+            if view is None:
+                return None
+            newer = await self._settle(message, result, attempt, view)
+            if newer is None:
+                return None
+            settled = committed_history(
+                newer,
+                status=InstanceStatus.RUNNING,
+                new_steps=(),
+                settled=(key, message.attempt, result.result),
+            )
+            self._keep_advanced(message.instance_id, entry, view, own, settled)
+        return Committed([])
+
+    async def _settle(
+        self, message: StepMessage, result: StepSucceeded, attempt: SucceededAttempt, view: Replay
+    ) -> History | None:
+        """The transaction of ``settle_branch``: the history it committed on, or None (nothing written)."""
+        key, base = step_key(message), view.history
+        async with self._store.transaction() as tx:
+            lock = await tx.lock_instance(message.instance_id)
+            if lock is None or lock.status != InstanceStatus.RUNNING:
+                return None
+            newer = base if lock.version == base.version else await tx.load_changes(base)
+            if newer is None or not _leaves_others_running(base, newer, view, key, message):
+                return None
+            # Under the lock the version cannot move: the one-statement commit, planning nothing.
+            written = await tx.commit_settled_step(
+                message.instance_id,
+                key,
+                version=lock.version,
+                attempt=attempt,
+                result=result.stored,
+                new_steps=(),
+                status=InstanceStatus.RUNNING,
+            )
+            if written is None:
+                return None
+            return newer
+
+    def _keep_advanced(
+        self, instance_id: str, entry: CachedReplay | None, view: Replay, own: Replay | None, settled: History
+    ) -> None:
+        """Keep ``view`` caught up to ``settled``, the history a branch committed; else close it.
+
+        The kept replay (``entry``) is driven only if it is still in the cache: a
+        delivery that took it out meanwhile owns it. ``own`` is closed by its caller's ``with``.
+        """
+        if view is not own:
+            if self._cache.peek(instance_id) is not entry:
+                return
+            self._cache.take(instance_id)
+        if view.advance(settled) is not None:
+            self._cache.put(settled, view)  # closes an older kept replay it replaces
+        elif view is not own:
+            view.close()
+
     def _advanced(
         self, newer: History, key: StepKey, result: StepSucceeded, replay: Replay | None
     ) -> tuple[Replay | None, Outcome | None]:
@@ -137,6 +223,70 @@ class FanOut:
         if replay is None:
             return None, None
         return replay, replay.advance(newer, own=key)
+
+
+def _runs_in(history: History, key: StepKey, message: StepMessage) -> bool:
+    """Whether the kept history has the message's attempt running: it may run on the borrowed call.
+
+    The kept history may be older than the instance: only its status is read
+    fresh (``borrow``). An attempt it does not hold as running takes the usual
+    path, which reads the history; one that another commit settled meanwhile
+    (a duplicate delivery) runs again, as a redelivered step may, and its
+    commit is refused by the attempt check.
+    """
+    record = history.step(key)
+    return record is not None and record.status == StepStatus.RUNNING and record.attempt == message.attempt
+
+
+def _quiet_view(
+    entry: CachedReplay | None, own: Replay | None, key: StepKey, result: StepSucceeded
+) -> Replay | None:
+    """The replay that shows the branch's success changes nothing yet: the kept one first, else ``own``."""
+    for replay in (None if entry is None else entry.replay, own):
+        if replay is not None and replay.gathers_quietly(key, result.result):
+            return replay
+    return None
+
+
+def _leaves_others_running(
+    base: History, newer: History, view: Replay, key: StepKey, message: StepMessage
+) -> bool:
+    """Under the lock: the attempt is current and running, and another step runs still.
+
+    ``newer`` is ``base`` (``view``'s history) caught up to the newest version.
+    Besides the attempt's own step, only steps ``view`` awaits may have changed
+    since, and only by succeeding (others branches of its gather, committed so):
+    anything else (a failure, a retry, a new entry, a rollback) is left to the
+    usual commit, which replays what it changes.
+    """
+    mine = newer.step(key)
+    if (
+        newer.is_rolling_back
+        or mine is None
+        or mine.kind != StepKind.STEP
+        or mine.status != StepStatus.RUNNING
+        or mine.attempt != message.attempt
+        or len(newer.steps) != len(base.steps)
+    ):
+        return False
+    running = 0
+    live = (StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.WAITING)
+    before = base.steps
+    for other, record in newer.steps.items():
+        if other == key:
+            continue
+        if record.status in live:
+            running += 1
+        old = before.get(other)
+        if record is old:
+            continue
+        if old is None or record.kind != old.kind:
+            return False
+        if record.status != old.status and not (
+            record.status == StepStatus.SUCCEEDED and view.is_pending(other)
+        ):
+            return False
+    return running > 0
 
 
 def _close_unless(replay: Replay | None, owned: Replay | None) -> None:

@@ -376,6 +376,9 @@ class StepRunner:
         values = replay.values  # recorded before the step ran: a newer replay keeps them
         if not isinstance(result, StepSucceeded):
             return await self._commit_locked(workflow, message, result, history, replay, values)
+        settled = await self._fan_out.settle_branch(message, result, self._succeeded(message, result), replay)
+        if settled is not None:
+            return settled
         resolved = replay.resolve(key, result.result)
         transition = self._planner.plan_unlocked(history, replay, resolved)
         if transition is None:  # a sleep, an event wait, an error or a pause: planned under the lock
@@ -406,7 +409,11 @@ class StepRunner:
         result = await self._attempt(workflow, history, message, call, None)
         await self._store_offloaded(history, result)
         if isinstance(result, StepSucceeded):
-            committed = await self._commit_caught_up(workflow, message, result, None)
+            committed = await self._fan_out.settle_branch(
+                message, result, self._succeeded(message, result), None
+            )
+            if committed is None:
+                committed = await self._commit_caught_up(workflow, message, result, None)
             if committed is not None:
                 return committed
         return await self._commit_locked(workflow, message, result, history, None, {}, stale=True)
@@ -494,14 +501,18 @@ class StepRunner:
         writes; both were planned on ``history``, whose version fences the commit.
         """
         key = step_key(message)
-        attempt = SucceededAttempt(
-            message.attempt, self._worker_id, result.started_at, result.finished_at, self._build_id
-        )
+        attempt = self._succeeded(message, result)
         rows = await self._commit_at_version(history, key, transition, attempt, result.stored)
         if rows is None:
             return None
         settled = (key, message.attempt, result.result)
         return self._after_unlocked_commit(workflow, history, replay, transition, rows, resolved, settled)
+
+    def _succeeded(self, message: StepMessage, result: StepSucceeded) -> SucceededAttempt:
+        """The attempt a success settles its step with."""
+        return SucceededAttempt(
+            message.attempt, self._worker_id, result.started_at, result.finished_at, self._build_id
+        )
 
     def _after_unlocked_commit(
         self,

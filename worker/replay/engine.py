@@ -32,7 +32,7 @@ from stepline.shared.history import (
     patch_marker_name,
 )
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
-from stepline.worker.context import Context, StepCall
+from stepline.worker.context import STEP_RESULT_CODE, Context, StepCall
 from stepline.worker.replay.loop import ReplayLoop
 from stepline.worker.replay.rollback import Rollback, RollbackEnd, has_compensations, rollback_reason
 
@@ -339,6 +339,54 @@ class Replay:
     def is_pending(self, key: StepKey) -> bool:
         """Whether the code awaits ``key`` and it has no result yet."""
         return key in self._pending
+
+    def gathers_quietly(self, key: StepKey, result: JSON) -> bool:
+        """Whether step ``key`` succeeding with ``result`` changes nothing while another awaited step runs.
+
+        So when the workflow awaits one ``asyncio.gather`` of steps (the code
+        itself, nested calls included, blocked on it) and nothing else: every
+        entry it awaits is a step, each awaited by a branch of that gather that
+        only reads the step's result (``ctx.step``'s own ``_convert``), and
+        ``result`` reads back without an error. A success of one branch then
+        only completes that branch; the gather and the code behind it wait for
+        the others, whatever order they settle in. Only then may a branch's
+        success be committed without planning (``FanOut.settle_branch``).
+        """
+        task = self._task
+        if (
+            task is None
+            or task.done()
+            or key not in self._pending
+            or self.new_entries
+            or self._divergence is not None
+            or self._rollback is not None
+            or self._frozen
+            or len(self._pending) < 2
+        ):
+            return False
+        gathering = getattr(task, "_fut_waiter", None)
+        if not isinstance(gathering, asyncio.tasks._GatheringFuture):  # type: ignore[attr-defined]
+            return False
+        waited = {id(future) for future in self._pending.values()}
+        if any(self._requested.get(pending) != StepKind.STEP for pending in self._pending):
+            return False
+        branches = [child for child in gathering._children if not child.done()]
+        if len(branches) != len(waited) or len(self._loop.pending_tasks()) != len(branches) + 1:
+            return False
+        for branch in branches:
+            coro = branch.get_coro() if isinstance(branch, asyncio.Task) else None
+            if getattr(coro, "cr_code", None) is not STEP_RESULT_CODE:
+                return False
+            if id(getattr(branch, "_fut_waiter", None)) not in waited:
+                return False
+        call = self.calls.get(key)
+        if call is None or call.limits:  # a limited step's hold is given back on its own path
+            return False
+        try:  # what the branch does with it: an error would end the gather at once
+            self.workflow.result_adapter(call.fn).validate_python(self.open(result, key))
+        except Exception:  # any error: the usual path raises it where the code reads it
+            return False
+        return True
 
     @property
     def asked(self) -> list[tuple[StepKey, StepKind]]:
