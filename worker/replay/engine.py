@@ -364,13 +364,15 @@ class Replay:
             or len(self._pending) < 2
         ):
             return False
+        # CPython's asyncio internals, read defensively: without them every branch takes the usual path.
         gathering = getattr(task, "_fut_waiter", None)
-        if not isinstance(gathering, asyncio.tasks._GatheringFuture):  # type: ignore[attr-defined]
+        gathering_type = getattr(asyncio.tasks, "_GatheringFuture", None)
+        if gathering_type is None or not isinstance(gathering, gathering_type):
             return False
         waited = {id(future) for future in self._pending.values()}
         if any(self._requested.get(pending) != StepKind.STEP for pending in self._pending):
             return False
-        branches = [child for child in gathering._children if not child.done()]
+        branches = [child for child in getattr(gathering, "_children", ()) if not child.done()]
         if len(branches) != len(waited) or len(self._loop.pending_tasks()) != len(branches) + 1:
             return False
         for branch in branches:
