@@ -1,4 +1,4 @@
-"""Fixtures: each run gets its own vhost and template database; each test its own database and namespace."""
+"""Fixtures: each run gets its own vhosts and template database; each test its own database and namespace."""
 
 from __future__ import annotations
 
@@ -17,22 +17,27 @@ from stepline.worker.registry import load_workflows
 from stepline.worker.workflow import Workflow
 from tests.support import services
 from tests.support.fleet import Fleet, ProcessFleet, process_env
+from tests.support.vhosts import RunVhosts
 
 RUN_ID = uuid.uuid4().hex[:8]
 
 
 @pytest.fixture(scope="session")
-def vhost() -> Iterator[str]:
-    """A RabbitMQ vhost for this test run, deleted at the end; it must hold no quorum queue."""
-    name = f"stepline-test-{RUN_ID}"
-    services.create_vhost(name)
-    yield name
+def run_vhosts() -> Iterator[RunVhosts]:
+    """This test process's RabbitMQ vhosts, all deleted at the end; they must hold no quorum queue."""
+    vhosts = RunVhosts(f"stepline-test-{RUN_ID}")
     try:
-        quorum = services.delete_quorum_queues(name)
+        yield vhosts
     finally:
-        services.delete_vhost(name)
-    # The run's vhost holds thousands of queues: quorum ones belong in ``quorum_vhost``.
-    assert quorum == 0, f"{quorum} quorum queue(s) were made in the run's vhost {name}: use quorum_vhost"
+        quorum = vhosts.close()
+    # The run's vhosts hold thousands of queues: quorum ones belong in ``quorum_vhost``.
+    assert not quorum, f"quorum queue(s) were made in the run's vhosts {quorum}: use quorum_vhost"
+
+
+@pytest.fixture
+def vhost(run_vhosts: RunVhosts) -> str:
+    """A RabbitMQ vhost of the run's, which tests just before and after this one use too."""
+    return run_vhosts.for_test()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Isolation on the real services: a vhost per run, a database per test cloned from a template."""
+"""Isolation on the real services: vhosts of the run's own, a database per test cloned from a template."""
 
 from __future__ import annotations
 
@@ -148,8 +148,13 @@ def delete_quorum_queues(vhost: str) -> int:
     return len(quorum)
 
 
+def remove_vhost(name: str) -> None:
+    """Delete a vhost and what it holds at once: one with no quorum queue left (see ``delete_vhost``)."""
+    _rabbitmqctl("delete_vhost", name, check=False)
+
+
 def delete_vhost(name: str) -> None:
     """Delete a vhost and every queue in it (its quorum queues first, one by one)."""
     with contextlib.suppress(subprocess.SubprocessError, ValueError):
         delete_quorum_queues(name)
-    _rabbitmqctl("delete_vhost", name, check=False)
+    remove_vhost(name)
