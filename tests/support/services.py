@@ -25,7 +25,7 @@ RABBITMQCTL_TIMEOUT_S = 120
 SINGLE_NODE_QUEUE_TYPE: Literal["classic"] = "classic"
 """The suite's queue type on the shared RabbitMQ node: the single dev node of docs/operations.md.
 
-Quorum is the default, but the suite makes some thirty queues per test and a vhost per run,
+Quorum is the default, but the suite makes some thirty queues per test and a vhost per 60 tests,
 and RabbitMQ 3.10 wedged twice deleting vhosts that held thousands of quorum queues. So the
 harness sets classic explicitly; the tests of quorum queues use a small vhost of their own
 (``quorum_vhost`` in tests/conftest.py), emptied queue by queue.
