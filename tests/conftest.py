@@ -16,6 +16,7 @@ from stepline.shared.settings import EMBEDDED_DATABASE, Settings
 from stepline.worker.registry import load_workflows
 from stepline.worker.workflow import Workflow
 from tests.support import services
+from tests.support.databases import RunDatabases
 from tests.support.fleet import Fleet, ProcessFleet, process_env
 from tests.support.vhosts import RunVhosts
 
@@ -80,12 +81,11 @@ def embedded_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def template_database() -> Iterator[str]:
-    """A migrated database that each test clones."""
-    name = f"sl_test_{RUN_ID}"
-    services.create_template(name)
-    yield name
-    services.drop_database(name)
+def run_databases() -> Iterator[RunDatabases]:
+    """A migrated database that each test clones, and the clones: all dropped at the end."""
+    databases = RunDatabases(f"sl_test_{RUN_ID}")
+    yield databases
+    databases.close()
 
 
 BACKENDS = ("postgres", "sqlite")
@@ -119,11 +119,11 @@ def backend() -> str:
 
 
 @pytest.fixture
-def database_url(template_database: str) -> Iterator[str]:
+def database_url(run_databases: RunDatabases) -> Iterator[str]:
     """A database of this test's own, migrated, dropped after."""
-    name = services.clone_database(template_database)
+    name = run_databases.take()
     yield services.database_url(name)
-    services.drop_database(name)
+    run_databases.drop(name)
 
 
 @pytest.fixture
