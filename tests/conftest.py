@@ -101,6 +101,24 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests allowed more than the default time (``timeout`` mark) run first, the longest allowed first.
+
+    pytest-xdist hands the tests out in this order, one by one as processes free up:
+    a long test handed out last (mypy's, in tests/unit) held up the end of the run
+    while the other processes sat idle.
+    """
+    default_s = float(config.getini("timeout"))
+    items.sort(key=lambda item: -max(_timeout_s(item, default_s), default_s))
+
+
+def _timeout_s(item: pytest.Item, default_s: float) -> float:
+    mark = item.get_closest_marker("timeout")
+    if mark is None:
+        return default_s
+    return float(mark.kwargs.get("timeout", mark.args[0] if mark.args else default_s))
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests marked ``both_backends`` run once per backend; every other test on PostgreSQL + RabbitMQ."""
     marked = metafunc.definition.get_closest_marker("both_backends")
