@@ -52,11 +52,11 @@ typecheck: setup ## mypy (configured in pyproject.toml)
 	$(BIN)/mypy
 
 # The suite mostly waits on I/O, so it runs in TEST_WORKERS processes (pytest-xdist); each
-# process makes its own vhost and template database. Tests marked `serial` restart the shared
+# process makes its own vhosts and template database. Tests marked `serial` restart the shared
 # PostgreSQL or RabbitMQ under everyone's feet: they run alone, after the rest.
 TEST_WORKERS ?= 4
 # The local RabbitMQ is a single dev node: classic queues, set explicitly (quorum is the default
-# elsewhere). The suite makes a vhost per run and ~30 queues per test, and RabbitMQ 3.10 wedged
+# elsewhere). The suite makes a vhost per 60 tests and ~30 queues per test, and RabbitMQ 3.10 wedged
 # deleting vhosts full of quorum queues; its quorum tests use small vhosts of their own.
 SINGLE_NODE_ENV = STEPLINE_BROKER__QUEUE_TYPE=classic
 TEST_ENV = STEPLINE_EMBEDDED= STEPLINE_DATABASE_URL='$(STEPLINE_DATABASE_URL)' STEPLINE_AMQP_URL='$(STEPLINE_AMQP_URL)' $(SINGLE_NODE_ENV)

@@ -1,4 +1,4 @@
-"""Fixtures: each run gets its own vhost and template database; each test its own database and namespace."""
+"""Fixtures: each run gets its own vhosts and template database; each test its own database and namespace."""
 
 from __future__ import annotations
 
@@ -16,23 +16,29 @@ from stepline.shared.settings import EMBEDDED_DATABASE, Settings
 from stepline.worker.registry import load_workflows
 from stepline.worker.workflow import Workflow
 from tests.support import services
+from tests.support.databases import RunDatabases
 from tests.support.fleet import Fleet, ProcessFleet, process_env
+from tests.support.vhosts import RunVhosts
 
 RUN_ID = uuid.uuid4().hex[:8]
 
 
 @pytest.fixture(scope="session")
-def vhost() -> Iterator[str]:
-    """A RabbitMQ vhost for this test run, deleted at the end; it must hold no quorum queue."""
-    name = f"stepline-test-{RUN_ID}"
-    services.create_vhost(name)
-    yield name
+def run_vhosts() -> Iterator[RunVhosts]:
+    """This test process's RabbitMQ vhosts, all deleted at the end; they must hold no quorum queue."""
+    vhosts = RunVhosts(f"stepline-test-{RUN_ID}")
     try:
-        quorum = services.delete_quorum_queues(name)
+        yield vhosts
     finally:
-        services.delete_vhost(name)
-    # The run's vhost holds thousands of queues: quorum ones belong in ``quorum_vhost``.
-    assert quorum == 0, f"{quorum} quorum queue(s) were made in the run's vhost {name}: use quorum_vhost"
+        quorum = vhosts.close()
+    # The run's vhosts hold thousands of queues: quorum ones belong in ``quorum_vhost``.
+    assert not quorum, f"quorum queue(s) were made in the run's vhosts {quorum}: use quorum_vhost"
+
+
+@pytest.fixture
+def vhost(run_vhosts: RunVhosts) -> str:
+    """A RabbitMQ vhost of the run's, which tests just before and after this one use too."""
+    return run_vhosts.for_test()
 
 
 @pytest.fixture
@@ -75,12 +81,11 @@ def embedded_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def template_database() -> Iterator[str]:
-    """A migrated database that each test clones."""
-    name = f"sl_test_{RUN_ID}"
-    services.create_template(name)
-    yield name
-    services.drop_database(name)
+def run_databases() -> Iterator[RunDatabases]:
+    """A migrated database that each test clones, and the clones: all dropped at the end."""
+    databases = RunDatabases(f"sl_test_{RUN_ID}")
+    yield databases
+    databases.close()
 
 
 BACKENDS = ("postgres", "sqlite")
@@ -94,6 +99,24 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "postgres_only(why): in a both_backends module, a test of PostgreSQL or RabbitMQ alone"
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests allowed more than the default time (``timeout`` mark) run first, the longest allowed first.
+
+    pytest-xdist hands the tests out in this order, one by one as processes free up:
+    a long test handed out last (mypy's, in tests/unit) held up the end of the run
+    while the other processes sat idle.
+    """
+    default_s = float(config.getini("timeout"))
+    items.sort(key=lambda item: -max(_timeout_s(item, default_s), default_s))
+
+
+def _timeout_s(item: pytest.Item, default_s: float) -> float:
+    mark = item.get_closest_marker("timeout")
+    if mark is None:
+        return default_s
+    return float(mark.kwargs.get("timeout", mark.args[0] if mark.args else default_s))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -114,11 +137,11 @@ def backend() -> str:
 
 
 @pytest.fixture
-def database_url(template_database: str) -> Iterator[str]:
+def database_url(run_databases: RunDatabases) -> Iterator[str]:
     """A database of this test's own, migrated, dropped after."""
-    name = services.clone_database(template_database)
+    name = run_databases.take()
     yield services.database_url(name)
-    services.drop_database(name)
+    run_databases.drop(name)
 
 
 @pytest.fixture

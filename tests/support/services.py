@@ -1,4 +1,4 @@
-"""Isolation on the real services: a vhost per run, a database per test cloned from a template."""
+"""Isolation on the real services: vhosts of the run's own, a database per test cloned from a template."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ RABBITMQCTL_TIMEOUT_S = 120
 SINGLE_NODE_QUEUE_TYPE: Literal["classic"] = "classic"
 """The suite's queue type on the shared RabbitMQ node: the single dev node of docs/operations.md.
 
-Quorum is the default, but the suite makes some thirty queues per test and a vhost per run,
+Quorum is the default, but the suite makes some thirty queues per test and a vhost per 60 tests,
 and RabbitMQ 3.10 wedged twice deleting vhosts that held thousands of quorum queues. So the
 harness sets classic explicitly; the tests of quorum queues use a small vhost of their own
 (``quorum_vhost`` in tests/conftest.py), emptied queue by queue.
@@ -148,8 +148,13 @@ def delete_quorum_queues(vhost: str) -> int:
     return len(quorum)
 
 
+def remove_vhost(name: str) -> None:
+    """Delete a vhost and what it holds at once: one with no quorum queue left (see ``delete_vhost``)."""
+    _rabbitmqctl("delete_vhost", name, check=False)
+
+
 def delete_vhost(name: str) -> None:
     """Delete a vhost and every queue in it (its quorum queues first, one by one)."""
     with contextlib.suppress(subprocess.SubprocessError, ValueError):
         delete_quorum_queues(name)
-    _rabbitmqctl("delete_vhost", name, check=False)
+    remove_vhost(name)
