@@ -13,7 +13,7 @@ import psycopg
 from pydantic import BaseModel
 
 from stepline import Concurrency, Context, NonRetryableError, RetryAfter, RetryPolicy, step_info, workflow
-from stepline.shared.db.engine import is_sqlite, sqlite_path
+from stepline.shared.db.engine import ClosingSqliteConnection, is_sqlite, sqlite_path
 
 SIDE_EFFECTS_URL = "STEPLINE_TEST_SIDE_EFFECTS_URL"
 """Where step code records its runs; the workers' own database (STEPLINE_DATABASE_URL) when unset."""
@@ -43,7 +43,9 @@ async def record(note: str = "") -> int:
 
 
 async def _record_sqlite(url: str, instance_id: str, step: str, attempt: int, note: str) -> int:
-    async with aiosqlite.connect(sqlite_path(url), timeout=30) as conn:
+    # A step cancelled mid-insert (a worker stopping) must not leave the write lock held: see
+    # ClosingSqliteConnection.
+    async with aiosqlite.connect(sqlite_path(url), timeout=30, factory=ClosingSqliteConnection) as conn:
         cursor = await conn.execute(
             "SELECT count(*) FROM side_effects WHERE instance_id = ? AND step = ?", (instance_id, step)
         )

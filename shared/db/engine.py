@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -307,12 +308,36 @@ def _create_sqlite_engine(database_url: str, clock: Clock) -> AsyncEngine:
         pool_size=1,
         max_overflow=0,
         pool_timeout=120,
-        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "factory": ClosingSqliteConnection},
     )
     event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
     event.listen(engine.sync_engine, "connect", functools.partial(_add_sqlite_clock, clock))
     event.listen(engine.sync_engine, "begin", _on_sqlite_begin)
     return engine
+
+
+class ClosingSqliteConnection(sqlite3.Connection):
+    """sqlite3's connection, whose ``close`` ends the transaction it is in, releasing the write lock.
+
+    sqlite3 closes a connection that still has a statement in progress (one
+    whose cursor is still alive, though nobody will read it) only once that
+    statement is freed: until then the connection lives on, in its
+    transaction, holding SQLite's write lock, and every other connection's
+    ``BEGIN IMMEDIATE`` waits for it and fails after the busy timeout. That is
+    what a task cancelled in the middle of a statement leaves: SQLAlchemy
+    closes the connection (it cannot tell what state it is in), while the
+    statement's cursor is kept by the cancelled frames until the garbage
+    collector frees them, which may be never (a worker's ``gc.freeze``).
+    A rollback ends the transaction even with the statement still in progress.
+    """
+
+    def close(self) -> None:
+        """Roll back the open transaction, if any, then close."""
+        try:
+            if self.in_transaction:
+                self.rollback()
+        finally:
+            super().close()
 
 
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
