@@ -173,11 +173,13 @@ class FanOut:
         view = _quiet_view(entry, own, leader)
         if view is None:
             return
-        batch = [leader] + [
-            branch
-            for branch in self._queued.get(instance_id, ())
-            if branch is not leader and not branch.settled and _is_quiet(view, branch)
-        ]
+        batch = [leader]
+        keys = {step_key(leader.message)}
+        for branch in self._queued.get(instance_id, ()):
+            key = step_key(branch.message)  # a duplicate delivery of a step in the batch waits its turn
+            if key not in keys and not branch.settled and _is_quiet(view, branch):
+                batch.append(branch)
+                keys.add(key)
         settled = await self._settle(batch, view)
         if settled is not None:
             self._keep_advanced(instance_id, entry, view, own, settled)
