@@ -9,6 +9,7 @@ caught up to what the other branches committed since (``Replay.advance``).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from stepline.shared.db.records import SucceededAttempt
 from stepline.shared.db.store import Store
@@ -38,6 +39,7 @@ class FanOut:
         self._cache = cache
         self._planner = planner
         self._turns = Turns()
+        self._queued: dict[str, list[_Branch]] = {}
 
     async def borrow(self, message: StepMessage) -> tuple[History, StepCall] | bool:
         """The kept history and the step's call, read from the kept replay left in the cache.
@@ -136,58 +138,88 @@ class FanOut:
         other branch's commit moves. Under the instance lock, it checks what
         changed since that replay's version (only other branches of the gather
         settling) and that some other step still runs, then records the attempt
-        and bumps the version. The branch that finds none running is the last:
-        None, and it commits the usual way, planning what follows the gather.
-        Sibling commits serialize on the lock, so of the last two, the second
-        always sees the first. The replay is then caught up and kept.
-        None: not such a branch (nothing written; ``own`` untouched).
+        and bumps the version. Branches of one instance that finish on this
+        worker while another's commit is under way queue (``_queued``) and the
+        next to take its turn commits them all in one transaction: one lock
+        and one read of the changes for many results. A batch is written only if
+        a step outside it still runs; the branch that would leave none running is
+        the last: None, and it commits the usual way, planning what follows the
+        gather. Sibling commits serialize on the lock, so of the last two, the
+        second always sees the first. The replay is then caught up and kept.
+        None: not such a branch, or not settled by a batch (nothing written for
+        it; ``own`` untouched).
         """
         if result.offloaded is not None:
             return None
-        key = step_key(message)
-        async with self._turns.turn(message.instance_id):
-            # Peeked, not taken: arrivals meanwhile borrow its calls (``borrow``) instead of replaying.
-            entry = self._cache.peek(message.instance_id)
-            view = _quiet_view(entry, own, key, result)
-            if view is None:
-                return None
-            newer = await self._settle(message, result, attempt, view)
-            if newer is None:
-                return None
-            settled = committed_history(
-                newer,
-                status=InstanceStatus.RUNNING,
-                new_steps=(),
-                settled=(key, message.attempt, result.result),
-            )
-            self._keep_advanced(message.instance_id, entry, view, own, settled)
-        return Committed([])
+        branch = _Branch(message, result, attempt)
+        queued = self._queued.setdefault(message.instance_id, [])
+        queued.append(branch)
+        try:
+            async with self._turns.turn(message.instance_id):
+                if not branch.settled:
+                    await self._settle_queued(branch, own)
+        finally:
+            if branch in queued:
+                queued.remove(branch)
+            if not queued and self._queued.get(message.instance_id) is queued:
+                del self._queued[message.instance_id]
+        return Committed([]) if branch.settled else None
 
-    async def _settle(
-        self, message: StepMessage, result: StepSucceeded, attempt: SucceededAttempt, view: Replay
-    ) -> History | None:
-        """The transaction of ``settle_branch``: the history it committed on, or None (nothing written)."""
-        key, base = step_key(message), view.history
+    async def _settle_queued(self, leader: _Branch, own: Replay | None) -> None:
+        """Under this worker's turn: commit the instance's queued quiet branches, ``leader``'s among them."""
+        instance_id = leader.message.instance_id
+        # Peeked, not taken: arrivals meanwhile borrow its calls (``borrow``) instead of replaying.
+        entry = self._cache.peek(instance_id)
+        view = _quiet_view(entry, own, leader)
+        if view is None:
+            return
+        batch = [leader]
+        keys = {step_key(leader.message)}
+        for branch in self._queued.get(instance_id, ()):
+            key = step_key(branch.message)  # a duplicate delivery of a step in the batch waits its turn
+            if key not in keys and not branch.settled and _is_quiet(view, branch):
+                batch.append(branch)
+                keys.add(key)
+        settled = await self._settle(batch, view)
+        if settled is not None:
+            self._keep_advanced(instance_id, entry, view, own, settled)
+
+    async def _settle(self, batch: list[_Branch], view: Replay) -> History | None:
+        """The transaction of ``settle_branch``: the history it committed, or None (nothing written).
+
+        ``batch[0]`` leads: if the batch would leave no step running, it is the one left out.
+        A branch counts as settled only once the transaction committed.
+        """
+        base, instance_id = view.history, batch[0].message.instance_id
+        written: list[_Branch] = []
         async with self._store.transaction() as tx:
-            lock = await tx.lock_instance(message.instance_id)
+            lock = await tx.lock_instance(instance_id)
             if lock is None or lock.status != InstanceStatus.RUNNING:
                 return None
             newer = base if lock.version == base.version else await tx.load_changes(base)
-            if newer is None or not _leaves_others_running(base, newer, view, key, message):
+            if newer is None or not _changed_by_branches(base, newer, view):
                 return None
-            # Under the lock the version cannot move: the one-statement commit, planning nothing.
-            written = await tx.commit_settled_step(
-                message.instance_id,
-                key,
-                version=lock.version,
-                attempt=attempt,
-                result=result.stored,
-                new_steps=(),
-                status=InstanceStatus.RUNNING,
-            )
-            if written is None:
-                return None
-            return newer
+            for version, branch in enumerate(_leaving_others_running(newer, batch), start=lock.version):
+                # Under the lock only these commits move the version: one statement each, no plan.
+                rows = await tx.commit_settled_step(
+                    instance_id,
+                    step_key(branch.message),
+                    version=version,
+                    attempt=branch.attempt,
+                    result=branch.result.stored,
+                    new_steps=(),
+                    status=InstanceStatus.RUNNING,
+                )
+                if rows is None:
+                    break
+                written.append(branch)
+        if not written:
+            return None
+        for branch in written:
+            branch.settled = True
+            settled = (step_key(branch.message), branch.message.attempt, branch.result.result)
+            newer = committed_history(newer, status=InstanceStatus.RUNNING, new_steps=(), settled=settled)
+        return newer
 
     def _keep_advanced(
         self, instance_id: str, entry: CachedReplay | None, view: Replay, own: Replay | None, settled: History
@@ -238,55 +270,76 @@ def _runs_in(history: History, key: StepKey, message: StepMessage) -> bool:
     return record is not None and record.status == StepStatus.RUNNING and record.attempt == message.attempt
 
 
-def _quiet_view(
-    entry: CachedReplay | None, own: Replay | None, key: StepKey, result: StepSucceeded
-) -> Replay | None:
+@dataclass(eq=False)
+class _Branch:
+    """A quiet branch's success waiting for its commit (``FanOut.settle_branch``)."""
+
+    message: StepMessage
+    result: StepSucceeded
+    attempt: SucceededAttempt
+    settled: bool = False
+
+
+def _is_current_step(history: History, message: StepMessage) -> bool:
+    """Whether ``history`` holds the message's attempt of a step as running."""
+    record = history.step(step_key(message))
+    return (
+        record is not None and record.kind == StepKind.STEP and _runs_in(history, step_key(message), message)
+    )
+
+
+def _is_quiet(replay: Replay, branch: _Branch) -> bool:
+    return replay.gathers_quietly(step_key(branch.message), branch.result.result)
+
+
+def _quiet_view(entry: CachedReplay | None, own: Replay | None, branch: _Branch) -> Replay | None:
     """The replay that shows the branch's success changes nothing yet: the kept one first, else ``own``."""
     for replay in (None if entry is None else entry.replay, own):
-        if replay is not None and replay.gathers_quietly(key, result.result):
+        if replay is not None and _is_quiet(replay, branch):
             return replay
     return None
 
 
-def _leaves_others_running(
-    base: History, newer: History, view: Replay, key: StepKey, message: StepMessage
-) -> bool:
-    """Under the lock: the attempt is current and running, and another step runs still.
+def _changed_by_branches(base: History, newer: History, view: Replay) -> bool:
+    """Under the lock: what changed since ``view``'s history (``base``) is only steps it awaits succeeding.
 
-    ``newer`` is ``base`` (``view``'s history) caught up to the newest version.
-    Besides the attempt's own step, only steps ``view`` awaits may have changed
-    since, and only by succeeding (others branches of its gather, committed so):
-    anything else (a failure, a retry, a new entry, a rollback) is left to the
-    usual commit, which replays what it changes.
+    ``newer`` is ``base`` caught up to the newest version. Only steps ``view``
+    awaits may have changed since, and only by succeeding (other branches of
+    its gather, committed so): anything else (a failure, a retry, a new entry,
+    a rollback) is left to the usual commit, which replays what it changes.
     """
-    mine = newer.step(key)
-    if (
-        newer.is_rolling_back
-        or mine is None
-        or mine.kind != StepKind.STEP
-        or mine.status != StepStatus.RUNNING
-        or mine.attempt != message.attempt
-        or len(newer.steps) != len(base.steps)
-    ):
+    if newer.is_rolling_back or len(newer.steps) != len(base.steps):
         return False
-    running = 0
-    live = (StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.WAITING)
     before = base.steps
-    for other, record in newer.steps.items():
-        if other == key:
-            continue
-        if record.status in live:
-            running += 1
-        old = before.get(other)
+    for key, record in newer.steps.items():
+        old = before.get(key)
         if record is old:
             continue
         if old is None or record.kind != old.kind:
             return False
         if record.status != old.status and not (
-            record.status == StepStatus.SUCCEEDED and view.is_pending(other)
+            record.status == StepStatus.SUCCEEDED and view.is_pending(key)
         ):
             return False
-    return running > 0
+    return True
+
+
+def _leaving_others_running(newer: History, batch: list[_Branch]) -> list[_Branch]:
+    """The branches of ``batch`` to commit on ``newer``: current attempts, with a step outside them running.
+
+    A branch whose attempt ``newer`` does not hold as running is left out (its
+    usual commit is fenced). If the rest would leave no other step running, the
+    leader (``batch[0]``), else the last of them, is left out too: it is the
+    last branch and plans what follows the gather.
+    """
+    chosen = [branch for branch in batch if _is_current_step(newer, branch.message)]
+    keys = {step_key(branch.message) for branch in chosen}
+    live = (StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.WAITING)
+    if any(record.status in live for key, record in newer.steps.items() if key not in keys):
+        return chosen
+    if chosen and chosen[0] is batch[0]:
+        return chosen[1:]
+    return chosen[:-1]
 
 
 def _close_unless(replay: Replay | None, owned: Replay | None) -> None:

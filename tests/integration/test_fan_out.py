@@ -8,9 +8,14 @@ kept, and the gather sees them all.
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from stepline import Client, Producer
+from stepline.shared.db.records import InstanceLock
+from stepline.shared.db.transaction import Transaction
 from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
@@ -18,6 +23,7 @@ from tests.support.fleet import Fleet
 pytestmark = pytest.mark.both_backends
 
 WIDTH = 300
+QUEUED_WIDTH = 40
 
 
 async def test_every_branch_of_a_wide_fan_out_runs_once_and_is_gathered(
@@ -42,3 +48,33 @@ async def test_every_branch_of_a_wide_fan_out_runs_once_and_is_gathered(
     )
     assert len(runs) == WIDTH + 1
     assert {row["n"] for row in runs} == {1}
+
+
+@pytest.mark.postgres_only("SQLite has one connection: no branch finishes while a transaction holds it")
+async def test_branches_that_finish_while_a_commit_holds_the_lock_commit_together(
+    fleet: Fleet, producer: Producer, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each transaction holds the instance lock a while, as under load: the branches
+    # that finish meanwhile on the worker are committed by the next transaction, together.
+    locking: set[int] = set()
+    transactions: list[Any] = []
+    lock_instance = Transaction.lock_instance
+
+    async def slow_lock(tx: Transaction, instance_id: str) -> InstanceLock | None:
+        lock = await lock_instance(tx, instance_id)
+        if id(tx) not in locking:
+            locking.add(id(tx))
+            transactions.append(tx)  # kept alive: an id is not reused
+            await asyncio.sleep(0.05)
+        return lock
+
+    monkeypatch.setattr(Transaction, "lock_instance", slow_lock)
+    await fleet.start_worker(worker_id="fan-batch")
+    instance_id = await producer.start("fan-out", {"width": QUEUED_WIDTH})
+    info = await client.wait(instance_id, timeout=120)
+    assert info.status == "complete", info.error
+    assert info.output == {"count": QUEUED_WIDTH, "total": 2 * sum(2 * n for n in range(QUEUED_WIDTH))}
+    branches = [step for step in info.steps if step.name == "branch"]
+    assert [step.attempts for step in branches] == [1] * QUEUED_WIDTH
+    # One transaction per branch before; now one per batch of branches that waited together.
+    assert len(locking) < QUEUED_WIDTH // 2
