@@ -42,18 +42,18 @@ class FanOut:
         self._queued: dict[str, list[_Branch]] = {}
 
     async def borrow(self, message: StepMessage) -> tuple[History, StepCall] | bool:
-        """The kept history and the step's call, read from the kept replay left in the cache.
+        """The newest history and the step's call, read from the kept replay left in the cache.
 
         A fan-out's branches arriving at one worker at once would otherwise each
         replay the whole instance (only one can take the kept replay): here each
         reads the kept replay's ``calls`` (what a replay of any later version asks
-        the same step to run). The attempt runs if the kept history holds it as
-        running (``_runs_in``) and the instance is running still (one small read:
-        a paused instance starts no step); its commit is fenced as always. The
-        replay stays in the cache for the commit (``settle_branch``,
-        ``commit_caught_up``) to use. True: the message is not current (dropped);
-        False: no kept replay awaits the step, the step takes another path (limits,
-        a lease, a transaction), or the kept history cannot tell: the caller replays as before.
+        the same step to run) and the rows changed since its version, to check the
+        attempt is current. The replay stays in the cache for the commit
+        (``settle_branch``, ``commit_caught_up``) to use. A duplicate delivery of a
+        branch committed meanwhile is dropped here, before its code runs again.
+        True: the message is not current (dropped);
+        False: no kept replay awaits the step, or the step takes another path (limits,
+        a lease, a transaction): the caller replays as before.
         """
         key = step_key(message)
         async with self._turns.turn(message.instance_id):  # not while a commit has the replay out
@@ -64,13 +64,13 @@ class FanOut:
         call = entry.replay.calls.get(key)
         if call is None or call.limits or call.in_transaction or call.heartbeat_timeout is not None:
             return False
-        if not _runs_in(entry.history, key, message) or waits_for_limit(entry.history, key):
-            return False
         async with self._store.statements() as tx:
-            state = await tx.instance_state(message.instance_id)
-        if state is None or state.status != InstanceStatus.RUNNING:
-            return False  # the usual path reads the history: a pause, an end, a message to drop
-        return entry.history, call
+            newer = await tx.load_changes(entry.history)
+        if newer is None or not is_current(newer, key, message):
+            return True
+        if waits_for_limit(newer, key):
+            return False
+        return newer, call
 
     async def commit_caught_up(
         self, message: StepMessage, result: StepSucceeded, replay: Replay | None, commit: CommitSuccess
@@ -258,14 +258,7 @@ class FanOut:
 
 
 def _runs_in(history: History, key: StepKey, message: StepMessage) -> bool:
-    """Whether the kept history has the message's attempt running: it may run on the borrowed call.
-
-    The kept history may be older than the instance: only its status is read
-    fresh (``borrow``). An attempt it does not hold as running takes the usual
-    path, which reads the history; one that another commit settled meanwhile
-    (a duplicate delivery) runs again, as a redelivered step may, and its
-    commit is refused by the attempt check.
-    """
+    """Whether ``history`` holds the message's attempt as running (checked again under the lock)."""
     record = history.step(key)
     return record is not None and record.status == StepStatus.RUNNING and record.attempt == message.attempt
 
