@@ -260,6 +260,14 @@ async def counted_nap(ctx: Context, params: None) -> str:
     return await ctx.step("after", after_nap)
 
 
+@workflow("counted-late-nap")
+async def counted_late_nap(ctx: Context, params: None) -> str:
+    BODY_RUNS[ctx.instance_id] += 1
+    await ctx.step("before", describe, 1)
+    await ctx.sleep("nap", "1s")
+    return await ctx.step("after", after_nap)
+
+
 class Alarm(BaseModel):
     wake_at: datetime
 

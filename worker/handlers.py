@@ -457,6 +457,8 @@ class MessageHandler:
                     if not created:
                         return Committed(await self._duplicate_start(tx, message, parent))
                     rows = await self._planner.apply(tx, history, replay, outcome)
+                # Committed: a first replay blocked on a sleep keeps its replay for the wake-up.
+                local = self._steps.keep_armed(workflow, history, replay, outcome, rows)
         log.info("instance started", extra={"event": "instance_started", "instance_id": message.instance_id})
         return Committed(rows, local)
 

@@ -151,7 +151,25 @@ class Planner:
         if outcome.kind != "blocked" or not any(entry.kind == StepKind.SLEEP for entry in entries):
             transition = self.plan_unlocked(history, replay, outcome)
             return None if transition is None else (transition, [])
+        return self.plan_sleeps(history, replay, outcome)
+
+    def plan_sleeps(
+        self, history: History, replay: Replay, outcome: Outcome
+    ) -> tuple[Transition, list[NewTimer]] | None:
+        """What a replay blocked on new sleeps writes, and their timers; None if ``apply`` reads more first.
+
+        None for anything else ``plan_unlocked`` leaves to ``apply``: a new event
+        wait (it may take a stored event), a paused instance, a child's params
+        stored apart. What ``apply`` writes under the lock for such a replay is
+        exactly this, the timers' fire times given by the entries' rows: a caller
+        that committed it there may keep the replay (``StepRunner.keep_armed``).
+        """
+        entries = replay.new_entries
+        if outcome.kind != "blocked" or not any(entry.kind == StepKind.SLEEP for entry in entries):
+            return None
         if history.status == InstanceStatus.PAUSED or any(entry.kind == StepKind.EVENT for entry in entries):
+            return None
+        if any(self._child_params_apart(entry) for entry in entries):
             return None
         status = InstanceStatus.RUNNING if outcome.is_running else InstanceStatus.WAITING
         sleeps = [

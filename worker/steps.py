@@ -159,6 +159,28 @@ class StepRunner:
         row = next((row for row in rows if row.routing_key == routed), None)
         return None if row is None else LocalStep(workflow, message, row)
 
+    def keep_armed(
+        self,
+        workflow: Workflow[Any, Any],
+        history: History,
+        replay: Replay,
+        outcome: Outcome,
+        rows: list[OutboxRow],
+        *,
+        settled: tuple[StepKey, int, JSON] | None = None,
+    ) -> LocalStep | None:
+        """Keep a replay blocked on new sleeps once ``Planner.apply`` wrote ``outcome`` and it committed.
+
+        Only where ``plan_sleeps`` says the lock's write was exactly its plan (no
+        stored event taken, no pause), so the kept history is the committed one,
+        at ``history``'s version plus one; the wake-up then resolves the sleep on
+        it (``wake_sleep``). Else the replay is left to its caller, and None.
+        """
+        planned = self._planner.plan_sleeps(history, replay, outcome)
+        if planned is None:
+            return None
+        return self.keep(workflow, history, replay, planned[0], rows, settled=settled)
+
     def serves(self, pool: str | None) -> bool:
         """Whether this worker runs steps of worker pool ``pool`` (None: the default pool)."""
         return self._pools is None or (pool or DEFAULT_POOL) in self._pools
@@ -553,6 +575,7 @@ class StepRunner:
         refuses raises ``RolledBack`` so that the step's own writes roll back too.
         """
         given = contextlib.nullcontext(tx) if tx is not None else None
+        planned_here = False  # committed on ``replay``, at ``history``'s version
         async with given or self._store.transaction() as locked:
             lock = await locked.lock_instance(history.instance_id)
             rows: list[OutboxRow] | None
@@ -567,9 +590,17 @@ class StepRunner:
                 rows = await self._commit_attempt(
                     locked, history, replay, key, message.attempt, result, resolved
                 )
+                planned_here = True
             if rows is None and tx is not None:
                 raise RolledBack(None)
-            return Committed(rows or [])
+        if planned_here and tx is None and resolved is not None and isinstance(result, StepSucceeded):
+            # Committed: a success followed by a sleep keeps its replay for the wake-up, as the
+            # one-statement commit keeps it for the next step (a given ``tx`` may still roll back).
+            assert replay is not None and rows is not None
+            settled = (step_key(message), message.attempt, result.result)
+            local = self.keep_armed(workflow, history, replay, resolved, rows, settled=settled)
+            return Committed(rows, local)
+        return Committed(rows or [])
 
     async def _commit_on_newer(
         self,

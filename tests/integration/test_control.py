@@ -89,6 +89,33 @@ async def test_a_retry_due_while_paused_runs_after_resume(
     assert await db.side_effects(settings.database, instance_id, "call") == 2
 
 
+async def test_a_sleep_due_while_paused_is_settled_and_what_follows_waits_for_the_resume(
+    fleet: Fleet, producer: Producer, control: Client, settings: Settings
+) -> None:
+    # The worker keeps the replay of the sleep it armed; the pause moves the instance past it,
+    # so the wake-up must not commit on that replay (the step after would run while paused).
+    await fleet.start_worker()
+    fleet.start_scheduler()
+    instance_id = await producer.start("sleeper", {"duration": "1 hour"})
+    await until_status(control, instance_id, "waiting")
+    await control.pause(instance_id)
+
+    await db.time_passes(settings.database, instance_id=instance_id)
+
+    async def steps() -> list[tuple[str, str]]:
+        info = await control.get(instance_id)
+        assert info is not None and info.status == "paused"
+        return [(step.name, step.status) for step in info.steps]
+
+    settled = [("nap", "succeeded"), ("after", "running")]
+    await eventually(steps, check=lambda found: found == settled, what="the nap to end while paused")
+    assert await db.side_effects(settings.database, instance_id, "after") == 0
+    await control.resume(instance_id)
+    info = await control.wait(instance_id, timeout=30)
+    assert info.status == "complete" and info.output is not None and info.output["woke"] == "awake"
+    assert await db.side_effects(settings.database, instance_id, "after") == 1
+
+
 async def test_terminate_during_a_sleep_disarms_the_timer_and_nothing_runs_after(
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:

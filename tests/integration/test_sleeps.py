@@ -13,8 +13,14 @@ from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
 from tests.support.polling import until_status
+from tests.workflows import BODY_RUNS
 
 pytestmark = pytest.mark.both_backends
+
+
+def _one_start_at_a_time(settings: Settings) -> Settings:
+    """The test's settings with starts taken one at a time, never in a batch (``start_batch``)."""
+    return settings.model_copy(update={"worker": settings.worker.model_copy(update={"start_batch": 1})})
 
 
 async def test_short_sleep_completes(fleet: Fleet, producer: Producer, client: Client) -> None:
@@ -103,3 +109,19 @@ async def test_a_sleeping_instance_survives_a_restart_of_the_whole_fleet(
     info = await client.wait(instance_id, timeout=30)
     assert info.status == "complete"
     assert await db.side_effects(settings.database, instance_id, "after") == 1
+
+
+@pytest.mark.parametrize("workflow", ["counted-nap", "counted-late-nap"])
+async def test_a_sleep_wakes_on_the_replay_kept_when_it_was_armed(
+    fleet: Fleet, producer: Producer, client: Client, settings: Settings, workflow: str
+) -> None:
+    # Armed by a lone start ("counted-nap"), or by the commit of the step before it
+    # ("counted-late-nap"): both commit under the instance lock, as a sleep's timer needs.
+    await fleet.start_worker(settings=_one_start_at_a_time(settings))
+    fleet.start_scheduler()
+    ids = [await producer.start(workflow, None) for _ in range(10)]
+    for instance_id in ids:
+        assert (await client.wait(instance_id, timeout=60)).output == "awake"
+        assert await db.side_effects(settings.database, instance_id, "after") == 1
+    # The one worker kept each replay from the start on: the wake-up replays nothing again.
+    assert {BODY_RUNS[instance_id] for instance_id in ids} == {1}
