@@ -355,10 +355,8 @@ async def test_a_late_wake_up_behind_a_backlog_is_not_sent_twice_and_a_lost_one_
     fleet: Fleet, producer: Producer, control: Client, settings: Settings, store: Store
 ) -> None:
     worker = await fleet.start_worker()
-    queued = await producer.start("sleeper", {"duration": "1 hour"})
-    lost = await producer.start("sleeper", {"duration": "1 hour"})
-    for instance_id in (queued, lost):
-        await until_status(control, instance_id, "waiting")
+    queued = await _stranded_sleep(producer, control, settings)
+    lost = await _stranded_sleep(producer, control, settings)
     await fleet.stop(worker)
     # Both sleeps ended 3 minutes ago (3 graces) and their timers fired: `queued`'s wake-up waits
     # in the workflow's queue, unconsumed; `lost`'s never got there.
@@ -399,8 +397,7 @@ async def test_why_and_repair_take_a_late_wake_up_behind_a_backlog_for_queued_as
     fleet: Fleet, producer: Producer, control: Client, settings: Settings
 ) -> None:
     worker = await fleet.start_worker()
-    instance_id = await producer.start("sleeper", {"duration": "1 hour"})
-    await until_status(control, instance_id, "waiting")
+    instance_id = await _stranded_sleep(producer, control, settings)
     await fleet.stop(worker)
     await _fired_three_graces_ago(settings, instance_id)
     async with connected_broker(settings.amqp, settings.namespace) as broker:
@@ -416,9 +413,7 @@ async def test_why_and_repair_take_a_late_wake_up_behind_a_backlog_for_queued_as
 
 
 async def _fired_three_graces_ago(settings: Settings, instance_id: str) -> None:
-    """The instance's sleep ended 3 graces ago and its timer fired (gone): its wake-up is late."""
-    await delete_timers(settings.database, instance_id)
-    await age(settings.database, instance_id, LONG_AGO)
+    """The stranded sleep ended 3 graces ago (its timer fired and is gone): its wake-up is late."""
     await db.execute(
         settings.database,
         steps.update().where(steps.c.instance_id == instance_id).values(fire_at=utc_now(-3 * LIMITS.grace)),
