@@ -180,7 +180,7 @@ def status(instance_id: str, as_json: bool) -> None:
     from stepline.producer.pool_status import pool_waits, pool_waits_json
 
     settings = _settings("database_url")
-    info = _with_client(settings, lambda client: client.get(instance_id))
+    info = _get(settings, instance_id)
     if info is None:
         raise _not_yet_an_instance(instance_id)
     trace_id, trace_url = _trace_link(info, settings)
@@ -208,6 +208,37 @@ def status(instance_id: str, as_json: bool) -> None:
     console.print(_steps_table(info))
     _print_heartbeats(console, info)
     _print_pool_waits(console, waits, problem)
+
+
+def _get(settings: Settings, instance_id: str) -> InstanceInfo | None:
+    """``Client.get``: on PostgreSQL, read without SQLAlchemy where it can be (issue 23).
+
+    SQLAlchemy was most of ``stepline status``'s time. A plain read (``plain_read``) takes
+    the same rows and shows them as ``Client.get`` does; anything else (SQLite, payloads
+    stored apart, a URL libpq cannot take, a database error to word) goes through the client.
+    """
+    from stepline.producer.instance_rows import payload_values, with_shown
+    from stepline.shared.codec import Payloads, is_offloaded, load_codec
+    from stepline.shared.db.plain_read import NotPlain, read_instance_rows
+    from stepline.shared.process import process_name
+    from stepline.shared.settings import CLIENT_PROCESS
+
+    found: tuple[Any, list[Any]] | bool | None
+    try:
+        found = read_instance_rows(settings.database, process_name(CLIENT_PROCESS), instance_id)
+    except NotPlain:
+        found = False
+    if found is None:
+        return None
+    if not isinstance(found, tuple) or any(is_offloaded(value) for value in payload_values(*found)):
+        return _with_client(settings, lambda client: client.get(instance_id))  # it reads stored payloads back
+    row, step_rows = found
+    values = payload_values(row, step_rows)
+    try:
+        payloads = Payloads(load_codec(settings.codec, settings))
+    except SteplineError as exc:
+        raise click.ClickException(str(exc)) from None
+    return with_shown(row, step_rows, [payloads.show(value) for value in values])
 
 
 def _not_yet_an_instance(instance_id: str) -> click.ClickException:

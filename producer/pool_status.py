@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from stepline.producer.client import Client
 from stepline.producer.models import InstanceInfo, PoolWait
 from stepline.shared.errors import SteplineError
 from stepline.shared.history import format_key
@@ -22,6 +21,8 @@ def pool_waits(settings: Settings, info: InstanceInfo) -> tuple[list[PoolWait], 
         return [], None
     if settings.amqp_url is None and settings.embedded is None:
         return [], "STEPLINE_AMQP_URL is not set: cannot tell whether a worker consumes its pools"
+
+    from stepline.producer.client import Client  # here: a plain `status` does not load the client
 
     async def ask() -> list[PoolWait]:
         async with Client(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
@@ -56,3 +58,13 @@ def run_until_signalled(command: str, main: Callable[[asyncio.Event], Awaitable[
         fail(command, str(exc), code=EXIT_UNAVAILABLE)
     except SteplineError as exc:
         fail(command, str(exc), code=EXIT_ERROR)
+
+
+def this_process() -> str:
+    """``host:pid``: how a process is told apart in ``pg_stat_activity`` and on step attempts."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_name(process: str, process_id: str | None = None) -> str:
+    """``stepline-worker host:1234``: a process's name in ``pg_stat_activity`` (default id ``host:pid``)."""
+    return f"{process} {process_id or this_process()}"

@@ -113,6 +113,8 @@ WORKER_SPARE_CONNECTIONS = 2
 """A worker's default budget is its concurrency plus these (the sweeper, limits, health checks)."""
 SCHEDULER_CONNECTIONS = 6
 """A scheduler's default budget: its timer, schedule, reconcile, sweep and limit loops."""
+CLIENT_PROCESS = "stepline-client"
+"""How a ``Client`` (and the ``stepline`` command reading the database) is named in ``pg_stat_activity``."""
 CLIENT_CONNECTIONS = 8
 """A ``Client``'s (and the ``stepline`` command's) default budget."""
 CLIENT_HELD_CONNECTIONS = 1

@@ -25,6 +25,7 @@ from stepline.shared.redaction import mask_url, scrub_password
 from stepline.shared.settings import (
     CLIENT_CONNECTIONS,
     CLIENT_HELD_CONNECTIONS,
+    CLIENT_PROCESS,
     BrokerSettings,
     DatabaseSettings,
     OutboxSettings,
@@ -74,7 +75,7 @@ class ClientBase:
         self._store = self._given_store or create_store_for(
             self._database_url,
             self._database_settings,
-            "stepline-client",
+            CLIENT_PROCESS,
             connections=CLIENT_CONNECTIONS,
             held=CLIENT_HELD_CONNECTIONS,
         )

@@ -10,8 +10,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from stepline.producer.client._base import ClientBase, _is_lost_connection
-from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo, StepInfo
-from stepline.shared.db.limits import WAITING_FOR
+from stepline.producer.instance_rows import instance_info, payload_values, with_shown
+from stepline.producer.models import AttemptInfo, EventInfo, InstanceInfo
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.durations import Duration, parse_duration
 from stepline.shared.errors import (
@@ -23,8 +23,7 @@ from stepline.shared.messages import (
     check_id_prefix,
     check_instance_id,
 )
-from stepline.shared.states import InstanceStatus, StepKind
-from stepline.shared.topology import pool_of
+from stepline.shared.states import InstanceStatus
 
 if TYPE_CHECKING:
     pass
@@ -59,16 +58,8 @@ class Reading(ClientBase):
             if row is None:
                 return None
             step_rows = await tx.get_step_rows(instance_id)
-            params, output, *shown = await tx.show_payloads(
-                self._payloads,
-                [
-                    row.params,
-                    row.output,
-                    *(value for step in step_rows for value in (step.result, step.heartbeat)),
-                ],
-            )
-        steps = [_step(step, *shown[2 * at : 2 * at + 2]) for at, step in enumerate(step_rows)]
-        return _instance(row, steps, params, output)
+            shown = await tx.show_payloads(self._payloads, payload_values(row, step_rows))
+        return with_shown(row, step_rows, shown)
 
     async def list(
         self,
@@ -207,58 +198,10 @@ class Reading(ClientBase):
         shown = await tx.show_payloads(
             self._payloads, [value for row in rows for value in (row.params, row.output)]
         )
-        return [_instance(row, [], *shown[2 * at : 2 * at + 2]) for at, row in enumerate(rows)]
+        return [instance_info(row, [], *shown[2 * at : 2 * at + 2]) for at, row in enumerate(rows)]
 
     async def _must_get(self, instance_id: str) -> InstanceInfo:
         info = await self.get(instance_id)
         if info is None:
             raise InstanceNotFoundError(instance_id)
         return info
-
-
-def _instance(row: Any, steps: builtins.list[StepInfo], params: Any, output: Any) -> InstanceInfo:
-    """An instances row as shown, with its params and output as ``show_payloads`` read them."""
-    return InstanceInfo(
-        id=row.id,
-        workflow=row.workflow,
-        status=row.status,
-        params=params,
-        output=output,
-        error=row.error,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        finished_at=row.finished_at,
-        trace_context=row.trace_context,
-        parent_id=row.parent_id,
-        build_id=row.build_id,
-        priority=row.priority,
-        concurrency_key=row.concurrency_key,
-        steps=steps,
-        rolling_back=not InstanceStatus(row.status).is_finished
-        and any(step.kind == StepKind.ROLLBACK for step in steps),
-    )
-
-
-def _step(row: Any, result: Any, heartbeat: Any) -> StepInfo:
-    """A step row as shown, with its result and last heartbeat's details as ``show_payloads`` read them."""
-    return StepInfo(
-        name=row.name,
-        occurrence=row.occurrence,
-        kind=row.kind,
-        status=row.status,
-        attempts=row.attempt,
-        result=result,
-        error=row.error,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        pool=pool_of(row.detail) if row.kind == StepKind.STEP else None,
-        waiting_for=_waiting_for(row.detail),
-        heartbeat=heartbeat,
-        heartbeat_at=row.heartbeat_at,
-    )
-
-
-def _waiting_for(detail: Any) -> str | None:
-    """The reason a step waits for a limit, as the limit statements store it in its detail."""
-    waiting = detail.get(WAITING_FOR) if isinstance(detail, dict) else None
-    return str(waiting.get("reason")) if isinstance(waiting, dict) else None

@@ -30,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stepline.shared.codec import JSON
-from stepline.shared.db.records import Message, OutboxRow
+from stepline.shared.db.records import WAITING_FOR, Message, OutboxRow
 from stepline.shared.db.schema import (
     instances,
     limit_holds,
@@ -48,8 +48,6 @@ from stepline.shared.states import InstanceStatus, StepStatus
 _SERVED = (InstanceStatus.RUNNING, InstanceStatus.WAITING)
 _GRANT_BATCH = 50
 _EPSILON = 1e-9  # a bucket refilled to the instant its token is due holds that token, float error or not
-WAITING_FOR = "waiting_for"
-"""The key in ``steps.detail`` holding why a step waits: ``{"kind", "key", "reason", "since"}``."""
 _TICKET = "limit_ticket"
 """The key in ``steps.detail`` holding the step's place in line, kept when it waits again."""
 TICKET = _TICKET

@@ -22,6 +22,20 @@ from stepline.shared.history import History
 from stepline.shared.states import UNFINISHED_STATUSES, StepKind
 
 
+def instance_row_query(instance_id: str) -> sa.Select[Any]:
+    """The whole instance row (``get_instance_row``; ``plain_read.INSTANCE_ROW`` is its PostgreSQL text)."""
+    return sa.select(instances).where(instances.c.id == instance_id)
+
+
+def step_rows_query(instance_id: str) -> sa.Select[Any]:
+    """An instance's user-visible steps in plan order (``get_step_rows``; ``plain_read.STEP_ROWS``)."""
+    return (
+        sa.select(steps)
+        .where(steps.c.instance_id == instance_id, steps.c.kind != StepKind.VALUE)
+        .order_by(steps.c.position)
+    )
+
+
 class ReadStatements(PayloadStatements):
     _conn: AsyncConnection
 
@@ -70,7 +84,8 @@ class ReadStatements(PayloadStatements):
 
     async def get_instance_row(self, instance_id: str) -> sa.Row[Any] | None:
         """The whole instance row, for clients."""
-        return (await self._conn.execute(sa.select(instances).where(instances.c.id == instance_id))).first()
+        row: sa.Row[Any] | None = (await self._conn.execute(instance_row_query(instance_id))).first()
+        return row
 
     async def is_held(self, instance_id: str) -> bool:
         """Whether the instance is held (``stepline.shared.db.statements.is_held``)."""
@@ -154,12 +169,8 @@ class ReadStatements(PayloadStatements):
 
     async def get_step_rows(self, instance_id: str) -> Sequence[sa.Row[Any]]:
         """The user-visible steps of an instance (recorded values excluded), in plan order."""
-        query = (
-            sa.select(steps)
-            .where(steps.c.instance_id == instance_id, steps.c.kind != StepKind.VALUE)
-            .order_by(steps.c.position)
-        )
-        return (await self._conn.execute(query)).all()
+        rows: Sequence[sa.Row[Any]] = (await self._conn.execute(step_rows_query(instance_id))).all()
+        return rows
 
     async def get_value_rows(self, instance_id: str) -> Sequence[sa.Row[Any]]:
         """The recorded ctx.now()/random()/uuid() values of an instance, in plan order."""

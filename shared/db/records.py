@@ -13,6 +13,12 @@ from stepline.shared.states import InstanceStatus, StepKind, StepStatus
 Message = tuple[str, bytes, dict[str, str] | None]
 """An outbox message to queue: routing key, body, headers."""
 
+WAITING_FOR = "waiting_for"
+"""The key in ``steps.detail`` holding why a step waits: ``{"kind", "key", "reason", "since"}``.
+
+Written by ``stepline.shared.db.limits``; read back for clients (``stepline.producer.instance_rows``).
+"""
+
 REJECTED = "(rejected: payload did not fit the wait)"
 """What a kept event that did not fit its wait records as the step that consumed it."""
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from typing import TYPE_CHECKING
 
 from stepline.shared.db.engine import Clock, create_engine, is_sqlite
+from stepline.shared.process import process_name, this_process
 
 if TYPE_CHECKING:
     from stepline.shared.db.store import Store
@@ -84,15 +83,10 @@ def create_store_for(
         max_connections=db.budget(connections),
         pre_ping=pre_ping,
         pgbouncer=db.pgbouncer,
-        application_name=f"{process} {process_id or this_process()}",
+        application_name=process_name(process, process_id),
         held=held,
         commit_batch=commit_batch,
     )
-
-
-def this_process() -> str:
-    """``host:pid``: how a process is told apart in ``pg_stat_activity`` and on step attempts."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:

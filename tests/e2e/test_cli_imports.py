@@ -16,7 +16,7 @@ from stepline import Client, Producer
 from stepline.shared.settings import Settings
 from tests.support.cli import among, imported_by
 from tests.support.fleet import Fleet, process_env
-from tests.unit.test_cli_imports import NOT_FOR_EMBEDDED_STATUS, NOT_FOR_STATUS
+from tests.unit.test_cli_imports import NOT_FOR_EMBEDDED_STATUS, NOT_FOR_POSTGRES_STATUS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.both_backends]
 
@@ -33,6 +33,6 @@ async def test_status_of_a_finished_instance_imports_only_what_reading_it_needs(
     assert result.returncode == 0, result
     assert result.stdout.splitlines()[0] == "imports-1  sequence  complete", result.stdout
     assert "output: " in result.stdout
-    forbidden = NOT_FOR_EMBEDDED_STATUS if settings.embedded is not None else NOT_FOR_STATUS
+    forbidden = NOT_FOR_EMBEDDED_STATUS if settings.embedded is not None else NOT_FOR_POSTGRES_STATUS
     needless = among(modules, forbidden)
     assert needless == [], f"stepline status imported {needless}"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -58,6 +60,23 @@ NOT_FOR_STATUS = (
 NOT_FOR_EMBEDDED_STATUS = (*NOT_FOR_STATUS, "psycopg")
 """On the embedded store (SQLite) the PostgreSQL driver is not needed either."""
 
+NOT_FOR_POSTGRES_STATUS = (
+    *NOT_FOR_STATUS,
+    "sqlalchemy",
+    "aiosqlite",
+    "stepline.producer.client",
+    "stepline.shared.broker",
+)
+"""On PostgreSQL it reads with psycopg alone (issue 23: SQLAlchemy was half its time), without the client."""
+
+STATUS_ON_POSTGRES = (
+    "stepline.producer.cli",
+    "stepline.producer.pool_status",
+    "stepline.producer.instance_rows",
+    "stepline.shared.db.plain_read",
+)
+"""What ``stepline status`` loads on PostgreSQL before it connects (heavier reads are imported lazily)."""
+
 
 def _env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("STEPLINE_", "OTEL_"))}
@@ -90,6 +109,22 @@ def test_status_on_the_embedded_store_reads_the_database_without_broker_telemetr
     assert among(modules, ["sqlalchemy", "aiosqlite"]) != [], "status did not open the store"
     needless = among(modules, NOT_FOR_EMBEDDED_STATUS)
     assert needless == [], f"stepline status imported {needless}"
+
+
+def test_status_on_postgresql_imports_no_sqlalchemy_nor_the_client() -> None:
+    # Its read needs a database (tests/e2e/test_cli_imports.py runs it): here, what it loads to make it.
+    probe = (
+        "import importlib, sys\nfor name in sys.argv[1:]: importlib.import_module(name)\nprint(*sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *STATUS_ON_POSTGRES],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    needless = among(set(done.stdout.split()), NOT_FOR_POSTGRES_STATUS)
+    assert needless == [], f"stepline status on PostgreSQL imports {needless}"
 
 
 def test_the_command_table_names_each_command_and_its_first_sentence() -> None:
