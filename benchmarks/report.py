@@ -347,6 +347,13 @@ def _render_timers(console: Console, run: dict[str, Any]) -> None:
     rate = run.get("resumed_per_s")
     if rate is not None and math.isfinite(rate):
         console.print(f"resumed {rate:,.0f} workflows/s (from the due time to the last next step committed)")
+    cost = run.get("ms_per_resume")
+    if cost:
+        console.print(
+            f"per resume: CPU of the workers {cost['workers_s']:.2f} ms,"
+            f" schedulers {cost['schedulers_s']:.2f} ms, RabbitMQ {cost['broker_s']:.2f} ms;"
+            f" PostgreSQL executing {cost['database_s']:.2f} ms"
+        )
 
 
 def _render_long(console: Console, long: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from benchmarks.procs import (
     WORKER_READY,
     Fleet,
     Proc,
+    broker_pids,
     cpu_seconds,
     machine_busy_seconds,
     rss_kib,
@@ -255,6 +256,24 @@ def per_step(before: dict[str, int], after: dict[str, int], steps: int) -> dict[
     return {name: (after[name] - before[name]) / steps for name in DB_COUNTERS}
 
 
+@dataclass(frozen=True)
+class Usage:
+    """Where a window of a run spent its time: CPU seconds by process group, and PostgreSQL's
+    statement time (``pg_stat_database.active_time``: its backends executing, for this database)."""
+
+    workers_s: float
+    schedulers_s: float
+    broker_s: float
+    database_s: float = 0.0
+
+    def per(self, before: Usage, count: int) -> dict[str, float]:
+        """Milliseconds of each, per unit of work, since ``before``."""
+        return {
+            name: 1000.0 * (getattr(self, name) - getattr(before, name)) / max(count, 1)
+            for name in ("workers_s", "schedulers_s", "broker_s", "database_s")
+        }
+
+
 class Bench:
     """Runs the sections on one isolated database and vhost, collecting results as plain data."""
 
@@ -310,6 +329,22 @@ class Bench:
             )
         )[0]
         return {name: int(row[name]) for name in DB_COUNTERS}
+
+    async def usage(self, workers: Sequence[Proc], schedulers: Sequence[Proc]) -> Usage:
+        """CPU used so far by these processes and the broker nodes, and the database's statement time.
+
+        A backend reports its statement time when idle for a second or on exit: read it a
+        second after the work it should cover, or once the processes that did it stopped.
+        """
+        active_ms = await self.scalar(
+            "SELECT active_time FROM pg_stat_database WHERE datname = current_database()"
+        )
+        return Usage(
+            workers_s=sum(cpu_seconds(proc.pid) for proc in workers),
+            schedulers_s=sum(cpu_seconds(proc.pid) for proc in schedulers),
+            broker_s=sum(cpu_seconds(pid) for pid in broker_pids()),
+            database_s=float(active_ms or 0.0) / 1000.0,
+        )
 
     async def setup(self) -> None:
         async with self.connection() as conn:
@@ -806,7 +841,13 @@ class Bench:
                     self.check_alive(procs)
                     await asyncio.sleep(0.25)
             await make_due(self, prefix, count, spread_s)
+            # Sampled just before the first is due, and a second after the last resumed (the
+            # database's backends report their statement time once idle for a second).
+            await asyncio.sleep(DUE_AHEAD_S - 0.3)
+            before = await self.usage(workers, schedulers)
             await self.wait_finished(prefix, count, resuming, procs)
+            await asyncio.sleep(1.2)
+            cost = (await self.usage(workers, schedulers)).per(before, count)
         finally:
             self.fleet.stop(procs)
             self.progress.remove_task(arming)
@@ -836,6 +877,8 @@ class Bench:
             "all_resumed_after_s": max(resumed) if resumed else math.nan,
             # Resumed per second, from the moment they were due (all at once) to the last.
             "resumed_per_s": len(resumed) / max(resumed) if resumed and spread_s == 0 else math.nan,
+            # What one resume cost, from just before the first was due to after the last.
+            "ms_per_resume": cost,
             "check": {**asdict(check), "ok": check.ok},
         }
         self.note(
