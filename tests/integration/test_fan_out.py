@@ -72,12 +72,7 @@ async def test_branches_that_finish_while_a_commit_holds_the_lock_commit_togethe
 
     monkeypatch.setattr(Transaction, "lock_instance", slow_lock)
     await fleet.start_worker(worker_id="fan-batch")
-    instance_id = await producer.start("fan-out", {"width": QUEUED_WIDTH})
-    info = await client.wait(instance_id, timeout=120)
-    assert info.status == "complete", info.error
-    assert info.output == {"count": QUEUED_WIDTH, "total": 2 * sum(2 * n for n in range(QUEUED_WIDTH))}
-    branches = [step for step in info.steps if step.name == "branch"]
-    assert [step.attempts for step in branches] == [1] * QUEUED_WIDTH
+    await _run_queued_fan_out(producer, client)
     # One transaction per branch before; now one per batch of branches that waited together.
     assert len(locking) < QUEUED_WIDTH // 2
 
@@ -98,11 +93,17 @@ async def test_branches_arriving_while_a_read_is_in_flight_share_the_next_read(
 
     monkeypatch.setattr(PostgresTransaction, "load_changes", slow_changes)
     await fleet.start_worker(worker_id="fan-reads")
+    instance_id = await _run_queued_fan_out(producer, client)
+    # One read per arriving branch before (and one per batch commit); now about two per burst.
+    assert reads.count(instance_id) < QUEUED_WIDTH // 2
+
+
+async def _run_queued_fan_out(producer: Producer, client: Client) -> str:
+    """Run a ``QUEUED_WIDTH`` fan-out to its end; check its output and that each branch took one attempt."""
     instance_id = await producer.start("fan-out", {"width": QUEUED_WIDTH})
     info = await client.wait(instance_id, timeout=120)
     assert info.status == "complete", info.error
     assert info.output == {"count": QUEUED_WIDTH, "total": 2 * sum(2 * n for n in range(QUEUED_WIDTH))}
     branches = [step for step in info.steps if step.name == "branch"]
     assert [step.attempts for step in branches] == [1] * QUEUED_WIDTH
-    # One read per arriving branch before (and one per batch commit); now about two per burst.
-    assert reads.count(instance_id) < QUEUED_WIDTH // 2
+    return instance_id
