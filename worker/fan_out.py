@@ -16,6 +16,7 @@ from stepline.shared.db.store import Store
 from stepline.shared.history import History, StepKey
 from stepline.shared.messages import StepMessage, check_addressed
 from stepline.shared.states import InstanceStatus, StepKind, StepStatus
+from stepline.worker.change_reads import ChangeReads
 from stepline.worker.committed import Committed
 from stepline.worker.context import StepCall
 from stepline.worker.executor import StepSucceeded
@@ -40,6 +41,7 @@ class FanOut:
         self._planner = planner
         self._turns = Turns()
         self._queued: dict[str, list[_Branch]] = {}
+        self._reads = ChangeReads(store)
 
     async def borrow(self, message: StepMessage) -> tuple[History, StepCall] | bool:
         """The newest history and the step's call, read from the kept replay left in the cache.
@@ -48,8 +50,10 @@ class FanOut:
         replay the whole instance (only one can take the kept replay): here each
         reads the kept replay's ``calls`` (what a replay of any later version asks
         the same step to run) and the rows changed since its version, to check the
-        attempt is current. The replay stays in the cache for the commit
-        (``settle_branch``, ``commit_caught_up``) to use. A duplicate delivery of a
+        attempt is current: one read started after the message arrived, shared
+        with the instance's other branches arriving meanwhile (``ChangeReads``).
+        The replay stays in the cache for the commit (``settle_branch``,
+        ``commit_caught_up``) to use. A duplicate delivery of a
         branch committed meanwhile is dropped here, before its code runs again.
         True: the message is not current (dropped);
         False: no kept replay awaits the step, or the step takes another path (limits,
@@ -64,8 +68,7 @@ class FanOut:
         call = entry.replay.calls.get(key)
         if call is None or call.limits or call.in_transaction or call.heartbeat_timeout is not None:
             return False
-        async with self._store.statements() as tx:
-            newer = await tx.load_changes(entry.history)
+        newer = await self._reads.newest(entry.history)  # shared with the branches arriving meanwhile
         if newer is None or not is_current(newer, key, message):
             return True
         if waits_for_limit(newer, key):

@@ -15,7 +15,9 @@ import pytest
 
 from stepline import Client, Producer
 from stepline.shared.db.records import InstanceLock
+from stepline.shared.db.store_postgres import PostgresTransaction
 from stepline.shared.db.transaction import Transaction
+from stepline.shared.history import History
 from stepline.shared.settings import Settings
 from tests.support import db
 from tests.support.fleet import Fleet
@@ -70,11 +72,38 @@ async def test_branches_that_finish_while_a_commit_holds_the_lock_commit_togethe
 
     monkeypatch.setattr(Transaction, "lock_instance", slow_lock)
     await fleet.start_worker(worker_id="fan-batch")
+    await _run_queued_fan_out(producer, client)
+    # One transaction per branch before; now one per batch of branches that waited together.
+    assert len(locking) < QUEUED_WIDTH // 2
+
+
+@pytest.mark.postgres_only("SQLite has one connection: its reads never overlap")
+async def test_branches_arriving_while_a_read_is_in_flight_share_the_next_read(
+    fleet: Fleet, producer: Producer, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each read of an instance's changes takes a while, as under load: the branches that
+    # arrive at the worker meanwhile check their attempts on one read, not one read each.
+    reads: list[str] = []
+    load_changes = PostgresTransaction.load_changes
+
+    async def slow_changes(tx: PostgresTransaction, base: History) -> History | None:
+        reads.append(base.instance_id)
+        await asyncio.sleep(0.05)
+        return await load_changes(tx, base)
+
+    monkeypatch.setattr(PostgresTransaction, "load_changes", slow_changes)
+    await fleet.start_worker(worker_id="fan-reads")
+    instance_id = await _run_queued_fan_out(producer, client)
+    # One read per arriving branch before (and one per batch commit); now about two per burst.
+    assert reads.count(instance_id) < QUEUED_WIDTH // 2
+
+
+async def _run_queued_fan_out(producer: Producer, client: Client) -> str:
+    """Run a ``QUEUED_WIDTH`` fan-out to its end; check its output and that each branch took one attempt."""
     instance_id = await producer.start("fan-out", {"width": QUEUED_WIDTH})
     info = await client.wait(instance_id, timeout=120)
     assert info.status == "complete", info.error
     assert info.output == {"count": QUEUED_WIDTH, "total": 2 * sum(2 * n for n in range(QUEUED_WIDTH))}
     branches = [step for step in info.steps if step.name == "branch"]
     assert [step.attempts for step in branches] == [1] * QUEUED_WIDTH
-    # One transaction per branch before; now one per batch of branches that waited together.
-    assert len(locking) < QUEUED_WIDTH // 2
+    return instance_id
