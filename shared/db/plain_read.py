@@ -55,18 +55,36 @@ def step_rows_params(instance_id: str) -> dict[str, Any]:
     return {"instance_id_1": instance_id, "kind_1": StepKind.VALUE}
 
 
+CONNECT_TIMEOUT_S = 5
+"""How long the plain read waits to connect (unless the URL says): past it, the client tries.
+
+Without it a server that never answers would cost libpq's default wait twice, once here
+and once through the client, which then words the error as every command does.
+"""
+
+
 def conninfo(database_url: str) -> str:
     """The URL as libpq takes it, which is the URL itself when it is a plain ``postgresql://`` one.
 
     Raises:
-        NotPlain: another scheme, or query options that ``engine.driver_url`` rewrites first.
+        NotPlain: another scheme; query options that ``engine.driver_url`` rewrites first; or a
+            ``+`` in the query, which SQLAlchemy reads as a space and libpq does not.
     """
     scheme, _, rest = database_url.partition("://")
     _, _, query = rest.partition("?")
-    options = {option.partition("=")[0] for option in query.split("&")}
-    if scheme not in ("postgresql", "postgres") or options & {"host", "pgbouncer"}:
-        raise NotPlain(database_url)
+    if (
+        scheme not in ("postgresql", "postgres")
+        or "+" in query
+        or _options(database_url) & {"host", "pgbouncer"}
+    ):
+        raise NotPlain("not a URL libpq takes as it is")
     return database_url
+
+
+def _options(database_url: str) -> set[str]:
+    """The names of the URL's query options."""
+    query = database_url.partition("://")[2].partition("?")[2]
+    return {option.partition("=")[0] for option in query.split("&") if option}
 
 
 def read_instance_rows(
@@ -74,7 +92,8 @@ def read_instance_rows(
 ) -> tuple[Any, list[Any]] | None:
     """The instance row and its step rows (attribute access, as SQLAlchemy's rows), or None if there is none.
 
-    One autocommit connection, no server-side prepared statements (PgBouncer-safe), closed after.
+    One autocommit connection, no server-side prepared statements (PgBouncer-safe), closed after;
+    at most ``CONNECT_TIMEOUT_S`` to connect, unless the URL sets ``connect_timeout``.
 
     Raises:
         NotPlain: as ``conninfo``; or the database or the connection failed.
@@ -83,11 +102,13 @@ def read_instance_rows(
     import psycopg
     from psycopg.rows import namedtuple_row
 
-    # Named as engine.create_engine names a connection, unless the URL names it.
-    named: dict[str, Any] = {} if "application_name=" in url else {"application_name": application_name[:63]}
+    given = _options(url)
+    extra: dict[str, Any] = {} if "connect_timeout" in given else {"connect_timeout": CONNECT_TIMEOUT_S}
+    if "application_name" not in given:  # named as engine.create_engine names a connection
+        extra["application_name"] = application_name[:63]
     try:
         with psycopg.connect(
-            url, autocommit=True, prepare_threshold=None, row_factory=namedtuple_row, **named
+            url, autocommit=True, prepare_threshold=None, row_factory=namedtuple_row, **extra
         ) as conn:
             row = conn.execute(INSTANCE_ROW, instance_row_params(instance_id)).fetchone()
             if row is None:

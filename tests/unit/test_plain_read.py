@@ -8,6 +8,7 @@ the failure shows into ``plain_read``.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -54,8 +55,21 @@ def test_a_plain_postgresql_url_goes_to_libpq_as_it_is(url: str) -> None:
         "postgresql+psycopg://u@h/db",
         "postgresql://u@/db?host=h1:5441&host=h2:5442",
         "postgresql://u@h/db?pgbouncer=true",
+        "postgresql://u@h/db?application_name=my+app",  # SQLAlchemy reads "my app", libpq "my+app"
     ],
 )
 def test_a_url_the_store_rewrites_first_is_read_through_the_store(url: str) -> None:
     with pytest.raises(plain_read.NotPlain):
         plain_read.conninfo(url)
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_never_answers_is_left_to_the_client_after_the_plain_reads_own_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # libpq alone would wait 130 s here, and the client the same again after it.
+    monkeypatch.setattr(plain_read, "CONNECT_TIMEOUT_S", 1)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never speaks
+        port = silent.getsockname()[1]
+        with pytest.raises(plain_read.NotPlain):
+            plain_read.read_instance_rows(f"postgresql://u@127.0.0.1:{port}/db", "stepline-status", "order-7")
