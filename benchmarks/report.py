@@ -350,9 +350,9 @@ def _render_timers(console: Console, run: dict[str, Any]) -> None:
     cost = run.get("ms_per_resume")
     if cost:
         console.print(
-            f"per resume: CPU of the workers {cost['workers_s']:.2f} ms,"
-            f" schedulers {cost['schedulers_s']:.2f} ms, RabbitMQ {cost['broker_s']:.2f} ms;"
-            f" PostgreSQL executing {cost['database_s']:.2f} ms"
+            f"per resume: CPU of the workers {cost['workers_ms']:.2f} ms,"
+            f" schedulers {cost['schedulers_ms']:.2f} ms, RabbitMQ {cost['broker_ms']:.2f} ms;"
+            f" PostgreSQL executing {cost['database_ms']:.2f} ms"
         )
 
 

@@ -53,6 +53,9 @@ from stepline.worker.workflow import Workflow
 ENGINE_TABLES = "instances, steps, step_attempts, outbox, timers, events"
 DUE_AHEAD_S = 2.0
 """How far ahead the timers section makes its armed sleeps due."""
+STATS_IDLE_S = 10.5
+"""How long an idle backend may keep its statistics before it reports them: PostgreSQL's
+``PGSTAT_IDLE_INTERVAL`` (10 s) when it reported less than a second before going idle."""
 REPLAY_STEPS = 20
 """Steps in each history the replay-check section checks."""
 STALL_TIMEOUT_S = 90.0
@@ -264,14 +267,19 @@ class Usage:
     workers_s: float
     schedulers_s: float
     broker_s: float
-    database_s: float = 0.0
+    broker_pids: tuple[int, ...]
+    database_s: float
 
     def per(self, before: Usage, count: int) -> dict[str, float]:
-        """Milliseconds of each, per unit of work, since ``before``."""
-        return {
-            name: 1000.0 * (getattr(self, name) - getattr(before, name)) / max(count, 1)
+        """Milliseconds of each per unit of work since ``before`` (``workers_ms`` ...); the broker's is
+        NaN if its nodes changed meanwhile (one restarted: its CPU time started again)."""
+        per = {
+            name.replace("_s", "_ms"): 1000.0 * (getattr(self, name) - getattr(before, name)) / max(count, 1)
             for name in ("workers_s", "schedulers_s", "broker_s", "database_s")
         }
+        if self.broker_pids != before.broker_pids:
+            per["broker_ms"] = math.nan
+        return per
 
 
 class Bench:
@@ -333,18 +341,24 @@ class Bench:
     async def usage(self, workers: Sequence[Proc], schedulers: Sequence[Proc]) -> Usage:
         """CPU used so far by these processes and the broker nodes, and the database's statement time.
 
-        A backend reports its statement time when idle for a second or on exit: read it a
-        second after the work it should cover, or once the processes that did it stopped.
+        A backend reports its statement time some time after its work (about a second once
+        idle) and when it exits: ``database_active_s`` again once the processes stopped.
         """
-        active_ms = await self.scalar(
-            "SELECT active_time FROM pg_stat_database WHERE datname = current_database()"
-        )
+        brokers = tuple(broker_pids())
         return Usage(
             workers_s=sum(cpu_seconds(proc.pid) for proc in workers),
             schedulers_s=sum(cpu_seconds(proc.pid) for proc in schedulers),
-            broker_s=sum(cpu_seconds(pid) for pid in broker_pids()),
-            database_s=float(active_ms or 0.0) / 1000.0,
+            broker_s=sum(cpu_seconds(pid) for pid in brokers),
+            broker_pids=brokers,
+            database_s=await self.database_active_s(),
         )
+
+    async def database_active_s(self) -> float:
+        """Seconds this database's backends have spent executing statements (as reported so far)."""
+        active_ms = await self.scalar(
+            "SELECT active_time FROM pg_stat_database WHERE datname = current_database()"
+        )
+        return float(active_ms or 0.0) / 1000.0
 
     async def setup(self) -> None:
         async with self.connection() as conn:
@@ -840,18 +854,21 @@ class Bench:
                     self.progress.update(arming, completed=armed)
                     self.check_alive(procs)
                     await asyncio.sleep(0.25)
+            # Sampled once the arming's statement time is reported (see STATS_IDLE_S) and the
+            # moving connection's backend exited (half a second), and as the last resumed; the
+            # database's share once more after the workers stopped.
+            await asyncio.sleep(STATS_IDLE_S)
             await make_due(self, prefix, count, spread_s)
-            # Sampled just before the first is due, and a second after the last resumed (the
-            # database's backends report their statement time once idle for a second).
-            await asyncio.sleep(DUE_AHEAD_S - 0.3)
+            await asyncio.sleep(0.5)
             before = await self.usage(workers, schedulers)
             await self.wait_finished(prefix, count, resuming, procs)
-            await asyncio.sleep(1.2)
-            cost = (await self.usage(workers, schedulers)).per(before, count)
+            ended = await self.usage(workers, schedulers)
         finally:
             self.fleet.stop(procs)
             self.progress.remove_task(arming)
             self.progress.remove_task(resuming)
+        await asyncio.sleep(0.5)  # the stopped workers' backends report their statement time on exit
+        cost = dataclasses.replace(ended, database_s=await self.database_active_s()).per(before, count)
         check = await self.check_instances(prefix, ids, lambda i: {"n": i, "value": i + 1})
         if not check.ok:
             self.problem(f"timers: {check.describe()}")
