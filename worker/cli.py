@@ -8,10 +8,9 @@ from typing import Any
 import click
 
 from stepline.shared.codec import payloads_from_settings
-from stepline.shared.db.stores import this_process
 from stepline.shared.errors import ConfigError
 from stepline.shared.logs import configure_logging
-from stepline.shared.process import fail, run_until_signalled
+from stepline.shared.process import fail, run_until_signalled, this_process
 from stepline.shared.settings import load_settings
 from stepline.shared.telemetry import configure_telemetry, shutdown_telemetry
 from stepline.shared.topology import check_pool_name

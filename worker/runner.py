@@ -14,11 +14,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from stepline.shared.broker import Broker, Delivery, create_broker
 from stepline.shared.codec import payloads_from_settings
 from stepline.shared.db.store import Store
-from stepline.shared.db.stores import create_store_for, this_process
+from stepline.shared.db.stores import create_store_for
 from stepline.shared.errors import BrokerError
 from stepline.shared.health import HealthServer
 from stepline.shared.hooks import Hooks
 from stepline.shared.outbox import OutboxRelay
+from stepline.shared.process import this_process
 from stepline.shared.retrying import StopRequested, retry_until
 from stepline.shared.settings import WORKER_SPARE_CONNECTIONS, Settings
 from stepline.shared.startup import check_database, connect_broker

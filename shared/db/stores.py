@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from stepline.shared.db.engine import Clock, create_engine, is_sqlite
-from stepline.shared.process import process_name, this_process
+from stepline.shared.process import process_name
 
 if TYPE_CHECKING:
     from stepline.shared.db.store import Store
@@ -103,4 +103,4 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     migrate.upgrade_postgres(database_url, revision)
 
 
-__all__ = ["create_store", "create_store_for", "this_process", "upgrade"]
+__all__ = ["create_store", "create_store_for", "upgrade"]

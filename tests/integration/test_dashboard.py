@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from stepline import Client, Producer, Schedule
 from stepline.producer.dashboard import pages
 from stepline.shared.db.schema import instances
-from stepline.shared.db.stores import this_process
+from stepline.shared.process import this_process
 from stepline.shared.settings import DatabaseSettings, Settings
 from stepline.shared.topology import routing_key
 from tests.support import db
