@@ -18,6 +18,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
+from stepline.shared.db.libpq_rules import LIBPQ_SCHEMES, PGBOUNCER_FLAG, application_name_of
+
 log = logging.getLogger("stepline.db")
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -29,8 +31,6 @@ Clock = Callable[[], datetime]
 
 MAX_CONNECTIONS_SETTING = "STEPLINE_DATABASE__MAX_CONNECTIONS"
 """The setting that bounds the PostgreSQL connections of one process (named in errors and logs)."""
-PGBOUNCER_FLAG = "pgbouncer"
-"""``?pgbouncer=true`` in a database URL: no server-side prepared statements (transaction pooling)."""
 POOL_TIMEOUT_S = 30.0
 """How long a caller waits for one of the process's connections before its operation fails."""
 POOL_WAIT_LOG_EVERY_S = 10.0
@@ -88,7 +88,7 @@ def driver_url(database_url: str, *, asynchronous: bool = True) -> URL:
     parameters it does not know.
     """
     url = parse_url(database_url)
-    if url.drivername in ("postgresql", "postgres"):
+    if url.drivername in LIBPQ_SCHEMES:
         url = url.set(drivername="postgresql+psycopg")
     elif url.get_backend_name() == "sqlite":
         url = url.set(drivername="sqlite+aiosqlite" if asynchronous else "sqlite")
@@ -148,7 +148,7 @@ def create_engine(
         return _create_sqlite_engine(database_url, clock or _real_clock)
     connect_args: dict[str, Any] = {}
     if application_name and "application_name" not in parse_url(database_url).query:
-        connect_args["application_name"] = application_name[:63]  # PostgreSQL keeps 63 bytes
+        connect_args["application_name"] = application_name_of(application_name)
     if pgbouncer or uses_pgbouncer(database_url):
         connect_args["prepare_threshold"] = None
     if max_connections is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from stepline.shared.db.libpq_rules import LIBPQ_SCHEMES, PGBOUNCER_FLAG, application_name_of
 from stepline.shared.states import StepKind
 
 INSTANCE_ROW = (
@@ -72,11 +73,7 @@ def conninfo(database_url: str) -> str:
     """
     scheme, _, rest = database_url.partition("://")
     _, _, query = rest.partition("?")
-    if (
-        scheme not in ("postgresql", "postgres")
-        or "+" in query
-        or _options(database_url) & {"host", "pgbouncer"}
-    ):
+    if scheme not in LIBPQ_SCHEMES or "+" in query or _options(database_url) & {"host", PGBOUNCER_FLAG}:
         raise NotPlain("not a URL libpq takes as it is")
     return database_url
 
@@ -105,7 +102,7 @@ def read_instance_rows(
     given = _options(url)
     extra: dict[str, Any] = {} if "connect_timeout" in given else {"connect_timeout": CONNECT_TIMEOUT_S}
     if "application_name" not in given:  # named as engine.create_engine names a connection
-        extra["application_name"] = application_name[:63]
+        extra["application_name"] = application_name_of(application_name)
     try:
         with psycopg.connect(
             url, autocommit=True, prepare_threshold=None, row_factory=namedtuple_row, **extra
