@@ -11,6 +11,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
 from stepline.shared.db.engine import driver_url, sqlite_path
+from stepline.shared.db.revisions import head_revision
 from stepline.shared.db.schema import metadata
 from stepline.shared.errors import StorageError
 
@@ -68,8 +69,3 @@ def current_revision(database_url: str) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
-
-
-def head_revision() -> str | None:
-    """The newest revision shipped with this code."""
-    return ScriptDirectory.from_config(alembic_config("postgresql://unused/")).get_current_head()

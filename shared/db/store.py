@@ -32,6 +32,7 @@ from stepline.shared.db.records import (
     OutboxRow,
     SucceededAttempt,
 )
+from stepline.shared.db.revisions import head_revision
 from stepline.shared.db.transaction import Transaction
 from stepline.shared.errors import StorageError
 from stepline.shared.history import History, ParentLink, StepKey
@@ -232,11 +233,7 @@ class Store:
             StorageError: it is not, with the command that fixes it.
             SQLAlchemyError, OSError: the database cannot be reached (callers retry).
         """
-        # Alembic is imported here, not with the store: a command that only reads
-        # (`stepline status`) would pay a third of a second for it.
-        from stepline.shared.db.migrate import head_revision
-
-        needed = head_revision()
+        needed = head_revision()  # read from the migration files: no Alembic imported
         async with self._engine.connect() as conn:
             try:
                 found = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar()

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 import pytest
 
 from stepline import Client, Producer
-from stepline.shared.db import migrate
+from stepline.shared.db import migrate, revisions
 from stepline.shared.settings import Settings
 from tests.support import cli, services
 from tests.support.amqp import connected_broker, dead_letter_count, ready_messages
@@ -33,7 +33,7 @@ def empty_database() -> Iterator[str]:
 
 
 async def test_db_upgrade_migrates_and_prints_the_revision(env: dict[str, str], empty_database: str) -> None:
-    head = migrate.head_revision()
+    head = revisions.head_revision()
     assert head is not None
     fresh = {**env, "STEPLINE_DATABASE_URL": empty_database}
 
@@ -50,7 +50,7 @@ async def test_db_upgrade_migrates_and_prints_the_revision(env: dict[str, str], 
 async def test_db_upgrade_of_the_test_database_is_a_no_op(env: dict[str, str]) -> None:
     result = await cli.run(env, "stepline", "db", "upgrade")
     assert result.returncode == 0, result
-    assert f"database at revision {migrate.head_revision()}" in result.stdout
+    assert f"database at revision {revisions.head_revision()}" in result.stdout
 
 
 async def test_start_run_and_inspect_an_instance(

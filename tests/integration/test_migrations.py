@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 
-from stepline.shared.db import migrate, stores
+from stepline.shared.db import migrate, revisions, stores
 from stepline.shared.db.engine import driver_url
 from stepline.shared.db.schema import metadata
 from tests.support import services
@@ -94,8 +94,8 @@ def test_migrating_an_empty_database_yields_the_declared_schema(empty_database: 
     stores.upgrade(empty_database)
 
     assert schema_differences(empty_database) == []
-    assert migrate.head_revision() is not None
-    assert migrate.current_revision(empty_database) == migrate.head_revision()
+    assert revisions.head_revision() is not None
+    assert migrate.current_revision(empty_database) == revisions.head_revision()
 
 
 def test_migrating_yields_the_declared_defaults_too(empty_database: str, declared_database: str) -> None:
@@ -113,7 +113,7 @@ def test_upgrading_twice_changes_nothing(empty_database: str) -> None:
     stores.upgrade(empty_database)
 
     assert schema_snapshot(empty_database) == before
-    assert before["versions"] == [(migrate.head_revision(),)]
+    assert before["versions"] == [(revisions.head_revision(),)]
     assert schema_differences(empty_database) == []
 
 
@@ -138,12 +138,12 @@ def test_two_processes_upgrading_at_once_both_succeed(empty_database: str) -> No
                 process.wait(timeout=10)
 
     assert [process.returncode for process in processes] == [0, 0, 0], outputs
-    assert migrate.current_revision(empty_database) == migrate.head_revision()
+    assert migrate.current_revision(empty_database) == revisions.head_revision()
     assert schema_differences(empty_database) == []
 
 
 def test_the_test_template_is_at_head(database_url: str) -> None:
-    assert migrate.current_revision(database_url) == migrate.head_revision()
+    assert migrate.current_revision(database_url) == revisions.head_revision()
 
 
 def test_upgrading_past_0003_drops_fired_timers_and_keeps_armed_ones(empty_database: str) -> None:
