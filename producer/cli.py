@@ -223,17 +223,19 @@ def _get(settings: Settings, instance_id: str) -> InstanceInfo | None:
     from stepline.shared.process import process_name
     from stepline.shared.settings import CLIENT_PROCESS
 
-    found: tuple[Any, list[Any]] | bool | None
+    def through_client() -> InstanceInfo | None:
+        return _with_client(settings, lambda client: client.get(instance_id))
+
     try:
         found = read_instance_rows(settings.database, process_name(CLIENT_PROCESS), instance_id)
     except NotPlain:
-        found = False
+        return through_client()
     if found is None:
         return None
-    if not isinstance(found, tuple) or any(is_offloaded(value) for value in payload_values(*found)):
-        return _with_client(settings, lambda client: client.get(instance_id))  # it reads stored payloads back
     row, step_rows = found
     values = payload_values(row, step_rows)
+    if any(is_offloaded(value) for value in values):
+        return through_client()  # it reads stored payloads back
     try:
         payloads = Payloads(load_codec(settings.codec, settings))
     except SteplineError as exc:

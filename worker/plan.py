@@ -147,8 +147,7 @@ class Planner:
         events or other history to read, and the batch's statement gives each
         sleep's timer the fire time its entry row gets (``stepline.shared.db.batch_starts``).
         """
-        entries = replay.new_entries
-        if outcome.kind != "blocked" or not any(entry.kind == StepKind.SLEEP for entry in entries):
+        if not _blocks_on_new_sleeps(replay, outcome):
             transition = self.plan_unlocked(history, replay, outcome)
             return None if transition is None else (transition, [])
         return self.plan_sleeps(history, replay, outcome)
@@ -165,7 +164,7 @@ class Planner:
         that committed it there may keep the replay (``StepRunner.keep_armed``).
         """
         entries = replay.new_entries
-        if outcome.kind != "blocked" or not any(entry.kind == StepKind.SLEEP for entry in entries):
+        if not _blocks_on_new_sleeps(replay, outcome):
             return None
         if history.status == InstanceStatus.PAUSED or any(entry.kind == StepKind.EVENT for entry in entries):
             return None
@@ -528,3 +527,8 @@ def _new_step(
 def instance_error(error: BaseException) -> dict[str, Any]:
     """How an instance's error is stored: a failed step names itself (see stepline.shared.failures)."""
     return failure_record(error)
+
+
+def _blocks_on_new_sleeps(replay: Replay, outcome: Outcome) -> bool:
+    """Whether the replay is blocked and its new entries hold a sleep (``plan_start``, ``plan_sleeps``)."""
+    return outcome.kind == "blocked" and any(entry.kind == StepKind.SLEEP for entry in replay.new_entries)
